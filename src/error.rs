@@ -1,0 +1,526 @@
+//! Errors, their stable codes, and how rejections are rendered.
+//!
+//! Every refusal is an [`AuthError`]. Its [`ErrorCode`] is the stable, machine-readable contract
+//! (HTTP status, gRPC status and the `code` string in the body). The default rendering,
+//! [`JsonRejection`], follows Blnk's body shape so its clients keep working:
+//!
+//! ```json
+//! {"error": "API key has expired or was revoked",
+//!  "error_detail": {"code": "AUTH_EXPIRED_API_KEY", "message": "API key has expired or was revoked",
+//!                   "details": {"reason": "revoked"}}}
+//! ```
+//!
+//! Plug in your own body with any `Fn(&AuthError) -> Response<B>` (or a type implementing
+//! [`RenderRejection`]); whatever renders it, the middleware puts the [`AuthError`] in the response
+//! extensions and adds `WWW-Authenticate` to a 401 that lacks one.
+//!
+//! ```
+//! use http::{Response, StatusCode};
+//! use tower_api_keys::{ApiKeyLayer, AuthError, CachedResolver, MemoryStore};
+//!
+//! let resolver = CachedResolver::new(MemoryStore::new());
+//! let layer = ApiKeyLayer::new(resolver).rejection(|error: &AuthError| {
+//!     Response::builder()
+//!         .status(error.code().http_status())
+//!         .body(format!("denied: {}", error.code()))
+//!         .unwrap()
+//! });
+//! # let _ = layer;
+//! ```
+
+use std::borrow::Cow;
+use std::fmt;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::scope::ScopeSet;
+use crate::store::StoreError;
+
+/// The stable code of every refusal. The string forms never change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// `AUTH_MISSING_API_KEY`: no key on a protected route (401).
+    MissingApiKey,
+    /// `AUTH_INVALID_API_KEY`: malformed, bad checksum or unknown key (401).
+    InvalidApiKey,
+    /// `AUTH_EXPIRED_API_KEY`: expired or revoked key (401).
+    ExpiredApiKey,
+    /// `AUTH_MISSING_PRINCIPAL`: a guard or extractor ran but no layer authenticated the request (401).
+    MissingPrincipal,
+    /// `AUTH_INSUFFICIENT_PERMISSIONS`: valid key, missing scope (403).
+    InsufficientPermissions,
+    /// `AUTH_CROSS_OWNER_ACCESS`: managing another owner's keys (403).
+    CrossOwnerAccess,
+    /// `AUTH_SCOPE_ESCALATION`: granting scopes or an expiry beyond the caller's own (403).
+    ScopeEscalation,
+    /// `AUTH_MASTER_KEY_REQUIRED`: only the master key may do this (403).
+    MasterKeyRequired,
+    /// `APIKEY_OWNER_REQUIRED`: a master-key call that names no owner (400).
+    OwnerRequired,
+    /// `APIKEY_INVALID`: a bad request body or parameter (400).
+    InvalidRequest,
+    /// `APIKEY_LIMIT_REACHED`: the owner's or account's active-key limit is reached (409).
+    LimitReached,
+    /// `APIKEY_NOT_FOUND`: unknown key id, or another owner's (404).
+    NotFound,
+    /// `REQUEST_BODY_TOO_LARGE`: a body the middleware must read is over its limit (413).
+    PayloadTooLarge,
+    /// `AUTH_UNAVAILABLE`: the key store cannot answer and nothing is cached (503).
+    Unavailable,
+}
+
+impl ErrorCode {
+    /// The machine-readable code, e.g. `AUTH_INVALID_API_KEY`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::MissingApiKey => "AUTH_MISSING_API_KEY",
+            Self::InvalidApiKey => "AUTH_INVALID_API_KEY",
+            Self::ExpiredApiKey => "AUTH_EXPIRED_API_KEY",
+            Self::MissingPrincipal => "AUTH_MISSING_PRINCIPAL",
+            Self::InsufficientPermissions => "AUTH_INSUFFICIENT_PERMISSIONS",
+            Self::CrossOwnerAccess => "AUTH_CROSS_OWNER_ACCESS",
+            Self::ScopeEscalation => "AUTH_SCOPE_ESCALATION",
+            Self::MasterKeyRequired => "AUTH_MASTER_KEY_REQUIRED",
+            Self::OwnerRequired => "APIKEY_OWNER_REQUIRED",
+            Self::InvalidRequest => "APIKEY_INVALID",
+            Self::LimitReached => "APIKEY_LIMIT_REACHED",
+            Self::NotFound => "APIKEY_NOT_FOUND",
+            Self::PayloadTooLarge => "REQUEST_BODY_TOO_LARGE",
+            Self::Unavailable => "AUTH_UNAVAILABLE",
+        }
+    }
+
+    /// The HTTP status.
+    pub const fn http_status(self) -> StatusCode {
+        match self {
+            Self::MissingApiKey
+            | Self::InvalidApiKey
+            | Self::ExpiredApiKey
+            | Self::MissingPrincipal => StatusCode::UNAUTHORIZED,
+            Self::InsufficientPermissions
+            | Self::CrossOwnerAccess
+            | Self::ScopeEscalation
+            | Self::MasterKeyRequired => StatusCode::FORBIDDEN,
+            Self::OwnerRequired | Self::InvalidRequest => StatusCode::BAD_REQUEST,
+            Self::LimitReached => StatusCode::CONFLICT,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The gRPC status code (as in `tonic::Code`): 16 UNAUTHENTICATED, 7 PERMISSION_DENIED,
+    /// 3 INVALID_ARGUMENT, 8 RESOURCE_EXHAUSTED, 5 NOT_FOUND, 14 UNAVAILABLE.
+    pub const fn grpc_code(self) -> i32 {
+        match self {
+            Self::MissingApiKey
+            | Self::InvalidApiKey
+            | Self::ExpiredApiKey
+            | Self::MissingPrincipal => 16,
+            Self::InsufficientPermissions
+            | Self::CrossOwnerAccess
+            | Self::ScopeEscalation
+            | Self::MasterKeyRequired => 7,
+            Self::OwnerRequired | Self::InvalidRequest => 3,
+            Self::LimitReached | Self::PayloadTooLarge => 8,
+            Self::NotFound => 5,
+            Self::Unavailable => 14,
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a presented key was refused as invalid. Shown as `details.reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InvalidKeyReason {
+    /// Not of the configured format (prefix, length, alphabet), or not visible ASCII.
+    Malformed,
+    /// Well-formed but the checksum does not match: a typo or a made-up key.
+    BadChecksum,
+    /// Two different keys in one request.
+    Ambiguous,
+    /// Well-formed, but no store knows it.
+    Unknown,
+}
+
+impl InvalidKeyReason {
+    /// `malformed`, `checksum`, `ambiguous` or `unknown`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::BadChecksum => "checksum",
+            Self::Ambiguous => "ambiguous",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+/// Why a known key no longer works. Shown as `details.reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpiredReason {
+    /// Its expiry (or the grace period of a rotated secret) has passed.
+    Expired,
+    /// It was revoked.
+    Revoked,
+}
+
+impl ExpiredReason {
+    /// `expired` or `revoked`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Expired => "expired",
+            Self::Revoked => "revoked",
+        }
+    }
+}
+
+/// How a guard combined its required scopes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScopeMatch {
+    /// Every scope is required.
+    All,
+    /// Any one scope suffices.
+    Any,
+}
+
+impl ScopeMatch {
+    /// `all` or `any`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Any => "any",
+        }
+    }
+}
+
+/// Every refusal the crate produces. Cheap to clone; never contains a key or a digest.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// No key was presented on a protected route.
+    #[error("API key is missing")]
+    MissingKey,
+    /// The presented key is malformed, fails its checksum, or is unknown.
+    #[error("API key is invalid")]
+    InvalidKey(InvalidKeyReason),
+    /// The presented key expired or was revoked.
+    #[error("API key has expired or was revoked")]
+    ExpiredKey(ExpiredReason),
+    /// A guard or extractor found no principal: the authentication layer is not in front of it.
+    #[error(
+        "no authenticated principal on this request; is ApiKeyLayer installed in front of this route?"
+    )]
+    MissingPrincipal,
+    /// The key lacks the scopes the route requires.
+    #[error("API key lacks the required scopes")]
+    InsufficientPermissions {
+        /// The scopes the route asked for.
+        required: ScopeSet,
+        /// Whether all or any of them were needed.
+        mode: ScopeMatch,
+    },
+    /// The caller tried to manage keys of another owner.
+    #[error("API keys of another owner cannot be managed with this key")]
+    CrossOwnerAccess,
+    /// The caller tried to grant more than it holds.
+    #[error("{0}")]
+    ScopeEscalation(Cow<'static, str>),
+    /// The operation needs the master key.
+    #[error("this operation requires the master key")]
+    MasterKeyRequired,
+    /// A master-key call did not name an owner.
+    #[error("an owner is required when using the master key")]
+    OwnerRequired,
+    /// A bad request body or parameter; the message says what is wrong (never echoing a secret).
+    #[error("{0}")]
+    InvalidRequest(Cow<'static, str>),
+    /// The active-key limit is reached.
+    #[error("active API key limit of {limit} reached for this {scope}")]
+    LimitReached {
+        /// The configured maximum.
+        limit: u32,
+        /// `owner` or `account`.
+        scope: &'static str,
+    },
+    /// No such key (or it belongs to another owner).
+    #[error("API key not found")]
+    NotFound,
+    /// A body the middleware had to read exceeded its limit.
+    #[error("request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The key store failed or timed out and nothing was cached. The store error is kept for logs;
+    /// it is never shown to clients.
+    #[error("authentication is temporarily unavailable")]
+    Unavailable(#[source] StoreError),
+}
+
+impl AuthError {
+    /// The stable code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::MissingKey => ErrorCode::MissingApiKey,
+            Self::InvalidKey(_) => ErrorCode::InvalidApiKey,
+            Self::ExpiredKey(_) => ErrorCode::ExpiredApiKey,
+            Self::MissingPrincipal => ErrorCode::MissingPrincipal,
+            Self::InsufficientPermissions { .. } => ErrorCode::InsufficientPermissions,
+            Self::CrossOwnerAccess => ErrorCode::CrossOwnerAccess,
+            Self::ScopeEscalation(_) => ErrorCode::ScopeEscalation,
+            Self::MasterKeyRequired => ErrorCode::MasterKeyRequired,
+            Self::OwnerRequired => ErrorCode::OwnerRequired,
+            Self::InvalidRequest(_) => ErrorCode::InvalidRequest,
+            Self::LimitReached { .. } => ErrorCode::LimitReached,
+            Self::NotFound => ErrorCode::NotFound,
+            Self::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
+            Self::Unavailable(_) => ErrorCode::Unavailable,
+        }
+    }
+
+    /// Shorthand for [`ErrorCode::http_status`].
+    pub fn http_status(&self) -> StatusCode {
+        self.code().http_status()
+    }
+
+    /// Structured details for the body's `error_detail.details`, if any.
+    pub fn details(&self) -> Option<serde_json::Value> {
+        use serde_json::json;
+        match self {
+            Self::InvalidKey(reason) => Some(json!({ "reason": reason.as_str() })),
+            Self::ExpiredKey(reason) => Some(json!({ "reason": reason.as_str() })),
+            Self::InsufficientPermissions { required, mode } => {
+                Some(json!({ "required": required, "match": mode.as_str() }))
+            }
+            Self::LimitReached { limit, scope } => Some(json!({ "limit": limit, "per": scope })),
+            Self::PayloadTooLarge { limit } => Some(json!({ "limit": limit })),
+            _ => None,
+        }
+    }
+
+    /// The body of [`JsonRejection`]: `{"error", "error_detail": {"code", "message", "details"?}}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let message = self.to_string();
+        let mut detail = serde_json::Map::new();
+        detail.insert("code".into(), self.code().as_str().into());
+        detail.insert("message".into(), message.clone().into());
+        if let Some(details) = self.details() {
+            detail.insert("details".into(), details);
+        }
+        serde_json::json!({ "error": message, "error_detail": detail })
+    }
+
+    /// Builds an [`AuthError::InvalidRequest`].
+    pub fn invalid(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::InvalidRequest(message.into())
+    }
+}
+
+impl From<StoreError> for AuthError {
+    fn from(e: StoreError) -> Self {
+        Self::Unavailable(e)
+    }
+}
+
+/// Turns an [`AuthError`] into a response. Implemented by [`JsonRejection`] (the default),
+/// [`GrpcRejection`], and every `Fn(&AuthError) -> Response<B> + Clone + Send + Sync + 'static`.
+pub trait RenderRejection<B>: Clone + Send + Sync + 'static {
+    /// Renders the refusal. The caller adds the error to the response extensions.
+    fn render(&self, error: &AuthError) -> Response<B>;
+}
+
+impl<B, F> RenderRejection<B> for F
+where
+    F: Fn(&AuthError) -> Response<B> + Clone + Send + Sync + 'static,
+{
+    fn render(&self, error: &AuthError) -> Response<B> {
+        self(error)
+    }
+}
+
+/// The default rendering: Blnk-compatible JSON with the status of the error's code and a
+/// `WWW-Authenticate` challenge on 401.
+#[derive(Clone, Debug)]
+pub struct JsonRejection {
+    challenge: HeaderValue,
+}
+
+impl Default for JsonRejection {
+    fn default() -> Self {
+        Self {
+            challenge: HeaderValue::from_static(DEFAULT_CHALLENGE),
+        }
+    }
+}
+
+pub(crate) const DEFAULT_CHALLENGE: &str = "ApiKey realm=\"api\"";
+
+impl JsonRejection {
+    /// The default rendering.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the `WWW-Authenticate` value sent with 401s (default `ApiKey realm="api"`).
+    #[must_use]
+    pub fn challenge(mut self, challenge: HeaderValue) -> Self {
+        self.challenge = challenge;
+        self
+    }
+
+    /// Renders into a [`Bytes`] body; the building block for any body type.
+    pub fn render_bytes(&self, error: &AuthError) -> Response<Bytes> {
+        let body = serde_json::to_vec(&error.to_json()).expect("a JSON value always serialises");
+        let mut response = Response::new(Bytes::from(body));
+        *response.status_mut() = error.http_status();
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if response.status() == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(WWW_AUTHENTICATE, self.challenge.clone());
+        }
+        response
+    }
+}
+
+impl<B: From<Bytes>> RenderRejection<B> for JsonRejection {
+    fn render(&self, error: &AuthError) -> Response<B> {
+        self.render_bytes(error).map(B::from)
+    }
+}
+
+/// Renders refusals the gRPC way: HTTP 200, `content-type: application/grpc`, and `grpc-status` /
+/// `grpc-message` headers (a trailers-only response), with an empty body.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GrpcRejection;
+
+impl<B: Default> RenderRejection<B> for GrpcRejection {
+    fn render(&self, error: &AuthError) -> Response<B> {
+        let mut response = Response::new(B::default());
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert("grpc-status", HeaderValue::from(error.code().grpc_code()));
+        let message = format!("{}: {}", error.code().as_str(), error);
+        headers.insert(
+            "grpc-message",
+            HeaderValue::from_str(&percent_encode_grpc(&message))
+                .unwrap_or_else(|_| HeaderValue::from_static("error")),
+        );
+        response
+    }
+}
+
+/// gRPC's message encoding: printable ASCII except '%' as is, everything else `%XX`.
+fn percent_encode_grpc(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for b in message.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Renders `error` with `renderer` and applies what every rejection carries: the error itself in the
+/// response extensions and a `WWW-Authenticate` challenge on 401.
+pub(crate) fn reject<B, R: RenderRejection<B>>(renderer: &R, error: AuthError) -> Response<B> {
+    let mut response = renderer.render(&error);
+    if response.status() == StatusCode::UNAUTHORIZED
+        && !response.headers().contains_key(WWW_AUTHENTICATE)
+    {
+        response.headers_mut().insert(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static(DEFAULT_CHALLENGE),
+        );
+    }
+    response.extensions_mut().insert(error);
+    response
+}
+
+#[cfg(feature = "axum")]
+impl axum_core::response::IntoResponse for AuthError {
+    fn into_response(self) -> axum_core::response::Response {
+        reject::<axum_core::body::Body, _>(&JsonRejection::default(), self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_shape_follows_blnk() {
+        let response: Response<Bytes> =
+            JsonRejection::default().render(&AuthError::ExpiredKey(ExpiredReason::Revoked));
+        assert_eq!(response.status(), 401);
+        assert_eq!(response.headers()[WWW_AUTHENTICATE], DEFAULT_CHALLENGE);
+        let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "error": "API key has expired or was revoked",
+                "error_detail": {
+                    "code": "AUTH_EXPIRED_API_KEY",
+                    "message": "API key has expired or was revoked",
+                    "details": {"reason": "revoked"}
+                }
+            })
+        );
+        let body = AuthError::MissingKey.to_json();
+        assert!(
+            body["error_detail"].get("details").is_none(),
+            "empty details are left out"
+        );
+    }
+
+    #[test]
+    fn grpc_rendering() {
+        let response: Response<String> = GrpcRejection.render(&AuthError::MasterKeyRequired);
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["grpc-status"], "7");
+        assert_eq!(
+            response.headers()["grpc-message"],
+            "AUTH_MASTER_KEY_REQUIRED: this operation requires the master key"
+        );
+        assert_eq!(percent_encode_grpc("a%b\né"), "a%25b%0A%C3%A9");
+    }
+
+    #[test]
+    fn codes_are_distinct_and_stable() {
+        use ErrorCode::*;
+        let all = [
+            MissingApiKey,
+            InvalidApiKey,
+            ExpiredApiKey,
+            MissingPrincipal,
+            InsufficientPermissions,
+            CrossOwnerAccess,
+            ScopeEscalation,
+            MasterKeyRequired,
+            OwnerRequired,
+            InvalidRequest,
+            LimitReached,
+            NotFound,
+            PayloadTooLarge,
+            Unavailable,
+        ];
+        let strings: std::collections::HashSet<_> = all.iter().map(|c| c.as_str()).collect();
+        assert_eq!(strings.len(), all.len());
+        assert_eq!(Unavailable.http_status(), 503);
+        assert_eq!(LimitReached.http_status(), 409);
+        assert_eq!(OwnerRequired.grpc_code(), 3);
+    }
+}

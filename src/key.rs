@@ -1,0 +1,564 @@
+//! Key material: generation, the `<prefix>_<body><checksum>` format, digests and masking.
+//!
+//! A key looks like `sk_live_3hQ…` : a configurable prefix, an underscore, 43 base62 characters drawn
+//! from the operating system's CSPRNG (256 bits of entropy) and a 6-character base62 CRC32 checksum of
+//! everything before it. The checksum lets [`KeyFormat::check`] refuse typos and random garbage without
+//! touching a store, and lets secret scanners recognise a leaked key.
+//!
+//! ```
+//! use tower_api_keys::KeyFormat;
+//!
+//! let format = KeyFormat::new("sk_live").unwrap();
+//! let key = format.generate();
+//! assert!(format.check(key.expose_secret()).is_ok());
+//! // the secret never shows up in Debug or Display output
+//! assert_eq!(format!("{key:?}"), "ApiKey(\"sk_live_…\")");
+//! // a typo is caught by the checksum, with no I/O
+//! let mut typo = key.expose_secret().to_owned();
+//! typo.replace_range(10..11, if &typo[10..11] == "A" { "B" } else { "A" });
+//! assert!(format.check(&typo).is_err());
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq;
+
+/// Number of base62 characters of secret material in a key (43 × log2(62) ≈ 256.03 bits).
+pub const BODY_LEN: usize = 43;
+/// Number of base62 characters of the CRC32 checksum (62⁶ > 2³²).
+pub const CHECKSUM_LEN: usize = 6;
+/// Longest prefix accepted by [`KeyFormat::new`].
+pub const MAX_PREFIX_LEN: usize = 32;
+/// Longest candidate the layer will look at; anything longer is refused before any work.
+pub const MAX_KEY_LEN: usize = MAX_PREFIX_LEN + 1 + BODY_LEN + CHECKSUM_LEN;
+
+const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// Why a string is not a well-formed key. Never carries the candidate itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyFormatError {
+    /// The candidate does not start with the configured prefix and `_`.
+    #[error("the key does not start with the expected prefix")]
+    WrongPrefix,
+    /// The candidate has the wrong number of characters after the prefix.
+    #[error("the key has the wrong length")]
+    WrongLength,
+    /// The candidate contains a character outside the base62 alphabet.
+    #[error("the key contains a character outside the base62 alphabet")]
+    BadCharacter,
+    /// The checksum does not match the body (a typo or a made-up key).
+    #[error("the key checksum does not match")]
+    BadChecksum,
+}
+
+/// Why a prefix was refused by [`KeyFormat::new`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid key prefix {0:?}: use 1 to 32 characters of [a-z0-9] in segments joined by single '_'"
+)]
+pub struct InvalidPrefix(pub String);
+
+/// The shape of keys a service issues and accepts: a prefix such as `sk_live`.
+///
+/// Cheap to clone.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyFormat {
+    prefix: Arc<str>,
+}
+
+impl fmt::Debug for KeyFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyFormat")
+            .field("prefix", &&*self.prefix)
+            .finish()
+    }
+}
+
+impl Default for KeyFormat {
+    /// The `sk` prefix: keys look like `sk_<49 characters>`.
+    fn default() -> Self {
+        Self {
+            prefix: "sk".into(),
+        }
+    }
+}
+
+impl KeyFormat {
+    /// A format with the given prefix (`[a-z0-9]` segments joined by single `_`, at most 32 characters).
+    pub fn new(prefix: impl Into<String>) -> Result<Self, InvalidPrefix> {
+        let prefix = prefix.into();
+        let valid = !prefix.is_empty()
+            && prefix.len() <= MAX_PREFIX_LEN
+            && prefix.split('_').all(|segment| {
+                !segment.is_empty()
+                    && segment
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            });
+        if valid {
+            Ok(Self {
+                prefix: prefix.into(),
+            })
+        } else {
+            Err(InvalidPrefix(prefix))
+        }
+    }
+
+    /// The prefix, without the trailing `_`.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Total length of every key of this format.
+    pub fn key_len(&self) -> usize {
+        self.prefix.len() + 1 + BODY_LEN + CHECKSUM_LEN
+    }
+
+    /// Generates a fresh key from the operating system's CSPRNG.
+    ///
+    /// # Panics
+    ///
+    /// If the operating system cannot provide random bytes, which on supported platforms means the
+    /// process cannot do anything safely anyway.
+    pub fn generate(&self) -> ApiKey {
+        let mut key = String::with_capacity(self.key_len());
+        key.push_str(&self.prefix);
+        key.push('_');
+        let mut filled = 0;
+        let mut buf = [0u8; 64];
+        while filled < BODY_LEN {
+            getrandom::fill(&mut buf).expect("the operating system's CSPRNG is unavailable");
+            for &b in &buf {
+                // Rejection sampling keeps every character uniform: 248 = 4 × 62.
+                if b < 248 && filled < BODY_LEN {
+                    key.push(BASE62[usize::from(b % 62)] as char);
+                    filled += 1;
+                }
+            }
+        }
+        let checksum = crc32fast::hash(key.as_bytes());
+        key.push_str(std::str::from_utf8(&encode_checksum(checksum)).expect("base62 is ASCII"));
+        ApiKey(key)
+    }
+
+    /// Checks a candidate's prefix, length, alphabet and checksum. Pure computation, no I/O.
+    pub fn check(&self, candidate: &str) -> Result<(), KeyFormatError> {
+        let bytes = candidate.as_bytes();
+        let prefix = self.prefix.as_bytes();
+        if bytes.len() <= prefix.len()
+            || &bytes[..prefix.len()] != prefix
+            || bytes[prefix.len()] != b'_'
+        {
+            return Err(KeyFormatError::WrongPrefix);
+        }
+        if bytes.len() != self.key_len() {
+            return Err(KeyFormatError::WrongLength);
+        }
+        let (signed, checksum) = bytes.split_at(bytes.len() - CHECKSUM_LEN);
+        if !signed[prefix.len() + 1..]
+            .iter()
+            .chain(checksum)
+            .all(u8::is_ascii_alphanumeric)
+        {
+            return Err(KeyFormatError::BadCharacter);
+        }
+        if checksum != encode_checksum(crc32fast::hash(signed)) {
+            return Err(KeyFormatError::BadChecksum);
+        }
+        Ok(())
+    }
+
+    /// The form shown in listings: `sk_live_Ab3d…x9Qz` (prefix, 4 leading and 4 trailing characters).
+    ///
+    /// Returns `None` if `key` is not of this format.
+    pub fn mask(&self, key: &ApiKey) -> Option<String> {
+        self.check(key.expose_secret()).ok()?;
+        Some(mask(key.expose_secret(), self.prefix.len()))
+    }
+}
+
+fn mask(key: &str, prefix_len: usize) -> String {
+    let body = &key[prefix_len + 1..];
+    format!(
+        "{}_{}…{}",
+        &key[..prefix_len],
+        &body[..4],
+        &body[body.len() - 4..]
+    )
+}
+
+fn encode_checksum(mut value: u32) -> [u8; CHECKSUM_LEN] {
+    let mut out = [b'0'; CHECKSUM_LEN];
+    for slot in out.iter_mut().rev() {
+        *slot = BASE62[(value % 62) as usize];
+        value /= 62;
+    }
+    out
+}
+
+/// A plaintext key. It is shown to its holder once and never stored; `Debug` and `Display` redact it.
+#[derive(Clone)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    /// Wraps a plaintext key (for example the master key read from configuration).
+    pub fn new(secret: impl Into<String>) -> Self {
+        Self(secret.into())
+    }
+
+    /// The plaintext. Call it only to hand the key to its holder.
+    pub fn expose_secret(&self) -> &str {
+        &self.0
+    }
+
+    /// The SHA-256 digest, the only form of a key that is stored or cached.
+    pub fn digest(&self) -> KeyDigest {
+        KeyDigest::of(&self.0)
+    }
+
+    fn visible_prefix(&self) -> &str {
+        match self.0.rfind('_') {
+            Some(i) if i <= MAX_PREFIX_LEN => &self.0[..=i],
+            _ => "",
+        }
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ApiKey(\"{}…\")", self.visible_prefix())
+    }
+}
+
+impl fmt::Display for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}…", self.visible_prefix())
+    }
+}
+
+impl PartialEq for ApiKey {
+    /// Constant-time comparison.
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_bytes().ct_eq(other.0.as_bytes()).into()
+    }
+}
+
+impl Eq for ApiKey {}
+
+/// How a stored digest was computed. Every stored record carries its scheme, so a future scheme
+/// never invalidates keys issued under an older one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum DigestScheme {
+    /// Plain SHA-256 of the whole key string (version 1).
+    #[default]
+    Sha256,
+}
+
+impl DigestScheme {
+    /// The version number stored next to the digest.
+    pub const fn version(self) -> u16 {
+        match self {
+            Self::Sha256 => 1,
+        }
+    }
+
+    /// The scheme stored under `version`, if this build knows it.
+    pub const fn from_version(version: u16) -> Option<Self> {
+        match version {
+            1 => Some(Self::Sha256),
+            _ => None,
+        }
+    }
+}
+
+/// SHA-256 digest of a key. Compared in constant time; `Debug` does not print it.
+#[derive(Clone, Copy, Hash)]
+pub struct KeyDigest([u8; 32]);
+
+impl KeyDigest {
+    /// Digest of a key string under [`DigestScheme::Sha256`].
+    pub fn of(key: &str) -> Self {
+        Self(Sha256::digest(key.as_bytes()).into())
+    }
+
+    /// Wraps raw digest bytes (as read back from a store).
+    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// The raw bytes (for stores).
+    pub const fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl PartialEq for KeyDigest {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.ct_eq(&other.0).into()
+    }
+}
+
+impl Eq for KeyDigest {}
+
+impl fmt::Debug for KeyDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyDigest(..)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn generated_keys_have_the_documented_shape() {
+        let format = KeyFormat::new("sk_live").unwrap();
+        let key = format.generate();
+        let s = key.expose_secret();
+        assert!(s.starts_with("sk_live_"));
+        assert_eq!(s.len(), "sk_live_".len() + BODY_LEN + CHECKSUM_LEN);
+        assert!(
+            s["sk_live_".len()..]
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric())
+        );
+        assert_eq!(format.check(s), Ok(()));
+        assert_ne!(format.generate().expose_secret(), s, "two keys must differ");
+    }
+
+    #[test]
+    fn characters_are_spread_over_the_whole_alphabet() {
+        let format = KeyFormat::default();
+        let mut seen = [0u32; 128];
+        for _ in 0..400 {
+            let key = format.generate();
+            for b in key.expose_secret()[3..3 + BODY_LEN].bytes() {
+                seen[usize::from(b)] += 1;
+            }
+        }
+        // 17,200 draws over 62 symbols: each expected ≈ 277 times.
+        for &c in BASE62 {
+            let n = seen[usize::from(c)];
+            assert!((150..450).contains(&n), "{} drawn {n} times", c as char);
+        }
+    }
+
+    #[test]
+    fn prefixes_are_validated() {
+        for good in ["sk", "sk_live", "a1_b2_c3", "x"] {
+            assert!(KeyFormat::new(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "_sk",
+            "sk_",
+            "sk__live",
+            "SK",
+            "sk-live",
+            "sk live",
+            &"a".repeat(33),
+        ] {
+            assert!(KeyFormat::new(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn check_reports_what_is_wrong() {
+        let format = KeyFormat::new("sk_live").unwrap();
+        let key = format.generate();
+        let s = key.expose_secret();
+        assert_eq!(
+            format.check(&s.replacen("sk_live", "sk_test", 1)),
+            Err(KeyFormatError::WrongPrefix)
+        );
+        assert_eq!(format.check("sk_live"), Err(KeyFormatError::WrongPrefix));
+        assert_eq!(
+            format.check(&s[..s.len() - 1]),
+            Err(KeyFormatError::WrongLength)
+        );
+        assert_eq!(
+            format.check(&format!("{s}0")),
+            Err(KeyFormatError::WrongLength)
+        );
+        let mut bad = s.to_owned();
+        bad.replace_range(12..13, "-");
+        assert_eq!(format.check(&bad), Err(KeyFormatError::BadCharacter));
+        let mut bad = s.to_owned();
+        let c = if &bad[12..13] == "a" { "b" } else { "a" };
+        bad.replace_range(12..13, c);
+        assert_eq!(format.check(&bad), Err(KeyFormatError::BadChecksum));
+        // multi-byte characters do not panic the slicing
+        assert!(format.check("sk_live_é").is_err());
+        assert!(
+            format
+                .check(&format!("sk_live_{}", "é".repeat(25)))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn masking_keeps_prefix_and_edges_only() {
+        let format = KeyFormat::new("sk_live").unwrap();
+        let key = format.generate();
+        let masked = format.mask(&key).unwrap();
+        let s = key.expose_secret();
+        assert_eq!(
+            masked,
+            format!("sk_live_{}…{}", &s[8..12], &s[s.len() - 4..])
+        );
+        assert!(format.mask(&ApiKey::new("nope")).is_none());
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let key = KeyFormat::new("sk_live").unwrap().generate();
+        let secret = key.expose_secret();
+        for shown in [
+            format!("{key:?}"),
+            format!("{key}"),
+            format!("{:?}", key.digest()),
+        ] {
+            assert!(!shown.contains(&secret[8..]), "{shown}");
+        }
+        assert_eq!(
+            format!("{:?}", ApiKey::new("no-underscore-secret")),
+            "ApiKey(\"…\")"
+        );
+    }
+
+    #[test]
+    fn digest_is_sha256_of_the_key() {
+        // SHA-256("abc")
+        let expected = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        let hex: String = KeyDigest::of("abc")
+            .as_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(hex, expected);
+        assert_eq!(
+            DigestScheme::from_version(DigestScheme::Sha256.version()),
+            Some(DigestScheme::Sha256)
+        );
+        assert_eq!(DigestScheme::from_version(0), None);
+    }
+
+    proptest! {
+        #[test]
+        fn check_never_panics(candidate in ".{0,120}") {
+            let format = KeyFormat::new("sk_live").unwrap();
+            let _ = format.check(&candidate);
+        }
+
+        #[test]
+        fn random_bodies_fail_the_checksum(body in "[0-9A-Za-z]{49}") {
+            let format = KeyFormat::new("sk").unwrap();
+            let candidate = format!("sk_{body}");
+            // 1 in 2^32 random bodies would pass; proptest will not find one.
+            prop_assert_eq!(format.check(&candidate), Err(KeyFormatError::BadChecksum));
+        }
+
+        #[test]
+        fn any_single_character_change_is_caught(pos in 0usize..49, c in "[0-9A-Za-z]") {
+            let format = KeyFormat::new("sk").unwrap();
+            let key = format.generate();
+            let mut s = key.expose_secret().to_owned();
+            let at = 3 + pos;
+            prop_assume!(&s[at..at + 1] != c.as_str());
+            s.replace_range(at..at + 1, &c);
+            prop_assert!(format.check(&s).is_err());
+        }
+    }
+}
+
+/// The stable public id of a key, e.g. `key_01JD3M7Q8X9ZB2C4E6G8J0K2M4`. It survives rotation and is
+/// what provenance stamps record. New ids sort by creation time. Cheap to clone.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyId(Arc<str>);
+
+/// The id the master key's principal carries.
+pub(crate) const MASTER_KEY_ID: &str = "master";
+
+impl KeyId {
+    /// A new id: `key_` followed by a 26-character ULID (48-bit millisecond time + 80 random bits,
+    /// Crockford base32), so ids sort by creation time.
+    pub fn generate() -> Self {
+        const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+        let millis = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut random = [0u8; 10];
+        getrandom::fill(&mut random).expect("the operating system's CSPRNG is unavailable");
+        let mut value = u128::from(millis & 0xFFFF_FFFF_FFFF) << 80;
+        for (i, b) in random.iter().enumerate() {
+            value |= u128::from(*b) << (8 * (9 - i));
+        }
+        let mut id = String::with_capacity(30);
+        id.push_str("key_");
+        for i in (0..26).rev() {
+            id.push(CROCKFORD[((value >> (5 * i)) & 31) as usize] as char);
+        }
+        Self(id.into())
+    }
+
+    /// Wraps an existing id (as read back from a store or a URL).
+    pub fn new(id: impl Into<Arc<str>>) -> Self {
+        Self(id.into())
+    }
+
+    /// The id as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl AsRef<str> for KeyId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl serde::Serialize for KeyId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for KeyId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(|s| Self(s.into()))
+    }
+}
+
+#[cfg(test)]
+mod id_tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_unique_and_sort_by_time() {
+        let a = KeyId::generate();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = KeyId::generate();
+        assert_ne!(a, b);
+        assert!(a < b, "{a} < {b}");
+        assert_eq!(a.as_str().len(), 30);
+        assert!(a.as_str().starts_with("key_"));
+    }
+}

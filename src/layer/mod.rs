@@ -1,0 +1,171 @@
+//! [`ApiKeyLayer`]: authenticate every request with an API key.
+//!
+//! ```
+//! use axum::{routing::get, Router};
+//! use tower_api_keys::{ApiKey, ApiKeyLayer, CachedResolver, KeySource, MemoryStore, Principal};
+//!
+//! async fn hello(principal: Principal) -> String {
+//!     format!("hello, {}", principal.name())
+//! }
+//!
+//! let resolver = CachedResolver::new(MemoryStore::new());
+//! let app: Router = Router::new()
+//!     .route("/hello", get(hello))
+//!     .layer(
+//!         ApiKeyLayer::new(resolver)
+//!             .sources([KeySource::x_api_key(), KeySource::blnk(), KeySource::bearer()])
+//!             .master_key(ApiKey::new("change-me-to-a-long-random-string")),
+//!     );
+//! ```
+//!
+//! For each request the layer:
+//! 1. reads the key from the configured [`KeySource`]s (marking those headers sensitive);
+//! 2. compares it with the master key, if one is configured (in constant time);
+//! 3. checks its prefix, length and checksum: a malformed key is refused with no I/O;
+//! 4. resolves its SHA-256 digest through the [`CachedResolver`] (sync on a hit, one shared store
+//!    lookup on a miss, 503 `AUTH_UNAVAILABLE` if the store fails or times out);
+//! 5. checks revocation and expiry, then inserts the [`Principal`] into the request extensions and
+//!    calls the inner service inside a `api_key` tracing span carrying the key id (never the key).
+//!
+//! Refusals are rendered by a [`RenderRejection`] ([`JsonRejection`] by default,
+//! [`GrpcRejection`](crate::GrpcRejection) for tonic) and carry the [`AuthError`] in their extensions.
+//! If the surrounding span (e.g. tower-http's `TraceLayer`) declares an `api_key_id` field, the layer
+//! records the key id there too.
+//!
+//! Put the layer outside the routes it protects (`Router::layer`) and the per-route guards inside
+//! (`route_layer(RequireScopes::all([...]))`).
+
+mod future;
+mod service;
+mod source;
+
+use std::sync::Arc;
+
+pub use future::ResponseFuture;
+pub use service::ApiKeyService;
+pub use source::KeySource;
+
+use crate::error::JsonRejection;
+#[cfg(doc)]
+use crate::error::RenderRejection;
+use crate::key::{ApiKey, KeyDigest};
+use crate::resolver::CachedResolver;
+use crate::usage::UsageRecorder;
+
+#[cfg(doc)]
+use crate::{AuthError, Principal};
+
+/// Layer that authenticates requests by API key. See the [module docs](self).
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct ApiKeyLayer<R = JsonRejection> {
+    config: Arc<Config>,
+    rejection: R,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Config {
+    pub(crate) resolver: CachedResolver,
+    pub(crate) sources: Vec<KeySource>,
+    pub(crate) master: Option<KeyDigest>,
+    pub(crate) optional: bool,
+    pub(crate) preflight: bool,
+    pub(crate) usage: Option<UsageRecorder>,
+}
+
+impl ApiKeyLayer {
+    /// A layer resolving keys through `resolver`, reading `X-Api-Key`, requiring a key on every request.
+    pub fn new(resolver: CachedResolver) -> Self {
+        Self {
+            config: Arc::new(Config {
+                resolver,
+                sources: vec![KeySource::x_api_key()],
+                master: None,
+                optional: false,
+                preflight: false,
+                usage: None,
+            }),
+            rejection: JsonRejection::default(),
+        }
+    }
+}
+
+impl<R> ApiKeyLayer<R> {
+    fn config_mut(&mut self) -> &mut Config {
+        Arc::make_mut(&mut self.config)
+    }
+
+    /// Where to look for the key, in order (replaces the default `X-Api-Key`).
+    ///
+    /// # Panics
+    ///
+    /// If `sources` is empty.
+    pub fn sources(mut self, sources: impl IntoIterator<Item = KeySource>) -> Self {
+        let sources: Vec<_> = sources.into_iter().collect();
+        assert!(
+            !sources.is_empty(),
+            "ApiKeyLayer needs at least one key source"
+        );
+        self.config_mut().sources = sources;
+        self
+    }
+
+    /// The master key from server configuration: full access (`*:*`), [`Principal::master`].
+    /// Compared in constant time (by digest); only its digest is kept.
+    ///
+    /// # Panics
+    ///
+    /// If the key is shorter than 16 characters: a short master key is a configuration error.
+    pub fn master_key(mut self, key: ApiKey) -> Self {
+        assert!(
+            key.expose_secret().len() >= 16,
+            "the master key must be at least 16 characters long"
+        );
+        self.config_mut().master = Some(key.digest());
+        self
+    }
+
+    /// Lets requests without a key through without a principal, for routes whose guards or handlers
+    /// decide. A key that *is* presented must still be valid.
+    pub fn optional(mut self) -> Self {
+        self.config_mut().optional = true;
+        self
+    }
+
+    /// Lets CORS preflight requests (`OPTIONS` with `Origin` and `Access-Control-Request-Method`)
+    /// through unauthenticated, so a CORS layer inside can answer them.
+    pub fn allow_preflight(mut self) -> Self {
+        self.config_mut().preflight = true;
+        self
+    }
+
+    /// Records each authenticated request's key use with `recorder` (batched `last_used_at`).
+    pub fn usage(mut self, recorder: UsageRecorder) -> Self {
+        self.config_mut().usage = Some(recorder);
+        self
+    }
+
+    /// Renders refusals with `rejection` instead of [`JsonRejection`]. Any
+    /// `Fn(&AuthError) -> Response<B>` works.
+    pub fn rejection<R2>(self, rejection: R2) -> ApiKeyLayer<R2> {
+        ApiKeyLayer {
+            config: self.config,
+            rejection,
+        }
+    }
+}
+
+impl<S, R: Clone> tower_layer::Layer<S> for ApiKeyLayer<R> {
+    type Service = ApiKeyService<S, R>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ApiKeyService::new(inner, self.config.clone(), self.rejection.clone())
+    }
+}
+
+#[allow(dead_code)]
+fn assert_send_sync() {
+    fn is<T: Send + Sync + Clone>() {}
+    is::<ApiKeyLayer>();
+    is::<ApiKeyService<(), JsonRejection>>();
+}

@@ -1,0 +1,187 @@
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Method, Request, Response, header};
+use time::OffsetDateTime;
+use tower_service::Service;
+
+use super::future::ResponseFuture;
+use super::{Config, source};
+use crate::error::{AuthError, InvalidKeyReason, RenderRejection, reject};
+use crate::guard::Anonymous;
+use crate::key::{KeyDigest, KeyFormatError};
+use crate::principal::Principal;
+use crate::resolver::CacheEntry;
+
+/// Service produced by [`ApiKeyLayer`](crate::ApiKeyLayer).
+#[derive(Clone)]
+pub struct ApiKeyService<S, R> {
+    inner: S,
+    config: Arc<Config>,
+    rejection: R,
+}
+
+impl<S: fmt::Debug, R> fmt::Debug for ApiKeyService<S, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKeyService")
+            .field("inner", &self.inner)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the synchronous part of authentication decided.
+enum Decision {
+    /// Call the inner service, with this principal if any.
+    Pass(Option<Principal>),
+    /// The digest is not cached: look it up.
+    Lookup(KeyDigest),
+    Reject(AuthError),
+}
+
+impl<S, R> ApiKeyService<S, R> {
+    pub(super) fn new(inner: S, config: Arc<Config>, rejection: R) -> Self {
+        Self {
+            inner,
+            config,
+            rejection,
+        }
+    }
+
+    fn decide<B>(&self, req: &mut Request<B>) -> Decision {
+        let config = &*self.config;
+        if config.preflight && is_preflight(req) {
+            return Decision::Pass(None);
+        }
+        source::mark_sensitive(&config.sources, req.headers_mut());
+        let candidate = match source::extract(&config.sources, req.headers(), req.uri()) {
+            Err(error) => return Decision::Reject(error),
+            Ok(None) if config.optional => return Decision::Pass(None),
+            Ok(None) => return Decision::Reject(AuthError::MissingKey),
+            Ok(Some(candidate)) => candidate,
+        };
+        let format = config.resolver.format().check(candidate);
+        if format.is_err() && config.master.is_none() {
+            return Decision::Reject(format_error(format));
+        }
+        let digest = KeyDigest::of(candidate);
+        if config.master.is_some_and(|master| master == digest) {
+            return Decision::Pass(Some(master_principal()));
+        }
+        if format.is_err() {
+            return Decision::Reject(format_error(format));
+        }
+        match config.resolver.cached(&digest) {
+            Some(entry) => match self.admit(&entry) {
+                Ok(principal) => Decision::Pass(Some(principal)),
+                Err(error) => Decision::Reject(error),
+            },
+            None => Decision::Lookup(digest),
+        }
+    }
+
+    /// The request-time checks on a resolved digest, and usage recording.
+    fn admit(&self, entry: &CacheEntry) -> Result<Principal, AuthError> {
+        let now = OffsetDateTime::now_utc();
+        let key = entry.authenticate(now)?;
+        if let Some(usage) = &self.config.usage {
+            usage.touch(key, now);
+        }
+        Ok(key.principal.clone())
+    }
+}
+
+fn format_error(result: Result<(), KeyFormatError>) -> AuthError {
+    AuthError::InvalidKey(match result {
+        Err(KeyFormatError::BadChecksum) => InvalidKeyReason::BadChecksum,
+        _ => InvalidKeyReason::Malformed,
+    })
+}
+
+fn master_principal() -> Principal {
+    static MASTER: std::sync::OnceLock<Principal> = std::sync::OnceLock::new();
+    MASTER.get_or_init(Principal::master).clone()
+}
+
+fn is_preflight<B>(req: &Request<B>) -> bool {
+    req.method() == Method::OPTIONS
+        && req.headers().contains_key(header::ORIGIN)
+        && req
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+}
+
+fn span_for(principal: Option<&Principal>) -> tracing::Span {
+    match principal {
+        Some(principal) => {
+            let key_id = principal.key_id().as_str();
+            tracing::Span::current().record("api_key_id", key_id);
+            tracing::debug_span!(
+                "api_key",
+                api_key_id = key_id,
+                kind = principal.kind().as_str()
+            )
+        }
+        None => tracing::Span::none(),
+    }
+}
+
+impl<S, R, ReqBody, ResBody> Service<Request<ReqBody>> for ApiKeyService<S, R>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Send + 'static,
+    R: RenderRejection<ResBody>,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        match self.decide(&mut req) {
+            Decision::Pass(principal) => {
+                let span = span_for(principal.as_ref());
+                match principal {
+                    Some(principal) => {
+                        req.extensions_mut().insert(principal);
+                    }
+                    None => {
+                        req.extensions_mut().insert(Anonymous);
+                    }
+                }
+                ResponseFuture::inner(self.inner.call(req), span)
+            }
+            Decision::Reject(error) => ResponseFuture::rejected(reject(&self.rejection, error)),
+            Decision::Lookup(digest) => {
+                // The inner service was polled ready: take it, leave a clone for the next request.
+                let clone = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, clone);
+                let this = ApiKeyService::new((), self.config.clone(), self.rejection.clone());
+                ResponseFuture::lookup(Box::pin(async move {
+                    let entry = match this.config.resolver.resolve(&digest).await {
+                        Ok(entry) => entry,
+                        Err(error) => {
+                            return Ok(reject(&this.rejection, AuthError::Unavailable(error)));
+                        }
+                    };
+                    match this.admit(&entry) {
+                        Ok(principal) => {
+                            let span = span_for(Some(&principal));
+                            req.extensions_mut().insert(principal);
+                            let future = span.in_scope(|| inner.call(req));
+                            tracing::Instrument::instrument(future, span).await
+                        }
+                        Err(error) => Ok(reject(&this.rejection, error)),
+                    }
+                }))
+            }
+        }
+    }
+}

@@ -1,0 +1,344 @@
+use std::borrow::Cow;
+use std::fmt;
+
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, HeaderName, Uri};
+
+use crate::error::{AuthError, InvalidKeyReason};
+
+/// Longest header value (or query value) looked at; longer ones are refused as malformed.
+pub(crate) const MAX_CANDIDATE_LEN: usize = 1024;
+
+/// Where [`ApiKeyLayer`](crate::ApiKeyLayer) looks for a key. Several may be configured; the first
+/// one present wins, and two *different* keys in one request are refused as malformed.
+///
+/// | constructor | reads |
+/// |---|---|
+/// | [`KeySource::header`]`("x-api-key")` (the default) | `X-Api-Key: <key>` |
+/// | [`KeySource::blnk`] | `X-Blnk-Key: <key>` |
+/// | [`KeySource::blecon`] | `Authorization: APIKEY::<key>` |
+/// | [`KeySource::bearer`] | `Authorization: Bearer <key>` |
+/// | [`KeySource::query`]`("api_key")` (off unless configured) | `?api_key=<key>` |
+///
+/// Header names and authorization schemes match case-insensitively.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeySource(Kind);
+
+#[derive(Clone, PartialEq, Eq)]
+enum Kind {
+    Header(HeaderName),
+    /// `Authorization: <prefix><key>`; `prefix` is lowercase and matched case-insensitively.
+    Authorization {
+        prefix: &'static str,
+        spaces: bool,
+    },
+    Query(Cow<'static, str>),
+}
+
+impl fmt::Debug for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Kind::Header(name) => write!(f, "KeySource::header({:?})", name.as_str()),
+            Kind::Authorization {
+                prefix: "bearer", ..
+            } => f.write_str("KeySource::bearer()"),
+            Kind::Authorization { .. } => f.write_str("KeySource::blecon()"),
+            Kind::Query(name) => write!(f, "KeySource::query({name:?})"),
+        }
+    }
+}
+
+impl KeySource {
+    /// A named header, e.g. `x-api-key`.
+    pub fn header(name: HeaderName) -> Self {
+        Self(Kind::Header(name))
+    }
+
+    /// `X-Api-Key: <key>`, the default.
+    pub fn x_api_key() -> Self {
+        Self::header(HeaderName::from_static("x-api-key"))
+    }
+
+    /// `X-Blnk-Key: <key>`, as Blnk clients send it.
+    pub fn blnk() -> Self {
+        Self::header(HeaderName::from_static("x-blnk-key"))
+    }
+
+    /// `Authorization: APIKEY::<key>`, as Blecon clients send it.
+    pub fn blecon() -> Self {
+        Self(Kind::Authorization {
+            prefix: "apikey::",
+            spaces: false,
+        })
+    }
+
+    /// `Authorization: Bearer <key>`.
+    pub fn bearer() -> Self {
+        Self(Kind::Authorization {
+            prefix: "bearer",
+            spaces: true,
+        })
+    }
+
+    /// A query-string parameter. Keys in URLs end up in logs and browser history: use only when a
+    /// client cannot send headers.
+    pub fn query(name: impl Into<Cow<'static, str>>) -> Self {
+        Self(Kind::Query(name.into()))
+    }
+
+    fn header_name(&self) -> Option<&HeaderName> {
+        match &self.0 {
+            Kind::Header(name) => Some(name),
+            Kind::Authorization { .. } => Some(&AUTHORIZATION),
+            Kind::Query(_) => None,
+        }
+    }
+
+    /// The key this source finds in one header value, if the value is meant for it.
+    fn from_value<'a>(&self, value: &'a [u8]) -> Result<Option<&'a [u8]>, AuthError> {
+        match &self.0 {
+            Kind::Header(_) | Kind::Query(_) => Ok(Some(value)),
+            Kind::Authorization { prefix, spaces } => {
+                let n = prefix.len();
+                if value.len() < n || !value[..n].eq_ignore_ascii_case(prefix.as_bytes()) {
+                    return Ok(None);
+                }
+                let rest = &value[n..];
+                if !spaces {
+                    return Ok(Some(rest));
+                }
+                let trimmed = trim_start(rest);
+                if trimmed.len() == rest.len() {
+                    // `Bearerxyz` is not the bearer scheme.
+                    return Ok(None);
+                }
+                Ok(Some(trimmed))
+            }
+        }
+    }
+}
+
+fn trim_start(b: &[u8]) -> &[u8] {
+    let start = b
+        .iter()
+        .position(|&c| c != b' ' && c != b'\t')
+        .unwrap_or(b.len());
+    &b[start..]
+}
+
+fn trim(b: &[u8]) -> &[u8] {
+    let b = trim_start(b);
+    let end = b
+        .iter()
+        .rposition(|&c| c != b' ' && c != b'\t')
+        .map_or(0, |i| i + 1);
+    &b[..end]
+}
+
+/// Marks every header that may carry a key as sensitive, so it is never printed or indexed.
+pub(crate) fn mark_sensitive(sources: &[KeySource], headers: &mut HeaderMap) {
+    for source in sources {
+        if let Some(name) = source.header_name() {
+            if let http::header::Entry::Occupied(mut entry) = headers.entry(name) {
+                for value in entry.iter_mut() {
+                    value.set_sensitive(true);
+                }
+            }
+        }
+    }
+}
+
+/// Finds the presented key. `Ok(None)`: no key at all. A value that is not visible ASCII, is too long,
+/// or disagrees with another presented key is refused as malformed.
+pub(crate) fn extract<'a>(
+    sources: &[KeySource],
+    headers: &'a HeaderMap,
+    uri: &'a Uri,
+) -> Result<Option<&'a str>, AuthError> {
+    let mut found: Option<&'a [u8]> = None;
+    let mut consider = |candidate: &'a [u8]| -> Result<(), AuthError> {
+        let candidate = trim(candidate);
+        if candidate.is_empty() {
+            return Ok(());
+        }
+        if candidate.len() > MAX_CANDIDATE_LEN || !candidate.iter().all(|b| b.is_ascii_graphic()) {
+            return Err(AuthError::InvalidKey(InvalidKeyReason::Malformed));
+        }
+        match found {
+            Some(previous) if previous != candidate => {
+                Err(AuthError::InvalidKey(InvalidKeyReason::Ambiguous))
+            }
+            _ => {
+                found = Some(candidate);
+                Ok(())
+            }
+        }
+    };
+    for source in sources {
+        match &source.0 {
+            Kind::Query(name) => {
+                if let Some(query) = uri.query() {
+                    for pair in query.split('&') {
+                        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                        if k == name {
+                            consider(v.as_bytes())?;
+                        }
+                    }
+                }
+            }
+            _ => {
+                let name = source.header_name().expect("header sources have a name");
+                for value in headers.get_all(name) {
+                    if let Some(candidate) = source.from_value(value.as_bytes())? {
+                        consider(candidate)?;
+                    }
+                }
+            }
+        }
+    }
+    // Every byte was checked to be visible ASCII.
+    Ok(found.map(|b| std::str::from_utf8(b).expect("visible ASCII is UTF-8")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use proptest::prelude::*;
+
+    fn headers(pairs: &[(&str, &[u8])]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(value).unwrap(),
+            );
+        }
+        map
+    }
+
+    fn all() -> Vec<KeySource> {
+        vec![
+            KeySource::x_api_key(),
+            KeySource::blnk(),
+            KeySource::blecon(),
+            KeySource::bearer(),
+        ]
+    }
+
+    fn run(pairs: &[(&str, &[u8])]) -> Result<Option<String>, AuthError> {
+        let map = headers(pairs);
+        let uri = Uri::from_static("/");
+        extract(&all(), &map, &uri).map(|o| o.map(str::to_owned))
+    }
+
+    #[test]
+    fn each_source_is_read() {
+        assert_eq!(run(&[("x-api-key", b"k1")]).unwrap().as_deref(), Some("k1"));
+        assert_eq!(
+            run(&[("X-Blnk-Key", b"k1")]).unwrap().as_deref(),
+            Some("k1")
+        );
+        assert_eq!(
+            run(&[("authorization", b"APIKEY::k1")]).unwrap().as_deref(),
+            Some("k1")
+        );
+        assert_eq!(
+            run(&[("authorization", b"apikey::k1")]).unwrap().as_deref(),
+            Some("k1")
+        );
+        assert_eq!(
+            run(&[("authorization", b"Bearer   k1")])
+                .unwrap()
+                .as_deref(),
+            Some("k1")
+        );
+        assert_eq!(
+            run(&[("authorization", b"bearer k1 ")]).unwrap().as_deref(),
+            Some("k1")
+        );
+    }
+
+    #[test]
+    fn foreign_schemes_and_empty_values_are_not_keys() {
+        assert_eq!(
+            run(&[("authorization", b"Basic dXNlcjpwYXNz")]).unwrap(),
+            None
+        );
+        assert_eq!(run(&[("authorization", b"Bearerk1")]).unwrap(), None);
+        assert_eq!(run(&[("x-api-key", b"")]).unwrap(), None);
+        assert_eq!(run(&[("x-api-key", b"   ")]).unwrap(), None);
+        assert_eq!(run(&[]).unwrap(), None);
+    }
+
+    #[test]
+    fn same_key_twice_is_fine_two_keys_are_not() {
+        assert_eq!(
+            run(&[("x-api-key", b"k1"), ("authorization", b"Bearer k1")])
+                .unwrap()
+                .as_deref(),
+            Some("k1")
+        );
+        for pairs in [
+            &[("x-api-key", &b"k1"[..]), ("authorization", b"Bearer k2")][..],
+            &[("x-api-key", b"k1"), ("x-api-key", b"k2")],
+        ] {
+            assert!(matches!(
+                run(pairs),
+                Err(AuthError::InvalidKey(InvalidKeyReason::Ambiguous))
+            ));
+        }
+    }
+
+    #[test]
+    fn bad_bytes_and_huge_values_are_malformed() {
+        for value in [&b"k\xff1"[..], b"k 1", &vec![b'a'; MAX_CANDIDATE_LEN + 1]] {
+            assert!(matches!(
+                run(&[("x-api-key", value)]),
+                Err(AuthError::InvalidKey(InvalidKeyReason::Malformed))
+            ));
+        }
+    }
+
+    #[test]
+    fn query_only_when_configured() {
+        let uri: Uri = "/x?a=1&api_key=k9".parse().unwrap();
+        let map = HeaderMap::new();
+        assert_eq!(extract(&all(), &map, &uri).unwrap(), None);
+        let sources = [KeySource::query("api_key")];
+        assert_eq!(extract(&sources, &map, &uri).unwrap(), Some("k9"));
+    }
+
+    #[test]
+    fn key_headers_are_marked_sensitive() {
+        let mut map = headers(&[
+            ("x-api-key", b"k1"),
+            ("authorization", b"Bearer k1"),
+            ("other", b"v"),
+        ]);
+        mark_sensitive(&all(), &mut map);
+        assert!(map["x-api-key"].is_sensitive());
+        assert!(map["authorization"].is_sensitive());
+        assert!(!map["other"].is_sensitive());
+    }
+
+    proptest! {
+        #[test]
+        fn extraction_never_panics(
+            values in prop::collection::vec((0usize..4, prop::collection::vec(any::<u8>(), 0..80)), 0..4)
+        ) {
+            let names = ["x-api-key", "x-blnk-key", "authorization", "other"];
+            let mut map = HeaderMap::new();
+            for (n, v) in &values {
+                if let Ok(v) = HeaderValue::from_bytes(v) {
+                    map.append(HeaderName::from_static(names[*n]), v);
+                }
+            }
+            let uri = Uri::from_static("/");
+            if let Ok(Some(key)) = extract(&all(), &map, &uri) {
+                prop_assert!(!key.is_empty());
+                prop_assert!(key.bytes().all(|b| b.is_ascii_graphic()));
+            }
+        }
+    }
+}

@@ -1,0 +1,26 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod guard;
+pub mod key;
+pub mod layer;
+pub mod principal;
+pub mod resolver;
+pub mod scope;
+pub mod store;
+pub mod usage;
+
+pub use error::ScopeMatch;
+pub use error::{AuthError, ErrorCode, GrpcRejection, JsonRejection, RenderRejection};
+#[cfg(feature = "axum")]
+pub use guard::Scoped;
+pub use guard::{RequireScopes, RequireScopesService, ScopeRequirement};
+pub use key::{ApiKey, KeyDigest, KeyFormat, KeyId};
+pub use layer::{ApiKeyLayer, ApiKeyService, KeySource};
+pub use principal::{Principal, PrincipalKind};
+pub use resolver::CachedResolver;
+pub use scope::{Scope, ScopeSet, is_valid_scope};
+pub use store::{KeyRecord, KeyStore, MemoryStore, StoreError};
+pub use usage::UsageRecorder;

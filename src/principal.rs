@@ -1,0 +1,211 @@
+//! The authenticated caller that [`ApiKeyLayer`](crate::ApiKeyLayer) attaches to each request.
+//!
+//! Handlers read it from the request extensions, or with the axum extractors (feature `axum`):
+//!
+//! ```
+//! use axum::{routing::get, Router};
+//! use tower_api_keys::Principal;
+//!
+//! async fn whoami(principal: Principal) -> String {
+//!     format!("{} acting for {:?}", principal.key_id(), principal.account())
+//! }
+//!
+//! async fn maybe(principal: Option<Principal>) -> &'static str {
+//!     if principal.is_some() { "hello, key holder" } else { "hello, stranger" }
+//! }
+//!
+//! let app: Router = Router::new().route("/whoami", get(whoami)).route("/", get(maybe));
+//! ```
+//!
+//! A `Principal` extractor on a route the layer does not cover answers 401
+//! `AUTH_MISSING_PRINCIPAL` instead of axum's 500 for a missing extension.
+
+use std::fmt;
+use std::sync::Arc;
+
+use time::OffsetDateTime;
+
+use crate::key::{KeyId, MASTER_KEY_ID};
+use crate::scope::{Scope, ScopeSet};
+
+/// Whether a principal came from the configured master key or from a stored, scoped key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PrincipalKind {
+    /// The master key from server configuration: full access, never stamped as creator.
+    Master,
+    /// A key from the key store, limited to its scopes.
+    Scoped,
+}
+
+impl PrincipalKind {
+    /// `master` or `scoped`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Master => "master",
+            Self::Scoped => "scoped",
+        }
+    }
+}
+
+/// The authenticated caller: key id, name, owner, account, scopes, kind and expiry.
+///
+/// A cheap handle (one `Arc`): cloning it, or extracting it in many handlers, costs an atomic increment.
+#[derive(Clone)]
+pub struct Principal(Arc<Inner>);
+
+struct Inner {
+    key_id: KeyId,
+    name: Arc<str>,
+    owner: Option<Arc<str>>,
+    account: Option<Arc<str>>,
+    scopes: ScopeSet,
+    kind: PrincipalKind,
+    expires_at: Option<OffsetDateTime>,
+}
+
+impl Principal {
+    /// The principal of the master key: every scope, no owner, no account, never expires.
+    pub fn master() -> Self {
+        Self(Arc::new(Inner {
+            key_id: KeyId::new(MASTER_KEY_ID),
+            name: "master key".into(),
+            owner: None,
+            account: None,
+            scopes: ScopeSet::from(Scope::everything()),
+            kind: PrincipalKind::Master,
+            expires_at: None,
+        }))
+    }
+
+    /// The principal of a scoped key.
+    pub fn scoped(
+        key_id: KeyId,
+        name: impl Into<Arc<str>>,
+        owner: impl Into<Arc<str>>,
+        account: impl Into<Arc<str>>,
+        scopes: ScopeSet,
+        expires_at: Option<OffsetDateTime>,
+    ) -> Self {
+        Self(Arc::new(Inner {
+            key_id,
+            name: name.into(),
+            owner: Some(owner.into()),
+            account: Some(account.into()),
+            scopes,
+            kind: PrincipalKind::Scoped,
+            expires_at,
+        }))
+    }
+
+    /// The key's public id (`master` for the master key).
+    pub fn key_id(&self) -> &KeyId {
+        &self.0.key_id
+    }
+
+    /// The key's human-readable name.
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    /// The team, service or tenant that manages the key; `None` for the master key.
+    pub fn owner(&self) -> Option<&str> {
+        self.0.owner.as_deref()
+    }
+
+    /// The tenancy boundary the key acts inside; `None` for the master key.
+    pub fn account(&self) -> Option<&str> {
+        self.0.account.as_deref()
+    }
+
+    /// The scopes the key holds (`*:*` for the master key).
+    pub fn scopes(&self) -> &ScopeSet {
+        &self.0.scopes
+    }
+
+    /// Master or scoped.
+    pub fn kind(&self) -> PrincipalKind {
+        self.0.kind
+    }
+
+    /// Whether this is the master key.
+    pub fn is_master(&self) -> bool {
+        self.0.kind == PrincipalKind::Master
+    }
+
+    /// When the key stops working, if ever.
+    pub fn expires_at(&self) -> Option<OffsetDateTime> {
+        self.0.expires_at
+    }
+
+    /// Whether the key holds a scope granting `required`.
+    pub fn allows(&self, required: &Scope) -> bool {
+        self.0.scopes.allows(required)
+    }
+
+    /// The key id to stamp on records this principal creates: `None` for the master key.
+    pub fn provenance_id(&self) -> Option<&KeyId> {
+        (self.0.kind == PrincipalKind::Scoped).then_some(&self.0.key_id)
+    }
+}
+
+impl fmt::Debug for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Principal")
+            .field("key_id", &self.0.key_id)
+            .field("name", &self.0.name)
+            .field("owner", &self.0.owner)
+            .field("account", &self.0.account)
+            .field("scopes", &self.0.scopes)
+            .field("kind", &self.0.kind)
+            .field("expires_at", &self.0.expires_at)
+            .finish()
+    }
+}
+
+impl PartialEq for Principal {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+            || (self.0.key_id == other.0.key_id
+                && self.0.kind == other.0.kind
+                && self.0.scopes == other.0.scopes
+                && self.0.owner == other.0.owner
+                && self.0.account == other.0.account
+                && self.0.expires_at == other.0.expires_at
+                && self.0.name == other.0.name)
+    }
+}
+
+#[cfg(feature = "axum")]
+mod extract {
+    use axum_core::extract::{FromRequestParts, OptionalFromRequestParts};
+    use http::request::Parts;
+
+    use super::Principal;
+    use crate::error::AuthError;
+
+    impl<S: Send + Sync> FromRequestParts<S> for Principal {
+        type Rejection = AuthError;
+
+        async fn from_request_parts(
+            parts: &mut Parts,
+            _state: &S,
+        ) -> Result<Self, Self::Rejection> {
+            parts
+                .extensions
+                .get::<Principal>()
+                .cloned()
+                .ok_or(AuthError::MissingPrincipal)
+        }
+    }
+
+    impl<S: Send + Sync> OptionalFromRequestParts<S> for Principal {
+        type Rejection = std::convert::Infallible;
+
+        async fn from_request_parts(
+            parts: &mut Parts,
+            _state: &S,
+        ) -> Result<Option<Self>, Self::Rejection> {
+            Ok(parts.extensions.get::<Principal>().cloned())
+        }
+    }
+}

@@ -1,0 +1,184 @@
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, MutexGuard};
+
+use time::OffsetDateTime;
+
+use super::{
+    KeyLimits, KeyRecord, KeyStore, ListQuery, PreviousSecret, Rotation, StoreError, StoreErrorKind,
+};
+use crate::key::{KeyDigest, KeyId};
+
+/// An in-memory [`KeyStore`]: for tests, examples and services that can lose keys on restart.
+///
+/// One mutex guards everything, which makes limit checks atomic; it is never held across an await.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    by_id: BTreeMap<KeyId, KeyRecord>,
+    by_digest: HashMap<[u8; 32], KeyId>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that matters
+        // more than refusing all further service, so recover the data.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Inner {
+    fn unindex(&mut self, record: &KeyRecord) {
+        for digest in record.digests() {
+            self.by_digest.remove(digest.as_bytes());
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl KeyStore for MemoryStore {
+    async fn find_by_digest(&self, digest: &KeyDigest) -> Result<Option<KeyRecord>, StoreError> {
+        let inner = self.lock();
+        Ok(inner
+            .by_digest
+            .get(digest.as_bytes())
+            .and_then(|id| inner.by_id.get(id))
+            .cloned())
+    }
+
+    async fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        Ok(self.lock().by_id.get(id).cloned())
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<Vec<KeyRecord>, StoreError> {
+        let inner = self.lock();
+        let range = match &query.before {
+            Some(before) => inner.by_id.range(..before.clone()),
+            None => inner.by_id.range(..),
+        };
+        Ok(range
+            .rev()
+            .map(|(_, r)| r)
+            .filter(|r| r.owner == query.owner)
+            .take(query.limit as usize)
+            .cloned()
+            .collect())
+    }
+
+    async fn insert(
+        &self,
+        record: &KeyRecord,
+        limits: KeyLimits,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        if inner.by_id.contains_key(&record.id)
+            || inner.by_digest.contains_key(record.digest.as_bytes())
+        {
+            return Err(StoreError::from_kind(StoreErrorKind::Conflict));
+        }
+        let active = |same: &dyn Fn(&KeyRecord) -> bool| {
+            inner
+                .by_id
+                .values()
+                .filter(|r| same(r) && r.is_active(now))
+                .count()
+        };
+        if let Some(limit) = limits.per_owner {
+            if active(&|r| r.owner == record.owner) >= limit as usize {
+                return Err(StoreError::from_kind(StoreErrorKind::LimitReached {
+                    limit,
+                    scope: "owner",
+                }));
+            }
+        }
+        if let Some(limit) = limits.per_account {
+            if active(&|r| r.account == record.account) >= limit as usize {
+                return Err(StoreError::from_kind(StoreErrorKind::LimitReached {
+                    limit,
+                    scope: "account",
+                }));
+            }
+        }
+        inner
+            .by_digest
+            .insert(*record.digest.as_bytes(), record.id.clone());
+        inner.by_id.insert(record.id.clone(), record.clone());
+        Ok(())
+    }
+
+    async fn revoke(
+        &self,
+        id: &KeyId,
+        at: OffsetDateTime,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let mut inner = self.lock();
+        Ok(inner.by_id.get_mut(id).map(|record| {
+            record.revoked_at.get_or_insert(at);
+            record.clone()
+        }))
+    }
+
+    async fn delete(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        let mut inner = self.lock();
+        let removed = inner.by_id.remove(id);
+        if let Some(record) = &removed {
+            inner.unindex(record);
+        }
+        Ok(removed)
+    }
+
+    async fn replace_secret(
+        &self,
+        id: &KeyId,
+        rotation: &Rotation,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let mut inner = self.lock();
+        let Some(old) = inner.by_id.get(id).cloned() else {
+            return Ok(None);
+        };
+        if inner.by_digest.contains_key(rotation.digest.as_bytes()) {
+            return Err(StoreError::from_kind(StoreErrorKind::Conflict));
+        }
+        inner.unindex(&old);
+        let mut record = old;
+        record.previous = rotation
+            .previous_valid_until
+            .map(|valid_until| PreviousSecret {
+                digest: record.digest,
+                digest_scheme: record.digest_scheme,
+                valid_until,
+            });
+        record.digest = rotation.digest;
+        record.digest_scheme = rotation.digest_scheme;
+        record.masked_key = rotation.masked_key.clone();
+        record.rotated_at = Some(rotation.rotated_at);
+        for digest in record.digests() {
+            inner.by_digest.insert(*digest.as_bytes(), id.clone());
+        }
+        inner.by_id.insert(id.clone(), record.clone());
+        Ok(Some(record))
+    }
+
+    async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        for (id, at) in uses {
+            if let Some(record) = inner.by_id.get_mut(id) {
+                if record.last_used_at.is_none_or(|prev| prev < *at) {
+                    record.last_used_at = Some(*at);
+                }
+            }
+        }
+        Ok(())
+    }
+}

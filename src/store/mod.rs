@@ -1,0 +1,296 @@
+//! Where keys live: the [`KeyStore`] trait and its implementations.
+//!
+//! A store holds [`KeyRecord`]s: metadata plus the digest of the secret (never the secret). The
+//! resolver only ever calls [`KeyStore::find_by_digest`] on a cache miss; the rest serves key
+//! management. Every implementation passes the same conformance suite (`tests/store_conformance.rs`).
+//!
+//! [`MemoryStore`] is the default, for tests and single-process services that may lose their keys on
+//! restart.
+
+mod memory;
+
+use std::fmt;
+use std::sync::Arc;
+
+use time::OffsetDateTime;
+
+pub use memory::MemoryStore;
+
+use crate::key::{DigestScheme, KeyDigest, KeyId};
+use crate::principal::Principal;
+use crate::scope::ScopeSet;
+
+/// One stored key: metadata and the digest of its secret.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KeyRecord {
+    /// Stable public id.
+    pub id: KeyId,
+    /// Human-readable name.
+    pub name: String,
+    /// The team, service or tenant managing the key.
+    pub owner: String,
+    /// The tenancy boundary the key acts inside.
+    pub account: String,
+    /// What the key may do.
+    pub scopes: ScopeSet,
+    /// Digest of the current secret.
+    pub digest: KeyDigest,
+    /// How `digest` was computed.
+    pub digest_scheme: DigestScheme,
+    /// The masked form of the current secret, for listings (`sk_live_Ab3d…x9Qz`).
+    pub masked_key: String,
+    /// When the key was created.
+    pub created_at: OffsetDateTime,
+    /// When the key stops working, if ever.
+    pub expires_at: Option<OffsetDateTime>,
+    /// When the key was revoked, if it was.
+    pub revoked_at: Option<OffsetDateTime>,
+    /// Last time the key authenticated a request (flushed in batches, so it lags a little).
+    pub last_used_at: Option<OffsetDateTime>,
+    /// The key that created this one, when it was delegated by a scoped key.
+    pub created_by: Option<KeyId>,
+    /// When the secret was last rotated.
+    pub rotated_at: Option<OffsetDateTime>,
+    /// The secret replaced by the last rotation, still valid during its grace period.
+    pub previous: Option<PreviousSecret>,
+}
+
+/// A rotated-out secret that keeps working until `valid_until`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreviousSecret {
+    /// Digest of the old secret.
+    pub digest: KeyDigest,
+    /// How `digest` was computed.
+    pub digest_scheme: DigestScheme,
+    /// End of the grace period.
+    pub valid_until: OffsetDateTime,
+}
+
+impl KeyRecord {
+    /// Whether the key counts against active-key limits at `now`: not revoked and not expired.
+    pub fn is_active(&self, now: OffsetDateTime) -> bool {
+        self.revoked_at.is_none() && self.expires_at.is_none_or(|at| at > now)
+    }
+
+    /// The principal a request authenticated by this key carries.
+    pub fn principal(&self) -> Principal {
+        Principal::scoped(
+            self.id.clone(),
+            self.name.as_str(),
+            self.owner.as_str(),
+            self.account.as_str(),
+            self.scopes.clone(),
+            self.expires_at,
+        )
+    }
+
+    /// Every digest that currently identifies this key (the current one, and a previous one during a
+    /// rotation grace period): what a cache must forget when the key changes.
+    pub fn digests(&self) -> impl Iterator<Item = &KeyDigest> {
+        std::iter::once(&self.digest).chain(self.previous.as_ref().map(|p| &p.digest))
+    }
+}
+
+/// Maximum active (unrevoked, unexpired) keys, enforced by [`KeyStore::insert`] atomically.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeyLimits {
+    /// Per owner.
+    pub per_owner: Option<u32>,
+    /// Per account.
+    pub per_account: Option<u32>,
+}
+
+/// A page of one owner's keys, newest first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListQuery {
+    /// Whose keys.
+    pub owner: String,
+    /// Only keys with an id lower (older) than this one: the cursor of the previous page.
+    pub before: Option<KeyId>,
+    /// At most this many.
+    pub limit: u32,
+}
+
+/// A secret rotation for [`KeyStore::replace_secret`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rotation {
+    /// Digest of the new secret.
+    pub digest: KeyDigest,
+    /// How `digest` was computed.
+    pub digest_scheme: DigestScheme,
+    /// Masked form of the new secret.
+    pub masked_key: String,
+    /// When the rotation happened.
+    pub rotated_at: OffsetDateTime,
+    /// `Some(t)`: the old secret keeps working until `t`. `None`: it stops at once.
+    pub previous_valid_until: Option<OffsetDateTime>,
+}
+
+/// What went wrong talking to a store. Never contains a key or a digest.
+#[derive(Clone, Debug)]
+pub struct StoreError {
+    kind: StoreErrorKind,
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+/// The kind of a [`StoreError`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreErrorKind {
+    /// The store could not be reached or failed (connection refused, I/O error, ...).
+    Unavailable,
+    /// The store did not answer within the configured timeout.
+    Timeout,
+    /// [`KeyStore::insert`] would exceed a [`KeyLimits`] bound.
+    LimitReached {
+        /// The bound that was hit.
+        limit: u32,
+        /// `owner` or `account`.
+        scope: &'static str,
+    },
+    /// An id or digest that must be unique already exists.
+    Conflict,
+    /// Data in the store could not be understood (an unknown digest scheme, a bad scope).
+    Corrupt,
+}
+
+impl StoreError {
+    /// An error of `kind` caused by `source`.
+    pub fn new(
+        kind: StoreErrorKind,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self {
+            kind,
+            source: Some(Arc::from(source.into())),
+        }
+    }
+
+    /// An error of `kind` with no underlying cause.
+    pub fn from_kind(kind: StoreErrorKind) -> Self {
+        Self { kind, source: None }
+    }
+
+    /// The store could not be reached.
+    pub fn unavailable(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::new(StoreErrorKind::Unavailable, source)
+    }
+
+    /// The kind of failure.
+    pub fn kind(&self) -> StoreErrorKind {
+        self.kind
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            StoreErrorKind::Unavailable => f.write_str("key store unavailable"),
+            StoreErrorKind::Timeout => f.write_str("key store timed out"),
+            StoreErrorKind::LimitReached { limit, scope } => {
+                write!(f, "active key limit of {limit} per {scope} reached")
+            }
+            StoreErrorKind::Conflict => f.write_str("key id or digest already exists"),
+            StoreErrorKind::Corrupt => f.write_str("key store returned data that cannot be read"),
+        }?;
+        if let Some(source) = &self.source {
+            write!(f, ": {source}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as _)
+    }
+}
+
+/// Persistent storage of keys. Implement it to put keys anywhere; the crate ships [`MemoryStore`].
+///
+/// Contract (checked by the conformance suite):
+/// - records are returned exactly as inserted, except for the fields the mutating methods change;
+/// - `find_by_digest` matches the current digest and, while a rotation grace period lasts, the
+///   previous one; it returns revoked and expired records too (the resolver decides);
+/// - `insert` enforces [`KeyLimits`] atomically: concurrent inserts never overshoot;
+/// - `revoke` keeps the first `revoked_at`; `delete` removes the record;
+/// - methods on an unknown id return `Ok(None)` / `Ok(false)`, never an error.
+#[async_trait::async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    /// The record whose current (or grace-period previous) digest is `digest`.
+    async fn find_by_digest(&self, digest: &KeyDigest) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// The record with this id.
+    async fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// One owner's keys, newest first.
+    async fn list(&self, query: &ListQuery) -> Result<Vec<KeyRecord>, StoreError>;
+
+    /// Stores a new record unless that would exceed `limits` counting keys active at `now`
+    /// ([`StoreErrorKind::LimitReached`]).
+    async fn insert(
+        &self,
+        record: &KeyRecord,
+        limits: KeyLimits,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+
+    /// Marks the key revoked at `at` (keeping an earlier revocation time) and returns the record.
+    async fn revoke(&self, id: &KeyId, at: OffsetDateTime)
+    -> Result<Option<KeyRecord>, StoreError>;
+
+    /// Removes the record and returns it.
+    async fn delete(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// Replaces the key's secret, keeping the old one as [`PreviousSecret`] if the rotation asks for a
+    /// grace period, and returns the updated record.
+    async fn replace_secret(
+        &self,
+        id: &KeyId,
+        rotation: &Rotation,
+    ) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// Records last use times in one batch; later times win, unknown ids are ignored.
+    async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError>;
+}
+
+#[async_trait::async_trait]
+impl<T: KeyStore + ?Sized> KeyStore for Arc<T> {
+    async fn find_by_digest(&self, digest: &KeyDigest) -> Result<Option<KeyRecord>, StoreError> {
+        (**self).find_by_digest(digest).await
+    }
+    async fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        (**self).get(id).await
+    }
+    async fn list(&self, query: &ListQuery) -> Result<Vec<KeyRecord>, StoreError> {
+        (**self).list(query).await
+    }
+    async fn insert(
+        &self,
+        record: &KeyRecord,
+        limits: KeyLimits,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        (**self).insert(record, limits, now).await
+    }
+    async fn revoke(
+        &self,
+        id: &KeyId,
+        at: OffsetDateTime,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        (**self).revoke(id, at).await
+    }
+    async fn delete(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        (**self).delete(id).await
+    }
+    async fn replace_secret(
+        &self,
+        id: &KeyId,
+        rotation: &Rotation,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        (**self).replace_secret(id, rotation).await
+    }
+    async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
+        (**self).record_last_used(uses).await
+    }
+}

@@ -1,0 +1,164 @@
+//! [`UsageRecorder`]: `last_used_at` without a database write per request.
+//!
+//! Each authenticated request marks its key as used in memory (two relaxed atomic reads on the hot
+//! path, a write at most once per second per key). A background task flushes the marks to the store in
+//! one [`KeyStore::record_last_used`] batch per interval: at most one write per key per interval,
+//! however busy the key. Call [`UsageRecorder::flush`] on shutdown so the last interval is not lost.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! use std::{sync::Arc, time::Duration};
+//! use tower_api_keys::{ApiKeyLayer, CachedResolver, MemoryStore, UsageRecorder};
+//!
+//! let store = Arc::new(MemoryStore::new());
+//! let resolver = CachedResolver::new(store.clone());
+//! let usage = UsageRecorder::spawn(store, Duration::from_secs(30));
+//! let layer = ApiKeyLayer::new(resolver).usage(usage.clone());
+//! // ... serve, then on shutdown:
+//! usage.flush().await.unwrap();
+//! # drop(layer);
+//! # }
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use crate::key::KeyId;
+use crate::resolver::ResolvedKey;
+use crate::store::{KeyStore, StoreError};
+
+/// Records key use in memory and flushes it to the store in batches. Cheap to clone.
+#[derive(Clone)]
+pub struct UsageRecorder {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn KeyStore>,
+    pending: Mutex<Vec<Arc<ResolvedKey>>>,
+    flush_lock: tokio::sync::Mutex<()>,
+    batches: AtomicU64,
+    rows: AtomicU64,
+}
+
+impl fmt::Debug for UsageRecorder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UsageRecorder")
+            .field("batches_written", &self.batches_written())
+            .field("rows_written", &self.rows_written())
+            .finish_non_exhaustive()
+    }
+}
+
+impl UsageRecorder {
+    /// A recorder that writes to `store` only when [`flush`](Self::flush) is called.
+    pub fn new(store: Arc<dyn KeyStore>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                pending: Mutex::default(),
+                flush_lock: tokio::sync::Mutex::new(()),
+                batches: AtomicU64::new(0),
+                rows: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// A recorder with a background task (on the current tokio runtime) that flushes every
+    /// `interval`. The task ends when the last clone of the recorder is dropped.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub fn spawn(store: Arc<dyn KeyStore>, interval: Duration) -> Self {
+        let recorder = Self::new(store);
+        let weak: Weak<Inner> = Arc::downgrade(&recorder.inner);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticker.tick().await;
+            loop {
+                ticker.tick().await;
+                let Some(inner) = weak.upgrade() else { break };
+                if let Err(error) = (UsageRecorder { inner }).flush().await {
+                    tracing::warn!(%error, "flushing API key usage failed; will retry");
+                }
+            }
+        });
+        recorder
+    }
+
+    /// Marks a key as used at `now`. The hot path: no lock unless the key is not yet queued.
+    pub(crate) fn touch(&self, key: &Arc<ResolvedKey>, now: OffsetDateTime) {
+        let seconds = now.unix_timestamp();
+        if key.last_used.load(Ordering::Relaxed) < seconds {
+            key.last_used.fetch_max(seconds, Ordering::Relaxed);
+        }
+        if !key.queued.load(Ordering::Relaxed) && !key.queued.swap(true, Ordering::AcqRel) {
+            self.inner
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(key.clone());
+        }
+    }
+
+    /// Writes every pending use in one batch; returns how many keys were written. A failed write
+    /// puts the uses back for the next flush.
+    pub async fn flush(&self) -> Result<usize, StoreError> {
+        let _one_at_a_time = self.inner.flush_lock.lock().await;
+        let taken =
+            std::mem::take(&mut *self.inner.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        if taken.is_empty() {
+            return Ok(0);
+        }
+        let mut latest: HashMap<KeyId, i64> = HashMap::with_capacity(taken.len());
+        for key in &taken {
+            key.queued.store(false, Ordering::Release);
+            let seconds = key.last_used.load(Ordering::Relaxed);
+            let slot = latest.entry(key.principal.key_id().clone()).or_default();
+            *slot = (*slot).max(seconds);
+        }
+        let batch: Vec<(KeyId, OffsetDateTime)> = latest
+            .into_iter()
+            .filter_map(|(id, s)| OffsetDateTime::from_unix_timestamp(s).ok().map(|t| (id, t)))
+            .collect();
+        match self.inner.store.record_last_used(&batch).await {
+            Ok(()) => {
+                self.inner.batches.fetch_add(1, Ordering::Relaxed);
+                self.inner
+                    .rows
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                Ok(batch.len())
+            }
+            Err(error) => {
+                for key in taken {
+                    if !key.queued.swap(true, Ordering::AcqRel) {
+                        self.inner
+                            .pending
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(key);
+                    }
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Batches written so far.
+    pub fn batches_written(&self) -> u64 {
+        self.inner.batches.load(Ordering::Relaxed)
+    }
+
+    /// Key rows written so far (one per key per batch).
+    pub fn rows_written(&self) -> u64 {
+        self.inner.rows.load(Ordering::Relaxed)
+    }
+}
