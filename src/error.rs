@@ -68,6 +68,9 @@ pub enum ErrorCode {
     NotFound,
     /// `REQUEST_BODY_TOO_LARGE`: a body the middleware must read is over its limit (413).
     PayloadTooLarge,
+    /// `REQUEST_INVALID_METADATA`: a JSON body's metadata field is not an object, so provenance
+    /// cannot be stamped into it (400).
+    InvalidMetadata,
     /// `AUTH_UNAVAILABLE`: the key store cannot answer and nothing is cached (503).
     Unavailable,
 }
@@ -89,6 +92,7 @@ impl ErrorCode {
             Self::LimitReached => "APIKEY_LIMIT_REACHED",
             Self::NotFound => "APIKEY_NOT_FOUND",
             Self::PayloadTooLarge => "REQUEST_BODY_TOO_LARGE",
+            Self::InvalidMetadata => "REQUEST_INVALID_METADATA",
             Self::Unavailable => "AUTH_UNAVAILABLE",
         }
     }
@@ -104,7 +108,7 @@ impl ErrorCode {
             | Self::CrossOwnerAccess
             | Self::ScopeEscalation
             | Self::MasterKeyRequired => StatusCode::FORBIDDEN,
-            Self::OwnerRequired | Self::InvalidRequest => StatusCode::BAD_REQUEST,
+            Self::OwnerRequired | Self::InvalidRequest | Self::InvalidMetadata => StatusCode::BAD_REQUEST,
             Self::LimitReached => StatusCode::CONFLICT,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -124,7 +128,7 @@ impl ErrorCode {
             | Self::CrossOwnerAccess
             | Self::ScopeEscalation
             | Self::MasterKeyRequired => 7,
-            Self::OwnerRequired | Self::InvalidRequest => 3,
+            Self::OwnerRequired | Self::InvalidRequest | Self::InvalidMetadata => 3,
             Self::LimitReached | Self::PayloadTooLarge => 8,
             Self::NotFound => 5,
             Self::Unavailable => 14,
@@ -260,6 +264,9 @@ pub enum AuthError {
         /// The limit in bytes.
         limit: usize,
     },
+    /// A JSON body's metadata field is not an object (provenance cannot be stamped).
+    #[error("{0}")]
+    InvalidMetadata(Cow<'static, str>),
     /// The key store failed or timed out and nothing was cached. The store error is kept for logs;
     /// it is never shown to clients.
     #[error("authentication is temporarily unavailable")]
@@ -283,6 +290,7 @@ impl AuthError {
             Self::LimitReached { .. } => ErrorCode::LimitReached,
             Self::NotFound => ErrorCode::NotFound,
             Self::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
+            Self::InvalidMetadata(_) => ErrorCode::InvalidMetadata,
             Self::Unavailable(_) => ErrorCode::Unavailable,
         }
     }
@@ -515,6 +523,7 @@ mod tests {
             LimitReached,
             NotFound,
             PayloadTooLarge,
+            InvalidMetadata,
             Unavailable,
         ];
         let strings: std::collections::HashSet<_> = all.iter().map(|c| c.as_str()).collect();

@@ -4,6 +4,7 @@
 
 pub mod error;
 pub mod guard;
+pub mod invalidate;
 pub mod key;
 pub mod layer;
 pub mod principal;
@@ -16,6 +17,7 @@ pub use error::ScopeMatch;
 pub use error::{AuthError, ErrorCode, GrpcRejection, JsonRejection, RenderRejection};
 #[cfg(feature = "axum")]
 pub use guard::Scoped;
+pub use invalidate::{Invalidation, Invalidator, NoBroadcast};
 pub use guard::{RequireScopes, RequireScopesService, ScopeRequirement};
 pub use key::{ApiKey, KeyDigest, KeyFormat, KeyId};
 pub use layer::{ApiKeyLayer, ApiKeyService, KeySource};
