@@ -8,6 +8,12 @@
 //! restart.
 
 mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod sql_common;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
 
 use std::fmt;
 use std::sync::Arc;
@@ -15,6 +21,10 @@ use std::sync::Arc;
 use time::OffsetDateTime;
 
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresStore;
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteStore;
 
 use crate::key::{DigestScheme, KeyDigest, KeyId};
 use crate::principal::Principal;

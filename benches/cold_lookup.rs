@@ -1,0 +1,2 @@
+//! Cold-lookup latency (being written).
+fn main() {}

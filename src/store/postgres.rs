@@ -1,0 +1,745 @@
+//! [`PostgresStore`]: keys in PostgreSQL, shared by every instance of a service (feature `postgres`).
+//!
+//! ```no_run
+//! use tower_api_keys::{CachedResolver, store::PostgresStore};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! // Connects and brings the schema up to date (versioned migrations under an advisory lock).
+//! let store = PostgresStore::connect("postgres://app@db.internal/app").await?;
+//! let resolver = CachedResolver::new(store.clone());
+//!
+//! // Or in a dedicated schema, with a smaller pool:
+//! let store = PostgresStore::builder()
+//!     .schema("billing_keys")?
+//!     .max_connections(4)
+//!     .connect("postgres://app@db.internal/app")
+//!     .await?;
+//! # let _ = (resolver, store);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Layout
+//! Everything lives in one schema (default `tower_api_keys`, created if missing):
+//! - `api_keys`: one row per key. Digests are `BYTEA` (32 bytes) next to their scheme version
+//!   (`digest_scheme`, and `previous_digest_scheme` for a rotation grace period); scopes are a
+//!   `TEXT[]` in the set's sorted order; timestamps are `TIMESTAMPTZ`. No plaintext secret is stored.
+//! - `api_key_digests`: every digest currently identifying a key (current and grace-period previous),
+//!   primary-keyed on the digest, so that a digest identifies at most one key across both columns.
+//! - `api_key_migrations`: the applied schema versions.
+//!
+//! # Guarantees
+//! - Migrations run at start-up in one transaction holding a transaction-level advisory lock, so
+//!   instances starting together apply them once; they are idempotent.
+//! - [`KeyStore::insert`] takes a transaction-level advisory lock per owner (and per account) before
+//!   counting active keys, so concurrent inserts from any number of instances never overshoot a limit.
+//! - Timestamps keep PostgreSQL's microsecond precision: they are floored to the microsecond when
+//!   written and when compared (see [`KeyStore`]'s contract; records read back equal the inserted ones
+//!   when their times are whole microseconds).
+//! - Connection failures are [`StoreErrorKind::Unavailable`], duplicates
+//!   [`StoreErrorKind::Conflict`], unreadable rows (an unknown digest scheme, a bad scope)
+//!   [`StoreErrorKind::Corrupt`]. Errors never quote the offending values.
+//!
+//! TLS: enable one of sqlx's TLS features (e.g. `sqlx = { version = "0.9", features =
+//! ["tls-rustls"] }`) in your own `Cargo.toml`; feature unification applies it here.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest as _, Sha256};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, Row};
+use time::OffsetDateTime;
+use tokio::sync::OnceCell;
+
+use super::sql_common::{RawRecord, map_sqlx_error, micros};
+use super::{KeyLimits, KeyRecord, KeyStore, ListQuery, Rotation, StoreError, StoreErrorKind};
+use crate::key::{KeyDigest, KeyId};
+
+/// The schema used when none is configured.
+pub const DEFAULT_SCHEMA: &str = "tower_api_keys";
+
+/// A schema or channel name that is not a plain PostgreSQL identifier: 1 to 63 bytes of ASCII
+/// letters, digits, `_` or `$`, not starting with a digit or `$`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidIdentifier {
+    what: &'static str,
+}
+
+impl fmt::Display for InvalidIdentifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid PostgreSQL {} name: use 1 to 63 ASCII letters, digits, `_` or `$`, \
+             not starting with a digit or `$`",
+            self.what
+        )
+    }
+}
+
+impl std::error::Error for InvalidIdentifier {}
+
+/// Checks a name for use as a (quoted) identifier; `what` names it in the error.
+pub(crate) fn check_identifier(name: &str, what: &'static str) -> Result<(), InvalidIdentifier> {
+    let bytes = name.as_bytes();
+    let ok = !bytes.is_empty()
+        && bytes.len() <= 63
+        && (bytes[0].is_ascii_alphabetic() || bytes[0] == b'_')
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'$');
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidIdentifier { what })
+    }
+}
+
+/// A stable 64-bit advisory lock key for `parts` (the same in every instance and every version).
+fn lock_key(parts: &[&str]) -> i64 {
+    let mut hasher = Sha256::new();
+    hasher.update(b"tower-api-keys");
+    for part in parts {
+        // Length-prefixed, so ("ab", "c") and ("a", "bc") differ.
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part.as_bytes());
+    }
+    let hash = hasher.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&hash[..8]);
+    i64::from_be_bytes(first)
+}
+
+const COLUMNS: &str = "id, name, owner, account, scopes, digest, digest_scheme, masked_key, \
+    created_at, expires_at, revoked_at, last_used_at, created_by, rotated_at, previous_digest, \
+    previous_digest_scheme, previous_valid_until";
+
+/// The schema's migrations, in order. Versions are never renumbered or edited once released.
+fn migrations(s: &str) -> [(i32, &'static str, String); 1] {
+    [(
+        1,
+        "api_keys and api_key_digests",
+        format!(
+            r#"
+CREATE TABLE {s}.api_keys (
+    id TEXT COLLATE "C" PRIMARY KEY,
+    name TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    account TEXT NOT NULL,
+    scopes TEXT[] NOT NULL,
+    digest BYTEA NOT NULL CHECK (octet_length(digest) = 32),
+    digest_scheme INTEGER NOT NULL,
+    masked_key TEXT NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL,
+    expires_at TIMESTAMPTZ,
+    revoked_at TIMESTAMPTZ,
+    last_used_at TIMESTAMPTZ,
+    created_by TEXT,
+    rotated_at TIMESTAMPTZ,
+    previous_digest BYTEA CHECK (octet_length(previous_digest) = 32),
+    previous_digest_scheme INTEGER,
+    previous_valid_until TIMESTAMPTZ,
+    CHECK ((previous_digest IS NULL) = (previous_digest_scheme IS NULL)
+       AND (previous_digest IS NULL) = (previous_valid_until IS NULL))
+);
+CREATE UNIQUE INDEX api_keys_digest_key ON {s}.api_keys (digest);
+CREATE UNIQUE INDEX api_keys_previous_digest_key ON {s}.api_keys (previous_digest)
+    WHERE previous_digest IS NOT NULL;
+CREATE INDEX api_keys_owner_id_idx ON {s}.api_keys (owner, id);
+CREATE INDEX api_keys_account_idx ON {s}.api_keys (account);
+CREATE TABLE {s}.api_key_digests (
+    digest BYTEA PRIMARY KEY,
+    key_id TEXT COLLATE "C" NOT NULL REFERENCES {s}.api_keys (id) ON DELETE CASCADE
+);
+CREATE INDEX api_key_digests_key_id_idx ON {s}.api_key_digests (key_id);
+"#
+        ),
+    )]
+}
+
+/// Every statement, with the schema spliced in once (the schema name is a checked identifier).
+struct Sql {
+    schema: String,
+    quoted: String,
+    find_by_digest: Arc<str>,
+    get: Arc<str>,
+    get_for_update: Arc<str>,
+    list: Arc<str>,
+    exists: Arc<str>,
+    count_owner: Arc<str>,
+    count_account: Arc<str>,
+    insert: Arc<str>,
+    insert_digests: Arc<str>,
+    revoke: Arc<str>,
+    delete: Arc<str>,
+    drop_digests: Arc<str>,
+    rotate: Arc<str>,
+    last_used: Arc<str>,
+}
+
+impl Sql {
+    fn new(schema: &str) -> Self {
+        let s = format!("\"{schema}\"");
+        let sql = |text: String| -> Arc<str> { text.into() };
+        Self {
+            find_by_digest: sql(format!(
+                "SELECT {COLUMNS} FROM {s}.api_keys WHERE digest = $1 OR previous_digest = $1 LIMIT 1"
+            )),
+            get: sql(format!("SELECT {COLUMNS} FROM {s}.api_keys WHERE id = $1")),
+            get_for_update: sql(format!(
+                "SELECT {COLUMNS} FROM {s}.api_keys WHERE id = $1 FOR UPDATE"
+            )),
+            list: sql(format!(
+                "SELECT {COLUMNS} FROM {s}.api_keys WHERE owner = $1 AND ($2::text IS NULL OR id < $2) \
+                 ORDER BY id DESC LIMIT $3"
+            )),
+            exists: sql(format!(
+                "SELECT EXISTS (SELECT 1 FROM {s}.api_keys WHERE id = $1) \
+                 OR EXISTS (SELECT 1 FROM {s}.api_key_digests WHERE digest = ANY($2))"
+            )),
+            count_owner: sql(format!(
+                "SELECT count(*) FROM {s}.api_keys WHERE owner = $1 AND revoked_at IS NULL \
+                 AND (expires_at IS NULL OR expires_at > $2)"
+            )),
+            count_account: sql(format!(
+                "SELECT count(*) FROM {s}.api_keys WHERE account = $1 AND revoked_at IS NULL \
+                 AND (expires_at IS NULL OR expires_at > $2)"
+            )),
+            insert: sql(format!(
+                "INSERT INTO {s}.api_keys ({COLUMNS}) VALUES \
+                 ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+            )),
+            insert_digests: sql(format!(
+                "INSERT INTO {s}.api_key_digests (digest, key_id) SELECT d, $2 FROM UNNEST($1::bytea[]) AS t(d)"
+            )),
+            revoke: sql(format!(
+                "UPDATE {s}.api_keys SET revoked_at = COALESCE(revoked_at, $2) WHERE id = $1 RETURNING {COLUMNS}"
+            )),
+            delete: sql(format!(
+                "DELETE FROM {s}.api_keys WHERE id = $1 RETURNING {COLUMNS}"
+            )),
+            drop_digests: sql(format!(
+                "DELETE FROM {s}.api_key_digests WHERE key_id = $1 AND NOT (digest = ANY($2::bytea[]))"
+            )),
+            rotate: sql(format!(
+                "UPDATE {s}.api_keys SET digest = $2, digest_scheme = $3, masked_key = $4, rotated_at = $5, \
+                 previous_digest = $6, previous_digest_scheme = $7, previous_valid_until = $8 \
+                 WHERE id = $1 RETURNING {COLUMNS}"
+            )),
+            last_used: sql(format!(
+                "UPDATE {s}.api_keys AS k SET last_used_at = u.at \
+                 FROM (SELECT id, max(at) AS at FROM UNNEST($1::text[], $2::timestamptz[]) AS t(id, at) \
+                       GROUP BY id) AS u \
+                 WHERE k.id = u.id AND (k.last_used_at IS NULL OR k.last_used_at < u.at)"
+            )),
+            schema: schema.to_owned(),
+            quoted: s,
+        }
+    }
+}
+
+fn query(
+    sql: &Arc<str>,
+) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(AssertSqlSafe(Arc::clone(sql)))
+}
+
+fn decode(row: &PgRow) -> Result<KeyRecord, StoreError> {
+    let raw = (|| -> Result<RawRecord, sqlx::Error> {
+        Ok(RawRecord {
+            id: row.try_get(0)?,
+            name: row.try_get(1)?,
+            owner: row.try_get(2)?,
+            account: row.try_get(3)?,
+            scopes: row.try_get(4)?,
+            digest: row.try_get(5)?,
+            digest_scheme: i64::from(row.try_get::<i32, _>(6)?),
+            masked_key: row.try_get(7)?,
+            created_at: row.try_get(8)?,
+            expires_at: row.try_get(9)?,
+            revoked_at: row.try_get(10)?,
+            last_used_at: row.try_get(11)?,
+            created_by: row.try_get(12)?,
+            rotated_at: row.try_get(13)?,
+            previous_digest: row.try_get(14)?,
+            previous_digest_scheme: row.try_get::<Option<i32>, _>(15)?.map(i64::from),
+            previous_valid_until: row.try_get(16)?,
+        })
+    })()
+    .map_err(map_sqlx_error)?;
+    raw.into_record()
+}
+
+fn decode_opt(row: Option<PgRow>) -> Result<Option<KeyRecord>, StoreError> {
+    row.as_ref().map(decode).transpose()
+}
+
+/// Configures a [`PostgresStore`]; see [`PostgresStore::builder`].
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct PostgresStoreBuilder {
+    schema: String,
+    max_connections: u32,
+    acquire_timeout: Duration,
+}
+
+impl Default for PostgresStoreBuilder {
+    fn default() -> Self {
+        Self {
+            schema: DEFAULT_SCHEMA.to_owned(),
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl PostgresStoreBuilder {
+    /// The schema holding the tables (default [`DEFAULT_SCHEMA`]); created if missing. Several
+    /// independent key sets can share a database by using different schemas.
+    pub fn schema(mut self, schema: &str) -> Result<Self, InvalidIdentifier> {
+        check_identifier(schema, "schema")?;
+        self.schema = schema.to_owned();
+        Ok(self)
+    }
+
+    /// Most connections the pool opens (default 10). Ignored by [`from_pool`](Self::from_pool).
+    pub fn max_connections(mut self, max: u32) -> Self {
+        self.max_connections = max.max(1);
+        self
+    }
+
+    /// How long an operation waits for a connection before failing with
+    /// [`StoreErrorKind::Unavailable`] (default 5 s); a refused connection is retried until then.
+    /// Ignored by [`from_pool`](Self::from_pool).
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
+    fn pool_options(&self) -> PgPoolOptions {
+        PgPoolOptions::new()
+            .max_connections(self.max_connections)
+            .acquire_timeout(self.acquire_timeout)
+    }
+
+    fn options(url: &str) -> Result<PgConnectOptions, StoreError> {
+        url.parse::<PgConnectOptions>().map_err(map_sqlx_error)
+    }
+
+    /// Connects to `url` and runs the migrations; fails if the database cannot be reached.
+    pub async fn connect(self, url: &str) -> Result<PostgresStore, StoreError> {
+        self.connect_with(Self::options(url)?).await
+    }
+
+    /// Like [`connect`](Self::connect), with parsed connection options.
+    pub async fn connect_with(
+        self,
+        options: PgConnectOptions,
+    ) -> Result<PostgresStore, StoreError> {
+        let store = self.connect_lazy_with(options);
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// A store that connects on first use (no I/O here); the migrations run before the first
+    /// operation. Until the database can be reached, every operation fails with
+    /// [`StoreErrorKind::Unavailable`]: a service can start while its database is down.
+    pub fn connect_lazy(self, url: &str) -> Result<PostgresStore, StoreError> {
+        Ok(self.connect_lazy_with(Self::options(url)?))
+    }
+
+    /// Like [`connect_lazy`](Self::connect_lazy), with parsed connection options.
+    pub fn connect_lazy_with(self, options: PgConnectOptions) -> PostgresStore {
+        let pool = self.pool_options().connect_lazy_with(options);
+        PostgresStore::new(pool, &self.schema)
+    }
+
+    /// Uses an existing pool and runs the migrations.
+    pub async fn from_pool(self, pool: PgPool) -> Result<PostgresStore, StoreError> {
+        let store = PostgresStore::new(pool, &self.schema);
+        store.migrate().await?;
+        Ok(store)
+    }
+}
+
+/// A [`KeyStore`] in PostgreSQL: persistent and shared by every instance of a service.
+///
+/// Cheap to clone (clones share the pool). See the [module docs](self) for the layout and guarantees.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+    sql: Arc<Sql>,
+    migrated: Arc<OnceCell<()>>,
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("schema", &self.sql.schema)
+            .field("connections", &self.pool.size())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresStore {
+    /// Connects to `url` with default settings (schema [`DEFAULT_SCHEMA`]) and runs the migrations.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::builder().connect(url).await
+    }
+
+    /// Uses an existing pool (schema [`DEFAULT_SCHEMA`]) and runs the migrations.
+    pub async fn from_pool(pool: PgPool) -> Result<Self, StoreError> {
+        Self::builder().from_pool(pool).await
+    }
+
+    /// A builder: schema, pool size, timeouts, lazy connection.
+    pub fn builder() -> PostgresStoreBuilder {
+        PostgresStoreBuilder::default()
+    }
+
+    fn new(pool: PgPool, schema: &str) -> Self {
+        Self {
+            pool,
+            sql: Arc::new(Sql::new(schema)),
+            migrated: Arc::new(OnceCell::new()),
+        }
+    }
+
+    /// The connection pool (e.g. to share it with [`PgInvalidator`](crate::invalidate::PgInvalidator)).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The schema holding the tables.
+    pub fn schema(&self) -> &str {
+        &self.sql.schema
+    }
+
+    /// Brings the schema up to date. Runs once per store (again only after a failure); constructors
+    /// other than the lazy ones already call it. Safe to run from several instances at once.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        self.migrated
+            .get_or_try_init(|| self.run_migrations())
+            .await
+            .map(|_| ())
+    }
+
+    async fn run_migrations(&self) -> Result<(), StoreError> {
+        let schema = &self.sql.schema;
+        let s = &self.sql.quoted;
+        let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(lock_key(&["migrate", schema]))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx_error)?;
+        // Check first: CREATE SCHEMA IF NOT EXISTS needs the CREATE privilege even when it exists.
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+                .bind(schema)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(map_sqlx_error)?;
+        if !exists {
+            sqlx::raw_sql(AssertSqlSafe(format!("CREATE SCHEMA {s}")))
+                .execute(&mut *tx)
+                .await
+                .map_err(map_sqlx_error)?;
+        }
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "CREATE TABLE IF NOT EXISTS {s}.api_key_migrations (
+                version INTEGER PRIMARY KEY,
+                description TEXT NOT NULL,
+                applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+            )"
+        )))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_sqlx_error)?;
+        let current: i32 = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT COALESCE(max(version), 0) FROM {s}.api_key_migrations"
+        )))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(map_sqlx_error)?;
+        for (version, description, sql) in migrations(s) {
+            if version <= current {
+                continue;
+            }
+            sqlx::raw_sql(AssertSqlSafe(sql))
+                .execute(&mut *tx)
+                .await
+                .map_err(map_sqlx_error)?;
+            sqlx::query(AssertSqlSafe(format!(
+                "INSERT INTO {s}.api_key_migrations (version, description) VALUES ($1, $2)"
+            )))
+            .bind(version)
+            .bind(description)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx_error)?;
+            tracing::info!(schema = %schema, version, "API key store migrated");
+        }
+        tx.commit().await.map_err(map_sqlx_error)
+    }
+
+    async fn lock(tx: &mut sqlx::PgConnection, parts: &[&str]) -> Result<(), StoreError> {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(lock_key(parts))
+            .execute(tx)
+            .await
+            .map(|_| ())
+            .map_err(map_sqlx_error)
+    }
+}
+
+fn digest_list<'a>(digests: impl Iterator<Item = &'a KeyDigest>) -> Vec<Vec<u8>> {
+    digests.map(|d| d.as_bytes().to_vec()).collect()
+}
+
+#[async_trait::async_trait]
+impl KeyStore for PostgresStore {
+    async fn find_by_digest(&self, digest: &KeyDigest) -> Result<Option<KeyRecord>, StoreError> {
+        self.migrate().await?;
+        let row = query(&self.sql.find_by_digest)
+            .bind(&digest.as_bytes()[..])
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_sqlx_error)?;
+        decode_opt(row)
+    }
+
+    async fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        self.migrate().await?;
+        let row = query(&self.sql.get)
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_sqlx_error)?;
+        decode_opt(row)
+    }
+
+    async fn list(&self, q: &ListQuery) -> Result<Vec<KeyRecord>, StoreError> {
+        self.migrate().await?;
+        let rows = query(&self.sql.list)
+            .bind(q.owner.as_str())
+            .bind(q.before.as_ref().map(KeyId::as_str))
+            .bind(i64::from(q.limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_sqlx_error)?;
+        rows.iter().map(decode).collect()
+    }
+
+    async fn insert(
+        &self,
+        record: &KeyRecord,
+        limits: KeyLimits,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        self.migrate().await?;
+        let schema = self.sql.schema.as_str();
+        let now = micros(now);
+        let digests = digest_list(record.digests());
+        let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
+        // Lock order is always owner, then account, so two inserts never wait on each other in a
+        // cycle. The locks are held until commit; the counts below see every earlier holder's insert.
+        if limits.per_owner.is_some() {
+            Self::lock(&mut *tx, &["owner", schema, &record.owner]).await?;
+        }
+        if limits.per_account.is_some() {
+            Self::lock(&mut *tx, &["account", schema, &record.account]).await?;
+        }
+        let exists: bool = sqlx::query_scalar(AssertSqlSafe(Arc::clone(&self.sql.exists)))
+            .bind(record.id.as_str())
+            .bind(&digests)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_sqlx_error)?;
+        if exists {
+            return Err(StoreError::from_kind(StoreErrorKind::Conflict));
+        }
+        for (limit, sql, value, scope) in [
+            (
+                limits.per_owner,
+                &self.sql.count_owner,
+                &record.owner,
+                "owner",
+            ),
+            (
+                limits.per_account,
+                &self.sql.count_account,
+                &record.account,
+                "account",
+            ),
+        ] {
+            let Some(limit) = limit else { continue };
+            let active: i64 = sqlx::query_scalar(AssertSqlSafe(Arc::clone(sql)))
+                .bind(value.as_str())
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(map_sqlx_error)?;
+            if active >= i64::from(limit) {
+                return Err(StoreError::from_kind(StoreErrorKind::LimitReached {
+                    limit,
+                    scope,
+                }));
+            }
+        }
+        let previous = record.previous.as_ref();
+        query(&self.sql.insert)
+            .bind(record.id.as_str())
+            .bind(record.name.as_str())
+            .bind(record.owner.as_str())
+            .bind(record.account.as_str())
+            .bind(record.scopes.to_strings())
+            .bind(&record.digest.as_bytes()[..])
+            .bind(i32::from(record.digest_scheme.version()))
+            .bind(record.masked_key.as_str())
+            .bind(micros(record.created_at))
+            .bind(record.expires_at.map(micros))
+            .bind(record.revoked_at.map(micros))
+            .bind(record.last_used_at.map(micros))
+            .bind(record.created_by.as_ref().map(KeyId::as_str))
+            .bind(record.rotated_at.map(micros))
+            .bind(previous.map(|p| p.digest.as_bytes().to_vec()))
+            .bind(previous.map(|p| i32::from(p.digest_scheme.version())))
+            .bind(previous.map(|p| micros(p.valid_until)))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx_error)?;
+        query(&self.sql.insert_digests)
+            .bind(&digests)
+            .bind(record.id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx_error)?;
+        tx.commit().await.map_err(map_sqlx_error)
+    }
+
+    async fn revoke(
+        &self,
+        id: &KeyId,
+        at: OffsetDateTime,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        self.migrate().await?;
+        let row = query(&self.sql.revoke)
+            .bind(id.as_str())
+            .bind(micros(at))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_sqlx_error)?;
+        decode_opt(row)
+    }
+
+    async fn delete(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        self.migrate().await?;
+        // `api_key_digests` rows go with it (ON DELETE CASCADE).
+        let row = query(&self.sql.delete)
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_sqlx_error)?;
+        decode_opt(row)
+    }
+
+    async fn replace_secret(
+        &self,
+        id: &KeyId,
+        rotation: &Rotation,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        self.migrate().await?;
+        let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
+        let row = query(&self.sql.get_for_update)
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_sqlx_error)?;
+        let Some(old) = decode_opt(row)? else {
+            return Ok(None);
+        };
+        // Registering the new digest first fails on any digest in use, this key's included.
+        query(&self.sql.insert_digests)
+            .bind(vec![rotation.digest.as_bytes().to_vec()])
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx_error)?;
+        let previous = rotation
+            .previous_valid_until
+            .map(|until| (old.digest, old.digest_scheme, micros(until)));
+        let keep = digest_list(
+            std::iter::once(&rotation.digest).chain(previous.as_ref().map(|(d, _, _)| d)),
+        );
+        query(&self.sql.drop_digests)
+            .bind(id.as_str())
+            .bind(keep)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx_error)?;
+        let row = query(&self.sql.rotate)
+            .bind(id.as_str())
+            .bind(&rotation.digest.as_bytes()[..])
+            .bind(i32::from(rotation.digest_scheme.version()))
+            .bind(rotation.masked_key.as_str())
+            .bind(micros(rotation.rotated_at))
+            .bind(previous.map(|(d, _, _)| d.as_bytes().to_vec()))
+            .bind(previous.map(|(_, s, _)| i32::from(s.version())))
+            .bind(previous.map(|(_, _, until)| until))
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_sqlx_error)?;
+        let record = decode_opt(row)?;
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(record)
+    }
+
+    async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
+        if uses.is_empty() {
+            return Ok(());
+        }
+        self.migrate().await?;
+        let ids: Vec<&str> = uses.iter().map(|(id, _)| id.as_str()).collect();
+        let times: Vec<OffsetDateTime> = uses.iter().map(|(_, at)| micros(*at)).collect();
+        query(&self.sql.last_used)
+            .bind(ids)
+            .bind(times)
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(map_sqlx_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_checked() {
+        for good in ["a", "tower_api_keys", "_x1", "T$1", &"a".repeat(63)] {
+            assert!(check_identifier(good, "schema").is_ok(), "{good}");
+        }
+        for bad in ["", "1a", "$a", "a-b", "a\"b", "a b", "é", &"a".repeat(64)] {
+            assert!(check_identifier(bad, "schema").is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn lock_keys_are_stable_and_unambiguous() {
+        assert_eq!(
+            lock_key(&["owner", "s", "o"]),
+            lock_key(&["owner", "s", "o"])
+        );
+        assert_ne!(
+            lock_key(&["owner", "s", "ab"]),
+            lock_key(&["owner", "sa", "b"])
+        );
+        assert_ne!(
+            lock_key(&["owner", "s", "x"]),
+            lock_key(&["account", "s", "x"])
+        );
+    }
+}

@@ -1,0 +1,242 @@
+//! What the SQL stores share: timestamp precision, row decoding, error mapping.
+//!
+//! Both SQL stores keep timestamps to the microsecond (PostgreSQL's `TIMESTAMPTZ` precision; SQLite
+//! stores integer microseconds since the Unix epoch). Every timestamp is truncated (floored) to the
+//! microsecond before it is written *and* before it is compared in SQL (the `now` of a limit check,
+//! the times of a last-used batch), so both sides of every comparison have the same precision.
+
+use std::fmt;
+
+use time::OffsetDateTime;
+
+use super::{KeyRecord, PreviousSecret, StoreError, StoreErrorKind};
+use crate::key::{DigestScheme, KeyDigest, KeyId};
+use crate::scope::ScopeSet;
+
+/// `t` floored to the microsecond, in UTC: the precision the SQL stores keep.
+pub(crate) fn micros(t: OffsetDateTime) -> OffsetDateTime {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    // `nanosecond()` is always below 10^9, so the replacement cannot fail; keep `t` if it ever did.
+    t.replace_nanosecond(t.nanosecond() / 1_000 * 1_000)
+        .unwrap_or(t)
+}
+
+/// Microseconds since the Unix epoch (floored), SQLite's storage form.
+#[cfg(feature = "sqlite")]
+pub(crate) fn to_unix_micros(t: OffsetDateTime) -> i64 {
+    // i128 -> i64: `time` limits years to ±9999, about ±3.2e17 µs, far inside i64.
+    let nanos = t.unix_timestamp_nanos();
+    i64::try_from(nanos.div_euclid(1_000)).unwrap_or(if nanos < 0 { i64::MIN } else { i64::MAX })
+}
+
+/// The inverse of [`to_unix_micros`]; `Corrupt` when out of `time`'s range.
+#[cfg(feature = "sqlite")]
+pub(crate) fn from_unix_micros(micros: i64) -> Result<OffsetDateTime, StoreError> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000)
+        .map_err(|e| StoreError::new(StoreErrorKind::Corrupt, e))
+}
+
+/// A row as read from a SQL store, before validation.
+pub(crate) struct RawRecord {
+    pub(crate) id: String,
+    pub(crate) name: String,
+    pub(crate) owner: String,
+    pub(crate) account: String,
+    pub(crate) scopes: Vec<String>,
+    pub(crate) digest: Vec<u8>,
+    pub(crate) digest_scheme: i64,
+    pub(crate) masked_key: String,
+    pub(crate) created_at: OffsetDateTime,
+    pub(crate) expires_at: Option<OffsetDateTime>,
+    pub(crate) revoked_at: Option<OffsetDateTime>,
+    pub(crate) last_used_at: Option<OffsetDateTime>,
+    pub(crate) created_by: Option<String>,
+    pub(crate) rotated_at: Option<OffsetDateTime>,
+    pub(crate) previous_digest: Option<Vec<u8>>,
+    pub(crate) previous_digest_scheme: Option<i64>,
+    pub(crate) previous_valid_until: Option<OffsetDateTime>,
+}
+
+/// Why a row could not be turned into a [`KeyRecord`]. Names the column, never its value.
+#[derive(Debug)]
+struct CorruptRow(&'static str);
+
+impl fmt::Display for CorruptRow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "unreadable value in column `{}`", self.0)
+    }
+}
+
+impl std::error::Error for CorruptRow {}
+
+fn corrupt(column: &'static str) -> StoreError {
+    StoreError::new(StoreErrorKind::Corrupt, CorruptRow(column))
+}
+
+fn digest(bytes: &[u8], column: &'static str) -> Result<KeyDigest, StoreError> {
+    <[u8; 32]>::try_from(bytes)
+        .map(KeyDigest::from_bytes)
+        .map_err(|_| corrupt(column))
+}
+
+fn scheme(version: i64, column: &'static str) -> Result<DigestScheme, StoreError> {
+    u16::try_from(version)
+        .ok()
+        .and_then(DigestScheme::from_version)
+        .ok_or_else(|| corrupt(column))
+}
+
+impl RawRecord {
+    /// Validates the row: digests are 32 bytes, schemes known, scopes valid, and the three
+    /// previous-secret columns all set or all null.
+    pub(crate) fn into_record(self) -> Result<KeyRecord, StoreError> {
+        let previous = match (
+            self.previous_digest,
+            self.previous_digest_scheme,
+            self.previous_valid_until,
+        ) {
+            (None, None, None) => None,
+            (Some(d), Some(s), Some(valid_until)) => Some(PreviousSecret {
+                digest: digest(&d, "previous_digest")?,
+                digest_scheme: scheme(s, "previous_digest_scheme")?,
+                valid_until,
+            }),
+            _ => return Err(corrupt("previous_digest")),
+        };
+        Ok(KeyRecord {
+            id: KeyId::new(self.id),
+            name: self.name,
+            owner: self.owner,
+            account: self.account,
+            scopes: ScopeSet::parse(&self.scopes).map_err(|_| corrupt("scopes"))?,
+            digest: digest(&self.digest, "digest")?,
+            digest_scheme: scheme(self.digest_scheme, "digest_scheme")?,
+            masked_key: self.masked_key,
+            created_at: self.created_at,
+            expires_at: self.expires_at,
+            revoked_at: self.revoked_at,
+            last_used_at: self.last_used_at,
+            created_by: self.created_by.map(KeyId::new),
+            rotated_at: self.rotated_at,
+            previous,
+        })
+    }
+}
+
+/// A database error reduced to what is safe to show: its SQLSTATE / result code and message.
+/// Details (which may quote the offending values, e.g. a digest in a unique violation) are dropped.
+#[derive(Debug)]
+struct DatabaseFailure {
+    code: Option<String>,
+    message: String,
+}
+
+impl fmt::Display for DatabaseFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.code {
+            Some(code) => write!(f, "database error {code}: {}", self.message),
+            None => write!(f, "database error: {}", self.message),
+        }
+    }
+}
+
+impl std::error::Error for DatabaseFailure {}
+
+/// Maps a sqlx error to a [`StoreError`]: unique violations are `Conflict`, undecodable data is
+/// `Corrupt`, everything else (connection refused, pool timeout, I/O, server errors) `Unavailable`.
+pub(crate) fn map_sqlx_error(error: sqlx::Error) -> StoreError {
+    match error {
+        sqlx::Error::Database(db) => {
+            if db.kind() == sqlx::error::ErrorKind::UniqueViolation {
+                return StoreError::from_kind(StoreErrorKind::Conflict);
+            }
+            StoreError::unavailable(DatabaseFailure {
+                code: db.code().map(|c| c.into_owned()),
+                message: db.message().to_owned(),
+            })
+        }
+        e @ (sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        | sqlx::Error::TypeNotFound { .. }) => StoreError::new(StoreErrorKind::Corrupt, e),
+        e => StoreError::unavailable(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn micros_floors_and_keeps_the_instant_otherwise() {
+        let t = time::macros::datetime!(2024-05-06 07:08:09.123_456_789 +02:00);
+        let m = micros(t);
+        assert_eq!(m, time::macros::datetime!(2024-05-06 05:08:09.123_456 UTC));
+        assert_eq!(micros(m), m);
+        let before_epoch = time::macros::datetime!(1960-01-01 00:00:00.000_000_999 UTC);
+        assert_eq!(
+            micros(before_epoch),
+            time::macros::datetime!(1960-01-01 00:00:00 UTC)
+        );
+    }
+
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn unix_micros_round_trip() {
+        for t in [
+            time::macros::datetime!(2024-05-06 07:08:09.123_456 UTC),
+            time::macros::datetime!(1960-01-01 00:00:00.000_001 UTC),
+            OffsetDateTime::UNIX_EPOCH,
+        ] {
+            assert_eq!(from_unix_micros(to_unix_micros(t)).unwrap(), t);
+        }
+        assert_eq!(
+            to_unix_micros(time::macros::datetime!(1969-12-31 23:59:59.999_999_5 UTC)),
+            -1
+        );
+        assert!(from_unix_micros(i64::MAX).is_err());
+    }
+
+    #[test]
+    fn bad_rows_are_corrupt_not_panics() {
+        let good = || RawRecord {
+            id: "key_1".into(),
+            name: "n".into(),
+            owner: "o".into(),
+            account: "a".into(),
+            scopes: vec!["ledgers:read".into()],
+            digest: vec![7; 32],
+            digest_scheme: 1,
+            masked_key: "sk_…".into(),
+            created_at: OffsetDateTime::UNIX_EPOCH,
+            expires_at: None,
+            revoked_at: None,
+            last_used_at: None,
+            created_by: None,
+            rotated_at: None,
+            previous_digest: None,
+            previous_digest_scheme: None,
+            previous_valid_until: None,
+        };
+        assert!(good().into_record().is_ok());
+        let bad: Vec<Box<dyn Fn(&mut RawRecord)>> = vec![
+            Box::new(|r| r.digest = vec![1; 31]),
+            Box::new(|r| r.digest_scheme = 99),
+            Box::new(|r| r.digest_scheme = -1),
+            Box::new(|r| r.scopes = vec!["not a scope".into()]),
+            Box::new(|r| r.previous_digest = Some(vec![1; 32])),
+            Box::new(|r| {
+                r.previous_digest = Some(vec![1; 32]);
+                r.previous_digest_scheme = Some(70_000);
+                r.previous_valid_until = Some(OffsetDateTime::UNIX_EPOCH);
+            }),
+        ];
+        for (i, spoil) in bad.iter().enumerate() {
+            let mut row = good();
+            spoil(&mut row);
+            let err = row.into_record().unwrap_err();
+            assert_eq!(err.kind(), StoreErrorKind::Corrupt, "case {i}");
+        }
+    }
+}

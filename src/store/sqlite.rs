@@ -1,0 +1,537 @@
+//! [`SqliteStore`]: keys in an embedded SQLite database file (feature `sqlite`).
+//!
+//! ```no_run
+//! use tower_api_keys::{CachedResolver, store::SqliteStore};
+//!
+//! # async fn run() -> Result<(), tower_api_keys::StoreError> {
+//! // `mode=rwc` creates the file if missing; the schema is migrated at start-up.
+//! let store = SqliteStore::connect("sqlite://keys.db?mode=rwc").await?;
+//! let resolver = CachedResolver::new(store.clone());
+//! # let _ = resolver;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Layout
+//! - `api_keys` (a `STRICT` table): digests are 32-byte `BLOB`s next to their scheme version
+//!   (`digest_scheme`, and `previous_digest_scheme` for a rotation grace period); scopes are a JSON
+//!   array of strings in the set's sorted order; timestamps are `INTEGER` microseconds since the Unix
+//!   epoch (UTC). No plaintext secret is stored.
+//! - `api_key_digests`: every digest currently identifying a key, primary-keyed on the digest.
+//! - `api_key_migrations`: the applied schema versions.
+//!
+//! # Guarantees
+//! - Writes that check before they write (limits, conflicts, rotation) run in `BEGIN IMMEDIATE`
+//!   transactions, which SQLite serialises across every connection and process using the file:
+//!   concurrent inserts never overshoot a limit.
+//! - Timestamps are floored to the microsecond when written and when compared, like
+//!   [`PostgresStore`](super::PostgresStore).
+//! - File databases are switched to WAL mode by [`SqliteStore::connect`], so readers do not wait for
+//!   writers. Busy connections wait up to 5 s (sqlx's `busy_timeout`) before failing.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+};
+use sqlx::{Row, SqliteConnection};
+use time::OffsetDateTime;
+use tokio::sync::OnceCell;
+
+use super::sql_common::{RawRecord, from_unix_micros, map_sqlx_error, to_unix_micros};
+use super::{KeyLimits, KeyRecord, KeyStore, ListQuery, Rotation, StoreError, StoreErrorKind};
+use crate::key::{KeyDigest, KeyId};
+
+/// The columns of `api_keys`, in the order [`decode`] reads them.
+macro_rules! columns {
+    () => {
+        "id, name, owner, account, scopes, digest, digest_scheme, masked_key, created_at, \
+         expires_at, revoked_at, last_used_at, created_by, rotated_at, previous_digest, \
+         previous_digest_scheme, previous_valid_until"
+    };
+}
+
+/// The schema's migrations, in order. Versions are never renumbered or edited once released.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "api_keys and api_key_digests",
+    r#"
+CREATE TABLE api_keys (
+    id TEXT NOT NULL PRIMARY KEY,
+    name TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    account TEXT NOT NULL,
+    scopes TEXT NOT NULL,
+    digest BLOB NOT NULL CHECK (length(digest) = 32),
+    digest_scheme INTEGER NOT NULL,
+    masked_key TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER,
+    revoked_at INTEGER,
+    last_used_at INTEGER,
+    created_by TEXT,
+    rotated_at INTEGER,
+    previous_digest BLOB CHECK (length(previous_digest) = 32),
+    previous_digest_scheme INTEGER,
+    previous_valid_until INTEGER,
+    CHECK ((previous_digest IS NULL) = (previous_digest_scheme IS NULL)
+       AND (previous_digest IS NULL) = (previous_valid_until IS NULL))
+) STRICT;
+CREATE UNIQUE INDEX api_keys_digest_key ON api_keys (digest);
+CREATE UNIQUE INDEX api_keys_previous_digest_key ON api_keys (previous_digest)
+    WHERE previous_digest IS NOT NULL;
+CREATE INDEX api_keys_owner_id_idx ON api_keys (owner, id);
+CREATE INDEX api_keys_account_idx ON api_keys (account);
+CREATE TABLE api_key_digests (
+    digest BLOB NOT NULL PRIMARY KEY,
+    key_id TEXT NOT NULL REFERENCES api_keys (id) ON DELETE CASCADE
+) STRICT;
+CREATE INDEX api_key_digests_key_id_idx ON api_key_digests (key_id);
+"#,
+)];
+
+fn decode(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
+    let time = |i: usize| -> Result<Option<OffsetDateTime>, StoreError> {
+        row.try_get::<Option<i64>, _>(i)
+            .map_err(map_sqlx_error)?
+            .map(from_unix_micros)
+            .transpose()
+    };
+    let text = |i: usize| row.try_get::<String, _>(i).map_err(map_sqlx_error);
+    let scopes: Vec<String> =
+        serde_json::from_str(&text(4)?).map_err(|e| StoreError::new(StoreErrorKind::Corrupt, e))?;
+    let created_at = time(8)?.ok_or_else(|| StoreError::from_kind(StoreErrorKind::Corrupt))?;
+    let raw = RawRecord {
+        id: text(0)?,
+        name: text(1)?,
+        owner: text(2)?,
+        account: text(3)?,
+        scopes,
+        digest: row.try_get(5).map_err(map_sqlx_error)?,
+        digest_scheme: row.try_get(6).map_err(map_sqlx_error)?,
+        masked_key: text(7)?,
+        created_at,
+        expires_at: time(9)?,
+        revoked_at: time(10)?,
+        last_used_at: time(11)?,
+        created_by: row.try_get(12).map_err(map_sqlx_error)?,
+        rotated_at: time(13)?,
+        previous_digest: row.try_get(14).map_err(map_sqlx_error)?,
+        previous_digest_scheme: row.try_get(15).map_err(map_sqlx_error)?,
+        previous_valid_until: time(16)?,
+    };
+    raw.into_record()
+}
+
+fn decode_opt(row: Option<SqliteRow>) -> Result<Option<KeyRecord>, StoreError> {
+    row.as_ref().map(decode).transpose()
+}
+
+/// A [`KeyStore`] in a SQLite database: persistent, embedded, for one host.
+///
+/// Cheap to clone (clones share the pool). Several stores (or processes) may open the same file;
+/// limits stay exact because checked writes are serialised by SQLite. See the [module docs](self).
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    migrated: Arc<OnceCell<()>>,
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("connections", &self.pool.size())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens the database at `url` (e.g. `sqlite://keys.db?mode=rwc` to create it if missing),
+    /// switches a file database to WAL mode and runs the migrations.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url).map_err(map_sqlx_error)?;
+        Self::connect_with(options).await
+    }
+
+    /// Like [`connect`](Self::connect), with parsed options. A `:memory:` database gets a single
+    /// connection that is never closed (see [`in_memory`](Self::in_memory)).
+    pub async fn connect_with(options: SqliteConnectOptions) -> Result<Self, StoreError> {
+        let in_memory = options.get_filename().as_os_str() == ":memory:"
+            || options
+                .get_filename()
+                .to_str()
+                .is_some_and(|f| f.starts_with("file:sqlx-in-memory-"));
+        let pool = if in_memory {
+            Self::memory_pool_options().connect_with(options).await
+        } else {
+            SqlitePoolOptions::new()
+                .connect_with(options.journal_mode(SqliteJournalMode::Wal))
+                .await
+        }
+        .map_err(map_sqlx_error)?;
+        Self::from_pool(pool).await
+    }
+
+    /// A private in-memory database, gone when the store (and its clones) are dropped. Handy for
+    /// tests; use [`MemoryStore`](super::MemoryStore) when persistence does not matter at all.
+    pub async fn in_memory() -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str("sqlite::memory:").map_err(map_sqlx_error)?;
+        let pool = Self::memory_pool_options()
+            .connect_with(options)
+            .await
+            .map_err(map_sqlx_error)?;
+        Self::from_pool(pool).await
+    }
+
+    /// One connection, kept open: an in-memory database lives only as long as a connection to it.
+    fn memory_pool_options() -> SqlitePoolOptions {
+        SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+    }
+
+    /// Uses an existing pool and runs the migrations.
+    pub async fn from_pool(pool: SqlitePool) -> Result<Self, StoreError> {
+        let store = Self {
+            pool,
+            migrated: Arc::new(OnceCell::new()),
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// Brings the schema up to date (constructors already call it). Idempotent, and safe when
+    /// several processes open the same file at once.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        self.migrated
+            .get_or_try_init(|| self.run_migrations())
+            .await
+            .map(|_| ())
+    }
+
+    async fn run_migrations(&self) -> Result<(), StoreError> {
+        let mut tx = self.begin_immediate().await?;
+        sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS api_key_migrations (
+                version INTEGER NOT NULL PRIMARY KEY,
+                description TEXT NOT NULL,
+                applied_at INTEGER NOT NULL
+            ) STRICT",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(map_sqlx_error)?;
+        let current: i64 =
+            sqlx::query_scalar("SELECT COALESCE(max(version), 0) FROM api_key_migrations")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(map_sqlx_error)?;
+        for &(version, description, sql) in MIGRATIONS {
+            if version <= current {
+                continue;
+            }
+            sqlx::raw_sql(sql)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_sqlx_error)?;
+            sqlx::query(
+                "INSERT INTO api_key_migrations (version, description, applied_at) VALUES (?1, ?2, ?3)",
+            )
+            .bind(version)
+            .bind(description)
+            .bind(to_unix_micros(OffsetDateTime::now_utc()))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx_error)?;
+            tracing::info!(version, "API key store migrated");
+        }
+        tx.commit().await.map_err(map_sqlx_error)
+    }
+
+    /// A transaction holding SQLite's write lock from its first statement.
+    async fn begin_immediate(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
+        self.pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(map_sqlx_error)
+    }
+
+    async fn register_digests<'a>(
+        conn: &mut SqliteConnection,
+        id: &KeyId,
+        digests: impl Iterator<Item = &'a KeyDigest>,
+    ) -> Result<(), StoreError> {
+        for digest in digests {
+            sqlx::query("INSERT INTO api_key_digests (digest, key_id) VALUES (?1, ?2)")
+                .bind(&digest.as_bytes()[..])
+                .bind(id.as_str())
+                .execute(&mut *conn)
+                .await
+                .map_err(map_sqlx_error)?;
+        }
+        Ok(())
+    }
+}
+
+fn scopes_json(record: &KeyRecord) -> String {
+    serde_json::Value::from(record.scopes.to_strings()).to_string()
+}
+
+#[async_trait::async_trait]
+impl KeyStore for SqliteStore {
+    async fn find_by_digest(&self, digest: &KeyDigest) -> Result<Option<KeyRecord>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM api_keys WHERE digest = ?1 OR previous_digest = ?1 LIMIT 1"
+        ))
+        .bind(&digest.as_bytes()[..])
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_sqlx_error)?;
+        decode_opt(row)
+    }
+
+    async fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM api_keys WHERE id = ?1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_sqlx_error)?;
+        decode_opt(row)
+    }
+
+    async fn list(&self, q: &ListQuery) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM api_keys WHERE owner = ?1 AND (?2 IS NULL OR id < ?2) \
+             ORDER BY id DESC LIMIT ?3"
+        ))
+        .bind(q.owner.as_str())
+        .bind(q.before.as_ref().map(KeyId::as_str))
+        .bind(i64::from(q.limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_sqlx_error)?;
+        rows.iter().map(decode).collect()
+    }
+
+    async fn insert(
+        &self,
+        record: &KeyRecord,
+        limits: KeyLimits,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let now = to_unix_micros(now);
+        let mut tx = self.begin_immediate().await?;
+        let mut conflict: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM api_keys WHERE id = ?1)")
+                .bind(record.id.as_str())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(map_sqlx_error)?;
+        for digest in record.digests() {
+            conflict |= sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM api_key_digests WHERE digest = ?1)",
+            )
+            .bind(&digest.as_bytes()[..])
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_sqlx_error)?;
+        }
+        if conflict {
+            return Err(StoreError::from_kind(StoreErrorKind::Conflict));
+        }
+        for (limit, sql, value, scope) in [
+            (
+                limits.per_owner,
+                "SELECT count(*) FROM api_keys WHERE owner = ?1 AND revoked_at IS NULL \
+                 AND (expires_at IS NULL OR expires_at > ?2)",
+                &record.owner,
+                "owner",
+            ),
+            (
+                limits.per_account,
+                "SELECT count(*) FROM api_keys WHERE account = ?1 AND revoked_at IS NULL \
+                 AND (expires_at IS NULL OR expires_at > ?2)",
+                &record.account,
+                "account",
+            ),
+        ] {
+            let Some(limit) = limit else { continue };
+            let active: i64 = sqlx::query_scalar(sql)
+                .bind(value.as_str())
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(map_sqlx_error)?;
+            if active >= i64::from(limit) {
+                return Err(StoreError::from_kind(StoreErrorKind::LimitReached {
+                    limit,
+                    scope,
+                }));
+            }
+        }
+        let previous = record.previous.as_ref();
+        sqlx::query(concat!(
+            "INSERT INTO api_keys (",
+            columns!(),
+            ") VALUES \
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+        ))
+        .bind(record.id.as_str())
+        .bind(record.name.as_str())
+        .bind(record.owner.as_str())
+        .bind(record.account.as_str())
+        .bind(scopes_json(record))
+        .bind(&record.digest.as_bytes()[..])
+        .bind(i64::from(record.digest_scheme.version()))
+        .bind(record.masked_key.as_str())
+        .bind(to_unix_micros(record.created_at))
+        .bind(record.expires_at.map(to_unix_micros))
+        .bind(record.revoked_at.map(to_unix_micros))
+        .bind(record.last_used_at.map(to_unix_micros))
+        .bind(record.created_by.as_ref().map(KeyId::as_str))
+        .bind(record.rotated_at.map(to_unix_micros))
+        .bind(previous.map(|p| p.digest.as_bytes().to_vec()))
+        .bind(previous.map(|p| i64::from(p.digest_scheme.version())))
+        .bind(previous.map(|p| to_unix_micros(p.valid_until)))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_sqlx_error)?;
+        Self::register_digests(&mut tx, &record.id, record.digests()).await?;
+        tx.commit().await.map_err(map_sqlx_error)
+    }
+
+    async fn revoke(
+        &self,
+        id: &KeyId,
+        at: OffsetDateTime,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let row = sqlx::query(concat!(
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1 \
+             RETURNING ",
+            columns!(),
+            ""
+        ))
+        .bind(id.as_str())
+        .bind(to_unix_micros(at))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_sqlx_error)?;
+        decode_opt(row)
+    }
+
+    async fn delete(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
+        // Explicitly, rather than through ON DELETE CASCADE: a pool may have foreign keys off.
+        sqlx::query("DELETE FROM api_key_digests WHERE key_id = ?1")
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx_error)?;
+        let row = sqlx::query(concat!(
+            "DELETE FROM api_keys WHERE id = ?1 RETURNING ",
+            columns!(),
+            ""
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_sqlx_error)?;
+        let record = decode_opt(row)?;
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(record)
+    }
+
+    async fn replace_secret(
+        &self,
+        id: &KeyId,
+        rotation: &Rotation,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let mut tx = self.begin_immediate().await?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM api_keys WHERE id = ?1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_sqlx_error)?;
+        let Some(old) = decode_opt(row)? else {
+            return Ok(None);
+        };
+        // Registering the new digest first fails on any digest in use, this key's included.
+        Self::register_digests(&mut tx, id, std::iter::once(&rotation.digest)).await?;
+        let previous = rotation
+            .previous_valid_until
+            .map(|until| (old.digest, old.digest_scheme, to_unix_micros(until)));
+        for digest in old.digests() {
+            if previous.as_ref().is_some_and(|(kept, _, _)| kept == digest) {
+                continue;
+            }
+            sqlx::query("DELETE FROM api_key_digests WHERE key_id = ?1 AND digest = ?2")
+                .bind(id.as_str())
+                .bind(&digest.as_bytes()[..])
+                .execute(&mut *tx)
+                .await
+                .map_err(map_sqlx_error)?;
+        }
+        let row = sqlx::query(concat!("UPDATE api_keys SET digest = ?2, digest_scheme = ?3, masked_key = ?4, rotated_at = ?5, \
+             previous_digest = ?6, previous_digest_scheme = ?7, previous_valid_until = ?8 \
+             WHERE id = ?1 RETURNING ", columns!(), ""))
+        .bind(id.as_str())
+        .bind(&rotation.digest.as_bytes()[..])
+        .bind(i64::from(rotation.digest_scheme.version()))
+        .bind(rotation.masked_key.as_str())
+        .bind(to_unix_micros(rotation.rotated_at))
+        .bind(previous.map(|(d, _, _)| d.as_bytes().to_vec()))
+        .bind(previous.map(|(_, s, _)| i64::from(s.version())))
+        .bind(previous.map(|(_, _, until)| until))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_sqlx_error)?;
+        let record = decode_opt(row)?;
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(record)
+    }
+
+    async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
+        if uses.is_empty() {
+            return Ok(());
+        }
+        let batch: Vec<serde_json::Value> = uses
+            .iter()
+            .map(|(id, at)| serde_json::json!([id.as_str(), to_unix_micros(*at)]))
+            .collect();
+        sqlx::query(
+            "UPDATE api_keys SET last_used_at = u.at \
+             FROM (SELECT json_extract(value, '$[0]') AS id, max(json_extract(value, '$[1]')) AS at \
+                   FROM json_each(?1) GROUP BY 1) AS u \
+             WHERE api_keys.id = u.id \
+               AND (api_keys.last_used_at IS NULL OR api_keys.last_used_at < u.at)",
+        )
+        .bind(serde_json::Value::from(batch).to_string())
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
+        .map_err(map_sqlx_error)
+    }
+}
