@@ -1,0 +1,278 @@
+//! Provenance stamping: record which key created a record (`BLNK_GENERATED_BY`).
+//!
+//! [`Provenance`] is a layer for the routes that create records. On a POST made with a scoped key, it
+//! merges the key id into the JSON body's metadata object before the handler sees the body:
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! use axum::{Json, Router, body::Body, routing::post};
+//! use http::Request;
+//! use serde_json::{Value, json};
+//! use tower::ServiceExt;
+//! use tower_api_keys::{ApiKeyLayer, CachedResolver, MemoryStore, Provenance, RequireScopes};
+//!
+//! async fn create_ledger(Json(ledger): Json<Value>) -> Json<Value> {
+//!     Json(ledger) // a real handler stores it, metadata and all
+//! }
+//!
+//! let store = MemoryStore::new();
+//! # let (key, key_id) = issue(&store, "ledgers:write").await;
+//! let app = Router::new()
+//!     .route("/ledgers", post(create_ledger))
+//!     .route_layer(Provenance::new())
+//!     .route_layer(RequireScopes::all(["ledgers:write"]))
+//!     .layer(ApiKeyLayer::new(CachedResolver::new(store)));
+//!
+//! let request = Request::post("/ledgers")
+//!     .header("x-api-key", key.expose_secret())
+//!     .header("content-type", "application/json")
+//!     .body(Body::from(r#"{"name": "cash", "meta_data": {"region": "eu"}}"#))
+//!     .unwrap();
+//! let response = app.oneshot(request).await.unwrap();
+//! let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+//! assert_eq!(
+//!     body,
+//!     format!(r#"{{"name":"cash","meta_data":{{"region":"eu","BLNK_GENERATED_BY":"{key_id}"}}}}"#),
+//! );
+//! # }
+//! # async fn issue(store: &MemoryStore, scopes: &str) -> (tower_api_keys::ApiKey, tower_api_keys::KeyId) {
+//! #     use tower_api_keys::{KeyFormat, KeyId, KeyRecord, KeyStore, store::KeyLimits};
+//! #     let format = KeyFormat::default();
+//! #     let key = format.generate();
+//! #     let now = time::OffsetDateTime::now_utc();
+//! #     let record = KeyRecord {
+//! #         id: KeyId::generate(), name: "docs".into(), owner: "team".into(), account: "acct".into(),
+//! #         scopes: scopes.parse().unwrap(), digest: key.digest(), digest_scheme: Default::default(),
+//! #         masked_key: format.mask(&key).unwrap(), created_at: now, expires_at: None,
+//! #         revoked_at: None, last_used_at: None, created_by: None, rotated_at: None, previous: None,
+//! #     };
+//! #     store.insert(&record, KeyLimits::default(), now).await.unwrap();
+//! #     (key, record.id)
+//! # }
+//! ```
+//!
+//! Order the route layers so the guard runs first (the last `route_layer` is the outermost): a
+//! request without the scope is refused before its body is read.
+//!
+//! ## What is stamped
+//!
+//! | request | what happens |
+//! |---|---|
+//! | POST (see [`methods`](Provenance::methods)) with a scoped key, JSON object body | `meta_data.BLNK_GENERATED_BY` set to the key id |
+//! | `meta_data` missing or `null` | becomes `{"BLNK_GENERATED_BY": "<key id>"}` |
+//! | `meta_data` holds `BLNK_GENERATED_BY` already (once or more) | the first one's value is replaced, the others removed: the client cannot forge it |
+//! | `meta_data` is a string, number, array or boolean | 400 `REQUEST_INVALID_METADATA` ([`AuthError::InvalidMetadata`]) |
+//! | body over [`max_body_bytes`](Provenance::max_body_bytes) (2 MiB by default) | 413 `REQUEST_BODY_TOO_LARGE` ([`AuthError::PayloadTooLarge`]) |
+//! | master key, no principal, other methods | untouched: the body is not read |
+//! | `Content-Type` other than `application/json` or `application/*+json`, or a `Content-Encoding` | untouched: the body is not read |
+//! | not JSON, not valid UTF-8, or a JSON value that is not an object | untouched (byte for byte); the handler's JSON extractor decides |
+//!
+//! Everything outside the one inserted member is kept byte for byte: numbers are never converted
+//! (`12345678901234567890123`, `1e400` and `0.1000000000000000055511151231257827` arrive as sent),
+//! and key order, whitespace, string escapes and the rest of the metadata are unchanged. The body is
+//! checked against the JSON grammar by a small scanner that never builds a tree and never recurses,
+//! so deeply nested input costs linear time and cannot overflow the stack. Keys are compared after
+//! unescaping, as parsers do, so `"meta\u005fdata"` is `meta_data`, and a duplicate `meta_data`
+//! member is stamped too.
+//!
+//! A stamped request gets a `Content-Length` matching its new body and loses `Transfer-Encoding`.
+//! The body is read through a length limit, so a chunked body is refused as soon as it grows past the
+//! limit, and a `Content-Length` over the limit is refused without reading. A body that fails
+//! while being read (the client went away) is answered with 400 [`AuthError::InvalidRequest`].
+//!
+//! A request without `Content-Type` is read and stamped if it is a JSON object, since some handlers
+//! parse JSON whatever the header says. If your handlers decompress request bodies themselves, put
+//! decompression (e.g. tower-http's `RequestDecompressionLayer`) outside this layer instead: a
+//! compressed body cannot be stamped and passes untouched.
+//!
+//! ## Stamping in the handler
+//!
+//! The [`Principal`] is in the request extensions too, so handlers of other formats (forms, protobuf,
+//! multipart) can record the creator themselves; [`Principal::provenance_id`] is `None` for the master
+//! key, which is never recorded as a creator:
+//!
+//! ```
+//! use axum::{Router, routing::post};
+//! use tower_api_keys::Principal;
+//!
+//! async fn upload(principal: Principal, body: axum::body::Bytes) -> String {
+//!     let created_by = principal.provenance_id().map(|id| id.as_str().to_owned());
+//!     format!("stored {} bytes, created by {created_by:?}", body.len())
+//! }
+//!
+//! let app: Router = Router::new().route("/uploads", post(upload));
+//! ```
+//!
+//! [`Provenance::stamp`] applies the same rules to a body you already hold.
+//!
+//! ## Body types
+//!
+//! The inner service receives the request body type the layer received, stamped bodies being built
+//! with `From<Bytes>`: axum's `Body` works as is (including with `Router::route_layer`). For other
+//! body types, such as hyper's `Incoming`, wrap the body in [`ProvenanceBody`] first.
+
+mod body;
+mod scan;
+mod service;
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+
+use http::Method;
+
+pub use body::ProvenanceBody;
+pub use service::ProvenanceService;
+
+use crate::error::{AuthError, JsonRejection};
+use crate::key::KeyId;
+#[cfg(doc)]
+use crate::principal::Principal;
+use scan::Fields;
+
+/// The default metadata field: `meta_data`.
+pub const DEFAULT_METADATA_FIELD: &str = "meta_data";
+/// The default stamp field: `BLNK_GENERATED_BY`.
+pub const DEFAULT_STAMP_FIELD: &str = "BLNK_GENERATED_BY";
+/// The default body limit: 2 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+
+/// Layer that stamps the creating key's id into JSON bodies. See the [module docs](self).
+#[derive(Clone)]
+#[must_use]
+pub struct Provenance<R = JsonRejection> {
+    config: Arc<Config>,
+    rejection: R,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Config {
+    pub(crate) methods: Vec<Method>,
+    pub(crate) fields: Fields,
+    pub(crate) max_body_bytes: usize,
+}
+
+impl<R> fmt::Debug for Provenance<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Provenance")
+            .field("methods", &self.config.methods)
+            .field("metadata_field", &self.config.fields.meta)
+            .field("stamp_field", &self.config.fields.stamp)
+            .field("max_body_bytes", &self.config.max_body_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Provenance {
+    fn default() -> Self {
+        Self {
+            config: Arc::new(Config {
+                methods: vec![Method::POST],
+                fields: Fields::new(DEFAULT_METADATA_FIELD, DEFAULT_STAMP_FIELD),
+                max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            }),
+            rejection: JsonRejection::default(),
+        }
+    }
+}
+
+impl Provenance {
+    /// Stamps POST bodies into `meta_data.BLNK_GENERATED_BY`, reading at most 2 MiB.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl<R> Provenance<R> {
+    fn config_mut(&mut self) -> &mut Config {
+        Arc::make_mut(&mut self.config)
+    }
+
+    /// The methods whose requests are stamped (replaces the default, POST).
+    pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
+        self.config_mut().methods = methods.into_iter().collect();
+        self
+    }
+
+    /// The top-level member holding the metadata object (default `meta_data`).
+    pub fn metadata_field(mut self, name: impl AsRef<str>) -> Self {
+        let stamp = self.config.fields.stamp.clone();
+        self.config_mut().fields = Fields::new(name.as_ref(), &stamp);
+        self
+    }
+
+    /// The member of the metadata object that records the key id (default `BLNK_GENERATED_BY`).
+    pub fn stamp_field(mut self, name: impl AsRef<str>) -> Self {
+        let meta = self.config.fields.meta.clone();
+        self.config_mut().fields = Fields::new(&meta, name.as_ref());
+        self
+    }
+
+    /// The largest body the layer reads, in bytes (default 2 MiB); larger bodies get a 413.
+    pub fn max_body_bytes(mut self, limit: usize) -> Self {
+        self.config_mut().max_body_bytes = limit;
+        self
+    }
+
+    /// Renders refusals with `rejection` instead of [`JsonRejection`]. Any
+    /// `Fn(&AuthError) -> Response<B>` works.
+    pub fn rejection<R2>(self, rejection: R2) -> Provenance<R2> {
+        Provenance {
+            config: self.config,
+            rejection,
+        }
+    }
+
+    /// Stamps `body` with `key_id` by this layer's rules, for bodies you hold yourself.
+    ///
+    /// Returns `Ok(Some(stamped))` for a JSON object, `Ok(None)` when `body` is not a UTF-8 JSON
+    /// object (leave it as it is), and [`AuthError::InvalidMetadata`] when the metadata field holds
+    /// something other than an object or null.
+    ///
+    /// ```
+    /// use tower_api_keys::{KeyId, Provenance};
+    ///
+    /// let stamped = Provenance::new()
+    ///     .stamp(br#"{"amount": 12345678901234567890123}"#, &KeyId::new("key_1"))
+    ///     .unwrap()
+    ///     .unwrap();
+    /// assert_eq!(
+    ///     stamped,
+    ///     br#"{"amount": 12345678901234567890123,"meta_data":{"BLNK_GENERATED_BY":"key_1"}}"#
+    /// );
+    /// assert_eq!(Provenance::new().stamp(b"[1, 2]", &KeyId::new("key_1")).unwrap(), None);
+    /// ```
+    pub fn stamp(&self, body: &[u8], key_id: &KeyId) -> Result<Option<Vec<u8>>, AuthError> {
+        self.config.stamp(body, key_id)
+    }
+}
+
+impl Config {
+    pub(crate) fn stamp(&self, body: &[u8], key_id: &KeyId) -> Result<Option<Vec<u8>>, AuthError> {
+        let key_id = scan::json_string(key_id.as_str());
+        scan::stamp(body, &self.fields, &key_id).map_err(|scan::NotAnObject(kind)| {
+            AuthError::InvalidMetadata(Cow::Owned(format!(
+                "`{}` must be a JSON object (or null) to record the key that created this; \
+                 found {}",
+                self.fields.meta,
+                kind.with_article()
+            )))
+        })
+    }
+}
+
+impl<S, R: Clone> tower_layer::Layer<S> for Provenance<R> {
+    type Service = ProvenanceService<S, R>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ProvenanceService::new(inner, self.config.clone(), self.rejection.clone())
+    }
+}
+
+#[allow(dead_code)]
+fn assert_send_sync() {
+    fn is<T: Send + Sync + Clone>() {}
+    is::<Provenance>();
+    is::<ProvenanceService<(), JsonRejection>>();
+}

@@ -1,0 +1,900 @@
+//! A validating, non-recursive JSON scanner that finds where to stamp, and the byte splice that
+//! stamps.
+//!
+//! The scanner never builds a tree and never converts a number: it checks the whole document against
+//! the JSON grammar (RFC 8259) and records byte offsets of
+//! - every top-level member whose (unescaped) key is the metadata field, and the kind of its value;
+//! - inside each such object, every member whose (unescaped) key is the stamp field.
+//!
+//! Nesting is tracked on a heap-allocated stack of one byte per level, so any depth that fits in the
+//! body limit is scanned in linear time without recursion (no stack overflow on `[[[[...`).
+//!
+//! Keys are compared after unescaping, as JSON parsers do: `"meta\u005fdata"` *is* `meta_data`, and a
+//! client cannot hide a forged stamp behind an escape.
+
+/// The kind of a JSON value, for error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Object,
+    Array,
+    String,
+    Number,
+    Bool,
+    Null,
+}
+
+impl Kind {
+    /// "an object", "a string", ...
+    pub(crate) const fn with_article(self) -> &'static str {
+        match self {
+            Self::Object => "an object",
+            Self::Array => "an array",
+            Self::String => "a string",
+            Self::Number => "a number",
+            Self::Bool => "a boolean",
+            Self::Null => "null",
+        }
+    }
+}
+
+/// Why a body is not stamped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ScanError {
+    /// Not a JSON document: the byte at this offset breaks the grammar (or the input ends there).
+    Syntax(usize),
+    /// A JSON value that is not an object (the rest is not validated).
+    NotObject,
+}
+
+/// A member of the metadata object whose key is the stamp field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StampMember {
+    /// End of the value of the member before this one in the same object, if any.
+    pub(crate) prev_value_end: Option<usize>,
+    /// Span of this member's value.
+    pub(crate) value: (usize, usize),
+}
+
+/// A top-level member whose key is the metadata field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MetaMember {
+    pub(crate) kind: Kind,
+    /// Span of the value.
+    pub(crate) value: (usize, usize),
+    /// Objects only: end of the last member's value (`None` when the object is empty).
+    pub(crate) last_value_end: Option<usize>,
+    /// Objects only: members whose key is the stamp field, in order.
+    pub(crate) stamps: Vec<StampMember>,
+}
+
+/// What [`scan`] found in a valid JSON object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Scan {
+    /// Offset of the top-level `{`.
+    pub(crate) top_open: usize,
+    /// End of the last top-level member's value (`None` when the object is empty).
+    pub(crate) top_last_value_end: Option<usize>,
+    /// Every top-level metadata member, in order (duplicates included).
+    pub(crate) metas: Vec<MetaMember>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    None,
+    /// The value of a top-level metadata member.
+    Meta,
+    /// The value of a stamp member inside a metadata object.
+    Stamp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// After `{`: a key or `}`.
+    ObjectStart,
+    /// After `,` in an object: a key.
+    ObjectKey,
+    /// A value.
+    Value,
+    /// After `[`: a value or `]`.
+    ArrayStart,
+    /// After a value: `,` or the closing bracket.
+    AfterValue,
+}
+
+/// Scans `input` (which must be valid UTF-8; the caller checks) for the members named `meta` (top
+/// level) and `stamp` (inside top-level `meta` objects).
+pub(crate) fn scan(input: &[u8], meta: &str, stamp: &str) -> Result<Scan, ScanError> {
+    Scanner {
+        input,
+        pos: 0,
+        meta: meta.as_bytes(),
+        stamp: stamp.as_bytes(),
+    }
+    .run()
+}
+
+struct Scanner<'a> {
+    input: &'a [u8],
+    pos: usize,
+    meta: &'a [u8],
+    stamp: &'a [u8],
+}
+
+/// Start offset and role of the open containers at depth 1 to 3 (index = depth).
+type Shallow = [(usize, Role); 4];
+
+impl Scanner<'_> {
+    fn run(mut self) -> Result<Scan, ScanError> {
+        self.skip_ws();
+        match self.peek() {
+            Some(b'{') => {}
+            Some(b'[' | b'"' | b'-' | b'0'..=b'9' | b't' | b'f' | b'n') => {
+                return Err(ScanError::NotObject);
+            }
+            _ => return Err(self.error()),
+        }
+        let top_open = self.pos;
+        self.pos += 1;
+
+        let mut found = Scan {
+            top_open,
+            top_last_value_end: None,
+            metas: Vec::new(),
+        };
+        // One byte per open container: `{` or `[`.
+        let mut stack: Vec<u8> = vec![b'{'];
+        let mut shallow: Shallow = [(0, Role::None); 4];
+        shallow[1] = (top_open, Role::None);
+        // The metadata object being scanned, while it is open (always at depth 2).
+        let mut current: Option<MetaMember> = None;
+        let mut role = Role::None;
+        let mut state = State::ObjectStart;
+
+        loop {
+            self.skip_ws();
+            match state {
+                State::ObjectStart | State::ObjectKey => {
+                    if state == State::ObjectStart && self.peek() == Some(b'}') {
+                        if self.close(&mut stack, &shallow, &mut current, &mut found)? {
+                            break;
+                        }
+                        state = State::AfterValue;
+                        continue;
+                    }
+                    if self.peek() != Some(b'"') {
+                        return Err(self.error());
+                    }
+                    let (start, end, escaped) = self.string()?;
+                    let key = &self.input[start..end];
+                    role = match stack.len() {
+                        1 if key_is(key, escaped, self.meta) => Role::Meta,
+                        2 if current.is_some() && key_is(key, escaped, self.stamp) => Role::Stamp,
+                        _ => Role::None,
+                    };
+                    self.skip_ws();
+                    if self.peek() != Some(b':') {
+                        return Err(self.error());
+                    }
+                    self.pos += 1;
+                    state = State::Value;
+                }
+                State::ArrayStart | State::Value => {
+                    if state == State::ArrayStart {
+                        role = Role::None;
+                        if self.peek() == Some(b']') {
+                            self.close(&mut stack, &shallow, &mut current, &mut found)?;
+                            state = State::AfterValue;
+                            continue;
+                        }
+                    }
+                    let start = self.pos;
+                    let kind = match self.peek() {
+                        Some(open @ (b'{' | b'[')) => {
+                            self.pos += 1;
+                            stack.push(open);
+                            let depth = stack.len();
+                            if let Some(slot) = shallow.get_mut(depth) {
+                                *slot = (start, role);
+                            }
+                            if open == b'{' {
+                                if depth == 2 && role == Role::Meta {
+                                    current = Some(MetaMember {
+                                        kind: Kind::Object,
+                                        value: (start, start),
+                                        last_value_end: None,
+                                        stamps: Vec::new(),
+                                    });
+                                }
+                                state = State::ObjectStart;
+                            } else {
+                                state = State::ArrayStart;
+                            }
+                            continue;
+                        }
+                        Some(b'"') => {
+                            self.string()?;
+                            Kind::String
+                        }
+                        Some(b'-' | b'0'..=b'9') => {
+                            self.number()?;
+                            Kind::Number
+                        }
+                        Some(b't') => {
+                            self.literal(b"true")?;
+                            Kind::Bool
+                        }
+                        Some(b'f') => {
+                            self.literal(b"false")?;
+                            Kind::Bool
+                        }
+                        Some(b'n') => {
+                            self.literal(b"null")?;
+                            Kind::Null
+                        }
+                        _ => return Err(self.error()),
+                    };
+                    finish_value(
+                        stack.len(),
+                        role,
+                        kind,
+                        (start, self.pos),
+                        &mut current,
+                        &mut found,
+                    );
+                    state = State::AfterValue;
+                }
+                State::AfterValue => {
+                    let open = stack.last().copied();
+                    match (open, self.peek()) {
+                        (Some(b'{'), Some(b',')) => {
+                            self.pos += 1;
+                            state = State::ObjectKey;
+                        }
+                        (Some(b'['), Some(b',')) => {
+                            self.pos += 1;
+                            role = Role::None;
+                            state = State::Value;
+                        }
+                        (Some(b'{'), Some(b'}')) | (Some(b'['), Some(b']')) => {
+                            if self.close(&mut stack, &shallow, &mut current, &mut found)? {
+                                break;
+                            }
+                        }
+                        _ => return Err(self.error()),
+                    }
+                }
+            }
+        }
+
+        self.skip_ws();
+        if self.pos != self.input.len() {
+            return Err(self.error());
+        }
+        Ok(found)
+    }
+
+    /// Closes the container whose closing bracket is at `self.pos`. Returns whether it was the
+    /// top-level object.
+    fn close(
+        &mut self,
+        stack: &mut Vec<u8>,
+        shallow: &Shallow,
+        current: &mut Option<MetaMember>,
+        found: &mut Scan,
+    ) -> Result<bool, ScanError> {
+        let depth = stack.len();
+        let open = stack.pop().ok_or(ScanError::Syntax(self.pos))?;
+        self.pos += 1;
+        if depth == 1 {
+            return Ok(true);
+        }
+        let (start, role) = shallow.get(depth).copied().unwrap_or((0, Role::None));
+        let kind = if open == b'{' {
+            Kind::Object
+        } else {
+            Kind::Array
+        };
+        finish_value(depth - 1, role, kind, (start, self.pos), current, found);
+        Ok(false)
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.input.get(self.pos).copied()
+    }
+
+    fn error(&self) -> ScanError {
+        ScanError::Syntax(self.pos)
+    }
+
+    fn skip_ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
+            self.pos += 1;
+        }
+    }
+
+    /// A string starting at the `"` under the cursor. Returns the span of its contents (without the
+    /// quotes) and whether it contains escapes.
+    fn string(&mut self) -> Result<(usize, usize, bool), ScanError> {
+        self.pos += 1;
+        let start = self.pos;
+        let mut escaped = false;
+        loop {
+            let rest = self.input.get(self.pos..).unwrap_or_default();
+            let Some(offset) = rest
+                .iter()
+                .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+            else {
+                self.pos = self.input.len();
+                return Err(self.error());
+            };
+            self.pos += offset;
+            match self.peek() {
+                Some(b'"') => {
+                    let end = self.pos;
+                    self.pos += 1;
+                    return Ok((start, end, escaped));
+                }
+                Some(b'\\') => {
+                    escaped = true;
+                    self.pos += 1;
+                    match self.peek() {
+                        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {
+                            self.pos += 1;
+                        }
+                        Some(b'u') => {
+                            self.pos += 1;
+                            for _ in 0..4 {
+                                if !self.peek().is_some_and(|b| b.is_ascii_hexdigit()) {
+                                    return Err(self.error());
+                                }
+                                self.pos += 1;
+                            }
+                        }
+                        _ => return Err(self.error()),
+                    }
+                }
+                // A raw control character.
+                _ => return Err(self.error()),
+            }
+        }
+    }
+
+    /// `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`
+    fn number(&mut self) -> Result<(), ScanError> {
+        if self.peek() == Some(b'-') {
+            self.pos += 1;
+        }
+        match self.peek() {
+            Some(b'0') => self.pos += 1,
+            Some(b'1'..=b'9') => self.digits(),
+            _ => return Err(self.error()),
+        }
+        if self.peek() == Some(b'.') {
+            self.pos += 1;
+            self.required_digits()?;
+        }
+        if let Some(b'e' | b'E') = self.peek() {
+            self.pos += 1;
+            if let Some(b'+' | b'-') = self.peek() {
+                self.pos += 1;
+            }
+            self.required_digits()?;
+        }
+        Ok(())
+    }
+
+    fn digits(&mut self) {
+        while self.peek().is_some_and(|b| b.is_ascii_digit()) {
+            self.pos += 1;
+        }
+    }
+
+    fn required_digits(&mut self) -> Result<(), ScanError> {
+        if !self.peek().is_some_and(|b| b.is_ascii_digit()) {
+            return Err(self.error());
+        }
+        self.digits();
+        Ok(())
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Result<(), ScanError> {
+        let rest = self.input.get(self.pos..).unwrap_or_default();
+        if rest.starts_with(word) {
+            self.pos += word.len();
+            Ok(())
+        } else {
+            // Point at the first differing byte.
+            let same = rest.iter().zip(word).take_while(|(a, b)| a == b).count();
+            self.pos += same;
+            Err(self.error())
+        }
+    }
+}
+
+/// Records a finished value of `kind` spanning `span`, directly inside a container at `depth`.
+fn finish_value(
+    depth: usize,
+    role: Role,
+    kind: Kind,
+    span: (usize, usize),
+    current: &mut Option<MetaMember>,
+    found: &mut Scan,
+) {
+    match depth {
+        1 => {
+            found.top_last_value_end = Some(span.1);
+            if role == Role::Meta {
+                let member = match current.take() {
+                    Some(mut member) if kind == Kind::Object => {
+                        member.value = span;
+                        member
+                    }
+                    _ => MetaMember {
+                        kind,
+                        value: span,
+                        last_value_end: None,
+                        stamps: Vec::new(),
+                    },
+                };
+                found.metas.push(member);
+            }
+        }
+        2 => {
+            if let Some(meta) = current {
+                let prev_value_end = meta.last_value_end.replace(span.1);
+                if role == Role::Stamp {
+                    meta.stamps.push(StampMember {
+                        prev_value_end,
+                        value: span,
+                    });
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Whether the raw contents of a key (between its quotes) are `target` once unescaped.
+fn key_is(raw: &[u8], escaped: bool, target: &[u8]) -> bool {
+    if !escaped {
+        return raw == target;
+    }
+    // Escaping never shortens: a key shorter than the target cannot match, and neither can one
+    // longer than six times it (`\uXXXX` for every byte).
+    if raw.len() < target.len() || raw.len() > target.len().saturating_mul(6) {
+        return false;
+    }
+    unescape(raw).is_some_and(|key| key.as_bytes() == target)
+}
+
+/// Unescapes the contents of a JSON string that the scanner validated. `None` for a lone surrogate
+/// (which names no key a configured field could have).
+fn unescape(raw: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(raw).ok()?;
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        let decoded = match chars.next()? {
+            '"' => '"',
+            '\\' => '\\',
+            '/' => '/',
+            'b' => '\u{8}',
+            'f' => '\u{c}',
+            'n' => '\n',
+            'r' => '\r',
+            't' => '\t',
+            'u' => {
+                let high = hex4(&mut chars)?;
+                if (0xD800..0xDC00).contains(&high) {
+                    if chars.next()? != '\\' || chars.next()? != 'u' {
+                        return None;
+                    }
+                    let low = hex4(&mut chars)?;
+                    if !(0xDC00..0xE000).contains(&low) {
+                        return None;
+                    }
+                    char::from_u32(0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00))?
+                } else {
+                    char::from_u32(high)?
+                }
+            }
+            _ => return None,
+        };
+        out.push(decoded);
+    }
+    Some(out)
+}
+
+fn hex4(chars: &mut std::str::Chars<'_>) -> Option<u32> {
+    let mut value = 0;
+    for _ in 0..4 {
+        value = value * 16 + chars.next()?.to_digit(16)?;
+    }
+    Some(value)
+}
+
+/// Why a JSON object cannot be stamped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct NotAnObject(pub(crate) Kind);
+
+/// The field names and the stamp value, JSON-encoded once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Fields {
+    pub(crate) meta: Box<str>,
+    pub(crate) stamp: Box<str>,
+    meta_json: Box<str>,
+    stamp_json: Box<str>,
+}
+
+impl Fields {
+    pub(crate) fn new(meta: &str, stamp: &str) -> Self {
+        Self {
+            meta: meta.into(),
+            stamp: stamp.into(),
+            meta_json: json_string(meta).into(),
+            stamp_json: json_string(stamp).into(),
+        }
+    }
+}
+
+/// `value` as a JSON string literal.
+pub(crate) fn json_string(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 => {
+                out.push_str(&format!("\\u{:04x}", u32::from(c)));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Stamps `input` with `key_id` (a JSON string literal, quotes included).
+///
+/// `Ok(None)`: not a UTF-8 JSON object; leave the body alone. `Err`: a metadata member is neither an
+/// object nor null.
+pub(crate) fn stamp(
+    input: &[u8],
+    fields: &Fields,
+    key_id_json: &str,
+) -> Result<Option<Vec<u8>>, NotAnObject> {
+    if std::str::from_utf8(input).is_err() {
+        return Ok(None);
+    }
+    let Ok(found) = scan(input, &fields.meta, &fields.stamp) else {
+        return Ok(None);
+    };
+    if let Some(bad) = found
+        .metas
+        .iter()
+        .find(|m| !matches!(m.kind, Kind::Object | Kind::Null))
+    {
+        return Err(NotAnObject(bad.kind));
+    }
+
+    let stamp_member = || [&*fields.stamp_json, ":", key_id_json].concat();
+    let mut out =
+        Vec::with_capacity(input.len() + fields.meta_json.len() + stamp_member().len() + 8);
+    let mut cursor = 0;
+    let mut splice = |out: &mut Vec<u8>, (start, end): (usize, usize), with: &[&str]| {
+        out.extend_from_slice(&input[cursor..start]);
+        for piece in with {
+            out.extend_from_slice(piece.as_bytes());
+        }
+        cursor = end;
+    };
+
+    if found.metas.is_empty() {
+        let (at, comma) = match found.top_last_value_end {
+            Some(end) => (end, ","),
+            None => (found.top_open + 1, ""),
+        };
+        let member = stamp_member();
+        splice(
+            &mut out,
+            (at, at),
+            &[comma, &fields.meta_json, ":{", &member, "}"],
+        );
+    }
+    for meta in &found.metas {
+        match (meta.kind, meta.stamps.split_first()) {
+            (Kind::Null, _) => splice(&mut out, meta.value, &["{", &stamp_member(), "}"]),
+            (_, None) => {
+                let (at, comma) = match meta.last_value_end {
+                    Some(end) => (end, ","),
+                    None => (meta.value.0 + 1, ""),
+                };
+                splice(&mut out, (at, at), &[comma, &stamp_member()]);
+            }
+            (_, Some((first, duplicates))) => {
+                splice(&mut out, first.value, &[key_id_json]);
+                for duplicate in duplicates {
+                    // Remove `, "stamp": value` (from the end of the previous member's value).
+                    let from = duplicate.prev_value_end.unwrap_or(duplicate.value.0);
+                    splice(&mut out, (from, duplicate.value.1), &[]);
+                }
+            }
+        }
+    }
+    out.extend_from_slice(&input[cursor..]);
+    Ok(Some(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "\"key_1\"";
+
+    fn fields() -> Fields {
+        Fields::new("meta_data", "BLNK_GENERATED_BY")
+    }
+
+    fn stamped(input: &str) -> String {
+        let out = stamp(input.as_bytes(), &fields(), ID)
+            .expect("metadata is an object")
+            .unwrap_or_else(|| panic!("not stamped: {input}"));
+        String::from_utf8(out).unwrap()
+    }
+
+    fn syntax_error(input: &[u8]) -> usize {
+        match scan(input, "meta_data", "BLNK_GENERATED_BY") {
+            Err(ScanError::Syntax(at)) => at,
+            other => panic!("{:?} should be a syntax error, got {other:?}", input),
+        }
+    }
+
+    #[test]
+    fn valid_documents_scan() {
+        for doc in [
+            "{}",
+            " {\n} ",
+            r#"{"a":1}"#,
+            r#"{"a":[1,2,{"b":[]}],"c":{"d":null}}"#,
+            r#"{"n":[-0,0.5,1e5,1E+5,1e-5,-12.34e56,12345678901234567890123]}"#,
+            r#"{"s":"\"\\\/\b\f\n\r\t\u00e9\uD83D\uDE00 é 😀"}"#,
+            r#"{"t":true,"f":false,"n":null}"#,
+            "{\"a\"\t:\r\n[ ]\n,\"b\" : { } }",
+            r#"{"lone":"\ud800"}"#,
+        ] {
+            assert!(
+                scan(doc.as_bytes(), "meta_data", "x").is_ok(),
+                "{doc} should scan"
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_documents_are_syntax_errors() {
+        let cases: &[(&[u8], usize)] = &[
+            (b"", 0),
+            (b"   ", 3),
+            (b"{", 1),
+            (b"{\"a\"}", 4),
+            (b"{\"a\":}", 5),
+            (b"{\"a\":1,}", 7),
+            (b"{,}", 1),
+            (b"{\"a\":1 \"b\":2}", 7),
+            (b"{\"a\":[1,]}", 8),
+            (b"{\"a\":[1 2]}", 8),
+            (b"{\"a\":01}", 6),
+            (b"{\"a\":1.}", 7),
+            (b"{\"a\":.5}", 5),
+            (b"{\"a\":1e}", 7),
+            (b"{\"a\":-}", 6),
+            (b"{\"a\":+1}", 5),
+            (b"{\"a\":tru}", 8),
+            (b"{\"a\":nul}", 8),
+            (b"{\"a\":True}", 5),
+            (b"{\"a\":\"x}", 8),
+            (b"{\"a\":\"\\x\"}", 7),
+            (b"{\"a\":\"\\u12g4\"}", 10),
+            (b"{\"a\":\"tab\there\"}", 9),
+            (b"{\"a\":1}}", 7),
+            (b"{\"a\":1} x", 8),
+            (b"{\"a\":[}", 6),
+            (b"{\"a\":{]}", 6),
+            (b"{1:2}", 1),
+            (b"{'a':1}", 1),
+            (b"{\"a\":NaN}", 5),
+            (b"\xef\xbb\xbf{}", 0),
+        ];
+        for &(input, at) in cases {
+            assert_eq!(
+                syntax_error(input),
+                at,
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+    }
+
+    #[test]
+    fn other_top_level_values_are_not_objects() {
+        for doc in [
+            "[]",
+            "[{\"meta_data\":{}}]",
+            "\"s\"",
+            "12",
+            "-1",
+            "true",
+            "false",
+            "null",
+        ] {
+            assert_eq!(
+                scan(doc.as_bytes(), "meta_data", "x"),
+                Err(ScanError::NotObject),
+                "{doc}"
+            );
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_scanned_without_recursion() {
+        let depth = 1_000_000;
+        let mut doc = String::from("{\"meta_data\":{\"deep\":");
+        doc.push_str(&"[".repeat(depth));
+        doc.push_str(&"]".repeat(depth));
+        doc.push_str("}}");
+        let out = stamped(&doc);
+        assert!(out.ends_with(",\"BLNK_GENERATED_BY\":\"key_1\"}}"));
+
+        // Unbalanced: a clear syntax error, not a crash.
+        let open = "{\"a\":".to_owned() + &"[{\"b\":".repeat(depth);
+        assert_eq!(syntax_error(open.as_bytes()), open.len());
+        let mixed = "{\"a\":".to_owned() + &"[".repeat(depth) + "}";
+        assert_eq!(syntax_error(mixed.as_bytes()), mixed.len() - 1);
+    }
+
+    #[test]
+    fn finds_metadata_and_stamps() {
+        let doc = r#"{"a":1,"meta_data":{"x":{"BLNK_GENERATED_BY":1},"BLNK_GENERATED_BY":"f","y":2},"b":[]}"#;
+        let found = scan(doc.as_bytes(), "meta_data", "BLNK_GENERATED_BY").unwrap();
+        assert_eq!(found.metas.len(), 1);
+        let meta = &found.metas[0];
+        assert_eq!(meta.kind, Kind::Object);
+        assert_eq!(
+            &doc[meta.value.0..meta.value.1],
+            r#"{"x":{"BLNK_GENERATED_BY":1},"BLNK_GENERATED_BY":"f","y":2}"#
+        );
+        assert_eq!(meta.stamps.len(), 1, "nested stamp keys are not the stamp");
+        let s = &meta.stamps[0];
+        assert_eq!(&doc[s.value.0..s.value.1], "\"f\"");
+        assert_eq!(
+            &doc[..s.prev_value_end.unwrap()],
+            r#"{"a":1,"meta_data":{"x":{"BLNK_GENERATED_BY":1}"#
+        );
+        assert_eq!(
+            &doc[..found.top_last_value_end.unwrap()],
+            &doc[..doc.len() - 1]
+        );
+    }
+
+    #[test]
+    fn stamp_cases() {
+        let cases = [
+            ("{}", r#"{"meta_data":{"BLNK_GENERATED_BY":"key_1"}}"#),
+            (
+                " { \n } ",
+                " {\"meta_data\":{\"BLNK_GENERATED_BY\":\"key_1\"} \n } ",
+            ),
+            (
+                r#"{"a":1}"#,
+                r#"{"a":1,"meta_data":{"BLNK_GENERATED_BY":"key_1"}}"#,
+            ),
+            (
+                r#"{"a": 1 }"#,
+                r#"{"a": 1,"meta_data":{"BLNK_GENERATED_BY":"key_1"} }"#,
+            ),
+            (
+                r#"{"meta_data":null}"#,
+                r#"{"meta_data":{"BLNK_GENERATED_BY":"key_1"}}"#,
+            ),
+            (
+                r#"{"meta_data":{}}"#,
+                r#"{"meta_data":{"BLNK_GENERATED_BY":"key_1"}}"#,
+            ),
+            (
+                r#"{"meta_data":{ }}"#,
+                r#"{"meta_data":{"BLNK_GENERATED_BY":"key_1" }}"#,
+            ),
+            (
+                r#"{"meta_data":{"a":[1e400]} ,"z":0}"#,
+                r#"{"meta_data":{"a":[1e400],"BLNK_GENERATED_BY":"key_1"} ,"z":0}"#,
+            ),
+            (
+                r#"{"meta_data":{"BLNK_GENERATED_BY":{"x":[1]},"a":1}}"#,
+                r#"{"meta_data":{"BLNK_GENERATED_BY":"key_1","a":1}}"#,
+            ),
+            (
+                r#"{"meta_data":{"a":1, "BLNK_GENERATED_BY" : "x" , "b":2, "BLNK_GENERATED_BY":3}}"#,
+                r#"{"meta_data":{"a":1, "BLNK_GENERATED_BY" : "key_1" , "b":2}}"#,
+            ),
+            (
+                r#"{"meta_data":{"BLNK_GENERATED_BY":1,"BLNK_GENERATED_BY":2,"BLNK_GENERATED_BY":3}}"#,
+                r#"{"meta_data":{"BLNK_GENERATED_BY":"key_1"}}"#,
+            ),
+            (
+                r#"{"meta\u005fdata":{"BLNK_GENERATED\u005FBY":"forged"}}"#,
+                r#"{"meta\u005fdata":{"BLNK_GENERATED\u005FBY":"key_1"}}"#,
+            ),
+            (
+                r#"{"meta_data":{"a":1},"meta_data":null}"#,
+                r#"{"meta_data":{"a":1,"BLNK_GENERATED_BY":"key_1"},"meta_data":{"BLNK_GENERATED_BY":"key_1"}}"#,
+            ),
+            (
+                r#"{"x":{"meta_data":7},"meta_datum":[]}"#,
+                r#"{"x":{"meta_data":7},"meta_datum":[],"meta_data":{"BLNK_GENERATED_BY":"key_1"}}"#,
+            ),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(stamped(input), expected, "{input}");
+        }
+    }
+
+    #[test]
+    fn non_object_metadata_is_refused() {
+        for (doc, kind) in [
+            (r#"{"meta_data":"x"}"#, Kind::String),
+            (r#"{"meta_data":1}"#, Kind::Number),
+            (r#"{"meta_data":[]}"#, Kind::Array),
+            (r#"{"meta_data":true}"#, Kind::Bool),
+            (r#"{"meta_data":{},"meta_data":[{}]}"#, Kind::Array),
+        ] {
+            assert_eq!(
+                stamp(doc.as_bytes(), &fields(), ID),
+                Err(NotAnObject(kind)),
+                "{doc}"
+            );
+        }
+        // ... but only in a valid document.
+        assert_eq!(stamp(br#"{"meta_data":1,}"#, &fields(), ID), Ok(None));
+    }
+
+    #[test]
+    fn invalid_utf8_and_non_objects_are_left_alone() {
+        for doc in [
+            &b"{\"a\":\"\xff\"}"[..],
+            b"{\"a\":\"\xc3\"}",
+            b"[1]",
+            b"not json",
+            b"",
+        ] {
+            assert_eq!(stamp(doc, &fields(), ID), Ok(None));
+        }
+    }
+
+    #[test]
+    fn keys_compare_unescaped() {
+        assert!(key_is(b"meta_data", false, b"meta_data"));
+        assert!(!key_is(b"meta_dat", false, b"meta_data"));
+        assert!(key_is(br"\u006deta_data", true, b"meta_data"));
+        assert!(key_is(br"\ud83d\ude00", true, "😀".as_bytes()));
+        assert!(!key_is(br"\ud83d", true, "\u{fffd}".as_bytes()));
+        assert!(!key_is(br"\ud83dx", true, b"x"));
+        assert!(key_is(br#"a\"b\\c\/d\n"#, true, b"a\"b\\c/d\n"));
+    }
+
+    #[test]
+    fn custom_field_names_are_escaped_when_inserted() {
+        let fields = Fields::new("meta \"data\"", "by\n");
+        let out = stamp(b"{}", &fields, ID).unwrap().unwrap();
+        assert_eq!(out, br#"{"meta \"data\"":{"by\n":"key_1"}}"#);
+        let again = stamp(&out, &fields, "\"key_2\"").unwrap().unwrap();
+        assert_eq!(again, br#"{"meta \"data\"":{"by\n":"key_2"}}"#);
+        assert_eq!(json_string("\u{1}é"), "\"\\u0001é\"");
+    }
+}
