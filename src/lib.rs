@@ -19,6 +19,10 @@ pub use error::{AuthError, ErrorCode, GrpcRejection, JsonRejection, RenderReject
 #[cfg(feature = "axum")]
 pub use guard::Scoped;
 pub use invalidate::{Invalidation, Invalidator, NoBroadcast};
+#[cfg(feature = "postgres")]
+pub use invalidate::PgInvalidator;
+#[cfg(feature = "redis")]
+pub use invalidate::RedisInvalidator;
 pub use guard::{RequireScopes, RequireScopesService, ScopeRequirement};
 pub use key::{ApiKey, KeyDigest, KeyFormat, KeyId};
 pub use layer::{ApiKeyLayer, ApiKeyService, KeySource};
@@ -27,4 +31,8 @@ pub use provenance::{Provenance, ProvenanceBody, ProvenanceService};
 pub use resolver::CachedResolver;
 pub use scope::{Scope, ScopeSet, is_valid_scope};
 pub use store::{KeyRecord, KeyStore, MemoryStore, StoreError};
+#[cfg(feature = "postgres")]
+pub use store::PostgresStore;
+#[cfg(feature = "sqlite")]
+pub use store::SqliteStore;
 pub use usage::UsageRecorder;

@@ -9,11 +9,21 @@
 //! Without a broadcaster ([`NoBroadcast`]), other instances keep a revoked key for at most the
 //! resolver's TTL.
 
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "redis")]
+pub mod redis;
+
 use std::fmt;
 
 use crate::key::{KeyDigest, KeyId};
 use crate::resolver::CachedResolver;
 use crate::store::StoreError;
+
+#[cfg(feature = "postgres")]
+pub use self::postgres::{PgInvalidator, PgSubscription};
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisInvalidator, RedisSubscription};
 
 /// A key changed: forget its id and these digests.
 #[derive(Clone, PartialEq, Eq)]

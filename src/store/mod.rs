@@ -11,7 +11,7 @@ mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
-mod sql_common;
+pub(crate) mod sql_common;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 

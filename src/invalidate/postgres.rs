@@ -1,0 +1,356 @@
+//! [`PgInvalidator`]: broadcast key changes over PostgreSQL `LISTEN`/`NOTIFY` (feature `postgres`).
+//!
+//! ```no_run
+//! use tower_api_keys::CachedResolver;
+//! use tower_api_keys::invalidate::PgInvalidator;
+//! use tower_api_keys::store::PostgresStore;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = PostgresStore::connect("postgres://app@db.internal/app").await?;
+//! let resolver = CachedResolver::new(store.clone());
+//!
+//! // Every instance publishes its key changes and applies everyone else's.
+//! let invalidator = PgInvalidator::from_store(&store).with_channel("billing_api_keys")?;
+//! let subscription = invalidator.subscribe(resolver.clone());
+//! subscription.wait_connected().await;
+//! // Give `invalidator` to key management; keep `subscription` alive as long as the service.
+//! # let _ = subscription;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Publishing is `SELECT pg_notify(channel, payload)` on the given pool, with the
+//! [`Invalidation::to_json`] wire form as payload. The subscriber holds one dedicated connection
+//! (opened with the pool's connection options) that `LISTEN`s on the channel. When that connection is
+//! lost it reconnects with exponential backoff (with jitter) and, once listening again, clears the
+//! whole resolver cache, since notifications sent in between are lost. The loss is logged at `warn`,
+//! the recovery at `info`; keys, digests and payloads are never logged.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::{Invalidation, Invalidator};
+use crate::resolver::CachedResolver;
+use crate::store::StoreError;
+use crate::store::postgres::{InvalidIdentifier, PostgresStore, check_identifier};
+use crate::store::sql_common::map_sqlx_error;
+
+/// The channel used when none is configured.
+pub const DEFAULT_CHANNEL: &str = "tower_api_keys_invalidation";
+
+/// Publishes [`Invalidation`]s with `NOTIFY` and subscribes resolvers with `LISTEN`.
+///
+/// Cheap to clone. Every instance of a service must use the same channel (and database).
+#[derive(Clone)]
+pub struct PgInvalidator {
+    pool: PgPool,
+    channel: Arc<str>,
+    backoff: Backoff,
+}
+
+impl fmt::Debug for PgInvalidator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgInvalidator")
+            .field("channel", &self.channel)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgInvalidator {
+    /// An invalidator publishing through `pool` on [`DEFAULT_CHANNEL`].
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            channel: DEFAULT_CHANNEL.into(),
+            backoff: Backoff::default(),
+        }
+    }
+
+    /// An invalidator on the store's database, publishing through its pool.
+    pub fn from_store(store: &PostgresStore) -> Self {
+        Self::new(store.pool().clone())
+    }
+
+    /// Uses another channel: 1 to 63 ASCII letters, digits, `_` or `$`, not starting with a digit
+    /// or `$` (e.g. one per environment sharing a database, or one per test).
+    pub fn with_channel(mut self, channel: &str) -> Result<Self, InvalidIdentifier> {
+        check_identifier(channel, "channel")?;
+        self.channel = channel.into();
+        Ok(self)
+    }
+
+    /// Reconnection delays of subscribers: the first retry waits `initial`, each further one twice
+    /// as long, up to `max` (defaults 100 ms and 30 s); each delay is randomly shortened by up to
+    /// half so that a fleet does not reconnect in lockstep.
+    pub fn reconnect_backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.backoff = Backoff::new(initial, max);
+        self
+    }
+
+    /// The channel name.
+    pub fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    /// Starts a task (on the current tokio runtime) that applies every received [`Invalidation`]
+    /// to `resolver`, reconnecting and clearing the cache after a lost connection. The task stops
+    /// when the returned handle is dropped or [shut down](PgSubscription::shutdown).
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn subscribe(&self, resolver: CachedResolver) -> PgSubscription {
+        let options = (*self.pool.connect_options()).clone();
+        // One dedicated connection; acquiring it waits at most 10 s before counting as a failure.
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .connect_lazy_with(options);
+        let (status, watcher) = watch::channel(SubscriptionStatus::default());
+        let task = tokio::spawn(listen(
+            pool,
+            self.channel.clone(),
+            resolver,
+            self.backoff,
+            status,
+        ));
+        PgSubscription {
+            task,
+            status: watcher,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Invalidator for PgInvalidator {
+    async fn publish(&self, invalidation: &Invalidation) -> Result<(), StoreError> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(&*self.channel)
+            .bind(invalidation.to_json())
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(map_sqlx_error)
+    }
+}
+
+/// The state of a subscription, as reported by [`PgSubscription::status`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SubscriptionStatus {
+    /// Whether the subscriber is listening right now.
+    pub connected: bool,
+    /// How many times a connection was established (1 after the first; each reconnection adds one
+    /// and has cleared the cache before it is counted).
+    pub connections: u64,
+}
+
+/// A running subscription: stops its task when dropped.
+pub struct PgSubscription {
+    task: tokio::task::JoinHandle<()>,
+    status: watch::Receiver<SubscriptionStatus>,
+}
+
+impl fmt::Debug for PgSubscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgSubscription")
+            .field("status", &*self.status.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgSubscription {
+    /// The current state.
+    pub fn status(&self) -> SubscriptionStatus {
+        *self.status.borrow()
+    }
+
+    /// Waits until the subscriber is listening (at once if it is). Invalidations published before
+    /// that may be missed, but then the cache is cleared when it connects after a failure.
+    pub async fn wait_connected(&self) {
+        self.wait_for(|s| s.connected).await;
+    }
+
+    /// Waits until at least `n` connections have been established (e.g. `n = 2`: the first
+    /// reconnection, whose cache clearing has then happened).
+    pub async fn wait_for_connections(&self, n: u64) {
+        self.wait_for(|s| s.connected && s.connections >= n).await;
+    }
+
+    async fn wait_for(&self, done: impl FnMut(&SubscriptionStatus) -> bool) {
+        let mut status = self.status.clone();
+        // An error means the task ended, which only happens once the handle is gone.
+        let _ = status.wait_for(done).await;
+    }
+
+    /// Stops the subscriber and waits for its task to end.
+    pub async fn shutdown(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for PgSubscription {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Exponential reconnection backoff with jitter.
+#[derive(Clone, Copy, Debug)]
+struct Backoff {
+    initial: Duration,
+    max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new(Duration::from_millis(100), Duration::from_secs(30))
+    }
+}
+
+impl Backoff {
+    fn new(initial: Duration, max: Duration) -> Self {
+        let initial = initial.max(Duration::from_millis(1));
+        Self {
+            initial,
+            max: max.max(initial),
+        }
+    }
+
+    /// `delay` shortened by a random fraction of up to a half.
+    fn jittered(delay: Duration) -> Duration {
+        let mut byte = [0u8; 1];
+        let fraction = match getrandom::fill(&mut byte) {
+            Ok(()) => f64::from(byte[0]) / 255.0,
+            Err(_) => 0.0,
+        };
+        delay.mul_f64(1.0 - fraction / 2.0)
+    }
+}
+
+async fn connect(pool: &PgPool, channel: &str) -> Result<PgListener, sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    // Report a lost connection instead of silently reconnecting: we must clear the cache.
+    listener.eager_reconnect(false);
+    listener.ignore_pool_close_event(true);
+    listener.listen(channel).await?;
+    Ok(listener)
+}
+
+/// The subscriber task: listen, apply, and on any loss reconnect and clear the cache.
+async fn listen(
+    pool: PgPool,
+    channel: Arc<str>,
+    resolver: CachedResolver,
+    backoff: Backoff,
+    status: watch::Sender<SubscriptionStatus>,
+) {
+    let channel = &*channel;
+    // Whether invalidations may have been missed since the subscription was requested.
+    let mut missed = false;
+    let mut delay = backoff.initial;
+    loop {
+        let mut listener = match connect(&pool, channel).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                if !missed {
+                    tracing::warn!(%error, channel, "API key invalidation subscriber cannot connect; retrying");
+                } else {
+                    tracing::debug!(%error, channel, "API key invalidation subscriber still cannot connect");
+                }
+                missed = true;
+                tokio::time::sleep(Backoff::jittered(delay)).await;
+                delay = (delay * 2).min(backoff.max);
+                continue;
+            }
+        };
+        if missed {
+            resolver.invalidate_all();
+            tracing::info!(
+                channel,
+                "API key invalidation subscriber reconnected; cleared the key cache"
+            );
+        }
+        status.send_modify(|s| {
+            s.connected = true;
+            s.connections += 1;
+        });
+        let connected_at = Instant::now();
+        let error = loop {
+            match listener.try_recv().await {
+                Ok(Some(notification)) => apply(notification.payload(), &resolver, channel),
+                Ok(None) => break None,
+                Err(error) => break Some(error),
+            }
+        };
+        drop(listener);
+        status.send_modify(|s| s.connected = false);
+        missed = true;
+        match &error {
+            Some(error) => {
+                tracing::warn!(%error, channel, "API key invalidation subscriber lost its connection; reconnecting")
+            }
+            None => tracing::warn!(
+                channel,
+                "API key invalidation subscriber lost its connection; reconnecting"
+            ),
+        }
+        // A connection that dies at once must not turn into a busy loop.
+        if connected_at.elapsed() < Duration::from_secs(1) {
+            tokio::time::sleep(Backoff::jittered(delay)).await;
+            delay = (delay * 2).min(backoff.max);
+        } else {
+            delay = backoff.initial;
+        }
+    }
+}
+
+fn apply(payload: &str, resolver: &CachedResolver, channel: &str) {
+    match Invalidation::from_json(payload) {
+        Some(invalidation) => invalidation.apply(resolver),
+        None => {
+            // Unreadable (another version, another user of the channel): be safe, forget everything.
+            resolver.invalidate_all();
+            tracing::warn!(
+                channel,
+                "unreadable API key invalidation message; cleared the key cache"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_bounded_and_jitter_only_shortens() {
+        let b = Backoff::new(Duration::ZERO, Duration::ZERO);
+        assert_eq!(b.initial, Duration::from_millis(1));
+        assert_eq!(b.max, Duration::from_millis(1));
+        for _ in 0..100 {
+            let d = Backoff::jittered(Duration::from_secs(2));
+            assert!(
+                d >= Duration::from_secs(1) && d <= Duration::from_secs(2),
+                "{d:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn channel_names_are_checked() {
+        let pool = PgPoolOptions::new()
+            .connect_lazy("postgres://localhost/none")
+            .unwrap();
+        let invalidator = PgInvalidator::new(pool);
+        assert_eq!(invalidator.channel(), DEFAULT_CHANNEL);
+        assert!(invalidator.clone().with_channel("bad name").is_err());
+        assert_eq!(invalidator.with_channel("ok_1").unwrap().channel(), "ok_1");
+    }
+}

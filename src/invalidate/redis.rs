@@ -1,0 +1,440 @@
+//! [`RedisInvalidator`]: broadcast key changes over Redis pub/sub (feature `redis`).
+//!
+//! ```no_run
+//! use tower_api_keys::{CachedResolver, MemoryStore};
+//! use tower_api_keys::invalidate::RedisInvalidator;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! # let store = MemoryStore::new();
+//! let resolver = CachedResolver::new(store);
+//!
+//! // Every instance publishes its key changes and applies everyone else's.
+//! let invalidator = RedisInvalidator::open("redis://cache.internal:6379")?
+//!     .with_channel("billing:api-keys");
+//! let subscription = invalidator.subscribe(resolver.clone());
+//! subscription.wait_connected().await;
+//! // Give `invalidator` to key management; keep `subscription` alive as long as the service.
+//! # let _ = subscription;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Publishing is `PUBLISH channel payload` with the [`Invalidation::to_json`] wire form, over one
+//! multiplexed connection opened on first use and reopened after a failure. The subscriber holds a
+//! dedicated pub/sub connection and pings it periodically (default every 15 s), so a silently dead
+//! connection is noticed too. When the connection is lost it reconnects with exponential backoff
+//! (with jitter) and, once subscribed again, clears the whole resolver cache, since messages sent in
+//! between are lost. The loss is logged at `warn`, the recovery at `info`; keys, digests and payloads
+//! are never logged.
+
+use std::fmt;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::redis::aio::{MultiplexedConnection, PubSub};
+use futures_util::StreamExt;
+use futures_util::future::{self, Either};
+use tokio::sync::watch;
+use tokio::time::{Instant, timeout};
+
+use super::{Invalidation, Invalidator};
+use crate::resolver::CachedResolver;
+use crate::store::{StoreError, StoreErrorKind};
+
+/// The channel used when none is configured.
+pub const DEFAULT_CHANNEL: &str = "tower_api_keys:invalidation";
+
+/// How long connecting, subscribing, publishing or a ping may take before it counts as a failure.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Publishes [`Invalidation`]s with `PUBLISH` and subscribes resolvers with `SUBSCRIBE`.
+///
+/// Cheap to clone; clones share the publishing connection. Every instance of a service must use the
+/// same channel (and Redis).
+#[derive(Clone)]
+pub struct RedisInvalidator {
+    client: ::redis::Client,
+    channel: Arc<str>,
+    backoff: Backoff,
+    ping_interval: Duration,
+    publisher: Arc<tokio::sync::Mutex<Option<MultiplexedConnection>>>,
+}
+
+impl fmt::Debug for RedisInvalidator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisInvalidator")
+            .field("channel", &self.channel)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisInvalidator {
+    /// An invalidator using `client`'s server, on [`DEFAULT_CHANNEL`]. Nothing connects yet.
+    pub fn new(client: ::redis::Client) -> Self {
+        Self {
+            client,
+            channel: DEFAULT_CHANNEL.into(),
+            backoff: Backoff::default(),
+            ping_interval: Duration::from_secs(15),
+            publisher: Arc::default(),
+        }
+    }
+
+    /// An invalidator for the server at `url` (e.g. `redis://127.0.0.1:6379`). Fails only on a
+    /// malformed URL; nothing connects yet.
+    pub fn open(url: &str) -> Result<Self, StoreError> {
+        ::redis::Client::open(url)
+            .map(Self::new)
+            .map_err(StoreError::unavailable)
+    }
+
+    /// Uses another channel (any name; e.g. one per environment sharing a server, or per test).
+    pub fn with_channel(mut self, channel: impl Into<String>) -> Self {
+        self.channel = channel.into().into();
+        self
+    }
+
+    /// Reconnection delays of subscribers: the first retry waits `initial`, each further one twice
+    /// as long, up to `max` (defaults 100 ms and 30 s); each delay is randomly shortened by up to
+    /// half so that a fleet does not reconnect in lockstep.
+    pub fn reconnect_backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.backoff = Backoff::new(initial, max);
+        self
+    }
+
+    /// How often a subscriber pings its connection to detect a silent loss (default 15 s).
+    pub fn ping_interval(mut self, interval: Duration) -> Self {
+        self.ping_interval = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// The channel name.
+    pub fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    /// Starts a task (on the current tokio runtime) that applies every received [`Invalidation`]
+    /// to `resolver`, reconnecting and clearing the cache after a lost connection. The task stops
+    /// when the returned handle is dropped or [shut down](RedisSubscription::shutdown).
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn subscribe(&self, resolver: CachedResolver) -> RedisSubscription {
+        let (status, watcher) = watch::channel(SubscriptionStatus::default());
+        let task = tokio::spawn(listen(
+            self.client.clone(),
+            self.channel.clone(),
+            resolver,
+            self.backoff,
+            self.ping_interval,
+            status,
+        ));
+        RedisSubscription {
+            task,
+            status: watcher,
+        }
+    }
+
+    async fn publisher(&self) -> Result<MultiplexedConnection, StoreError> {
+        let mut slot = self.publisher.lock().await;
+        if let Some(conn) = &*slot {
+            return Ok(conn.clone());
+        }
+        let conn = timeout(IO_TIMEOUT, self.client.get_multiplexed_async_connection())
+            .await
+            .map_err(|_| StoreError::from_kind(StoreErrorKind::Timeout))?
+            .map_err(StoreError::unavailable)?;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+}
+
+#[async_trait::async_trait]
+impl Invalidator for RedisInvalidator {
+    async fn publish(&self, invalidation: &Invalidation) -> Result<(), StoreError> {
+        let payload = invalidation.to_json();
+        let mut last = None;
+        // A connection that broke since the last publish is replaced once.
+        for _ in 0..2 {
+            let mut conn = self.publisher().await?;
+            let sent = timeout(
+                IO_TIMEOUT,
+                ::redis::cmd("PUBLISH")
+                    .arg(&*self.channel)
+                    .arg(&payload)
+                    .query_async::<i64>(&mut conn),
+            )
+            .await;
+            match sent {
+                Ok(Ok(_receivers)) => return Ok(()),
+                Ok(Err(error)) => {
+                    let retry = error.is_io_error() || error.is_connection_dropped();
+                    *self.publisher.lock().await = None;
+                    last = Some(StoreError::unavailable(error));
+                    if !retry {
+                        break;
+                    }
+                }
+                Err(_) => {
+                    *self.publisher.lock().await = None;
+                    last = Some(StoreError::from_kind(StoreErrorKind::Timeout));
+                    break;
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| StoreError::from_kind(StoreErrorKind::Unavailable)))
+    }
+}
+
+/// The state of a subscription, as reported by [`RedisSubscription::status`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SubscriptionStatus {
+    /// Whether the subscriber is subscribed right now.
+    pub connected: bool,
+    /// How many times a connection was established (1 after the first; each reconnection adds one
+    /// and has cleared the cache before it is counted).
+    pub connections: u64,
+}
+
+/// A running subscription: stops its task when dropped.
+pub struct RedisSubscription {
+    task: tokio::task::JoinHandle<()>,
+    status: watch::Receiver<SubscriptionStatus>,
+}
+
+impl fmt::Debug for RedisSubscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSubscription")
+            .field("status", &*self.status.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisSubscription {
+    /// The current state.
+    pub fn status(&self) -> SubscriptionStatus {
+        *self.status.borrow()
+    }
+
+    /// Waits until the subscriber is subscribed (at once if it is). Invalidations published before
+    /// that may be missed, but then the cache is cleared when it connects after a failure.
+    pub async fn wait_connected(&self) {
+        self.wait_for(|s| s.connected).await;
+    }
+
+    /// Waits until at least `n` connections have been established (e.g. `n = 2`: the first
+    /// reconnection, whose cache clearing has then happened).
+    pub async fn wait_for_connections(&self, n: u64) {
+        self.wait_for(|s| s.connected && s.connections >= n).await;
+    }
+
+    async fn wait_for(&self, done: impl FnMut(&SubscriptionStatus) -> bool) {
+        let mut status = self.status.clone();
+        // An error means the task ended, which only happens once the handle is gone.
+        let _ = status.wait_for(done).await;
+    }
+
+    /// Stops the subscriber and waits for its task to end.
+    pub async fn shutdown(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for RedisSubscription {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Exponential reconnection backoff with jitter.
+#[derive(Clone, Copy, Debug)]
+struct Backoff {
+    initial: Duration,
+    max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new(Duration::from_millis(100), Duration::from_secs(30))
+    }
+}
+
+impl Backoff {
+    fn new(initial: Duration, max: Duration) -> Self {
+        let initial = initial.max(Duration::from_millis(1));
+        Self {
+            initial,
+            max: max.max(initial),
+        }
+    }
+
+    /// `delay` shortened by a random fraction of up to a half.
+    fn jittered(delay: Duration) -> Duration {
+        let mut byte = [0u8; 1];
+        let fraction = match getrandom::fill(&mut byte) {
+            Ok(()) => f64::from(byte[0]) / 255.0,
+            Err(_) => 0.0,
+        };
+        delay.mul_f64(1.0 - fraction / 2.0)
+    }
+}
+
+/// Why a subscription attempt or connection ended (for the logs; never contains a payload).
+enum Lost {
+    Redis(::redis::RedisError),
+    TimedOut,
+    Closed,
+}
+
+impl fmt::Display for Lost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Redis(error) => fmt::Display::fmt(error, f),
+            Self::TimedOut => f.write_str("timed out"),
+            Self::Closed => f.write_str("connection closed"),
+        }
+    }
+}
+
+async fn connect(client: &::redis::Client, channel: &str) -> Result<PubSub, Lost> {
+    let attempt = async {
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(channel).await?;
+        Ok::<_, ::redis::RedisError>(pubsub)
+    };
+    match timeout(IO_TIMEOUT, attempt).await {
+        Ok(Ok(pubsub)) => Ok(pubsub),
+        Ok(Err(error)) => Err(Lost::Redis(error)),
+        Err(_) => Err(Lost::TimedOut),
+    }
+}
+
+/// The subscriber task: subscribe, apply, ping, and on any loss reconnect and clear the cache.
+async fn listen(
+    client: ::redis::Client,
+    channel: Arc<str>,
+    resolver: CachedResolver,
+    backoff: Backoff,
+    ping_interval: Duration,
+    status: watch::Sender<SubscriptionStatus>,
+) {
+    let channel = &*channel;
+    // Whether invalidations may have been missed since the subscription was requested.
+    let mut missed = false;
+    let mut delay = backoff.initial;
+    loop {
+        let pubsub = match connect(&client, channel).await {
+            Ok(pubsub) => pubsub,
+            Err(error) => {
+                if !missed {
+                    tracing::warn!(%error, channel, "API key invalidation subscriber cannot connect; retrying");
+                } else {
+                    tracing::debug!(%error, channel, "API key invalidation subscriber still cannot connect");
+                }
+                missed = true;
+                tokio::time::sleep(Backoff::jittered(delay)).await;
+                delay = (delay * 2).min(backoff.max);
+                continue;
+            }
+        };
+        if missed {
+            resolver.invalidate_all();
+            tracing::info!(
+                channel,
+                "API key invalidation subscriber reconnected; cleared the key cache"
+            );
+        }
+        status.send_modify(|s| {
+            s.connected = true;
+            s.connections += 1;
+        });
+        let connected_at = Instant::now();
+        let (mut sink, mut messages) = pubsub.split();
+        let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
+        let lost = loop {
+            let next = pin!(messages.next());
+            let tick = pin!(ping.tick());
+            match future::select(next, tick).await {
+                Either::Left((Some(message), _)) => match message.get_payload::<String>() {
+                    Ok(payload) => apply(Invalidation::from_json(&payload), &resolver, channel),
+                    Err(_) => apply(None, &resolver, channel),
+                },
+                Either::Left((None, _)) => break Lost::Closed,
+                Either::Right(_) => {
+                    match timeout(IO_TIMEOUT, sink.ping::<::redis::Value>()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(error)) => break Lost::Redis(error),
+                        Err(_) => break Lost::TimedOut,
+                    }
+                }
+            }
+        };
+        drop((sink, messages));
+        status.send_modify(|s| s.connected = false);
+        missed = true;
+        tracing::warn!(error = %lost, channel, "API key invalidation subscriber lost its connection; reconnecting");
+        // A connection that dies at once must not turn into a busy loop.
+        if connected_at.elapsed() < Duration::from_secs(1) {
+            tokio::time::sleep(Backoff::jittered(delay)).await;
+            delay = (delay * 2).min(backoff.max);
+        } else {
+            delay = backoff.initial;
+        }
+    }
+}
+
+fn apply(invalidation: Option<Invalidation>, resolver: &CachedResolver, channel: &str) {
+    match invalidation {
+        Some(invalidation) => invalidation.apply(resolver),
+        None => {
+            // Unreadable (another version, another user of the channel): be safe, forget everything.
+            resolver.invalidate_all();
+            tracing::warn!(
+                channel,
+                "unreadable API key invalidation message; cleared the key cache"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configuration() {
+        let invalidator = RedisInvalidator::open("redis://127.0.0.1:1").unwrap();
+        assert_eq!(invalidator.channel(), DEFAULT_CHANNEL);
+        let invalidator = invalidator
+            .with_channel("a:b")
+            .ping_interval(Duration::ZERO)
+            .reconnect_backoff(Duration::ZERO, Duration::ZERO);
+        assert_eq!(invalidator.channel(), "a:b");
+        assert_eq!(invalidator.ping_interval, Duration::from_millis(10));
+        assert!(RedisInvalidator::open("not a url").is_err());
+        for _ in 0..100 {
+            let d = Backoff::jittered(Duration::from_secs(2));
+            assert!(
+                d >= Duration::from_secs(1) && d <= Duration::from_secs(2),
+                "{d:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn publishing_to_a_closed_port_is_unavailable() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let invalidator = RedisInvalidator::open(&format!("redis://127.0.0.1:{port}")).unwrap();
+        let event = Invalidation {
+            key_id: crate::key::KeyId::new("key_1"),
+            digests: vec![],
+        };
+        let err = invalidator.publish(&event).await.unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Unavailable);
+    }
+}

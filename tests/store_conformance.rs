@@ -1,0 +1,840 @@
+//! One conformance suite for every [`KeyStore`]: each check is written once (in `checks`) and run
+//! against `MemoryStore` (the reference), `SqliteStore` (feature `sqlite`, a temporary file) and
+//! `PostgresStore` (feature `postgres`, a schema of its own on `TEST_DATABASE_URL`).
+//!
+//! Every check gets a fresh store and, for the concurrency checks, a second independent instance on
+//! the same data (another pool on the same SQLite file or PostgreSQL schema; for memory, the same
+//! store). Timestamps are whole microseconds except in `timestamps_keep_microseconds`, which checks
+//! the documented precision: exact in memory, floored to the microsecond in the SQL stores.
+
+mod support_db;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use time::{Duration, OffsetDateTime};
+use tower_api_keys::store::{KeyLimits, ListQuery, PreviousSecret, Rotation, StoreErrorKind};
+use tower_api_keys::{
+    ApiKey, KeyDigest, KeyFormat, KeyId, KeyRecord, KeyStore, MemoryStore, ScopeSet,
+};
+
+/// What a check runs against.
+#[derive(Clone)]
+struct Stores {
+    /// The store under test.
+    a: Arc<dyn KeyStore>,
+    /// Another instance on the same data (a separate pool), or `a` itself for memory.
+    b: Arc<dyn KeyStore>,
+    /// Whether timestamps come back with nanoseconds (memory) or floored to microseconds (SQL).
+    exact_times: bool,
+}
+
+type Cleanup = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+struct Backend {
+    stores: Stores,
+    cleanup: Option<Cleanup>,
+}
+
+mod backends {
+    use super::*;
+
+    pub(crate) async fn memory(_test: &'static str) -> Option<Backend> {
+        let store: Arc<dyn KeyStore> = Arc::new(MemoryStore::new());
+        Some(Backend {
+            stores: Stores {
+                a: store.clone(),
+                b: store,
+                exact_times: true,
+            },
+            cleanup: None,
+        })
+    }
+
+    #[cfg(feature = "sqlite")]
+    pub(crate) async fn sqlite(test: &'static str) -> Option<Backend> {
+        use tower_api_keys::store::SqliteStore;
+        let path = std::env::temp_dir().join(format!("{}.db", support_db::unique(test)));
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        let a = SqliteStore::connect(&url).await.expect("open SQLite file");
+        let b = SqliteStore::connect(&url)
+            .await
+            .expect("open SQLite file again");
+        let cleanup = {
+            let (a, b) = (a.clone(), b.clone());
+            Box::pin(async move {
+                a.pool().close().await;
+                b.pool().close().await;
+                for suffix in ["", "-wal", "-shm"] {
+                    let mut file = path.clone().into_os_string();
+                    file.push(suffix);
+                    let _ = std::fs::remove_file(file);
+                }
+            }) as Cleanup
+        };
+        Some(Backend {
+            stores: Stores {
+                a: Arc::new(a),
+                b: Arc::new(b),
+                exact_times: false,
+            },
+            cleanup: Some(cleanup),
+        })
+    }
+
+    #[cfg(feature = "postgres")]
+    pub(crate) async fn postgres(test: &'static str) -> Option<Backend> {
+        let schema = support_db::pg_schema(test).await?;
+        let a = schema.store().await;
+        let b = schema.store().await;
+        let cleanup = {
+            let (pa, pb) = (a.pool().clone(), b.pool().clone());
+            Box::pin(async move {
+                pa.close().await;
+                pb.close().await;
+                schema.drop_schema().await;
+            }) as Cleanup
+        };
+        Some(Backend {
+            stores: Stores {
+                a: Arc::new(a),
+                b: Arc::new(b),
+                exact_times: false,
+            },
+            cleanup: Some(cleanup),
+        })
+    }
+}
+
+async fn run<F, FFut, C, CFut>(backend: F, check: C, test: &'static str)
+where
+    F: FnOnce(&'static str) -> FFut,
+    FFut: Future<Output = Option<Backend>>,
+    C: FnOnce(Stores) -> CFut,
+    CFut: Future<Output = ()>,
+{
+    let Some(backend) = backend(test).await else {
+        return;
+    };
+    check(backend.stores.clone()).await;
+    if let Some(cleanup) = backend.cleanup {
+        cleanup.await;
+    }
+}
+
+/// Declares every check once per backend: `memory::<check>`, `sqlite::<check>`, `postgres::<check>`.
+macro_rules! suite {
+    ($($check:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $check() {
+                    super::run(super::backends::memory, super::checks::$check, stringify!($check)).await;
+                }
+            )*
+        }
+        #[cfg(feature = "sqlite")]
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $check() {
+                    super::run(super::backends::sqlite, super::checks::$check, stringify!($check)).await;
+                }
+            )*
+        }
+        #[cfg(feature = "postgres")]
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $check() {
+                    super::run(super::backends::postgres, super::checks::$check, stringify!($check)).await;
+                }
+            )*
+        }
+    };
+}
+
+suite!(
+    round_trip_preserves_every_field,
+    find_by_digest_matches_current_and_grace_previous,
+    rotation_without_grace_drops_previous_digest,
+    second_rotation_replaces_previous_digest,
+    rotation_conflicts_and_unknown_ids,
+    revoke_keeps_first_time_and_is_idempotent,
+    delete_removes_the_record_and_frees_its_digests,
+    unknown_ids_are_none_not_errors,
+    list_is_newest_first_paginated_and_per_owner,
+    per_owner_limit_counts_only_active_keys,
+    per_account_limit_counts_only_active_keys,
+    concurrent_inserts_never_overshoot_the_limit,
+    duplicate_id_or_digest_conflicts,
+    last_used_batch_keeps_later_times,
+    timestamps_keep_microseconds,
+    find_returns_revoked_and_expired_records,
+);
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+
+/// A fixed instant with whole microseconds, plus `secs`.
+fn t(secs: i64) -> OffsetDateTime {
+    time::macros::datetime!(2031-02-03 04:05:06.123_456 UTC) + Duration::seconds(secs)
+}
+
+/// Now, floored to whole microseconds.
+fn now() -> OffsetDateTime {
+    let n = OffsetDateTime::now_utc();
+    n.replace_nanosecond(n.nanosecond() / 1_000 * 1_000)
+        .unwrap()
+}
+
+fn secret() -> ApiKey {
+    KeyFormat::new("sk_test").unwrap().generate()
+}
+
+/// A minimal record (no optional field set) with a fresh secret.
+fn record(id: &str, owner: &str, account: &str) -> KeyRecord {
+    let key = secret();
+    KeyRecord {
+        id: KeyId::new(id),
+        name: format!("name of {id}"),
+        owner: owner.to_owned(),
+        account: account.to_owned(),
+        scopes: ScopeSet::parse(["ledgers:read"]).unwrap(),
+        digest: key.digest(),
+        digest_scheme: Default::default(),
+        masked_key: KeyFormat::new("sk_test").unwrap().mask(&key).unwrap(),
+        created_at: t(0),
+        expires_at: None,
+        revoked_at: None,
+        last_used_at: None,
+        created_by: None,
+        rotated_at: None,
+        previous: None,
+    }
+}
+
+fn rotation(previous_valid_until: Option<OffsetDateTime>) -> Rotation {
+    let key = secret();
+    Rotation {
+        digest: key.digest(),
+        digest_scheme: Default::default(),
+        masked_key: KeyFormat::new("sk_test").unwrap().mask(&key).unwrap(),
+        rotated_at: t(100),
+        previous_valid_until,
+    }
+}
+
+fn no_limits() -> KeyLimits {
+    KeyLimits::default()
+}
+
+fn query(owner: &str, before: Option<&str>, limit: u32) -> ListQuery {
+    ListQuery {
+        owner: owner.to_owned(),
+        before: before.map(KeyId::new),
+        limit,
+    }
+}
+
+fn ids(records: &[KeyRecord]) -> Vec<&str> {
+    records.iter().map(|r| r.id.as_str()).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The checks
+
+mod checks {
+    use super::*;
+
+    pub(crate) async fn round_trip_preserves_every_field(s: Stores) {
+        let full = KeyRecord {
+            name: "Bob's \"billing\" key — ünïcode; DROP TABLE api_keys; --".into(),
+            owner: "team-α".into(),
+            account: "acct 1".into(),
+            scopes: ScopeSet::parse(["*:*", "ledgers:read", "*:write", "balances:*"]).unwrap(),
+            expires_at: Some(t(86_400)),
+            revoked_at: Some(t(50)),
+            last_used_at: Some(t(40)),
+            created_by: Some(KeyId::new("key_parent")),
+            rotated_at: Some(t(30)),
+            previous: Some(PreviousSecret {
+                digest: secret().digest(),
+                digest_scheme: Default::default(),
+                valid_until: t(60),
+            }),
+            ..record("key_full", "", "")
+        };
+        let minimal = KeyRecord {
+            scopes: ScopeSet::empty(),
+            ..record("key_minimal", "team-α", "acct 1")
+        };
+        for r in [&full, &minimal] {
+            s.a.insert(r, no_limits(), now()).await.unwrap();
+        }
+        for r in [&full, &minimal] {
+            assert_eq!(s.a.get(&r.id).await.unwrap().as_ref(), Some(r));
+            assert_eq!(
+                s.b.get(&r.id).await.unwrap().as_ref(),
+                Some(r),
+                "second instance"
+            );
+            assert_eq!(
+                s.a.find_by_digest(&r.digest).await.unwrap().as_ref(),
+                Some(r)
+            );
+        }
+        let listed = s.a.list(&query("team-α", None, 10)).await.unwrap();
+        assert_eq!(listed, vec![minimal, full]);
+    }
+
+    pub(crate) async fn find_by_digest_matches_current_and_grace_previous(s: Stores) {
+        let r = record("key_1", "o", "a");
+        s.a.insert(&r, no_limits(), now()).await.unwrap();
+        let rot = rotation(Some(t(3_600)));
+        let rotated = s.a.replace_secret(&r.id, &rot).await.unwrap().unwrap();
+        let expected = KeyRecord {
+            digest: rot.digest,
+            masked_key: rot.masked_key.clone(),
+            rotated_at: Some(rot.rotated_at),
+            previous: Some(PreviousSecret {
+                digest: r.digest,
+                digest_scheme: r.digest_scheme,
+                valid_until: t(3_600),
+            }),
+            ..r.clone()
+        };
+        assert_eq!(rotated, expected);
+        assert_eq!(s.a.get(&r.id).await.unwrap(), Some(expected.clone()));
+        assert_eq!(
+            s.b.find_by_digest(&rot.digest).await.unwrap(),
+            Some(expected.clone())
+        );
+        assert_eq!(s.b.find_by_digest(&r.digest).await.unwrap(), Some(expected));
+        assert_eq!(s.a.find_by_digest(&secret().digest()).await.unwrap(), None);
+    }
+
+    pub(crate) async fn rotation_without_grace_drops_previous_digest(s: Stores) {
+        let r = record("key_1", "o", "a");
+        s.a.insert(&r, no_limits(), now()).await.unwrap();
+        let rot = rotation(None);
+        let rotated = s.a.replace_secret(&r.id, &rot).await.unwrap().unwrap();
+        assert_eq!(rotated.previous, None);
+        assert_eq!(rotated.digest, rot.digest);
+        assert_eq!(s.a.find_by_digest(&r.digest).await.unwrap(), None);
+        assert_eq!(
+            s.a.find_by_digest(&rot.digest).await.unwrap(),
+            Some(rotated)
+        );
+        // The old digest is free again.
+        let reuse = KeyRecord {
+            digest: r.digest,
+            ..record("key_2", "o", "a")
+        };
+        s.a.insert(&reuse, no_limits(), now()).await.unwrap();
+    }
+
+    pub(crate) async fn second_rotation_replaces_previous_digest(s: Stores) {
+        let r = record("key_1", "o", "a");
+        s.a.insert(&r, no_limits(), now()).await.unwrap();
+        let first = rotation(Some(t(3_600)));
+        s.a.replace_secret(&r.id, &first).await.unwrap().unwrap();
+        let second = rotation(Some(t(7_200)));
+        let rotated = s.a.replace_secret(&r.id, &second).await.unwrap().unwrap();
+        assert_eq!(
+            rotated.previous,
+            Some(PreviousSecret {
+                digest: first.digest,
+                digest_scheme: first.digest_scheme,
+                valid_until: t(7_200),
+            })
+        );
+        assert_eq!(
+            s.a.find_by_digest(&r.digest).await.unwrap(),
+            None,
+            "first secret"
+        );
+        assert_eq!(
+            s.a.find_by_digest(&first.digest).await.unwrap(),
+            Some(rotated.clone())
+        );
+        assert_eq!(
+            s.a.find_by_digest(&second.digest).await.unwrap(),
+            Some(rotated)
+        );
+    }
+
+    pub(crate) async fn rotation_conflicts_and_unknown_ids(s: Stores) {
+        let r1 = record("key_1", "o", "a");
+        let r2 = record("key_2", "o", "a");
+        for r in [&r1, &r2] {
+            s.a.insert(r, no_limits(), now()).await.unwrap();
+        }
+        // To another key's digest, or to its own current digest: conflict, nothing changes.
+        for digest in [r2.digest, r1.digest] {
+            let rot = Rotation {
+                digest,
+                ..rotation(Some(t(3_600)))
+            };
+            let err = s.a.replace_secret(&r1.id, &rot).await.unwrap_err();
+            assert_eq!(err.kind(), StoreErrorKind::Conflict);
+        }
+        assert_eq!(s.a.get(&r1.id).await.unwrap(), Some(r1.clone()));
+        assert_eq!(
+            s.a.find_by_digest(&r1.digest).await.unwrap(),
+            Some(r1.clone())
+        );
+        assert_eq!(
+            s.a.find_by_digest(&r2.digest).await.unwrap(),
+            Some(r2.clone())
+        );
+        // To a digest that is another key's grace-period secret: conflict too.
+        let rot2 = rotation(Some(t(3_600)));
+        s.a.replace_secret(&r2.id, &rot2).await.unwrap().unwrap();
+        let onto_grace = Rotation {
+            digest: r2.digest,
+            ..rotation(None)
+        };
+        let err = s.a.replace_secret(&r1.id, &onto_grace).await.unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Conflict);
+        assert_eq!(s.a.get(&r1.id).await.unwrap(), Some(r1));
+        assert_eq!(
+            s.a.replace_secret(&KeyId::new("key_unknown"), &rotation(None))
+                .await
+                .unwrap(),
+            None
+        );
+    }
+
+    pub(crate) async fn revoke_keeps_first_time_and_is_idempotent(s: Stores) {
+        let r = record("key_1", "o", "a");
+        s.a.insert(&r, no_limits(), now()).await.unwrap();
+        let first = s.a.revoke(&r.id, t(10)).await.unwrap().unwrap();
+        assert_eq!(first.revoked_at, Some(t(10)));
+        assert_eq!(
+            KeyRecord {
+                revoked_at: None,
+                ..first.clone()
+            },
+            r
+        );
+        let again = s.b.revoke(&r.id, t(20)).await.unwrap().unwrap();
+        assert_eq!(again, first, "a later revocation keeps the first time");
+        let earlier = s.a.revoke(&r.id, t(5)).await.unwrap().unwrap();
+        assert_eq!(
+            earlier.revoked_at,
+            Some(t(10)),
+            "keeps the first, not the earliest"
+        );
+        assert_eq!(s.a.get(&r.id).await.unwrap(), Some(first));
+    }
+
+    pub(crate) async fn delete_removes_the_record_and_frees_its_digests(s: Stores) {
+        let r = record("key_1", "o", "a");
+        s.a.insert(&r, no_limits(), now()).await.unwrap();
+        let rot = rotation(Some(t(3_600)));
+        let rotated = s.a.replace_secret(&r.id, &rot).await.unwrap().unwrap();
+        assert_eq!(s.a.delete(&r.id).await.unwrap(), Some(rotated));
+        assert_eq!(s.a.get(&r.id).await.unwrap(), None);
+        assert_eq!(s.a.find_by_digest(&rot.digest).await.unwrap(), None);
+        assert_eq!(s.a.find_by_digest(&r.digest).await.unwrap(), None);
+        assert_eq!(s.a.list(&query("o", None, 10)).await.unwrap(), vec![]);
+        assert_eq!(s.b.delete(&r.id).await.unwrap(), None, "second delete");
+        // Both digests and the id can be used again.
+        let again = KeyRecord {
+            digest: rot.digest,
+            previous: None,
+            ..record("key_1", "o", "a")
+        };
+        s.a.insert(&again, no_limits(), now()).await.unwrap();
+        let other = KeyRecord {
+            digest: r.digest,
+            ..record("key_2", "o", "a")
+        };
+        s.a.insert(&other, no_limits(), now()).await.unwrap();
+        assert_eq!(s.a.find_by_digest(&rot.digest).await.unwrap(), Some(again));
+    }
+
+    pub(crate) async fn unknown_ids_are_none_not_errors(s: Stores) {
+        let r = record("key_1", "o", "a");
+        s.a.insert(&r, no_limits(), now()).await.unwrap();
+        let unknown = KeyId::new("key_unknown");
+        assert_eq!(s.a.get(&unknown).await.unwrap(), None);
+        assert_eq!(s.a.revoke(&unknown, t(1)).await.unwrap(), None);
+        assert_eq!(s.a.delete(&unknown).await.unwrap(), None);
+        assert_eq!(
+            s.a.replace_secret(&unknown, &rotation(None)).await.unwrap(),
+            None
+        );
+        s.a.record_last_used(&[(unknown.clone(), t(1))])
+            .await
+            .unwrap();
+        assert_eq!(s.a.list(&query("nobody", None, 10)).await.unwrap(), vec![]);
+        assert_eq!(s.a.get(&r.id).await.unwrap(), Some(r), "others untouched");
+    }
+
+    pub(crate) async fn list_is_newest_first_paginated_and_per_owner(s: Stores) {
+        // Inserted out of order; ids sort byte-wise (upper case before lower case).
+        let mine = [
+            "key_03", "key_01", "key_07", "key_05", "key_02", "key_06", "key_04", "key_A", "key_a",
+        ];
+        for id in mine {
+            s.a.insert(&record(id, "me", "acct"), no_limits(), now())
+                .await
+                .unwrap();
+        }
+        for id in ["key_00", "key_08", "key_045"] {
+            s.a.insert(&record(id, "you", "acct"), no_limits(), now())
+                .await
+                .unwrap();
+        }
+        let all = s.a.list(&query("me", None, 100)).await.unwrap();
+        assert_eq!(
+            ids(&all),
+            [
+                "key_a", "key_A", "key_07", "key_06", "key_05", "key_04", "key_03", "key_02",
+                "key_01"
+            ]
+        );
+        assert!(all.iter().all(|r| r.owner == "me"));
+        let page1 = s.b.list(&query("me", None, 4)).await.unwrap();
+        assert_eq!(ids(&page1), ["key_a", "key_A", "key_07", "key_06"]);
+        let page2 = s.b.list(&query("me", Some("key_06"), 4)).await.unwrap();
+        assert_eq!(ids(&page2), ["key_05", "key_04", "key_03", "key_02"]);
+        let page3 = s.b.list(&query("me", Some("key_02"), 4)).await.unwrap();
+        assert_eq!(ids(&page3), ["key_01"]);
+        assert_eq!(
+            s.b.list(&query("me", Some("key_01"), 4)).await.unwrap(),
+            vec![]
+        );
+        // A cursor that is not one of the owner's ids still bounds the page.
+        let mid = s.a.list(&query("me", Some("key_045"), 2)).await.unwrap();
+        assert_eq!(ids(&mid), ["key_04", "key_03"]);
+        assert_eq!(s.a.list(&query("me", None, 0)).await.unwrap(), vec![]);
+        let yours = s.a.list(&query("you", None, 100)).await.unwrap();
+        assert_eq!(ids(&yours), ["key_08", "key_045", "key_00"]);
+    }
+
+    pub(crate) async fn per_owner_limit_counts_only_active_keys(s: Stores) {
+        let now = now();
+        let limits = KeyLimits {
+            per_owner: Some(2),
+            per_account: None,
+        };
+        // Neither a revoked nor an expired key counts; one expiring later does.
+        let expired = KeyRecord {
+            expires_at: Some(now - Duration::hours(1)),
+            ..record("key_expired", "o", "a")
+        };
+        let revoked = KeyRecord {
+            revoked_at: Some(now - Duration::hours(1)),
+            ..record("key_revoked", "o", "a")
+        };
+        let expiring = KeyRecord {
+            expires_at: Some(now + Duration::hours(1)),
+            ..record("key_1", "o", "a")
+        };
+        for r in [&expired, &revoked, &expiring] {
+            s.a.insert(r, limits, now).await.unwrap();
+        }
+        s.a.insert(&record("key_2", "o", "a"), limits, now)
+            .await
+            .unwrap();
+        let err =
+            s.b.insert(&record("key_3", "o", "a"), limits, now)
+                .await
+                .unwrap_err();
+        assert_eq!(
+            err.kind(),
+            StoreErrorKind::LimitReached {
+                limit: 2,
+                scope: "owner"
+            }
+        );
+        assert_eq!(s.a.get(&KeyId::new("key_3")).await.unwrap(), None);
+        // Another owner in the same account is not affected; no limit, no refusal.
+        s.a.insert(&record("key_other", "other", "a"), limits, now)
+            .await
+            .unwrap();
+        s.a.insert(&record("key_4", "o", "a"), no_limits(), now)
+            .await
+            .unwrap();
+        // Revoking one frees a slot only once the over-limit key is gone too.
+        s.a.revoke(&KeyId::new("key_2"), now).await.unwrap();
+        let err =
+            s.a.insert(&record("key_5", "o", "a"), limits, now)
+                .await
+                .unwrap_err();
+        assert!(matches!(err.kind(), StoreErrorKind::LimitReached { .. }));
+        s.a.delete(&KeyId::new("key_4")).await.unwrap();
+        s.a.insert(&record("key_5", "o", "a"), limits, now)
+            .await
+            .unwrap();
+        // Time passing expires a key: with `now` past its expiry, it no longer counts.
+        let later = now + Duration::hours(2);
+        s.a.insert(&record("key_6", "o", "a"), limits, later)
+            .await
+            .unwrap();
+    }
+
+    pub(crate) async fn per_account_limit_counts_only_active_keys(s: Stores) {
+        let now = now();
+        let limits = KeyLimits {
+            per_owner: None,
+            per_account: Some(2),
+        };
+        let expired = KeyRecord {
+            expires_at: Some(now),
+            ..record("key_expired", "o1", "acct")
+        };
+        s.a.insert(&expired, limits, now).await.unwrap();
+        s.a.insert(&record("key_1", "o1", "acct"), limits, now)
+            .await
+            .unwrap();
+        s.a.insert(&record("key_2", "o2", "acct"), limits, now)
+            .await
+            .unwrap();
+        let err =
+            s.b.insert(&record("key_3", "o3", "acct"), limits, now)
+                .await
+                .unwrap_err();
+        assert_eq!(
+            err.kind(),
+            StoreErrorKind::LimitReached {
+                limit: 2,
+                scope: "account"
+            }
+        );
+        s.a.insert(&record("key_4", "o1", "other"), limits, now)
+            .await
+            .unwrap();
+        s.a.revoke(&KeyId::new("key_1"), now).await.unwrap();
+        s.b.insert(&record("key_3", "o3", "acct"), limits, now)
+            .await
+            .unwrap();
+        // Both bounds at once: the owner bound is reported when both are hit.
+        let both = KeyLimits {
+            per_owner: Some(1),
+            per_account: Some(2),
+        };
+        let err =
+            s.a.insert(&record("key_5", "o2", "acct"), both, now)
+                .await
+                .unwrap_err();
+        assert_eq!(
+            err.kind(),
+            StoreErrorKind::LimitReached {
+                limit: 1,
+                scope: "owner"
+            }
+        );
+    }
+
+    pub(crate) async fn concurrent_inserts_never_overshoot_the_limit(s: Stores) {
+        let now = now();
+        for (limits, owner_of, account_of, scope) in [
+            (
+                KeyLimits {
+                    per_owner: Some(5),
+                    per_account: None,
+                },
+                (|_| "busy".to_owned()) as fn(usize) -> String,
+                (|i| format!("acct_{i}")) as fn(usize) -> String,
+                "owner",
+            ),
+            (
+                KeyLimits {
+                    per_owner: None,
+                    per_account: Some(5),
+                },
+                (|i| format!("owner_{i}")) as fn(usize) -> String,
+                (|_| "busy".to_owned()) as fn(usize) -> String,
+                "account",
+            ),
+        ] {
+            let tasks: Vec<_> = (0..50)
+                .map(|i| {
+                    // Alternate between the two instances (two pools for the SQL stores).
+                    let store = if i % 2 == 0 { s.a.clone() } else { s.b.clone() };
+                    let r = record(&format!("key_{scope}_{i:02}"), &owner_of(i), &account_of(i));
+                    tokio::spawn(async move { store.insert(&r, limits, now).await })
+                })
+                .collect();
+            let (mut ok, mut refused) = (0, 0);
+            for task in tasks {
+                match task.await.unwrap() {
+                    Ok(()) => ok += 1,
+                    Err(e) if e.kind() == (StoreErrorKind::LimitReached { limit: 5, scope }) => {
+                        refused += 1
+                    }
+                    Err(e) => panic!("unexpected error: {e}"),
+                }
+            }
+            assert_eq!((ok, refused), (5, 45), "per {scope}");
+        }
+        assert_eq!(s.a.list(&query("busy", None, 100)).await.unwrap().len(), 5);
+    }
+
+    pub(crate) async fn duplicate_id_or_digest_conflicts(s: Stores) {
+        let r = record("key_1", "o", "a");
+        s.a.insert(&r, no_limits(), now()).await.unwrap();
+        let same_id = record("key_1", "o2", "a2");
+        let same_digest = KeyRecord {
+            digest: r.digest,
+            ..record("key_2", "o", "a")
+        };
+        for dup in [&same_id, &same_digest, &r] {
+            let err = s.b.insert(dup, no_limits(), now()).await.unwrap_err();
+            assert_eq!(err.kind(), StoreErrorKind::Conflict);
+        }
+        // A digest that identifies another key during its grace period is taken too.
+        let rot = rotation(Some(t(3_600)));
+        s.a.replace_secret(&r.id, &rot).await.unwrap().unwrap();
+        let on_grace = KeyRecord {
+            digest: r.digest,
+            ..record("key_3", "o", "a")
+        };
+        let err = s.a.insert(&on_grace, no_limits(), now()).await.unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Conflict);
+        // Nothing was stored by the refused inserts; the conflict error does not leak the digest.
+        assert_eq!(
+            ids(&s.a.list(&query("o", None, 10)).await.unwrap()),
+            ["key_1"]
+        );
+        assert_eq!(s.a.list(&query("o2", None, 10)).await.unwrap(), vec![]);
+        let text = format!("{err} {err:?}");
+        let hex: String = r
+            .digest
+            .as_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert!(!text.contains(&hex[..16]), "{text}");
+    }
+
+    pub(crate) async fn last_used_batch_keeps_later_times(s: Stores) {
+        let (a, b, c) = (
+            record("key_a", "o", "x"),
+            record("key_b", "o", "x"),
+            record("key_c", "o", "x"),
+        );
+        let c = KeyRecord {
+            last_used_at: Some(t(500)),
+            ..c
+        };
+        for r in [&a, &b, &c] {
+            s.a.insert(r, no_limits(), now()).await.unwrap();
+        }
+        s.a.record_last_used(&[]).await.unwrap();
+        s.a.record_last_used(&[
+            (a.id.clone(), t(20)),
+            (b.id.clone(), t(10)),
+            (KeyId::new("key_unknown"), t(30)),
+            (a.id.clone(), t(15)),
+            (c.id.clone(), t(400)),
+        ])
+        .await
+        .unwrap();
+        let last = |r: Option<KeyRecord>| r.unwrap().last_used_at;
+        assert_eq!(
+            last(s.a.get(&a.id).await.unwrap()),
+            Some(t(20)),
+            "later of one batch"
+        );
+        assert_eq!(last(s.a.get(&b.id).await.unwrap()), Some(t(10)));
+        assert_eq!(
+            last(s.a.get(&c.id).await.unwrap()),
+            Some(t(500)),
+            "stored time was later"
+        );
+        s.b.record_last_used(&[(a.id.clone(), t(5)), (b.id.clone(), t(11))])
+            .await
+            .unwrap();
+        assert_eq!(
+            last(s.a.get(&a.id).await.unwrap()),
+            Some(t(20)),
+            "earlier batch loses"
+        );
+        assert_eq!(last(s.a.get(&b.id).await.unwrap()), Some(t(11)));
+        assert_eq!(s.a.get(&KeyId::new("key_unknown")).await.unwrap(), None);
+    }
+
+    pub(crate) async fn timestamps_keep_microseconds(s: Stores) {
+        let nanos = time::macros::datetime!(2031-02-03 04:05:06.123_456_789 UTC);
+        let floored = time::macros::datetime!(2031-02-03 04:05:06.123_456 UTC);
+        let before_epoch = time::macros::datetime!(1969-07-20 20:17:40.000_000_999 UTC);
+        let r = KeyRecord {
+            created_at: nanos,
+            expires_at: Some(nanos + Duration::days(1)),
+            rotated_at: Some(before_epoch),
+            // A non-UTC offset comes back as the same instant.
+            last_used_at: Some(nanos.to_offset(time::macros::offset!(+05:30))),
+            ..record("key_1", "o", "a")
+        };
+        s.a.insert(&r, no_limits(), now()).await.unwrap();
+        let got = s.a.get(&r.id).await.unwrap().unwrap();
+        if s.exact_times {
+            assert_eq!(got, r);
+        } else {
+            assert_eq!(got.created_at, floored);
+            assert_eq!(got.expires_at, Some(floored + Duration::days(1)));
+            assert_eq!(
+                got.rotated_at,
+                Some(time::macros::datetime!(1969-07-20 20:17:40 UTC))
+            );
+            assert_eq!(got.last_used_at, Some(floored));
+        }
+        s.a.record_last_used(&[(r.id.clone(), nanos + Duration::nanoseconds(100))])
+            .await
+            .unwrap();
+        let got = s.a.get(&r.id).await.unwrap().unwrap();
+        let expected = if s.exact_times {
+            nanos + Duration::nanoseconds(100)
+        } else {
+            floored
+        };
+        assert_eq!(got.last_used_at, Some(expected));
+    }
+
+    pub(crate) async fn find_returns_revoked_and_expired_records(s: Stores) {
+        let expired = KeyRecord {
+            expires_at: Some(t(-86_400 * 365 * 20)),
+            ..record("key_expired", "o", "a")
+        };
+        let revoked = KeyRecord {
+            revoked_at: Some(t(1)),
+            ..record("key_revoked", "o", "a")
+        };
+        for r in [&expired, &revoked] {
+            s.a.insert(r, no_limits(), now()).await.unwrap();
+        }
+        let grace_over = rotation(Some(t(-86_400 * 365 * 20)));
+        let rotated =
+            s.a.replace_secret(&expired.id, &grace_over)
+                .await
+                .unwrap()
+                .unwrap();
+        assert_eq!(
+            s.b.find_by_digest(&revoked.digest).await.unwrap(),
+            Some(revoked)
+        );
+        assert_eq!(
+            s.b.find_by_digest(&grace_over.digest).await.unwrap(),
+            Some(rotated.clone())
+        );
+        // The grace period is over, yet the store still answers: the resolver refuses it.
+        assert_eq!(
+            s.b.find_by_digest(&expired.digest).await.unwrap(),
+            Some(rotated)
+        );
+    }
+}
+
+// Keep the fixture helpers honest: the digest of a generated key is what the store indexes.
+#[test]
+fn fixtures_make_distinct_secrets() {
+    let (a, b) = (record("key_1", "o", "a"), record("key_1", "o", "a"));
+    assert_ne!(a.digest, b.digest);
+    assert_eq!(KeyDigest::of(secret().expose_secret()).as_bytes().len(), 32);
+}
