@@ -1,0 +1,378 @@
+//! Fleet-wide revocation: two instances (each its own `PostgresStore` pool, resolver and subscriber)
+//! on one PostgreSQL database. Instance A revokes a key that B has cached and publishes the change; B
+//! must refuse the key within one second. Once over LISTEN/NOTIFY, once over Redis pub/sub. A third
+//! resolver without a subscriber keeps accepting the key from its cache, which shows that the
+//! broadcast, not a cache expiry, made B refuse it.
+//!
+//! Also: a subscriber whose connection is killed reconnects and clears its cache.
+//!
+//! Needs `TEST_DATABASE_URL` (and `TEST_REDIS_URL` for the Redis tests); see `support_db`. Run with
+//! `--nocapture` to see the measured propagation times.
+#![cfg(feature = "postgres")]
+
+mod support_db;
+
+use std::time::{Duration, Instant};
+
+use time::OffsetDateTime;
+use tower_api_keys::error::ExpiredReason;
+use tower_api_keys::store::{KeyLimits, PostgresStore};
+use tower_api_keys::{
+    ApiKey, AuthError, CachedResolver, Invalidation, Invalidator, KeyFormat, KeyId, KeyRecord,
+    KeyStore, PgInvalidator, ScopeSet,
+};
+
+use support_db::PgSchema;
+
+/// Generous bound for waits that only guard against hanging (not timing assertions).
+const HANG_GUARD: Duration = Duration::from_secs(30);
+
+/// One instance of the service: its own pool and resolver.
+struct Instance {
+    store: PostgresStore,
+    resolver: CachedResolver,
+}
+
+async fn instance(schema: &PgSchema) -> Instance {
+    let store = schema.store().await;
+    let resolver = CachedResolver::builder(store.clone())
+        .ttl(Duration::from_secs(300))
+        .build();
+    Instance { store, resolver }
+}
+
+/// Stores a new active key and returns it with its record.
+async fn new_key(store: &impl KeyStore) -> (ApiKey, KeyRecord) {
+    let format = KeyFormat::default();
+    let key = format.generate();
+    let now = OffsetDateTime::now_utc();
+    let record = KeyRecord {
+        id: KeyId::generate(),
+        name: "fleet".into(),
+        owner: "team".into(),
+        account: "acct".into(),
+        scopes: ScopeSet::parse(["ledgers:read"]).unwrap(),
+        digest: key.digest(),
+        digest_scheme: Default::default(),
+        masked_key: format.mask(&key).unwrap(),
+        created_at: now,
+        expires_at: None,
+        revoked_at: None,
+        last_used_at: None,
+        created_by: None,
+        rotated_at: None,
+        previous: None,
+    };
+    store
+        .insert(&record, KeyLimits::default(), now)
+        .await
+        .unwrap();
+    (key, record)
+}
+
+/// The scenario shared by both broadcasters. `b` is subscribed through its own invalidator;
+/// `publisher` is A's invalidator; `control` caches the key but hears nothing.
+async fn revoke_on_a_is_refused_by_b(
+    transport: &str,
+    a: &Instance,
+    b: &Instance,
+    control: &CachedResolver,
+    publisher: &dyn Invalidator,
+) {
+    let (key, record) = new_key(&a.store).await;
+    let digest = key.digest();
+    a.resolver.authenticate(&digest).await.unwrap();
+    b.resolver.authenticate(&digest).await.unwrap();
+    control.authenticate(&digest).await.unwrap();
+    let lookups = b.resolver.store_lookups();
+    b.resolver.authenticate(&digest).await.unwrap();
+    assert_eq!(
+        b.resolver.store_lookups(),
+        lookups,
+        "B answers from its cache"
+    );
+
+    let start = Instant::now();
+    let revoked = a
+        .store
+        .revoke(&record.id, OffsetDateTime::now_utc())
+        .await
+        .unwrap()
+        .expect("the key exists");
+    let invalidation = Invalidation {
+        key_id: revoked.id.clone(),
+        digests: revoked.digests().copied().collect(),
+    };
+    invalidation.apply(&a.resolver);
+    publisher.publish(&invalidation).await.unwrap();
+    let published = start.elapsed();
+
+    let propagation = loop {
+        match b.resolver.authenticate(&digest).await {
+            Err(AuthError::ExpiredKey(ExpiredReason::Revoked)) => break start.elapsed(),
+            Ok(_) => {}
+            Err(other) => panic!("B answered {other:?}, expected a revoked key"),
+        }
+        assert!(
+            start.elapsed() < HANG_GUARD,
+            "B never refused the revoked key"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    println!(
+        "propagation over {transport}: B refused the revoked key {propagation:?} after A's revoke \
+         (revoke + publish took {published:?})"
+    );
+    assert!(
+        propagation < Duration::from_secs(1),
+        "propagation over {transport} took {propagation:?}"
+    );
+    assert!(matches!(
+        a.resolver.authenticate(&digest).await,
+        Err(AuthError::ExpiredKey(ExpiredReason::Revoked))
+    ));
+    assert!(
+        control.authenticate(&digest).await.is_ok(),
+        "without a subscriber the cached key is still accepted (so B's refusal came from the broadcast)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_propagates_over_listen_notify() {
+    let Some(schema) = support_db::pg_schema("fleet_pg").await else {
+        return;
+    };
+    let channel = support_db::unique("fleet_pg");
+    let (a, b) = (instance(&schema).await, instance(&schema).await);
+    let control = CachedResolver::new(schema.store().await);
+    let a_invalidator = PgInvalidator::from_store(&a.store)
+        .with_channel(&channel)
+        .unwrap();
+    let b_invalidator = PgInvalidator::from_store(&b.store)
+        .with_channel(&channel)
+        .unwrap();
+    let a_subscription = a_invalidator.subscribe(a.resolver.clone());
+    let b_subscription = b_invalidator.subscribe(b.resolver.clone());
+    for sub in [&a_subscription, &b_subscription] {
+        tokio::time::timeout(HANG_GUARD, sub.wait_connected())
+            .await
+            .expect("subscriber connects");
+    }
+    revoke_on_a_is_refused_by_b("LISTEN/NOTIFY", &a, &b, &control, &a_invalidator).await;
+    b_subscription.shutdown().await;
+    drop(a_subscription);
+    schema.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_notify_subscriber_clears_the_cache_after_reconnecting() {
+    let Some(schema) = support_db::pg_schema("fleet_pg_reconnect").await else {
+        return;
+    };
+    let channel = support_db::unique("fleet_pg_reconnect");
+    let b = instance(&schema).await;
+    let invalidator = PgInvalidator::from_store(&b.store)
+        .with_channel(&channel)
+        .unwrap()
+        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200));
+    let subscription = invalidator.subscribe(b.resolver.clone());
+    tokio::time::timeout(HANG_GUARD, subscription.wait_connected())
+        .await
+        .expect("subscriber connects");
+    assert_eq!(subscription.status().connections, 1);
+
+    let (key, _) = new_key(&b.store).await;
+    b.resolver.authenticate(&key.digest()).await.unwrap();
+    b.resolver.authenticate(&key.digest()).await.unwrap();
+    assert_eq!(b.resolver.store_lookups(), 1, "cached");
+
+    // Kill the subscriber's backend, as a failover or a network cut would.
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE pid <> pg_backend_pid() AND datname = current_database() \
+           AND query LIKE '%LISTEN%' AND query LIKE '%' || $1 || '%'",
+    )
+    .bind(&channel)
+    .fetch_all(b.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        killed,
+        [true],
+        "exactly the subscriber's connection was killed"
+    );
+
+    tokio::time::timeout(HANG_GUARD, subscription.wait_for_connections(2))
+        .await
+        .expect("subscriber reconnects");
+    b.resolver.authenticate(&key.digest()).await.unwrap();
+    assert_eq!(
+        b.resolver.store_lookups(),
+        2,
+        "the cache was cleared on reconnect: the key was looked up again"
+    );
+
+    // It still delivers after the reconnect.
+    let invalidation = Invalidation {
+        key_id: KeyId::new("key_unrelated"),
+        digests: vec![key.digest()],
+    };
+    invalidator.publish(&invalidation).await.unwrap();
+    let start = Instant::now();
+    while b.resolver.store_lookups() == 2 {
+        b.resolver.authenticate(&key.digest()).await.unwrap();
+        assert!(
+            start.elapsed() < HANG_GUARD,
+            "invalidation not applied after reconnect"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    subscription.shutdown().await;
+    schema.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_notification_clears_the_cache() {
+    let Some(schema) = support_db::pg_schema("fleet_pg_garbage").await else {
+        return;
+    };
+    let channel = support_db::unique("fleet_pg_garbage");
+    let b = instance(&schema).await;
+    let subscription = PgInvalidator::from_store(&b.store)
+        .with_channel(&channel)
+        .unwrap()
+        .subscribe(b.resolver.clone());
+    tokio::time::timeout(HANG_GUARD, subscription.wait_connected())
+        .await
+        .expect("subscriber connects");
+    let (key, _) = new_key(&b.store).await;
+    b.resolver.authenticate(&key.digest()).await.unwrap();
+    assert_eq!(b.resolver.store_lookups(), 1);
+    sqlx::query("SELECT pg_notify($1, 'not an invalidation')")
+        .bind(&channel)
+        .execute(b.store.pool())
+        .await
+        .unwrap();
+    let start = Instant::now();
+    while b.resolver.store_lookups() == 1 {
+        b.resolver.authenticate(&key.digest()).await.unwrap();
+        assert!(start.elapsed() < HANG_GUARD, "cache not cleared");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    drop(subscription);
+    schema.drop_schema().await;
+}
+
+#[cfg(feature = "redis")]
+mod over_redis {
+    use tower_api_keys::RedisInvalidator;
+
+    use super::*;
+
+    /// A Redis client on `url`, but with `db` selected: `CLIENT LIST` shows it, which lets a test
+    /// find its own pub/sub connection among others.
+    fn client_on_db(url: &str, db: i64) -> redis::Client {
+        use redis::IntoConnectionInfo;
+        let info = url.into_connection_info().unwrap();
+        let settings = info.redis_settings().clone().set_db(db);
+        redis::Client::open(info.set_redis_settings(settings)).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn revocation_propagates_over_redis_pubsub() {
+        let Some(redis_url) = support_db::redis_url("fleet_redis").await else {
+            return;
+        };
+        let Some(schema) = support_db::pg_schema("fleet_redis").await else {
+            return;
+        };
+        let channel = support_db::unique("fleet_redis");
+        let (a, b) = (instance(&schema).await, instance(&schema).await);
+        let control = CachedResolver::new(schema.store().await);
+        let a_invalidator = RedisInvalidator::open(&redis_url)
+            .unwrap()
+            .with_channel(&channel);
+        let b_invalidator = RedisInvalidator::open(&redis_url)
+            .unwrap()
+            .with_channel(&channel);
+        let a_subscription = a_invalidator.subscribe(a.resolver.clone());
+        let b_subscription = b_invalidator.subscribe(b.resolver.clone());
+        for sub in [&a_subscription, &b_subscription] {
+            tokio::time::timeout(HANG_GUARD, sub.wait_connected())
+                .await
+                .expect("subscriber connects");
+        }
+        revoke_on_a_is_refused_by_b("Redis pub/sub", &a, &b, &control, &a_invalidator).await;
+        b_subscription.shutdown().await;
+        drop(a_subscription);
+        schema.drop_schema().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_subscriber_clears_the_cache_after_reconnecting() {
+        const DB: i64 = 13;
+        let Some(redis_url) = support_db::redis_url("fleet_redis_reconnect").await else {
+            return;
+        };
+        let Some(schema) = support_db::pg_schema("fleet_redis_reconnect").await else {
+            return;
+        };
+        let channel = support_db::unique("fleet_redis_reconnect");
+        let b = instance(&schema).await;
+        let invalidator = RedisInvalidator::new(client_on_db(&redis_url, DB))
+            .with_channel(&channel)
+            .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200));
+        let subscription = invalidator.subscribe(b.resolver.clone());
+        tokio::time::timeout(HANG_GUARD, subscription.wait_connected())
+            .await
+            .expect("subscriber connects");
+        assert_eq!(subscription.status().connections, 1);
+
+        let (key, _) = new_key(&b.store).await;
+        b.resolver.authenticate(&key.digest()).await.unwrap();
+        b.resolver.authenticate(&key.digest()).await.unwrap();
+        assert_eq!(b.resolver.store_lookups(), 1, "cached");
+
+        // Kill the subscriber's pub/sub connection (found by its selected database).
+        let admin = redis::Client::open(redis_url.as_str()).unwrap();
+        let mut admin = admin.get_multiplexed_async_connection().await.unwrap();
+        let clients: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        let ids: Vec<String> = clients
+            .lines()
+            .filter(|line| line.split(' ').any(|field| field == format!("db={DB}")))
+            .filter_map(|line| line.split(' ').find_map(|f| f.strip_prefix("id=")))
+            .map(str::to_owned)
+            .collect();
+        assert!(
+            !ids.is_empty(),
+            "the subscriber's connection is listed: {clients}"
+        );
+        for id in &ids {
+            let _: i64 = redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("ID")
+                .arg(id)
+                .query_async(&mut admin)
+                .await
+                .unwrap();
+        }
+
+        tokio::time::timeout(HANG_GUARD, subscription.wait_for_connections(2))
+            .await
+            .expect("subscriber reconnects");
+        b.resolver.authenticate(&key.digest()).await.unwrap();
+        assert_eq!(
+            b.resolver.store_lookups(),
+            2,
+            "the cache was cleared on reconnect: the key was looked up again"
+        );
+        subscription.shutdown().await;
+        schema.drop_schema().await;
+    }
+}
