@@ -298,6 +298,7 @@ impl Scanner<'_> {
         Ok(false)
     }
 
+    #[inline]
     fn peek(&self) -> Option<u8> {
         self.input.get(self.pos).copied()
     }
@@ -306,6 +307,7 @@ impl Scanner<'_> {
         ScanError::Syntax(self.pos)
     }
 
+    #[inline]
     fn skip_ws(&mut self) {
         while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
             self.pos += 1;
@@ -320,10 +322,7 @@ impl Scanner<'_> {
         let mut escaped = false;
         loop {
             let rest = self.input.get(self.pos..).unwrap_or_default();
-            let Some(offset) = rest
-                .iter()
-                .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
-            else {
+            let Some(offset) = find_string_special(rest) else {
                 self.pos = self.input.len();
                 return Err(self.error());
             };
@@ -411,7 +410,36 @@ impl Scanner<'_> {
     }
 }
 
+/// The offset of the first `"`, `\\` or control character in `bytes`: where a string's plain run
+/// ends. Eight bytes at a time (SWAR); the lowest flagged byte of a word is always exact.
+fn find_string_special(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    // Flags the bytes of `x` that are below `n` (n <= 0x80; bytes >= 0x80 are never flagged).
+    let below = |x: u64, n: u8| x.wrapping_sub(ONES * u64::from(n)) & !x & HIGH;
+    let mut chunks = bytes.chunks_exact(8);
+    let mut offset = 0;
+    for chunk in &mut chunks {
+        let mut word = [0; 8];
+        word.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(word);
+        let flags = below(x ^ (ONES * u64::from(b'"')), 1)
+            | below(x ^ (ONES * u64::from(b'\\')), 1)
+            | below(x, 0x20);
+        if flags != 0 {
+            return Some(offset + (flags.trailing_zeros() / 8) as usize);
+        }
+        offset += 8;
+    }
+    chunks
+        .remainder()
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+        .map(|at| offset + at)
+}
+
 /// Records a finished value of `kind` spanning `span`, directly inside a container at `depth`.
+#[inline]
 fn finish_value(
     depth: usize,
     role: Role,
@@ -874,6 +902,30 @@ mod tests {
             b"",
         ] {
             assert_eq!(stamp(doc, &fields(), ID), Ok(None));
+        }
+    }
+
+    #[test]
+    fn string_specials_are_found_exactly() {
+        let naive = |b: &[u8]| b.iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20);
+        let mut samples: Vec<Vec<u8>> = vec![
+            b"".to_vec(),
+            b"plain text without specials".to_vec(),
+            "é😀 non-ascii \u{7f}\u{80}".as_bytes().to_vec(),
+        ];
+        for special in [b'"', b'\\', 0x00, 0x1f, b'\n'] {
+            for at in 0..20 {
+                for filler in [b'a', 0x21, 0x7f, 0x80, 0xff, b'"' + 1, b'\\' - 1] {
+                    let mut sample = vec![filler; 20];
+                    sample[at] = special;
+                    samples.push(sample.clone());
+                    sample[19] = b'"';
+                    samples.push(sample);
+                }
+            }
+        }
+        for sample in &samples {
+            assert_eq!(find_string_special(sample), naive(sample), "{sample:?}");
         }
     }
 

@@ -1,0 +1,1077 @@
+//! Provenance stamping (`BLNK_GENERATED_BY`) through a real axum router: `ApiKeyLayer` with a
+//! `CachedResolver` over a `MemoryStore` holding one scoped key, plus the master key.
+
+use std::convert::Infallible;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::routing::post;
+use futures_util::stream;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use proptest::prelude::*;
+use time::OffsetDateTime;
+use tower::{Layer, ServiceExt};
+use tower_api_keys::error::ErrorCode;
+use tower_api_keys::store::KeyLimits;
+use tower_api_keys::{
+    ApiKey, ApiKeyLayer, AuthError, CachedResolver, KeyFormat, KeyId, KeyRecord, KeyStore,
+    MemoryStore, Principal, Provenance, ProvenanceBody, ScopeSet,
+};
+
+const MASTER: &str = "master-key-for-provenance-tests-0123";
+const JSON: &str = "application/json";
+
+struct Fixture {
+    key: ApiKey,
+    key_id: KeyId,
+    resolver: CachedResolver,
+}
+
+async fn fixture() -> Fixture {
+    let store = MemoryStore::new();
+    let format = KeyFormat::default();
+    let key = format.generate();
+    let now = OffsetDateTime::now_utc();
+    let record = KeyRecord {
+        id: KeyId::generate(),
+        name: "provenance test key".into(),
+        owner: "team-a".into(),
+        account: "team-a-account".into(),
+        scopes: "ledgers:write".parse::<ScopeSet>().unwrap(),
+        digest: key.digest(),
+        digest_scheme: Default::default(),
+        masked_key: format.mask(&key).unwrap(),
+        created_at: now,
+        expires_at: None,
+        revoked_at: None,
+        last_used_at: None,
+        created_by: None,
+        rotated_at: None,
+        previous: None,
+    };
+    store
+        .insert(&record, KeyLimits::default(), now)
+        .await
+        .unwrap();
+    Fixture {
+        key,
+        key_id: record.id,
+        resolver: CachedResolver::new(store),
+    }
+}
+
+/// Echoes the body the handler received, with the framing headers it saw.
+async fn echo(headers: HeaderMap, body: Bytes) -> Response<Body> {
+    let mut response = Response::new(Body::from(body));
+    let seen = response.headers_mut();
+    seen.insert("x-handled", "yes".parse().unwrap());
+    if let Some(len) = headers.get(CONTENT_LENGTH) {
+        seen.insert("x-seen-content-length", len.clone());
+    }
+    if let Some(te) = headers.get(TRANSFER_ENCODING) {
+        seen.insert("x-seen-transfer-encoding", te.clone());
+    }
+    response
+}
+
+impl Fixture {
+    fn auth_layer(&self) -> ApiKeyLayer {
+        ApiKeyLayer::new(self.resolver.clone())
+            .master_key(ApiKey::new(MASTER))
+            .optional()
+    }
+
+    /// `/records` (POST, GET, PUT) behind `provenance` as a route layer.
+    fn app(&self, provenance: Provenance) -> Router {
+        Router::new()
+            .route("/records", post(echo).get(echo).put(echo))
+            .route_layer(provenance)
+            .layer(self.auth_layer())
+    }
+
+    fn id(&self) -> &str {
+        self.key_id.as_str()
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Who<'a> {
+    Scoped(&'a Fixture),
+    Master,
+    Anonymous,
+}
+
+/// A request to `/records` with a `Content-Length` matching `body`.
+fn request(method: Method, who: Who<'_>, content_type: Option<&str>, body: &[u8]) -> Request<Body> {
+    let mut builder = Request::builder()
+        .method(method)
+        .uri("/records")
+        .header(CONTENT_LENGTH, body.len());
+    builder = match who {
+        Who::Scoped(fx) => builder.header("x-api-key", fx.key.expose_secret()),
+        Who::Master => builder.header("x-api-key", MASTER),
+        Who::Anonymous => builder,
+    };
+    if let Some(content_type) = content_type {
+        builder = builder.header(CONTENT_TYPE, content_type);
+    }
+    builder.body(Body::from(body.to_vec())).unwrap()
+}
+
+struct Answer {
+    status: StatusCode,
+    handled: bool,
+    content_length: Option<String>,
+    transfer_encoding: Option<String>,
+    error: Option<AuthError>,
+    body: Bytes,
+}
+
+impl Answer {
+    fn text(&self) -> String {
+        String::from_utf8(self.body.to_vec()).expect("UTF-8 body")
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("JSON body")
+    }
+
+    fn code(&self) -> String {
+        self.json()["error_detail"]["code"]
+            .as_str()
+            .expect("error_detail.code")
+            .to_owned()
+    }
+
+    /// Asserts the handler got exactly `expected`, with a matching `Content-Length`.
+    fn assert_body(&self, expected: &[u8]) {
+        assert_eq!(self.status, StatusCode::OK, "{:?}", self.body);
+        assert!(self.handled);
+        assert_eq!(
+            self.body,
+            expected,
+            "\n got: {}\nwant: {}",
+            String::from_utf8_lossy(&self.body),
+            String::from_utf8_lossy(expected)
+        );
+        assert_eq!(
+            self.content_length.as_deref(),
+            Some(expected.len().to_string().as_str()),
+            "Content-Length matches the body the handler reads"
+        );
+    }
+}
+
+async fn send(app: Router, request: Request<Body>) -> Answer {
+    let response = app.oneshot(request).await.unwrap();
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let handled = header("x-handled").is_some();
+    let content_length = header("x-seen-content-length");
+    let transfer_encoding = header("x-seen-transfer-encoding");
+    let status = response.status();
+    let error = response.extensions().get::<AuthError>().cloned();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    Answer {
+        status,
+        handled,
+        content_length,
+        transfer_encoding,
+        error,
+        body,
+    }
+}
+
+async fn post_json(fx: &Fixture, body: &str) -> Answer {
+    send(
+        fx.app(Provenance::new()),
+        request(Method::POST, Who::Scoped(fx), Some(JSON), body.as_bytes()),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn numbers_are_kept_byte_for_byte() {
+    let fx = fixture().await;
+    let body = r#"{"amount": 12345678901234567890123, "precision": 1e400, "rate": 0.1000000000000000055511151231257827, "meta_data": {"big": 12345678901234567890123, "tiny": 1e-400, "neg": -0.0E+0}}"#;
+    let answer = post_json(&fx, body).await;
+    let expected = format!(
+        r#"{{"amount": 12345678901234567890123, "precision": 1e400, "rate": 0.1000000000000000055511151231257827, "meta_data": {{"big": 12345678901234567890123, "tiny": 1e-400, "neg": -0.0E+0,"BLNK_GENERATED_BY":"{}"}}}}"#,
+        fx.id()
+    );
+    answer.assert_body(expected.as_bytes());
+}
+
+#[tokio::test]
+async fn order_escapes_whitespace_and_nested_metadata_are_kept() {
+    let fx = fixture().await;
+    let body = concat!(
+        "{\n",
+        "  \"z\": \"\\u00e9\\n\",\n",
+        "  \"a\": {\"nested\": [1, 2.50, {\"deep\": \"\\\"q\\\" \\\\ \\/ \\ud83d\\ude00\"}]},\n",
+        "  \"meta_data\" :\t{\n",
+        "    \"zeta\": {\"inner\": {\"BLNK_GENERATED_BY\": \"nested, not the stamp\"}},\n",
+        "    \"alpha\": \"caf\\u00e9\"\n",
+        "  },\r\n",
+        "  \"m\": -0.0\n",
+        "}\n",
+    );
+    let answer = post_json(&fx, body).await;
+    let expected = body.replace(
+        "\"alpha\": \"caf\\u00e9\"",
+        &format!(
+            "\"alpha\": \"caf\\u00e9\",\"BLNK_GENERATED_BY\":\"{}\"",
+            fx.id()
+        ),
+    );
+    assert_ne!(expected, body);
+    answer.assert_body(expected.as_bytes());
+    let value = answer.json();
+    assert_eq!(
+        value["meta_data"]["zeta"]["inner"]["BLNK_GENERATED_BY"],
+        "nested, not the stamp"
+    );
+    assert_eq!(value["z"], "é\n");
+}
+
+#[tokio::test]
+async fn a_client_sent_stamp_is_overwritten() {
+    let fx = fixture().await;
+    let id = fx.id();
+    let cases = [
+        (
+            r#"{"meta_data": {"BLNK_GENERATED_BY": "key_forged", "x": 1}}"#.to_owned(),
+            format!(r#"{{"meta_data": {{"BLNK_GENERATED_BY": "{id}", "x": 1}}}}"#),
+        ),
+        (
+            r#"{"meta_data": {"BLNK_GENERATED_BY": "a", "x": 1, "BLNK_GENERATED_BY": {"n": [1]}}}"#
+                .to_owned(),
+            format!(r#"{{"meta_data": {{"BLNK_GENERATED_BY": "{id}", "x": 1}}}}"#),
+        ),
+        (
+            r#"{"meta_data": {"x": 1, "BLNK_GENERATED_BY": null, "BLNK_GENERATED_BY": "b"}}"#
+                .to_owned(),
+            format!(r#"{{"meta_data": {{"x": 1, "BLNK_GENERATED_BY": "{id}"}}}}"#),
+        ),
+        // An escaped key is the same key to every JSON parser.
+        (
+            r#"{"meta\u005fdata": {"BLNK_GENERATED\u005FBY": "key_forged"}}"#.to_owned(),
+            format!(r#"{{"meta\u005fdata": {{"BLNK_GENERATED\u005FBY": "{id}"}}}}"#),
+        ),
+        // Every duplicate metadata member is stamped, whichever one the handler's parser keeps.
+        (
+            r#"{"meta_data": {}, "meta_data": {"BLNK_GENERATED_BY": "key_forged"}}"#.to_owned(),
+            format!(
+                r#"{{"meta_data": {{"BLNK_GENERATED_BY":"{id}"}}, "meta_data": {{"BLNK_GENERATED_BY": "{id}"}}}}"#
+            ),
+        ),
+    ];
+    for (body, expected) in cases {
+        let answer = post_json(&fx, &body).await;
+        answer.assert_body(expected.as_bytes());
+        assert!(!answer.text().contains("forged"));
+    }
+}
+
+#[tokio::test]
+async fn missing_or_null_metadata_becomes_an_object() {
+    let fx = fixture().await;
+    let id = fx.id();
+    let cases = [
+        (
+            r#"{"name": "cash"}"#.to_owned(),
+            format!(r#"{{"name": "cash","meta_data":{{"BLNK_GENERATED_BY":"{id}"}}}}"#),
+        ),
+        (
+            "{ }".to_owned(),
+            format!(r#"{{"meta_data":{{"BLNK_GENERATED_BY":"{id}"}} }}"#),
+        ),
+        (
+            r#"{"meta_data": null, "name": "x"}"#.to_owned(),
+            format!(r#"{{"meta_data": {{"BLNK_GENERATED_BY":"{id}"}}, "name": "x"}}"#),
+        ),
+        (
+            r#"{"meta_data": {}}"#.to_owned(),
+            format!(r#"{{"meta_data": {{"BLNK_GENERATED_BY":"{id}"}}}}"#),
+        ),
+    ];
+    for (body, expected) in cases {
+        post_json(&fx, &body).await.assert_body(expected.as_bytes());
+    }
+}
+
+#[tokio::test]
+async fn non_object_metadata_is_a_400() {
+    let fx = fixture().await;
+    for (metadata, found) in [
+        (r#""a string""#, "a string"),
+        ("12345678901234567890123", "a number"),
+        ("[1, 2]", "an array"),
+        ("true", "a boolean"),
+        ("false", "a boolean"),
+    ] {
+        let answer = post_json(&fx, &format!(r#"{{"meta_data": {metadata}}}"#)).await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{metadata}");
+        assert!(!answer.handled, "the handler does not run");
+        assert_eq!(answer.code(), "REQUEST_INVALID_METADATA");
+        let body = answer.json();
+        let message = body["error_detail"]["message"].as_str().unwrap();
+        assert!(message.contains("`meta_data`"), "{message}");
+        assert!(message.contains(found), "{message}");
+        assert_eq!(body["error"], body["error_detail"]["message"]);
+        assert!(matches!(answer.error, Some(AuthError::InvalidMetadata(_))));
+    }
+}
+
+#[tokio::test]
+async fn non_json_bodies_pass_through_untouched() {
+    let fx = fixture().await;
+    let cases: [(Option<&str>, &[u8]); 7] = [
+        (Some("text/plain"), br#"{"meta_data": {}}"#),
+        (
+            Some("application/x-www-form-urlencoded"),
+            b"a=1&meta_data=2",
+        ),
+        (Some("multipart/form-data; boundary=x"), b"--x\r\n\r\n--x--"),
+        (Some(JSON), br#"{"meta_data": {}"#),
+        (Some(JSON), br#"{"a": 1} {"b": 2}"#),
+        (Some(JSON), br#"{"a": 01}"#),
+        (None, b"hello, not JSON"),
+    ];
+    for (content_type, body) in cases {
+        let answer = send(
+            fx.app(Provenance::new()),
+            request(Method::POST, Who::Scoped(&fx), content_type, body),
+        )
+        .await;
+        answer.assert_body(body);
+    }
+}
+
+#[tokio::test]
+async fn a_json_object_without_content_type_is_stamped() {
+    let fx = fixture().await;
+    let answer = send(
+        fx.app(Provenance::new()),
+        request(Method::POST, Who::Scoped(&fx), None, br#"{"a":1}"#),
+    )
+    .await;
+    let expected = format!(
+        r#"{{"a":1,"meta_data":{{"BLNK_GENERATED_BY":"{}"}}}}"#,
+        fx.id()
+    );
+    answer.assert_body(expected.as_bytes());
+}
+
+#[tokio::test]
+async fn other_top_level_values_pass_through_untouched() {
+    let fx = fixture().await;
+    for body in [
+        r#"[{"meta_data": {}}]"#,
+        r#" "meta_data" "#,
+        "12345678901234567890123",
+        "null",
+    ] {
+        post_json(&fx, body).await.assert_body(body.as_bytes());
+    }
+}
+
+#[tokio::test]
+async fn a_streamed_chunked_body_is_stamped() {
+    let fx = fixture().await;
+    let chunks = [
+        r#"{"amount": 1234567"#,
+        r#"8901234567890123, "meta"#,
+        r#"_data": {"BLNK_GENERA"#,
+        r#"TED_BY": "forged", "note": "\u00"#,
+        r#"e9"}"#,
+        "}",
+    ];
+    let body = Body::from_stream(stream::iter(
+        chunks.map(|c| Ok::<_, std::io::Error>(Bytes::from_static(c.as_bytes()))),
+    ));
+    let request = Request::post("/records")
+        .header("x-api-key", fx.key.expose_secret())
+        .header(CONTENT_TYPE, JSON)
+        .header(TRANSFER_ENCODING, "chunked")
+        .body(body)
+        .unwrap();
+    let answer = send(fx.app(Provenance::new()), request).await;
+    let expected = format!(
+        r#"{{"amount": 12345678901234567890123, "meta_data": {{"BLNK_GENERATED_BY": "{}", "note": "\u00e9"}}}}"#,
+        fx.id()
+    );
+    answer.assert_body(expected.as_bytes());
+    assert_eq!(
+        answer.transfer_encoding, None,
+        "the stamped body is a full body with a Content-Length"
+    );
+}
+
+/// A JSON object of exactly `len` bytes.
+fn padded(len: usize) -> String {
+    let skeleton = r#"{"pad":""}"#;
+    format!(r#"{{"pad":"{}"}}"#, "x".repeat(len - skeleton.len()))
+}
+
+#[tokio::test]
+async fn bodies_up_to_the_limit_are_stamped_and_larger_ones_refused() {
+    const LIMIT: usize = 1000;
+    let fx = fixture().await;
+    let app = || fx.app(Provenance::new().max_body_bytes(LIMIT));
+
+    let at_limit = padded(LIMIT);
+    let answer = send(
+        app(),
+        request(
+            Method::POST,
+            Who::Scoped(&fx),
+            Some(JSON),
+            at_limit.as_bytes(),
+        ),
+    )
+    .await;
+    let expected = format!(
+        r#"{},"meta_data":{{"BLNK_GENERATED_BY":"{}"}}}}"#,
+        &at_limit[..LIMIT - 1],
+        fx.id()
+    );
+    answer.assert_body(expected.as_bytes());
+
+    let check_413 = |answer: Answer| {
+        assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(!answer.handled);
+        assert_eq!(answer.code(), "REQUEST_BODY_TOO_LARGE");
+        assert_eq!(answer.json()["error_detail"]["details"]["limit"], LIMIT);
+        assert!(matches!(
+            answer.error,
+            Some(AuthError::PayloadTooLarge { limit: LIMIT })
+        ));
+    };
+
+    // Declared too large: refused before reading.
+    let over = padded(LIMIT + 1);
+    check_413(
+        send(
+            app(),
+            request(Method::POST, Who::Scoped(&fx), Some(JSON), over.as_bytes()),
+        )
+        .await,
+    );
+
+    // Streamed without a length: refused while reading, before the stream ends.
+    let streamed = |chunks: Vec<Bytes>| {
+        Request::post("/records")
+            .header("x-api-key", fx.key.expose_secret())
+            .header(CONTENT_TYPE, JSON)
+            .body(Body::from_stream(stream::iter(
+                chunks.into_iter().map(Ok::<_, std::io::Error>),
+            )))
+            .unwrap()
+    };
+    let over = Bytes::from(padded(LIMIT + 1));
+    check_413(send(app(), streamed(vec![over.slice(..600), over.slice(600..)])).await);
+    // An endless body is refused too: the limit applies while reading.
+    let endless = Body::from_stream(stream::repeat_with(|| {
+        Ok::<_, std::io::Error>(Bytes::from_static(b"[1,2,3,4,5,6,7,8,9]"))
+    }));
+    let endless = Request::post("/records")
+        .header("x-api-key", fx.key.expose_secret())
+        .body(endless)
+        .unwrap();
+    check_413(send(app(), endless).await);
+
+    let at_limit = Bytes::from(padded(LIMIT));
+    let answer = send(
+        app(),
+        streamed(vec![at_limit.slice(..1), at_limit.slice(1..)]),
+    )
+    .await;
+    answer.assert_body(expected.as_bytes());
+
+    // Bodies the layer does not read are not limited by it.
+    let large_upload = vec![b'x'; LIMIT * 4];
+    let answer = send(
+        app(),
+        request(
+            Method::POST,
+            Who::Scoped(&fx),
+            Some("application/octet-stream"),
+            &large_upload,
+        ),
+    )
+    .await;
+    answer.assert_body(&large_upload);
+}
+
+#[tokio::test]
+async fn invalid_utf8_passes_through_untouched() {
+    let fx = fixture().await;
+    for body in [
+        &b"{\"meta_data\": {}, \"name\": \"\xff\"}"[..],
+        b"{\"meta_data\": {\"BLNK_GENERATED_BY\": \"\xc3\x28\"}}",
+    ] {
+        let answer = send(
+            fx.app(Provenance::new()),
+            request(Method::POST, Who::Scoped(&fx), Some(JSON), body),
+        )
+        .await;
+        answer.assert_body(body);
+    }
+}
+
+#[tokio::test]
+async fn the_master_key_and_anonymous_requests_add_nothing() {
+    let fx = fixture().await;
+    let body = br#"{"meta_data": {"BLNK_GENERATED_BY": "client"}, "a": 1}"#;
+    for who in [Who::Master, Who::Anonymous] {
+        let answer = send(
+            fx.app(Provenance::new()),
+            request(Method::POST, who, Some(JSON), body),
+        )
+        .await;
+        answer.assert_body(body);
+    }
+    // Nor do they hit the body limit: the body is not read.
+    let big = padded(100);
+    let answer = send(
+        fx.app(Provenance::new().max_body_bytes(10)),
+        request(Method::POST, Who::Master, Some(JSON), big.as_bytes()),
+    )
+    .await;
+    answer.assert_body(big.as_bytes());
+}
+
+#[tokio::test]
+async fn only_the_configured_methods_are_stamped() {
+    let fx = fixture().await;
+    let body = br#"{"a":1}"#;
+    let stamped = format!(
+        r#"{{"a":1,"meta_data":{{"BLNK_GENERATED_BY":"{}"}}}}"#,
+        fx.id()
+    );
+
+    for method in [Method::GET, Method::PUT] {
+        let answer = send(
+            fx.app(Provenance::new()),
+            request(method, Who::Scoped(&fx), Some(JSON), body),
+        )
+        .await;
+        answer.assert_body(body);
+    }
+
+    let put_only = || Provenance::new().methods([Method::PUT]);
+    let answer = send(
+        fx.app(put_only()),
+        request(Method::PUT, Who::Scoped(&fx), Some(JSON), body),
+    )
+    .await;
+    answer.assert_body(stamped.as_bytes());
+    let answer = send(
+        fx.app(put_only()),
+        request(Method::POST, Who::Scoped(&fx), Some(JSON), body),
+    )
+    .await;
+    answer.assert_body(body);
+}
+
+#[tokio::test]
+async fn content_length_is_corrected() {
+    let fx = fixture().await;
+    let body = br#"{"meta_data":{"BLNK_GENERATED_BY":"a-long-forged-value-that-is-longer-than-an-id-0123456789"}}"#;
+    let answer = send(
+        fx.app(Provenance::new()),
+        request(Method::POST, Who::Scoped(&fx), Some(JSON), body),
+    )
+    .await;
+    let expected = format!(r#"{{"meta_data":{{"BLNK_GENERATED_BY":"{}"}}}}"#, fx.id());
+    assert!(expected.len() < body.len(), "the body shrinks");
+    answer.assert_body(expected.as_bytes());
+    assert_ne!(answer.content_length, Some(body.len().to_string()));
+}
+
+#[tokio::test]
+async fn field_names_are_configurable() {
+    let fx = fixture().await;
+    let provenance = Provenance::new()
+        .metadata_field("metadata")
+        .stamp_field("created_by");
+    let body = br#"{"meta_data":{},"metadata":{"created_by":"x","BLNK_GENERATED_BY":"y"}}"#;
+    let answer = send(
+        fx.app(provenance),
+        request(Method::POST, Who::Scoped(&fx), Some(JSON), body),
+    )
+    .await;
+    let expected = format!(
+        r#"{{"meta_data":{{}},"metadata":{{"created_by":"{}","BLNK_GENERATED_BY":"y"}}}}"#,
+        fx.id()
+    );
+    answer.assert_body(expected.as_bytes());
+
+    let answer = send(
+        fx.app(Provenance::new().metadata_field("metadata")),
+        request(
+            Method::POST,
+            Who::Scoped(&fx),
+            Some(JSON),
+            br#"{"metadata": "not an object"}"#,
+        ),
+    )
+    .await;
+    assert_eq!(answer.code(), "REQUEST_INVALID_METADATA");
+    assert!(answer.text().contains("`metadata`"));
+}
+
+#[tokio::test]
+async fn works_as_a_plain_router_layer_with_a_custom_rejection() {
+    let fx = fixture().await;
+    let provenance = Provenance::new().rejection(|error: &AuthError| {
+        Response::builder()
+            .status(error.http_status())
+            .body(Body::from(format!("refused: {}", error.code())))
+            .unwrap()
+    });
+    let app = || {
+        Router::new()
+            .route("/records", post(echo))
+            .layer(provenance.clone())
+            .layer(fx.auth_layer())
+    };
+    let answer = send(
+        app(),
+        request(Method::POST, Who::Scoped(&fx), Some(JSON), b"{}"),
+    )
+    .await;
+    let expected = format!(r#"{{"meta_data":{{"BLNK_GENERATED_BY":"{}"}}}}"#, fx.id());
+    answer.assert_body(expected.as_bytes());
+
+    let answer = send(
+        app(),
+        request(
+            Method::POST,
+            Who::Scoped(&fx),
+            Some(JSON),
+            br#"{"meta_data":1}"#,
+        ),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert_eq!(answer.text(), "refused: REQUEST_INVALID_METADATA");
+    assert_eq!(
+        answer.error.map(|e| e.code()),
+        Some(ErrorCode::InvalidMetadata),
+        "the typed error travels in the response extensions"
+    );
+}
+
+#[tokio::test]
+async fn a_body_that_fails_to_read_is_a_400() {
+    let fx = fixture().await;
+    let chunks = vec![
+        Ok(Bytes::from_static(b"{\"a\":")),
+        Err(std::io::Error::other("connection reset")),
+    ];
+    let request = Request::post("/records")
+        .header("x-api-key", fx.key.expose_secret())
+        .header(CONTENT_TYPE, JSON)
+        .body(Body::from_stream(stream::iter(chunks)))
+        .unwrap();
+    let answer = send(fx.app(Provenance::new()), request).await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert!(!answer.handled);
+    assert_eq!(answer.code(), "APIKEY_INVALID");
+}
+
+/// Without axum: any body type, wrapped in `ProvenanceBody`, through a plain tower service.
+#[tokio::test]
+async fn other_body_types_work_through_provenance_body() {
+    type Inner =
+        StreamBody<stream::Iter<std::vec::IntoIter<Result<http_body::Frame<Bytes>, Infallible>>>>;
+    let service = Provenance::new().layer(tower::service_fn(
+        |request: Request<ProvenanceBody<Inner>>| async move {
+            let bytes = request.into_body().collect().await?.to_bytes();
+            Ok::<_, Infallible>(Response::new(Full::new(bytes)))
+        },
+    ));
+    let frames = |parts: &[&'static str]| -> Inner {
+        StreamBody::new(stream::iter(
+            parts
+                .iter()
+                .map(|p| Ok(http_body::Frame::data(Bytes::from_static(p.as_bytes()))))
+                .collect::<Vec<_>>(),
+        ))
+    };
+    let key_id = KeyId::new("key_stream");
+    let principal = Principal::scoped(
+        key_id.clone(),
+        "k",
+        "owner",
+        "account",
+        ScopeSet::default(),
+        None,
+    );
+
+    let mut request = Request::post("/")
+        .header(CONTENT_TYPE, JSON)
+        .body(ProvenanceBody::new(frames(&[r#"{"meta_data":"#, "null}"])))
+        .unwrap();
+    request.extensions_mut().insert(principal.clone());
+    let response = service.clone().oneshot(request).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, r#"{"meta_data":{"BLNK_GENERATED_BY":"key_stream"}}"#);
+
+    let mut request = Request::post("/")
+        .header(CONTENT_TYPE, JSON)
+        .body(ProvenanceBody::new(frames(&[r#"{"meta_data":[]}"#])))
+        .unwrap();
+    request.extensions_mut().insert(principal);
+    let response = service.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: serde_json::Value =
+        serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(body["error_detail"]["code"], "REQUEST_INVALID_METADATA");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Property: for random JSON objects, the stamped body is the original plus exactly one field.
+// ---------------------------------------------------------------------------------------------
+
+const META: &str = "meta_data";
+const STAMP: &str = "BLNK_GENERATED_BY";
+const PROP_ID: &str = "key_01J\"prop\\id";
+
+/// A JSON value that keeps numbers as written and members in order (duplicates included).
+#[derive(Clone, Debug, PartialEq)]
+enum J {
+    Null,
+    Bool(bool),
+    Num(String),
+    Str(String),
+    Arr(Vec<J>),
+    Obj(Vec<(String, J)>),
+}
+
+fn arb_number() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "-?(0|[1-9][0-9]{0,30})(\\.[0-9]{1,30})?([eE][+-]?[0-9]{1,4})?",
+        Just("12345678901234567890123".to_owned()),
+        Just("1e400".to_owned()),
+        Just("0.1000000000000000055511151231257827".to_owned()),
+    ]
+}
+
+fn arb_text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        3 => "[a-z_]{0,6}",
+        2 => any::<String>(),
+        1 => Just(META.to_owned()),
+        1 => Just(STAMP.to_owned()),
+    ]
+}
+
+fn arb_value() -> impl Strategy<Value = J> {
+    let leaf = prop_oneof![
+        Just(J::Null),
+        any::<bool>().prop_map(J::Bool),
+        arb_number().prop_map(J::Num),
+        arb_text().prop_map(J::Str),
+    ];
+    leaf.prop_recursive(4, 48, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(J::Arr),
+            prop::collection::vec((arb_text(), inner), 0..6).prop_map(J::Obj),
+        ]
+    })
+}
+
+/// Top-level objects that often hold metadata (objects with and without stamps, null, others).
+fn arb_document() -> impl Strategy<Value = J> {
+    let metadata = prop_oneof![
+        4 => prop::collection::vec(
+            (prop_oneof![1 => Just(STAMP.to_owned()), 3 => arb_text()], arb_value()),
+            0..5
+        )
+        .prop_map(J::Obj),
+        1 => Just(J::Null),
+        1 => arb_value(),
+    ];
+    let member = prop_oneof![
+        3 => (arb_text(), arb_value()),
+        2 => metadata.prop_map(|m| (META.to_owned(), m)),
+    ];
+    prop::collection::vec(member, 0..7).prop_map(J::Obj)
+}
+
+/// Renders `value`, choosing whitespace and string escapes from `style`.
+struct Style<'a> {
+    seed: &'a [u8],
+    at: usize,
+}
+
+impl Style<'_> {
+    fn next(&mut self) -> u8 {
+        let b = self
+            .seed
+            .get(self.at % self.seed.len().max(1))
+            .copied()
+            .unwrap_or(0);
+        self.at += 1;
+        b
+    }
+
+    fn ws(&mut self, out: &mut String) {
+        out.push_str(["", "", " ", "\n  ", "\t", "\r\n", "  "][usize::from(self.next()) % 7]);
+    }
+
+    fn string(&mut self, s: &str, out: &mut String) {
+        if self.next() % 3 == 0 {
+            // Every character escaped as \uXXXX (surrogate pairs above U+FFFF).
+            out.push('"');
+            for unit in s.encode_utf16() {
+                out.push_str(&format!("\\u{unit:04X}"));
+            }
+            out.push('"');
+        } else {
+            out.push_str(&serde_json::to_string(s).unwrap());
+        }
+    }
+
+    fn render(&mut self, value: &J, out: &mut String) {
+        self.ws(out);
+        match value {
+            J::Null => out.push_str("null"),
+            J::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+            J::Num(n) => out.push_str(n),
+            J::Str(s) => self.string(s, out),
+            J::Arr(items) => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    self.render(item, out);
+                }
+                self.ws(out);
+                out.push(']');
+            }
+            J::Obj(members) => {
+                out.push('{');
+                for (i, (key, item)) in members.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    self.ws(out);
+                    self.string(key, out);
+                    self.ws(out);
+                    out.push(':');
+                    self.render(item, out);
+                }
+                self.ws(out);
+                out.push('}');
+            }
+        }
+        self.ws(out);
+    }
+}
+
+/// An independent, recursive reference parser (test inputs are shallow).
+struct Parser<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl Parser<'_> {
+    fn parse(s: &[u8]) -> J {
+        let mut p = Parser { s, i: 0 };
+        let value = p.value();
+        p.ws();
+        assert_eq!(p.i, s.len(), "trailing data");
+        value
+    }
+
+    fn ws(&mut self) {
+        while self.i < self.s.len() && b" \t\r\n".contains(&self.s[self.i]) {
+            self.i += 1;
+        }
+    }
+
+    fn value(&mut self) -> J {
+        self.ws();
+        let c = self.s[self.i];
+        match c {
+            b'n' => self.word("null", J::Null),
+            b't' => self.word("true", J::Bool(true)),
+            b'f' => self.word("false", J::Bool(false)),
+            b'"' => J::Str(self.string()),
+            b'[' => {
+                self.i += 1;
+                let mut items = Vec::new();
+                self.ws();
+                if self.s[self.i] == b']' {
+                    self.i += 1;
+                    return J::Arr(items);
+                }
+                loop {
+                    items.push(self.value());
+                    self.ws();
+                    self.i += 1;
+                    match self.s[self.i - 1] {
+                        b',' => continue,
+                        b']' => return J::Arr(items),
+                        other => panic!("unexpected {}", other as char),
+                    }
+                }
+            }
+            b'{' => {
+                self.i += 1;
+                let mut members = Vec::new();
+                self.ws();
+                if self.s[self.i] == b'}' {
+                    self.i += 1;
+                    return J::Obj(members);
+                }
+                loop {
+                    self.ws();
+                    let key = self.string();
+                    self.ws();
+                    assert_eq!(self.s[self.i], b':');
+                    self.i += 1;
+                    members.push((key, self.value()));
+                    self.ws();
+                    self.i += 1;
+                    match self.s[self.i - 1] {
+                        b',' => continue,
+                        b'}' => return J::Obj(members),
+                        other => panic!("unexpected {}", other as char),
+                    }
+                }
+            }
+            _ => {
+                let start = self.i;
+                while self.i < self.s.len() && b"+-.eE0123456789".contains(&self.s[self.i]) {
+                    self.i += 1;
+                }
+                J::Num(String::from_utf8(self.s[start..self.i].to_vec()).unwrap())
+            }
+        }
+    }
+
+    fn word(&mut self, word: &str, value: J) -> J {
+        assert!(self.s[self.i..].starts_with(word.as_bytes()));
+        self.i += word.len();
+        value
+    }
+
+    fn string(&mut self) -> String {
+        let start = self.i;
+        self.i += 1;
+        while self.s[self.i] != b'"' {
+            self.i += if self.s[self.i] == b'\\' { 2 } else { 1 };
+        }
+        self.i += 1;
+        serde_json::from_slice(&self.s[start..self.i]).unwrap()
+    }
+}
+
+/// What stamping must produce, by the documented rules; `None` if the metadata is not an object.
+fn expected(document: &J) -> Option<J> {
+    let J::Obj(members) = document else {
+        unreachable!("documents are objects")
+    };
+    let stamp = || (STAMP.to_owned(), J::Str(PROP_ID.to_owned()));
+    let mut members = members.clone();
+    if !members.iter().any(|(k, _)| k == META) {
+        members.push((META.to_owned(), J::Obj(vec![stamp()])));
+    }
+    for (key, value) in &mut members {
+        if key != META {
+            continue;
+        }
+        match value {
+            J::Null => *value = J::Obj(vec![stamp()]),
+            J::Obj(inner) => match inner.iter().position(|(k, _)| k == STAMP) {
+                Some(first) => {
+                    inner[first].1 = J::Str(PROP_ID.to_owned());
+                    let mut index = 0;
+                    inner.retain(|(k, _)| {
+                        index += 1;
+                        k != STAMP || index == first + 1
+                    });
+                }
+                None => inner.push(stamp()),
+            },
+            _ => return None,
+        }
+    }
+    Some(J::Obj(members))
+}
+
+/// Whether stamping is one insertion (one metadata object without a stamp, or none at all).
+fn is_single_insertion(document: &J) -> bool {
+    let J::Obj(members) = document else {
+        return false;
+    };
+    let metas: Vec<_> = members.iter().filter(|(k, _)| k == META).collect();
+    match metas.as_slice() {
+        [] => true,
+        [(_, J::Obj(inner))] => !inner.iter().any(|(k, _)| k == STAMP),
+        _ => false,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 512,
+        // Integration tests have no lib.rs next to them to persist regressions for.
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn stamped_bodies_are_the_original_plus_one_field(
+        document in arb_document(),
+        seed in prop::collection::vec(any::<u8>(), 1..64),
+    ) {
+        let mut text = String::new();
+        Style { seed: &seed, at: 0 }.render(&document, &mut text);
+        prop_assert_eq!(Parser::parse(text.as_bytes()), document.clone(), "the renderer is faithful");
+
+        let outcome = Provenance::new().stamp(text.as_bytes(), &KeyId::new(PROP_ID));
+        let Some(want) = expected(&document) else {
+            prop_assert!(matches!(outcome, Err(AuthError::InvalidMetadata(_))), "{:?}", outcome);
+            return Ok(());
+        };
+        let stamped = outcome.expect("metadata is an object").expect("a JSON object is stamped");
+        let got = Parser::parse(&stamped);
+        prop_assert_eq!(&got, &want, "\n{}\n{}", text, String::from_utf8_lossy(&stamped));
+
+        // Byte-exact outside the inserted member: the output is the input with one insertion.
+        if is_single_insertion(&document) {
+            let prefix = text.bytes().zip(&stamped).take_while(|(a, b)| a == *b).count();
+            let suffix = text.bytes().rev().zip(stamped.iter().rev())
+                .take_while(|(a, b)| a == *b).count();
+            prop_assert!(prefix + suffix >= text.len(), "one contiguous insertion");
+            let inserted = &stamped[prefix..stamped.len() - (text.len() - prefix)];
+            let inserted = String::from_utf8(inserted.to_vec()).unwrap();
+            prop_assert!(inserted.contains(r#""BLNK_GENERATED_BY":"key_01J\"prop\\id""#), "{}", inserted);
+        }
+
+        // The same as a serde_json::Value, when serde_json reads the input (finite numbers).
+        if let Ok(mut original) = serde_json::from_str::<serde_json::Value>(&text) {
+            let stamped: serde_json::Value = serde_json::from_slice(&stamped).unwrap();
+            let object = original.as_object_mut().unwrap();
+            let meta = object.entry(META).or_insert(serde_json::Value::Null);
+            if meta.is_null() {
+                *meta = serde_json::json!({});
+            }
+            meta.as_object_mut().unwrap().insert(STAMP.to_owned(), PROP_ID.into());
+            prop_assert_eq!(stamped, original);
+        }
+    }
+}
