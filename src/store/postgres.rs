@@ -184,7 +184,10 @@ impl Sql {
         let sql = |text: String| -> Arc<str> { text.into() };
         Self {
             find_by_digest: sql(format!(
-                "SELECT {COLUMNS} FROM {s}.api_keys WHERE digest = $1 OR previous_digest = $1 LIMIT 1"
+                // Two unique-index lookups: an `OR` with `LIMIT 1` may be planned as a sequential
+                // scan (cheap for a hit near the start, slow for every miss) before statistics exist.
+                "SELECT {COLUMNS} FROM {s}.api_keys WHERE digest = $1 \
+                 UNION ALL SELECT {COLUMNS} FROM {s}.api_keys WHERE previous_digest = $1 LIMIT 1"
             )),
             get: sql(format!("SELECT {COLUMNS} FROM {s}.api_keys WHERE id = $1")),
             get_for_update: sql(format!(

@@ -291,10 +291,13 @@ fn scopes_json(record: &KeyRecord) -> String {
 #[async_trait::async_trait]
 impl KeyStore for SqliteStore {
     async fn find_by_digest(&self, digest: &KeyDigest) -> Result<Option<KeyRecord>, StoreError> {
+        // Two unique-index lookups, whatever the planner's statistics say.
         let row = sqlx::query(concat!(
             "SELECT ",
             columns!(),
-            " FROM api_keys WHERE digest = ?1 OR previous_digest = ?1 LIMIT 1"
+            " FROM api_keys WHERE digest = ?1 UNION ALL SELECT ",
+            columns!(),
+            " FROM api_keys WHERE previous_digest = ?1 LIMIT 1"
         ))
         .bind(&digest.as_bytes()[..])
         .fetch_optional(&self.pool)

@@ -13,7 +13,9 @@ pub fn skip(test: &str, reason: &str) {
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("{test}: {reason} (CI=true: the test services are required)");
     }
-    eprintln!("SKIPPED: {test}: {reason}");
+    // Straight to the process's stderr: `eprintln!` would be captured by the test harness.
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {reason}");
 }
 
 /// The value of `var`, or `None` after [`skip`] when it is unset or empty.
