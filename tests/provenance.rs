@@ -1075,3 +1075,96 @@ proptest! {
         }
     }
 }
+
+/// Bytes that make interesting edits to JSON text.
+fn arb_edit_byte() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        prop::sample::select(b"{}[],:\"\\ \t\r\n0123456789eE+-.tfnlrsau/x".to_vec())
+            .prop_map(|b| vec![b]),
+        Just(vec![0]),
+        Just(vec![0x1f]),
+        Just(vec![0x7f]),
+        Just(vec![0xff]),
+        Just("é".as_bytes().to_vec()),
+        Just("\u{feff}".as_bytes().to_vec()),
+        Just(b"\\u005f".to_vec()),
+        Just(b"null".to_vec()),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 2048,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// Security: whatever serde_json (axum's `Json`) accepts as an object, the layer stamps (or
+    /// refuses for its metadata). If the scanner were stricter than the handler's parser, a client
+    /// could slip a forged stamp past it with a body the scanner rejects.
+    #[test]
+    fn every_object_serde_json_accepts_is_stamped(
+        document in arb_document(),
+        seed in prop::collection::vec(any::<u8>(), 1..64),
+        edits in prop::collection::vec((any::<prop::sample::Index>(), 0..3u8, arb_edit_byte()), 1..4),
+    ) {
+        let mut text = String::new();
+        Style { seed: &seed, at: 0 }.render(&document, &mut text);
+        let mut bytes = text.into_bytes();
+        for (at, op, with) in edits {
+            let at = at.index(bytes.len() + 1);
+            match op {
+                0 => { bytes.splice(at..at, with); }
+                1 if at < bytes.len() => { bytes.remove(at); }
+                _ if at < bytes.len() => { bytes.splice(at..=at, with); }
+                _ => {}
+            }
+        }
+        let accepted = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .is_ok_and(|value| value.is_object());
+        let outcome = Provenance::new().stamp(&bytes, &KeyId::new(PROP_ID));
+        if accepted {
+            prop_assert!(
+                matches!(outcome, Ok(Some(_)) | Err(AuthError::InvalidMetadata(_))),
+                "serde_json accepts {:?} but it was not stamped: {:?}",
+                String::from_utf8_lossy(&bytes),
+                outcome
+            );
+        }
+        if let Ok(Some(stamped)) = outcome {
+            // Stamping never turns a body serde_json accepts into one it refuses.
+            if accepted {
+                let value: serde_json::Value = serde_json::from_slice(&stamped).unwrap();
+                prop_assert_eq!(&value[META][STAMP], PROP_ID);
+            }
+        }
+    }
+}
+
+#[test]
+fn edge_cases_serde_json_accepts_are_stamped() {
+    let deep = format!("{{\"a\":{}{}}}", "[".repeat(100), "]".repeat(100));
+    let docs: Vec<&[u8]> = vec![
+        b"\xef\xbb\xbf{\"a\":1}",
+        b"{\"a\":1}\n\t\r ",
+        b"{\"a\":-0,\"b\":1E+2,\"c\":0.0e-0,\"d\":-1.5E308}",
+        b"{\"a\":\"\\u0000\\/\"}",
+        b"{\"a\":\"\\ud83d\\ude00\",\"\\u006d\\u0065ta_data\":{}}",
+        b"{\"meta_data\":{\"BLNK_GENERATED_BY\":1},\"meta_data\":{\"BLNK_GENERATED_BY\":2}}",
+        b"{\"\":{\"\":[]}}",
+        deep.as_bytes(),
+    ];
+    for doc in docs {
+        let accepted = serde_json::from_slice::<serde_json::Value>(doc).is_ok();
+        let outcome = Provenance::new().stamp(doc, &KeyId::new("k")).unwrap();
+        if accepted {
+            let stamped = outcome
+                .unwrap_or_else(|| panic!("serde_json accepts {:?}", String::from_utf8_lossy(doc)));
+            let value: serde_json::Value = serde_json::from_slice(&stamped).unwrap();
+            assert_eq!(value[META][STAMP], "k");
+        }
+    }
+    // serde_json refuses a byte-order mark, so the scanner may too (the body passes untouched and
+    // the handler refuses it).
+    assert!(serde_json::from_slice::<serde_json::Value>(b"\xef\xbb\xbf{}").is_err());
+}
