@@ -80,9 +80,22 @@
 //! while being read (the client went away) is answered with 400 [`AuthError::InvalidRequest`].
 //!
 //! A request without `Content-Type` is read and stamped if it is a JSON object, since some handlers
-//! parse JSON whatever the header says. If your handlers decompress request bodies themselves, put
+//! parse JSON whatever the header says. A handler that parses JSON out of a body declared as something
+//! else (`text/plain`, a form) sees it unstamped, as the client sent it: require the JSON media type
+//! there (axum's `Json` extractor does). If your handlers decompress request bodies themselves, put
 //! decompression (e.g. tower-http's `RequestDecompressionLayer`) outside this layer instead: a
 //! compressed body cannot be stamped and passes untouched.
+//!
+//! Invalid UTF-8 passes untouched rather than being refused here: no JSON parser accepts it (axum's
+//! `Json` answers 400), so it can carry no forged stamp, and the handler's error is the one clients
+//! already know. The scanner accepts everything `serde_json` accepts (a property test checks this
+//! against random edits of random documents), so no body that a `serde_json`-based handler would
+//! read can slip through unstamped.
+//!
+//! The layer needs the [`Principal`], so it goes inside [`ApiKeyLayer`](crate::ApiKeyLayer). A
+//! stamped request costs one boxed future and one pass over the body (a fraction of what
+//! `Json<serde_json::Value>` then spends parsing it); requests that are not stamped go straight to
+//! the inner service, unboxed and unbuffered.
 //!
 //! ## Stamping in the handler
 //!
