@@ -838,3 +838,281 @@ fn fixtures_make_distinct_secrets() {
     assert_ne!(a.digest, b.digest);
     assert_eq!(KeyDigest::of(secret().expose_secret()).as_bytes().len(), 32);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Store-specific checks: what the shared contract cannot express (schema, on-disk form).
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(feature = "postgres")]
+mod postgres_only {
+    use sqlx::AssertSqlSafe;
+    use tower_api_keys::AuthError;
+    use tower_api_keys::CachedResolver;
+    use tower_api_keys::store::PostgresStore;
+
+    use super::*;
+
+    async fn versions(store: &PostgresStore) -> Vec<i32> {
+        sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT version FROM \"{}\".api_key_migrations ORDER BY version",
+            store.schema()
+        )))
+        .fetch_all(store.pool())
+        .await
+        .unwrap()
+    }
+
+    async fn execute(store: &PostgresStore, sql: String) {
+        sqlx::raw_sql(AssertSqlSafe(sql))
+            .execute(store.pool())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn migrations_run_once_when_instances_start_together() {
+        let Some(probe) = support_db::pg_schema("pg_migrations").await else {
+            return;
+        };
+        let fresh = support_db::PgSchema {
+            url: probe.url.clone(),
+            schema: support_db::unique("t_pg_migrations_fresh"),
+        };
+        probe.drop_schema().await;
+        let starts: Vec<_> = (0..4)
+            .map(|_| {
+                let (url, schema) = (fresh.url.clone(), fresh.schema.clone());
+                tokio::spawn(async move {
+                    PostgresStore::builder()
+                        .schema(&schema)
+                        .unwrap()
+                        .max_connections(1)
+                        .connect(&url)
+                        .await
+                })
+            })
+            .collect();
+        let mut stores = Vec::new();
+        for start in starts {
+            stores.push(start.await.unwrap().expect("every instance starts"));
+        }
+        assert_eq!(versions(&stores[0]).await, [1]);
+        let again = fresh.store().await;
+        again.migrate().await.unwrap();
+        assert_eq!(versions(&again).await, [1], "a restart applies nothing");
+        let r = record("key_1", "o", "a");
+        again.insert(&r, no_limits(), now()).await.unwrap();
+        assert_eq!(stores[3].get(&r.id).await.unwrap(), Some(r));
+        fresh.drop_schema().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unreadable_rows_are_corrupt_and_never_an_invalid_key() {
+        let Some(schema) = support_db::pg_schema("pg_corrupt").await else {
+            return;
+        };
+        let store = schema.store().await;
+        let s = format!("\"{}\"", schema.schema);
+        let r = record("key_1", "o", "a");
+        store.insert(&r, no_limits(), now()).await.unwrap();
+        let corrupt = |e: tower_api_keys::StoreError| assert_eq!(e.kind(), StoreErrorKind::Corrupt);
+
+        execute(
+            &store,
+            format!("UPDATE {s}.api_keys SET digest_scheme = 99"),
+        )
+        .await;
+        corrupt(store.get(&r.id).await.unwrap_err());
+        corrupt(store.find_by_digest(&r.digest).await.unwrap_err());
+        corrupt(store.list(&query("o", None, 10)).await.unwrap_err());
+        let resolver = CachedResolver::new(store.clone());
+        match resolver.authenticate(&r.digest).await {
+            Err(AuthError::Unavailable(e)) => assert_eq!(e.kind(), StoreErrorKind::Corrupt),
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+
+        execute(&store, format!("UPDATE {s}.api_keys SET digest_scheme = 1")).await;
+        store
+            .replace_secret(&r.id, &rotation(Some(t(60))))
+            .await
+            .unwrap();
+        execute(
+            &store,
+            format!("UPDATE {s}.api_keys SET previous_digest_scheme = 7"),
+        )
+        .await;
+        corrupt(store.get(&r.id).await.unwrap_err());
+        execute(
+            &store,
+            format!("UPDATE {s}.api_keys SET previous_digest_scheme = 1"),
+        )
+        .await;
+        assert!(store.get(&r.id).await.unwrap().is_some());
+
+        execute(
+            &store,
+            format!("UPDATE {s}.api_keys SET scopes = ARRAY['Not A Scope']"),
+        )
+        .await;
+        corrupt(store.get(&r.id).await.unwrap_err());
+        schema.drop_schema().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_plaintext_secret_is_stored() {
+        let Some(schema) = support_db::pg_schema("pg_plaintext").await else {
+            return;
+        };
+        let store = schema.store().await;
+        let s = format!("\"{}\"", schema.schema);
+        let (old, new) = (secret(), secret());
+        let r = KeyRecord {
+            digest: old.digest(),
+            ..record("key_1", "o", "a")
+        };
+        store.insert(&r, no_limits(), now()).await.unwrap();
+        let rot = Rotation {
+            digest: new.digest(),
+            ..rotation(Some(t(60)))
+        };
+        store.replace_secret(&r.id, &rot).await.unwrap().unwrap();
+        let rows: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT t::text FROM {s}.api_keys t UNION ALL SELECT t::text FROM {s}.api_key_digests t"
+        )))
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+        let dump = rows.concat();
+        for key in [&old, &new] {
+            let body = &key.expose_secret()["sk_test_".len()..];
+            assert!(!dump.contains(body), "a secret is stored in plain text");
+            assert!(
+                dump.contains(&hex(key.digest().as_bytes())),
+                "digests are stored as bytes"
+            );
+        }
+        schema.drop_schema().await;
+    }
+}
+
+#[cfg(feature = "sqlite")]
+mod sqlite_only {
+    use tower_api_keys::store::SqliteStore;
+
+    use super::*;
+
+    fn temp_db(test: &str) -> (std::path::PathBuf, String) {
+        let path = std::env::temp_dir().join(format!("{}.db", support_db::unique(test)));
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        (path, url)
+    }
+
+    fn remove(path: &std::path::Path) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = path.to_path_buf().into_os_string();
+            file.push(suffix);
+            if let Ok(content) = std::fs::read(&file) {
+                bytes.extend(content);
+            }
+            let _ = std::fs::remove_file(file);
+        }
+        bytes
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn migrations_run_once_when_instances_start_together() {
+        let (path, url) = temp_db("sqlite_migrations");
+        let starts: Vec<_> = (0..4)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { SqliteStore::connect(&url).await })
+            })
+            .collect();
+        let mut stores = Vec::new();
+        for start in starts {
+            stores.push(start.await.unwrap().expect("every instance starts"));
+        }
+        let again = SqliteStore::connect(&url).await.unwrap();
+        let versions: Vec<i64> =
+            sqlx::query_scalar("SELECT version FROM api_key_migrations ORDER BY version")
+                .fetch_all(again.pool())
+                .await
+                .unwrap();
+        assert_eq!(versions, [1]);
+        let r = record("key_1", "o", "a");
+        again.insert(&r, no_limits(), now()).await.unwrap();
+        assert_eq!(stores[2].get(&r.id).await.unwrap(), Some(r));
+        for store in stores.iter().chain([&again]) {
+            store.pool().close().await;
+        }
+        remove(&path);
+    }
+
+    #[tokio::test]
+    async fn unreadable_rows_are_corrupt() {
+        let store = SqliteStore::in_memory().await.unwrap();
+        let r = record("key_1", "o", "a");
+        store.insert(&r, no_limits(), now()).await.unwrap();
+        for (spoil, restore) in [
+            (
+                "UPDATE api_keys SET digest_scheme = 99",
+                "UPDATE api_keys SET digest_scheme = 1",
+            ),
+            (
+                "UPDATE api_keys SET scopes = 'not json'",
+                "UPDATE api_keys SET scopes = '[\"ledgers:read\"]'",
+            ),
+            (
+                "UPDATE api_keys SET scopes = '[\"Not A Scope\"]'",
+                "UPDATE api_keys SET scopes = '[\"ledgers:read\"]'",
+            ),
+            (
+                "UPDATE api_keys SET created_at = 9223372036854775807",
+                "UPDATE api_keys SET created_at = 0",
+            ),
+        ] {
+            sqlx::query(spoil).execute(store.pool()).await.unwrap();
+            let error = store.get(&r.id).await.unwrap_err();
+            assert_eq!(error.kind(), StoreErrorKind::Corrupt, "{spoil}");
+            let error = store.find_by_digest(&r.digest).await.unwrap_err();
+            assert_eq!(error.kind(), StoreErrorKind::Corrupt, "{spoil}");
+            sqlx::query(restore).execute(store.pool()).await.unwrap();
+            assert!(store.get(&r.id).await.unwrap().is_some(), "{restore}");
+        }
+    }
+
+    #[tokio::test]
+    async fn no_plaintext_secret_is_stored() {
+        let (path, url) = temp_db("sqlite_plaintext");
+        let store = SqliteStore::connect(&url).await.unwrap();
+        let (old, new) = (secret(), secret());
+        let r = KeyRecord {
+            digest: old.digest(),
+            ..record("key_1", "o", "a")
+        };
+        store.insert(&r, no_limits(), now()).await.unwrap();
+        let rot = Rotation {
+            digest: new.digest(),
+            ..rotation(Some(t(60)))
+        };
+        store.replace_secret(&r.id, &rot).await.unwrap().unwrap();
+        store.pool().close().await;
+        let bytes = remove(&path);
+        let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+        for key in [&old, &new] {
+            let body = &key.expose_secret()["sk_test_".len()..];
+            assert!(
+                !contains(body.as_bytes()),
+                "a secret is stored in plain text"
+            );
+            assert!(
+                contains(key.digest().as_bytes()),
+                "digests are stored as bytes"
+            );
+        }
+    }
+}
