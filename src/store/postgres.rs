@@ -549,10 +549,10 @@ impl KeyStore for PostgresStore {
         // Lock order is always owner, then account, so two inserts never wait on each other in a
         // cycle. The locks are held until commit; the counts below see every earlier holder's insert.
         if limits.per_owner.is_some() {
-            Self::lock(&mut *tx, &["owner", schema, &record.owner]).await?;
+            Self::lock(&mut tx, &["owner", schema, &record.owner]).await?;
         }
         if limits.per_account.is_some() {
-            Self::lock(&mut *tx, &["account", schema, &record.account]).await?;
+            Self::lock(&mut tx, &["account", schema, &record.account]).await?;
         }
         let exists: bool = sqlx::query_scalar(AssertSqlSafe(Arc::clone(&self.sql.exists)))
             .bind(record.id.as_str())

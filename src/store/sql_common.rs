@@ -220,7 +220,8 @@ mod tests {
             previous_valid_until: None,
         };
         assert!(good().into_record().is_ok());
-        let bad: Vec<Box<dyn Fn(&mut RawRecord)>> = vec![
+        type Spoil = Box<dyn Fn(&mut RawRecord)>;
+        let bad: Vec<Spoil> = vec![
             Box::new(|r| r.digest = vec![1; 31]),
             Box::new(|r| r.digest_scheme = 99),
             Box::new(|r| r.digest_scheme = -1),

@@ -25,7 +25,7 @@
 //!   transactions, which SQLite serialises across every connection and process using the file:
 //!   concurrent inserts never overshoot a limit.
 //! - Timestamps are floored to the microsecond when written and when compared, like
-//!   [`PostgresStore`](super::PostgresStore).
+//!   `PostgresStore`.
 //! - File databases are switched to WAL mode by [`SqliteStore::connect`], so readers do not wait for
 //!   writers. Busy connections wait up to 5 s (sqlx's `busy_timeout`) before failing.
 
