@@ -9,7 +9,7 @@ mod support_db;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use time::OffsetDateTime;
 use tower_api_keys::store::{KeyLimits, ListQuery, Rotation, StoreErrorKind};
@@ -17,9 +17,6 @@ use tower_api_keys::{
     ApiKey, AuthError, CachedResolver, KeyDigest, KeyFormat, KeyId, KeyRecord, KeyStore,
     MemoryStore, ScopeSet, StoreError,
 };
-
-/// Generous bound for waits that only guard against hanging (not timing assertions).
-const HANG_GUARD: Duration = Duration::from_secs(30);
 
 fn new_record() -> (ApiKey, KeyRecord) {
     let format = KeyFormat::default();
@@ -147,10 +144,15 @@ async fn hanging_store_is_unavailable_cached_keys_work_and_it_recovers() {
 
 #[cfg(feature = "postgres")]
 mod postgres {
+    use std::time::Instant;
+
     use sqlx::postgres::PgConnectOptions;
     use tower_api_keys::PostgresStore;
 
     use super::*;
+
+    /// Generous bound for waits that only guard against hanging (not timing assertions).
+    const HANG_GUARD: Duration = Duration::from_secs(30);
 
     fn closed_port() -> u16 {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -842,6 +842,7 @@ fn fixtures_make_distinct_secrets() {
 // ---------------------------------------------------------------------------------------------
 // Store-specific checks: what the shared contract cannot express (schema, on-disk form).
 
+#[cfg(feature = "postgres")]
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

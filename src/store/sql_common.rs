@@ -14,6 +14,7 @@ use crate::key::{DigestScheme, KeyDigest, KeyId};
 use crate::scope::ScopeSet;
 
 /// `t` floored to the microsecond, in UTC: the precision the SQL stores keep.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 pub(crate) fn micros(t: OffsetDateTime) -> OffsetDateTime {
     let t = t.to_offset(time::UtcOffset::UTC);
     // `nanosecond()` is always below 10^9, so the replacement cannot fail; keep `t` if it ever did.

@@ -150,6 +150,7 @@ pub async fn redis_url(test: &str) -> Option<String> {
     }
 }
 
+#[cfg(feature = "postgres")]
 /// A TCP proxy on 127.0.0.1 in front of `target`, which can be taken down (every connection cut,
 /// new ones refused) and brought back up on the same port: a database outage and its recovery.
 pub struct Proxy {
@@ -158,6 +159,7 @@ pub struct Proxy {
     tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
+#[cfg(feature = "postgres")]
 impl Proxy {
     /// Starts a proxy to `target` on a free port.
     pub async fn start(target: std::net::SocketAddr) -> Self {
@@ -213,6 +215,7 @@ impl Proxy {
     }
 }
 
+#[cfg(feature = "postgres")]
 impl Drop for Proxy {
     fn drop(&mut self) {
         for task in self.tasks.lock().unwrap().drain(..) {
