@@ -108,7 +108,9 @@ impl ErrorCode {
             | Self::CrossOwnerAccess
             | Self::ScopeEscalation
             | Self::MasterKeyRequired => StatusCode::FORBIDDEN,
-            Self::OwnerRequired | Self::InvalidRequest | Self::InvalidMetadata => StatusCode::BAD_REQUEST,
+            Self::OwnerRequired | Self::InvalidRequest | Self::InvalidMetadata => {
+                StatusCode::BAD_REQUEST
+            }
             Self::LimitReached => StatusCode::CONFLICT,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,

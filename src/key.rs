@@ -276,8 +276,14 @@ impl DigestScheme {
 }
 
 /// SHA-256 digest of a key. Compared in constant time; `Debug` does not print it.
-#[derive(Clone, Copy, Hash)]
+#[derive(Clone, Copy)]
 pub struct KeyDigest([u8; 32]);
+
+impl std::hash::Hash for KeyDigest {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
 
 impl KeyDigest {
     /// Digest of a key string under [`DigestScheme::Sha256`].

@@ -18,21 +18,21 @@ pub use error::ScopeMatch;
 pub use error::{AuthError, ErrorCode, GrpcRejection, JsonRejection, RenderRejection};
 #[cfg(feature = "axum")]
 pub use guard::Scoped;
-pub use invalidate::{Invalidation, Invalidator, NoBroadcast};
+pub use guard::{RequireScopes, RequireScopesService, ScopeRequirement};
 #[cfg(feature = "postgres")]
 pub use invalidate::PgInvalidator;
 #[cfg(feature = "redis")]
 pub use invalidate::RedisInvalidator;
-pub use guard::{RequireScopes, RequireScopesService, ScopeRequirement};
+pub use invalidate::{Invalidation, Invalidator, NoBroadcast};
 pub use key::{ApiKey, KeyDigest, KeyFormat, KeyId};
 pub use layer::{ApiKeyLayer, ApiKeyService, KeySource};
 pub use principal::{Principal, PrincipalKind};
 pub use provenance::{Provenance, ProvenanceBody, ProvenanceService};
 pub use resolver::CachedResolver;
 pub use scope::{Scope, ScopeSet, is_valid_scope};
-pub use store::{KeyRecord, KeyStore, MemoryStore, StoreError};
 #[cfg(feature = "postgres")]
 pub use store::PostgresStore;
 #[cfg(feature = "sqlite")]
 pub use store::SqliteStore;
+pub use store::{KeyRecord, KeyStore, MemoryStore, StoreError};
 pub use usage::UsageRecorder;

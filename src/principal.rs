@@ -190,11 +190,7 @@ mod extract {
             parts: &mut Parts,
             _state: &S,
         ) -> Result<Self, Self::Rejection> {
-            parts
-                .extensions
-                .get::<Principal>()
-                .cloned()
-                .ok_or(AuthError::MissingPrincipal)
+            crate::guard::principal_of(&parts.extensions).cloned()
         }
     }
 

@@ -245,6 +245,7 @@ impl ScopeSet {
 
     /// Whether any scope in the set grants the already-validated scope string `required`.
     /// Allocation-free; used by compile-time scope markers.
+    #[cfg(feature = "axum")]
     pub(crate) fn allows_str(&self, required: &str) -> bool {
         let (resource, action) = match required.split_once(':') {
             Some(parts) => parts,

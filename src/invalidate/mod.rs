@@ -121,7 +121,12 @@ mod tests {
         };
         let text = event.to_json();
         assert_eq!(Invalidation::from_json(&text), Some(event));
-        for bad in ["", "{}", r#"{"key_id":"k","digests":["zz"]}"#, r#"{"key_id":"k","digests":["é"]}"#] {
+        for bad in [
+            "",
+            "{}",
+            r#"{"key_id":"k","digests":["zz"]}"#,
+            r#"{"key_id":"k","digests":["é"]}"#,
+        ] {
             assert_eq!(Invalidation::from_json(bad), None, "{bad}");
         }
     }

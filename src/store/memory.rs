@@ -83,7 +83,9 @@ impl KeyStore for MemoryStore {
     ) -> Result<(), StoreError> {
         let mut inner = self.lock();
         if inner.by_id.contains_key(&record.id)
-            || inner.by_digest.contains_key(record.digest.as_bytes())
+            || record
+                .digests()
+                .any(|d| inner.by_digest.contains_key(d.as_bytes()))
         {
             return Err(StoreError::from_kind(StoreErrorKind::Conflict));
         }
@@ -110,9 +112,11 @@ impl KeyStore for MemoryStore {
                 }));
             }
         }
-        inner
-            .by_digest
-            .insert(*record.digest.as_bytes(), record.id.clone());
+        for digest in record.digests() {
+            inner
+                .by_digest
+                .insert(*digest.as_bytes(), record.id.clone());
+        }
         inner.by_id.insert(record.id.clone(), record.clone());
         Ok(())
     }
