@@ -1,0 +1,624 @@
+//! Key lifecycle: [`KeyManager`] (library API) and, with feature `manage`, an axum router
+//! ([`router`]) speaking Blnk's wire format.
+//!
+//! Every operation takes the acting [`Principal`] and enforces the owner context:
+//! - the master key may act for any owner but must name it (`APIKEY_OWNER_REQUIRED`);
+//! - a scoped key needs `api-keys:write` to create, revoke and rotate (`api-keys:read` to list and
+//!   get), manages only its own owner's keys (`AUTH_CROSS_OWNER_ACCESS` when it names another owner,
+//!   `APIKEY_NOT_FOUND` for another owner's key id), and may only delegate scopes and an expiry it
+//!   holds itself (`AUTH_SCOPE_ESCALATION`);
+//! - hard deletion erases the audit trail, so it needs the master key (`AUTH_MASTER_KEY_REQUIRED`).
+//!
+//! Revoke, delete and rotate invalidate the local [`CachedResolver`] at once and publish an
+//! [`Invalidation`] for other instances.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower_api_keys::AuthError> {
+//! use std::sync::Arc;
+//! use tower_api_keys::manage::{CreateKey, KeyManager, KeyPolicy};
+//! use tower_api_keys::{CachedResolver, MemoryStore, Principal};
+//!
+//! let store = Arc::new(MemoryStore::new());
+//! let resolver = CachedResolver::new(store.clone());
+//! let manager = KeyManager::new(store, resolver.clone())
+//!     .policy(KeyPolicy::default().max_active_per_owner(5));
+//!
+//! // Bootstrap with the master key: it must name the owner.
+//! let created = manager
+//!     .create(&Principal::master(), CreateKey::new(["ledgers:read", "api-keys:write"]).owner("payments"))
+//!     .await?;
+//! println!("give this to the payments team once: {}", created.key.expose_secret());
+//!
+//! // The new key authenticates...
+//! let principal = resolver.authenticate(&created.key.digest()).await?;
+//! assert_eq!(principal.owner(), Some("payments"));
+//!
+//! // ...and may delegate, but only what it holds.
+//! let child = manager.create(&principal, CreateKey::new(["ledgers:read"])).await?;
+//! assert_eq!(child.info.created_by.as_ref(), Some(&created.info.id));
+//! assert!(manager.create(&principal, CreateKey::new(["*:*"])).await.is_err());
+//!
+//! manager.revoke(&Principal::master(), &child.info.id).await?;
+//! assert!(resolver.authenticate(&child.key.digest()).await.is_err());
+//! # Ok(())
+//! # }
+//! ```
+
+#[cfg(feature = "manage")]
+mod router;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+#[cfg(feature = "manage")]
+pub use router::{openapi, router};
+
+use crate::error::AuthError;
+use crate::invalidate::{Invalidation, Invalidator, NoBroadcast};
+use crate::key::{ApiKey, DigestScheme, KeyId};
+use crate::principal::Principal;
+use crate::resolver::CachedResolver;
+use crate::scope::{Scope, ScopeSet};
+use crate::store::{KeyLimits, KeyRecord, KeyStore, ListQuery, Rotation, StoreErrorKind};
+
+/// Longest key name accepted.
+pub const MAX_NAME_LEN: usize = 128;
+/// Longest owner or account id accepted.
+pub const MAX_OWNER_LEN: usize = 128;
+/// Most scopes one key may hold.
+pub const MAX_SCOPES: usize = 64;
+/// Largest page a list returns.
+pub const MAX_PAGE_SIZE: u32 = 100;
+
+/// Rules for new keys: lifetimes and active-key limits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[must_use]
+pub struct KeyPolicy {
+    default_lifetime: Option<Duration>,
+    max_lifetime: Option<Duration>,
+    limits: KeyLimits,
+}
+
+impl Default for KeyPolicy {
+    /// Keys never expire unless asked to, no lifetime cap, no limits.
+    fn default() -> Self {
+        Self {
+            default_lifetime: None,
+            max_lifetime: None,
+            limits: KeyLimits::default(),
+        }
+    }
+}
+
+impl KeyPolicy {
+    /// Lifetime of a key created without `expires_at` (default: never expires, unless a maximum
+    /// lifetime is set, which then applies).
+    pub fn default_lifetime(mut self, lifetime: Duration) -> Self {
+        self.default_lifetime = Some(lifetime);
+        self
+    }
+
+    /// Longest lifetime a key may have (e.g. 365 days, as Blecon). Keys without an expiry are then
+    /// refused unless a default lifetime fills it in.
+    pub fn max_lifetime(mut self, lifetime: Duration) -> Self {
+        self.max_lifetime = Some(lifetime);
+        self
+    }
+
+    /// Most active (unrevoked, unexpired) keys per owner (e.g. 5, as Blazelock).
+    pub fn max_active_per_owner(mut self, limit: u32) -> Self {
+        self.limits.per_owner = Some(limit);
+        self
+    }
+
+    /// Most active keys per account (e.g. 10, as Blecon).
+    pub fn max_active_per_account(mut self, limit: u32) -> Self {
+        self.limits.per_account = Some(limit);
+        self
+    }
+
+    /// The active-key limits.
+    pub fn limits(&self) -> KeyLimits {
+        self.limits
+    }
+}
+
+/// What to create. Build with [`CreateKey::new`] and the setters.
+#[derive(Clone, Debug, Default, PartialEq)]
+#[must_use]
+pub struct CreateKey {
+    /// Display name; defaults to a timestamp-based one.
+    pub name: Option<String>,
+    /// Owner; required with the master key, defaults to the caller's owner for a scoped key.
+    pub owner: Option<String>,
+    /// Account; defaults to the caller's account (scoped key) or the owner (master key).
+    pub account: Option<String>,
+    /// Scope strings, validated.
+    pub scopes: Vec<String>,
+    /// Expiry; defaults to the policy's default lifetime.
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+impl CreateKey {
+    /// A request for a key holding `scopes`.
+    pub fn new<I, S>(scopes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self {
+            scopes: scopes.into_iter().map(Into::into).collect(),
+            ..Self::default()
+        }
+    }
+
+    /// Sets the name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Sets the owner.
+    pub fn owner(mut self, owner: impl Into<String>) -> Self {
+        self.owner = Some(owner.into());
+        self
+    }
+
+    /// Sets the account.
+    pub fn account(mut self, account: impl Into<String>) -> Self {
+        self.account = Some(account.into());
+        self
+    }
+
+    /// Sets the expiry.
+    pub fn expires_at(mut self, at: OffsetDateTime) -> Self {
+        self.expires_at = Some(at);
+        self
+    }
+}
+
+/// A key's metadata as shown to people: never the secret, never the digest.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KeyInfo {
+    /// Stable public id.
+    pub id: KeyId,
+    /// Display name.
+    pub name: String,
+    /// Owner.
+    pub owner: String,
+    /// Account.
+    pub account: String,
+    /// Scopes.
+    pub scopes: ScopeSet,
+    /// Masked secret, e.g. `sk_live_Ab3d…x9Qz`.
+    pub masked_key: String,
+    /// Creation time.
+    pub created_at: OffsetDateTime,
+    /// Expiry, if any.
+    pub expires_at: Option<OffsetDateTime>,
+    /// Last use (flushed in batches).
+    pub last_used_at: Option<OffsetDateTime>,
+    /// Revocation time, if revoked.
+    pub revoked_at: Option<OffsetDateTime>,
+    /// Last rotation time, if rotated.
+    pub rotated_at: Option<OffsetDateTime>,
+    /// The key that delegated this one, if a scoped key created it.
+    pub created_by: Option<KeyId>,
+}
+
+impl From<KeyRecord> for KeyInfo {
+    fn from(r: KeyRecord) -> Self {
+        Self {
+            id: r.id,
+            name: r.name,
+            owner: r.owner,
+            account: r.account,
+            scopes: r.scopes,
+            masked_key: r.masked_key,
+            created_at: r.created_at,
+            expires_at: r.expires_at,
+            last_used_at: r.last_used_at,
+            revoked_at: r.revoked_at,
+            rotated_at: r.rotated_at,
+            created_by: r.created_by,
+        }
+    }
+}
+
+/// A newly created or rotated key: the plaintext, shown this once, and its metadata.
+#[derive(Clone)]
+pub struct CreatedKey {
+    /// The plaintext secret. Hand it over once; it cannot be recovered.
+    pub key: ApiKey,
+    /// The key's metadata.
+    pub info: KeyInfo,
+}
+
+impl fmt::Debug for CreatedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CreatedKey")
+            .field("key", &self.key)
+            .field("info", &self.info)
+            .finish()
+    }
+}
+
+/// One page of a listing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KeyPage {
+    /// Keys, newest first.
+    pub keys: Vec<KeyInfo>,
+    /// Pass as `before` to get the next page; `None` on the last page.
+    pub next_cursor: Option<KeyId>,
+}
+
+/// Creates, lists, revokes, deletes and rotates keys under a [`KeyPolicy`], enforcing owner context
+/// and delegation rules. Cheap to clone.
+#[derive(Clone)]
+pub struct KeyManager {
+    store: Arc<dyn KeyStore>,
+    resolver: CachedResolver,
+    invalidator: Arc<dyn Invalidator>,
+    policy: Arc<KeyPolicy>,
+}
+
+impl fmt::Debug for KeyManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyManager")
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Access {
+    Read,
+    Write,
+}
+
+impl KeyManager {
+    /// A manager over `store` that keeps `resolver`'s cache in step with every change. Keys are
+    /// generated in the resolver's [`KeyFormat`](crate::KeyFormat).
+    pub fn new(store: Arc<dyn KeyStore>, resolver: CachedResolver) -> Self {
+        Self {
+            store,
+            resolver,
+            invalidator: Arc::new(NoBroadcast),
+            policy: Arc::new(KeyPolicy::default()),
+        }
+    }
+
+    /// Sets the policy.
+    #[must_use]
+    pub fn policy(mut self, policy: KeyPolicy) -> Self {
+        self.policy = Arc::new(policy);
+        self
+    }
+
+    /// Broadcasts changes to other instances with `invalidator`.
+    #[must_use]
+    pub fn invalidator(mut self, invalidator: impl Invalidator) -> Self {
+        self.invalidator = Arc::new(invalidator);
+        self
+    }
+
+    /// The resolver whose cache this manager keeps fresh.
+    pub fn resolver(&self) -> &CachedResolver {
+        &self.resolver
+    }
+
+    fn authorize(&self, caller: &Principal, access: Access) -> Result<(), AuthError> {
+        if caller.is_master() {
+            return Ok(());
+        }
+        let needed = match access {
+            Access::Read => "api-keys:read",
+            Access::Write => "api-keys:write",
+        };
+        let scope = Scope::parse(needed).expect("a valid constant scope");
+        // Write access implies read access.
+        let write = Scope::parse("api-keys:write").expect("a valid constant scope");
+        if caller.allows(&scope) || caller.allows(&write) {
+            Ok(())
+        } else {
+            Err(AuthError::InsufficientPermissions {
+                required: ScopeSet::from(scope),
+                mode: crate::error::ScopeMatch::All,
+            })
+        }
+    }
+
+    /// Which owner a call acts for.
+    fn owner_for(caller: &Principal, requested: Option<&str>) -> Result<String, AuthError> {
+        match (caller.owner(), requested) {
+            (None, None) => Err(AuthError::OwnerRequired),
+            (None, Some(owner)) => Ok(validate_id("owner", owner)?.to_owned()),
+            (Some(own), None) => Ok(own.to_owned()),
+            (Some(own), Some(owner)) if own == owner => Ok(own.to_owned()),
+            (Some(_), Some(_)) => Err(AuthError::CrossOwnerAccess),
+        }
+    }
+
+    /// A key the caller may see, or 404 (another owner's key is indistinguishable from none).
+    async fn visible(&self, caller: &Principal, id: &KeyId) -> Result<KeyRecord, AuthError> {
+        match self.store.get(id).await? {
+            Some(record) if caller.owner().is_none_or(|own| own == record.owner) => Ok(record),
+            _ => Err(AuthError::NotFound),
+        }
+    }
+
+    /// Creates a key and returns its plaintext, once.
+    pub async fn create(
+        &self,
+        caller: &Principal,
+        request: CreateKey,
+    ) -> Result<CreatedKey, AuthError> {
+        self.authorize(caller, Access::Write)?;
+        let owner = Self::owner_for(caller, request.owner.as_deref())?;
+        let account = match (caller.account(), request.account.as_deref()) {
+            (Some(own), Some(other)) if own != other => return Err(AuthError::CrossOwnerAccess),
+            (Some(own), _) => own.to_owned(),
+            (None, Some(account)) => validate_id("account", account)?.to_owned(),
+            (None, None) => owner.clone(),
+        };
+        let now = OffsetDateTime::now_utc();
+        let name = match request.name {
+            Some(name) => validate_name(name)?,
+            None => default_name(now),
+        };
+        let scopes = validate_scopes(&request.scopes)?;
+        if !caller.scopes().covers(&scopes) {
+            let missing: Vec<&str> = caller
+                .scopes()
+                .uncovered(&scopes)
+                .map(Scope::as_str)
+                .collect();
+            return Err(AuthError::ScopeEscalation(
+                format!(
+                    "cannot grant scopes the calling key does not hold: {}",
+                    missing.join(", ")
+                )
+                .into(),
+            ));
+        }
+        let expires_at = self.expiry(caller, request.expires_at, now)?;
+        let format = self.resolver.format();
+        let key = format.generate();
+        let record = KeyRecord {
+            id: KeyId::generate(),
+            name,
+            owner,
+            account,
+            scopes,
+            digest: key.digest(),
+            digest_scheme: DigestScheme::Sha256,
+            masked_key: format.mask(&key).expect("a generated key has the format"),
+            created_at: now,
+            expires_at,
+            revoked_at: None,
+            last_used_at: None,
+            created_by: caller.provenance_id().cloned(),
+            rotated_at: None,
+            previous: None,
+        };
+        self.store
+            .insert(&record, self.policy.limits, now)
+            .await
+            .map_err(|e| match e.kind() {
+                StoreErrorKind::LimitReached { limit, scope } => {
+                    AuthError::LimitReached { limit, scope }
+                }
+                _ => AuthError::Unavailable(e),
+            })?;
+        tracing::info!(api_key_id = %record.id, owner = %record.owner, created_by = ?record.created_by, "API key created");
+        Ok(CreatedKey {
+            key,
+            info: record.into(),
+        })
+    }
+
+    /// The expiry of a new key: requested, or the policy default; capped by the policy's maximum and
+    /// never later than the caller's own.
+    fn expiry(
+        &self,
+        caller: &Principal,
+        requested: Option<OffsetDateTime>,
+        now: OffsetDateTime,
+    ) -> Result<Option<OffsetDateTime>, AuthError> {
+        let policy = &self.policy;
+        let mut expires_at = match requested {
+            Some(at) if at <= now => {
+                return Err(AuthError::invalid("expires_at must be in the future"));
+            }
+            Some(at) => Some(at),
+            None => policy
+                .default_lifetime
+                .or(policy.max_lifetime)
+                .map(|d| now + d),
+        };
+        if let (Some(max), Some(at)) = (policy.max_lifetime, expires_at) {
+            if at > now + max {
+                return Err(AuthError::invalid(format!(
+                    "expires_at is beyond the maximum key lifetime of {} days",
+                    max.as_secs() / 86_400
+                )));
+            }
+        }
+        if let Some(limit) = caller.expires_at() {
+            match expires_at {
+                Some(at) if at > limit => {
+                    return Err(AuthError::ScopeEscalation(
+                        "a delegated key cannot expire after the key that creates it".into(),
+                    ));
+                }
+                None if requested.is_none() => expires_at = Some(limit),
+                None => {}
+                Some(_) => {}
+            }
+        }
+        Ok(expires_at)
+    }
+
+    /// One owner's keys, newest first. `owner` is required with the master key; a scoped key lists
+    /// its own owner's keys.
+    pub async fn list(
+        &self,
+        caller: &Principal,
+        owner: Option<&str>,
+        before: Option<KeyId>,
+        limit: u32,
+    ) -> Result<KeyPage, AuthError> {
+        self.authorize(caller, Access::Read)?;
+        let owner = Self::owner_for(caller, owner)?;
+        let limit = limit.clamp(1, MAX_PAGE_SIZE);
+        let mut keys = self
+            .store
+            .list(&ListQuery {
+                owner,
+                before,
+                limit: limit + 1,
+            })
+            .await?;
+        let next_cursor = if keys.len() > limit as usize {
+            keys.truncate(limit as usize);
+            keys.last().map(|k| k.id.clone())
+        } else {
+            None
+        };
+        Ok(KeyPage {
+            keys: keys.into_iter().map(KeyInfo::from).collect(),
+            next_cursor,
+        })
+    }
+
+    /// One key's metadata; another owner's key is [`AuthError::NotFound`].
+    pub async fn get(&self, caller: &Principal, id: &KeyId) -> Result<KeyInfo, AuthError> {
+        self.authorize(caller, Access::Read)?;
+        Ok(self.visible(caller, id).await?.into())
+    }
+
+    /// Revokes a key: it stops working at once and stays listed. Idempotent.
+    pub async fn revoke(&self, caller: &Principal, id: &KeyId) -> Result<KeyInfo, AuthError> {
+        self.authorize(caller, Access::Write)?;
+        self.visible(caller, id).await?;
+        let record = self
+            .store
+            .revoke(id, OffsetDateTime::now_utc())
+            .await?
+            .ok_or(AuthError::NotFound)?;
+        self.invalidate(&record).await;
+        tracing::info!(api_key_id = %record.id, "API key revoked");
+        Ok(record.into())
+    }
+
+    /// Deletes a key's record for good. Needs the master key: revoke keeps the audit trail.
+    pub async fn delete(&self, caller: &Principal, id: &KeyId) -> Result<(), AuthError> {
+        if !caller.is_master() {
+            return Err(AuthError::MasterKeyRequired);
+        }
+        let record = self.store.delete(id).await?.ok_or(AuthError::NotFound)?;
+        self.invalidate(&record).await;
+        tracing::info!(api_key_id = %record.id, "API key deleted");
+        Ok(())
+    }
+
+    /// Gives a key a new secret under the same id. The old secret stops working at once, or after
+    /// `grace` (never past the key's own expiry).
+    pub async fn rotate(
+        &self,
+        caller: &Principal,
+        id: &KeyId,
+        grace: Option<Duration>,
+    ) -> Result<CreatedKey, AuthError> {
+        self.authorize(caller, Access::Write)?;
+        let old = self.visible(caller, id).await?;
+        let now = OffsetDateTime::now_utc();
+        if old.revoked_at.is_some() {
+            return Err(AuthError::invalid("a revoked key cannot be rotated"));
+        }
+        if old.expires_at.is_some_and(|at| at <= now) {
+            return Err(AuthError::invalid("an expired key cannot be rotated"));
+        }
+        let format = self.resolver.format();
+        let key = format.generate();
+        let rotation = Rotation {
+            digest: key.digest(),
+            digest_scheme: DigestScheme::Sha256,
+            masked_key: format.mask(&key).expect("a generated key has the format"),
+            rotated_at: now,
+            previous_valid_until: grace.filter(|g| !g.is_zero()).map(|g| now + g),
+        };
+        let record = self
+            .store
+            .replace_secret(id, &rotation)
+            .await?
+            .ok_or(AuthError::NotFound)?;
+        // Forget the old secret's cached entry: with a grace period it is re-read with its new end.
+        self.invalidate(&old).await;
+        tracing::info!(api_key_id = %record.id, grace_seconds = grace.map(|g| g.as_secs()), "API key rotated");
+        Ok(CreatedKey {
+            key,
+            info: record.into(),
+        })
+    }
+
+    async fn invalidate(&self, record: &KeyRecord) {
+        let invalidation = Invalidation {
+            key_id: record.id.clone(),
+            digests: record.digests().copied().collect(),
+        };
+        invalidation.apply(&self.resolver);
+        if let Err(error) = self.invalidator.publish(&invalidation).await {
+            tracing::warn!(%error, api_key_id = %record.id, "broadcasting an API key change failed; other instances will catch up when their cache entries expire");
+        }
+    }
+}
+
+fn default_name(now: OffsetDateTime) -> String {
+    let format =
+        time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC");
+    format!("API key {}", now.format(&format).unwrap_or_default())
+}
+
+fn validate_name(name: String) -> Result<String, AuthError> {
+    let trimmed = name.trim();
+    if trimmed.is_empty() {
+        return Err(AuthError::invalid("name cannot be blank"));
+    }
+    if trimmed.chars().count() > MAX_NAME_LEN {
+        return Err(AuthError::invalid(format!(
+            "name is longer than {MAX_NAME_LEN} characters"
+        )));
+    }
+    if trimmed.chars().any(char::is_control) {
+        return Err(AuthError::invalid("name cannot contain control characters"));
+    }
+    Ok(trimmed.to_owned())
+}
+
+fn validate_id<'a>(what: &'static str, value: &'a str) -> Result<&'a str, AuthError> {
+    if value.is_empty()
+        || value.len() > MAX_OWNER_LEN
+        || !value.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(AuthError::invalid(format!(
+            "{what} must be 1 to {MAX_OWNER_LEN} visible ASCII characters"
+        )));
+    }
+    Ok(value)
+}
+
+fn validate_scopes(scopes: &[String]) -> Result<ScopeSet, AuthError> {
+    if scopes.is_empty() {
+        return Err(AuthError::invalid("a key needs at least one scope"));
+    }
+    if scopes.len() > MAX_SCOPES {
+        return Err(AuthError::invalid(format!(
+            "a key holds at most {MAX_SCOPES} scopes"
+        )));
+    }
+    ScopeSet::parse(scopes).map_err(|e| AuthError::invalid(e.to_string()))
+}

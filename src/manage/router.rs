@@ -1,0 +1,387 @@
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use utoipa::{OpenApi, ToSchema};
+
+use super::{CreateKey, CreatedKey, KeyInfo, KeyManager};
+use crate::error::AuthError;
+use crate::key::KeyId;
+use crate::principal::Principal;
+
+/// `last_used_at` of a key that was never used, as Blnk reports it.
+const NEVER: &str = "0001-01-01T00:00:00Z";
+
+/// The management API, Blnk-compatible, to merge into your router behind
+/// [`ApiKeyLayer`](crate::ApiKeyLayer):
+///
+/// | request | does | answers |
+/// |---|---|---|
+/// | `POST /api-keys` `{name?, owner?, account?, scopes, expires_at?}` | create | 201 key with plaintext `key` |
+/// | `GET /api-keys?owner=&limit=&before=` | list, newest first | 200 array; `x-next-cursor` header if more |
+/// | `GET /api-keys/{id}` | get | 200 key |
+/// | `DELETE /api-keys/{id}` | revoke (soft) | 204 |
+/// | `DELETE /api-keys/{id}?permanent=true` | delete the record (master key only) | 204 |
+/// | `POST /api-keys/{id}/rotate` `{grace_period_seconds?}` | new secret, same id | 200 key with plaintext `key` |
+/// | `GET /api-keys/openapi.json` | this API's OpenAPI 3.1 document | 200 |
+///
+/// Errors use the crate's JSON error body; malformed JSON, unknown fields and wrong types are 400
+/// `APIKEY_INVALID`, never a 500 or a plain-text rejection.
+///
+/// ```
+/// use std::sync::Arc;
+/// use axum::Router;
+/// use tower_api_keys::manage::{self, KeyManager};
+/// use tower_api_keys::{ApiKey, ApiKeyLayer, CachedResolver, KeySource, MemoryStore};
+///
+/// let store = Arc::new(MemoryStore::new());
+/// let resolver = CachedResolver::new(store.clone());
+/// let app: Router = Router::new()
+///     .merge(manage::router(KeyManager::new(store, resolver.clone())))
+///     .layer(
+///         ApiKeyLayer::new(resolver)
+///             .sources([KeySource::blnk(), KeySource::x_api_key()])
+///             .master_key(ApiKey::new("a-long-master-key-from-config")),
+///     );
+/// ```
+pub fn router(manager: KeyManager) -> Router {
+    Router::new()
+        .route("/api-keys", post(create_key).get(list_keys))
+        .route(
+            "/api-keys/openapi.json",
+            get(|| async { axum::Json(openapi()) }),
+        )
+        .route("/api-keys/{id}", get(get_key).delete(revoke_key))
+        .route("/api-keys/{id}/rotate", post(rotate_key))
+        .with_state(manager)
+}
+
+/// The OpenAPI document of [`router`]'s endpoints, to serve or merge into your own.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "tower-api-keys management API", description = "Create, list, revoke, delete and rotate scoped API keys."),
+    paths(create_key, list_keys, get_key, revoke_key, rotate_key),
+    components(schemas(CreateKeyBody, RotateBody, KeyResponse, ErrorBody, ErrorDetail)),
+    modifiers(&Security),
+    security(("api_key" = []), ("blnk_key" = []), ("bearer" = []))
+)]
+struct ApiDoc;
+
+struct Security;
+
+impl utoipa::Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{
+            ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme,
+        };
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("x-api-key"))),
+        );
+        components.add_security_scheme(
+            "blnk_key",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("x-blnk-key"))),
+        );
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// Body of `POST /api-keys`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct CreateKeyBody {
+    /// Display name (default: timestamp-based). At most 128 characters.
+    name: Option<String>,
+    /// Owner (team, service or tenant). Required with the master key.
+    owner: Option<String>,
+    /// Account the key acts inside (default: the caller's, or the owner).
+    account: Option<String>,
+    /// Scopes in `resource:action` form.
+    #[schema(example = json!(["ledgers:read", "balances:write"]))]
+    scopes: Vec<String>,
+    /// RFC 3339 expiry, in the future.
+    #[schema(example = "2030-03-11T00:00:00Z")]
+    expires_at: Option<String>,
+}
+
+/// Body of `POST /api-keys/{id}/rotate` (optional).
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+struct RotateBody {
+    /// Seconds the old secret keeps working (default 0: it stops at once).
+    grace_period_seconds: Option<u64>,
+}
+
+/// A key as the API shows it. `key` (the plaintext) appears only on create and rotate.
+#[derive(Serialize, ToSchema)]
+struct KeyResponse {
+    api_key_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
+    name: String,
+    owner_id: String,
+    account_id: String,
+    scopes: Vec<String>,
+    /// Masked secret, e.g. `sk_live_Ab3d…x9Qz`.
+    masked_key: String,
+    expires_at: Option<String>,
+    created_at: String,
+    /// `0001-01-01T00:00:00Z` when never used.
+    last_used_at: String,
+    is_revoked: bool,
+    revoked_at: Option<String>,
+    rotated_at: Option<String>,
+    created_by: Option<String>,
+}
+
+/// The error body.
+#[derive(Serialize, ToSchema)]
+struct ErrorBody {
+    error: String,
+    error_detail: ErrorDetail,
+}
+
+/// Machine-readable error detail.
+#[derive(Serialize, ToSchema)]
+struct ErrorDetail {
+    /// Stable code, e.g. `AUTH_SCOPE_ESCALATION`.
+    code: String,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    details: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    owner: Option<String>,
+    limit: Option<u32>,
+    before: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteParams {
+    #[serde(default)]
+    permanent: bool,
+}
+
+fn timestamp(at: OffsetDateTime) -> String {
+    at.format(&Rfc3339).unwrap_or_else(|_| NEVER.to_owned())
+}
+
+impl KeyResponse {
+    fn new(info: KeyInfo, key: Option<String>) -> Self {
+        Self {
+            api_key_id: info.id.to_string(),
+            key,
+            name: info.name,
+            owner_id: info.owner,
+            account_id: info.account,
+            scopes: info.scopes.to_strings(),
+            masked_key: info.masked_key,
+            expires_at: info.expires_at.map(timestamp),
+            created_at: timestamp(info.created_at),
+            last_used_at: info
+                .last_used_at
+                .map_or_else(|| NEVER.to_owned(), timestamp),
+            is_revoked: info.revoked_at.is_some(),
+            revoked_at: info.revoked_at.map(timestamp),
+            rotated_at: info.rotated_at.map(timestamp),
+            created_by: info.created_by.map(|id| id.to_string()),
+        }
+    }
+
+    fn created(created: CreatedKey) -> Self {
+        Self::new(created.info, Some(created.key.expose_secret().to_owned()))
+    }
+}
+
+/// JSON response that is never cached by intermediaries (it may hold a plaintext key).
+fn no_store(status: StatusCode, body: impl Serialize) -> Response {
+    let mut response = (status, axum::Json(body)).into_response();
+    response.headers_mut().insert(
+        axum::http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    response
+}
+
+fn parse_json<T: for<'de> Deserialize<'de> + Default>(
+    body: &[u8],
+    empty_ok: bool,
+) -> Result<T, AuthError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return if empty_ok {
+            Ok(T::default())
+        } else {
+            Err(AuthError::invalid("request body must be a JSON object"))
+        };
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| AuthError::invalid(format!("invalid request body: {e}")))
+}
+
+impl Default for CreateKeyBody {
+    fn default() -> Self {
+        Self {
+            name: None,
+            owner: None,
+            account: None,
+            scopes: Vec::new(),
+            expires_at: None,
+        }
+    }
+}
+
+fn body_error(rejection: BytesRejection) -> AuthError {
+    AuthError::invalid(format!(
+        "unreadable request body: {}",
+        rejection.body_text()
+    ))
+}
+
+fn key_id(path: Result<Path<String>, PathRejection>) -> Result<KeyId, AuthError> {
+    let Path(id) = path.map_err(|_| AuthError::NotFound)?;
+    if id.is_empty() || id.len() > 128 {
+        return Err(AuthError::NotFound);
+    }
+    Ok(KeyId::new(id))
+}
+
+#[utoipa::path(post, path = "/api-keys", request_body = CreateKeyBody,
+    responses((status = 201, body = KeyResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn create_key(
+    State(manager): State<KeyManager>,
+    principal: Principal,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, AuthError> {
+    let body: CreateKeyBody = parse_json(&body.map_err(body_error)?, false)?;
+    let expires_at = body
+        .expires_at
+        .map(|at| {
+            OffsetDateTime::parse(&at, &Rfc3339).map_err(|_| {
+                AuthError::invalid(
+                    "expires_at must be an RFC 3339 timestamp, e.g. 2030-03-11T00:00:00Z",
+                )
+            })
+        })
+        .transpose()?;
+    let request = CreateKey {
+        name: body.name,
+        owner: body.owner,
+        account: body.account,
+        scopes: body.scopes,
+        expires_at,
+    };
+    let created = manager.create(&principal, request).await?;
+    Ok(no_store(StatusCode::CREATED, KeyResponse::created(created)))
+}
+
+#[utoipa::path(get, path = "/api-keys",
+    params(("owner" = Option<String>, Query, description = "Whose keys (required with the master key)"),
+           ("limit" = Option<u32>, Query, description = "Page size, 1 to 100 (default 50)"),
+           ("before" = Option<String>, Query, description = "Cursor: the x-next-cursor of the previous page")),
+    responses((status = 200, body = Vec<KeyResponse>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn list_keys(
+    State(manager): State<KeyManager>,
+    principal: Principal,
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Response, AuthError> {
+    let Query(params) =
+        params.map_err(|e| AuthError::invalid(format!("invalid query: {}", e.body_text())))?;
+    let page = manager
+        .list(
+            &principal,
+            params.owner.as_deref(),
+            params.before.map(KeyId::new),
+            params.limit.unwrap_or(50),
+        )
+        .await?;
+    let keys: Vec<KeyResponse> = page
+        .keys
+        .into_iter()
+        .map(|k| KeyResponse::new(k, None))
+        .collect();
+    let mut response = no_store(StatusCode::OK, keys);
+    if let Some(cursor) = page
+        .next_cursor
+        .and_then(|c| HeaderValue::from_str(c.as_str()).ok())
+    {
+        response.headers_mut().insert("x-next-cursor", cursor);
+    }
+    Ok(response)
+}
+
+#[utoipa::path(get, path = "/api-keys/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = KeyResponse), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn get_key(
+    State(manager): State<KeyManager>,
+    principal: Principal,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Response, AuthError> {
+    let info = manager.get(&principal, &key_id(id)?).await?;
+    Ok(no_store(StatusCode::OK, KeyResponse::new(info, None)))
+}
+
+#[utoipa::path(delete, path = "/api-keys/{id}",
+    params(("id" = String, Path), ("permanent" = Option<bool>, Query, description = "Delete the record instead of revoking (master key only)")),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn revoke_key(
+    State(manager): State<KeyManager>,
+    principal: Principal,
+    id: Result<Path<String>, PathRejection>,
+    params: Result<Query<DeleteParams>, QueryRejection>,
+) -> Result<StatusCode, AuthError> {
+    let id = key_id(id)?;
+    let Query(params) =
+        params.map_err(|e| AuthError::invalid(format!("invalid query: {}", e.body_text())))?;
+    if params.permanent {
+        manager.delete(&principal, &id).await?;
+    } else {
+        manager.revoke(&principal, &id).await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/api-keys/{id}/rotate", params(("id" = String, Path)), request_body(content = Option<RotateBody>),
+    responses((status = 200, body = KeyResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn rotate_key(
+    State(manager): State<KeyManager>,
+    principal: Principal,
+    id: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, AuthError> {
+    let id = key_id(id)?;
+    let body: RotateBody = parse_json(&body.map_err(body_error)?, true)?;
+    const MAX_GRACE: u64 = 30 * 86_400;
+    let grace = match body.grace_period_seconds {
+        Some(s) if s > MAX_GRACE => {
+            return Err(AuthError::invalid(
+                "grace_period_seconds is at most 30 days (2592000)",
+            ));
+        }
+        s => s.map(std::time::Duration::from_secs),
+    };
+    let created = manager.rotate(&principal, &id, grace).await?;
+    Ok(no_store(StatusCode::OK, KeyResponse::created(created)))
+}
