@@ -1,0 +1,367 @@
+//! A plain hyper 1 server (no axum) protected by `tower-api-keys`: [`ApiKeyLayer`] around a
+//! `tower::service_fn`, per-route scopes with [`RequireScopes`], the [`Principal`] read from the
+//! request extensions.
+//!
+//! ```text
+//! cargo run --example hyper
+//! ```
+//!
+//! It listens on `BIND` (default `127.0.0.1:5002`), uses the master key from `API_KEYS_MASTER_KEY`
+//! (or generates one and prints it once), and prints a scoped key holding `ledgers:read` and
+//! `ledgers:write`. Then, in a second terminal:
+//!
+//! ```text
+//! KEY=<the printed key>
+//! curl -i localhost:5002/whoami -H "X-Api-Key: $KEY"                       # 200, the principal
+//! curl -i localhost:5002/ledgers -H "Authorization: Bearer $KEY" \
+//!      -H 'content-type: application/json' -d '{"name": "Main ledger"}'   # 201
+//! curl -i localhost:5002/ledgers -H "X-Api-Key: $KEY"                      # 200, the account's ledgers
+//! curl -i -X DELETE localhost:5002/ledgers/ldg_1 -H "X-Api-Key: $KEY"      # 403 AUTH_INSUFFICIENT_PERMISSIONS
+//! curl -i localhost:5002/ledgers                                           # 401 AUTH_MISSING_API_KEY
+//! ```
+//!
+//! `tests/hyper_example.rs` runs the same requests with a hyper client.
+//!
+//! ## Why the response body is `Full<Bytes>`
+//!
+//! A tower stack answers with one response type, and refusals from the layer and the guards are
+//! responses of the inner service's body type. [`JsonRejection`] can render into any body that is
+//! `From<Bytes>`. hyper's request body, `Incoming`, is not (it can only come from a connection), so the
+//! handlers answer with `http_body_util::Full<Bytes>`, which is `From<Bytes>`, and so are `String`,
+//! `Vec<u8>` and `axum::body::Body`. The request body stays `Incoming`: the layer never reads it.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use time::OffsetDateTime;
+use tokio::net::TcpListener;
+use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
+use tower_api_keys::store::KeyLimits;
+use tower_api_keys::{
+    ApiKey, ApiKeyLayer, AuthError, CachedResolver, JsonRejection, KeyFormat, KeyId, KeyRecord,
+    KeySource, MemoryStore, Principal, RenderRejection, RequireScopes, ScopeSet, StoreError,
+};
+
+/// The body of every response, handlers' and refusals' alike (see the module docs).
+pub type Body = Full<Bytes>;
+
+/// The whole service: authentication, per-route scopes, handlers. `Clone`, as hyper wants one
+/// service per connection.
+pub fn app(
+    resolver: CachedResolver,
+    master_key: ApiKey,
+) -> impl Service<
+    Request<Incoming>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future: Send + 'static,
+> + Clone
++ Send
++ 'static {
+    let ledgers = Ledgers::default();
+    // Each guarded route is its handler wrapped in a `RequireScopes` layer. The guard reads the
+    // principal `ApiKeyLayer` put in the extensions and answers 403 `AUTH_INSUFFICIENT_PERMISSIONS`
+    // (with `details.required`) when a scope is missing, before the handler runs.
+    let list = RequireScopes::all(["ledgers:read"]).layer(handler(ledgers.clone(), list_ledgers));
+    let create =
+        RequireScopes::all(["ledgers:write"]).layer(handler(ledgers.clone(), create_ledger));
+    let delete =
+        RequireScopes::all(["ledgers:delete"]).layer(handler(ledgers.clone(), delete_ledger));
+
+    let router = service_fn(move |req: Request<Incoming>| {
+        let route = match (req.method(), req.uri().path()) {
+            (&Method::GET, "/whoami") => Route::Whoami,
+            (&Method::GET, "/ledgers") => Route::List,
+            (&Method::POST, "/ledgers") => Route::Create,
+            (&Method::DELETE, path) if path.starts_with("/ledgers/") => Route::Delete,
+            _ => Route::NotFound,
+        };
+        let (list, create, delete) = (list.clone(), create.clone(), delete.clone());
+        async move {
+            match route {
+                Route::Whoami => Ok(whoami(&req)),
+                Route::List => list.oneshot(req).await,
+                Route::Create => create.oneshot(req).await,
+                Route::Delete => delete.oneshot(req).await,
+                Route::NotFound => Ok(json_response(
+                    StatusCode::NOT_FOUND,
+                    &json!({"error": "not found"}),
+                )),
+            }
+        }
+    });
+
+    // The layer wraps every route: a request without a valid key never reaches the router (so an
+    // unknown path answers 401 to a caller without a key, and 404 only to an authenticated one).
+    ServiceBuilder::new()
+        .layer(
+            ApiKeyLayer::new(resolver)
+                .sources([KeySource::x_api_key(), KeySource::bearer()])
+                .master_key(master_key),
+        )
+        .service(router)
+}
+
+/// Accepts HTTP/1 connections on `listener` and serves each with `app`, until the task is dropped.
+pub async fn serve<S>(listener: TcpListener, app: S) -> std::io::Result<()>
+where
+    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let service = TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            if let Err(error) = connection.await {
+                eprintln!("connection error: {error}");
+            }
+        });
+    }
+}
+
+enum Route {
+    Whoami,
+    List,
+    Create,
+    Delete,
+    NotFound,
+}
+
+/// A ledger, kept in the account of the key that created it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Ledger {
+    pub ledger_id: String,
+    pub name: String,
+    /// `None` when the master key created it.
+    pub account: Option<String>,
+    /// The key id of the creator; `None` for the master key, which is never stamped.
+    pub created_by: Option<String>,
+}
+
+#[derive(Clone, Default)]
+struct Ledgers {
+    inner: Arc<Mutex<Vec<Ledger>>>,
+    next_id: Arc<AtomicU64>,
+}
+
+/// A `service_fn` calling `f(ledgers, request)`.
+fn handler<F, Fut>(
+    ledgers: Ledgers,
+    f: F,
+) -> impl Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future: Send>
++ Clone
++ Send
++ 'static
+where
+    F: Fn(Ledgers, Request<Incoming>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    service_fn(move |req| {
+        let response = f(ledgers.clone(), req);
+        async move { Ok(response.await) }
+    })
+}
+
+/// The principal [`ApiKeyLayer`] attached to the request. `None` only if the layer is not in front
+/// of the handler, a wiring bug answered as the library does (401 `AUTH_MISSING_PRINCIPAL`).
+fn principal(req: &Request<Incoming>) -> Result<&Principal, Response<Body>> {
+    req.extensions()
+        .get::<Principal>()
+        .ok_or_else(|| JsonRejection::new().render(&AuthError::MissingPrincipal))
+}
+
+fn whoami(req: &Request<Incoming>) -> Response<Body> {
+    let principal = match principal(req) {
+        Ok(principal) => principal,
+        Err(refusal) => return refusal,
+    };
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "key_id": principal.key_id(),
+            "name": principal.name(),
+            "kind": principal.kind().as_str(),
+            "owner": principal.owner(),
+            "account": principal.account(),
+            "scopes": principal.scopes(),
+        }),
+    )
+}
+
+/// The ledgers the caller's account may see (all of them for the master key).
+fn visible(principal: &Principal, ledger: &Ledger) -> bool {
+    principal.is_master() || ledger.account.as_deref() == principal.account()
+}
+
+async fn list_ledgers(ledgers: Ledgers, req: Request<Incoming>) -> Response<Body> {
+    let principal = match principal(&req) {
+        Ok(principal) => principal,
+        Err(refusal) => return refusal,
+    };
+    let list: Vec<Ledger> = ledgers
+        .inner
+        .lock()
+        .expect("ledgers poisoned")
+        .iter()
+        .filter(|ledger| visible(principal, ledger))
+        .cloned()
+        .collect();
+    json_response(StatusCode::OK, &json!({ "ledgers": list }))
+}
+
+#[derive(Deserialize)]
+struct CreateLedger {
+    name: String,
+}
+
+async fn create_ledger(ledgers: Ledgers, req: Request<Incoming>) -> Response<Body> {
+    let principal = match principal(&req) {
+        Ok(principal) => principal.clone(),
+        Err(refusal) => return refusal,
+    };
+    let bad_request = |message: &str| {
+        json_response(
+            StatusCode::BAD_REQUEST,
+            &json!({"error": format!("invalid body: {message}")}),
+        )
+    };
+    let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(error) => return bad_request(&error.to_string()),
+    };
+    let create: CreateLedger = match serde_json::from_slice(&body) {
+        Ok(create) => create,
+        Err(error) => return bad_request(&error.to_string()),
+    };
+    let ledger = Ledger {
+        ledger_id: format!(
+            "ldg_{}",
+            ledgers.next_id.fetch_add(1, Ordering::Relaxed) + 1
+        ),
+        name: create.name,
+        account: principal.account().map(str::to_owned),
+        created_by: principal.provenance_id().map(|id| id.to_string()),
+    };
+    ledgers
+        .inner
+        .lock()
+        .expect("ledgers poisoned")
+        .push(ledger.clone());
+    json_response(StatusCode::CREATED, &ledger)
+}
+
+async fn delete_ledger(ledgers: Ledgers, req: Request<Incoming>) -> Response<Body> {
+    let principal = match principal(&req) {
+        Ok(principal) => principal,
+        Err(refusal) => return refusal,
+    };
+    let id = req.uri().path().trim_start_matches("/ledgers/");
+    let mut ledgers = ledgers.inner.lock().expect("ledgers poisoned");
+    match ledgers
+        .iter()
+        .position(|ledger| ledger.ledger_id == id && visible(principal, ledger))
+    {
+        Some(index) => {
+            ledgers.remove(index);
+            json_response(StatusCode::OK, &json!({ "deleted": id }))
+        }
+        None => json_response(StatusCode::NOT_FOUND, &json!({"error": "no such ledger"})),
+    }
+}
+
+fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Body> {
+    let body = serde_json::to_vec(body).expect("serialisable");
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("valid response")
+}
+
+// --- Start-up ------------------------------------------------------------------------------------
+
+/// Stores a new key of `account` holding `scopes` (e.g. `"ledgers:read ledgers:write"`) and returns
+/// its plaintext, shown once, and its record.
+pub async fn issue_key(
+    resolver: &CachedResolver,
+    account: &str,
+    scopes: &str,
+) -> Result<(ApiKey, KeyRecord), StoreError> {
+    let format = resolver.format();
+    let key = format.generate();
+    let now = OffsetDateTime::now_utc();
+    let record = KeyRecord {
+        id: KeyId::generate(),
+        name: format!("{account} example key"),
+        owner: "examples".to_owned(),
+        account: account.to_owned(),
+        scopes: scopes.parse::<ScopeSet>().expect("valid scopes"),
+        digest: key.digest(),
+        digest_scheme: Default::default(),
+        masked_key: format.mask(&key).expect("a generated key can be masked"),
+        created_at: now,
+        expires_at: None,
+        revoked_at: None,
+        last_used_at: None,
+        created_by: None,
+        rotated_at: None,
+        previous: None,
+    };
+    resolver
+        .store()
+        .insert(&record, KeyLimits::default(), now)
+        .await?;
+    Ok((key, record))
+}
+
+/// The master key from `API_KEYS_MASTER_KEY`, or a fresh one printed once with a warning.
+fn master_key() -> ApiKey {
+    match std::env::var("API_KEYS_MASTER_KEY") {
+        Ok(key) if !key.is_empty() => ApiKey::new(key),
+        _ => {
+            let key = KeyFormat::new("mk").expect("valid prefix").generate();
+            eprintln!(
+                "warning: API_KEYS_MASTER_KEY is not set; this run's master key (full access) is:\n  {}",
+                key.expose_secret()
+            );
+            key
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let addr = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1:5002".to_owned());
+    let addr: SocketAddr = addr
+        .parse()
+        .map_err(|e| format!("BIND={addr:?} is not an address: {e}"))?;
+
+    let resolver = CachedResolver::new(MemoryStore::new());
+    let master = master_key();
+    let (key, record) = issue_key(&resolver, "acme", "ledgers:read ledgers:write").await?;
+
+    let listener = TcpListener::bind(addr).await?;
+    println!("listening on http://{}", listener.local_addr()?);
+    println!(
+        "scoped key {} (ledgers:read ledgers:write, account acme):\n  {}",
+        record.id,
+        key.expose_secret()
+    );
+    serve(listener, app(resolver, master)).await?;
+    Ok(())
+}
