@@ -247,10 +247,7 @@ impl ScopeSet {
     /// Allocation-free; used by compile-time scope markers.
     #[cfg(feature = "axum")]
     pub(crate) fn allows_str(&self, required: &str) -> bool {
-        let (resource, action) = match required.split_once(':') {
-            Some(parts) => parts,
-            None => ("*", "*"),
-        };
+        let (resource, action) = required.split_once(':').unwrap_or(("*", "*"));
         self.scopes
             .iter()
             .any(|g| part_allows(g.resource(), resource) && part_allows(g.action(), action))

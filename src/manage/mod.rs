@@ -439,13 +439,13 @@ impl KeyManager {
                 .or(policy.max_lifetime)
                 .map(|d| now + d),
         };
-        if let (Some(max), Some(at)) = (policy.max_lifetime, expires_at) {
-            if at > now + max {
-                return Err(AuthError::invalid(format!(
-                    "expires_at is beyond the maximum key lifetime of {} days",
-                    max.as_secs() / 86_400
-                )));
-            }
+        if let (Some(max), Some(at)) = (policy.max_lifetime, expires_at)
+            && at > now + max
+        {
+            return Err(AuthError::invalid(format!(
+                "expires_at is beyond the maximum key lifetime of {} days",
+                max.as_secs() / 86_400
+            )));
         }
         if let Some(limit) = caller.expires_at() {
             match expires_at {

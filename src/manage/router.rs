@@ -101,7 +101,7 @@ impl utoipa::Modify for Security {
 }
 
 /// Body of `POST /api-keys`.
-#[derive(Deserialize, ToSchema)]
+#[derive(Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
 struct CreateKeyBody {
     /// Display name (default: timestamp-based). At most 128 characters.
@@ -234,18 +234,6 @@ fn parse_json<T: for<'de> Deserialize<'de> + Default>(
     }
     serde_json::from_slice(body)
         .map_err(|e| AuthError::invalid(format!("invalid request body: {e}")))
-}
-
-impl Default for CreateKeyBody {
-    fn default() -> Self {
-        Self {
-            name: None,
-            owner: None,
-            account: None,
-            scopes: Vec::new(),
-            expires_at: None,
-        }
-    }
 }
 
 fn body_error(rejection: BytesRejection) -> AuthError {

@@ -96,21 +96,21 @@ impl KeyStore for MemoryStore {
                 .filter(|r| same(r) && r.is_active(now))
                 .count()
         };
-        if let Some(limit) = limits.per_owner {
-            if active(&|r| r.owner == record.owner) >= limit as usize {
-                return Err(StoreError::from_kind(StoreErrorKind::LimitReached {
-                    limit,
-                    scope: "owner",
-                }));
-            }
+        if let Some(limit) = limits.per_owner
+            && active(&|r| r.owner == record.owner) >= limit as usize
+        {
+            return Err(StoreError::from_kind(StoreErrorKind::LimitReached {
+                limit,
+                scope: "owner",
+            }));
         }
-        if let Some(limit) = limits.per_account {
-            if active(&|r| r.account == record.account) >= limit as usize {
-                return Err(StoreError::from_kind(StoreErrorKind::LimitReached {
-                    limit,
-                    scope: "account",
-                }));
-            }
+        if let Some(limit) = limits.per_account
+            && active(&|r| r.account == record.account) >= limit as usize
+        {
+            return Err(StoreError::from_kind(StoreErrorKind::LimitReached {
+                limit,
+                scope: "account",
+            }));
         }
         for digest in record.digests() {
             inner
@@ -177,10 +177,10 @@ impl KeyStore for MemoryStore {
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
         let mut inner = self.lock();
         for (id, at) in uses {
-            if let Some(record) = inner.by_id.get_mut(id) {
-                if record.last_used_at.is_none_or(|prev| prev < *at) {
-                    record.last_used_at = Some(*at);
-                }
+            if let Some(record) = inner.by_id.get_mut(id)
+                && record.last_used_at.is_none_or(|prev| prev < *at)
+            {
+                record.last_used_at = Some(*at);
             }
         }
         Ok(())
