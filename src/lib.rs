@@ -8,6 +8,7 @@ pub mod invalidate;
 pub mod key;
 pub mod layer;
 pub mod manage;
+pub mod metrics;
 pub mod principal;
 pub mod provenance;
 pub mod resolver;

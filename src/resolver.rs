@@ -310,17 +310,16 @@ impl CachedResolver {
     async fn lookup(self, digest: KeyDigest, epoch: u64) -> Result<CacheEntry, StoreError> {
         let inner = &self.inner;
         inner.lookups.fetch_add(1, Ordering::Relaxed);
-        let result =
-            match tokio::time::timeout(inner.lookup_timeout, inner.store.find_by_digest(&digest))
-                .await
-            {
-                Err(_) => Err(StoreError::from_kind(StoreErrorKind::Timeout)),
-                Ok(Err(e)) => Err(e),
-                Ok(Ok(None)) => Ok(CacheEntry::Unknown),
-                Ok(Ok(Some(record))) => Ok(CacheEntry::Known(Arc::new(ResolvedKey::from_record(
-                    &record, &digest,
-                )))),
-            };
+        let lookup =
+            tokio::time::timeout(inner.lookup_timeout, inner.store.find_by_digest(&digest));
+        let result = match crate::metrics::timed_lookup(lookup).await {
+            Err(_) => Err(StoreError::from_kind(StoreErrorKind::Timeout)),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(None)) => Ok(CacheEntry::Unknown),
+            Ok(Ok(Some(record))) => Ok(CacheEntry::Known(Arc::new(ResolvedKey::from_record(
+                &record, &digest,
+            )))),
+        };
         {
             let mut in_flight = inner.in_flight.lock().unwrap_or_else(|p| p.into_inner());
             match &result {

@@ -147,6 +147,7 @@ where
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         match self.decide(&mut req) {
             Decision::Pass(principal) => {
+                crate::metrics::admitted(principal.as_ref());
                 let span = span_for(principal.as_ref());
                 match principal {
                     Some(principal) => {
@@ -158,7 +159,10 @@ where
                 }
                 ResponseFuture::inner(self.inner.call(req), span)
             }
-            Decision::Reject(error) => ResponseFuture::rejected(reject(&self.rejection, error)),
+            Decision::Reject(error) => {
+                crate::metrics::rejected(&error);
+                ResponseFuture::rejected(reject(&self.rejection, error))
+            }
             Decision::Lookup(digest) => {
                 // The inner service was polled ready: take it, leave a clone for the next request.
                 let clone = self.inner.clone();
@@ -168,17 +172,23 @@ where
                     let entry = match this.config.resolver.resolve(&digest).await {
                         Ok(entry) => entry,
                         Err(error) => {
-                            return Ok(reject(&this.rejection, AuthError::Unavailable(error)));
+                            let error = AuthError::Unavailable(error);
+                            crate::metrics::rejected(&error);
+                            return Ok(reject(&this.rejection, error));
                         }
                     };
                     match this.admit(&entry) {
                         Ok(principal) => {
+                            crate::metrics::admitted(Some(&principal));
                             let span = span_for(Some(&principal));
                             req.extensions_mut().insert(principal);
                             let future = span.in_scope(|| inner.call(req));
                             tracing::Instrument::instrument(future, span).await
                         }
-                        Err(error) => Ok(reject(&this.rejection, error)),
+                        Err(error) => {
+                            crate::metrics::rejected(&error);
+                            Ok(reject(&this.rejection, error))
+                        }
                     }
                 }))
             }

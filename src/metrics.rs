@@ -1,0 +1,155 @@
+//! Metrics through the [`metrics`](https://docs.rs/metrics) facade (feature `metrics`).
+//!
+//! | metric | type | labels | what |
+//! |---|---|---|---|
+//! | `api_key_requests_total` | counter | `outcome`: `ok` or the error code (e.g. `AUTH_INVALID_API_KEY`); `kind` on `ok`: `master`, `scoped` or `anonymous` | every request [`ApiKeyLayer`](crate::ApiKeyLayer) admitted or refused |
+//! | `api_key_lookup_seconds` | histogram | `outcome`: `found`, `unknown`, `error` or `timeout` | latency of key-store lookups (cache misses only) |
+//!
+//! The counter records the authentication decision: a request admitted by the layer and then refused
+//! by a [`RequireScopes`](crate::RequireScopes) guard counts as `ok` here (its 403 is the guard's).
+//! Anonymous requests are CORS preflights and, with an optional layer, requests without a key.
+//!
+//! Install any `metrics` recorder (for example `metrics-exporter-prometheus`) and these appear;
+//! [`describe`] adds their help texts. Every label is a static string: recording allocates nothing.
+//! Without the feature every helper is an empty inline function: nothing is compiled in.
+
+/// Name of the request counter.
+pub const REQUESTS_TOTAL: &str = "api_key_requests_total";
+/// Name of the store lookup latency histogram, in seconds.
+pub const LOOKUP_SECONDS: &str = "api_key_lookup_seconds";
+
+#[cfg(feature = "metrics")]
+pub use enabled::describe;
+#[cfg(feature = "metrics")]
+pub(crate) use enabled::{admitted, rejected, timed_lookup};
+
+#[cfg(feature = "metrics")]
+mod enabled {
+    use std::future::Future;
+    use std::time::Instant;
+
+    use ::metrics::{Key, Label, Level, Metadata};
+
+    use super::{LOOKUP_SECONDS, REQUESTS_TOTAL};
+    use crate::error::{AuthError, ErrorCode};
+    use crate::principal::{Principal, PrincipalKind};
+    use crate::store::{StoreError, StoreErrorKind};
+
+    static METADATA: Metadata<'static> =
+        Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+    /// A `&'static Key` built at compile time: no allocation when recording.
+    macro_rules! key {
+        ($name:expr, $($k:literal => $v:expr),+) => {{
+            static LABELS: &[Label] = &[$(Label::from_static_parts($k, $v)),+];
+            static KEY: Key = Key::from_static_parts($name, LABELS);
+            &KEY
+        }};
+    }
+
+    /// Registers the help texts of the crate's metrics with the installed recorder.
+    pub fn describe() {
+        ::metrics::describe_counter!(
+            REQUESTS_TOTAL,
+            "Requests the API-key layer admitted (outcome=ok) or refused (outcome=error code)"
+        );
+        ::metrics::describe_histogram!(
+            LOOKUP_SECONDS,
+            ::metrics::Unit::Seconds,
+            "Latency of key-store lookups on cache misses"
+        );
+    }
+
+    fn count(key: &'static Key) {
+        ::metrics::with_recorder(|recorder| recorder.register_counter(key, &METADATA).increment(1));
+    }
+
+    /// A request the layer let through, with its principal (none: anonymous).
+    #[inline]
+    pub(crate) fn admitted(principal: Option<&Principal>) {
+        count(match principal.map(Principal::kind) {
+            Some(PrincipalKind::Master) => {
+                key!(REQUESTS_TOTAL, "outcome" => "ok", "kind" => "master")
+            }
+            Some(PrincipalKind::Scoped) => {
+                key!(REQUESTS_TOTAL, "outcome" => "ok", "kind" => "scoped")
+            }
+            None => key!(REQUESTS_TOTAL, "outcome" => "ok", "kind" => "anonymous"),
+        });
+    }
+
+    /// A request the layer refused.
+    #[inline]
+    pub(crate) fn rejected(error: &AuthError) {
+        macro_rules! by_code {
+            ($code:expr; $($variant:ident),+ $(,)?) => {
+                match $code {
+                    $(ErrorCode::$variant => {
+                        key!(REQUESTS_TOTAL, "outcome" => ErrorCode::$variant.as_str())
+                    })+
+                }
+            };
+        }
+        count(by_code!(error.code();
+            MissingApiKey, InvalidApiKey, ExpiredApiKey, MissingPrincipal, InsufficientPermissions,
+            CrossOwnerAccess, ScopeEscalation, MasterKeyRequired, OwnerRequired, InvalidRequest,
+            LimitReached, NotFound, PayloadTooLarge, InvalidMetadata, Unavailable,
+        ));
+    }
+
+    /// Times a store lookup (already wrapped in its timeout) and records its outcome.
+    pub(crate) async fn timed_lookup<T, E>(
+        lookup: impl Future<Output = Result<Result<Option<T>, StoreError>, E>>,
+    ) -> Result<Result<Option<T>, StoreError>, E> {
+        let started = Instant::now();
+        let result = lookup.await;
+        let key = match &result {
+            Ok(Ok(Some(_))) => key!(LOOKUP_SECONDS, "outcome" => "found"),
+            Ok(Ok(None)) => key!(LOOKUP_SECONDS, "outcome" => "unknown"),
+            Ok(Err(e)) if e.kind() == StoreErrorKind::Timeout => {
+                key!(LOOKUP_SECONDS, "outcome" => "timeout")
+            }
+            Ok(Err(_)) => key!(LOOKUP_SECONDS, "outcome" => "error"),
+            Err(_) => key!(LOOKUP_SECONDS, "outcome" => "timeout"),
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        ::metrics::with_recorder(|recorder| {
+            recorder.register_histogram(key, &METADATA).record(seconds)
+        });
+        result
+    }
+}
+
+#[cfg(not(feature = "metrics"))]
+mod disabled {
+    use crate::error::AuthError;
+    use crate::principal::Principal;
+
+    #[inline(always)]
+    pub(crate) fn admitted(_: Option<&Principal>) {}
+
+    #[inline(always)]
+    pub(crate) fn rejected(_: &AuthError) {}
+
+    /// The lookup itself, untouched.
+    #[inline(always)]
+    pub(crate) fn timed_lookup<F>(lookup: F) -> F {
+        lookup
+    }
+}
+
+#[cfg(not(feature = "metrics"))]
+pub(crate) use disabled::{admitted, rejected, timed_lookup};
+
+#[cfg(all(test, feature = "metrics"))]
+mod tests {
+    #[test]
+    fn labels_are_static_and_cover_every_code() {
+        use crate::error::{AuthError, ExpiredReason};
+        // No recorder installed: recording is a no-op, and must not panic.
+        super::admitted(None);
+        super::admitted(Some(&crate::Principal::master()));
+        super::rejected(&AuthError::ExpiredKey(ExpiredReason::Revoked));
+        super::rejected(&AuthError::MissingKey);
+    }
+}
