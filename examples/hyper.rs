@@ -44,13 +44,12 @@ use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use time::OffsetDateTime;
 use tokio::net::TcpListener;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
-use tower_api_keys::store::KeyLimits;
+use tower_api_keys::manage::{CreateKey, KeyInfo};
 use tower_api_keys::{
-    ApiKey, ApiKeyLayer, AuthError, CachedResolver, JsonRejection, KeyFormat, KeyId, KeyRecord,
-    KeySource, MemoryStore, Principal, RenderRejection, RequireScopes, ScopeSet, StoreError,
+    ApiKey, ApiKeyLayer, AuthError, CachedResolver, JsonRejection, KeyFormat, KeyManager,
+    KeySource, MemoryStore, Principal, RenderRejection, RequireScopes,
 };
 
 /// The body of every response, handlers' and refusals' alike (see the module docs).
@@ -177,18 +176,16 @@ where
     })
 }
 
-/// The principal [`ApiKeyLayer`] attached to the request. `None` only if the layer is not in front
-/// of the handler, a wiring bug answered as the library does (401 `AUTH_MISSING_PRINCIPAL`).
-fn principal(req: &Request<Incoming>) -> Result<&Principal, Response<Body>> {
-    req.extensions()
-        .get::<Principal>()
-        .ok_or_else(|| JsonRejection::new().render(&AuthError::MissingPrincipal))
+/// What a handler answers if no principal is in the extensions: only possible if `ApiKeyLayer` is
+/// not in front of it, a wiring bug, answered as the library does (401 `AUTH_MISSING_PRINCIPAL`).
+fn missing_principal() -> Response<Body> {
+    JsonRejection::new().render(&AuthError::MissingPrincipal)
 }
 
 fn whoami(req: &Request<Incoming>) -> Response<Body> {
-    let principal = match principal(req) {
-        Ok(principal) => principal,
-        Err(refusal) => return refusal,
+    // The layer put the authenticated principal in the request extensions.
+    let Some(principal) = req.extensions().get::<Principal>() else {
+        return missing_principal();
     };
     json_response(
         StatusCode::OK,
@@ -209,9 +206,8 @@ fn visible(principal: &Principal, ledger: &Ledger) -> bool {
 }
 
 async fn list_ledgers(ledgers: Ledgers, req: Request<Incoming>) -> Response<Body> {
-    let principal = match principal(&req) {
-        Ok(principal) => principal,
-        Err(refusal) => return refusal,
+    let Some(principal) = req.extensions().get::<Principal>() else {
+        return missing_principal();
     };
     let list: Vec<Ledger> = ledgers
         .inner
@@ -230,9 +226,9 @@ struct CreateLedger {
 }
 
 async fn create_ledger(ledgers: Ledgers, req: Request<Incoming>) -> Response<Body> {
-    let principal = match principal(&req) {
-        Ok(principal) => principal.clone(),
-        Err(refusal) => return refusal,
+    // Cloned (one `Arc`) because reading the body consumes the request.
+    let Some(principal) = req.extensions().get::<Principal>().cloned() else {
+        return missing_principal();
     };
     let bad_request = |message: &str| {
         json_response(
@@ -266,9 +262,8 @@ async fn create_ledger(ledgers: Ledgers, req: Request<Incoming>) -> Response<Bod
 }
 
 async fn delete_ledger(ledgers: Ledgers, req: Request<Incoming>) -> Response<Body> {
-    let principal = match principal(&req) {
-        Ok(principal) => principal,
-        Err(refusal) => return refusal,
+    let Some(principal) = req.extensions().get::<Principal>() else {
+        return missing_principal();
     };
     let id = req.uri().path().trim_start_matches("/ledgers/");
     let mut ledgers = ledgers.inner.lock().expect("ledgers poisoned");
@@ -295,38 +290,21 @@ fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Body> {
 
 // --- Start-up ------------------------------------------------------------------------------------
 
-/// Stores a new key of `account` holding `scopes` (e.g. `"ledgers:read ledgers:write"`) and returns
-/// its plaintext, shown once, and its record.
+/// Creates a key of `account` holding `scopes` (e.g. `"ledgers:read ledgers:write"`) with the
+/// master key's authority, and returns its plaintext (shown this once) and its metadata. A real
+/// service keeps one [`KeyManager`] and exposes its router (feature `manage`) instead.
 pub async fn issue_key(
     resolver: &CachedResolver,
     account: &str,
     scopes: &str,
-) -> Result<(ApiKey, KeyRecord), StoreError> {
-    let format = resolver.format();
-    let key = format.generate();
-    let now = OffsetDateTime::now_utc();
-    let record = KeyRecord {
-        id: KeyId::generate(),
-        name: format!("{account} example key"),
-        owner: "examples".to_owned(),
-        account: account.to_owned(),
-        scopes: scopes.parse::<ScopeSet>().expect("valid scopes"),
-        digest: key.digest(),
-        digest_scheme: Default::default(),
-        masked_key: format.mask(&key).expect("a generated key can be masked"),
-        created_at: now,
-        expires_at: None,
-        revoked_at: None,
-        last_used_at: None,
-        created_by: None,
-        rotated_at: None,
-        previous: None,
-    };
-    resolver
-        .store()
-        .insert(&record, KeyLimits::default(), now)
-        .await?;
-    Ok((key, record))
+) -> Result<(ApiKey, KeyInfo), AuthError> {
+    let manager = KeyManager::new(resolver.store().clone(), resolver.clone());
+    let request = CreateKey::new(scopes.split_whitespace())
+        .name(format!("{account} example key"))
+        .owner("examples")
+        .account(account);
+    let created = manager.create(&Principal::master(), request).await?;
+    Ok((created.key, created.info))
 }
 
 /// The master key from `API_KEYS_MASTER_KEY`, or a fresh one printed once with a warning.

@@ -46,16 +46,15 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
-use time::OffsetDateTime;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tower::{Layer, Service, ServiceBuilder};
 use tower_api_keys::layer::ResponseFuture;
-use tower_api_keys::store::KeyLimits;
+use tower_api_keys::manage::{CreateKey, KeyInfo};
 use tower_api_keys::{
-    ApiKey, ApiKeyLayer, CachedResolver, GrpcRejection, JsonRejection, KeyFormat, KeyId, KeyRecord,
-    KeySource, MemoryStore, Principal, RenderRejection, RequireScopes, ScopeSet, StoreError,
+    ApiKey, ApiKeyLayer, AuthError, CachedResolver, GrpcRejection, JsonRejection, KeyFormat,
+    KeyManager, KeySource, MemoryStore, Principal, RenderRejection, RequireScopes,
 };
 
 /// The code generated from `proto/ledger.proto` by `build.rs`.
@@ -339,38 +338,21 @@ where
 
 // --- Start-up ------------------------------------------------------------------------------------
 
-/// Stores a new key of `account` holding `scopes` (e.g. `"ledgers:read ledgers:write"`) and returns
-/// its plaintext, shown once, and its record.
+/// Creates a key of `account` holding `scopes` (e.g. `"ledgers:read ledgers:write"`) with the
+/// master key's authority, and returns its plaintext (shown this once) and its metadata. A real
+/// service keeps one [`KeyManager`] and exposes its router (feature `manage`) instead.
 pub async fn issue_key(
     resolver: &CachedResolver,
     account: &str,
     scopes: &str,
-) -> Result<(ApiKey, KeyRecord), StoreError> {
-    let format = resolver.format();
-    let key = format.generate();
-    let now = OffsetDateTime::now_utc();
-    let record = KeyRecord {
-        id: KeyId::generate(),
-        name: format!("{account} example key"),
-        owner: "examples".to_owned(),
-        account: account.to_owned(),
-        scopes: scopes.parse::<ScopeSet>().expect("valid scopes"),
-        digest: key.digest(),
-        digest_scheme: Default::default(),
-        masked_key: format.mask(&key).expect("a generated key can be masked"),
-        created_at: now,
-        expires_at: None,
-        revoked_at: None,
-        last_used_at: None,
-        created_by: None,
-        rotated_at: None,
-        previous: None,
-    };
-    resolver
-        .store()
-        .insert(&record, KeyLimits::default(), now)
-        .await?;
-    Ok((key, record))
+) -> Result<(ApiKey, KeyInfo), AuthError> {
+    let manager = KeyManager::new(resolver.store().clone(), resolver.clone());
+    let request = CreateKey::new(scopes.split_whitespace())
+        .name(format!("{account} example key"))
+        .owner("examples")
+        .account(account);
+    let created = manager.create(&Principal::master(), request).await?;
+    Ok((created.key, created.info))
 }
 
 /// The master key from `API_KEYS_MASTER_KEY`, or a fresh one printed once with a warning.

@@ -46,21 +46,21 @@ async fn client(addr: SocketAddr) -> LedgersClient<Channel> {
 
 /// How a request carries its key.
 #[derive(Clone, Copy)]
-enum Key<'a> {
-    None,
+enum Via<'a> {
+    Nothing,
     XApiKey(&'a str),
     Bearer(&'a str),
 }
 
-fn request<T>(message: T, key: Key<'_>) -> tonic::Request<T> {
+fn request<T>(message: T, key: Via<'_>) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     let metadata = request.metadata_mut();
     match key {
-        Key::None => {}
-        Key::XApiKey(key) => {
+        Via::Nothing => {}
+        Via::XApiKey(key) => {
             metadata.insert("x-api-key", key.parse().unwrap());
         }
-        Key::Bearer(key) => {
+        Via::Bearer(key) => {
             metadata.insert("authorization", format!("Bearer {key}").parse().unwrap());
         }
     }
@@ -69,7 +69,7 @@ fn request<T>(message: T, key: Key<'_>) -> tonic::Request<T> {
 
 async fn create(
     client: &mut LedgersClient<Channel>,
-    key: Key<'_>,
+    key: Via<'_>,
     name: &str,
 ) -> Result<Ledger, tonic::Status> {
     let message = CreateLedgerRequest { name: name.into() };
@@ -81,7 +81,7 @@ async fn create(
 
 async fn get(
     client: &mut LedgersClient<Channel>,
-    key: Key<'_>,
+    key: Via<'_>,
     id: &str,
 ) -> Result<Ledger, tonic::Status> {
     let message = GetLedgerRequest {
@@ -119,7 +119,7 @@ async fn valid_keys_get_answers_through_either_metadata() {
 
     let created = create(
         &mut client,
-        Key::XApiKey(writer.expose_secret()),
+        Via::XApiKey(writer.expose_secret()),
         "Main ledger",
     )
     .await
@@ -130,7 +130,7 @@ async fn valid_keys_get_answers_through_either_metadata() {
 
     let read = get(
         &mut client,
-        Key::Bearer(reader.expose_secret()),
+        Via::Bearer(reader.expose_secret()),
         &created.ledger_id,
     )
     .await
@@ -141,7 +141,7 @@ async fn valid_keys_get_answers_through_either_metadata() {
         GetLedgerRequest {
             ledger_id: created.ledger_id.clone(),
         },
-        Key::None,
+        Via::Nothing,
     );
     lower.metadata_mut().insert(
         "authorization",
@@ -160,12 +160,12 @@ async fn no_key_is_unauthenticated() {
     let resolver = CachedResolver::new(MemoryStore::new());
     let mut client = client(start(resolver).await).await;
     assert_refused(
-        get(&mut client, Key::None, "ldg_1").await,
+        get(&mut client, Via::Nothing, "ldg_1").await,
         Code::Unauthenticated,
         "AUTH_MISSING_API_KEY",
     );
     assert_refused(
-        create(&mut client, Key::None, "x").await,
+        create(&mut client, Via::Nothing, "x").await,
         Code::Unauthenticated,
         "AUTH_MISSING_API_KEY",
     );
@@ -185,18 +185,18 @@ async fn bad_keys_are_unauthenticated() {
 
     for bad in ["not-a-key", "sk_short", unknown.expose_secret()] {
         assert_refused(
-            get(&mut client, Key::XApiKey(bad), "ldg_1").await,
+            get(&mut client, Via::XApiKey(bad), "ldg_1").await,
             Code::Unauthenticated,
             "AUTH_INVALID_API_KEY",
         );
         assert_refused(
-            get(&mut client, Key::Bearer(bad), "ldg_1").await,
+            get(&mut client, Via::Bearer(bad), "ldg_1").await,
             Code::Unauthenticated,
             "AUTH_INVALID_API_KEY",
         );
     }
     assert_refused(
-        get(&mut client, Key::XApiKey(key.expose_secret()), "ldg_1").await,
+        get(&mut client, Via::XApiKey(key.expose_secret()), "ldg_1").await,
         Code::Unauthenticated,
         "AUTH_EXPIRED_API_KEY",
     );
@@ -210,18 +210,18 @@ async fn missing_method_scope_is_permission_denied() {
     let mut client = client(start(resolver).await).await;
 
     assert_refused(
-        create(&mut client, Key::XApiKey(reader.expose_secret()), "x").await,
+        create(&mut client, Via::XApiKey(reader.expose_secret()), "x").await,
         Code::PermissionDenied,
         "AUTH_INSUFFICIENT_PERMISSIONS",
     );
     // The other way round: a write-only key cannot read.
-    let created = create(&mut client, Key::XApiKey(writer.expose_secret()), "x")
+    let created = create(&mut client, Via::XApiKey(writer.expose_secret()), "x")
         .await
         .unwrap();
     assert_refused(
         get(
             &mut client,
-            Key::Bearer(writer.expose_secret()),
+            Via::Bearer(writer.expose_secret()),
             &created.ledger_id,
         )
         .await,
@@ -231,7 +231,7 @@ async fn missing_method_scope_is_permission_denied() {
     // The reader can read it: scopes are per method, not per service.
     get(
         &mut client,
-        Key::XApiKey(reader.expose_secret()),
+        Via::XApiKey(reader.expose_secret()),
         &created.ledger_id,
     )
     .await
@@ -245,24 +245,24 @@ async fn ledgers_are_scoped_by_account_and_the_master_key_sees_all() {
     let (globex, _) = issue_key(&resolver, "globex", "ledgers:*").await.unwrap();
     let mut client = client(start(resolver).await).await;
 
-    let ledger = create(&mut client, Key::XApiKey(acme.expose_secret()), "acme's")
+    let ledger = create(&mut client, Via::XApiKey(acme.expose_secret()), "acme's")
         .await
         .unwrap();
     let not_found = get(
         &mut client,
-        Key::XApiKey(globex.expose_secret()),
+        Via::XApiKey(globex.expose_secret()),
         &ledger.ledger_id,
     )
     .await
     .unwrap_err();
     assert_eq!(not_found.code(), Code::NotFound);
     assert_eq!(
-        get(&mut client, Key::Bearer(MASTER), &ledger.ledger_id)
+        get(&mut client, Via::Bearer(MASTER), &ledger.ledger_id)
             .await
             .unwrap(),
         ledger
     );
-    let by_master = create(&mut client, Key::XApiKey(MASTER), "master's")
+    let by_master = create(&mut client, Via::XApiKey(MASTER), "master's")
         .await
         .unwrap();
     assert_eq!(
@@ -321,11 +321,11 @@ async fn store_outage_is_unavailable_not_a_bad_key() {
     let key = resolver.format().generate();
     let mut client = client(start(resolver).await).await;
     assert_refused(
-        get(&mut client, Key::XApiKey(key.expose_secret()), "ldg_1").await,
+        get(&mut client, Via::XApiKey(key.expose_secret()), "ldg_1").await,
         Code::Unavailable,
         "AUTH_UNAVAILABLE",
     );
-    let status = create(&mut client, Key::Bearer(key.expose_secret()), "x")
+    let status = create(&mut client, Via::Bearer(key.expose_secret()), "x")
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
@@ -334,7 +334,7 @@ async fn store_outage_is_unavailable_not_a_bad_key() {
         "store errors are not shown to clients: {status:?}"
     );
     // The master key needs no store.
-    create(&mut client, Key::XApiKey(MASTER), "x")
+    create(&mut client, Via::XApiKey(MASTER), "x")
         .await
         .unwrap();
 }
