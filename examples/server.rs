@@ -2,6 +2,7 @@
 //!
 //! ```sh
 //! cargo run --example server
+//! cargo run --example server --features metrics   # also serve /metrics (Prometheus)
 //! ```
 //!
 //! Configuration (environment):
@@ -10,18 +11,23 @@
 //! - `DATABASE_URL`: `sqlite://path.db` (default `sqlite://tower-api-keys-demo.db`) or, with feature
 //!   `postgres`, a `postgres://` URL (revocations then reach every instance through LISTEN/NOTIFY).
 //! - `REDIS_URL`: with feature `redis`, broadcast revocations over Redis pub/sub instead.
+//! - `RUST_LOG`: log filter (default `info,sqlx=warn`); one line per request, with the caller's
+//!   `api_key_id` (never the key).
 //!
 //! Routes: `/ledgers`, `/balances`, `/transactions` (POST create, GET list, GET `/{id}`), scoped by
-//! method (`ledgers:read` / `ledgers:write`, ...); key management at `/api-keys`; `/health` and
-//! `/openapi.json` unauthenticated. Records created with a scoped key carry
-//! `meta_data.BLNK_GENERATED_BY`.
+//! method (`ledgers:read` / `ledgers:write`, ...); key management at `/api-keys`. Unauthenticated:
+//! `/health`, `/openapi.json` (the whole API) and, with feature `metrics`, `/metrics`. Records created
+//! with a scoped key carry `meta_data.BLNK_GENERATED_BY`.
+//!
+//! [`build`] assembles everything from a [`Config`] without binding a port (`tests/walkthrough.rs`
+//! uses it); `main` adds the environment, the listener and graceful shutdown.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::{Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -32,6 +38,7 @@ use tower_api_keys::{
     ApiKey, ApiKeyLayer, AuthError, CachedResolver, KeyFormat, KeyId, KeySource, KeyStore,
     Principal, Provenance, RequireScopes, SqliteStore, UsageRecorder,
 };
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 /// Where the demo keeps its ledgers, balances and transactions: the same database as the keys.
 #[derive(Clone)]
@@ -206,17 +213,17 @@ fn resource(kind: &'static str, plural: &'static str, records: Records) -> Route
         .with_state(records)
 }
 
-/// The whole service.
+/// The whole service: the three resources and key management behind [`ApiKeyLayer`]; `/health`,
+/// `/openapi.json` (and `/metrics`) outside it; every request logged by `TraceLayer`.
 fn app(layer: ApiKeyLayer, manager: KeyManager, records: Records) -> Router {
-    let mut openapi = manage::openapi();
-    openapi.info.title = "tower-api-keys demo ledger".into();
-    Router::new()
+    let openapi = openapi();
+    let router = Router::new()
         .merge(resource("ledger", "ledgers", records.clone()))
         .merge(resource("balance", "balances", records.clone()))
         .merge(resource("transaction", "transactions", records))
         .merge(manage::router(manager))
         .layer(layer)
-        // Outside the authentication layer: no key needed.
+        // Added after the authentication layer: no key needed.
         .route(
             "/health",
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),
@@ -224,7 +231,333 @@ fn app(layer: ApiKeyLayer, manager: KeyManager, records: Records) -> Router {
         .route(
             "/openapi.json",
             get(move || async move { Json(openapi.clone()) }),
+        );
+    #[cfg(feature = "metrics")]
+    let router = router.route("/metrics", get(prometheus::render));
+    router.layer(request_logs())
+}
+
+/// One log line per request, in a span whose `api_key_id` field `ApiKeyLayer` fills with the caller's
+/// key id (never the key). Only the path is logged: a query string could carry secrets.
+fn request_logs() -> TraceLayer<
+    tower_http::classify::SharedClassifier<tower_http::classify::ServerErrorsAsFailures>,
+    impl Fn(&Request<Body>) -> tracing::Span + Clone,
+> {
+    TraceLayer::new_for_http()
+        .make_span_with(|request: &Request<Body>| {
+            tracing::info_span!(
+                "request",
+                method = %request.method(),
+                path = request.uri().path(),
+                api_key_id = tracing::field::Empty,
+            )
+        })
+        .on_response(DefaultOnResponse::new().level(tracing::Level::INFO))
+}
+
+/// `/metrics` in the Prometheus text format, from the crate's `api_key_requests_total` and
+/// `api_key_lookup_seconds` (feature `metrics`).
+#[cfg(feature = "metrics")]
+mod prometheus {
+    use std::sync::OnceLock;
+
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+    /// The process-wide recorder, installed on first use (no HTTP listener of its own: we serve it).
+    fn handle() -> &'static PrometheusHandle {
+        static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+        HANDLE.get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(tower_api_keys::metrics::LOOKUP_SECONDS.into()),
+                    &[
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    ],
+                )
+                .expect("buckets are not empty")
+                .install_recorder()
+                .expect("no other metrics recorder is installed");
+            tower_api_keys::metrics::describe();
+            handle
+        })
+    }
+
+    /// Installs the recorder (call before serving, so that the first requests are counted).
+    pub(crate) fn install() {
+        handle();
+    }
+
+    pub(crate) async fn render() -> impl axum::response::IntoResponse {
+        let handle = handle();
+        handle.run_upkeep();
+        (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            handle.render(),
         )
+    }
+}
+
+/// The OpenAPI document of the whole service: key management (from [`manage::openapi`], with its
+/// security schemes) plus the ledger, balance and transaction endpoints.
+fn openapi() -> utoipa::openapi::OpenApi {
+    use utoipa::OpenApi;
+    use utoipa::openapi::path::{HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn};
+    use utoipa::openapi::request_body::RequestBodyBuilder;
+    use utoipa::openapi::{ArrayBuilder, ContentBuilder, Ref, Required, ResponseBuilder};
+
+    /// A ledger, balance or transaction: any JSON object; the server adds `<kind>_id` and
+    /// `created_at`, and keeps every other byte (numbers, key order) as sent.
+    #[derive(utoipa::ToSchema)]
+    #[schema(as = Record)]
+    #[allow(dead_code)]
+    struct RecordSchema {
+        /// Free-form metadata. Records created with a scoped key get `BLNK_GENERATED_BY`: the key id.
+        #[schema(value_type = Option<Object>, example = json!({"customer": "c_42", "BLNK_GENERATED_BY": "key_01J9Z6Q4X8K2M7N5P3R1T0V9WA"}))]
+        meta_data: Option<()>,
+    }
+
+    #[derive(OpenApi)]
+    #[openapi(components(schemas(RecordSchema)))]
+    struct DemoApi;
+
+    let json = |description: &str, schema: utoipa::openapi::RefOr<utoipa::openapi::Schema>| {
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/json",
+                ContentBuilder::new().schema(Some(schema)).build(),
+            )
+            .build()
+    };
+    let record = || Ref::from_schema_name("Record").into();
+    let error = |description: &str| json(description, Ref::from_schema_name("ErrorBody").into());
+    let public = || OperationBuilder::new().securities(Some([])).tag("service");
+
+    let mut doc = manage::openapi().merge_from(DemoApi::openapi());
+    doc.info.title = "tower-api-keys demo ledger".into();
+    doc.info.description = Some(
+        "A ledger-style API protected by scoped API keys (`X-Blnk-Key`, `X-Api-Key` or \
+         `Authorization: Bearer`). Each resource needs `<resource>:read` for GET and \
+         `<resource>:write` for POST."
+            .into(),
+    );
+    for (kind, plural) in RESOURCES {
+        let denied = || {
+            OperationBuilder::new()
+                .tag(plural)
+                .response("401", error("Missing, invalid, expired or revoked key"))
+                .response("403", error("The key lacks the scope"))
+                .response("503", error("Key store unavailable"))
+        };
+        let create = denied()
+            .operation_id(Some(format!("create_{kind}")))
+            .summary(Some(format!("Create a {kind} (scope `{plural}:write`)")))
+            .request_body(Some(
+                RequestBodyBuilder::new()
+                    .content(
+                        "application/json",
+                        ContentBuilder::new().schema(Some(record())).build(),
+                    )
+                    .required(Some(Required::True))
+                    .build(),
+            ))
+            .response("201", json("Created", record()))
+            .response(
+                "400",
+                error("Not a JSON object, or `meta_data` is not an object"),
+            )
+            .response("413", error("Body too large"));
+        let list = denied()
+            .operation_id(Some(format!("list_{plural}")))
+            .summary(Some(format!(
+                "List {plural}, newest first (scope `{plural}:read`)"
+            )))
+            .response(
+                "200",
+                json(
+                    "Up to 100 records",
+                    ArrayBuilder::new().items(record()).into(),
+                ),
+            );
+        let get_one = denied()
+            .operation_id(Some(format!("get_{kind}")))
+            .summary(Some(format!("Get one {kind} (scope `{plural}:read`)")))
+            .parameter(
+                ParameterBuilder::new()
+                    .name("id")
+                    .parameter_in(ParameterIn::Path)
+                    .required(Required::True),
+            )
+            .response("200", json("The record", record()))
+            .response("404", json("No such record", record()));
+        doc.paths
+            .add_path_operation(format!("/{plural}"), vec![HttpMethod::Post], create);
+        doc.paths
+            .add_path_operation(format!("/{plural}"), vec![HttpMethod::Get], list);
+        doc.paths
+            .add_path_operation(format!("/{plural}/{{id}}"), vec![HttpMethod::Get], get_one);
+    }
+    let ok = |description: &str| ResponseBuilder::new().description(description).build();
+    doc.paths.add_path_operation(
+        "/health",
+        vec![HttpMethod::Get],
+        public()
+            .summary(Some("Liveness (no key)"))
+            .response("200", ok("`{\"status\":\"ok\"}`")),
+    );
+    doc.paths.add_path_operation(
+        "/openapi.json",
+        vec![HttpMethod::Get],
+        public()
+            .summary(Some("This document (no key)"))
+            .response("200", ok("OpenAPI 3.1")),
+    );
+    #[cfg(feature = "metrics")]
+    doc.paths.add_path_operation(
+        "/metrics",
+        vec![HttpMethod::Get],
+        public()
+            .summary(Some("Prometheus metrics (no key)"))
+            .response(
+                "200",
+                ok("`api_key_requests_total`, `api_key_lookup_seconds`"),
+            ),
+    );
+    doc
+}
+
+const RESOURCES: [(&str, &str); 3] = [
+    ("ledger", "ledgers"),
+    ("balance", "balances"),
+    ("transaction", "transactions"),
+];
+
+/// What [`build`] needs. `main` reads it from the environment; tests write it.
+pub(crate) struct Config {
+    /// The master key; `None` generates one for this run (see [`Demo::master`]).
+    pub(crate) master_key: Option<ApiKey>,
+    /// `sqlite://path.db` (created if missing) or, with feature `postgres`, a `postgres://` URL.
+    pub(crate) database_url: String,
+    /// With feature `redis`: broadcast revocations over Redis pub/sub.
+    pub(crate) redis_url: Option<String>,
+}
+
+impl Config {
+    fn from_env() -> Self {
+        Self {
+            master_key: std::env::var("API_KEYS_MASTER_KEY")
+                .ok()
+                .filter(|key| !key.is_empty())
+                .map(ApiKey::new),
+            database_url: std::env::var("DATABASE_URL")
+                .unwrap_or_else(|_| "sqlite://tower-api-keys-demo.db".into()),
+            redis_url: std::env::var("REDIS_URL").ok(),
+        }
+    }
+}
+
+/// A ready service: serve `router`, flush `usage` on shutdown.
+pub(crate) struct Demo {
+    pub(crate) router: Router,
+    /// The master key in force (configured or generated).
+    pub(crate) master: ApiKey,
+    pub(crate) usage: UsageRecorder,
+    /// Broadcast subscriptions, alive as long as the service.
+    pub(crate) _subscriptions: Vec<Box<dyn std::any::Any + Send>>,
+}
+
+/// Connects the store, wires resolver, key manager, invalidation and the layer, and builds the router.
+/// Binds no port and reads no environment.
+pub(crate) async fn build(config: Config) -> Result<Demo, Box<dyn std::error::Error>> {
+    let master = match config.master_key {
+        Some(key) => key,
+        None => KeyFormat::new("sk_master")?.generate(),
+    };
+
+    // Keys and records live in the same database.
+    let (store, records): (Arc<dyn KeyStore>, Records);
+    #[cfg(feature = "postgres")]
+    let mut pg_store = None;
+    if config.database_url.starts_with("postgres") {
+        #[cfg(feature = "postgres")]
+        {
+            let pg = tower_api_keys::PostgresStore::connect(&config.database_url).await?;
+            records = Records::Postgres(pg.pool().clone());
+            pg_store = Some(pg.clone());
+            store = Arc::new(pg);
+        }
+        #[cfg(not(feature = "postgres"))]
+        return Err("DATABASE_URL is a PostgreSQL URL: run with --features postgres".into());
+    } else {
+        let url = if config.database_url.contains('?') {
+            config.database_url.clone()
+        } else {
+            format!("{}?mode=rwc", config.database_url)
+        };
+        let sqlite = SqliteStore::connect(&url).await?;
+        records = Records::Sqlite(sqlite.pool().clone());
+        store = Arc::new(sqlite);
+    }
+    records.migrate().await?;
+
+    let resolver = CachedResolver::builder(store.clone())
+        .format(KeyFormat::new("sk_live")?)
+        .ttl(Duration::from_secs(60))
+        .build();
+    let mut manager = KeyManager::new(store.clone(), resolver.clone()).policy(
+        KeyPolicy::default()
+            .max_active_per_owner(10)
+            .max_lifetime(Duration::from_secs(365 * 86_400)),
+    );
+
+    // Revocations reach other instances: Redis if configured, else LISTEN/NOTIFY on PostgreSQL.
+    let mut subscriptions: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
+    if let Some(redis_url) = config.redis_url {
+        #[cfg(feature = "redis")]
+        {
+            let invalidator = tower_api_keys::RedisInvalidator::open(&redis_url)?;
+            subscriptions.push(Box::new(invalidator.subscribe(resolver.clone())));
+            manager = manager.invalidator(invalidator);
+            tracing::info!("revocations broadcast over Redis");
+        }
+        #[cfg(not(feature = "redis"))]
+        {
+            let _ = redis_url;
+            return Err("REDIS_URL is set: run with --features redis".into());
+        }
+    } else {
+        #[cfg(feature = "postgres")]
+        if let Some(pg) = &pg_store {
+            let invalidator = tower_api_keys::PgInvalidator::from_store(pg);
+            subscriptions.push(Box::new(invalidator.subscribe(resolver.clone())));
+            manager = manager.invalidator(invalidator);
+            tracing::info!("revocations broadcast over PostgreSQL LISTEN/NOTIFY");
+        }
+    }
+    let _ = &mut manager;
+
+    let usage = UsageRecorder::spawn(store, Duration::from_secs(30));
+    let layer = ApiKeyLayer::new(resolver)
+        .sources([
+            KeySource::blnk(),
+            KeySource::x_api_key(),
+            KeySource::bearer(),
+            KeySource::blecon(),
+        ])
+        .master_key(master.clone())
+        .usage(usage.clone());
+
+    #[cfg(feature = "metrics")]
+    prometheus::install();
+    Ok(Demo {
+        router: app(layer, manager, records),
+        master,
+        usage,
+        _subscriptions: subscriptions,
+    })
 }
 
 async fn shutdown_signal() {
@@ -254,101 +587,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .init();
 
-    let format = KeyFormat::new("sk_live")?;
-    let master = match std::env::var("API_KEYS_MASTER_KEY") {
-        Ok(key) if !key.is_empty() => ApiKey::new(key),
-        _ => {
-            let key = KeyFormat::new("sk_master")?.generate();
-            eprintln!(
-                "WARNING: API_KEYS_MASTER_KEY is not set; generated a master key for this run only (not persisted):\n\n    {}\n",
-                key.expose_secret()
-            );
-            key
-        }
-    };
+    let config = Config::from_env();
+    let generated = config.master_key.is_none();
     let bind = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1:5001".into());
-    let database_url =
-        std::env::var("DATABASE_URL").unwrap_or_else(|_| "sqlite://tower-api-keys-demo.db".into());
-
-    // Keys and records live in the same database.
-    let (store, records): (Arc<dyn KeyStore>, Records);
-    #[cfg(feature = "postgres")]
-    let mut pg_store = None;
-    if database_url.starts_with("postgres") {
-        #[cfg(feature = "postgres")]
-        {
-            let pg = tower_api_keys::PostgresStore::connect(&database_url).await?;
-            records = Records::Postgres(pg.pool().clone());
-            pg_store = Some(pg.clone());
-            store = Arc::new(pg);
-        }
-        #[cfg(not(feature = "postgres"))]
-        return Err("DATABASE_URL is a PostgreSQL URL: run with --features postgres".into());
-    } else {
-        let url = if database_url.contains('?') {
-            database_url.clone()
-        } else {
-            format!("{database_url}?mode=rwc")
-        };
-        let sqlite = SqliteStore::connect(&url).await?;
-        records = Records::Sqlite(sqlite.pool().clone());
-        store = Arc::new(sqlite);
+    let demo = build(config).await?;
+    if generated {
+        eprintln!(
+            "WARNING: API_KEYS_MASTER_KEY is not set; generated a master key for this run only (not persisted):\n\n    {}\n",
+            demo.master.expose_secret()
+        );
     }
-    records.migrate().await?;
-
-    let resolver = CachedResolver::builder(store.clone())
-        .format(format)
-        .ttl(Duration::from_secs(60))
-        .build();
-    let mut manager = KeyManager::new(store.clone(), resolver.clone()).policy(
-        KeyPolicy::default()
-            .max_active_per_owner(10)
-            .max_lifetime(Duration::from_secs(365 * 86_400)),
-    );
-
-    // Revocations reach other instances: Redis if configured, else LISTEN/NOTIFY on PostgreSQL.
-    let mut _subscriptions: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
-    if let Ok(redis_url) = std::env::var("REDIS_URL") {
-        #[cfg(feature = "redis")]
-        {
-            let invalidator = tower_api_keys::RedisInvalidator::open(&redis_url)?;
-            _subscriptions.push(Box::new(invalidator.subscribe(resolver.clone())));
-            manager = manager.invalidator(invalidator);
-            tracing::info!("revocations broadcast over Redis");
-        }
-        #[cfg(not(feature = "redis"))]
-        {
-            let _ = redis_url;
-            return Err("REDIS_URL is set: run with --features redis".into());
-        }
-    } else {
-        #[cfg(feature = "postgres")]
-        if let Some(pg) = &pg_store {
-            let invalidator = tower_api_keys::PgInvalidator::from_store(pg);
-            _subscriptions.push(Box::new(invalidator.subscribe(resolver.clone())));
-            manager = manager.invalidator(invalidator);
-            tracing::info!("revocations broadcast over PostgreSQL LISTEN/NOTIFY");
-        }
-    }
-    let _ = &mut manager;
-
-    let usage = UsageRecorder::spawn(store, Duration::from_secs(30));
-    let layer = ApiKeyLayer::new(resolver)
-        .sources([
-            KeySource::blnk(),
-            KeySource::x_api_key(),
-            KeySource::bearer(),
-            KeySource::blecon(),
-        ])
-        .master_key(master)
-        .usage(usage.clone());
 
     let listener = tokio::net::TcpListener::bind(&bind).await?;
     tracing::info!("listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, app(layer, manager, records))
+    axum::serve(listener, demo.router)
         .with_graceful_shutdown(shutdown_signal())
         .await?;
-    let flushed = usage.flush().await?;
+    let flushed = demo.usage.flush().await?;
     tracing::info!(keys = flushed, "usage flushed; bye");
     Ok(())
 }
