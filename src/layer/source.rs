@@ -95,7 +95,7 @@ impl KeySource {
     }
 
     /// The key this source finds in one header value, if the value is meant for it.
-    fn from_value<'a>(&self, value: &'a [u8]) -> Result<Option<&'a [u8]>, AuthError> {
+    fn key_in<'a>(&self, value: &'a [u8]) -> Result<Option<&'a [u8]>, AuthError> {
         match &self.0 {
             Kind::Header(_) | Kind::Query(_) => Ok(Some(value)),
             Kind::Authorization { prefix, spaces } => {
@@ -138,11 +138,11 @@ fn trim(b: &[u8]) -> &[u8] {
 /// Marks every header that may carry a key as sensitive, so it is never printed or indexed.
 pub(crate) fn mark_sensitive(sources: &[KeySource], headers: &mut HeaderMap) {
     for source in sources {
-        if let Some(name) = source.header_name() {
-            if let http::header::Entry::Occupied(mut entry) = headers.entry(name) {
-                for value in entry.iter_mut() {
-                    value.set_sensitive(true);
-                }
+        if let Some(name) = source.header_name()
+            && let http::header::Entry::Occupied(mut entry) = headers.entry(name)
+        {
+            for value in entry.iter_mut() {
+                value.set_sensitive(true);
             }
         }
     }
@@ -189,7 +189,7 @@ pub(crate) fn extract<'a>(
             _ => {
                 let name = source.header_name().expect("header sources have a name");
                 for value in headers.get_all(name) {
-                    if let Some(candidate) = source.from_value(value.as_bytes())? {
+                    if let Some(candidate) = source.key_in(value.as_bytes())? {
                         consider(candidate)?;
                     }
                 }
