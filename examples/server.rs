@@ -234,25 +234,22 @@ fn app(layer: ApiKeyLayer, manager: KeyManager, records: Records) -> Router {
         );
     #[cfg(feature = "metrics")]
     let router = router.route("/metrics", get(prometheus::render));
-    router.layer(request_logs())
+    router.layer(
+        TraceLayer::new_for_http()
+            .make_span_with(request_span)
+            .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+    )
 }
 
-/// One log line per request, in a span whose `api_key_id` field `ApiKeyLayer` fills with the caller's
-/// key id (never the key). Only the path is logged: a query string could carry secrets.
-fn request_logs() -> TraceLayer<
-    tower_http::classify::SharedClassifier<tower_http::classify::ServerErrorsAsFailures>,
-    impl Fn(&Request<Body>) -> tracing::Span + Clone,
-> {
-    TraceLayer::new_for_http()
-        .make_span_with(|request: &Request<Body>| {
-            tracing::info_span!(
-                "request",
-                method = %request.method(),
-                path = request.uri().path(),
-                api_key_id = tracing::field::Empty,
-            )
-        })
-        .on_response(DefaultOnResponse::new().level(tracing::Level::INFO))
+/// The span of every request log line. `ApiKeyLayer` fills `api_key_id` with the caller's key id
+/// (never the key). Only the path is logged: a query string could carry secrets.
+fn request_span(request: &Request<Body>) -> tracing::Span {
+    tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = request.uri().path(),
+        api_key_id = tracing::field::Empty,
+    )
 }
 
 /// `/metrics` in the Prometheus text format, from the crate's `api_key_requests_total` and
@@ -306,6 +303,7 @@ fn openapi() -> utoipa::openapi::OpenApi {
     use utoipa::OpenApi;
     use utoipa::openapi::path::{HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn};
     use utoipa::openapi::request_body::RequestBodyBuilder;
+    use utoipa::openapi::schema::{Object, Type};
     use utoipa::openapi::{ArrayBuilder, ContentBuilder, Ref, Required, ResponseBuilder};
 
     /// A ledger, balance or transaction: any JSON object; the server adds `<kind>_id` and
@@ -332,6 +330,7 @@ fn openapi() -> utoipa::openapi::OpenApi {
             )
             .build()
     };
+    let ok = |description: &str| ResponseBuilder::new().description(description).build();
     let record = || Ref::from_schema_name("Record").into();
     let error = |description: &str| json(description, Ref::from_schema_name("ErrorBody").into());
     let public = || OperationBuilder::new().securities(Some([])).tag("service");
@@ -389,10 +388,11 @@ fn openapi() -> utoipa::openapi::OpenApi {
                 ParameterBuilder::new()
                     .name("id")
                     .parameter_in(ParameterIn::Path)
-                    .required(Required::True),
+                    .required(Required::True)
+                    .schema(Some(Object::with_type(Type::String))),
             )
             .response("200", json("The record", record()))
-            .response("404", json("No such record", record()));
+            .response("404", ok("No such record"));
         doc.paths
             .add_path_operation(format!("/{plural}"), vec![HttpMethod::Post], create);
         doc.paths
@@ -400,7 +400,6 @@ fn openapi() -> utoipa::openapi::OpenApi {
         doc.paths
             .add_path_operation(format!("/{plural}/{{id}}"), vec![HttpMethod::Get], get_one);
     }
-    let ok = |description: &str| ResponseBuilder::new().description(description).build();
     doc.paths.add_path_operation(
         "/health",
         vec![HttpMethod::Get],
@@ -537,7 +536,8 @@ pub(crate) async fn build(config: Config) -> Result<Demo, Box<dyn std::error::Er
             tracing::info!("revocations broadcast over PostgreSQL LISTEN/NOTIFY");
         }
     }
-    let _ = &mut manager;
+    // Only mutated with feature `redis` or `postgres`.
+    let _ = (&mut manager, &mut subscriptions);
 
     let usage = UsageRecorder::spawn(store, Duration::from_secs(30));
     let layer = ApiKeyLayer::new(resolver)

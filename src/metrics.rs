@@ -10,7 +10,7 @@
 //! Anonymous requests are CORS preflights and, with an optional layer, requests without a key.
 //!
 //! Install any `metrics` recorder (for example `metrics-exporter-prometheus`) and these appear;
-//! [`describe`] adds their help texts. Every label is a static string: recording allocates nothing.
+//! `describe()` adds their help texts. Every label is a static string: recording allocates nothing.
 //! Without the feature every helper is an empty inline function: nothing is compiled in.
 
 /// Name of the request counter.
