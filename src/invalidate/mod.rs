@@ -20,10 +20,15 @@ use crate::key::{KeyDigest, KeyId};
 use crate::resolver::CachedResolver;
 use crate::store::StoreError;
 
+#[cfg(any(feature = "postgres", feature = "redis"))]
+mod subscription;
+
 #[cfg(feature = "postgres")]
-pub use self::postgres::{PgInvalidator, PgSubscription};
+pub use self::postgres::PgInvalidator;
 #[cfg(feature = "redis")]
-pub use self::redis::{RedisInvalidator, RedisSubscription};
+pub use self::redis::RedisInvalidator;
+#[cfg(any(feature = "postgres", feature = "redis"))]
+pub use self::subscription::{Subscription, SubscriptionStatus};
 
 /// A key changed: forget its id and these digests.
 #[derive(Clone, PartialEq, Eq)]

@@ -32,6 +32,8 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use tokio::sync::watch;
+
+use super::subscription::{Backoff, Subscription, SubscriptionStatus};
 use tokio::time::Instant;
 
 use super::{Invalidation, Invalidator};
@@ -99,11 +101,11 @@ impl PgInvalidator {
 
     /// Starts a task (on the current tokio runtime) that applies every received [`Invalidation`]
     /// to `resolver`, reconnecting and clearing the cache after a lost connection. The task stops
-    /// when the returned handle is dropped or [shut down](PgSubscription::shutdown).
+    /// when the returned handle is dropped or [shut down](Subscription::shutdown).
     ///
     /// # Panics
     /// Outside a tokio runtime.
-    pub fn subscribe(&self, resolver: CachedResolver) -> PgSubscription {
+    pub fn subscribe(&self, resolver: CachedResolver) -> Subscription {
         let options = (*self.pool.connect_options()).clone();
         // One dedicated connection; acquiring it waits at most 10 s before counting as a failure.
         let pool = PgPoolOptions::new()
@@ -120,10 +122,7 @@ impl PgInvalidator {
             self.backoff,
             status,
         ));
-        PgSubscription {
-            task,
-            status: watcher,
-        }
+        Subscription::new(task, watcher)
     }
 }
 
@@ -137,100 +136,6 @@ impl Invalidator for PgInvalidator {
             .await
             .map(|_| ())
             .map_err(map_sqlx_error)
-    }
-}
-
-/// The state of a subscription, as reported by [`PgSubscription::status`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SubscriptionStatus {
-    /// Whether the subscriber is listening right now.
-    pub connected: bool,
-    /// How many times a connection was established (1 after the first; each reconnection adds one
-    /// and has cleared the cache before it is counted).
-    pub connections: u64,
-}
-
-/// A running subscription: stops its task when dropped.
-pub struct PgSubscription {
-    task: tokio::task::JoinHandle<()>,
-    status: watch::Receiver<SubscriptionStatus>,
-}
-
-impl fmt::Debug for PgSubscription {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PgSubscription")
-            .field("status", &*self.status.borrow())
-            .finish_non_exhaustive()
-    }
-}
-
-impl PgSubscription {
-    /// The current state.
-    pub fn status(&self) -> SubscriptionStatus {
-        *self.status.borrow()
-    }
-
-    /// Waits until the subscriber is listening (at once if it is). Invalidations published before
-    /// that may be missed, but then the cache is cleared when it connects after a failure.
-    pub async fn wait_connected(&self) {
-        self.wait_for(|s| s.connected).await;
-    }
-
-    /// Waits until at least `n` connections have been established (e.g. `n = 2`: the first
-    /// reconnection, whose cache clearing has then happened).
-    pub async fn wait_for_connections(&self, n: u64) {
-        self.wait_for(|s| s.connected && s.connections >= n).await;
-    }
-
-    async fn wait_for(&self, done: impl FnMut(&SubscriptionStatus) -> bool) {
-        let mut status = self.status.clone();
-        // An error means the task ended, which only happens once the handle is gone.
-        let _ = status.wait_for(done).await;
-    }
-
-    /// Stops the subscriber and waits for its task to end.
-    pub async fn shutdown(mut self) {
-        self.task.abort();
-        let _ = (&mut self.task).await;
-    }
-}
-
-impl Drop for PgSubscription {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Exponential reconnection backoff with jitter.
-#[derive(Clone, Copy, Debug)]
-struct Backoff {
-    initial: Duration,
-    max: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self::new(Duration::from_millis(100), Duration::from_secs(30))
-    }
-}
-
-impl Backoff {
-    fn new(initial: Duration, max: Duration) -> Self {
-        let initial = initial.max(Duration::from_millis(1));
-        Self {
-            initial,
-            max: max.max(initial),
-        }
-    }
-
-    /// `delay` shortened by a random fraction of up to a half.
-    fn jittered(delay: Duration) -> Duration {
-        let mut byte = [0u8; 1];
-        let fraction = match getrandom::fill(&mut byte) {
-            Ok(()) => f64::from(byte[0]) / 255.0,
-            Err(_) => 0.0,
-        };
-        delay.mul_f64(1.0 - fraction / 2.0)
     }
 }
 

@@ -36,6 +36,8 @@ use ::redis::aio::{MultiplexedConnection, PubSub};
 use futures_util::StreamExt;
 use futures_util::future::{self, Either};
 use tokio::sync::watch;
+
+use super::subscription::{Backoff, Subscription, SubscriptionStatus};
 use tokio::time::{Instant, timeout};
 
 use super::{Invalidation, Invalidator};
@@ -116,11 +118,11 @@ impl RedisInvalidator {
 
     /// Starts a task (on the current tokio runtime) that applies every received [`Invalidation`]
     /// to `resolver`, reconnecting and clearing the cache after a lost connection. The task stops
-    /// when the returned handle is dropped or [shut down](RedisSubscription::shutdown).
+    /// when the returned handle is dropped or [shut down](Subscription::shutdown).
     ///
     /// # Panics
     /// Outside a tokio runtime.
-    pub fn subscribe(&self, resolver: CachedResolver) -> RedisSubscription {
+    pub fn subscribe(&self, resolver: CachedResolver) -> Subscription {
         let (status, watcher) = watch::channel(SubscriptionStatus::default());
         let task = tokio::spawn(listen(
             self.client.clone(),
@@ -130,10 +132,7 @@ impl RedisInvalidator {
             self.ping_interval,
             status,
         ));
-        RedisSubscription {
-            task,
-            status: watcher,
-        }
+        Subscription::new(task, watcher)
     }
 
     async fn publisher(&self) -> Result<MultiplexedConnection, StoreError> {
@@ -184,100 +183,6 @@ impl Invalidator for RedisInvalidator {
             }
         }
         Err(last.unwrap_or_else(|| StoreError::from_kind(StoreErrorKind::Unavailable)))
-    }
-}
-
-/// The state of a subscription, as reported by [`RedisSubscription::status`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SubscriptionStatus {
-    /// Whether the subscriber is subscribed right now.
-    pub connected: bool,
-    /// How many times a connection was established (1 after the first; each reconnection adds one
-    /// and has cleared the cache before it is counted).
-    pub connections: u64,
-}
-
-/// A running subscription: stops its task when dropped.
-pub struct RedisSubscription {
-    task: tokio::task::JoinHandle<()>,
-    status: watch::Receiver<SubscriptionStatus>,
-}
-
-impl fmt::Debug for RedisSubscription {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisSubscription")
-            .field("status", &*self.status.borrow())
-            .finish_non_exhaustive()
-    }
-}
-
-impl RedisSubscription {
-    /// The current state.
-    pub fn status(&self) -> SubscriptionStatus {
-        *self.status.borrow()
-    }
-
-    /// Waits until the subscriber is subscribed (at once if it is). Invalidations published before
-    /// that may be missed, but then the cache is cleared when it connects after a failure.
-    pub async fn wait_connected(&self) {
-        self.wait_for(|s| s.connected).await;
-    }
-
-    /// Waits until at least `n` connections have been established (e.g. `n = 2`: the first
-    /// reconnection, whose cache clearing has then happened).
-    pub async fn wait_for_connections(&self, n: u64) {
-        self.wait_for(|s| s.connected && s.connections >= n).await;
-    }
-
-    async fn wait_for(&self, done: impl FnMut(&SubscriptionStatus) -> bool) {
-        let mut status = self.status.clone();
-        // An error means the task ended, which only happens once the handle is gone.
-        let _ = status.wait_for(done).await;
-    }
-
-    /// Stops the subscriber and waits for its task to end.
-    pub async fn shutdown(mut self) {
-        self.task.abort();
-        let _ = (&mut self.task).await;
-    }
-}
-
-impl Drop for RedisSubscription {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Exponential reconnection backoff with jitter.
-#[derive(Clone, Copy, Debug)]
-struct Backoff {
-    initial: Duration,
-    max: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self::new(Duration::from_millis(100), Duration::from_secs(30))
-    }
-}
-
-impl Backoff {
-    fn new(initial: Duration, max: Duration) -> Self {
-        let initial = initial.max(Duration::from_millis(1));
-        Self {
-            initial,
-            max: max.max(initial),
-        }
-    }
-
-    /// `delay` shortened by a random fraction of up to a half.
-    fn jittered(delay: Duration) -> Duration {
-        let mut byte = [0u8; 1];
-        let fraction = match getrandom::fill(&mut byte) {
-            Ok(()) => f64::from(byte[0]) / 255.0,
-            Err(_) => 0.0,
-        };
-        delay.mul_f64(1.0 - fraction / 2.0)
     }
 }
 
