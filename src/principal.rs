@@ -97,6 +97,14 @@ impl Principal {
         }))
     }
 
+    /// The principal [`ApiKeyLayer`](crate::ApiKeyLayer) put in a request's extensions, for code
+    /// outside axum (hyper services, tonic interceptors). Fails with `AUTH_MISSING_API_KEY` for an
+    /// anonymous request let through by an optional layer, and `AUTH_MISSING_PRINCIPAL` when no
+    /// layer ran.
+    pub fn from_extensions(extensions: &http::Extensions) -> Result<&Principal, crate::AuthError> {
+        crate::guard::principal_of(extensions)
+    }
+
     /// The key's public id (`master` for the master key).
     pub fn key_id(&self) -> &KeyId {
         &self.0.key_id

@@ -848,3 +848,15 @@ fn principal_kinds() {
     assert_eq!(Principal::master().kind(), PrincipalKind::Master);
     assert!(Principal::master().provenance_id().is_none());
 }
+
+#[test]
+fn principal_from_extensions_tells_no_key_from_no_layer() {
+    let empty = http::Extensions::new();
+    assert!(matches!(
+        Principal::from_extensions(&empty),
+        Err(AuthError::MissingPrincipal)
+    ));
+    let mut with = http::Extensions::new();
+    with.insert(Principal::master());
+    assert!(Principal::from_extensions(&with).unwrap().is_master());
+}
