@@ -1,1 +1,382 @@
-fn main() {}
+//! What one authenticated request costs on the hot path (cached key), next to the alternatives.
+//!
+//! Cases, all around the same trivial `tower::service_fn` (no router, no I/O), with requests built
+//! outside the timed region:
+//!
+//! - `bare`: the inner service alone;
+//! - `tower-http bearer`: `ValidateRequestHeaderLayer::bearer(token)`, one static token compared;
+//! - `layer`: `ApiKeyLayer` (cached key, cache warmed first) + `RequireScopes`;
+//! - the parts no key-store auth can avoid: SHA-256 of the key, one `std` `HashMap` lookup of the
+//!   32-byte digest, one `http::Extensions` insert of an `Arc`-sized value, each and in sequence;
+//! - `bcrypt verify (cost 10)`: what a server hashing keys with bcrypt pays per request.
+//!
+//! After the criterion groups, the cases are timed again in interleaved rounds (so that noise from
+//! the shared machine hits them alike) and the ratios are printed from the medians.
+//!
+//! `cargo bench --bench hot_path`
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{BatchSize, Criterion, SamplingMode};
+use futures_util::FutureExt;
+use http::{Request, Response, StatusCode};
+use time::OffsetDateTime;
+use tower::{Layer, Service, ServiceExt};
+use tower_api_keys::store::KeyLimits;
+use tower_api_keys::{
+    ApiKey, ApiKeyLayer, CachedResolver, KeyDigest, KeyFormat, KeyId, KeyRecord, KeyStore,
+    MemoryStore, Principal, RequireScopes,
+};
+
+const BEARER_TOKEN: &str = "a-static-token-0123456789abcdefghijklmnopqrstuvwxyz";
+const BCRYPT_COST: u32 = 10;
+
+async fn handler(request: Request<()>) -> Result<Response<Bytes>, Infallible> {
+    black_box(&request);
+    Ok(Response::new(Bytes::new()))
+}
+
+/// Runs a future that never waits to completion.
+fn now<F: Future>(future: F) -> F::Output {
+    future
+        .now_or_never()
+        .expect("in-memory requests complete at once")
+}
+
+fn run<S>(service: &mut S, request: Request<()>) -> StatusCode
+where
+    S: Service<Request<()>, Response = Response<Bytes>, Error = Infallible>,
+{
+    let ready = now(service.ready()).unwrap();
+    now(ready.call(request)).unwrap().status()
+}
+
+fn api_key_request(key: &str) -> Request<()> {
+    Request::get("/ledgers")
+        .header("x-api-key", key)
+        .body(())
+        .unwrap()
+}
+
+fn bearer_request() -> Request<()> {
+    Request::get("/ledgers")
+        .header("authorization", format!("Bearer {BEARER_TOKEN}"))
+        .body(())
+        .unwrap()
+}
+
+/// A store holding one key with `ledgers:read`, expiring in a year, and a resolver that has it cached.
+fn setup() -> (ApiKey, CachedResolver) {
+    let format = KeyFormat::default();
+    let key = format.generate();
+    let now = OffsetDateTime::now_utc();
+    let record = KeyRecord {
+        id: KeyId::generate(),
+        name: "bench key".to_owned(),
+        owner: "team-a".to_owned(),
+        account: "team-a-account".to_owned(),
+        scopes: "ledgers:read balances:read".parse().unwrap(),
+        digest: key.digest(),
+        digest_scheme: Default::default(),
+        masked_key: format.mask(&key).unwrap(),
+        created_at: now,
+        expires_at: Some(now + time::Duration::days(365)),
+        revoked_at: None,
+        last_used_at: None,
+        created_by: None,
+        rotated_at: None,
+        previous: None,
+    };
+    let store = MemoryStore::new();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        store
+            .insert(&record, KeyLimits::default(), now)
+            .await
+            .unwrap();
+    });
+    let resolver = CachedResolver::new(store);
+    // Warm the cache.
+    runtime.block_on(async {
+        resolver.authenticate(&key.digest()).await.unwrap();
+    });
+    (key, resolver)
+}
+
+/// The parts of authenticating by stored key that no implementation can skip.
+struct Parts {
+    map: HashMap<[u8; 32], Principal>,
+}
+
+impl Parts {
+    fn new(key: &ApiKey) -> Self {
+        let mut map = HashMap::new();
+        for i in 0..1000 {
+            let other = ApiKey::new(format!("other-key-{i}"));
+            map.insert(*other.digest().as_bytes(), principal());
+        }
+        map.insert(*key.digest().as_bytes(), principal());
+        Self { map }
+    }
+
+    fn sha256(key: &str) -> KeyDigest {
+        KeyDigest::of(key)
+    }
+
+    fn lookup(&self, digest: &[u8; 32]) -> Principal {
+        self.map.get(digest).expect("the key is in the map").clone()
+    }
+
+    fn insert(principal: Principal) -> http::Extensions {
+        let mut extensions = http::Extensions::new();
+        extensions.insert(principal);
+        extensions
+    }
+
+    fn all(&self, key: &str) -> http::Extensions {
+        let digest = Self::sha256(key);
+        Self::insert(self.lookup(digest.as_bytes()))
+    }
+}
+
+fn principal() -> Principal {
+    Principal::scoped(
+        KeyId::new("key_01JABCDEFGHJKMNPQRSTVWXYZ0"),
+        "bench",
+        "owner",
+        "account",
+        "ledgers:read".parse().unwrap(),
+        None,
+    )
+}
+
+struct Fixture {
+    key: ApiKey,
+    resolver: CachedResolver,
+    parts: Parts,
+    bcrypt_hash: String,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let (key, resolver) = setup();
+        let parts = Parts::new(&key);
+        let bcrypt_hash = bcrypt::hash(key.expose_secret(), BCRYPT_COST).unwrap();
+        Self {
+            key,
+            resolver,
+            parts,
+            bcrypt_hash,
+        }
+    }
+
+    fn bare(&self) -> impl Service<Request<()>, Response = Response<Bytes>, Error = Infallible> {
+        tower::service_fn(handler)
+    }
+
+    fn layer(&self) -> impl Service<Request<()>, Response = Response<Bytes>, Error = Infallible> {
+        ApiKeyLayer::new(self.resolver.clone())
+            .layer(RequireScopes::all(["ledgers:read"]).layer(tower::service_fn(handler)))
+    }
+
+    fn layer_only(
+        &self,
+    ) -> impl Service<Request<()>, Response = Response<Bytes>, Error = Infallible> {
+        ApiKeyLayer::new(self.resolver.clone()).layer(tower::service_fn(handler))
+    }
+
+    #[allow(deprecated)]
+    fn bearer(&self) -> impl Service<Request<()>, Response = Response<Bytes>, Error = Infallible> {
+        tower_http::validate_request::ValidateRequestHeaderLayer::bearer(BEARER_TOKEN)
+            .layer(tower::service_fn(handler))
+    }
+
+    /// Every stack answers 200 to its request (and 401 without it), and the key stays cached.
+    fn check(&self) {
+        let key = self.key.expose_secret();
+        let lookups = self.resolver.store_lookups();
+        assert_eq!(run(&mut self.bare(), api_key_request(key)), StatusCode::OK);
+        assert_eq!(run(&mut self.layer(), api_key_request(key)), StatusCode::OK);
+        assert_eq!(
+            run(&mut self.layer_only(), api_key_request(key)),
+            StatusCode::OK
+        );
+        assert_eq!(
+            run(&mut self.layer(), bearer_request()),
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(run(&mut self.bearer(), bearer_request()), StatusCode::OK);
+        assert_eq!(
+            run(&mut self.bearer(), api_key_request(key)),
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(self.resolver.store_lookups(), lookups, "the key is cached");
+        assert!(bcrypt::verify(key, &self.bcrypt_hash).unwrap());
+        let extensions = self.parts.all(key);
+        assert!(extensions.get::<Principal>().is_some());
+    }
+}
+
+fn bench_stack<S>(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    mut service: S,
+    request: impl Fn() -> Request<()>,
+) where
+    S: Service<Request<()>, Response = Response<Bytes>, Error = Infallible>,
+{
+    group.bench_function(name, |b| {
+        b.iter_batched(
+            &request,
+            |request| run(&mut service, request),
+            BatchSize::SmallInput,
+        )
+    });
+}
+
+fn benches(c: &mut Criterion, f: &Fixture) {
+    let key = f.key.expose_secret();
+    let mut group = c.benchmark_group("hot_path");
+    group
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(50);
+    bench_stack(&mut group, "bare", f.bare(), || api_key_request(key));
+    bench_stack(&mut group, "tower-http bearer", f.bearer(), bearer_request);
+    bench_stack(&mut group, "layer", f.layer(), || api_key_request(key));
+    bench_stack(&mut group, "layer without guard", f.layer_only(), || {
+        api_key_request(key)
+    });
+    group.bench_function("parts/sha256", |b| b.iter(|| Parts::sha256(black_box(key))));
+    let digest = *f.key.digest().as_bytes();
+    group.bench_function("parts/hashmap get", |b| {
+        b.iter(|| f.parts.lookup(black_box(&digest)))
+    });
+    let principal = principal();
+    group.bench_function("parts/extensions insert", |b| {
+        b.iter(|| Parts::insert(principal.clone()))
+    });
+    group.bench_function("parts/all", |b| b.iter(|| f.parts.all(black_box(key))));
+    group.finish();
+
+    let mut group = c.benchmark_group("hot_path_slow");
+    group
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_millis(100))
+        .measurement_time(Duration::from_secs(1))
+        .sample_size(10);
+    group.bench_function(format!("bcrypt verify (cost {BCRYPT_COST})"), |b| {
+        b.iter(|| bcrypt::verify(black_box(key), &f.bcrypt_hash).unwrap())
+    });
+    group.finish();
+}
+
+/// Median nanoseconds per operation over rounds of `per_round` operations.
+fn median(samples: &mut [Duration], per_round: u32) -> f64 {
+    samples.sort();
+    samples[samples.len() / 2].as_nanos() as f64 / f64::from(per_round)
+}
+
+/// Times `per_round` requests through `service`, requests built beforehand.
+fn time_stack<S>(service: &mut S, per_round: u32, request: &dyn Fn() -> Request<()>) -> Duration
+where
+    S: Service<Request<()>, Response = Response<Bytes>, Error = Infallible>,
+{
+    let requests: Vec<_> = (0..per_round).map(|_| request()).collect();
+    let start = Instant::now();
+    for request in requests {
+        black_box(run(service, request));
+    }
+    start.elapsed()
+}
+
+fn print_ratios(f: &Fixture) {
+    const ROUNDS: usize = 41;
+    const PER_ROUND: u32 = 5_000;
+    let key = f.key.expose_secret();
+    let api_key = || api_key_request(key);
+    let (mut bare, mut bearer, mut layer) = (f.bare(), f.bearer(), f.layer());
+    let mut t: [Vec<Duration>; 5] = Default::default();
+    for _ in 0..ROUNDS {
+        t[0].push(time_stack(&mut bare, PER_ROUND, &api_key));
+        t[1].push(time_stack(&mut bearer, PER_ROUND, &bearer_request));
+        t[2].push(time_stack(&mut layer, PER_ROUND, &api_key));
+        let start = Instant::now();
+        for _ in 0..PER_ROUND {
+            black_box(f.parts.all(black_box(key)));
+        }
+        t[3].push(start.elapsed());
+    }
+    let [bare, bearer, layer, parts, _] = &mut t;
+    let bare = median(bare, PER_ROUND);
+    let bearer = median(bearer, PER_ROUND);
+    let layer = median(layer, PER_ROUND);
+    let parts = median(parts, PER_ROUND);
+    // bcrypt: a few verifications, interleaved with rounds of the layer.
+    let (mut b, mut l) = (Vec::new(), Vec::new());
+    for _ in 0..7 {
+        let start = Instant::now();
+        black_box(bcrypt::verify(black_box(key), &f.bcrypt_hash).unwrap());
+        b.push(start.elapsed());
+        l.push(time_stack(&mut f.layer(), PER_ROUND, &api_key));
+    }
+    let bcrypt = median(&mut b, 1);
+    let layer_b = median(&mut l, PER_ROUND);
+
+    let added = layer - bare;
+    println!("\nhot path: medians of {ROUNDS} interleaved rounds of {PER_ROUND} requests");
+    println!("  bare service                      {bare:>10.1} ns");
+    println!("  tower-http bearer                 {bearer:>10.1} ns");
+    println!("  layer + RequireScopes             {layer:>10.1} ns");
+    println!("  sum of parts (sha+map+extension)  {parts:>10.1} ns");
+    println!(
+        "  bcrypt verify (cost {BCRYPT_COST})           {:>10.3} ms",
+        bcrypt / 1e6
+    );
+    println!("ratios:");
+    println!(
+        "  (layer - bare) / sum of parts     {:>10.2}x   (target <= 2x, aim 1.5x)",
+        added / parts
+    );
+    println!(
+        "  layer / sum of parts              {:>10.2}x   (raw, inner service included)",
+        layer / parts
+    );
+    println!(
+        "  (layer - bare) - (bearer - bare)  {:>10.1} ns  (what a key store costs over one static token)",
+        layer - bearer
+    );
+    println!(
+        "  (layer - bare) / (bearer - bare)  {:>10.1}x",
+        added / (bearer - bare)
+    );
+    println!(
+        "  bcrypt / layer                    {:>10.0}x   (target >= 10,000x)",
+        bcrypt / layer_b
+    );
+    println!(
+        "  bcrypt / (layer - bare)           {:>10.0}x",
+        bcrypt / (layer_b - bare)
+    );
+}
+
+fn main() {
+    let fixture = Fixture::new();
+    fixture.check();
+    let listing = std::env::args().any(|a| a == "--list" || a == "--test" || a == "--profile-time");
+    let mut criterion = Criterion::default().configure_from_args();
+    benches(&mut criterion, &fixture);
+    criterion.final_summary();
+    if !listing {
+        print_ratios(&fixture);
+        fixture.check();
+    }
+}
