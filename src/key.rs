@@ -157,14 +157,15 @@ impl KeyFormat {
         if bytes.len() != self.key_len() {
             return Err(KeyFormatError::WrongLength);
         }
-        let (signed, checksum) = bytes.split_at(bytes.len() - CHECKSUM_LEN);
-        if !signed[prefix.len() + 1..]
+        // Body and checksum are contiguous. A branch-free fold over all of them vectorises; an
+        // early-exit `all` (over a `chain`) costs several times more on this hot path.
+        if !bytes[prefix.len() + 1..]
             .iter()
-            .chain(checksum)
-            .all(u8::is_ascii_alphanumeric)
+            .fold(true, |ok, b| ok & b.is_ascii_alphanumeric())
         {
             return Err(KeyFormatError::BadCharacter);
         }
+        let (signed, checksum) = bytes.split_at(bytes.len() - CHECKSUM_LEN);
         if checksum != encode_checksum(crc32fast::hash(signed)) {
             return Err(KeyFormatError::BadChecksum);
         }

@@ -29,7 +29,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
@@ -47,6 +47,9 @@ pub(crate) struct ResolvedKey {
     pub(crate) revoked: bool,
     /// Effective expiry: the key's own, or the end of a rotation grace period if that is earlier.
     pub(crate) expires_at: Option<OffsetDateTime>,
+    /// `expires_at` in nanoseconds since the Unix epoch: the per-request check compares it with
+    /// `SystemTime::now()` (what `OffsetDateTime::now_utc` reads) without a calendar conversion.
+    expires_at_unix_nanos: Option<i128>,
     /// Unix seconds of the latest use not yet flushed (0 = none).
     pub(crate) last_used: AtomicI64,
     /// Whether this entry is queued for the next usage flush.
@@ -68,6 +71,7 @@ impl ResolvedKey {
             principal: record.principal(),
             revoked: record.revoked_at.is_some(),
             expires_at,
+            expires_at_unix_nanos: expires_at.map(OffsetDateTime::unix_timestamp_nanos),
             last_used: AtomicI64::new(0),
             queued: AtomicBool::new(false),
         }
@@ -83,6 +87,29 @@ impl ResolvedKey {
         }
         Ok(())
     }
+
+    /// [`check`](Self::check) at a `SystemTime`: the same answer as `check(OffsetDateTime::from(now))`,
+    /// without building the `OffsetDateTime` (the hot path).
+    pub(crate) fn check_at(&self, now: SystemTime) -> Result<(), AuthError> {
+        if self.revoked {
+            return Err(AuthError::ExpiredKey(ExpiredReason::Revoked));
+        }
+        if self
+            .expires_at_unix_nanos
+            .is_some_and(|at| at <= unix_nanos(now))
+        {
+            return Err(AuthError::ExpiredKey(ExpiredReason::Expired));
+        }
+        Ok(())
+    }
+}
+
+/// Nanoseconds since the Unix epoch, negative before it (as `OffsetDateTime::unix_timestamp_nanos`).
+fn unix_nanos(time: SystemTime) -> i128 {
+    match time.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(after) => after.as_nanos() as i128,
+        Err(before) => -(before.duration().as_nanos() as i128),
+    }
 }
 
 /// What the cache remembers about a digest.
@@ -96,6 +123,14 @@ impl CacheEntry {
     pub(crate) fn authenticate(&self, now: OffsetDateTime) -> Result<&Arc<ResolvedKey>, AuthError> {
         match self {
             Self::Known(key) => key.check(now).map(|()| key),
+            Self::Unknown => Err(AuthError::InvalidKey(InvalidKeyReason::Unknown)),
+        }
+    }
+
+    /// [`authenticate`](Self::authenticate) at a `SystemTime` (see [`ResolvedKey::check_at`]).
+    pub(crate) fn authenticate_at(&self, now: SystemTime) -> Result<&Arc<ResolvedKey>, AuthError> {
+        match self {
+            Self::Known(key) => key.check_at(now).map(|()| key),
             Self::Unknown => Err(AuthError::InvalidKey(InvalidKeyReason::Unknown)),
         }
     }
@@ -374,5 +409,55 @@ impl CachedResolver {
             .unwrap_or_else(|p| p.into_inner());
         self.inner.epoch.fetch_add(1, Ordering::AcqRel);
         in_flight.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(expires_at: Option<OffsetDateTime>, revoked: bool) -> ResolvedKey {
+        ResolvedKey {
+            principal: Principal::master(),
+            revoked,
+            expires_at,
+            expires_at_unix_nanos: expires_at.map(OffsetDateTime::unix_timestamp_nanos),
+            last_used: AtomicI64::new(0),
+            queued: AtomicBool::new(false),
+        }
+    }
+
+    /// The hot path's `SystemTime` check answers exactly as the `OffsetDateTime` one.
+    #[test]
+    fn check_at_agrees_with_check() {
+        let now = SystemTime::now();
+        let base = OffsetDateTime::from(now);
+        let ns = time::Duration::nanoseconds;
+        let epoch = OffsetDateTime::UNIX_EPOCH;
+        for expires_at in [
+            None,
+            Some(base - ns(1)),
+            Some(base),
+            Some(base + ns(1)),
+            Some(epoch - ns(1_500_000_001)),
+            Some(base + time::Duration::days(365 * 100)),
+        ] {
+            for revoked in [false, true] {
+                let key = key(expires_at, revoked);
+                for at in [
+                    now,
+                    now - Duration::from_nanos(1),
+                    now + Duration::from_nanos(1),
+                    SystemTime::UNIX_EPOCH - Duration::from_nanos(1_500_000_000),
+                    SystemTime::UNIX_EPOCH - Duration::from_nanos(1_500_000_002),
+                ] {
+                    assert_eq!(
+                        format!("{:?}", key.check_at(at)),
+                        format!("{:?}", key.check(OffsetDateTime::from(at))),
+                        "expires_at {expires_at:?}, revoked {revoked}, at {at:?}"
+                    );
+                }
+            }
+        }
     }
 }

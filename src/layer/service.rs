@@ -1,6 +1,7 @@
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::SystemTime;
 
 use http::{Method, Request, Response, header};
 use time::OffsetDateTime;
@@ -83,10 +84,12 @@ impl<S, R> ApiKeyService<S, R> {
 
     /// The request-time checks on a resolved digest, and usage recording.
     fn admit(&self, entry: &CacheEntry) -> Result<Principal, AuthError> {
-        let now = OffsetDateTime::now_utc();
-        let key = entry.authenticate(now)?;
+        // `OffsetDateTime::now_utc()` reads this clock too; the calendar conversion is only needed
+        // for usage recording.
+        let now = SystemTime::now();
+        let key = entry.authenticate_at(now)?;
         if let Some(usage) = &self.config.usage {
-            usage.touch(key, now);
+            usage.touch(key, OffsetDateTime::from(now));
         }
         Ok(key.principal.clone())
     }

@@ -161,7 +161,12 @@ pub(crate) fn extract<'a>(
         if candidate.is_empty() {
             return Ok(());
         }
-        if candidate.len() > MAX_CANDIDATE_LEN || !candidate.iter().all(|b| b.is_ascii_graphic()) {
+        // A branch-free fold vectorises; an early-exit `all` walks byte by byte.
+        if candidate.len() > MAX_CANDIDATE_LEN
+            || !candidate
+                .iter()
+                .fold(true, |ok, b| ok & b.is_ascii_graphic())
+        {
             return Err(AuthError::InvalidKey(InvalidKeyReason::Malformed));
         }
         match found {
