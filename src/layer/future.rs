@@ -7,8 +7,9 @@ use http::Response;
 use pin_project_lite::pin_project;
 
 pin_project! {
-    /// Response future of [`ApiKeyService`](crate::ApiKeyService) and
-    /// [`RequireScopesService`](crate::RequireScopesService).
+    /// Response future of [`ApiKeyService`](crate::ApiKeyService),
+    /// [`RequireScopesService`](crate::RequireScopesService) and
+    /// [`ProvenanceService`](crate::ProvenanceService).
     ///
     /// A cached key or a refusal needs no allocation; only a cache miss boxes the store lookup.
     pub struct ResponseFuture<F, B, E> {
