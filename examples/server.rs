@@ -26,7 +26,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -155,20 +156,62 @@ fn json_response(status: StatusCode, body: String) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
+/// A demo error in the crate's body shape (`{"error", "error_detail": {"code", "message"}}`), for
+/// refusals that are not the key layer's.
+fn demo_error(status: StatusCode, code: &str, message: String) -> Response {
+    let body = serde_json::json!({
+        "error": message,
+        "error_detail": {"code": code, "message": message},
+    });
+    json_response(status, body.to_string())
+}
+
 fn storage_error(error: sqlx::Error) -> AuthError {
     tracing::error!(%error, "demo record storage failed");
     AuthError::Unavailable(tower_api_keys::StoreError::unavailable(error))
 }
 
+/// Largest record body a client may send: 256 KiB (`Provenance` refuses a larger one from a scoped
+/// key before the handler runs). The handler's own limit is 1 KiB higher: room for the stamp.
+const MAX_RECORD_BYTES: usize = 256 * 1024;
+
 /// One resource: create, list, get, scoped by HTTP method, stamped with provenance on create.
 fn resource(kind: &'static str, plural: &'static str, records: Records) -> Router {
-    let create = move |State(records): State<Records>, principal: Principal, body: Bytes| async move {
+    let create = move |State(records): State<Records>,
+                       principal: Principal,
+                       body: Result<Bytes, BytesRejection>| async move {
+        let body = body.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                AuthError::PayloadTooLarge {
+                    limit: MAX_RECORD_BYTES,
+                }
+            } else {
+                AuthError::invalid("unreadable request body")
+            }
+        })?;
         let text = std::str::from_utf8(&body)
             .map_err(|_| AuthError::invalid("body must be UTF-8 JSON"))?;
         let value: &serde_json::value::RawValue = serde_json::from_str(text)
             .map_err(|e| AuthError::invalid(format!("invalid JSON body: {e}")))?;
         if !value.get().starts_with('{') {
             return Err(AuthError::invalid("body must be a JSON object"));
+        }
+        // The same rule for every caller: `Provenance` refuses a non-object `meta_data` from scoped
+        // keys, and the master key's requests (which it does not stamp) must not slip past it.
+        #[derive(serde::Deserialize)]
+        struct Metadata<'a> {
+            #[serde(borrow, default)]
+            meta_data: Option<&'a serde_json::value::RawValue>,
+        }
+        let metadata: Metadata<'_> = serde_json::from_str(text)
+            .map_err(|e| AuthError::invalid(format!("invalid JSON body: {e}")))?;
+        if metadata
+            .meta_data
+            .is_some_and(|m| !m.get().starts_with('{'))
+        {
+            return Err(AuthError::InvalidMetadata(
+                "meta_data must be a JSON object".into(),
+            ));
         }
         let record = Record {
             id: format!(
@@ -199,17 +242,21 @@ fn resource(kind: &'static str, plural: &'static str, records: Records) -> Route
         let found = records.list(kind, Some(&id)).await.map_err(storage_error)?;
         match found.first() {
             Some(record) => Ok(json_response(StatusCode::OK, record.to_json(kind))),
-            None => Ok::<_, AuthError>(json_response(
+            None => Ok::<_, AuthError>(demo_error(
                 StatusCode::NOT_FOUND,
-                serde_json::json!({"error": format!("{kind} not found")}).to_string(),
+                "RECORD_NOT_FOUND",
+                format!("{kind} not found"),
             )),
         }
     };
     Router::new()
         .route(&format!("/{plural}"), get(list).post(create))
         .route(&format!("/{plural}/{{id}}"), get(get_one))
-        .route_layer(Provenance::new())
+        .route_layer(Provenance::new().max_body_bytes(MAX_RECORD_BYTES))
         .route_layer(RequireScopes::by_method(plural))
+        // The handler reads master-key bodies, which `Provenance` passes through unread, and
+        // stamped ones, which the stamp (under 100 bytes) has made longer than the client sent.
+        .layer(DefaultBodyLimit::max(MAX_RECORD_BYTES + 1024))
         .with_state(records)
 }
 
@@ -303,7 +350,9 @@ fn openapi() -> utoipa::openapi::OpenApi {
     use utoipa::OpenApi;
     use utoipa::openapi::path::{HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn};
     use utoipa::openapi::request_body::RequestBodyBuilder;
-    use utoipa::openapi::schema::{Object, Type};
+    use utoipa::openapi::schema::{
+        AdditionalProperties, KnownFormat, Object, ObjectBuilder, SchemaFormat, Type,
+    };
     use utoipa::openapi::{ArrayBuilder, ContentBuilder, Ref, Required, ResponseBuilder};
 
     /// A ledger, balance or transaction: any JSON object; the server adds `<kind>_id` and
@@ -331,7 +380,28 @@ fn openapi() -> utoipa::openapi::OpenApi {
             .build()
     };
     let ok = |description: &str| ResponseBuilder::new().description(description).build();
-    let record = || Ref::from_schema_name("Record").into();
+    let record = || -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
+        Ref::from_schema_name("Record").into()
+    };
+    // What the server answers: the body as sent, with `<kind>_id` and `created_at` put in front.
+    let stored = |kind: &str| -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
+        let id = format!("{kind}_id");
+        ObjectBuilder::new()
+            .description(Some(format!(
+                "A {kind}: the object as created, with `{id}` and `created_at` added"
+            )))
+            .property(&id, Object::with_type(Type::String))
+            .required(&id)
+            .property(
+                "created_at",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .format(Some(SchemaFormat::KnownFormat(KnownFormat::DateTime))),
+            )
+            .required("created_at")
+            .additional_properties(Some(AdditionalProperties::FreeForm(true)))
+            .into()
+    };
     let error = |description: &str| json(description, Ref::from_schema_name("ErrorBody").into());
     let public = || OperationBuilder::new().securities(Some([])).tag("service");
 
@@ -363,12 +433,12 @@ fn openapi() -> utoipa::openapi::OpenApi {
                     .required(Some(Required::True))
                     .build(),
             ))
-            .response("201", json("Created", record()))
+            .response("201", json("Created", stored(kind)))
             .response(
                 "400",
                 error("Not a JSON object, or `meta_data` is not an object"),
             )
-            .response("413", error("Body too large"));
+            .response("413", error("Body over 256 KiB (`REQUEST_BODY_TOO_LARGE`)"));
         let list = denied()
             .operation_id(Some(format!("list_{plural}")))
             .summary(Some(format!(
@@ -378,7 +448,7 @@ fn openapi() -> utoipa::openapi::OpenApi {
                 "200",
                 json(
                     "Up to 100 records",
-                    ArrayBuilder::new().items(record()).into(),
+                    ArrayBuilder::new().items(stored(kind)).into(),
                 ),
             );
         let get_one = denied()
@@ -391,8 +461,8 @@ fn openapi() -> utoipa::openapi::OpenApi {
                     .required(Required::True)
                     .schema(Some(Object::with_type(Type::String))),
             )
-            .response("200", json("The record", record()))
-            .response("404", ok("No such record"));
+            .response("200", json("The record", stored(kind)))
+            .response("404", error("No such record (`RECORD_NOT_FOUND`)"));
         doc.paths
             .add_path_operation(format!("/{plural}"), vec![HttpMethod::Post], create);
         doc.paths

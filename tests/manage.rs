@@ -393,6 +393,40 @@ async fn delegation_never_escalates_scopes_or_expiry() {
     assert!(child_expiry <= expires && child_expiry > expires - time::Duration::seconds(1));
 }
 
+/// Found by schemathesis: under a policy lifetime, a child created without `expires_at` got the
+/// policy default (now + lifetime), which is later than the parent's own (created a moment
+/// earlier with the same default), and was refused as an escalation the client never asked for.
+#[tokio::test]
+async fn a_policy_default_expiry_is_capped_at_the_creators_not_refused() {
+    let lifetime = Duration::from_secs(365 * 86_400);
+    for policy in [
+        KeyPolicy::default().max_lifetime(lifetime),
+        KeyPolicy::default().default_lifetime(Duration::from_secs(30 * 86_400)),
+    ] {
+        let f = fixture(policy);
+        let (parent, parent_id) = create(&f, "o", &["api-keys:write", "ledgers:read"]).await;
+        let (_, parent_body) = call(
+            &f.app,
+            "GET",
+            &format!("/api-keys/{parent_id}"),
+            MASTER,
+            None,
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let (status, child) = call(
+            &f.app,
+            "POST",
+            "/api-keys",
+            &parent,
+            Some(json!({"scopes": ["ledgers:read"]})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{child}");
+        assert_eq!(child["expires_at"], parent_body["expires_at"]);
+    }
+}
+
 #[tokio::test]
 async fn keys_without_key_management_scopes_cannot_manage() {
     let f = fixture(KeyPolicy::default());

@@ -12,6 +12,16 @@
 //! Revoke, delete and rotate invalidate the local [`CachedResolver`] at once and publish an
 //! [`Invalidation`] for other instances.
 //!
+//! ## Limits
+//!
+//! Every input is bounded; past a bound the request is refused with 400 `APIKEY_INVALID` and a
+//! message naming the bound, never truncated: a name of at most [`MAX_NAME_LEN`] characters, owner
+//! and account ids of at most [`MAX_OWNER_LEN`] visible ASCII characters, 1 to [`MAX_SCOPES`] scopes
+//! of at most [`MAX_SCOPE_LEN`] characters each, pages of 1 to [`MAX_PAGE_SIZE`] keys, cursors of at
+//! most [`MAX_KEY_ID_LEN`] characters, a rotation grace period of at most [`MAX_GRACE_PERIOD`]. The
+//! HTTP router reads bodies of at most [`MAX_BODY_BYTES`] (413 `REQUEST_BODY_TOO_LARGE` past it).
+//! Lifetimes and active-key counts are the [`KeyPolicy`]'s.
+//!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), tower_api_keys::AuthError> {
@@ -65,16 +75,34 @@ use crate::resolver::CachedResolver;
 use crate::scope::{Scope, ScopeSet};
 use crate::store::{KeyLimits, KeyRecord, KeyStore, ListQuery, Rotation, StoreErrorKind};
 
-/// Longest key name accepted.
-pub const MAX_NAME_LEN: usize = 128;
-/// Longest owner or account id accepted.
-pub const MAX_OWNER_LEN: usize = 128;
-/// Most scopes one key may hold.
-pub const MAX_SCOPES: usize = 64;
-/// Largest page a list returns.
-pub const MAX_PAGE_SIZE: u32 = 100;
+// Input limits. Each one is refused with 400 `APIKEY_INVALID` and a message naming the limit, never
+// truncated silently. The README's "Limits" table lists them with the layer's own.
 
-/// Rules for new keys: lifetimes and active-key limits.
+/// Longest key name accepted, in characters (after trimming): 128.
+pub const MAX_NAME_LEN: usize = 128;
+/// Longest owner or account id accepted: 128 bytes of visible ASCII.
+pub const MAX_OWNER_LEN: usize = 128;
+/// Most scopes one key may hold: 64. Each scope is at most [`MAX_SCOPE_LEN`] bytes.
+pub const MAX_SCOPES: usize = 64;
+/// Longest scope string: 128 bytes (the scope grammar's own limit).
+pub const MAX_SCOPE_LEN: usize = crate::scope::MAX_SCOPE_LEN;
+/// Largest page [`KeyManager::list`] returns: 100. A larger `limit` (or 0) is refused, not clamped,
+/// so a client never mistakes a short page for the end of the list.
+pub const MAX_PAGE_SIZE: u32 = 100;
+/// Largest request body the management router reads: 64 KiB (a create body at every other limit
+/// is under 10 KiB). Larger bodies get 413 `REQUEST_BODY_TOO_LARGE`.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Page size of `GET /api-keys` without `limit`: 50.
+pub const DEFAULT_PAGE_SIZE: u32 = 50;
+/// Longest rotation grace period: 30 days.
+pub const MAX_GRACE_PERIOD: Duration = Duration::from_secs(30 * 86_400);
+/// Longest key id accepted in a path or as a `before` cursor: 128 bytes. Longer ids are unknown (404)
+/// in a path, and a 400 as a cursor.
+pub const MAX_KEY_ID_LEN: usize = 128;
+
+/// Rules for new keys: lifetimes and active-key limits (409 `APIKEY_LIMIT_REACHED`, enforced
+/// atomically by the store). The fixed input bounds (name, scopes, page size, ...) are this module's
+/// constants: see [Limits](self#limits).
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[must_use]
 pub struct KeyPolicy {
@@ -449,21 +477,23 @@ impl KeyManager {
         }
         if let Some(limit) = caller.expires_at() {
             match expires_at {
-                Some(at) if at > limit => {
+                Some(at) if at > limit && requested.is_some() => {
                     return Err(AuthError::ScopeEscalation(
                         "a delegated key cannot expire after the key that creates it".into(),
                     ));
                 }
-                None if requested.is_none() => expires_at = Some(limit),
-                None => {}
+                // A default (no expiry, or the policy's lifetime) never outlives the creator.
+                Some(at) if at > limit => expires_at = Some(limit),
+                None => expires_at = Some(limit),
                 Some(_) => {}
             }
         }
         Ok(expires_at)
     }
 
-    /// One owner's keys, newest first. `owner` is required with the master key; a scoped key lists
-    /// its own owner's keys.
+    /// One owner's keys, newest first, at most `limit` (1 to [`MAX_PAGE_SIZE`], else
+    /// `APIKEY_INVALID`) per page. `owner` is required with the master key; a scoped key lists its
+    /// own owner's keys. `before` is the previous page's [`KeyPage::next_cursor`].
     pub async fn list(
         &self,
         caller: &Principal,
@@ -473,7 +503,14 @@ impl KeyManager {
     ) -> Result<KeyPage, AuthError> {
         self.authorize(caller, Access::Read)?;
         let owner = Self::owner_for(caller, owner)?;
-        let limit = limit.clamp(1, MAX_PAGE_SIZE);
+        if !(1..=MAX_PAGE_SIZE).contains(&limit) {
+            return Err(AuthError::invalid(format!(
+                "limit must be between 1 and {MAX_PAGE_SIZE}"
+            )));
+        }
+        if let Some(cursor) = &before {
+            validate_cursor(cursor.as_str())?;
+        }
         let mut keys = self
             .store
             .list(&ListQuery {
@@ -526,7 +563,7 @@ impl KeyManager {
     }
 
     /// Gives a key a new secret under the same id. The old secret stops working at once, or after
-    /// `grace` (never past the key's own expiry).
+    /// `grace` (at most [`MAX_GRACE_PERIOD`]; never past the key's own expiry).
     pub async fn rotate(
         &self,
         caller: &Principal,
@@ -534,6 +571,13 @@ impl KeyManager {
         grace: Option<Duration>,
     ) -> Result<CreatedKey, AuthError> {
         self.authorize(caller, Access::Write)?;
+        if grace.is_some_and(|g| g > MAX_GRACE_PERIOD) {
+            return Err(AuthError::invalid(format!(
+                "the grace period is at most {} days ({} seconds)",
+                MAX_GRACE_PERIOD.as_secs() / 86_400,
+                MAX_GRACE_PERIOD.as_secs()
+            )));
+        }
         let old = self.visible(caller, id).await?;
         let now = OffsetDateTime::now_utc();
         if old.revoked_at.is_some() {
@@ -584,14 +628,15 @@ fn default_name(now: OffsetDateTime) -> String {
 }
 
 fn validate_name(name: String) -> Result<String, AuthError> {
-    let trimmed = name.trim();
-    if trimmed.is_empty() {
-        return Err(AuthError::invalid("name cannot be blank"));
-    }
-    if trimmed.chars().count() > MAX_NAME_LEN {
+    // Counted before trimming, as the OpenAPI `maxLength` counts.
+    if name.chars().count() > MAX_NAME_LEN {
         return Err(AuthError::invalid(format!(
             "name is longer than {MAX_NAME_LEN} characters"
         )));
+    }
+    let trimmed = name.trim();
+    if trimmed.is_empty() {
+        return Err(AuthError::invalid("name cannot be blank"));
     }
     if trimmed.chars().any(char::is_control) {
         return Err(AuthError::invalid("name cannot contain control characters"));
@@ -609,6 +654,18 @@ fn validate_id<'a>(what: &'static str, value: &'a str) -> Result<&'a str, AuthEr
         )));
     }
     Ok(value)
+}
+
+fn validate_cursor(cursor: &str) -> Result<(), AuthError> {
+    if cursor.is_empty()
+        || cursor.len() > MAX_KEY_ID_LEN
+        || !cursor.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(AuthError::invalid(
+            "before must be a key id, as sent in x-next-cursor",
+        ));
+    }
+    Ok(())
 }
 
 fn validate_scopes(scopes: &[String]) -> Result<ScopeSet, AuthError> {

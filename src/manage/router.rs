@@ -1,7 +1,7 @@
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -10,7 +10,9 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use utoipa::{OpenApi, ToSchema};
 
-use super::{CreateKey, CreatedKey, KeyInfo, KeyManager};
+use super::{
+    CreateKey, CreatedKey, DEFAULT_PAGE_SIZE, KeyInfo, KeyManager, MAX_BODY_BYTES, MAX_KEY_ID_LEN,
+};
 use crate::error::AuthError;
 use crate::key::KeyId;
 use crate::principal::Principal;
@@ -32,7 +34,9 @@ const NEVER: &str = "0001-01-01T00:00:00Z";
 /// | `GET /api-keys/openapi.json` | this API's OpenAPI 3.1 document | 200 |
 ///
 /// Errors use the crate's JSON error body; malformed JSON, unknown fields and wrong types are 400
-/// `APIKEY_INVALID`, never a 500 or a plain-text rejection.
+/// `APIKEY_INVALID`, never a 500 or a plain-text rejection. Every input is bounded (see the limits
+/// in the [module docs](super)); a body over [`MAX_BODY_BYTES`](super::MAX_BODY_BYTES) is 413
+/// `REQUEST_BODY_TOO_LARGE`.
 ///
 /// ```
 /// use std::sync::Arc;
@@ -59,6 +63,7 @@ pub fn router(manager: KeyManager) -> Router {
         )
         .route("/api-keys/{id}", get(get_key).delete(revoke_key))
         .route("/api-keys/{id}/rotate", post(rotate_key))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(manager)
 }
 
@@ -104,25 +109,47 @@ impl utoipa::Modify for Security {
 #[derive(Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
 struct CreateKeyBody {
-    /// Display name (default: timestamp-based). At most 128 characters.
+    /// Display name (default: timestamp-based). At most 128 characters, not blank, no control
+    /// characters; surrounding whitespace is trimmed.
+    #[schema(max_length = 128, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$")]
     name: Option<String>,
-    /// Owner (team, service or tenant). Required with the master key.
+    /// Owner (team, service or tenant). Required with the master key; a scoped key may only name
+    /// its own.
+    #[schema(min_length = 1, max_length = 128, pattern = "^[!-~]+$")]
     owner: Option<String>,
     /// Account the key acts inside (default: the caller's, or the owner).
+    #[schema(min_length = 1, max_length = 128, pattern = "^[!-~]+$")]
     account: Option<String>,
-    /// Scopes in `resource:action` form.
-    #[schema(example = json!(["ledgers:read", "balances:write"]))]
+    /// 1 to 64 scopes in `resource:action` form (`[a-z0-9_-]+` or `*` each side; `*` alone is
+    /// `*:*`), each at most 128 characters, covered by the caller's own.
+    #[schema(schema_with = scopes_schema)]
     scopes: Vec<String>,
-    /// RFC 3339 expiry, in the future.
-    #[schema(example = "2030-03-11T00:00:00Z")]
+    /// RFC 3339 expiry, in the future (and within the server's maximum lifetime, if any).
+    #[schema(format = DateTime, example = "2030-03-11T00:00:00Z")]
     expires_at: Option<String>,
+}
+
+fn scopes_schema() -> utoipa::openapi::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    ArrayBuilder::new()
+        .items(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(r"^(\*|(\*|[a-z0-9_-]+):(\*|[a-z0-9_-]+))$"))
+                .max_length(Some(crate::scope::MAX_SCOPE_LEN)),
+        )
+        .min_items(Some(1))
+        .max_items(Some(super::MAX_SCOPES))
+        .examples([serde_json::json!(["ledgers:read", "balances:write"])])
+        .build()
 }
 
 /// Body of `POST /api-keys/{id}/rotate` (optional).
 #[derive(Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
 struct RotateBody {
-    /// Seconds the old secret keeps working (default 0: it stops at once).
+    /// Seconds the old secret keeps working (default 0: it stops at once; at most 30 days).
+    #[schema(minimum = 0, maximum = 2_592_000)]
     grace_period_seconds: Option<u64>,
 }
 
@@ -237,6 +264,11 @@ fn parse_json<T: for<'de> Deserialize<'de> + Default>(
 }
 
 fn body_error(rejection: BytesRejection) -> AuthError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return AuthError::PayloadTooLarge {
+            limit: MAX_BODY_BYTES,
+        };
+    }
     AuthError::invalid(format!(
         "unreadable request body: {}",
         rejection.body_text()
@@ -245,7 +277,7 @@ fn body_error(rejection: BytesRejection) -> AuthError {
 
 fn key_id(path: Result<Path<String>, PathRejection>) -> Result<KeyId, AuthError> {
     let Path(id) = path.map_err(|_| AuthError::NotFound)?;
-    if id.is_empty() || id.len() > 128 {
+    if id.is_empty() || id.len() > MAX_KEY_ID_LEN {
         return Err(AuthError::NotFound);
     }
     Ok(KeyId::new(id))
@@ -253,7 +285,8 @@ fn key_id(path: Result<Path<String>, PathRejection>) -> Result<KeyId, AuthError>
 
 #[utoipa::path(post, path = "/api-keys", request_body = CreateKeyBody,
     responses((status = 201, body = KeyResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-              (status = 403, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+              (status = 403, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
+              (status = 503, body = ErrorBody)))]
 async fn create_key(
     State(manager): State<KeyManager>,
     principal: Principal,
@@ -283,8 +316,8 @@ async fn create_key(
 
 #[utoipa::path(get, path = "/api-keys",
     params(("owner" = Option<String>, Query, description = "Whose keys (required with the master key)"),
-           ("limit" = Option<u32>, Query, description = "Page size, 1 to 100 (default 50)"),
-           ("before" = Option<String>, Query, description = "Cursor: the x-next-cursor of the previous page")),
+           ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "Page size, 1 to 100 (default 50); outside that range is a 400"),
+           ("before" = Option<String>, Query, max_length = 128, pattern = "^[!-~]+$", description = "Cursor: the x-next-cursor of the previous page")),
     responses((status = 200, body = Vec<KeyResponse>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
               (status = 403, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn list_keys(
@@ -299,7 +332,7 @@ async fn list_keys(
             &principal,
             params.owner.as_deref(),
             params.before.map(KeyId::new),
-            params.limit.unwrap_or(50),
+            params.limit.unwrap_or(DEFAULT_PAGE_SIZE),
         )
         .await?;
     let keys: Vec<KeyResponse> = page
@@ -352,7 +385,8 @@ async fn revoke_key(
 
 #[utoipa::path(post, path = "/api-keys/{id}/rotate", params(("id" = String, Path)), request_body(content = Option<RotateBody>),
     responses((status = 200, body = KeyResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-              (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+              (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
+              (status = 503, body = ErrorBody)))]
 async fn rotate_key(
     State(manager): State<KeyManager>,
     principal: Principal,
@@ -361,15 +395,9 @@ async fn rotate_key(
 ) -> Result<Response, AuthError> {
     let id = key_id(id)?;
     let body: RotateBody = parse_json(&body.map_err(body_error)?, true)?;
-    const MAX_GRACE: u64 = 30 * 86_400;
-    let grace = match body.grace_period_seconds {
-        Some(s) if s > MAX_GRACE => {
-            return Err(AuthError::invalid(
-                "grace_period_seconds is at most 30 days (2592000)",
-            ));
-        }
-        s => s.map(std::time::Duration::from_secs),
-    };
+    let grace = body
+        .grace_period_seconds
+        .map(std::time::Duration::from_secs);
     let created = manager.rotate(&principal, &id, grace).await?;
     Ok(no_store(StatusCode::OK, KeyResponse::created(created)))
 }
