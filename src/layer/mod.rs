@@ -19,7 +19,8 @@
 //! ```
 //!
 //! For each request the layer:
-//! 1. reads the key from the configured [`KeySource`]s (marking those headers sensitive);
+//! 1. reads the key from the configured [`KeySource`]s (marking those headers sensitive); a value
+//!    over [`MAX_PRESENTED_KEY_LEN`] bytes or with bytes other than visible ASCII is malformed;
 //! 2. compares it with the master key, if one is configured (in constant time);
 //! 3. checks its prefix, length and checksum: a malformed key is refused with no I/O;
 //! 4. resolves its SHA-256 digest through the [`CachedResolver`] (sync on a hit, one shared store
@@ -34,6 +35,28 @@
 //!
 //! Put the layer outside the routes it protects (`Router::layer`) and the per-route guards inside
 //! (`route_layer(RequireScopes::all([...]))`).
+//!
+//! ## Timing
+//!
+//! Response times do not help an attacker find a key, because no step compares a secret with
+//! something the attacker can steer byte by byte:
+//! - **Format check** (prefix, length, alphabet, CRC32 checksum) runs on the presented value only.
+//!   Its time depends on that value and on the public format, never on a stored key; the checksum
+//!   is a public function of the key body, so learning that a guess fails it teaches nothing.
+//! - **Lookup by digest.** The store and the cache are keyed by the SHA-256 digest of the key. A
+//!   key has 256 bits of CSPRNG entropy, and an attacker cannot choose a key whose digest shares a
+//!   prefix with a stored one (that is a preimage search), so index and hash-table timing depend
+//!   on a digest nobody can aim, not on how much of a real key a guess got right. Where digests are
+//!   compared in memory ([`KeyDigest`]'s `==`: the master key, a rotated key's previous secret) the
+//!   comparison runs in constant time (`subtle::ConstantTimeEq`).
+//! - **Master key**: only its digest is kept, and it is compared in constant time, so neither its
+//!   content nor its length shows in response times.
+//! - **Unknown keys** are cached negatively (5 s by default), so repeated guesses cost no store
+//!   lookup; what timing could then reveal is whether a guess was already made, not anything about
+//!   real keys.
+//!
+//! What response times *do* reveal is what the response already says: whether the presented key
+//! itself is valid (a cached hit answers faster than a store lookup). Only its holder can ask.
 
 mod future;
 mod service;
@@ -44,6 +67,12 @@ use std::sync::Arc;
 pub use future::ResponseFuture;
 pub use service::ApiKeyService;
 pub use source::KeySource;
+
+/// Longest presented key value looked at: 1024 bytes (after trimming spaces; generated keys are
+/// about 56). A longer header (or query) value is refused as malformed, 401 `AUTH_INVALID_API_KEY`
+/// with `details.reason = "malformed"`, before it is hashed and without a store lookup. The HTTP
+/// server's own header limits apply before this one (hyper: about 400 KiB of headers).
+pub const MAX_PRESENTED_KEY_LEN: usize = source::MAX_CANDIDATE_LEN;
 
 use crate::error::JsonRejection;
 #[cfg(doc)]
