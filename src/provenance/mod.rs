@@ -221,6 +221,9 @@ impl<R> Provenance<R> {
     }
 
     /// The largest body the layer reads, in bytes (default 2 MiB); larger bodies get a 413.
+    ///
+    /// Stamping makes a body longer (under 100 bytes with the default field names), so give the
+    /// handler's own limit that headroom: axum's `DefaultBodyLimit` is also 2 MiB by default.
     pub fn max_body_bytes(mut self, limit: usize) -> Self {
         self.config_mut().max_body_bytes = limit;
         self
