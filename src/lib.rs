@@ -2,6 +2,7 @@
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
 #![forbid(unsafe_code)]
 
+mod clock;
 pub mod error;
 pub mod guard;
 pub mod invalidate;

@@ -220,6 +220,11 @@ pub struct ScopeSet {
 }
 
 impl ScopeSet {
+    /// Whether another handle shares this set's allocation (for the resolver's interner).
+    pub(crate) fn is_shared(&self) -> bool {
+        Arc::strong_count(&self.scopes) > 1
+    }
+
     /// The empty set: grants nothing.
     pub fn empty() -> Self {
         Self::default()

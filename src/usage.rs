@@ -95,8 +95,8 @@ impl UsageRecorder {
     }
 
     /// Marks a key as used at `now`. The hot path: no lock unless the key is not yet queued.
-    pub(crate) fn touch(&self, key: &Arc<ResolvedKey>, now: OffsetDateTime) {
-        let seconds = now.unix_timestamp();
+    /// Records a use at `seconds` (Unix time).
+    pub(crate) fn touch(&self, key: &Arc<ResolvedKey>, seconds: i64) {
         if key.last_used.load(Ordering::Relaxed) < seconds {
             key.last_used.fetch_max(seconds, Ordering::Relaxed);
         }

@@ -11,7 +11,8 @@ pin_project! {
     /// [`RequireScopesService`](crate::RequireScopesService) and
     /// [`ProvenanceService`](crate::ProvenanceService).
     ///
-    /// A cached key or a refusal needs no allocation; only a cache miss boxes the store lookup.
+    /// A cached key needs no allocation; a cache miss boxes the store lookup, and a refusal is boxed so
+    /// that the common path's future stays small (each layer moves it).
     pub struct ResponseFuture<F, B, E> {
         #[pin]
         kind: Kind<F, B, E>,
@@ -22,15 +23,21 @@ pin_project! {
     #[project = KindProj]
     enum Kind<F, B, E> {
         Inner { #[pin] future: F, span: tracing::Span },
+        Plain { #[pin] future: F },
         Lookup { future: BoxFuture<'static, Result<Response<B>, E>> },
-        Rejected { response: Option<Response<B>> },
+        Rejected { response: Option<Box<Response<B>>> },
     }
 }
 
 impl<F, B, E> ResponseFuture<F, B, E> {
+    /// The inner service's future, polled inside `span` (none when it is disabled).
     pub(crate) fn inner(future: F, span: tracing::Span) -> Self {
         Self {
-            kind: Kind::Inner { future, span },
+            kind: if span.is_none() {
+                Kind::Plain { future }
+            } else {
+                Kind::Inner { future, span }
+            },
         }
     }
 
@@ -43,7 +50,7 @@ impl<F, B, E> ResponseFuture<F, B, E> {
     pub(crate) fn rejected(response: Response<B>) -> Self {
         Self {
             kind: Kind::Rejected {
-                response: Some(response),
+                response: Some(Box::new(response)),
             },
         }
     }
@@ -61,8 +68,9 @@ where
                 let _entered = span.enter();
                 future.poll(cx)
             }
+            KindProj::Plain { future } => future.poll(cx),
             KindProj::Lookup { future } => Poll::Ready(ready!(future.as_mut().poll(cx))),
-            KindProj::Rejected { response } => Poll::Ready(Ok(response
+            KindProj::Rejected { response } => Poll::Ready(Ok(*response
                 .take()
                 .expect("ResponseFuture polled after completion"))),
         }

@@ -1,0 +1,90 @@
+//! A small per-thread front for the the table cache: the hot path of a cached key without the table's
+//! bookkeeping (its clock read, read recording and per-entry expiry), which is most of what a cached
+//! request costs.
+//!
+//! Each thread holds a direct-mapped table of [`SLOTS`] recently admitted keys. A slot answers only
+//! while all of these hold, so it never knows more than the the table cache behind it:
+//!
+//! - it belongs to the same resolver (by a process-unique id, never an address that could be reused);
+//! - the resolver's invalidation epoch has not moved since the slot was filled from the table (every
+//!   invalidation bumps the epoch after it has removed the entries from the table, so a slot filled from a
+//!   stale the table entry is already outdated when it is first read);
+//! - the key's cache lifetime (`ttl` from when the store was read) has not run out;
+//! - it has answered fewer than [`HITS_PER_FILL`] times: then it is refilled from the table, which keeps
+//!   the table's recency order and expiry in charge of hot keys too.
+//!
+//! Only known keys enter the front; unknown digests (a hostile flood) stay in the table's negative cache.
+//! Collisions only cost a the table read. A thread keeps at most [`SLOTS`] entries alive after they left
+//! the table, until overwritten or the thread ends.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use super::ResolvedKey;
+use crate::key::KeyDigest;
+
+/// Slots per thread (a power of two).
+pub(super) const SLOTS: usize = 128;
+/// Answers a slot gives before it is refilled from the table.
+pub(super) const HITS_PER_FILL: u32 = 1024;
+
+struct Slot {
+    resolver: u64,
+    epoch: u64,
+    digest: KeyDigest,
+    key: Arc<ResolvedKey>,
+    hits_left: u32,
+}
+
+thread_local! {
+    static FRONT: RefCell<[Option<Slot>; SLOTS]> = const { RefCell::new([const { None }; SLOTS]) };
+}
+
+fn index(digest: &KeyDigest) -> usize {
+    // The digest is a SHA-256 output: its bytes are already uniformly spread. A caller who grinds
+    // keys into one slot only makes their own requests read the table.
+    let bytes = digest.as_bytes();
+    usize::from(u16::from_le_bytes([bytes[0], bytes[1]])) & (SLOTS - 1)
+}
+
+/// Calls `f` with this thread's front entry for `digest`, if it is current.
+pub(super) fn with<R>(
+    resolver: u64,
+    epoch: u64,
+    digest: &KeyDigest,
+    now_unix_nanos: i64,
+    f: impl FnOnce(&Arc<ResolvedKey>) -> R,
+) -> Option<R> {
+    FRONT
+        .try_with(|front| {
+            let mut front = front.try_borrow_mut().ok()?;
+            let slot = front[index(digest)].as_mut()?;
+            if slot.resolver != resolver
+                || slot.epoch != epoch
+                || slot.hits_left == 0
+                || slot.key.cached_until <= now_unix_nanos
+                || slot.digest != *digest
+            {
+                return None;
+            }
+            slot.hits_left -= 1;
+            Some(f(&slot.key))
+        })
+        .ok()
+        .flatten()
+}
+
+/// Puts a key just read from the table (at `epoch`, read before the table was) in this thread's front.
+pub(super) fn fill(resolver: u64, epoch: u64, digest: &KeyDigest, key: &Arc<ResolvedKey>) {
+    let _ = FRONT.try_with(|front| {
+        if let Ok(mut front) = front.try_borrow_mut() {
+            front[index(digest)] = Some(Slot {
+                resolver,
+                epoch,
+                digest: *digest,
+                key: key.clone(),
+                hits_left: HITS_PER_FILL,
+            });
+        }
+    });
+}
