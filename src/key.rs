@@ -146,6 +146,12 @@ impl KeyFormat {
 
     /// Checks a candidate's prefix, length, alphabet and checksum. Pure computation, no I/O.
     pub fn check(&self, candidate: &str) -> Result<(), KeyFormatError> {
+        self.check_shape(candidate)?;
+        self.check_checksum(candidate)
+    }
+
+    /// Prefix, length and alphabet: what [`check`](Self::check) verifies before the checksum.
+    pub(crate) fn check_shape(&self, candidate: &str) -> Result<(), KeyFormatError> {
         let bytes = candidate.as_bytes();
         let prefix = self.prefix.as_bytes();
         if bytes.len() <= prefix.len()
@@ -165,7 +171,13 @@ impl KeyFormat {
         {
             return Err(KeyFormatError::BadCharacter);
         }
-        let (signed, checksum) = bytes.split_at(bytes.len() - CHECKSUM_LEN);
+        Ok(())
+    }
+
+    /// The checksum of a candidate that passed [`check_shape`](Self::check_shape).
+    pub(crate) fn check_checksum(&self, candidate: &str) -> Result<(), KeyFormatError> {
+        let bytes = candidate.as_bytes();
+        let (signed, checksum) = bytes.split_at(bytes.len().saturating_sub(CHECKSUM_LEN));
         if checksum != encode_checksum(crc32fast::hash(signed)) {
             return Err(KeyFormatError::BadChecksum);
         }

@@ -247,6 +247,35 @@ async fn malformed_and_bad_checksum_keys_are_401_invalid_without_store_lookups()
     );
 }
 
+/// Cached answers skip the checksum (a stored digest matched); refusals still name a bad one, even
+/// when its digest was cached as unknown by a direct `CachedResolver::authenticate`.
+#[tokio::test]
+async fn a_cached_unknown_digest_still_reports_its_bad_checksum() {
+    let f = fixture();
+    let (key, _) = issue(&*f.store, &f.format, "*:*").await;
+    let app = app(&f, |l| l);
+    let mut typo = key.expose_secret().to_owned();
+    let last = typo.len() - 1;
+    let replacement = if &typo[last..] == "A" { "B" } else { "A" };
+    typo.replace_range(last.., replacement);
+    f.resolver
+        .authenticate(&tower_api_keys::KeyDigest::of(&typo))
+        .await
+        .unwrap_err();
+    assert_eq!(f.store.lookups(), 1);
+    for _ in 0..2 {
+        let body = expect_error(
+            &app,
+            req("GET", "/whoami", &[("x-api-key", &typo)]),
+            StatusCode::UNAUTHORIZED,
+            "AUTH_INVALID_API_KEY",
+        )
+        .await;
+        assert_eq!(body["error_detail"]["details"]["reason"], "checksum");
+    }
+    assert_eq!(f.store.lookups(), 1, "the refusal came from the cache");
+}
+
 #[tokio::test]
 async fn non_utf8_header_bytes_are_401_invalid() {
     let f = fixture();

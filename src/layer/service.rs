@@ -60,25 +60,35 @@ impl<S, R> ApiKeyService<S, R> {
             Ok(None) => return Decision::Reject(AuthError::MissingKey),
             Ok(Some(candidate)) => candidate,
         };
-        let format = config.resolver.format().check(candidate);
-        if format.is_err() && config.master.is_none() {
-            return Decision::Reject(format_error(format));
+        let format = config.resolver.format();
+        let shape = format.check_shape(candidate);
+        if shape.is_err() && config.master.is_none() {
+            return Decision::Reject(format_error(shape));
         }
         let digest = KeyDigest::of(candidate);
         if config.master.is_some_and(|master| master == digest) {
             return Decision::Pass(Some(master_principal()));
         }
-        if format.is_err() {
-            return Decision::Reject(format_error(format));
+        if shape.is_err() {
+            return Decision::Reject(format_error(shape));
         }
         let now = crate::clock::now_unix_nanos();
         match config
             .resolver
             .admit_cached(&digest, now, |key| self.admit(key, now))
         {
+            // The digest matches a stored key's: the checksum has nothing to add on this path.
             Some(Ok(principal)) => Decision::Pass(Some(principal)),
-            Some(Err(error)) => Decision::Reject(error),
-            None => Decision::Lookup(digest),
+            // Refusals still name the first thing wrong with the candidate.
+            Some(Err(error)) => Decision::Reject(match format.check_checksum(candidate) {
+                Ok(()) => error,
+                Err(bad) => format_error(Err(bad)),
+            }),
+            // A miss checks the checksum before anything reaches the store.
+            None => match format.check_checksum(candidate) {
+                Ok(()) => Decision::Lookup(digest),
+                Err(error) => Decision::Reject(format_error(Err(error))),
+            },
         }
     }
 
