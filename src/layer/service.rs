@@ -53,8 +53,25 @@ impl<S, R> ApiKeyService<S, R> {
         if config.preflight && is_preflight(req) {
             return Decision::Pass(None);
         }
-        source::mark_sensitive(&config.sources, req.headers_mut());
-        let candidate = match source::extract(&config.sources, req.headers(), req.uri()) {
+        let mut present = 0;
+        let decision = self.decide_key(req.headers(), req.uri(), &mut present);
+        // Only a request that goes on needs its key hidden from inner layers' logs; only the
+        // sources that held a value are looked up again.
+        if present != 0 && !matches!(decision, Decision::Reject(_)) {
+            source::mark_sensitive(&config.sources, present, req.headers_mut());
+        }
+        decision
+    }
+
+    /// The decision for the presented key; `present` gets a bit per header source holding a value.
+    fn decide_key(
+        &self,
+        headers: &http::HeaderMap,
+        uri: &http::Uri,
+        present: &mut u64,
+    ) -> Decision {
+        let config = &*self.config;
+        let candidate = match source::extract(&config.sources, headers, uri, present) {
             Err(error) => return Decision::Reject(error),
             Ok(None) if config.optional => return Decision::Pass(None),
             Ok(None) => return Decision::Reject(AuthError::MissingKey),

@@ -136,8 +136,14 @@ fn trim(b: &[u8]) -> &[u8] {
 }
 
 /// Marks every header that may carry a key as sensitive, so it is never printed or indexed.
-pub(crate) fn mark_sensitive(sources: &[KeySource], headers: &mut HeaderMap) {
-    for source in sources {
+/// Marks the values of the header sources flagged in `present` (bit `i` for `sources[i]`; sources
+/// past the 64th are always marked) as sensitive, so that `Debug` and logging layers inside ours
+/// never print them.
+pub(crate) fn mark_sensitive(sources: &[KeySource], present: u64, headers: &mut HeaderMap) {
+    for (i, source) in sources.iter().enumerate() {
+        if i < 64 && present & (1 << i) == 0 {
+            continue;
+        }
         if let Some(name) = source.header_name()
             && let http::header::Entry::Occupied(mut entry) = headers.entry(name)
         {
@@ -150,10 +156,14 @@ pub(crate) fn mark_sensitive(sources: &[KeySource], headers: &mut HeaderMap) {
 
 /// Finds the presented key. `Ok(None)`: no key at all. A value that is not visible ASCII, is too long,
 /// or disagrees with another presented key is refused as malformed.
+///
+/// Sets bit `i` of `present` when header source `sources[i]` holds at least one value (for
+/// [`mark_sensitive`]).
 pub(crate) fn extract<'a>(
     sources: &[KeySource],
     headers: &'a HeaderMap,
     uri: &'a Uri,
+    present: &mut u64,
 ) -> Result<Option<&'a str>, AuthError> {
     let mut found: Option<&'a [u8]> = None;
     let mut consider = |candidate: &'a [u8]| -> Result<(), AuthError> {
@@ -179,7 +189,7 @@ pub(crate) fn extract<'a>(
             }
         }
     };
-    for source in sources {
+    for (i, source) in sources.iter().enumerate() {
         match &source.0 {
             Kind::Query(name) => {
                 if let Some(query) = uri.query() {
@@ -194,6 +204,7 @@ pub(crate) fn extract<'a>(
             _ => {
                 let name = source.header_name().expect("header sources have a name");
                 for value in headers.get_all(name) {
+                    *present |= 1u64.checked_shl(i as u32).unwrap_or(0);
                     if let Some(candidate) = source.key_in(value.as_bytes())? {
                         consider(candidate)?;
                     }
@@ -234,7 +245,7 @@ mod tests {
     fn run(pairs: &[(&str, &[u8])]) -> Result<Option<String>, AuthError> {
         let map = headers(pairs);
         let uri = Uri::from_static("/");
-        extract(&all(), &map, &uri).map(|o| o.map(str::to_owned))
+        extract(&all(), &map, &uri, &mut 0).map(|o| o.map(str::to_owned))
     }
 
     #[test]
@@ -309,9 +320,9 @@ mod tests {
     fn query_only_when_configured() {
         let uri: Uri = "/x?a=1&api_key=k9".parse().unwrap();
         let map = HeaderMap::new();
-        assert_eq!(extract(&all(), &map, &uri).unwrap(), None);
+        assert_eq!(extract(&all(), &map, &uri, &mut 0).unwrap(), None);
         let sources = [KeySource::query("api_key")];
-        assert_eq!(extract(&sources, &map, &uri).unwrap(), Some("k9"));
+        assert_eq!(extract(&sources, &map, &uri, &mut 0).unwrap(), Some("k9"));
     }
 
     #[test]
@@ -321,10 +332,18 @@ mod tests {
             ("authorization", b"Bearer k1"),
             ("other", b"v"),
         ]);
-        mark_sensitive(&all(), &mut map);
+        let uri: Uri = "/".parse().unwrap();
+        let mut present = 0;
+        extract(&all(), &map, &uri, &mut present).unwrap();
+        mark_sensitive(&all(), present, &mut map);
         assert!(map["x-api-key"].is_sensitive());
         assert!(map["authorization"].is_sensitive());
         assert!(!map["other"].is_sensitive());
+        // Only sources that held a value are flagged.
+        let sources = [KeySource::blnk(), KeySource::x_api_key()];
+        let mut present = 0;
+        extract(&sources, &map, &uri, &mut present).unwrap();
+        assert_eq!(present, 0b10);
     }
 
     proptest! {
@@ -340,7 +359,7 @@ mod tests {
                 }
             }
             let uri = Uri::from_static("/");
-            if let Ok(Some(key)) = extract(&all(), &map, &uri) {
+            if let Ok(Some(key)) = extract(&all(), &map, &uri, &mut 0) {
                 prop_assert!(!key.is_empty());
                 prop_assert!(key.bytes().all(|b| b.is_ascii_graphic()));
             }
