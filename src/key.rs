@@ -90,15 +90,7 @@ impl KeyFormat {
     /// A format with the given prefix (`[a-z0-9]` segments joined by single `_`, at most 32 characters).
     pub fn new(prefix: impl Into<String>) -> Result<Self, InvalidPrefix> {
         let prefix = prefix.into();
-        let valid = !prefix.is_empty()
-            && prefix.len() <= MAX_PREFIX_LEN
-            && prefix.split('_').all(|segment| {
-                !segment.is_empty()
-                    && segment
-                        .bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-            });
-        if valid {
+        if is_valid_prefix(&prefix) {
             Ok(Self {
                 prefix: prefix.into(),
             })
@@ -193,6 +185,17 @@ impl KeyFormat {
     }
 }
 
+fn is_valid_prefix(prefix: &str) -> bool {
+    !prefix.is_empty()
+        && prefix.len() <= MAX_PREFIX_LEN
+        && prefix.split('_').all(|segment| {
+            !segment.is_empty()
+                && segment
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        })
+}
+
 fn mask(key: &str, prefix_len: usize) -> String {
     let body = &key[prefix_len + 1..];
     format!(
@@ -232,9 +235,19 @@ impl ApiKey {
         KeyDigest::of(&self.0)
     }
 
+    /// What `Debug` and `Display` show: the `<prefix>_` of a string shaped like a key (a valid prefix,
+    /// `_`, then exactly the 49 base62 characters of body and checksum), and nothing of any other
+    /// secret, such as a master key from configuration (`a_b_secret` must not show `a_b_`).
     fn visible_prefix(&self) -> &str {
-        match self.0.rfind('_') {
-            Some(i) if i <= MAX_PREFIX_LEN => &self.0[..=i],
+        let split = self.0.len().saturating_sub(BODY_LEN + CHECKSUM_LEN);
+        match self.0.split_at_checked(split) {
+            Some((shown, hidden))
+                if hidden.len() == BODY_LEN + CHECKSUM_LEN
+                    && hidden.bytes().all(|b| b.is_ascii_alphanumeric())
+                    && shown.strip_suffix('_').is_some_and(is_valid_prefix) =>
+            {
+                shown
+            }
             _ => "",
         }
     }
@@ -468,6 +481,16 @@ mod tests {
             format!("{:?}", ApiKey::new("no-underscore-secret")),
             "ApiKey(\"…\")"
         );
+        // Only a key-shaped secret shows its prefix; a master key with underscores shows nothing.
+        for other in [
+            "my_super_secret_master_key_value",
+            "sk_live_abc",
+            &format!("sk_live_{}", "é".repeat(25)),
+            &format!("Sk_{}", &secret[8..]),
+        ] {
+            assert_eq!(format!("{}", ApiKey::new(other)), "…", "{other}");
+        }
+        assert_eq!(format!("{}", ApiKey::new(&secret[3..])), "live_…");
     }
 
     #[test]
