@@ -1,11 +1,11 @@
 //! Raw header maps through `ApiKeyLayer` over a memory store, with every key source.
 //!
 //! An independent model of key extraction (first source wins, values trimmed, visible ASCII up to
-//! 1024 bytes, two different keys refused) predicts each request's outcome, and the layer must
-//! agree: the same admitted principal or the same DESIGN code, status and reason; a 401 carries
-//! `WWW-Authenticate`, the error body has the documented shape and never echoes the key; headers that
-//! may carry a key reach the inner service marked sensitive; and the store is asked exactly once
-//! for a key that passes the format check and never for anything else.
+//! `MAX_PRESENTED_KEY_LEN` bytes, two different keys refused) predicts each request's outcome, and
+//! the layer must agree: the same admitted principal or the same DESIGN code, status and reason; a
+//! 401 carries `WWW-Authenticate`, the error body has the documented shape and never echoes the
+//! key; headers that may carry a key reach the inner service marked sensitive; and the store is
+//! asked exactly once for a key that passes the format check and never for anything else.
 
 use std::convert::Infallible;
 use std::sync::{Arc, OnceLock};
@@ -15,6 +15,7 @@ use http::header::{ACCESS_CONTROL_REQUEST_METHOD, AUTHORIZATION, ORIGIN, WWW_AUT
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri};
 use time::OffsetDateTime;
 use tower::{Layer as _, ServiceExt as _};
+use tower_api_keys::layer::MAX_PRESENTED_KEY_LEN;
 use tower_api_keys::store::KeyLimits;
 use tower_api_keys::{
     ApiKey, ApiKeyLayer, AuthError, CachedResolver, ErrorCode, KeyFormat, KeyId, KeyRecord,
@@ -26,7 +27,6 @@ use super::key_parser::sign;
 
 const PREFIX: &str = "sk_live";
 const MASTER: &str = "master-key-for-fuzzing-0123456789";
-const MAX_CANDIDATE_LEN: usize = 1024;
 
 /// The keys the store knows, by fixed secret so a corpus can hold them.
 struct Fixture {
@@ -272,7 +272,7 @@ fn payload(input: &mut Input<'_>, fixture: &Fixture) -> Vec<u8> {
             key[at] = input.byte();
             key
         }
-        6 => vec![b'a'; MAX_CANDIDATE_LEN - 8 + input.below(16)],
+        6 => vec![b'a'; MAX_PRESENTED_KEY_LEN - 8 + input.below(16)],
         _ => input.chunk().to_vec(),
     }
 }
@@ -370,7 +370,9 @@ fn extract(
             if candidate.is_empty() {
                 continue;
             }
-            if candidate.len() > MAX_CANDIDATE_LEN || !candidate.iter().all(u8::is_ascii_graphic) {
+            if candidate.len() > MAX_PRESENTED_KEY_LEN
+                || !candidate.iter().all(u8::is_ascii_graphic)
+            {
                 return Err("malformed");
             }
             match &found {
