@@ -284,7 +284,10 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         match self.guard.check(req.method(), req.extensions()) {
             Ok(()) => ResponseFuture::inner(self.inner.call(req), tracing::Span::none()),
-            Err(error) => ResponseFuture::rejected(reject(&self.guard.rejection, error)),
+            Err(error) => {
+                crate::metrics::refused_by_guard(&error);
+                ResponseFuture::rejected(reject(&self.guard.rejection, error))
+            }
         }
     }
 }
@@ -367,22 +370,27 @@ impl<M: ScopeRequirement, S: Send + Sync> axum_core::extract::FromRequestParts<S
         parts: &mut http::request::Parts,
         _: &S,
     ) -> Result<Self, AuthError> {
-        let principal = principal_of(&parts.extensions)?;
-        let scopes = principal.scopes();
-        let granted = match M::MATCH {
-            ScopeMatch::All => M::SCOPES.iter().all(|s| scopes.allows_str(s)),
-            ScopeMatch::Any => M::SCOPES.iter().any(|s| scopes.allows_str(s)),
-        };
-        if granted {
-            Ok(Self {
-                principal: principal.clone(),
-                _marker: std::marker::PhantomData,
-            })
-        } else {
-            Err(AuthError::InsufficientPermissions {
-                required: ScopeSet::parse(M::SCOPES).unwrap_or_default(),
-                mode: M::MATCH,
-            })
+        let checked = principal_of(&parts.extensions).and_then(|principal| {
+            let scopes = principal.scopes();
+            let granted = match M::MATCH {
+                ScopeMatch::All => M::SCOPES.iter().all(|s| scopes.allows_str(s)),
+                ScopeMatch::Any => M::SCOPES.iter().any(|s| scopes.allows_str(s)),
+            };
+            if granted {
+                Ok(Self {
+                    principal: principal.clone(),
+                    _marker: std::marker::PhantomData,
+                })
+            } else {
+                Err(AuthError::InsufficientPermissions {
+                    required: ScopeSet::parse(M::SCOPES).unwrap_or_default(),
+                    mode: M::MATCH,
+                })
+            }
+        });
+        if let Err(error) = &checked {
+            crate::metrics::refused_by_guard(error);
         }
+        checked
     }
 }

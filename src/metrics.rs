@@ -3,10 +3,13 @@
 //! | metric | type | labels | what |
 //! |---|---|---|---|
 //! | `api_key_requests_total` | counter | `outcome`: `ok` or the error code (e.g. `AUTH_INVALID_API_KEY`); `kind` on `ok`: `master`, `scoped` or `anonymous` | every request [`ApiKeyLayer`](crate::ApiKeyLayer) admitted or refused |
+//! | `api_key_guard_refusals_total` | counter | `outcome`: the error code (`AUTH_INSUFFICIENT_PERMISSIONS`, `AUTH_MISSING_API_KEY`, `AUTH_MISSING_PRINCIPAL`) | every request a [`RequireScopes`](crate::RequireScopes) guard refused |
 //! | `api_key_lookup_seconds` | histogram | `outcome`: `found`, `unknown`, `error` or `timeout` | latency of key-store lookups (cache misses only) |
 //!
-//! The counter records the authentication decision: a request admitted by the layer and then refused
-//! by a [`RequireScopes`](crate::RequireScopes) guard counts as `ok` here (its 403 is the guard's).
+//! `api_key_requests_total` records the authentication decision: a request admitted by the layer and
+//! then refused by a [`RequireScopes`](crate::RequireScopes) guard counts as `ok` there, and once in
+//! `api_key_guard_refusals_total` (the authorization decision), so neither counter counts a request
+//! twice.
 //! Anonymous requests are CORS preflights and, with an optional layer, requests without a key.
 //!
 //! Install any `metrics` recorder (for example `metrics-exporter-prometheus`) and these appear;
@@ -15,13 +18,15 @@
 
 /// Name of the request counter.
 pub const REQUESTS_TOTAL: &str = "api_key_requests_total";
+/// Name of the counter of requests refused by scope guards.
+pub const GUARD_REFUSALS_TOTAL: &str = "api_key_guard_refusals_total";
 /// Name of the store lookup latency histogram, in seconds.
 pub const LOOKUP_SECONDS: &str = "api_key_lookup_seconds";
 
 #[cfg(feature = "metrics")]
 pub use enabled::describe;
 #[cfg(feature = "metrics")]
-pub(crate) use enabled::{admitted, rejected, timed_lookup};
+pub(crate) use enabled::{admitted, refused_by_guard, rejected, timed_lookup};
 
 #[cfg(feature = "metrics")]
 mod enabled {
@@ -30,7 +35,7 @@ mod enabled {
 
     use ::metrics::{Key, Label, Level, Metadata};
 
-    use super::{LOOKUP_SECONDS, REQUESTS_TOTAL};
+    use super::{GUARD_REFUSALS_TOTAL, LOOKUP_SECONDS, REQUESTS_TOTAL};
     use crate::error::{AuthError, ErrorCode};
     use crate::principal::{Principal, PrincipalKind};
     use crate::store::{StoreError, StoreErrorKind};
@@ -52,6 +57,10 @@ mod enabled {
         ::metrics::describe_counter!(
             REQUESTS_TOTAL,
             "Requests the API-key layer admitted (outcome=ok) or refused (outcome=error code)"
+        );
+        ::metrics::describe_counter!(
+            GUARD_REFUSALS_TOTAL,
+            "Requests a scope guard refused, by error code"
         );
         ::metrics::describe_histogram!(
             LOOKUP_SECONDS,
@@ -78,23 +87,33 @@ mod enabled {
         });
     }
 
+    /// The `&'static` key of counter `$name` labelled with `error`'s code.
+    macro_rules! by_code {
+        ($name:expr, $error:expr) => {
+            by_code!(@ $name, $error.code();
+                MissingApiKey, InvalidApiKey, ExpiredApiKey, MissingPrincipal,
+                InsufficientPermissions, CrossOwnerAccess, ScopeEscalation, MasterKeyRequired,
+                OwnerRequired, InvalidRequest, LimitReached, NotFound, PayloadTooLarge,
+                InvalidMetadata, Unavailable,
+            )
+        };
+        (@ $name:expr, $code:expr; $($variant:ident),+ $(,)?) => {
+            match $code {
+                $(ErrorCode::$variant => key!($name, "outcome" => ErrorCode::$variant.as_str()),)+
+            }
+        };
+    }
+
     /// A request the layer refused.
     #[inline]
     pub(crate) fn rejected(error: &AuthError) {
-        macro_rules! by_code {
-            ($code:expr; $($variant:ident),+ $(,)?) => {
-                match $code {
-                    $(ErrorCode::$variant => {
-                        key!(REQUESTS_TOTAL, "outcome" => ErrorCode::$variant.as_str())
-                    })+
-                }
-            };
-        }
-        count(by_code!(error.code();
-            MissingApiKey, InvalidApiKey, ExpiredApiKey, MissingPrincipal, InsufficientPermissions,
-            CrossOwnerAccess, ScopeEscalation, MasterKeyRequired, OwnerRequired, InvalidRequest,
-            LimitReached, NotFound, PayloadTooLarge, InvalidMetadata, Unavailable,
-        ));
+        count(by_code!(REQUESTS_TOTAL, error));
+    }
+
+    /// A request a scope guard refused.
+    #[inline]
+    pub(crate) fn refused_by_guard(error: &AuthError) {
+        count(by_code!(GUARD_REFUSALS_TOTAL, error));
     }
 
     /// Times a store lookup (already wrapped in its timeout) and records its outcome.
@@ -131,6 +150,9 @@ mod disabled {
     #[inline(always)]
     pub(crate) fn rejected(_: &AuthError) {}
 
+    #[inline(always)]
+    pub(crate) fn refused_by_guard(_: &AuthError) {}
+
     /// The lookup itself, untouched.
     #[inline(always)]
     pub(crate) fn timed_lookup<F>(lookup: F) -> F {
@@ -139,7 +161,7 @@ mod disabled {
 }
 
 #[cfg(not(feature = "metrics"))]
-pub(crate) use disabled::{admitted, rejected, timed_lookup};
+pub(crate) use disabled::{admitted, refused_by_guard, rejected, timed_lookup};
 
 #[cfg(all(test, feature = "metrics"))]
 mod tests {
@@ -151,5 +173,6 @@ mod tests {
         super::admitted(Some(&crate::Principal::master()));
         super::rejected(&AuthError::ExpiredKey(ExpiredReason::Revoked));
         super::rejected(&AuthError::MissingKey);
+        super::refused_by_guard(&AuthError::MissingPrincipal);
     }
 }

@@ -289,6 +289,7 @@ async fn readme_walkthrough() {
             r#"kind="master""#,
             r#"outcome="AUTH_EXPIRED_API_KEY""#,
             r#"outcome="AUTH_MISSING_API_KEY""#,
+            r#"api_key_guard_refusals_total{outcome="AUTH_INSUFFICIENT_PERMISSIONS"} 2"#,
             "api_key_lookup_seconds_bucket{",
             r#"outcome="found""#,
         ] {
