@@ -14,11 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
-use time::OffsetDateTime;
-use tower_api_keys::store::{KeyLimits, PostgresStore, SqliteStore};
-use tower_api_keys::{
-    CachedResolver, KeyDigest, KeyFormat, KeyId, KeyRecord, KeyStore, MemoryStore, ScopeSet,
-};
+use tower_api_keys::{CachedResolver, KeyDigest, KeyFormat, KeyStore, MemoryStore};
+
+mod fixtures;
 
 const KEYS: usize = 2_000;
 
@@ -29,39 +27,12 @@ struct Backend {
     known: KeyDigest,
 }
 
-fn record(i: usize) -> (KeyDigest, KeyRecord) {
-    let format = KeyFormat::default();
-    let key = format.generate();
-    let digest = key.digest();
-    let record = KeyRecord {
-        id: KeyId::new(format!("key_{i:06}")),
-        name: format!("bench {i}"),
-        owner: format!("owner_{}", i % 100),
-        account: "acct".into(),
-        scopes: ScopeSet::parse(["ledgers:read", "balances:write"]).unwrap(),
-        digest,
-        digest_scheme: Default::default(),
-        masked_key: format.mask(&key).unwrap(),
-        created_at: OffsetDateTime::now_utc(),
-        expires_at: None,
-        revoked_at: None,
-        last_used_at: None,
-        created_by: None,
-        rotated_at: None,
-        previous: None,
-    };
-    (digest, record)
-}
-
 async fn backend(name: &'static str, store: Arc<dyn KeyStore>) -> Backend {
     let mut known = None;
+    let format = KeyFormat::default();
     for i in 0..KEYS {
-        let (digest, r) = record(i);
-        store
-            .insert(&r, KeyLimits::default(), OffsetDateTime::now_utc())
-            .await
-            .unwrap();
-        known.get_or_insert(digest);
+        let key = fixtures::issue(&*store, &format, i, "ledgers:read balances:write").await;
+        known.get_or_insert(key.digest());
     }
     let resolver = CachedResolver::builder(store.clone())
         .ttl(Duration::from_secs(300))
@@ -91,23 +62,14 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let sqlite_path = std::env::temp_dir().join(format!("cold_lookup_{}.db", std::process::id()));
-    let pg_schema = format!("bench_cold_lookup_{}", std::process::id());
-    let pg_url = std::env::var("TEST_DATABASE_URL").ok();
+    let databases = fixtures::Databases::new("cold_lookup");
 
     let backends: Vec<Backend> = rt.block_on(async {
         let mut backends = vec![backend("memory", Arc::new(MemoryStore::new())).await];
-        let url = format!("sqlite://{}?mode=rwc", sqlite_path.display());
-        let sqlite = SqliteStore::connect(&url).await.expect("open SQLite");
-        backends.push(backend("sqlite", Arc::new(sqlite)).await);
-        match &pg_url {
-            Some(url) => {
-                let pg = PostgresStore::builder()
-                    .schema(&pg_schema)
-                    .unwrap()
-                    .connect(url)
-                    .await
-                    .expect("connect to TEST_DATABASE_URL");
+        backends.push(backend("sqlite", Arc::new(databases.sqlite().await)).await);
+        match &databases.pg_url {
+            Some(_) => {
+                let pg = databases.postgres().await.expect("PostgreSQL");
                 backends.push(backend("postgres", Arc::new(pg)).await);
             }
             None => eprintln!("TEST_DATABASE_URL not set: PostgreSQL is not measured"),
@@ -177,20 +139,6 @@ fn main() {
         }
     });
 
-    rt.block_on(async {
-        if let Some(url) = &pg_url {
-            if let Ok(pool) = sqlx::PgPool::connect(url).await {
-                let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                    "DROP SCHEMA IF EXISTS \"{pg_schema}\" CASCADE"
-                )))
-                .execute(&pool)
-                .await;
-            }
-        }
-    });
-    for suffix in ["", "-wal", "-shm"] {
-        let mut file = sqlite_path.clone().into_os_string();
-        file.push(suffix);
-        let _ = std::fs::remove_file(file);
-    }
+    // Drops the PostgreSQL schema and removes the SQLite file.
+    drop(databases);
 }
