@@ -17,7 +17,9 @@
 //! Routes: `/ledgers`, `/balances`, `/transactions` (POST create, GET list, GET `/{id}`), scoped by
 //! method (`ledgers:read` / `ledgers:write`, ...); key management at `/api-keys`. Unauthenticated:
 //! `/health`, `/openapi.json` (the whole API) and, with feature `metrics`, `/metrics`. Records created
-//! with a scoped key carry `meta_data.BLNK_GENERATED_BY`.
+//! with a scoped key carry `meta_data.BLNK_GENERATED_BY`. `/ping` (no key) and `/auth/ping` (scope
+//! `ledgers:read`) run the same trivial handler outside and behind the key layer, so that
+//! `scripts/load.sh` can measure what authentication costs.
 //!
 //! [`build`] assembles everything from a [`Config`] without binding a port (`tests/walkthrough.rs`
 //! uses it); `main` adds the environment, the listener and graceful shutdown.
@@ -269,8 +271,13 @@ fn app(layer: ApiKeyLayer, manager: KeyManager, records: Records) -> Router {
         .merge(resource("balance", "balances", records.clone()))
         .merge(resource("transaction", "transactions", records))
         .merge(manage::router(manager))
+        .route(
+            "/auth/ping",
+            get(ping).route_layer(RequireScopes::all(["ledgers:read"])),
+        )
         .layer(layer)
         // Added after the authentication layer: no key needed.
+        .route("/ping", get(ping))
         .route(
             "/health",
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),
@@ -286,6 +293,11 @@ fn app(layer: ApiKeyLayer, manager: KeyManager, records: Records) -> Router {
             .make_span_with(request_span)
             .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
     )
+}
+
+/// `/ping` and `/auth/ping`: the same work with and without authentication (`scripts/load.sh`).
+async fn ping() -> &'static str {
+    "pong"
 }
 
 /// The span of every request log line. `ApiKeyLayer` fills `api_key_id` with the caller's key id
@@ -483,6 +495,24 @@ fn openapi() -> utoipa::openapi::OpenApi {
         public()
             .summary(Some("This document (no key)"))
             .response("200", ok("OpenAPI 3.1")),
+    );
+    // The pair `scripts/load.sh` compares.
+    doc.paths.add_path_operation(
+        "/ping",
+        vec![HttpMethod::Get],
+        public()
+            .summary(Some("`pong` (no key; twin of `/auth/ping`)"))
+            .response("200", ok("`pong`")),
+    );
+    doc.paths.add_path_operation(
+        "/auth/ping",
+        vec![HttpMethod::Get],
+        OperationBuilder::new()
+            .tag("service")
+            .summary(Some("`pong` (scope `ledgers:read`; twin of `/ping`)"))
+            .response("200", ok("`pong`"))
+            .response("401", error("Missing, invalid, expired or revoked key"))
+            .response("403", error("The key lacks the scope")),
     );
     #[cfg(feature = "metrics")]
     doc.paths.add_path_operation(
