@@ -103,18 +103,23 @@ printf '\nmachine: %s x %s; load average %s; %s\n' "$(nproc)" \
   "$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)" "$(cut -d' ' -f1-3 /proc/loadavg)" "$(wrk -v 2>&1 | head -1)"
 
 # ---- 1. paired rounds ----------------------------------------------------------------------------
-# run PATH SECONDS: one wrk run with the valid key; prints "<req/s> <p99 µs>".
+# CPU time the server has used, in clock ticks (utime + stime; the name "server" has no space).
+server_ticks() { awk '{ print $14 + $15 }' "/proc/$server_pid/stat"; }
+tick_us=$((1000000 / $(getconf CLK_TCK)))
+# run PATH SECONDS: one wrk run with the valid key; prints "<req/s> <p99 µs> <server CPU µs per request>".
 run() {
-  local out
+  local out ticks
+  ticks=$(server_ticks)
   out=$(wrk -t1 -c"$connections" -d"$2s" --timeout 2s -s "$here/load/stats.lua" \
-    -H "X-Api-Key: $valid" "$base$1" | grep '^STATS') || { fail "wrk on $1 failed"; echo "0 0"; return; }
+    -H "X-Api-Key: $valid" "$base$1" | grep '^STATS') || { fail "wrk on $1 failed"; echo "0 0 0"; return; }
+  ticks=$(($(server_ticks) - ticks))
   local field
   field() { sed -n "s/.* $1=\([0-9]*\).*/\1/p" <<<"$out"; }
   if [[ $(field errors) != 0 || $(field non2xx) != 0 ]]; then
     fail "$1: $(field errors) socket errors, $(field non2xx) answers outside 2xx"
   fi
-  awk -v n="$(field requests)" -v us="$(field duration_us)" -v p99="$(field p99_us)" \
-    'BEGIN { printf "%.0f %d\n", n * 1e6 / us, p99 }'
+  awk -v n="$(field requests)" -v us="$(field duration_us)" -v p99="$(field p99_us)" -v cpu=$((ticks * tick_us)) \
+    'BEGIN { printf "%.0f %d %.1f\n", n * 1e6 / us, p99, cpu / n }'
 }
 
 for path in /ping /auth/ping; do
@@ -122,24 +127,29 @@ for path in /ping /auth/ping; do
   run $path 2 >/dev/null # warm-up
 done
 printf '\npaired rounds: wrk -t1 -c%s, %ss per run, server with 2 tokio workers (2 shared cores)\n' "$connections" "$seconds"
-printf '%-6s %12s %12s %8s %12s %12s %8s\n' round "no-auth r/s" "auth r/s" ratio "no-auth p99" "auth p99" ratio
-: >"$work/rps" && : >"$work/p99"
+printf '%-6s %12s %12s %7s %12s %12s %7s %9s %9s %7s\n' round "no-auth r/s" "auth r/s" ratio \
+  "no-auth p99" "auth p99" ratio "no-auth" auth ratio
+printf '%74s %s\n' "" "server CPU µs/request"
+: >"$work/rps" && : >"$work/p99" && : >"$work/cpu"
 for r in $(seq "$rounds"); do
   if ((r % 2)); then order=(/ping /auth/ping); else order=(/auth/ping /ping); fi
-  declare -A rps=() p99=()
+  declare -A rps=() p99=() cpu=()
   for path in "${order[@]}"; do
-    read -r "rps[$path]" "p99[$path]" < <(run "$path" "$seconds")
+    read -r "rps[$path]" "p99[$path]" "cpu[$path]" < <(run "$path" "$seconds")
   done
   rps_ratio=$(awk -v a="${rps[/auth/ping]}" -v b="${rps[/ping]}" 'BEGIN { printf "%.3f", b ? a / b : 0 }')
   p99_ratio=$(awk -v a="${p99[/auth/ping]}" -v b="${p99[/ping]}" 'BEGIN { printf "%.3f", b ? a / b : 0 }')
-  echo "$rps_ratio" >>"$work/rps" && echo "$p99_ratio" >>"$work/p99"
-  printf '%-6s %12s %12s %7sx %10sus %10sus %7sx\n' "$r" "${rps[/ping]}" "${rps[/auth/ping]}" "$rps_ratio" \
-    "${p99[/ping]}" "${p99[/auth/ping]}" "$p99_ratio"
+  cpu_ratio=$(awk -v a="${cpu[/auth/ping]}" -v b="${cpu[/ping]}" 'BEGIN { printf "%.3f", b ? a / b : 0 }')
+  echo "$rps_ratio" >>"$work/rps" && echo "$p99_ratio" >>"$work/p99" && echo "$cpu_ratio" >>"$work/cpu"
+  printf '%-6s %12s %12s %6sx %10sus %10sus %6sx %9s %9s %6sx\n' "$r" "${rps[/ping]}" "${rps[/auth/ping]}" "$rps_ratio" \
+    "${p99[/ping]}" "${p99[/auth/ping]}" "$p99_ratio" "${cpu[/ping]}" "${cpu[/auth/ping]}" "$cpu_ratio"
 done
 rps_median=$(median <"$work/rps")
 p99_median=$(median <"$work/p99")
+cpu_median=$(median <"$work/cpu")
 printf 'median req/s auth/no-auth %sx (target >= %s); median p99 auth/no-auth %sx (target <= %.2f)\n' \
   "$rps_median" "$min_ratio" "$p99_median" "$(awk -v m=$min_ratio 'BEGIN { print 1 / m }')"
+echo "median server CPU per request auth/no-auth ${cpu_median}x (diagnostic: what the server itself spends)"
 awk -v r="$rps_median" -v m=$min_ratio 'BEGIN { exit !(r >= m) }' || fail "req/s ratio $rps_median < $min_ratio"
 awk -v r="$p99_median" -v m=$min_ratio 'BEGIN { exit !(r * m <= 1) }' || fail "p99 ratio $p99_median > 1/$min_ratio"
 
