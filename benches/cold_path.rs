@@ -122,7 +122,7 @@ async fn backends(databases: &fixtures::Databases) -> Vec<Backend> {
     }
     #[cfg(not(feature = "postgres"))]
     eprintln!("\n*** PostgreSQL SKIPPED: built without the `postgres` feature ***\n");
-    let _ = databases;
+    let _ = databases; // unused without the `sqlite` and `postgres` features
     backends
 }
 

@@ -117,7 +117,7 @@ impl Malformed {
             Self::WrongLength => {
                 let mut key = format.generate().expose_secret().to_owned();
                 let n = 1 + rng.below(8);
-                if rng.next() % 2 == 0 {
+                if rng.next().is_multiple_of(2) {
                     key.truncate(key.len() - n);
                 } else {
                     (0..n).for_each(|_| key.push(ALNUM[rng.below(ALNUM.len())] as char));
@@ -181,15 +181,39 @@ fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
-/// One case of the cost table: how to make a batch of requests, and the answer each must get.
+/// Makes the key of one request (`None`: no key).
+type MakeKey = Box<dyn FnMut(&mut Rng) -> Option<String>>;
+
+/// One case of the cost table: how to make a batch of keys, and what each request must get.
 struct Case {
     name: &'static str,
     expect: StatusCode,
     /// Store lookups a timed batch must make.
     lookups: u64,
-    make: Box<dyn FnMut(&mut Rng) -> Option<String>>,
+    /// Send the batch once untimed first (to fill the negative cache).
+    warm: bool,
+    make: MakeKey,
     ns: Vec<f64>,
     ratios: Vec<f64>,
+}
+
+impl Case {
+    fn new(
+        name: &'static str,
+        expect: StatusCode,
+        lookups: usize,
+        make: impl FnMut(&mut Rng) -> Option<String> + 'static,
+    ) -> Self {
+        Self {
+            name,
+            expect,
+            lookups: lookups as u64,
+            warm: false,
+            make: Box::new(make),
+            ns: Vec::new(),
+            ratios: Vec::new(),
+        }
+    }
 }
 
 fn main() {
@@ -286,54 +310,35 @@ fn main() {
     let negative_pool: Vec<String> = (0..BATCH)
         .map(|_| format.generate().expose_secret().to_owned())
         .collect();
-    let mut cases = vec![Case {
-        name: "accepted (cached key)",
-        expect: StatusCode::OK,
-        lookups: 0,
-        make: Box::new(move |_| Some(valid_key.clone())),
-        ns: Vec::new(),
-        ratios: Vec::new(),
-    }];
+    let refused = StatusCode::UNAUTHORIZED;
+    let mut cases = vec![Case::new(
+        "accepted (cached key)",
+        StatusCode::OK,
+        0,
+        move |_| Some(valid_key.clone()),
+    )];
     for kind in Malformed::ALL {
         let format = format.clone();
-        cases.push(Case {
-            name: kind.name(),
-            expect: StatusCode::UNAUTHORIZED,
-            lookups: 0,
-            make: Box::new(move |rng| Some(kind.generate(&format, rng))),
-            ns: Vec::new(),
-            ratios: Vec::new(),
-        });
+        cases.push(Case::new(kind.name(), refused, 0, move |rng| {
+            Some(kind.generate(&format, rng))
+        }));
     }
     let mut next = 0;
     cases.push(Case {
-        name: "unknown (negative-cached)",
-        expect: StatusCode::UNAUTHORIZED,
-        lookups: 0,
-        make: Box::new(move |_| {
+        warm: true,
+        ..Case::new("unknown (negative-cached)", refused, 0, move |_| {
             next = (next + 1) % negative_pool.len();
             Some(negative_pool[next].clone())
-        }),
-        ns: Vec::new(),
-        ratios: Vec::new(),
+        })
     });
     let fresh = format.clone();
-    cases.push(Case {
-        name: "unknown, never seen",
-        expect: StatusCode::UNAUTHORIZED,
-        lookups: BATCH as u64,
-        make: Box::new(move |_| Some(fresh.generate().expose_secret().to_owned())),
-        ns: Vec::new(),
-        ratios: Vec::new(),
-    });
-    cases.push(Case {
-        name: "no key",
-        expect: StatusCode::UNAUTHORIZED,
-        lookups: 0,
-        make: Box::new(|_| None),
-        ns: Vec::new(),
-        ratios: Vec::new(),
-    });
+    cases.push(Case::new(
+        "unknown, never seen",
+        refused,
+        BATCH,
+        move |_| Some(fresh.generate().expose_secret().to_owned()),
+    ));
+    cases.push(Case::new("no key", refused, 0, |_| None));
 
     runtime.block_on(async {
         let mut service = service.clone();
@@ -344,8 +349,7 @@ fn main() {
                 let c = (round + i) % cases.len();
                 let case = &mut cases[c];
                 let keys: Vec<Option<String>> = (0..BATCH).map(|_| (case.make)(&mut rng)).collect();
-                // Untimed: negative-cached keys are cached now (a no-op once they are).
-                if case.name.starts_with("unknown (") {
+                if case.warm {
                     for key in &keys {
                         send(&mut service, request(key.as_deref())).await;
                     }
