@@ -32,29 +32,25 @@
 //!   response carrying `grpc-status` (UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE) and a
 //!   `grpc-message` that starts with the stable code, e.g. `AUTH_INVALID_API_KEY: ...`. Never an
 //!   HTTP 401 with a JSON body, which gRPC clients would report as a confusing transport error.
-//! - [`MethodScopes`] picks the [`RequireScopes`] guard of each gRPC method from the request path
-//!   (`/ledger.v1.Ledgers/CreateLedger`); a method nobody declared needs `*:*`, so an RPC added to
-//!   the proto without its scopes fails closed.
+//! - [`MethodScopes`] (from the crate) picks the [`RequireScopes`] guard of each gRPC method from
+//!   the request path (`/ledger.v1.Ledgers/CreateLedger`); a method nobody declared needs `*:*`, so
+//!   an RPC added to the proto without its scopes fails closed.
 //! - Handlers read the [`Principal`] from the request extensions (tonic copies the HTTP request's
 //!   extensions into `tonic::Request`) and use its account to scope data.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 
-use http::{Request, Response};
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
-use tower::{Layer, Service, ServiceBuilder};
-use tower_api_keys::layer::ResponseFuture;
+use tower::ServiceBuilder;
 use tower_api_keys::manage::{CreateKey, KeyInfo};
 use tower_api_keys::{
-    ApiKey, ApiKeyLayer, AuthError, CachedResolver, GrpcRejection, JsonRejection, KeyFormat,
-    KeyManager, KeySource, MemoryStore, Principal, RenderRejection, RequireScopes,
+    ApiKey, ApiKeyLayer, AuthError, CachedResolver, GrpcRejection, KeyFormat, KeyManager,
+    KeySource, MemoryStore, MethodScopes, Principal, RequireScopes,
 };
 
 /// The code generated from `proto/ledger.proto` by `build.rs`.
@@ -174,165 +170,6 @@ impl Ledgers for LedgerService {
             .expect("ledger map poisoned")
             .insert(ledger.ledger_id.clone(), ledger.clone());
         Ok(tonic::Response::new(ledger))
-    }
-}
-
-// --- MethodScopes: the reusable piece -----------------------------------------------------------
-
-/// Scopes per gRPC method: a layer that picks the [`RequireScopes`] guard of the request's method
-/// from its path (`/package.Service/Method`) and runs it. Put it inside [`ApiKeyLayer`].
-///
-/// A method without an entry requires `*:*` (the master key, or a key granted everything), unless
-/// [`fallback`](Self::fallback) says otherwise: a new RPC whose scopes nobody declared fails closed.
-/// Refusals, the error in the response extensions and the "no key" / "no layer" distinction are
-/// exactly those of [`RequireScopes`], which does the checking.
-///
-/// ```ignore
-/// MethodScopes::new()
-///     .method("/ledger.v1.Ledgers/GetLedger", RequireScopes::all(["ledgers:read"]))
-///     .method("/ledger.v1.Ledgers/CreateLedger", RequireScopes::all(["ledgers:write"]))
-///     .rejection(GrpcRejection)
-/// ```
-#[derive(Clone)]
-#[must_use]
-pub struct MethodScopes<R = JsonRejection> {
-    methods: HashMap<Box<str>, RequireScopes>,
-    fallback: RequireScopes,
-    rejection: R,
-}
-
-impl Default for MethodScopes {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl MethodScopes {
-    /// No method declared yet: every method requires `*:*`.
-    pub fn new() -> Self {
-        Self {
-            methods: HashMap::new(),
-            fallback: RequireScopes::all(["*:*"]),
-            rejection: JsonRejection::default(),
-        }
-    }
-}
-
-impl<R> MethodScopes<R> {
-    /// Guards the method whose request path is `path`, e.g. `/ledger.v1.Ledgers/GetLedger`.
-    ///
-    /// # Panics
-    ///
-    /// If `path` is not of the form `/<service>/<method>`, or was already declared: both are
-    /// wiring mistakes best found at start-up.
-    pub fn method(mut self, path: &str, guard: RequireScopes) -> Self {
-        let well_formed = path
-            .strip_prefix('/')
-            .and_then(|rest| rest.split_once('/'))
-            .is_some_and(|(service, method)| {
-                !service.is_empty() && !method.is_empty() && !method.contains('/')
-            });
-        assert!(
-            well_formed,
-            "MethodScopes::method: {path:?} is not a gRPC method path like \"/package.Service/Method\""
-        );
-        let previous = self.methods.insert(path.into(), guard);
-        assert!(
-            previous.is_none(),
-            "MethodScopes::method: {path:?} is declared twice"
-        );
-        self
-    }
-
-    /// The guard of methods without an entry (default: `RequireScopes::all(["*:*"])`).
-    pub fn fallback(mut self, guard: RequireScopes) -> Self {
-        self.fallback = guard;
-        self
-    }
-
-    /// Renders refusals with `rejection` ([`GrpcRejection`] for gRPC) instead of [`JsonRejection`].
-    pub fn rejection<R2>(self, rejection: R2) -> MethodScopes<R2> {
-        MethodScopes {
-            methods: self.methods,
-            fallback: self.fallback,
-            rejection,
-        }
-    }
-}
-
-impl<R> fmt::Debug for MethodScopes<R> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MethodScopes")
-            .field("methods", &self.methods)
-            .field("fallback", &self.fallback)
-            .finish_non_exhaustive()
-    }
-}
-
-struct Guards<R> {
-    methods: HashMap<Box<str>, RequireScopes<R>>,
-    fallback: RequireScopes<R>,
-}
-
-impl<S, R: Clone> Layer<S> for MethodScopes<R> {
-    type Service = MethodScopesService<S, R>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        let with_rejection =
-            |guard: &RequireScopes| guard.clone().rejection(self.rejection.clone());
-        let guards = Guards {
-            methods: self
-                .methods
-                .iter()
-                .map(|(path, guard)| (path.clone(), with_rejection(guard)))
-                .collect(),
-            fallback: with_rejection(&self.fallback),
-        };
-        MethodScopesService {
-            inner,
-            guards: Arc::new(guards),
-        }
-    }
-}
-
-/// Service produced by [`MethodScopes`].
-pub struct MethodScopesService<S, R> {
-    inner: S,
-    guards: Arc<Guards<R>>,
-}
-
-impl<S: Clone, R> Clone for MethodScopesService<S, R> {
-    fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-            guards: self.guards.clone(),
-        }
-    }
-}
-
-impl<S, R, ReqBody, ResBody> Service<Request<ReqBody>> for MethodScopesService<S, R>
-where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
-    R: RenderRejection<ResBody>,
-{
-    type Response = Response<ResBody>;
-    type Error = S::Error;
-    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let guards = &*self.guards;
-        let guard = guards
-            .methods
-            .get(req.uri().path())
-            .unwrap_or(&guards.fallback);
-        // `self.inner` was polled ready: hand it to the guard, keep a clone for the next request.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        guard.layer(inner).call(req)
     }
 }
 

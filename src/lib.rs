@@ -21,7 +21,9 @@ pub use error::ScopeMatch;
 pub use error::{AuthError, ErrorCode, GrpcRejection, JsonRejection, RenderRejection};
 #[cfg(feature = "axum")]
 pub use guard::Scoped;
-pub use guard::{RequireScopes, RequireScopesService, ScopeRequirement};
+pub use guard::{
+    MethodScopes, MethodScopesService, RequireScopes, RequireScopesService, ScopeRequirement,
+};
 #[cfg(feature = "postgres")]
 pub use invalidate::PgInvalidator;
 #[cfg(feature = "redis")]

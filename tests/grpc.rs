@@ -20,9 +20,10 @@ use tower_api_keys::{
     Principal, RequireScopes, StoreError,
 };
 
+use tonic_example::issue_key;
 use tonic_example::pb::ledgers_client::LedgersClient;
 use tonic_example::pb::{CreateLedgerRequest, GetLedgerRequest, Ledger};
-use tonic_example::{MethodScopes, issue_key};
+use tower_api_keys::MethodScopes;
 
 const MASTER: &str = "master-key-for-grpc-tests-0123456789";
 

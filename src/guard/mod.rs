@@ -51,6 +51,11 @@
 //! ```compile_fail
 //! tower_api_keys::scopes! { Bad = all("Ledgers:Write"); } // not a valid scope: a compile error
 //! ```
+//!
+//! ## Scopes per gRPC method
+//!
+//! A tonic server has no router to hang guards on: [`MethodScopes`] picks the [`RequireScopes`] of
+//! each method from the request path, and a method nobody declared fails closed.
 
 use std::fmt;
 use std::sync::Arc;
@@ -63,6 +68,9 @@ use crate::error::{AuthError, JsonRejection, RenderRejection, ScopeMatch, reject
 use crate::layer::ResponseFuture;
 use crate::principal::Principal;
 use crate::scope::{Scope, ScopeError, ScopeSet};
+
+mod method;
+pub use method::{MethodScopes, MethodScopesService};
 
 /// Marker the layer leaves on requests it let through without a key (optional mode), so guards can
 /// tell "no key" (401 `AUTH_MISSING_API_KEY`) from "no layer" (401 `AUTH_MISSING_PRINCIPAL`).
