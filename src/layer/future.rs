@@ -25,7 +25,7 @@ pin_project! {
         Inner { #[pin] future: F, span: tracing::Span },
         Plain { #[pin] future: F },
         Lookup { future: BoxFuture<'static, Result<Response<B>, E>> },
-        Rejected { response: Option<Box<Response<B>>> },
+        Rejected { response: Option<Response<B>> },
     }
 }
 
@@ -50,7 +50,7 @@ impl<F, B, E> ResponseFuture<F, B, E> {
     pub(crate) fn rejected(response: Response<B>) -> Self {
         Self {
             kind: Kind::Rejected {
-                response: Some(Box::new(response)),
+                response: Some(response),
             },
         }
     }
@@ -70,7 +70,7 @@ where
             }
             KindProj::Plain { future } => future.poll(cx),
             KindProj::Lookup { future } => Poll::Ready(ready!(future.as_mut().poll(cx))),
-            KindProj::Rejected { response } => Poll::Ready(Ok(*response
+            KindProj::Rejected { response } => Poll::Ready(Ok(response
                 .take()
                 .expect("ResponseFuture polled after completion"))),
         }
