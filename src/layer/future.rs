@@ -11,8 +11,7 @@ pin_project! {
     /// [`RequireScopesService`](crate::RequireScopesService) and
     /// [`ProvenanceService`](crate::ProvenanceService).
     ///
-    /// A cached key needs no allocation; a cache miss boxes the store lookup, and a refusal is boxed so
-    /// that the common path's future stays small (each layer moves it).
+    /// A cached key or a refusal needs no allocation; only a cache miss boxes the store lookup.
     pub struct ResponseFuture<F, B, E> {
         #[pin]
         kind: Kind<F, B, E>,
