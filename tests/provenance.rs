@@ -830,7 +830,7 @@ impl Style<'_> {
     }
 
     fn string(&mut self, s: &str, out: &mut String) {
-        if self.next() % 3 == 0 {
+        if self.next().is_multiple_of(3) {
             // Every character escaped as \uXXXX (surrogate pairs above U+FFFF).
             out.push('"');
             for unit in s.encode_utf16() {
