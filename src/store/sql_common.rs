@@ -143,6 +143,17 @@ impl fmt::Display for DatabaseFailure {
 
 impl std::error::Error for DatabaseFailure {}
 
+/// Whether `error` is SQLite's "database is busy / locked" (primary result codes 5 and 6): another
+/// connection holds a lock that the busy handler could not wait out (e.g. while several processes
+/// switch a new database to WAL at once). Worth a retry at start-up.
+#[cfg(feature = "sqlite")]
+pub(crate) fn is_sqlite_busy(error: &StoreError) -> bool {
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<DatabaseFailure>())
+        .and_then(|failure| failure.code.as_deref()?.parse::<i32>().ok())
+        .is_some_and(|code| matches!(code & 0xff, 5 | 6))
+}
+
 /// Maps a sqlx error to a [`StoreError`]: unique violations are `Conflict`, undecodable data is
 /// `Corrupt`, everything else (connection refused, pool timeout, I/O, server errors) `Unavailable`.
 pub(crate) fn map_sqlx_error(error: sqlx::Error) -> StoreError {
@@ -168,6 +179,26 @@ pub(crate) fn map_sqlx_error(error: sqlx::Error) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn busy_and_locked_are_told_apart_from_other_failures() {
+        let failure = |code: Option<&str>| {
+            StoreError::unavailable(DatabaseFailure {
+                code: code.map(str::to_owned),
+                message: "m".into(),
+            })
+        };
+        for busy in ["5", "6", "261", "517"] {
+            assert!(is_sqlite_busy(&failure(Some(busy))), "{busy}");
+        }
+        for other in [Some("19"), Some("2067"), Some("x"), None] {
+            assert!(!is_sqlite_busy(&failure(other)), "{other:?}");
+        }
+        assert!(!is_sqlite_busy(&StoreError::from_kind(
+            StoreErrorKind::Timeout
+        )));
+    }
 
     #[test]
     fn micros_floors_and_keeps_the_instant_otherwise() {

@@ -40,7 +40,9 @@ use sqlx::{Row, SqliteConnection};
 use time::OffsetDateTime;
 use tokio::sync::OnceCell;
 
-use super::sql_common::{RawRecord, from_unix_micros, map_sqlx_error, to_unix_micros};
+use super::sql_common::{
+    RawRecord, from_unix_micros, is_sqlite_busy, map_sqlx_error, to_unix_micros,
+};
 use super::{KeyLimits, KeyRecord, KeyStore, ListQuery, Rotation, StoreError, StoreErrorKind};
 use crate::key::{KeyDigest, KeyId};
 
@@ -52,6 +54,9 @@ macro_rules! columns {
          previous_digest_scheme, previous_valid_until"
     };
 }
+
+/// How many times [`SqliteStore::connect_with`] tries a file database that answers "busy".
+const START_ATTEMPTS: u64 = 10;
 
 /// The schema's migrations, in order. Versions are never renumbered or edited once released.
 const MIGRATIONS: &[(i64, &str, &str)] = &[(
@@ -163,15 +168,35 @@ impl SqliteStore {
                 .get_filename()
                 .to_str()
                 .is_some_and(|f| f.starts_with("file:sqlx-in-memory-"));
-        let pool = if in_memory {
-            Self::memory_pool_options().connect_with(options).await
-        } else {
-            SqlitePoolOptions::new()
-                .connect_with(options.journal_mode(SqliteJournalMode::Wal))
+        if in_memory {
+            let pool = Self::memory_pool_options()
+                .connect_with(options)
                 .await
+                .map_err(map_sqlx_error)?;
+            return Self::from_pool(pool).await;
         }
-        .map_err(map_sqlx_error)?;
-        Self::from_pool(pool).await
+        let options = options.journal_mode(SqliteJournalMode::Wal);
+        // Instances starting together on a new file contend for the lock that switches it to WAL,
+        // and SQLite answers some of those contentions "busy" at once, without waiting: retry.
+        let mut attempt = 1;
+        loop {
+            let started = async {
+                let pool = SqlitePoolOptions::new()
+                    .connect_with(options.clone())
+                    .await
+                    .map_err(map_sqlx_error)?;
+                Self::from_pool(pool).await
+            };
+            match started.await {
+                Err(error)
+                    if attempt < START_ATTEMPTS && super::sql_common::is_sqlite_busy(&error) =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(20 * attempt)).await;
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
     }
 
     /// A private in-memory database, gone when the store (and its clones) are dropped. Handy for
