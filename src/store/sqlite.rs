@@ -188,9 +188,7 @@ impl SqliteStore {
                 Self::from_pool(pool).await
             };
             match started.await {
-                Err(error)
-                    if attempt < START_ATTEMPTS && super::sql_common::is_sqlite_busy(&error) =>
-                {
+                Err(error) if attempt < START_ATTEMPTS && is_sqlite_busy(&error) => {
                     tokio::time::sleep(std::time::Duration::from_millis(20 * attempt)).await;
                     attempt += 1;
                 }
