@@ -164,18 +164,6 @@ fn assert_invalid(answer: &(StatusCode, Option<AuthError>), reason: InvalidKeyRe
     }
 }
 
-/// CPU time of the calling thread.
-fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
-
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -357,7 +345,7 @@ fn main() {
                 let requests: Vec<_> = keys.iter().map(|key| request(key.as_deref())).collect();
                 statuses.clear();
                 let before = store.lookups();
-                let start = thread_cpu();
+                let start = fixtures::thread_cpu();
                 for request in requests {
                     statuses.push(
                         service
@@ -370,7 +358,7 @@ fn main() {
                             .status(),
                     );
                 }
-                let spent = thread_cpu() - start;
+                let spent = fixtures::thread_cpu() - start;
                 let lookups = store.lookups() - before;
                 assert!(
                     statuses.iter().all(|s| *s == case.expect),

@@ -34,6 +34,8 @@ use http::{Request, Response, StatusCode};
 use time::OffsetDateTime;
 use tower::{Layer, Service, ServiceExt};
 use tower_api_keys::store::KeyLimits;
+
+mod fixtures;
 use tower_api_keys::{
     ApiKey, ApiKeyLayer, CachedResolver, KeyDigest, KeyFormat, KeyId, KeyRecord, KeyStore,
     MemoryStore, Principal, RequireScopes,
@@ -297,24 +299,11 @@ fn median(samples: &mut [Duration], per_round: u32) -> f64 {
     samples[samples.len() / 2].as_nanos() as f64 / f64::from(per_round)
 }
 
-/// CPU time of this thread. The machines are small and shared: time spent preempted by other
-/// processes would land on whichever case happened to be running, wall time would not compare.
-fn cpu_time() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
-
 /// This thread's CPU time spent in `f`.
 fn cpu<R>(f: impl FnOnce() -> R) -> Duration {
-    let start = cpu_time();
+    let start = fixtures::thread_cpu();
     black_box(f());
-    cpu_time() - start
+    fixtures::thread_cpu() - start
 }
 
 /// CPU time of `per_round` requests through `service`, requests built beforehand.

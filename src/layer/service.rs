@@ -81,17 +81,20 @@ impl<S, R> ApiKeyService<S, R> {
             Ok(Some(candidate)) => candidate,
         };
         let format = config.resolver.format();
-        let shape = format.check_shape(candidate);
-        if shape.is_err() && config.master.is_none() {
-            return Decision::Reject(format_error(shape));
+        let shape = format.check_shape(candidate).map_err(format_error);
+        if config.master.is_none()
+            && let Err(error) = shape
+        {
+            return Decision::Reject(error);
         }
         let digest = KeyDigest::of(candidate);
         if config.master.is_some_and(|master| master == digest) {
             return Decision::Pass(Some(master_principal()));
         }
-        if shape.is_err() {
-            return Decision::Reject(format_error(shape));
+        if let Err(error) = shape {
+            return Decision::Reject(error);
         }
+        let checksum = || format.check_checksum(candidate).map_err(format_error);
         let now = crate::clock::now_unix_nanos();
         match config
             .resolver
@@ -100,14 +103,11 @@ impl<S, R> ApiKeyService<S, R> {
             // The digest matches a stored key's: the checksum has nothing to add on this path.
             Some(Ok(principal)) => Decision::Pass(Some(principal)),
             // Refusals still name the first thing wrong with the candidate.
-            Some(Err(error)) => Decision::Reject(match format.check_checksum(candidate) {
-                Ok(()) => error,
-                Err(bad) => format_error(Err(bad)),
-            }),
+            Some(Err(error)) => Decision::Reject(checksum().err().unwrap_or(error)),
             // A miss checks the checksum before anything reaches the store.
-            None => match format.check_checksum(candidate) {
+            None => match checksum() {
                 Ok(()) => Decision::Lookup(digest),
-                Err(error) => Decision::Reject(format_error(Err(error))),
+                Err(error) => Decision::Reject(error),
             },
         }
     }
@@ -121,9 +121,9 @@ impl<S, R> ApiKeyService<S, R> {
     }
 }
 
-fn format_error(result: Result<(), KeyFormatError>) -> AuthError {
-    AuthError::InvalidKey(match result {
-        Err(KeyFormatError::BadChecksum) => InvalidKeyReason::BadChecksum,
+fn format_error(error: KeyFormatError) -> AuthError {
+    AuthError::InvalidKey(match error {
+        KeyFormatError::BadChecksum => InvalidKeyReason::BadChecksum,
         _ => InvalidKeyReason::Malformed,
     })
 }

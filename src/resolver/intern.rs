@@ -38,16 +38,22 @@ struct Pool<T> {
 }
 
 impl<T: Shared> Pool<T> {
-    fn intern(&mut self, value: T) -> T {
-        if let Some(existing) = self.values.get(&value) {
+    /// The pooled value equal to `value`, pooling `make()` if there is none (one lookup on a hit).
+    fn get_or_insert<Q>(&mut self, value: &Q, make: impl FnOnce() -> T) -> T
+    where
+        T: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        if let Some(existing) = self.values.get(value) {
             return existing.clone();
         }
         if self.values.len() >= self.sweep_at {
             self.values.retain(Shared::held_elsewhere);
             self.sweep_at = (self.values.len() * 2).max(FIRST_SWEEP);
         }
-        self.values.insert(value.clone());
-        value
+        let made = make();
+        self.values.insert(made.clone());
+        made
     }
 }
 
@@ -70,15 +76,12 @@ pub(super) struct Interner {
 impl Interner {
     pub(super) fn string(&self, value: &str) -> Arc<str> {
         let mut pool = self.strings.lock().unwrap_or_else(|p| p.into_inner());
-        match pool.values.get(value) {
-            Some(existing) => existing.clone(),
-            None => pool.intern(Arc::from(value)),
-        }
+        pool.get_or_insert(value, || Arc::from(value))
     }
 
     pub(super) fn scopes(&self, value: &ScopeSet) -> ScopeSet {
         let mut pool = self.scopes.lock().unwrap_or_else(|p| p.into_inner());
-        pool.intern(value.clone())
+        pool.get_or_insert(value, || value.clone())
     }
 }
 

@@ -307,13 +307,11 @@ impl CachedResolver {
         }) {
             return Some(decided);
         }
-        Some(match self.cached(digest, now)? {
-            CacheEntry::Known(key) => key.check(now).map(|()| {
-                front::fill(inner.id, epoch, digest, &key);
-                admit(&key)
-            }),
-            CacheEntry::Unknown => Err(AuthError::InvalidKey(InvalidKeyReason::Unknown)),
-        })
+        let entry = self.cached(digest, now)?;
+        Some(entry.authenticate(now).map(|key| {
+            front::fill(inner.id, epoch, digest, key);
+            admit(key)
+        }))
     }
 
     /// The answer the table holds for a digest at `now`, if any.
