@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
-use tower_api_keys::{CachedResolver, KeyDigest, KeyFormat, KeyStore, MemoryStore};
+use tower_api_keys::key::{KeyDigest, KeyFormat};
+use tower_api_keys::resolver::CachedResolver;
+use tower_api_keys::store::{KeyStore, MemoryStore};
 
 mod fixtures;
 

@@ -25,9 +25,11 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use tokio::sync::RwLock;
 use tower::{Layer, ServiceExt};
-use tower_api_keys::{
-    ApiKeyLayer, CachedResolver, KeyFormat, KeyStore, MemoryStore, RequireScopes,
-};
+use tower_api_keys::guard::RequireScopes;
+use tower_api_keys::key::KeyFormat;
+use tower_api_keys::layer::ApiKeyLayer;
+use tower_api_keys::resolver::CachedResolver;
+use tower_api_keys::store::{KeyStore, MemoryStore};
 
 mod fixtures;
 use fixtures::CountingStore;

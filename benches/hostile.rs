@@ -26,10 +26,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use tower::{Layer, Service, ServiceExt};
+use tower_api_keys::error::AuthError;
 use tower_api_keys::error::InvalidKeyReason;
-use tower_api_keys::{
-    ApiKey, ApiKeyLayer, AuthError, CachedResolver, KeyFormat, MemoryStore, RequireScopes,
-};
+use tower_api_keys::guard::RequireScopes;
+use tower_api_keys::key::{ApiKey, KeyFormat};
+use tower_api_keys::layer::ApiKeyLayer;
+use tower_api_keys::resolver::CachedResolver;
+use tower_api_keys::store::MemoryStore;
 
 mod fixtures;
 use fixtures::CountingStore;

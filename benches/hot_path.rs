@@ -36,10 +36,12 @@ use tower::{Layer, Service, ServiceExt};
 use tower_api_keys::store::KeyLimits;
 
 mod fixtures;
-use tower_api_keys::{
-    ApiKey, ApiKeyLayer, CachedResolver, KeyDigest, KeyFormat, KeyId, KeyRecord, KeyStore,
-    MemoryStore, Principal, RequireScopes,
-};
+use tower_api_keys::guard::RequireScopes;
+use tower_api_keys::key::{ApiKey, KeyDigest, KeyFormat, KeyId};
+use tower_api_keys::layer::ApiKeyLayer;
+use tower_api_keys::principal::Principal;
+use tower_api_keys::resolver::CachedResolver;
+use tower_api_keys::store::{KeyRecord, KeyStore, MemoryStore};
 
 const BEARER_TOKEN: &str = "a-static-token-0123456789abcdefghijklmnopqrstuvwxyz";
 const BCRYPT_COST: u32 = 10;

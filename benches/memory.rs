@@ -20,10 +20,11 @@ use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
+use tower_api_keys::key::{KeyDigest, KeyId};
+use tower_api_keys::principal::Principal;
+use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::store::{KeyLimits, ListQuery, Rotation};
-use tower_api_keys::{
-    CachedResolver, KeyDigest, KeyId, KeyRecord, KeyStore, Principal, StoreError,
-};
+use tower_api_keys::store::{KeyRecord, KeyStore, StoreError};
 
 /// The global allocator, counting live bytes.
 struct Counting;

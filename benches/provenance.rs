@@ -17,7 +17,10 @@ use futures_util::FutureExt;
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use tower::{Layer, Service, ServiceExt};
-use tower_api_keys::{KeyId, Principal, Provenance, ScopeSet};
+use tower_api_keys::key::KeyId;
+use tower_api_keys::principal::Principal;
+use tower_api_keys::provenance::Provenance;
+use tower_api_keys::scope::ScopeSet;
 
 const SIZES: [(usize, &str); 2] = [(1024, "1KiB"), (64 * 1024, "64KiB")];
 

@@ -46,11 +46,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
+use tower_api_keys::error::{AuthError, JsonRejection, RenderRejection};
+use tower_api_keys::guard::RequireScopes;
+use tower_api_keys::key::{ApiKey, KeyFormat};
+use tower_api_keys::layer::{ApiKeyLayer, KeySource};
+use tower_api_keys::manage::KeyManager;
 use tower_api_keys::manage::{CreateKey, KeyInfo};
-use tower_api_keys::{
-    ApiKey, ApiKeyLayer, AuthError, CachedResolver, JsonRejection, KeyFormat, KeyManager,
-    KeySource, MemoryStore, Principal, RenderRejection, RequireScopes,
-};
+use tower_api_keys::principal::Principal;
+use tower_api_keys::resolver::CachedResolver;
+use tower_api_keys::store::MemoryStore;
 
 /// The body of every response, handlers' and refusals' alike (see the module docs).
 pub type Body = Full<Bytes>;

@@ -36,11 +36,16 @@ use axum::routing::get;
 use axum::{Json, Router};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use tower_api_keys::error::AuthError;
+use tower_api_keys::guard::RequireScopes;
+use tower_api_keys::key::{ApiKey, KeyFormat, KeyId};
+use tower_api_keys::layer::{ApiKeyLayer, KeySource};
 use tower_api_keys::manage::{self, KeyManager, KeyPolicy};
-use tower_api_keys::{
-    ApiKey, ApiKeyLayer, AuthError, CachedResolver, KeyFormat, KeyId, KeySource, KeyStore,
-    Principal, Provenance, RequireScopes, SqliteStore, UsageRecorder,
-};
+use tower_api_keys::principal::Principal;
+use tower_api_keys::provenance::Provenance;
+use tower_api_keys::resolver::CachedResolver;
+use tower_api_keys::store::{KeyStore, SqliteStore};
+use tower_api_keys::usage::UsageRecorder;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 /// Where the demo keeps its ledgers, balances and transactions: the same database as the keys.
@@ -170,7 +175,7 @@ fn demo_error(status: StatusCode, code: &str, message: String) -> Response {
 
 fn storage_error(error: sqlx::Error) -> AuthError {
     tracing::error!(%error, "demo record storage failed");
-    AuthError::Unavailable(tower_api_keys::StoreError::unavailable(error))
+    AuthError::Unavailable(tower_api_keys::store::StoreError::unavailable(error))
 }
 
 /// Largest record body a client may send: 256 KiB (`Provenance` refuses a larger one from a scoped
@@ -583,7 +588,7 @@ pub(crate) async fn build(config: Config) -> Result<Demo, Box<dyn std::error::Er
     if config.database_url.starts_with("postgres") {
         #[cfg(feature = "postgres")]
         {
-            let pg = tower_api_keys::PostgresStore::connect(&config.database_url).await?;
+            let pg = tower_api_keys::store::PostgresStore::connect(&config.database_url).await?;
             records = Records::Postgres(pg.pool().clone());
             pg_store = Some(pg.clone());
             store = Arc::new(pg);
@@ -617,7 +622,7 @@ pub(crate) async fn build(config: Config) -> Result<Demo, Box<dyn std::error::Er
     if let Some(redis_url) = config.redis_url {
         #[cfg(feature = "redis")]
         {
-            let invalidator = tower_api_keys::RedisInvalidator::open(&redis_url)?;
+            let invalidator = tower_api_keys::invalidate::RedisInvalidator::open(&redis_url)?;
             subscriptions.push(Box::new(invalidator.subscribe(resolver.clone())));
             manager = manager.invalidator(invalidator);
             tracing::info!("revocations broadcast over Redis");
@@ -630,7 +635,7 @@ pub(crate) async fn build(config: Config) -> Result<Demo, Box<dyn std::error::Er
     } else {
         #[cfg(feature = "postgres")]
         if let Some(pg) = &pg_store {
-            let invalidator = tower_api_keys::PgInvalidator::from_store(pg);
+            let invalidator = tower_api_keys::invalidate::PgInvalidator::from_store(pg);
             subscriptions.push(Box::new(invalidator.subscribe(resolver.clone())));
             manager = manager.invalidator(invalidator);
             tracing::info!("revocations broadcast over PostgreSQL LISTEN/NOTIFY");

@@ -47,11 +47,15 @@ use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tower::ServiceBuilder;
+use tower_api_keys::error::{AuthError, GrpcRejection};
+use tower_api_keys::guard::{MethodScopes, RequireScopes};
+use tower_api_keys::key::{ApiKey, KeyFormat};
+use tower_api_keys::layer::{ApiKeyLayer, KeySource};
+use tower_api_keys::manage::KeyManager;
 use tower_api_keys::manage::{CreateKey, KeyInfo};
-use tower_api_keys::{
-    ApiKey, ApiKeyLayer, AuthError, CachedResolver, GrpcRejection, KeyFormat, KeyManager,
-    KeySource, MemoryStore, MethodScopes, Principal, RequireScopes,
-};
+use tower_api_keys::principal::Principal;
+use tower_api_keys::resolver::CachedResolver;
+use tower_api_keys::store::MemoryStore;
 
 /// The code generated from `proto/ledger.proto` by `build.rs`.
 pub mod pb {

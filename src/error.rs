@@ -16,7 +16,10 @@
 //!
 //! ```
 //! use http::{Response, StatusCode};
-//! use tower_api_keys::{ApiKeyLayer, AuthError, CachedResolver, MemoryStore};
+//! use tower_api_keys::error::AuthError;
+//! use tower_api_keys::layer::ApiKeyLayer;
+//! use tower_api_keys::resolver::CachedResolver;
+//! use tower_api_keys::store::MemoryStore;
 //!
 //! let resolver = CachedResolver::new(MemoryStore::new());
 //! let layer = ApiKeyLayer::new(resolver).rejection(|error: &AuthError| {
@@ -35,7 +38,7 @@ use bytes::Bytes;
 use http::header::{CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{HeaderValue, Response, StatusCode};
 
-use crate::scope::ScopeSet;
+use crate::scope::{ScopeMatch, ScopeSet};
 use crate::store::StoreError;
 
 /// The stable code of every refusal. The string forms never change.
@@ -185,25 +188,6 @@ impl ExpiredReason {
         match self {
             Self::Expired => "expired",
             Self::Revoked => "revoked",
-        }
-    }
-}
-
-/// How a guard combined its required scopes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ScopeMatch {
-    /// Every scope is required.
-    All,
-    /// Any one scope suffices.
-    Any,
-}
-
-impl ScopeMatch {
-    /// `all` or `any`.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::All => "all",
-            Self::Any => "any",
         }
     }
 }

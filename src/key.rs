@@ -6,7 +6,7 @@
 //! touching a store, and lets secret scanners recognise a leaked key.
 //!
 //! ```
-//! use tower_api_keys::KeyFormat;
+//! use tower_api_keys::key::KeyFormat;
 //!
 //! let format = KeyFormat::new("sk_live").unwrap();
 //! let key = format.generate();

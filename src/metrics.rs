@@ -2,12 +2,12 @@
 //!
 //! | metric | type | labels | what |
 //! |---|---|---|---|
-//! | `api_key_requests_total` | counter | `outcome`: `ok` or the error code (e.g. `AUTH_INVALID_API_KEY`); `kind` on `ok`: `master`, `scoped` or `anonymous` | every request [`ApiKeyLayer`](crate::ApiKeyLayer) admitted or refused |
-//! | `api_key_guard_refusals_total` | counter | `outcome`: the error code (`AUTH_INSUFFICIENT_PERMISSIONS`, `AUTH_MISSING_API_KEY`, `AUTH_MISSING_PRINCIPAL`) | every request a [`RequireScopes`](crate::RequireScopes) guard refused |
+//! | `api_key_requests_total` | counter | `outcome`: `ok` or the error code (e.g. `AUTH_INVALID_API_KEY`); `kind` on `ok`: `master`, `scoped` or `anonymous` | every request [`ApiKeyLayer`](crate::layer::ApiKeyLayer) admitted or refused |
+//! | `api_key_guard_refusals_total` | counter | `outcome`: the error code (`AUTH_INSUFFICIENT_PERMISSIONS`, `AUTH_MISSING_API_KEY`, `AUTH_MISSING_PRINCIPAL`) | every request a [`RequireScopes`](crate::guard::RequireScopes) guard refused |
 //! | `api_key_lookup_seconds` | histogram | `outcome`: `found`, `unknown`, `error` or `timeout` | latency of key-store lookups (cache misses only) |
 //!
 //! `api_key_requests_total` records the authentication decision: a request admitted by the layer and
-//! then refused by a [`RequireScopes`](crate::RequireScopes) guard counts as `ok` there, and once in
+//! then refused by a [`RequireScopes`](crate::guard::RequireScopes) guard counts as `ok` there, and once in
 //! `api_key_guard_refusals_total` (the authorization decision), so neither counter counts a request
 //! twice.
 //! Anonymous requests are CORS preflights and, with an optional layer, requests without a key.
@@ -170,7 +170,7 @@ mod tests {
         use crate::error::{AuthError, ExpiredReason};
         // No recorder installed: recording is a no-op, and must not panic.
         super::admitted(None);
-        super::admitted(Some(&crate::Principal::master()));
+        super::admitted(Some(&crate::principal::Principal::master()));
         super::rejected(&AuthError::ExpiredKey(ExpiredReason::Revoked));
         super::rejected(&AuthError::MissingKey);
         super::refused_by_guard(&AuthError::MissingPrincipal);

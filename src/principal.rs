@@ -1,10 +1,10 @@
-//! The authenticated caller that [`ApiKeyLayer`](crate::ApiKeyLayer) attaches to each request.
+//! The authenticated caller that [`ApiKeyLayer`](crate::layer::ApiKeyLayer) attaches to each request.
 //!
 //! Handlers read it from the request extensions, or with the axum extractors (feature `axum`):
 //!
 //! ```
 //! use axum::{routing::get, Router};
-//! use tower_api_keys::Principal;
+//! use tower_api_keys::principal::Principal;
 //!
 //! async fn whoami(principal: Principal) -> String {
 //!     format!("{} acting for {:?}", principal.key_id(), principal.account())
@@ -97,11 +97,13 @@ impl Principal {
         }))
     }
 
-    /// The principal [`ApiKeyLayer`](crate::ApiKeyLayer) put in a request's extensions, for code
+    /// The principal [`ApiKeyLayer`](crate::layer::ApiKeyLayer) put in a request's extensions, for code
     /// outside axum (hyper services, tonic interceptors). Fails with `AUTH_MISSING_API_KEY` for an
     /// anonymous request let through by an optional layer, and `AUTH_MISSING_PRINCIPAL` when no
     /// layer ran.
-    pub fn from_extensions(extensions: &http::Extensions) -> Result<&Principal, crate::AuthError> {
+    pub fn from_extensions(
+        extensions: &http::Extensions,
+    ) -> Result<&Principal, crate::error::AuthError> {
         crate::guard::principal_of(extensions)
     }
 

@@ -5,7 +5,7 @@
 //! `ledgers`. Anything else is a [`ScopeError`], never a scope that silently grants nothing.
 //!
 //! ```
-//! use tower_api_keys::{Scope, ScopeSet};
+//! use tower_api_keys::scope::{Scope, ScopeSet};
 //!
 //! let granted: ScopeSet = "ledgers:* *:read".parse().unwrap();
 //! assert!(granted.allows(&"ledgers:write".parse::<Scope>().unwrap()));
@@ -367,6 +367,25 @@ impl serde::Serialize for ScopeSet {
 impl<'de> serde::Deserialize<'de> for ScopeSet {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         Vec::<Scope>::deserialize(d).map(Self::from)
+    }
+}
+
+/// How a set of required scopes is matched: all of them, or any one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScopeMatch {
+    /// Every scope is required.
+    All,
+    /// Any one scope suffices.
+    Any,
+}
+
+impl ScopeMatch {
+    /// `all` or `any`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Any => "any",
+        }
     }
 }
 

@@ -9,7 +9,10 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
 //! use std::{sync::Arc, time::Duration};
-//! use tower_api_keys::{ApiKeyLayer, CachedResolver, MemoryStore, UsageRecorder};
+//! use tower_api_keys::layer::ApiKeyLayer;
+//! use tower_api_keys::resolver::CachedResolver;
+//! use tower_api_keys::store::MemoryStore;
+//! use tower_api_keys::usage::UsageRecorder;
 //!
 //! let store = Arc::new(MemoryStore::new());
 //! let resolver = CachedResolver::new(store.clone());

@@ -15,12 +15,14 @@ mod support_db;
 use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
+use tower_api_keys::error::AuthError;
 use tower_api_keys::error::ExpiredReason;
+use tower_api_keys::invalidate::{Invalidation, Invalidator, PgInvalidator};
+use tower_api_keys::key::{ApiKey, KeyFormat, KeyId};
+use tower_api_keys::resolver::CachedResolver;
+use tower_api_keys::scope::ScopeSet;
 use tower_api_keys::store::{KeyLimits, PostgresStore};
-use tower_api_keys::{
-    ApiKey, AuthError, CachedResolver, Invalidation, Invalidator, KeyFormat, KeyId, KeyRecord,
-    KeyStore, PgInvalidator, ScopeSet,
-};
+use tower_api_keys::store::{KeyRecord, KeyStore};
 
 use support_db::PgSchema;
 
@@ -265,7 +267,7 @@ async fn unreadable_notification_clears_the_cache() {
 
 #[cfg(feature = "redis")]
 mod over_redis {
-    use tower_api_keys::RedisInvalidator;
+    use tower_api_keys::invalidate::RedisInvalidator;
 
     use super::*;
 

@@ -54,7 +54,7 @@ fn provenance_stamping_inputs() {
 /// `ApiKey("my_super_secret_master_key_…")`. Only a key-shaped string shows its prefix now.
 #[test]
 fn a_secret_not_shaped_like_a_key_shows_nothing() {
-    use tower_api_keys::{ApiKey, KeyFormat};
+    use tower_api_keys::key::{ApiKey, KeyFormat};
     for secret in ["my_super_secret_master_key_value", "sk_live_abc", "a_b"] {
         let key = ApiKey::new(secret);
         assert_eq!(format!("{key:?}"), "ApiKey(\"…\")");

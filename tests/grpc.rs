@@ -14,16 +14,18 @@ use tokio::net::TcpListener;
 use tonic::Code;
 use tonic::transport::Channel;
 use tower::{Layer, ServiceExt, service_fn};
+use tower_api_keys::error::GrpcRejection;
+use tower_api_keys::guard::RequireScopes;
+use tower_api_keys::key::{ApiKey, KeyDigest, KeyId};
+use tower_api_keys::principal::Principal;
+use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::store::{KeyLimits, ListQuery, Rotation};
-use tower_api_keys::{
-    ApiKey, CachedResolver, GrpcRejection, KeyDigest, KeyId, KeyRecord, KeyStore, MemoryStore,
-    Principal, RequireScopes, StoreError,
-};
+use tower_api_keys::store::{KeyRecord, KeyStore, MemoryStore, StoreError};
 
 use tonic_example::issue_key;
 use tonic_example::pb::ledgers_client::LedgersClient;
 use tonic_example::pb::{CreateLedgerRequest, GetLedgerRequest, Ledger};
-use tower_api_keys::MethodScopes;
+use tower_api_keys::guard::MethodScopes;
 
 const MASTER: &str = "master-key-for-grpc-tests-0123456789";
 

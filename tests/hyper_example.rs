@@ -15,7 +15,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tower_api_keys::{ApiKey, CachedResolver, MemoryStore};
+use tower_api_keys::key::ApiKey;
+use tower_api_keys::resolver::CachedResolver;
+use tower_api_keys::store::MemoryStore;
 
 use hyper_example::issue_key;
 

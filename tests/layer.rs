@@ -14,10 +14,13 @@ use common::*;
 use http::{Request, StatusCode};
 use time::OffsetDateTime;
 use tower::ServiceExt;
-use tower_api_keys::{
-    ApiKey, ApiKeyLayer, AuthError, CachedResolver, ErrorCode, KeyFormat, KeySource, Principal,
-    PrincipalKind, RequireScopes, Scoped, scopes,
-};
+use tower_api_keys::error::{AuthError, ErrorCode};
+use tower_api_keys::guard::{RequireScopes, Scoped};
+use tower_api_keys::key::{ApiKey, KeyFormat};
+use tower_api_keys::layer::{ApiKeyLayer, KeySource};
+use tower_api_keys::principal::{Principal, PrincipalKind};
+use tower_api_keys::resolver::CachedResolver;
+use tower_api_keys::scopes;
 
 scopes! {
     LedgersWrite = all("ledgers:write");
@@ -259,7 +262,7 @@ async fn a_cached_unknown_digest_still_reports_its_bad_checksum() {
     let replacement = if &typo[last..] == "A" { "B" } else { "A" };
     typo.replace_range(last.., replacement);
     f.resolver
-        .authenticate(&tower_api_keys::KeyDigest::of(&typo))
+        .authenticate(&tower_api_keys::key::KeyDigest::of(&typo))
         .await
         .unwrap_err();
     assert_eq!(f.store.lookups(), 1);
@@ -762,7 +765,7 @@ async fn revocation_reaches_the_cache_through_invalidation() {
         .status(),
         StatusCode::OK
     );
-    use tower_api_keys::KeyStore;
+    use tower_api_keys::store::KeyStore;
     f.store
         .revoke(&record.id, OffsetDateTime::now_utc())
         .await
@@ -789,7 +792,7 @@ async fn revocation_reaches_the_cache_through_invalidation() {
 
 #[tokio::test]
 async fn rotation_grace_period_keeps_the_old_secret_until_it_ends() {
-    use tower_api_keys::KeyStore;
+    use tower_api_keys::store::KeyStore;
     use tower_api_keys::store::Rotation;
     let f = fixture();
     let (old, record) = issue(&*f.store, &f.format, "*:*").await;

@@ -18,16 +18,19 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 use tower::ServiceExt;
+use tower_api_keys::error::{AuthError, ErrorCode};
+use tower_api_keys::key::{ApiKey, KeyFormat};
 use tower_api_keys::layer::MAX_PRESENTED_KEY_LEN;
+use tower_api_keys::layer::{ApiKeyLayer, KeySource};
 use tower_api_keys::manage::{
     self, CreateKey, DEFAULT_PAGE_SIZE, KeyManager, MAX_BODY_BYTES, MAX_GRACE_PERIOD,
-    MAX_KEY_ID_LEN, MAX_NAME_LEN, MAX_OWNER_LEN, MAX_PAGE_SIZE, MAX_SCOPE_LEN, MAX_SCOPES,
+    MAX_KEY_ID_LEN, MAX_NAME_LEN, MAX_OWNER_LEN, MAX_PAGE_SIZE, MAX_SCOPES,
 };
+use tower_api_keys::principal::Principal;
 use tower_api_keys::provenance::DEFAULT_MAX_BODY_BYTES;
-use tower_api_keys::{
-    ApiKey, ApiKeyLayer, AuthError, CachedResolver, ErrorCode, KeyFormat, KeySource, Principal,
-    Provenance,
-};
+use tower_api_keys::provenance::Provenance;
+use tower_api_keys::resolver::CachedResolver;
+use tower_api_keys::scope::MAX_SCOPE_LEN;
 
 struct Fixture {
     store: Arc<TestStore>,

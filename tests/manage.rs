@@ -15,11 +15,14 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tower::ServiceExt;
+use tower_api_keys::error::AuthError;
+use tower_api_keys::guard::RequireScopes;
+use tower_api_keys::key::{ApiKey, KeyFormat, KeyId};
+use tower_api_keys::layer::{ApiKeyLayer, KeySource};
 use tower_api_keys::manage::{self, CreateKey, KeyManager, KeyPolicy};
-use tower_api_keys::{
-    ApiKey, ApiKeyLayer, AuthError, CachedResolver, KeyFormat, KeyId, KeySource, Principal,
-    RequireScopes, UsageRecorder,
-};
+use tower_api_keys::principal::Principal;
+use tower_api_keys::resolver::CachedResolver;
+use tower_api_keys::usage::UsageRecorder;
 
 struct Fixture {
     store: Arc<TestStore>,

@@ -13,10 +13,13 @@ use axum::routing::get;
 use common::MASTER;
 use http::Request;
 use tower::ServiceExt;
+use tower_api_keys::key::ApiKey;
+use tower_api_keys::layer::{ApiKeyLayer, KeySource};
 use tower_api_keys::manage::{self, CreateKey, KeyManager};
-use tower_api_keys::{
-    ApiKey, ApiKeyLayer, CachedResolver, KeySource, MemoryStore, Principal, UsageRecorder,
-};
+use tower_api_keys::principal::Principal;
+use tower_api_keys::resolver::CachedResolver;
+use tower_api_keys::store::MemoryStore;
+use tower_api_keys::usage::UsageRecorder;
 
 #[derive(Clone, Default)]
 struct Capture(Arc<Mutex<Vec<u8>>>);

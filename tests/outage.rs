@@ -12,11 +12,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use time::OffsetDateTime;
+use tower_api_keys::error::AuthError;
+use tower_api_keys::key::{ApiKey, KeyDigest, KeyFormat, KeyId};
+use tower_api_keys::resolver::CachedResolver;
+use tower_api_keys::scope::ScopeSet;
 use tower_api_keys::store::{KeyLimits, ListQuery, Rotation, StoreErrorKind};
-use tower_api_keys::{
-    ApiKey, AuthError, CachedResolver, KeyDigest, KeyFormat, KeyId, KeyRecord, KeyStore,
-    MemoryStore, ScopeSet, StoreError,
-};
+use tower_api_keys::store::{KeyRecord, KeyStore, MemoryStore, StoreError};
 
 fn new_record() -> (ApiKey, KeyRecord) {
     let format = KeyFormat::default();
@@ -147,7 +148,7 @@ mod postgres {
     use std::time::Instant;
 
     use sqlx::postgres::PgConnectOptions;
-    use tower_api_keys::PostgresStore;
+    use tower_api_keys::store::PostgresStore;
 
     use super::*;
 

@@ -13,12 +13,16 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use proptest::prelude::*;
 use time::OffsetDateTime;
 use tower::{Layer, ServiceExt};
+use tower_api_keys::error::AuthError;
 use tower_api_keys::error::ErrorCode;
+use tower_api_keys::key::{ApiKey, KeyFormat, KeyId};
+use tower_api_keys::layer::ApiKeyLayer;
+use tower_api_keys::principal::Principal;
+use tower_api_keys::provenance::{Provenance, ProvenanceBody};
+use tower_api_keys::resolver::CachedResolver;
+use tower_api_keys::scope::ScopeSet;
 use tower_api_keys::store::KeyLimits;
-use tower_api_keys::{
-    ApiKey, ApiKeyLayer, AuthError, CachedResolver, KeyFormat, KeyId, KeyRecord, KeyStore,
-    MemoryStore, Principal, Provenance, ProvenanceBody, ScopeSet,
-};
+use tower_api_keys::store::{KeyRecord, KeyStore, MemoryStore};
 
 const MASTER: &str = "master-key-for-provenance-tests-0123";
 const JSON: &str = "application/json";

@@ -14,10 +14,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use time::{Duration, OffsetDateTime};
+use tower_api_keys::key::{ApiKey, KeyDigest, KeyFormat, KeyId};
+use tower_api_keys::scope::ScopeSet;
 use tower_api_keys::store::{KeyLimits, ListQuery, PreviousSecret, Rotation, StoreErrorKind};
-use tower_api_keys::{
-    ApiKey, KeyDigest, KeyFormat, KeyId, KeyRecord, KeyStore, MemoryStore, ScopeSet,
-};
+use tower_api_keys::store::{KeyRecord, KeyStore, MemoryStore};
 
 /// What a check runs against.
 #[derive(Clone)]
@@ -850,8 +850,8 @@ fn hex(bytes: &[u8]) -> String {
 #[cfg(feature = "postgres")]
 mod postgres_only {
     use sqlx::AssertSqlSafe;
-    use tower_api_keys::AuthError;
-    use tower_api_keys::CachedResolver;
+    use tower_api_keys::error::AuthError;
+    use tower_api_keys::resolver::CachedResolver;
     use tower_api_keys::store::PostgresStore;
 
     use super::*;
@@ -919,7 +919,8 @@ mod postgres_only {
         let s = format!("\"{}\"", schema.schema);
         let r = record("key_1", "o", "a");
         store.insert(&r, no_limits(), now()).await.unwrap();
-        let corrupt = |e: tower_api_keys::StoreError| assert_eq!(e.kind(), StoreErrorKind::Corrupt);
+        let corrupt =
+            |e: tower_api_keys::store::StoreError| assert_eq!(e.kind(), StoreErrorKind::Corrupt);
 
         execute(
             &store,

@@ -15,12 +15,14 @@ use http::header::{ACCESS_CONTROL_REQUEST_METHOD, AUTHORIZATION, ORIGIN, WWW_AUT
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri};
 use time::OffsetDateTime;
 use tower::{Layer as _, ServiceExt as _};
+use tower_api_keys::error::{AuthError, ErrorCode};
+use tower_api_keys::key::{ApiKey, KeyFormat, KeyId};
 use tower_api_keys::layer::MAX_PRESENTED_KEY_LEN;
+use tower_api_keys::layer::{ApiKeyLayer, KeySource};
+use tower_api_keys::principal::Principal;
+use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::store::KeyLimits;
-use tower_api_keys::{
-    ApiKey, ApiKeyLayer, AuthError, CachedResolver, ErrorCode, KeyFormat, KeyId, KeyRecord,
-    KeySource, KeyStore, MemoryStore, Principal,
-};
+use tower_api_keys::store::{KeyRecord, KeyStore, MemoryStore};
 
 use super::input::Input;
 use super::key_parser::sign;

@@ -3,8 +3,8 @@
 //! `<prefix>_<43 base62 characters><6 base62 characters of CRC32(everything before them)>`.
 
 use sha2::{Digest as _, Sha256};
+use tower_api_keys::key::{ApiKey, KeyDigest, KeyFormat};
 use tower_api_keys::key::{BODY_LEN, CHECKSUM_LEN, KeyFormatError, MAX_PREFIX_LEN};
-use tower_api_keys::{ApiKey, KeyDigest, KeyFormat};
 
 use super::input::Input;
 
@@ -178,7 +178,7 @@ fn check_redaction(secret: &str) {
 mod tests {
     #[test]
     fn generated_keys_satisfy_the_model() {
-        let format = tower_api_keys::KeyFormat::new("sk_live").unwrap();
+        let format = tower_api_keys::key::KeyFormat::new("sk_live").unwrap();
         let key = format.generate();
         assert_eq!(super::model("sk_live", key.expose_secret()), Ok(()));
     }

@@ -10,7 +10,9 @@
 
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
-use tower_api_keys::{ErrorCode, KeyId, Provenance};
+use tower_api_keys::error::ErrorCode;
+use tower_api_keys::key::KeyId;
+use tower_api_keys::provenance::Provenance;
 
 use super::input::Input;
 

@@ -3,7 +3,7 @@
 //! bytes) and of wildcard matching.
 
 use tower_api_keys::scope::MAX_SCOPE_LEN;
-use tower_api_keys::{Scope, ScopeSet, is_valid_scope};
+use tower_api_keys::scope::{Scope, ScopeSet, is_valid_scope};
 
 /// Input: text (lossy UTF-8). The whole text, and every space- or comma-separated item, is parsed as
 /// a scope; the text is parsed as a `ScopeSet`; its `|`-separated parts make the sets whose

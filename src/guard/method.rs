@@ -12,9 +12,9 @@ use tower_service::Service;
 
 use super::RequireScopes;
 use crate::error::{JsonRejection, RenderRejection};
-use crate::layer::ResponseFuture;
+use crate::layer::future::ResponseFuture;
 #[cfg(doc)]
-use crate::{ApiKeyLayer, GrpcRejection};
+use crate::{error::GrpcRejection, layer::ApiKeyLayer};
 
 /// Scopes per gRPC method: a layer that picks the [`RequireScopes`] guard of the request's method
 /// from its path (`/package.Service/Method`) and runs it. Put it inside [`ApiKeyLayer`].
@@ -25,7 +25,8 @@ use crate::{ApiKeyLayer, GrpcRejection};
 /// exactly those of [`RequireScopes`], which does the checking.
 ///
 /// ```
-/// use tower_api_keys::{GrpcRejection, MethodScopes, RequireScopes};
+/// use tower_api_keys::error::GrpcRejection;
+/// use tower_api_keys::guard::{MethodScopes, RequireScopes};
 ///
 /// let scopes = MethodScopes::new()
 ///     .method("/ledger.v1.Ledgers/GetLedger", RequireScopes::all(["ledgers:read"]))

@@ -2,7 +2,10 @@
 //!
 //! ```
 //! use axum::{routing::{get, post}, Router};
-//! use tower_api_keys::{ApiKeyLayer, CachedResolver, MemoryStore, RequireScopes};
+//! use tower_api_keys::guard::RequireScopes;
+//! use tower_api_keys::layer::ApiKeyLayer;
+//! use tower_api_keys::resolver::CachedResolver;
+//! use tower_api_keys::store::MemoryStore;
 //!
 //! let resolver = CachedResolver::new(MemoryStore::new());
 //! let app: Router = Router::new()
@@ -32,7 +35,8 @@
 //!
 //! ```
 //! use axum::{routing::post, Router};
-//! use tower_api_keys::{scopes, Scoped};
+//! use tower_api_keys::guard::Scoped;
+//! use tower_api_keys::scopes;
 //!
 //! scopes! {
 //!     /// Creating ledgers.
@@ -64,10 +68,10 @@ use std::task::{Context, Poll};
 use http::{Method, Request, Response};
 use tower_service::Service;
 
-use crate::error::{AuthError, JsonRejection, RenderRejection, ScopeMatch, reject};
-use crate::layer::ResponseFuture;
+use crate::error::{AuthError, JsonRejection, RenderRejection, reject};
+use crate::layer::future::ResponseFuture;
 use crate::principal::Principal;
-use crate::scope::{Scope, ScopeError, ScopeSet};
+use crate::scope::{Scope, ScopeError, ScopeMatch, ScopeSet};
 
 mod method;
 pub use method::{MethodScopes, MethodScopesService};
@@ -316,7 +320,7 @@ pub trait ScopeRequirement: Send + Sync + 'static {
 ///     pub LedgersWrite = all("ledgers:write");
 ///     pub(crate) Reporting = any("*:read", "reports:*");
 /// }
-/// use tower_api_keys::ScopeRequirement;
+/// use tower_api_keys::guard::ScopeRequirement;
 /// assert_eq!(LedgersWrite::SCOPES, ["ledgers:write"]);
 /// ```
 #[macro_export]
@@ -326,17 +330,17 @@ macro_rules! scopes {
         #[derive(Debug, Clone, Copy, Default)]
         $vis struct $name;
 
-        impl $crate::ScopeRequirement for $name {
+        impl $crate::guard::ScopeRequirement for $name {
             const SCOPES: &'static [&'static str] = &[$($scope),+];
-            const MATCH: $crate::ScopeMatch = $crate::scopes!(@mode $mode);
+            const MATCH: $crate::scope::ScopeMatch = $crate::scopes!(@mode $mode);
         }
 
         const _: () = {$(
-            assert!($crate::is_valid_scope($scope), concat!("invalid scope in scopes!: ", $scope));
+            assert!($crate::scope::is_valid_scope($scope), concat!("invalid scope in scopes!: ", $scope));
         )+};
     )+};
-    (@mode all) => { $crate::ScopeMatch::All };
-    (@mode any) => { $crate::ScopeMatch::Any };
+    (@mode all) => { $crate::scope::ScopeMatch::All };
+    (@mode any) => { $crate::scope::ScopeMatch::Any };
 }
 
 /// An axum extractor that succeeds only if the request's principal holds the scopes of `M`

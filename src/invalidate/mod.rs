@@ -10,9 +10,9 @@
 //! resolver's TTL.
 
 #[cfg(feature = "postgres")]
-pub mod postgres;
+mod postgres;
 #[cfg(feature = "redis")]
-pub mod redis;
+mod redis;
 
 use std::fmt;
 

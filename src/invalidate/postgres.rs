@@ -1,7 +1,7 @@
 //! [`PgInvalidator`]: broadcast key changes over PostgreSQL `LISTEN`/`NOTIFY` (feature `postgres`).
 //!
 //! ```no_run
-//! use tower_api_keys::CachedResolver;
+//! use tower_api_keys::resolver::CachedResolver;
 //! use tower_api_keys::invalidate::PgInvalidator;
 //! use tower_api_keys::store::PostgresStore;
 //!
@@ -42,9 +42,6 @@ use crate::store::StoreError;
 use crate::store::postgres::{InvalidIdentifier, PostgresStore, check_identifier};
 use crate::store::sql_common::map_sqlx_error;
 
-/// The channel used when none is configured.
-pub const DEFAULT_CHANNEL: &str = "tower_api_keys_invalidation";
-
 /// Publishes [`Invalidation`]s with `NOTIFY` and subscribes resolvers with `LISTEN`.
 ///
 /// Cheap to clone. Every instance of a service must use the same channel (and database).
@@ -64,11 +61,14 @@ impl fmt::Debug for PgInvalidator {
 }
 
 impl PgInvalidator {
-    /// An invalidator publishing through `pool` on [`DEFAULT_CHANNEL`].
+    /// The channel used when none is configured.
+    pub const DEFAULT_CHANNEL: &str = "tower_api_keys_invalidation";
+
+    /// An invalidator publishing through `pool` on [`DEFAULT_CHANNEL`](Self::DEFAULT_CHANNEL).
     pub fn new(pool: PgPool) -> Self {
         Self {
             pool,
-            channel: DEFAULT_CHANNEL.into(),
+            channel: Self::DEFAULT_CHANNEL.into(),
             backoff: Backoff::default(),
         }
     }
@@ -254,7 +254,7 @@ mod tests {
             .connect_lazy("postgres://localhost/none")
             .unwrap();
         let invalidator = PgInvalidator::new(pool);
-        assert_eq!(invalidator.channel(), DEFAULT_CHANNEL);
+        assert_eq!(invalidator.channel(), PgInvalidator::DEFAULT_CHANNEL);
         assert!(invalidator.clone().with_channel("bad name").is_err());
         assert_eq!(invalidator.with_channel("ok_1").unwrap().channel(), "ok_1");
     }

@@ -1,7 +1,8 @@
 //! [`RedisInvalidator`]: broadcast key changes over Redis pub/sub (feature `redis`).
 //!
 //! ```no_run
-//! use tower_api_keys::{CachedResolver, MemoryStore};
+//! use tower_api_keys::resolver::CachedResolver;
+//! use tower_api_keys::store::MemoryStore;
 //! use tower_api_keys::invalidate::RedisInvalidator;
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -44,9 +45,6 @@ use super::{Invalidation, Invalidator};
 use crate::resolver::CachedResolver;
 use crate::store::{StoreError, StoreErrorKind};
 
-/// The channel used when none is configured.
-pub const DEFAULT_CHANNEL: &str = "tower_api_keys:invalidation";
-
 /// How long connecting, subscribing, publishing or a ping may take before it counts as a failure.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -72,11 +70,14 @@ impl fmt::Debug for RedisInvalidator {
 }
 
 impl RedisInvalidator {
-    /// An invalidator using `client`'s server, on [`DEFAULT_CHANNEL`]. Nothing connects yet.
+    /// The channel used when none is configured.
+    pub const DEFAULT_CHANNEL: &str = "tower_api_keys:invalidation";
+
+    /// An invalidator using `client`'s server, on [`DEFAULT_CHANNEL`](Self::DEFAULT_CHANNEL). Nothing connects yet.
     pub fn new(client: ::redis::Client) -> Self {
         Self {
             client,
-            channel: DEFAULT_CHANNEL.into(),
+            channel: Self::DEFAULT_CHANNEL.into(),
             backoff: Backoff::default(),
             ping_interval: Duration::from_secs(15),
             publisher: Arc::default(),
@@ -311,7 +312,7 @@ mod tests {
     #[test]
     fn configuration() {
         let invalidator = RedisInvalidator::open("redis://127.0.0.1:1").unwrap();
-        assert_eq!(invalidator.channel(), DEFAULT_CHANNEL);
+        assert_eq!(invalidator.channel(), RedisInvalidator::DEFAULT_CHANNEL);
         let invalidator = invalidator
             .with_channel("a:b")
             .ping_interval(Duration::ZERO)

@@ -1,3 +1,5 @@
+//! The response future of [`ApiKeyService`](super::ApiKeyService).
+
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -7,9 +9,9 @@ use http::Response;
 use pin_project_lite::pin_project;
 
 pin_project! {
-    /// Response future of [`ApiKeyService`](crate::ApiKeyService),
-    /// [`RequireScopesService`](crate::RequireScopesService) and
-    /// [`ProvenanceService`](crate::ProvenanceService).
+    /// Response future of [`ApiKeyService`](crate::layer::ApiKeyService),
+    /// [`RequireScopesService`](crate::guard::RequireScopesService) and
+    /// [`ProvenanceService`](crate::provenance::ProvenanceService).
     ///
     /// A cached key or a refusal needs no allocation; only a cache miss boxes the store lookup.
     pub struct ResponseFuture<F, B, E> {

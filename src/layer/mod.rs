@@ -2,7 +2,11 @@
 //!
 //! ```
 //! use axum::{routing::get, Router};
-//! use tower_api_keys::{ApiKey, ApiKeyLayer, CachedResolver, KeySource, MemoryStore, Principal};
+//! use tower_api_keys::key::ApiKey;
+//! use tower_api_keys::layer::{ApiKeyLayer, KeySource};
+//! use tower_api_keys::principal::Principal;
+//! use tower_api_keys::resolver::CachedResolver;
+//! use tower_api_keys::store::MemoryStore;
 //!
 //! async fn hello(principal: Principal) -> String {
 //!     format!("hello, {}", principal.name())
@@ -29,7 +33,7 @@
 //!    calls the inner service inside a `api_key` tracing span carrying the key id (never the key).
 //!
 //! Refusals are rendered by a [`RenderRejection`] ([`JsonRejection`] by default,
-//! [`GrpcRejection`](crate::GrpcRejection) for tonic) and carry the [`AuthError`] in their extensions.
+//! [`GrpcRejection`](crate::error::GrpcRejection) for tonic) and carry the [`AuthError`] in their extensions.
 //! If the surrounding span (e.g. tower-http's `TraceLayer`) declares an `api_key_id` field, the layer
 //! records the key id there too.
 //!
@@ -58,13 +62,12 @@
 //! What response times *do* reveal is what the response already says: whether the presented key
 //! itself is valid (a cached hit answers faster than a store lookup). Only its holder can ask.
 
-mod future;
+pub mod future;
 mod service;
 mod source;
 
 use std::sync::Arc;
 
-pub use future::ResponseFuture;
 pub use service::ApiKeyService;
 pub use source::KeySource;
 
@@ -82,7 +85,7 @@ use crate::resolver::CachedResolver;
 use crate::usage::UsageRecorder;
 
 #[cfg(doc)]
-use crate::{AuthError, Principal};
+use crate::{error::AuthError, principal::Principal};
 
 /// Layer that authenticates requests by API key. See the [module docs](self).
 #[derive(Clone, Debug)]

@@ -13,7 +13,7 @@ use crate::key::{KeyDigest, KeyFormatError};
 use crate::principal::Principal;
 use crate::resolver::ResolvedKey;
 
-/// Service produced by [`ApiKeyLayer`](crate::ApiKeyLayer).
+/// Service produced by [`ApiKeyLayer`](crate::layer::ApiKeyLayer).
 #[derive(Clone)]
 pub struct ApiKeyService<S, R> {
     inner: S,

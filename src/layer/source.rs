@@ -9,7 +9,7 @@ use crate::error::{AuthError, InvalidKeyReason};
 /// Longest header value (or query value) looked at; longer ones are refused as malformed.
 pub(crate) const MAX_CANDIDATE_LEN: usize = 1024;
 
-/// Where [`ApiKeyLayer`](crate::ApiKeyLayer) looks for a key. Several may be configured; the first
+/// Where [`ApiKeyLayer`](crate::layer::ApiKeyLayer) looks for a key. Several may be configured; the first
 /// one present wins, and two *different* keys in one request are refused as malformed.
 ///
 /// | constructor | reads |

@@ -17,17 +17,19 @@
 //! Every input is bounded; past a bound the request is refused with 400 `APIKEY_INVALID` and a
 //! message naming the bound, never truncated: a name of at most [`MAX_NAME_LEN`] characters, owner
 //! and account ids of at most [`MAX_OWNER_LEN`] visible ASCII characters, 1 to [`MAX_SCOPES`] scopes
-//! of at most [`MAX_SCOPE_LEN`] characters each, pages of 1 to [`MAX_PAGE_SIZE`] keys, cursors of at
+//! of at most [`MAX_SCOPE_LEN`](crate::scope::MAX_SCOPE_LEN) characters each, pages of 1 to [`MAX_PAGE_SIZE`] keys, cursors of at
 //! most [`MAX_KEY_ID_LEN`] characters, a rotation grace period of at most [`MAX_GRACE_PERIOD`]. The
 //! HTTP router reads bodies of at most [`MAX_BODY_BYTES`] (413 `REQUEST_BODY_TOO_LARGE` past it).
 //! Lifetimes and active-key counts are the [`KeyPolicy`]'s.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), tower_api_keys::AuthError> {
+//! # async fn main() -> Result<(), tower_api_keys::error::AuthError> {
 //! use std::sync::Arc;
 //! use tower_api_keys::manage::{CreateKey, KeyManager, KeyPolicy};
-//! use tower_api_keys::{CachedResolver, MemoryStore, Principal};
+//! use tower_api_keys::principal::Principal;
+//! use tower_api_keys::resolver::CachedResolver;
+//! use tower_api_keys::store::MemoryStore;
 //!
 //! let store = Arc::new(MemoryStore::new());
 //! let resolver = CachedResolver::new(store.clone());
@@ -82,10 +84,8 @@ use crate::store::{KeyLimits, KeyRecord, KeyStore, ListQuery, Rotation, StoreErr
 pub const MAX_NAME_LEN: usize = 128;
 /// Longest owner or account id accepted: 128 bytes of visible ASCII.
 pub const MAX_OWNER_LEN: usize = 128;
-/// Most scopes one key may hold: 64. Each scope is at most [`MAX_SCOPE_LEN`] bytes.
+/// Most scopes one key may hold: 64. Each scope is at most [`MAX_SCOPE_LEN`](crate::scope::MAX_SCOPE_LEN) bytes.
 pub const MAX_SCOPES: usize = 64;
-/// Longest scope string: 128 bytes (the scope grammar's own limit).
-pub const MAX_SCOPE_LEN: usize = crate::scope::MAX_SCOPE_LEN;
 /// Largest page [`KeyManager::list`] returns: 100. A larger `limit` (or 0) is refused, not clamped,
 /// so a client never mistakes a short page for the end of the list.
 pub const MAX_PAGE_SIZE: u32 = 100;
@@ -309,7 +309,7 @@ enum Access {
 
 impl KeyManager {
     /// A manager over `store` that keeps `resolver`'s cache in step with every change. Keys are
-    /// generated in the resolver's [`KeyFormat`](crate::KeyFormat).
+    /// generated in the resolver's [`KeyFormat`](crate::key::KeyFormat).
     pub fn new(store: Arc<dyn KeyStore>, resolver: CachedResolver) -> Self {
         Self {
             store,
@@ -354,7 +354,7 @@ impl KeyManager {
         } else {
             Err(AuthError::InsufficientPermissions {
                 required: ScopeSet::from(scope),
-                mode: crate::error::ScopeMatch::All,
+                mode: crate::scope::ScopeMatch::All,
             })
         }
     }

@@ -21,7 +21,7 @@ use crate::principal::Principal;
 const NEVER: &str = "0001-01-01T00:00:00Z";
 
 /// The management API, Blnk-compatible, to merge into your router behind
-/// [`ApiKeyLayer`](crate::ApiKeyLayer):
+/// [`ApiKeyLayer`](crate::layer::ApiKeyLayer):
 ///
 /// | request | does | answers |
 /// |---|---|---|
@@ -42,7 +42,10 @@ const NEVER: &str = "0001-01-01T00:00:00Z";
 /// use std::sync::Arc;
 /// use axum::Router;
 /// use tower_api_keys::manage::{self, KeyManager};
-/// use tower_api_keys::{ApiKey, ApiKeyLayer, CachedResolver, KeySource, MemoryStore};
+/// use tower_api_keys::key::ApiKey;
+/// use tower_api_keys::layer::{ApiKeyLayer, KeySource};
+/// use tower_api_keys::resolver::CachedResolver;
+/// use tower_api_keys::store::MemoryStore;
 ///
 /// let store = Arc::new(MemoryStore::new());
 /// let resolver = CachedResolver::new(store.clone());

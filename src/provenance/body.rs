@@ -8,7 +8,7 @@ use pin_project_lite::pin_project;
 pin_project! {
     /// A request body that is either the original body, untouched, or a buffered (stamped) one.
     ///
-    /// [`ProvenanceService`](crate::ProvenanceService) hands the inner service the same body type it
+    /// [`ProvenanceService`](crate::provenance::ProvenanceService) hands the inner service the same body type it
     /// received and builds stamped bodies with `From<Bytes>`. axum's body has that conversion; for a
     /// body type that has not (hyper's `Incoming`, a `StreamBody`, ...), wrap it first with
     /// [`ProvenanceBody::new`] (e.g. `req.map(ProvenanceBody::new)`, or tower-http's

@@ -8,7 +8,11 @@
 //! use http::Request;
 //! use serde_json::Value;
 //! use tower::ServiceExt;
-//! use tower_api_keys::{ApiKeyLayer, CachedResolver, MemoryStore, Provenance, RequireScopes};
+//! use tower_api_keys::guard::RequireScopes;
+//! use tower_api_keys::layer::ApiKeyLayer;
+//! use tower_api_keys::provenance::Provenance;
+//! use tower_api_keys::resolver::CachedResolver;
+//! use tower_api_keys::store::MemoryStore;
 //!
 //! async fn create_ledger(Json(ledger): Json<Value>) -> String {
 //!     // A real handler stores the ledger, metadata and all; this one says who created it.
@@ -34,8 +38,8 @@
 //! let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
 //! assert_eq!(body, format!("\"{key_id}\""));
 //! # }
-//! # async fn issue(store: &MemoryStore, scopes: &str) -> (tower_api_keys::ApiKey, tower_api_keys::KeyId) {
-//! #     use tower_api_keys::{KeyFormat, KeyId, KeyRecord, KeyStore, store::KeyLimits};
+//! # async fn issue(store: &MemoryStore, scopes: &str) -> (tower_api_keys::key::ApiKey, tower_api_keys::key::KeyId) {
+//! #     use tower_api_keys::{key::{KeyFormat, KeyId}, store::{KeyRecord, KeyStore, KeyLimits}};
 //! #     let format = KeyFormat::default();
 //! #     let key = format.generate();
 //! #     let now = time::OffsetDateTime::now_utc();
@@ -92,7 +96,7 @@
 //! against random edits of random documents), so no body that a `serde_json`-based handler would
 //! read can slip through unstamped.
 //!
-//! The layer needs the [`Principal`], so it goes inside [`ApiKeyLayer`](crate::ApiKeyLayer). A
+//! The layer needs the [`Principal`], so it goes inside [`ApiKeyLayer`](crate::layer::ApiKeyLayer). A
 //! stamped request costs one boxed future and one pass over the body (a fraction of what
 //! `Json<serde_json::Value>` then spends parsing it); requests that are not stamped go straight to
 //! the inner service, unboxed and unbuffered.
@@ -105,7 +109,7 @@
 //!
 //! ```
 //! use axum::{Router, routing::post};
-//! use tower_api_keys::Principal;
+//! use tower_api_keys::principal::Principal;
 //!
 //! async fn upload(principal: Principal, body: axum::body::Bytes) -> String {
 //!     let created_by = principal.provenance_id().map(|id| id.as_str().to_owned());
@@ -245,7 +249,8 @@ impl<R> Provenance<R> {
     /// something other than an object or null.
     ///
     /// ```
-    /// use tower_api_keys::{KeyId, Provenance};
+    /// use tower_api_keys::key::KeyId;
+    /// use tower_api_keys::provenance::Provenance;
     ///
     /// let stamped = Provenance::new()
     ///     .stamp(br#"{"amount": 12345678901234567890123}"#, &KeyId::new("key_1"))

@@ -12,12 +12,12 @@ use tower_service::Service;
 use super::Config;
 use crate::error::{AuthError, RenderRejection, reject};
 use crate::key::KeyId;
-use crate::layer::ResponseFuture;
+use crate::layer::future::ResponseFuture;
 use crate::principal::Principal;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Service produced by [`Provenance`](crate::Provenance).
+/// Service produced by [`Provenance`](crate::provenance::Provenance).
 #[derive(Clone)]
 pub struct ProvenanceService<S, R> {
     inner: S,

@@ -13,7 +13,9 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use tower_api_keys::{CachedResolver, KeyFormat, MemoryStore};
+//! use tower_api_keys::key::KeyFormat;
+//! use tower_api_keys::resolver::CachedResolver;
+//! use tower_api_keys::store::MemoryStore;
 //!
 //! let resolver = CachedResolver::builder(MemoryStore::new())
 //!     .format(KeyFormat::new("sk_live").unwrap())
@@ -157,7 +159,7 @@ struct Inner {
 
 /// Resolves key digests to principals through a bounded cache in front of a [`KeyStore`].
 ///
-/// Cheap to clone; clones share the cache. Give the same resolver to [`ApiKeyLayer`](crate::ApiKeyLayer)
+/// Cheap to clone; clones share the cache. Give the same resolver to [`ApiKeyLayer`](crate::layer::ApiKeyLayer)
 /// and to key management, so that revocations reach the cache the layer reads.
 #[derive(Clone)]
 pub struct CachedResolver {
@@ -490,7 +492,7 @@ mod tests {
         }
     }
 
-    fn record(format: &KeyFormat, revoked: bool) -> (crate::ApiKey, KeyRecord) {
+    fn record(format: &KeyFormat, revoked: bool) -> (crate::key::ApiKey, KeyRecord) {
         let key = format.generate();
         let now = OffsetDateTime::now_utc();
         let record = KeyRecord {
@@ -529,7 +531,7 @@ mod tests {
     }
 
     fn resolver_with(record: &KeyRecord, ttl: Duration) -> CachedResolver {
-        let store = crate::MemoryStore::new();
+        let store = crate::store::MemoryStore::new();
         block_on(store.insert(record, Default::default(), record.created_at)).unwrap();
         CachedResolver::builder(store).ttl(ttl).build()
     }

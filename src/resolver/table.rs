@@ -210,7 +210,7 @@ mod tests {
     use std::collections::HashSet;
 
     fn digest(i: u32) -> [u8; 32] {
-        crate::KeyDigest::of(&format!("key {i}"))
+        crate::key::KeyDigest::of(&format!("key {i}"))
             .as_bytes()
             .to_owned()
     }

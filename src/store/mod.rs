@@ -9,11 +9,11 @@
 
 mod memory;
 #[cfg(feature = "postgres")]
-pub mod postgres;
+pub(crate) mod postgres;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub(crate) mod sql_common;
 #[cfg(feature = "sqlite")]
-pub mod sqlite;
+mod sqlite;
 
 use std::fmt;
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use time::OffsetDateTime;
 
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
-pub use postgres::PostgresStore;
+pub use postgres::{InvalidIdentifier, PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 

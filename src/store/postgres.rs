@@ -1,47 +1,4 @@
-//! [`PostgresStore`]: keys in PostgreSQL, shared by every instance of a service (feature `postgres`).
-//!
-//! ```no_run
-//! use tower_api_keys::{CachedResolver, store::PostgresStore};
-//!
-//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! // Connects and brings the schema up to date (versioned migrations under an advisory lock).
-//! let store = PostgresStore::connect("postgres://app@db.internal/app").await?;
-//! let resolver = CachedResolver::new(store.clone());
-//!
-//! // Or in a dedicated schema, with a smaller pool:
-//! let store = PostgresStore::builder()
-//!     .schema("billing_keys")?
-//!     .max_connections(4)
-//!     .connect("postgres://app@db.internal/app")
-//!     .await?;
-//! # let _ = (resolver, store);
-//! # Ok(())
-//! # }
-//! ```
-//!
-//! # Layout
-//! Everything lives in one schema (default `tower_api_keys`, created if missing):
-//! - `api_keys`: one row per key. Digests are `BYTEA` (32 bytes) next to their scheme version
-//!   (`digest_scheme`, and `previous_digest_scheme` for a rotation grace period); scopes are a
-//!   `TEXT[]` in the set's sorted order; timestamps are `TIMESTAMPTZ`. No plaintext secret is stored.
-//! - `api_key_digests`: every digest currently identifying a key (current and grace-period previous),
-//!   primary-keyed on the digest, so that a digest identifies at most one key across both columns.
-//! - `api_key_migrations`: the applied schema versions.
-//!
-//! # Guarantees
-//! - Migrations run at start-up in one transaction holding a transaction-level advisory lock, so
-//!   instances starting together apply them once; they are idempotent.
-//! - [`KeyStore::insert`] takes a transaction-level advisory lock per owner (and per account) before
-//!   counting active keys, so concurrent inserts from any number of instances never overshoot a limit.
-//! - Timestamps keep PostgreSQL's microsecond precision: they are floored to the microsecond when
-//!   written and when compared (see [`KeyStore`]'s contract; records read back equal the inserted ones
-//!   when their times are whole microseconds).
-//! - Connection failures are [`StoreErrorKind::Unavailable`], duplicates
-//!   [`StoreErrorKind::Conflict`], unreadable rows (an unknown digest scheme, a bad scope)
-//!   [`StoreErrorKind::Corrupt`]. Errors never quote the offending values.
-//!
-//! TLS: enable one of sqlx's TLS features (e.g. `sqlx = { version = "0.9", features =
-//! ["tls-rustls"] }`) in your own `Cargo.toml`; feature unification applies it here.
+//! [`PostgresStore`]: keys in PostgreSQL (feature `postgres`); its docs say how.
 
 use std::fmt;
 use std::sync::Arc;
@@ -56,9 +13,6 @@ use tokio::sync::OnceCell;
 use super::sql_common::{RawRecord, map_sqlx_error, micros};
 use super::{KeyLimits, KeyRecord, KeyStore, ListQuery, Rotation, StoreError, StoreErrorKind};
 use crate::key::{KeyDigest, KeyId};
-
-/// The schema used when none is configured.
-pub const DEFAULT_SCHEMA: &str = "tower_api_keys";
 
 /// A schema or channel name that is not a plain PostgreSQL identifier: 1 to 63 bytes of ASCII
 /// letters, digits, `_` or `$`, not starting with a digit or `$`.
@@ -290,7 +244,7 @@ pub struct PostgresStoreBuilder {
 impl Default for PostgresStoreBuilder {
     fn default() -> Self {
         Self {
-            schema: DEFAULT_SCHEMA.to_owned(),
+            schema: PostgresStore::DEFAULT_SCHEMA.to_owned(),
             max_connections: 10,
             acquire_timeout: Duration::from_secs(5),
         }
@@ -298,7 +252,7 @@ impl Default for PostgresStoreBuilder {
 }
 
 impl PostgresStoreBuilder {
-    /// The schema holding the tables (default [`DEFAULT_SCHEMA`]); created if missing. Several
+    /// The schema holding the tables (default [`DEFAULT_SCHEMA`](PostgresStore::DEFAULT_SCHEMA)); created if missing. Several
     /// independent key sets can share a database by using different schemas.
     pub fn schema(mut self, schema: &str) -> Result<Self, InvalidIdentifier> {
         check_identifier(schema, "schema")?;
@@ -368,7 +322,51 @@ impl PostgresStoreBuilder {
 
 /// A [`KeyStore`] in PostgreSQL: persistent and shared by every instance of a service.
 ///
-/// Cheap to clone (clones share the pool). See the [module docs](self) for the layout and guarantees.
+/// Cheap to clone (clones share the pool).
+///
+/// ```no_run
+/// use tower_api_keys::resolver::CachedResolver;
+/// use tower_api_keys::store::PostgresStore;
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// // Connects and brings the schema up to date (versioned migrations under an advisory lock).
+/// let store = PostgresStore::connect("postgres://app@db.internal/app").await?;
+/// let resolver = CachedResolver::new(store.clone());
+///
+/// // Or in a dedicated schema, with a smaller pool:
+/// let store = PostgresStore::builder()
+///     .schema("billing_keys")?
+///     .max_connections(4)
+///     .connect("postgres://app@db.internal/app")
+///     .await?;
+/// # let _ = (resolver, store);
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Layout
+/// Everything lives in one schema (default `tower_api_keys`, created if missing):
+/// - `api_keys`: one row per key. Digests are `BYTEA` (32 bytes) next to their scheme version
+///   (`digest_scheme`, and `previous_digest_scheme` for a rotation grace period); scopes are a
+///   `TEXT[]` in the set's sorted order; timestamps are `TIMESTAMPTZ`. No plaintext secret is stored.
+/// - `api_key_digests`: every digest currently identifying a key (current and grace-period previous),
+///   primary-keyed on the digest, so that a digest identifies at most one key across both columns.
+/// - `api_key_migrations`: the applied schema versions.
+///
+/// # Guarantees
+/// - Migrations run at start-up in one transaction holding a transaction-level advisory lock, so
+///   instances starting together apply them once; they are idempotent.
+/// - [`KeyStore::insert`] takes a transaction-level advisory lock per owner (and per account) before
+///   counting active keys, so concurrent inserts from any number of instances never overshoot a limit.
+/// - Timestamps keep PostgreSQL's microsecond precision: they are floored to the microsecond when
+///   written and when compared (see [`KeyStore`]'s contract; records read back equal the inserted ones
+///   when their times are whole microseconds).
+/// - Connection failures are [`StoreErrorKind::Unavailable`], duplicates
+///   [`StoreErrorKind::Conflict`], unreadable rows (an unknown digest scheme, a bad scope)
+///   [`StoreErrorKind::Corrupt`]. Errors never quote the offending values.
+///
+/// TLS: enable one of sqlx's TLS features (e.g. `sqlx = { version = "0.9", features =
+/// ["tls-rustls"] }`) in your own `Cargo.toml`; feature unification applies it here.
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: PgPool,
@@ -386,12 +384,15 @@ impl fmt::Debug for PostgresStore {
 }
 
 impl PostgresStore {
-    /// Connects to `url` with default settings (schema [`DEFAULT_SCHEMA`]) and runs the migrations.
+    /// The schema used when none is configured.
+    pub const DEFAULT_SCHEMA: &str = "tower_api_keys";
+
+    /// Connects to `url` with default settings (schema [`DEFAULT_SCHEMA`](PostgresStore::DEFAULT_SCHEMA)) and runs the migrations.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         Self::builder().connect(url).await
     }
 
-    /// Uses an existing pool (schema [`DEFAULT_SCHEMA`]) and runs the migrations.
+    /// Uses an existing pool (schema [`DEFAULT_SCHEMA`](PostgresStore::DEFAULT_SCHEMA)) and runs the migrations.
     pub async fn from_pool(pool: PgPool) -> Result<Self, StoreError> {
         Self::builder().from_pool(pool).await
     }

@@ -1,33 +1,4 @@
-//! [`SqliteStore`]: keys in an embedded SQLite database file (feature `sqlite`).
-//!
-//! ```no_run
-//! use tower_api_keys::{CachedResolver, store::SqliteStore};
-//!
-//! # async fn run() -> Result<(), tower_api_keys::StoreError> {
-//! // `mode=rwc` creates the file if missing; the schema is migrated at start-up.
-//! let store = SqliteStore::connect("sqlite://keys.db?mode=rwc").await?;
-//! let resolver = CachedResolver::new(store.clone());
-//! # let _ = resolver;
-//! # Ok(())
-//! # }
-//! ```
-//!
-//! # Layout
-//! - `api_keys` (a `STRICT` table): digests are 32-byte `BLOB`s next to their scheme version
-//!   (`digest_scheme`, and `previous_digest_scheme` for a rotation grace period); scopes are a JSON
-//!   array of strings in the set's sorted order; timestamps are `INTEGER` microseconds since the Unix
-//!   epoch (UTC). No plaintext secret is stored.
-//! - `api_key_digests`: every digest currently identifying a key, primary-keyed on the digest.
-//! - `api_key_migrations`: the applied schema versions.
-//!
-//! # Guarantees
-//! - Writes that check before they write (limits, conflicts, rotation) run in `BEGIN IMMEDIATE`
-//!   transactions, which SQLite serialises across every connection and process using the file:
-//!   concurrent inserts never overshoot a limit.
-//! - Timestamps are floored to the microsecond when written and when compared, like
-//!   `PostgresStore`.
-//! - File databases are switched to WAL mode by [`SqliteStore::connect`], so readers do not wait for
-//!   writers. Busy connections wait up to 5 s (sqlx's `busy_timeout`) before failing.
+//! [`SqliteStore`]: keys in an embedded SQLite database file (feature `sqlite`); its docs say how.
 
 use std::fmt;
 use std::str::FromStr;
@@ -137,7 +108,37 @@ fn decode_opt(row: Option<SqliteRow>) -> Result<Option<KeyRecord>, StoreError> {
 /// A [`KeyStore`] in a SQLite database: persistent, embedded, for one host.
 ///
 /// Cheap to clone (clones share the pool). Several stores (or processes) may open the same file;
-/// limits stay exact because checked writes are serialised by SQLite. See the [module docs](self).
+/// limits stay exact because checked writes are serialised by SQLite.
+///
+/// ```no_run
+/// use tower_api_keys::resolver::CachedResolver;
+/// use tower_api_keys::store::SqliteStore;
+///
+/// # async fn run() -> Result<(), tower_api_keys::store::StoreError> {
+/// // `mode=rwc` creates the file if missing; the schema is migrated at start-up.
+/// let store = SqliteStore::connect("sqlite://keys.db?mode=rwc").await?;
+/// let resolver = CachedResolver::new(store.clone());
+/// # let _ = resolver;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Layout
+/// - `api_keys` (a `STRICT` table): digests are 32-byte `BLOB`s next to their scheme version
+///   (`digest_scheme`, and `previous_digest_scheme` for a rotation grace period); scopes are a JSON
+///   array of strings in the set's sorted order; timestamps are `INTEGER` microseconds since the Unix
+///   epoch (UTC). No plaintext secret is stored.
+/// - `api_key_digests`: every digest currently identifying a key, primary-keyed on the digest.
+/// - `api_key_migrations`: the applied schema versions.
+///
+/// # Guarantees
+/// - Writes that check before they write (limits, conflicts, rotation) run in `BEGIN IMMEDIATE`
+///   transactions, which SQLite serialises across every connection and process using the file:
+///   concurrent inserts never overshoot a limit.
+/// - Timestamps are floored to the microsecond when written and when compared, like
+///   `PostgresStore`.
+/// - File databases are switched to WAL mode by [`SqliteStore::connect`], so readers do not wait for
+///   writers. Busy connections wait up to 5 s (sqlx's `busy_timeout`) before failing.
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,

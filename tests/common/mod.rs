@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use time::OffsetDateTime;
+use tower_api_keys::key::{ApiKey, KeyDigest, KeyFormat, KeyId};
+use tower_api_keys::scope::ScopeSet;
 use tower_api_keys::store::{KeyLimits, ListQuery, Rotation};
-use tower_api_keys::{
-    ApiKey, KeyDigest, KeyFormat, KeyId, KeyRecord, KeyStore, MemoryStore, ScopeSet, StoreError,
-};
+use tower_api_keys::store::{KeyRecord, KeyStore, MemoryStore, StoreError};
 
 pub const MASTER: &str = "master-key-for-tests-0123456789";
 
