@@ -25,8 +25,15 @@ use std::sync::Arc;
 
 use time::OffsetDateTime;
 
+use crate::error::AuthError;
 use crate::key::{KeyId, MASTER_KEY_ID};
 use crate::scope::{Scope, ScopeSet};
+
+/// Marker [`ApiKeyLayer`](crate::layer::ApiKeyLayer) leaves on requests it let through without a
+/// key (an optional layer, a CORS preflight), so that guards and extractors can tell "no key" (401
+/// `AUTH_MISSING_API_KEY`) from "no layer" (401 `AUTH_MISSING_PRINCIPAL`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Anonymous;
 
 /// Whether a principal came from the configured master key or from a stored, scoped key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -101,10 +108,12 @@ impl Principal {
     /// outside axum (hyper services, tonic interceptors). Fails with `AUTH_MISSING_API_KEY` for an
     /// anonymous request let through by an optional layer, and `AUTH_MISSING_PRINCIPAL` when no
     /// layer ran.
-    pub fn from_extensions(
-        extensions: &http::Extensions,
-    ) -> Result<&Principal, crate::error::AuthError> {
-        crate::guard::principal_of(extensions)
+    pub fn from_extensions(extensions: &http::Extensions) -> Result<&Principal, AuthError> {
+        match extensions.get::<Principal>() {
+            Some(principal) => Ok(principal),
+            None if extensions.get::<Anonymous>().is_some() => Err(AuthError::MissingKey),
+            None => Err(AuthError::MissingPrincipal),
+        }
     }
 
     /// The key's public id (`master` for the master key).
@@ -200,7 +209,7 @@ mod extract {
             parts: &mut Parts,
             _state: &S,
         ) -> Result<Self, Self::Rejection> {
-            crate::guard::principal_of(&parts.extensions).cloned()
+            Principal::from_extensions(&parts.extensions).cloned()
         }
     }
 

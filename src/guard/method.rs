@@ -11,13 +11,14 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::RequireScopes;
+use super::future::ResponseFuture;
 use crate::error::{JsonRejection, RenderRejection};
-use crate::layer::future::ResponseFuture;
 #[cfg(doc)]
-use crate::{error::GrpcRejection, layer::ApiKeyLayer};
+use crate::error::GrpcRejection;
 
 /// Scopes per gRPC method: a layer that picks the [`RequireScopes`] guard of the request's method
-/// from its path (`/package.Service/Method`) and runs it. Put it inside [`ApiKeyLayer`].
+/// from its path (`/package.Service/Method`) and runs it. Put it inside
+/// [`ApiKeyLayer`](crate::layer::ApiKeyLayer).
 ///
 /// A method without an entry requires `*:*` (the master key, or a key granted everything), unless
 /// [`fallback`](Self::fallback) says otherwise: a new RPC whose scopes nobody declared fails closed.
@@ -160,7 +161,7 @@ where
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+    type Future = ResponseFuture<S::Future, ResBody>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)

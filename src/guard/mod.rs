@@ -69,26 +69,13 @@ use http::{Method, Request, Response};
 use tower_service::Service;
 
 use crate::error::{AuthError, JsonRejection, RenderRejection, reject};
-use crate::layer::future::ResponseFuture;
 use crate::principal::Principal;
 use crate::scope::{Scope, ScopeError, ScopeMatch, ScopeSet};
+use future::ResponseFuture;
 
+pub mod future;
 mod method;
 pub use method::{MethodScopes, MethodScopesService};
-
-/// Marker the layer leaves on requests it let through without a key (optional mode), so guards can
-/// tell "no key" (401 `AUTH_MISSING_API_KEY`) from "no layer" (401 `AUTH_MISSING_PRINCIPAL`).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Anonymous;
-
-/// The principal on a request, or why there is none.
-pub(crate) fn principal_of(extensions: &http::Extensions) -> Result<&Principal, AuthError> {
-    match extensions.get::<Principal>() {
-        Some(principal) => Ok(principal),
-        None if extensions.get::<Anonymous>().is_some() => Err(AuthError::MissingKey),
-        None => Err(AuthError::MissingPrincipal),
-    }
-}
 
 #[derive(Debug, PartialEq, Eq)]
 enum Requirement {
@@ -245,7 +232,7 @@ impl<R> RequireScopes<R> {
     }
 
     fn check(&self, method: &Method, extensions: &http::Extensions) -> Result<(), AuthError> {
-        let principal = principal_of(extensions)?;
+        let principal = Principal::from_extensions(extensions)?;
         let (required, mode) = self.requirement.for_method(method);
         let granted = match mode {
             ScopeMatch::All => principal.scopes().allows_all(required),
@@ -287,7 +274,7 @@ where
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+    type Future = ResponseFuture<S::Future, ResBody>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -295,10 +282,10 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         match self.guard.check(req.method(), req.extensions()) {
-            Ok(()) => ResponseFuture::inner(self.inner.call(req), tracing::Span::none()),
+            Ok(()) => ResponseFuture::inner(self.inner.call(req)),
             Err(error) => {
                 crate::metrics::refused_by_guard(&error);
-                ResponseFuture::rejected(reject(&self.guard.rejection, error))
+                ResponseFuture::refused(reject(&self.guard.rejection, error))
             }
         }
     }
@@ -382,7 +369,7 @@ impl<M: ScopeRequirement, S: Send + Sync> axum_core::extract::FromRequestParts<S
         parts: &mut http::request::Parts,
         _: &S,
     ) -> Result<Self, AuthError> {
-        let checked = principal_of(&parts.extensions).and_then(|principal| {
+        let checked = Principal::from_extensions(&parts.extensions).and_then(|principal| {
             let scopes = principal.scopes();
             let granted = match M::MATCH {
                 ScopeMatch::All => M::SCOPES.iter().all(|s| scopes.allows_str(s)),

@@ -9,9 +9,7 @@ use http::Response;
 use pin_project_lite::pin_project;
 
 pin_project! {
-    /// Response future of [`ApiKeyService`](crate::layer::ApiKeyService),
-    /// [`RequireScopesService`](crate::guard::RequireScopesService) and
-    /// [`ProvenanceService`](crate::provenance::ProvenanceService).
+    /// Response future of [`ApiKeyService`](super::ApiKeyService).
     ///
     /// A cached key or a refusal needs no allocation; only a cache miss boxes the store lookup.
     pub struct ResponseFuture<F, B, E> {

@@ -8,9 +8,8 @@ use tower_service::Service;
 use super::future::ResponseFuture;
 use super::{Config, source};
 use crate::error::{AuthError, InvalidKeyReason, RenderRejection, reject};
-use crate::guard::Anonymous;
 use crate::key::{KeyDigest, KeyFormatError};
-use crate::principal::Principal;
+use crate::principal::{Anonymous, Principal};
 use crate::resolver::ResolvedKey;
 
 /// Service produced by [`ApiKeyLayer`](crate::layer::ApiKeyLayer).

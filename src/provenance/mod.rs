@@ -128,6 +128,7 @@
 //! body types, such as hyper's `Incoming`, wrap the body in [`ProvenanceBody`] first.
 
 mod body;
+pub mod future;
 mod scan;
 mod service;
 

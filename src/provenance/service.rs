@@ -10,9 +10,9 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tower_service::Service;
 
 use super::Config;
+use super::future::ResponseFuture;
 use crate::error::{AuthError, RenderRejection, reject};
 use crate::key::KeyId;
-use crate::layer::future::ResponseFuture;
 use crate::principal::Principal;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -114,18 +114,18 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let Some(key_id) = self.key_to_stamp(&req) else {
-            return ResponseFuture::inner(self.inner.call(req), tracing::Span::none());
+            return ResponseFuture::inner(self.inner.call(req));
         };
         let limit = self.config.max_body_bytes;
         if content_length(req.headers()).is_some_and(|len| len > limit as u64) {
-            return ResponseFuture::rejected(reject(
+            return ResponseFuture::refused(reject(
                 &self.rejection,
                 AuthError::PayloadTooLarge { limit },
             ));
         }
         if req.body().is_end_stream() {
             // Nothing to read and nothing to stamp: the handler refuses an empty JSON body.
-            return ResponseFuture::inner(self.inner.call(req), tracing::Span::none());
+            return ResponseFuture::inner(self.inner.call(req));
         }
 
         // The ready service handles this request; the clone waits for the next `poll_ready`.
@@ -133,7 +133,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let config = self.config.clone();
         let rejection = self.rejection.clone();
-        ResponseFuture::lookup(Box::pin(async move {
+        ResponseFuture::stamping(Box::pin(async move {
             let (mut parts, body) = req.into_parts();
             let bytes = match Limited::new(body, limit).collect().await {
                 Ok(collected) => collected.to_bytes(),

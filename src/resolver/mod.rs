@@ -580,7 +580,17 @@ mod tests {
         let (key, record) = record(&format, false);
         let resolver = resolver_with(&record, Duration::from_secs(3600));
         let principal = block_on(resolver.authenticate(&key.digest())).unwrap();
-        assert_eq!(principal, record.principal());
+        assert_eq!(
+            principal,
+            Principal::scoped(
+                record.id.clone(),
+                record.name.as_str(),
+                record.owner.as_str(),
+                record.account.as_str(),
+                record.scopes.clone(),
+                record.expires_at,
+            )
+        );
     }
 
     /// Two resolvers caching the same digest (two stores) never answer with each other's key.

@@ -27,7 +27,6 @@ pub use postgres::{InvalidIdentifier, PostgresStore, PostgresStoreBuilder};
 pub use sqlite::SqliteStore;
 
 use crate::key::{DigestScheme, KeyDigest, KeyId};
-use crate::principal::Principal;
 use crate::scope::ScopeSet;
 
 /// One stored key: metadata and the digest of its secret.
@@ -80,18 +79,6 @@ impl KeyRecord {
     /// Whether the key counts against active-key limits at `now`: not revoked and not expired.
     pub fn is_active(&self, now: OffsetDateTime) -> bool {
         self.revoked_at.is_none() && self.expires_at.is_none_or(|at| at > now)
-    }
-
-    /// The principal a request authenticated by this key carries.
-    pub fn principal(&self) -> Principal {
-        Principal::scoped(
-            self.id.clone(),
-            self.name.as_str(),
-            self.owner.as_str(),
-            self.account.as_str(),
-            self.scopes.clone(),
-            self.expires_at,
-        )
     }
 
     /// Every digest that currently identifies this key (the current one, and a previous one during a
