@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tonic::Code;
 use tonic::transport::Channel;
 use tower::{Layer, ServiceExt, service_fn};
-use tower_api_keys::store::{KeyLimits, ListQuery, Rotation};
+use tower_api_keys::store::{KeyChange, KeyLimits, ListQuery, Rotation};
 use tower_api_keys::{
     ApiKey, CachedResolver, GrpcRejection, KeyDigest, KeyId, KeyRecord, KeyStore, MemoryStore,
     Principal, RequireScopes, StoreError,
@@ -298,17 +298,17 @@ impl KeyStore for DownStore {
     ) -> Result<(), StoreError> {
         Err(down())
     }
-    async fn revoke(&self, _: &KeyId, _: OffsetDateTime) -> Result<Option<KeyRecord>, StoreError> {
+    async fn revoke(&self, _: &KeyId, _: OffsetDateTime) -> Result<Option<KeyChange>, StoreError> {
         Err(down())
     }
-    async fn delete(&self, _: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+    async fn delete(&self, _: &KeyId, _: OffsetDateTime) -> Result<Option<KeyChange>, StoreError> {
         Err(down())
     }
     async fn replace_secret(
         &self,
         _: &KeyId,
         _: &Rotation,
-    ) -> Result<Option<KeyRecord>, StoreError> {
+    ) -> Result<Option<KeyChange>, StoreError> {
         Err(down())
     }
     async fn record_last_used(&self, _: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use time::OffsetDateTime;
-use tower_api_keys::store::{KeyLimits, ListQuery, Rotation, StoreErrorKind};
+use tower_api_keys::store::{KeyChange, KeyLimits, ListQuery, Rotation, StoreErrorKind};
 use tower_api_keys::{
     ApiKey, AuthError, CachedResolver, KeyDigest, KeyFormat, KeyId, KeyRecord, KeyStore,
     MemoryStore, ScopeSet, StoreError,
@@ -86,17 +86,21 @@ impl KeyStore for HangingStore {
         &self,
         id: &KeyId,
         at: OffsetDateTime,
-    ) -> Result<Option<KeyRecord>, StoreError> {
+    ) -> Result<Option<KeyChange>, StoreError> {
         self.inner.revoke(id, at).await
     }
-    async fn delete(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
-        self.inner.delete(id).await
+    async fn delete(
+        &self,
+        id: &KeyId,
+        at: OffsetDateTime,
+    ) -> Result<Option<KeyChange>, StoreError> {
+        self.inner.delete(id, at).await
     }
     async fn replace_secret(
         &self,
         id: &KeyId,
         rotation: &Rotation,
-    ) -> Result<Option<KeyRecord>, StoreError> {
+    ) -> Result<Option<KeyChange>, StoreError> {
         self.inner.replace_secret(id, rotation).await
     }
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
