@@ -23,7 +23,7 @@ use time::OffsetDateTime;
 use tower_api_keys::key::{KeyDigest, KeyId};
 use tower_api_keys::principal::Principal;
 use tower_api_keys::resolver::CachedResolver;
-use tower_api_keys::store::{KeyLimits, ListQuery, Rotation};
+use tower_api_keys::store::{KeyChange, KeyLimits, ListQuery, Rotation};
 use tower_api_keys::store::{KeyRecord, KeyStore, StoreError};
 
 /// The global allocator, counting live bytes.
@@ -137,17 +137,17 @@ impl KeyStore for DecodingStore {
     ) -> Result<(), StoreError> {
         Ok(())
     }
-    async fn revoke(&self, _: &KeyId, _: OffsetDateTime) -> Result<Option<KeyRecord>, StoreError> {
+    async fn revoke(&self, _: &KeyId, _: OffsetDateTime) -> Result<Option<KeyChange>, StoreError> {
         Ok(None)
     }
-    async fn delete(&self, _: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+    async fn delete(&self, _: &KeyId, _: OffsetDateTime) -> Result<Option<KeyChange>, StoreError> {
         Ok(None)
     }
     async fn replace_secret(
         &self,
         _: &KeyId,
         _: &Rotation,
-    ) -> Result<Option<KeyRecord>, StoreError> {
+    ) -> Result<Option<KeyChange>, StoreError> {
         Ok(None)
     }
     async fn record_last_used(&self, _: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {

@@ -100,7 +100,8 @@ async fn revoke_on_a_is_refused_by_b(
         .revoke(&record.id, OffsetDateTime::now_utc())
         .await
         .unwrap()
-        .expect("the key exists");
+        .expect("the key exists")
+        .before;
     let invalidation = Invalidation {
         key_id: revoked.id.clone(),
         digests: revoked.digests().copied().collect(),

@@ -19,7 +19,7 @@ use tower_api_keys::guard::RequireScopes;
 use tower_api_keys::key::{ApiKey, KeyDigest, KeyId};
 use tower_api_keys::principal::Principal;
 use tower_api_keys::resolver::CachedResolver;
-use tower_api_keys::store::{KeyLimits, ListQuery, Rotation};
+use tower_api_keys::store::{KeyChange, KeyLimits, ListQuery, Rotation};
 use tower_api_keys::store::{KeyRecord, KeyStore, MemoryStore, StoreError};
 
 use tonic_example::issue_key;
@@ -300,17 +300,17 @@ impl KeyStore for DownStore {
     ) -> Result<(), StoreError> {
         Err(down())
     }
-    async fn revoke(&self, _: &KeyId, _: OffsetDateTime) -> Result<Option<KeyRecord>, StoreError> {
+    async fn revoke(&self, _: &KeyId, _: OffsetDateTime) -> Result<Option<KeyChange>, StoreError> {
         Err(down())
     }
-    async fn delete(&self, _: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+    async fn delete(&self, _: &KeyId, _: OffsetDateTime) -> Result<Option<KeyChange>, StoreError> {
         Err(down())
     }
     async fn replace_secret(
         &self,
         _: &KeyId,
         _: &Rotation,
-    ) -> Result<Option<KeyRecord>, StoreError> {
+    ) -> Result<Option<KeyChange>, StoreError> {
         Err(down())
     }
     async fn record_last_used(&self, _: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {

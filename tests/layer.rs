@@ -808,6 +808,7 @@ async fn rotation_grace_period_keeps_the_old_secret_until_it_ends() {
                 previous_valid_until: Some(
                     OffsetDateTime::now_utc() + time::Duration::milliseconds(300),
                 ),
+                revoke_descendants: false,
             },
         )
         .await

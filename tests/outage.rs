@@ -16,7 +16,7 @@ use tower_api_keys::error::AuthError;
 use tower_api_keys::key::{ApiKey, KeyDigest, KeyFormat, KeyId};
 use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::scope::ScopeSet;
-use tower_api_keys::store::{KeyLimits, ListQuery, Rotation, StoreErrorKind};
+use tower_api_keys::store::{KeyChange, KeyLimits, ListQuery, Rotation, StoreErrorKind};
 use tower_api_keys::store::{KeyRecord, KeyStore, MemoryStore, StoreError};
 
 fn new_record() -> (ApiKey, KeyRecord) {
@@ -87,17 +87,21 @@ impl KeyStore for HangingStore {
         &self,
         id: &KeyId,
         at: OffsetDateTime,
-    ) -> Result<Option<KeyRecord>, StoreError> {
+    ) -> Result<Option<KeyChange>, StoreError> {
         self.inner.revoke(id, at).await
     }
-    async fn delete(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
-        self.inner.delete(id).await
+    async fn delete(
+        &self,
+        id: &KeyId,
+        at: OffsetDateTime,
+    ) -> Result<Option<KeyChange>, StoreError> {
+        self.inner.delete(id, at).await
     }
     async fn replace_secret(
         &self,
         id: &KeyId,
         rotation: &Rotation,
-    ) -> Result<Option<KeyRecord>, StoreError> {
+    ) -> Result<Option<KeyChange>, StoreError> {
         self.inner.replace_secret(id, rotation).await
     }
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {

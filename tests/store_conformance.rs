@@ -172,6 +172,12 @@ suite!(
     last_used_batch_keeps_later_times,
     timestamps_keep_microseconds,
     find_returns_revoked_and_expired_records,
+    list_filters_by_account,
+    revoke_cascades_to_every_descendant_at_once,
+    delete_revokes_the_descendants_and_keeps_them_listed,
+    insert_needs_an_active_creator,
+    rotation_can_end_the_descendants_and_refuses_revoked_keys,
+    no_child_outlives_a_concurrent_revocation,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -223,6 +229,7 @@ fn rotation(previous_valid_until: Option<OffsetDateTime>) -> Rotation {
         masked_key: KeyFormat::new("sk_test").unwrap().mask(&key).unwrap(),
         rotated_at: t(100),
         previous_valid_until,
+        revoke_descendants: false,
     }
 }
 
@@ -233,6 +240,7 @@ fn no_limits() -> KeyLimits {
 fn query(owner: &str, before: Option<&str>, limit: u32) -> ListQuery {
     ListQuery {
         owner: owner.to_owned(),
+        account: None,
         before: before.map(KeyId::new),
         limit,
     }
@@ -240,6 +248,38 @@ fn query(owner: &str, before: Option<&str>, limit: u32) -> ListQuery {
 
 fn ids(records: &[KeyRecord]) -> Vec<&str> {
     records.iter().map(|r| r.id.as_str()).collect()
+}
+
+/// Ids, sorted: for results in no particular order.
+fn sorted_ids(records: &[KeyRecord]) -> Vec<&str> {
+    let mut ids = ids(records);
+    ids.sort_unstable();
+    ids
+}
+
+/// A record delegated by `parent`.
+fn child(id: &str, parent: &str) -> KeyRecord {
+    KeyRecord {
+        created_by: Some(KeyId::new(parent)),
+        ..record(id, "o", "a")
+    }
+}
+
+/// Inserts `root` -> (`c1` -> (`g1` -> `gg1`), `c2`), plus the unrelated `other` and its child
+/// `other_c`, all active, in owner `o`.
+async fn insert_tree(store: &dyn KeyStore) {
+    let tree = [
+        record("root", "o", "a"),
+        child("c1", "root"),
+        child("c2", "root"),
+        child("g1", "c1"),
+        child("gg1", "g1"),
+        record("other", "o", "a"),
+        child("other_c", "other"),
+    ];
+    for r in &tree {
+        store.insert(r, no_limits(), now()).await.unwrap();
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -270,6 +310,9 @@ mod checks {
             scopes: ScopeSet::empty(),
             ..record("key_minimal", "team-α", "acct 1")
         };
+        // `full` is delegated: its creator must exist and be active.
+        let parent = record("key_parent", "team-β", "acct 2");
+        s.a.insert(&parent, no_limits(), now()).await.unwrap();
         for r in [&full, &minimal] {
             s.a.insert(r, no_limits(), now()).await.unwrap();
         }
@@ -293,7 +336,13 @@ mod checks {
         let r = record("key_1", "o", "a");
         s.a.insert(&r, no_limits(), now()).await.unwrap();
         let rot = rotation(Some(t(3_600)));
-        let rotated = s.a.replace_secret(&r.id, &rot).await.unwrap().unwrap();
+        let rotated =
+            s.a.replace_secret(&r.id, &rot)
+                .await
+                .unwrap()
+                .unwrap()
+                .after
+                .unwrap();
         let expected = KeyRecord {
             digest: rot.digest,
             masked_key: rot.masked_key.clone(),
@@ -319,7 +368,13 @@ mod checks {
         let r = record("key_1", "o", "a");
         s.a.insert(&r, no_limits(), now()).await.unwrap();
         let rot = rotation(None);
-        let rotated = s.a.replace_secret(&r.id, &rot).await.unwrap().unwrap();
+        let rotated =
+            s.a.replace_secret(&r.id, &rot)
+                .await
+                .unwrap()
+                .unwrap()
+                .after
+                .unwrap();
         assert_eq!(rotated.previous, None);
         assert_eq!(rotated.digest, rot.digest);
         assert_eq!(s.a.find_by_digest(&r.digest).await.unwrap(), None);
@@ -339,9 +394,20 @@ mod checks {
         let r = record("key_1", "o", "a");
         s.a.insert(&r, no_limits(), now()).await.unwrap();
         let first = rotation(Some(t(3_600)));
-        s.a.replace_secret(&r.id, &first).await.unwrap().unwrap();
+        s.a.replace_secret(&r.id, &first)
+            .await
+            .unwrap()
+            .unwrap()
+            .after
+            .unwrap();
         let second = rotation(Some(t(7_200)));
-        let rotated = s.a.replace_secret(&r.id, &second).await.unwrap().unwrap();
+        let rotated =
+            s.a.replace_secret(&r.id, &second)
+                .await
+                .unwrap()
+                .unwrap()
+                .after
+                .unwrap();
         assert_eq!(
             rotated.previous,
             Some(PreviousSecret {
@@ -391,7 +457,12 @@ mod checks {
         );
         // To a digest that is another key's grace-period secret: conflict too.
         let rot2 = rotation(Some(t(3_600)));
-        s.a.replace_secret(&r2.id, &rot2).await.unwrap().unwrap();
+        s.a.replace_secret(&r2.id, &rot2)
+            .await
+            .unwrap()
+            .unwrap()
+            .after
+            .unwrap();
         let onto_grace = Rotation {
             digest: r2.digest,
             ..rotation(None)
@@ -410,7 +481,13 @@ mod checks {
     pub(crate) async fn revoke_keeps_first_time_and_is_idempotent(s: Stores) {
         let r = record("key_1", "o", "a");
         s.a.insert(&r, no_limits(), now()).await.unwrap();
-        let first = s.a.revoke(&r.id, t(10)).await.unwrap().unwrap();
+        let first =
+            s.a.revoke(&r.id, t(10))
+                .await
+                .unwrap()
+                .unwrap()
+                .after
+                .unwrap();
         assert_eq!(first.revoked_at, Some(t(10)));
         assert_eq!(
             KeyRecord {
@@ -419,9 +496,21 @@ mod checks {
             },
             r
         );
-        let again = s.b.revoke(&r.id, t(20)).await.unwrap().unwrap();
+        let again =
+            s.b.revoke(&r.id, t(20))
+                .await
+                .unwrap()
+                .unwrap()
+                .after
+                .unwrap();
         assert_eq!(again, first, "a later revocation keeps the first time");
-        let earlier = s.a.revoke(&r.id, t(5)).await.unwrap().unwrap();
+        let earlier =
+            s.a.revoke(&r.id, t(5))
+                .await
+                .unwrap()
+                .unwrap()
+                .after
+                .unwrap();
         assert_eq!(
             earlier.revoked_at,
             Some(t(10)),
@@ -434,13 +523,26 @@ mod checks {
         let r = record("key_1", "o", "a");
         s.a.insert(&r, no_limits(), now()).await.unwrap();
         let rot = rotation(Some(t(3_600)));
-        let rotated = s.a.replace_secret(&r.id, &rot).await.unwrap().unwrap();
-        assert_eq!(s.a.delete(&r.id).await.unwrap(), Some(rotated));
+        let rotated =
+            s.a.replace_secret(&r.id, &rot)
+                .await
+                .unwrap()
+                .unwrap()
+                .after
+                .unwrap();
+        assert_eq!(
+            s.a.delete(&r.id, t(200)).await.unwrap().map(|c| c.before),
+            Some(rotated)
+        );
         assert_eq!(s.a.get(&r.id).await.unwrap(), None);
         assert_eq!(s.a.find_by_digest(&rot.digest).await.unwrap(), None);
         assert_eq!(s.a.find_by_digest(&r.digest).await.unwrap(), None);
         assert_eq!(s.a.list(&query("o", None, 10)).await.unwrap(), vec![]);
-        assert_eq!(s.b.delete(&r.id).await.unwrap(), None, "second delete");
+        assert_eq!(
+            s.b.delete(&r.id, t(200)).await.unwrap().map(|c| c.before),
+            None,
+            "second delete"
+        );
         // Both digests and the id can be used again.
         let again = KeyRecord {
             digest: rot.digest,
@@ -462,7 +564,13 @@ mod checks {
         let unknown = KeyId::new("key_unknown");
         assert_eq!(s.a.get(&unknown).await.unwrap(), None);
         assert_eq!(s.a.revoke(&unknown, t(1)).await.unwrap(), None);
-        assert_eq!(s.a.delete(&unknown).await.unwrap(), None);
+        assert_eq!(
+            s.a.delete(&unknown, t(200))
+                .await
+                .unwrap()
+                .map(|c| c.before),
+            None
+        );
         assert_eq!(
             s.a.replace_secret(&unknown, &rotation(None)).await.unwrap(),
             None
@@ -472,6 +580,289 @@ mod checks {
             .unwrap();
         assert_eq!(s.a.list(&query("nobody", None, 10)).await.unwrap(), vec![]);
         assert_eq!(s.a.get(&r.id).await.unwrap(), Some(r), "others untouched");
+    }
+
+    pub(crate) async fn list_filters_by_account(s: Stores) {
+        for (id, owner, account) in [
+            ("key_1", "o", "a1"),
+            ("key_2", "o", "a2"),
+            ("key_3", "o", "a1"),
+            ("key_4", "p", "a1"),
+            ("key_5", "o", "a1"),
+        ] {
+            s.a.insert(&record(id, owner, account), no_limits(), now())
+                .await
+                .unwrap();
+        }
+        let in_account = |account: &str, before: Option<&str>, limit| ListQuery {
+            account: Some(account.to_owned()),
+            ..query("o", before, limit)
+        };
+        let a1 = s.b.list(&in_account("a1", None, 10)).await.unwrap();
+        assert_eq!(ids(&a1), ["key_5", "key_3", "key_1"]);
+        let page = s.b.list(&in_account("a1", Some("key_5"), 1)).await.unwrap();
+        assert_eq!(ids(&page), ["key_3"], "the cursor and the account together");
+        let a2 = s.a.list(&in_account("a2", None, 10)).await.unwrap();
+        assert_eq!(ids(&a2), ["key_2"]);
+        assert_eq!(s.a.list(&in_account("a3", None, 10)).await.unwrap(), vec![]);
+        assert_eq!(s.a.list(&query("o", None, 10)).await.unwrap().len(), 4);
+    }
+
+    pub(crate) async fn revoke_cascades_to_every_descendant_at_once(s: Stores) {
+        insert_tree(&*s.a).await;
+        // c2 was revoked earlier: it keeps its time and is not reported as changed.
+        s.a.revoke(&KeyId::new("c2"), t(1)).await.unwrap().unwrap();
+        let change =
+            s.b.revoke(&KeyId::new("root"), t(10))
+                .await
+                .unwrap()
+                .unwrap();
+        assert_eq!(change.before.revoked_at, None);
+        assert_eq!(change.after.as_ref().unwrap().revoked_at, Some(t(10)));
+        assert_eq!(sorted_ids(&change.revoked_descendants), ["c1", "g1", "gg1"]);
+        assert!(
+            change
+                .revoked_descendants
+                .iter()
+                .all(|r| r.revoked_at == Some(t(10))),
+            "reported as they are now"
+        );
+        assert!(!change.is_noop());
+        for (id, revoked_at) in [
+            ("root", Some(t(10))),
+            ("c1", Some(t(10))),
+            ("g1", Some(t(10))),
+            ("gg1", Some(t(10))),
+            ("c2", Some(t(1))),
+            ("other", None),
+            ("other_c", None),
+        ] {
+            let stored = s.a.get(&KeyId::new(id)).await.unwrap().unwrap();
+            assert_eq!(stored.revoked_at, revoked_at, "{id}");
+            let found = s.a.find_by_digest(&stored.digest).await.unwrap().unwrap();
+            assert_eq!(found.revoked_at, revoked_at, "{id} by digest");
+        }
+        // Again: nothing changes, and the change says so.
+        let again =
+            s.a.revoke(&KeyId::new("root"), t(20))
+                .await
+                .unwrap()
+                .unwrap();
+        assert!(again.is_noop(), "{again:?}");
+        assert_eq!(again.after.unwrap().revoked_at, Some(t(10)));
+        // Revoking a leaf changes only the leaf.
+        let leaf =
+            s.a.revoke(&KeyId::new("other_c"), t(30))
+                .await
+                .unwrap()
+                .unwrap();
+        assert!(leaf.revoked_descendants.is_empty());
+        assert!(!leaf.is_noop());
+        assert_eq!(
+            s.a.get(&KeyId::new("other"))
+                .await
+                .unwrap()
+                .unwrap()
+                .revoked_at,
+            None
+        );
+    }
+
+    pub(crate) async fn delete_revokes_the_descendants_and_keeps_them_listed(s: Stores) {
+        insert_tree(&*s.a).await;
+        let root = s.a.get(&KeyId::new("root")).await.unwrap().unwrap();
+        let change =
+            s.b.delete(&KeyId::new("root"), t(10))
+                .await
+                .unwrap()
+                .unwrap();
+        assert_eq!(change.before, root);
+        assert_eq!(change.after, None);
+        assert!(!change.is_noop());
+        assert_eq!(
+            sorted_ids(&change.revoked_descendants),
+            ["c1", "c2", "g1", "gg1"]
+        );
+        assert_eq!(s.a.get(&root.id).await.unwrap(), None);
+        let listed = s.a.list(&query("o", None, 10)).await.unwrap();
+        assert_eq!(
+            sorted_ids(&listed),
+            ["c1", "c2", "g1", "gg1", "other", "other_c"]
+        );
+        for r in &listed {
+            let expected = (!r.id.as_str().starts_with("other")).then_some(t(10));
+            assert_eq!(r.revoked_at, expected, "{}", r.id);
+        }
+        assert_eq!(
+            s.a.get(&KeyId::new("c1"))
+                .await
+                .unwrap()
+                .unwrap()
+                .created_by,
+            Some(root.id.clone()),
+            "the audit trail still names the deleted creator"
+        );
+        // Deleting a descendant later revokes nothing more.
+        let later = s.a.delete(&KeyId::new("c1"), t(20)).await.unwrap().unwrap();
+        assert!(later.revoked_descendants.is_empty());
+    }
+
+    pub(crate) async fn insert_needs_an_active_creator(s: Stores) {
+        let now = now();
+        let creators = [
+            record("active", "o", "a"),
+            KeyRecord {
+                revoked_at: Some(now - Duration::minutes(1)),
+                ..record("revoked", "o", "a")
+            },
+            KeyRecord {
+                expires_at: Some(now - Duration::minutes(1)),
+                ..record("expired", "o", "a")
+            },
+            KeyRecord {
+                expires_at: Some(now + Duration::minutes(1)),
+                ..record("expiring", "o", "a")
+            },
+            record("deleted", "o", "a"),
+        ];
+        for r in &creators {
+            s.a.insert(r, no_limits(), now).await.unwrap();
+        }
+        s.a.delete(&KeyId::new("deleted"), now)
+            .await
+            .unwrap()
+            .unwrap();
+        for parent in ["revoked", "expired", "deleted", "unknown"] {
+            let orphan = child(&format!("child_of_{parent}"), parent);
+            let err = s.b.insert(&orphan, no_limits(), now).await.unwrap_err();
+            assert_eq!(err.kind(), StoreErrorKind::CreatorInactive, "{parent}");
+            assert_eq!(s.a.get(&orphan.id).await.unwrap(), None, "{parent}");
+            assert_eq!(s.a.find_by_digest(&orphan.digest).await.unwrap(), None);
+        }
+        for parent in ["active", "expiring"] {
+            let ok = child(&format!("child_of_{parent}"), parent);
+            s.b.insert(&ok, no_limits(), now).await.unwrap();
+            assert_eq!(s.a.get(&ok.id).await.unwrap(), Some(ok));
+        }
+        // Expiry is judged at the insert's `now`.
+        let late = child("late_child_of_expiring", "expiring");
+        let err =
+            s.a.insert(&late, no_limits(), now + Duration::minutes(2))
+                .await
+                .unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::CreatorInactive);
+    }
+
+    pub(crate) async fn rotation_can_end_the_descendants_and_refuses_revoked_keys(s: Stores) {
+        insert_tree(&*s.a).await;
+        let c1 = s.a.get(&KeyId::new("c1")).await.unwrap().unwrap();
+        // Without the option, nothing but the secret changes.
+        let kept =
+            s.a.replace_secret(&c1.id, &rotation(None))
+                .await
+                .unwrap()
+                .unwrap();
+        assert!(kept.revoked_descendants.is_empty());
+        assert_eq!(kept.before, c1);
+        assert_eq!(
+            s.a.get(&KeyId::new("g1"))
+                .await
+                .unwrap()
+                .unwrap()
+                .revoked_at,
+            None
+        );
+        let ending = Rotation {
+            revoke_descendants: true,
+            ..rotation(Some(t(3_600)))
+        };
+        let change = s.b.replace_secret(&c1.id, &ending).await.unwrap().unwrap();
+        assert_eq!(sorted_ids(&change.revoked_descendants), ["g1", "gg1"]);
+        assert!(
+            change
+                .revoked_descendants
+                .iter()
+                .all(|r| r.revoked_at == Some(ending.rotated_at))
+        );
+        let after = change.after.unwrap();
+        assert_eq!(after.revoked_at, None, "the rotated key itself lives on");
+        assert_eq!(after.digest, ending.digest);
+        assert_eq!(change.before, kept.after.unwrap());
+        for id in ["root", "c2", "other_c"] {
+            let r = s.a.get(&KeyId::new(id)).await.unwrap().unwrap();
+            assert_eq!(r.revoked_at, None, "{id}");
+        }
+        // A revoked key gets no new secret: the old one stays, the new one is unknown.
+        s.a.revoke(&KeyId::new("c2"), t(1)).await.unwrap().unwrap();
+        let c2 = s.a.get(&KeyId::new("c2")).await.unwrap().unwrap();
+        let refused = rotation(None);
+        let err = s.a.replace_secret(&c2.id, &refused).await.unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Revoked);
+        assert_eq!(s.a.get(&c2.id).await.unwrap(), Some(c2));
+        assert_eq!(s.a.find_by_digest(&refused.digest).await.unwrap(), None);
+    }
+
+    pub(crate) async fn no_child_outlives_a_concurrent_revocation(s: Stores) {
+        // Delegated inserts on one instance race a revocation of their creator (or grand-creator)
+        // on another: whatever interleaving, every key of the tree that exists afterwards is revoked.
+        for round in 0..6 {
+            let root = format!("root_{round}");
+            s.a.insert(&record(&root, "o", "a"), no_limits(), now())
+                .await
+                .unwrap();
+            let mid = format!("mid_{round}");
+            s.a.insert(&child(&mid, &root), no_limits(), now())
+                .await
+                .unwrap();
+            let inserts: Vec<_> = (0..8)
+                .map(|i| {
+                    let store = if i % 2 == 0 { s.b.clone() } else { s.a.clone() };
+                    let parent = if i % 3 == 0 {
+                        root.clone()
+                    } else {
+                        mid.clone()
+                    };
+                    let id = format!("c_{round}_{i}");
+                    tokio::spawn(async move {
+                        tokio::time::sleep(std::time::Duration::from_micros(150 * i)).await;
+                        let result = store.insert(&child(&id, &parent), no_limits(), now()).await;
+                        match result {
+                            Ok(()) => {
+                                // The child may itself delegate at once.
+                                let grandchild = child(&format!("{id}_g"), &id);
+                                let _ = store.insert(&grandchild, no_limits(), now()).await;
+                            }
+                            Err(e) => assert_eq!(e.kind(), StoreErrorKind::CreatorInactive),
+                        }
+                    })
+                })
+                .collect();
+            tokio::time::sleep(std::time::Duration::from_micros(400)).await;
+            s.a.revoke(&KeyId::new(root.as_str()), now())
+                .await
+                .unwrap()
+                .unwrap();
+            for insert in inserts {
+                insert.await.unwrap();
+            }
+            let tree = s.b.list(&query("o", None, 1000)).await.unwrap();
+            let children = format!("c_{round}_");
+            let mine: Vec<_> = tree
+                .iter()
+                .filter(|r| {
+                    let id = r.id.as_str();
+                    id == root || id == mid || id.starts_with(&children)
+                })
+                .collect();
+            assert!(mine.len() >= 2, "round {round}: {mine:?}");
+            for r in mine {
+                assert!(
+                    r.revoked_at.is_some(),
+                    "round {round}: {} outlived its creator",
+                    r.id
+                );
+            }
+        }
     }
 
     pub(crate) async fn list_is_newest_first_paginated_and_per_owner(s: Stores) {
@@ -567,7 +958,7 @@ mod checks {
                 .await
                 .unwrap_err();
         assert!(matches!(err.kind(), StoreErrorKind::LimitReached { .. }));
-        s.a.delete(&KeyId::new("key_4")).await.unwrap();
+        s.a.delete(&KeyId::new("key_4"), now).await.unwrap();
         s.a.insert(&record("key_5", "o", "a"), limits, now)
             .await
             .unwrap();
@@ -690,7 +1081,12 @@ mod checks {
         }
         // A digest that identifies another key during its grace period is taken too.
         let rot = rotation(Some(t(3_600)));
-        s.a.replace_secret(&r.id, &rot).await.unwrap().unwrap();
+        s.a.replace_secret(&r.id, &rot)
+            .await
+            .unwrap()
+            .unwrap()
+            .after
+            .unwrap();
         let on_grace = KeyRecord {
             digest: r.digest,
             ..record("key_3", "o", "a")
@@ -814,6 +1210,8 @@ mod checks {
             s.a.replace_secret(&expired.id, &grace_over)
                 .await
                 .unwrap()
+                .unwrap()
+                .after
                 .unwrap();
         assert_eq!(
             s.b.find_by_digest(&revoked.digest).await.unwrap(),
@@ -900,10 +1298,10 @@ mod postgres_only {
         for start in starts {
             stores.push(start.await.unwrap().expect("every instance starts"));
         }
-        assert_eq!(versions(&stores[0]).await, [1]);
+        assert_eq!(versions(&stores[0]).await, [1, 2]);
         let again = fresh.store().await;
         again.migrate().await.unwrap();
-        assert_eq!(versions(&again).await, [1], "a restart applies nothing");
+        assert_eq!(versions(&again).await, [1, 2], "a restart applies nothing");
         let r = record("key_1", "o", "a");
         again.insert(&r, no_limits(), now()).await.unwrap();
         assert_eq!(stores[3].get(&r.id).await.unwrap(), Some(r));
@@ -980,7 +1378,13 @@ mod postgres_only {
             digest: new.digest(),
             ..rotation(Some(t(60)))
         };
-        store.replace_secret(&r.id, &rot).await.unwrap().unwrap();
+        store
+            .replace_secret(&r.id, &rot)
+            .await
+            .unwrap()
+            .unwrap()
+            .after
+            .unwrap();
         let rows: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
             "SELECT t::text FROM {s}.api_keys t UNION ALL SELECT t::text FROM {s}.api_key_digests t"
         )))
@@ -1044,7 +1448,7 @@ mod sqlite_only {
                 .fetch_all(again.pool())
                 .await
                 .unwrap();
-        assert_eq!(versions, [1]);
+        assert_eq!(versions, [1, 2]);
         let r = record("key_1", "o", "a");
         again.insert(&r, no_limits(), now()).await.unwrap();
         assert_eq!(stores[2].get(&r.id).await.unwrap(), Some(r));
@@ -1101,7 +1505,13 @@ mod sqlite_only {
             digest: new.digest(),
             ..rotation(Some(t(60)))
         };
-        store.replace_secret(&r.id, &rot).await.unwrap().unwrap();
+        store
+            .replace_secret(&r.id, &rot)
+            .await
+            .unwrap()
+            .unwrap()
+            .after
+            .unwrap();
         store.pool().close().await;
         let bytes = remove(&path);
         let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);

@@ -12,9 +12,9 @@ use tower_service::Service;
 
 use super::RequireScopes;
 use super::future::ResponseFuture;
-use crate::error::{JsonRejection, RenderRejection};
 #[cfg(doc)]
 use crate::error::GrpcRejection;
+use crate::error::{JsonRejection, RenderRejection};
 
 /// Scopes per gRPC method: a layer that picks the [`RequireScopes`] guard of the request's method
 /// from its path (`/package.Service/Method`) and runs it. Put it inside

@@ -1,16 +1,18 @@
 //! Key lifecycle: [`KeyManager`] (library API) and, with feature `manage`, an axum router
 //! ([`router`]) speaking Blnk's wire format.
 //!
-//! Every operation takes the acting [`Principal`] and enforces the owner context:
-//! - the master key may act for any owner but must name it (`APIKEY_OWNER_REQUIRED`);
-//! - a scoped key needs `api-keys:write` to create, revoke and rotate (`api-keys:read` to list and
-//!   get), manages only its own owner's keys (`AUTH_CROSS_OWNER_ACCESS` when it names another owner,
-//!   `APIKEY_NOT_FOUND` for another owner's key id), and may only delegate scopes and an expiry it
-//!   holds itself (`AUTH_SCOPE_ESCALATION`);
-//! - hard deletion erases the audit trail, so it needs the master key (`AUTH_MASTER_KEY_REQUIRED`).
+//! Every operation takes the acting [`Principal`] and asks one rule, [`authorize`], whether it
+//! may (its documentation has the table): the master key may do everything (naming the owner it
+//! acts for: `APIKEY_OWNER_REQUIRED`); a scoped key acts only inside its own owner and account,
+//! reads with `api-keys:read`, and creates, rotates and revokes with `api-keys:write`, only keys
+//! whose scopes it covers and which do not outlive it; hard deletion needs the master key.
 //!
-//! Revoke, delete and rotate invalidate the local [`CachedResolver`] at once and publish an
-//! [`Invalidation`] for other instances.
+//! Keys a key created die with it: revoking or deleting a key revokes its descendants in the same
+//! store transaction (and the store refuses a child whose creator is no longer active, so a
+//! creation racing a revocation cannot leave a live orphan), and a delegated key's expiry is capped
+//! at its creator's effective expiry. Revoke, delete and rotate invalidate the local
+//! [`CachedResolver`] at once and publish an [`Invalidation`] for other instances; revoking an
+//! already revoked key changes nothing and invalidates nothing.
 //!
 //! ## Limits
 //!
@@ -57,6 +59,7 @@
 //! # }
 //! ```
 
+mod authorize;
 #[cfg(feature = "manage")]
 mod router;
 
@@ -69,13 +72,17 @@ use time::OffsetDateTime;
 #[cfg(feature = "manage")]
 pub use router::{openapi, router};
 
-use crate::error::AuthError;
+pub use authorize::{KeyFacts, Operation, OperationKind, Target, authorize};
+
+use crate::error::{AuthError, ExpiredReason, InvalidKeyReason};
 use crate::invalidate::{Invalidation, Invalidator, NoBroadcast};
-use crate::key::{ApiKey, DigestScheme, KeyId};
+use crate::key::{ApiKey, DigestScheme, KeyDigest, KeyId};
 use crate::principal::Principal;
 use crate::resolver::CachedResolver;
-use crate::scope::{Scope, ScopeSet};
-use crate::store::{KeyLimits, KeyRecord, KeyStore, ListQuery, Rotation, StoreErrorKind};
+use crate::scope::ScopeSet;
+use crate::store::{
+    KeyChange, KeyLimits, KeyRecord, KeyStore, ListQuery, Rotation, StoreErrorKind,
+};
 
 // Input limits. Each one is refused with 400 `APIKEY_INVALID` and a message naming the limit, never
 // truncated silently. The README's "Limits" table lists them with the layer's own.
@@ -302,10 +309,61 @@ impl fmt::Debug for KeyManager {
     }
 }
 
-enum Access {
-    Read,
-    Write,
+/// How [`KeyManager::rotate`] rotates. Converts from a grace period (`Option<Duration>` or
+/// `Duration`).
+///
+/// `revoke_descendants` defaults to `false`: rotation is routine hygiene (scheduled, or when a
+/// person leaves), and the keys a key delegated usually belong to other services, which a routine
+/// rotation must not break. When the secret may have leaked, it may also have minted keys that
+/// look like the legitimate ones: rotate with `revoke_descendants(true)` and no grace period (or
+/// revoke the key, which always ends its descendants).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[must_use]
+pub struct RotateOptions {
+    /// How long the old secret keeps working (at most [`MAX_GRACE_PERIOD`]; `None` or zero: it
+    /// stops at once).
+    pub grace: Option<Duration>,
+    /// Also revoke every key this key created, transitively (default `false`).
+    pub revoke_descendants: bool,
 }
+
+impl RotateOptions {
+    /// Rotation without grace period, keeping the descendants.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Lets the old secret keep working for `grace`.
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.grace = Some(grace);
+        self
+    }
+
+    /// Also revokes (or not) the keys this key created, transitively.
+    pub fn revoke_descendants(mut self, revoke: bool) -> Self {
+        self.revoke_descendants = revoke;
+        self
+    }
+}
+
+impl From<Option<Duration>> for RotateOptions {
+    fn from(grace: Option<Duration>) -> Self {
+        Self {
+            grace,
+            ..Self::default()
+        }
+    }
+}
+
+impl From<Duration> for RotateOptions {
+    fn from(grace: Duration) -> Self {
+        Self::from(Some(grace))
+    }
+}
+
+/// Most digests in one broadcast [`Invalidation`]: its JSON then stays under PostgreSQL's
+/// 8000-byte `NOTIFY` payload limit. A larger cascade is sent in several.
+const DIGESTS_PER_INVALIDATION: usize = 96;
 
 impl KeyManager {
     /// A manager over `store` that keeps `resolver`'s cache in step with every change. Keys are
@@ -338,58 +396,48 @@ impl KeyManager {
         &self.resolver
     }
 
-    fn authorize(&self, caller: &Principal, access: Access) -> Result<(), AuthError> {
-        if caller.is_master() {
-            return Ok(());
+    /// The owner a call acts for: the one it names (validated), else the caller's; the master key
+    /// must name one.
+    fn owner_of<'a>(caller: &'a Principal, named: Option<&'a str>) -> Result<&'a str, AuthError> {
+        match named {
+            Some(owner) => validate_id("owner", owner),
+            None => caller.owner().ok_or(AuthError::OwnerRequired),
         }
-        let needed = match access {
-            Access::Read => "api-keys:read",
-            Access::Write => "api-keys:write",
+    }
+
+    /// The key `id`, once [`authorize`] allows `operation` on it; `named_owner` is the `owner` the
+    /// request names, if any.
+    async fn target(
+        &self,
+        caller: &Principal,
+        operation: Operation,
+        id: &KeyId,
+        named_owner: Option<&str>,
+    ) -> Result<KeyRecord, AuthError> {
+        if let Some(owner) = named_owner {
+            validate_id("owner", owner)?;
+        }
+        let record = self.store.get(id).await?;
+        let target = Target::Key {
+            named_owner,
+            key: record.as_ref().map(KeyFacts::from),
         };
-        let scope = Scope::parse(needed).expect("a valid constant scope");
-        // Write access implies read access.
-        let write = Scope::parse("api-keys:write").expect("a valid constant scope");
-        if caller.allows(&scope) || caller.allows(&write) {
-            Ok(())
-        } else {
-            Err(AuthError::InsufficientPermissions {
-                required: ScopeSet::from(scope),
-                mode: crate::scope::ScopeMatch::All,
-            })
-        }
+        authorize(caller, operation, &target)?;
+        record.ok_or(AuthError::NotFound)
     }
 
-    /// Which owner a call acts for.
-    fn owner_for(caller: &Principal, requested: Option<&str>) -> Result<String, AuthError> {
-        match (caller.owner(), requested) {
-            (None, None) => Err(AuthError::OwnerRequired),
-            (None, Some(owner)) => Ok(validate_id("owner", owner)?.to_owned()),
-            (Some(own), None) => Ok(own.to_owned()),
-            (Some(own), Some(owner)) if own == owner => Ok(own.to_owned()),
-            (Some(_), Some(_)) => Err(AuthError::CrossOwnerAccess),
-        }
-    }
-
-    /// A key the caller may see, or 404 (another owner's key is indistinguishable from none).
-    async fn visible(&self, caller: &Principal, id: &KeyId) -> Result<KeyRecord, AuthError> {
-        match self.store.get(id).await? {
-            Some(record) if caller.owner().is_none_or(|own| own == record.owner) => Ok(record),
-            _ => Err(AuthError::NotFound),
-        }
-    }
-
-    /// Creates a key and returns its plaintext, once.
+    /// Creates a key and returns its plaintext, once. The key is delegated by `caller` (recorded
+    /// in [`KeyInfo::created_by`], unless it is the master key): it never outlives the caller and
+    /// dies with it.
     pub async fn create(
         &self,
         caller: &Principal,
         request: CreateKey,
     ) -> Result<CreatedKey, AuthError> {
-        self.authorize(caller, Access::Write)?;
-        let owner = Self::owner_for(caller, request.owner.as_deref())?;
-        let account = match (caller.account(), request.account.as_deref()) {
-            (Some(own), Some(other)) if own != other => return Err(AuthError::CrossOwnerAccess),
-            (Some(own), _) => own.to_owned(),
-            (None, Some(account)) => validate_id("account", account)?.to_owned(),
+        let owner = Self::owner_of(caller, request.owner.as_deref())?.to_owned();
+        let account = match (request.account.as_deref(), caller.account()) {
+            (Some(account), _) => validate_id("account", account)?.to_owned(),
+            (None, Some(own)) => own.to_owned(),
             (None, None) => owner.clone(),
         };
         let now = OffsetDateTime::now_utc();
@@ -398,21 +446,17 @@ impl KeyManager {
             None => default_name(now),
         };
         let scopes = validate_scopes(&request.scopes)?;
-        if !caller.scopes().covers(&scopes) {
-            let missing: Vec<&str> = caller
-                .scopes()
-                .uncovered(&scopes)
-                .map(Scope::as_str)
-                .collect();
-            return Err(AuthError::ScopeEscalation(
-                format!(
-                    "cannot grant scopes the calling key does not hold: {}",
-                    missing.join(", ")
-                )
-                .into(),
-            ));
-        }
         let expires_at = self.expiry(caller, request.expires_at, now)?;
+        authorize(
+            caller,
+            Operation::Create,
+            &Target::NewKey(KeyFacts {
+                owner: &owner,
+                account: &account,
+                scopes: &scopes,
+                expires_at,
+            }),
+        )?;
         let format = self.resolver.format();
         let key = format.generate();
         let record = KeyRecord {
@@ -432,15 +476,16 @@ impl KeyManager {
             rotated_at: None,
             previous: None,
         };
-        self.store
-            .insert(&record, self.policy.limits, now)
-            .await
-            .map_err(|e| match e.kind() {
+        if let Err(error) = self.store.insert(&record, self.policy.limits, now).await {
+            return Err(match error.kind() {
                 StoreErrorKind::LimitReached { limit, scope } => {
                     AuthError::LimitReached { limit, scope }
                 }
-                _ => AuthError::Unavailable(e),
-            })?;
+                // The caller was revoked (or expired) after it authenticated this request.
+                StoreErrorKind::CreatorInactive => self.why_inactive(caller).await,
+                _ => AuthError::Unavailable(error),
+            });
+        }
         tracing::info!(api_key_id = %record.id, owner = %record.owner, created_by = ?record.created_by, "API key created");
         Ok(CreatedKey {
             key,
@@ -448,8 +493,22 @@ impl KeyManager {
         })
     }
 
-    /// The expiry of a new key: requested, or the policy default; capped by the policy's maximum and
-    /// never later than the caller's own.
+    /// The refusal for a caller whose key the store found inactive while creating a child: what
+    /// the layer would now answer for that key.
+    async fn why_inactive(&self, caller: &Principal) -> AuthError {
+        match self.store.get(caller.key_id()).await {
+            Ok(Some(record)) if record.revoked_at.is_none() => {
+                AuthError::ExpiredKey(ExpiredReason::Expired)
+            }
+            Ok(Some(_)) => AuthError::ExpiredKey(ExpiredReason::Revoked),
+            Ok(None) => AuthError::InvalidKey(InvalidKeyReason::Unknown),
+            Err(error) => AuthError::Unavailable(error),
+        }
+    }
+
+    /// The expiry of a new key: requested (in the future, within the policy's maximum lifetime),
+    /// or the policy default capped at the caller's effective expiry (a default never outlives the
+    /// creator; an explicit expiry past it is refused by [`authorize`]).
     fn expiry(
         &self,
         caller: &Principal,
@@ -457,15 +516,21 @@ impl KeyManager {
         now: OffsetDateTime,
     ) -> Result<Option<OffsetDateTime>, AuthError> {
         let policy = &self.policy;
-        let mut expires_at = match requested {
+        let expires_at = match requested {
             Some(at) if at <= now => {
                 return Err(AuthError::invalid("expires_at must be in the future"));
             }
             Some(at) => Some(at),
-            None => policy
-                .default_lifetime
-                .or(policy.max_lifetime)
-                .map(|d| now + d),
+            None => {
+                let default = policy
+                    .default_lifetime
+                    .or(policy.max_lifetime)
+                    .map(|d| now + d);
+                match (default, caller.expires_at()) {
+                    (Some(at), Some(limit)) => Some(at.min(limit)),
+                    (at, limit) => at.or(limit),
+                }
+            }
         };
         if let (Some(max), Some(at)) = (policy.max_lifetime, expires_at)
             && at > now + max
@@ -475,25 +540,13 @@ impl KeyManager {
                 max.as_secs() / 86_400
             )));
         }
-        if let Some(limit) = caller.expires_at() {
-            match expires_at {
-                Some(at) if at > limit && requested.is_some() => {
-                    return Err(AuthError::ScopeEscalation(
-                        "a delegated key cannot expire after the key that creates it".into(),
-                    ));
-                }
-                // A default (no expiry, or the policy's lifetime) never outlives the creator.
-                Some(at) if at > limit => expires_at = Some(limit),
-                None => expires_at = Some(limit),
-                Some(_) => {}
-            }
-        }
         Ok(expires_at)
     }
 
     /// One owner's keys, newest first, at most `limit` (1 to [`MAX_PAGE_SIZE`], else
     /// `APIKEY_INVALID`) per page. `owner` is required with the master key; a scoped key lists its
-    /// own owner's keys. `before` is the previous page's [`KeyPage::next_cursor`].
+    /// own owner's keys, of its own account. `before` is the previous page's
+    /// [`KeyPage::next_cursor`].
     pub async fn list(
         &self,
         caller: &Principal,
@@ -501,8 +554,7 @@ impl KeyManager {
         before: Option<KeyId>,
         limit: u32,
     ) -> Result<KeyPage, AuthError> {
-        self.authorize(caller, Access::Read)?;
-        let owner = Self::owner_for(caller, owner)?;
+        let owner = Self::owner_of(caller, owner)?;
         if !(1..=MAX_PAGE_SIZE).contains(&limit) {
             return Err(AuthError::invalid(format!(
                 "limit must be between 1 and {MAX_PAGE_SIZE}"
@@ -511,10 +563,13 @@ impl KeyManager {
         if let Some(cursor) = &before {
             validate_cursor(cursor.as_str())?;
         }
+        let account = caller.account();
+        authorize(caller, Operation::List, &Target::Keys { owner, account })?;
         let mut keys = self
             .store
             .list(&ListQuery {
-                owner,
+                owner: owner.to_owned(),
+                account: account.map(str::to_owned),
                 before,
                 limit: limit + 1,
             })
@@ -531,57 +586,108 @@ impl KeyManager {
         })
     }
 
-    /// One key's metadata; another owner's key is [`AuthError::NotFound`].
+    /// One key's metadata. A key the caller may not see is [`AuthError::NotFound`].
     pub async fn get(&self, caller: &Principal, id: &KeyId) -> Result<KeyInfo, AuthError> {
-        self.authorize(caller, Access::Read)?;
-        Ok(self.visible(caller, id).await?.into())
+        self.get_in(caller, id, None).await
     }
 
-    /// Revokes a key: it stops working at once and stays listed. Idempotent.
+    /// [`get`](Self::get), when the request also names the key's owner (`?owner=`): a key of
+    /// another owner is then not found.
+    pub async fn get_in(
+        &self,
+        caller: &Principal,
+        id: &KeyId,
+        owner: Option<&str>,
+    ) -> Result<KeyInfo, AuthError> {
+        Ok(self.target(caller, Operation::Get, id, owner).await?.into())
+    }
+
+    /// Revokes a key and, in the same step, every key it created (transitively): they stop working
+    /// at once, here and (with a broadcasting [`Invalidator`]) on every instance, and stay listed.
+    /// Idempotent: revoking a revoked key changes nothing and invalidates nothing.
     pub async fn revoke(&self, caller: &Principal, id: &KeyId) -> Result<KeyInfo, AuthError> {
-        self.authorize(caller, Access::Write)?;
-        self.visible(caller, id).await?;
-        let record = self
+        self.revoke_in(caller, id, None).await
+    }
+
+    /// [`revoke`](Self::revoke), when the request also names the key's owner (`?owner=`).
+    pub async fn revoke_in(
+        &self,
+        caller: &Principal,
+        id: &KeyId,
+        owner: Option<&str>,
+    ) -> Result<KeyInfo, AuthError> {
+        self.target(caller, Operation::Revoke, id, owner).await?;
+        let change = self
             .store
             .revoke(id, OffsetDateTime::now_utc())
             .await?
             .ok_or(AuthError::NotFound)?;
-        self.invalidate(&record).await;
-        tracing::info!(api_key_id = %record.id, "API key revoked");
-        Ok(record.into())
+        if change.is_noop() {
+            tracing::debug!(api_key_id = %id, "API key already revoked");
+        } else {
+            self.invalidate(&change).await;
+            tracing::info!(api_key_id = %id, descendants = change.revoked_descendants.len(), "API key revoked");
+        }
+        Ok(change.after.unwrap_or(change.before).into())
     }
 
-    /// Deletes a key's record for good. Needs the master key: revoke keeps the audit trail.
+    /// Deletes a key's record for good and revokes every key it created (transitively). Needs the
+    /// master key: revoke keeps the audit trail.
     pub async fn delete(&self, caller: &Principal, id: &KeyId) -> Result<(), AuthError> {
-        if !caller.is_master() {
-            return Err(AuthError::MasterKeyRequired);
-        }
-        let record = self.store.delete(id).await?.ok_or(AuthError::NotFound)?;
-        self.invalidate(&record).await;
-        tracing::info!(api_key_id = %record.id, "API key deleted");
+        self.delete_in(caller, id, None).await
+    }
+
+    /// [`delete`](Self::delete), when the request also names the key's owner (`?owner=`).
+    pub async fn delete_in(
+        &self,
+        caller: &Principal,
+        id: &KeyId,
+        owner: Option<&str>,
+    ) -> Result<(), AuthError> {
+        self.target(caller, Operation::Delete, id, owner).await?;
+        let change = self
+            .store
+            .delete(id, OffsetDateTime::now_utc())
+            .await?
+            .ok_or(AuthError::NotFound)?;
+        self.invalidate(&change).await;
+        tracing::info!(api_key_id = %id, descendants = change.revoked_descendants.len(), "API key deleted");
         Ok(())
     }
 
     /// Gives a key a new secret under the same id. The old secret stops working at once, or after
-    /// `grace` (at most [`MAX_GRACE_PERIOD`]; never past the key's own expiry).
+    /// the grace period (at most [`MAX_GRACE_PERIOD`]; never past the key's own expiry). See
+    /// [`RotateOptions`] for ending the key's descendants too.
     pub async fn rotate(
         &self,
         caller: &Principal,
         id: &KeyId,
-        grace: Option<Duration>,
+        options: impl Into<RotateOptions>,
     ) -> Result<CreatedKey, AuthError> {
-        self.authorize(caller, Access::Write)?;
-        if grace.is_some_and(|g| g > MAX_GRACE_PERIOD) {
+        self.rotate_in(caller, id, None, options).await
+    }
+
+    /// [`rotate`](Self::rotate), when the request also names the key's owner (`?owner=`).
+    pub async fn rotate_in(
+        &self,
+        caller: &Principal,
+        id: &KeyId,
+        owner: Option<&str>,
+        options: impl Into<RotateOptions>,
+    ) -> Result<CreatedKey, AuthError> {
+        let options = options.into();
+        if options.grace.is_some_and(|g| g > MAX_GRACE_PERIOD) {
             return Err(AuthError::invalid(format!(
                 "the grace period is at most {} days ({} seconds)",
                 MAX_GRACE_PERIOD.as_secs() / 86_400,
                 MAX_GRACE_PERIOD.as_secs()
             )));
         }
-        let old = self.visible(caller, id).await?;
+        let old = self.target(caller, Operation::Rotate, id, owner).await?;
         let now = OffsetDateTime::now_utc();
+        let revoked = || AuthError::invalid("a revoked key cannot be rotated");
         if old.revoked_at.is_some() {
-            return Err(AuthError::invalid("a revoked key cannot be rotated"));
+            return Err(revoked());
         }
         if old.expires_at.is_some_and(|at| at <= now) {
             return Err(AuthError::invalid("an expired key cannot be rotated"));
@@ -593,30 +699,47 @@ impl KeyManager {
             digest_scheme: DigestScheme::Sha256,
             masked_key: format.mask(&key).expect("a generated key has the format"),
             rotated_at: now,
-            previous_valid_until: grace.filter(|g| !g.is_zero()).map(|g| now + g),
+            previous_valid_until: options.grace.filter(|g| !g.is_zero()).map(|g| now + g),
+            revoke_descendants: options.revoke_descendants,
         };
-        let record = self
-            .store
-            .replace_secret(id, &rotation)
-            .await?
-            .ok_or(AuthError::NotFound)?;
+        let change = match self.store.replace_secret(id, &rotation).await {
+            Ok(change) => change.ok_or(AuthError::NotFound)?,
+            Err(error) if error.kind() == StoreErrorKind::Revoked => return Err(revoked()),
+            Err(error) => return Err(error.into()),
+        };
         // Forget the old secret's cached entry: with a grace period it is re-read with its new end.
-        self.invalidate(&old).await;
-        tracing::info!(api_key_id = %record.id, grace_seconds = grace.map(|g| g.as_secs()), "API key rotated");
+        self.invalidate(&change).await;
+        tracing::info!(
+            api_key_id = %id,
+            grace_seconds = options.grace.map(|g| g.as_secs()),
+            descendants = change.revoked_descendants.len(),
+            "API key rotated"
+        );
+        let record = change.after.ok_or(AuthError::NotFound)?;
         Ok(CreatedKey {
             key,
             info: record.into(),
         })
     }
 
-    async fn invalidate(&self, record: &KeyRecord) {
-        let invalidation = Invalidation {
-            key_id: record.id.clone(),
-            digests: record.digests().copied().collect(),
-        };
-        invalidation.apply(&self.resolver);
-        if let Err(error) = self.invalidator.publish(&invalidation).await {
-            tracing::warn!(%error, api_key_id = %record.id, "broadcasting an API key change failed; other instances will catch up when their cache entries expire");
+    /// Forgets every affected key here and tells the other instances, in one broadcast (several
+    /// for a cascade over more than [`DIGESTS_PER_INVALIDATION`] digests).
+    async fn invalidate(&self, change: &KeyChange) {
+        let key_id = &change.before.id;
+        let digests: Vec<KeyDigest> = change
+            .affected()
+            .flat_map(KeyRecord::digests)
+            .copied()
+            .collect();
+        for chunk in digests.chunks(DIGESTS_PER_INVALIDATION) {
+            let invalidation = Invalidation {
+                key_id: key_id.clone(),
+                digests: chunk.to_vec(),
+            };
+            invalidation.apply(&self.resolver);
+            if let Err(error) = self.invalidator.publish(&invalidation).await {
+                tracing::warn!(%error, api_key_id = %key_id, "broadcasting an API key change failed; other instances will catch up when their cache entries expire");
+            }
         }
     }
 }

@@ -12,6 +12,7 @@ use utoipa::{OpenApi, ToSchema};
 
 use super::{
     CreateKey, CreatedKey, DEFAULT_PAGE_SIZE, KeyInfo, KeyManager, MAX_BODY_BYTES, MAX_KEY_ID_LEN,
+    RotateOptions,
 };
 use crate::error::AuthError;
 use crate::key::KeyId;
@@ -28,10 +29,15 @@ const NEVER: &str = "0001-01-01T00:00:00Z";
 /// | `POST /api-keys` `{name?, owner?, account?, scopes, expires_at?}` | create | 201 key with plaintext `key` |
 /// | `GET /api-keys?owner=&limit=&before=` | list, newest first | 200 array; `x-next-cursor` header if more |
 /// | `GET /api-keys/{id}` | get | 200 key |
-/// | `DELETE /api-keys/{id}` | revoke (soft) | 204 |
-/// | `DELETE /api-keys/{id}?permanent=true` | delete the record (master key only) | 204 |
-/// | `POST /api-keys/{id}/rotate` `{grace_period_seconds?}` | new secret, same id | 200 key with plaintext `key` |
+/// | `DELETE /api-keys/{id}` | revoke (soft), with every key it created | 204 |
+/// | `DELETE /api-keys/{id}?permanent=true` | delete the record (master key only), revoke every key it created | 204 |
+/// | `POST /api-keys/{id}/rotate` `{grace_period_seconds?, revoke_descendants?}` | new secret, same id | 200 key with plaintext `key` |
 /// | `GET /api-keys/openapi.json` | this API's OpenAPI 3.1 document | 200 |
+///
+/// Every id-addressed route accepts `?owner=<owner>` (Blnk revokes with
+/// `DELETE /api-keys/{id}?owner=<owner>`): when given, it must be the key's owner, or the answer is
+/// 404 (403 `AUTH_CROSS_OWNER_ACCESS` for a scoped key naming another owner than its own). Who may
+/// do what is [`authorize`](super::authorize)'s table.
 ///
 /// Errors use the crate's JSON error body; malformed JSON, unknown fields and wrong types are 400
 /// `APIKEY_INVALID`, never a 500 or a plain-text rejection. Every input is bounded (see the limits
@@ -114,7 +120,11 @@ impl utoipa::Modify for Security {
 struct CreateKeyBody {
     /// Display name (default: timestamp-based). At most 128 characters, not blank, no control
     /// characters; surrounding whitespace is trimmed.
-    #[schema(max_length = 128, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$")]
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]*[^\\s\\u0000-\\u001f\\u007f-\\u009f][^\\u0000-\\u001f\\u007f-\\u009f]*$"
+    )]
     name: Option<String>,
     /// Owner (team, service or tenant). Required with the master key; a scoped key may only name
     /// its own.
@@ -154,6 +164,9 @@ struct RotateBody {
     /// Seconds the old secret keeps working (default 0: it stops at once; at most 30 days).
     #[schema(minimum = 0, maximum = 2_592_000)]
     grace_period_seconds: Option<u64>,
+    /// Also revoke every key this key created, transitively (default `false`: a routine rotation
+    /// keeps delegated keys working). Set it when the secret may have leaked, with no grace period.
+    revoke_descendants: Option<bool>,
 }
 
 /// A key as the API shows it. `key` (the plaintext) appears only on create and rotate.
@@ -195,6 +208,28 @@ struct ErrorDetail {
     details: Option<serde_json::Value>,
 }
 
+/// The `{id}` path parameter, as documented.
+#[derive(utoipa::IntoParams)]
+#[into_params(names("id"), parameter_in = Path)]
+#[allow(dead_code)]
+struct KeyIdParam(
+    /// The key's id (`api_key_id`); an id longer than 128 characters is unknown (404).
+    #[param(min_length = 1, max_length = 128)]
+    String,
+);
+
+/// The `owner` query parameter of the id-addressed routes, as documented.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct OwnerQuery {
+    /// The key's owner (Blnk sends it when revoking). When given it must match: another owner's
+    /// key is 404, and a scoped key naming an owner other than its own gets 403
+    /// `AUTH_CROSS_OWNER_ACCESS`. 1 to 128 visible ASCII characters.
+    #[param(min_length = 1, max_length = 128, pattern = "^[!-~]+$")]
+    owner: Option<String>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ListParams {
@@ -208,6 +243,20 @@ struct ListParams {
 struct DeleteParams {
     #[serde(default)]
     permanent: bool,
+    owner: Option<String>,
+}
+
+/// `?owner=` of the other id-addressed routes.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OwnerParam {
+    owner: Option<String>,
+}
+
+fn query<T>(params: Result<Query<T>, QueryRejection>) -> Result<T, AuthError> {
+    params
+        .map(|Query(params)| params)
+        .map_err(|e| AuthError::invalid(format!("invalid query: {}", e.body_text())))
 }
 
 fn timestamp(at: OffsetDateTime) -> String {
@@ -318,7 +367,8 @@ async fn create_key(
 }
 
 #[utoipa::path(get, path = "/api-keys",
-    params(("owner" = Option<String>, Query, description = "Whose keys (required with the master key)"),
+    params(("owner" = Option<String>, Query, min_length = 1, max_length = 128, pattern = "^[!-~]+$",
+            description = "Whose keys: 1 to 128 visible ASCII characters. Required with the master key; a scoped key may only name its own owner (else 403 AUTH_CROSS_OWNER_ACCESS), and sees only its own account's keys"),
            ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "Page size, 1 to 100 (default 50); outside that range is a 400"),
            ("before" = Option<String>, Query, max_length = 128, pattern = "^[!-~]+$", description = "Cursor: the x-next-cursor of the previous page")),
     responses((status = 200, body = Vec<KeyResponse>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
@@ -328,8 +378,7 @@ async fn list_keys(
     principal: Principal,
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Response, AuthError> {
-    let Query(params) =
-        params.map_err(|e| AuthError::invalid(format!("invalid query: {}", e.body_text())))?;
+    let params = query(params)?;
     let page = manager
         .list(
             &principal,
@@ -353,20 +402,25 @@ async fn list_keys(
     Ok(response)
 }
 
-#[utoipa::path(get, path = "/api-keys/{id}", params(("id" = String, Path)),
-    responses((status = 200, body = KeyResponse), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-              (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+#[utoipa::path(get, path = "/api-keys/{id}", params(KeyIdParam, OwnerQuery),
+    responses((status = 200, body = KeyResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn get_key(
     State(manager): State<KeyManager>,
     principal: Principal,
     id: Result<Path<String>, PathRejection>,
+    params: Result<Query<OwnerParam>, QueryRejection>,
 ) -> Result<Response, AuthError> {
-    let info = manager.get(&principal, &key_id(id)?).await?;
+    let id = key_id(id)?;
+    let params = query(params)?;
+    let info = manager
+        .get_in(&principal, &id, params.owner.as_deref())
+        .await?;
     Ok(no_store(StatusCode::OK, KeyResponse::new(info, None)))
 }
 
 #[utoipa::path(delete, path = "/api-keys/{id}",
-    params(("id" = String, Path), ("permanent" = Option<bool>, Query, description = "Delete the record instead of revoking (master key only)")),
+    params(KeyIdParam, ("permanent" = Option<bool>, Query, description = "Delete the record instead of revoking (master key only)"), OwnerQuery),
     responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
               (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn revoke_key(
@@ -376,17 +430,17 @@ async fn revoke_key(
     params: Result<Query<DeleteParams>, QueryRejection>,
 ) -> Result<StatusCode, AuthError> {
     let id = key_id(id)?;
-    let Query(params) =
-        params.map_err(|e| AuthError::invalid(format!("invalid query: {}", e.body_text())))?;
+    let params = query(params)?;
+    let owner = params.owner.as_deref();
     if params.permanent {
-        manager.delete(&principal, &id).await?;
+        manager.delete_in(&principal, &id, owner).await?;
     } else {
-        manager.revoke(&principal, &id).await?;
+        manager.revoke_in(&principal, &id, owner).await?;
     }
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(post, path = "/api-keys/{id}/rotate", params(("id" = String, Path)), request_body(content = Option<RotateBody>),
+#[utoipa::path(post, path = "/api-keys/{id}/rotate", params(KeyIdParam, OwnerQuery), request_body(content = Option<RotateBody>),
     responses((status = 200, body = KeyResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
               (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
               (status = 503, body = ErrorBody)))]
@@ -394,13 +448,20 @@ async fn rotate_key(
     State(manager): State<KeyManager>,
     principal: Principal,
     id: Result<Path<String>, PathRejection>,
+    params: Result<Query<OwnerParam>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, AuthError> {
     let id = key_id(id)?;
+    let params = query(params)?;
     let body: RotateBody = parse_json(&body.map_err(body_error)?, true)?;
-    let grace = body
-        .grace_period_seconds
-        .map(std::time::Duration::from_secs);
-    let created = manager.rotate(&principal, &id, grace).await?;
+    let options = RotateOptions {
+        grace: body
+            .grace_period_seconds
+            .map(std::time::Duration::from_secs),
+        revoke_descendants: body.revoke_descendants.unwrap_or(false),
+    };
+    let created = manager
+        .rotate_in(&principal, &id, params.owner.as_deref(), options)
+        .await?;
     Ok(no_store(StatusCode::OK, KeyResponse::created(created)))
 }

@@ -4,7 +4,8 @@ use std::sync::{Mutex, MutexGuard};
 use time::OffsetDateTime;
 
 use super::{
-    KeyLimits, KeyRecord, KeyStore, ListQuery, PreviousSecret, Rotation, StoreError, StoreErrorKind,
+    KeyChange, KeyLimits, KeyRecord, KeyStore, ListQuery, PreviousSecret, Rotation, StoreError,
+    StoreErrorKind,
 };
 use crate::key::{KeyDigest, KeyId};
 
@@ -43,6 +44,39 @@ impl Inner {
             self.by_digest.remove(digest.as_bytes());
         }
     }
+
+    /// Revokes every descendant of `root` not revoked yet, at `at`; returns those it revoked.
+    fn revoke_descendants(&mut self, root: &KeyId, at: OffsetDateTime) -> Vec<KeyRecord> {
+        let mut children: HashMap<&KeyId, Vec<&KeyId>> = HashMap::new();
+        for record in self.by_id.values() {
+            if let Some(parent) = &record.created_by {
+                children.entry(parent).or_default().push(&record.id);
+            }
+        }
+        // A key is inserted after its creator, so this is a tree; `seen` guards against a cycle in
+        // data written some other way.
+        let mut seen = std::collections::HashSet::from([root]);
+        let mut tree = Vec::new();
+        let mut pending = vec![root];
+        while let Some(parent) = pending.pop() {
+            for &child in children.get(parent).into_iter().flatten() {
+                if seen.insert(child) {
+                    tree.push(child.clone());
+                    pending.push(child);
+                }
+            }
+        }
+        tree.iter()
+            .filter_map(|id| {
+                let record = self.by_id.get_mut(id)?;
+                if record.revoked_at.is_some() {
+                    return None;
+                }
+                record.revoked_at = Some(at);
+                Some(record.clone())
+            })
+            .collect()
+    }
 }
 
 #[async_trait::async_trait]
@@ -69,7 +103,9 @@ impl KeyStore for MemoryStore {
         Ok(range
             .rev()
             .map(|(_, r)| r)
-            .filter(|r| r.owner == query.owner)
+            .filter(|r| {
+                r.owner == query.owner && query.account.as_ref().is_none_or(|a| *a == r.account)
+            })
             .take(query.limit as usize)
             .cloned()
             .collect())
@@ -88,6 +124,11 @@ impl KeyStore for MemoryStore {
                 .any(|d| inner.by_digest.contains_key(d.as_bytes()))
         {
             return Err(StoreError::from_kind(StoreErrorKind::Conflict));
+        }
+        if let Some(creator) = &record.created_by
+            && !inner.by_id.get(creator).is_some_and(|c| c.is_active(now))
+        {
+            return Err(StoreError::from_kind(StoreErrorKind::CreatorInactive));
         }
         let active = |same: &dyn Fn(&KeyRecord) -> bool| {
             inner
@@ -125,37 +166,57 @@ impl KeyStore for MemoryStore {
         &self,
         id: &KeyId,
         at: OffsetDateTime,
-    ) -> Result<Option<KeyRecord>, StoreError> {
+    ) -> Result<Option<KeyChange>, StoreError> {
         let mut inner = self.lock();
-        Ok(inner.by_id.get_mut(id).map(|record| {
-            record.revoked_at.get_or_insert(at);
-            record.clone()
+        let Some(record) = inner.by_id.get_mut(id) else {
+            return Ok(None);
+        };
+        let before = record.clone();
+        record.revoked_at.get_or_insert(at);
+        let after = record.clone();
+        let revoked_descendants = inner.revoke_descendants(id, at);
+        Ok(Some(KeyChange {
+            before,
+            after: Some(after),
+            revoked_descendants,
         }))
     }
 
-    async fn delete(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+    async fn delete(
+        &self,
+        id: &KeyId,
+        at: OffsetDateTime,
+    ) -> Result<Option<KeyChange>, StoreError> {
         let mut inner = self.lock();
-        let removed = inner.by_id.remove(id);
-        if let Some(record) = &removed {
-            inner.unindex(record);
-        }
-        Ok(removed)
+        let Some(before) = inner.by_id.remove(id) else {
+            return Ok(None);
+        };
+        inner.unindex(&before);
+        let revoked_descendants = inner.revoke_descendants(id, at);
+        Ok(Some(KeyChange {
+            before,
+            after: None,
+            revoked_descendants,
+        }))
     }
 
     async fn replace_secret(
         &self,
         id: &KeyId,
         rotation: &Rotation,
-    ) -> Result<Option<KeyRecord>, StoreError> {
+    ) -> Result<Option<KeyChange>, StoreError> {
         let mut inner = self.lock();
         let Some(old) = inner.by_id.get(id).cloned() else {
             return Ok(None);
         };
+        if old.revoked_at.is_some() {
+            return Err(StoreError::from_kind(StoreErrorKind::Revoked));
+        }
         if inner.by_digest.contains_key(rotation.digest.as_bytes()) {
             return Err(StoreError::from_kind(StoreErrorKind::Conflict));
         }
         inner.unindex(&old);
-        let mut record = old;
+        let mut record = old.clone();
         record.previous = rotation
             .previous_valid_until
             .map(|valid_until| PreviousSecret {
@@ -171,7 +232,16 @@ impl KeyStore for MemoryStore {
             inner.by_digest.insert(*digest.as_bytes(), id.clone());
         }
         inner.by_id.insert(id.clone(), record.clone());
-        Ok(Some(record))
+        let revoked_descendants = if rotation.revoke_descendants {
+            inner.revoke_descendants(id, rotation.rotated_at)
+        } else {
+            Vec::new()
+        };
+        Ok(Some(KeyChange {
+            before: old,
+            after: Some(record),
+            revoked_descendants,
+        }))
     }
 
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {

@@ -102,6 +102,8 @@ pub struct KeyLimits {
 pub struct ListQuery {
     /// Whose keys.
     pub owner: String,
+    /// Only this account's keys, when set (a scoped caller sees its own account only).
+    pub account: Option<String>,
     /// Only keys with an id lower (older) than this one: the cursor of the previous page.
     pub before: Option<KeyId>,
     /// At most this many.
@@ -121,6 +123,38 @@ pub struct Rotation {
     pub rotated_at: OffsetDateTime,
     /// `Some(t)`: the old secret keeps working until `t`. `None`: it stops at once.
     pub previous_valid_until: Option<OffsetDateTime>,
+    /// Also revoke, at `rotated_at`, every key this one created (transitively): for a secret that
+    /// may have leaked and minted keys.
+    pub revoke_descendants: bool,
+}
+
+/// What [`KeyStore::revoke`], [`KeyStore::delete`] and [`KeyStore::replace_secret`] changed, all in
+/// one atomic step: what a cache must forget.
+///
+/// The *descendants* of a key are the keys it created (their [`KeyRecord::created_by`] is its id),
+/// the keys those created, and so on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KeyChange {
+    /// The addressed key before the change.
+    pub before: KeyRecord,
+    /// The addressed key after the change; `None` when it was deleted.
+    pub after: Option<KeyRecord>,
+    /// The descendants this call revoked (those already revoked are left out), in no order.
+    pub revoked_descendants: Vec<KeyRecord>,
+}
+
+impl KeyChange {
+    /// Whether anything changed: `false` only for a revocation of a key that was already revoked
+    /// and had no active descendant left (a no-op, which needs no cache invalidation).
+    pub fn is_noop(&self) -> bool {
+        self.revoked_descendants.is_empty() && self.after.as_ref() == Some(&self.before)
+    }
+
+    /// Every record whose cached answers are stale: the addressed key (as it was) and the revoked
+    /// descendants.
+    pub fn affected(&self) -> impl Iterator<Item = &KeyRecord> {
+        std::iter::once(&self.before).chain(&self.revoked_descendants)
+    }
 }
 
 /// What went wrong talking to a store. Never contains a key or a digest.
@@ -147,6 +181,12 @@ pub enum StoreErrorKind {
     },
     /// An id or digest that must be unique already exists.
     Conflict,
+    /// [`KeyStore::insert`] of a delegated key whose creator ([`KeyRecord::created_by`]) is gone,
+    /// revoked or expired at the insert's `now`: checked atomically with the insert, so a key
+    /// revoked while one of its creations was in flight never gains a child.
+    CreatorInactive,
+    /// [`KeyStore::replace_secret`] of a revoked key: a revoked key gets no new secret.
+    Revoked,
     /// Data in the store could not be understood (an unknown digest scheme, a bad scope).
     Corrupt,
 }
@@ -188,6 +228,10 @@ impl fmt::Display for StoreError {
                 write!(f, "active key limit of {limit} per {scope} reached")
             }
             StoreErrorKind::Conflict => f.write_str("key id or digest already exists"),
+            StoreErrorKind::CreatorInactive => {
+                f.write_str("the creating key is revoked, expired or gone")
+            }
+            StoreErrorKind::Revoked => f.write_str("the key is revoked"),
             StoreErrorKind::Corrupt => f.write_str("key store returned data that cannot be read"),
         }?;
         if let Some(source) = &self.source {
@@ -210,7 +254,14 @@ impl std::error::Error for StoreError {
 /// - `find_by_digest` matches the current digest and, while a rotation grace period lasts, the
 ///   previous one; it returns revoked and expired records too (the resolver decides);
 /// - `insert` enforces [`KeyLimits`] atomically: concurrent inserts never overshoot;
-/// - `revoke` keeps the first `revoked_at`; `delete` removes the record;
+/// - `insert` of a delegated record (`created_by` set) fails with
+///   [`StoreErrorKind::CreatorInactive`] unless its creator exists, is not revoked and has not
+///   expired at `now`, checked atomically with the insert (no revocation can slip in between);
+/// - `revoke` keeps the first `revoked_at`; `delete` removes the record; both also revoke every
+///   descendant of the key (see [`KeyChange`]) in the same atomic step, and report what changed;
+/// - `replace_secret` refuses a revoked key ([`StoreErrorKind::Revoked`]) and, when asked, revokes
+///   the descendants in the same atomic step;
+/// - `list` filters by owner and, when given, account;
 /// - methods on an unknown id return `Ok(None)` / `Ok(false)`, never an error.
 #[async_trait::async_trait]
 pub trait KeyStore: Send + Sync + 'static {
@@ -224,7 +275,8 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn list(&self, query: &ListQuery) -> Result<Vec<KeyRecord>, StoreError>;
 
     /// Stores a new record unless that would exceed `limits` counting keys active at `now`
-    /// ([`StoreErrorKind::LimitReached`]).
+    /// ([`StoreErrorKind::LimitReached`]), or its creator is not active at `now`
+    /// ([`StoreErrorKind::CreatorInactive`]).
     async fn insert(
         &self,
         record: &KeyRecord,
@@ -232,20 +284,24 @@ pub trait KeyStore: Send + Sync + 'static {
         now: OffsetDateTime,
     ) -> Result<(), StoreError>;
 
-    /// Marks the key revoked at `at` (keeping an earlier revocation time) and returns the record.
+    /// Marks the key revoked at `at` (keeping an earlier revocation time), and every descendant not
+    /// yet revoked with it, in one atomic step.
     async fn revoke(&self, id: &KeyId, at: OffsetDateTime)
-    -> Result<Option<KeyRecord>, StoreError>;
+    -> Result<Option<KeyChange>, StoreError>;
 
-    /// Removes the record and returns it.
-    async fn delete(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError>;
+    /// Removes the record and revokes its descendants at `at`, in one atomic step. The
+    /// descendants stay listed, revoked, with their `created_by` naming the deleted key.
+    async fn delete(&self, id: &KeyId, at: OffsetDateTime)
+    -> Result<Option<KeyChange>, StoreError>;
 
     /// Replaces the key's secret, keeping the old one as [`PreviousSecret`] if the rotation asks for a
-    /// grace period, and returns the updated record.
+    /// grace period, and revoking the descendants if it asks for that. Fails with
+    /// [`StoreErrorKind::Revoked`] on a revoked key.
     async fn replace_secret(
         &self,
         id: &KeyId,
         rotation: &Rotation,
-    ) -> Result<Option<KeyRecord>, StoreError>;
+    ) -> Result<Option<KeyChange>, StoreError>;
 
     /// Records last use times in one batch; later times win, unknown ids are ignored.
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError>;
@@ -274,17 +330,21 @@ impl<T: KeyStore + ?Sized> KeyStore for Arc<T> {
         &self,
         id: &KeyId,
         at: OffsetDateTime,
-    ) -> Result<Option<KeyRecord>, StoreError> {
+    ) -> Result<Option<KeyChange>, StoreError> {
         (**self).revoke(id, at).await
     }
-    async fn delete(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
-        (**self).delete(id).await
+    async fn delete(
+        &self,
+        id: &KeyId,
+        at: OffsetDateTime,
+    ) -> Result<Option<KeyChange>, StoreError> {
+        (**self).delete(id, at).await
     }
     async fn replace_secret(
         &self,
         id: &KeyId,
         rotation: &Rotation,
-    ) -> Result<Option<KeyRecord>, StoreError> {
+    ) -> Result<Option<KeyChange>, StoreError> {
         (**self).replace_secret(id, rotation).await
     }
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {

@@ -11,7 +11,9 @@ use time::OffsetDateTime;
 use tokio::sync::OnceCell;
 
 use super::sql_common::{RawRecord, map_sqlx_error, micros};
-use super::{KeyLimits, KeyRecord, KeyStore, ListQuery, Rotation, StoreError, StoreErrorKind};
+use super::{
+    KeyChange, KeyLimits, KeyRecord, KeyStore, ListQuery, Rotation, StoreError, StoreErrorKind,
+};
 use crate::key::{KeyDigest, KeyId};
 
 /// A schema or channel name that is not a plain PostgreSQL identifier: 1 to 63 bytes of ASCII
@@ -70,12 +72,13 @@ const COLUMNS: &str = "id, name, owner, account, scopes, digest, digest_scheme, 
     previous_digest_scheme, previous_valid_until";
 
 /// The schema's migrations, in order. Versions are never renumbered or edited once released.
-fn migrations(s: &str) -> [(i32, &'static str, String); 1] {
-    [(
-        1,
-        "api_keys and api_key_digests",
-        format!(
-            r#"
+fn migrations(s: &str) -> [(i32, &'static str, String); 2] {
+    [
+        (
+            1,
+            "api_keys and api_key_digests",
+            format!(
+                r#"
 CREATE TABLE {s}.api_keys (
     id TEXT COLLATE "C" PRIMARY KEY,
     name TEXT NOT NULL,
@@ -108,8 +111,17 @@ CREATE TABLE {s}.api_key_digests (
 );
 CREATE INDEX api_key_digests_key_id_idx ON {s}.api_key_digests (key_id);
 "#
+            ),
         ),
-    )]
+        (
+            2,
+            "api_keys.created_by index (cascading revocation)",
+            format!(
+                "CREATE INDEX api_keys_created_by_idx ON {s}.api_keys (created_by) \
+                 WHERE created_by IS NOT NULL;"
+            ),
+        ),
+    ]
 }
 
 /// Every statement, with the schema spliced in once (the schema name is a checked identifier).
@@ -121,6 +133,8 @@ struct Sql {
     get_for_update: Arc<str>,
     list: Arc<str>,
     exists: Arc<str>,
+    creator_active: Arc<str>,
+    revoke_descendants: Arc<str>,
     count_owner: Arc<str>,
     count_account: Arc<str>,
     insert: Arc<str>,
@@ -149,11 +163,24 @@ impl Sql {
             )),
             list: sql(format!(
                 "SELECT {COLUMNS} FROM {s}.api_keys WHERE owner = $1 AND ($2::text IS NULL OR id < $2) \
-                 ORDER BY id DESC LIMIT $3"
+                 AND ($4::text IS NULL OR account = $4) ORDER BY id DESC LIMIT $3"
             )),
             exists: sql(format!(
                 "SELECT EXISTS (SELECT 1 FROM {s}.api_keys WHERE id = $1) \
                  OR EXISTS (SELECT 1 FROM {s}.api_key_digests WHERE digest = ANY($2))"
+            )),
+            // FOR SHARE: a concurrent revocation (an UPDATE) of the creator waits for this insert
+            // to commit, or this insert waits for it and then sees the creator revoked.
+            creator_active: sql(format!(
+                "SELECT 1 FROM {s}.api_keys WHERE id = $1 AND revoked_at IS NULL \
+                 AND (expires_at IS NULL OR expires_at > $2) FOR SHARE"
+            )),
+            revoke_descendants: sql(format!(
+                "WITH RECURSIVE tree(id) AS ( \
+                    SELECT id FROM {s}.api_keys WHERE created_by = $1 \
+                    UNION SELECT k.id FROM {s}.api_keys AS k JOIN tree ON k.created_by = tree.id) \
+                 UPDATE {s}.api_keys SET revoked_at = $2 \
+                 WHERE revoked_at IS NULL AND id IN (SELECT id FROM tree) RETURNING {COLUMNS}"
             )),
             count_owner: sql(format!(
                 "SELECT count(*) FROM {s}.api_keys WHERE owner = $1 AND revoked_at IS NULL \
@@ -496,6 +523,62 @@ impl PostgresStore {
             .map(|_| ())
             .map_err(map_sqlx_error)
     }
+
+    /// Starts a cascade (revoke, delete, rotate ending the descendants) on key `id`: takes the
+    /// per-owner cascade lock, so that two cascades over overlapping trees run one after the other
+    /// instead of deadlocking on each other's rows, then locks the key's row. `None`: no such key.
+    async fn begin_cascade(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        id: &KeyId,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let row = query(&self.sql.get)
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_sqlx_error)?;
+        let Some(unlocked) = decode_opt(row)? else {
+            return Ok(None);
+        };
+        // A key's owner never changes, so the lock read above is the lock of the row read below.
+        Self::lock(tx, &["cascade", &self.sql.schema, &unlocked.owner]).await?;
+        let row = query(&self.sql.get_for_update)
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_sqlx_error)?;
+        decode_opt(row)
+    }
+
+    /// Revokes, at `at`, every descendant of `root` not revoked yet; returns those it revoked.
+    ///
+    /// Repeated until a pass revokes nothing. Under READ COMMITTED each pass sees what committed
+    /// before it started; a delegated insert holds its creator `FOR SHARE`, so a pass revoking that
+    /// creator waits for the insert to commit, and the next pass sees the new child. The last, empty
+    /// pass starts once every key of the tree is revoked (by this transaction, which holds their rows
+    /// until it commits, or by a committed one): from then on, an insert under any of them fails.
+    async fn revoke_descendants(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        root: &KeyId,
+        at: OffsetDateTime,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let mut revoked = Vec::new();
+        loop {
+            let rows = query(&self.sql.revoke_descendants)
+                .bind(root.as_str())
+                .bind(micros(at))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(map_sqlx_error)?;
+            if rows.is_empty() {
+                return Ok(revoked);
+            }
+            for row in &rows {
+                revoked.push(decode(row)?);
+            }
+        }
+    }
 }
 
 fn digest_list<'a>(digests: impl Iterator<Item = &'a KeyDigest>) -> Vec<Vec<u8>> {
@@ -530,6 +613,7 @@ impl KeyStore for PostgresStore {
             .bind(q.owner.as_str())
             .bind(q.before.as_ref().map(KeyId::as_str))
             .bind(i64::from(q.limit))
+            .bind(q.account.as_deref())
             .fetch_all(&self.pool)
             .await
             .map_err(map_sqlx_error)?;
@@ -563,6 +647,17 @@ impl KeyStore for PostgresStore {
             .map_err(map_sqlx_error)?;
         if exists {
             return Err(StoreError::from_kind(StoreErrorKind::Conflict));
+        }
+        if let Some(creator) = &record.created_by {
+            let active = query(&self.sql.creator_active)
+                .bind(creator.as_str())
+                .bind(now)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(map_sqlx_error)?;
+            if active.is_none() {
+                return Err(StoreError::from_kind(StoreErrorKind::CreatorInactive));
+            }
         }
         for (limit, sql, value, scope) in [
             (
@@ -627,43 +722,79 @@ impl KeyStore for PostgresStore {
         &self,
         id: &KeyId,
         at: OffsetDateTime,
-    ) -> Result<Option<KeyRecord>, StoreError> {
+    ) -> Result<Option<KeyChange>, StoreError> {
         self.migrate().await?;
+        let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
+        let Some(before) = self.begin_cascade(&mut tx, id).await? else {
+            return Ok(None);
+        };
         let row = query(&self.sql.revoke)
             .bind(id.as_str())
             .bind(micros(at))
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *tx)
             .await
             .map_err(map_sqlx_error)?;
-        decode_opt(row)
+        let after = decode_opt(row)?;
+        let revoked_descendants = self.revoke_descendants(&mut tx, id, at).await?;
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(Some(KeyChange {
+            before,
+            after,
+            revoked_descendants,
+        }))
     }
 
-    async fn delete(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+    async fn delete(
+        &self,
+        id: &KeyId,
+        at: OffsetDateTime,
+    ) -> Result<Option<KeyChange>, StoreError> {
         self.migrate().await?;
+        let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
+        if self.begin_cascade(&mut tx, id).await?.is_none() {
+            return Ok(None);
+        }
         // `api_key_digests` rows go with it (ON DELETE CASCADE).
         let row = query(&self.sql.delete)
             .bind(id.as_str())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *tx)
             .await
             .map_err(map_sqlx_error)?;
-        decode_opt(row)
+        let Some(before) = decode_opt(row)? else {
+            return Ok(None);
+        };
+        let revoked_descendants = self.revoke_descendants(&mut tx, id, at).await?;
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(Some(KeyChange {
+            before,
+            after: None,
+            revoked_descendants,
+        }))
     }
 
     async fn replace_secret(
         &self,
         id: &KeyId,
         rotation: &Rotation,
-    ) -> Result<Option<KeyRecord>, StoreError> {
+    ) -> Result<Option<KeyChange>, StoreError> {
         self.migrate().await?;
         let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
-        let row = query(&self.sql.get_for_update)
-            .bind(id.as_str())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(map_sqlx_error)?;
-        let Some(old) = decode_opt(row)? else {
+        let old = if rotation.revoke_descendants {
+            self.begin_cascade(&mut tx, id).await?
+        } else {
+            let row = query(&self.sql.get_for_update)
+                .bind(id.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(map_sqlx_error)?;
+            decode_opt(row)?
+        };
+        let Some(old) = old else {
             return Ok(None);
         };
+        if old.revoked_at.is_some() {
+            return Err(StoreError::from_kind(StoreErrorKind::Revoked));
+        }
         // Registering the new digest first fails on any digest in use, this key's included.
         query(&self.sql.insert_digests)
             .bind(vec![rotation.digest.as_bytes().to_vec()])
@@ -695,9 +826,19 @@ impl KeyStore for PostgresStore {
             .fetch_optional(&mut *tx)
             .await
             .map_err(map_sqlx_error)?;
-        let record = decode_opt(row)?;
+        let after = decode_opt(row)?;
+        let revoked_descendants = if rotation.revoke_descendants {
+            self.revoke_descendants(&mut tx, id, rotation.rotated_at)
+                .await?
+        } else {
+            Vec::new()
+        };
         tx.commit().await.map_err(map_sqlx_error)?;
-        Ok(record)
+        Ok(Some(KeyChange {
+            before: old,
+            after,
+            revoked_descendants,
+        }))
     }
 
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {

@@ -14,7 +14,9 @@ use tokio::sync::OnceCell;
 use super::sql_common::{
     RawRecord, from_unix_micros, is_sqlite_busy, map_sqlx_error, to_unix_micros,
 };
-use super::{KeyLimits, KeyRecord, KeyStore, ListQuery, Rotation, StoreError, StoreErrorKind};
+use super::{
+    KeyChange, KeyLimits, KeyRecord, KeyStore, ListQuery, Rotation, StoreError, StoreErrorKind,
+};
 use crate::key::{KeyDigest, KeyId};
 
 /// The columns of `api_keys`, in the order [`decode`] reads them.
@@ -30,10 +32,11 @@ macro_rules! columns {
 const START_ATTEMPTS: u64 = 10;
 
 /// The schema's migrations, in order. Versions are never renumbered or edited once released.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "api_keys and api_key_digests",
-    r#"
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "api_keys and api_key_digests",
+        r#"
 CREATE TABLE api_keys (
     id TEXT NOT NULL PRIMARY KEY,
     name TEXT NOT NULL,
@@ -66,7 +69,13 @@ CREATE TABLE api_key_digests (
 ) STRICT;
 CREATE INDEX api_key_digests_key_id_idx ON api_key_digests (key_id);
 "#,
-)];
+    ),
+    (
+        2,
+        "api_keys.created_by index (cascading revocation)",
+        "CREATE INDEX api_keys_created_by_idx ON api_keys (created_by) WHERE created_by IS NOT NULL;",
+    ),
+];
 
 fn decode(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
     let time = |i: usize| -> Result<Option<OffsetDateTime>, StoreError> {
@@ -306,6 +315,46 @@ impl SqliteStore {
         }
         Ok(())
     }
+
+    async fn fetch(
+        conn: &mut SqliteConnection,
+        id: &KeyId,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM api_keys WHERE id = ?1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(map_sqlx_error)?;
+        decode_opt(row)
+    }
+
+    /// Revokes, at `at`, every descendant of `root` not revoked yet; returns those it revoked.
+    /// Runs inside the caller's `BEGIN IMMEDIATE` transaction, so no insert interleaves.
+    async fn revoke_descendants(
+        conn: &mut SqliteConnection,
+        root: &KeyId,
+        at: OffsetDateTime,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "WITH RECURSIVE tree(id) AS ( \
+                SELECT id FROM api_keys WHERE created_by = ?1 \
+                UNION SELECT k.id FROM api_keys AS k JOIN tree ON k.created_by = tree.id) \
+             UPDATE api_keys SET revoked_at = ?2 \
+             WHERE revoked_at IS NULL AND id IN (SELECT id FROM tree) RETURNING ",
+            columns!(),
+            ""
+        ))
+        .bind(root.as_str())
+        .bind(to_unix_micros(at))
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(map_sqlx_error)?;
+        rows.iter().map(decode).collect()
+    }
 }
 
 fn scopes_json(record: &KeyRecord) -> String {
@@ -348,11 +397,12 @@ impl KeyStore for SqliteStore {
             "SELECT ",
             columns!(),
             " FROM api_keys WHERE owner = ?1 AND (?2 IS NULL OR id < ?2) \
-             ORDER BY id DESC LIMIT ?3"
+             AND (?4 IS NULL OR account = ?4) ORDER BY id DESC LIMIT ?3"
         ))
         .bind(q.owner.as_str())
         .bind(q.before.as_ref().map(KeyId::as_str))
         .bind(i64::from(q.limit))
+        .bind(q.account.as_deref())
         .fetch_all(&self.pool)
         .await
         .map_err(map_sqlx_error)?;
@@ -384,6 +434,20 @@ impl KeyStore for SqliteStore {
         }
         if conflict {
             return Err(StoreError::from_kind(StoreErrorKind::Conflict));
+        }
+        if let Some(creator) = &record.created_by {
+            let active: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM api_keys WHERE id = ?1 AND revoked_at IS NULL \
+                 AND (expires_at IS NULL OR expires_at > ?2))",
+            )
+            .bind(creator.as_str())
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_sqlx_error)?;
+            if !active {
+                return Err(StoreError::from_kind(StoreErrorKind::CreatorInactive));
+            }
         }
         for (limit, sql, value, scope) in [
             (
@@ -450,23 +514,37 @@ impl KeyStore for SqliteStore {
         &self,
         id: &KeyId,
         at: OffsetDateTime,
-    ) -> Result<Option<KeyRecord>, StoreError> {
+    ) -> Result<Option<KeyChange>, StoreError> {
+        let mut tx = self.begin_immediate().await?;
+        let Some(before) = Self::fetch(&mut tx, id).await? else {
+            return Ok(None);
+        };
         let row = sqlx::query(concat!(
-            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1 \
-             RETURNING ",
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1 RETURNING ",
             columns!(),
             ""
         ))
         .bind(id.as_str())
         .bind(to_unix_micros(at))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(map_sqlx_error)?;
-        decode_opt(row)
+        let after = decode_opt(row)?;
+        let revoked_descendants = Self::revoke_descendants(&mut tx, id, at).await?;
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(Some(KeyChange {
+            before,
+            after,
+            revoked_descendants,
+        }))
     }
 
-    async fn delete(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
+    async fn delete(
+        &self,
+        id: &KeyId,
+        at: OffsetDateTime,
+    ) -> Result<Option<KeyChange>, StoreError> {
+        let mut tx = self.begin_immediate().await?;
         // Explicitly, rather than through ON DELETE CASCADE: a pool may have foreign keys off.
         sqlx::query("DELETE FROM api_key_digests WHERE key_id = ?1")
             .bind(id.as_str())
@@ -482,29 +560,30 @@ impl KeyStore for SqliteStore {
         .fetch_optional(&mut *tx)
         .await
         .map_err(map_sqlx_error)?;
-        let record = decode_opt(row)?;
+        let Some(before) = decode_opt(row)? else {
+            return Ok(None);
+        };
+        let revoked_descendants = Self::revoke_descendants(&mut tx, id, at).await?;
         tx.commit().await.map_err(map_sqlx_error)?;
-        Ok(record)
+        Ok(Some(KeyChange {
+            before,
+            after: None,
+            revoked_descendants,
+        }))
     }
 
     async fn replace_secret(
         &self,
         id: &KeyId,
         rotation: &Rotation,
-    ) -> Result<Option<KeyRecord>, StoreError> {
+    ) -> Result<Option<KeyChange>, StoreError> {
         let mut tx = self.begin_immediate().await?;
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            columns!(),
-            " FROM api_keys WHERE id = ?1"
-        ))
-        .bind(id.as_str())
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(map_sqlx_error)?;
-        let Some(old) = decode_opt(row)? else {
+        let Some(old) = Self::fetch(&mut tx, id).await? else {
             return Ok(None);
         };
+        if old.revoked_at.is_some() {
+            return Err(StoreError::from_kind(StoreErrorKind::Revoked));
+        }
         // Registering the new digest first fails on any digest in use, this key's included.
         Self::register_digests(&mut tx, id, std::iter::once(&rotation.digest)).await?;
         let previous = rotation
@@ -535,9 +614,18 @@ impl KeyStore for SqliteStore {
         .fetch_optional(&mut *tx)
         .await
         .map_err(map_sqlx_error)?;
-        let record = decode_opt(row)?;
+        let after = decode_opt(row)?;
+        let revoked_descendants = if rotation.revoke_descendants {
+            Self::revoke_descendants(&mut tx, id, rotation.rotated_at).await?
+        } else {
+            Vec::new()
+        };
         tx.commit().await.map_err(map_sqlx_error)?;
-        Ok(record)
+        Ok(Some(KeyChange {
+            before: old,
+            after,
+            revoked_descendants,
+        }))
     }
 
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {

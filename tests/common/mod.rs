@@ -8,7 +8,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tower_api_keys::key::{ApiKey, KeyDigest, KeyFormat, KeyId};
 use tower_api_keys::scope::ScopeSet;
-use tower_api_keys::store::{KeyLimits, ListQuery, Rotation};
+use tower_api_keys::store::{KeyChange, KeyLimits, ListQuery, Rotation};
 use tower_api_keys::store::{KeyRecord, KeyStore, MemoryStore, StoreError};
 
 pub const MASTER: &str = "master-key-for-tests-0123456789";
@@ -72,19 +72,23 @@ impl KeyStore for TestStore {
         &self,
         id: &KeyId,
         at: OffsetDateTime,
-    ) -> Result<Option<KeyRecord>, StoreError> {
+    ) -> Result<Option<KeyChange>, StoreError> {
         self.check()?;
         self.inner.revoke(id, at).await
     }
-    async fn delete(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+    async fn delete(
+        &self,
+        id: &KeyId,
+        at: OffsetDateTime,
+    ) -> Result<Option<KeyChange>, StoreError> {
         self.check()?;
-        self.inner.delete(id).await
+        self.inner.delete(id, at).await
     }
     async fn replace_secret(
         &self,
         id: &KeyId,
         rotation: &Rotation,
-    ) -> Result<Option<KeyRecord>, StoreError> {
+    ) -> Result<Option<KeyChange>, StoreError> {
         self.check()?;
         self.inner.replace_secret(id, rotation).await
     }

@@ -1,0 +1,458 @@
+//! The one authorization rule of key management: [`authorize`].
+//!
+//! Every [`KeyManager`](super::KeyManager) operation, and so every route of the management
+//! [`router`](super::router), asks [`authorize`] before it reads a key's metadata for a caller or
+//! changes anything. A new operation joins the rule with one [`Operation`] variant and one row in
+//! [`Operation::kind`].
+//!
+//! ```
+//! use tower_api_keys::manage::{KeyFacts, Operation, Target, authorize};
+//! use tower_api_keys::{ErrorCode, KeyId, Principal, ScopeSet};
+//!
+//! let caller = Principal::scoped(
+//!     KeyId::new("key_1"), "ci", "payments", "acct_1",
+//!     "api-keys:write ledgers:read".parse::<ScopeSet>().unwrap(), None,
+//! );
+//! let sibling_scopes: ScopeSet = "*:*".parse().unwrap();
+//! let sibling = KeyFacts { owner: "payments", account: "acct_1", scopes: &sibling_scopes, expires_at: None };
+//!
+//! // A narrow key may not rotate (and so obtain) a broader sibling...
+//! let target = Target::Key { named_owner: None, key: Some(sibling) };
+//! let refused = authorize(&caller, Operation::Rotate, &target).unwrap_err();
+//! assert_eq!(refused.code(), ErrorCode::ScopeEscalation);
+//! // ...but it may read it.
+//! assert!(authorize(&caller, Operation::Get, &target).is_ok());
+//! ```
+
+use time::OffsetDateTime;
+
+use crate::error::AuthError;
+use crate::principal::Principal;
+use crate::scope::ScopeMatch;
+use crate::scope::{Scope, ScopeSet};
+use crate::store::KeyRecord;
+
+/// Something a caller asks to do with keys. Each has one row in the rule (see [`authorize`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Operation {
+    /// List one owner's keys (`GET /api-keys`).
+    List,
+    /// Read one key's metadata (`GET /api-keys/{id}`).
+    Get,
+    /// Create a key, receiving its secret (`POST /api-keys`).
+    Create,
+    /// Give a key a new secret, receiving it (`POST /api-keys/{id}/rotate`).
+    Rotate,
+    /// Revoke a key and its descendants (`DELETE /api-keys/{id}`).
+    Revoke,
+    /// Delete a key's record and revoke its descendants (`DELETE /api-keys/{id}?permanent=true`).
+    Delete,
+}
+
+/// How the rule judges an [`Operation`]: the `kind` column of the table in [`authorize`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum OperationKind {
+    /// Shows metadata, never a secret: needs `api-keys:read` (or `api-keys:write`).
+    Read,
+    /// Hands out a secret or grants, or destroys: needs `api-keys:write`, and the target may have
+    /// no scope the caller lacks, and may not outlive the caller.
+    Power,
+    /// Needs the master key.
+    Master,
+}
+
+impl Operation {
+    /// The rule's table, one row per operation.
+    pub const fn kind(self) -> OperationKind {
+        match self {
+            Self::List | Self::Get => OperationKind::Read,
+            Self::Create | Self::Rotate | Self::Revoke => OperationKind::Power,
+            Self::Delete => OperationKind::Master,
+        }
+    }
+
+    /// The verb used in refusals ("cannot rotate a key ...").
+    const fn verb(self) -> &'static str {
+        match self {
+            Self::List => "list",
+            Self::Get => "read",
+            Self::Create => "create",
+            Self::Rotate => "rotate",
+            Self::Revoke => "revoke",
+            Self::Delete => "delete",
+        }
+    }
+}
+
+/// What the rule looks at in a key: where it lives, what it holds, when it ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyFacts<'a> {
+    /// Its owner.
+    pub owner: &'a str,
+    /// Its account.
+    pub account: &'a str,
+    /// Its scopes.
+    pub scopes: &'a ScopeSet,
+    /// Its expiry (`None`: never).
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+impl<'a> From<&'a KeyRecord> for KeyFacts<'a> {
+    fn from(record: &'a KeyRecord) -> Self {
+        Self {
+            owner: &record.owner,
+            account: &record.account,
+            scopes: &record.scopes,
+            expires_at: record.expires_at,
+        }
+    }
+}
+
+/// What an [`Operation`] acts on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target<'a> {
+    /// The keys of one owner (list), limited to one account when `account` is set.
+    Keys {
+        /// The owner whose keys are listed (the one the request names, else the caller's).
+        owner: &'a str,
+        /// The account the listing is limited to, if any.
+        account: Option<&'a str>,
+    },
+    /// A key about to be created, as it will be stored (owner, account and expiry defaults filled
+    /// in).
+    NewKey(KeyFacts<'a>),
+    /// An existing key addressed by id (get, rotate, revoke, delete).
+    Key {
+        /// The owner the request names (`?owner=`), if it names one.
+        named_owner: Option<&'a str>,
+        /// The key; `None` when the id is unknown.
+        key: Option<KeyFacts<'a>>,
+    },
+}
+
+/// The rule: may `caller` perform `operation` on `target`?
+///
+/// **The master key may do everything**; an id-addressed key that does not exist, or whose owner
+/// differs from the `owner` the request names, is `404 APIKEY_NOT_FOUND`. A **scoped key** acts
+/// only inside its own owner and its own account, and what it may do is this table (checked in
+/// this order; the first failing check answers):
+///
+/// | operation | kind | 1. scope needed | 2. outside the caller's owner/account | 3. the target vs the caller |
+/// |---|---|---|---|---|
+/// | list   | read   | `api-keys:read` or `api-keys:write` | naming another owner: 403 `AUTH_CROSS_OWNER_ACCESS`; the listing is limited to the caller's account | — |
+/// | get    | read   | `api-keys:read` or `api-keys:write` | naming another owner (`?owner=`): 403 `AUTH_CROSS_OWNER_ACCESS`; a key of another owner or account: 404 `APIKEY_NOT_FOUND` | — |
+/// | create | power  | `api-keys:write` | naming another owner or account: 403 `AUTH_CROSS_OWNER_ACCESS` | covered and not outliving (below) |
+/// | rotate | power  | `api-keys:write` | as get | covered and not outliving |
+/// | revoke | power  | `api-keys:write` | as get | covered and not outliving |
+/// | delete | master | the master key: 403 `AUTH_MASTER_KEY_REQUIRED` | — | — |
+///
+/// A missing scope is 403 `AUTH_INSUFFICIENT_PERMISSIONS`. For a **power** operation (one that
+/// hands out a secret or grants, or destroys), the caller's scopes must cover every scope of the
+/// target (`ledgers:*` covers `ledgers:read`; `*:read` covers every read), and the target's expiry
+/// must be no later than the caller's *effective* expiry ([`Principal::expires_at`]: the key's
+/// own, or the end of the rotation grace period of the old secret it authenticated with, if
+/// earlier); a target that never expires is later than any expiring caller. Otherwise 403
+/// `AUTH_SCOPE_ESCALATION`. So a key can never obtain a secret it could not have created, nor
+/// destroy a key more powerful than itself.
+///
+/// Hard deletion erases the audit trail of a key, so it stays with the master key: a leaked
+/// `api-keys:write` key can revoke (what it covers), which is visible and keeps the record, but
+/// cannot make a key disappear.
+///
+/// What the rule does not decide, because it is not about the caller: input syntax and bounds
+/// (400 `APIKEY_INVALID`, checked before the rule), a master-key call without an owner (400
+/// `APIKEY_OWNER_REQUIRED`), the state of the target (rotating a revoked or expired key is a 400,
+/// checked after the rule), the policy's limits (409). Revoking or deleting a key also revokes its
+/// descendants: each was created by a key the caller covers and outlives, so the caller covers and
+/// outlives them too.
+pub fn authorize(
+    caller: &Principal,
+    operation: Operation,
+    target: &Target<'_>,
+) -> Result<(), AuthError> {
+    if caller.is_master() {
+        return match target {
+            Target::Key { key: None, .. } => Err(AuthError::NotFound),
+            Target::Key {
+                named_owner: Some(named),
+                key: Some(key),
+            } if *named != key.owner => Err(AuthError::NotFound),
+            _ => Ok(()),
+        };
+    }
+    let kind = operation.kind();
+    // 1. The scope the operation needs.
+    match kind {
+        OperationKind::Master => return Err(AuthError::MasterKeyRequired),
+        OperationKind::Read if holds(caller, READ) || holds(caller, WRITE) => {}
+        OperationKind::Power if holds(caller, WRITE) => {}
+        OperationKind::Read => return Err(missing(READ)),
+        OperationKind::Power => return Err(missing(WRITE)),
+    }
+    // 2. Inside the caller's owner and account.
+    let inside = |owner: &str, account: Option<&str>| {
+        caller.owner() == Some(owner) && caller.account().is_none_or(|own| account == Some(own))
+    };
+    let key = match *target {
+        Target::Keys { owner, account } => {
+            return if inside(owner, account) {
+                Ok(())
+            } else {
+                Err(AuthError::CrossOwnerAccess)
+            };
+        }
+        Target::NewKey(key) if !inside(key.owner, Some(key.account)) => {
+            return Err(AuthError::CrossOwnerAccess);
+        }
+        Target::NewKey(key) => key,
+        Target::Key {
+            named_owner: Some(named),
+            ..
+        } if caller.owner() != Some(named) => return Err(AuthError::CrossOwnerAccess),
+        Target::Key { key: None, .. } => return Err(AuthError::NotFound),
+        Target::Key { key: Some(key), .. } if !inside(key.owner, Some(key.account)) => {
+            return Err(AuthError::NotFound);
+        }
+        Target::Key { key: Some(key), .. } => key,
+    };
+    if kind != OperationKind::Power {
+        return Ok(());
+    }
+    // 3. Covered and not outliving.
+    if !caller.scopes().covers(key.scopes) {
+        let missing: Vec<&str> = caller
+            .scopes()
+            .uncovered(key.scopes)
+            .map(Scope::as_str)
+            .collect();
+        return Err(AuthError::ScopeEscalation(
+            format!(
+                "cannot {} a key with scopes the calling key does not hold: {}",
+                operation.verb(),
+                missing.join(", ")
+            )
+            .into(),
+        ));
+    }
+    if let Some(limit) = caller.expires_at()
+        && key.expires_at.is_none_or(|at| at > limit)
+    {
+        return Err(AuthError::ScopeEscalation(
+            format!(
+                "cannot {} a key that expires after the calling key",
+                operation.verb()
+            )
+            .into(),
+        ));
+    }
+    Ok(())
+}
+
+const READ: &str = "api-keys:read";
+const WRITE: &str = "api-keys:write";
+
+fn holds(caller: &Principal, scope: &str) -> bool {
+    Scope::parse(scope).is_ok_and(|scope| caller.allows(&scope))
+}
+
+fn missing(scope: &str) -> AuthError {
+    AuthError::InsufficientPermissions {
+        required: ScopeSet::from(Scope::parse(scope).expect("a valid constant scope")),
+        mode: ScopeMatch::All,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorCode;
+    use crate::key::KeyId;
+
+    fn scoped(scopes: &str, account: &str, expires_at: Option<OffsetDateTime>) -> Principal {
+        Principal::scoped(
+            KeyId::new("key_caller"),
+            "caller",
+            "o1",
+            account,
+            scopes.parse().unwrap(),
+            expires_at,
+        )
+    }
+
+    fn facts<'a>(
+        scopes: &'a ScopeSet,
+        account: &'a str,
+        expires_at: Option<OffsetDateTime>,
+    ) -> KeyFacts<'a> {
+        KeyFacts {
+            owner: "o1",
+            account,
+            scopes,
+            expires_at,
+        }
+    }
+
+    fn code(result: Result<(), AuthError>) -> Option<ErrorCode> {
+        result.err().map(|e| e.code())
+    }
+
+    #[test]
+    fn the_table_has_a_row_for_every_operation() {
+        use Operation::*;
+        let kinds: Vec<_> = [List, Get, Create, Rotate, Revoke, Delete]
+            .map(Operation::kind)
+            .into();
+        assert_eq!(
+            kinds,
+            [
+                OperationKind::Read,
+                OperationKind::Read,
+                OperationKind::Power,
+                OperationKind::Power,
+                OperationKind::Power,
+                OperationKind::Master
+            ]
+        );
+    }
+
+    #[test]
+    fn power_needs_cover_and_an_earlier_or_equal_expiry() {
+        let soon = OffsetDateTime::now_utc() + time::Duration::days(1);
+        let later = soon + time::Duration::days(1);
+        let caller = scoped("api-keys:write ledgers:*", "a1", Some(soon));
+        let narrow: ScopeSet = "ledgers:read".parse().unwrap();
+        let broad: ScopeSet = "ledgers:read balances:read".parse().unwrap();
+        for op in [Operation::Create, Operation::Rotate, Operation::Revoke] {
+            let key = |scopes, at| Target::Key {
+                named_owner: None,
+                key: Some(facts(scopes, "a1", at)),
+            };
+            let new = |scopes, at| Target::NewKey(facts(scopes, "a1", at));
+            for target in [key(&narrow, Some(soon)), new(&narrow, Some(soon))] {
+                assert_eq!(code(authorize(&caller, op, &target)), None, "{op:?}");
+            }
+            for target in [
+                key(&broad, Some(soon)),
+                key(&narrow, Some(later)),
+                key(&narrow, None),
+                new(&broad, Some(soon)),
+                new(&narrow, None),
+            ] {
+                assert_eq!(
+                    code(authorize(&caller, op, &target)),
+                    Some(ErrorCode::ScopeEscalation),
+                    "{op:?} {target:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_scoped_key_stays_inside_its_owner_and_account() {
+        let caller = scoped("api-keys:write *:*", "a1", None);
+        let scopes: ScopeSet = "ledgers:read".parse().unwrap();
+        let other_account = facts(&scopes, "a2", None);
+        let other_owner = KeyFacts {
+            owner: "o2",
+            ..facts(&scopes, "a1", None)
+        };
+        for op in [Operation::Get, Operation::Rotate, Operation::Revoke] {
+            for key in [other_account, other_owner] {
+                let target = Target::Key {
+                    named_owner: None,
+                    key: Some(key),
+                };
+                assert_eq!(
+                    code(authorize(&caller, op, &target)),
+                    Some(ErrorCode::NotFound)
+                );
+            }
+            let named = Target::Key {
+                named_owner: Some("o2"),
+                key: None,
+            };
+            assert_eq!(
+                code(authorize(&caller, op, &named)),
+                Some(ErrorCode::CrossOwnerAccess)
+            );
+        }
+        for key in [other_account, other_owner] {
+            assert_eq!(
+                code(authorize(&caller, Operation::Create, &Target::NewKey(key))),
+                Some(ErrorCode::CrossOwnerAccess)
+            );
+        }
+        for (owner, account) in [("o2", Some("a1")), ("o1", Some("a2")), ("o1", None)] {
+            assert_eq!(
+                code(authorize(
+                    &caller,
+                    Operation::List,
+                    &Target::Keys { owner, account }
+                )),
+                Some(ErrorCode::CrossOwnerAccess),
+                "{owner} {account:?}"
+            );
+        }
+        let own = Target::Keys {
+            owner: "o1",
+            account: Some("a1"),
+        };
+        assert_eq!(code(authorize(&caller, Operation::List, &own)), None);
+    }
+
+    #[test]
+    fn scopes_gate_before_anything_else() {
+        let reader = scoped("api-keys:read *:*", "a1", None);
+        let nothing = scoped("ledgers:read", "a1", None);
+        let unknown = Target::Key {
+            named_owner: None,
+            key: None,
+        };
+        assert_eq!(
+            code(authorize(&reader, Operation::Get, &unknown)),
+            Some(ErrorCode::NotFound)
+        );
+        assert_eq!(
+            code(authorize(&reader, Operation::Revoke, &unknown)),
+            Some(ErrorCode::InsufficientPermissions)
+        );
+        assert_eq!(
+            code(authorize(&nothing, Operation::Get, &unknown)),
+            Some(ErrorCode::InsufficientPermissions)
+        );
+        let writer = scoped("api-keys:write *:*", "a1", None);
+        assert_eq!(
+            code(authorize(&writer, Operation::Delete, &unknown)),
+            Some(ErrorCode::MasterKeyRequired)
+        );
+    }
+
+    #[test]
+    fn the_master_key_may_do_everything_to_keys_that_exist() {
+        let master = Principal::master();
+        let scopes: ScopeSet = "*:*".parse().unwrap();
+        let key = KeyFacts {
+            owner: "o2",
+            ..facts(&scopes, "a9", None)
+        };
+        for op in [
+            Operation::Get,
+            Operation::Rotate,
+            Operation::Revoke,
+            Operation::Delete,
+        ] {
+            let target = |named_owner| Target::Key {
+                named_owner,
+                key: Some(key),
+            };
+            assert_eq!(code(authorize(&master, op, &target(None))), None);
+            assert_eq!(code(authorize(&master, op, &target(Some("o2")))), None);
+            assert_eq!(
+                code(authorize(&master, op, &target(Some("o1")))),
+                Some(ErrorCode::NotFound)
+            );
+        }
+    }
+}
