@@ -686,6 +686,9 @@ impl CachedResolver {
     /// once no other subscription is down.
     pub(crate) fn subscription_up(&self) {
         if self.inner.degraded.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // A front slot refused for its age during degraded mode may hold an answer that a
+            // re-read has replaced in the cache since: no slot from before answers again.
+            self.retire_front();
             tracing::info!("API key cache no longer degraded: invalidation subscription connected");
             #[cfg(feature = "metrics")]
             ::metrics::gauge!(DEGRADED).set(0.0);
