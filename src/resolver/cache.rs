@@ -1,24 +1,24 @@
-//! The shared cache: a [`moka::sync::Cache`] from digest to [`CacheEntry`], and an index from key
-//! id to the digests cached for it.
+//! The shared cache: a [`moka::sync::Cache`] from digest to [`CacheEntry`].
 //!
 //! - Lifetimes are per entry ([`Lifetimes`], moka's [`Expiry`]): a known key lives until its
 //!   `cached_until` (the TTL from the store read, capped at the key's own expiry); an unknown digest
 //!   for the negative TTL.
 //! - Eviction is moka's: TinyLFU admission (a newcomer only displaces an entry that is used less
 //!   often), so a flood of one-off digests cannot push out keys that are in use.
-//! - The index lets [`Cache::remove_key`] forget all digests of one key without scanning the cache.
-//!   Only known keys are indexed (an unknown digest has no id). An index item is dropped when its
-//!   entry leaves moka (eviction listener), but only if it still names that very entry (a `Weak`
-//!   to it): an entry that was replaced in the meantime keeps its item.
+//! - Forgetting a key: every invalidation the crate makes ([`Invalidation`](crate::invalidate::Invalidation),
+//!   from key management or a broadcast) names all the key's digests, and those are removed one by
+//!   one. Only a direct [`remove_key`](Cache::remove_key) by id alone registers a moka invalidation
+//!   predicate, which reads no longer pass at once and moka's maintenance applies to the entries
+//!   later (a scan, but only on that call). A key-id index was measured instead (`benches/memory.rs`,
+//!   BENCHMARKS.md): at 1,000,000 keys it cost ~95 bytes per key (a hash table entry and its
+//!   slack), which put the cache over its memory budget for a path the crate itself never takes.
+//!   The predicate support costs ~24 bytes per key.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use moka::Expiry;
-use moka::notification::RemovalCause;
 
-use super::{CacheEntry, ResolvedKey};
+use super::CacheEntry;
 use crate::clock::now_unix_nanos;
 use crate::key::{KeyDigest, KeyId};
 
@@ -61,97 +61,25 @@ impl Expiry<KeyDigest, CacheEntry> for Lifetimes {
     }
 }
 
-/// The digests cached for one key: almost always one (two during a rotation grace period).
-enum Digests {
-    One(KeyDigest, Weak<ResolvedKey>),
-    Many(Vec<(KeyDigest, Weak<ResolvedKey>)>),
-}
-
-impl Digests {
-    fn digests(&self) -> Vec<KeyDigest> {
-        match self {
-            Self::One(digest, _) => vec![*digest],
-            Self::Many(items) => items.iter().map(|(digest, _)| *digest).collect(),
-        }
-    }
-
-    fn put(&mut self, digest: KeyDigest, key: Weak<ResolvedKey>) {
-        match self {
-            Self::One(d, k) if *d == digest => *k = key,
-            Self::One(d, k) => {
-                *self = Self::Many(vec![(*d, k.clone()), (digest, key)]);
-            }
-            Self::Many(items) => match items.iter_mut().find(|(d, _)| *d == digest) {
-                Some(item) => item.1 = key,
-                None => items.push((digest, key)),
-            },
-        }
-    }
-
-    /// Drops the item for `digest` if it names `key`; `true` when nothing is left.
-    fn forget(&mut self, digest: &KeyDigest, key: &Weak<ResolvedKey>) -> bool {
-        match self {
-            Self::One(d, k) => d == digest && Weak::ptr_eq(k, key),
-            Self::Many(items) => {
-                items.retain(|(d, k)| !(d == digest && Weak::ptr_eq(k, key)));
-                items.is_empty()
-            }
-        }
-    }
-}
-
-type Index = Mutex<HashMap<KeyId, Digests>>;
-
-fn lock(index: &Index) -> std::sync::MutexGuard<'_, HashMap<KeyId, Digests>> {
-    index.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// moka plus the key-id index.
 pub(super) struct Cache {
     entries: moka::sync::Cache<KeyDigest, CacheEntry>,
-    index: Arc<Index>,
 }
 
 impl Cache {
     pub(super) fn new(max_capacity: u64, negative_ttl: Duration) -> Self {
-        let index = Arc::<Index>::default();
-        let listener_index = Arc::downgrade(&index);
         let entries = moka::sync::Cache::builder()
             .max_capacity(max_capacity)
             .expire_after(Lifetimes { negative_ttl })
-            .eviction_listener(move |digest: Arc<KeyDigest>, entry, cause| {
-                // Replacements were indexed by `insert` already; `forget` would keep them anyway.
-                if cause == RemovalCause::Replaced {
-                    return;
-                }
-                if let (CacheEntry::Known(key), Some(index)) = (entry, listener_index.upgrade()) {
-                    let id = key.principal.key_id();
-                    let mut index = lock(&index);
-                    if let Some(digests) = index.get_mut(id)
-                        && digests.forget(&digest, &Arc::downgrade(&key))
-                    {
-                        index.remove(id);
-                    }
-                }
-            })
+            .support_invalidation_closures()
             .build();
-        Self { entries, index }
+        Self { entries }
     }
 
     pub(super) fn get(&self, digest: &KeyDigest) -> Option<CacheEntry> {
         self.entries.get(digest)
     }
 
-    /// Caches an answer (indexing a known key by its id first, so that a `remove_key` that follows
-    /// finds it).
     pub(super) fn insert(&self, digest: KeyDigest, entry: CacheEntry) {
-        if let CacheEntry::Known(key) = &entry {
-            let weak = Arc::downgrade(key);
-            lock(&self.index)
-                .entry(key.principal.key_id().clone())
-                .and_modify(|digests| digests.put(digest, weak.clone()))
-                .or_insert(Digests::One(digest, weak));
-        }
         self.entries.insert(digest, entry);
     }
 
@@ -159,16 +87,20 @@ impl Cache {
         self.entries.invalidate(digest);
     }
 
-    /// Forgets every cached digest of `id`: one index lookup, no scan.
+    /// Forgets every cached digest of `id`: from now on no read returns one (see the module docs).
     pub(super) fn remove_key(&self, id: &KeyId) {
-        let digests = lock(&self.index).remove(id).map(|d| d.digests());
-        for digest in digests.iter().flatten() {
-            self.entries.invalidate(digest);
+        let id = id.clone();
+        let registered = self.entries.invalidate_entries_if(move |_, entry| {
+            matches!(entry, CacheEntry::Known(key) if key.principal.key_id() == &id)
+        });
+        if registered.is_err() {
+            // Only possible without `support_invalidation_closures`, which `new` always sets; fail
+            // safe all the same.
+            self.clear();
         }
     }
 
     pub(super) fn clear(&self) {
-        lock(&self.index).clear();
         self.entries.invalidate_all();
     }
 
@@ -177,26 +109,21 @@ impl Cache {
         self.entries.run_pending_tasks();
         self.entries.entry_count()
     }
-
-    /// Keys in the id index (for tests: it must not outgrow the cache).
-    #[cfg(test)]
-    pub(super) fn indexed_keys(&self) -> usize {
-        lock(&self.index).len()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::resolver::ResolvedKey;
+    use std::sync::Arc;
 
     fn known(id: &KeyId, cached_until: i64) -> CacheEntry {
         CacheEntry::Known(Arc::new(ResolvedKey::for_test(id.clone(), cached_until)))
     }
 
-    /// The index follows the cache: removing a key removes all its digests, evicted entries leave
-    /// the index, a replaced entry keeps its item.
+    /// Removing a key by id removes all its digests and nothing else.
     #[test]
-    fn the_index_follows_the_cache() {
+    fn remove_key_forgets_all_its_digests() {
         let cache = Cache::new(1000, Duration::from_secs(5));
         let far = i64::MAX;
         let (a, b) = (KeyId::new("key_a"), KeyId::new("key_b"));
@@ -208,20 +135,15 @@ mod tests {
         cache.insert(a1, known(&a, far));
         cache.insert(a2, known(&a, far));
         cache.insert(b1, known(&b, far));
-        // A replacement of a1 (a fresh read): the index must still find it.
-        cache.insert(a1, known(&a, far));
-        cache.entries.run_pending_tasks();
-        assert_eq!(cache.indexed_keys(), 2);
+        cache.insert(KeyDigest::of("u"), CacheEntry::Unknown { read_at: 0 });
         cache.remove_key(&a);
         assert!(cache.get(&a1).is_none() && cache.get(&a2).is_none());
         assert!(cache.get(&b1).is_some());
-        // A digest removed on its own leaves the index once moka reports it.
-        cache.remove(&b1);
-        cache.entries.run_pending_tasks();
-        assert_eq!(cache.indexed_keys(), 0);
-        // Unknown digests are not indexed.
-        cache.insert(KeyDigest::of("u"), CacheEntry::Unknown { read_at: 0 });
-        assert_eq!(cache.indexed_keys(), 0);
+        assert!(cache.get(&KeyDigest::of("u")).is_some());
+        assert_eq!(cache.len(), 2);
+        // A later answer for the key is cached again.
+        cache.insert(a1, known(&a, far));
+        assert!(cache.get(&a1).is_some());
     }
 
     /// An entry whose `cached_until` has passed is gone, and the negative TTL applies to unknowns.

@@ -20,8 +20,8 @@
 //! # How it is built
 //!
 //! - The shared cache is a [`moka::sync::Cache`] (`cache.rs`): per-entry lifetimes through moka's
-//!   `Expiry`, moka's TinyLFU eviction, plus an index from key id to cached digests so that a key can
-//!   be forgotten without a scan.
+//!   `Expiry`, moka's TinyLFU eviction. Invalidations name digests (no scan); forgetting a key by id
+//!   alone uses a moka invalidation predicate (see `cache.rs` for why there is no key-id index).
 //! - In front of it, each thread keeps a few recently admitted keys (`front.rs`), which answers a hot
 //!   key without moka's per-read bookkeeping. It is checked against the invalidation epoch on every
 //!   read, so it never knows more than the cache behind it.
@@ -636,8 +636,10 @@ impl CachedResolver {
         self.retire_front();
     }
 
-    /// Forgets every cached digest of one key (current and previous secrets), through the cache's
-    /// key-id index (no scan).
+    /// Forgets every cached digest of one key (current and previous secrets). Effective at once;
+    /// the cache's maintenance then removes the entries (a scan in the background). When the
+    /// digests are known, [`invalidate_digest`](Self::invalidate_digest) each is cheaper: that is
+    /// what [`Invalidation::apply`](crate::Invalidation::apply) does.
     pub fn invalidate_key(&self, id: &KeyId) {
         self.bump();
         self.inner.cache.remove_key(id);
