@@ -12,6 +12,12 @@
 //!    per-round ratio to the accepted case. "unknown, never seen" sends a new well-formed key every
 //!    time (one lookup each, counted): the worst case, which only rate limiting bounds.
 //!
+//! 4. A flood of one-off unknown digests against hot keys: a resolver holding at most 2,000 entries
+//!    caches 1,000 hot keys, then 100,000 never-seen well-formed keys arrive with one request for a
+//!    hot key after every ten. moka's TinyLFU admission keeps the hot keys: the bench counts the hot
+//!    keys read from the store again during the flood and after it, and panics if more than 1% were
+//!    evicted.
+//!
 //! Any missed count or wrong answer panics (non-zero exit). Keys come from a PRNG seeded from the OS;
 //! `HOSTILE_SEED=<n>` replays a run.
 //!
@@ -41,6 +47,9 @@ const REQUESTS: usize = 100_000;
 const POOL: usize = 1_000;
 const NEGATIVE_TTL: Duration = Duration::from_secs(5);
 const ROUNDS: usize = 201;
+const HOT_KEYS: usize = 1_000;
+const FLOOD_CAPACITY: u64 = 2_000;
+const FLOOD_EVERY: usize = 10;
 const BATCH: usize = 256;
 
 /// splitmix64: small, fast, good enough to pick and mangle keys.
@@ -388,4 +397,75 @@ fn main() {
         let ratio = median(&mut case.ratios);
         println!("{:<27} {:>11.0} {:>12.2}x", case.name, ns, ratio);
     }
+
+    flood(&runtime, &format, &mut rng);
+}
+
+/// Section 4: hot keys against a flood of one-off unknown digests, in a small cache.
+fn flood(runtime: &tokio::runtime::Runtime, format: &KeyFormat, rng: &mut Rng) {
+    let store = CountingStore::new(Arc::new(MemoryStore::new()));
+    let hot: Vec<ApiKey> = runtime.block_on(async {
+        let mut keys = Vec::with_capacity(HOT_KEYS);
+        for i in 0..HOT_KEYS {
+            keys.push(fixtures::issue(&*store, format, i, "ledgers:read").await);
+        }
+        keys
+    });
+    let resolver = CachedResolver::builder(store.clone())
+        .format(format.clone())
+        .max_capacity(FLOOD_CAPACITY)
+        .negative_ttl(NEGATIVE_TTL)
+        .build();
+    let mut service = ApiKeyLayer::new(resolver.clone()).layer(
+        RequireScopes::all(["ledgers:read"]).layer(tower::service_fn(|_: Request<()>| async {
+            Ok::<_, Infallible>(Response::new(Bytes::new()))
+        })),
+    );
+    runtime.block_on(async {
+        // The hot keys are in use: a few requests each.
+        for _ in 0..4 {
+            for key in &hot {
+                let answer = send(&mut service, request(Some(key.expose_secret()))).await;
+                assert_eq!(answer.0, StatusCode::OK);
+            }
+        }
+        assert_eq!(store.lookups(), HOT_KEYS as u64);
+        let flood: Vec<ApiKey> = (0..REQUESTS).map(|_| format.generate()).collect();
+        let (mut hot_requests, mut flood_lookups) = (0u64, 0u64);
+        let before = store.lookups();
+        let start = Instant::now();
+        for (i, key) in flood.iter().enumerate() {
+            let lookups = store.lookups();
+            let answer = send(&mut service, request(Some(key.expose_secret()))).await;
+            assert_invalid(&answer, InvalidKeyReason::Unknown, "flood key");
+            flood_lookups += store.lookups() - lookups;
+            if i % FLOOD_EVERY == 0 {
+                let key = &hot[rng.below(HOT_KEYS)];
+                let answer = send(&mut service, request(Some(key.expose_secret()))).await;
+                assert_eq!(answer.0, StatusCode::OK);
+                hot_requests += 1;
+            }
+        }
+        let elapsed = start.elapsed();
+        let during = store.lookups() - before - flood_lookups;
+        assert_eq!(flood_lookups, REQUESTS as u64, "each one-off key is one lookup");
+        // After the flood: which hot keys are still cached?
+        let before = store.lookups();
+        for key in &hot {
+            let answer = send(&mut service, request(Some(key.expose_secret()))).await;
+            assert_eq!(answer.0, StatusCode::OK);
+        }
+        let evicted = store.lookups() - before;
+        println!(
+            "\nflood: {REQUESTS} one-off unknown keys and {hot_requests} requests for {HOT_KEYS} hot \
+             keys, cache capacity {FLOOD_CAPACITY} ({elapsed:.2?}): hot keys re-read from the store \
+             during the flood {during}, hot keys evicted after it {evicted} of {HOT_KEYS} \
+             (target ≤ 1%); entries cached at the end {}",
+            resolver.cached_entries()
+        );
+        assert!(
+            evicted as usize <= HOT_KEYS / 100 && during as usize <= HOT_KEYS / 100,
+            "the flood pushed hot keys out: {during} re-read during, {evicted} evicted after"
+        );
+    });
 }

@@ -6,10 +6,13 @@
 //!
 //! - `bare`: the inner service alone;
 //! - `tower-http bearer`: `ValidateRequestHeaderLayer::bearer(token)`, one static token compared;
-//! - `layer`: `ApiKeyLayer` (cached key, cache warmed first) + `RequireScopes`; also the layer alone;
+//! - `layer`: `ApiKeyLayer` (cached key, cache warmed first) + `RequireScopes`; also the layer alone,
+//!   and the layer over a resolver with its per-thread front turned off (every hit a moka `get`),
+//!   which is what decides whether the front stays;
 //! - the parts no key-store auth can avoid: SHA-256 of the key, one `std` `HashMap` lookup of the
 //!   32-byte digest, one `http::Extensions` insert of an `Arc`-sized value, each and in sequence;
-//! - `resolver hit`: `CachedResolver::authenticate` on a cached digest (moka `get`, clock, clone);
+//! - `resolver hit`: `CachedResolver::authenticate` on a cached digest (moka `get`, clock, clone;
+//!   `authenticate` does not use the front);
 //! - `bcrypt verify (cost 10)`: what a server hashing keys with bcrypt pays per request.
 //!
 //! After the criterion groups, the cases are timed again in 1001 interleaved rounds, in thread CPU
@@ -82,8 +85,9 @@ fn bearer_request() -> Request<()> {
         .unwrap()
 }
 
-/// A store holding one key with `ledgers:read`, expiring in a year, and a resolver that has it cached.
-fn setup() -> (ApiKey, CachedResolver) {
+/// A store holding one key with `ledgers:read`, expiring in a year, and two resolvers that have it
+/// cached: with the per-thread front (the default) and without.
+fn setup() -> (ApiKey, CachedResolver, CachedResolver) {
     let format = KeyFormat::default();
     let key = format.generate();
     let now = OffsetDateTime::now_utc();
@@ -115,15 +119,21 @@ fn setup() -> (ApiKey, CachedResolver) {
             .await
             .unwrap();
     });
-    // Long enough for the whole run: every timed request must be a cache hit.
-    let resolver = CachedResolver::builder(store)
-        .ttl(Duration::from_secs(24 * 3600))
-        .build();
-    // Warm the cache.
-    runtime.block_on(async {
-        resolver.authenticate(&key.digest()).await.unwrap();
-    });
-    (key, resolver)
+    let store: std::sync::Arc<dyn KeyStore> = std::sync::Arc::new(store);
+    let resolver = |front: bool| {
+        // Long enough for the whole run: every timed request must be a cache hit.
+        let resolver = CachedResolver::builder(store.clone())
+            .ttl(Duration::from_secs(24 * 3600))
+            .per_thread_front(front)
+            .build();
+        // Warm the cache.
+        runtime.block_on(async {
+            resolver.authenticate(&key.digest()).await.unwrap();
+        });
+        resolver
+    };
+    let (with_front, without_front) = (resolver(true), resolver(false));
+    (key, with_front, without_front)
 }
 
 /// The parts of authenticating by stored key that no implementation can skip.
@@ -176,18 +186,20 @@ fn principal() -> Principal {
 struct Fixture {
     key: ApiKey,
     resolver: CachedResolver,
+    no_front: CachedResolver,
     parts: Parts,
     bcrypt_hash: String,
 }
 
 impl Fixture {
     fn new() -> Self {
-        let (key, resolver) = setup();
+        let (key, resolver, no_front) = setup();
         let parts = Parts::new(&key);
         let bcrypt_hash = bcrypt::hash(key.expose_secret(), BCRYPT_COST).unwrap();
         Self {
             key,
             resolver,
+            no_front,
             parts,
             bcrypt_hash,
         }
@@ -199,6 +211,14 @@ impl Fixture {
 
     fn layer(&self) -> impl Service<Request<()>, Response = Response<Bytes>, Error = Infallible> {
         ApiKeyLayer::new(self.resolver.clone())
+            .layer(RequireScopes::all(["ledgers:read"]).layer(tower::service_fn(handler)))
+    }
+
+    /// The layer and guard over the resolver without a per-thread front.
+    fn layer_no_front(
+        &self,
+    ) -> impl Service<Request<()>, Response = Response<Bytes>, Error = Infallible> {
+        ApiKeyLayer::new(self.no_front.clone())
             .layer(RequireScopes::all(["ledgers:read"]).layer(tower::service_fn(handler)))
     }
 
@@ -217,9 +237,13 @@ impl Fixture {
     /// Every stack answers 200 to its request (and 401 without it), and the key stays cached.
     fn check(&self) {
         let key = self.key.expose_secret();
-        let lookups = self.resolver.store_lookups();
+        let lookups = self.resolver.store_lookups() + self.no_front.store_lookups();
         assert_eq!(run(&mut self.bare(), api_key_request(key)), StatusCode::OK);
         assert_eq!(run(&mut self.layer(), api_key_request(key)), StatusCode::OK);
+        assert_eq!(
+            run(&mut self.layer_no_front(), api_key_request(key)),
+            StatusCode::OK
+        );
         assert_eq!(
             run(&mut self.layer_only(), api_key_request(key)),
             StatusCode::OK
@@ -233,7 +257,11 @@ impl Fixture {
             run(&mut self.bearer(), api_key_request(key)),
             StatusCode::UNAUTHORIZED
         );
-        assert_eq!(self.resolver.store_lookups(), lookups, "the key is cached");
+        assert_eq!(
+            self.resolver.store_lookups() + self.no_front.store_lookups(),
+            lookups,
+            "the key is cached"
+        );
         assert!(bcrypt::verify(key, &self.bcrypt_hash).unwrap());
         let extensions = self.parts.all(key);
         assert!(extensions.get::<Principal>().is_some());
@@ -269,6 +297,9 @@ fn benches(c: &mut Criterion, f: &Fixture) {
     bench_stack(&mut group, "tower-http bearer", f.bearer(), bearer_request);
     bench_stack(&mut group, "layer", f.layer(), || api_key_request(key));
     bench_stack(&mut group, "layer without guard", f.layer_only(), || {
+        api_key_request(key)
+    });
+    bench_stack(&mut group, "layer, no front", f.layer_no_front(), || {
         api_key_request(key)
     });
     group.bench_function("parts/sha256", |b| b.iter(|| Parts::sha256(black_box(key))));
@@ -331,6 +362,7 @@ fn print_ratios(f: &Fixture) {
     let digest = f.key.digest();
     let (mut bare, mut bearer) = (f.bare(), f.bearer());
     let (mut layer, mut layer_only) = (f.layer(), f.layer_only());
+    let mut layer_no_front = f.layer_no_front();
     let principal = principal();
     let loop_of = |op: &dyn Fn()| {
         cpu(|| {
@@ -357,6 +389,10 @@ fn print_ratios(f: &Fixture) {
             Box::new(|| time_stack(&mut layer_only, BATCH, &api_key)),
         ),
         (
+            "layer + RequireScopes, no front",
+            Box::new(|| time_stack(&mut layer_no_front, BATCH, &api_key)),
+        ),
+        (
             "sum of parts (sha+map+extension)",
             Box::new(|| loop_of(&|| drop(black_box(f.parts.all(black_box(key)))))),
         ),
@@ -373,7 +409,7 @@ fn print_ratios(f: &Fixture) {
             Box::new(|| loop_of(&|| drop(black_box(Parts::insert(principal.clone()))))),
         ),
         (
-            "resolver hit (authenticate)",
+            "resolver hit (authenticate, moka)",
             Box::new(|| {
                 loop_of(&|| {
                     drop(black_box(
@@ -426,6 +462,10 @@ fn print_ratios(f: &Fixture) {
     println!(
         "  (layer - bare) / sum of parts      {:>10.2}x   (target <= 2x, aim 1.5x)",
         added / parts
+    );
+    println!(
+        "  (layer, no front - bare) / parts   {:>10.2}x   (what the per-thread front saves)",
+        (get("layer + RequireScopes, no front") - bare) / parts
     );
     println!(
         "  layer / sum of parts               {:>10.2}x",

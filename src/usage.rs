@@ -26,15 +26,33 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use time::OffsetDateTime;
 
 use crate::key::KeyId;
-use crate::resolver::ResolvedKey;
 use crate::store::{KeyStore, StoreError};
+
+/// The usage state of one cached key: the latest use not yet flushed, and whether the key waits in
+/// a recorder's queue. The resolver keeps one inside each cached key (so marking a use is two
+/// relaxed atomic reads, no lookup); only this module reads or changes it.
+#[derive(Debug, Default)]
+pub(crate) struct UsageMark {
+    /// Unix seconds of the latest use not yet flushed (0 = none).
+    last_used: AtomicI64,
+    /// Whether the key is queued for the next flush.
+    queued: AtomicBool,
+}
+
+/// Something whose use can be recorded: a cached key (see `resolver::ResolvedKey`).
+pub(crate) trait Used: Send + Sync + 'static {
+    /// The key's usage state.
+    fn usage(&self) -> &UsageMark;
+    /// The key it belongs to.
+    fn key_id(&self) -> &KeyId;
+}
 
 /// Records key use in memory and flushes it to the store in batches. Cheap to clone.
 #[derive(Clone)]
@@ -44,7 +62,7 @@ pub struct UsageRecorder {
 
 struct Inner {
     store: Arc<dyn KeyStore>,
-    pending: Mutex<Vec<Arc<ResolvedKey>>>,
+    pending: Mutex<Vec<Arc<dyn Used>>>,
     flush_lock: tokio::sync::Mutex<()>,
     batches: AtomicU64,
     rows: AtomicU64,
@@ -97,13 +115,14 @@ impl UsageRecorder {
         recorder
     }
 
-    /// Marks a key as used at `now`. The hot path: no lock unless the key is not yet queued.
-    /// Records a use at `seconds` (Unix time).
-    pub(crate) fn touch(&self, key: &Arc<ResolvedKey>, seconds: i64) {
-        if key.last_used.load(Ordering::Relaxed) < seconds {
-            key.last_used.fetch_max(seconds, Ordering::Relaxed);
+    /// Marks a key as used at `seconds` (Unix time). The hot path: no lock unless the key is not
+    /// yet queued.
+    pub(crate) fn touch<K: Used>(&self, key: &Arc<K>, seconds: i64) {
+        let mark = key.usage();
+        if mark.last_used.load(Ordering::Relaxed) < seconds {
+            mark.last_used.fetch_max(seconds, Ordering::Relaxed);
         }
-        if !key.queued.load(Ordering::Relaxed) && !key.queued.swap(true, Ordering::AcqRel) {
+        if !mark.queued.load(Ordering::Relaxed) && !mark.queued.swap(true, Ordering::AcqRel) {
             self.inner
                 .pending
                 .lock()
@@ -123,9 +142,9 @@ impl UsageRecorder {
         }
         let mut latest: HashMap<KeyId, i64> = HashMap::with_capacity(taken.len());
         for key in &taken {
-            key.queued.store(false, Ordering::Release);
-            let seconds = key.last_used.load(Ordering::Relaxed);
-            let slot = latest.entry(key.principal.key_id().clone()).or_default();
+            key.usage().queued.store(false, Ordering::Release);
+            let seconds = key.usage().last_used.load(Ordering::Relaxed);
+            let slot = latest.entry(key.key_id().clone()).or_default();
             *slot = (*slot).max(seconds);
         }
         let batch: Vec<(KeyId, OffsetDateTime)> = latest
@@ -142,7 +161,7 @@ impl UsageRecorder {
             }
             Err(error) => {
                 for key in taken {
-                    if !key.queued.swap(true, Ordering::AcqRel) {
+                    if !key.usage().queued.swap(true, Ordering::AcqRel) {
                         self.inner
                             .pending
                             .lock()

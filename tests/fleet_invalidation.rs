@@ -378,4 +378,211 @@ mod over_redis {
         subscription.shutdown().await;
         schema.drop_schema().await;
     }
+
+    /// The Redis outage: B's pub/sub connection goes through the proxy (the shared Redis server
+    /// stays up for everyone else).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_outage_is_bounded_by_degraded_mode() {
+        use redis::{ConnectionAddr, IntoConnectionInfo};
+        use std::net::ToSocketAddrs;
+
+        let Some(redis_url) = support_db::redis_url("fleet_redis_outage").await else {
+            return;
+        };
+        let Some(schema) = support_db::pg_schema("fleet_redis_outage").await else {
+            return;
+        };
+        let channel = support_db::unique("fleet_redis_outage");
+        let (a, b) = (instance(&schema).await, instance(&schema).await);
+        let info = redis_url.as_str().into_connection_info().unwrap();
+        let ConnectionAddr::Tcp(host, port) = info.addr().clone() else {
+            panic!("TEST_REDIS_URL is not a TCP address");
+        };
+        let target = (host.as_str(), port)
+            .to_socket_addrs()
+            .unwrap()
+            .next()
+            .unwrap();
+        let proxy = support_db::Proxy::start(target).await;
+        let through_proxy = info.set_addr(ConnectionAddr::Tcp("127.0.0.1".into(), proxy.port()));
+        let b_subscription = RedisInvalidator::new(redis::Client::open(through_proxy).unwrap())
+            .with_channel(&channel)
+            .subscribe(b.resolver.clone());
+        let a_manager = outage::manager(
+            &a,
+            RedisInvalidator::open(&redis_url)
+                .unwrap()
+                .with_channel(&channel),
+        );
+        let fleet = outage::Fleet {
+            a: a_manager,
+            b,
+            b_subscription,
+            proxy,
+        };
+        outage::scenario("Redis", fleet).await;
+        schema.drop_schema().await;
+    }
+}
+
+/// Degraded mode end to end (the resolver's invariant 8): B's subscription runs through a TCP proxy
+/// that the test takes down (the broadcaster is unreachable for B, while A still publishes and the
+/// store answers). A revokes a key B has cached, through its `KeyManager`; B refuses it within
+/// ~1.5 s (degraded lifetime 1 s). The proxy comes back; B reconnects within ~1.5 s (backoff capped
+/// at 1 s), leaves degraded mode, and a second revocation reaches it as before.
+mod outage {
+    use std::sync::Arc;
+
+    use tower_api_keys::invalidate::Subscription;
+    use tower_api_keys::manage::{CreateKey, KeyManager};
+    use tower_api_keys::principal::Principal;
+
+    use super::*;
+
+    /// How long a revocation or a recovery may take with the default settings.
+    const BOUND: Duration = Duration::from_millis(1500);
+
+    pub(super) struct Fleet {
+        pub(super) a: KeyManager,
+        pub(super) b: Instance,
+        pub(super) b_subscription: Subscription,
+        pub(super) proxy: support_db::Proxy,
+    }
+
+    pub(super) fn manager(instance: &Instance, invalidator: impl Invalidator) -> KeyManager {
+        KeyManager::new(Arc::new(instance.store.clone()), instance.resolver.clone())
+            .invalidator(invalidator)
+    }
+
+    async fn create(a: &KeyManager) -> (ApiKey, KeyId) {
+        let created = a
+            .create(
+                &Principal::master(),
+                CreateKey::new(["ledgers:read"]).owner("team"),
+            )
+            .await
+            .unwrap();
+        (created.key, created.info.id)
+    }
+
+    /// Revokes on A and returns how long B took to refuse the key.
+    async fn revoke_and_time(fleet: &Fleet, key: &ApiKey, id: &KeyId) -> Duration {
+        let digest = key.digest();
+        let start = Instant::now();
+        fleet.a.revoke(&Principal::master(), id).await.unwrap();
+        loop {
+            match fleet.b.resolver.authenticate(&digest).await {
+                Err(AuthError::ExpiredKey(ExpiredReason::Revoked)) => break start.elapsed(),
+                Ok(_) => {}
+                Err(other) => panic!("B answered {other:?}, expected a revoked key"),
+            }
+            assert!(
+                start.elapsed() < HANG_GUARD,
+                "B never refused the revoked key"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn until(what: impl Fn() -> bool, context: &str) -> Duration {
+        let start = Instant::now();
+        while !what() {
+            assert!(start.elapsed() < HANG_GUARD, "{context}: never happened");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        start.elapsed()
+    }
+
+    pub(super) async fn scenario(transport: &str, fleet: Fleet) {
+        tokio::time::timeout(HANG_GUARD, fleet.b_subscription.wait_connected())
+            .await
+            .expect("B's subscriber connects");
+        assert!(!fleet.b.resolver.is_degraded());
+
+        // The broadcaster becomes unreachable for B.
+        let (key, id) = create(&fleet.a).await;
+        fleet.b.resolver.authenticate(&key.digest()).await.unwrap();
+        fleet.proxy.down().await;
+        let noticed = until(|| fleet.b.resolver.is_degraded(), "degraded mode").await;
+        let lookups = fleet.b.resolver.store_lookups();
+        fleet.b.resolver.authenticate(&key.digest()).await.unwrap();
+        let refused = revoke_and_time(&fleet, &key, &id).await;
+        println!(
+            "{transport} down: B degraded {noticed:?} after the cut, refused a key revoked on A \
+             after {refused:?}"
+        );
+        assert!(
+            refused < BOUND,
+            "{transport} down: B refused after {refused:?}"
+        );
+        assert!(
+            fleet.b.resolver.store_lookups() > lookups,
+            "B re-read the store"
+        );
+
+        // It comes back.
+        fleet.proxy.up().await;
+        let recovered = until(
+            || fleet.b_subscription.status().connections >= 2,
+            "reconnection",
+        )
+        .await;
+        assert!(!fleet.b.resolver.is_degraded());
+        let (key, id) = create(&fleet.a).await;
+        fleet.b.resolver.authenticate(&key.digest()).await.unwrap();
+        let refused = revoke_and_time(&fleet, &key, &id).await;
+        println!(
+            "{transport} back: B reconnected {recovered:?} after the proxy came back, refused a \
+             key revoked on A after {refused:?}"
+        );
+        assert!(
+            recovered < BOUND,
+            "{transport}: reconnection took {recovered:?}"
+        );
+        assert!(
+            refused < BOUND,
+            "{transport} back: B refused after {refused:?}"
+        );
+        fleet.b_subscription.shutdown().await;
+    }
+}
+
+/// The LISTEN/NOTIFY outage: B's listener connection goes through the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_notify_outage_is_bounded_by_degraded_mode() {
+    use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+    use std::net::ToSocketAddrs;
+
+    let Some(schema) = support_db::pg_schema("fleet_pg_outage").await else {
+        return;
+    };
+    let channel = support_db::unique("fleet_pg_outage");
+    let (a, b) = (instance(&schema).await, instance(&schema).await);
+    let options: PgConnectOptions = schema.url.parse().unwrap();
+    let target = (options.get_host(), options.get_port())
+        .to_socket_addrs()
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = support_db::Proxy::start(target).await;
+    let through_proxy =
+        PgPoolOptions::new().connect_lazy_with(options.host("127.0.0.1").port(proxy.port()));
+    let b_subscription = PgInvalidator::new(through_proxy)
+        .with_channel(&channel)
+        .unwrap()
+        .subscribe(b.resolver.clone());
+    let a_manager = outage::manager(
+        &a,
+        PgInvalidator::from_store(&a.store)
+            .with_channel(&channel)
+            .unwrap(),
+    );
+    let fleet = outage::Fleet {
+        a: a_manager,
+        b,
+        b_subscription,
+        proxy,
+    };
+    outage::scenario("LISTEN/NOTIFY", fleet).await;
+    schema.drop_schema().await;
 }

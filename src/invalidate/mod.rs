@@ -49,12 +49,15 @@ impl fmt::Debug for Invalidation {
 }
 
 impl Invalidation {
-    /// Applies the change to a resolver's cache.
+    /// Applies the change to a resolver's cache: forgets each digest (key management always lists
+    /// them all); only an invalidation that names no digest falls back to forgetting by key id.
     pub fn apply(&self, resolver: &CachedResolver) {
+        if self.digests.is_empty() {
+            resolver.invalidate_key(&self.key_id);
+        }
         for digest in &self.digests {
             resolver.invalidate_digest(digest);
         }
-        resolver.invalidate_key(&self.key_id);
     }
 
     /// The wire form used by the broadcasters: `{"key_id":"key_…","digests":["<64 hex>",…]}`.

@@ -21,9 +21,13 @@
 //!
 //! Publishing is `SELECT pg_notify(channel, payload)` on the given pool, with the
 //! [`Invalidation::to_json`] wire form as payload. The subscriber holds one dedicated connection
-//! (opened with the pool's connection options) that `LISTEN`s on the channel. When that connection is
-//! lost it reconnects with exponential backoff (with jitter) and, once listening again, clears the
-//! whole resolver cache, since notifications sent in between are lost. The loss is logged at `warn`,
+//! (opened with the pool's connection options) that `LISTEN`s on the channel. The subscribe /
+//! reconnect / clear-cache loop is the one both broadcasters share ([`Subscription`]): while the
+//! connection is down or not yet up the resolver is in degraded mode (cached answers older than its
+//! degraded lifetime, default 1 s, are read again); it reconnects with exponential backoff (100 ms
+//! doubling to 1 s, with jitter) and, once listening again, clears the whole resolver cache, since
+//! notifications sent in between are lost. A loss is noticed when the connection reports it (a
+//! closed socket, a terminated backend); a silent network cut only once TCP gives up. The loss is logged at `warn`,
 //! the recovery at `info`; keys, digests and payloads are never logged.
 
 use std::fmt;
@@ -31,10 +35,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
-use tokio::sync::watch;
 
-use super::subscription::{Backoff, Subscription, SubscriptionStatus};
-use tokio::time::Instant;
+use super::subscription::{self, Backend, Backoff, Subscription};
 
 use super::{Invalidation, Invalidator};
 use crate::resolver::CachedResolver;
@@ -87,7 +89,7 @@ impl PgInvalidator {
     }
 
     /// Reconnection delays of subscribers: the first retry waits `initial`, each further one twice
-    /// as long, up to `max` (defaults 100 ms and 30 s); each delay is randomly shortened by up to
+    /// as long, up to `max` (defaults 100 ms and 1 s); each delay is randomly shortened by up to
     /// half so that a fleet does not reconnect in lockstep.
     pub fn reconnect_backoff(mut self, initial: Duration, max: Duration) -> Self {
         self.backoff = Backoff::new(initial, max);
@@ -114,15 +116,11 @@ impl PgInvalidator {
             .max_lifetime(None)
             .idle_timeout(None)
             .connect_lazy_with(options);
-        let (status, watcher) = watch::channel(SubscriptionStatus::default());
-        let task = tokio::spawn(listen(
+        let backend = PgBackend {
             pool,
-            self.channel.clone(),
-            resolver,
-            self.backoff,
-            status,
-        ));
-        Subscription::new(task, watcher)
+            channel: self.channel.clone(),
+        };
+        subscription::spawn(backend, self.channel.clone(), resolver, self.backoff)
     }
 }
 
@@ -139,93 +137,47 @@ impl Invalidator for PgInvalidator {
     }
 }
 
-async fn connect(pool: &PgPool, channel: &str) -> Result<PgListener, sqlx::Error> {
-    let mut listener = PgListener::connect_with(pool).await?;
-    // Report a lost connection instead of silently reconnecting: we must clear the cache.
-    listener.eager_reconnect(false);
-    listener.ignore_pool_close_event(true);
-    listener.listen(channel).await?;
-    Ok(listener)
-}
-
-/// The subscriber task: listen, apply, and on any loss reconnect and clear the cache.
-async fn listen(
+/// The PostgreSQL side of the shared subscription loop: `LISTEN` on one dedicated connection.
+struct PgBackend {
     pool: PgPool,
     channel: Arc<str>,
-    resolver: CachedResolver,
-    backoff: Backoff,
-    status: watch::Sender<SubscriptionStatus>,
-) {
-    let channel = &*channel;
-    // Whether invalidations may have been missed since the subscription was requested.
-    let mut missed = false;
-    let mut delay = backoff.initial;
-    loop {
-        let mut listener = match connect(&pool, channel).await {
-            Ok(listener) => listener,
-            Err(error) => {
-                if !missed {
-                    tracing::warn!(%error, channel, "API key invalidation subscriber cannot connect; retrying");
-                } else {
-                    tracing::debug!(%error, channel, "API key invalidation subscriber still cannot connect");
-                }
-                missed = true;
-                tokio::time::sleep(Backoff::jittered(delay)).await;
-                delay = (delay * 2).min(backoff.max);
-                continue;
-            }
-        };
-        if missed {
-            resolver.invalidate_all();
-            tracing::info!(
-                channel,
-                "API key invalidation subscriber reconnected; cleared the key cache"
-            );
-        }
-        status.send_modify(|s| {
-            s.connected = true;
-            s.connections += 1;
-        });
-        let connected_at = Instant::now();
-        let error = loop {
-            match listener.try_recv().await {
-                Ok(Some(notification)) => apply(notification.payload(), &resolver, channel),
-                Ok(None) => break None,
-                Err(error) => break Some(error),
-            }
-        };
-        drop(listener);
-        status.send_modify(|s| s.connected = false);
-        missed = true;
-        match &error {
-            Some(error) => {
-                tracing::warn!(%error, channel, "API key invalidation subscriber lost its connection; reconnecting")
-            }
-            None => tracing::warn!(
-                channel,
-                "API key invalidation subscriber lost its connection; reconnecting"
-            ),
-        }
-        // A connection that dies at once must not turn into a busy loop.
-        if connected_at.elapsed() < Duration::from_secs(1) {
-            tokio::time::sleep(Backoff::jittered(delay)).await;
-            delay = (delay * 2).min(backoff.max);
-        } else {
-            delay = backoff.initial;
+}
+
+/// Why listening failed or stopped (for the logs).
+enum Lost {
+    Sql(sqlx::Error),
+    Closed,
+}
+
+impl fmt::Display for Lost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Sql(error) => fmt::Display::fmt(error, f),
+            Self::Closed => f.write_str("connection closed"),
         }
     }
 }
 
-fn apply(payload: &str, resolver: &CachedResolver, channel: &str) {
-    match Invalidation::from_json(payload) {
-        Some(invalidation) => invalidation.apply(resolver),
-        None => {
-            // Unreadable (another version, another user of the channel): be safe, forget everything.
-            resolver.invalidate_all();
-            tracing::warn!(
-                channel,
-                "unreadable API key invalidation message; cleared the key cache"
-            );
+impl Backend for PgBackend {
+    type Connection = PgListener;
+    type Error = Lost;
+
+    async fn connect(&self) -> Result<PgListener, Lost> {
+        let mut listener = PgListener::connect_with(&self.pool)
+            .await
+            .map_err(Lost::Sql)?;
+        // Report a lost connection instead of silently reconnecting: the loop must clear the cache.
+        listener.eager_reconnect(false);
+        listener.ignore_pool_close_event(true);
+        listener.listen(&self.channel).await.map_err(Lost::Sql)?;
+        Ok(listener)
+    }
+
+    async fn receive(&self, listener: &mut PgListener) -> Result<Option<String>, Lost> {
+        match listener.try_recv().await {
+            Ok(Some(notification)) => Ok(Some(notification.payload().to_owned())),
+            Ok(None) => Err(Lost::Closed),
+            Err(error) => Err(Lost::Sql(error)),
         }
     }
 }

@@ -22,9 +22,13 @@
 //!
 //! Publishing is `PUBLISH channel payload` with the [`Invalidation::to_json`] wire form, over one
 //! multiplexed connection opened on first use and reopened after a failure. The subscriber holds a
-//! dedicated pub/sub connection and pings it periodically (default every 15 s), so a silently dead
-//! connection is noticed too. When the connection is lost it reconnects with exponential backoff
-//! (with jitter) and, once subscribed again, clears the whole resolver cache, since messages sent in
+//! dedicated pub/sub connection and pings it periodically (default every 500 ms; a ping unanswered
+//! within twice that, at least 1 s, counts as a loss), so a silently dead connection is noticed
+//! too. The subscribe / reconnect / clear-cache loop is the one both broadcasters share
+//! ([`Subscription`]): while the connection is down or not yet up the resolver is in degraded mode
+//! (cached answers older than its degraded lifetime, default 1 s, are read again); it reconnects
+//! with exponential backoff (100 ms doubling to 1 s, with jitter) and, once subscribed again,
+//! clears the whole resolver cache, since messages sent in
 //! between are lost. The loss is logged at `warn`, the recovery at `info`; keys, digests and payloads
 //! are never logged.
 
@@ -33,13 +37,12 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::redis::aio::{MultiplexedConnection, PubSub};
+use ::redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
 use futures_util::StreamExt;
 use futures_util::future::{self, Either};
-use tokio::sync::watch;
-
-use super::subscription::{Backoff, Subscription, SubscriptionStatus};
 use tokio::time::{Instant, timeout};
+
+use super::subscription::{self, Backend, Backoff, Subscription};
 
 use super::{Invalidation, Invalidator};
 use crate::resolver::CachedResolver;
@@ -79,7 +82,7 @@ impl RedisInvalidator {
             client,
             channel: Self::DEFAULT_CHANNEL.into(),
             backoff: Backoff::default(),
-            ping_interval: Duration::from_secs(15),
+            ping_interval: Duration::from_millis(500),
             publisher: Arc::default(),
         }
     }
@@ -99,14 +102,14 @@ impl RedisInvalidator {
     }
 
     /// Reconnection delays of subscribers: the first retry waits `initial`, each further one twice
-    /// as long, up to `max` (defaults 100 ms and 30 s); each delay is randomly shortened by up to
+    /// as long, up to `max` (defaults 100 ms and 1 s); each delay is randomly shortened by up to
     /// half so that a fleet does not reconnect in lockstep.
     pub fn reconnect_backoff(mut self, initial: Duration, max: Duration) -> Self {
         self.backoff = Backoff::new(initial, max);
         self
     }
 
-    /// How often a subscriber pings its connection to detect a silent loss (default 15 s).
+    /// How often a subscriber pings its connection to detect a silent loss (default 500 ms).
     pub fn ping_interval(mut self, interval: Duration) -> Self {
         self.ping_interval = interval.max(Duration::from_millis(10));
         self
@@ -124,16 +127,12 @@ impl RedisInvalidator {
     /// # Panics
     /// Outside a tokio runtime.
     pub fn subscribe(&self, resolver: CachedResolver) -> Subscription {
-        let (status, watcher) = watch::channel(SubscriptionStatus::default());
-        let task = tokio::spawn(listen(
-            self.client.clone(),
-            self.channel.clone(),
-            resolver,
-            self.backoff,
-            self.ping_interval,
-            status,
-        ));
-        Subscription::new(task, watcher)
+        let backend = RedisBackend {
+            client: self.client.clone(),
+            channel: self.channel.clone(),
+            ping_interval: self.ping_interval,
+        };
+        subscription::spawn(backend, self.channel.clone(), resolver, self.backoff)
     }
 
     async fn publisher(&self) -> Result<MultiplexedConnection, StoreError> {
@@ -204,103 +203,64 @@ impl fmt::Display for Lost {
     }
 }
 
-async fn connect(client: &::redis::Client, channel: &str) -> Result<PubSub, Lost> {
-    let attempt = async {
-        let mut pubsub = client.get_async_pubsub().await?;
-        pubsub.subscribe(channel).await?;
-        Ok::<_, ::redis::RedisError>(pubsub)
-    };
-    match timeout(IO_TIMEOUT, attempt).await {
-        Ok(Ok(pubsub)) => Ok(pubsub),
-        Ok(Err(error)) => Err(Lost::Redis(error)),
-        Err(_) => Err(Lost::TimedOut),
-    }
-}
-
-/// The subscriber task: subscribe, apply, ping, and on any loss reconnect and clear the cache.
-async fn listen(
+/// The Redis side of the shared subscription loop: `SUBSCRIBE` on a dedicated pub/sub connection,
+/// pinged every `ping_interval` so that a silently dead connection is noticed too.
+struct RedisBackend {
     client: ::redis::Client,
     channel: Arc<str>,
-    resolver: CachedResolver,
-    backoff: Backoff,
     ping_interval: Duration,
-    status: watch::Sender<SubscriptionStatus>,
-) {
-    let channel = &*channel;
-    // Whether invalidations may have been missed since the subscription was requested.
-    let mut missed = false;
-    let mut delay = backoff.initial;
-    loop {
-        let pubsub = match connect(&client, channel).await {
-            Ok(pubsub) => pubsub,
-            Err(error) => {
-                if !missed {
-                    tracing::warn!(%error, channel, "API key invalidation subscriber cannot connect; retrying");
-                } else {
-                    tracing::debug!(%error, channel, "API key invalidation subscriber still cannot connect");
-                }
-                missed = true;
-                tokio::time::sleep(Backoff::jittered(delay)).await;
-                delay = (delay * 2).min(backoff.max);
-                continue;
-            }
+}
+
+/// A subscribed connection and its ping timer.
+struct RedisConnection {
+    sink: PubSubSink,
+    messages: PubSubStream,
+    ping: tokio::time::Interval,
+}
+
+impl Backend for RedisBackend {
+    type Connection = RedisConnection;
+    type Error = Lost;
+
+    async fn connect(&self) -> Result<RedisConnection, Lost> {
+        let attempt = async {
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(&*self.channel).await?;
+            Ok::<_, ::redis::RedisError>(pubsub)
         };
-        if missed {
-            resolver.invalidate_all();
-            tracing::info!(
-                channel,
-                "API key invalidation subscriber reconnected; cleared the key cache"
-            );
-        }
-        status.send_modify(|s| {
-            s.connected = true;
-            s.connections += 1;
-        });
-        let connected_at = Instant::now();
-        let (mut sink, mut messages) = pubsub.split();
-        let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
-        let lost = loop {
-            let next = pin!(messages.next());
-            let tick = pin!(ping.tick());
+        let pubsub = match timeout(IO_TIMEOUT, attempt).await {
+            Ok(Ok(pubsub)) => pubsub,
+            Ok(Err(error)) => return Err(Lost::Redis(error)),
+            Err(_) => return Err(Lost::TimedOut),
+        };
+        let (sink, messages) = pubsub.split();
+        let first = Instant::now() + self.ping_interval;
+        Ok(RedisConnection {
+            sink,
+            messages,
+            ping: tokio::time::interval_at(first, self.ping_interval),
+        })
+    }
+
+    async fn receive(&self, connection: &mut RedisConnection) -> Result<Option<String>, Lost> {
+        loop {
+            let next = pin!(connection.messages.next());
+            let tick = pin!(connection.ping.tick());
             match future::select(next, tick).await {
-                Either::Left((Some(message), _)) => match message.get_payload::<String>() {
-                    Ok(payload) => apply(Invalidation::from_json(&payload), &resolver, channel),
-                    Err(_) => apply(None, &resolver, channel),
-                },
-                Either::Left((None, _)) => break Lost::Closed,
+                Either::Left((Some(message), _)) => {
+                    return Ok(message.get_payload::<String>().ok());
+                }
+                Either::Left((None, _)) => return Err(Lost::Closed),
                 Either::Right(_) => {
-                    match timeout(IO_TIMEOUT, sink.ping::<::redis::Value>()).await {
+                    // A ping answered late counts as a loss: degraded mode must start in time.
+                    let patience = (self.ping_interval * 2).max(Duration::from_secs(1));
+                    match timeout(patience, connection.sink.ping::<::redis::Value>()).await {
                         Ok(Ok(_)) => {}
-                        Ok(Err(error)) => break Lost::Redis(error),
-                        Err(_) => break Lost::TimedOut,
+                        Ok(Err(error)) => return Err(Lost::Redis(error)),
+                        Err(_) => return Err(Lost::TimedOut),
                     }
                 }
             }
-        };
-        drop((sink, messages));
-        status.send_modify(|s| s.connected = false);
-        missed = true;
-        tracing::warn!(error = %lost, channel, "API key invalidation subscriber lost its connection; reconnecting");
-        // A connection that dies at once must not turn into a busy loop.
-        if connected_at.elapsed() < Duration::from_secs(1) {
-            tokio::time::sleep(Backoff::jittered(delay)).await;
-            delay = (delay * 2).min(backoff.max);
-        } else {
-            delay = backoff.initial;
-        }
-    }
-}
-
-fn apply(invalidation: Option<Invalidation>, resolver: &CachedResolver, channel: &str) {
-    match invalidation {
-        Some(invalidation) => invalidation.apply(resolver),
-        None => {
-            // Unreadable (another version, another user of the channel): be safe, forget everything.
-            resolver.invalidate_all();
-            tracing::warn!(
-                channel,
-                "unreadable API key invalidation message; cleared the key cache"
-            );
         }
     }
 }

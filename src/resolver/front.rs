@@ -1,21 +1,23 @@
-//! A small per-thread front for the the table cache: the hot path of a cached key without the table's
-//! bookkeeping (its clock read, read recording and per-entry expiry), which is most of what a cached
-//! request costs.
+//! A small per-thread front for the moka cache: the hot path of a cached key without moka's
+//! per-read bookkeeping (its clock read, read recording in the frequency sketch and expiry checks),
+//! which is most of what a moka hit costs. Kept because `benches/hot_path.rs` measures the layer
+//! with and without it in one run (BENCHMARKS.md, *Hot path*).
 //!
 //! Each thread holds a direct-mapped table of [`SLOTS`] recently admitted keys. A slot answers only
-//! while all of these hold, so it never knows more than the the table cache behind it:
+//! while all of these hold, so it never knows more than the cache behind it:
 //!
 //! - it belongs to the same resolver (by a process-unique id, never an address that could be reused);
-//! - the resolver's invalidation epoch has not moved since the slot was filled from the table (every
-//!   invalidation bumps the epoch after it has removed the entries from the table, so a slot filled from a
-//!   stale the table entry is already outdated when it is first read);
-//! - the key's cache lifetime (`ttl` from when the store was read) has not run out;
-//! - it has answered fewer than [`HITS_PER_FILL`] times: then it is refilled from the table, which keeps
-//!   the table's recency order and expiry in charge of hot keys too.
+//! - the resolver's invalidation epoch has not moved since the slot was filled from the cache (every
+//!   invalidation moves the epoch again after it has removed the entries from the cache, so a slot
+//!   filled from a stale entry is already outdated when it is first read);
+//! - the caller's check passes: the key's cache lifetime (`ttl` from when the store was read) has not
+//!   run out, and in degraded mode the read is recent enough (see the resolver's invariants);
+//! - it has answered fewer than [`HITS_PER_FILL`] times: then it is refilled from the cache, which
+//!   keeps moka's frequency counts (its eviction policy) and expiry in charge of hot keys too.
 //!
-//! Only known keys enter the front; unknown digests (a hostile flood) stay in the table's negative cache.
-//! Collisions only cost a the table read. A thread keeps at most [`SLOTS`] entries alive after they left
-//! the table, until overwritten or the thread ends.
+//! Only known keys enter the front; unknown digests (a hostile flood) stay in the cache. Collisions
+//! only cost a moka read. A thread keeps at most [`SLOTS`] entries alive after they left the cache,
+//! until overwritten or the thread ends.
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -25,7 +27,7 @@ use crate::key::KeyDigest;
 
 /// Slots per thread (a power of two).
 pub(super) const SLOTS: usize = 128;
-/// Answers a slot gives before it is refilled from the table.
+/// Answers a slot gives before it is refilled from the cache.
 pub(super) const HITS_PER_FILL: u32 = 1024;
 
 struct Slot {
@@ -42,18 +44,18 @@ thread_local! {
 
 fn index(digest: &KeyDigest) -> usize {
     // The digest is a SHA-256 output: its bytes are already uniformly spread. A caller who grinds
-    // keys into one slot only makes their own requests read the table.
+    // keys into one slot only makes their own requests read the cache.
     let bytes = digest.as_bytes();
     usize::from(u16::from_le_bytes([bytes[0], bytes[1]])) & (SLOTS - 1)
 }
 
-/// Calls `f` with this thread's front entry for `digest`, if it is current.
+/// Calls `f` with this thread's front entry for `digest` if it is current; a slot counts as used
+/// only when `f` answers (`Some`).
 pub(super) fn with<R>(
     resolver: u64,
     epoch: u64,
     digest: &KeyDigest,
-    now_unix_nanos: i64,
-    f: impl FnOnce(&Arc<ResolvedKey>) -> R,
+    f: impl FnOnce(&Arc<ResolvedKey>) -> Option<R>,
 ) -> Option<R> {
     FRONT
         .try_with(|front| {
@@ -62,19 +64,19 @@ pub(super) fn with<R>(
             if slot.resolver != resolver
                 || slot.epoch != epoch
                 || slot.hits_left == 0
-                || slot.key.cached_until <= now_unix_nanos
                 || slot.digest != *digest
             {
                 return None;
             }
+            let answer = f(&slot.key)?;
             slot.hits_left -= 1;
-            Some(f(&slot.key))
+            Some(answer)
         })
         .ok()
         .flatten()
 }
 
-/// Puts a key just read from the table (at `epoch`, read before the table was) in this thread's front.
+/// Puts a key just read from the cache (at `epoch`, read before the cache was) in this thread's front.
 pub(super) fn fill(resolver: u64, epoch: u64, digest: &KeyDigest, key: &Arc<ResolvedKey>) {
     let _ = FRONT.try_with(|front| {
         if let Ok(mut front) = front.try_borrow_mut() {

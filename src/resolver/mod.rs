@@ -1,16 +1,6 @@
 //! [`CachedResolver`]: from a key digest to a principal, through a bounded cache in front of a
 //! [`KeyStore`].
 //!
-//! - Hits are answered synchronously, without allocating or awaiting.
-//! - Concurrent misses for one digest share a single store lookup.
-//! - Unknown digests are cached too (for a shorter time), so a flood of one made-up key costs one lookup.
-//! - Store errors and timeouts are never cached: the next request asks again.
-//! - A positive entry never outlives the key's own expiry; revocation and expiry are still checked on
-//!   every request, even on a hit.
-//! - [`invalidate_digest`](CachedResolver::invalidate_digest), [`invalidate_key`](CachedResolver::invalidate_key)
-//!   and [`invalidate_all`](CachedResolver::invalidate_all) forget entries at once; a lookup that was in
-//!   flight when an invalidation happened does not put its (possibly stale) answer in the cache.
-//!
 //! ```
 //! use std::time::Duration;
 //! use tower_api_keys::key::KeyFormat;
@@ -23,27 +13,94 @@
 //!     .negative_ttl(Duration::from_secs(5))
 //!     .max_capacity(100_000)
 //!     .lookup_timeout(Duration::from_secs(2))
+//!     .lookup_limit(32, 64)
+//!     .degraded_ttl(Duration::from_secs(1))
 //!     .build();
 //! # let _ = resolver;
 //! ```
+//!
+//! # How it is built
+//!
+//! - The shared cache is a [`moka::sync::Cache`] (`cache.rs`): per-entry lifetimes through moka's
+//!   `Expiry`, moka's TinyLFU eviction. Invalidations name digests (no scan); forgetting a key by id
+//!   alone uses a moka invalidation predicate (see `cache.rs` for why there is no key-id index).
+//! - In front of it, each thread keeps a few recently admitted keys (`front.rs`), which answers a hot
+//!   key without moka's per-read bookkeeping. It is checked against the invalidation epoch on every
+//!   read, so it never knows more than the cache behind it.
+//! - Misses go through a map of in-flight lookups (one shared future per digest), bounded by a
+//!   semaphore and a short queue.
+//! - An invalidation epoch: every invalidation moves it, and a lookup only fills the cache if the
+//!   epoch has not moved since it started. moka alone would insert an answer read before the
+//!   invalidation.
+//!
+//! # Invariants
+//!
+//! Every promise this module makes, with the test that holds it to it (unit tests below, behaviour
+//! tests in `tests/resolver*.rs`, `tests/outage.rs`, `tests/fleet_invalidation.rs`):
+//!
+//! 1. **A hit is synchronous**: a cached digest is answered without awaiting, allocating or touching
+//!    the store (`tests/resolver.rs`: `hits_never_reach_the_store`; `benches/hot_path.rs`).
+//! 2. **One lookup per digest at a time**: concurrent misses for one digest share a single store
+//!    lookup (`tests/resolver.rs`: `concurrent_misses_share_one_lookup`; `benches/cold_path.rs`).
+//! 3. **Unknown digests are cached** for the negative TTL, so a repeated made-up key costs one
+//!    lookup (`tests/resolver.rs`: `unknown_digests_are_cached_for_the_negative_ttl`).
+//! 4. **Failures are never cached**: a store error or timeout is answered 503 `AUTH_UNAVAILABLE`
+//!    and the next request asks again (`tests/outage.rs`).
+//! 5. **Every request is checked**: revocation and expiry are checked at request time, even on a
+//!    hit; a known key's entry never outlives the TTL from its store read nor the key's own expiry,
+//!    and a key in its rotation grace period carries the earlier of its expiry and the grace end as
+//!    [`Principal::expires_at`] (`tests/resolver.rs`: `a_cached_key_expires_on_time`,
+//!    `grace_period_principal_expires_with_the_grace`; unit test `check_agrees_with_calendar_time`).
+//! 6. **An invalidation is immediate and final**: once [`invalidate_digest`](CachedResolver::invalidate_digest),
+//!    [`invalidate_key`](CachedResolver::invalidate_key) or [`invalidate_all`](CachedResolver::invalidate_all)
+//!    has returned, no request on any thread is answered from what was cached before it (the
+//!    per-thread fronts included), and a lookup that was in flight meanwhile does not fill the cache:
+//!    the next request reaches the store (`tests/resolver_race.rs`:
+//!    `a_lookup_overtaken_by_an_invalidation_does_not_fill_the_cache`; unit test
+//!    `front_forgets_on_every_invalidation`).
+//! 7. **A revocation through [`KeyManager`](crate::KeyManager) is final on this instance**: once
+//!    `revoke` has returned, no thread admits the key again (`tests/resolver_race.rs`:
+//!    `no_thread_admits_a_key_after_revoke_returned`).
+//! 8. **Degraded mode bounds staleness when broadcasts fail**: while an invalidation subscription of
+//!    this resolver is down or not yet up, no cached answer read from the store more than the
+//!    degraded lifetime ago (default 1 s) is used; it is read again. When a subscription comes (back)
+//!    up, the cache is cleared once. So a revocation on another instance is refused here within about
+//!    the degraded lifetime whatever fails, as long as the store answers (`tests/resolver.rs`:
+//!    `degraded_mode_rereads_old_answers`; `tests/fleet_invalidation.rs`: the outage cases).
+//! 9. **Store lookups are bounded**: at most `in_flight` lookups run at once and `queue` more wait;
+//!    a miss beyond that is answered 503 `AUTH_UNAVAILABLE` at once and counted, while cached keys
+//!    keep being answered (`tests/resolver.rs`: `the_lookup_bound_sheds_and_recovers`).
+//! 10. **The cache is bounded**: at most `max_capacity` entries; eviction admits a newcomer only over
+//!     an entry used less often, so a flood of one-off digests does not push out keys in use
+//!     (`benches/hostile.rs`, case "flood"; `benches/memory.rs` for the cost per entry).
+//! 11. **Resolvers are apart**: two resolvers never answer with each other's entries, even on one
+//!     thread (unit test `front_keeps_resolvers_apart`).
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
+use time::OffsetDateTime;
 
 use crate::clock::{nanos_of, now_unix_nanos};
 use crate::error::{AuthError, ExpiredReason, InvalidKeyReason};
 use crate::key::{KeyDigest, KeyFormat, KeyId};
 use crate::principal::Principal;
 use crate::store::{KeyRecord, KeyStore, StoreError, StoreErrorKind};
-use futures_util::FutureExt;
-use futures_util::future::{BoxFuture, Shared};
+use crate::usage::{UsageMark, Used};
 
+mod cache;
 mod front;
 mod intern;
-mod table;
+
+/// Name of the counter of store lookups refused by the lookup bound (feature `metrics`).
+pub const LOOKUPS_SHED_TOTAL: &str = "api_key_lookups_shed_total";
+/// Name of the gauge that is 1 while a resolver is in degraded mode, 0 otherwise (feature `metrics`).
+pub const DEGRADED: &str = "api_key_cache_degraded";
 
 /// A key as the cache holds it: the ready-made principal and what must be checked per request.
 pub(crate) struct ResolvedKey {
@@ -52,14 +109,39 @@ pub(crate) struct ResolvedKey {
     /// rotation grace period if that is earlier. Compared with the hot path's clock
     /// ([`crate::clock`]) without a calendar conversion.
     expires_at: i64,
-    /// When this answer stops being cacheable (store read + TTL, or the expiry if sooner), in Unix
+    /// When the store lookup that produced this answer started, in Unix nanoseconds: the age that
+    /// degraded mode looks at.
+    read_at: i64,
+    /// When this answer stops being cacheable (read + TTL, or the expiry if sooner), in Unix
     /// nanoseconds: the cache and the per-thread front never serve it past this.
     cached_until: i64,
-    /// Unix seconds of the latest use not yet flushed (0 = none).
-    pub(crate) last_used: AtomicI64,
-    pub(crate) revoked: bool,
-    /// Whether this entry is queued for the next usage flush.
-    pub(crate) queued: AtomicBool,
+    revoked: bool,
+    /// Last use not yet flushed; owned by [`crate::usage`].
+    usage: UsageMark,
+}
+
+impl Used for ResolvedKey {
+    fn usage(&self) -> &UsageMark {
+        &self.usage
+    }
+
+    fn key_id(&self) -> &KeyId {
+        self.principal.key_id()
+    }
+}
+
+/// The expiry a request authenticated with `digest` carries: the record's, or the end of the
+/// rotation grace period when `digest` is the previous secret's and that is earlier.
+fn effective_expiry(record: &KeyRecord, digest: &KeyDigest) -> Option<OffsetDateTime> {
+    let grace_end = record
+        .previous
+        .as_ref()
+        .filter(|previous| previous.digest == *digest && record.digest != *digest)
+        .map(|previous| previous.valid_until);
+    match (record.expires_at, grace_end) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 impl ResolvedKey {
@@ -67,24 +149,16 @@ impl ResolvedKey {
         record: &KeyRecord,
         digest: &KeyDigest,
         ttl: Duration,
-        now: i64,
+        read_at: i64,
         shared: &intern::Interner,
     ) -> Self {
-        let grace_end = record
-            .previous
-            .as_ref()
-            .filter(|previous| previous.digest == *digest && record.digest != *digest)
-            .map(|previous| previous.valid_until);
-        let expires_at = match (record.expires_at, grace_end) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-        .map_or(i64::MAX, nanos_of);
+        let effective = effective_expiry(record, digest);
+        let expires_at = effective.map_or(i64::MAX, nanos_of);
         let revoked = record.revoked_at.is_some();
-        let mut cached_until = now.saturating_add(saturating_nanos(ttl));
+        let mut cached_until = read_at.saturating_add(saturating_nanos(ttl));
         // A live key is dropped from the cache when it expires; an already expired or revoked key
         // stays cached as such for the TTL: it cannot come back.
-        if !revoked && expires_at > now {
+        if !revoked && expires_at > read_at {
             cached_until = cached_until.min(expires_at);
         }
         Self {
@@ -94,13 +168,33 @@ impl ResolvedKey {
                 shared.string(&record.owner),
                 shared.string(&record.account),
                 shared.scopes(&record.scopes),
-                record.expires_at,
+                effective,
             ),
             expires_at,
+            read_at,
             cached_until,
-            last_used: AtomicI64::new(0),
             revoked,
-            queued: AtomicBool::new(false),
+            usage: UsageMark::default(),
+        }
+    }
+
+    /// A live key with the given lifetime (cache tests).
+    #[cfg(test)]
+    fn for_test(id: KeyId, cached_until: i64) -> Self {
+        Self {
+            principal: Principal::scoped(
+                id,
+                "t",
+                "o",
+                "a",
+                crate::scope::ScopeSet::default(),
+                None,
+            ),
+            expires_at: i64::MAX,
+            read_at: now_unix_nanos(),
+            cached_until,
+            revoked: false,
+            usage: UsageMark::default(),
         }
     }
 
@@ -115,6 +209,12 @@ impl ResolvedKey {
         }
         Ok(())
     }
+
+    /// Whether this cached answer may still be served at `now`, given the degraded-mode floor
+    /// (`i64::MIN` outside degraded mode).
+    fn servable(&self, now: i64, floor: i64) -> bool {
+        self.cached_until > now && self.read_at > floor
+    }
 }
 
 fn saturating_nanos(duration: Duration) -> i64 {
@@ -125,7 +225,10 @@ fn saturating_nanos(duration: Duration) -> i64 {
 #[derive(Clone)]
 pub(crate) enum CacheEntry {
     Known(Arc<ResolvedKey>),
-    Unknown,
+    /// No such key, as of `read_at` (Unix nanoseconds).
+    Unknown {
+        read_at: i64,
+    },
 }
 
 impl CacheEntry {
@@ -133,34 +236,73 @@ impl CacheEntry {
     pub(crate) fn authenticate(&self, now: i64) -> Result<&Arc<ResolvedKey>, AuthError> {
         match self {
             Self::Known(key) => key.check(now).map(|()| key),
-            Self::Unknown => Err(AuthError::InvalidKey(InvalidKeyReason::Unknown)),
+            Self::Unknown { .. } => Err(AuthError::InvalidKey(InvalidKeyReason::Unknown)),
+        }
+    }
+
+    fn servable(&self, now: i64, floor: i64) -> bool {
+        match self {
+            Self::Known(key) => key.servable(now, floor),
+            Self::Unknown { read_at } => *read_at > floor,
         }
     }
 }
 
 type Lookup = Shared<BoxFuture<'static, Result<CacheEntry, StoreError>>>;
 
+/// Why a lookup was not sent to the store: the bound on lookups in flight and queued was reached.
+#[derive(Debug, thiserror::Error)]
+#[error("too many key lookups in flight; this one was shed")]
+struct LookupShed;
+
+fn is_shed(error: &StoreError) -> bool {
+    std::error::Error::source(error).is_some_and(|source| source.is::<LookupShed>())
+}
+
 struct Inner {
     store: Arc<dyn KeyStore>,
     format: KeyFormat,
-    cache: table::Table,
+    cache: cache::Cache,
     /// Owner, account and scope-set values shared by the cached principals.
     shared: intern::Interner,
-    in_flight: Mutex<HashMap<[u8; 32], (u64, Lookup)>>,
+    in_flight: Mutex<HashMap<KeyDigest, (u64, Lookup)>>,
     /// Bumped by every invalidation; a lookup that started before a bump does not fill the cache.
     epoch: AtomicU64,
     lookup_timeout: Duration,
     ttl: Duration,
-    negative_ttl: Duration,
+    /// Store lookups allowed to run at once.
+    lookup_slots: tokio::sync::Semaphore,
+    /// Lookups allowed to wait for a slot, and how many do.
+    queue_limit: usize,
+    queued: AtomicUsize,
+    shed: AtomicU64,
     lookups: AtomicU64,
+    /// Subscriptions of this resolver that are down (or not yet up): degraded while not 0.
+    degraded: AtomicUsize,
+    degraded_ttl: i64,
+    front: bool,
     /// Process-unique id: tells this resolver's entries apart in the per-thread front.
     id: u64,
+}
+
+impl Inner {
+    /// The oldest store read still trusted at `now`: `i64::MIN` normally; in degraded mode, `now`
+    /// minus the degraded lifetime.
+    #[inline]
+    fn floor(&self, now: i64) -> i64 {
+        if self.degraded.load(Ordering::Acquire) == 0 {
+            i64::MIN
+        } else {
+            now.saturating_sub(self.degraded_ttl)
+        }
+    }
 }
 
 /// Resolves key digests to principals through a bounded cache in front of a [`KeyStore`].
 ///
 /// Cheap to clone; clones share the cache. Give the same resolver to [`ApiKeyLayer`](crate::layer::ApiKeyLayer)
-/// and to key management, so that revocations reach the cache the layer reads.
+/// and to key management, so that revocations reach the cache the layer reads. The module
+/// documentation lists what it promises.
 #[derive(Clone)]
 pub struct CachedResolver {
     inner: Arc<Inner>,
@@ -170,8 +312,8 @@ impl fmt::Debug for CachedResolver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CachedResolver")
             .field("format", &self.inner.format)
-            .field("entries", &self.inner.cache.len())
             .field("lookup_timeout", &self.inner.lookup_timeout)
+            .field("degraded", &self.is_degraded())
             .finish_non_exhaustive()
     }
 }
@@ -185,6 +327,9 @@ pub struct CachedResolverBuilder {
     negative_ttl: Duration,
     max_capacity: u64,
     lookup_timeout: Duration,
+    lookup_limit: (usize, usize),
+    degraded_ttl: Duration,
+    front: bool,
 }
 
 impl CachedResolverBuilder {
@@ -207,39 +352,83 @@ impl CachedResolverBuilder {
         self
     }
 
-    /// Most entries held (default 100,000; unknown digests count too). When full, an expired entry or
-    /// one not used lately makes room (CLOCK, an approximation of least recently used).
+    /// Most entries held (default 100,000; unknown digests count too). When full, moka's TinyLFU
+    /// policy decides: a newcomer only takes the place of an entry used less often.
     pub fn max_capacity(mut self, entries: u64) -> Self {
         self.max_capacity = entries;
         self
     }
 
-    /// How long a store lookup may take before the request is answered 503 (default 2 s).
+    /// How long a store lookup may take, waiting for a slot included, before the request is
+    /// answered 503 (default 2 s).
     pub fn lookup_timeout(mut self, timeout: Duration) -> Self {
         self.lookup_timeout = timeout;
         self
     }
 
+    /// At most `in_flight` store lookups at once, and `queue` more waiting for one (defaults 32 and
+    /// 64); a miss beyond that is answered 503 `AUTH_UNAVAILABLE` at once, without reaching the
+    /// store, and counted ([`shed_lookups`](CachedResolver::shed_lookups), metric
+    /// [`LOOKUPS_SHED_TOTAL`]). Concurrent misses for one digest share one lookup and one place.
+    /// Cached keys are answered whatever the load. `in_flight` is at least 1.
+    pub fn lookup_limit(mut self, in_flight: usize, queue: usize) -> Self {
+        self.lookup_limit = (in_flight.max(1), queue);
+        self
+    }
+
+    /// While an invalidation subscription of this resolver is down or not yet connected, cached
+    /// answers read from the store longer ago than this are read again (default 1 s). This bounds
+    /// how long a key revoked on another instance is still accepted here when the broadcast fails.
+    pub fn degraded_ttl(mut self, ttl: Duration) -> Self {
+        self.degraded_ttl = ttl;
+        self
+    }
+
+    /// Benches only: turns the per-thread front off (to measure what it saves).
+    #[doc(hidden)]
+    pub fn per_thread_front(mut self, enabled: bool) -> Self {
+        self.front = enabled;
+        self
+    }
+
     /// Builds the resolver.
     pub fn build(self) -> CachedResolver {
+        let (in_flight, queue) = self.lookup_limit;
         CachedResolver {
             inner: Arc::new(Inner {
                 store: self.store,
                 format: self.format,
-                cache: table::Table::new(self.max_capacity),
+                cache: cache::Cache::new(self.max_capacity, self.negative_ttl),
                 shared: intern::Interner::default(),
                 in_flight: Mutex::default(),
                 epoch: AtomicU64::new(0),
                 lookup_timeout: self.lookup_timeout,
                 ttl: self.ttl,
-                negative_ttl: self.negative_ttl,
+                lookup_slots: tokio::sync::Semaphore::new(
+                    in_flight.min(tokio::sync::Semaphore::MAX_PERMITS),
+                ),
+                queue_limit: queue,
+                queued: AtomicUsize::new(0),
+                shed: AtomicU64::new(0),
                 lookups: AtomicU64::new(0),
+                degraded: AtomicUsize::new(0),
+                degraded_ttl: saturating_nanos(self.degraded_ttl),
+                front: self.front,
                 id: {
                     static NEXT_ID: AtomicU64 = AtomicU64::new(0);
                     NEXT_ID.fetch_add(1, Ordering::Relaxed)
                 },
             }),
         }
+    }
+}
+
+/// Takes a waiting place; gives it back when dropped (also when the lookup is cancelled).
+struct QueuePlace<'a>(&'a AtomicUsize);
+
+impl Drop for QueuePlace<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -258,6 +447,9 @@ impl CachedResolver {
             negative_ttl: Duration::from_secs(5),
             max_capacity: 100_000,
             lookup_timeout: Duration::from_secs(2),
+            lookup_limit: (32, 64),
+            degraded_ttl: Duration::from_secs(1),
+            front: true,
         }
     }
 
@@ -276,15 +468,27 @@ impl CachedResolver {
         self.inner.lookups.load(Ordering::Relaxed)
     }
 
-    /// Number of cached entries (known and unknown digests; an expired entry counts until its slot is
-    /// reused or it is asked for).
+    /// How many misses the lookup bound answered 503 without asking the store (see
+    /// [`CachedResolverBuilder::lookup_limit`]).
+    pub fn shed_lookups(&self) -> u64 {
+        self.inner.shed.load(Ordering::Relaxed)
+    }
+
+    /// Number of cached entries, known and unknown digests (runs the cache's pending maintenance
+    /// first, so it is exact but not free).
     pub fn cached_entries(&self) -> u64 {
-        self.inner.cache.len() as u64
+        self.inner.cache.len()
+    }
+
+    /// Whether the resolver is in degraded mode: one of its invalidation subscriptions is down or not
+    /// yet connected, so cached answers are trusted for the degraded lifetime only.
+    pub fn is_degraded(&self) -> bool {
+        self.inner.degraded.load(Ordering::Acquire) != 0
     }
 
     /// Authenticates a digest: cache, then store. Does the request-time revocation and expiry checks.
     pub async fn authenticate(&self, digest: &KeyDigest) -> Result<Principal, AuthError> {
-        let entry = self.resolve(digest).await?;
+        let entry = self.resolve(digest).await.map_err(AuthError::Unavailable)?;
         entry
             .authenticate(now_unix_nanos())
             .map(|key| key.principal.clone())
@@ -292,7 +496,7 @@ impl CachedResolver {
 
     /// The hot path: admits a cached digest at `now` (Unix nanoseconds; revocation and expiry
     /// checked) and calls `admit` with the key, or refuses it. `None` when the digest is not cached.
-    /// Synchronous, no allocation: this thread's front answers first (see [`front`]), then the table.
+    /// Synchronous, no allocation: this thread's front answers first (see [`front`]), then moka.
     pub(crate) fn admit_cached<R>(
         &self,
         digest: &KeyDigest,
@@ -300,30 +504,41 @@ impl CachedResolver {
         admit: impl Fn(&Arc<ResolvedKey>) -> R,
     ) -> Option<Result<R, AuthError>> {
         let inner = &*self.inner;
-        // Read before the table: an invalidation that the table's answer predates has not bumped it
+        // Read before the cache: an invalidation that the cache's answer predates has not moved it
         // yet.
         let epoch = inner.epoch.load(Ordering::Acquire);
-        if let Some(decided) = front::with(inner.id, epoch, digest, now, |key| {
-            key.check(now)?;
-            Ok(admit(key))
-        }) {
+        let floor = inner.floor(now);
+        if inner.front
+            && let Some(decided) = front::with(inner.id, epoch, digest, |key| {
+                key.servable(now, floor).then(|| {
+                    key.check(now)?;
+                    Ok(admit(key))
+                })
+            })
+        {
             return Some(decided);
         }
-        let entry = self.cached(digest, now)?;
+        let entry = self.cached(digest, now, floor)?;
         Some(entry.authenticate(now).map(|key| {
-            front::fill(inner.id, epoch, digest, key);
+            if inner.front {
+                front::fill(inner.id, epoch, digest, key);
+            }
             admit(key)
         }))
     }
 
-    /// The answer the table holds for a digest at `now`, if any.
-    fn cached(&self, digest: &KeyDigest, now: i64) -> Option<CacheEntry> {
-        self.inner.cache.get(digest.as_bytes(), now)
+    /// The answer the cache holds for a digest at `now`, if it may be served.
+    fn cached(&self, digest: &KeyDigest, now: i64, floor: i64) -> Option<CacheEntry> {
+        self.inner
+            .cache
+            .get(digest)
+            .filter(|entry| entry.servable(now, floor))
     }
 
     /// The answer for a digest, looking it up in the store on a miss (one lookup per digest at a time).
     pub(crate) async fn resolve(&self, digest: &KeyDigest) -> Result<CacheEntry, StoreError> {
-        if let Some(entry) = self.cached(digest, now_unix_nanos()) {
+        let now = now_unix_nanos();
+        if let Some(entry) = self.cached(digest, now, self.inner.floor(now)) {
             return Ok(entry);
         }
         let lookup = {
@@ -333,12 +548,13 @@ impl CachedResolver {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
             // A lookup that finished between our miss and taking the lock filled the cache first.
-            if let Some(entry) = self.cached(digest, now_unix_nanos()) {
+            let now = now_unix_nanos();
+            if let Some(entry) = self.cached(digest, now, self.inner.floor(now)) {
                 return Ok(entry);
             }
             let epoch = self.inner.epoch.load(Ordering::Acquire);
             in_flight
-                .entry(*digest.as_bytes())
+                .entry(*digest)
                 .or_insert_with(|| (epoch, self.clone().lookup(*digest, epoch).boxed().shared()))
                 .1
                 .clone()
@@ -346,62 +562,89 @@ impl CachedResolver {
         lookup.await
     }
 
+    /// Waits for a lookup slot, or sheds the lookup when the queue is full too.
+    async fn slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, StoreError> {
+        let inner = &*self.inner;
+        if let Ok(permit) = inner.lookup_slots.try_acquire() {
+            return Ok(permit);
+        }
+        if inner.queued.fetch_add(1, Ordering::AcqRel) >= inner.queue_limit {
+            inner.queued.fetch_sub(1, Ordering::AcqRel);
+            inner.shed.fetch_add(1, Ordering::Relaxed);
+            #[cfg(feature = "metrics")]
+            ::metrics::counter!(LOOKUPS_SHED_TOTAL).increment(1);
+            return Err(StoreError::new(StoreErrorKind::Unavailable, LookupShed));
+        }
+        let _place = QueuePlace(&inner.queued);
+        inner
+            .lookup_slots
+            .acquire()
+            .await
+            .map_err(StoreError::unavailable)
+    }
+
+    /// The store's answer for a digest, within the lookup bound and timeout; `read_at` is now.
+    async fn read(&self, digest: &KeyDigest, read_at: i64) -> Result<CacheEntry, StoreError> {
+        let inner = &*self.inner;
+        let deadline = tokio::time::Instant::now() + inner.lookup_timeout;
+        let timed_out = || StoreError::from_kind(StoreErrorKind::Timeout);
+        let _slot = tokio::time::timeout_at(deadline, self.slot())
+            .await
+            .map_err(|_| timed_out())??;
+        inner.lookups.fetch_add(1, Ordering::Relaxed);
+        let found = tokio::time::timeout_at(deadline, inner.store.find_by_digest(digest));
+        match crate::metrics::timed_lookup(found).await {
+            Err(_) => Err(timed_out()),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(None)) => Ok(CacheEntry::Unknown { read_at }),
+            Ok(Ok(Some(record))) => Ok(CacheEntry::Known(Arc::new(ResolvedKey::from_record(
+                &record,
+                digest,
+                inner.ttl,
+                read_at,
+                &inner.shared,
+            )))),
+        }
+    }
+
     /// One store lookup; `epoch` is the invalidation epoch when it was registered as in flight.
     async fn lookup(self, digest: KeyDigest, epoch: u64) -> Result<CacheEntry, StoreError> {
+        let result = self.read(&digest, now_unix_nanos()).await;
         let inner = &self.inner;
-        inner.lookups.fetch_add(1, Ordering::Relaxed);
-        let lookup =
-            tokio::time::timeout(inner.lookup_timeout, inner.store.find_by_digest(&digest));
-        let result = crate::metrics::timed_lookup(lookup).await;
-        let now = now_unix_nanos();
-        let result = match result {
-            Err(_) => Err(StoreError::from_kind(StoreErrorKind::Timeout)),
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(None)) => Ok((
-                CacheEntry::Unknown,
-                now.saturating_add(saturating_nanos(inner.negative_ttl)),
-            )),
-            Ok(Ok(Some(record))) => {
-                let key = ResolvedKey::from_record(&record, &digest, inner.ttl, now, &inner.shared);
-                let until = key.cached_until;
-                Ok((CacheEntry::Known(Arc::new(key)), until))
-            }
-        };
         {
             let mut in_flight = inner.in_flight.lock().unwrap_or_else(|p| p.into_inner());
             match &result {
-                Ok((entry, until)) if inner.epoch.load(Ordering::Acquire) == epoch => {
-                    inner
-                        .cache
-                        .insert(digest.as_bytes(), entry.clone(), *until, now);
+                // The generation guard: only a lookup no invalidation has overtaken fills the cache.
+                Ok(entry) if inner.epoch.load(Ordering::Acquire) == epoch => {
+                    inner.cache.insert(digest, entry.clone());
                 }
                 Ok(_) => {}
+                // Shed lookups are counted, not logged one by one: they come in floods.
+                Err(error) if is_shed(error) => {}
                 Err(error) => tracing::warn!(%error, "API key lookup failed"),
             }
             // An invalidation since then already dropped this lookup and may have started another.
-            if in_flight
-                .get(digest.as_bytes())
-                .is_some_and(|(e, _)| *e == epoch)
-            {
-                in_flight.remove(digest.as_bytes());
+            if in_flight.get(&digest).is_some_and(|(e, _)| *e == epoch) {
+                in_flight.remove(&digest);
             }
         }
-        result.map(|(entry, _)| entry)
+        result
     }
 
     /// Forgets what the cache knows about one digest.
     pub fn invalidate_digest(&self, digest: &KeyDigest) {
         self.bump();
-        self.inner.cache.remove(digest.as_bytes());
+        self.inner.cache.remove(digest);
         self.retire_front();
     }
 
-    /// Forgets every cached digest of one key (current and previous secrets).
+    /// Forgets every cached digest of one key (current and previous secrets). Effective at once;
+    /// the cache's maintenance then removes the entries (a scan in the background). When the
+    /// digests are known, [`invalidate_digest`](Self::invalidate_digest) each is cheaper: that is
+    /// what [`Invalidation::apply`](crate::Invalidation::apply) does.
     pub fn invalidate_key(&self, id: &KeyId) {
         self.bump();
-        self.inner.cache.remove_if(
-            |entry| matches!(entry, CacheEntry::Known(key) if key.principal.key_id() == id),
-        );
+        self.inner.cache.remove_key(id);
         self.retire_front();
     }
 
@@ -424,10 +667,36 @@ impl CachedResolver {
         in_flight.clear();
     }
 
-    /// Moves the epoch again once the table has forgotten the entries: every thread's front slot
+    /// Moves the epoch again once the cache has forgotten the entries: every thread's front slot
     /// filled before this (possibly from an entry read just before its removal) stops answering.
     fn retire_front(&self) {
         self.inner.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A subscription of this resolver went down (or is not up yet): enter degraded mode.
+    pub(crate) fn subscription_down(&self) {
+        if self.inner.degraded.fetch_add(1, Ordering::AcqRel) == 0 {
+            tracing::warn!(
+                degraded_ttl_ms = self.inner.degraded_ttl / 1_000_000,
+                "API key cache degraded: invalidation subscription not connected; cached keys are \
+                 re-read from the store when older than the degraded lifetime"
+            );
+            #[cfg(feature = "metrics")]
+            ::metrics::gauge!(DEGRADED).set(1.0);
+        }
+    }
+
+    /// A subscription of this resolver is (back) up, and has cleared the cache: leave degraded mode
+    /// once no other subscription is down.
+    pub(crate) fn subscription_up(&self) {
+        if self.inner.degraded.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // A front slot refused for its age during degraded mode may hold an answer that a
+            // re-read has replaced in the cache since: no slot from before answers again.
+            self.retire_front();
+            tracing::info!("API key cache no longer degraded: invalidation subscription connected");
+            #[cfg(feature = "metrics")]
+            ::metrics::gauge!(DEGRADED).set(0.0);
+        }
     }
 }
 
@@ -440,10 +709,10 @@ mod tests {
         ResolvedKey {
             principal: Principal::master(),
             expires_at: expires_at.map_or(i64::MAX, nanos_of),
+            read_at: 0,
             cached_until: i64::MAX,
-            last_used: AtomicI64::new(0),
             revoked,
-            queued: AtomicBool::new(false),
+            usage: UsageMark::default(),
         }
     }
 
@@ -546,7 +815,7 @@ mod tests {
             let digest = key.digest();
             assert!(hot(&resolver, &digest).is_none(), "nothing cached yet");
             block_on(resolver.authenticate(&digest)).unwrap();
-            // The first hot read fills the front from the table, the second is answered by the front.
+            // The first hot read fills the front from the cache, the second is answered by the front.
             for _ in 0..2 {
                 assert_eq!(hot(&resolver, &digest).unwrap().unwrap(), record.id);
             }
@@ -580,17 +849,15 @@ mod tests {
         let (key, record) = record(&format, false);
         let resolver = resolver_with(&record, Duration::from_secs(3600));
         let principal = block_on(resolver.authenticate(&key.digest())).unwrap();
-        assert_eq!(
-            principal,
-            Principal::scoped(
-                record.id.clone(),
-                record.name.as_str(),
-                record.owner.as_str(),
-                record.account.as_str(),
-                record.scopes.clone(),
-                record.expires_at,
-            )
+        let expected = Principal::scoped(
+            record.id.clone(),
+            record.name.as_str(),
+            record.owner.as_str(),
+            record.account.as_str(),
+            record.scopes.clone(),
+            record.expires_at,
         );
+        assert_eq!(principal, expected);
     }
 
     /// Two resolvers caching the same digest (two stores) never answer with each other's key.
@@ -617,7 +884,7 @@ mod tests {
         assert!(hot(&c, &digest).is_none());
     }
 
-    /// Neither the front nor the table serves an answer past its cache lifetime.
+    /// Neither the front nor the cache serves an answer past its cache lifetime.
     #[test]
     fn front_respects_the_ttl() {
         let format = KeyFormat::default();
@@ -634,19 +901,19 @@ mod tests {
         );
     }
 
-    /// A front slot goes back to the table after its hit budget: the table's recency bits and expiry
-    /// stay in charge of hot keys. Seen through the table's own removal: once the table has dropped
+    /// A front slot goes back to the cache after its hit budget: moka's frequency counts and expiry
+    /// stay in charge of hot keys. Seen through a removal from moka alone: once the cache has dropped
     /// the entry, the front stops answering within one budget.
     #[test]
-    fn front_refills_from_the_table() {
+    fn front_refills_from_the_cache() {
         let format = KeyFormat::default();
         let (key, record) = record(&format, false);
         let resolver = resolver_with(&record, Duration::from_secs(3600));
         let digest = key.digest();
         block_on(resolver.authenticate(&digest)).unwrap();
         assert!(hot(&resolver, &digest).unwrap().is_ok());
-        // Remove from the table only, bypassing the epoch: the front alone still knows the key.
-        resolver.inner.cache.remove(digest.as_bytes());
+        // Remove from the cache only, bypassing the epoch: the front alone still knows the key.
+        resolver.inner.cache.remove(&digest);
         let answered = (0..2 * front::HITS_PER_FILL)
             .take_while(|_| hot(&resolver, &digest).is_some())
             .count();

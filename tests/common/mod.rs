@@ -1,6 +1,8 @@
 //! Shared helpers for the behaviour tests: a store wrapper that counts and breaks, key factories.
 #![allow(dead_code)]
 
+pub mod gate;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
