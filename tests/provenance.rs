@@ -7,7 +7,7 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::routing::post;
 use futures_util::stream;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
+use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
 use proptest::prelude::*;
@@ -329,57 +329,185 @@ async fn non_object_metadata_is_a_400() {
     }
 }
 
+impl Answer {
+    /// Asserts the layer refused the request with 415 before the handler ran.
+    fn assert_unstampable(&self) {
+        assert_eq!(
+            self.status,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{:?}",
+            self.body
+        );
+        assert!(!self.handled, "the handler must not run");
+        assert_eq!(self.code(), "REQUEST_UNSUPPORTED_MEDIA_TYPE");
+        assert_eq!(
+            self.error.as_ref().map(AuthError::code),
+            Some(ErrorCode::UnsupportedMediaType)
+        );
+    }
+}
+
+/// Bodies a scoped key sends that the layer cannot stamp: refused by default, passed through
+/// untouched with `pass_through_unstampable(true)`.
+const UNSTAMPABLE: [(Option<&str>, &[u8]); 15] = [
+    (
+        Some("text/plain"),
+        br#"{"meta_data": {"BLNK_GENERATED_BY": "forged"}}"#,
+    ),
+    (
+        Some("application/x-www-form-urlencoded"),
+        br#"{"meta_data": {"BLNK_GENERATED_BY": "forged"}}"#,
+    ),
+    (Some("multipart/form-data; boundary=x"), b"--x\r\n\r\n--x--"),
+    (Some("application/json; charset=utf-16"), br#"{"a": 1}"#),
+    (Some("application/jsonp"), br#"{"a": 1}"#),
+    (Some("application/json, text/plain"), br#"{"a": 1}"#),
+    (None, br#"{"meta_data": {"BLNK_GENERATED_BY": "forged"}}"#),
+    (None, b"hello, not JSON"),
+    // A JSON media type, but not a JSON object the layer can stamp.
+    (Some(JSON), br#"{"meta_data": {}"#),
+    (Some(JSON), br#"{"a": 1} {"b": 2}"#),
+    (Some(JSON), br#"{"a": 01}"#),
+    (
+        Some(JSON),
+        br#"{"meta_data": {"BLNK_GENERATED_BY": "forged"},}"#,
+    ),
+    (
+        Some(JSON),
+        br#"[{"meta_data": {"BLNK_GENERATED_BY": "forged"}}]"#,
+    ),
+    (Some(JSON), br#" "meta_data" "#),
+    (Some(JSON), b"\xef\xbb\xbf{\"a\": 1}"),
+];
+
 #[tokio::test]
-async fn non_json_bodies_pass_through_untouched() {
+async fn unstampable_bodies_are_refused_with_415() {
     let fx = fixture().await;
-    let cases: [(Option<&str>, &[u8]); 7] = [
-        (Some("text/plain"), br#"{"meta_data": {}}"#),
-        (
-            Some("application/x-www-form-urlencoded"),
-            b"a=1&meta_data=2",
-        ),
-        (Some("multipart/form-data; boundary=x"), b"--x\r\n\r\n--x--"),
-        (Some(JSON), br#"{"meta_data": {}"#),
-        (Some(JSON), br#"{"a": 1} {"b": 2}"#),
-        (Some(JSON), br#"{"a": 01}"#),
-        (None, b"hello, not JSON"),
-    ];
-    for (content_type, body) in cases {
+    for (content_type, body) in UNSTAMPABLE {
         let answer = send(
             fx.app(Provenance::new()),
             request(Method::POST, Who::Scoped(&fx), content_type, body),
         )
         .await;
-        answer.assert_body(body);
+        answer.assert_unstampable();
+    }
+    for body in ["12345678901234567890123", "null", "true"] {
+        post_json(&fx, body).await.assert_unstampable();
     }
 }
 
 #[tokio::test]
-async fn a_json_object_without_content_type_is_stamped() {
+async fn unstampable_bodies_pass_through_untouched_when_asked() {
     let fx = fixture().await;
-    let answer = send(
-        fx.app(Provenance::new()),
-        request(Method::POST, Who::Scoped(&fx), None, br#"{"a":1}"#),
-    )
-    .await;
+    let passing = || Provenance::new().pass_through_unstampable(true);
+    for (content_type, body) in UNSTAMPABLE {
+        let answer = send(
+            fx.app(passing()),
+            request(Method::POST, Who::Scoped(&fx), content_type, body),
+        )
+        .await;
+        if content_type.is_none() && body.starts_with(b"{") {
+            // Without Content-Type a JSON object is still stamped: it is what a handler may read.
+            let expected = format!(r#"{{"meta_data": {{"BLNK_GENERATED_BY": "{}"}}}}"#, fx.id());
+            answer.assert_body(expected.as_bytes());
+        } else {
+            answer.assert_body(body);
+        }
+    }
+    let gzip = Request::post("/records")
+        .header("x-api-key", fx.key.expose_secret())
+        .header(CONTENT_TYPE, JSON)
+        .header(CONTENT_ENCODING, "gzip")
+        .header(CONTENT_LENGTH, 2)
+        .body(Body::from("{}"))
+        .unwrap();
+    send(fx.app(passing()), gzip).await.assert_body(b"{}");
+}
+
+#[tokio::test]
+async fn ambiguous_or_encoded_framing_is_refused_with_415() {
+    let fx = fixture().await;
+    let body = r#"{"meta_data": {"BLNK_GENERATED_BY": "forged"}}"#;
+    let cases: [&[(&str, &str)]; 9] = [
+        &[("content-type", JSON), ("content-type", "text/plain")],
+        &[("content-type", "text/plain"), ("content-type", JSON)],
+        &[("content-type", JSON), ("content-type", JSON)],
+        &[("content-type", JSON), ("content-encoding", "gzip")],
+        &[("content-type", JSON), ("content-encoding", "GZIP")],
+        &[
+            ("content-type", JSON),
+            ("content-encoding", "identity, gzip"),
+        ],
+        &[
+            ("content-type", JSON),
+            ("content-encoding", "identity"),
+            ("content-encoding", "br"),
+        ],
+        &[
+            ("content-type", JSON),
+            ("transfer-encoding", "gzip, chunked"),
+        ],
+        &[
+            ("content-type", JSON),
+            ("transfer-encoding", "chunked, chunked"),
+        ],
+    ];
+    for headers in cases {
+        let mut request = request(Method::POST, Who::Scoped(&fx), None, body.as_bytes());
+        for (name, value) in headers {
+            request.headers_mut().append(*name, value.parse().unwrap());
+        }
+        let answer = send(fx.app(Provenance::new()), request).await;
+        answer.assert_unstampable();
+    }
+}
+
+#[tokio::test]
+async fn odd_but_plain_json_framing_is_stamped() {
+    let fx = fixture().await;
+    let body = br#"{"a":1}"#;
     let expected = format!(
         r#"{{"a":1,"meta_data":{{"BLNK_GENERATED_BY":"{}"}}}}"#,
         fx.id()
     );
-    answer.assert_body(expected.as_bytes());
+    for headers in [
+        &[("content-type", "Application/JSON; Charset=\"UTF-8\"")][..],
+        &[("content-type", "application/vnd.api+json")],
+        &[("content-type", JSON), ("content-encoding", "identity")],
+        &[("content-type", JSON), ("transfer-encoding", "chunked")],
+    ] {
+        let mut request = request(Method::POST, Who::Scoped(&fx), None, body);
+        for (name, value) in headers {
+            request.headers_mut().append(*name, value.parse().unwrap());
+        }
+        send(fx.app(Provenance::new()), request)
+            .await
+            .assert_body(expected.as_bytes());
+    }
 }
 
 #[tokio::test]
-async fn other_top_level_values_pass_through_untouched() {
+async fn empty_bodies_go_on_unread() {
     let fx = fixture().await;
-    for body in [
-        r#"[{"meta_data": {}}]"#,
-        r#" "meta_data" "#,
-        "12345678901234567890123",
-        "null",
-    ] {
-        post_json(&fx, body).await.assert_body(body.as_bytes());
+    for content_type in [None, Some(JSON)] {
+        let answer = send(
+            fx.app(Provenance::new()),
+            request(Method::POST, Who::Scoped(&fx), content_type, b""),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert!(answer.handled);
+        assert!(answer.body.is_empty());
     }
+    // Streamed, so the layer reads it to learn it is empty.
+    let request = Request::post("/records")
+        .header("x-api-key", fx.key.expose_secret())
+        .body(Body::from_stream(stream::iter([Ok::<_, Infallible>(
+            Bytes::new(),
+        )])))
+        .unwrap();
+    let answer = send(fx.app(Provenance::new()), request).await;
+    assert!(answer.handled && answer.body.is_empty());
 }
 
 #[tokio::test]
@@ -495,23 +623,28 @@ async fn bodies_up_to_the_limit_are_stamped_and_larger_ones_refused() {
     .await;
     answer.assert_body(expected.as_bytes());
 
-    // Bodies the layer does not read are not limited by it.
+    // A body refused by its headers is refused before its size matters; passed through, it is
+    // not limited by the layer, which does not read it.
     let large_upload = vec![b'x'; LIMIT * 4];
-    let answer = send(
-        app(),
+    let upload = || {
         request(
             Method::POST,
             Who::Scoped(&fx),
             Some("application/octet-stream"),
             &large_upload,
-        ),
-    )
-    .await;
-    answer.assert_body(&large_upload);
+        )
+    };
+    send(app(), upload()).await.assert_unstampable();
+    let passing = fx.app(
+        Provenance::new()
+            .max_body_bytes(LIMIT)
+            .pass_through_unstampable(true),
+    );
+    send(passing, upload()).await.assert_body(&large_upload);
 }
 
 #[tokio::test]
-async fn invalid_utf8_passes_through_untouched() {
+async fn invalid_utf8_is_refused() {
     let fx = fixture().await;
     for body in [
         &b"{\"meta_data\": {}, \"name\": \"\xff\"}"[..],
@@ -522,7 +655,7 @@ async fn invalid_utf8_passes_through_untouched() {
             request(Method::POST, Who::Scoped(&fx), Some(JSON), body),
         )
         .await;
-        answer.assert_body(body);
+        answer.assert_unstampable();
     }
 }
 
@@ -537,6 +670,15 @@ async fn the_master_key_and_anonymous_requests_add_nothing() {
         )
         .await;
         answer.assert_body(body);
+        // Nor are they refused for bodies the layer could not stamp: it never reads theirs.
+        for (content_type, body) in UNSTAMPABLE {
+            let answer = send(
+                fx.app(Provenance::new()),
+                request(Method::POST, who, content_type, body),
+            )
+            .await;
+            answer.assert_body(body);
+        }
     }
     // Nor do they hit the body limit: the body is not read.
     let big = padded(100);
