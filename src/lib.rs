@@ -11,6 +11,7 @@ pub mod layer;
 pub mod manage;
 pub mod metrics;
 pub mod principal;
+#[cfg(feature = "provenance")]
 pub mod provenance;
 pub mod resolver;
 pub mod scope;
@@ -33,6 +34,7 @@ pub use key::{ApiKey, KeyDigest, KeyFormat, KeyId};
 pub use layer::{ApiKeyLayer, ApiKeyService, KeySource};
 pub use manage::KeyManager;
 pub use principal::{Principal, PrincipalKind};
+#[cfg(feature = "provenance")]
 pub use provenance::{Provenance, ProvenanceBody, ProvenanceService};
 pub use resolver::CachedResolver;
 pub use scope::{Scope, ScopeSet, is_valid_scope};
