@@ -24,6 +24,7 @@ use tower_api_keys::{
     ApiKey, ApiKeyLayer, AuthError, CachedResolver, KeyFormat, KeyId, KeyRecord, KeyStore,
     MemoryStore, Principal, Provenance, ProvenanceBody, ScopeSet,
 };
+use tower_http::decompression::RequestDecompressionLayer;
 
 const MASTER: &str = "master-key-for-provenance-tests-0123";
 const JSON: &str = "application/json";
@@ -1633,4 +1634,81 @@ fn forged_stamps_are_never_stored() {
     // Both outcomes are exercised, so the property is not vacuous.
     assert!(refused > FRAMING_CASES / 4, "{refused} refused");
     assert!(stored_some > FRAMING_CASES / 8, "{stored_some} stored");
+}
+
+// ---------------------------------------------------------------------------------------------
+// With tower-http's RequestDecompressionLayer.
+// ---------------------------------------------------------------------------------------------
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut encoder = GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(data).unwrap();
+    encoder.finish().unwrap()
+}
+
+/// A scoped key's gzip request to `/records`.
+fn gzip_request(fx: &Fixture, encodings: &[&str], body: Vec<u8>) -> Request<Body> {
+    let mut builder = Request::post("/records")
+        .header("x-api-key", fx.key.expose_secret())
+        .header(CONTENT_TYPE, JSON)
+        .header(CONTENT_LENGTH, body.len());
+    for encoding in encodings {
+        builder = builder.header(CONTENT_ENCODING, *encoding);
+    }
+    builder.body(Body::from(body)).unwrap()
+}
+
+/// Decompression outside `Provenance` decodes first and removes `Content-Encoding` (and the stale
+/// `Content-Length`): the layer then sees plain JSON and stamps it.
+#[tokio::test]
+async fn decompression_outside_the_layer_is_stamped() {
+    let fx = fixture().await;
+    let app = || {
+        Router::new()
+            .route("/records", post(echo))
+            .route_layer(Provenance::new())
+            .route_layer(RequestDecompressionLayer::new())
+            .layer(fx.auth_layer())
+    };
+    let forged = br#"{"amount":1,"meta_data":{"BLNK_GENERATED_BY":"forged"}}"#;
+    let answer = send(app(), gzip_request(&fx, &["gzip"], gzip(forged))).await;
+    let expected = format!(
+        r#"{{"amount":1,"meta_data":{{"BLNK_GENERATED_BY":"{}"}}}}"#,
+        fx.id()
+    );
+    answer.assert_body(expected.as_bytes());
+
+    // tower-http reads only the first Content-Encoding and removes them all: a body encoded twice
+    // reaches the layer still encoded once, so it is not JSON and is refused.
+    let twice = gzip(&gzip(forged));
+    let answer = send(app(), gzip_request(&fx, &["gzip", "gzip"], twice)).await;
+    answer.assert_unstampable();
+
+    // An encoding tower-http does not decode: it answers 415 itself (its own body), unless told to
+    // pass it through, and then this layer refuses it.
+    let answer = send(app(), gzip_request(&fx, &["br"], forged.to_vec())).await;
+    assert_eq!(answer.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert!(!answer.handled && answer.error.is_none());
+    let passing = Router::new()
+        .route("/records", post(echo))
+        .route_layer(Provenance::new())
+        .route_layer(RequestDecompressionLayer::new().pass_through_unaccepted(true))
+        .layer(fx.auth_layer());
+    let answer = send(passing, gzip_request(&fx, &["br"], forged.to_vec())).await;
+    answer.assert_unstampable();
+}
+
+/// Decompression inside `Provenance` (or in the handler) comes too late: the layer sees an encoded
+/// body, which it cannot stamp, and refuses it.
+#[tokio::test]
+async fn decompression_inside_the_layer_is_refused() {
+    let fx = fixture().await;
+    let app = Router::new()
+        .route("/records", post(echo))
+        .route_layer(RequestDecompressionLayer::new())
+        .route_layer(Provenance::new())
+        .layer(fx.auth_layer());
+    let forged = br#"{"meta_data":{"BLNK_GENERATED_BY":"forged"}}"#;
+    let answer = send(app, gzip_request(&fx, &["gzip"], gzip(forged))).await;
+    answer.assert_unstampable();
 }
