@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # API fuzzing: schemathesis against the example server's OpenAPI document (issue #8).
 #
-# Builds and starts `examples/server.rs` on a free 127.0.0.1 port with a throwaway SQLite database
+# Builds and starts `examples/server/` on a free 127.0.0.1 port with a throwaway SQLite database
 # and a random master key, creates a scoped key through the API, then runs schemathesis twice over
 # the whole document (/openapi.json): once with the master key, once with the scoped key. Every
 # check schemathesis has runs (see CHECKS below for the one left out and why). Exits non-zero on

@@ -74,6 +74,9 @@ pub enum ErrorCode {
     /// `REQUEST_INVALID_METADATA`: a JSON body's metadata field is not an object, so provenance
     /// cannot be stamped into it (400).
     InvalidMetadata,
+    /// `REQUEST_UNSUPPORTED_MEDIA_TYPE`: a stamped route got a body it cannot stamp (not a JSON
+    /// object by media type or content, an encoding, ambiguous framing headers) from a scoped key (415).
+    UnsupportedMediaType,
     /// `AUTH_UNAVAILABLE`: the key store cannot answer and nothing is cached (503).
     Unavailable,
 }
@@ -96,6 +99,7 @@ impl ErrorCode {
             Self::NotFound => "APIKEY_NOT_FOUND",
             Self::PayloadTooLarge => "REQUEST_BODY_TOO_LARGE",
             Self::InvalidMetadata => "REQUEST_INVALID_METADATA",
+            Self::UnsupportedMediaType => "REQUEST_UNSUPPORTED_MEDIA_TYPE",
             Self::Unavailable => "AUTH_UNAVAILABLE",
         }
     }
@@ -117,6 +121,7 @@ impl ErrorCode {
             Self::LimitReached => StatusCode::CONFLICT,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -133,7 +138,10 @@ impl ErrorCode {
             | Self::CrossOwnerAccess
             | Self::ScopeEscalation
             | Self::MasterKeyRequired => 7,
-            Self::OwnerRequired | Self::InvalidRequest | Self::InvalidMetadata => 3,
+            Self::OwnerRequired
+            | Self::InvalidRequest
+            | Self::InvalidMetadata
+            | Self::UnsupportedMediaType => 3,
             Self::LimitReached | Self::PayloadTooLarge => 8,
             Self::NotFound => 5,
             Self::Unavailable => 14,
@@ -253,6 +261,9 @@ pub enum AuthError {
     /// A JSON body's metadata field is not an object (provenance cannot be stamped).
     #[error("{0}")]
     InvalidMetadata(Cow<'static, str>),
+    /// A stamped route got a body it cannot stamp; the message says why (never echoing the body).
+    #[error("{0}")]
+    UnsupportedMediaType(Cow<'static, str>),
     /// The key store failed or timed out and nothing was cached. The store error is kept for logs;
     /// it is never shown to clients.
     #[error("authentication is temporarily unavailable")]
@@ -277,6 +288,7 @@ impl AuthError {
             Self::NotFound => ErrorCode::NotFound,
             Self::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
             Self::InvalidMetadata(_) => ErrorCode::InvalidMetadata,
+            Self::UnsupportedMediaType(_) => ErrorCode::UnsupportedMediaType,
             Self::Unavailable(_) => ErrorCode::Unavailable,
         }
     }
@@ -510,6 +522,7 @@ mod tests {
             NotFound,
             PayloadTooLarge,
             InvalidMetadata,
+            UnsupportedMediaType,
             Unavailable,
         ];
         let strings: std::collections::HashSet<_> = all.iter().map(|c| c.as_str()).collect();

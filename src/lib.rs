@@ -11,6 +11,7 @@ pub mod layer;
 pub mod manage;
 pub mod metrics;
 pub mod principal;
+#[cfg(feature = "provenance")]
 pub mod provenance;
 pub mod resolver;
 pub mod scope;

@@ -94,7 +94,7 @@ mod enabled {
                 MissingApiKey, InvalidApiKey, ExpiredApiKey, MissingPrincipal,
                 InsufficientPermissions, CrossOwnerAccess, ScopeEscalation, MasterKeyRequired,
                 OwnerRequired, InvalidRequest, LimitReached, NotFound, PayloadTooLarge,
-                InvalidMetadata, Unavailable,
+                InvalidMetadata, UnsupportedMediaType, Unavailable,
             )
         };
         (@ $name:expr, $code:expr; $($variant:ident),+ $(,)?) => {

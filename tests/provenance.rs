@@ -2,12 +2,17 @@
 //! `CachedResolver` over a `MemoryStore` holding one scoped key, plus the master key.
 
 use std::convert::Infallible;
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
+use axum::extract::State;
 use axum::routing::post;
+use flate2::read::GzDecoder;
+use flate2::write::GzEncoder;
 use futures_util::stream;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
+use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
 use proptest::prelude::*;
@@ -23,6 +28,7 @@ use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::scope::ScopeSet;
 use tower_api_keys::store::KeyLimits;
 use tower_api_keys::store::{KeyRecord, KeyStore, MemoryStore};
+use tower_http::decompression::RequestDecompressionLayer;
 
 const MASTER: &str = "master-key-for-provenance-tests-0123";
 const JSON: &str = "application/json";
@@ -333,57 +339,185 @@ async fn non_object_metadata_is_a_400() {
     }
 }
 
+impl Answer {
+    /// Asserts the layer refused the request with 415 before the handler ran.
+    fn assert_unstampable(&self) {
+        assert_eq!(
+            self.status,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{:?}",
+            self.body
+        );
+        assert!(!self.handled, "the handler must not run");
+        assert_eq!(self.code(), "REQUEST_UNSUPPORTED_MEDIA_TYPE");
+        assert_eq!(
+            self.error.as_ref().map(AuthError::code),
+            Some(ErrorCode::UnsupportedMediaType)
+        );
+    }
+}
+
+/// Bodies a scoped key sends that the layer cannot stamp: refused by default, passed through
+/// untouched with `pass_through_unstampable(true)`.
+const UNSTAMPABLE: [(Option<&str>, &[u8]); 15] = [
+    (
+        Some("text/plain"),
+        br#"{"meta_data": {"BLNK_GENERATED_BY": "forged"}}"#,
+    ),
+    (
+        Some("application/x-www-form-urlencoded"),
+        br#"{"meta_data": {"BLNK_GENERATED_BY": "forged"}}"#,
+    ),
+    (Some("multipart/form-data; boundary=x"), b"--x\r\n\r\n--x--"),
+    (Some("application/json; charset=utf-16"), br#"{"a": 1}"#),
+    (Some("application/jsonp"), br#"{"a": 1}"#),
+    (Some("application/json, text/plain"), br#"{"a": 1}"#),
+    (None, br#"{"meta_data": {"BLNK_GENERATED_BY": "forged"}}"#),
+    (None, b"hello, not JSON"),
+    // A JSON media type, but not a JSON object the layer can stamp.
+    (Some(JSON), br#"{"meta_data": {}"#),
+    (Some(JSON), br#"{"a": 1} {"b": 2}"#),
+    (Some(JSON), br#"{"a": 01}"#),
+    (
+        Some(JSON),
+        br#"{"meta_data": {"BLNK_GENERATED_BY": "forged"},}"#,
+    ),
+    (
+        Some(JSON),
+        br#"[{"meta_data": {"BLNK_GENERATED_BY": "forged"}}]"#,
+    ),
+    (Some(JSON), br#" "meta_data" "#),
+    (Some(JSON), b"\xef\xbb\xbf{\"a\": 1}"),
+];
+
 #[tokio::test]
-async fn non_json_bodies_pass_through_untouched() {
+async fn unstampable_bodies_are_refused_with_415() {
     let fx = fixture().await;
-    let cases: [(Option<&str>, &[u8]); 7] = [
-        (Some("text/plain"), br#"{"meta_data": {}}"#),
-        (
-            Some("application/x-www-form-urlencoded"),
-            b"a=1&meta_data=2",
-        ),
-        (Some("multipart/form-data; boundary=x"), b"--x\r\n\r\n--x--"),
-        (Some(JSON), br#"{"meta_data": {}"#),
-        (Some(JSON), br#"{"a": 1} {"b": 2}"#),
-        (Some(JSON), br#"{"a": 01}"#),
-        (None, b"hello, not JSON"),
-    ];
-    for (content_type, body) in cases {
+    for (content_type, body) in UNSTAMPABLE {
         let answer = send(
             fx.app(Provenance::new()),
             request(Method::POST, Who::Scoped(&fx), content_type, body),
         )
         .await;
-        answer.assert_body(body);
+        answer.assert_unstampable();
+    }
+    for body in ["12345678901234567890123", "null", "true"] {
+        post_json(&fx, body).await.assert_unstampable();
     }
 }
 
 #[tokio::test]
-async fn a_json_object_without_content_type_is_stamped() {
+async fn unstampable_bodies_pass_through_untouched_when_asked() {
     let fx = fixture().await;
-    let answer = send(
-        fx.app(Provenance::new()),
-        request(Method::POST, Who::Scoped(&fx), None, br#"{"a":1}"#),
-    )
-    .await;
+    let passing = || Provenance::new().pass_through_unstampable(true);
+    for (content_type, body) in UNSTAMPABLE {
+        let answer = send(
+            fx.app(passing()),
+            request(Method::POST, Who::Scoped(&fx), content_type, body),
+        )
+        .await;
+        if content_type.is_none() && body.starts_with(b"{") {
+            // Without Content-Type a JSON object is still stamped: it is what a handler may read.
+            let expected = format!(r#"{{"meta_data": {{"BLNK_GENERATED_BY": "{}"}}}}"#, fx.id());
+            answer.assert_body(expected.as_bytes());
+        } else {
+            answer.assert_body(body);
+        }
+    }
+    let gzip = Request::post("/records")
+        .header("x-api-key", fx.key.expose_secret())
+        .header(CONTENT_TYPE, JSON)
+        .header(CONTENT_ENCODING, "gzip")
+        .header(CONTENT_LENGTH, 2)
+        .body(Body::from("{}"))
+        .unwrap();
+    send(fx.app(passing()), gzip).await.assert_body(b"{}");
+}
+
+#[tokio::test]
+async fn ambiguous_or_encoded_framing_is_refused_with_415() {
+    let fx = fixture().await;
+    let body = r#"{"meta_data": {"BLNK_GENERATED_BY": "forged"}}"#;
+    let cases: [&[(&str, &str)]; 9] = [
+        &[("content-type", JSON), ("content-type", "text/plain")],
+        &[("content-type", "text/plain"), ("content-type", JSON)],
+        &[("content-type", JSON), ("content-type", JSON)],
+        &[("content-type", JSON), ("content-encoding", "gzip")],
+        &[("content-type", JSON), ("content-encoding", "GZIP")],
+        &[
+            ("content-type", JSON),
+            ("content-encoding", "identity, gzip"),
+        ],
+        &[
+            ("content-type", JSON),
+            ("content-encoding", "identity"),
+            ("content-encoding", "br"),
+        ],
+        &[
+            ("content-type", JSON),
+            ("transfer-encoding", "gzip, chunked"),
+        ],
+        &[
+            ("content-type", JSON),
+            ("transfer-encoding", "chunked, chunked"),
+        ],
+    ];
+    for headers in cases {
+        let mut request = request(Method::POST, Who::Scoped(&fx), None, body.as_bytes());
+        for (name, value) in headers {
+            request.headers_mut().append(*name, value.parse().unwrap());
+        }
+        let answer = send(fx.app(Provenance::new()), request).await;
+        answer.assert_unstampable();
+    }
+}
+
+#[tokio::test]
+async fn odd_but_plain_json_framing_is_stamped() {
+    let fx = fixture().await;
+    let body = br#"{"a":1}"#;
     let expected = format!(
         r#"{{"a":1,"meta_data":{{"BLNK_GENERATED_BY":"{}"}}}}"#,
         fx.id()
     );
-    answer.assert_body(expected.as_bytes());
+    for headers in [
+        &[("content-type", "Application/JSON; Charset=\"UTF-8\"")][..],
+        &[("content-type", "application/vnd.api+json")],
+        &[("content-type", JSON), ("content-encoding", "identity")],
+        &[("content-type", JSON), ("transfer-encoding", "chunked")],
+    ] {
+        let mut request = request(Method::POST, Who::Scoped(&fx), None, body);
+        for (name, value) in headers {
+            request.headers_mut().append(*name, value.parse().unwrap());
+        }
+        send(fx.app(Provenance::new()), request)
+            .await
+            .assert_body(expected.as_bytes());
+    }
 }
 
 #[tokio::test]
-async fn other_top_level_values_pass_through_untouched() {
+async fn empty_bodies_go_on_unread() {
     let fx = fixture().await;
-    for body in [
-        r#"[{"meta_data": {}}]"#,
-        r#" "meta_data" "#,
-        "12345678901234567890123",
-        "null",
-    ] {
-        post_json(&fx, body).await.assert_body(body.as_bytes());
+    for content_type in [None, Some(JSON)] {
+        let answer = send(
+            fx.app(Provenance::new()),
+            request(Method::POST, Who::Scoped(&fx), content_type, b""),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert!(answer.handled);
+        assert!(answer.body.is_empty());
     }
+    // Streamed, so the layer reads it to learn it is empty.
+    let request = Request::post("/records")
+        .header("x-api-key", fx.key.expose_secret())
+        .body(Body::from_stream(stream::iter([Ok::<_, Infallible>(
+            Bytes::new(),
+        )])))
+        .unwrap();
+    let answer = send(fx.app(Provenance::new()), request).await;
+    assert!(answer.handled && answer.body.is_empty());
 }
 
 #[tokio::test]
@@ -499,23 +633,28 @@ async fn bodies_up_to_the_limit_are_stamped_and_larger_ones_refused() {
     .await;
     answer.assert_body(expected.as_bytes());
 
-    // Bodies the layer does not read are not limited by it.
+    // A body refused by its headers is refused before its size matters; passed through, it is
+    // not limited by the layer, which does not read it.
     let large_upload = vec![b'x'; LIMIT * 4];
-    let answer = send(
-        app(),
+    let upload = || {
         request(
             Method::POST,
             Who::Scoped(&fx),
             Some("application/octet-stream"),
             &large_upload,
-        ),
-    )
-    .await;
-    answer.assert_body(&large_upload);
+        )
+    };
+    send(app(), upload()).await.assert_unstampable();
+    let passing = fx.app(
+        Provenance::new()
+            .max_body_bytes(LIMIT)
+            .pass_through_unstampable(true),
+    );
+    send(passing, upload()).await.assert_body(&large_upload);
 }
 
 #[tokio::test]
-async fn invalid_utf8_passes_through_untouched() {
+async fn invalid_utf8_is_refused() {
     let fx = fixture().await;
     for body in [
         &b"{\"meta_data\": {}, \"name\": \"\xff\"}"[..],
@@ -526,7 +665,7 @@ async fn invalid_utf8_passes_through_untouched() {
             request(Method::POST, Who::Scoped(&fx), Some(JSON), body),
         )
         .await;
-        answer.assert_body(body);
+        answer.assert_unstampable();
     }
 }
 
@@ -541,6 +680,15 @@ async fn the_master_key_and_anonymous_requests_add_nothing() {
         )
         .await;
         answer.assert_body(body);
+        // Nor are they refused for bodies the layer could not stamp: it never reads theirs.
+        for (content_type, body) in UNSTAMPABLE {
+            let answer = send(
+                fx.app(Provenance::new()),
+                request(Method::POST, who, content_type, body),
+            )
+            .await;
+            answer.assert_body(body);
+        }
     }
     // Nor do they hit the body limit: the body is not read.
     let big = padded(100);
@@ -1171,4 +1319,400 @@ fn edge_cases_serde_json_accepts_are_stamped() {
     // serde_json refuses a byte-order mark, so the scanner may too (the body passes untouched and
     // the handler refuses it).
     assert!(serde_json::from_slice::<serde_json::Value>(b"\xef\xbb\xbf{}").is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Property: whatever the framing (Content-Type, Content-Encoding, Transfer-Encoding, body), a
+// scoped key's request is refused with nothing stored, or every record stored carries its key id;
+// even behind a handler that believes anything it is sent.
+// ---------------------------------------------------------------------------------------------
+
+/// The raw JSON text of every record a handler stored.
+#[derive(Clone, Default)]
+struct Stored(Arc<Mutex<Vec<Vec<u8>>>>);
+
+/// A credulous handler: it decompresses the body if any `Content-Encoding` header mentions gzip (in
+/// any case), decodes UTF-16 if any `Content-Type` mentions it, skips a byte order mark, parses
+/// JSON with serde_json whatever the media type, and stores every object it finds (an array's
+/// elements too). The layer must leave it nothing forged to store.
+async fn credulous(State(stored): State<Stored>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let mentions = |name, word: &str| {
+        headers.get_all(name).iter().any(|value| {
+            String::from_utf8_lossy(value.as_bytes())
+                .to_ascii_lowercase()
+                .contains(word)
+        })
+    };
+    let mut bytes = body.to_vec();
+    if mentions(CONTENT_ENCODING, "gzip") {
+        let mut plain = Vec::new();
+        if GzDecoder::new(&bytes[..]).read_to_end(&mut plain).is_ok() {
+            bytes = plain;
+        }
+    }
+    let text = if mentions(CONTENT_TYPE, "utf-16") {
+        let units: Vec<u16> = bytes
+            .chunks(2)
+            .map(|pair| u16::from_le_bytes([pair[0], *pair.get(1).unwrap_or(&0)]))
+            .collect();
+        String::from_utf16_lossy(&units)
+    } else {
+        match String::from_utf8(bytes) {
+            Ok(text) => text,
+            Err(_) => return StatusCode::BAD_REQUEST,
+        }
+    };
+    let text = text.trim_start_matches('\u{feff}');
+    let records: Vec<String> = match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Object(_)) => vec![text.to_owned()],
+        Ok(serde_json::Value::Array(_)) => {
+            match serde_json::from_str::<Vec<Box<serde_json::value::RawValue>>>(text) {
+                Ok(items) => items.iter().map(|raw| raw.get().to_owned()).collect(),
+                Err(_) => return StatusCode::BAD_REQUEST,
+            }
+        }
+        _ => return StatusCode::BAD_REQUEST,
+    };
+    let mut stored = stored.0.lock().unwrap();
+    for record in records.into_iter().filter(|r| r.starts_with('{')) {
+        stored.push(record.into_bytes());
+    }
+    StatusCode::CREATED
+}
+
+/// Whether `raw` (a JSON object) carries exactly `id` as its stamp, read the way any parser could:
+/// every metadata member (duplicates included) is an object whose every stamp member is `id`.
+fn stamp_is(raw: &[u8], id: &str) -> Result<(), String> {
+    let lossy = || String::from_utf8_lossy(raw).into_owned();
+    let J::Obj(members) = Parser::parse(raw) else {
+        return Err(format!("not an object: {}", lossy()));
+    };
+    let metas: Vec<&J> = members
+        .iter()
+        .filter(|(k, _)| k == META)
+        .map(|(_, v)| v)
+        .collect();
+    if metas.is_empty() {
+        return Err(format!("no metadata: {}", lossy()));
+    }
+    for meta in metas {
+        let J::Obj(inner) = meta else {
+            return Err(format!("metadata not an object: {}", lossy()));
+        };
+        let stamps: Vec<&J> = inner
+            .iter()
+            .filter(|(k, _)| k == STAMP)
+            .map(|(_, v)| v)
+            .collect();
+        if stamps.is_empty() || stamps.iter().any(|s| **s != J::Str(id.to_owned())) {
+            return Err(format!("stamp is not {id}: {}", lossy()));
+        }
+    }
+    Ok(())
+}
+
+/// Content types, odd ones included (casing, whitespace, parameters, lists, near misses). The
+/// first six are accepted.
+const CONTENT_TYPES: [&str; 18] = [
+    "application/json",
+    "APPLICATION/JSON",
+    "Application/Json ; charset=UTF-8",
+    " application/json",
+    "application/json\t",
+    "application/json; charset=\"utf-8\"",
+    "application/json;charset=utf-16",
+    "application/json; profile=x",
+    "application/vnd.blnk+json",
+    "application/+json",
+    "application/jsonp",
+    "application/json, text/plain",
+    "text/plain",
+    "text/json",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data; boundary=x",
+    "application /json",
+    "",
+];
+
+const CONTENT_ENCODINGS: [&str; 11] = [
+    "identity",
+    "IDENTITY",
+    " identity ",
+    "gzip",
+    "GZIP",
+    "x-gzip",
+    " gzip",
+    "identity, gzip",
+    "gzip, identity",
+    "br",
+    "",
+];
+
+const TRANSFER_ENCODINGS: [&str; 4] = ["chunked", "CHUNKED", "gzip, chunked", "identity"];
+
+/// Bodies that try to carry a forged stamp, and some that are just JSON.
+const BODIES: [&str; 12] = [
+    r#"{"meta_data":{"BLNK_GENERATED_BY":"forged"}}"#,
+    r#"{"meta\u005fdata":{"BLNK_GENERATED\u005fBY":"forged"}}"#,
+    r#"{"meta_data":{"BLNK_GENERATED_BY":"forged"},"meta_data":{"BLNK_GENERATED_BY":"forged2"}}"#,
+    r#"{"meta_data":{"BLNK_GENERATED_BY":"forged","BLNK_GENERATED_BY":"forged2"}}"#,
+    r#"{"meta_data":null,"amount":12345678901234567890123}"#,
+    r#"{"name":"cash"}"#,
+    r#"{"meta_data":"forged"}"#,
+    r#"{"meta_data":{"BLNK_GENERATED_BY":"forged"},}"#,
+    r#"{"meta_data":{"BLNK_GENERATED_BY":"forged"}} {"x":1}"#,
+    r#"meta_data={"BLNK_GENERATED_BY":"forged"}"#,
+    "",
+    "  ",
+];
+
+/// How a body is put on the wire.
+#[derive(Clone, Copy, Debug)]
+enum Wire {
+    Plain,
+    Gzip,
+    Utf16,
+    ByteOrderMark,
+    InArray,
+    Padded,
+}
+
+fn encode(body: &str, wire: Wire) -> Vec<u8> {
+    match wire {
+        Wire::Plain => body.as_bytes().to_vec(),
+        Wire::Gzip => {
+            let mut encoder = GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            encoder.write_all(body.as_bytes()).unwrap();
+            encoder.finish().unwrap()
+        }
+        Wire::Utf16 => body.encode_utf16().flat_map(u16::to_le_bytes).collect(),
+        Wire::ByteOrderMark => [&b"\xef\xbb\xbf"[..], body.as_bytes()].concat(),
+        Wire::InArray => format!("[{body}]").into_bytes(),
+        Wire::Padded => format!("\r\n {body}\t\n").into_bytes(),
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Framing {
+    content_types: Vec<&'static str>,
+    content_encodings: Vec<&'static str>,
+    transfer_encoding: Option<&'static str>,
+    body: String,
+    wire: Wire,
+    streamed: bool,
+}
+
+fn arb_framing() -> impl Strategy<Value = Framing> {
+    let content_types = prop_oneof![
+        1 => Just(vec![]),
+        12 => prop::sample::select(&CONTENT_TYPES[..6]).prop_map(|t| vec![t]),
+        4 => prop::sample::select(&CONTENT_TYPES[..]).prop_map(|t| vec![t]),
+        2 => prop::collection::vec(prop::sample::select(&CONTENT_TYPES[..]), 2..=3),
+    ];
+    let content_encodings = prop_oneof![
+        12 => Just(vec![]),
+        3 => prop::sample::select(&CONTENT_ENCODINGS[..]).prop_map(|e| vec![e]),
+        1 => prop::collection::vec(prop::sample::select(&CONTENT_ENCODINGS[..]), 2..=2),
+    ];
+    let transfer_encoding = prop_oneof![
+        8 => Just(None),
+        1 => prop::sample::select(&TRANSFER_ENCODINGS[..]).prop_map(Some),
+    ];
+    let body = prop_oneof![
+        1 => prop::sample::select(&BODIES[..]).prop_map(str::to_owned),
+        1 => (arb_document(), prop::collection::vec(any::<u8>(), 1..16)).prop_map(|(doc, seed)| {
+            let mut text = String::new();
+            Style { seed: &seed, at: 0 }.render(&doc, &mut text);
+            text
+        }),
+    ];
+    let wire = prop_oneof![
+        16 => Just(Wire::Plain),
+        2 => Just(Wire::Gzip),
+        1 => Just(Wire::Utf16),
+        1 => Just(Wire::ByteOrderMark),
+        1 => Just(Wire::InArray),
+        1 => Just(Wire::Padded),
+    ];
+    (
+        content_types,
+        content_encodings,
+        transfer_encoding,
+        body,
+        wire,
+        any::<bool>(),
+    )
+        .prop_map(
+            |(content_types, content_encodings, transfer_encoding, body, wire, streamed)| Framing {
+                content_types,
+                content_encodings,
+                transfer_encoding,
+                body,
+                wire,
+                streamed,
+            },
+        )
+}
+
+impl Framing {
+    fn request(&self, key: &ApiKey) -> Request<Body> {
+        let bytes = encode(&self.body, self.wire);
+        let mut builder = Request::post("/records").header("x-api-key", key.expose_secret());
+        for value in &self.content_types {
+            builder = builder.header(CONTENT_TYPE, *value);
+        }
+        for value in &self.content_encodings {
+            builder = builder.header(CONTENT_ENCODING, *value);
+        }
+        if let Some(value) = self.transfer_encoding {
+            builder = builder.header(TRANSFER_ENCODING, value);
+        }
+        let body = if self.streamed {
+            let (head, tail) = bytes.split_at(bytes.len() / 2);
+            let chunks = [Bytes::copy_from_slice(head), Bytes::copy_from_slice(tail)];
+            Body::from_stream(stream::iter(chunks.map(Ok::<_, Infallible>)))
+        } else {
+            builder = builder.header(CONTENT_LENGTH, bytes.len());
+            Body::from(bytes)
+        };
+        builder.body(body).unwrap()
+    }
+}
+
+/// Cases of `forged_stamps_are_never_stored`; the test prints how long they took.
+const FRAMING_CASES: u32 = 2048;
+
+#[test]
+fn forged_stamps_are_never_stored() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let fx = runtime.block_on(fixture());
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: FRAMING_CASES,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    let (refused, stored_some) = (std::cell::Cell::new(0u32), std::cell::Cell::new(0u32));
+    let started = std::time::Instant::now();
+    runner
+        .run(&arb_framing(), |framing| {
+            let stored = Stored::default();
+            let app = Router::new()
+                .route("/records", post(credulous))
+                .route_layer(Provenance::new())
+                .with_state(stored.clone())
+                .layer(fx.auth_layer());
+            let response = runtime
+                .block_on(app.oneshot(framing.request(&fx.key)))
+                .unwrap();
+            let status = response.status();
+            let stored = stored.0.lock().unwrap();
+            if !status.is_success() {
+                prop_assert!(
+                    stored.is_empty(),
+                    "refused ({status}) but stored {stored:?}"
+                );
+                refused.set(refused.get() + 1);
+                if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+                    let error = response
+                        .extensions()
+                        .get::<AuthError>()
+                        .map(AuthError::code);
+                    prop_assert_eq!(error, Some(ErrorCode::UnsupportedMediaType));
+                }
+            }
+            for record in stored.iter() {
+                stamp_is(record, fx.id()).map_err(TestCaseError::fail)?;
+            }
+            stored_some.set(stored_some.get() + u32::from(!stored.is_empty()));
+            Ok(())
+        })
+        .unwrap();
+    let (refused, stored_some) = (refused.get(), stored_some.get());
+    eprintln!(
+        "{FRAMING_CASES} framings in {:?}: {refused} refused, {stored_some} stored a record",
+        started.elapsed()
+    );
+    // Both outcomes are exercised, so the property is not vacuous.
+    assert!(refused > FRAMING_CASES / 4, "{refused} refused");
+    assert!(stored_some > FRAMING_CASES / 8, "{stored_some} stored");
+}
+
+// ---------------------------------------------------------------------------------------------
+// With tower-http's RequestDecompressionLayer.
+// ---------------------------------------------------------------------------------------------
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut encoder = GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(data).unwrap();
+    encoder.finish().unwrap()
+}
+
+/// A scoped key's gzip request to `/records`.
+fn gzip_request(fx: &Fixture, encodings: &[&str], body: Vec<u8>) -> Request<Body> {
+    let mut builder = Request::post("/records")
+        .header("x-api-key", fx.key.expose_secret())
+        .header(CONTENT_TYPE, JSON)
+        .header(CONTENT_LENGTH, body.len());
+    for encoding in encodings {
+        builder = builder.header(CONTENT_ENCODING, *encoding);
+    }
+    builder.body(Body::from(body)).unwrap()
+}
+
+/// Decompression outside `Provenance` decodes first and removes `Content-Encoding` (and the stale
+/// `Content-Length`): the layer then sees plain JSON and stamps it.
+#[tokio::test]
+async fn decompression_outside_the_layer_is_stamped() {
+    let fx = fixture().await;
+    let app = || {
+        Router::new()
+            .route("/records", post(echo))
+            .route_layer(Provenance::new())
+            .route_layer(RequestDecompressionLayer::new())
+            .layer(fx.auth_layer())
+    };
+    let forged = br#"{"amount":1,"meta_data":{"BLNK_GENERATED_BY":"forged"}}"#;
+    let answer = send(app(), gzip_request(&fx, &["gzip"], gzip(forged))).await;
+    let expected = format!(
+        r#"{{"amount":1,"meta_data":{{"BLNK_GENERATED_BY":"{}"}}}}"#,
+        fx.id()
+    );
+    answer.assert_body(expected.as_bytes());
+
+    // tower-http reads only the first Content-Encoding and removes them all: a body encoded twice
+    // reaches the layer still encoded once, so it is not JSON and is refused.
+    let twice = gzip(&gzip(forged));
+    let answer = send(app(), gzip_request(&fx, &["gzip", "gzip"], twice)).await;
+    answer.assert_unstampable();
+
+    // An encoding tower-http does not decode: it answers 415 itself (its own body), unless told to
+    // pass it through, and then this layer refuses it.
+    let answer = send(app(), gzip_request(&fx, &["br"], forged.to_vec())).await;
+    assert_eq!(answer.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert!(!answer.handled && answer.error.is_none());
+    let passing = Router::new()
+        .route("/records", post(echo))
+        .route_layer(Provenance::new())
+        .route_layer(RequestDecompressionLayer::new().pass_through_unaccepted(true))
+        .layer(fx.auth_layer());
+    let answer = send(passing, gzip_request(&fx, &["br"], forged.to_vec())).await;
+    answer.assert_unstampable();
+}
+
+/// Decompression inside `Provenance` (or in the handler) comes too late: the layer sees an encoded
+/// body, which it cannot stamp, and refuses it.
+#[tokio::test]
+async fn decompression_inside_the_layer_is_refused() {
+    let fx = fixture().await;
+    let app = Router::new()
+        .route("/records", post(echo))
+        .route_layer(RequestDecompressionLayer::new())
+        .route_layer(Provenance::new())
+        .layer(fx.auth_layer());
+    let forged = br#"{"meta_data":{"BLNK_GENERATED_BY":"forged"}}"#;
+    let answer = send(app, gzip_request(&fx, &["gzip"], gzip(forged))).await;
+    answer.assert_unstampable();
 }

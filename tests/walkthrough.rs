@@ -1,7 +1,7 @@
-//! The README walkthrough, replayed over real HTTP against `examples/server.rs` on a temporary SQLite file.
+//! The README walkthrough, replayed over real HTTP against `examples/server/` on a temporary SQLite file.
 
 #[allow(dead_code)]
-#[path = "../examples/server.rs"]
+#[path = "../examples/server/main.rs"]
 mod server;
 
 use std::path::PathBuf;

@@ -167,6 +167,7 @@ pub(crate) struct Config {
     pub(crate) methods: Vec<Method>,
     pub(crate) fields: Fields,
     pub(crate) max_body_bytes: usize,
+    pub(crate) pass_through_unstampable: bool,
 }
 
 impl<R> fmt::Debug for Provenance<R> {
@@ -176,6 +177,10 @@ impl<R> fmt::Debug for Provenance<R> {
             .field("metadata_field", &self.config.fields.meta)
             .field("stamp_field", &self.config.fields.stamp)
             .field("max_body_bytes", &self.config.max_body_bytes)
+            .field(
+                "pass_through_unstampable",
+                &self.config.pass_through_unstampable,
+            )
             .finish_non_exhaustive()
     }
 }
@@ -187,6 +192,7 @@ impl Default for Provenance {
                 methods: vec![Method::POST],
                 fields: Fields::new(DEFAULT_METADATA_FIELD, DEFAULT_STAMP_FIELD),
                 max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+                pass_through_unstampable: false,
             }),
             rejection: JsonRejection::default(),
         }
@@ -231,6 +237,23 @@ impl<R> Provenance<R> {
     /// handler's own limit that headroom: axum's `DefaultBodyLimit` is also 2 MiB by default.
     pub fn max_body_bytes(mut self, limit: usize) -> Self {
         self.config_mut().max_body_bytes = limit;
+        self
+    }
+
+    /// Passes bodies the layer cannot stamp to the inner service unread and unstamped, instead of
+    /// refusing them with 415 `REQUEST_UNSUPPORTED_MEDIA_TYPE` (the default, `false`).
+    ///
+    /// # Danger
+    ///
+    /// With this on, a scoped key can forge the stamp. The layer cannot tell what the handler will
+    /// make of a body it could not stamp: a handler that parses JSON out of a `text/plain` or form
+    /// body, decompresses a `Content-Encoding: gzip` body itself, reads the second of two
+    /// `Content-Type` headers, or accepts a JSON array, stores whatever `BLNK_GENERATED_BY` the
+    /// client wrote. Turn it on only for routes whose handler refuses such bodies itself (axum's
+    /// `Json` extractor refuses a non-JSON media type, but not an encoded body, and any JSON value
+    /// when asked for one) or records the creator itself from the [`Principal`].
+    pub fn pass_through_unstampable(mut self, pass_through: bool) -> Self {
+        self.config_mut().pass_through_unstampable = pass_through;
         self
     }
 

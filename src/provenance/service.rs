@@ -1,10 +1,11 @@
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderValue, Request, Response};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tower_service::Service;
@@ -48,39 +49,121 @@ impl<S, R> ProvenanceService<S, R> {
         if !self.config.methods.contains(req.method()) {
             return None;
         }
-        let key_id = req.extensions().get::<Principal>()?.provenance_id()?;
-        may_be_json(req.headers()).then(|| key_id.clone())
+        req.extensions()
+            .get::<Principal>()?
+            .provenance_id()
+            .cloned()
     }
 }
 
-/// Whether the body may be JSON that we can read: a JSON media type (or none), not encoded.
-fn may_be_json(headers: &HeaderMap) -> bool {
-    if headers
-        .get_all(CONTENT_ENCODING)
-        .iter()
-        .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
-    {
-        return false;
+/// What the headers of a request to stamp declare about its body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Declared {
+    /// One JSON media type (with at most a `charset=utf-8`), no content coding.
+    Json,
+    /// No `Content-Type`: only an empty body is accepted (a JSON object is stamped when the layer
+    /// passes unstampable bodies through).
+    Nothing,
+}
+
+/// Why the headers rule out stamping. Each is the message of the 415; none echoes a header value.
+const TWO_CONTENT_TYPES: &str = "more than one Content-Type header: this route takes one JSON body, to record the key that \
+     creates it";
+const NOT_JSON: &str = "this route takes JSON only (to record the key that creates a record): \
+     Content-Type application/json or application/*+json, with no parameter but charset=utf-8";
+const ENCODED: &str = "this route cannot record the key that creates a record in an encoded body: \
+     send it without Content-Encoding";
+const TWO_ENCODINGS: &str = "more than one Content-Encoding header: this route takes an \
+     unencoded JSON body, to record the key that creates it";
+const TRANSFER_CODING: &str = "Transfer-Encoding other than chunked: this route takes a JSON body \
+     it can read as sent, to record the key that creates it";
+const NO_CONTENT_TYPE: &str = "a body without Content-Type: this route takes JSON only (to record \
+     the key that creates a record); send Content-Type: application/json";
+const NOT_AN_OBJECT: &str = "the body is not a UTF-8 JSON object: this route records the key that \
+     creates a record in a JSON object only";
+
+/// The one rule for which bodies the layer can stamp, judged from the headers alone: at most one
+/// `Content-Type`, a JSON one; no content coding but `identity` (in one header); no transfer coding
+/// but `chunked` (in one header).
+fn declared(headers: &HeaderMap) -> Result<Declared, &'static str> {
+    match one(headers, &CONTENT_ENCODING) {
+        Ok(None) => {}
+        Ok(Some(coding)) if trim_ows(coding.as_bytes()).eq_ignore_ascii_case(b"identity") => {}
+        Ok(Some(_)) => return Err(ENCODED),
+        Err(()) => return Err(TWO_ENCODINGS),
     }
-    match headers.get(CONTENT_TYPE) {
-        None => true,
-        Some(value) => value.to_str().is_ok_and(is_json_media_type),
+    match one(headers, &TRANSFER_ENCODING) {
+        Ok(None) => {}
+        Ok(Some(coding)) if trim_ows(coding.as_bytes()).eq_ignore_ascii_case(b"chunked") => {}
+        _ => return Err(TRANSFER_CODING),
+    }
+    match one(headers, &CONTENT_TYPE) {
+        Ok(None) => Ok(Declared::Nothing),
+        Ok(Some(value)) if is_json_media_type(value.as_bytes()) => Ok(Declared::Json),
+        Ok(Some(_)) => Err(NOT_JSON),
+        Err(()) => Err(TWO_CONTENT_TYPES),
     }
 }
 
-/// `application/json` or `application/<anything>+json`, with any parameters.
-fn is_json_media_type(value: &str) -> bool {
-    let essence = value.split(';').next().unwrap_or_default().trim();
-    let Some((kind, subtype)) = essence.split_once('/') else {
+/// The header's value if it appears at most once; `Err` if it appears more than once.
+fn one<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Result<Option<&'a HeaderValue>, ()> {
+    let mut values = headers.get_all(name).iter();
+    match (values.next(), values.next()) {
+        (first, None) => Ok(first),
+        (Some(_), Some(_)) | (None, Some(_)) => Err(()),
+    }
+}
+
+/// `application/json` or `application/<name>+json` (case-insensitive), optionally with one
+/// `charset=utf-8` parameter; nothing else (RFC 9110 media type syntax, strictly).
+fn is_json_media_type(value: &[u8]) -> bool {
+    let mut parts = trim_ows(value).split(|&b| b == b';');
+    let essence = trim_ows(parts.next().unwrap_or_default());
+    let Some(slash) = essence.iter().position(|&b| b == b'/') else {
         return false;
     };
-    kind.eq_ignore_ascii_case("application")
-        && (subtype.eq_ignore_ascii_case("json")
-            || subtype
-                .len()
-                .checked_sub(5)
-                .and_then(|at| subtype.get(at..))
-                .is_some_and(|suffix| suffix.eq_ignore_ascii_case("+json")))
+    let (kind, subtype) = (&essence[..slash], &essence[slash + 1..]);
+    if !is_token(kind) || !is_token(subtype) || !kind.eq_ignore_ascii_case(b"application") {
+        return false;
+    }
+    let json = subtype.eq_ignore_ascii_case(b"json")
+        || subtype.len() > 5 && subtype[subtype.len() - 5..].eq_ignore_ascii_case(b"+json");
+    let mut charsets = 0;
+    json && parts.map(trim_ows).all(|parameter| {
+        if parameter.is_empty() {
+            return true; // `application/json;` (RFC 9110 allows empty parameters)
+        }
+        let Some(eq) = parameter.iter().position(|&b| b == b'=') else {
+            return false;
+        };
+        let (name, value) = (&parameter[..eq], &parameter[eq + 1..]);
+        let value = value
+            .strip_prefix(b"\"")
+            .and_then(|v| v.strip_suffix(b"\""))
+            .unwrap_or(value);
+        charsets += 1;
+        charsets == 1
+            && name.eq_ignore_ascii_case(b"charset")
+            && value.eq_ignore_ascii_case(b"utf-8")
+    })
+}
+
+/// RFC 9110 `token`: one or more `tchar`.
+fn is_token(s: &[u8]) -> bool {
+    !s.is_empty()
+        && s.iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Without leading and trailing spaces and tabs (RFC 9110 `OWS`).
+fn trim_ows(mut s: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = s {
+        s = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = s {
+        s = rest;
+    }
+    s
 }
 
 /// The declared length, if the header is present and readable.
@@ -116,6 +199,19 @@ where
         let Some(key_id) = self.key_to_stamp(&req) else {
             return ResponseFuture::inner(self.inner.call(req));
         };
+        let pass_through = self.config.pass_through_unstampable;
+        let declared = match declared(req.headers()) {
+            Ok(declared) => declared,
+            Err(_) if pass_through => {
+                return ResponseFuture::inner(self.inner.call(req));
+            }
+            Err(why) => {
+                return ResponseFuture::refused(reject(
+                    &self.rejection,
+                    AuthError::UnsupportedMediaType(Cow::Borrowed(why)),
+                ));
+            }
+        };
         let limit = self.config.max_body_bytes;
         if content_length(req.headers()).is_some_and(|len| len > limit as u64) {
             return ResponseFuture::refused(reject(
@@ -147,6 +243,16 @@ where
                     return Ok(reject(&rejection, error));
                 }
             };
+            let unstampable = |why| {
+                Ok(reject(
+                    &rejection,
+                    AuthError::UnsupportedMediaType(Cow::Borrowed(why)),
+                ))
+            };
+            // An empty body carries no stamp, forged or not: it goes on as it is.
+            if !bytes.is_empty() && declared == Declared::Nothing && !pass_through {
+                return unstampable(NO_CONTENT_TYPE);
+            }
             let body = match config.stamp(&bytes, &key_id) {
                 Ok(Some(stamped)) => {
                     parts.headers.remove(TRANSFER_ENCODING);
@@ -155,7 +261,8 @@ where
                         .insert(CONTENT_LENGTH, HeaderValue::from(stamped.len()));
                     ReqBody::from(Bytes::from(stamped))
                 }
-                Ok(None) => ReqBody::from(bytes),
+                Ok(None) if bytes.is_empty() || pass_through => ReqBody::from(bytes),
+                Ok(None) => return unstampable(NOT_AN_OBJECT),
                 Err(error) => return Ok(reject(&rejection, error)),
             };
             inner.call(Request::from_parts(parts, body)).await
@@ -172,41 +279,113 @@ mod tests {
         for yes in [
             "application/json",
             "Application/JSON; charset=utf-8",
+            "application/json;charset=UTF-8",
+            "application/json; charset=\"utf-8\"",
             " application/json ;",
+            "\tapplication/json\t",
             "application/vnd.api+json",
             "application/merge-patch+JSON",
+            "application/problem+json; charset=utf-8",
         ] {
-            assert!(is_json_media_type(yes), "{yes}");
+            assert!(is_json_media_type(yes.as_bytes()), "{yes}");
         }
         for no in [
             "text/plain",
             "application/x-www-form-urlencoded",
             "multipart/form-data; boundary=x",
             "application/jsonp",
+            "application/json-seq",
             "text/json",
+            "application/+json",
             "application/+jsonx",
+            "application /json",
+            "application/ json",
+            "application/json, text/plain",
+            "application/json; charset=utf-16",
+            "application/json; charset=latin1",
+            "application/json; charset=utf-8; charset=utf-16",
+            "application/json; charset=utf-8; charset=utf-8",
+            "application/json; profile=x",
+            "application/json; charset",
+            "application/json; =utf-8",
+            "application/json; charset= utf-8",
+            "application/json\x00",
+            "application/json\u{e9}",
             "json",
+            "/json",
+            "application/",
             "",
         ] {
-            assert!(!is_json_media_type(no), "{no}");
+            assert!(!is_json_media_type(no.as_bytes()), "{no:?}");
         }
     }
 
-    #[test]
-    fn which_bodies_are_read() {
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut headers = HeaderMap::new();
-        assert!(may_be_json(&headers), "no content type: sniffed");
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        assert!(may_be_json(&headers));
-        headers.insert(CONTENT_ENCODING, HeaderValue::from_static("identity"));
-        assert!(may_be_json(&headers));
-        headers.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-        assert!(!may_be_json(&headers), "encoded bodies cannot be stamped");
-        headers.remove(CONTENT_ENCODING);
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        assert!(!may_be_json(&headers));
-        headers.insert(CONTENT_TYPE, HeaderValue::from_bytes(b"\xff").unwrap());
-        assert!(!may_be_json(&headers));
+        for (name, value) in pairs {
+            headers.append(*name, HeaderValue::from_static(value));
+        }
+        headers
+    }
+
+    #[test]
+    fn which_headers_allow_stamping() {
+        use Declared::*;
+        let json = ("content-type", "application/json");
+        let cases: &[(&[(&str, &str)], Result<Declared, &str>)] = &[
+            (&[], Ok(Nothing)),
+            (&[json], Ok(Json)),
+            (&[json, ("content-encoding", "identity")], Ok(Json)),
+            (&[json, ("content-encoding", " IDENTITY ")], Ok(Json)),
+            (&[json, ("transfer-encoding", "chunked")], Ok(Json)),
+            (&[json, ("transfer-encoding", "Chunked")], Ok(Json)),
+            (&[("content-type", "text/plain")], Err(NOT_JSON)),
+            (
+                &[json, ("content-type", "application/json")],
+                Err(TWO_CONTENT_TYPES),
+            ),
+            (
+                &[json, ("content-type", "text/plain")],
+                Err(TWO_CONTENT_TYPES),
+            ),
+            (&[json, ("content-encoding", "gzip")], Err(ENCODED)),
+            (
+                &[json, ("content-encoding", "identity, gzip")],
+                Err(ENCODED),
+            ),
+            (&[json, ("content-encoding", "")], Err(ENCODED)),
+            (&[("content-encoding", "gzip")], Err(ENCODED)),
+            (
+                &[
+                    json,
+                    ("content-encoding", "identity"),
+                    ("content-encoding", "identity"),
+                ],
+                Err(TWO_ENCODINGS),
+            ),
+            (
+                &[json, ("transfer-encoding", "gzip, chunked")],
+                Err(TRANSFER_CODING),
+            ),
+            (
+                &[json, ("transfer-encoding", "identity")],
+                Err(TRANSFER_CODING),
+            ),
+            (
+                &[
+                    json,
+                    ("transfer-encoding", "chunked"),
+                    ("transfer-encoding", "chunked"),
+                ],
+                Err(TRANSFER_CODING),
+            ),
+        ];
+        for (pairs, expected) in cases {
+            assert_eq!(declared(&headers(pairs)), *expected, "{pairs:?}");
+        }
+        let mut invalid = HeaderMap::new();
+        invalid.insert(CONTENT_TYPE, HeaderValue::from_bytes(b"\xff").unwrap());
+        assert_eq!(declared(&invalid), Err(NOT_JSON));
     }
 
     #[test]

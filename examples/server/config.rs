@@ -1,0 +1,136 @@
+//! What the environment chooses: the master key, the database (SQLite or PostgreSQL, holding keys
+//! and records alike), the broadcast of revocations to other instances, and the shutdown signal.
+
+use std::any::Any;
+use std::sync::Arc;
+
+use tower_api_keys::key::ApiKey;
+use tower_api_keys::manage::KeyManager;
+use tower_api_keys::resolver::CachedResolver;
+use tower_api_keys::store::{KeyStore, SqliteStore};
+
+use super::records::Records;
+
+/// What [`build`](super::build) needs. `main` reads it from the environment; tests write it.
+pub(crate) struct Config {
+    /// The master key; `None` generates one for this run (see [`Demo::master`](super::Demo)).
+    pub(crate) master_key: Option<ApiKey>,
+    /// `sqlite://path.db` (created if missing) or, with feature `postgres`, a `postgres://` URL.
+    pub(crate) database_url: String,
+    /// With feature `redis`: broadcast revocations over Redis pub/sub.
+    pub(crate) redis_url: Option<String>,
+}
+
+impl Config {
+    pub(crate) fn from_env() -> Self {
+        Self {
+            master_key: std::env::var("API_KEYS_MASTER_KEY")
+                .ok()
+                .filter(|key| !key.is_empty())
+                .map(ApiKey::new),
+            database_url: std::env::var("DATABASE_URL")
+                .unwrap_or_else(|_| "sqlite://tower-api-keys-demo.db".into()),
+            redis_url: std::env::var("REDIS_URL").ok(),
+        }
+    }
+}
+
+/// Broadcast subscriptions, to keep alive as long as the service.
+pub(crate) type Subscriptions = Vec<Box<dyn Any + Send>>;
+
+/// The key store and the records table, in one database.
+pub(crate) struct Database {
+    pub(crate) keys: Arc<dyn KeyStore>,
+    pub(crate) records: Records,
+    #[cfg(feature = "postgres")]
+    postgres: Option<tower_api_keys::store::PostgresStore>,
+}
+
+impl Database {
+    /// Connects (creating a SQLite file if missing) and creates the records table.
+    pub(crate) async fn connect(url: &str) -> Result<Self, Box<dyn std::error::Error>> {
+        let database = if url.starts_with("postgres") {
+            #[cfg(feature = "postgres")]
+            {
+                let pg = tower_api_keys::store::PostgresStore::connect(url).await?;
+                Self {
+                    records: Records::Postgres(pg.pool().clone()),
+                    postgres: Some(pg.clone()),
+                    keys: Arc::new(pg),
+                }
+            }
+            #[cfg(not(feature = "postgres"))]
+            return Err("DATABASE_URL is a PostgreSQL URL: run with --features postgres".into());
+        } else {
+            let url = if url.contains('?') {
+                url.to_owned()
+            } else {
+                format!("{url}?mode=rwc")
+            };
+            let sqlite = SqliteStore::connect(&url).await?;
+            Self {
+                records: Records::Sqlite(sqlite.pool().clone()),
+                keys: Arc::new(sqlite),
+                #[cfg(feature = "postgres")]
+                postgres: None,
+            }
+        };
+        database.records.migrate().await?;
+        Ok(database)
+    }
+
+    /// Revocations reach other instances: over Redis if `redis_url` is set, else over PostgreSQL's
+    /// LISTEN/NOTIFY if that is the database; a single SQLite instance needs nothing. Returns the
+    /// manager that broadcasts and the subscriptions to keep alive as long as the service.
+    pub(crate) fn broadcast(
+        &self,
+        redis_url: Option<&str>,
+        resolver: &CachedResolver,
+        manager: KeyManager,
+    ) -> Result<(KeyManager, Subscriptions), Box<dyn std::error::Error>> {
+        if let Some(redis_url) = redis_url {
+            #[cfg(feature = "redis")]
+            {
+                let invalidator = tower_api_keys::invalidate::RedisInvalidator::open(redis_url)?;
+                let subscription: Box<dyn Any + Send> =
+                    Box::new(invalidator.subscribe(resolver.clone()));
+                tracing::info!("revocations broadcast over Redis");
+                return Ok((manager.invalidator(invalidator), vec![subscription]));
+            }
+            #[cfg(not(feature = "redis"))]
+            {
+                let _ = redis_url;
+                return Err("REDIS_URL is set: run with --features redis".into());
+            }
+        }
+        #[cfg(feature = "postgres")]
+        if let Some(pg) = &self.postgres {
+            let invalidator = tower_api_keys::invalidate::PgInvalidator::from_store(pg);
+            let subscription: Box<dyn Any + Send> =
+                Box::new(invalidator.subscribe(resolver.clone()));
+            tracing::info!("revocations broadcast over PostgreSQL LISTEN/NOTIFY");
+            return Ok((manager.invalidator(invalidator), vec![subscription]));
+        }
+        let _ = resolver;
+        Ok((manager, Vec::new()))
+    }
+}
+
+/// Ctrl-C or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! { () = ctrl_c => {}, () = terminate => {} }
+}

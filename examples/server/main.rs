@@ -1,0 +1,216 @@
+//! The main job: a small ledger-style API protected by scoped API keys, on an embedded SQLite store.
+//!
+//! ```sh
+//! cargo run --example server
+//! cargo run --example server --features metrics   # also serve /metrics (Prometheus)
+//! ```
+//!
+//! Configuration (environment, see `config.rs`):
+//! - `API_KEYS_MASTER_KEY`: the master key; if unset, one is generated and printed once (not persisted).
+//! - `BIND`: listen address (default `127.0.0.1:5001`).
+//! - `DATABASE_URL`: `sqlite://path.db` (default `sqlite://tower-api-keys-demo.db`) or, with feature
+//!   `postgres`, a `postgres://` URL (revocations then reach every instance through LISTEN/NOTIFY).
+//! - `REDIS_URL`: with feature `redis`, broadcast revocations over Redis pub/sub instead.
+//! - `RUST_LOG`: log filter (default `info,sqlx=warn`); one line per request, with the caller's
+//!   `api_key_id` (never the key).
+//!
+//! Routes: `/ledgers`, `/balances`, `/transactions` (POST create, GET list, GET `/{id}`), scoped by
+//! method (`ledgers:read` / `ledgers:write`, ...); key management at `/api-keys`. Unauthenticated:
+//! `/health`, `/openapi.json` (the whole API) and, with feature `metrics`, `/metrics`. Records created
+//! with a scoped key carry `meta_data.BLNK_GENERATED_BY`. `/ping` (no key) and `/auth/ping` (scope
+//! `ledgers:read`) run the same trivial handler outside and behind the key layer, so that
+//! `scripts/load.sh` can measure what authentication costs.
+//!
+//! This file is the wiring to copy. Beside it: `records.rs` (the demo's records and their handlers),
+//! `openapi.rs` (the `/openapi.json` document), `prometheus.rs` (`/metrics`) and `config.rs` (the
+//! environment, the database, revocation broadcast). [`build`] assembles everything from a
+//! [`Config`] without binding a port (`tests/walkthrough.rs` uses it); `main` adds the environment,
+//! the listener and graceful shutdown.
+
+mod config;
+mod openapi;
+#[cfg(feature = "metrics")]
+mod prometheus;
+mod records;
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::DefaultBodyLimit;
+use axum::http::Request;
+use axum::routing::get;
+use axum::{Json, Router};
+use tower_api_keys::guard::RequireScopes;
+use tower_api_keys::key::{ApiKey, KeyFormat};
+use tower_api_keys::layer::{ApiKeyLayer, KeySource};
+use tower_api_keys::manage::{self, KeyManager, KeyPolicy};
+use tower_api_keys::provenance::Provenance;
+use tower_api_keys::resolver::CachedResolver;
+use tower_api_keys::usage::UsageRecorder;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+
+pub(crate) use config::Config;
+use config::Database;
+use records::{Records, Resource};
+
+/// The demo's resources: (record kind, path and scope resource).
+const RESOURCES: [(&str, &str); 3] = [
+    ("ledger", "ledgers"),
+    ("balance", "balances"),
+    ("transaction", "transactions"),
+];
+
+/// Largest record body a client may send: 256 KiB (`Provenance` refuses a larger one from a scoped
+/// key before the handler runs). The handler's own limit is 1 KiB higher: room for the stamp.
+const MAX_RECORD_BYTES: usize = 256 * 1024;
+
+/// One resource: create, list, get, scoped by HTTP method, stamped with provenance on create.
+fn resource(kind: &'static str, plural: &str, records: Records) -> Router {
+    Router::new()
+        .route(
+            &format!("/{plural}"),
+            get(records::list).post(records::create),
+        )
+        .route(&format!("/{plural}/{{id}}"), get(records::get_one))
+        // The last `route_layer` runs first: the scope is checked before the body is read. Layers
+        // that need the caller (per-key rate limits, ...) go between the two.
+        .route_layer(Provenance::new().max_body_bytes(MAX_RECORD_BYTES))
+        .route_layer(RequireScopes::by_method(plural))
+        // The handler reads master-key bodies, which `Provenance` passes through unread, and
+        // stamped ones, which the stamp (under 100 bytes) has made longer than the client sent.
+        .layer(DefaultBodyLimit::max(MAX_RECORD_BYTES + 1024))
+        .with_state(Resource { kind, records })
+}
+
+/// The whole service: the three resources and key management behind [`ApiKeyLayer`]; `/health`,
+/// `/openapi.json` (and `/metrics`) outside it; every request logged by `TraceLayer`.
+fn app(layer: ApiKeyLayer, manager: KeyManager, records: Records) -> Router {
+    let openapi = openapi::openapi();
+    let mut router = Router::new();
+    for (kind, plural) in RESOURCES {
+        router = router.merge(resource(kind, plural, records.clone()));
+    }
+    let router = router
+        .merge(manage::router(manager))
+        // More routers that need a key merge here, before the layer.
+        .route(
+            "/auth/ping",
+            get(ping).route_layer(RequireScopes::all(["ledgers:read"])),
+        )
+        .layer(layer)
+        // Added after the authentication layer: no key needed.
+        .route("/ping", get(ping))
+        .route(
+            "/health",
+            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .route(
+            "/openapi.json",
+            get(move || async move { Json(openapi.clone()) }),
+        );
+    #[cfg(feature = "metrics")]
+    let router = router.route("/metrics", get(prometheus::render));
+    router.layer(
+        TraceLayer::new_for_http()
+            .make_span_with(request_span)
+            .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+    )
+}
+
+/// `/ping` and `/auth/ping`: the same work with and without authentication (`scripts/load.sh`).
+async fn ping() -> &'static str {
+    "pong"
+}
+
+/// The span of every request log line. `ApiKeyLayer` fills `api_key_id` with the caller's key id
+/// (never the key). Only the path is logged: a query string could carry secrets.
+fn request_span(request: &Request<Body>) -> tracing::Span {
+    tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = request.uri().path(),
+        api_key_id = tracing::field::Empty,
+    )
+}
+
+/// A ready service: serve `router`, flush `usage` on shutdown.
+pub(crate) struct Demo {
+    pub(crate) router: Router,
+    /// The master key in force (configured or generated).
+    pub(crate) master: ApiKey,
+    pub(crate) usage: UsageRecorder,
+    /// Broadcast subscriptions, alive as long as the service.
+    pub(crate) _subscriptions: config::Subscriptions,
+}
+
+/// Connects the store, wires resolver, key manager, invalidation and the layer, and builds the router.
+/// Binds no port and reads no environment.
+pub(crate) async fn build(config: Config) -> Result<Demo, Box<dyn std::error::Error>> {
+    let master = match config.master_key {
+        Some(key) => key,
+        None => KeyFormat::new("sk_master")?.generate(),
+    };
+    let database = Database::connect(&config.database_url).await?;
+
+    let resolver = CachedResolver::builder(database.keys.clone())
+        .format(KeyFormat::new("sk_live")?)
+        .ttl(Duration::from_secs(60))
+        .build();
+    let manager = KeyManager::new(database.keys.clone(), resolver.clone()).policy(
+        KeyPolicy::default()
+            .max_active_per_owner(10)
+            .max_lifetime(Duration::from_secs(365 * 86_400)),
+    );
+    let (manager, subscriptions) =
+        database.broadcast(config.redis_url.as_deref(), &resolver, manager)?;
+
+    let usage = UsageRecorder::spawn(database.keys.clone(), Duration::from_secs(30));
+    let layer = ApiKeyLayer::new(resolver)
+        .sources([
+            KeySource::blnk(),
+            KeySource::x_api_key(),
+            KeySource::bearer(),
+            KeySource::blecon(),
+        ])
+        .master_key(master.clone())
+        .usage(usage.clone());
+
+    #[cfg(feature = "metrics")]
+    prometheus::install();
+    Ok(Demo {
+        router: app(layer, manager, database.records),
+        master,
+        usage,
+        _subscriptions: subscriptions,
+    })
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .init();
+
+    let config = Config::from_env();
+    let generated = config.master_key.is_none();
+    let bind = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1:5001".into());
+    let demo = build(config).await?;
+    if generated {
+        eprintln!(
+            "WARNING: API_KEYS_MASTER_KEY is not set; generated a master key for this run only (not persisted):\n\n    {}\n",
+            demo.master.expose_secret()
+        );
+    }
+
+    let listener = tokio::net::TcpListener::bind(&bind).await?;
+    tracing::info!("listening on http://{}", listener.local_addr()?);
+    axum::serve(listener, demo.router)
+        .with_graceful_shutdown(config::shutdown_signal())
+        .await?;
+    let flushed = demo.usage.flush().await?;
+    tracing::info!(keys = flushed, "usage flushed; bye");
+    Ok(())
+}
