@@ -404,7 +404,7 @@ mod tests {
 
     #[test]
     fn scopes_gate_before_anything_else() {
-        let reader = scoped("api-keys:read *:*", "a1", None);
+        let reader = scoped("api-keys:read ledgers:*", "a1", None);
         let nothing = scoped("ledgers:read", "a1", None);
         let unknown = Target::Key {
             named_owner: None,
