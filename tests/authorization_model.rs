@@ -614,7 +614,20 @@ async fn apply(
     op: &Op,
     step: &str,
 ) -> Result<bool, TestCaseError> {
-    let credential = |caller: usize| model.credentials[caller % model.credentials.len()].clone();
+    // Two in three callers are picked among the secrets that work (the master key included), the
+    // rest among every secret ever issued.
+    let credential = |caller: usize| {
+        let live: Vec<&Credential> = model
+            .credentials
+            .iter()
+            .filter(|c| model.authenticate(c).is_ok())
+            .collect();
+        if caller % 3 == 0 {
+            model.credentials[caller / 3 % model.credentials.len()].clone()
+        } else {
+            live[caller / 3 % live.len()].clone()
+        }
+    };
     let target_of = |target: usize| {
         let t = target % (model.keys.len() + 1);
         (t < model.keys.len()).then_some(t)
