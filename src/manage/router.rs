@@ -335,6 +335,8 @@ fn key_id(path: Result<Path<String>, PathRejection>) -> Result<KeyId, AuthError>
     Ok(KeyId::new(id))
 }
 
+// 415 for bodies a provenance layer cannot stamp: the provenance work (#12 item 4) adds that
+// response to the POST operations below (create, rotate) when the management routes sit behind it.
 #[utoipa::path(post, path = "/api-keys", request_body = CreateKeyBody,
     responses((status = 201, body = KeyResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
               (status = 403, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
