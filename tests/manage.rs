@@ -833,3 +833,75 @@ async fn openapi_document_describes_the_router() {
     }
     assert!(doc["components"]["schemas"].get("KeyResponse").is_some());
 }
+
+/// The document states every bound the server enforces, with the server's own constants, so a
+/// client generated from it knows what is valid.
+#[test]
+fn openapi_states_the_enforced_constraints() {
+    use tower_api_keys::manage::{
+        MAX_GRACE_PERIOD, MAX_KEY_ID_LEN, MAX_NAME_LEN, MAX_OWNER_LEN, MAX_PAGE_SIZE,
+        MAX_SCOPE_LEN, MAX_SCOPES,
+    };
+    let doc = serde_json::to_value(manage::openapi()).unwrap();
+    let schemas = &doc["components"]["schemas"];
+    let param = |path: &str, method: &str, name: &str| -> Value {
+        doc["paths"][path][method]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("{method} {path} has no `{name}` parameter"))["schema"]
+            .clone()
+    };
+    let owner_like = |schema: &Value, what: &str| {
+        assert_eq!(schema["minLength"], 1, "{what}");
+        assert_eq!(schema["maxLength"], MAX_OWNER_LEN, "{what}");
+        assert_eq!(schema["pattern"], "^[!-~]+$", "{what}");
+    };
+    // `owner` on every id-addressed route, and on the list.
+    for (path, method) in [
+        ("/api-keys/{id}", "get"),
+        ("/api-keys/{id}", "delete"),
+        ("/api-keys/{id}/rotate", "post"),
+        ("/api-keys", "get"),
+    ] {
+        owner_like(
+            &param(path, method, "owner"),
+            &format!("{method} {path} owner"),
+        );
+        if path.contains("{id}") {
+            assert_eq!(param(path, method, "id")["maxLength"], MAX_KEY_ID_LEN);
+        }
+    }
+    let limit = param("/api-keys", "get", "limit");
+    assert_eq!(
+        (limit["minimum"].as_u64(), limit["maximum"].as_u64()),
+        (Some(1), Some(u64::from(MAX_PAGE_SIZE)))
+    );
+    let create = &schemas["CreateKeyBody"]["properties"];
+    owner_like(&create["owner"], "create owner");
+    owner_like(&create["account"], "create account");
+    assert_eq!(create["name"]["maxLength"], MAX_NAME_LEN);
+    let scopes = &create["scopes"];
+    assert_eq!(
+        (scopes["minItems"].as_u64(), scopes["maxItems"].as_u64()),
+        (Some(1), Some(MAX_SCOPES as u64))
+    );
+    assert_eq!(scopes["items"]["maxLength"], MAX_SCOPE_LEN);
+    assert_eq!(
+        scopes["items"]["pattern"],
+        r"^(\*|(\*|[a-z0-9_-]+):(\*|[a-z0-9_-]+))$"
+    );
+    assert_eq!(schemas["CreateKeyBody"]["additionalProperties"], false);
+    let rotate = &schemas["RotateBody"];
+    assert_eq!(
+        rotate["properties"]["grace_period_seconds"]["maximum"].as_u64(),
+        Some(MAX_GRACE_PERIOD.as_secs())
+    );
+    assert!(
+        rotate["properties"]["revoke_descendants"]["type"]
+            .to_string()
+            .contains("boolean")
+    );
+    assert_eq!(rotate["additionalProperties"], false);
+}
