@@ -18,11 +18,15 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use tower_api_keys::error::ErrorCode;
+use tower_api_keys::guard::RequireScopes;
+use tower_api_keys::invalidate::{Invalidation, Invalidator};
+use tower_api_keys::key::{ApiKey, KeyDigest, KeyFormat};
+use tower_api_keys::layer::{ApiKeyLayer, KeySource};
 use tower_api_keys::manage::{self, CreateKey, KeyManager};
-use tower_api_keys::{
-    ApiKey, ApiKeyLayer, CachedResolver, ErrorCode, Invalidation, Invalidator, KeyDigest,
-    KeyFormat, KeySource, Principal, RequireScopes, StoreError,
-};
+use tower_api_keys::principal::Principal;
+use tower_api_keys::resolver::CachedResolver;
+use tower_api_keys::store::StoreError;
 
 /// Records every broadcast.
 #[derive(Clone, Default)]

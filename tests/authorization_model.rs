@@ -34,11 +34,15 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tower::ServiceExt;
+use tower_api_keys::invalidate::{Invalidation, Invalidator};
+use tower_api_keys::key::{ApiKey, KeyFormat, KeyId};
+use tower_api_keys::layer::{ApiKeyLayer, KeySource};
 use tower_api_keys::manage::{self, KeyManager};
-use tower_api_keys::store::{KeyLimits, PreviousSecret};
-use tower_api_keys::{
-    ApiKey, ApiKeyLayer, CachedResolver, Invalidation, Invalidator, KeyFormat, KeyId, KeyRecord,
-    KeySource, KeyStore, MemoryStore, Principal, ScopeSet, StoreError,
+use tower_api_keys::principal::Principal;
+use tower_api_keys::resolver::CachedResolver;
+use tower_api_keys::scope::ScopeSet;
+use tower_api_keys::store::{
+    KeyLimits, KeyRecord, KeyStore, MemoryStore, PreviousSecret, StoreError,
 };
 
 /// Until the cache work (#13) makes `Principal::expires_at` the *effective* expiry of an old

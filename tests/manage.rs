@@ -839,9 +839,9 @@ async fn openapi_document_describes_the_router() {
 #[test]
 fn openapi_states_the_enforced_constraints() {
     use tower_api_keys::manage::{
-        MAX_GRACE_PERIOD, MAX_KEY_ID_LEN, MAX_NAME_LEN, MAX_OWNER_LEN, MAX_PAGE_SIZE,
-        MAX_SCOPE_LEN, MAX_SCOPES,
+        MAX_GRACE_PERIOD, MAX_KEY_ID_LEN, MAX_NAME_LEN, MAX_OWNER_LEN, MAX_PAGE_SIZE, MAX_SCOPES,
     };
+    use tower_api_keys::scope::MAX_SCOPE_LEN;
     let doc = serde_json::to_value(manage::openapi()).unwrap();
     let schemas = &doc["components"]["schemas"];
     let param = |path: &str, method: &str, name: &str| -> Value {

@@ -6,8 +6,11 @@
 //! [`Operation::kind`].
 //!
 //! ```
+//! use tower_api_keys::error::ErrorCode;
+//! use tower_api_keys::key::KeyId;
 //! use tower_api_keys::manage::{KeyFacts, Operation, Target, authorize};
-//! use tower_api_keys::{ErrorCode, KeyId, Principal, ScopeSet};
+//! use tower_api_keys::principal::Principal;
+//! use tower_api_keys::scope::ScopeSet;
 //!
 //! let caller = Principal::scoped(
 //!     KeyId::new("key_1"), "ci", "payments", "acct_1",
