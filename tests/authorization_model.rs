@@ -16,7 +16,7 @@
 //!   key whose ancestor (through `created_by`) was revoked or deleted authenticates;
 //! - a change broadcasts exactly when something changed (a no-op revoke broadcasts nothing).
 //!
-//! `PROPTEST_CASES` sets the number of sequences (default 160, of 1 to 47 steps each: about 3,800 steps).
+//! `PROPTEST_CASES` sets the number of sequences (default 128, of 1 to 47 steps each: about 3,000 steps).
 
 mod common;
 
@@ -1096,7 +1096,7 @@ fn cases() -> u32 {
     std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|n| n.parse().ok())
-        .unwrap_or(160)
+        .unwrap_or(128)
 }
 
 proptest! {
