@@ -691,3 +691,42 @@ async fn revoking_a_revoked_key_invalidates_and_broadcasts_nothing() {
         "the cached answer was kept: no cache invalidation"
     );
 }
+
+#[tokio::test]
+async fn a_large_cascade_is_broadcast_in_payloads_a_notify_can_carry() {
+    // PostgreSQL's NOTIFY takes at most 8000 bytes: a cascade over many keys is split.
+    let s = start().await;
+    let (parent, parent_id) = s
+        .create(
+            MASTER,
+            json!({"owner": "o", "scopes": ["api-keys:write", "ledgers:read"]}),
+        )
+        .await;
+    let principal = s.resolver.authenticate(&digest_of(&parent)).await.unwrap();
+    let mut children = Vec::new();
+    for _ in 0..120 {
+        let child = s
+            .manager
+            .create(&principal, CreateKey::new(["ledgers:read"]))
+            .await
+            .unwrap();
+        children.push(child.key);
+    }
+    s.broadcasts.take();
+    let (status, _) = s
+        .send("DELETE", &format!("/api-keys/{parent_id}"), MASTER, None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let broadcasts = s.broadcasts.take();
+    assert_eq!(broadcasts.len(), 2, "121 digests, at most 96 per broadcast");
+    assert!(broadcasts.iter().all(|b| b.to_json().len() < 8000));
+    let sent: Vec<KeyDigest> = broadcasts.iter().flat_map(|b| b.digests.clone()).collect();
+    assert_eq!(sent.len(), 121);
+    for child in &children {
+        assert!(sent.contains(&child.digest()));
+    }
+    assert_eq!(
+        s.ledgers(children[119].expose_secret()).await,
+        StatusCode::UNAUTHORIZED
+    );
+}

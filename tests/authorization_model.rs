@@ -626,7 +626,7 @@ async fn apply(
             .iter()
             .filter(|c| model.authenticate(c).is_ok())
             .collect();
-        if caller % 3 == 0 {
+        if caller.is_multiple_of(3) {
             model.credentials[caller / 3 % model.credentials.len()].clone()
         } else {
             live[caller / 3 % live.len()].clone()
