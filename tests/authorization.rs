@@ -503,11 +503,9 @@ async fn rotation_ends_the_descendants_only_when_asked() {
 }
 
 /// The second half of item 3: a key minted with an old secret during its rotation grace period
-/// ends when that secret does, and the old secret cannot obtain the new one. Depends on the
-/// principal of an old secret carrying its effective expiry (`Principal::expires_at` = the grace
-/// end when earlier), which the cache work (#13) adds.
+/// ends when that secret does, and the old secret cannot obtain the new one (the principal of an
+/// old secret carries its effective expiry: the grace end, when earlier).
 #[tokio::test]
-#[ignore = "needs Principal::expires_at to be the effective expiry of an old secret in grace (cache helper, #13)"]
 async fn an_old_secret_in_grace_mints_keys_that_end_with_its_grace() {
     let s = start().await;
     let (old, id) = s

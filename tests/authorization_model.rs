@@ -45,13 +45,6 @@ use tower_api_keys::store::{
     KeyLimits, KeyRecord, KeyStore, MemoryStore, PreviousSecret, StoreError,
 };
 
-/// Until the cache work (#13) makes `Principal::expires_at` the *effective* expiry of an old
-/// secret in its grace period (the grace end, when earlier than the key's own expiry), the server
-/// judges such a caller by its key's expiry. Set to `true` when that lands: the model then holds
-/// the server to the grace end (see also `an_old_secret_in_grace_mints_keys_that_end_with_its_grace`
-/// in tests/authorization.rs).
-const OLD_SECRET_EXPIRY_IS_GRACE_END: bool = false;
-
 const OWNERS: [&str; 2] = ["o1", "o2"];
 const ACCOUNTS: [&str; 2] = ["a1", "a2"];
 const SCOPES: [&str; 8] = [
@@ -161,10 +154,11 @@ impl Model {
         if key.expires_at.is_some_and(|at| at <= now) || grace_end.is_some_and(|at| at <= now) {
             return Err("AUTH_EXPIRED_API_KEY");
         }
+        // The effective expiry: an old secret in its grace period acts until the grace end, when
+        // that is earlier than the key's own expiry.
         let expires_at = match (key.expires_at, grace_end) {
-            (Some(a), Some(b)) if OLD_SECRET_EXPIRY_IS_GRACE_END => Some(a.min(b)),
-            (None, Some(b)) if OLD_SECRET_EXPIRY_IS_GRACE_END => Some(b),
-            (a, _) => a,
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
         Ok(Some(Caller {
             key: Some(index),
