@@ -5,6 +5,8 @@
 //! | `api_key_requests_total` | counter | `outcome`: `ok` or the error code (e.g. `AUTH_INVALID_API_KEY`); `kind` on `ok`: `master`, `scoped` or `anonymous` | every request [`ApiKeyLayer`](crate::layer::ApiKeyLayer) admitted or refused |
 //! | `api_key_guard_refusals_total` | counter | `outcome`: the error code (`AUTH_INSUFFICIENT_PERMISSIONS`, `AUTH_MISSING_API_KEY`, `AUTH_MISSING_PRINCIPAL`) | every request a [`RequireScopes`](crate::guard::RequireScopes) guard refused |
 //! | `api_key_lookup_seconds` | histogram | `outcome`: `found`, `unknown`, `error` or `timeout` | latency of key-store lookups (cache misses only) |
+//! | `api_key_lookups_shed_total` | counter | | cache misses the resolver's lookup bound answered 503 without asking the store ([`resolver::LOOKUPS_SHED_TOTAL`](crate::resolver::LOOKUPS_SHED_TOTAL)) |
+//! | `api_key_cache_degraded` | gauge | | 1 while a resolver is in degraded mode (an invalidation subscription is down or not yet up), else 0 ([`resolver::DEGRADED`](crate::resolver::DEGRADED)) |
 //!
 //! `api_key_requests_total` records the authentication decision: a request admitted by the layer and
 //! then refused by a [`RequireScopes`](crate::guard::RequireScopes) guard counts as `ok` there, and once in

@@ -48,8 +48,11 @@ use super::{Invalidation, Invalidator};
 use crate::resolver::CachedResolver;
 use crate::store::{StoreError, StoreErrorKind};
 
-/// How long connecting, subscribing, publishing or a ping may take before it counts as a failure.
+/// How long connecting (to publish) or publishing may take before it counts as a failure.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a subscriber's connection and subscription may take: short, so that retries stay about
+/// a second apart even when the network drops packets.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Publishes [`Invalidation`]s with `PUBLISH` and subscribes resolvers with `SUBSCRIBE`.
 ///
@@ -228,7 +231,7 @@ impl Backend for RedisBackend {
             pubsub.subscribe(&*self.channel).await?;
             Ok::<_, ::redis::RedisError>(pubsub)
         };
-        let pubsub = match timeout(IO_TIMEOUT, attempt).await {
+        let pubsub = match timeout(SUBSCRIBE_TIMEOUT, attempt).await {
             Ok(Ok(pubsub)) => pubsub,
             Ok(Err(error)) => return Err(Lost::Redis(error)),
             Err(_) => return Err(Lost::TimedOut),

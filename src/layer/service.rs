@@ -95,19 +95,16 @@ impl<S, R> ApiKeyService<S, R> {
         }
         let checksum = || format.check_checksum(candidate).map_err(format_error);
         let now = crate::clock::now_unix_nanos();
+        // The resolver checks the checksum after its per-thread front (a front hit is a stored
+        // key's digest) and before its shared cache: refusals name the first thing wrong with the
+        // candidate, and nothing with a bad checksum reaches the cache or the store.
         match config
             .resolver
-            .admit_cached(&digest, now, |key| self.admit(key, now))
+            .admit_cached(&digest, now, checksum, |key| self.admit(key, now))
         {
-            // The digest matches a stored key's: the checksum has nothing to add on this path.
             Some(Ok(principal)) => Decision::Pass(Some(principal)),
-            // Refusals still name the first thing wrong with the candidate.
-            Some(Err(error)) => Decision::Reject(checksum().err().unwrap_or(error)),
-            // A miss checks the checksum before anything reaches the store.
-            None => match checksum() {
-                Ok(()) => Decision::Lookup(digest),
-                Err(error) => Decision::Reject(error),
-            },
+            Some(Err(error)) => Decision::Reject(error),
+            None => Decision::Lookup(digest),
         }
     }
 

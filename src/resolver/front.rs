@@ -13,7 +13,9 @@
 //! - the caller's check passes: the key's cache lifetime (`ttl` from when the store was read) has not
 //!   run out, and in degraded mode the read is recent enough (see the resolver's invariants);
 //! - it has answered fewer than [`HITS_PER_FILL`] times: then it is refilled from the cache, which
-//!   keeps moka's frequency counts (its eviction policy) and expiry in charge of hot keys too.
+//!   keeps moka's frequency counts (its eviction policy) and expiry in charge of hot keys too. The
+//!   budget is 256 (about 1 ns per request of moka reads): a key served only by fronts must still
+//!   look used to moka's TinyLFU, or a flood of one-off digests would take its place.
 //!
 //! Only known keys enter the front; unknown digests (a hostile flood) stay in the cache. Collisions
 //! only cost a moka read. A thread keeps at most [`SLOTS`] entries alive after they left the cache,
@@ -28,7 +30,7 @@ use crate::key::KeyDigest;
 /// Slots per thread (a power of two).
 pub(super) const SLOTS: usize = 128;
 /// Answers a slot gives before it is refilled from the cache.
-pub(super) const HITS_PER_FILL: u32 = 1024;
+pub(super) const HITS_PER_FILL: u32 = 256;
 
 struct Slot {
     resolver: u64,

@@ -496,11 +496,14 @@ impl CachedResolver {
 
     /// The hot path: admits a cached digest at `now` (Unix nanoseconds; revocation and expiry
     /// checked) and calls `admit` with the key, or refuses it. `None` when the digest is not cached.
-    /// Synchronous, no allocation: this thread's front answers first (see [`front`]), then moka.
+    /// Synchronous, no allocation: this thread's front answers first (see [`front`]); before moka is
+    /// asked, `precheck` runs (the layer's checksum check: a front hit is a stored key's digest and
+    /// needs none, while a made-up key is refused without a moka read), and its error is the answer.
     pub(crate) fn admit_cached<R>(
         &self,
         digest: &KeyDigest,
         now: i64,
+        precheck: impl FnOnce() -> Result<(), AuthError>,
         admit: impl Fn(&Arc<ResolvedKey>) -> R,
     ) -> Option<Result<R, AuthError>> {
         let inner = &*self.inner;
@@ -517,6 +520,9 @@ impl CachedResolver {
             })
         {
             return Some(decided);
+        }
+        if let Err(error) = precheck() {
+            return Some(Err(error));
         }
         let entry = self.cached(digest, now, floor)?;
         Some(entry.authenticate(now).map(|key| {
@@ -794,9 +800,12 @@ mod tests {
 
     /// What the hot path answers for `digest` on this thread: `None` when nothing is cached.
     fn hot(resolver: &CachedResolver, digest: &KeyDigest) -> Option<Result<KeyId, AuthError>> {
-        resolver.admit_cached(digest, now_unix_nanos(), |key| {
-            key.principal.key_id().clone()
-        })
+        resolver.admit_cached(
+            digest,
+            now_unix_nanos(),
+            || Ok(()),
+            |key| key.principal.key_id().clone(),
+        )
     }
 
     fn resolver_with(record: &KeyRecord, ttl: Duration) -> CachedResolver {
