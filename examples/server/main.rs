@@ -16,8 +16,10 @@
 //!
 //! Routes: `/ledgers`, `/balances`, `/transactions` (POST create, GET list, GET `/{id}`), scoped by
 //! method (`ledgers:read` / `ledgers:write`, ...); key management at `/api-keys`. Unauthenticated:
-//! `/health`, `/openapi.json` (the whole API) and, with feature `metrics`, `/metrics`. Records created
-//! with a scoped key carry `meta_data.BLNK_GENERATED_BY`. `/ping` (no key) and `/auth/ping` (scope
+//! `/health`, `/openapi.json` (the whole API) and, with feature `metrics`, `/metrics`. Records are
+//! JSON; those created with a scoped key carry `meta_data.BLNK_GENERATED_BY` and belong to its
+//! account: a scoped key sees its account's records only, the master key all of them (the
+//! handlers in `records.rs` scope every query by `principal.account()`). `/ping` (no key) and `/auth/ping` (scope
 //! `ledgers:read`) run the same trivial handler outside and behind the key layer, so that
 //! `scripts/load.sh` can measure what authentication costs.
 //!
