@@ -404,7 +404,7 @@ impl Running {
     }
 }
 
-const FORGED: &str = r#"{"name": "forged", "meta_data": {"BLNK_GENERATED_BY": "forged"}}"#;
+const FORGED: &str = r#"{"name": "cash", "meta_data": {"BLNK_GENERATED_BY": "forged"}}"#;
 
 /// Issue #12 item 4, each bypass over real HTTP: refused with 415, nothing stored.
 #[tokio::test]
@@ -537,13 +537,13 @@ async fn records_are_scoped_to_the_callers_account() {
     }
     let (in_a1, in_a2, masters) = (&ids[0], &ids[1], &ids[2]);
 
-    assert_eq!(app.listed("ledgers", "ledger", &a1).await, [in_a1.clone()]);
+    assert_eq!(app.listed("ledgers", "ledger", &a1).await, [in_a1.as_str()]);
     assert_eq!(
         app.listed("ledgers", "ledger", &a1_too).await,
-        [in_a1.clone()],
+        [in_a1.as_str()],
         "another key of the same account sees it"
     );
-    assert_eq!(app.listed("ledgers", "ledger", &a2).await, [in_a2.clone()]);
+    assert_eq!(app.listed("ledgers", "ledger", &a2).await, [in_a2.as_str()]);
     let mut all = app.listed("ledgers", "ledger", &app.master).await;
     all.sort();
     let mut want = ids.clone();
@@ -559,4 +559,121 @@ async fn records_are_scoped_to_the_callers_account() {
     for id in &ids {
         assert_eq!(app.get(&app.master, id).await.status, StatusCode::OK);
     }
+}
+
+/// Content types and encodings a client might send, odd casing and whitespace included.
+const CONTENT_TYPES: [&str; 12] = [
+    "application/json",
+    "Application/JSON; charset=UTF-8",
+    " application/json ",
+    "application/vnd.api+json",
+    "application/json; charset=utf-16",
+    "application/json, text/plain",
+    "text/plain",
+    "text/plain; charset=utf-8",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data; boundary=x",
+    "application/jsonp",
+    "",
+];
+const CONTENT_ENCODINGS: [&str; 7] = ["identity", "IDENTITY", "gzip", "Gzip", "br", " gzip", ""];
+/// Bodies whose only `forged` is a forged stamp.
+const BODIES: [&str; 7] = [
+    FORGED,
+    r#"{"meta\u005fdata": {"BLNK_GENERATED\u005fBY": "forged"}}"#,
+    r#"{"meta_data": {"BLNK_GENERATED_BY": "forged"}, "meta_data": {"BLNK_GENERATED_BY": "forged"}}"#,
+    r#"{"meta_data": {"BLNK_GENERATED_BY": "forged", "BLNK_GENERATED_BY": "forged"}}"#,
+    r#"[{"meta_data": {"BLNK_GENERATED_BY": "forged"}}]"#,
+    r#"{"meta_data": null, "amount": 12345678901234567890123}"#,
+    r#"{"name": "cash"}"#,
+];
+
+/// Cases of `no_framing_forges_a_stamp_through_the_example`.
+const EXAMPLE_CASES: u32 = 512;
+
+/// Issue #12's provenance property, end to end through the example's router and SQLite: a scoped
+/// key's request (random Content-Type and Content-Encoding headers, repeats included, and bodies)
+/// is refused with nothing stored, or the stored record's stamp is exactly the caller's key id.
+#[test]
+fn no_framing_forges_a_stamp_through_the_example() {
+    use proptest::prelude::*;
+    use tower::ServiceExt;
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let app = runtime.block_on(start());
+    let (key, key_id) = runtime.block_on(app.key("a1", &["ledgers:write", "ledgers:read"]));
+    // Mostly one header, often an accepted one; sometimes none, sometimes two.
+    let headers = |pool: &'static [&'static str], accepted: usize| {
+        prop_oneof![
+            2 => Just(vec![]),
+            6 => prop::sample::select(&pool[..accepted]).prop_map(|v| vec![v]),
+            3 => prop::sample::select(pool).prop_map(|v| vec![v]),
+            2 => prop::collection::vec(prop::sample::select(pool), 2..=2),
+        ]
+    };
+    let strategy = (
+        headers(&CONTENT_TYPES, 4),
+        headers(&CONTENT_ENCODINGS, 2),
+        prop::sample::select(&BODIES[..]),
+    );
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: EXAMPLE_CASES,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    let created = std::cell::Cell::new(0u32);
+    let started = std::time::Instant::now();
+    runner
+        .run(&strategy, |(types, encodings, body)| {
+            let mut request = Request::post("/ledgers").header("x-api-key", &key);
+            for value in &types {
+                request = request.header("content-type", *value);
+            }
+            for value in &encodings {
+                request = request.header("content-encoding", *value);
+            }
+            let request = request.body(axum::body::Body::from(body)).unwrap();
+            let before = runtime.block_on(app.stored());
+            let response = runtime
+                .block_on(app.router.clone().oneshot(request))
+                .unwrap();
+            let status = response.status();
+            let text = runtime
+                .block_on(response.into_body().collect())
+                .unwrap()
+                .to_bytes();
+            let text = String::from_utf8_lossy(&text).into_owned();
+            let after = runtime.block_on(app.stored());
+            if status != StatusCode::CREATED {
+                prop_assert!(status.is_client_error(), "{status}: {text}");
+                prop_assert_eq!(after, before, "refused ({}) but stored", status);
+                return Ok(());
+            }
+            created.set(created.get() + 1);
+            prop_assert_eq!(after, before + 1);
+            let record: Value = serde_json::from_str(&text).unwrap();
+            let id = record["ledger_id"].as_str().unwrap();
+            let stored = runtime.block_on(app.get(&app.master, id));
+            for text in [&text, &stored.text] {
+                let record: Value = serde_json::from_str(text).unwrap();
+                prop_assert_eq!(&record["meta_data"]["BLNK_GENERATED_BY"], key_id.as_str());
+                prop_assert!(
+                    !text.contains("forged"),
+                    "a forged stamp was kept: {}",
+                    text
+                );
+            }
+            Ok(())
+        })
+        .unwrap();
+    let created = created.get();
+    eprintln!(
+        "{EXAMPLE_CASES} framings through the example in {:?}: {created} created",
+        started.elapsed()
+    );
+    assert!(created > EXAMPLE_CASES / 10, "only {created} created");
+    assert!(
+        created < EXAMPLE_CASES / 2 * 2,
+        "{created} created: nothing refused?"
+    );
 }
