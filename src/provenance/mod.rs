@@ -125,7 +125,10 @@
 //!
 //! ```
 //! # use axum::{Router, routing::post};
-//! # use tower_api_keys::{ApiKeyLayer, CachedResolver, MemoryStore, Provenance};
+//! # use tower_api_keys::layer::ApiKeyLayer;
+//! # use tower_api_keys::provenance::Provenance;
+//! # use tower_api_keys::resolver::CachedResolver;
+//! # use tower_api_keys::store::MemoryStore;
 //! use tower_http::decompression::RequestDecompressionLayer;
 //!
 //! # async fn create_ledger(body: String) -> String { body }
