@@ -1,5 +1,14 @@
 //! What the environment chooses: the master key, the database (SQLite or PostgreSQL, holding keys
 //! and records alike), the broadcast of revocations to other instances, and the shutdown signal.
+//!
+//! The environment:
+//! - `API_KEYS_MASTER_KEY`: the master key; if unset, one is generated and printed once (not persisted).
+//! - `BIND`: listen address (default `127.0.0.1:5001`).
+//! - `DATABASE_URL`: `sqlite://path.db` (default `sqlite://tower-api-keys-demo.db`) or, with feature
+//!   `postgres`, a `postgres://` URL (revocations then reach every instance through LISTEN/NOTIFY).
+//! - `REDIS_URL`: with feature `redis`, broadcast revocations over Redis pub/sub instead.
+//! - `RUST_LOG`: log filter (default `info,sqlx=warn`); one line per request, with the caller's
+//!   `api_key_id` (never the key).
 
 use std::any::Any;
 use std::sync::Arc;

@@ -5,20 +5,16 @@
 //! cargo run --example server --features metrics   # also serve /metrics (Prometheus)
 //! ```
 //!
-//! Configuration (environment, see `config.rs`):
-//! - `API_KEYS_MASTER_KEY`: the master key; if unset, one is generated and printed once (not persisted).
-//! - `BIND`: listen address (default `127.0.0.1:5001`).
-//! - `DATABASE_URL`: `sqlite://path.db` (default `sqlite://tower-api-keys-demo.db`) or, with feature
-//!   `postgres`, a `postgres://` URL (revocations then reach every instance through LISTEN/NOTIFY).
-//! - `REDIS_URL`: with feature `redis`, broadcast revocations over Redis pub/sub instead.
-//! - `RUST_LOG`: log filter (default `info,sqlx=warn`); one line per request, with the caller's
-//!   `api_key_id` (never the key).
+//! Configuration: `API_KEYS_MASTER_KEY`, `BIND` (default `127.0.0.1:5001`), `DATABASE_URL`,
+//! `REDIS_URL`, `RUST_LOG` (see `config.rs`).
 //!
 //! Routes: `/ledgers`, `/balances`, `/transactions` (POST create, GET list, GET `/{id}`), scoped by
 //! method (`ledgers:read` / `ledgers:write`, ...); key management at `/api-keys`. Unauthenticated:
-//! `/health`, `/openapi.json` (the whole API) and, with feature `metrics`, `/metrics`. Records created
-//! with a scoped key carry `meta_data.BLNK_GENERATED_BY`. `/ping` (no key) and `/auth/ping` (scope
-//! `ledgers:read`) run the same trivial handler outside and behind the key layer, so that
+//! `/health`, `/openapi.json` (the whole API) and, with feature `metrics`, `/metrics`. Records are
+//! JSON; those created with a scoped key carry `meta_data.BLNK_GENERATED_BY` and belong to its
+//! account: a scoped key sees its account's records only, the master key all of them (the handlers
+//! in `records.rs` scope every query by `principal.account()`). `/ping` (no key) and `/auth/ping`
+//! (scope `ledgers:read`) run the same trivial handler outside and behind the key layer, so that
 //! `scripts/load.sh` can measure what authentication costs.
 //!
 //! This file is the wiring to copy. Beside it: `records.rs` (the demo's records and their handlers),

@@ -87,6 +87,9 @@ pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
             .summary(Some(format!("Create a {kind} (scope `{plural}:write`)")))
             .request_body(Some(
                 RequestBodyBuilder::new()
+                    .description(Some(format!(
+                        "Any JSON object but `{kind}_id` and `created_at`, which the server sets"
+                    )))
                     .content(
                         "application/json",
                         ContentBuilder::new().schema(Some(record())).build(),
@@ -97,13 +100,24 @@ pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
             .response("201", json("Created", stored(kind)))
             .response(
                 "400",
-                error("Not a JSON object, or `meta_data` is not an object"),
+                error(&format!(
+                    "Not a JSON object, or it sets `{kind}_id` or `created_at` (`RECORD_INVALID`); \
+                     `meta_data` is not an object (`REQUEST_INVALID_METADATA`)"
+                )),
             )
-            .response("413", error("Body over 256 KiB (`REQUEST_BODY_TOO_LARGE`)"));
+            .response("413", error("Body over 256 KiB (`REQUEST_BODY_TOO_LARGE`)"))
+            .response(
+                "415",
+                error(
+                    "Not `application/json` (or `application/*+json`, charset utf-8 only), \
+                     encoded, or with ambiguous framing headers (`REQUEST_UNSUPPORTED_MEDIA_TYPE`)",
+                ),
+            );
         let list = denied()
             .operation_id(Some(format!("list_{plural}")))
             .summary(Some(format!(
-                "List {plural}, newest first (scope `{plural}:read`)"
+                "List {plural}, newest first (scope `{plural}:read`): a scoped key sees its \
+                 account's, the master key all"
             )))
             .response(
                 "200",
@@ -123,7 +137,10 @@ pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
                     .schema(Some(Object::with_type(Type::String))),
             )
             .response("200", json("The record", stored(kind)))
-            .response("404", error("No such record (`RECORD_NOT_FOUND`)"));
+            .response(
+                "404",
+                error("No such record in the caller's account (`RECORD_NOT_FOUND`)"),
+            );
         doc.paths
             .add_path_operation(format!("/{plural}"), vec![HttpMethod::Post], create);
         doc.paths

@@ -1,12 +1,24 @@
 //! The demo's records: ledgers, balances and transactions, kept as the JSON the client sent (plus
 //! the provenance stamp) in the same database as the keys, and the handlers that create and read
 //! them.
+//!
+//! What the handlers enforce, for every caller:
+//! - **JSON only**: a body that is not `application/json` (or `application/*+json`) is a 415, so a
+//!   body that `Provenance` could not stamp is never read as JSON here either.
+//! - **The server owns ids and timestamps**: a client-sent `<kind>_id` or `created_at` is a 400, so
+//!   the stored record never holds either twice.
+//! - **Records belong to the caller's account**: a scoped key creates records in its account and
+//!   sees, lists and fetches only those (another account's record is a 404, like a missing one);
+//!   the master key sees every record, and records it creates belong to no account.
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tower_api_keys::error::AuthError;
@@ -32,8 +44,10 @@ struct Record {
 
 impl Records {
     pub(crate) async fn migrate(&self) -> Result<(), sqlx::Error> {
-        const DDL: &str = "CREATE TABLE IF NOT EXISTS demo_records (
-            id TEXT PRIMARY KEY, kind TEXT NOT NULL, body TEXT NOT NULL, created_at TEXT NOT NULL)";
+        // `account` is NULL for the master key's records.
+        const DDL: &str = "CREATE TABLE IF NOT EXISTS demo_account_records (
+            id TEXT PRIMARY KEY, kind TEXT NOT NULL, account TEXT, body TEXT NOT NULL,
+            created_at TEXT NOT NULL)";
         match self {
             Self::Sqlite(pool) => sqlx::query(DDL).execute(pool).await.map(drop),
             #[cfg(feature = "postgres")]
@@ -41,46 +55,56 @@ impl Records {
         }
     }
 
-    async fn insert(&self, kind: &str, record: &Record) -> Result<(), sqlx::Error> {
+    async fn insert(
+        &self,
+        kind: &str,
+        account: Option<&str>,
+        record: &Record,
+    ) -> Result<(), sqlx::Error> {
+        macro_rules! insert {
+            ($pool:expr, $sql:literal) => {
+                sqlx::query($sql)
+                    .bind(&record.id)
+                    .bind(kind)
+                    .bind(account)
+                    .bind(&record.body)
+                    .bind(&record.created_at)
+                    .execute($pool)
+                    .await
+                    .map(drop)
+            };
+        }
         match self {
-            Self::Sqlite(pool) => sqlx::query(
-                "INSERT INTO demo_records (id, kind, body, created_at) VALUES (?, ?, ?, ?)",
-            )
-            .bind(&record.id)
-            .bind(kind)
-            .bind(&record.body)
-            .bind(&record.created_at)
-            .execute(pool)
-            .await
-            .map(drop),
+            Self::Sqlite(pool) => insert!(
+                pool,
+                "INSERT INTO demo_account_records (id, kind, account, body, created_at)
+                 VALUES (?, ?, ?, ?, ?)"
+            ),
             #[cfg(feature = "postgres")]
-            Self::Postgres(pool) => sqlx::query(
-                "INSERT INTO demo_records (id, kind, body, created_at) VALUES ($1, $2, $3, $4)",
-            )
-            .bind(&record.id)
-            .bind(kind)
-            .bind(&record.body)
-            .bind(&record.created_at)
-            .execute(pool)
-            .await
-            .map(drop),
+            Self::Postgres(pool) => insert!(
+                pool,
+                "INSERT INTO demo_account_records (id, kind, account, body, created_at)
+                 VALUES ($1, $2, $3, $4, $5)"
+            ),
         }
     }
 
-    async fn list(&self, kind: &str, id: Option<&str>) -> Result<Vec<Record>, sqlx::Error> {
+    /// The newest 100 records of `kind` (or the one with `id`), in `account` if it is `Some`.
+    async fn find(
+        &self,
+        kind: &str,
+        account: Option<&str>,
+        id: Option<&str>,
+    ) -> Result<Vec<Record>, sqlx::Error> {
         use sqlx::Row;
-        macro_rules! fetch {
-            ($pool:expr, $by_kind:literal, $by_id:literal) => {{
-                let rows = match id {
-                    Some(id) => {
-                        sqlx::query($by_id)
-                            .bind(kind)
-                            .bind(id)
-                            .fetch_all($pool)
-                            .await?
-                    }
-                    None => sqlx::query($by_kind).bind(kind).fetch_all($pool).await?,
-                };
+        macro_rules! find {
+            ($pool:expr, $sql:literal) => {{
+                let rows = sqlx::query($sql)
+                    .bind(kind)
+                    .bind(account)
+                    .bind(id)
+                    .fetch_all($pool)
+                    .await?;
                 rows.iter()
                     .map(|row| {
                         Ok(Record {
@@ -93,16 +117,19 @@ impl Records {
             }};
         }
         match self {
-            Self::Sqlite(pool) => fetch!(
+            Self::Sqlite(pool) => find!(
                 pool,
-                "SELECT id, body, created_at FROM demo_records WHERE kind = ? ORDER BY id DESC LIMIT 100",
-                "SELECT id, body, created_at FROM demo_records WHERE kind = ? AND id = ?"
+                "SELECT id, body, created_at FROM demo_account_records
+                 WHERE kind = ?1 AND (?2 IS NULL OR account = ?2) AND (?3 IS NULL OR id = ?3)
+                 ORDER BY id DESC LIMIT 100"
             ),
             #[cfg(feature = "postgres")]
-            Self::Postgres(pool) => fetch!(
+            Self::Postgres(pool) => find!(
                 pool,
-                "SELECT id, body, created_at FROM demo_records WHERE kind = $1 ORDER BY id DESC LIMIT 100",
-                "SELECT id, body, created_at FROM demo_records WHERE kind = $1 AND id = $2"
+                "SELECT id, body, created_at FROM demo_account_records
+                 WHERE kind = $1 AND ($2::text IS NULL OR account = $2)
+                   AND ($3::text IS NULL OR id = $3)
+                 ORDER BY id DESC LIMIT 100"
             ),
         }
     }
@@ -131,7 +158,7 @@ fn json_response(status: StatusCode, body: String) -> Response {
 }
 
 /// A demo error in the crate's body shape (`{"error", "error_detail": {"code", "message"}}`), for
-/// refusals that are not the key layer's.
+/// refusals that are not the key layer's: `RECORD_INVALID` (400) and `RECORD_NOT_FOUND` (404).
 fn demo_error(status: StatusCode, code: &str, message: String) -> Response {
     let body = serde_json::json!({
         "error": message,
@@ -140,9 +167,13 @@ fn demo_error(status: StatusCode, code: &str, message: String) -> Response {
     json_response(status, body.to_string())
 }
 
-fn storage_error(error: sqlx::Error) -> AuthError {
+fn invalid(message: String) -> Response {
+    demo_error(StatusCode::BAD_REQUEST, "RECORD_INVALID", message)
+}
+
+fn storage_error(error: sqlx::Error) -> Response {
     tracing::error!(%error, "demo record storage failed");
-    AuthError::Unavailable(tower_api_keys::store::StoreError::unavailable(error))
+    AuthError::Unavailable(tower_api_keys::store::StoreError::unavailable(error)).into_response()
 }
 
 /// One resource's state: which kind of record its routes create and read, and where.
@@ -152,44 +183,45 @@ pub(crate) struct Resource {
     pub(crate) records: Records,
 }
 
-/// `POST /<plural>`: stores the JSON object as sent (already stamped by `Provenance`).
+/// `POST /<plural>`: stores the JSON object as sent (for a scoped key, as `Provenance` stamped it),
+/// in the caller's account.
 pub(crate) async fn create(
     State(Resource { kind, records }): State<Resource>,
     principal: Principal,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, AuthError> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+    body: Result<Json<Box<RawValue>>, JsonRejection>,
+) -> Result<Response, Response> {
+    // axum's `Json` reads only `application/json` and `application/*+json` bodies; `RawValue`
+    // keeps the text as sent (numbers, key order, the stamp).
+    let Json(body) = body.map_err(|rejection| match rejection {
+        JsonRejection::MissingJsonContentType(_) => AuthError::UnsupportedMediaType(
+            "records are JSON: send Content-Type: application/json".into(),
+        )
+        .into_response(),
+        rejection if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             AuthError::PayloadTooLarge {
                 limit: MAX_RECORD_BYTES,
             }
-        } else {
-            AuthError::invalid("unreadable request body")
+            .into_response()
         }
+        rejection => invalid(format!("invalid JSON body: {}", rejection.body_text())),
     })?;
-    let text =
-        std::str::from_utf8(&body).map_err(|_| AuthError::invalid("body must be UTF-8 JSON"))?;
-    let value: &serde_json::value::RawValue = serde_json::from_str(text)
-        .map_err(|e| AuthError::invalid(format!("invalid JSON body: {e}")))?;
-    if !value.get().starts_with('{') {
-        return Err(AuthError::invalid("body must be a JSON object"));
+    let fields: BTreeMap<String, &RawValue> = serde_json::from_str(body.get())
+        .map_err(|_| invalid("the body must be a JSON object".into()))?;
+    // The server owns the record's id and timestamp: never two of either in the stored JSON.
+    for owned in [format!("{kind}_id"), "created_at".to_owned()] {
+        if fields.contains_key(&owned) {
+            return Err(invalid(format!("`{owned}` is set by the server")));
+        }
     }
-    // The same rule for every caller: `Provenance` refuses a non-object `meta_data` from scoped
-    // keys, and the master key's requests (which it does not stamp) must not slip past it.
-    #[derive(serde::Deserialize)]
-    struct Metadata<'a> {
-        #[serde(borrow, default)]
-        meta_data: Option<&'a serde_json::value::RawValue>,
-    }
-    let metadata: Metadata<'_> = serde_json::from_str(text)
-        .map_err(|e| AuthError::invalid(format!("invalid JSON body: {e}")))?;
-    if metadata
-        .meta_data
-        .is_some_and(|m| !m.get().starts_with('{'))
+    // The same rule as `Provenance` for every caller: the master key's bodies are not stamped,
+    // and must not store a metadata field that a stamp could not go into.
+    if fields
+        .get("meta_data")
+        .is_some_and(|m| !matches!(m.get().as_bytes()[0], b'{' | b'n'))
     {
-        return Err(AuthError::InvalidMetadata(
-            "meta_data must be a JSON object".into(),
-        ));
+        return Err(
+            AuthError::InvalidMetadata("meta_data must be a JSON object".into()).into_response(),
+        );
     }
     let record = Record {
         id: format!(
@@ -199,37 +231,48 @@ pub(crate) async fn create(
                 .trim_start_matches("key_")
                 .to_lowercase()
         ),
-        body: value.get().to_owned(),
+        body: body.get().to_owned(),
         created_at: OffsetDateTime::now_utc()
             .format(&Rfc3339)
             .unwrap_or_default(),
     };
-    records.insert(kind, &record).await.map_err(storage_error)?;
+    records
+        .insert(kind, principal.account(), &record)
+        .await
+        .map_err(storage_error)?;
     tracing::info!(record = %record.id, by = %principal.key_id(), "created");
     Ok(json_response(StatusCode::CREATED, record.to_json(kind)))
 }
 
-/// `GET /<plural>`: the newest 100.
+/// `GET /<plural>`: the newest 100 the caller may see (its account's; all for the master key).
 pub(crate) async fn list(
     State(Resource { kind, records }): State<Resource>,
-) -> Result<Response, AuthError> {
-    let all = records.list(kind, None).await.map_err(storage_error)?;
-    let items: Vec<String> = all.iter().map(|r| r.to_json(kind)).collect();
+    principal: Principal,
+) -> Result<Response, Response> {
+    let found = records
+        .find(kind, principal.account(), None)
+        .await
+        .map_err(storage_error)?;
+    let items: Vec<String> = found.iter().map(|r| r.to_json(kind)).collect();
     Ok(json_response(
         StatusCode::OK,
         format!("[{}]", items.join(",")),
     ))
 }
 
-/// `GET /<plural>/{id}`.
+/// `GET /<plural>/{id}`: another account's record is not found, like a missing one.
 pub(crate) async fn get_one(
     State(Resource { kind, records }): State<Resource>,
+    principal: Principal,
     Path(id): Path<String>,
-) -> Result<Response, AuthError> {
-    let found = records.list(kind, Some(&id)).await.map_err(storage_error)?;
+) -> Result<Response, Response> {
+    let found = records
+        .find(kind, principal.account(), Some(&id))
+        .await
+        .map_err(storage_error)?;
     match found.first() {
         Some(record) => Ok(json_response(StatusCode::OK, record.to_json(kind))),
-        None => Ok(demo_error(
+        None => Err(demo_error(
             StatusCode::NOT_FOUND,
             "RECORD_NOT_FOUND",
             format!("{kind} not found"),

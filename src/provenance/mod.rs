@@ -1,7 +1,8 @@
 //! Provenance stamping: record which key created a record (`BLNK_GENERATED_BY`).
 //!
 //! [`Provenance`] is a layer for the routes that create records. On a POST made with a scoped key, it
-//! merges the key id into the JSON body's metadata object before the handler sees the body:
+//! merges the key id into the JSON body's metadata object before the handler sees the body, and
+//! refuses a body it cannot stamp:
 //!
 //! ```
 //! use axum::{Json, Router, body::Body, routing::post};
@@ -34,9 +35,18 @@
 //!     .header("content-type", "application/json")
 //!     .body(Body::from(r#"{"name": "cash", "meta_data": {"region": "eu"}}"#))
 //!     .unwrap();
-//! let response = app.oneshot(request).await.unwrap();
+//! let response = app.clone().oneshot(request).await.unwrap();
 //! let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
 //! assert_eq!(body, format!("\"{key_id}\""));
+//!
+//! // A body the layer cannot stamp is refused, not passed on for the handler to misread.
+//! let request = Request::post("/ledgers")
+//!     .header("x-api-key", key.expose_secret())
+//!     .header("content-type", "text/plain")
+//!     .body(Body::from(r#"{"meta_data": {"BLNK_GENERATED_BY": "forged"}}"#))
+//!     .unwrap();
+//! let response = app.oneshot(request).await.unwrap();
+//! assert_eq!(response.status(), 415); // REQUEST_UNSUPPORTED_MEDIA_TYPE
 //! # }
 //! # async fn issue(store: &MemoryStore, scopes: &str) -> (tower_api_keys::key::ApiKey, tower_api_keys::key::KeyId) {
 //! #     use tower_api_keys::{key::{KeyFormat, KeyId}, store::{KeyRecord, KeyStore, KeyLimits}};
@@ -66,9 +76,9 @@
 //! | `meta_data` holds `BLNK_GENERATED_BY` already (once or more) | the first one's value is replaced, the others removed: the client cannot forge it |
 //! | `meta_data` is a string, number, array or boolean | 400 `REQUEST_INVALID_METADATA` ([`AuthError::InvalidMetadata`]) |
 //! | body over [`max_body_bytes`](Provenance::max_body_bytes) (2 MiB by default) | 413 `REQUEST_BODY_TOO_LARGE` ([`AuthError::PayloadTooLarge`]) |
-//! | master key, no principal, other methods | untouched: the body is not read |
-//! | `Content-Type` other than `application/json` or `application/*+json`, or a `Content-Encoding` | untouched: the body is not read |
-//! | not JSON, not valid UTF-8, or a JSON value that is not an object | untouched (byte for byte); the handler's JSON extractor decides |
+//! | a body the layer cannot stamp (next table) | 415 `REQUEST_UNSUPPORTED_MEDIA_TYPE` ([`AuthError::UnsupportedMediaType`]), unless [`pass_through_unstampable`](Provenance::pass_through_unstampable) |
+//! | an empty body | passed on as it is: it can carry no stamp, forged or not |
+//! | master key, no principal, other methods | untouched: the body is not read, nothing is refused |
 //!
 //! Everything outside the one inserted member is kept byte for byte: numbers are never converted
 //! (`12345678901234567890123`, `1e400` and `0.1000000000000000055511151231257827` arrive as sent),
@@ -83,18 +93,60 @@
 //! limit, and a `Content-Length` over the limit is refused without reading. A body that fails
 //! while being read (the client went away) is answered with 400 [`AuthError::InvalidRequest`].
 //!
-//! A request without `Content-Type` is read and stamped if it is a JSON object, since some handlers
-//! parse JSON whatever the header says. A handler that parses JSON out of a body declared as something
-//! else (`text/plain`, a form) sees it unstamped, as the client sent it: require the JSON media type
-//! there (axum's `Json` extractor does). If your handlers decompress request bodies themselves, put
-//! decompression (e.g. tower-http's `RequestDecompressionLayer`) outside this layer instead: a
-//! compressed body cannot be stamped and passes untouched.
+//! ## Bodies it cannot stamp are refused
 //!
-//! Invalid UTF-8 passes untouched rather than being refused here: no JSON parser accepts it (axum's
-//! `Json` answers 400), so it can carry no forged stamp, and the handler's error is the one clients
-//! already know. The scanner accepts everything `serde_json` accepts (a property test checks this
-//! against random edits of random documents), so no body that a `serde_json`-based handler would
-//! read can slip through unstamped.
+//! The promise is end to end: a record created with a scoped key carries exactly that key's id,
+//! whatever the request looked like. A body the layer passed on unstamped could still be read by the
+//! handler (or a layer after this one) and stored with a forged stamp, so on the routes and methods
+//! it stamps, for scoped keys, the layer refuses every body it cannot stamp, judging the headers
+//! before reading anything:
+//!
+//! | the request has | refused because |
+//! |---|---|
+//! | two or more `Content-Type` headers | components disagree about which one counts (axum reads the first) |
+//! | a `Content-Type` other than `application/json` or `application/<name>+json` (any case, optional whitespace; its one allowed parameter is `charset=utf-8`, quoted or not) | a handler that reads JSON out of `text/plain`, a form, or a UTF-16 body would store bytes the layer never stamped |
+//! | no `Content-Type`, and a body that is not empty | a handler may sniff it as JSON |
+//! | a `Content-Encoding` other than one `identity` (`gzip` in any case, a list, an empty value, two headers) | the layer does not decode; whatever decodes later reads unstamped bytes |
+//! | a `Transfer-Encoding` other than one `chunked` | a coding the server did not remove (`gzip, chunked`) leaves encoded bytes |
+//! | a JSON media type, but not a UTF-8 JSON object: invalid JSON, trailing data, an array or a scalar, a byte order mark, invalid UTF-8 | lenient parsers (trailing commas, BOM skipping, batch arrays) would find a forged stamp in it |
+//!
+//! The scanner accepts everything `serde_json` accepts (a property test checks this against random
+//! edits of random documents), so no JSON object a `serde_json`-based handler reads is refused. The
+//! master key's requests are never refused here: it is not stamped, so its bodies are not read.
+//!
+//! [`pass_through_unstampable(true)`](Provenance::pass_through_unstampable) turns the refusal off
+//! for a route: such bodies then reach the handler untouched (and a JSON object without
+//! `Content-Type` is still stamped). Read its warning first.
+//!
+//! ## Compressed request bodies
+//!
+//! To accept compressed bodies, decompress them *outside* this layer, for example with tower-http's
+//! `RequestDecompressionLayer` as a later `route_layer` (or a `layer`) than `Provenance`:
+//!
+//! ```
+//! # use axum::{Router, routing::post};
+//! # use tower_api_keys::layer::ApiKeyLayer;
+//! # use tower_api_keys::provenance::Provenance;
+//! # use tower_api_keys::resolver::CachedResolver;
+//! # use tower_api_keys::store::MemoryStore;
+//! use tower_http::decompression::RequestDecompressionLayer;
+//!
+//! # async fn create_ledger(body: String) -> String { body }
+//! let app: Router = Router::new()
+//!     .route("/ledgers", post(create_ledger))
+//!     .route_layer(Provenance::new())
+//!     .route_layer(RequestDecompressionLayer::new()) // runs first: decodes, then stamping
+//!     .layer(ApiKeyLayer::new(CachedResolver::new(MemoryStore::new())));
+//! ```
+//!
+//! tower-http decodes a body whose first `Content-Encoding` value is exactly one it supports
+//! (`gzip`, `deflate`, `br`, `zstd`, as its features enable) and removes the `Content-Encoding`
+//! headers (all of them) and `Content-Length`: this layer then sees plain JSON and stamps it. For any
+//! other encoding tower-http answers 415 itself, or, with its `pass_through_unaccepted(true)`,
+//! passes the body on still encoded, and this layer refuses it. A body encoded twice under two
+//! `Content-Encoding` headers is decoded once, reaches this layer still encoded, and is refused.
+//! Decompression *inside* this layer (or in the handler) comes too late: the layer sees an encoded
+//! body and refuses it. `tests/provenance.rs` checks each of these.
 //!
 //! The layer needs the [`Principal`], so it goes inside [`ApiKeyLayer`](crate::layer::ApiKeyLayer). A
 //! stamped request costs one boxed future and one pass over the body (a fraction of what
@@ -104,8 +156,9 @@
 //! ## Stamping in the handler
 //!
 //! The [`Principal`] is in the request extensions too, so handlers of other formats (forms, protobuf,
-//! multipart) can record the creator themselves; [`Principal::provenance_id`] is `None` for the master
-//! key, which is never recorded as a creator:
+//! multipart) can record the creator themselves, on routes without `Provenance` (which refuses such
+//! bodies); [`Principal::provenance_id`] is `None` for the master key, which is never recorded as a
+//! creator:
 //!
 //! ```
 //! use axum::{Router, routing::post};
@@ -269,8 +322,9 @@ impl<R> Provenance<R> {
     /// Stamps `body` with `key_id` by this layer's rules, for bodies you hold yourself.
     ///
     /// Returns `Ok(Some(stamped))` for a JSON object, `Ok(None)` when `body` is not a UTF-8 JSON
-    /// object (leave it as it is), and [`AuthError::InvalidMetadata`] when the metadata field holds
-    /// something other than an object or null.
+    /// object (nothing to stamp: the layer refuses such a body with 415), and
+    /// [`AuthError::InvalidMetadata`] when the metadata field holds something other than an object
+    /// or null.
     ///
     /// ```
     /// use tower_api_keys::key::KeyId;
