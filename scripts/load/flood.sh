@@ -1,5 +1,5 @@
 # Flood mode of scripts/load.sh (`scripts/load.sh flood`), sourced by it after the build: what a flood
-# of made-up keys does to a legitimate client (BENCHMARKS.md, "Flood of made-up keys").
+# of made-up keys does to a legitimate client (README.md, "Threat model: a flood of made-up keys").
 #
 # For each key format of the example server (keyed tag, the default; public CRC32 checksum, with
 # API_KEYS_PUBLIC_CHECKSUM=1), a fresh server (temp SQLite, 2 tokio workers) and LOAD_FLOOD_ROUNDS
