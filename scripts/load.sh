@@ -9,6 +9,10 @@
 #    wrong-scope keys across /auth/ping, /ledgers and /balances at once, one wrk process per category
 #    (scripts/load/check.lua), every answer checked against its category's status, code and reason.
 #
+# 3. `scripts/load.sh flood` runs the flood mode instead (scripts/load/flood.sh): a legitimate client's
+#    req/s beside a flood of made-up keys / beside a flood of malformed keys, keyed and public formats.
+#    Target for the keyed format ≥ 0.95. LOAD_FLOOD_ROUNDS (4), LOAD_FLOOD_SECONDS (5).
+#
 # Exits non-zero on a missed target, a wrong decision or a socket error; the server is killed on exit.
 # Environment: LOAD_ROUNDS (8), LOAD_SECONDS per run (5), LOAD_CONNECTIONS (32), LOAD_MIXED_SECONDS (8),
 # CARGO_TARGET_DIR. Needs wrk (`apt-get install -y wrk`), curl and python3.
@@ -40,6 +44,12 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+
+# ---- flood mode (`scripts/load.sh flood`): made-up keys beside a legitimate client --------------------
+if [[ ${1:-} == flood ]]; then
+  # shellcheck source=load/flood.sh
+  source "$here/load/flood.sh"
+fi
 
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 base=http://127.0.0.1:$port

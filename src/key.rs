@@ -1,9 +1,32 @@
-//! Key material: generation, the `<prefix>_<body><checksum>` format, digests and masking.
+//! Key material: generation, the key formats, digests and masking.
 //!
 //! A key looks like `sk_live_3hQ…` : a configurable prefix, an underscore, 43 base62 characters drawn
-//! from the operating system's CSPRNG (256 bits of entropy) and a 6-character base62 CRC32 checksum of
-//! everything before it. The checksum lets [`KeyFormat::check`] refuse typos and random garbage without
-//! touching a store, and lets secret scanners recognise a leaked key.
+//! from the operating system's CSPRNG (256 bits of entropy), then a check that lets
+//! [`KeyFormat::check`] refuse a key without touching a store. There are two formats, told apart by
+//! their length alone:
+//!
+//! | format | after `<prefix>_` | check | who can make a key that passes |
+//! |---|---|---|---|
+//! | public checksum ([`KeyFormat::new`]) | 43 body + 6 (49 characters) | CRC32 of everything before it, base62 | anyone: the format is public |
+//! | keyed ([`KeyFormat::keyed`]) | 43 body + 1 secret version + 11 tag (55 characters) | first 64 bits of HMAC-SHA-256 under a server-side secret of everything before the tag, base62 | only the service |
+//!
+//! **The trade-off.** The public checksum keeps the shape secret scanners already match and lets
+//! them validate a leaked key offline (a CRC32 that matches is almost never a false positive), but
+//! anyone can mint well-formed keys, so each made-up key costs the service a store lookup (the
+//! negative cache only helps when a key repeats). The keyed tag cannot be checked offline (a scanner
+//! can still match the prefix and the 55-character shape), but a made-up key is refused with no I/O:
+//! a flood of them costs what a flood of malformed keys costs. A forger has one chance in 2⁶⁴ per try.
+//!
+//! **Secret versions.** The character after the body names the secret that tagged the key
+//! (`1`–`9`, `A`–`Z`, `a`–`z`: versions 1 to 61). A format accepts every version it was given and
+//! tags new keys with the highest (or a pinned one), so a secret is rotated by adding version 2 while
+//! version 1 stays accepted, and retiring version 1 once its keys are gone: every key tagged by a
+//! retired version is refused.
+//!
+//! **Legacy keys.** Keys of the public format (49 characters) can never be mistaken for keyed ones
+//! (55). A keyed format accepts them only if told to ([`KeyedFormatBuilder::accept_legacy`]), or, for a
+//! format loaded from a store, if the store held keys when its first secret was created (so a
+//! service that switches keeps its existing keys working, and a new one refuses the shape outright).
 //!
 //! ```
 //! use tower_api_keys::key::KeyFormat;
@@ -18,6 +41,29 @@
 //! typo.replace_range(10..11, if &typo[10..11] == "A" { "B" } else { "A" });
 //! assert!(format.check(&typo).is_err());
 //! ```
+//!
+//! The keyed format, with a secret from the key store (created there on first use, shared by every
+//! instance):
+//!
+//! ```
+//! use tower_api_keys::key::KeyFormat;
+//! use tower_api_keys::store::MemoryStore;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = MemoryStore::new();
+//! let format = KeyFormat::keyed("sk_live").load_secret_from(&store).await?;
+//! let key = format.generate();
+//! assert_eq!(key.expose_secret().len(), "sk_live_".len() + 55);
+//! assert!(format.check(key.expose_secret()).is_ok());
+//! // A key with the right shape that this service did not make fails the tag, with no I/O.
+//! let made_up = format!("sk_live_{}", "x".repeat(55));
+//! assert!(format.check(&made_up).is_err());
+//! # Ok(())
+//! # }
+//! ```
+
+mod keyed;
 
 use std::fmt;
 use std::sync::Arc;
@@ -25,14 +71,22 @@ use std::sync::Arc;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 
+pub use keyed::{FormatSecret, KeyFormatConfigError, KeyedFormatBuilder, MAX_SECRET_VERSION};
+
 /// Number of base62 characters of secret material in a key (43 × log2(62) ≈ 256.03 bits).
 pub const BODY_LEN: usize = 43;
-/// Number of base62 characters of the CRC32 checksum (62⁶ > 2³²).
+/// Number of base62 characters of the CRC32 checksum of the public format (62⁶ > 2³²).
 pub const CHECKSUM_LEN: usize = 6;
+/// Number of base62 characters of the keyed format's tag: 64 bits of HMAC-SHA-256 (62¹¹ > 2⁶⁴).
+pub const TAG_LEN: usize = 11;
+/// Characters after `<prefix>_` in a key of the public (CRC32) format: body and checksum.
+pub const PUBLIC_TAIL_LEN: usize = BODY_LEN + CHECKSUM_LEN;
+/// Characters after `<prefix>_` in a key of the keyed format: body, secret version, tag.
+pub const KEYED_TAIL_LEN: usize = BODY_LEN + 1 + TAG_LEN;
 /// Longest prefix accepted by [`KeyFormat::new`].
 pub const MAX_PREFIX_LEN: usize = 32;
-/// Longest candidate the layer will look at; anything longer is refused before any work.
-pub const MAX_KEY_LEN: usize = MAX_PREFIX_LEN + 1 + BODY_LEN + CHECKSUM_LEN;
+/// Longest candidate of any format; anything longer is refused before any work.
+pub const MAX_KEY_LEN: usize = MAX_PREFIX_LEN + 1 + KEYED_TAIL_LEN;
 
 const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
@@ -49,9 +103,15 @@ pub enum KeyFormatError {
     /// The candidate contains a character outside the base62 alphabet.
     #[error("the key contains a character outside the base62 alphabet")]
     BadCharacter,
-    /// The checksum does not match the body (a typo or a made-up key).
+    /// The checksum (public format) or the keyed tag does not match the body: a typo or a made-up key.
     #[error("the key checksum does not match")]
     BadChecksum,
+    /// A key of the public (CRC32) format, which this keyed format no longer accepts.
+    #[error("the key is of the legacy checksum format, which is no longer accepted")]
+    LegacyFormat,
+    /// A keyed key whose secret version this format does not accept (never issued, or retired).
+    #[error("the key was tagged by a secret version that is not accepted")]
+    UnknownSecretVersion,
 }
 
 /// Why a prefix was refused by [`KeyFormat::new`].
@@ -61,41 +121,80 @@ pub enum KeyFormatError {
 )]
 pub struct InvalidPrefix(pub String);
 
-/// The shape of keys a service issues and accepts: a prefix such as `sk_live`.
+/// The shape of keys a service issues and accepts: a prefix such as `sk_live`, and either the public
+/// CRC32 checksum ([`new`](Self::new)) or a keyed tag ([`keyed`](Self::keyed)); see the
+/// [module docs](self) for the layouts and the trade-off.
 ///
-/// Cheap to clone.
-#[derive(Clone, PartialEq, Eq)]
+/// Cheap to clone. `Debug` shows the prefix, the secret versions and the legacy policy, never a
+/// secret.
+#[derive(Clone)]
 pub struct KeyFormat {
     prefix: Arc<str>,
+    keyed: Option<Arc<keyed::Keyed>>,
 }
+
+impl PartialEq for KeyFormat {
+    /// Same prefix, and the same secrets (compared in constant time), versions and policies.
+    fn eq(&self, other: &Self) -> bool {
+        self.prefix == other.prefix
+            && match (&self.keyed, &other.keyed) {
+                (None, None) => true,
+                (Some(a), Some(b)) => a == b,
+                _ => false,
+            }
+    }
+}
+
+impl Eq for KeyFormat {}
 
 impl fmt::Debug for KeyFormat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KeyFormat")
-            .field("prefix", &&*self.prefix)
-            .finish()
+        let mut d = f.debug_struct("KeyFormat");
+        d.field("prefix", &&*self.prefix);
+        match &self.keyed {
+            None => d.field("check", &"crc32"),
+            Some(keyed) => d.field("check", keyed),
+        };
+        d.finish()
     }
 }
 
 impl Default for KeyFormat {
-    /// The `sk` prefix: keys look like `sk_<49 characters>`.
+    /// The `sk` prefix with the public checksum: keys look like `sk_<49 characters>`.
     fn default() -> Self {
         Self {
             prefix: "sk".into(),
+            keyed: None,
         }
     }
 }
 
 impl KeyFormat {
-    /// A format with the given prefix (`[a-z0-9]` segments joined by single `_`, at most 32 characters).
+    /// The public-checksum format with the given prefix (`[a-z0-9]` segments joined by single `_`, at
+    /// most 32 characters): `<prefix>_<43 body><6 CRC32>`.
     pub fn new(prefix: impl Into<String>) -> Result<Self, InvalidPrefix> {
         let prefix = prefix.into();
         if is_valid_prefix(&prefix) {
             Ok(Self {
                 prefix: prefix.into(),
+                keyed: None,
             })
         } else {
             Err(InvalidPrefix(prefix))
+        }
+    }
+
+    /// A keyed format with the given prefix: `<prefix>_<43 body><secret version><11 tag>`. Give it
+    /// its secrets ([`secret`](KeyedFormatBuilder::secret)) or load them from the key store
+    /// ([`load_secret_from`](KeyedFormatBuilder::load_secret_from)).
+    pub fn keyed(prefix: impl Into<String>) -> KeyedFormatBuilder {
+        KeyedFormatBuilder::new(prefix.into())
+    }
+
+    pub(crate) fn from_keyed(prefix: Arc<str>, keyed: keyed::Keyed) -> Self {
+        Self {
+            prefix,
+            keyed: Some(Arc::new(keyed)),
         }
     }
 
@@ -104,9 +203,39 @@ impl KeyFormat {
         &self.prefix
     }
 
-    /// Total length of every key of this format.
+    /// Whether keys carry a keyed tag (rather than the public checksum).
+    pub fn is_keyed(&self) -> bool {
+        self.keyed.is_some()
+    }
+
+    /// The secret version new keys are tagged with (`None` for the public format).
+    pub fn minting_version(&self) -> Option<u8> {
+        self.keyed.as_ref().map(|k| k.minting())
+    }
+
+    /// The secret versions accepted, in increasing order (empty for the public format).
+    pub fn accepted_versions(&self) -> Vec<u8> {
+        self.keyed.as_ref().map_or_else(Vec::new, |k| k.versions())
+    }
+
+    /// Whether keys of the public (CRC32) format are accepted: always for the public format; for a
+    /// keyed one, as configured.
+    pub fn accepts_legacy(&self) -> bool {
+        self.keyed.as_ref().is_none_or(|k| k.legacy())
+    }
+
+    /// Length of every key this format issues (a keyed format accepting legacy keys also accepts
+    /// the public format's length).
     pub fn key_len(&self) -> usize {
-        self.prefix.len() + 1 + BODY_LEN + CHECKSUM_LEN
+        self.prefix.len() + 1 + self.tail_len()
+    }
+
+    fn tail_len(&self) -> usize {
+        if self.keyed.is_some() {
+            KEYED_TAIL_LEN
+        } else {
+            PUBLIC_TAIL_LEN
+        }
     }
 
     /// Generates a fresh key from the operating system's CSPRNG.
@@ -131,12 +260,23 @@ impl KeyFormat {
                 }
             }
         }
-        let checksum = crc32fast::hash(key.as_bytes());
-        key.push_str(std::str::from_utf8(&encode_checksum(checksum)).expect("base62 is ASCII"));
+        match &self.keyed {
+            None => {
+                let checksum = crc32fast::hash(key.as_bytes());
+                key.push_str(std::str::from_utf8(&encode_checksum(checksum)).expect("base62"));
+            }
+            Some(keyed) => {
+                key.push(BASE62[usize::from(keyed.minting())] as char);
+                let tag = keyed
+                    .tag(keyed.minting(), key.as_bytes())
+                    .expect("the minting version is accepted");
+                key.push_str(std::str::from_utf8(&tag).expect("base62"));
+            }
+        }
         ApiKey(key)
     }
 
-    /// Checks a candidate's prefix, length, alphabet and checksum. Pure computation, no I/O.
+    /// Checks a candidate's prefix, length, alphabet and checksum or tag. Pure computation, no I/O.
     pub fn check(&self, candidate: &str) -> Result<(), KeyFormatError> {
         self.check_shape(candidate)?;
         self.check_checksum(candidate)
@@ -152,28 +292,48 @@ impl KeyFormat {
         {
             return Err(KeyFormatError::WrongPrefix);
         }
-        if bytes.len() != self.key_len() {
-            return Err(KeyFormatError::WrongLength);
+        let tail = &bytes[prefix.len() + 1..];
+        if tail.len() != self.tail_len() {
+            // The two formats differ in length (49 and 55 characters): the length alone tells them
+            // apart. Only a keyed format can see a legacy key (the public format's length).
+            match &self.keyed {
+                Some(keyed) if tail.len() == PUBLIC_TAIL_LEN => {
+                    if !keyed.legacy() {
+                        return Err(KeyFormatError::LegacyFormat);
+                    }
+                }
+                _ => return Err(KeyFormatError::WrongLength),
+            }
         }
-        // Body and checksum are contiguous. A branch-free fold over all of them vectorises; an
-        // early-exit `all` (over a `chain`) costs several times more on this hot path.
-        if !bytes[prefix.len() + 1..]
-            .iter()
-            .fold(true, |ok, b| ok & b.is_ascii_alphanumeric())
-        {
-            return Err(KeyFormatError::BadCharacter);
-        }
-        Ok(())
+        check_alphabet(tail)
     }
 
-    /// The checksum of a candidate that passed [`check_shape`](Self::check_shape).
+    /// The checksum or tag of a candidate that passed [`check_shape`](Self::check_shape).
     pub(crate) fn check_checksum(&self, candidate: &str) -> Result<(), KeyFormatError> {
         let bytes = candidate.as_bytes();
-        let (signed, checksum) = bytes.split_at(bytes.len().saturating_sub(CHECKSUM_LEN));
-        if checksum != encode_checksum(crc32fast::hash(signed)) {
-            return Err(KeyFormatError::BadChecksum);
+        let tail = bytes.len().saturating_sub(self.prefix.len() + 1);
+        match &self.keyed {
+            Some(keyed) if tail == KEYED_TAIL_LEN => {
+                let (signed, tag) = bytes.split_at(bytes.len() - TAG_LEN);
+                let version = base62_value(signed[signed.len() - 1]);
+                let expected = version
+                    .and_then(|v| keyed.tag(v, signed))
+                    .ok_or(KeyFormatError::UnknownSecretVersion)?;
+                if bool::from(expected[..].ct_eq(tag)) {
+                    Ok(())
+                } else {
+                    Err(KeyFormatError::BadChecksum)
+                }
+            }
+            Some(keyed) if !keyed.legacy() => Err(KeyFormatError::LegacyFormat),
+            _ => {
+                let (signed, checksum) = bytes.split_at(bytes.len().saturating_sub(CHECKSUM_LEN));
+                if checksum != encode_checksum(crc32fast::hash(signed)) {
+                    return Err(KeyFormatError::BadChecksum);
+                }
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     /// The form shown in listings: `sk_live_Ab3d…x9Qz` (prefix, 4 leading and 4 trailing characters).
@@ -185,7 +345,30 @@ impl KeyFormat {
     }
 }
 
-fn is_valid_prefix(prefix: &str) -> bool {
+/// Every byte in the base62 alphabet. A branch-free fold over all of them vectorises; an early-exit
+/// `all` (over a `chain`) costs several times more on this hot path.
+fn check_alphabet(tail: &[u8]) -> Result<(), KeyFormatError> {
+    if tail
+        .iter()
+        .fold(true, |ok, b| ok & b.is_ascii_alphanumeric())
+    {
+        Ok(())
+    } else {
+        Err(KeyFormatError::BadCharacter)
+    }
+}
+
+/// The value of a base62 digit.
+fn base62_value(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'A'..=b'Z' => Some(c - b'A' + 10),
+        b'a'..=b'z' => Some(c - b'a' + 36),
+        _ => None,
+    }
+}
+
+pub(crate) fn is_valid_prefix(prefix: &str) -> bool {
     !prefix.is_empty()
         && prefix.len() <= MAX_PREFIX_LEN
         && prefix.split('_').all(|segment| {
@@ -206,8 +389,13 @@ fn mask(key: &str, prefix_len: usize) -> String {
     )
 }
 
-fn encode_checksum(mut value: u32) -> [u8; CHECKSUM_LEN] {
-    let mut out = [b'0'; CHECKSUM_LEN];
+fn encode_checksum(value: u32) -> [u8; CHECKSUM_LEN] {
+    encode_base62(u64::from(value))
+}
+
+/// `value` in `N` base62 digits, most significant first (fixed width: leading zeros).
+fn encode_base62<const N: usize>(mut value: u64) -> [u8; N] {
+    let mut out = [b'0'; N];
     for slot in out.iter_mut().rev() {
         *slot = BASE62[(value % 62) as usize];
         value /= 62;
@@ -236,20 +424,18 @@ impl ApiKey {
     }
 
     /// What `Debug` and `Display` show: the `<prefix>_` of a string shaped like a key (a valid prefix,
-    /// `_`, then exactly the 49 base62 characters of body and checksum), and nothing of any other
+    /// `_`, then exactly the 49 or 55 base62 characters of either format), and nothing of any other
     /// secret, such as a master key from configuration (`a_b_secret` must not show `a_b_`).
     fn visible_prefix(&self) -> &str {
-        let split = self.0.len().saturating_sub(BODY_LEN + CHECKSUM_LEN);
-        match self.0.split_at_checked(split) {
-            Some((shown, hidden))
-                if hidden.len() == BODY_LEN + CHECKSUM_LEN
-                    && hidden.bytes().all(|b| b.is_ascii_alphanumeric())
-                    && shown.strip_suffix('_').is_some_and(is_valid_prefix) =>
-            {
-                shown
-            }
-            _ => "",
-        }
+        [PUBLIC_TAIL_LEN, KEYED_TAIL_LEN]
+            .into_iter()
+            .find_map(|tail| {
+                let (shown, hidden) = self.0.split_at_checked(self.0.len().checked_sub(tail)?)?;
+                (hidden.bytes().all(|b| b.is_ascii_alphanumeric())
+                    && shown.strip_suffix('_').is_some_and(is_valid_prefix))
+                .then_some(shown)
+            })
+            .unwrap_or("")
     }
 }
 

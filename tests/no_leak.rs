@@ -170,3 +170,112 @@ fn debug_output_of_secret_holders_is_redacted() {
         );
     }
 }
+
+/// The keyed format's secrets, created in and read back from a SQLite store, rotated, used to mint
+/// and check keys and misconfigured: no log line, `Debug` or error message holds any of them.
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn the_key_format_secret_never_appears_in_logs() {
+    use tower_api_keys::key::{FormatSecret, KeyFormat};
+    use tower_api_keys::store::{KeyStore, SqliteStore};
+
+    let capture = Capture::default();
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let store = SqliteStore::in_memory().await.unwrap();
+    let first = KeyFormat::keyed("sk_live")
+        .load_secret_from(&store)
+        .await
+        .unwrap();
+    store
+        .add_format_secret(&FormatSecret::generate(), time::OffsetDateTime::now_utc())
+        .await
+        .unwrap();
+    let builder = KeyFormat::keyed("sk_live").accept_legacy(false);
+    tracing::debug!(?builder, "debug of a keyed format builder");
+    let format = builder.load_secret_from(&store).await.unwrap();
+    let resolver = CachedResolver::builder(Arc::new(store.clone()))
+        .format(format.clone())
+        .build();
+    let manager = KeyManager::new(Arc::new(store.clone()), resolver.clone());
+    let app = Router::new()
+        .route(
+            "/whoami",
+            get(|p: Principal| async move { p.key_id().to_string() }),
+        )
+        .layer(ApiKeyLayer::new(resolver.clone()));
+    let created = manager
+        .create(&Principal::master(), CreateKey::new(["*:*"]).owner("o"))
+        .await
+        .unwrap();
+    let stranger = KeyFormat::keyed("sk_live")
+        .secret(2, FormatSecret::generate())
+        .build()
+        .unwrap()
+        .generate();
+    for (key, status) in [
+        (created.key.expose_secret(), 200),
+        (first.generate().expose_secret(), 401),
+        (stranger.expose_secret(), 401),
+    ] {
+        let request = Request::get("/whoami")
+            .header("x-api-key", key)
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(app.clone().oneshot(request).await.unwrap().status(), status);
+    }
+    // A misconfiguration: version 1 given here and also found in the store.
+    let error = KeyFormat::keyed("sk_live")
+        .secret(1, FormatSecret::generate())
+        .load_secret_from(&store)
+        .await
+        .unwrap_err();
+    tracing::error!(%error, ?error, "a configuration error");
+    tracing::trace!(
+        ?format,
+        ?first,
+        ?resolver,
+        ?manager,
+        "debug of configuration"
+    );
+    let stored = store
+        .format_secrets(&FormatSecret::generate(), time::OffsetDateTime::now_utc())
+        .await
+        .unwrap();
+    tracing::trace!(?stored, "debug of the stored secrets");
+
+    drop(_guard);
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains(created.info.id.as_str()) && logs.contains("secret: FormatSecret(..)"),
+        "key ids and the stored secrets' Debug are logged, so the capture works:\n{logs}"
+    );
+    let raw: Vec<Vec<u8>> = sqlx::query_scalar("SELECT secret FROM api_key_format_secrets")
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(raw.len(), 2);
+    for secret in &raw {
+        let shown_as = [
+            hex(secret),
+            hex(&secret[..6]),
+            hex(&secret[26..]),
+            format!("{:?}", &secret[..6])
+                .trim_end_matches(']')
+                .to_owned(),
+            String::from_utf8_lossy(&secret[..6]).into_owned(),
+        ];
+        for form in &shown_as {
+            assert!(
+                !logs.contains(form.as_str()),
+                "a format secret appears in the logs ({form})"
+            );
+        }
+    }
+}

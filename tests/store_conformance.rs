@@ -1298,10 +1298,10 @@ mod postgres_only {
         for start in starts {
             stores.push(start.await.unwrap().expect("every instance starts"));
         }
-        assert_eq!(versions(&stores[0]).await, [1, 2]);
+        assert_eq!(versions(&stores[0]).await, [1, 2, 3]);
         let again = fresh.store().await;
         again.migrate().await.unwrap();
-        assert_eq!(versions(&again).await, [1, 2], "a restart applies nothing");
+        assert_eq!(versions(&again).await, [1, 2, 3], "a restart applies nothing");
         let r = record("key_1", "o", "a");
         again.insert(&r, no_limits(), now()).await.unwrap();
         assert_eq!(stores[3].get(&r.id).await.unwrap(), Some(r));
@@ -1448,7 +1448,7 @@ mod sqlite_only {
                 .fetch_all(again.pool())
                 .await
                 .unwrap();
-        assert_eq!(versions, [1, 2]);
+        assert_eq!(versions, [1, 2, 3]);
         let r = record("key_1", "o", "a");
         again.insert(&r, no_limits(), now()).await.unwrap();
         assert_eq!(stores[2].get(&r.id).await.unwrap(), Some(r));

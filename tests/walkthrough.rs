@@ -68,6 +68,7 @@ async fn start() -> Running {
         master_key: None,
         database_url: format!("sqlite://{}", db.display()),
         redis_url: None,
+        public_checksum: false,
     })
     .await
     .expect("the example builds");

@@ -28,6 +28,9 @@ pub(crate) struct Config {
     pub(crate) database_url: String,
     /// With feature `redis`: broadcast revocations over Redis pub/sub.
     pub(crate) redis_url: Option<String>,
+    /// Issue keys with the public CRC32 checksum (offline validation by secret scanners) instead of
+    /// the keyed tag (made-up keys refused with no I/O; the secret lives in the key store).
+    pub(crate) public_checksum: bool,
 }
 
 impl Config {
@@ -40,6 +43,7 @@ impl Config {
             database_url: std::env::var("DATABASE_URL")
                 .unwrap_or_else(|_| "sqlite://tower-api-keys-demo.db".into()),
             redis_url: std::env::var("REDIS_URL").ok(),
+            public_checksum: std::env::var("API_KEYS_PUBLIC_CHECKSUM").is_ok_and(|v| v == "1"),
         }
     }
 }

@@ -5,8 +5,16 @@
 //! cargo run --example server --features metrics   # also serve /metrics (Prometheus)
 //! ```
 //!
-//! Configuration: `API_KEYS_MASTER_KEY`, `BIND` (default `127.0.0.1:5001`), `DATABASE_URL`,
-//! `REDIS_URL`, `RUST_LOG` (see `config.rs`).
+//! Configuration (environment, see `config.rs`):
+//! - `API_KEYS_MASTER_KEY`: the master key; if unset, one is generated and printed once (not persisted).
+//! - `API_KEYS_PUBLIC_CHECKSUM=1`: issue keys with the public CRC32 checksum instead of the keyed tag
+//!   (whose secret the key store creates on first start).
+//! - `BIND`: listen address (default `127.0.0.1:5001`).
+//! - `DATABASE_URL`: `sqlite://path.db` (default `sqlite://tower-api-keys-demo.db`) or, with feature
+//!   `postgres`, a `postgres://` URL (revocations then reach every instance through LISTEN/NOTIFY).
+//! - `REDIS_URL`: with feature `redis`, broadcast revocations over Redis pub/sub instead.
+//! - `RUST_LOG`: log filter (default `info,sqlx=warn`); one line per request, with the caller's
+//!   `api_key_id` (never the key).
 //!
 //! Routes: `/ledgers`, `/balances`, `/transactions` (POST create, GET list, GET `/{id}`), scoped by
 //! method (`ledgers:read` / `ledgers:write`, ...); key management at `/api-keys`. Unauthenticated:
@@ -148,8 +156,17 @@ pub(crate) async fn build(config: Config) -> Result<Demo, Box<dyn std::error::Er
     };
     let database = Database::connect(&config.database_url).await?;
 
+    // Keyed: the tag's secret is created in the key store on first start, found there by every instance.
+    let format = match config.public_checksum {
+        true => KeyFormat::new("sk_live")?,
+        false => {
+            KeyFormat::keyed("sk_live")
+                .load_secret_from(&*database.keys)
+                .await?
+        }
+    };
     let resolver = CachedResolver::builder(database.keys.clone())
-        .format(KeyFormat::new("sk_live")?)
+        .format(format)
         .ttl(Duration::from_secs(60))
         .build();
     let manager = KeyManager::new(database.keys.clone(), resolver.clone()).policy(

@@ -80,7 +80,16 @@ impl<S, R> ApiKeyService<S, R> {
             Ok(Some(candidate)) => candidate,
         };
         let format = config.resolver.format();
-        let shape = format.check_shape(candidate).map_err(format_error);
+        // A keyed tag is checked with the shape, before any digest or cache probe: a made-up key
+        // costs what a malformed one costs. (A public checksum is checked only on a cache miss.)
+        let keyed = format.is_keyed();
+        let shape = format
+            .check_shape(candidate)
+            .and_then(|()| match keyed {
+                true => format.check_checksum(candidate),
+                false => Ok(()),
+            })
+            .map_err(format_error);
         if config.master.is_none()
             && let Err(error) = shape
         {
@@ -93,7 +102,10 @@ impl<S, R> ApiKeyService<S, R> {
         if let Err(error) = shape {
             return Decision::Reject(error);
         }
-        let checksum = || format.check_checksum(candidate).map_err(format_error);
+        let checksum = || match keyed {
+            true => Ok(()),
+            false => format.check_checksum(candidate).map_err(format_error),
+        };
         let now = crate::clock::now_unix_nanos();
         // The resolver checks the checksum after its per-thread front (a front hit is a stored
         // key's digest) and before its shared cache: refusals name the first thing wrong with the

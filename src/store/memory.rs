@@ -4,10 +4,10 @@ use std::sync::{Mutex, MutexGuard};
 use time::OffsetDateTime;
 
 use super::{
-    KeyChange, KeyLimits, KeyRecord, KeyStore, ListQuery, PreviousSecret, Rotation, StoreError,
-    StoreErrorKind,
+    FormatSecrets, KeyChange, KeyLimits, KeyRecord, KeyStore, ListQuery, PreviousSecret, Rotation,
+    StoreError, StoreErrorKind, StoredSecret,
 };
-use crate::key::{KeyDigest, KeyId};
+use crate::key::{FormatSecret, KeyDigest, KeyId, MAX_SECRET_VERSION};
 
 /// An in-memory [`KeyStore`]: for tests, examples and services that can lose keys on restart.
 ///
@@ -21,6 +21,9 @@ pub struct MemoryStore {
 struct Inner {
     by_id: BTreeMap<KeyId, KeyRecord>,
     by_digest: HashMap<[u8; 32], KeyId>,
+    /// The keyed format's legacy record (`None` until first written) and secrets.
+    legacy_keys: Option<bool>,
+    format_secrets: Vec<StoredSecret>,
 }
 
 impl MemoryStore {
@@ -253,6 +256,79 @@ impl KeyStore for MemoryStore {
                 record.last_used_at = Some(*at);
             }
         }
+        Ok(())
+    }
+
+    async fn format_secrets(
+        &self,
+        initial: &FormatSecret,
+        now: OffsetDateTime,
+    ) -> Result<FormatSecrets, StoreError> {
+        let mut inner = self.lock();
+        if inner.legacy_keys.is_none() {
+            inner.legacy_keys = Some(!inner.by_id.is_empty());
+        }
+        if inner.format_secrets.is_empty() {
+            inner.format_secrets.push(StoredSecret {
+                version: 1,
+                secret: initial.clone(),
+                created_at: now,
+                retired_at: None,
+            });
+        }
+        Ok(FormatSecrets {
+            secrets: inner.format_secrets.clone(),
+            legacy_keys: inner.legacy_keys.unwrap_or(false),
+        })
+    }
+
+    async fn add_format_secret(
+        &self,
+        secret: &FormatSecret,
+        now: OffsetDateTime,
+    ) -> Result<u8, StoreError> {
+        let mut inner = self.lock();
+        let version = inner.format_secrets.last().map_or(1, |s| s.version + 1);
+        if version > MAX_SECRET_VERSION {
+            return Err(StoreError::new(
+                StoreErrorKind::Conflict,
+                "every secret version is used",
+            ));
+        }
+        inner.format_secrets.push(StoredSecret {
+            version,
+            secret: secret.clone(),
+            created_at: now,
+            retired_at: None,
+        });
+        Ok(version)
+    }
+
+    async fn retire_format_secret(
+        &self,
+        version: u8,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        let others_active = inner
+            .format_secrets
+            .iter()
+            .any(|s| s.version != version && s.retired_at.is_none());
+        match inner
+            .format_secrets
+            .iter_mut()
+            .find(|s| s.version == version && s.retired_at.is_none())
+        {
+            Some(secret) if others_active => {
+                secret.retired_at = Some(now);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn set_legacy_keys(&self, accept: bool, _now: OffsetDateTime) -> Result<(), StoreError> {
+        self.lock().legacy_keys = Some(accept);
         Ok(())
     }
 }

@@ -7,6 +7,7 @@
 //! [`MemoryStore`] is the default, for tests and single-process services that may lose their keys on
 //! restart.
 
+mod format;
 mod memory;
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
@@ -20,13 +21,14 @@ use std::sync::Arc;
 
 use time::OffsetDateTime;
 
+pub use format::{FormatSecrets, StoredSecret};
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
 pub use postgres::{InvalidIdentifier, PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 
-use crate::key::{DigestScheme, KeyDigest, KeyId};
+use crate::key::{DigestScheme, FormatSecret, KeyDigest, KeyId};
 use crate::scope::ScopeSet;
 
 /// One stored key: metadata and the digest of its secret.
@@ -189,6 +191,8 @@ pub enum StoreErrorKind {
     Revoked,
     /// Data in the store could not be understood (an unknown digest scheme, a bad scope).
     Corrupt,
+    /// The store does not implement this operation (a custom store without keyed-format secrets).
+    Unsupported,
 }
 
 impl StoreError {
@@ -233,6 +237,9 @@ impl fmt::Display for StoreError {
             }
             StoreErrorKind::Revoked => f.write_str("the key is revoked"),
             StoreErrorKind::Corrupt => f.write_str("key store returned data that cannot be read"),
+            StoreErrorKind::Unsupported => {
+                f.write_str("the key store does not support this operation")
+            }
         }?;
         if let Some(source) = &self.source {
             write!(f, ": {source}")?;
@@ -305,6 +312,54 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Records last use times in one batch; later times win, unknown ids are ignored.
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError>;
+
+    /// The keyed key format's secrets ([`FormatSecrets`]). A store holding none yet first stores
+    /// `initial` as version 1, and records whether it already holds keys (legacy keys then stay
+    /// accepted), both with insert-if-absent writes: instances starting together on a new store all
+    /// get the same version 1, whichever wrote it.
+    ///
+    /// The default answers [`StoreErrorKind::Unsupported`]: such a store cannot hold the secrets
+    /// (give them to [`KeyFormat::keyed`](crate::key::KeyFormat::keyed) yourself).
+    async fn format_secrets(
+        &self,
+        initial: &FormatSecret,
+        now: OffsetDateTime,
+    ) -> Result<FormatSecrets, StoreError> {
+        let _ = (initial, now);
+        Err(StoreError::from_kind(StoreErrorKind::Unsupported))
+    }
+
+    /// Stores `secret` as the next version (one above the highest, retired or not) and returns that
+    /// version: formats loaded afterwards accept it and tag new keys with it. Two additions racing for
+    /// one version, or a 62nd version, fail with [`StoreErrorKind::Conflict`].
+    async fn add_format_secret(
+        &self,
+        secret: &FormatSecret,
+        now: OffsetDateTime,
+    ) -> Result<u8, StoreError> {
+        let _ = (secret, now);
+        Err(StoreError::from_kind(StoreErrorKind::Unsupported))
+    }
+
+    /// Retires `version` at `now`: formats loaded afterwards refuse the keys it tagged. Returns
+    /// `false`, changing nothing, if the version is unknown, already retired, or the last one that is
+    /// not retired (something must be left to tag keys with).
+    async fn retire_format_secret(
+        &self,
+        version: u8,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let _ = (version, now);
+        Err(StoreError::from_kind(StoreErrorKind::Unsupported))
+    }
+
+    /// Records whether formats loaded from this store accept legacy (public-checksum) keys: `false`
+    /// phases them out for every instance at its next start. Set before any format is loaded, it
+    /// replaces the "the store held keys" guess.
+    async fn set_legacy_keys(&self, accept: bool, now: OffsetDateTime) -> Result<(), StoreError> {
+        let _ = (accept, now);
+        Err(StoreError::from_kind(StoreErrorKind::Unsupported))
+    }
 }
 
 #[async_trait::async_trait]
@@ -349,5 +404,29 @@ impl<T: KeyStore + ?Sized> KeyStore for Arc<T> {
     }
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
         (**self).record_last_used(uses).await
+    }
+    async fn format_secrets(
+        &self,
+        initial: &FormatSecret,
+        now: OffsetDateTime,
+    ) -> Result<FormatSecrets, StoreError> {
+        (**self).format_secrets(initial, now).await
+    }
+    async fn add_format_secret(
+        &self,
+        secret: &FormatSecret,
+        now: OffsetDateTime,
+    ) -> Result<u8, StoreError> {
+        (**self).add_format_secret(secret, now).await
+    }
+    async fn retire_format_secret(
+        &self,
+        version: u8,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        (**self).retire_format_secret(version, now).await
+    }
+    async fn set_legacy_keys(&self, accept: bool, now: OffsetDateTime) -> Result<(), StoreError> {
+        (**self).set_legacy_keys(accept, now).await
     }
 }

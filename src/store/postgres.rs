@@ -12,9 +12,10 @@ use tokio::sync::OnceCell;
 
 use super::sql_common::{RawRecord, map_sqlx_error, micros};
 use super::{
-    KeyChange, KeyLimits, KeyRecord, KeyStore, ListQuery, Rotation, StoreError, StoreErrorKind,
+    FormatSecrets, KeyChange, KeyLimits, KeyRecord, KeyStore, ListQuery, Rotation, StoreError,
+    StoreErrorKind, StoredSecret,
 };
-use crate::key::{KeyDigest, KeyId};
+use crate::key::{FormatSecret, KeyDigest, KeyId, MAX_SECRET_VERSION};
 
 /// A schema or channel name that is not a plain PostgreSQL identifier: 1 to 63 bytes of ASCII
 /// letters, digits, `_` or `$`, not starting with a digit or `$`.
@@ -72,7 +73,7 @@ const COLUMNS: &str = "id, name, owner, account, scopes, digest, digest_scheme, 
     previous_digest_scheme, previous_valid_until";
 
 /// The schema's migrations, in order. Versions are never renumbered or edited once released.
-fn migrations(s: &str) -> [(i32, &'static str, String); 2] {
+fn migrations(s: &str) -> [(i32, &'static str, String); 3] {
     [
         (
             1,
@@ -119,6 +120,25 @@ CREATE INDEX api_key_digests_key_id_idx ON {s}.api_key_digests (key_id);
             format!(
                 "CREATE INDEX api_keys_created_by_idx ON {s}.api_keys (created_by) \
                  WHERE created_by IS NOT NULL;"
+            ),
+        ),
+        (
+            3,
+            "api_key_format and api_key_format_secrets (keyed key format)",
+            format!(
+                r#"
+CREATE TABLE {s}.api_key_format (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    legacy_keys BOOLEAN NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE {s}.api_key_format_secrets (
+    version INTEGER PRIMARY KEY CHECK (version BETWEEN 1 AND 61),
+    secret BYTEA NOT NULL CHECK (octet_length(secret) >= 32),
+    created_at TIMESTAMPTZ NOT NULL,
+    retired_at TIMESTAMPTZ
+);
+"#
             ),
         ),
     ]
@@ -855,6 +875,127 @@ impl KeyStore for PostgresStore {
             .await
             .map(|_| ())
             .map_err(map_sqlx_error)
+    }
+
+    async fn format_secrets(
+        &self,
+        initial: &FormatSecret,
+        now: OffsetDateTime,
+    ) -> Result<FormatSecrets, StoreError> {
+        self.migrate().await?;
+        let s = &self.sql.quoted;
+        let now = micros(now);
+        // Insert-if-absent, then read. Instances starting together race on the primary keys: the
+        // losers' inserts wait for the winner's and do nothing, and every SELECT sees the winner's rows.
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {s}.api_key_format (id, legacy_keys, created_at) \
+             SELECT 1, EXISTS (SELECT 1 FROM {s}.api_keys), $1 ON CONFLICT (id) DO NOTHING"
+        )))
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(map_sqlx_error)?;
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {s}.api_key_format_secrets (version, secret, created_at) \
+             SELECT 1, $1, $2 WHERE NOT EXISTS (SELECT 1 FROM {s}.api_key_format_secrets) \
+             ON CONFLICT (version) DO NOTHING"
+        )))
+        .bind(initial.expose_secret())
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(map_sqlx_error)?;
+        let legacy_keys: bool = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT legacy_keys FROM {s}.api_key_format WHERE id = 1"
+        )))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_sqlx_error)?;
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT version, secret, created_at, retired_at FROM {s}.api_key_format_secrets \
+             ORDER BY version"
+        )))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_sqlx_error)?;
+        let secrets = rows
+            .iter()
+            .map(|row| {
+                let version: i32 = row.try_get(0).map_err(map_sqlx_error)?;
+                StoredSecret::from_row(
+                    i64::from(version),
+                    row.try_get(1).map_err(map_sqlx_error)?,
+                    row.try_get(2).map_err(map_sqlx_error)?,
+                    row.try_get(3).map_err(map_sqlx_error)?,
+                )
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(FormatSecrets {
+            secrets,
+            legacy_keys,
+        })
+    }
+
+    async fn add_format_secret(
+        &self,
+        secret: &FormatSecret,
+        now: OffsetDateTime,
+    ) -> Result<u8, StoreError> {
+        self.migrate().await?;
+        let s = &self.sql.quoted;
+        let version: Option<i32> = sqlx::query_scalar(AssertSqlSafe(format!(
+            "INSERT INTO {s}.api_key_format_secrets (version, secret, created_at) \
+             SELECT COALESCE(max(version), 0) + 1, $1, $2 FROM {s}.api_key_format_secrets \
+             HAVING COALESCE(max(version), 0) < $3 RETURNING version"
+        )))
+        .bind(secret.expose_secret())
+        .bind(micros(now))
+        .bind(i32::from(MAX_SECRET_VERSION))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_sqlx_error)?;
+        version.and_then(|v| u8::try_from(v).ok()).ok_or_else(|| {
+            StoreError::new(StoreErrorKind::Conflict, "every secret version is used")
+        })
+    }
+
+    async fn retire_format_secret(
+        &self,
+        version: u8,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        self.migrate().await?;
+        let s = &self.sql.quoted;
+        let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
+        // Serialised, so that two retirements cannot each leave the other's version as the last one.
+        Self::lock(&mut tx, &["format_secrets", &self.sql.schema]).await?;
+        let done = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE {s}.api_key_format_secrets SET retired_at = $2 \
+             WHERE version = $1 AND retired_at IS NULL AND EXISTS (\
+               SELECT 1 FROM {s}.api_key_format_secrets WHERE version <> $1 AND retired_at IS NULL)"
+        )))
+        .bind(i32::from(version))
+        .bind(micros(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_sqlx_error)?;
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn set_legacy_keys(&self, accept: bool, now: OffsetDateTime) -> Result<(), StoreError> {
+        self.migrate().await?;
+        let s = &self.sql.quoted;
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {s}.api_key_format (id, legacy_keys, created_at) VALUES (1, $1, $2) \
+             ON CONFLICT (id) DO UPDATE SET legacy_keys = excluded.legacy_keys"
+        )))
+        .bind(accept)
+        .bind(micros(now))
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
+        .map_err(map_sqlx_error)
     }
 }
 

@@ -15,9 +15,10 @@ use super::sql_common::{
     RawRecord, from_unix_micros, is_sqlite_busy, map_sqlx_error, to_unix_micros,
 };
 use super::{
-    KeyChange, KeyLimits, KeyRecord, KeyStore, ListQuery, Rotation, StoreError, StoreErrorKind,
+    FormatSecrets, KeyChange, KeyLimits, KeyRecord, KeyStore, ListQuery, Rotation, StoreError,
+    StoreErrorKind, StoredSecret,
 };
-use crate::key::{KeyDigest, KeyId};
+use crate::key::{FormatSecret, KeyDigest, KeyId, MAX_SECRET_VERSION};
 
 /// The columns of `api_keys`, in the order [`decode`] reads them.
 macro_rules! columns {
@@ -74,6 +75,23 @@ CREATE INDEX api_key_digests_key_id_idx ON api_key_digests (key_id);
         2,
         "api_keys.created_by index (cascading revocation)",
         "CREATE INDEX api_keys_created_by_idx ON api_keys (created_by) WHERE created_by IS NOT NULL;",
+    ),
+    (
+        3,
+        "api_key_format and api_key_format_secrets (keyed key format)",
+        r#"
+CREATE TABLE api_key_format (
+    id INTEGER NOT NULL PRIMARY KEY CHECK (id = 1),
+    legacy_keys INTEGER NOT NULL CHECK (legacy_keys IN (0, 1)),
+    created_at INTEGER NOT NULL
+) STRICT;
+CREATE TABLE api_key_format_secrets (
+    version INTEGER NOT NULL PRIMARY KEY CHECK (version BETWEEN 1 AND 61),
+    secret BLOB NOT NULL CHECK (length(secret) >= 32),
+    created_at INTEGER NOT NULL,
+    retired_at INTEGER
+) STRICT;
+"#,
     ),
 ];
 
@@ -644,6 +662,129 @@ impl KeyStore for SqliteStore {
                AND (api_keys.last_used_at IS NULL OR api_keys.last_used_at < u.at)",
         )
         .bind(serde_json::Value::from(batch).to_string())
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
+        .map_err(map_sqlx_error)
+    }
+
+    async fn format_secrets(
+        &self,
+        initial: &FormatSecret,
+        now: OffsetDateTime,
+    ) -> Result<FormatSecrets, StoreError> {
+        let now = to_unix_micros(now);
+        // Insert-if-absent, then read, in one write transaction: SQLite serialises them across
+        // processes, and whichever instance comes first writes the row every other one reads.
+        let mut tx = self.begin_immediate().await?;
+        sqlx::query(
+            "INSERT INTO api_key_format (id, legacy_keys, created_at) \
+             SELECT 1, EXISTS (SELECT 1 FROM api_keys), ?1 WHERE true ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_sqlx_error)?;
+        sqlx::query(
+            "INSERT INTO api_key_format_secrets (version, secret, created_at) \
+             SELECT 1, ?1, ?2 WHERE NOT EXISTS (SELECT 1 FROM api_key_format_secrets) \
+             ON CONFLICT (version) DO NOTHING",
+        )
+        .bind(initial.expose_secret())
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_sqlx_error)?;
+        let legacy: i64 = sqlx::query_scalar("SELECT legacy_keys FROM api_key_format WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_sqlx_error)?;
+        let rows = sqlx::query(
+            "SELECT version, secret, created_at, retired_at FROM api_key_format_secrets \
+             ORDER BY version",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_sqlx_error)?;
+        tx.commit().await.map_err(map_sqlx_error)?;
+        let secrets = rows
+            .iter()
+            .map(|row| {
+                let time = |i: usize| -> Result<Option<OffsetDateTime>, StoreError> {
+                    row.try_get::<Option<i64>, _>(i)
+                        .map_err(map_sqlx_error)?
+                        .map(from_unix_micros)
+                        .transpose()
+                };
+                StoredSecret::from_row(
+                    row.try_get(0).map_err(map_sqlx_error)?,
+                    row.try_get(1).map_err(map_sqlx_error)?,
+                    time(2)?.ok_or_else(|| StoreError::from_kind(StoreErrorKind::Corrupt))?,
+                    time(3)?,
+                )
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(FormatSecrets {
+            secrets,
+            legacy_keys: legacy != 0,
+        })
+    }
+
+    async fn add_format_secret(
+        &self,
+        secret: &FormatSecret,
+        now: OffsetDateTime,
+    ) -> Result<u8, StoreError> {
+        let mut tx = self.begin_immediate().await?;
+        let version: i64 =
+            sqlx::query_scalar("SELECT COALESCE(max(version), 0) + 1 FROM api_key_format_secrets")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(map_sqlx_error)?;
+        let version = u8::try_from(version)
+            .ok()
+            .filter(|v| *v <= MAX_SECRET_VERSION)
+            .ok_or_else(|| {
+                StoreError::new(StoreErrorKind::Conflict, "every secret version is used")
+            })?;
+        sqlx::query(
+            "INSERT INTO api_key_format_secrets (version, secret, created_at) VALUES (?1, ?2, ?3)",
+        )
+        .bind(i64::from(version))
+        .bind(secret.expose_secret())
+        .bind(to_unix_micros(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_sqlx_error)?;
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(version)
+    }
+
+    async fn retire_format_secret(
+        &self,
+        version: u8,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE api_key_format_secrets SET retired_at = ?2 \
+             WHERE version = ?1 AND retired_at IS NULL AND EXISTS (\
+               SELECT 1 FROM api_key_format_secrets WHERE version <> ?1 AND retired_at IS NULL)",
+        )
+        .bind(i64::from(version))
+        .bind(to_unix_micros(now))
+        .execute(&self.pool)
+        .await
+        .map_err(map_sqlx_error)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn set_legacy_keys(&self, accept: bool, now: OffsetDateTime) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO api_key_format (id, legacy_keys, created_at) VALUES (1, ?1, ?2) \
+             ON CONFLICT (id) DO UPDATE SET legacy_keys = excluded.legacy_keys",
+        )
+        .bind(i64::from(accept))
+        .bind(to_unix_micros(now))
         .execute(&self.pool)
         .await
         .map(|_| ())

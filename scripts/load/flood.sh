@@ -1,0 +1,109 @@
+# Flood mode of scripts/load.sh (`scripts/load.sh flood`), sourced by it after the build: what a flood
+# of made-up keys does to a legitimate client (README.md, "Threat model: a flood of made-up keys").
+#
+# For each key format of the example server (keyed tag, the default; public CRC32 checksum, with
+# API_KEYS_PUBLIC_CHECKSUM=1), a fresh server (temp SQLite, 2 tokio workers) and LOAD_FLOOD_ROUNDS
+# paired rounds: a legitimate client (wrk -t1 -c16, a cached key on /auth/ping) for LOAD_FLOOD_SECONDS
+# beside a flood (wrk -t1 -c16, scripts/load/flood.lua, a new key per request) of made-up keys of the
+# server's format, and beside a flood of malformed keys, alternating which goes first. The number is
+# the median of the per-round ratios legit req/s beside made-up / beside malformed.
+# Target for the keyed format: ≥ 0.95. Every flood answer is checked (401 and its reason).
+# Uses from load.sh: server_bin, work, here, server_pid (killed by its cleanup).
+
+flood_rounds=${LOAD_FLOOD_ROUNDS:-4}
+flood_seconds=${LOAD_FLOOD_SECONDS:-5}
+flood_target=0.95
+
+fail() {
+  echo "FAIL: $*" | tee -a "$work/failures" >&2
+}
+median() { sort -g | awk '{ v[NR] = $1 } END { printf "%.3f\n", NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
+# flood_server PUBLIC_CHECKSUM: starts the example server; sets server_pid, flood_base, flood_master.
+flood_server() {
+  local port
+  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  flood_base=http://127.0.0.1:$port
+  flood_master=load-master-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+  API_KEYS_MASTER_KEY=$flood_master DATABASE_URL=sqlite://$work/flood-$1.db BIND=127.0.0.1:$port \
+    API_KEYS_PUBLIC_CHECKSUM=$1 RUST_LOG=warn TOKIO_WORKER_THREADS=2 "$server_bin" >"$work/server-$1.log" 2>&1 &
+  server_pid=$!
+  for _ in $(seq 150); do
+    curl -fsS "$flood_base/health" >/dev/null 2>&1 && return 0
+    kill -0 "$server_pid" 2>/dev/null || break
+    sleep 0.2
+  done
+  cat "$work/server-$1.log" >&2
+  echo "load.sh flood: the server did not start" >&2
+  exit 1
+}
+
+flood_stop() {
+  kill "$server_pid" 2>/dev/null || true
+  wait "$server_pid" 2>/dev/null || true
+  server_pid=
+}
+
+# flood_round KEY KIND REASON: legit req/s on /auth/ping while flood.lua sends KIND keys.
+flood_round() {
+  local flood_pid out
+  wrk -t1 -c16 -d"$((flood_seconds + 2))s" --timeout 2s -s "$here/load/flood.lua" "$flood_base" -- \
+    "$2" sk_live "$3" >"$work/flood-out" 2>&1 &
+  flood_pid=$!
+  sleep 1
+  out=$(wrk -t1 -c16 -d"${flood_seconds}s" --timeout 2s -s "$here/load/stats.lua" \
+    -H "X-Api-Key: $1" "$flood_base/auth/ping" | grep '^STATS') || fail "legit wrk failed"
+  wait "$flood_pid" || fail "flood wrk failed"
+  local flood_line
+  flood_line=$(grep '^FLOOD' "$work/flood-out") || { cat "$work/flood-out" >&2; fail "$2 flood: no result"; }
+  field() { sed -n "s/.* $1=\([0-9]*\).*/\1/p" <<<"$2"; }
+  [[ $(field errors "$out") == 0 && $(field non2xx "$out") == 0 ]] || fail "legit client: errors or non-2xx"
+  [[ $(field wrong "$flood_line") == 0 ]] || fail "$2 flood: $(field wrong "$flood_line") answers not 401 $3"
+  [[ $(field requests "$flood_line") -gt 0 ]] || fail "$2 flood: no requests"
+  awk -v n="$(field requests "$out")" -v us="$(field duration_us "$out")" \
+    -v fn="$(field requests "$flood_line")" -v fus="$(field duration_us "$flood_line")" \
+    'BEGIN { printf "%.0f %.0f\n", n * 1e6 / us, fn * 1e6 / fus }'
+}
+
+printf '\nflood mode: legit wrk -t1 -c16 on /auth/ping beside a flood wrk -t1 -c16, %ss per run, %s rounds\n' \
+  "$flood_seconds" "$flood_rounds"
+for public in 0 1; do
+  flood_server "$public"
+  key=$(curl -fsS -X POST -H "X-Api-Key: $flood_master" -H 'Content-Type: application/json' \
+    -d '{"name":"flood-legit","owner":"load","scopes":["ledgers:read"]}' "$flood_base/api-keys" |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["key"])')
+  curl -fsS -o /dev/null -H "X-Api-Key: $key" "$flood_base/auth/ping" || fail "the legit key is refused"
+  if ((public)); then name="public CRC32"; kind=public; reason=unknown; else name="keyed tag"; kind=keyed; reason=checksum; fi
+  printf '\n%s (key length %s)\n' "$name" "${#key}"
+  printf '%-6s %18s %14s %18s %14s %8s\n' round "legit beside made-up" "made-up r/s" "legit beside malformed" "malformed r/s" ratio
+  : >"$work/flood-ratios"
+  for r in $(seq "$flood_rounds"); do
+    if ((r % 2)); then order=(made-up malformed); else order=(malformed made-up); fi
+    declare -A legit=() flood=()
+    for what in "${order[@]}"; do
+      if [[ $what == made-up ]]; then
+        read -r "legit[$what]" "flood[$what]" < <(flood_round "$key" "$kind" "$reason")
+      else
+        read -r "legit[$what]" "flood[$what]" < <(flood_round "$key" malformed malformed)
+      fi
+    done
+    ratio=$(awk -v a="${legit[made-up]}" -v b="${legit[malformed]}" 'BEGIN { printf "%.3f", b ? a / b : 0 }')
+    echo "$ratio" >>"$work/flood-ratios"
+    printf '%-6s %18s %14s %18s %14s %7sx\n' "$r" "${legit[made-up]}" "${flood[made-up]}" \
+      "${legit[malformed]}" "${flood[malformed]}" "$ratio"
+  done
+  flood_median=$(median <"$work/flood-ratios")
+  echo "$name: median legit req/s beside made-up / beside malformed ${flood_median}x"
+  if ((public == 0)); then
+    awk -v r="$flood_median" -v m=$flood_target 'BEGIN { exit !(r >= m) }' ||
+      fail "keyed flood ratio $flood_median < $flood_target"
+  fi
+  flood_stop
+done
+
+if [[ -s $work/failures ]]; then
+  echo "load.sh flood: $(wc -l <"$work/failures") failure(s)" >&2
+  exit 1
+fi
+echo "load.sh flood: keyed target met (>= $flood_target), every flood answer as expected"
+exit 0
