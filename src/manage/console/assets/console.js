@@ -289,8 +289,8 @@
       label.replaceChildren(h("span", { class: "status active", text: "Master key" }));
     } else {
       label.replaceChildren(
-        h("span", { class: "kind-text", text: "Scoped key" }),
-        h("span", { class: "who", title: `${me.name} (${me.owner_id})`, text: me.name }),
+        h("span", { class: "kind", text: "Scoped key" }),
+        h("span", { class: "who", title: `${me.name} (owner ${me.owner_id})`, text: me.name }),
       );
     }
     const ownerInput = $("owner");
@@ -794,7 +794,6 @@
     }
     document.title = config.title;
     $("brand-title").textContent = config.title;
-    $("keys-title").textContent = config.title;
   }
 
   function wire() {
