@@ -14,9 +14,11 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tower::ServiceExt;
+use tower_api_keys::key::{ApiKey, KeyFormat};
+use tower_api_keys::layer::ApiKeyLayer;
 use tower_api_keys::manage::console::{CONTENT_SECURITY_POLICY, Console};
 use tower_api_keys::manage::{self, KeyManager, KeyPolicy};
-use tower_api_keys::{ApiKey, ApiKeyLayer, CachedResolver, KeyFormat};
+use tower_api_keys::resolver::CachedResolver;
 
 fn app(policy: KeyPolicy) -> Router {
     let store = TestStore::new();

@@ -110,7 +110,7 @@ impl WebDriverCompatibleCommand for SessionCommand {
 struct Service {
     base: String,
     master: String,
-    usage: tower_api_keys::UsageRecorder,
+    usage: tower_api_keys::usage::UsageRecorder,
     http: HttpClient<HttpConnector, Full<Bytes>>,
     _parts: Vec<Box<dyn std::any::Any + Send>>,
 }

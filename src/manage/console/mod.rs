@@ -21,7 +21,10 @@
 //! use axum::http::{Request, StatusCode};
 //! use tower::ServiceExt;
 //! use tower_api_keys::manage::{self, KeyManager, console::Console};
-//! use tower_api_keys::{ApiKey, ApiKeyLayer, CachedResolver, MemoryStore};
+//! use tower_api_keys::key::ApiKey;
+//! use tower_api_keys::layer::ApiKeyLayer;
+//! use tower_api_keys::resolver::CachedResolver;
+//! use tower_api_keys::store::MemoryStore;
 //!
 //! let store = Arc::new(MemoryStore::new());
 //! let resolver = CachedResolver::new(store.clone());
