@@ -624,6 +624,12 @@ async fn journey(b: &Browser, s: &Service) -> Outcome {
     b.type_into("Owner", "acme").await?;
     b.click("Show keys").await?;
     assert_eq!(b.usage_text().await?, "0 of 10 active keys");
+    b.until(
+        "the empty state",
+        "return !document.getElementById('keys-empty').hidden",
+    )
+    .await?;
+    b.screenshot("01-empty", 1440, 900).await?;
 
     // Create a delegating key for acme through the dialog.
     b.click("Create key").await?;
@@ -916,6 +922,48 @@ async fn journey(b: &Browser, s: &Service) -> Outcome {
     )
     .await?;
     assert!(!s.list("acme").await.iter().any(|k| k["name"] == XSS));
+
+    // At the policy's limit, Create is unavailable and says why.
+    let active = s
+        .list("acme")
+        .await
+        .iter()
+        .filter(|k| k["is_revoked"] == false)
+        .count();
+    for i in active..10 {
+        s.create("acme", &format!("Batch key {i}"), &["ledgers:read"])
+            .await;
+    }
+    b.click("Refresh").await?;
+    b.until(
+        "Create to be disabled",
+        "return document.getElementById('create-open').disabled && !document.getElementById('create-reason').hidden",
+    )
+    .await?;
+    assert_eq!(b.usage_text().await?, "10 of 10 active keys");
+    let reason = b.text_of("#create-reason").await?;
+    assert!(reason.contains("limit of 10 active keys"), "{reason}");
+    let described = b
+        .label(&b.client.find(Locator::Id("create-open")).await?)
+        .await?;
+    assert_eq!(described, "Create key");
+    b.screenshot("08-limit", 1440, 900).await?;
+    b.screenshot("08-limit", 375, 812).await?;
+    b.client.set_window_size(1440, 900).await?;
+    let revoke_one = s.key_named("acme", "Batch key 9").await;
+    s.call(
+        Method::DELETE,
+        &format!("/api-keys/{}", revoke_one["api_key_id"].as_str().unwrap()),
+        &s.master,
+        None,
+    )
+    .await;
+    b.click("Refresh").await?;
+    b.until(
+        "Create to be enabled",
+        "return !document.getElementById('create-open').disabled",
+    )
+    .await?;
 
     // Keyboard: the create dialog opens, fills and closes from the keyboard alone.
     b.button("Create key").await?.send_keys("\u{E007}").await?; // Enter
