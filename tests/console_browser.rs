@@ -10,6 +10,8 @@
 #[path = "../examples/server.rs"]
 mod server;
 
+mod common;
+
 use std::net::TcpListener as StdListener;
 use std::os::unix::process::CommandExt;
 use std::panic::AssertUnwindSafe;
@@ -965,6 +967,16 @@ async fn journey(b: &Browser, s: &Service) -> Outcome {
     )
     .await?;
 
+    // Cancel closes a dialog without doing anything.
+    b.click("Create key").await?;
+    b.click("Cancel").await?;
+    b.until(
+        "the dialog to close",
+        "return !document.getElementById('create-dialog').open",
+    )
+    .await?;
+    assert_eq!(b.usage_text().await?, "9 of 10 active keys");
+
     // Keyboard: the create dialog opens, fills and closes from the keyboard alone.
     b.button("Create key").await?.send_keys("\u{E007}").await?; // Enter
     b.until(
@@ -985,16 +997,114 @@ async fn journey(b: &Browser, s: &Service) -> Outcome {
     )
     .await?;
 
+    // An overview with realistic keys, for the README.
+    let production = s
+        .create(
+            "payments",
+            "Production backend",
+            &["ledgers:read", "transactions:write"],
+        )
+        .await;
+    s.create(
+        "payments",
+        "Staging worker",
+        &["ledgers:read", "balances:read"],
+    )
+    .await;
+    let partner = s
+        .create("payments", "Partner import job", &["transactions:write"])
+        .await;
+    s.create(
+        "payments",
+        "Reporting",
+        &["ledgers:read", "balances:read", "transactions:read"],
+    )
+    .await;
+    assert_eq!(
+        s.ledgers_status(production["key"].as_str().unwrap()).await,
+        StatusCode::OK
+    );
+    s.usage.flush().await?;
+    s.call(
+        Method::DELETE,
+        &format!("/api-keys/{}", partner["api_key_id"].as_str().unwrap()),
+        &s.master,
+        None,
+    )
+    .await;
+    b.type_into("Owner", "payments").await?;
+    b.click("Show keys").await?;
+    b.row("Partner import job").await?;
+    assert_eq!(b.usage_text().await?, "3 of 10 active keys");
+    b.screenshot("09-overview", 1440, 900).await?;
+    b.screenshot("09-overview", 375, 812).await?;
+    b.dark(true).await?;
+    b.screenshot("09-overview-dark", 1440, 900).await?;
+    b.dark(false).await?;
+    b.client.set_window_size(1440, 900).await?;
+
+    // A store outage is a message, not a blank page: the store is unavailable, retry.
+    outage(b).await?;
+
     // The contract's names, as a screen reader hears them.
     for name in ["Sign out", "Create key", "Refresh"] {
         b.button(name).await?;
     }
-    for name in ["Owner"] {
-        b.field(name).await?;
-    }
+    b.field("Owner").await?;
     let inert = b
         .js("return window.__xss === undefined || window.__xss === 0")
         .await?;
     assert_eq!(inert, json!(true));
+    Ok(())
+}
+
+/// The console in front of a key store that fails: the page says the store is unavailable and to
+/// retry, and recovers on Refresh.
+async fn outage(b: &Browser) -> Outcome {
+    use std::sync::atomic::Ordering;
+    use tower_api_keys::key::ApiKey;
+    use tower_api_keys::layer::ApiKeyLayer;
+    use tower_api_keys::manage::{self, KeyManager, console::Console};
+    use tower_api_keys::resolver::CachedResolver;
+
+    let store = common::TestStore::new();
+    let resolver = CachedResolver::new(store.clone());
+    let app = axum::Router::new()
+        .merge(manage::router(KeyManager::new(
+            store.clone(),
+            resolver.clone(),
+        )))
+        .layer(ApiKeyLayer::new(resolver).master_key(ApiKey::new(common::MASTER)))
+        .nest("/keys", Console::new().router());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(axum::serve(listener, app).into_future());
+
+    b.client.goto(&format!("{base}/keys")).await?;
+    b.sign_in(common::MASTER).await?;
+    store.failing.store(true, Ordering::SeqCst);
+    b.type_into("Owner", "acme").await?;
+    b.click("Show keys").await?;
+    b.until(
+        "the outage banner",
+        "return !document.getElementById('banner').hidden",
+    )
+    .await?;
+    let banner = b.text_of("#banner").await?;
+    assert!(
+        banner.contains("key store is unavailable")
+            && banner.contains("retry")
+            && banner.contains("AUTH_UNAVAILABLE"),
+        "{banner}"
+    );
+    b.screenshot("10-outage", 1440, 900).await?;
+    store.failing.store(false, Ordering::SeqCst);
+    b.click("Refresh").await?;
+    b.until(
+        "the banner to go",
+        "return document.getElementById('banner').hidden",
+    )
+    .await?;
+    assert_eq!(b.usage_text().await?, "0 active keys");
     Ok(())
 }

@@ -40,6 +40,7 @@
   let owner = null; // whose keys are shown
   let keys = []; // loaded pages, newest first
   let cursor = null; // x-next-cursor of the last page
+  let loadFailed = false; // the last reload failed (the banner says why)
   let current = null; // the key in the details dialog
   let generation = 0; // bumped on sign-in/out and owner change: late answers are dropped
   const owners = new Set();
@@ -103,7 +104,7 @@
         ? detail.message
         : data && typeof data.error === "string" ? data.error : describeStatus(response.status);
       if (response.status === 503) {
-        message = `The key store is unavailable right now; nothing was changed. Wait a moment and retry. (${message})`;
+        message = `The key store is unavailable right now. Wait a moment and retry. (${message})`;
       }
       const error = new ApiError(response.status, code, message);
       if (response.status === 401 && started === generation) signOut(error);
@@ -329,6 +330,7 @@
     keys = [];
     cursor = null;
     policy = null;
+    loadFailed = false;
     clearError("banner");
     $("choose-owner").hidden = true;
     $("keys-panel").hidden = false;
@@ -354,9 +356,13 @@
       policy = policyAnswer.data;
       keys = page.data;
       cursor = page.headers.get("x-next-cursor");
+      loadFailed = false;
       clearError("banner");
     } catch (error) {
-      if (view === generation && secret !== null) showError("banner", error);
+      if (view === generation && secret !== null) {
+        loadFailed = true;
+        showError("banner", error);
+      }
     } finally {
       $("refresh").disabled = false;
     }
@@ -390,7 +396,7 @@
     const meter = $("usage-meter");
     const fill = $("usage-fill");
     if (policy === null) {
-      text.textContent = "Loading…";
+      text.textContent = loadFailed ? "Keys could not be loaded" : "Loading…";
       meter.hidden = true;
     } else if (policy.max_active_per_owner === null) {
       const n = policy.active_keys;
@@ -429,7 +435,7 @@
       const status = statusOf(key);
       return h("tr", { class: status === "Active" ? null : status.toLowerCase(), "data-key-id": key.api_key_id },
         h("td", { class: "name", "data-label": "Name" },
-          h("button", { type: "button", class: "link", "data-open": key.api_key_id, text: key.name })),
+          h("button", { type: "button", class: "link", "data-open": key.api_key_id, title: key.name, text: key.name })),
         h("td", { class: "key", "data-label": "Key" }, h("code", { text: key.masked_key })),
         h("td", { class: "scopes", "data-label": "Scopes" }, chips(key.scopes)),
         h("td", { class: "when", "data-label": "Created" }, when(key.created_at)),
