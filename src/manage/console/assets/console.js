@@ -715,12 +715,13 @@
     if (!current) return;
     clearError("rotate-error");
     const grace = Number($("rotate-grace").value);
+    const body = {};
+    if (grace > 0) body.grace_period_seconds = grace;
+    if ($("rotate-descendants").checked) body.revoke_descendants = true;
     const button = $("rotate-submit");
     button.disabled = true;
     try {
-      const { data } = await api("POST", `api-keys/${encodeURIComponent(current.api_key_id)}/rotate`, {
-        body: grace > 0 ? { grace_period_seconds: grace } : {},
-      });
+      const { data } = await api("POST", `api-keys/${encodeURIComponent(current.api_key_id)}/rotate`, { body });
       close("rotate-dialog");
       close("details-dialog");
       showSecret("Your rotated key", data);
