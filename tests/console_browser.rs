@@ -1,13 +1,13 @@
 #![cfg(unix)]
 //! The key console in a real browser: headless Chromium, driven through chromedriver (WebDriver),
-//! against `examples/server.rs` served on a free local port.
+//! against `examples/server/` served on a free local port.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them). Without them the test
 //! says loudly that it was SKIPPED, and fails under `CI=true`. Screenshots at 375 and 1440 px wide
 //! land in `target/console-screenshots/`.
 
 #[allow(dead_code)]
-#[path = "../examples/server.rs"]
+#[path = "../examples/server/main.rs"]
 mod server;
 
 mod common;
