@@ -1043,6 +1043,37 @@ async fn journey(b: &Browser, s: &Service) -> Outcome {
     b.dark(false).await?;
     b.client.set_window_size(1440, 900).await?;
 
+    // Paged with the API's cursor: Load more fetches the next page.
+    // (Revoked at once: the demo allows 10 active keys per owner; revoked ones stay listed.)
+    for i in 0..30 {
+        let bulk = s
+            .create("bulk", &format!("Bulk key {i:02}"), &["ledgers:read"])
+            .await;
+        let id = bulk["api_key_id"].as_str().unwrap();
+        let revoked = s
+            .call(Method::DELETE, &format!("/api-keys/{id}"), &s.master, None)
+            .await;
+        assert_eq!(revoked.status, StatusCode::NO_CONTENT);
+    }
+    b.type_into("Owner", "bulk").await?;
+    b.click("Show keys").await?;
+    b.row("Bulk key 29").await?;
+    let rows = b
+        .js("return document.querySelectorAll('#keys-body tr').length")
+        .await?;
+    assert_eq!(rows, json!(25), "one page");
+    assert_eq!(b.usage_text().await?, "0 of 10 active keys");
+    b.click("Load more").await?;
+    b.row("Bulk key 00").await?;
+    let rows = b
+        .js("return document.querySelectorAll('#keys-body tr').length")
+        .await?;
+    assert_eq!(rows, json!(30));
+    let more = b
+        .js("return document.getElementById('load-more').hidden")
+        .await?;
+    assert_eq!(more, json!(true), "no page after the last");
+
     // A store outage is a message, not a blank page: the store is unavailable, retry.
     outage(b).await?;
 
