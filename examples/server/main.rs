@@ -18,20 +18,23 @@
 //!
 //! Routes: `/ledgers`, `/balances`, `/transactions` (POST create, GET list, GET `/{id}`), scoped by
 //! method (`ledgers:read` / `ledgers:write`, ...); key management at `/api-keys`. Unauthenticated:
-//! `/health`, `/openapi.json` (the whole API) and, with feature `metrics`, `/metrics`. Records are
-//! JSON; those created with a scoped key carry `meta_data.BLNK_GENERATED_BY` and belong to its
-//! account: a scoped key sees its account's records only, the master key all of them (the handlers
-//! in `records.rs` scope every query by `principal.account()`). `/ping` (no key) and `/auth/ping`
-//! (scope `ledgers:read`) run the same trivial handler outside and behind the key layer, so that
+//! `/health`, `/openapi.json` (the whole API), the key console at `/console` (a web page; it asks
+//! for a key itself) and, with feature `metrics`, `/metrics`. Records are JSON; those created with a
+//! scoped key carry `meta_data.BLNK_GENERATED_BY` and belong to its account: a scoped key sees its
+//! account's records only, the master key all of them (the handlers in `records.rs` scope every
+//! query by `principal.account()`). `/ping` (no key) and `/auth/ping` (scope `ledgers:read`) run the
+//! same trivial handler outside and behind the key layer, so that
 //! `scripts/load.sh` can measure what authentication costs.
 //!
 //! This file is the wiring to copy. Beside it: `records.rs` (the demo's records and their handlers),
-//! `openapi.rs` (the `/openapi.json` document), `prometheus.rs` (`/metrics`) and `config.rs` (the
+//! `openapi.rs` (the `/openapi.json` document), `prometheus.rs` (`/metrics`), `console.rs` (the
+//! console's declared scopes) and `config.rs` (the
 //! environment, the database, revocation broadcast). [`build`] assembles everything from a
 //! [`Config`] without binding a port (`tests/walkthrough.rs` uses it); `main` adds the environment,
 //! the listener and graceful shutdown.
 
 mod config;
+mod console;
 mod openapi;
 #[cfg(feature = "metrics")]
 mod prometheus;
@@ -103,6 +106,7 @@ fn app(layer: ApiKeyLayer, manager: KeyManager, records: Records) -> Router {
         )
         .layer(layer)
         // Added after the authentication layer: no key needed.
+        .nest("/console", console::console().router())
         .route("/ping", get(ping))
         .route(
             "/health",

@@ -60,6 +60,8 @@
 //! ```
 
 mod authorize;
+#[cfg(feature = "console")]
+pub mod console;
 #[cfg(feature = "manage")]
 mod router;
 
@@ -159,6 +161,16 @@ impl KeyPolicy {
     /// The active-key limits.
     pub fn limits(&self) -> KeyLimits {
         self.limits
+    }
+
+    /// The lifetime of a key created without an expiry, if set.
+    pub fn lifetime_default(&self) -> Option<Duration> {
+        self.default_lifetime
+    }
+
+    /// The longest lifetime a key may have, if set.
+    pub fn lifetime_max(&self) -> Option<Duration> {
+        self.max_lifetime
     }
 }
 
@@ -389,6 +401,11 @@ impl KeyManager {
     pub fn invalidator(mut self, invalidator: impl Invalidator) -> Self {
         self.invalidator = Arc::new(invalidator);
         self
+    }
+
+    /// The policy new keys are created under.
+    pub fn key_policy(&self) -> &KeyPolicy {
+        &self.policy
     }
 
     /// The resolver whose cache this manager keeps fresh.

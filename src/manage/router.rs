@@ -32,7 +32,11 @@ const NEVER: &str = "0001-01-01T00:00:00Z";
 /// | `DELETE /api-keys/{id}` | revoke (soft), with every key it created | 204 |
 /// | `DELETE /api-keys/{id}?permanent=true` | delete the record (master key only), revoke every key it created | 204 |
 /// | `POST /api-keys/{id}/rotate` `{grace_period_seconds?, revoke_descendants?}` | new secret, same id | 200 key with plaintext `key` |
+/// | `GET /api-keys/self` | who the calling key is (any valid key) | 200 caller |
+/// | `GET /api-keys/policy?owner=` | lifetime policy, and the owner's active keys against the limit | 200 policy |
 /// | `GET /api-keys/openapi.json` | this API's OpenAPI 3.1 document | 200 |
+///
+/// `self`, `policy` and `openapi.json` are not key ids (generated ids start with `key_`).
 ///
 /// Every id-addressed route accepts `?owner=<owner>` (Blnk revokes with
 /// `DELETE /api-keys/{id}?owner=<owner>`): when given, it must be the key's owner, or the answer is
@@ -70,6 +74,8 @@ pub fn router(manager: KeyManager) -> Router {
             "/api-keys/openapi.json",
             get(|| async { axum::Json(openapi()) }),
         )
+        .route("/api-keys/self", get(caller_info))
+        .route("/api-keys/policy", get(policy_info))
         .route("/api-keys/{id}", get(get_key).delete(revoke_key))
         .route("/api-keys/{id}/rotate", post(rotate_key))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -84,8 +90,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "tower-api-keys management API", description = "Create, list, revoke, delete and rotate scoped API keys."),
-    paths(create_key, list_keys, get_key, revoke_key, rotate_key),
-    components(schemas(CreateKeyBody, RotateBody, KeyResponse, ErrorBody, ErrorDetail)),
+    paths(create_key, list_keys, get_key, revoke_key, rotate_key, caller_info, policy_info),
+    components(schemas(CreateKeyBody, RotateBody, KeyResponse, CallerResponse, PolicyResponse, ErrorBody, ErrorDetail)),
     modifiers(&Security),
     security(("api_key" = []), ("blnk_key" = []), ("bearer" = []))
 )]
@@ -189,6 +195,55 @@ struct KeyResponse {
     revoked_at: Option<String>,
     rotated_at: Option<String>,
     created_by: Option<String>,
+}
+
+/// The calling key, as `GET /api-keys/self` shows it: what the console needs to offer only what
+/// the key may do.
+#[derive(Serialize, ToSchema)]
+struct CallerResponse {
+    /// `master` or `scoped`.
+    #[schema(example = "scoped")]
+    kind: &'static str,
+    /// `master` for the master key.
+    api_key_id: String,
+    name: String,
+    /// `null` for the master key, which acts for any owner.
+    owner_id: Option<String>,
+    /// `null` for the master key.
+    account_id: Option<String>,
+    scopes: Vec<String>,
+    /// When the calling key stops working (a rotation grace end counts), if ever: no key it creates
+    /// may expire later.
+    expires_at: Option<String>,
+}
+
+/// The rules for new keys, as `GET /api-keys/policy` shows them to the calling key.
+#[derive(Serialize, ToSchema)]
+struct PolicyResponse {
+    /// The owner the counts are for.
+    owner_id: String,
+    /// The owner's active (unrevoked, unexpired) keys.
+    active_keys: u64,
+    /// Most active keys per owner, if limited.
+    max_active_per_owner: Option<u32>,
+    /// Most active keys per account, if limited.
+    max_active_per_account: Option<u32>,
+    /// Lifetime of a key created without `expires_at`, if set.
+    default_lifetime_seconds: Option<u64>,
+    /// Longest lifetime of a key, if limited.
+    max_lifetime_seconds: Option<u64>,
+    /// What a key created now without `expires_at` would get from this caller (`null`: never expires).
+    default_expires_at: Option<String>,
+    /// The latest `expires_at` this caller may give a key created now (`null`: no bound).
+    latest_expires_at: Option<String>,
+    /// Whether this caller may create a key that never expires.
+    never_expires_allowed: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyParams {
+    owner: Option<String>,
 }
 
 /// The error body.
@@ -466,4 +521,85 @@ async fn rotate_key(
         .rotate_in(&principal, &id, params.owner.as_deref(), options)
         .await?;
     Ok(no_store(StatusCode::OK, KeyResponse::created(created)))
+}
+
+#[utoipa::path(get, path = "/api-keys/self",
+    responses((status = 200, body = CallerResponse), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn caller_info(principal: Principal) -> Response {
+    let body = CallerResponse {
+        kind: if principal.is_master() {
+            "master"
+        } else {
+            "scoped"
+        },
+        api_key_id: principal.key_id().to_string(),
+        name: principal.name().to_owned(),
+        owner_id: principal.owner().map(str::to_owned),
+        account_id: principal.account().map(str::to_owned),
+        scopes: principal.scopes().to_strings(),
+        expires_at: principal.expires_at().map(timestamp),
+    };
+    no_store(StatusCode::OK, body)
+}
+
+#[utoipa::path(get, path = "/api-keys/policy",
+    params(("owner" = Option<String>, Query, description = "Whose keys to count (required with the master key)")),
+    responses((status = 200, body = PolicyResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn policy_info(
+    State(manager): State<KeyManager>,
+    principal: Principal,
+    params: Result<Query<PolicyParams>, QueryRejection>,
+) -> Result<Response, AuthError> {
+    let Query(params) =
+        params.map_err(|e| AuthError::invalid(format!("invalid query: {}", e.body_text())))?;
+    let now = OffsetDateTime::now_utc();
+    // Counted through the listing, so reading the count is allowed exactly when listing is.
+    let mut active_keys = 0;
+    let mut cursor = None;
+    loop {
+        let page = manager
+            .list(
+                &principal,
+                params.owner.as_deref(),
+                cursor,
+                super::MAX_PAGE_SIZE,
+            )
+            .await?;
+        active_keys += page
+            .keys
+            .iter()
+            .filter(|k| k.revoked_at.is_none() && k.expires_at.is_none_or(|at| at > now))
+            .count() as u64;
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    // The listing refused a call without an owner to act for.
+    let owner = params
+        .owner
+        .or_else(|| principal.owner().map(str::to_owned))
+        .ok_or(AuthError::OwnerRequired)?;
+    let policy = manager.key_policy();
+    let default_expires_at = manager.expiry(&principal, None, now)?;
+    let latest_expires_at = match (
+        policy.lifetime_max().map(|max| now + max),
+        principal.expires_at(),
+    ) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let body = PolicyResponse {
+        owner_id: owner,
+        active_keys,
+        max_active_per_owner: policy.limits().per_owner,
+        max_active_per_account: policy.limits().per_account,
+        default_lifetime_seconds: policy.lifetime_default().map(|d| d.as_secs()),
+        max_lifetime_seconds: policy.lifetime_max().map(|d| d.as_secs()),
+        default_expires_at: default_expires_at.map(timestamp),
+        latest_expires_at: latest_expires_at.map(timestamp),
+        never_expires_allowed: default_expires_at.is_none(),
+    };
+    Ok(no_store(StatusCode::OK, body))
 }
