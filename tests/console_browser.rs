@@ -129,6 +129,7 @@ impl Service {
             master_key: None,
             database_url: format!("sqlite://{}", db.display()),
             redis_url: None,
+            public_checksum: false,
         })
         .await
         .expect("the example builds");
