@@ -1637,7 +1637,8 @@ fn forged_stamps_are_never_stored() {
     );
     // Both outcomes are exercised, so the property is not vacuous.
     assert!(refused > FRAMING_CASES / 4, "{refused} refused");
-    assert!(stored_some > FRAMING_CASES / 8, "{stored_some} stored");
+    // About 12% of framings are stampable JSON; a sixteenth leaves room for proptest's randomness.
+    assert!(stored_some > FRAMING_CASES / 16, "{stored_some} stored");
 }
 
 // ---------------------------------------------------------------------------------------------
