@@ -58,7 +58,7 @@
 //!    the next request reaches the store (`tests/resolver_race.rs`:
 //!    `a_lookup_overtaken_by_an_invalidation_does_not_fill_the_cache`; unit test
 //!    `front_forgets_on_every_invalidation`).
-//! 7. **A revocation through [`KeyManager`](crate::KeyManager) is final on this instance**: once
+//! 7. **A revocation through [`KeyManager`](crate::manage::KeyManager) is final on this instance**: once
 //!    `revoke` has returned, no thread admits the key again (`tests/resolver_race.rs`:
 //!    `no_thread_admits_a_key_after_revoke_returned`).
 //! 8. **Degraded mode bounds staleness when broadcasts fail**: while an invalidation subscription of
@@ -647,7 +647,7 @@ impl CachedResolver {
     /// Forgets every cached digest of one key (current and previous secrets). Effective at once;
     /// the cache's maintenance then removes the entries (a scan in the background). When the
     /// digests are known, [`invalidate_digest`](Self::invalidate_digest) each is cheaper: that is
-    /// what [`Invalidation::apply`](crate::Invalidation::apply) does.
+    /// what [`Invalidation::apply`](crate::invalidate::Invalidation::apply) does.
     pub fn invalidate_key(&self, id: &KeyId) {
         self.bump();
         self.inner.cache.remove_key(id);
