@@ -672,6 +672,8 @@ async fn journey(b: &Browser, s: &Service) -> Outcome {
     let first = b.secret_shown().await?;
     assert!(first.starts_with("sk_live_"), "{first}");
     b.screenshot("03-shown-once", 1440, 900).await?;
+    b.screenshot("03-shown-once", 375, 812).await?;
+    b.client.set_window_size(1440, 900).await?;
     b.click("Copy").await?;
     b.until(
         "the copy confirmation",
@@ -720,9 +722,12 @@ async fn journey(b: &Browser, s: &Service) -> Outcome {
     }
     assert!(details.contains("The master key"), "{details}");
     b.screenshot("04-details", 1440, 900).await?;
+    b.screenshot("04-details", 375, 812).await?;
+    b.client.set_window_size(1440, 900).await?;
     b.click("Rotate").await?;
     let grace = b.field("Grace period").await?;
     grace.select_by_value("900").await?;
+    b.screenshot("04-rotate", 1440, 900).await?;
     b.click("Rotate").await?;
     let rotated = b.secret_shown().await?;
     assert_ne!(rotated, first);
@@ -784,6 +789,8 @@ async fn journey(b: &Browser, s: &Service) -> Outcome {
         "{summary}"
     );
     b.screenshot("05-revoke", 1440, 900).await?;
+    b.screenshot("05-revoke", 375, 812).await?;
+    b.client.set_window_size(1440, 900).await?;
     b.click("Revoke").await?;
     b.until(
         "the Revoked status",
