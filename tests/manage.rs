@@ -864,6 +864,7 @@ fn openapi_states_the_enforced_constraints() {
         ("/api-keys/{id}", "delete"),
         ("/api-keys/{id}/rotate", "post"),
         ("/api-keys", "get"),
+        ("/api-keys/policy", "get"),
     ] {
         owner_like(
             &param(path, method, "owner"),

@@ -1301,7 +1301,11 @@ mod postgres_only {
         assert_eq!(versions(&stores[0]).await, [1, 2, 3]);
         let again = fresh.store().await;
         again.migrate().await.unwrap();
-        assert_eq!(versions(&again).await, [1, 2, 3], "a restart applies nothing");
+        assert_eq!(
+            versions(&again).await,
+            [1, 2, 3],
+            "a restart applies nothing"
+        );
         let r = record("key_1", "o", "a");
         again.insert(&r, no_limits(), now()).await.unwrap();
         assert_eq!(stores[3].get(&r.id).await.unwrap(), Some(r));

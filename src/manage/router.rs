@@ -543,7 +543,8 @@ async fn caller_info(principal: Principal) -> Response {
 }
 
 #[utoipa::path(get, path = "/api-keys/policy",
-    params(("owner" = Option<String>, Query, description = "Whose keys to count (required with the master key)")),
+    params(("owner" = Option<String>, Query, min_length = 1, max_length = 128, pattern = "^[!-~]+$",
+            description = "Whose keys to count: 1 to 128 visible ASCII characters (required with the master key; a scoped key may only name its own owner, and counts its own account's keys)")),
     responses((status = 200, body = PolicyResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
               (status = 403, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn policy_info(
