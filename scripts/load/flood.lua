@@ -7,7 +7,9 @@
 --             the public checksum format (each one new, so each one a store lookup there).
 --   malformed the keyed format's length, with a `!` as its last character (refused by the shape).
 -- Each kind costs the client the same: 55 random characters (CRC32 only for `public`). Every answer
--- must be 401 with `details.reason` = the expected reason. Prints one RESULT line.
+-- must be 401 with `details.reason` = the expected reason, except that for `public` a 503
+-- AUTH_UNAVAILABLE (the resolver's lookup bound shedding store lookups) is counted as `shed`.
+-- Prints one FLOOD line.
 
 local threads = {}
 
@@ -60,7 +62,7 @@ end
 function init(args)
   kind, prefix, want_reason = args[1], args[2] .. "_", args[3]
   math.randomseed(os.time() + tonumber(tostring({}):match("0x(%x+)"), 16) % 100000)
-  total, wrong = 0, 0
+  total, wrong, shed = 0, 0, 0
 end
 
 function request()
@@ -80,18 +82,21 @@ end
 function response(status, headers, body)
   total = total + 1
   local reason = body:match('"reason"%s*:%s*"([%w_]+)"') or "-"
-  if status ~= 401 or reason ~= want_reason then
+  if kind == "public" and status == 503 and body:find('"AUTH_UNAVAILABLE"', 1, true) then
+    shed = shed + 1
+  elseif status ~= 401 or reason ~= want_reason then
     wrong = wrong + 1
   end
 end
 
 function done(summary, latency, requests)
-  local counted, bad = 0, 0
+  local counted, bad, dropped = 0, 0, 0
   for _, thread in ipairs(threads) do
     counted = counted + thread:get("total")
     bad = bad + thread:get("wrong")
+    dropped = dropped + thread:get("shed")
   end
   local e = summary.errors
-  io.write(string.format("FLOOD requests=%d counted=%d wrong=%d errors=%d duration_us=%d\n",
-    summary.requests, counted, bad, e.connect + e.read + e.write + e.timeout, summary.duration))
+  io.write(string.format("FLOOD requests=%d counted=%d wrong=%d shed=%d errors=%d duration_us=%d\n",
+    summary.requests, counted, bad, dropped, e.connect + e.read + e.write + e.timeout, summary.duration))
 end

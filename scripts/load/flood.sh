@@ -62,7 +62,8 @@ flood_round() {
   [[ $(field requests "$flood_line") -gt 0 ]] || fail "$2 flood: no requests"
   awk -v n="$(field requests "$out")" -v us="$(field duration_us "$out")" \
     -v fn="$(field requests "$flood_line")" -v fus="$(field duration_us "$flood_line")" \
-    'BEGIN { printf "%.0f %.0f\n", n * 1e6 / us, fn * 1e6 / fus }'
+    -v shed="$(field shed "$flood_line")" \
+    'BEGIN { printf "%.0f %.0f %d\n", n * 1e6 / us, fn * 1e6 / fus, shed }'
 }
 
 printf '\nflood mode: legit wrk -t1 -c16 on /auth/ping beside a flood wrk -t1 -c16, %ss per run, %s rounds\n' \
@@ -75,22 +76,23 @@ for public in 0 1; do
   curl -fsS -o /dev/null -H "X-Api-Key: $key" "$flood_base/auth/ping" || fail "the legit key is refused"
   if ((public)); then name="public CRC32"; kind=public; reason=unknown; else name="keyed tag"; kind=keyed; reason=checksum; fi
   printf '\n%s (key length %s)\n' "$name" "${#key}"
-  printf '%-6s %18s %14s %18s %14s %8s\n' round "legit beside made-up" "made-up r/s" "legit beside malformed" "malformed r/s" ratio
+  printf '%-6s %20s %12s %8s %22s %14s %8s\n' round "legit beside made-up" "made-up r/s" "503 shed" \
+    "legit beside malformed" "malformed r/s" ratio
   : >"$work/flood-ratios"
   for r in $(seq "$flood_rounds"); do
     if ((r % 2)); then order=(made-up malformed); else order=(malformed made-up); fi
-    declare -A legit=() flood=()
+    declare -A legit=() flood=() shed=()
     for what in "${order[@]}"; do
       if [[ $what == made-up ]]; then
-        read -r "legit[$what]" "flood[$what]" < <(flood_round "$key" "$kind" "$reason")
+        read -r "legit[$what]" "flood[$what]" "shed[$what]" < <(flood_round "$key" "$kind" "$reason")
       else
-        read -r "legit[$what]" "flood[$what]" < <(flood_round "$key" malformed malformed)
+        read -r "legit[$what]" "flood[$what]" "shed[$what]" < <(flood_round "$key" malformed malformed)
       fi
     done
     ratio=$(awk -v a="${legit[made-up]}" -v b="${legit[malformed]}" 'BEGIN { printf "%.3f", b ? a / b : 0 }')
     echo "$ratio" >>"$work/flood-ratios"
-    printf '%-6s %18s %14s %18s %14s %7sx\n' "$r" "${legit[made-up]}" "${flood[made-up]}" \
-      "${legit[malformed]}" "${flood[malformed]}" "$ratio"
+    printf '%-6s %20s %12s %8s %22s %14s %7sx\n' "$r" "${legit[made-up]}" "${flood[made-up]}" \
+      "${shed[made-up]}" "${legit[malformed]}" "${flood[malformed]}" "$ratio"
   done
   flood_median=$(median <"$work/flood-ratios")
   echo "$name: median legit req/s beside made-up / beside malformed ${flood_median}x"
