@@ -440,7 +440,7 @@ fn flood(runtime: &tokio::runtime::Runtime, format: &KeyFormat, rng: &mut Rng) {
             let answer = send(&mut service, request(Some(key.expose_secret()))).await;
             assert_invalid(&answer, InvalidKeyReason::Unknown, "flood key");
             flood_lookups += store.lookups() - lookups;
-            if i % FLOOD_EVERY == 0 {
+            if i.is_multiple_of(FLOOD_EVERY) {
                 let key = &hot[rng.below(HOT_KEYS)];
                 let answer = send(&mut service, request(Some(key.expose_secret()))).await;
                 assert_eq!(answer.0, StatusCode::OK);
