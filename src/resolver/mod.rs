@@ -680,6 +680,7 @@ impl CachedResolver {
     }
 
     /// A subscription of this resolver went down (or is not up yet): enter degraded mode.
+    #[cfg(any(feature = "postgres", feature = "redis"))]
     pub(crate) fn subscription_down(&self) {
         if self.inner.degraded.fetch_add(1, Ordering::AcqRel) == 0 {
             tracing::warn!(
@@ -694,6 +695,7 @@ impl CachedResolver {
 
     /// A subscription of this resolver is (back) up, and has cleared the cache: leave degraded mode
     /// once no other subscription is down.
+    #[cfg(any(feature = "postgres", feature = "redis"))]
     pub(crate) fn subscription_up(&self) {
         if self.inner.degraded.fetch_sub(1, Ordering::AcqRel) == 1 {
             // A front slot refused for its age during degraded mode may hold an answer that a
