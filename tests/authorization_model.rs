@@ -555,6 +555,7 @@ async fn run(seeds: Vec<Seed>, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 digest_scheme: Default::default(),
                 valid_until: now - time::Duration::minutes(1),
             }),
+            limits: Default::default(),
         };
         sys.store
             .insert(&record, KeyLimits::default(), now)
