@@ -1395,7 +1395,7 @@ mod postgres_only {
             .unwrap();
     }
 
-    /// A schema from before version 3 (no usage-limit columns) with a key in it: a new instance
+    /// A schema from before version 4 (no usage-limit columns) with a key in it: a new instance
     /// migrates it on start-up, and the key works on with no limits.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn keys_from_before_usage_limits_keep_working_with_none() {
@@ -1409,13 +1409,13 @@ mod postgres_only {
         execute(
             &old,
             format!(
-                "ALTER TABLE {s}.api_keys DROP COLUMN rate_limit, DROP COLUMN rate_period_seconds, DROP COLUMN credits_remaining, DROP COLUMN credits_refill_interval, DROP COLUMN credits_refill_amount, DROP COLUMN credits_set_at; DELETE FROM {s}.api_key_migrations WHERE version = 3"
+                "ALTER TABLE {s}.api_keys DROP COLUMN rate_limit, DROP COLUMN rate_period_seconds, DROP COLUMN credits_remaining, DROP COLUMN credits_refill_interval, DROP COLUMN credits_refill_amount, DROP COLUMN credits_set_at; DELETE FROM {s}.api_key_migrations WHERE version = 4"
             ),
         )
         .await;
         old.pool().close().await;
         let store = schema.store().await;
-        assert_eq!(versions(&store).await, [1, 2, 3]);
+        assert_eq!(versions(&store).await, [1, 2, 3, 4]);
         let found = store.find_by_digest(&r.digest).await.unwrap();
         assert_eq!(found, Some(r.clone()));
         assert!(found.unwrap().limits.is_unlimited());
@@ -1450,12 +1450,12 @@ mod postgres_only {
         for start in starts {
             stores.push(start.await.unwrap().expect("every instance starts"));
         }
-        assert_eq!(versions(&stores[0]).await, [1, 2, 3]);
+        assert_eq!(versions(&stores[0]).await, [1, 2, 3, 4]);
         let again = fresh.store().await;
         again.migrate().await.unwrap();
         assert_eq!(
             versions(&again).await,
-            [1, 2, 3],
+            [1, 2, 3, 4],
             "a restart applies nothing"
         );
         let r = record("key_1", "o", "a");
@@ -1585,7 +1585,7 @@ mod sqlite_only {
         bytes
     }
 
-    /// A database from before schema version 3 (no usage-limit columns) with a key in it: opening
+    /// A database from before schema version 4 (no usage-limit columns) with a key in it: opening
     /// it migrates, and the key works on with no limits.
     #[tokio::test]
     async fn keys_from_before_usage_limits_keep_working_with_none() {
@@ -1608,7 +1608,7 @@ mod sqlite_only {
             .await
             .unwrap();
         }
-        sqlx::raw_sql("DELETE FROM api_key_migrations WHERE version = 3")
+        sqlx::raw_sql("DELETE FROM api_key_migrations WHERE version = 4")
             .execute(old.pool())
             .await
             .unwrap();
@@ -1640,7 +1640,7 @@ mod sqlite_only {
                 .fetch_all(again.pool())
                 .await
                 .unwrap();
-        assert_eq!(versions, [1, 2, 3]);
+        assert_eq!(versions, [1, 2, 3, 4]);
         let r = record("key_1", "o", "a");
         again.insert(&r, no_limits(), now()).await.unwrap();
         assert_eq!(stores[2].get(&r.id).await.unwrap(), Some(r));

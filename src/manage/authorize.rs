@@ -6,8 +6,6 @@
 //! [`Operation::kind`].
 //!
 //! ```
-//! use tower_api_keys::error::ErrorCode;
-//! use tower_api_keys::key::KeyId;
 //! use tower_api_keys::manage::{KeyFacts, Operation, Target, authorize};
 //! use tower_api_keys::error::ErrorCode;
 //! use tower_api_keys::key::KeyId;

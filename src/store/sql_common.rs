@@ -59,7 +59,7 @@ pub(crate) struct RawRecord {
     pub(crate) limits: LimitColumns,
 }
 
-/// The usage-limit columns (schema version 2), all nullable: `rate_limit`, `rate_period_seconds`,
+/// The usage-limit columns (schema version 4), all nullable: `rate_limit`, `rate_period_seconds`,
 /// `credits_remaining`, `credits_refill_interval`, `credits_refill_amount`, `credits_set_at`.
 #[derive(Default)]
 pub(crate) struct LimitColumns {
