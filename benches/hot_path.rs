@@ -107,6 +107,7 @@ fn setup() -> (ApiKey, CachedResolver, CachedResolver) {
         created_by: None,
         rotated_at: None,
         previous: None,
+        limits: Default::default(),
     };
     let store = MemoryStore::new();
     let runtime = tokio::runtime::Builder::new_current_thread()

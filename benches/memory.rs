@@ -117,6 +117,7 @@ fn decode(digest: &KeyDigest) -> KeyRecord {
         created_by: None,
         rotated_at: None,
         previous: None,
+        limits: Default::default(),
     }
 }
 

@@ -79,6 +79,10 @@ pub enum ErrorCode {
     UnsupportedMediaType,
     /// `AUTH_UNAVAILABLE`: the key store cannot answer and nothing is cached (503).
     Unavailable,
+    /// `RATE_LIMITED`: over the key's rate limit (429, `Retry-After`).
+    RateLimited,
+    /// `USAGE_EXCEEDED`: the key's credits are spent (429, `Retry-After` until a refill).
+    UsageExceeded,
 }
 
 impl ErrorCode {
@@ -101,6 +105,8 @@ impl ErrorCode {
             Self::InvalidMetadata => "REQUEST_INVALID_METADATA",
             Self::UnsupportedMediaType => "REQUEST_UNSUPPORTED_MEDIA_TYPE",
             Self::Unavailable => "AUTH_UNAVAILABLE",
+            Self::RateLimited => "RATE_LIMITED",
+            Self::UsageExceeded => "USAGE_EXCEEDED",
         }
     }
 
@@ -123,6 +129,7 @@ impl ErrorCode {
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimited | Self::UsageExceeded => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -142,7 +149,10 @@ impl ErrorCode {
             | Self::InvalidRequest
             | Self::InvalidMetadata
             | Self::UnsupportedMediaType => 3,
-            Self::LimitReached | Self::PayloadTooLarge => 8,
+            Self::LimitReached
+            | Self::PayloadTooLarge
+            | Self::RateLimited
+            | Self::UsageExceeded => 8,
             Self::NotFound => 5,
             Self::Unavailable => 14,
         }
@@ -268,6 +278,18 @@ pub enum AuthError {
     /// it is never shown to clients.
     #[error("authentication is temporarily unavailable")]
     Unavailable(#[source] StoreError),
+    /// Over the key's rate limit.
+    #[error("rate limit exceeded; retry in {retry_after} s")]
+    RateLimited {
+        /// Seconds until the request would pass (the `Retry-After` value).
+        retry_after: u64,
+    },
+    /// The key's usage credits are spent.
+    #[error("usage credits exhausted")]
+    UsageExceeded {
+        /// Seconds until the next refill, if the credits refill.
+        retry_after: Option<u64>,
+    },
 }
 
 impl AuthError {
@@ -290,6 +312,8 @@ impl AuthError {
             Self::InvalidMetadata(_) => ErrorCode::InvalidMetadata,
             Self::UnsupportedMediaType(_) => ErrorCode::UnsupportedMediaType,
             Self::Unavailable(_) => ErrorCode::Unavailable,
+            Self::RateLimited { .. } => ErrorCode::RateLimited,
+            Self::UsageExceeded { .. } => ErrorCode::UsageExceeded,
         }
     }
 
@@ -309,6 +333,19 @@ impl AuthError {
             }
             Self::LimitReached { limit, scope } => Some(json!({ "limit": limit, "per": scope })),
             Self::PayloadTooLarge { limit } => Some(json!({ "limit": limit })),
+            Self::RateLimited { retry_after } => Some(json!({ "retry_after": retry_after })),
+            Self::UsageExceeded {
+                retry_after: Some(retry_after),
+            } => Some(json!({ "retry_after": retry_after })),
+            _ => None,
+        }
+    }
+
+    /// The `Retry-After` seconds of a rate-limit or credit refusal.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::RateLimited { retry_after } => Some(*retry_after),
+            Self::UsageExceeded { retry_after } => *retry_after,
             _ => None,
         }
     }
@@ -524,11 +561,22 @@ mod tests {
             InvalidMetadata,
             UnsupportedMediaType,
             Unavailable,
+            RateLimited,
+            UsageExceeded,
         ];
         let strings: std::collections::HashSet<_> = all.iter().map(|c| c.as_str()).collect();
         assert_eq!(strings.len(), all.len());
         assert_eq!(Unavailable.http_status(), 503);
         assert_eq!(LimitReached.http_status(), 409);
         assert_eq!(OwnerRequired.grpc_code(), 3);
+        assert_eq!(RateLimited.http_status(), 429);
+        assert_eq!(UsageExceeded.grpc_code(), 8);
+        let refused: Response<String> =
+            GrpcRejection.render(&AuthError::RateLimited { retry_after: 3 });
+        assert_eq!(refused.headers()["grpc-status"], "8");
+        assert_eq!(
+            refused.headers()["grpc-message"],
+            "RATE_LIMITED: rate limit exceeded; retry in 3 s"
+        );
     }
 }

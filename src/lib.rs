@@ -13,6 +13,8 @@ pub mod metrics;
 pub mod principal;
 #[cfg(feature = "provenance")]
 pub mod provenance;
+pub mod quota;
+pub mod ratelimit;
 pub mod resolver;
 pub mod scope;
 pub mod store;

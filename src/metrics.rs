@@ -4,6 +4,8 @@
 //! |---|---|---|---|
 //! | `api_key_requests_total` | counter | `outcome`: `ok` or the error code (e.g. `AUTH_INVALID_API_KEY`); `kind` on `ok`: `master`, `scoped` or `anonymous` | every request [`ApiKeyLayer`](crate::layer::ApiKeyLayer) admitted or refused |
 //! | `api_key_guard_refusals_total` | counter | `outcome`: the error code (`AUTH_INSUFFICIENT_PERMISSIONS`, `AUTH_MISSING_API_KEY`, `AUTH_MISSING_PRINCIPAL`) | every request a [`RequireScopes`](crate::guard::RequireScopes) guard refused |
+//! | `api_key_rate_limit_total` | counter | `outcome`: `admitted`, `RATE_LIMITED`, `USAGE_EXCEEDED` or `AUTH_UNAVAILABLE` | every request of a limited key a [`RateLimitLayer`](crate::ratelimit::RateLimitLayer) decided |
+//! | `api_key_rate_limit_backend_errors_total` | counter | `backend`: `rates` or `credits`; `mode`: `open` or `closed` | every failed limiter backend call (Redis, the key store) and how it was handled |
 //! | `api_key_lookup_seconds` | histogram | `outcome`: `found`, `unknown`, `error` or `timeout` | latency of key-store lookups (cache misses only) |
 //! | `api_key_lookups_shed_total` | counter | | cache misses the resolver's lookup bound answered 503 without asking the store ([`resolver::LOOKUPS_SHED_TOTAL`](crate::resolver::LOOKUPS_SHED_TOTAL)) |
 //! | `api_key_cache_degraded` | gauge | | 1 while a resolver is in degraded mode (an invalidation subscription is down or not yet up), else 0 ([`resolver::DEGRADED`](crate::resolver::DEGRADED)) |
@@ -22,6 +24,10 @@
 pub const REQUESTS_TOTAL: &str = "api_key_requests_total";
 /// Name of the counter of requests refused by scope guards.
 pub const GUARD_REFUSALS_TOTAL: &str = "api_key_guard_refusals_total";
+/// Name of the counter of rate-limit decisions, by outcome.
+pub const RATE_LIMIT_TOTAL: &str = "api_key_rate_limit_total";
+/// Name of the counter of rate-limit backend failures, by backend and fail mode.
+pub const RATE_LIMIT_BACKEND_ERRORS_TOTAL: &str = "api_key_rate_limit_backend_errors_total";
 /// Name of the store lookup latency histogram, in seconds.
 pub const LOOKUP_SECONDS: &str = "api_key_lookup_seconds";
 
@@ -64,6 +70,14 @@ mod enabled {
             GUARD_REFUSALS_TOTAL,
             "Requests a scope guard refused, by error code"
         );
+        ::metrics::describe_counter!(
+            super::RATE_LIMIT_TOTAL,
+            "Requests of rate-limited or credited keys, admitted or refused, by outcome"
+        );
+        ::metrics::describe_counter!(
+            super::RATE_LIMIT_BACKEND_ERRORS_TOTAL,
+            "Rate-limit backend failures (Redis, the key store), by backend and fail mode"
+        );
         ::metrics::describe_histogram!(
             LOOKUP_SECONDS,
             ::metrics::Unit::Seconds,
@@ -96,7 +110,7 @@ mod enabled {
                 MissingApiKey, InvalidApiKey, ExpiredApiKey, MissingPrincipal,
                 InsufficientPermissions, CrossOwnerAccess, ScopeEscalation, MasterKeyRequired,
                 OwnerRequired, InvalidRequest, LimitReached, NotFound, PayloadTooLarge,
-                InvalidMetadata, UnsupportedMediaType, Unavailable,
+                InvalidMetadata, UnsupportedMediaType, Unavailable, RateLimited, UsageExceeded,
             )
         };
         (@ $name:expr, $code:expr; $($variant:ident),+ $(,)?) => {

@@ -27,6 +27,7 @@ use time::OffsetDateTime;
 
 use crate::error::AuthError;
 use crate::key::{KeyId, MASTER_KEY_ID};
+use crate::quota::UsageLimits;
 use crate::scope::{Scope, ScopeSet};
 
 /// Marker [`ApiKeyLayer`](crate::layer::ApiKeyLayer) leaves on requests it let through without a
@@ -60,6 +61,7 @@ impl PrincipalKind {
 #[derive(Clone)]
 pub struct Principal(Arc<Inner>);
 
+#[derive(Clone)]
 struct Inner {
     key_id: KeyId,
     name: Arc<str>,
@@ -68,6 +70,7 @@ struct Inner {
     scopes: ScopeSet,
     kind: PrincipalKind,
     expires_at: Option<OffsetDateTime>,
+    limits: UsageLimits,
 }
 
 impl Principal {
@@ -81,6 +84,7 @@ impl Principal {
             scopes: ScopeSet::from(Scope::everything()),
             kind: PrincipalKind::Master,
             expires_at: None,
+            limits: UsageLimits::NONE,
         }))
     }
 
@@ -101,7 +105,22 @@ impl Principal {
             scopes,
             kind: PrincipalKind::Scoped,
             expires_at,
+            limits: UsageLimits::NONE,
         }))
+    }
+
+    /// The same principal carrying the key's rate limit and credits (what
+    /// [`RateLimitLayer`](crate::ratelimit::RateLimitLayer) enforces).
+    #[must_use]
+    pub fn with_limits(mut self, limits: UsageLimits) -> Self {
+        Arc::make_mut(&mut self.0).limits = limits;
+        self
+    }
+
+    /// The key's rate limit and credits, as its record had them when it was loaded (the live credit
+    /// count is the limiter's).
+    pub fn limits(&self) -> &UsageLimits {
+        &self.0.limits
     }
 
     /// The principal [`ApiKeyLayer`](crate::layer::ApiKeyLayer) put in a request's extensions, for code
@@ -177,6 +196,7 @@ impl fmt::Debug for Principal {
             .field("scopes", &self.0.scopes)
             .field("kind", &self.0.kind)
             .field("expires_at", &self.0.expires_at)
+            .field("limits", &self.0.limits)
             .finish()
     }
 }
@@ -190,7 +210,8 @@ impl PartialEq for Principal {
                 && self.0.owner == other.0.owner
                 && self.0.account == other.0.account
                 && self.0.expires_at == other.0.expires_at
-                && self.0.name == other.0.name)
+                && self.0.name == other.0.name
+                && self.0.limits == other.0.limits)
     }
 }
 

@@ -1,7 +1,7 @@
 //! The authorization rule of key management, held against a reference model.
 //!
 //! Random sequences of create / rotate (with and without a grace period, with and without ending
-//! the descendants) / revoke / delete / get / list, by random callers: the master key, keys of two
+//! the descendants) / revoke / update (`PATCH`, a new name) / delete / get / list, by random callers: the master key, keys of two
 //! owners and two accounts (the same account names in both owners) with random scope sets, expired
 //! keys, revoked and deleted keys, replaced secrets, old secrets in their grace period and old
 //! secrets whose grace is over. Each step goes through the real management router behind
@@ -302,6 +302,13 @@ enum Op {
         target: usize,
         owner: Option<usize>,
     },
+    /// `PATCH /api-keys/{id}` with a new name (`n` makes it differ from every earlier one).
+    Update {
+        caller: usize,
+        target: usize,
+        owner: Option<usize>,
+        n: u32,
+    },
     Delete {
         caller: usize,
         target: usize,
@@ -366,6 +373,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (caller.clone(), target.clone(), named_owner(), any::<bool>(), prop::bool::weighted(0.3))
             .prop_map(|(caller, target, owner, grace, revoke_descendants)| Op::Rotate { caller, target, owner, grace, revoke_descendants }),
         2 => (caller.clone(), target.clone(), named_owner()).prop_map(|(caller, target, owner)| Op::Revoke { caller, target, owner }),
+        1 => (caller.clone(), target.clone(), named_owner(), any::<u32>()).prop_map(|(caller, target, owner, n)| Op::Update { caller, target, owner, n }),
         1 => (caller.clone(), target.clone(), named_owner()).prop_map(|(caller, target, owner)| Op::Delete { caller, target, owner }),
         2 => (caller.clone(), target.clone(), named_owner()).prop_map(|(caller, target, owner)| Op::Get { caller, target, owner }),
         1 => (caller, named_owner()).prop_map(|(caller, owner)| Op::List { caller, owner }),
@@ -555,6 +563,7 @@ async fn run(seeds: Vec<Seed>, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 digest_scheme: Default::default(),
                 valid_until: now - time::Duration::minutes(1),
             }),
+            limits: Default::default(),
         };
         sys.store
             .insert(&record, KeyLimits::default(), now)
@@ -638,6 +647,7 @@ async fn apply(
         Op::Create { caller, .. }
         | Op::Rotate { caller, .. }
         | Op::Revoke { caller, .. }
+        | Op::Update { caller, .. }
         | Op::Delete { caller, .. }
         | Op::Get { caller, .. }
         | Op::List { caller, .. } => {
@@ -717,6 +727,18 @@ async fn apply(
             ),
             None,
             StatusCode::NO_CONTENT,
+        ),
+        Op::Update {
+            target, owner, n, ..
+        } => (
+            "PATCH",
+            format!(
+                "/api-keys/{}{}",
+                id_of(target_of(*target)),
+                owner_query(owner)
+            ),
+            Some(json!({"name": format!("renamed {n}")})),
+            StatusCode::OK,
         ),
         Op::Delete { target, owner, .. } => {
             let owner = owner.map_or_else(String::new, |o| format!("&owner={}", OWNERS[o]));
@@ -946,6 +968,34 @@ async fn apply(
             model.keys[t].revoked = true;
             let descendants = model.revoke_descendants(t);
             Ok(newly || descendants)
+        }
+        Op::Update {
+            target, owner, n, ..
+        } => {
+            // Changing a key is a power operation like revoking it: the same rule.
+            let t = target_of(*target);
+            let expect = model.judge_key(&caller, Power::Write, t, owner.map(|o| OWNERS[o]));
+            if !check(step, expect, status, &json, ok)? {
+                return Ok(false);
+            }
+            let key = &model.keys[t.unwrap()];
+            if let Some(c) = &caller {
+                prop_assert_eq!(
+                    (key.owner, key.account),
+                    (c.owner, c.account),
+                    "{}: changed outside its owner/account",
+                    step
+                );
+            }
+            prop_assert!(
+                json.get("key").is_none(),
+                "{}: an update shows no secret",
+                step
+            );
+            prop_assert_eq!(json["api_key_id"].as_str(), Some(key.id.as_str()));
+            let name = format!("renamed {n}");
+            prop_assert_eq!(json["name"].as_str(), Some(name.as_str()), "{}", step);
+            Ok(true)
         }
         Op::Delete { target, owner, .. } => {
             let t = target_of(*target);

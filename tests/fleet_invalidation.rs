@@ -64,6 +64,7 @@ async fn new_key(store: &impl KeyStore) -> (ApiKey, KeyRecord) {
         created_by: None,
         rotated_at: None,
         previous: None,
+        limits: Default::default(),
     };
     store
         .insert(&record, KeyLimits::default(), now)

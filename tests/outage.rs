@@ -38,6 +38,7 @@ fn new_record() -> (ApiKey, KeyRecord) {
         created_by: None,
         rotated_at: None,
         previous: None,
+        limits: Default::default(),
     };
     (key, record)
 }

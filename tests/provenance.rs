@@ -60,6 +60,7 @@ async fn fixture() -> Fixture {
         created_by: None,
         rotated_at: None,
         previous: None,
+        limits: Default::default(),
     };
     store
         .insert(&record, KeyLimits::default(), now)

@@ -178,6 +178,8 @@ suite!(
     insert_needs_an_active_creator,
     rotation_can_end_the_descendants_and_refuses_revoked_keys,
     no_child_outlives_a_concurrent_revocation,
+    usage_limits_round_trip_and_update,
+    credit_spends_are_exact_across_instances_and_refill,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -218,6 +220,7 @@ fn record(id: &str, owner: &str, account: &str) -> KeyRecord {
         created_by: None,
         rotated_at: None,
         previous: None,
+        limits: Default::default(),
     }
 }
 
@@ -287,6 +290,127 @@ async fn insert_tree(store: &dyn KeyStore) {
 
 mod checks {
     use super::*;
+    use tower_api_keys::quota::{Credits, RateLimit, RefillInterval, UsageLimits};
+    use tower_api_keys::store::{CreditAdjustment, KeyUpdate};
+
+    pub(crate) async fn usage_limits_round_trip_and_update(s: Stores) {
+        let limited = KeyRecord {
+            limits: UsageLimits {
+                rate_limit: Some(RateLimit::new(100, 60)),
+                credits: Some(
+                    Credits::new(1_000)
+                        .refill(RefillInterval::Monthly, 5_000)
+                        .set_at(t(10)),
+                ),
+            },
+            ..record("key_limited", "o", "a")
+        };
+        s.a.insert(&limited, no_limits(), now()).await.unwrap();
+        assert_eq!(s.b.get(&limited.id).await.unwrap(), Some(limited.clone()));
+        let plain = record("key_plain", "o", "a");
+        s.a.insert(&plain, no_limits(), now()).await.unwrap();
+        assert_eq!(
+            s.b.get(&plain.id).await.unwrap().unwrap().limits,
+            UsageLimits::NONE,
+            "a key without limits has none"
+        );
+        let update = KeyUpdate {
+            name: Some("renamed".into()),
+            rate_limit: Some(None),
+            credits: Some(Some(Credits::new(7).set_at(t(20)))),
+        };
+        let updated = s.a.update(&limited.id, &update).await.unwrap().unwrap();
+        assert_eq!(updated.name, "renamed");
+        assert_eq!(
+            updated.limits,
+            UsageLimits {
+                rate_limit: None,
+                credits: Some(Credits::new(7).set_at(t(20))),
+            }
+        );
+        assert_eq!(s.b.get(&limited.id).await.unwrap(), Some(updated.clone()));
+        // Fields left out stay as they are.
+        let renamed =
+            s.b.update(
+                &limited.id,
+                &KeyUpdate {
+                    rate_limit: Some(Some(RateLimit::new(1, 1))),
+                    ..KeyUpdate::default()
+                },
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(renamed.name, "renamed");
+        assert_eq!(renamed.limits.credits, updated.limits.credits);
+        assert_eq!(
+            s.a.update(&KeyId::new("key_nope"), &update).await.unwrap(),
+            None
+        );
+    }
+
+    pub(crate) async fn credit_spends_are_exact_across_instances_and_refill(s: Stores) {
+        let paid = KeyRecord {
+            limits: UsageLimits {
+                rate_limit: None,
+                credits: Some(
+                    Credits::new(20)
+                        .refill(RefillInterval::Daily, 7)
+                        .set_at(t(0)),
+                ),
+            },
+            ..record("key_paid", "o", "a")
+        };
+        s.a.insert(&paid, no_limits(), now()).await.unwrap();
+        let spends: Vec<_> = (0..60)
+            .map(|i| {
+                let store = if i % 2 == 0 { s.a.clone() } else { s.b.clone() };
+                let id = paid.id.clone();
+                tokio::spawn(async move { store.adjust_credits(&id, -1, t(1)).await.unwrap() })
+            })
+            .collect();
+        let mut applied = 0;
+        for spend in spends {
+            match spend.await.unwrap() {
+                Some(CreditAdjustment::Applied { .. }) => applied += 1,
+                Some(CreditAdjustment::Insufficient { remaining }) => assert_eq!(remaining, 0),
+                None => panic!("the key has credits"),
+            }
+        }
+        assert_eq!(applied, 20, "never more than there is, across instances");
+        // A refund adds back; a spend larger than what is left changes nothing.
+        assert_eq!(
+            s.b.adjust_credits(&paid.id, 3, t(2)).await.unwrap(),
+            Some(CreditAdjustment::Applied { remaining: 3 })
+        );
+        assert_eq!(
+            s.a.adjust_credits(&paid.id, -4, t(3)).await.unwrap(),
+            Some(CreditAdjustment::Insufficient { remaining: 3 })
+        );
+        // The next day: a refill sets remaining to its amount, then the spend applies.
+        assert_eq!(
+            s.a.adjust_credits(&paid.id, -2, t(86_400)).await.unwrap(),
+            Some(CreditAdjustment::Applied { remaining: 5 })
+        );
+        let stored = s.b.get(&paid.id).await.unwrap().unwrap();
+        let credits = stored.limits.credits.unwrap();
+        assert_eq!((credits.remaining, credits.set_at), (5, t(86_400)));
+        // Once a day only.
+        assert_eq!(
+            s.b.adjust_credits(&paid.id, -1, t(86_500)).await.unwrap(),
+            Some(CreditAdjustment::Applied { remaining: 4 })
+        );
+        // No credits, or no key: nothing to count.
+        let plain = record("key_plain", "o", "a");
+        s.a.insert(&plain, no_limits(), now()).await.unwrap();
+        assert_eq!(s.a.adjust_credits(&plain.id, -1, t(1)).await.unwrap(), None);
+        assert_eq!(
+            s.b.adjust_credits(&KeyId::new("key_nope"), -1, t(1))
+                .await
+                .unwrap(),
+            None
+        );
+    }
 
     pub(crate) async fn round_trip_preserves_every_field(s: Stores) {
         let full = KeyRecord {
@@ -1271,6 +1395,34 @@ mod postgres_only {
             .unwrap();
     }
 
+    /// A schema from before version 4 (no usage-limit columns) with a key in it: a new instance
+    /// migrates it on start-up, and the key works on with no limits.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn keys_from_before_usage_limits_keep_working_with_none() {
+        let Some(schema) = support_db::pg_schema("pg_v2").await else {
+            return;
+        };
+        let old = schema.store().await;
+        let r = record("key_old", "o", "a");
+        old.insert(&r, no_limits(), now()).await.unwrap();
+        let s = format!("\"{}\"", schema.schema);
+        execute(
+            &old,
+            format!(
+                "ALTER TABLE {s}.api_keys DROP COLUMN rate_limit, DROP COLUMN rate_period_seconds, DROP COLUMN credits_remaining, DROP COLUMN credits_refill_interval, DROP COLUMN credits_refill_amount, DROP COLUMN credits_set_at; DELETE FROM {s}.api_key_migrations WHERE version = 4"
+            ),
+        )
+        .await;
+        old.pool().close().await;
+        let store = schema.store().await;
+        assert_eq!(versions(&store).await, [1, 2, 3, 4]);
+        let found = store.find_by_digest(&r.digest).await.unwrap();
+        assert_eq!(found, Some(r.clone()));
+        assert!(found.unwrap().limits.is_unlimited());
+        store.pool().close().await;
+        schema.drop_schema().await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn migrations_run_once_when_instances_start_together() {
         let Some(probe) = support_db::pg_schema("pg_migrations").await else {
@@ -1298,12 +1450,12 @@ mod postgres_only {
         for start in starts {
             stores.push(start.await.unwrap().expect("every instance starts"));
         }
-        assert_eq!(versions(&stores[0]).await, [1, 2, 3]);
+        assert_eq!(versions(&stores[0]).await, [1, 2, 3, 4]);
         let again = fresh.store().await;
         again.migrate().await.unwrap();
         assert_eq!(
             versions(&again).await,
-            [1, 2, 3],
+            [1, 2, 3, 4],
             "a restart applies nothing"
         );
         let r = record("key_1", "o", "a");
@@ -1433,6 +1585,42 @@ mod sqlite_only {
         bytes
     }
 
+    /// A database from before schema version 4 (no usage-limit columns) with a key in it: opening
+    /// it migrates, and the key works on with no limits.
+    #[tokio::test]
+    async fn keys_from_before_usage_limits_keep_working_with_none() {
+        let (path, url) = temp_db("sqlite_v2");
+        let old = SqliteStore::connect(&url).await.unwrap();
+        let r = record("key_old", "o", "a");
+        old.insert(&r, no_limits(), now()).await.unwrap();
+        for column in [
+            "rate_limit",
+            "rate_period_seconds",
+            "credits_remaining",
+            "credits_refill_interval",
+            "credits_refill_amount",
+            "credits_set_at",
+        ] {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "ALTER TABLE api_keys DROP COLUMN {column}"
+            )))
+            .execute(old.pool())
+            .await
+            .unwrap();
+        }
+        sqlx::raw_sql("DELETE FROM api_key_migrations WHERE version = 4")
+            .execute(old.pool())
+            .await
+            .unwrap();
+        old.pool().close().await;
+        let store = SqliteStore::connect(&url).await.unwrap();
+        let found = store.find_by_digest(&r.digest).await.unwrap();
+        assert_eq!(found, Some(r.clone()));
+        assert!(found.unwrap().limits.is_unlimited());
+        store.pool().close().await;
+        remove(&path);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn migrations_run_once_when_instances_start_together() {
         let (path, url) = temp_db("sqlite_migrations");
@@ -1452,7 +1640,7 @@ mod sqlite_only {
                 .fetch_all(again.pool())
                 .await
                 .unwrap();
-        assert_eq!(versions, [1, 2, 3]);
+        assert_eq!(versions, [1, 2, 3, 4]);
         let r = record("key_1", "o", "a");
         again.insert(&r, no_limits(), now()).await.unwrap();
         assert_eq!(stores[2].get(&r.id).await.unwrap(), Some(r));

@@ -244,6 +244,36 @@ async fn readme_walkthrough() {
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
     assert!(reply.json().is_array());
 
+    // A key with a rate limit of 2 requests a minute: the third is refused with 429.
+    let limited = format!(
+        r#"{{"owner": "owner_id", "scopes": ["ledgers:read"], "expires_at": "{expires_at}", "rate_limit": {{"limit": 2, "period_seconds": 60}}}}"#
+    );
+    let reply = app
+        .send(Method::POST, "/api-keys", Some(master), Some(&limited))
+        .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text);
+    assert_eq!(
+        reply.json()["rate_limit"],
+        serde_json::json!({"limit": 2, "period_seconds": 60})
+    );
+    let limited_key = reply.json()["key"].as_str().unwrap().to_owned();
+    for _ in 0..2 {
+        let reply = app
+            .send(Method::GET, "/ledgers", Some(&limited_key), None)
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    }
+    let reply = app
+        .send(Method::GET, "/ledgers", Some(&limited_key), None)
+        .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        reply.text
+    );
+    assert_eq!(reply.code(), "RATE_LIMITED");
+
     // Revoke it with the master key: it stops working at once.
     let reply = app
         .send(

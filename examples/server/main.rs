@@ -52,6 +52,7 @@ use tower_api_keys::key::{ApiKey, KeyFormat};
 use tower_api_keys::layer::{ApiKeyLayer, KeySource};
 use tower_api_keys::manage::{self, KeyManager, KeyPolicy};
 use tower_api_keys::provenance::Provenance;
+use tower_api_keys::ratelimit::{MemoryRates, RateLimiter, StoreCredits};
 use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::usage::UsageRecorder;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
@@ -72,16 +73,18 @@ const RESOURCES: [(&str, &str); 3] = [
 const MAX_RECORD_BYTES: usize = 256 * 1024;
 
 /// One resource: create, list, get, scoped by HTTP method, stamped with provenance on create.
-fn resource(kind: &'static str, plural: &str, records: Records) -> Router {
+fn resource(kind: &'static str, plural: &str, records: Records, limiter: &RateLimiter) -> Router {
     Router::new()
         .route(
             &format!("/{plural}"),
             get(records::list).post(records::create),
         )
         .route(&format!("/{plural}/{{id}}"), get(records::get_one))
-        // The last `route_layer` runs first: the scope is checked before the body is read. Layers
-        // that need the caller (per-key rate limits, ...) go between the two.
+        // The last `route_layer` runs first: the scope is checked before the body is read, and a
+        // key's rate limit and credits (`rate_limit`, `credits` on `POST /api-keys`) between the
+        // two: a request refused for its scope costs nothing.
         .route_layer(Provenance::new().max_body_bytes(MAX_RECORD_BYTES))
+        .route_layer(limiter.layer())
         .route_layer(RequireScopes::by_method(plural))
         // The handler reads master-key bodies, which `Provenance` passes through unread, and
         // stamped ones, which the stamp (under 100 bytes) has made longer than the client sent.
@@ -91,11 +94,11 @@ fn resource(kind: &'static str, plural: &str, records: Records) -> Router {
 
 /// The whole service: the three resources and key management behind [`ApiKeyLayer`]; `/health`,
 /// `/openapi.json` (and `/metrics`) outside it; every request logged by `TraceLayer`.
-fn app(layer: ApiKeyLayer, manager: KeyManager, records: Records) -> Router {
+fn app(layer: ApiKeyLayer, manager: KeyManager, records: Records, limiter: RateLimiter) -> Router {
     let openapi = openapi::openapi();
     let mut router = Router::new();
     for (kind, plural) in RESOURCES {
-        router = router.merge(resource(kind, plural, records.clone()));
+        router = router.merge(resource(kind, plural, records.clone(), &limiter));
     }
     let router = router
         .merge(manage::router(manager))
@@ -192,10 +195,22 @@ pub(crate) async fn build(config: Config) -> Result<Demo, Box<dyn std::error::Er
         .master_key(master.clone())
         .usage(usage.clone());
 
+    // Rate limits in memory (one instance), or on Redis when `REDIS_URL` is set (a fleet);
+    // credits are counted in the key store either way, exact across instances.
+    let credits = StoreCredits::new(database.keys.clone());
+    let limiter = match config.redis_url.as_deref() {
+        #[cfg(feature = "redis")]
+        Some(url) => RateLimiter::new(
+            tower_api_keys::ratelimit::RedisRates::open(url)?.prefix("demo:rl"),
+            credits,
+        ),
+        _ => RateLimiter::new(MemoryRates::new(), credits),
+    };
+
     #[cfg(feature = "metrics")]
     prometheus::install();
     Ok(Demo {
-        router: app(layer, manager, database.records),
+        router: app(layer, manager, database.records, limiter),
         master,
         usage,
         _subscriptions: subscriptions,

@@ -79,6 +79,7 @@ fn fixture() -> &'static Fixture {
                 created_by: None,
                 rotated_at: None,
                 previous: None,
+                limits: Default::default(),
             };
             let insert = fixture.store.insert(&record, KeyLimits::default(), now);
             fixture.runtime.block_on(insert).unwrap();

@@ -6,9 +6,9 @@
 //! [`Operation::kind`].
 //!
 //! ```
+//! use tower_api_keys::manage::{KeyFacts, Operation, Target, authorize};
 //! use tower_api_keys::error::ErrorCode;
 //! use tower_api_keys::key::KeyId;
-//! use tower_api_keys::manage::{KeyFacts, Operation, Target, authorize};
 //! use tower_api_keys::principal::Principal;
 //! use tower_api_keys::scope::ScopeSet;
 //!
@@ -17,7 +17,10 @@
 //!     "api-keys:write ledgers:read".parse::<ScopeSet>().unwrap(), None,
 //! );
 //! let sibling_scopes: ScopeSet = "*:*".parse().unwrap();
-//! let sibling = KeyFacts { owner: "payments", account: "acct_1", scopes: &sibling_scopes, expires_at: None };
+//! let sibling = KeyFacts {
+//!     owner: "payments", account: "acct_1", scopes: &sibling_scopes, expires_at: None,
+//!     limits: Default::default(),
+//! };
 //!
 //! // A narrow key may not rotate (and so obtain) a broader sibling...
 //! let target = Target::Key { named_owner: None, key: Some(sibling) };
@@ -31,6 +34,7 @@ use time::OffsetDateTime;
 
 use crate::error::AuthError;
 use crate::principal::Principal;
+use crate::quota::UsageLimits;
 use crate::scope::ScopeMatch;
 use crate::scope::{Scope, ScopeSet};
 use crate::store::KeyRecord;
@@ -49,6 +53,8 @@ pub enum Operation {
     Rotate,
     /// Revoke a key and its descendants (`DELETE /api-keys/{id}`).
     Revoke,
+    /// Change a key's name, rate limit or credits (`PATCH /api-keys/{id}`).
+    Update,
     /// Delete a key's record and revoke its descendants (`DELETE /api-keys/{id}?permanent=true`).
     Delete,
 }
@@ -71,9 +77,15 @@ impl Operation {
     pub const fn kind(self) -> OperationKind {
         match self {
             Self::List | Self::Get => OperationKind::Read,
-            Self::Create | Self::Rotate | Self::Revoke => OperationKind::Power,
+            Self::Create | Self::Rotate | Self::Revoke | Self::Update => OperationKind::Power,
             Self::Delete => OperationKind::Master,
         }
+    }
+
+    /// Whether the operation grants usage limits (rate limit, credits) to the target: those may be
+    /// no looser than the caller's.
+    const fn grants_limits(self) -> bool {
+        matches!(self, Self::Create | Self::Update)
     }
 
     /// The verb used in refusals ("cannot rotate a key ...").
@@ -84,6 +96,7 @@ impl Operation {
             Self::Create => "create",
             Self::Rotate => "rotate",
             Self::Revoke => "revoke",
+            Self::Update => "update",
             Self::Delete => "delete",
         }
     }
@@ -100,6 +113,9 @@ pub struct KeyFacts<'a> {
     pub scopes: &'a ScopeSet,
     /// Its expiry (`None`: never).
     pub expires_at: Option<OffsetDateTime>,
+    /// Its rate limit and credits, as the operation leaves them. For an update, a field the
+    /// update does not change is not granted by it: pass the caller's own there.
+    pub limits: UsageLimits,
 }
 
 impl<'a> From<&'a KeyRecord> for KeyFacts<'a> {
@@ -109,6 +125,7 @@ impl<'a> From<&'a KeyRecord> for KeyFacts<'a> {
             account: &record.account,
             scopes: &record.scopes,
             expires_at: record.expires_at,
+            limits: record.limits,
         }
     }
 }
@@ -149,6 +166,7 @@ pub enum Target<'a> {
 /// | create | power  | `api-keys:write` | naming another owner or account: 403 `AUTH_CROSS_OWNER_ACCESS` | covered and not outliving (below) |
 /// | rotate | power  | `api-keys:write` | as get | covered and not outliving |
 /// | revoke | power  | `api-keys:write` | as get | covered and not outliving |
+/// | update | power  | `api-keys:write` | as get | covered, not outliving, and limits no looser (below) |
 /// | delete | master | the master key: 403 `AUTH_MASTER_KEY_REQUIRED` | — | — |
 ///
 /// A missing scope is 403 `AUTH_INSUFFICIENT_PERMISSIONS`. For a **power** operation (one that
@@ -158,7 +176,11 @@ pub enum Target<'a> {
 /// own, or the end of the rotation grace period of the old secret it authenticated with, if
 /// earlier); a target that never expires is later than any expiring caller. Otherwise 403
 /// `AUTH_SCOPE_ESCALATION`. So a key can never obtain a secret it could not have created, nor
-/// destroy a key more powerful than itself.
+/// destroy a key more powerful than itself. An operation that grants usage limits (create,
+/// update) must also leave the target's no looser than the caller's
+/// ([`UsageLimits::looser_than`]): where the caller has a rate limit, the target has one with no
+/// bigger burst and no faster rate; where the caller has credits, the target has no more than the
+/// caller has left now and no bigger or more frequent refill (403 `AUTH_SCOPE_ESCALATION`).
 ///
 /// Hard deletion erases the audit trail of a key, so it stays with the master key: a leaked
 /// `api-keys:write` key can revoke (what it covers), which is visible and keeps the record, but
@@ -239,6 +261,19 @@ pub fn authorize(
             .into(),
         ));
     }
+    if operation.grants_limits()
+        && let Some(what) = key
+            .limits
+            .looser_than(caller.limits(), OffsetDateTime::now_utc())
+    {
+        return Err(AuthError::ScopeEscalation(
+            format!(
+                "cannot {} a key with a {what} beyond the calling key's",
+                operation.verb()
+            )
+            .into(),
+        ));
+    }
     if let Some(limit) = caller.expires_at()
         && key.expires_at.is_none_or(|at| at > limit)
     {
@@ -294,6 +329,7 @@ mod tests {
             account,
             scopes,
             expires_at,
+            limits: UsageLimits::NONE,
         }
     }
 
@@ -304,7 +340,7 @@ mod tests {
     #[test]
     fn the_table_has_a_row_for_every_operation() {
         use Operation::*;
-        let kinds: Vec<_> = [List, Get, Create, Rotate, Revoke, Delete]
+        let kinds: Vec<_> = [List, Get, Create, Rotate, Revoke, Update, Delete]
             .map(Operation::kind)
             .into();
         assert_eq!(
@@ -312,6 +348,7 @@ mod tests {
             [
                 OperationKind::Read,
                 OperationKind::Read,
+                OperationKind::Power,
                 OperationKind::Power,
                 OperationKind::Power,
                 OperationKind::Power,
@@ -327,7 +364,12 @@ mod tests {
         let caller = scoped("api-keys:write ledgers:*", "a1", Some(soon));
         let narrow: ScopeSet = "ledgers:read".parse().unwrap();
         let broad: ScopeSet = "ledgers:read balances:read".parse().unwrap();
-        for op in [Operation::Create, Operation::Rotate, Operation::Revoke] {
+        for op in [
+            Operation::Create,
+            Operation::Rotate,
+            Operation::Revoke,
+            Operation::Update,
+        ] {
             let key = |scopes, at| Target::Key {
                 named_owner: None,
                 key: Some(facts(scopes, "a1", at)),
@@ -403,6 +445,55 @@ mod tests {
             account: Some("a1"),
         };
         assert_eq!(code(authorize(&caller, Operation::List, &own)), None);
+    }
+
+    #[test]
+    fn granting_operations_hold_limits_to_the_callers() {
+        use crate::quota::{Credits, RateLimit};
+        let caller = scoped("api-keys:write ledgers:*", "a1", None).with_limits(UsageLimits {
+            rate_limit: Some(RateLimit::new(10, 60)),
+            credits: Some(Credits::new(50)),
+        });
+        let scopes: ScopeSet = "ledgers:read".parse().unwrap();
+        let with = |rate: u32, credits: u64| KeyFacts {
+            limits: UsageLimits {
+                rate_limit: Some(RateLimit::new(rate, 60)),
+                credits: Some(Credits::new(credits)),
+            },
+            ..facts(&scopes, "a1", None)
+        };
+        let key = |facts| Target::Key {
+            named_owner: None,
+            key: Some(facts),
+        };
+        for op in [Operation::Create, Operation::Update] {
+            let target = |facts| match op {
+                Operation::Create => Target::NewKey(facts),
+                _ => key(facts),
+            };
+            assert_eq!(code(authorize(&caller, op, &target(with(10, 50)))), None);
+            for looser in [with(11, 50), with(10, 51), facts(&scopes, "a1", None)] {
+                assert_eq!(
+                    code(authorize(&caller, op, &target(looser))),
+                    Some(ErrorCode::ScopeEscalation),
+                    "{op:?} {looser:?}"
+                );
+            }
+        }
+        // Destroying or rotating a key does not grant limits: a creator that spent its credits can
+        // still revoke the delegates it gave more to.
+        for op in [Operation::Revoke, Operation::Rotate] {
+            assert_eq!(code(authorize(&caller, op, &key(with(10, 500)))), None);
+        }
+        // The master key gives anything.
+        assert_eq!(
+            code(authorize(
+                &Principal::master(),
+                Operation::Create,
+                &Target::NewKey(facts(&scopes, "a1", None))
+            )),
+            None
+        );
     }
 
     #[test]

@@ -80,10 +80,11 @@ use crate::error::{AuthError, ExpiredReason, InvalidKeyReason};
 use crate::invalidate::{Invalidation, Invalidator, NoBroadcast};
 use crate::key::{ApiKey, DigestScheme, KeyDigest, KeyId};
 use crate::principal::Principal;
+use crate::quota::{Credits, RateLimit, UsageLimits};
 use crate::resolver::CachedResolver;
 use crate::scope::ScopeSet;
 use crate::store::{
-    KeyChange, KeyLimits, KeyRecord, KeyStore, ListQuery, Rotation, StoreErrorKind,
+    KeyChange, KeyLimits, KeyRecord, KeyStore, KeyUpdate, ListQuery, Rotation, StoreErrorKind,
 };
 
 // Input limits. Each one is refused with 400 `APIKEY_INVALID` and a message naming the limit, never
@@ -118,6 +119,7 @@ pub struct KeyPolicy {
     default_lifetime: Option<Duration>,
     max_lifetime: Option<Duration>,
     limits: KeyLimits,
+    usage: UsageLimits,
 }
 
 impl Default for KeyPolicy {
@@ -127,6 +129,7 @@ impl Default for KeyPolicy {
             default_lifetime: None,
             max_lifetime: None,
             limits: KeyLimits::default(),
+            usage: UsageLimits::NONE,
         }
     }
 }
@@ -172,6 +175,23 @@ impl KeyPolicy {
     pub fn lifetime_max(&self) -> Option<Duration> {
         self.max_lifetime
     }
+
+    /// The rate limit of keys created without one.
+    pub fn default_rate_limit(mut self, limit: RateLimit) -> Self {
+        self.usage.rate_limit = Some(limit);
+        self
+    }
+
+    /// The credits of keys created without any (`set_at` is replaced by the creation time).
+    pub fn default_credits(mut self, credits: Credits) -> Self {
+        self.usage.credits = Some(credits);
+        self
+    }
+
+    /// The rate limit and credits of keys created without them.
+    pub fn default_usage(&self) -> UsageLimits {
+        self.usage
+    }
 }
 
 /// What to create. Build with [`CreateKey::new`] and the setters.
@@ -188,6 +208,11 @@ pub struct CreateKey {
     pub scopes: Vec<String>,
     /// Expiry; defaults to the policy's default lifetime.
     pub expires_at: Option<OffsetDateTime>,
+    /// Rate limit; defaults to the policy's (or, for a delegated key, its creator's).
+    pub rate_limit: Option<RateLimit>,
+    /// Credits (their `set_at` becomes the creation time); defaults to the policy's (or, for a
+    /// delegated key, its creator's remaining).
+    pub credits: Option<Credits>,
 }
 
 impl CreateKey {
@@ -226,6 +251,31 @@ impl CreateKey {
         self.expires_at = Some(at);
         self
     }
+
+    /// Sets the rate limit.
+    pub fn rate_limit(mut self, limit: RateLimit) -> Self {
+        self.rate_limit = Some(limit);
+        self
+    }
+
+    /// Sets the credits.
+    pub fn credits(mut self, credits: Credits) -> Self {
+        self.credits = Some(credits);
+        self
+    }
+}
+
+/// A change to a key ([`KeyManager::update`]): `None` keeps a field; `Some(None)` removes a rate
+/// limit or credits.
+#[derive(Clone, Debug, Default, PartialEq)]
+#[must_use]
+pub struct UpdateKey {
+    /// A new name.
+    pub name: Option<String>,
+    /// A new rate limit, or `Some(None)` for none.
+    pub rate_limit: Option<Option<RateLimit>>,
+    /// New credits (their `set_at` becomes the update time), or `Some(None)` for none.
+    pub credits: Option<Option<Credits>>,
 }
 
 /// A key's metadata as shown to people: never the secret, never the digest.
@@ -255,6 +305,9 @@ pub struct KeyInfo {
     pub rotated_at: Option<OffsetDateTime>,
     /// The key that delegated this one, if a scoped key created it.
     pub created_by: Option<KeyId>,
+    /// Rate limit and credits; `credits.remaining` as the store last counted it, a due refill
+    /// applied.
+    pub limits: UsageLimits,
 }
 
 impl From<KeyRecord> for KeyInfo {
@@ -272,6 +325,13 @@ impl From<KeyRecord> for KeyInfo {
             revoked_at: r.revoked_at,
             rotated_at: r.rotated_at,
             created_by: r.created_by,
+            limits: UsageLimits {
+                rate_limit: r.limits.rate_limit,
+                credits: r
+                    .limits
+                    .credits
+                    .map(|c| c.refreshed(OffsetDateTime::now_utc())),
+            },
         }
     }
 }
@@ -443,6 +503,39 @@ impl KeyManager {
         record.ok_or(AuthError::NotFound)
     }
 
+    /// `caller` with its current usage limits: its credits as the store counts them now (the
+    /// principal carries them as they were when its key was loaded). What [`authorize`] holds a
+    /// delegate's limits to.
+    async fn current(&self, caller: &Principal) -> Result<Principal, AuthError> {
+        if caller.limits().credits.is_none() {
+            return Ok(caller.clone());
+        }
+        Ok(match self.store.get(caller.key_id()).await? {
+            Some(record) => caller.clone().with_limits(record.limits),
+            None => caller.clone(),
+        })
+    }
+
+    /// The rate limit and credits of a key `caller` creates with `rate_limit` and `credits`
+    /// requested: validated, the policy's defaults filling what is not asked for, then what a
+    /// scoped caller has filling the rest ([`authorize`] refuses more than it has).
+    async fn usage_for(
+        &self,
+        caller: &Principal,
+        rate_limit: Option<RateLimit>,
+        credits: Option<Credits>,
+        now: OffsetDateTime,
+    ) -> Result<UsageLimits, AuthError> {
+        let defaults = self.policy.usage;
+        let caller = self.current(caller).await?;
+        Ok(inherit(
+            &caller,
+            validate_rate_limit(rate_limit.or(defaults.rate_limit))?,
+            validate_credits(credits.or(defaults.credits))?,
+            now,
+        ))
+    }
+
     /// Creates a key and returns its plaintext, once. The key is delegated by `caller` (recorded
     /// in [`KeyInfo::created_by`], unless it is the master key): it never outlives the caller and
     /// dies with it.
@@ -464,6 +557,10 @@ impl KeyManager {
         };
         let scopes = validate_scopes(&request.scopes)?;
         let expires_at = self.expiry(caller, request.expires_at, now)?;
+        let limits = self
+            .usage_for(caller, request.rate_limit, request.credits, now)
+            .await?;
+        let caller = &self.current(caller).await?;
         authorize(
             caller,
             Operation::Create,
@@ -472,6 +569,7 @@ impl KeyManager {
                 account: &account,
                 scopes: &scopes,
                 expires_at,
+                limits,
             }),
         )?;
         let format = self.resolver.format();
@@ -492,6 +590,7 @@ impl KeyManager {
             created_by: caller.provenance_id().cloned(),
             rotated_at: None,
             previous: None,
+            limits,
         };
         if let Err(error) = self.store.insert(&record, self.policy.limits, now).await {
             return Err(match error.kind() {
@@ -739,6 +838,87 @@ impl KeyManager {
         })
     }
 
+    /// Changes a key's name, rate limit or credits ([`Operation::Update`]: the rules of
+    /// create hold, and a scoped caller never gives more than it has). New credits replace the
+    /// count (a top-up is a new `remaining`); a removed limit of a scoped caller's key becomes the
+    /// caller's own.
+    pub async fn update(
+        &self,
+        caller: &Principal,
+        id: &KeyId,
+        request: UpdateKey,
+    ) -> Result<KeyInfo, AuthError> {
+        self.update_in(caller, id, None, request).await
+    }
+
+    /// [`update`](Self::update), when the request also names the key's owner (`?owner=`).
+    pub async fn update_in(
+        &self,
+        caller: &Principal,
+        id: &KeyId,
+        owner: Option<&str>,
+        request: UpdateKey,
+    ) -> Result<KeyInfo, AuthError> {
+        let now = OffsetDateTime::now_utc();
+        let name = request.name.map(validate_name).transpose()?;
+        let rate_limit = request.rate_limit.map(validate_rate_limit).transpose()?;
+        let credits = request.credits.map(validate_credits).transpose()?;
+        if let Some(owner) = owner {
+            validate_id("owner", owner)?;
+        }
+        let caller = self.current(caller).await?;
+        let old = self.store.get(id).await?;
+        // The limits the update gives, for the rule; a field it leaves alone is not given by it
+        // and is judged as the caller's own (trivially within).
+        let limits = old.as_ref().map(|old| {
+            inherit(
+                &caller,
+                rate_limit.unwrap_or(old.limits.rate_limit),
+                credits.unwrap_or(old.limits.credits),
+                now,
+            )
+        });
+        let judged = limits.map(|limits| UsageLimits {
+            rate_limit: if rate_limit.is_some() {
+                limits.rate_limit
+            } else {
+                caller.limits().rate_limit
+            },
+            credits: if credits.is_some() {
+                limits.credits
+            } else {
+                caller.limits().credits
+            },
+        });
+        let target = Target::Key {
+            named_owner: owner,
+            key: old.as_ref().zip(judged).map(|(old, limits)| KeyFacts {
+                limits,
+                ..KeyFacts::from(old)
+            }),
+        };
+        authorize(&caller, Operation::Update, &target)?;
+        let (old, limits) = old.zip(limits).ok_or(AuthError::NotFound)?;
+        let update = KeyUpdate {
+            name,
+            rate_limit: rate_limit.map(|_| limits.rate_limit),
+            credits: credits.map(|_| limits.credits),
+        };
+        let record = self
+            .store
+            .update(id, &update)
+            .await?
+            .ok_or(AuthError::NotFound)?;
+        self.invalidate(&KeyChange {
+            before: old,
+            after: Some(record.clone()),
+            revoked_descendants: Vec::new(),
+        })
+        .await;
+        tracing::info!(api_key_id = %record.id, "API key updated");
+        Ok(record.into())
+    }
+
     /// Forgets every affected key here and tells the other instances, in one broadcast (several
     /// for a cascade over more than [`DIGESTS_PER_INVALIDATION`] digests).
     async fn invalidate(&self, change: &KeyChange) {
@@ -765,6 +945,43 @@ fn default_name(now: OffsetDateTime) -> String {
     let format =
         time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC");
     format!("API key {}", now.format(&format).unwrap_or_default())
+}
+
+/// `rate_limit`, if it is within bounds (400 `APIKEY_INVALID` otherwise).
+fn validate_rate_limit(rate_limit: Option<RateLimit>) -> Result<Option<RateLimit>, AuthError> {
+    if let Some(limit) = &rate_limit {
+        limit
+            .validate()
+            .map_err(|e| AuthError::invalid(e.to_string()))?;
+    }
+    Ok(rate_limit)
+}
+
+/// `credits`, if within bounds (400 `APIKEY_INVALID` otherwise).
+fn validate_credits(credits: Option<Credits>) -> Result<Option<Credits>, AuthError> {
+    if let Some(credits) = &credits {
+        credits
+            .validate()
+            .map_err(|e| AuthError::invalid(e.to_string()))?;
+    }
+    Ok(credits)
+}
+
+/// The limits of a key `caller` gives `rate_limit` and `credits` (set now): what a scoped caller
+/// has fills what is not given, so a delegate is never unlimited where its creator is limited.
+fn inherit(
+    caller: &Principal,
+    rate_limit: Option<RateLimit>,
+    credits: Option<Credits>,
+    now: OffsetDateTime,
+) -> UsageLimits {
+    let own = caller.limits();
+    UsageLimits {
+        rate_limit: rate_limit.or(own.rate_limit),
+        credits: credits
+            .or_else(|| own.credits.map(|c| c.refreshed(now)))
+            .map(|c| c.set_at(now)),
+    }
 }
 
 fn validate_name(name: String) -> Result<String, AuthError> {

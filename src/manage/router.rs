@@ -5,6 +5,8 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+
+use crate::quota::{Credits, RateLimit, Refill, RefillInterval};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -12,7 +14,7 @@ use utoipa::{OpenApi, ToSchema};
 
 use super::{
     CreateKey, CreatedKey, DEFAULT_PAGE_SIZE, KeyInfo, KeyManager, MAX_BODY_BYTES, MAX_KEY_ID_LEN,
-    RotateOptions,
+    RotateOptions, UpdateKey,
 };
 use crate::error::AuthError;
 use crate::key::KeyId;
@@ -26,9 +28,10 @@ const NEVER: &str = "0001-01-01T00:00:00Z";
 ///
 /// | request | does | answers |
 /// |---|---|---|
-/// | `POST /api-keys` `{name?, owner?, account?, scopes, expires_at?}` | create | 201 key with plaintext `key` |
+/// | `POST /api-keys` `{name?, owner?, account?, scopes, expires_at?, rate_limit?, credits?}` | create | 201 key with plaintext `key` |
 /// | `GET /api-keys?owner=&limit=&before=` | list, newest first | 200 array; `x-next-cursor` header if more |
 /// | `GET /api-keys/{id}` | get | 200 key |
+/// | `PATCH /api-keys/{id}` `{name?, rate_limit?, credits?}` (`null` removes a limit) | update | 200 key |
 /// | `DELETE /api-keys/{id}` | revoke (soft), with every key it created | 204 |
 /// | `DELETE /api-keys/{id}?permanent=true` | delete the record (master key only), revoke every key it created | 204 |
 /// | `POST /api-keys/{id}/rotate` `{grace_period_seconds?, revoke_descendants?}` | new secret, same id | 200 key with plaintext `key` |
@@ -76,7 +79,10 @@ pub fn router(manager: KeyManager) -> Router {
         )
         .route("/api-keys/self", get(caller_info))
         .route("/api-keys/policy", get(policy_info))
-        .route("/api-keys/{id}", get(get_key).delete(revoke_key))
+        .route(
+            "/api-keys/{id}",
+            get(get_key).delete(revoke_key).patch(update_key),
+        )
         .route("/api-keys/{id}/rotate", post(rotate_key))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(manager)
@@ -90,8 +96,9 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "tower-api-keys management API", description = "Create, list, revoke, delete and rotate scoped API keys."),
-    paths(create_key, list_keys, get_key, revoke_key, rotate_key, caller_info, policy_info),
-    components(schemas(CreateKeyBody, RotateBody, KeyResponse, CallerResponse, PolicyResponse, ErrorBody, ErrorDetail)),
+    paths(create_key, list_keys, get_key, update_key, revoke_key, rotate_key, caller_info, policy_info),
+    components(schemas(CreateKeyBody, UpdateKeyBody, RotateBody, KeyResponse, RateLimitBody,
+        CreditsBody, CreditsResponse, RefillBody, CallerResponse, PolicyResponse, ErrorBody, ErrorDetail)),
     modifiers(&Security),
     security(("api_key" = []), ("blnk_key" = []), ("bearer" = []))
 )]
@@ -146,6 +153,89 @@ struct CreateKeyBody {
     /// RFC 3339 expiry, in the future (and within the server's maximum lifetime, if any).
     #[schema(format = DateTime, example = "2030-03-11T00:00:00Z")]
     expires_at: Option<String>,
+    /// At most `limit` requests (or cost units) per `period_seconds` (default: the server's
+    /// policy; a delegated key's is never looser than its creator's).
+    rate_limit: Option<RateLimitBody>,
+    /// Usage credits (default: the server's policy; a delegated key never gets more than its
+    /// creator has left).
+    credits: Option<CreditsBody>,
+}
+
+/// A rate limit: `limit` units per `period_seconds` (a bucket of `limit`, refilled evenly).
+#[derive(Deserialize, Serialize, ToSchema, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+struct RateLimitBody {
+    #[schema(minimum = 1, maximum = 1_000_000_000)]
+    limit: u32,
+    #[schema(minimum = 1, maximum = 31_622_400)]
+    period_seconds: u32,
+}
+
+/// A refill: `remaining` is set to `amount` at 00:00 UTC daily, or on the 1st monthly.
+#[derive(Deserialize, Serialize, ToSchema, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+struct RefillBody {
+    #[schema(value_type = String, pattern = "^(daily|monthly)$")]
+    interval: RefillInterval,
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_000_u64)]
+    amount: u64,
+}
+
+/// Usage credits to set.
+#[derive(Deserialize, ToSchema, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+struct CreditsBody {
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_000_u64)]
+    remaining: u64,
+    refill: Option<RefillBody>,
+}
+
+/// Usage credits as they stand.
+#[derive(Serialize, ToSchema)]
+struct CreditsResponse {
+    /// Credits left now (a due refill applied).
+    remaining: u64,
+    refill: Option<RefillBody>,
+}
+
+impl From<RateLimitBody> for RateLimit {
+    fn from(b: RateLimitBody) -> Self {
+        RateLimit::new(b.limit, b.period_seconds)
+    }
+}
+
+impl From<CreditsBody> for Credits {
+    fn from(b: CreditsBody) -> Self {
+        let credits = Credits::new(b.remaining);
+        match b.refill {
+            Some(refill) => credits.refill(refill.interval, refill.amount),
+            None => credits,
+        }
+    }
+}
+
+/// Body of `PATCH /api-keys/{id}`: fields left out stay as they are.
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+struct UpdateKeyBody {
+    /// A new name (same rules as on create).
+    #[schema(max_length = 128)]
+    name: Option<String>,
+    /// A new rate limit; `null` removes it.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(nullable)]
+    rate_limit: Option<Option<RateLimitBody>>,
+    /// New credits (replacing the count); `null` removes them.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(nullable)]
+    credits: Option<Option<CreditsBody>>,
+}
+
+/// A field that is present (possibly `null`), as opposed to left out.
+fn present<'de, T: Deserialize<'de>, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(deserializer).map(Some)
 }
 
 fn scopes_schema() -> utoipa::openapi::Array {
@@ -195,6 +285,10 @@ struct KeyResponse {
     revoked_at: Option<String>,
     rotated_at: Option<String>,
     created_by: Option<String>,
+    /// The key's rate limit, if any.
+    rate_limit: Option<RateLimitBody>,
+    /// The key's credits, if any, with what is left now.
+    credits: Option<CreditsResponse>,
 }
 
 /// The calling key, as `GET /api-keys/self` shows it: what the console needs to offer only what
@@ -337,6 +431,17 @@ impl KeyResponse {
             revoked_at: info.revoked_at.map(timestamp),
             rotated_at: info.rotated_at.map(timestamp),
             created_by: info.created_by.map(|id| id.to_string()),
+            rate_limit: info.limits.rate_limit.map(|r| RateLimitBody {
+                limit: r.limit,
+                period_seconds: r.period_seconds,
+            }),
+            credits: info.limits.credits.map(|c| CreditsResponse {
+                remaining: c.remaining,
+                refill: c.refill.map(|r: Refill| RefillBody {
+                    interval: r.interval,
+                    amount: r.amount,
+                }),
+            }),
         }
     }
 
@@ -418,6 +523,8 @@ async fn create_key(
         account: body.account,
         scopes: body.scopes,
         expires_at,
+        rate_limit: body.rate_limit.map(Into::into),
+        credits: body.credits.map(Into::into),
     };
     let created = manager.create(&principal, request).await?;
     Ok(no_store(StatusCode::CREATED, KeyResponse::created(created)))
@@ -472,6 +579,31 @@ async fn get_key(
     let params = query(params)?;
     let info = manager
         .get_in(&principal, &id, params.owner.as_deref())
+        .await?;
+    Ok(no_store(StatusCode::OK, KeyResponse::new(info, None)))
+}
+
+#[utoipa::path(patch, path = "/api-keys/{id}", params(KeyIdParam, OwnerQuery), request_body = UpdateKeyBody,
+    responses((status = 200, body = KeyResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
+              (status = 503, body = ErrorBody)))]
+async fn update_key(
+    State(manager): State<KeyManager>,
+    principal: Principal,
+    id: Result<Path<String>, PathRejection>,
+    params: Result<Query<OwnerParam>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, AuthError> {
+    let id = key_id(id)?;
+    let params = query(params)?;
+    let body: UpdateKeyBody = parse_json(&body.map_err(body_error)?, false)?;
+    let request = UpdateKey {
+        name: body.name,
+        rate_limit: body.rate_limit.map(|r| r.map(Into::into)),
+        credits: body.credits.map(|c| c.map(Into::into)),
+    };
+    let info = manager
+        .update_in(&principal, &id, params.owner.as_deref(), request)
         .await?;
     Ok(no_store(StatusCode::OK, KeyResponse::new(info, None)))
 }

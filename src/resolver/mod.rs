@@ -169,7 +169,8 @@ impl ResolvedKey {
                 shared.string(&record.account),
                 shared.scopes(&record.scopes),
                 effective,
-            ),
+            )
+            .with_limits(record.limits),
             expires_at,
             read_at,
             cached_until,
@@ -788,6 +789,7 @@ mod tests {
             created_by: None,
             rotated_at: None,
             previous: None,
+            limits: Default::default(),
         };
         (key, record)
     }

@@ -4,8 +4,8 @@ use std::sync::{Mutex, MutexGuard};
 use time::OffsetDateTime;
 
 use super::{
-    FormatSecrets, KeyChange, KeyLimits, KeyRecord, KeyStore, ListQuery, PreviousSecret, Rotation,
-    StoreError, StoreErrorKind, StoredSecret,
+    CreditAdjustment, FormatSecrets, KeyChange, KeyLimits, KeyRecord, KeyStore, KeyUpdate,
+    ListQuery, PreviousSecret, Rotation, StoreError, StoreErrorKind, StoredSecret,
 };
 use crate::key::{FormatSecret, KeyDigest, KeyId, MAX_SECRET_VERSION};
 
@@ -330,5 +330,31 @@ impl KeyStore for MemoryStore {
     async fn set_legacy_keys(&self, accept: bool, _now: OffsetDateTime) -> Result<(), StoreError> {
         self.lock().legacy_keys = Some(accept);
         Ok(())
+    }
+
+    async fn update(
+        &self,
+        id: &KeyId,
+        update: &KeyUpdate,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let mut inner = self.lock();
+        Ok(inner.by_id.get_mut(id).map(|record| {
+            update.apply(record);
+            record.clone()
+        }))
+    }
+
+    async fn adjust_credits(
+        &self,
+        id: &KeyId,
+        delta: i64,
+        now: OffsetDateTime,
+    ) -> Result<Option<CreditAdjustment>, StoreError> {
+        let mut inner = self.lock();
+        Ok(inner
+            .by_id
+            .get_mut(id)
+            .and_then(|record| record.limits.credits.as_mut())
+            .map(|credits| super::adjust(credits, delta, now)))
     }
 }

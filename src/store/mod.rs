@@ -29,6 +29,7 @@ pub use postgres::{InvalidIdentifier, PostgresStore, PostgresStoreBuilder};
 pub use sqlite::SqliteStore;
 
 use crate::key::{DigestScheme, FormatSecret, KeyDigest, KeyId};
+use crate::quota::{Credits, UsageLimits};
 use crate::scope::ScopeSet;
 
 /// One stored key: metadata and the digest of its secret.
@@ -64,6 +65,9 @@ pub struct KeyRecord {
     pub rotated_at: Option<OffsetDateTime>,
     /// The secret replaced by the last rotation, still valid during its grace period.
     pub previous: Option<PreviousSecret>,
+    /// The key's rate limit and credits (none: unlimited). Stores keep `credits.remaining` current
+    /// when they count credits ([`KeyStore::adjust_credits`]).
+    pub limits: UsageLimits,
 }
 
 /// A rotated-out secret that keeps working until `valid_until`.
@@ -156,6 +160,72 @@ impl KeyChange {
     /// descendants.
     pub fn affected(&self) -> impl Iterator<Item = &KeyRecord> {
         std::iter::once(&self.before).chain(&self.revoked_descendants)
+    }
+}
+
+/// What [`KeyStore::adjust_credits`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CreditAdjustment {
+    /// Applied; this is what is left.
+    Applied {
+        /// Credits left.
+        remaining: u64,
+    },
+    /// A spend larger than what is left: nothing was spent (a due refill was still applied).
+    Insufficient {
+        /// Credits left.
+        remaining: u64,
+    },
+}
+
+/// A change of a key's name, rate limit or credits ([`KeyStore::update`]); `None` keeps a field.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KeyUpdate {
+    /// A new name.
+    pub name: Option<String>,
+    /// A new rate limit; `Some(None)` removes it.
+    pub rate_limit: Option<Option<crate::quota::RateLimit>>,
+    /// New credits; `Some(None)` removes them.
+    pub credits: Option<Option<Credits>>,
+}
+
+impl KeyUpdate {
+    /// Applies the update to `record`.
+    pub fn apply(&self, record: &mut KeyRecord) {
+        if let Some(name) = &self.name {
+            record.name.clone_from(name);
+        }
+        if let Some(rate_limit) = self.rate_limit {
+            record.limits.rate_limit = rate_limit;
+        }
+        if let Some(credits) = self.credits {
+            record.limits.credits = credits;
+        }
+    }
+}
+
+/// Applies a due refill at `now`, then `delta` (a spend when negative, refused if larger than what
+/// is left): the one rule every store follows in [`KeyStore::adjust_credits`].
+pub fn adjust(credits: &mut Credits, delta: i64, now: OffsetDateTime) -> CreditAdjustment {
+    *credits = credits.refreshed(now);
+    let magnitude = delta.unsigned_abs();
+    if delta < 0 {
+        match credits.remaining.checked_sub(magnitude) {
+            Some(left) => credits.remaining = left,
+            None => {
+                return CreditAdjustment::Insufficient {
+                    remaining: credits.remaining,
+                };
+            }
+        }
+    } else {
+        credits.remaining = credits
+            .remaining
+            .saturating_add(magnitude)
+            .min(crate::quota::MAX_CREDITS);
+    }
+    CreditAdjustment::Applied {
+        remaining: credits.remaining,
     }
 }
 
@@ -360,6 +430,38 @@ pub trait KeyStore: Send + Sync + 'static {
         let _ = (accept, now);
         Err(StoreError::from_kind(StoreErrorKind::Unsupported))
     }
+
+    /// Changes a key's name, rate limit or credits and returns the updated record. New credits
+    /// are set as given (their `set_at` included).
+    ///
+    /// The default answers `Unavailable`: a store that does not implement it cannot update keys.
+    async fn update(
+        &self,
+        id: &KeyId,
+        update: &KeyUpdate,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let _ = (id, update);
+        Err(StoreError::unavailable("this key store cannot update keys"))
+    }
+
+    /// Atomically applies a due refill of the key's credits at `now`, then `delta`: a spend
+    /// (negative) only if enough is left, a refund (positive) always. `None` for an unknown key or
+    /// one without credits. Concurrent calls never spend more than there is, across every process
+    /// sharing the store. See [`adjust`] for the rule.
+    ///
+    /// The default answers `Unavailable`: a store that does not implement it cannot count credits,
+    /// and a [`StoreCredits`](crate::ratelimit::StoreCredits) limiter over it fails as configured.
+    async fn adjust_credits(
+        &self,
+        id: &KeyId,
+        delta: i64,
+        now: OffsetDateTime,
+    ) -> Result<Option<CreditAdjustment>, StoreError> {
+        let _ = (id, delta, now);
+        Err(StoreError::unavailable(
+            "this key store cannot count credits",
+        ))
+    }
 }
 
 #[async_trait::async_trait]
@@ -428,5 +530,21 @@ impl<T: KeyStore + ?Sized> KeyStore for Arc<T> {
     }
     async fn set_legacy_keys(&self, accept: bool, now: OffsetDateTime) -> Result<(), StoreError> {
         (**self).set_legacy_keys(accept, now).await
+    }
+
+    async fn update(
+        &self,
+        id: &KeyId,
+        update: &KeyUpdate,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        (**self).update(id, update).await
+    }
+    async fn adjust_credits(
+        &self,
+        id: &KeyId,
+        delta: i64,
+        now: OffsetDateTime,
+    ) -> Result<Option<CreditAdjustment>, StoreError> {
+        (**self).adjust_credits(id, delta, now).await
     }
 }

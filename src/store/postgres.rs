@@ -10,10 +10,10 @@ use sqlx::{AssertSqlSafe, Row};
 use time::OffsetDateTime;
 use tokio::sync::OnceCell;
 
-use super::sql_common::{RawRecord, map_sqlx_error, micros};
+use super::sql_common::{LimitColumns, RawRecord, map_sqlx_error, micros};
 use super::{
-    FormatSecrets, KeyChange, KeyLimits, KeyRecord, KeyStore, ListQuery, Rotation, StoreError,
-    StoreErrorKind, StoredSecret,
+    CreditAdjustment, FormatSecrets, KeyChange, KeyLimits, KeyRecord, KeyStore, KeyUpdate,
+    ListQuery, Rotation, StoreError, StoreErrorKind, StoredSecret,
 };
 use crate::key::{FormatSecret, KeyDigest, KeyId, MAX_SECRET_VERSION};
 
@@ -70,10 +70,11 @@ fn lock_key(parts: &[&str]) -> i64 {
 
 const COLUMNS: &str = "id, name, owner, account, scopes, digest, digest_scheme, masked_key, \
     created_at, expires_at, revoked_at, last_used_at, created_by, rotated_at, previous_digest, \
-    previous_digest_scheme, previous_valid_until";
+    previous_digest_scheme, previous_valid_until, rate_limit, rate_period_seconds, \
+    credits_remaining, credits_refill_interval, credits_refill_amount, credits_set_at";
 
 /// The schema's migrations, in order. Versions are never renumbered or edited once released.
-fn migrations(s: &str) -> [(i32, &'static str, String); 3] {
+fn migrations(s: &str) -> [(i32, &'static str, String); 4] {
     [
         (
             1,
@@ -141,6 +142,22 @@ CREATE TABLE {s}.api_key_format_secrets (
 "#
             ),
         ),
+        (
+            4,
+            "per-key rate limits and credits",
+            // Existing keys get NULLs: no limit.
+            format!(
+                r#"
+ALTER TABLE {s}.api_keys
+    ADD COLUMN rate_limit BIGINT,
+    ADD COLUMN rate_period_seconds BIGINT,
+    ADD COLUMN credits_remaining BIGINT,
+    ADD COLUMN credits_refill_interval TEXT,
+    ADD COLUMN credits_refill_amount BIGINT,
+    ADD COLUMN credits_set_at TIMESTAMPTZ;
+"#
+            ),
+        ),
     ]
 }
 
@@ -164,6 +181,7 @@ struct Sql {
     drop_digests: Arc<str>,
     rotate: Arc<str>,
     last_used: Arc<str>,
+    write_limits: Arc<str>,
 }
 
 impl Sql {
@@ -212,7 +230,8 @@ impl Sql {
             )),
             insert: sql(format!(
                 "INSERT INTO {s}.api_keys ({COLUMNS}) VALUES \
-                 ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+                 ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+                 $18, $19, $20, $21, $22, $23)"
             )),
             insert_digests: sql(format!(
                 "INSERT INTO {s}.api_key_digests (digest, key_id) SELECT d, $2 FROM UNNEST($1::bytea[]) AS t(d)"
@@ -236,6 +255,11 @@ impl Sql {
                  FROM (SELECT id, max(at) AS at FROM UNNEST($1::text[], $2::timestamptz[]) AS t(id, at) \
                        GROUP BY id) AS u \
                  WHERE k.id = u.id AND (k.last_used_at IS NULL OR k.last_used_at < u.at)"
+            )),
+            write_limits: sql(format!(
+                "UPDATE {s}.api_keys SET name = $2, rate_limit = $3, rate_period_seconds = $4, \
+                 credits_remaining = $5, credits_refill_interval = $6, credits_refill_amount = $7, \
+                 credits_set_at = $8 WHERE id = $1"
             )),
             schema: schema.to_owned(),
             quoted: s,
@@ -269,6 +293,14 @@ fn decode(row: &PgRow) -> Result<KeyRecord, StoreError> {
             previous_digest: row.try_get(14)?,
             previous_digest_scheme: row.try_get::<Option<i32>, _>(15)?.map(i64::from),
             previous_valid_until: row.try_get(16)?,
+            limits: LimitColumns {
+                rate_limit: row.try_get(17)?,
+                rate_period_seconds: row.try_get(18)?,
+                credits_remaining: row.try_get(19)?,
+                credits_refill_interval: row.try_get(20)?,
+                credits_refill_amount: row.try_get(21)?,
+                credits_set_at: row.try_get(22)?,
+            },
         })
     })()
     .map_err(map_sqlx_error)?;
@@ -535,6 +567,28 @@ impl PostgresStore {
         tx.commit().await.map_err(map_sqlx_error)
     }
 
+    /// Writes the name and usage-limit columns of `record`.
+    async fn write_limits(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        record: &KeyRecord,
+    ) -> Result<(), StoreError> {
+        let columns = LimitColumns::of(&record.limits);
+        query(&self.sql.write_limits)
+            .bind(record.id.as_str())
+            .bind(record.name.as_str())
+            .bind(columns.rate_limit)
+            .bind(columns.rate_period_seconds)
+            .bind(columns.credits_remaining)
+            .bind(columns.credits_refill_interval)
+            .bind(columns.credits_refill_amount)
+            .bind(columns.credits_set_at)
+            .execute(&mut *conn)
+            .await
+            .map_err(map_sqlx_error)?;
+        Ok(())
+    }
+
     async fn lock(tx: &mut sqlx::PgConnection, parts: &[&str]) -> Result<(), StoreError> {
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(lock_key(parts))
@@ -708,6 +762,7 @@ impl KeyStore for PostgresStore {
             }
         }
         let previous = record.previous.as_ref();
+        let limits_columns = LimitColumns::of(&record.limits);
         query(&self.sql.insert)
             .bind(record.id.as_str())
             .bind(record.name.as_str())
@@ -726,6 +781,12 @@ impl KeyStore for PostgresStore {
             .bind(previous.map(|p| p.digest.as_bytes().to_vec()))
             .bind(previous.map(|p| i32::from(p.digest_scheme.version())))
             .bind(previous.map(|p| micros(p.valid_until)))
+            .bind(limits_columns.rate_limit)
+            .bind(limits_columns.rate_period_seconds)
+            .bind(limits_columns.credits_remaining)
+            .bind(limits_columns.credits_refill_interval)
+            .bind(limits_columns.credits_refill_amount)
+            .bind(limits_columns.credits_set_at)
             .execute(&mut *tx)
             .await
             .map_err(map_sqlx_error)?;
@@ -996,6 +1057,59 @@ impl KeyStore for PostgresStore {
         .await
         .map(|_| ())
         .map_err(map_sqlx_error)
+    }
+
+    async fn update(
+        &self,
+        id: &KeyId,
+        update: &KeyUpdate,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        self.migrate().await?;
+        let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
+        let row = query(&self.sql.get_for_update)
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_sqlx_error)?;
+        let Some(mut record) = decode_opt(row)? else {
+            return Ok(None);
+        };
+        update.apply(&mut record);
+        if let Some(credits) = record.limits.credits.as_mut() {
+            credits.set_at = micros(credits.set_at);
+        }
+        self.write_limits(&mut tx, &record).await?;
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(Some(record))
+    }
+
+    async fn adjust_credits(
+        &self,
+        id: &KeyId,
+        delta: i64,
+        now: OffsetDateTime,
+    ) -> Result<Option<CreditAdjustment>, StoreError> {
+        self.migrate().await?;
+        // The row lock serialises every adjustment of this key across every instance.
+        let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
+        let row = query(&self.sql.get_for_update)
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_sqlx_error)?;
+        let Some(mut record) = decode_opt(row)? else {
+            return Ok(None);
+        };
+        let Some(credits) = record.limits.credits.as_mut() else {
+            return Ok(None);
+        };
+        let before = *credits;
+        let outcome = super::adjust(credits, delta, micros(now));
+        if *credits != before {
+            self.write_limits(&mut tx, &record).await?;
+        }
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(Some(outcome))
     }
 }
 

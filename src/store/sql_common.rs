@@ -11,10 +11,10 @@ use time::OffsetDateTime;
 
 use super::{KeyRecord, PreviousSecret, StoreError, StoreErrorKind};
 use crate::key::{DigestScheme, KeyDigest, KeyId};
+use crate::quota::{Credits, MAX_CREDITS, RateLimit, Refill, RefillInterval, UsageLimits};
 use crate::scope::ScopeSet;
 
 /// `t` floored to the microsecond, in UTC: the precision the SQL stores keep.
-#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 pub(crate) fn micros(t: OffsetDateTime) -> OffsetDateTime {
     let t = t.to_offset(time::UtcOffset::UTC);
     // `nanosecond()` is always below 10^9, so the replacement cannot fail; keep `t` if it ever did.
@@ -56,6 +56,72 @@ pub(crate) struct RawRecord {
     pub(crate) previous_digest: Option<Vec<u8>>,
     pub(crate) previous_digest_scheme: Option<i64>,
     pub(crate) previous_valid_until: Option<OffsetDateTime>,
+    pub(crate) limits: LimitColumns,
+}
+
+/// The usage-limit columns (schema version 4), all nullable: `rate_limit`, `rate_period_seconds`,
+/// `credits_remaining`, `credits_refill_interval`, `credits_refill_amount`, `credits_set_at`.
+#[derive(Default)]
+pub(crate) struct LimitColumns {
+    pub(crate) rate_limit: Option<i64>,
+    pub(crate) rate_period_seconds: Option<i64>,
+    pub(crate) credits_remaining: Option<i64>,
+    pub(crate) credits_refill_interval: Option<String>,
+    pub(crate) credits_refill_amount: Option<i64>,
+    pub(crate) credits_set_at: Option<OffsetDateTime>,
+}
+
+impl LimitColumns {
+    /// The columns of `limits` (timestamps as given: the caller floors them).
+    pub(crate) fn of(limits: &UsageLimits) -> Self {
+        let credits = limits.credits.as_ref();
+        let refill = credits.and_then(|c| c.refill);
+        Self {
+            rate_limit: limits.rate_limit.map(|r| i64::from(r.limit)),
+            rate_period_seconds: limits.rate_limit.map(|r| i64::from(r.period_seconds)),
+            credits_remaining: credits.map(|c| c.remaining.min(MAX_CREDITS) as i64),
+            credits_refill_interval: refill.map(|r| r.interval.as_str().to_owned()),
+            credits_refill_amount: refill.map(|r| r.amount.min(MAX_CREDITS) as i64),
+            credits_set_at: credits.map(|c| micros(c.set_at)),
+        }
+    }
+
+    fn into_limits(self) -> Result<UsageLimits, StoreError> {
+        let count = |v: i64, column| u64::try_from(v).map_err(|_| corrupt(column));
+        let rate_limit = match (self.rate_limit, self.rate_period_seconds) {
+            (None, None) => None,
+            (Some(limit), Some(period)) => Some(RateLimit::new(
+                u32::try_from(limit).map_err(|_| corrupt("rate_limit"))?,
+                u32::try_from(period).map_err(|_| corrupt("rate_period_seconds"))?,
+            )),
+            _ => return Err(corrupt("rate_limit")),
+        };
+        let refill = match (self.credits_refill_interval, self.credits_refill_amount) {
+            (None, None) => None,
+            (Some(interval), Some(amount)) => Some(Refill {
+                interval: match interval.as_str() {
+                    "daily" => RefillInterval::Daily,
+                    "monthly" => RefillInterval::Monthly,
+                    _ => return Err(corrupt("credits_refill_interval")),
+                },
+                amount: count(amount, "credits_refill_amount")?,
+            }),
+            _ => return Err(corrupt("credits_refill_interval")),
+        };
+        let credits = match (self.credits_remaining, self.credits_set_at) {
+            (None, None) if refill.is_none() => None,
+            (Some(remaining), Some(set_at)) => Some(Credits {
+                remaining: count(remaining, "credits_remaining")?,
+                refill,
+                set_at,
+            }),
+            _ => return Err(corrupt("credits_remaining")),
+        };
+        Ok(UsageLimits {
+            rate_limit,
+            credits,
+        })
+    }
 }
 
 /// Why a row could not be turned into a [`KeyRecord`]. Names the column, never its value.
@@ -120,6 +186,7 @@ impl RawRecord {
             created_by: self.created_by.map(KeyId::new),
             rotated_at: self.rotated_at,
             previous,
+            limits: self.limits.into_limits()?,
         })
     }
 }
@@ -250,6 +317,7 @@ mod tests {
             previous_digest: None,
             previous_digest_scheme: None,
             previous_valid_until: None,
+            limits: LimitColumns::default(),
         };
         assert!(good().into_record().is_ok());
         type Spoil = Box<dyn Fn(&mut RawRecord)>;
@@ -258,6 +326,22 @@ mod tests {
             Box::new(|r| r.digest_scheme = 99),
             Box::new(|r| r.digest_scheme = -1),
             Box::new(|r| r.scopes = vec!["not a scope".into()]),
+            Box::new(|r| r.limits.rate_limit = Some(10)),
+            Box::new(|r| {
+                r.limits.rate_limit = Some(-1);
+                r.limits.rate_period_seconds = Some(60);
+            }),
+            Box::new(|r| r.limits.credits_remaining = Some(5)),
+            Box::new(|r| {
+                r.limits.credits_remaining = Some(-5);
+                r.limits.credits_set_at = Some(OffsetDateTime::UNIX_EPOCH);
+            }),
+            Box::new(|r| {
+                r.limits.credits_remaining = Some(5);
+                r.limits.credits_set_at = Some(OffsetDateTime::UNIX_EPOCH);
+                r.limits.credits_refill_interval = Some("hourly".into());
+                r.limits.credits_refill_amount = Some(5);
+            }),
             Box::new(|r| r.previous_digest = Some(vec![1; 32])),
             Box::new(|r| {
                 r.previous_digest = Some(vec![1; 32]);

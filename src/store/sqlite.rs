@@ -12,11 +12,12 @@ use time::OffsetDateTime;
 use tokio::sync::OnceCell;
 
 use super::sql_common::{
-    RawRecord, from_unix_micros, is_sqlite_busy, map_sqlx_error, to_unix_micros,
+    LimitColumns, RawRecord, from_unix_micros, is_sqlite_busy, map_sqlx_error, micros,
+    to_unix_micros,
 };
 use super::{
-    FormatSecrets, KeyChange, KeyLimits, KeyRecord, KeyStore, ListQuery, Rotation, StoreError,
-    StoreErrorKind, StoredSecret,
+    CreditAdjustment, FormatSecrets, KeyChange, KeyLimits, KeyRecord, KeyStore, KeyUpdate,
+    ListQuery, Rotation, StoreError, StoreErrorKind, StoredSecret,
 };
 use crate::key::{FormatSecret, KeyDigest, KeyId, MAX_SECRET_VERSION};
 
@@ -25,7 +26,8 @@ macro_rules! columns {
     () => {
         "id, name, owner, account, scopes, digest, digest_scheme, masked_key, created_at, \
          expires_at, revoked_at, last_used_at, created_by, rotated_at, previous_digest, \
-         previous_digest_scheme, previous_valid_until"
+         previous_digest_scheme, previous_valid_until, rate_limit, rate_period_seconds, \
+         credits_remaining, credits_refill_interval, credits_refill_amount, credits_set_at"
     };
 }
 
@@ -93,6 +95,19 @@ CREATE TABLE api_key_format_secrets (
 ) STRICT;
 "#,
     ),
+    (
+        4,
+        "per-key rate limits and credits",
+        // Existing keys get NULLs: no limit.
+        r#"
+ALTER TABLE api_keys ADD COLUMN rate_limit INTEGER;
+ALTER TABLE api_keys ADD COLUMN rate_period_seconds INTEGER;
+ALTER TABLE api_keys ADD COLUMN credits_remaining INTEGER;
+ALTER TABLE api_keys ADD COLUMN credits_refill_interval TEXT;
+ALTER TABLE api_keys ADD COLUMN credits_refill_amount INTEGER;
+ALTER TABLE api_keys ADD COLUMN credits_set_at INTEGER;
+"#,
+    ),
 ];
 
 fn decode(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
@@ -124,6 +139,14 @@ fn decode(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
         previous_digest: row.try_get(14).map_err(map_sqlx_error)?,
         previous_digest_scheme: row.try_get(15).map_err(map_sqlx_error)?,
         previous_valid_until: time(16)?,
+        limits: LimitColumns {
+            rate_limit: row.try_get(17).map_err(map_sqlx_error)?,
+            rate_period_seconds: row.try_get(18).map_err(map_sqlx_error)?,
+            credits_remaining: row.try_get(19).map_err(map_sqlx_error)?,
+            credits_refill_interval: row.try_get(20).map_err(map_sqlx_error)?,
+            credits_refill_amount: row.try_get(21).map_err(map_sqlx_error)?,
+            credits_set_at: time(22)?,
+        },
     };
     raw.into_record()
 }
@@ -498,11 +521,13 @@ impl KeyStore for SqliteStore {
             }
         }
         let previous = record.previous.as_ref();
+        let limits_columns = LimitColumns::of(&record.limits);
         sqlx::query(concat!(
             "INSERT INTO api_keys (",
             columns!(),
             ") VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
+             ?18, ?19, ?20, ?21, ?22, ?23)"
         ))
         .bind(record.id.as_str())
         .bind(record.name.as_str())
@@ -521,6 +546,12 @@ impl KeyStore for SqliteStore {
         .bind(previous.map(|p| p.digest.as_bytes().to_vec()))
         .bind(previous.map(|p| i64::from(p.digest_scheme.version())))
         .bind(previous.map(|p| to_unix_micros(p.valid_until)))
+        .bind(limits_columns.rate_limit)
+        .bind(limits_columns.rate_period_seconds)
+        .bind(limits_columns.credits_remaining)
+        .bind(limits_columns.credits_refill_interval)
+        .bind(limits_columns.credits_refill_amount)
+        .bind(limits_columns.credits_set_at.map(to_unix_micros))
         .execute(&mut *tx)
         .await
         .map_err(map_sqlx_error)?;
@@ -789,5 +820,89 @@ impl KeyStore for SqliteStore {
         .await
         .map(|_| ())
         .map_err(map_sqlx_error)
+    }
+
+    async fn update(
+        &self,
+        id: &KeyId,
+        update: &KeyUpdate,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let mut tx = self.begin_immediate().await?;
+        let Some(mut record) = Self::get_in(&mut tx, id).await? else {
+            return Ok(None);
+        };
+        update.apply(&mut record);
+        if let Some(credits) = record.limits.credits.as_mut() {
+            credits.set_at = micros(credits.set_at);
+        }
+        Self::write_limits(&mut tx, &record).await?;
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(Some(record))
+    }
+
+    async fn adjust_credits(
+        &self,
+        id: &KeyId,
+        delta: i64,
+        now: OffsetDateTime,
+    ) -> Result<Option<CreditAdjustment>, StoreError> {
+        // BEGIN IMMEDIATE serialises every writer of the file: read, apply the rule, write.
+        let mut tx = self.begin_immediate().await?;
+        let Some(mut record) = Self::get_in(&mut tx, id).await? else {
+            return Ok(None);
+        };
+        let Some(credits) = record.limits.credits.as_mut() else {
+            return Ok(None);
+        };
+        let before = *credits;
+        let outcome = super::adjust(credits, delta, micros(now));
+        if *credits != before {
+            Self::write_limits(&mut tx, &record).await?;
+        }
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(Some(outcome))
+    }
+}
+
+impl SqliteStore {
+    async fn get_in(
+        conn: &mut SqliteConnection,
+        id: &KeyId,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM api_keys WHERE id = ?1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(map_sqlx_error)?;
+        decode_opt(row)
+    }
+
+    /// Writes the name and usage-limit columns of `record`.
+    async fn write_limits(
+        conn: &mut SqliteConnection,
+        record: &KeyRecord,
+    ) -> Result<(), StoreError> {
+        let columns = LimitColumns::of(&record.limits);
+        sqlx::query(
+            "UPDATE api_keys SET name = ?2, rate_limit = ?3, rate_period_seconds = ?4, \
+             credits_remaining = ?5, credits_refill_interval = ?6, credits_refill_amount = ?7, \
+             credits_set_at = ?8 WHERE id = ?1",
+        )
+        .bind(record.id.as_str())
+        .bind(record.name.as_str())
+        .bind(columns.rate_limit)
+        .bind(columns.rate_period_seconds)
+        .bind(columns.credits_remaining)
+        .bind(columns.credits_refill_interval)
+        .bind(columns.credits_refill_amount)
+        .bind(columns.credits_set_at.map(to_unix_micros))
+        .execute(&mut *conn)
+        .await
+        .map_err(map_sqlx_error)?;
+        Ok(())
     }
 }

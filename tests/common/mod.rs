@@ -10,7 +10,9 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tower_api_keys::key::{ApiKey, KeyDigest, KeyFormat, KeyId};
 use tower_api_keys::scope::ScopeSet;
-use tower_api_keys::store::{KeyChange, KeyLimits, ListQuery, Rotation};
+use tower_api_keys::store::{
+    CreditAdjustment, KeyChange, KeyLimits, KeyUpdate, ListQuery, Rotation,
+};
 use tower_api_keys::store::{KeyRecord, KeyStore, MemoryStore, StoreError};
 
 pub const MASTER: &str = "master-key-for-tests-0123456789";
@@ -98,6 +100,23 @@ impl KeyStore for TestStore {
         self.check()?;
         self.inner.record_last_used(uses).await
     }
+    async fn update(
+        &self,
+        id: &KeyId,
+        update: &KeyUpdate,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        self.check()?;
+        self.inner.update(id, update).await
+    }
+    async fn adjust_credits(
+        &self,
+        id: &KeyId,
+        delta: i64,
+        now: OffsetDateTime,
+    ) -> Result<Option<CreditAdjustment>, StoreError> {
+        self.check()?;
+        self.inner.adjust_credits(id, delta, now).await
+    }
 }
 
 /// A fresh record for `key` with `scopes`, owned by `owner`.
@@ -118,6 +137,7 @@ pub fn record(format: &KeyFormat, key: &ApiKey, owner: &str, scopes: &str) -> Ke
         created_by: None,
         rotated_at: None,
         previous: None,
+        limits: Default::default(),
     }
 }
 

@@ -1,0 +1,323 @@
+//! One instance: rate-limit state and credits in memory.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use governor::clock::{Clock, QuantaClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use time::OffsetDateTime;
+
+use super::{RateOutcome, Spend};
+use crate::key::KeyId;
+use crate::quota::{Credits, RateLimit};
+
+/// Keys whose rate-limit state [`MemoryRates::new`] keeps: 1,000,000 (about 100 MB at most).
+pub const DEFAULT_MAX_KEYS: u64 = 1_000_000;
+
+type Gcra = RateLimiter<NotKeyed, InMemoryState, QuantaClock, StateInformationMiddleware>;
+
+/// One key's bucket: a direct `governor` limiter for the key's own quota.
+struct Bucket {
+    limit: RateLimit,
+    gcra: Gcra,
+}
+
+/// Rate-limit state in memory: one `governor` GCRA limiter per key (quotas differ per key) in a
+/// bounded `moka` cache keyed by key id (least recently and frequently used keys go first when
+/// it is full). An evicted key starts again with a full bucket, which it has anyway after a period
+/// of no use: the bound only matters under more active keys than it holds. Cheap to clone; clones
+/// share the state.
+#[derive(Clone)]
+pub struct MemoryRates {
+    buckets: moka::sync::Cache<KeyId, Arc<Bucket>>,
+    clock: QuantaClock,
+}
+
+impl fmt::Debug for MemoryRates {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryRates")
+            .field("keys", &self.buckets.entry_count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for MemoryRates {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryRates {
+    /// Keeps the state of at most [`DEFAULT_MAX_KEYS`] keys.
+    pub fn new() -> Self {
+        Self::with_max_keys(DEFAULT_MAX_KEYS)
+    }
+
+    /// Keeps the state of at most `max_keys` keys (least recently and frequently used go first).
+    pub fn with_max_keys(max_keys: u64) -> Self {
+        Self {
+            buckets: moka::sync::Cache::builder().max_capacity(max_keys).build(),
+            clock: QuantaClock::default(),
+        }
+    }
+
+    /// Keys with state right now (approximate, as moka counts).
+    pub fn key_count(&self) -> u64 {
+        self.buckets.run_pending_tasks();
+        self.buckets.entry_count()
+    }
+
+    fn bucket(&self, key: &KeyId, limit: RateLimit) -> Arc<Bucket> {
+        let make = || {
+            let quota = Quota::with_period(Duration::from_nanos(limit.emission_nanos()))
+                .expect("the emission interval is at least 1 ns")
+                .allow_burst(NonZeroU32::new(limit.limit).unwrap_or(NonZeroU32::MIN));
+            Arc::new(Bucket {
+                limit,
+                gcra: RateLimiter::direct_with_clock(quota, self.clock.clone())
+                    .with_middleware::<StateInformationMiddleware>(),
+            })
+        };
+        if let Some(bucket) = self.buckets.get(key)
+            && bucket.limit == limit
+        {
+            return bucket;
+        }
+        // New, or the key's limit changed: one bucket for the new quota, made under the key's lock
+        // (concurrent first requests of a key must not each make their own).
+        self.buckets
+            .entry_by_ref(key)
+            .and_upsert_with(|entry| match entry {
+                Some(entry) if entry.value().limit == limit => entry.into_value(),
+                _ => make(),
+            })
+            .into_value()
+    }
+
+    pub(crate) fn check(&self, key: &KeyId, limit: RateLimit, cost: u32) -> RateOutcome {
+        let emission = Duration::from_nanos(limit.emission_nanos());
+        let full = |remaining: u32| emission * limit.limit.saturating_sub(remaining);
+        if limit.limit == 0 {
+            return RateOutcome {
+                allowed: false,
+                remaining: 0,
+                reset: limit.period(),
+                retry_after: limit.period(),
+            };
+        }
+        let bucket = self.bucket(key, limit);
+        let cost = NonZeroU32::new(cost).unwrap_or(NonZeroU32::MIN);
+        match bucket.gcra.check_n(cost) {
+            Ok(Ok(snapshot)) => {
+                let remaining = snapshot.remaining_burst_capacity();
+                RateOutcome {
+                    allowed: true,
+                    remaining,
+                    reset: full(remaining),
+                    retry_after: Duration::ZERO,
+                }
+            }
+            Ok(Err(not_until)) => {
+                let wait = not_until.wait_time_from(self.clock.now());
+                // Nothing is left: the next unit arrives within one emission interval.
+                let until_one = wait.saturating_sub(emission * (cost.get() - 1));
+                RateOutcome {
+                    allowed: false,
+                    remaining: 0,
+                    reset: until_one + full(1),
+                    retry_after: wait,
+                }
+            }
+            // The cost is above the key's whole limit: it can never pass.
+            Err(_) => RateOutcome {
+                allowed: false,
+                remaining: 0,
+                reset: limit.period(),
+                retry_after: limit.period(),
+            },
+        }
+    }
+}
+
+/// One key's credits: the settings they were seeded from, and what is left.
+struct Cell {
+    seed: Credits,
+    state: Credits,
+}
+
+/// Credits counted in memory: an exact decrement per key under a per-key lock, seeded from the
+/// key's record (via its principal) the first time the key is seen and again whenever the record's
+/// credits change (an update sets `set_at`). What was spent is not written anywhere: after a
+/// restart every key starts again from its record. Use it for one instance; a fleet needs a shared
+/// counter. Cheap to clone; clones share the state.
+#[derive(Clone, Default)]
+pub struct MemoryCredits {
+    cells: Arc<RwLock<HashMap<KeyId, Arc<Mutex<Cell>>>>>,
+}
+
+impl fmt::Debug for MemoryCredits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryCredits").finish_non_exhaustive()
+    }
+}
+
+impl MemoryCredits {
+    /// An empty ledger.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn cell(&self, key: &KeyId, seed: &Credits) -> Arc<Mutex<Cell>> {
+        if let Some(cell) = self
+            .cells
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key)
+        {
+            return cell.clone();
+        }
+        self.cells
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key.clone())
+            .or_insert_with(|| {
+                Arc::new(Mutex::new(Cell {
+                    seed: *seed,
+                    state: *seed,
+                }))
+            })
+            .clone()
+    }
+
+    /// What is left for `key` at `now`, if it has been seen.
+    pub fn remaining(&self, key: &KeyId, now: OffsetDateTime) -> Option<u64> {
+        let cells = self.cells.read().unwrap_or_else(PoisonError::into_inner);
+        let cell = cells
+            .get(key)?
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        Some(cell.state.current(now))
+    }
+
+    pub(crate) fn spend(
+        &self,
+        key: &KeyId,
+        seed: &Credits,
+        cost: u32,
+        now: OffsetDateTime,
+    ) -> Spend {
+        let cell = self.cell(key, seed);
+        let mut cell = cell.lock().unwrap_or_else(PoisonError::into_inner);
+        if cell.seed != *seed {
+            // The record's credits were changed (or refilled by the store): start from them.
+            cell.seed = *seed;
+            cell.state = *seed;
+        }
+        cell.state = cell.state.refreshed(now);
+        let cost = u64::from(cost);
+        match cell.state.remaining.checked_sub(cost) {
+            Some(left) => {
+                cell.state.remaining = left;
+                Spend::Spent { remaining: left }
+            }
+            None => Spend::Exhausted {
+                remaining: cell.state.remaining,
+            },
+        }
+    }
+
+    pub(crate) fn refund(&self, key: &KeyId, cost: u32, now: OffsetDateTime) {
+        let cells = self.cells.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(cell) = cells.get(key) {
+            let mut cell = cell.lock().unwrap_or_else(PoisonError::into_inner);
+            // A refill since the spend already restored everything.
+            if cell.state.set_at <= now {
+                cell.state.remaining = cell.state.remaining.saturating_add(cost.into());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quota::RefillInterval;
+    use time::macros::datetime;
+
+    #[test]
+    fn buckets_burst_then_refuse_with_a_wait() {
+        let rates = MemoryRates::new();
+        let key = KeyId::new("key_a");
+        let limit = RateLimit::new(3, 60);
+        let outcomes: Vec<_> = (0..4).map(|_| rates.check(&key, limit, 1)).collect();
+        assert_eq!(
+            outcomes.iter().map(|o| o.allowed).collect::<Vec<_>>(),
+            [true, true, true, false]
+        );
+        assert_eq!(outcomes[0].remaining, 2);
+        assert_eq!(outcomes[2].remaining, 0);
+        let refused = outcomes[3];
+        assert!(refused.retry_after > Duration::from_secs(19));
+        assert!(refused.retry_after <= Duration::from_secs(20));
+        // Another key is independent; a cost above the limit never passes.
+        assert!(rates.check(&KeyId::new("key_b"), limit, 3).allowed);
+        assert!(!rates.check(&KeyId::new("key_c"), limit, 4).allowed);
+    }
+
+    #[test]
+    fn a_changed_limit_gets_a_new_bucket() {
+        let rates = MemoryRates::new();
+        let key = KeyId::new("key_a");
+        assert!(rates.check(&key, RateLimit::new(1, 60), 1).allowed);
+        assert!(!rates.check(&key, RateLimit::new(1, 60), 1).allowed);
+        assert!(rates.check(&key, RateLimit::new(5, 60), 1).allowed);
+    }
+
+    #[test]
+    fn the_key_bound_holds() {
+        let rates = MemoryRates::with_max_keys(100);
+        for i in 0..10_000 {
+            rates.check(&KeyId::new(format!("key_{i}")), RateLimit::new(10, 60), 1);
+        }
+        assert!(rates.key_count() <= 100, "{}", rates.key_count());
+    }
+
+    #[test]
+    fn credits_are_exact_and_refill() {
+        let ledger = MemoryCredits::new();
+        let key = KeyId::new("key_a");
+        let day = datetime!(2026-03-04 10:00 UTC);
+        let seed = Credits::new(5).refill(RefillInterval::Daily, 7).set_at(day);
+        assert_eq!(
+            ledger.spend(&key, &seed, 2, day),
+            Spend::Spent { remaining: 3 }
+        );
+        assert_eq!(
+            ledger.spend(&key, &seed, 4, day),
+            Spend::Exhausted { remaining: 3 }
+        );
+        assert_eq!(
+            ledger.spend(&key, &seed, 3, day),
+            Spend::Spent { remaining: 0 }
+        );
+        ledger.refund(&key, 1, day);
+        assert_eq!(ledger.remaining(&key, day), Some(1));
+        let tomorrow = datetime!(2026-03-05 0:00 UTC);
+        assert_eq!(ledger.remaining(&key, tomorrow), Some(7));
+        assert_eq!(
+            ledger.spend(&key, &seed, 1, tomorrow),
+            Spend::Spent { remaining: 6 }
+        );
+        // An update of the record (new set_at) starts again from it.
+        let updated = Credits::new(100).set_at(tomorrow + time::Duration::HOUR);
+        assert_eq!(
+            ledger.spend(&key, &updated, 1, tomorrow + time::Duration::HOUR),
+            Spend::Spent { remaining: 99 }
+        );
+    }
+}

@@ -1,0 +1,844 @@
+//! [`RateLimitLayer`]: per-key rate limits and usage credits, after [`ApiKeyLayer`].
+//!
+//! ```
+//! use axum::{body::Body, routing::get, Router};
+//! use http::{Request, StatusCode};
+//! use tower::ServiceExt;
+//! use tower_api_keys::layer::ApiKeyLayer;
+//! use tower_api_keys::key::ApiKey;
+//! use tower_api_keys::quota::RateLimit;
+//! use tower_api_keys::ratelimit::RateLimiter;
+//! use tower_api_keys::resolver::CachedResolver;
+//! use tower_api_keys::store::MemoryStore;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let master = ApiKey::new("change-me-to-a-long-random-string");
+//! // One instance, in memory. The master key is limited only because this asks for it; stored keys
+//! // carry their own `rate_limit` and `credits` (see `UsageLimits`).
+//! let limiter = RateLimiter::in_memory().master(RateLimit::new(2, 60));
+//! let app = Router::new()
+//!     .route("/ledgers", get(|| async { "ledgers" }))
+//!     .layer(limiter.layer())
+//!     .layer(ApiKeyLayer::new(CachedResolver::new(MemoryStore::new())).master_key(master));
+//!
+//! let request = || {
+//!     Request::get("/ledgers")
+//!         .header("x-api-key", "change-me-to-a-long-random-string")
+//!         .body(Body::empty())
+//!         .unwrap()
+//! };
+//! let first = app.clone().oneshot(request()).await.unwrap();
+//! assert_eq!(first.status(), StatusCode::OK);
+//! assert_eq!(first.headers()["ratelimit-policy"], "\"rate\";q=2;w=60");
+//! assert_eq!(first.headers()["ratelimit"], "\"rate\";r=1;t=30");
+//! app.clone().oneshot(request()).await.unwrap();
+//! let third = app.oneshot(request()).await.unwrap();
+//! assert_eq!(third.status(), StatusCode::TOO_MANY_REQUESTS);
+//! assert_eq!(third.headers()["retry-after"], "30");
+//! # }
+//! ```
+//!
+//! Layer order: `ApiKeyLayer` outside (it puts the [`Principal`] in the extensions), this layer
+//! inside it; per route with `route_layer(limiter.layer().cost(5))`, where a request costs 5 units.
+//! Requests without a principal (anonymous ones an optional `ApiKeyLayer` let through) pass
+//! unlimited.
+//!
+//! ## What is limited
+//! Each stored key carries two optional settings ([`UsageLimits`], filled from its record):
+//! - [`RateLimit`] `{limit, period_seconds}`: a GCRA bucket (as in `governor`) of `limit` units,
+//!   refilled evenly over `period_seconds`: a burst of `limit` at once, then `limit` per period
+//!   sustained. A request costs [`RateLimitLayer::cost`] units (default 1); a cost above the key's
+//!   `limit` can never pass.
+//! - [`Credits`] `{remaining, refill}`: a number of units to spend, decremented exactly; with a
+//!   [`Refill`], `remaining` is *set* to `amount` at 00:00 UTC each day, or on the 1st of each month.
+//!
+//! The master key is not limited unless [`RateLimiter::master`] gives it a rate limit. A refused
+//! request consumes nothing: credits are spent first and given back if the rate limit then refuses.
+//!
+//! ## Responses
+//! | situation | HTTP | code | gRPC |
+//! |---|---|---|---|
+//! | over the rate limit | 429, `Retry-After` | `RATE_LIMITED` | RESOURCE_EXHAUSTED |
+//! | out of credits | 429, `Retry-After` (until the next refill, if any) | `USAGE_EXCEEDED` | RESOURCE_EXHAUSTED |
+//! | a backend failed and its mode is closed | 503 | `AUTH_UNAVAILABLE` | UNAVAILABLE |
+//!
+//! Every response of a limited key, admitted or refused, carries the IETF fields
+//! (draft-ietf-httpapi-ratelimit-headers): `RateLimit-Policy: "rate";q=100;w=60` (plus
+//! `"credits";q=<amount>;w=<refill period>` for refilled credits) and
+//! `RateLimit: "rate";r=42;t=17, "credits";r=900;t=3600`, where `r` is what is left now and `t` the
+//! seconds until the bucket is full again (or until the next refill). Refusals are rendered like the
+//! rest of the crate's ([`JsonRejection`](crate::error::JsonRejection) by default,
+//! [`GrpcRejection`](crate::error::GrpcRejection) with [`RateLimitLayer::rejection`]).
+//!
+//! ## Where the state lives
+//! - **One instance**: [`MemoryRates`], one `governor` limiter per key in a bounded `moka` cache
+//!   (a million keys cost bounded memory; an evicted key starts again with a full bucket), and
+//!   [`MemoryCredits`], an exact atomic decrement per key.
+//! - **A fleet** (feature `redis`): `RedisRates`, one Lua script call per decision (GCRA on Redis's
+//!   clock), so N instances together never admit more than the limit.
+//!
+//! ## When a backend fails
+//! Configurable per kind with [`FailMode`]: by default rate limits fail **open** (the request is
+//! admitted, logged at `warn`, counted in metrics) and credits fail **closed** (503
+//! `AUTH_UNAVAILABLE`). Nothing is remembered about the failure: the next request asks the backend
+//! again, so the layer recovers by itself.
+//!
+//! ## Metrics (feature `metrics`)
+//! `api_key_rate_limit_total{outcome}`: `admitted`, `RATE_LIMITED`, `USAGE_EXCEEDED` or
+//! `AUTH_UNAVAILABLE`, for each request of a limited key; `api_key_rate_limit_backend_errors_total
+//! {backend="rates"|"credits", mode="open"|"closed"}`: backend failures and what was done.
+
+mod future;
+mod layer;
+mod memory;
+#[cfg(feature = "redis")]
+mod redis;
+mod service;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use time::OffsetDateTime;
+
+#[cfg(feature = "redis")]
+pub use self::redis::{
+    DEFAULT_PREFIX as DEFAULT_REDIS_PREFIX, DEFAULT_TIMEOUT as DEFAULT_REDIS_TIMEOUT,
+    GCRA_SCRIPT as REDIS_GCRA_SCRIPT, RedisRates,
+};
+pub use future::ResponseFuture;
+pub use layer::RateLimitLayer;
+pub use memory::{DEFAULT_MAX_KEYS, MemoryCredits, MemoryRates};
+// `StoreCredits` is defined below.
+pub use service::RateLimitService;
+
+use crate::error::AuthError;
+use crate::key::KeyId;
+use crate::principal::Principal;
+use crate::quota::{Credits, RateLimit, Refill, RefillInterval, UsageLimits};
+use crate::store::{CreditAdjustment, KeyStore, StoreError};
+
+/// What to do when a backend (Redis, the key store) fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailMode {
+    /// Admit the request without the check (logged at `warn`, counted in metrics).
+    Open,
+    /// Refuse it with 503 `AUTH_UNAVAILABLE`.
+    Closed,
+}
+
+impl FailMode {
+    const fn as_str(self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Closed => "closed",
+        }
+    }
+}
+
+/// The rate-limit state of a key after a decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateStatus {
+    /// The limit that applied.
+    pub limit: RateLimit,
+    /// Units left now.
+    pub remaining: u32,
+    /// Until the bucket is full again.
+    pub reset: Duration,
+    /// Until this request's cost would pass (zero when it passed).
+    pub retry_after: Duration,
+}
+
+/// The credit state of a key after a decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CreditStatus {
+    /// Credits left now.
+    pub remaining: u64,
+    /// The key's refill, if any.
+    pub refill: Option<Refill>,
+    /// Until the next refill, if there is one.
+    pub reset: Option<Duration>,
+}
+
+/// What the limiter decided for one request.
+#[derive(Clone, Debug)]
+pub struct Decision {
+    /// The rate-limit state, when the key has a rate limit and it was checked.
+    pub rate: Option<RateStatus>,
+    /// The configured rate limit (for `RateLimit-Policy`), even when it was not checked.
+    pub rate_policy: Option<RateLimit>,
+    /// The credit state, when the key has credits and they were checked.
+    pub credits: Option<CreditStatus>,
+    /// Why the request is refused; `None`: admitted.
+    pub refusal: Option<AuthError>,
+}
+
+impl Decision {
+    fn unlimited() -> Self {
+        Self {
+            rate: None,
+            rate_policy: None,
+            credits: None,
+            refusal: None,
+        }
+    }
+
+    /// Whether the request may go on.
+    pub fn is_admitted(&self) -> bool {
+        self.refusal.is_none()
+    }
+
+    /// Whether any limit applied (and headers are due).
+    pub fn is_limited(&self) -> bool {
+        self.rate_policy.is_some() || self.credits.is_some()
+    }
+
+    /// Adds `RateLimit-Policy`, `RateLimit` and, on a 429, `Retry-After`.
+    pub fn write_headers(&self, headers: &mut HeaderMap) {
+        use std::fmt::Write;
+        // Formatted on the stack: one allocation per header (the value's own).
+        let mut policy = Line::default();
+        let mut state = Line::default();
+        if let Some(limit) = self.rate_policy {
+            let _ = write!(
+                policy,
+                "\"rate\";q={};w={}",
+                limit.limit, limit.period_seconds
+            );
+        }
+        if let Some(rate) = self.rate {
+            let _ = write!(
+                state,
+                "\"rate\";r={};t={}",
+                rate.remaining,
+                ceil_secs(rate.reset)
+            );
+        }
+        if let Some(credits) = self.credits {
+            if let Some(refill) = credits.refill {
+                let window = match refill.interval {
+                    RefillInterval::Daily => 86_400,
+                    RefillInterval::Monthly => 30 * 86_400,
+                };
+                let _ = write!(
+                    policy,
+                    "{}\"credits\";q={};w={window}",
+                    policy.separator(),
+                    refill.amount
+                );
+            }
+            let _ = write!(
+                state,
+                "{}\"credits\";r={}",
+                state.separator(),
+                credits.remaining
+            );
+            if let Some(reset) = credits.reset {
+                let _ = write!(state, ";t={}", ceil_secs(reset));
+            }
+        }
+        for (name, value) in [(RATELIMIT_POLICY, policy), (RATELIMIT, state)] {
+            if value.len > 0 {
+                headers.insert(
+                    name,
+                    HeaderValue::from_bytes(value.as_bytes())
+                        .expect("digits, quotes and separators"),
+                );
+            }
+        }
+        if let Some(retry_after) = self.refusal.as_ref().and_then(AuthError::retry_after) {
+            headers.insert(http::header::RETRY_AFTER, HeaderValue::from(retry_after));
+        }
+    }
+}
+
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// A header value being formatted, on the stack (two items with 20-digit numbers fit).
+struct Line {
+    bytes: [u8; 160],
+    len: usize,
+}
+
+impl Default for Line {
+    fn default() -> Self {
+        Self {
+            bytes: [0; 160],
+            len: 0,
+        }
+    }
+}
+
+impl Line {
+    fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+
+    /// `", "` once something is written.
+    fn separator(&self) -> &'static str {
+        if self.len == 0 { "" } else { ", " }
+    }
+}
+
+impl std::fmt::Write for Line {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        let room = self.bytes.get_mut(self.len..end).ok_or(std::fmt::Error)?;
+        room.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+/// Whole seconds, rounded up.
+pub(crate) fn ceil_secs(duration: Duration) -> u64 {
+    duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
+}
+
+/// The outcome of one rate check by a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RateOutcome {
+    pub(crate) allowed: bool,
+    pub(crate) remaining: u32,
+    pub(crate) reset: Duration,
+    pub(crate) retry_after: Duration,
+}
+
+/// The outcome of spending credits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Spend {
+    /// Spent; this is what is left.
+    Spent { remaining: u64 },
+    /// Not enough left: nothing spent.
+    Exhausted { remaining: u64 },
+    /// The store knows no credits for the key (they were removed since its principal was loaded).
+    NotCounted,
+}
+
+/// Where rate-limit state lives: [`MemoryRates`] or `RedisRates`.
+#[derive(Clone, Debug)]
+pub struct RateBackend(RateKind);
+
+#[derive(Clone, Debug)]
+enum RateKind {
+    Memory(MemoryRates),
+    #[cfg(feature = "redis")]
+    Redis(RedisRates),
+}
+
+impl From<MemoryRates> for RateBackend {
+    fn from(rates: MemoryRates) -> Self {
+        Self(RateKind::Memory(rates))
+    }
+}
+
+#[cfg(feature = "redis")]
+impl From<RedisRates> for RateBackend {
+    fn from(rates: RedisRates) -> Self {
+        Self(RateKind::Redis(rates))
+    }
+}
+
+impl RateBackend {
+    fn is_sync(&self) -> bool {
+        matches!(self.0, RateKind::Memory(_))
+    }
+
+    async fn check(
+        &self,
+        key: &KeyId,
+        limit: RateLimit,
+        cost: u32,
+    ) -> Result<RateOutcome, StoreError> {
+        match &self.0 {
+            RateKind::Memory(rates) => Ok(rates.check(key, limit, cost)),
+            #[cfg(feature = "redis")]
+            RateKind::Redis(rates) => rates.check(key, limit, cost).await,
+        }
+    }
+}
+
+/// Where credits are counted: [`MemoryCredits`] or [`StoreCredits`].
+#[derive(Clone, Debug)]
+pub struct CreditBackend(CreditKind);
+
+#[derive(Clone)]
+enum CreditKind {
+    Memory(MemoryCredits),
+    Store(StoreCredits),
+}
+
+impl fmt::Debug for CreditKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Memory(m) => m.fmt(f),
+            Self::Store(s) => s.fmt(f),
+        }
+    }
+}
+
+/// Credits counted in the key store itself ([`KeyStore::adjust_credits`]): every spend is one
+/// atomic conditional update of the key's record, so instances sharing the store (PostgreSQL, a
+/// SQLite file) never spend more than there is together, `remaining` is always current in the
+/// management API, and it survives restarts of anything but the store. It costs one store write
+/// per request of a key with credits (none for keys without).
+#[derive(Clone)]
+pub struct StoreCredits {
+    store: Arc<dyn KeyStore>,
+}
+
+impl fmt::Debug for StoreCredits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreCredits").finish_non_exhaustive()
+    }
+}
+
+impl StoreCredits {
+    /// Counts credits in `store` (the one keys are created in).
+    pub fn new(store: Arc<dyn KeyStore>) -> Self {
+        Self { store }
+    }
+}
+
+impl From<StoreCredits> for CreditBackend {
+    fn from(credits: StoreCredits) -> Self {
+        Self(CreditKind::Store(credits))
+    }
+}
+
+impl From<MemoryCredits> for CreditBackend {
+    fn from(credits: MemoryCredits) -> Self {
+        Self(CreditKind::Memory(credits))
+    }
+}
+
+impl CreditBackend {
+    fn is_sync(&self) -> bool {
+        matches!(self.0, CreditKind::Memory(_))
+    }
+
+    async fn spend(
+        &self,
+        key: &KeyId,
+        credits: &Credits,
+        cost: u32,
+        now: OffsetDateTime,
+    ) -> Result<Spend, StoreError> {
+        match &self.0 {
+            CreditKind::Memory(ledger) => Ok(ledger.spend(key, credits, cost, now)),
+            CreditKind::Store(ledger) => Ok(
+                match ledger
+                    .store
+                    .adjust_credits(key, -i64::from(cost), now)
+                    .await?
+                {
+                    Some(CreditAdjustment::Applied { remaining }) => Spend::Spent { remaining },
+                    Some(CreditAdjustment::Insufficient { remaining }) => {
+                        Spend::Exhausted { remaining }
+                    }
+                    None => Spend::NotCounted,
+                },
+            ),
+        }
+    }
+
+    async fn refund(&self, key: &KeyId, cost: u32, now: OffsetDateTime) -> Result<(), StoreError> {
+        match &self.0 {
+            CreditKind::Memory(ledger) => {
+                ledger.refund(key, cost, now);
+                Ok(())
+            }
+            CreditKind::Store(ledger) => ledger
+                .store
+                .adjust_credits(key, i64::from(cost), now)
+                .await
+                .map(drop),
+        }
+    }
+}
+
+type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
+
+#[derive(Clone)]
+struct Engine {
+    rates: RateBackend,
+    credits: CreditBackend,
+    master: Option<RateLimit>,
+    rate_failure: FailMode,
+    credit_failure: FailMode,
+    clock: Clock,
+    sync: bool,
+}
+
+/// Decides, per request, whether a key is within its rate limit and credits. Cheap to clone (one
+/// `Arc`); clones share their state. Make layers with [`RateLimiter::layer`].
+#[derive(Clone)]
+pub struct RateLimiter(Arc<Engine>);
+
+impl fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("rates", &self.0.rates)
+            .field("credits", &self.0.credits)
+            .field("master", &self.0.master)
+            .field("rate_failure", &self.0.rate_failure)
+            .field("credit_failure", &self.0.credit_failure)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RateLimiter {
+    /// A limiter keeping rate-limit state in `rates` and counting credits in `credits`.
+    pub fn new(rates: impl Into<RateBackend>, credits: impl Into<CreditBackend>) -> Self {
+        let rates = rates.into();
+        let credits = credits.into();
+        let sync = rates.is_sync() && credits.is_sync();
+        Self(Arc::new(Engine {
+            rates,
+            credits,
+            master: None,
+            rate_failure: FailMode::Open,
+            credit_failure: FailMode::Closed,
+            clock: Arc::new(OffsetDateTime::now_utc),
+            sync,
+        }))
+    }
+
+    /// One instance, all in memory: [`MemoryRates`] and [`MemoryCredits`].
+    pub fn in_memory() -> Self {
+        Self::new(MemoryRates::new(), MemoryCredits::new())
+    }
+
+    /// A changed copy (clones made before keep the old settings; the state is shared).
+    fn edit(mut self, f: impl FnOnce(&mut Engine)) -> Self {
+        f(Arc::make_mut(&mut self.0));
+        self
+    }
+
+    /// Limits the master key too (by default it is not limited).
+    #[must_use]
+    pub fn master(self, limit: RateLimit) -> Self {
+        self.edit(|e| e.master = Some(limit))
+    }
+
+    /// What to do when the rate-limit backend fails (default [`FailMode::Open`]).
+    #[must_use]
+    pub fn on_rate_error(self, mode: FailMode) -> Self {
+        self.edit(|e| e.rate_failure = mode)
+    }
+
+    /// What to do when the credit backend fails (default [`FailMode::Closed`]).
+    #[must_use]
+    pub fn on_credit_error(self, mode: FailMode) -> Self {
+        self.edit(|e| e.credit_failure = mode)
+    }
+
+    /// The wall clock used for credit refills (default `OffsetDateTime::now_utc`); for tests.
+    #[must_use]
+    pub fn clock(self, clock: impl Fn() -> OffsetDateTime + Send + Sync + 'static) -> Self {
+        self.edit(|e| e.clock = Arc::new(clock))
+    }
+
+    /// A layer limiting each request at cost 1 (change with [`RateLimitLayer::cost`]).
+    pub fn layer(&self) -> RateLimitLayer {
+        RateLimitLayer::new(self.clone())
+    }
+
+    /// Whether every decision is made without I/O (both backends in memory).
+    pub(crate) fn is_sync(&self) -> bool {
+        self.0.sync
+    }
+
+    /// The limits that apply to `principal`.
+    fn limits_of(&self, principal: &Principal) -> UsageLimits {
+        if principal.is_master() {
+            UsageLimits {
+                rate_limit: self.0.master,
+                credits: None,
+            }
+        } else {
+            *principal.limits()
+        }
+    }
+
+    /// Whether `principal` is limited at all (a request of an unlimited key costs one branch).
+    pub fn applies_to(&self, principal: &Principal) -> bool {
+        !self.limits_of(principal).is_unlimited()
+    }
+
+    /// Decides one request of `principal` costing `cost` units, and spends them if admitted.
+    pub async fn check(&self, principal: &Principal, cost: u32) -> Decision {
+        let limits = self.limits_of(principal);
+        if limits.is_unlimited() {
+            return Decision::unlimited();
+        }
+        let engine = &*self.0;
+        let key = principal.key_id();
+        let mut decision = Decision {
+            rate_policy: limits.rate_limit,
+            ..Decision::unlimited()
+        };
+        // The wall clock is for refills: read only for a key with credits.
+        let now = match limits.credits {
+            Some(_) => (engine.clock)(),
+            None => OffsetDateTime::UNIX_EPOCH,
+        };
+        let mut spent = false;
+        if let Some(credits) = &limits.credits {
+            let reset = credits
+                .refill
+                .map(|r| (r.interval.next_refill(now) - now).unsigned_abs());
+            match engine.credits.spend(key, credits, cost, now).await {
+                Ok(Spend::Spent { remaining }) => {
+                    spent = true;
+                    decision.credits = Some(CreditStatus {
+                        remaining,
+                        refill: credits.refill,
+                        reset,
+                    });
+                }
+                Ok(Spend::NotCounted) => {}
+                Ok(Spend::Exhausted { remaining }) => {
+                    decision.credits = Some(CreditStatus {
+                        remaining,
+                        refill: credits.refill,
+                        reset,
+                    });
+                    decision.refusal = Some(AuthError::UsageExceeded {
+                        retry_after: reset.map(ceil_secs),
+                    });
+                    return self.finish(decision);
+                }
+                Err(error) => {
+                    backend_failed("credits", engine.credit_failure, &error);
+                    if engine.credit_failure == FailMode::Closed {
+                        decision.refusal = Some(AuthError::Unavailable(error));
+                        return self.finish(decision);
+                    }
+                }
+            }
+        }
+        if let Some(limit) = limits.rate_limit {
+            match engine.rates.check(key, limit, cost).await {
+                Ok(outcome) => {
+                    decision.rate = Some(RateStatus {
+                        limit,
+                        remaining: outcome.remaining,
+                        reset: outcome.reset,
+                        retry_after: outcome.retry_after,
+                    });
+                    if !outcome.allowed {
+                        decision.refusal = Some(AuthError::RateLimited {
+                            retry_after: ceil_secs(outcome.retry_after).max(1),
+                        });
+                    }
+                }
+                Err(error) => {
+                    backend_failed("rates", engine.rate_failure, &error);
+                    if engine.rate_failure == FailMode::Closed {
+                        decision.refusal = Some(AuthError::Unavailable(error));
+                    }
+                }
+            }
+            if decision.refusal.is_some() && spent {
+                // A refused request consumes nothing: give the credits back.
+                match engine.credits.refund(key, cost, now).await {
+                    Ok(()) => {
+                        if let Some(credits) = &mut decision.credits {
+                            credits.remaining = credits.remaining.saturating_add(cost.into());
+                        }
+                    }
+                    Err(error) => tracing::warn!(
+                        api_key_id = key.as_str(),
+                        error = %error,
+                        "could not give back the credits of a rate-limited request"
+                    ),
+                }
+            }
+        }
+        self.finish(decision)
+    }
+
+    fn finish(&self, decision: Decision) -> Decision {
+        metrics::decided(&decision);
+        decision
+    }
+}
+
+fn backend_failed(backend: &'static str, mode: FailMode, error: &StoreError) {
+    tracing::warn!(
+        backend,
+        mode = mode.as_str(),
+        error = %error,
+        "rate-limit backend failed; failing {}",
+        mode.as_str()
+    );
+    metrics::backend_error(backend, mode);
+}
+
+#[cfg(feature = "metrics")]
+mod metrics {
+    use ::metrics::{Key, Label, Level, Metadata};
+
+    use super::{Decision, FailMode};
+    use crate::error::ErrorCode;
+
+    use crate::metrics::{
+        RATE_LIMIT_BACKEND_ERRORS_TOTAL as BACKEND_ERRORS_TOTAL,
+        RATE_LIMIT_TOTAL as DECISIONS_TOTAL,
+    };
+
+    static METADATA: Metadata<'static> =
+        Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+    macro_rules! key {
+        ($name:expr, $($k:literal => $v:expr),+) => {{
+            static LABELS: &[Label] = &[$(Label::from_static_parts($k, $v)),+];
+            static KEY: Key = Key::from_static_parts($name, LABELS);
+            &KEY
+        }};
+    }
+
+    fn count(key: &'static Key) {
+        ::metrics::with_recorder(|recorder| recorder.register_counter(key, &METADATA).increment(1));
+    }
+
+    pub(super) fn decided(decision: &Decision) {
+        if !decision.is_limited() {
+            return;
+        }
+        count(match decision.refusal.as_ref().map(|e| e.code()) {
+            None => key!(DECISIONS_TOTAL, "outcome" => "admitted"),
+            Some(ErrorCode::RateLimited) => {
+                key!(DECISIONS_TOTAL, "outcome" => ErrorCode::RateLimited.as_str())
+            }
+            Some(ErrorCode::UsageExceeded) => {
+                key!(DECISIONS_TOTAL, "outcome" => ErrorCode::UsageExceeded.as_str())
+            }
+            Some(_) => key!(DECISIONS_TOTAL, "outcome" => ErrorCode::Unavailable.as_str()),
+        });
+    }
+
+    pub(super) fn backend_error(backend: &'static str, mode: FailMode) {
+        count(match (backend, mode) {
+            ("rates", FailMode::Open) => {
+                key!(BACKEND_ERRORS_TOTAL, "backend" => "rates", "mode" => "open")
+            }
+            ("rates", FailMode::Closed) => {
+                key!(BACKEND_ERRORS_TOTAL, "backend" => "rates", "mode" => "closed")
+            }
+            (_, FailMode::Open) => {
+                key!(BACKEND_ERRORS_TOTAL, "backend" => "credits", "mode" => "open")
+            }
+            (_, FailMode::Closed) => {
+                key!(BACKEND_ERRORS_TOTAL, "backend" => "credits", "mode" => "closed")
+            }
+        });
+    }
+}
+
+#[cfg(not(feature = "metrics"))]
+mod metrics {
+    use super::{Decision, FailMode};
+
+    #[inline(always)]
+    pub(super) fn decided(_: &Decision) {}
+
+    #[inline(always)]
+    pub(super) fn backend_error(_: &'static str, _: FailMode) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(feature = "metrics")]
+    #[test]
+    fn metrics_count_admitted_and_refused_by_reason() {
+        use futures_util::FutureExt;
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let limiter = RateLimiter::in_memory();
+        let principal = |id: &str, limits| {
+            Principal::scoped(KeyId::new(id), "n", "o", "a", Default::default(), None)
+                .with_limits(limits)
+        };
+        let rated = principal(
+            "key_r",
+            UsageLimits {
+                rate_limit: Some(RateLimit::new(2, 60)),
+                credits: None,
+            },
+        );
+        let paid = principal(
+            "key_c",
+            UsageLimits {
+                rate_limit: None,
+                credits: Some(Credits::new(1)),
+            },
+        );
+        let free = principal("key_f", UsageLimits::NONE);
+        ::metrics::with_local_recorder(&recorder, || {
+            for p in [&rated, &rated, &rated, &paid, &paid, &free] {
+                limiter.check(p, 1).now_or_never().unwrap();
+            }
+        });
+        let text = handle.render();
+        let count = |outcome: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with(&format!(
+                        "api_key_rate_limit_total{{outcome=\"{outcome}\"}}"
+                    ))
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .map(|v| v.to_owned())
+        };
+        assert_eq!(count("admitted").as_deref(), Some("3"), "{text}");
+        assert_eq!(count("RATE_LIMITED").as_deref(), Some("1"), "{text}");
+        assert_eq!(count("USAGE_EXCEEDED").as_deref(), Some("1"), "{text}");
+    }
+
+    #[test]
+    fn headers_follow_the_draft() {
+        let decision = Decision {
+            rate: Some(RateStatus {
+                limit: RateLimit::new(100, 60),
+                remaining: 42,
+                reset: Duration::from_millis(16_200),
+                retry_after: Duration::ZERO,
+            }),
+            rate_policy: Some(RateLimit::new(100, 60)),
+            credits: Some(CreditStatus {
+                remaining: 900,
+                refill: Some(Refill {
+                    interval: RefillInterval::Daily,
+                    amount: 1000,
+                }),
+                reset: Some(Duration::from_secs(3600)),
+            }),
+            refusal: None,
+        };
+        let mut headers = HeaderMap::new();
+        decision.write_headers(&mut headers);
+        assert_eq!(
+            headers["ratelimit-policy"],
+            "\"rate\";q=100;w=60, \"credits\";q=1000;w=86400"
+        );
+        assert_eq!(
+            headers["ratelimit"],
+            "\"rate\";r=42;t=17, \"credits\";r=900;t=3600"
+        );
+        assert!(!headers.contains_key("retry-after"));
+        let refused = Decision {
+            refusal: Some(AuthError::RateLimited { retry_after: 7 }),
+            ..decision
+        };
+        let mut headers = HeaderMap::new();
+        refused.write_headers(&mut headers);
+        assert_eq!(headers["retry-after"], "7");
+    }
+}

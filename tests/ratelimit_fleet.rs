@@ -1,0 +1,381 @@
+//! Per-key limits across a fleet: two instances (each its own `PostgresStore` pool, resolver and
+//! limiter) sharing one PostgreSQL schema and one Redis, through real HTTP. Together they never
+//! admit more than a key's rate limit or credits; credits survive a Redis restart (they are
+//! counted in PostgreSQL); with Redis stopped mid-run rate limits fail open (or closed, when so
+//! configured) while credits stay exact, and the limits come back by themselves when Redis does.
+//!
+//! The shared Redis (`TEST_REDIS_URL`) is used with a unique key prefix per test; the restart and
+//! fault tests start a private `redis-server` on a free port and stop only that one.
+#![cfg(all(feature = "postgres", feature = "redis"))]
+
+mod ratelimit_support;
+mod support_db;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::get;
+use http::StatusCode;
+use ratelimit_support::*;
+use support_db::PgSchema;
+use time::OffsetDateTime;
+use tower_api_keys::key::{ApiKey, KeyFormat, KeyId};
+use tower_api_keys::layer::ApiKeyLayer;
+use tower_api_keys::manage::{self, KeyManager};
+use tower_api_keys::quota::{Credits, RateLimit, UsageLimits};
+use tower_api_keys::ratelimit::{FailMode, RateLimiter, RedisRates, StoreCredits};
+use tower_api_keys::resolver::CachedResolver;
+use tower_api_keys::scope::ScopeSet;
+use tower_api_keys::store::{KeyLimits, KeyRecord, KeyStore, PostgresStore};
+
+const MASTER: &str = "master-key-for-fleet-tests-0123456789";
+
+/// One instance of the service, serving on its own port.
+struct Instance {
+    addr: SocketAddr,
+    store: PostgresStore,
+}
+
+async fn instance(
+    schema: &PgSchema,
+    redis_url: &str,
+    prefix: &str,
+    rate_failure: FailMode,
+) -> Instance {
+    let store = schema.store().await;
+    let shared: Arc<dyn KeyStore> = Arc::new(store.clone());
+    let resolver = CachedResolver::new(shared.clone());
+    // A generous timeout: on a loaded test machine a slow answer must not count as an outage.
+    let rates = RedisRates::open(redis_url)
+        .unwrap()
+        .prefix(prefix.to_owned())
+        .timeout(Duration::from_secs(10))
+        .unwrap();
+    let limiter =
+        RateLimiter::new(rates, StoreCredits::new(shared.clone())).on_rate_error(rate_failure);
+    let app = Router::new()
+        .route(
+            "/ledgers",
+            get(|| async { "ledgers" }).route_layer(limiter.layer()),
+        )
+        .merge(manage::router(KeyManager::new(shared, resolver.clone())))
+        .layer(ApiKeyLayer::new(resolver).master_key(ApiKey::new(MASTER)));
+    Instance {
+        addr: serve(app).await,
+        store,
+    }
+}
+
+async fn fleet(test: &str, redis_url: Option<&str>) -> Option<(PgSchema, String, String)> {
+    let schema = support_db::pg_schema(test).await?;
+    let redis = match redis_url {
+        Some(url) => url.to_owned(),
+        None => support_db::redis_url(test).await?,
+    };
+    Some((schema, redis, support_db::unique("rl")))
+}
+
+/// A key with `limits`, stored through `store`.
+async fn key_with(store: &PostgresStore, limits: UsageLimits) -> (String, KeyId) {
+    let format = KeyFormat::default();
+    let key = format.generate();
+    let record = KeyRecord {
+        id: KeyId::generate(),
+        name: "fleet".into(),
+        owner: "team".into(),
+        account: "acct".into(),
+        scopes: ScopeSet::parse(["ledgers:read"]).unwrap(),
+        digest: key.digest(),
+        digest_scheme: Default::default(),
+        masked_key: format.mask(&key).unwrap(),
+        created_at: OffsetDateTime::now_utc(),
+        expires_at: None,
+        revoked_at: None,
+        last_used_at: None,
+        created_by: None,
+        rotated_at: None,
+        previous: None,
+        limits,
+    };
+    store
+        .insert(&record, KeyLimits::default(), OffsetDateTime::now_utc())
+        .await
+        .unwrap();
+    (key.expose_secret().to_owned(), record.id)
+}
+
+async fn remaining(store: &PostgresStore, id: &KeyId) -> u64 {
+    store
+        .get(id)
+        .await
+        .unwrap()
+        .unwrap()
+        .limits
+        .credits
+        .unwrap()
+        .remaining
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_admit_exactly_the_limit_and_the_credits_together() {
+    let Some((schema, redis, prefix)) = fleet("rl_fleet_exact", None).await else {
+        return;
+    };
+    let a = instance(&schema, &redis, &prefix, FailMode::Open).await;
+    let b = instance(&schema, &redis, &prefix, FailMode::Open).await;
+    let addrs = [a.addr, b.addr];
+
+    let (limited, _) = key_with(
+        &a.store,
+        UsageLimits {
+            rate_limit: Some(RateLimit::new(10, 60)),
+            credits: None,
+        },
+    )
+    .await;
+    let started = Instant::now();
+    let answers = blast(&addrs, "/ledgers", &limited, 200).await;
+    println!("200 requests over two instances in {:?}", started.elapsed());
+    check_headers(&answers, "RATE_LIMITED");
+    assert_eq!(count(&answers, StatusCode::OK), 10);
+    assert_eq!(count(&answers, StatusCode::TOO_MANY_REQUESTS), 190);
+
+    let (paid, id) = key_with(
+        &b.store,
+        UsageLimits {
+            rate_limit: None,
+            credits: Some(Credits::new(100)),
+        },
+    )
+    .await;
+    let started = Instant::now();
+    let answers = blast(&addrs, "/ledgers", &paid, 500).await;
+    println!(
+        "500 credited requests over two instances in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(count(&answers, StatusCode::OK), 100);
+    assert_eq!(count(&answers, StatusCode::TOO_MANY_REQUESTS), 400);
+    check_headers(&answers, "USAGE_EXCEEDED");
+    assert_eq!(remaining(&a.store, &id).await, 0);
+    // Both instances served some of the admitted ones.
+    let per_instance: Vec<usize> = (0..2)
+        .map(|i| {
+            answers
+                .iter()
+                .skip(i)
+                .step_by(2)
+                .filter(|a| a.status == StatusCode::OK)
+                .count()
+        })
+        .collect();
+    println!("admitted per instance: {per_instance:?}");
+    schema.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_the_window_a_fleet_key_works_again() {
+    let Some((schema, redis, prefix)) = fleet("rl_fleet_window", None).await else {
+        return;
+    };
+    let a = instance(&schema, &redis, &prefix, FailMode::Open).await;
+    let b = instance(&schema, &redis, &prefix, FailMode::Open).await;
+    let (key, _) = key_with(
+        &a.store,
+        UsageLimits {
+            rate_limit: Some(RateLimit::new(4, 1)),
+            credits: None,
+        },
+    )
+    .await;
+    let answers = blast(&[a.addr, b.addr], "/ledgers", &key, 20).await;
+    assert_eq!(count(&answers, StatusCode::OK), 4);
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let answers = blast(&[a.addr, b.addr], "/ledgers", &key, 20).await;
+    assert_eq!(count(&answers, StatusCode::OK), 4);
+    schema.drop_schema().await;
+}
+
+/// A private `redis-server` on a free port, which the test may stop and start again.
+struct PrivateRedis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    fn start() -> Option<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let mut redis = Self { port, child: None };
+        redis.up()?;
+        Some(redis)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server (again) on its port, with no persistence, and waits until it answers.
+    fn up(&mut self) -> Option<()> {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Some(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Stops this server (SIGKILL to its own process: nothing is saved).
+    fn down(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+fn private_redis(test: &str) -> Option<PrivateRedis> {
+    let redis = PrivateRedis::start();
+    if redis.is_none() {
+        support_db::skip(test, "cannot start a private redis-server");
+    }
+    redis
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn remaining_credits_survive_a_redis_restart() {
+    let Some(mut redis) = private_redis("rl_redis_restart") else {
+        return;
+    };
+    let Some((schema, redis_url, prefix)) = fleet("rl_redis_restart", Some(&redis.url())).await
+    else {
+        return;
+    };
+    let a = instance(&schema, &redis_url, &prefix, FailMode::Open).await;
+    let b = instance(&schema, &redis_url, &prefix, FailMode::Open).await;
+    let (key, id) = key_with(
+        &a.store,
+        UsageLimits {
+            rate_limit: Some(RateLimit::new(1_000, 60)),
+            credits: Some(Credits::new(100)),
+        },
+    )
+    .await;
+    let answers = blast(&[a.addr, b.addr], "/ledgers", &key, 30).await;
+    assert_eq!(count(&answers, StatusCode::OK), 30);
+    assert_eq!(remaining(&a.store, &id).await, 70);
+    // Redis loses everything it held.
+    redis.down();
+    redis.up().expect("redis-server restarts");
+    assert_eq!(remaining(&b.store, &id).await, 70);
+    // Exactly what is left, and no more, once Redis is back.
+    let answers = blast(&[a.addr, b.addr], "/ledgers", &key, 150).await;
+    assert_eq!(count(&answers, StatusCode::OK), 70);
+    assert_eq!(remaining(&a.store, &id).await, 0);
+    schema.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_stopped_mid_run_fails_rate_limits_open_and_credits_stay_exact() {
+    let Some(mut redis) = private_redis("rl_redis_fault") else {
+        return;
+    };
+    let Some((schema, redis_url, prefix)) = fleet("rl_redis_fault", Some(&redis.url())).await
+    else {
+        return;
+    };
+    let open = instance(&schema, &redis_url, &prefix, FailMode::Open).await;
+    let closed = instance(&schema, &redis_url, &prefix, FailMode::Closed).await;
+    let (limited, _) = key_with(
+        &open.store,
+        UsageLimits {
+            rate_limit: Some(RateLimit::new(5, 60)),
+            credits: None,
+        },
+    )
+    .await;
+    let (paid, id) = key_with(
+        &open.store,
+        UsageLimits {
+            rate_limit: Some(RateLimit::new(1_000, 60)),
+            credits: Some(Credits::new(40)),
+        },
+    )
+    .await;
+    let client = client();
+    // Up: the limit holds, and some credits are spent.
+    let answers = blast(&[open.addr], "/ledgers", &limited, 10).await;
+    assert_eq!(count(&answers, StatusCode::OK), 5);
+    let answers = blast(&[open.addr, closed.addr], "/ledgers", &paid, 10).await;
+    assert_eq!(count(&answers, StatusCode::OK), 10);
+
+    redis.down();
+    let started = Instant::now();
+    // Down, default: rate limits fail open (the key already at its limit gets through)...
+    let answers = blast(&[open.addr], "/ledgers", &limited, 10).await;
+    println!("10 requests with Redis down in {:?}", started.elapsed());
+    assert_eq!(count(&answers, StatusCode::OK), 10, "{answers:?}");
+    // ...or closed where so configured: 503 AUTH_UNAVAILABLE.
+    let refused = fetch(&client, closed.addr, "/ledgers", &limited).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.code.as_deref(), Some("AUTH_UNAVAILABLE"));
+    // Credits never depended on Redis: exactly the 30 left are admitted, not one more.
+    let answers = blast(&[open.addr], "/ledgers", &paid, 60).await;
+    assert_eq!(count(&answers, StatusCode::OK), 30);
+    assert_eq!(remaining(&open.store, &id).await, 0);
+
+    redis.up().expect("redis-server restarts");
+    // Back by itself: the first request Redis decides again carries the `RateLimit` state (a
+    // request that failed open carries only the policy).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = fetch(&client, closed.addr, "/ledgers", &limited).await;
+        if answer.headers.contains_key("ratelimit") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Redis was not used again: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "limits decided by Redis again {:?} after it went down",
+        started.elapsed()
+    );
+    // And the limit holds across both instances again.
+    let (fresh, _) = key_with(
+        &open.store,
+        UsageLimits {
+            rate_limit: Some(RateLimit::new(5, 60)),
+            credits: None,
+        },
+    )
+    .await;
+    let answers = blast(&[open.addr, closed.addr], "/ledgers", &fresh, 12).await;
+    assert_eq!(count(&answers, StatusCode::OK), 5, "{answers:#?}");
+    assert_eq!(count(&answers, StatusCode::TOO_MANY_REQUESTS), 7);
+    schema.drop_schema().await;
+}
