@@ -33,6 +33,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::OnceLock;
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, WWW_AUTHENTICATE};
@@ -41,122 +42,92 @@ use http::{HeaderValue, Response, StatusCode};
 use crate::scope::{ScopeMatch, ScopeSet};
 use crate::store::StoreError;
 
-/// The stable code of every refusal. The string forms never change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum ErrorCode {
-    /// `AUTH_MISSING_API_KEY`: no key on a protected route (401).
-    MissingApiKey,
-    /// `AUTH_INVALID_API_KEY`: malformed, bad checksum or unknown key (401).
-    InvalidApiKey,
-    /// `AUTH_EXPIRED_API_KEY`: expired or revoked key (401).
-    ExpiredApiKey,
-    /// `AUTH_MISSING_PRINCIPAL`: a guard or extractor ran but no layer authenticated the request (401).
-    MissingPrincipal,
-    /// `AUTH_INSUFFICIENT_PERMISSIONS`: valid key, missing scope (403).
-    InsufficientPermissions,
-    /// `AUTH_CROSS_OWNER_ACCESS`: managing another owner's keys (403).
-    CrossOwnerAccess,
-    /// `AUTH_SCOPE_ESCALATION`: granting scopes or an expiry beyond the caller's own (403).
-    ScopeEscalation,
-    /// `AUTH_MASTER_KEY_REQUIRED`: only the master key may do this (403).
-    MasterKeyRequired,
-    /// `APIKEY_OWNER_REQUIRED`: a master-key call that names no owner (400).
-    OwnerRequired,
-    /// `APIKEY_INVALID`: a bad request body or parameter (400).
-    InvalidRequest,
-    /// `APIKEY_LIMIT_REACHED`: the owner's or account's active-key limit is reached (409).
-    LimitReached,
-    /// `APIKEY_NOT_FOUND`: unknown key id, or another owner's (404).
-    NotFound,
-    /// `REQUEST_BODY_TOO_LARGE`: a body the middleware must read is over its limit (413).
-    PayloadTooLarge,
-    /// `REQUEST_INVALID_METADATA`: a JSON body's metadata field is not an object, so provenance
-    /// cannot be stamped into it (400).
-    InvalidMetadata,
-    /// `REQUEST_UNSUPPORTED_MEDIA_TYPE`: a stamped route got a body it cannot stamp (not a JSON
-    /// object by media type or content, an encoding, ambiguous framing headers) from a scoped key (415).
-    UnsupportedMediaType,
-    /// `AUTH_UNAVAILABLE`: the key store cannot answer and nothing is cached (503).
-    Unavailable,
-    /// `RATE_LIMITED`: over the key's rate limit (429, `Retry-After`).
-    RateLimited,
-    /// `USAGE_EXCEEDED`: the key's credits are spent (429, `Retry-After` until a refill).
-    UsageExceeded,
+/// Declares [`ErrorCode`] from its table: each row is a variant, its string, HTTP status and gRPC
+/// code. `ErrorCode::ALL`, `as_str`, `http_status` and `grpc_code` all come from that one table, so
+/// adding a code is adding a row (and mapping an [`AuthError`] variant to it in [`AuthError::code`],
+/// which the compiler checks).
+macro_rules! error_codes {
+    ($(
+        $(#[$doc:meta])*
+        $variant:ident = $code:literal, $status:ident, $grpc:literal;
+    )+) => {
+        /// The stable code of every refusal: a machine-readable string that never changes, with its
+        /// HTTP status and gRPC status code.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        pub enum ErrorCode {
+            $($(#[$doc])* $variant,)+
+        }
+
+        impl ErrorCode {
+            /// Every code, in declaration order (`ALL[code as usize] == code`).
+            pub const ALL: &'static [ErrorCode] = &[$(Self::$variant),+];
+
+            /// The machine-readable code, e.g. `AUTH_INVALID_API_KEY`.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $code,)+
+                }
+            }
+
+            /// The HTTP status.
+            pub const fn http_status(self) -> StatusCode {
+                match self {
+                    $(Self::$variant => StatusCode::$status,)+
+                }
+            }
+
+            /// The gRPC status code (as in `tonic::Code`).
+            pub const fn grpc_code(self) -> i32 {
+                match self {
+                    $(Self::$variant => $grpc,)+
+                }
+            }
+        }
+    };
 }
 
-impl ErrorCode {
-    /// The machine-readable code, e.g. `AUTH_INVALID_API_KEY`.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::MissingApiKey => "AUTH_MISSING_API_KEY",
-            Self::InvalidApiKey => "AUTH_INVALID_API_KEY",
-            Self::ExpiredApiKey => "AUTH_EXPIRED_API_KEY",
-            Self::MissingPrincipal => "AUTH_MISSING_PRINCIPAL",
-            Self::InsufficientPermissions => "AUTH_INSUFFICIENT_PERMISSIONS",
-            Self::CrossOwnerAccess => "AUTH_CROSS_OWNER_ACCESS",
-            Self::ScopeEscalation => "AUTH_SCOPE_ESCALATION",
-            Self::MasterKeyRequired => "AUTH_MASTER_KEY_REQUIRED",
-            Self::OwnerRequired => "APIKEY_OWNER_REQUIRED",
-            Self::InvalidRequest => "APIKEY_INVALID",
-            Self::LimitReached => "APIKEY_LIMIT_REACHED",
-            Self::NotFound => "APIKEY_NOT_FOUND",
-            Self::PayloadTooLarge => "REQUEST_BODY_TOO_LARGE",
-            Self::InvalidMetadata => "REQUEST_INVALID_METADATA",
-            Self::UnsupportedMediaType => "REQUEST_UNSUPPORTED_MEDIA_TYPE",
-            Self::Unavailable => "AUTH_UNAVAILABLE",
-            Self::RateLimited => "RATE_LIMITED",
-            Self::UsageExceeded => "USAGE_EXCEEDED",
-        }
-    }
-
-    /// The HTTP status.
-    pub const fn http_status(self) -> StatusCode {
-        match self {
-            Self::MissingApiKey
-            | Self::InvalidApiKey
-            | Self::ExpiredApiKey
-            | Self::MissingPrincipal => StatusCode::UNAUTHORIZED,
-            Self::InsufficientPermissions
-            | Self::CrossOwnerAccess
-            | Self::ScopeEscalation
-            | Self::MasterKeyRequired => StatusCode::FORBIDDEN,
-            Self::OwnerRequired | Self::InvalidRequest | Self::InvalidMetadata => {
-                StatusCode::BAD_REQUEST
-            }
-            Self::LimitReached => StatusCode::CONFLICT,
-            Self::NotFound => StatusCode::NOT_FOUND,
-            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Self::RateLimited | Self::UsageExceeded => StatusCode::TOO_MANY_REQUESTS,
-        }
-    }
-
-    /// The gRPC status code (as in `tonic::Code`): 16 UNAUTHENTICATED, 7 PERMISSION_DENIED,
-    /// 3 INVALID_ARGUMENT, 8 RESOURCE_EXHAUSTED, 5 NOT_FOUND, 14 UNAVAILABLE.
-    pub const fn grpc_code(self) -> i32 {
-        match self {
-            Self::MissingApiKey
-            | Self::InvalidApiKey
-            | Self::ExpiredApiKey
-            | Self::MissingPrincipal => 16,
-            Self::InsufficientPermissions
-            | Self::CrossOwnerAccess
-            | Self::ScopeEscalation
-            | Self::MasterKeyRequired => 7,
-            Self::OwnerRequired
-            | Self::InvalidRequest
-            | Self::InvalidMetadata
-            | Self::UnsupportedMediaType => 3,
-            Self::LimitReached
-            | Self::PayloadTooLarge
-            | Self::RateLimited
-            | Self::UsageExceeded => 8,
-            Self::NotFound => 5,
-            Self::Unavailable => 14,
-        }
-    }
+// gRPC codes: 3 INVALID_ARGUMENT, 5 NOT_FOUND, 7 PERMISSION_DENIED, 8 RESOURCE_EXHAUSTED,
+// 14 UNAVAILABLE, 16 UNAUTHENTICATED.
+error_codes! {
+    /// `AUTH_MISSING_API_KEY`: no key on a protected route (401).
+    MissingApiKey = "AUTH_MISSING_API_KEY", UNAUTHORIZED, 16;
+    /// `AUTH_INVALID_API_KEY`: malformed, bad checksum or unknown key (401).
+    InvalidApiKey = "AUTH_INVALID_API_KEY", UNAUTHORIZED, 16;
+    /// `AUTH_EXPIRED_API_KEY`: expired or revoked key (401).
+    ExpiredApiKey = "AUTH_EXPIRED_API_KEY", UNAUTHORIZED, 16;
+    /// `AUTH_MISSING_PRINCIPAL`: a guard or extractor ran but no layer authenticated the request (401).
+    MissingPrincipal = "AUTH_MISSING_PRINCIPAL", UNAUTHORIZED, 16;
+    /// `AUTH_INSUFFICIENT_PERMISSIONS`: valid key, missing scope (403).
+    InsufficientPermissions = "AUTH_INSUFFICIENT_PERMISSIONS", FORBIDDEN, 7;
+    /// `AUTH_CROSS_OWNER_ACCESS`: managing another owner's keys (403).
+    CrossOwnerAccess = "AUTH_CROSS_OWNER_ACCESS", FORBIDDEN, 7;
+    /// `AUTH_SCOPE_ESCALATION`: granting scopes or an expiry beyond the caller's own (403).
+    ScopeEscalation = "AUTH_SCOPE_ESCALATION", FORBIDDEN, 7;
+    /// `AUTH_MASTER_KEY_REQUIRED`: only the master key may do this (403).
+    MasterKeyRequired = "AUTH_MASTER_KEY_REQUIRED", FORBIDDEN, 7;
+    /// `APIKEY_OWNER_REQUIRED`: a master-key call that names no owner (400).
+    OwnerRequired = "APIKEY_OWNER_REQUIRED", BAD_REQUEST, 3;
+    /// `APIKEY_INVALID`: a bad request body or parameter (400).
+    InvalidRequest = "APIKEY_INVALID", BAD_REQUEST, 3;
+    /// `APIKEY_LIMIT_REACHED`: the owner's or account's active-key limit is reached (409).
+    LimitReached = "APIKEY_LIMIT_REACHED", CONFLICT, 8;
+    /// `APIKEY_NOT_FOUND`: unknown key id, or another owner's (404).
+    NotFound = "APIKEY_NOT_FOUND", NOT_FOUND, 5;
+    /// `REQUEST_BODY_TOO_LARGE`: a body the middleware must read is over its limit (413).
+    PayloadTooLarge = "REQUEST_BODY_TOO_LARGE", PAYLOAD_TOO_LARGE, 8;
+    /// `REQUEST_INVALID_METADATA`: a JSON body's metadata field is not an object, so provenance
+    /// cannot be stamped into it (400).
+    InvalidMetadata = "REQUEST_INVALID_METADATA", BAD_REQUEST, 3;
+    /// `REQUEST_UNSUPPORTED_MEDIA_TYPE`: a stamped route got a body it cannot stamp (not a JSON
+    /// object by media type or content, an encoding, ambiguous framing headers) from a scoped key (415).
+    UnsupportedMediaType = "REQUEST_UNSUPPORTED_MEDIA_TYPE", UNSUPPORTED_MEDIA_TYPE, 3;
+    /// `AUTH_UNAVAILABLE`: the key store cannot answer and nothing is cached (503).
+    Unavailable = "AUTH_UNAVAILABLE", SERVICE_UNAVAILABLE, 14;
+    /// `RATE_LIMITED`: over the key's rate limit (429, `Retry-After`).
+    RateLimited = "RATE_LIMITED", TOO_MANY_REQUESTS, 8;
+    /// `USAGE_EXCEEDED`: the key's credits are spent (429, `Retry-After` until a refill).
+    UsageExceeded = "USAGE_EXCEEDED", TOO_MANY_REQUESTS, 8;
 }
 
 impl fmt::Display for ErrorCode {
@@ -350,6 +321,43 @@ impl AuthError {
         }
     }
 
+    /// The serialised body of [`JsonRejection`]. The bodies that never change (a missing, malformed,
+    /// unknown, expired or revoked key, a store outage, ...) are serialised once per process: they are
+    /// what an attacker can make a server send, so refusing must cost less than admitting.
+    fn json_body(&self) -> Bytes {
+        static FIXED: [OnceLock<&'static [u8]>; FIXED_BODIES] =
+            [const { OnceLock::new() }; FIXED_BODIES];
+        let render =
+            || serde_json::to_vec(&self.to_json()).expect("a JSON value always serialises");
+        match self.fixed_body() {
+            Some(i) => Bytes::from_static(FIXED[i].get_or_init(|| render().leak())),
+            None => Bytes::from(render()),
+        }
+    }
+
+    /// Where this error's body sits among the bodies that depend on nothing but the error's kind.
+    fn fixed_body(&self) -> Option<usize> {
+        use ExpiredReason as E;
+        use InvalidKeyReason as I;
+        Some(match self {
+            Self::MissingKey => 0,
+            Self::InvalidKey(I::Malformed) => 1,
+            Self::InvalidKey(I::BadChecksum) => 2,
+            Self::InvalidKey(I::Ambiguous) => 3,
+            Self::InvalidKey(I::Unknown) => 4,
+            Self::ExpiredKey(E::Expired) => 5,
+            Self::ExpiredKey(E::Revoked) => 6,
+            Self::MissingPrincipal => 7,
+            Self::CrossOwnerAccess => 8,
+            Self::MasterKeyRequired => 9,
+            Self::OwnerRequired => 10,
+            Self::NotFound => 11,
+            // The store error is kept for logs, never shown: the body is always the same.
+            Self::Unavailable(_) => 12,
+            _ => return None,
+        })
+    }
+
     /// The body of [`JsonRejection`]: `{"error", "error_detail": {"code", "message", "details"?}}`.
     pub fn to_json(&self) -> serde_json::Value {
         let message = self.to_string();
@@ -367,6 +375,9 @@ impl AuthError {
         Self::InvalidRequest(message.into())
     }
 }
+
+/// How many refusal bodies [`AuthError::fixed_body`] numbers.
+const FIXED_BODIES: usize = 13;
 
 impl From<StoreError> for AuthError {
     fn from(e: StoreError) -> Self {
@@ -422,8 +433,7 @@ impl JsonRejection {
 
     /// Renders into a [`Bytes`] body; the building block for any body type.
     pub fn render_bytes(&self, error: &AuthError) -> Response<Bytes> {
-        let body = serde_json::to_vec(&error.to_json()).expect("a JSON value always serialises");
-        let mut response = Response::new(Bytes::from(body));
+        let mut response = Response::new(error.json_body());
         *response.status_mut() = error.http_status();
         response
             .headers_mut()
@@ -501,7 +511,47 @@ impl axum_core::response::IntoResponse for AuthError {
 }
 
 #[cfg(test)]
+impl AuthError {
+    /// An error of `code`, for tests that must cover every code: a new code fails to compile here
+    /// until it has an example.
+    pub(crate) fn example(code: ErrorCode) -> Self {
+        match code {
+            ErrorCode::MissingApiKey => Self::MissingKey,
+            ErrorCode::InvalidApiKey => Self::InvalidKey(InvalidKeyReason::Unknown),
+            ErrorCode::ExpiredApiKey => Self::ExpiredKey(ExpiredReason::Revoked),
+            ErrorCode::MissingPrincipal => Self::MissingPrincipal,
+            ErrorCode::InsufficientPermissions => Self::InsufficientPermissions {
+                required: ScopeSet::parse(["ledgers:write"]).unwrap(),
+                mode: ScopeMatch::All,
+            },
+            ErrorCode::CrossOwnerAccess => Self::CrossOwnerAccess,
+            ErrorCode::ScopeEscalation => Self::ScopeEscalation("scope ledgers:write".into()),
+            ErrorCode::MasterKeyRequired => Self::MasterKeyRequired,
+            ErrorCode::OwnerRequired => Self::OwnerRequired,
+            ErrorCode::InvalidRequest => Self::invalid("name: too long"),
+            ErrorCode::LimitReached => Self::LimitReached {
+                limit: 3,
+                scope: "owner",
+            },
+            ErrorCode::NotFound => Self::NotFound,
+            ErrorCode::PayloadTooLarge => Self::PayloadTooLarge { limit: 1024 },
+            ErrorCode::InvalidMetadata => Self::InvalidMetadata("meta_data: not an object".into()),
+            ErrorCode::UnsupportedMediaType => {
+                Self::UnsupportedMediaType("the body is not a JSON object".into())
+            }
+            ErrorCode::Unavailable => Self::Unavailable(StoreError::unavailable("refused")),
+            ErrorCode::RateLimited => Self::RateLimited { retry_after: 3 },
+            ErrorCode::UsageExceeded => Self::UsageExceeded {
+                retry_after: Some(60),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
 
     #[test]
@@ -543,34 +593,25 @@ mod tests {
 
     #[test]
     fn codes_are_distinct_and_stable() {
-        use ErrorCode::*;
-        let all = [
-            MissingApiKey,
-            InvalidApiKey,
-            ExpiredApiKey,
-            MissingPrincipal,
-            InsufficientPermissions,
-            CrossOwnerAccess,
-            ScopeEscalation,
-            MasterKeyRequired,
-            OwnerRequired,
-            InvalidRequest,
-            LimitReached,
-            NotFound,
-            PayloadTooLarge,
-            InvalidMetadata,
-            UnsupportedMediaType,
-            Unavailable,
-            RateLimited,
-            UsageExceeded,
-        ];
-        let strings: std::collections::HashSet<_> = all.iter().map(|c| c.as_str()).collect();
-        assert_eq!(strings.len(), all.len());
-        assert_eq!(Unavailable.http_status(), 503);
-        assert_eq!(LimitReached.http_status(), 409);
-        assert_eq!(OwnerRequired.grpc_code(), 3);
-        assert_eq!(RateLimited.http_status(), 429);
-        assert_eq!(UsageExceeded.grpc_code(), 8);
+        let strings: HashSet<_> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(
+            strings.len(),
+            ErrorCode::ALL.len(),
+            "two codes share a string"
+        );
+        for (i, &code) in ErrorCode::ALL.iter().enumerate() {
+            assert_eq!(code as usize, i, "ALL is in declaration order");
+            assert_eq!(AuthError::example(code).code(), code);
+            // Every 401 is gRPC UNAUTHENTICATED and every 403 PERMISSION_DENIED, both ways.
+            let status = code.http_status();
+            assert_eq!(status == 401, code.grpc_code() == 16, "{code}");
+            assert_eq!(status == 403, code.grpc_code() == 7, "{code}");
+        }
+        assert_eq!(ErrorCode::Unavailable.http_status(), 503);
+        assert_eq!(ErrorCode::LimitReached.http_status(), 409);
+        assert_eq!(ErrorCode::OwnerRequired.grpc_code(), 3);
+        assert_eq!(ErrorCode::RateLimited.http_status(), 429);
+        assert_eq!(ErrorCode::UsageExceeded.grpc_code(), 8);
         let refused: Response<String> =
             GrpcRejection.render(&AuthError::RateLimited { retry_after: 3 });
         assert_eq!(refused.headers()["grpc-status"], "8");
@@ -578,5 +619,65 @@ mod tests {
             refused.headers()["grpc-message"],
             "RATE_LIMITED: rate limit exceeded; retry in 3 s"
         );
+    }
+
+    /// Every error whose body depends on nothing but its kind, and two that depend on more.
+    fn fixed_and_not() -> (Vec<AuthError>, Vec<AuthError>) {
+        use ExpiredReason as E;
+        use InvalidKeyReason as I;
+        let fixed = vec![
+            AuthError::MissingKey,
+            AuthError::InvalidKey(I::Malformed),
+            AuthError::InvalidKey(I::BadChecksum),
+            AuthError::InvalidKey(I::Ambiguous),
+            AuthError::InvalidKey(I::Unknown),
+            AuthError::ExpiredKey(E::Expired),
+            AuthError::ExpiredKey(E::Revoked),
+            AuthError::MissingPrincipal,
+            AuthError::CrossOwnerAccess,
+            AuthError::MasterKeyRequired,
+            AuthError::OwnerRequired,
+            AuthError::NotFound,
+            AuthError::Unavailable(StoreError::unavailable("connection refused")),
+        ];
+        let varying = vec![
+            AuthError::invalid("name: too long"),
+            AuthError::PayloadTooLarge { limit: 7 },
+        ];
+        (fixed, varying)
+    }
+
+    #[test]
+    fn fixed_bodies_are_rendered_once_and_match_the_json() {
+        let (fixed, varying) = fixed_and_not();
+        let slots: HashSet<_> = fixed.iter().map(|e| e.fixed_body().unwrap()).collect();
+        assert_eq!(
+            slots.len(),
+            FIXED_BODIES,
+            "one slot per fixed body, all used"
+        );
+        assert!(slots.iter().all(|&slot| slot < FIXED_BODIES));
+        for error in &fixed {
+            let body = error.json_body();
+            assert_eq!(
+                body,
+                serde_json::to_vec(&error.to_json()).unwrap(),
+                "{error:?}"
+            );
+            let again = error.json_body();
+            assert_eq!(body.as_ptr(), again.as_ptr(), "{error:?} is rendered once");
+        }
+        assert_eq!(
+            AuthError::Unavailable(StoreError::unavailable("timeout")).json_body(),
+            AuthError::Unavailable(StoreError::unavailable("refused")).json_body(),
+            "the store error never reaches the body"
+        );
+        for error in &varying {
+            assert_eq!(error.fixed_body(), None, "{error:?}");
+            assert_eq!(
+                error.json_body(),
+                serde_json::to_vec(&error.to_json()).unwrap()
+            );
+        }
     }
 }

@@ -39,6 +39,7 @@ pub(crate) use enabled::{admitted, refused_by_guard, rejected, timed_lookup};
 #[cfg(feature = "metrics")]
 mod enabled {
     use std::future::Future;
+    use std::sync::OnceLock;
     use std::time::Instant;
 
     use ::metrics::{Key, Label, Level, Metadata};
@@ -103,33 +104,39 @@ mod enabled {
         });
     }
 
-    /// The `&'static` key of counter `$name` labelled with `error`'s code.
-    macro_rules! by_code {
-        ($name:expr, $error:expr) => {
-            by_code!(@ $name, $error.code();
-                MissingApiKey, InvalidApiKey, ExpiredApiKey, MissingPrincipal,
-                InsufficientPermissions, CrossOwnerAccess, ScopeEscalation, MasterKeyRequired,
-                OwnerRequired, InvalidRequest, LimitReached, NotFound, PayloadTooLarge,
-                InvalidMetadata, UnsupportedMediaType, Unavailable, RateLimited, UsageExceeded,
-            )
-        };
-        (@ $name:expr, $code:expr; $($variant:ident),+ $(,)?) => {
-            match $code {
-                $(ErrorCode::$variant => key!($name, "outcome" => ErrorCode::$variant.as_str()),)+
-            }
-        };
+    /// The key of counter `name` labelled with `error`'s code. The keys of every code in
+    /// [`ErrorCode::ALL`] are built at the first refusal, so recording allocates nothing.
+    fn by_code(
+        table: &'static OnceLock<Box<[Key]>>,
+        name: &'static str,
+        error: &AuthError,
+    ) -> &'static Key {
+        let keys = table.get_or_init(|| {
+            ErrorCode::ALL
+                .iter()
+                .map(|code| {
+                    Key::from_parts(
+                        name,
+                        vec![Label::from_static_parts("outcome", code.as_str())],
+                    )
+                })
+                .collect()
+        });
+        &keys[error.code() as usize]
     }
 
     /// A request the layer refused.
     #[inline]
     pub(crate) fn rejected(error: &AuthError) {
-        count(by_code!(REQUESTS_TOTAL, error));
+        static KEYS: OnceLock<Box<[Key]>> = OnceLock::new();
+        count(by_code(&KEYS, REQUESTS_TOTAL, error));
     }
 
     /// A request a scope guard refused.
     #[inline]
     pub(crate) fn refused_by_guard(error: &AuthError) {
-        count(by_code!(GUARD_REFUSALS_TOTAL, error));
+        static KEYS: OnceLock<Box<[Key]>> = OnceLock::new();
+        count(by_code(&KEYS, GUARD_REFUSALS_TOTAL, error));
     }
 
     /// Times a store lookup (already wrapped in its timeout) and records its outcome.
@@ -181,14 +188,85 @@ pub(crate) use disabled::{admitted, refused_by_guard, rejected, timed_lookup};
 
 #[cfg(all(test, feature = "metrics"))]
 mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use ::metrics::{
+        Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit,
+    };
+
+    use crate::error::{AuthError, ErrorCode};
+    use crate::principal::Principal;
+
+    /// Keeps the key of every counter registered through it.
+    #[derive(Default)]
+    struct Keys(Arc<Mutex<Vec<Key>>>);
+
+    impl Recorder for Keys {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+            self.0.lock().unwrap().push(key.clone());
+            Counter::noop()
+        }
+        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::noop()
+        }
+        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::noop()
+        }
+    }
+
+    /// `(name, [(label, value)])` of every counter `record` increments.
+    fn recorded(record: impl FnOnce()) -> Vec<(String, Vec<(String, String)>)> {
+        let recorder = Keys::default();
+        ::metrics::with_local_recorder(&recorder, record);
+        let keys = recorder.0.lock().unwrap();
+        keys.iter()
+            .map(|key| {
+                let labels = key.labels();
+                let labels = labels.map(|l| (l.key().to_owned(), l.value().to_owned()));
+                (key.name().to_owned(), labels.collect())
+            })
+            .collect()
+    }
+
+    fn outcome(code: &str) -> Vec<(String, String)> {
+        vec![("outcome".to_owned(), code.to_owned())]
+    }
+
     #[test]
-    fn labels_are_static_and_cover_every_code() {
-        use crate::error::{AuthError, ExpiredReason};
-        // No recorder installed: recording is a no-op, and must not panic.
-        super::admitted(None);
-        super::admitted(Some(&crate::principal::Principal::master()));
-        super::rejected(&AuthError::ExpiredKey(ExpiredReason::Revoked));
-        super::rejected(&AuthError::MissingKey);
-        super::refused_by_guard(&AuthError::MissingPrincipal);
+    fn labels_cover_every_code_and_kind() {
+        for &code in ErrorCode::ALL {
+            let error = AuthError::example(code);
+            assert_eq!(
+                recorded(|| super::rejected(&error)),
+                [(super::REQUESTS_TOTAL.to_owned(), outcome(code.as_str()))],
+                "{code}"
+            );
+            assert_eq!(
+                recorded(|| super::refused_by_guard(&error)),
+                [(
+                    super::GUARD_REFUSALS_TOTAL.to_owned(),
+                    outcome(code.as_str())
+                )],
+                "{code}"
+            );
+        }
+        let kind = |kind: &str| {
+            vec![
+                ("outcome".to_owned(), "ok".to_owned()),
+                ("kind".to_owned(), kind.to_owned()),
+            ]
+        };
+        let requests = super::REQUESTS_TOTAL.to_owned();
+        assert_eq!(
+            recorded(|| super::admitted(None)),
+            [(requests.clone(), kind("anonymous"))]
+        );
+        assert_eq!(
+            recorded(|| super::admitted(Some(&Principal::master()))),
+            [(requests, kind("master"))]
+        );
     }
 }

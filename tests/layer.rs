@@ -536,7 +536,7 @@ async fn guard_or_extractor_without_a_layer_is_401_missing_principal() {
 }
 
 #[tokio::test]
-async fn master_key_is_full_access_and_constant_time_compared() {
+async fn master_key_is_full_access_and_a_near_miss_never_reaches_the_store() {
     let f = fixture();
     let app = app(&f, |l| l);
     for (name, value) in [

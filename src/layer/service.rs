@@ -5,14 +5,15 @@ use std::task::{Context, Poll};
 use http::{Method, Request, Response, header};
 use tower_service::Service;
 
+use super::Config;
 use super::future::ResponseFuture;
-use super::{Config, source};
+use super::source::{self, Held};
 use crate::error::{AuthError, InvalidKeyReason, RenderRejection, reject};
 use crate::key::{KeyDigest, KeyFormatError};
 use crate::principal::{Anonymous, Principal};
 use crate::resolver::ResolvedKey;
 
-/// Service produced by [`ApiKeyLayer`](crate::layer::ApiKeyLayer).
+/// Service produced by [`ApiKeyLayer`](super::ApiKeyLayer).
 #[derive(Clone)]
 pub struct ApiKeyService<S, R> {
     inner: S,
@@ -29,15 +30,6 @@ impl<S: fmt::Debug, R> fmt::Debug for ApiKeyService<S, R> {
     }
 }
 
-/// What the synchronous part of authentication decided.
-enum Decision {
-    /// Call the inner service, with this principal if any.
-    Pass(Option<Principal>),
-    /// The digest is not cached: look it up.
-    Lookup(KeyDigest),
-    Reject(AuthError),
-}
-
 impl<S, R> ApiKeyService<S, R> {
     pub(super) fn new(inner: S, config: Arc<Config>, rejection: R) -> Self {
         Self {
@@ -46,83 +38,81 @@ impl<S, R> ApiKeyService<S, R> {
             rejection,
         }
     }
+}
 
-    fn decide<B>(&self, req: &mut Request<B>) -> Decision {
-        let config = &*self.config;
-        if config.preflight && is_preflight(req) {
-            // Browsers send no key on a preflight; should a client send one anyway, it still
-            // reaches the inner service hidden.
-            source::mark_sensitive(&config.sources, u64::MAX, req.headers_mut());
-            return Decision::Pass(None);
+/// What authenticating the presented key decided without waiting for anything.
+enum Verdict {
+    /// Let the request through with this principal (none: anonymous).
+    Admit(Option<Principal>),
+    /// A well-formed key the cache does not know: ask the store.
+    Lookup(KeyDigest),
+    /// Refuse the request.
+    Refuse(AuthError),
+}
+
+impl Config {
+    /// The verdict on a request: preflight, presented key, optional mode. Also says which sources
+    /// held a value, to be hidden if the request goes on.
+    fn judge(&self, headers: &http::HeaderMap, uri: &http::Uri) -> (Verdict, Held) {
+        match source::extract(&self.sources, headers, uri) {
+            Err(error) => (Verdict::Refuse(error), Held::default()),
+            Ok(presented) => {
+                let verdict = match presented.key {
+                    Some(key) => self.authenticate(key),
+                    None if self.optional => Verdict::Admit(None),
+                    None => Verdict::Refuse(AuthError::MissingKey),
+                };
+                (verdict, presented.held)
+            }
         }
-        let mut present = 0;
-        let decision = self.decide_key(req.headers(), req.uri(), &mut present);
-        // Only a request that goes on needs its key hidden from inner layers' logs; only the
-        // sources that held a value are looked up again.
-        if present != 0 && !matches!(decision, Decision::Reject(_)) {
-            source::mark_sensitive(&config.sources, present, req.headers_mut());
-        }
-        decision
     }
 
-    /// The decision for the presented key; `present` gets a bit per header source holding a value.
-    fn decide_key(
-        &self,
-        headers: &http::HeaderMap,
-        uri: &http::Uri,
-        present: &mut u64,
-    ) -> Decision {
-        let config = &*self.config;
-        let candidate = match source::extract(&config.sources, headers, uri, present) {
-            Err(error) => return Decision::Reject(error),
-            Ok(None) if config.optional => return Decision::Pass(None),
-            Ok(None) => return Decision::Reject(AuthError::MissingKey),
-            Ok(Some(candidate)) => candidate,
-        };
-        let format = config.resolver.format();
+    /// The verdict on a presented key, from the master key, its format and the cache.
+    fn authenticate(&self, key: &str) -> Verdict {
+        let format = self.resolver.format();
         // A keyed tag is checked with the shape, before any digest or cache probe: a made-up key
         // costs what a malformed one costs. (A public checksum is checked only on a cache miss.)
         let keyed = format.is_keyed();
         let shape = format
-            .check_shape(candidate)
+            .check_shape(key)
             .and_then(|()| match keyed {
-                true => format.check_checksum(candidate),
+                true => format.check_checksum(key),
                 false => Ok(()),
             })
             .map_err(format_error);
-        if config.master.is_none()
+        if self.master.is_none()
             && let Err(error) = shape
         {
-            return Decision::Reject(error);
+            return Verdict::Refuse(error);
         }
-        let digest = KeyDigest::of(candidate);
-        if config.master.is_some_and(|master| master == digest) {
-            return Decision::Pass(Some(master_principal()));
+        let digest = KeyDigest::of(key);
+        if self.master.is_some_and(|master| master == digest) {
+            return Verdict::Admit(Some(master_principal()));
         }
         if let Err(error) = shape {
-            return Decision::Reject(error);
+            return Verdict::Refuse(error);
         }
         let checksum = || match keyed {
             true => Ok(()),
-            false => format.check_checksum(candidate).map_err(format_error),
+            false => format.check_checksum(key).map_err(format_error),
         };
         let now = crate::clock::now_unix_nanos();
         // The resolver checks the checksum after its per-thread front (a front hit is a stored
         // key's digest) and before its shared cache: refusals name the first thing wrong with the
-        // candidate, and nothing with a bad checksum reaches the cache or the store.
-        match config
+        // key, and nothing with a bad checksum reaches the cache or the store.
+        match self
             .resolver
             .admit_cached(&digest, now, checksum, |key| self.admit(key, now))
         {
-            Some(Ok(principal)) => Decision::Pass(Some(principal)),
-            Some(Err(error)) => Decision::Reject(error),
-            None => Decision::Lookup(digest),
+            Some(Ok(principal)) => Verdict::Admit(Some(principal)),
+            Some(Err(error)) => Verdict::Refuse(error),
+            None => Verdict::Lookup(digest),
         }
     }
 
-    /// A key that passed the request-time checks: usage recording, and its principal.
+    /// A key that passed the request-time checks at `now`: its use is recorded, its principal taken.
     fn admit(&self, key: &Arc<ResolvedKey>, now: i64) -> Principal {
-        if let Some(usage) = &self.config.usage {
+        if let Some(usage) = &self.usage {
             usage.touch(key, now / 1_000_000_000);
         }
         key.principal.clone()
@@ -169,6 +159,33 @@ fn span_for(principal: Option<&Principal>) -> tracing::Span {
     }
 }
 
+/// Hands an admitted request to `inner`, carrying `principal` (none: the anonymous marker), inside
+/// the `api_key` span.
+fn forward<S, B, ResBody>(
+    inner: &mut S,
+    mut req: Request<B>,
+    principal: Option<Principal>,
+) -> ResponseFuture<S::Future, ResBody, S::Error>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+{
+    crate::metrics::admitted(principal.as_ref());
+    let span = span_for(principal.as_ref());
+    if let Some(principal) = principal {
+        req.extensions_mut().insert(principal);
+    } else {
+        req.extensions_mut().insert(Anonymous);
+    }
+    let future = span.in_scope(|| inner.call(req));
+    ResponseFuture::inner(future, span)
+}
+
+/// The refusal of a request, rendered by `rejection`.
+fn refuse<B, R: RenderRejection<B>>(rejection: &R, error: AuthError) -> Response<B> {
+    crate::metrics::rejected(&error);
+    reject(rejection, error)
+}
+
 impl<S, R, ReqBody, ResBody> Service<Request<ReqBody>> for ApiKeyService<S, R>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
@@ -187,54 +204,42 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        match self.decide(&mut req) {
-            Decision::Pass(principal) => {
-                crate::metrics::admitted(principal.as_ref());
-                let span = span_for(principal.as_ref());
-                match principal {
-                    Some(principal) => {
-                        req.extensions_mut().insert(principal);
-                    }
-                    None => {
-                        req.extensions_mut().insert(Anonymous);
-                    }
-                }
-                ResponseFuture::inner(self.inner.call(req), span)
+        let config = &*self.config;
+        let (verdict, held) = if config.preflight && is_preflight(&req) {
+            // Browsers send no key on a preflight; should a client send one anyway, it still
+            // reaches the inner service hidden.
+            (Verdict::Admit(None), Held::ALL)
+        } else {
+            config.judge(req.headers(), req.uri())
+        };
+        let digest = match verdict {
+            Verdict::Refuse(error) => {
+                return ResponseFuture::rejected(refuse(&self.rejection, error));
             }
-            Decision::Reject(error) => {
-                crate::metrics::rejected(&error);
-                ResponseFuture::rejected(reject(&self.rejection, error))
+            Verdict::Admit(principal) => {
+                source::hide(&config.sources, held, req.headers_mut());
+                return forward(&mut self.inner, req, principal);
             }
-            Decision::Lookup(digest) => {
-                // The inner service was polled ready: take it, leave a clone for the next request.
-                let clone = self.inner.clone();
-                let mut inner = std::mem::replace(&mut self.inner, clone);
-                let this = ApiKeyService::new((), self.config.clone(), self.rejection.clone());
-                ResponseFuture::lookup(Box::pin(async move {
-                    let entry = match this.config.resolver.resolve(&digest).await {
-                        Ok(entry) => entry,
-                        Err(error) => {
-                            let error = AuthError::Unavailable(error);
-                            crate::metrics::rejected(&error);
-                            return Ok(reject(&this.rejection, error));
-                        }
-                    };
+            Verdict::Lookup(digest) => digest,
+        };
+        source::hide(&config.sources, held, req.headers_mut());
+        // The inner service was polled ready: take it, leave a clone for the next request.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let config = self.config.clone();
+        let rejection = self.rejection.clone();
+        ResponseFuture::lookup(Box::pin(async move {
+            let admitted = match config.resolver.resolve(&digest).await {
+                Ok(entry) => {
                     let now = crate::clock::now_unix_nanos();
-                    match entry.authenticate(now).map(|key| this.admit(key, now)) {
-                        Ok(principal) => {
-                            crate::metrics::admitted(Some(&principal));
-                            let span = span_for(Some(&principal));
-                            req.extensions_mut().insert(principal);
-                            let future = span.in_scope(|| inner.call(req));
-                            tracing::Instrument::instrument(future, span).await
-                        }
-                        Err(error) => {
-                            crate::metrics::rejected(&error);
-                            Ok(reject(&this.rejection, error))
-                        }
-                    }
-                }))
+                    entry.authenticate(now).map(|key| config.admit(key, now))
+                }
+                Err(error) => Err(AuthError::Unavailable(error)),
+            };
+            match admitted {
+                Ok(principal) => forward(&mut inner, req, Some(principal)).await,
+                Err(error) => Ok(refuse(&rejection, error)),
             }
-        }
+        }))
     }
 }

@@ -9,8 +9,10 @@ use crate::error::{AuthError, InvalidKeyReason};
 /// Longest header value (or query value) looked at; longer ones are refused as malformed.
 pub(crate) const MAX_CANDIDATE_LEN: usize = 1024;
 
-/// Where [`ApiKeyLayer`](crate::layer::ApiKeyLayer) looks for a key. Several may be configured; the first
-/// one present wins, and two *different* keys in one request are refused as malformed.
+/// Where [`ApiKeyLayer`](crate::layer::ApiKeyLayer) looks for a key.
+///
+/// Several may be configured. A key found in several places is one key; two *different* keys in one
+/// request are refused (401 `AUTH_INVALID_API_KEY`, `details.reason = "ambiguous"`).
 ///
 /// | constructor | reads |
 /// |---|---|
@@ -135,13 +137,39 @@ fn trim(b: &[u8]) -> &[u8] {
     &b[..end]
 }
 
-/// Marks every header that may carry a key as sensitive, so it is never printed or indexed.
-/// Marks the values of the header sources flagged in `present` (bit `i` for `sources[i]`; sources
-/// past the 64th are always marked) as sensitive, so that `Debug` and logging layers inside ours
-/// never print them.
-pub(crate) fn mark_sensitive(sources: &[KeySource], present: u64, headers: &mut HeaderMap) {
+/// Which configured sources held a value: bit `i` for `sources[i]`. Sources past the 64th count as
+/// held whenever they are looked at, so they are always hidden.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Held(u64);
+
+impl Held {
+    /// Every source, held or not.
+    pub(crate) const ALL: Self = Self(u64::MAX);
+
+    fn insert(&mut self, i: usize) {
+        self.0 |= 1u64.checked_shl(i as u32).unwrap_or(0);
+    }
+
+    fn contains(self, i: usize) -> bool {
+        i >= 64 || self.0 & (1 << i) != 0
+    }
+}
+
+/// What [`extract`] found: the presented key, if any, and which sources held a value.
+#[derive(Debug)]
+pub(crate) struct Presented<'a> {
+    pub(crate) key: Option<&'a str>,
+    pub(crate) held: Held,
+}
+
+/// Marks the values of the header sources in `held` as sensitive, so that `Debug` and logging layers
+/// inside ours never print them.
+pub(crate) fn hide(sources: &[KeySource], held: Held, headers: &mut HeaderMap) {
+    if held == Held::default() {
+        return;
+    }
     for (i, source) in sources.iter().enumerate() {
-        if i < 64 && present & (1 << i) == 0 {
+        if !held.contains(i) {
             continue;
         }
         if let Some(name) = source.header_name()
@@ -154,17 +182,15 @@ pub(crate) fn mark_sensitive(sources: &[KeySource], present: u64, headers: &mut 
     }
 }
 
-/// Finds the presented key. `Ok(None)`: no key at all. A value that is not visible ASCII, is too long,
-/// or disagrees with another presented key is refused as malformed.
-///
-/// Sets bit `i` of `present` when header source `sources[i]` holds at least one value (for
-/// [`mark_sensitive`]).
+/// Finds the presented key (`key: None`: no key at all) and which sources held a value. A value
+/// that is not visible ASCII or is too long is refused as malformed; two different keys in one
+/// request are refused as ambiguous.
 pub(crate) fn extract<'a>(
     sources: &[KeySource],
     headers: &'a HeaderMap,
     uri: &'a Uri,
-    present: &mut u64,
-) -> Result<Option<&'a str>, AuthError> {
+) -> Result<Presented<'a>, AuthError> {
+    let mut held = Held::default();
     let mut found: Option<&'a [u8]> = None;
     let mut consider = |candidate: &'a [u8]| -> Result<(), AuthError> {
         let candidate = trim(candidate);
@@ -204,7 +230,7 @@ pub(crate) fn extract<'a>(
             _ => {
                 let name = source.header_name().expect("header sources have a name");
                 for value in headers.get_all(name) {
-                    *present |= 1u64.checked_shl(i as u32).unwrap_or(0);
+                    held.insert(i);
                     if let Some(candidate) = source.key_in(value.as_bytes())? {
                         consider(candidate)?;
                     }
@@ -212,8 +238,11 @@ pub(crate) fn extract<'a>(
             }
         }
     }
-    // Every byte was checked to be visible ASCII.
-    Ok(found.map(|b| std::str::from_utf8(b).expect("visible ASCII is UTF-8")))
+    Ok(Presented {
+        // Every byte was checked to be visible ASCII.
+        key: found.map(|b| std::str::from_utf8(b).expect("visible ASCII is UTF-8")),
+        held,
+    })
 }
 
 #[cfg(test)]
@@ -245,7 +274,7 @@ mod tests {
     fn run(pairs: &[(&str, &[u8])]) -> Result<Option<String>, AuthError> {
         let map = headers(pairs);
         let uri = Uri::from_static("/");
-        extract(&all(), &map, &uri, &mut 0).map(|o| o.map(str::to_owned))
+        extract(&all(), &map, &uri).map(|p| p.key.map(str::to_owned))
     }
 
     #[test]
@@ -320,9 +349,9 @@ mod tests {
     fn query_only_when_configured() {
         let uri: Uri = "/x?a=1&api_key=k9".parse().unwrap();
         let map = HeaderMap::new();
-        assert_eq!(extract(&all(), &map, &uri, &mut 0).unwrap(), None);
+        assert_eq!(extract(&all(), &map, &uri).unwrap().key, None);
         let sources = [KeySource::query("api_key")];
-        assert_eq!(extract(&sources, &map, &uri, &mut 0).unwrap(), Some("k9"));
+        assert_eq!(extract(&sources, &map, &uri).unwrap().key, Some("k9"));
     }
 
     #[test]
@@ -333,17 +362,15 @@ mod tests {
             ("other", b"v"),
         ]);
         let uri: Uri = "/".parse().unwrap();
-        let mut present = 0;
-        extract(&all(), &map, &uri, &mut present).unwrap();
-        mark_sensitive(&all(), present, &mut map);
+        let held = extract(&all(), &map, &uri).unwrap().held;
+        hide(&all(), held, &mut map);
         assert!(map["x-api-key"].is_sensitive());
         assert!(map["authorization"].is_sensitive());
         assert!(!map["other"].is_sensitive());
         // Only sources that held a value are flagged.
         let sources = [KeySource::blnk(), KeySource::x_api_key()];
-        let mut present = 0;
-        extract(&sources, &map, &uri, &mut present).unwrap();
-        assert_eq!(present, 0b10);
+        let held = extract(&sources, &map, &uri).unwrap().held;
+        assert_eq!(held, Held(0b10));
     }
 
     proptest! {
@@ -359,7 +386,7 @@ mod tests {
                 }
             }
             let uri = Uri::from_static("/");
-            if let Ok(Some(key)) = extract(&all(), &map, &uri, &mut 0) {
+            if let Ok(Presented { key: Some(key), .. }) = extract(&all(), &map, &uri) {
                 prop_assert!(!key.is_empty());
                 prop_assert!(key.bytes().all(|b| b.is_ascii_graphic()));
             }
