@@ -15,12 +15,17 @@
 //! extensions and adds `WWW-Authenticate` to a 401 that lacks one.
 //!
 //! ```
-//! use http::{Response, StatusCode};
-//! use tower_api_keys::error::AuthError;
+//! use std::convert::Infallible;
+//!
+//! use http::{Request, Response, StatusCode};
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_api_keys::error::{AuthError, ErrorCode};
 //! use tower_api_keys::layer::ApiKeyLayer;
 //! use tower_api_keys::resolver::CachedResolver;
 //! use tower_api_keys::store::MemoryStore;
 //!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let resolver = CachedResolver::new(MemoryStore::new());
 //! let layer = ApiKeyLayer::new(resolver).rejection(|error: &AuthError| {
 //!     Response::builder()
@@ -28,7 +33,19 @@
 //!         .body(format!("denied: {}", error.code()))
 //!         .unwrap()
 //! });
-//! # let _ = layer;
+//! let service = ServiceBuilder::new()
+//!     .layer(layer)
+//!     .service_fn(|_: Request<()>| async { Ok::<_, Infallible>(Response::new(String::from("hi"))) });
+//!
+//! let response = service.oneshot(Request::get("/").body(())?).await?;
+//! assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+//! assert_eq!(response.body(), "denied: AUTH_MISSING_API_KEY");
+//! // The typed error rides along, and the 401 got its challenge.
+//! let error = response.extensions().get::<AuthError>().unwrap();
+//! assert_eq!(error.code(), ErrorCode::MissingApiKey);
+//! assert!(response.headers().contains_key("www-authenticate"));
+//! # Ok(())
+//! # }
 //! ```
 
 use std::borrow::Cow;
@@ -43,9 +60,11 @@ use crate::scope::{ScopeMatch, ScopeSet};
 use crate::store::StoreError;
 
 /// Declares [`ErrorCode`] from its table: each row is a variant, its string, HTTP status and gRPC
-/// code. `ErrorCode::ALL`, `as_str`, `http_status` and `grpc_code` all come from that one table, so
-/// adding a code is adding a row (and mapping an [`AuthError`] variant to it in [`AuthError::code`],
-/// which the compiler checks).
+/// code.
+///
+/// `ErrorCode::ALL`, `as_str`, `http_status` and `grpc_code` all come from that one table, so
+/// adding a code is adding a row (and mapping an [`AuthError`] variant to it in
+/// [`AuthError::code`], which the compiler checks).
 macro_rules! error_codes {
     ($(
         $(#[$doc:meta])*
@@ -136,7 +155,9 @@ impl fmt::Display for ErrorCode {
     }
 }
 
-/// Why a presented key was refused as invalid. Shown as `details.reason`.
+/// Why a presented key was refused as invalid.
+///
+/// Shown as `details.reason`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum InvalidKeyReason {
@@ -162,7 +183,9 @@ impl InvalidKeyReason {
     }
 }
 
-/// Why a known key no longer works. Shown as `details.reason`.
+/// Why a known key no longer works.
+///
+/// Shown as `details.reason`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExpiredReason {
     /// Its expiry (or the grace period of a rotated secret) has passed.
@@ -181,7 +204,9 @@ impl ExpiredReason {
     }
 }
 
-/// Every refusal the crate produces. Cheap to clone; never contains a key or a digest.
+/// Every refusal the crate produces.
+///
+/// Cheap to clone; never contains a key or a digest.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum AuthError {
@@ -245,8 +270,9 @@ pub enum AuthError {
     /// A stamped route got a body it cannot stamp; the message says why (never echoing the body).
     #[error("{0}")]
     UnsupportedMediaType(Cow<'static, str>),
-    /// The key store failed or timed out and nothing was cached. The store error is kept for logs;
-    /// it is never shown to clients.
+    /// The key store failed or timed out and nothing was cached.
+    ///
+    /// The store error is kept for logs; it is never shown to clients.
     #[error("authentication is temporarily unavailable")]
     Unavailable(#[source] StoreError),
     /// Over the key's rate limit.
@@ -321,9 +347,11 @@ impl AuthError {
         }
     }
 
-    /// The serialised body of [`JsonRejection`]. The bodies that never change (a missing, malformed,
-    /// unknown, expired or revoked key, a store outage, ...) are serialised once per process: they are
-    /// what an attacker can make a server send, so refusing must cost less than admitting.
+    /// The serialised body of [`JsonRejection`].
+    ///
+    /// The bodies that never change (a missing, malformed, unknown, expired or revoked key, a store
+    /// outage, ...) are serialised once per process: they are what an attacker can make a server
+    /// send, so refusing must cost less than admitting.
     fn json_body(&self) -> Bytes {
         static FIXED: [OnceLock<&'static [u8]>; FIXED_BODIES] =
             [const { OnceLock::new() }; FIXED_BODIES];
@@ -385,10 +413,14 @@ impl From<StoreError> for AuthError {
     }
 }
 
-/// Turns an [`AuthError`] into a response. Implemented by [`JsonRejection`] (the default),
-/// [`GrpcRejection`], and every `Fn(&AuthError) -> Response<B> + Clone + Send + Sync + 'static`.
+/// Turns an [`AuthError`] into a response.
+///
+/// Implemented by [`JsonRejection`] (the default), [`GrpcRejection`], and every `Fn(&AuthError) ->
+/// Response<B> + Clone + Send + Sync + 'static`.
 pub trait RenderRejection<B>: Clone + Send + Sync + 'static {
-    /// Renders the refusal. The caller adds the error to the response extensions.
+    /// Renders the refusal.
+    ///
+    /// The caller adds the error to the response extensions.
     fn render(&self, error: &AuthError) -> Response<B>;
 }
 

@@ -104,8 +104,10 @@ mod enabled {
         });
     }
 
-    /// The key of counter `name` labelled with `error`'s code. The keys of every code in
-    /// [`ErrorCode::ALL`] are built at the first refusal, so recording allocates nothing.
+    /// The key of counter `name` labelled with `error`'s code.
+    ///
+    /// The keys of every code in [`ErrorCode::ALL`] are built at the first refusal, so recording
+    /// allocates nothing.
     fn by_code(
         table: &'static OnceLock<Box<[Key]>>,
         name: &'static str,

@@ -3,8 +3,14 @@
 //! Handlers read it from the request extensions, or with the axum extractors (feature `axum`):
 //!
 //! ```
-//! use axum::{routing::get, Router};
+//! use axum::{body::Body, routing::get, Router};
+//! use http::{Request, StatusCode};
+//! use tower::ServiceExt;
+//! use tower_api_keys::error::{AuthError, ErrorCode};
+//! use tower_api_keys::layer::ApiKeyLayer;
 //! use tower_api_keys::principal::Principal;
+//! use tower_api_keys::resolver::CachedResolver;
+//! use tower_api_keys::store::MemoryStore;
 //!
 //! async fn whoami(principal: Principal) -> String {
 //!     format!("{} acting for {:?}", principal.key_id(), principal.account())
@@ -14,7 +20,27 @@
 //!     if principal.is_some() { "hello, key holder" } else { "hello, stranger" }
 //! }
 //!
-//! let app: Router = Router::new().route("/whoami", get(whoami)).route("/", get(maybe));
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let routes = Router::new().route("/whoami", get(whoami)).route("/", get(maybe));
+//! let resolver = CachedResolver::new(MemoryStore::new());
+//! // An optional layer lets requests without a key through, without a principal.
+//! let app = routes.clone().layer(ApiKeyLayer::new(resolver).optional());
+//! let get = |uri| Request::get(uri).body(Body::empty());
+//!
+//! let response = app.clone().oneshot(get("/")?).await?;
+//! assert_eq!(response.status(), StatusCode::OK); // "hello, stranger"
+//! let response = app.oneshot(get("/whoami")?).await?;
+//! assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+//! let code = |response: &http::Response<Body>| response.extensions().get::<AuthError>().map(AuthError::code);
+//! assert_eq!(code(&response), Some(ErrorCode::MissingApiKey));
+//!
+//! // No layer at all: a wiring mistake, told apart from a missing key.
+//! let response = routes.oneshot(get("/whoami")?).await?;
+//! assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+//! assert_eq!(code(&response), Some(ErrorCode::MissingPrincipal));
+//! # Ok(())
+//! # }
 //! ```
 //!
 //! A `Principal` extractor on a route the layer does not cover answers 401
@@ -123,10 +149,11 @@ impl Principal {
         &self.0.limits
     }
 
-    /// The principal [`ApiKeyLayer`](crate::layer::ApiKeyLayer) put in a request's extensions, for code
-    /// outside axum (hyper services, tonic interceptors). Fails with `AUTH_MISSING_API_KEY` for an
-    /// anonymous request let through by an optional layer, and `AUTH_MISSING_PRINCIPAL` when no
-    /// layer ran.
+    /// The principal [`ApiKeyLayer`](crate::layer::ApiKeyLayer) put in a request's extensions, for
+    /// code outside axum (hyper services, tonic interceptors).
+    ///
+    /// Fails with `AUTH_MISSING_API_KEY` for an anonymous request let through by an optional layer,
+    /// and `AUTH_MISSING_PRINCIPAL` when no layer ran.
     pub fn from_extensions(extensions: &http::Extensions) -> Result<&Principal, AuthError> {
         match extensions.get::<Principal>() {
             Some(principal) => Ok(principal),

@@ -17,8 +17,9 @@ use crate::error::GrpcRejection;
 use crate::error::{JsonRejection, RenderRejection};
 
 /// Scopes per gRPC method: a layer that picks the [`RequireScopes`] guard of the request's method
-/// from its path (`/package.Service/Method`) and runs it. Put it inside
-/// [`ApiKeyLayer`](crate::layer::ApiKeyLayer).
+/// from its path (`/package.Service/Method`) and runs it.
+///
+/// Put it inside [`ApiKeyLayer`](crate::layer::ApiKeyLayer).
 ///
 /// A method without an entry requires `*:*` (the master key, or a key granted everything), unless
 /// [`fallback`](Self::fallback) says otherwise: a new RPC whose scopes nobody declared fails closed.

@@ -1,19 +1,49 @@
 //! Route-level authorization: [`RequireScopes`] (a layer) and [`Scoped`] (a typed extractor).
 //!
 //! ```
-//! use axum::{routing::{get, post}, Router};
+//! use std::sync::Arc;
+//!
+//! use axum::{body::Body, routing::{get, post}, Router};
+//! use http::{Request, StatusCode};
+//! use tower::ServiceExt;
 //! use tower_api_keys::guard::RequireScopes;
 //! use tower_api_keys::layer::ApiKeyLayer;
+//! use tower_api_keys::manage::{CreateKey, KeyManager};
+//! use tower_api_keys::principal::Principal;
 //! use tower_api_keys::resolver::CachedResolver;
 //! use tower_api_keys::store::MemoryStore;
 //!
-//! let resolver = CachedResolver::new(MemoryStore::new());
-//! let app: Router = Router::new()
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = Arc::new(MemoryStore::new());
+//! let resolver = CachedResolver::new(store.clone());
+//! let app = Router::new()
 //!     .route("/ledgers", post(|| async { "created" }))
 //!     .route_layer(RequireScopes::all(["ledgers:write"]))
 //!     .route("/balances", get(|| async { "balances" }))
 //!     .route_layer(RequireScopes::any(["balances:read", "ledgers:read"]))
-//!     .layer(ApiKeyLayer::new(resolver));
+//!     .layer(ApiKeyLayer::new(resolver.clone()));
+//!
+//! let manager = KeyManager::new(store, resolver);
+//! let reader = manager
+//!     .create(&Principal::master(), CreateKey::new(["ledgers:read"]).owner("billing"))
+//!     .await?;
+//! let send = |method: &str, uri: &str| {
+//!     Request::builder()
+//!         .method(method)
+//!         .uri(uri)
+//!         .header("x-api-key", reader.key.expose_secret())
+//!         .body(Body::empty())
+//! };
+//!
+//! // `ledgers:read` is one of the scopes `/balances` accepts...
+//! let response = app.clone().oneshot(send("GET", "/balances")?).await?;
+//! assert_eq!(response.status(), StatusCode::OK);
+//! // ...but creating a ledger needs `ledgers:write`: 403 AUTH_INSUFFICIENT_PERMISSIONS.
+//! let response = app.oneshot(send("POST", "/ledgers")?).await?;
+//! assert_eq!(response.status(), StatusCode::FORBIDDEN);
+//! # Ok(())
+//! # }
 //! ```
 //!
 //! Scope strings are validated when the guard is built (so when the router is built): an invalid
@@ -110,8 +140,9 @@ impl Requirement {
     }
 }
 
-/// Checks that the request's [`Principal`] holds the scopes a route requires. See the
-/// [module docs](self).
+/// Checks that the request's [`Principal`] holds the scopes a route requires.
+///
+/// See the [module docs](self).
 #[derive(Clone)]
 #[must_use]
 pub struct RequireScopes<R = JsonRejection> {
@@ -184,7 +215,9 @@ impl RequireScopes {
         )))
     }
 
-    /// Fallible [`any`](Self::any). An empty list is an error: it could never be satisfied.
+    /// Fallible [`any`](Self::any).
+    ///
+    /// An empty list is an error: it could never be satisfied.
     pub fn try_any<I, S>(scopes: I) -> Result<Self, ScopeError>
     where
         I: IntoIterator<Item = S>,
@@ -300,6 +333,7 @@ pub trait ScopeRequirement: Send + Sync + 'static {
 }
 
 /// Declares scope markers for [`Scoped`]: `Name = all("a:b", ...)` or `Name = any(...)`.
+///
 /// Invalid scope strings are compile errors.
 ///
 /// ```
@@ -330,8 +364,10 @@ macro_rules! scopes {
     (@mode any) => { $crate::scope::ScopeMatch::Any };
 }
 
-/// An axum extractor that succeeds only if the request's principal holds the scopes of `M`
-/// (see [`scopes!`](crate::scopes)). Dereferences to the [`Principal`].
+/// An axum extractor that succeeds only if the request's principal holds the scopes of `M` (see
+/// [`scopes!`](crate::scopes)).
+///
+/// Dereferences to the [`Principal`].
 #[cfg(feature = "axum")]
 pub struct Scoped<M> {
     principal: Principal,

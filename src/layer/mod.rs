@@ -1,25 +1,49 @@
 //! [`ApiKeyLayer`]: authenticate every request with an API key.
 //!
 //! ```
-//! use axum::{routing::get, Router};
+//! use std::sync::Arc;
+//!
+//! use axum::{body::Body, routing::get, Router};
+//! use http::{Request, StatusCode};
+//! use tower::ServiceExt;
 //! use tower_api_keys::key::ApiKey;
 //! use tower_api_keys::layer::{ApiKeyLayer, KeySource};
+//! use tower_api_keys::manage::{CreateKey, KeyManager};
 //! use tower_api_keys::principal::Principal;
 //! use tower_api_keys::resolver::CachedResolver;
 //! use tower_api_keys::store::MemoryStore;
 //!
 //! async fn hello(principal: Principal) -> String {
-//!     format!("hello, {}", principal.name())
+//!     format!("hello, {}", principal.owner().unwrap_or("master"))
 //! }
 //!
-//! let resolver = CachedResolver::new(MemoryStore::new());
-//! let app: Router = Router::new()
-//!     .route("/hello", get(hello))
-//!     .layer(
-//!         ApiKeyLayer::new(resolver)
-//!             .sources([KeySource::x_api_key(), KeySource::blnk(), KeySource::bearer()])
-//!             .master_key(ApiKey::new("change-me-to-a-long-random-string")),
-//!     );
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = Arc::new(MemoryStore::new());
+//! let resolver = CachedResolver::new(store.clone());
+//! let app = Router::new().route("/hello", get(hello)).layer(
+//!     ApiKeyLayer::new(resolver.clone())
+//!         .sources([KeySource::x_api_key(), KeySource::bearer()])
+//!         .master_key(ApiKey::new("change-me-to-a-long-random-string")),
+//! );
+//!
+//! // A key as the management API would issue it.
+//! let manager = KeyManager::new(store, resolver);
+//! let created = manager
+//!     .create(&Principal::master(), CreateKey::new(["ledgers:read"]).owner("billing"))
+//!     .await?;
+//! let bearer = format!("Bearer {}", created.key.expose_secret());
+//!
+//! let request = Request::get("/hello").header("authorization", bearer).body(Body::empty())?;
+//! let response = app.clone().oneshot(request).await?;
+//! assert_eq!(response.status(), StatusCode::OK);
+//!
+//! // No key: 401 AUTH_MISSING_API_KEY, with a `WWW-Authenticate` challenge.
+//! let response = app.oneshot(Request::get("/hello").body(Body::empty())?).await?;
+//! assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+//! assert!(response.headers().contains_key("www-authenticate"));
+//! # Ok(())
+//! # }
 //! ```
 //!
 //! For each request the layer:
@@ -72,8 +96,10 @@ pub use service::ApiKeyService;
 pub use source::KeySource;
 
 /// Longest presented key value looked at: 1024 bytes (after trimming spaces; generated keys are
-/// about 56). A longer header (or query) value is refused as malformed, 401 `AUTH_INVALID_API_KEY`
-/// with `details.reason = "malformed"`, before it is hashed and without a store lookup. The HTTP
+/// about 56).
+///
+/// A longer header (or query) value is refused as malformed, 401 `AUTH_INVALID_API_KEY` with
+/// `details.reason = "malformed"`, before it is hashed and without a store lookup. The HTTP
 /// server's own header limits apply before this one (hyper: about 400 KiB of headers).
 pub const MAX_PRESENTED_KEY_LEN: usize = source::MAX_CANDIDATE_LEN;
 
@@ -87,7 +113,9 @@ use crate::usage::UsageRecorder;
 #[cfg(doc)]
 use crate::{error::AuthError, principal::Principal};
 
-/// Layer that authenticates requests by API key. See the [module docs](self).
+/// Layer that authenticates requests by API key.
+///
+/// See the [module docs](self).
 #[derive(Clone, Debug)]
 #[must_use]
 pub struct ApiKeyLayer<R = JsonRejection> {
@@ -143,6 +171,7 @@ impl<R> ApiKeyLayer<R> {
     }
 
     /// The master key from server configuration: full access (`*:*`), [`Principal::master`].
+    ///
     /// Compared in constant time (by digest); only its digest is kept.
     ///
     /// # Panics
@@ -158,7 +187,9 @@ impl<R> ApiKeyLayer<R> {
     }
 
     /// Lets requests without a key through without a principal, for routes whose guards or handlers
-    /// decide. A key that *is* presented must still be valid.
+    /// decide.
+    ///
+    /// A key that *is* presented must still be valid.
     pub fn optional(mut self) -> Self {
         self.config_mut().optional = true;
         self
@@ -177,8 +208,9 @@ impl<R> ApiKeyLayer<R> {
         self
     }
 
-    /// Renders refusals with `rejection` instead of [`JsonRejection`]. Any
-    /// `Fn(&AuthError) -> Response<B>` works.
+    /// Renders refusals with `rejection` instead of [`JsonRejection`].
+    ///
+    /// Any `Fn(&AuthError) -> Response<B>` works.
     pub fn rejection<R2>(self, rejection: R2) -> ApiKeyLayer<R2> {
         ApiKeyLayer {
             config: self.config,

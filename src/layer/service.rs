@@ -51,8 +51,9 @@ enum Verdict {
 }
 
 impl Config {
-    /// The verdict on a request: preflight, presented key, optional mode. Also says which sources
-    /// held a value, to be hidden if the request goes on.
+    /// The verdict on a request: preflight, presented key, optional mode.
+    ///
+    /// Also says which sources held a value, to be hidden if the request goes on.
     fn judge(&self, headers: &http::HeaderMap, uri: &http::Uri) -> (Verdict, Held) {
         match source::extract(&self.sources, headers, uri) {
             Err(error) => (Verdict::Refuse(error), Held::default()),

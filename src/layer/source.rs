@@ -82,8 +82,9 @@ impl KeySource {
         })
     }
 
-    /// A query-string parameter. Keys in URLs end up in logs and browser history: use only when a
-    /// client cannot send headers.
+    /// A query-string parameter.
+    ///
+    /// Keys in URLs end up in logs and browser history: use only when a client cannot send headers.
     pub fn query(name: impl Into<Cow<'static, str>>) -> Self {
         Self(Kind::Query(name.into()))
     }
@@ -137,8 +138,9 @@ fn trim(b: &[u8]) -> &[u8] {
     &b[..end]
 }
 
-/// Which configured sources held a value: bit `i` for `sources[i]`. Sources past the 64th count as
-/// held whenever they are looked at, so they are always hidden.
+/// Which configured sources held a value: bit `i` for `sources[i]`.
+///
+/// Sources past the 64th count as held whenever they are looked at, so they are always hidden.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Held(u64);
 
@@ -182,9 +184,10 @@ pub(crate) fn hide(sources: &[KeySource], held: Held, headers: &mut HeaderMap) {
     }
 }
 
-/// Finds the presented key (`key: None`: no key at all) and which sources held a value. A value
-/// that is not visible ASCII or is too long is refused as malformed; two different keys in one
-/// request are refused as ambiguous.
+/// Finds the presented key (`key: None`: no key at all) and which sources held a value.
+///
+/// A value that is not visible ASCII or is too long is refused as malformed; two different keys in
+/// one request are refused as ambiguous.
 pub(crate) fn extract<'a>(
     sources: &[KeySource],
     headers: &'a HeaderMap,
