@@ -106,7 +106,7 @@ async fn backends(databases: &fixtures::Databases) -> Vec<Backend> {
     let memory = || -> Arc<dyn KeyStore> { Arc::new(MemoryStore::new()) };
     #[allow(unused_mut)]
     let mut backends = vec![
-        Backend::new("memory", CountingStore::new(memory())),
+        Backend::new("memory", CountingStore::wrap(memory())),
         Backend::new(
             "memory +1ms",
             CountingStore::with_latency(memory(), Some(Duration::from_millis(1))),
@@ -115,11 +115,11 @@ async fn backends(databases: &fixtures::Databases) -> Vec<Backend> {
     #[cfg(feature = "sqlite")]
     backends.push(Backend::new(
         "sqlite",
-        CountingStore::new(Arc::new(databases.sqlite().await)),
+        CountingStore::wrap(Arc::new(databases.sqlite().await)),
     ));
     #[cfg(feature = "postgres")]
     match databases.postgres().await {
-        Ok(pg) => backends.push(Backend::new("postgres", CountingStore::new(Arc::new(pg)))),
+        Ok(pg) => backends.push(Backend::new("postgres", CountingStore::wrap(Arc::new(pg)))),
         Err(why) => eprintln!("\n*** PostgreSQL SKIPPED: {why} ***\n"),
     }
     #[cfg(not(feature = "postgres"))]

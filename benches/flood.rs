@@ -128,12 +128,12 @@ fn main() {
     // Two services, each with one real key: the public checksum, and the keyed format with its
     // secret created in (and loaded from) the key store.
     let public = KeyFormat::new("sk_live").unwrap();
-    let public_store = CountingStore::new(Arc::new(MemoryStore::new()));
+    let public_store = CountingStore::wrap(Arc::new(MemoryStore::new()));
     let keyed_inner = Arc::new(MemoryStore::new());
     let keyed = runtime
         .block_on(KeyFormat::keyed("sk_live").load_secret_from(&*keyed_inner))
         .unwrap();
-    let keyed_store = CountingStore::new(keyed_inner as Arc<dyn KeyStore>);
+    let keyed_store = CountingStore::wrap(keyed_inner as Arc<dyn KeyStore>);
     let stores = [public_store.clone(), keyed_store.clone()];
     let mut services = [
         stack(public_store.clone(), public.clone()),

@@ -233,7 +233,7 @@ fn main() {
         .build()
         .unwrap();
     let format = KeyFormat::default();
-    let store = CountingStore::new(Arc::new(MemoryStore::new()));
+    let store = CountingStore::wrap(Arc::new(MemoryStore::new()));
     let valid = runtime.block_on(fixtures::issue(&*store, &format, 0, "ledgers:read"));
     let resolver = CachedResolver::builder(store.clone())
         .format(format.clone())
@@ -404,7 +404,7 @@ fn main() {
 
 /// Section 4: hot keys against a flood of one-off unknown digests, in a small cache.
 fn flood(runtime: &tokio::runtime::Runtime, format: &KeyFormat, rng: &mut Rng) {
-    let store = CountingStore::new(Arc::new(MemoryStore::new()));
+    let store = CountingStore::wrap(Arc::new(MemoryStore::new()));
     let hot: Vec<ApiKey> = runtime.block_on(async {
         let mut keys = Vec::with_capacity(HOT_KEYS);
         for i in 0..HOT_KEYS {

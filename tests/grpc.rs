@@ -2,12 +2,15 @@
 //! client. Refusals must arrive as gRPC statuses (never HTTP JSON) whose message starts with the
 //! stable code. Needs the `grpc-example` feature (`cargo test --all-features` has it).
 
+mod common;
 #[path = "../examples/tonic.rs"]
 #[allow(dead_code)]
 mod tonic_example;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
@@ -16,12 +19,12 @@ use tonic::transport::Channel;
 use tower::{Layer, ServiceExt, service_fn};
 use tower_api_keys::error::GrpcRejection;
 use tower_api_keys::guard::RequireScopes;
-use tower_api_keys::key::{ApiKey, KeyDigest, KeyId};
+use tower_api_keys::key::{ApiKey, KeyId};
 use tower_api_keys::principal::Principal;
 use tower_api_keys::resolver::CachedResolver;
-use tower_api_keys::store::{KeyChange, KeyLimits, ListQuery, Rotation};
-use tower_api_keys::store::{KeyRecord, KeyStore, MemoryStore, StoreError};
+use tower_api_keys::store::{KeyStore, MemoryStore};
 
+use common::TestStore;
 use tonic_example::issue_key;
 use tonic_example::pb::ledgers_client::LedgersClient;
 use tonic_example::pb::{CreateLedgerRequest, GetLedgerRequest, Ledger};
@@ -274,53 +277,11 @@ async fn ledgers_are_scoped_by_account_and_the_master_key_sees_all() {
     );
 }
 
-/// A store that is down.
-struct DownStore;
-
-fn down() -> StoreError {
-    StoreError::unavailable("connection refused (test)")
-}
-
-#[async_trait::async_trait]
-impl KeyStore for DownStore {
-    async fn find_by_digest(&self, _: &KeyDigest) -> Result<Option<KeyRecord>, StoreError> {
-        Err(down())
-    }
-    async fn get(&self, _: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
-        Err(down())
-    }
-    async fn list(&self, _: &ListQuery) -> Result<Vec<KeyRecord>, StoreError> {
-        Err(down())
-    }
-    async fn insert(
-        &self,
-        _: &KeyRecord,
-        _: KeyLimits,
-        _: OffsetDateTime,
-    ) -> Result<(), StoreError> {
-        Err(down())
-    }
-    async fn revoke(&self, _: &KeyId, _: OffsetDateTime) -> Result<Option<KeyChange>, StoreError> {
-        Err(down())
-    }
-    async fn delete(&self, _: &KeyId, _: OffsetDateTime) -> Result<Option<KeyChange>, StoreError> {
-        Err(down())
-    }
-    async fn replace_secret(
-        &self,
-        _: &KeyId,
-        _: &Rotation,
-    ) -> Result<Option<KeyChange>, StoreError> {
-        Err(down())
-    }
-    async fn record_last_used(&self, _: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
-        Err(down())
-    }
-}
-
 #[tokio::test]
 async fn store_outage_is_unavailable_not_a_bad_key() {
-    let resolver = CachedResolver::new(DownStore);
+    let store = TestStore::wrap(Arc::new(MemoryStore::new()));
+    store.failing.store(true, Ordering::SeqCst);
+    let resolver = CachedResolver::new(store);
     let key = resolver.format().generate();
     let mut client = client(start(resolver).await).await;
     assert_refused(
