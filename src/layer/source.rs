@@ -175,6 +175,7 @@ pub(crate) fn hide(sources: &[KeySource], held: Held, headers: &mut HeaderMap) {
             continue;
         }
         if let Some(name) = source.header_name()
+            && !read_before(sources, i, name)
             && let http::header::Entry::Occupied(mut entry) = headers.entry(name)
         {
             for value in entry.iter_mut() {
@@ -182,6 +183,11 @@ pub(crate) fn hide(sources: &[KeySource], held: Held, headers: &mut HeaderMap) {
             }
         }
     }
+}
+
+/// Whether a source before `sources[i]` reads the header `name` too (it was read, or hidden, then).
+fn read_before(sources: &[KeySource], i: usize, name: &HeaderName) -> bool {
+    sources[..i].iter().any(|s| s.header_name() == Some(name))
 }
 
 /// Finds the presented key (`key: None`: no key at all) and which sources held a value.
@@ -232,10 +238,19 @@ pub(crate) fn extract<'a>(
             }
             _ => {
                 let name = source.header_name().expect("header sources have a name");
+                if read_before(sources, i, name) {
+                    continue;
+                }
+                // One read of the header serves every source that reads it (`bearer` and
+                // `blecon` both read `Authorization`).
                 for value in headers.get_all(name) {
-                    held.insert(i);
-                    if let Some(candidate) = source.key_in(value.as_bytes())? {
-                        consider(candidate)?;
+                    for (j, source) in sources.iter().enumerate().skip(i) {
+                        if source.header_name() == Some(name) {
+                            held.insert(j);
+                            if let Some(candidate) = source.key_in(value.as_bytes())? {
+                                consider(candidate)?;
+                            }
+                        }
                     }
                 }
             }
@@ -346,6 +361,40 @@ mod tests {
                 Err(AuthError::InvalidKey(InvalidKeyReason::Malformed))
             ));
         }
+    }
+
+    #[test]
+    fn sources_sharing_a_header_read_it_once_and_are_held_together() {
+        let map = headers(&[
+            ("authorization", b"APIKEY::k1"),
+            ("authorization", b"Bearer k1"),
+        ]);
+        let uri = Uri::from_static("/");
+        let sources = [
+            KeySource::bearer(),
+            KeySource::x_api_key(),
+            KeySource::blecon(),
+        ];
+        let presented = extract(&sources, &map, &uri).unwrap();
+        assert_eq!(presented.key, Some("k1"));
+        assert_eq!(presented.held, Held(0b101));
+        let map = headers(&[
+            ("authorization", b"APIKEY::k1"),
+            ("authorization", b"Bearer k2"),
+        ]);
+        assert!(matches!(
+            extract(&sources, &map, &uri),
+            Err(AuthError::InvalidKey(InvalidKeyReason::Ambiguous))
+        ));
+        let mut map = headers(&[("authorization", b"Bearer k1"), ("x-api-key", b"k1")]);
+        let held = extract(&sources, &map, &uri).unwrap().held;
+        hide(&sources, held, &mut map);
+        assert!(
+            map.get_all("authorization")
+                .iter()
+                .all(|v| v.is_sensitive())
+        );
+        assert!(map["x-api-key"].is_sensitive());
     }
 
     #[test]
