@@ -830,8 +830,12 @@
       if (target) openDetails(target.getAttribute("data-open"));
     });
     $("secret-copy").addEventListener("click", copySecret);
-    $("secret-close").addEventListener("click", () => close("secret-dialog"));
-    // However the dialog closes (Close, Escape), the plaintext leaves the page.
+    // Close drops the plaintext before the dialog closes (the `close` event fires a task later).
+    $("secret-close").addEventListener("click", () => {
+      clearSecret();
+      close("secret-dialog");
+    });
+    // However else the dialog closes (Escape), the plaintext leaves the page too.
     $("secret-dialog").addEventListener("close", clearSecret);
     $("details-rotate").addEventListener("click", openRotate);
     $("details-revoke").addEventListener("click", openRevoke);
