@@ -15,12 +15,12 @@ use axum::routing::get;
 use http::Request;
 use time::OffsetDateTime;
 use tower::ServiceExt;
-use tower_api_keys::key::{ApiKey, FormatSecret, KeyFormat, KeyFormatConfigError};
+use tower_api_keys::key::{ApiKey, FormatSecret, KeyFormat};
 use tower_api_keys::layer::ApiKeyLayer;
 use tower_api_keys::manage::{CreateKey, KeyManager};
 use tower_api_keys::principal::Principal;
 use tower_api_keys::resolver::CachedResolver;
-use tower_api_keys::store::{KeyStore, MemoryStore, StoreErrorKind};
+use tower_api_keys::store::{FormatLoadError, KeyStore, MemoryStore, StoreErrorKind};
 
 /// One service instance: the layer over a route, and a manager minting keys in its format.
 struct Instance {
@@ -219,7 +219,7 @@ async fn made_up_keys_of_the_keyed_format_never_reach_the_store() {
 async fn a_store_without_format_secrets_is_a_clear_error() {
     let store = common::TestStore::new();
     match KeyFormat::keyed("sk_live").load_secret_from(&*store).await {
-        Err(KeyFormatConfigError::Store(error)) => {
+        Err(FormatLoadError::Store(error)) => {
             assert_eq!(error.kind(), StoreErrorKind::Unsupported);
         }
         other => panic!("expected an unsupported-store error, got {other:?}"),

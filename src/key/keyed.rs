@@ -7,11 +7,9 @@ use std::sync::Arc;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
-use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
 use super::{InvalidPrefix, KeyFormat, TAG_LEN, encode_base62, is_valid_prefix};
-use crate::store::{KeyStore, StoreError};
 
 /// Highest secret version: versions are one base62 character, `1` to `z` (`0` is never issued).
 pub const MAX_SECRET_VERSION: u8 = 61;
@@ -19,7 +17,7 @@ pub const MAX_SECRET_VERSION: u8 = 61;
 /// A secret the keyed format tags keys with (HMAC-SHA-256 key, at least 32 bytes).
 ///
 /// `Debug` shows nothing of it, there is no `Display`, and its bytes are zeroed when it is dropped.
-/// It is meant to stay in the process and in the key store: only a [`KeyStore`] implementation has a
+/// It is meant to stay in the process and in the key store: only a [`KeyStore`](crate::store::KeyStore) implementation has a
 /// reason to call [`expose_secret`](Self::expose_secret).
 #[derive(Clone)]
 pub struct FormatSecret(Zeroizing<Vec<u8>>);
@@ -49,7 +47,7 @@ impl FormatSecret {
         Ok(Self(bytes))
     }
 
-    /// The raw bytes, for a [`KeyStore`] to write them. Never log them.
+    /// The raw bytes, for a [`KeyStore`](crate::store::KeyStore) to write them. Never log them.
     pub fn expose_secret(&self) -> &[u8] {
         &self.0
     }
@@ -96,9 +94,6 @@ pub enum KeyFormatConfigError {
     /// A secret shorter than [`FormatSecret::MIN_LEN`] bytes (the length is shown, not the secret).
     #[error("a format secret needs at least {min} bytes, got {0}", min = FormatSecret::MIN_LEN)]
     SecretTooShort(usize),
-    /// The key store could not provide the secrets.
-    #[error("could not load the key format's secrets: {0}")]
-    Store(#[from] StoreError),
 }
 
 /// One accepted secret version, with its HMAC state keyed once (cloned per check).
@@ -174,7 +169,7 @@ impl fmt::Debug for Keyed {
 ///
 /// Legacy (public-checksum) keys: accepted if [`accept_legacy`](Self::accept_legacy) says so;
 /// otherwise, for a format loaded from a store, if that store already held keys when its first
-/// secret was created (its record, changed with [`KeyStore::set_legacy_keys`]); otherwise refused.
+/// secret was created (its record, changed with [`KeyStore::set_legacy_keys`](crate::store::KeyStore::set_legacy_keys)); otherwise refused.
 ///
 /// ```
 /// use tower_api_keys::key::{FormatSecret, KeyFormat};
@@ -269,27 +264,30 @@ impl KeyedFormatBuilder {
         self.finish(legacy)
     }
 
-    /// The format, with the secrets kept in `store` added to those given here: the store creates
-    /// version 1 (from the operating system's CSPRNG) the first time any instance asks, so every
-    /// instance sharing the store finds the same secrets with no configuration. Retired versions in
-    /// the store are refused.
-    pub async fn load_secret_from<S: KeyStore + ?Sized>(
+    /// Whether the prefix is valid (checked before a store is asked for secrets).
+    pub(crate) fn check_prefix(&self) -> Result<(), KeyFormatConfigError> {
+        if is_valid_prefix(&self.prefix) {
+            Ok(())
+        } else {
+            Err(InvalidPrefix(self.prefix.clone()).into())
+        }
+    }
+
+    /// The format, with `stored` secrets (`(version, secret, retired)`) added to those given here;
+    /// `stored_legacy` applies unless [`accept_legacy`](Self::accept_legacy) said otherwise. What
+    /// [`load_secret_from`](Self::load_secret_from) finishes with.
+    pub(crate) fn build_with_stored(
         mut self,
-        store: &S,
+        stored: impl IntoIterator<Item = (u8, FormatSecret, bool)>,
+        stored_legacy: bool,
     ) -> Result<KeyFormat, KeyFormatConfigError> {
-        if !is_valid_prefix(&self.prefix) {
-            return Err(InvalidPrefix(self.prefix).into());
-        }
-        let stored = store
-            .format_secrets(&FormatSecret::generate(), OffsetDateTime::now_utc())
-            .await?;
-        for row in stored.secrets {
-            if row.retired_at.is_some() {
-                self.retired.insert(row.version);
+        for (version, secret, retired) in stored {
+            if retired {
+                self.retired.insert(version);
             }
-            self.secrets.push((row.version, row.secret));
+            self.secrets.push((version, secret));
         }
-        let legacy = self.legacy.unwrap_or(stored.legacy_keys);
+        let legacy = self.legacy.unwrap_or(stored_legacy);
         self.finish(legacy)
     }
 
@@ -570,35 +568,6 @@ mod tests {
         assert_ne!(keyed(&[(1, 1)]), keyed(&[(2, 1)]));
         assert_ne!(keyed(&[(1, 1)]), KeyFormat::new("sk_live").unwrap());
         assert_ne!(FormatSecret::generate(), FormatSecret::generate());
-    }
-
-    #[tokio::test]
-    async fn a_store_creates_version_1_once_and_records_legacy_keys() {
-        let store = crate::store::MemoryStore::new();
-        let a = KeyFormat::keyed("sk")
-            .load_secret_from(&store)
-            .await
-            .unwrap();
-        let b = KeyFormat::keyed("sk")
-            .load_secret_from(&store)
-            .await
-            .unwrap();
-        assert_eq!(a, b, "both loads find the one version 1");
-        assert_eq!(a.accepted_versions(), vec![1]);
-        assert!(!a.accepts_legacy(), "an empty store is a new service");
-        // a version given here as well as in the store is a configuration error
-        assert!(matches!(
-            KeyFormat::keyed("sk")
-                .secret(1, secret(1))
-                .load_secret_from(&store)
-                .await,
-            Err(KeyFormatConfigError::DuplicateVersion(1))
-        ));
-        let with_own = KeyFormat::keyed("sk")
-            .secret(5, secret(5))
-            .load_secret_from(&store)
-            .await;
-        assert_eq!(with_own.unwrap().accepted_versions(), vec![1, 5]);
     }
 
     proptest! {

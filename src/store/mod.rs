@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use time::OffsetDateTime;
 
-pub use format::{FormatSecrets, StoredSecret};
+pub use format::{FormatLoadError, FormatSecrets, StoredSecret};
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
 pub use postgres::{InvalidIdentifier, PostgresStore, PostgresStoreBuilder};
