@@ -699,7 +699,8 @@ async fn journey(b: &Browser, s: &Service) -> Outcome {
     assert_eq!(cells[1], listed["masked_key"].as_str().unwrap());
     assert!(cells[1].contains('…'), "masked: {}", cells[1]);
     assert_eq!(cells[5], "Never used");
-    assert_eq!(cells[6], "Active");
+    assert_eq!(cells[6], "—", "no limits");
+    assert_eq!(cells[7], "Active");
     assert_eq!(b.usage_text().await?, "1 of 10 active keys");
     assert_eq!(s.ledgers_status(&first).await, StatusCode::OK);
 
@@ -796,7 +797,7 @@ async fn journey(b: &Browser, s: &Service) -> Outcome {
         "the Revoked status",
         &format!(
             "const tr = [...document.querySelectorAll('#keys-body tr')].find(tr => tr.querySelector('td.name').textContent === {});
-             return tr !== undefined && tr.cells[6].textContent === 'Revoked'",
+             return tr !== undefined && tr.cells[7].textContent === 'Revoked'",
             json!(XSS)
         ),
     )
@@ -805,6 +806,116 @@ async fn journey(b: &Browser, s: &Service) -> Outcome {
     assert_eq!(b.usage_text().await?, "1 of 10 active keys");
     let inert = b.js("return window.__xss").await?;
     assert_eq!(inert, json!(0));
+
+    // Limits: Edit limits sets a rate limit and credits; the table, the details and the API show
+    // them, and the example server enforces them on its record routes.
+    let metered = s.create("acme", "Metered", &["ledgers:read"]).await;
+    let metered_key = metered["key"].as_str().unwrap();
+    let metered_id = metered["api_key_id"].as_str().unwrap();
+    b.click("Refresh").await?;
+    assert_eq!(b.row("Metered").await?[6], "—");
+    b.open_details("Metered").await?;
+    let details = b.text_of("#details-list").await?;
+    assert!(
+        details.contains("Rate limit\nNone") && details.contains("Credits\nUnlimited"),
+        "{details}"
+    );
+    b.click("Edit limits").await?;
+    b.until(
+        "the limits dialog",
+        "return document.getElementById('limits-dialog').open",
+    )
+    .await?;
+    assert_eq!(b.text_of("#limits-title").await?, "Edit limits");
+    // A bad value is refused in words before anything is sent.
+    b.type_into("Rate limit", "0").await?;
+    b.click("Save").await?;
+    b.until(
+        "the limits error",
+        "return !document.getElementById('limits-error').hidden",
+    )
+    .await?;
+    let error = b.text_of("#limits-error").await?;
+    assert!(error.starts_with("Rate limit must be from 1"), "{error}");
+    b.type_into("Rate limit", "2").await?;
+    b.type_into("Period (seconds)", "60").await?;
+    b.type_into("Credits", "870").await?;
+    b.field("Refill").await?.select_by_value("monthly").await?;
+    b.type_into("Refill amount", "1000").await?;
+    b.screenshot("05-limits-edit", 1440, 900).await?;
+    b.screenshot("05-limits-edit", 375, 812).await?;
+    b.client.set_window_size(1440, 900).await?;
+    b.click("Save").await?;
+    b.until(
+        "the limits dialog to close",
+        "return !document.getElementById('limits-dialog').open && document.getElementById('details-dialog').open",
+    )
+    .await?;
+    let details = b.text_of("#details-list").await?;
+    assert!(
+        details.contains("Rate limit\n2 requests per 60 seconds"),
+        "{details}"
+    );
+    assert!(
+        details.contains("Credits\n870 remaining; set to 1,000 on the 1st of each month"),
+        "{details}"
+    );
+    b.screenshot("05-limits-details", 1440, 900).await?;
+    b.screenshot("05-limits-details", 375, 812).await?;
+    b.client.set_window_size(1440, 900).await?;
+    b.click("Close").await?;
+    assert_eq!(b.row("Metered").await?[6], "2 / 60 s · 870 credits");
+    let stored = s
+        .call(
+            Method::GET,
+            &format!("/api-keys/{metered_id}"),
+            &s.master,
+            None,
+        )
+        .await;
+    assert_eq!(stored.status, StatusCode::OK, "{}", stored.body);
+    assert_eq!(
+        stored.body["rate_limit"],
+        json!({"limit": 2, "period_seconds": 60})
+    );
+    assert_eq!(
+        stored.body["credits"],
+        json!({"remaining": 870, "refill": {"interval": "monthly", "amount": 1000}})
+    );
+    assert_eq!(s.ledgers_status(metered_key).await, StatusCode::OK);
+    assert_eq!(s.ledgers_status(metered_key).await, StatusCode::OK);
+    let over = s.call(Method::GET, "/ledgers", metered_key, None).await;
+    assert_eq!(over.status, StatusCode::TOO_MANY_REQUESTS, "{}", over.body);
+    assert_eq!(over.body["error_detail"]["code"], "RATE_LIMITED");
+    assert!(over.headers.contains_key("retry-after"));
+    // Removing the rate limit (an empty field) sends only that change: the credits stay.
+    b.open_details("Metered").await?;
+    b.click("Edit limits").await?;
+    b.type_into("Rate limit", "").await?;
+    b.click("Save").await?;
+    b.until(
+        "the limits dialog to close",
+        "return !document.getElementById('limits-dialog').open",
+    )
+    .await?;
+    b.click("Close").await?;
+    b.until(
+        "the row without a rate limit",
+        "const tr = [...document.querySelectorAll('#keys-body tr')].find(tr => tr.querySelector('td.name').textContent === 'Metered');
+         return tr !== undefined && /^\\d+ credits$/.test(tr.cells[6].textContent)",
+    )
+    .await?;
+    let stored = s
+        .call(
+            Method::GET,
+            &format!("/api-keys/{metered_id}"),
+            &s.master,
+            None,
+        )
+        .await;
+    assert_eq!(stored.body["rate_limit"], Value::Null);
+    assert_eq!(stored.body["credits"]["refill"]["amount"], 1000);
+    assert_eq!(s.ledgers_status(metered_key).await, StatusCode::OK);
 
     // Revoked keys stay listed; the toggle hides them.
     b.field("Hide revoked").await?.click().await?;
