@@ -194,7 +194,8 @@
     if (key.rate_limit) parts.push(h("span", { class: "limit", text: `${count.format(key.rate_limit.limit)} / ${shortPeriod(key.rate_limit.period_seconds)}` }));
     if (key.credits) parts.push(h("span", { class: "limit", text: plural(key.credits.remaining, "credit", "credits") }));
     if (parts.length === 0) return h("span", { class: "muted", title: "No limits", text: "—" });
-    return h("span", { class: "limits" }, ...parts.flatMap((part, i) => (i ? [h("span", { class: "sep", "aria-hidden": "true", text: " · " }), part] : [part])));
+    // One limit a line; the comma is for screen readers and copied text.
+    return h("span", { class: "limits" }, ...parts.flatMap((part, i) => (i ? [h("span", { class: "visually-hidden", text: ", " }), part] : [part])));
   }
 
   function describeRate(rate) {
@@ -263,12 +264,8 @@
     } else if (interval) {
       throw new FieldError(`${prefix}-credits`, "A refill needs credits: give the credits to start with.");
     }
-    if (me.kind !== "master" && me.rate_limit && rate === null) {
-      throw new FieldError(`${prefix}-rate`, `Your key has a rate limit (${describeRate(me.rate_limit)}), so the keys it manages need one too, no looser.`);
-    }
-    if (me.kind !== "master" && me.credits && credits === null) {
-      throw new FieldError(`${prefix}-credits`, `Your key has credits (${count.format(me.credits.remaining)}), so the keys it manages need credits too, no more than yours.`);
-    }
+    // Whether a scoped key may grant these is the API's rule (403 AUTH_SCOPE_ESCALATION, shown as
+    // it says); fillLimits only offers the bounds.
     return { rate_limit: rate, credits };
   }
 
@@ -1053,6 +1050,8 @@
     $("secret-dialog").addEventListener("close", clearSecret);
     $("details-limits").addEventListener("click", openLimits);
     $("limits-form").addEventListener("submit", saveLimits);
+    // A fixed value clears the complaint about it.
+    $("limits-form").addEventListener("input", () => clearError("limits-error"));
     for (const prefix of ["create", "limits"]) {
       $(`${prefix}-refill`).addEventListener("change", () => syncRefill(prefix));
     }
