@@ -892,6 +892,9 @@ async fn journey(b: &Browser, s: &Service) -> Outcome {
     b.client.set_window_size(1440, 900).await?;
     b.click("Close").await?;
     assert_eq!(b.row("Metered").await?[6], "2 / 60 s, 870 credits");
+    b.screenshot("05-limits-table", 1440, 900).await?;
+    b.screenshot("05-limits-table", 375, 812).await?;
+    b.client.set_window_size(1440, 900).await?;
     let stored = s
         .call(
             Method::GET,
