@@ -89,14 +89,17 @@ async fn self_describes_the_master_key_and_a_scoped_key() {
     assert_eq!(
         me,
         json!({"kind": "master", "api_key_id": "master", "name": "master key", "owner_id": null,
-               "account_id": null, "scopes": ["*:*"], "expires_at": null})
+               "account_id": null, "scopes": ["*:*"], "expires_at": null, "rate_limit": null,
+               "credits": null})
     );
 
     let expires = "2099-01-01T00:00:00Z";
     let created = create(
         &app,
         MASTER,
-        json!({"name": "reporting", "owner": "acme", "scopes": ["ledgers:read"], "expires_at": expires}),
+        json!({"name": "reporting", "owner": "acme", "scopes": ["ledgers:read"], "expires_at": expires,
+               "rate_limit": {"limit": 10, "period_seconds": 60},
+               "credits": {"remaining": 500, "refill": {"interval": "monthly", "amount": 500}}}),
     )
     .await;
     let key = created["key"].as_str().unwrap();
@@ -107,7 +110,8 @@ async fn self_describes_the_master_key_and_a_scoped_key() {
         me,
         json!({"kind": "scoped", "api_key_id": created["api_key_id"], "name": "reporting",
                "owner_id": "acme", "account_id": "acme", "scopes": ["ledgers:read"],
-               "expires_at": expires})
+               "expires_at": expires, "rate_limit": {"limit": 10, "period_seconds": 60},
+               "credits": {"remaining": 500, "refill": {"interval": "monthly", "amount": 500}}})
     );
     assert!(me.get("key").is_none() && !me.to_string().contains(key));
 
@@ -293,7 +297,14 @@ async fn the_openapi_document_describes_both_endpoints() {
             "{field}"
         );
     }
-    for field in ["kind", "owner_id", "scopes", "expires_at"] {
+    for field in [
+        "kind",
+        "owner_id",
+        "scopes",
+        "expires_at",
+        "rate_limit",
+        "credits",
+    ] {
         assert!(
             schemas["CallerResponse"]["properties"][field].is_object(),
             "{field}"

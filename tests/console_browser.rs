@@ -699,7 +699,8 @@ async fn journey(b: &Browser, s: &Service) -> Outcome {
     assert_eq!(cells[1], listed["masked_key"].as_str().unwrap());
     assert!(cells[1].contains('…'), "masked: {}", cells[1]);
     assert_eq!(cells[5], "Never used");
-    assert_eq!(cells[6], "Active");
+    assert_eq!(cells[6], "—", "no limits");
+    assert_eq!(cells[7], "Active");
     assert_eq!(b.usage_text().await?, "1 of 10 active keys");
     assert_eq!(s.ledgers_status(&first).await, StatusCode::OK);
 
@@ -796,7 +797,7 @@ async fn journey(b: &Browser, s: &Service) -> Outcome {
         "the Revoked status",
         &format!(
             "const tr = [...document.querySelectorAll('#keys-body tr')].find(tr => tr.querySelector('td.name').textContent === {});
-             return tr !== undefined && tr.cells[6].textContent === 'Revoked'",
+             return tr !== undefined && tr.cells[7].textContent === 'Revoked'",
             json!(XSS)
         ),
     )
@@ -805,6 +806,151 @@ async fn journey(b: &Browser, s: &Service) -> Outcome {
     assert_eq!(b.usage_text().await?, "1 of 10 active keys");
     let inert = b.js("return window.__xss").await?;
     assert_eq!(inert, json!(0));
+
+    // Limits: Edit limits sets a rate limit and credits; the table, the details and the API show
+    // them, and the example server enforces them on its record routes.
+    // The Create dialog takes them too, under a disclosure.
+    b.click("Create key").await?;
+    b.type_into("Name", "Metered").await?;
+    b.field("Scopes")
+        .await?
+        .find(Locator::Css("input[value='ledgers:read']"))
+        .await?
+        .click()
+        .await?;
+    b.named(&b.scope("summary").await?, "Limits (optional)")
+        .await?
+        .click()
+        .await?;
+    b.type_into("Credits", "100").await?;
+    b.screenshot("02-create-limits", 1440, 900).await?;
+    b.screenshot("02-create-limits", 375, 812).await?;
+    b.client.set_window_size(1440, 900).await?;
+    b.click("Create").await?;
+    let metered_key = b.secret_shown().await?;
+    let metered_key = metered_key.as_str();
+    b.click("Close").await?;
+    let metered = s.key_named("acme", "Metered").await;
+    assert_eq!(metered["rate_limit"], Value::Null);
+    assert_eq!(
+        metered["credits"],
+        json!({"remaining": 100, "refill": null})
+    );
+    let metered_id = metered["api_key_id"].as_str().unwrap();
+    assert_eq!(b.row("Metered").await?[6], "100 credits");
+    b.open_details("Metered").await?;
+    let details = b.text_of("#details-list").await?;
+    assert!(
+        details.contains("Rate limit\nNone")
+            && details.contains("Credits\n100 remaining; no refill"),
+        "{details}"
+    );
+    b.click("Edit limits").await?;
+    b.until(
+        "the limits dialog",
+        "return document.getElementById('limits-dialog').open",
+    )
+    .await?;
+    assert_eq!(b.text_of("#limits-title").await?, "Edit limits");
+    let prefilled = b.field("Credits").await?.prop("value").await?;
+    assert_eq!(prefilled.as_deref(), Some("100"));
+    // A bad value is refused in words before anything is sent.
+    b.type_into("Rate limit", "0").await?;
+    b.click("Save").await?;
+    b.until(
+        "the limits error",
+        "return !document.getElementById('limits-error').hidden",
+    )
+    .await?;
+    let error = b.text_of("#limits-error").await?;
+    assert!(error.starts_with("Rate limit must be from 1"), "{error}");
+    b.type_into("Rate limit", "2").await?;
+    b.type_into("Period (seconds)", "60").await?;
+    b.type_into("Credits", "870").await?;
+    b.field("Refill").await?.select_by_value("monthly").await?;
+    b.type_into("Refill amount", "1000").await?;
+    b.screenshot("05-limits-edit", 1440, 900).await?;
+    b.screenshot("05-limits-edit", 375, 812).await?;
+    b.client.set_window_size(1440, 900).await?;
+    b.click("Save").await?;
+    b.until(
+        "the limits dialog to close",
+        "return !document.getElementById('limits-dialog').open && document.getElementById('details-dialog').open",
+    )
+    .await?;
+    let details = b.text_of("#details-list").await?;
+    assert!(
+        details.contains("Rate limit\n2 requests per 60 seconds"),
+        "{details}"
+    );
+    assert!(
+        details.contains("Credits\n870 remaining; set to 1,000 on the 1st of each month"),
+        "{details}"
+    );
+    b.screenshot("05-limits-details", 1440, 900).await?;
+    b.screenshot("05-limits-details", 375, 812).await?;
+    b.client.set_window_size(1440, 900).await?;
+    b.click("Close").await?;
+    assert_eq!(b.row("Metered").await?[6], "2 / 60 s, 870 credits");
+    b.screenshot("05-limits-table", 1440, 900).await?;
+    b.screenshot("05-limits-table", 375, 812).await?;
+    b.client.set_window_size(1440, 900).await?;
+    let stored = s
+        .call(
+            Method::GET,
+            &format!("/api-keys/{metered_id}"),
+            &s.master,
+            None,
+        )
+        .await;
+    assert_eq!(stored.status, StatusCode::OK, "{}", stored.body);
+    assert_eq!(
+        stored.body["rate_limit"],
+        json!({"limit": 2, "period_seconds": 60})
+    );
+    assert_eq!(
+        stored.body["credits"],
+        json!({"remaining": 870, "refill": {"interval": "monthly", "amount": 1000}})
+    );
+    assert_eq!(s.ledgers_status(metered_key).await, StatusCode::OK);
+    assert_eq!(s.ledgers_status(metered_key).await, StatusCode::OK);
+    let over = s.call(Method::GET, "/ledgers", metered_key, None).await;
+    assert_eq!(over.status, StatusCode::TOO_MANY_REQUESTS, "{}", over.body);
+    assert_eq!(over.body["error_detail"]["code"], "RATE_LIMITED");
+    assert!(over.headers.contains_key("retry-after"));
+    // Removing the rate limit (an empty field) sends only that change: the credits stay.
+    b.open_details("Metered").await?;
+    b.click("Edit limits").await?;
+    b.type_into("Rate limit", "").await?;
+    b.click("Save").await?;
+    b.until(
+        "the limits dialog to close",
+        "return !document.getElementById('limits-dialog').open",
+    )
+    .await?;
+    b.click("Close").await?;
+    b.until(
+        "the row without a rate limit",
+        "const tr = [...document.querySelectorAll('#keys-body tr')].find(tr => tr.querySelector('td.name').textContent === 'Metered');
+         return tr !== undefined && /^\\d+ credits$/.test(tr.cells[6].textContent)",
+    )
+    .await?;
+    let stored = s
+        .call(
+            Method::GET,
+            &format!("/api-keys/{metered_id}"),
+            &s.master,
+            None,
+        )
+        .await;
+    assert_eq!(stored.body["rate_limit"], Value::Null);
+    // Two requests admitted, the refused one spent nothing; the refill stayed.
+    assert_eq!(
+        stored.body["credits"],
+        json!({"remaining": 868, "refill": {"interval": "monthly", "amount": 1000}})
+    );
+    assert_eq!(b.row("Metered").await?[6], "868 credits");
+    assert_eq!(s.ledgers_status(metered_key).await, StatusCode::OK);
 
     // Revoked keys stay listed; the toggle hides them.
     b.field("Hide revoked").await?.click().await?;
@@ -823,7 +969,17 @@ async fn journey(b: &Browser, s: &Service) -> Outcome {
     b.dark(false).await?;
     b.client.set_window_size(1440, 900).await?;
 
-    // A scoped delegating key sees only its owner's keys and is offered no wider scope.
+    // A scoped delegating key sees only its owner's keys and is offered no wider scope (nor looser
+    // limits than its own: give it a rate limit first).
+    let limited = s
+        .call(
+            Method::PATCH,
+            &format!("/api-keys/{}", after["api_key_id"].as_str().unwrap()),
+            &s.master,
+            Some(json!({"rate_limit": {"limit": 1000, "period_seconds": 60}})),
+        )
+        .await;
+    assert_eq!(limited.status, StatusCode::OK, "{}", limited.body);
     b.sign_out().await?;
     b.sign_in(&rotated).await?;
     let owner = b.field("Owner").await?;
@@ -874,12 +1030,55 @@ async fn journey(b: &Browser, s: &Service) -> Outcome {
     assert_eq!(s.ledgers_status(&child).await, StatusCode::OK);
     let child_info = s.key_named("acme", "Child of deploy bot").await;
     assert_eq!(child_info["created_by"], after["api_key_id"]);
+    // It inherited its creator's rate limit.
+    assert_eq!(
+        child_info["rate_limit"],
+        json!({"limit": 1000, "period_seconds": 60})
+    );
     // No Delete for a scoped key.
     b.open_details("Child of deploy bot").await?;
     let delete_shown = b
         .js("return !document.getElementById('details-delete').hidden")
         .await?;
     assert_eq!(delete_shown, json!(false));
+    // Edit limits states the signed-in key's own bound; a looser limit is the API's to refuse,
+    // and the dialog says so in its words and code.
+    b.click("Edit limits").await?;
+    let own = b.text_of("#limits-own").await?;
+    assert!(
+        own.contains("no looser than 1,000 requests per 60 seconds"),
+        "{own}"
+    );
+    let rate = b.field("Rate limit").await?;
+    assert_eq!(rate.prop("value").await?.as_deref(), Some("1000"));
+    b.type_into("Rate limit", "5000").await?;
+    b.click("Save").await?;
+    b.until(
+        "the refusal",
+        "return !document.getElementById('limits-error').hidden",
+    )
+    .await?;
+    let refusal = b.text_of("#limits-error").await?;
+    assert!(
+        refusal.contains("beyond the calling key's") && refusal.contains("AUTH_SCOPE_ESCALATION"),
+        "{refusal}"
+    );
+    b.screenshot("07-scoped-limits", 1440, 900).await?;
+    b.screenshot("07-scoped-limits", 375, 812).await?;
+    b.client.set_window_size(1440, 900).await?;
+    b.type_into("Rate limit", "10").await?;
+    b.click("Save").await?;
+    b.until(
+        "the limits dialog to close",
+        "return !document.getElementById('limits-dialog').open",
+    )
+    .await?;
+    assert_eq!(b.row("Child of deploy bot").await?[6], "10 / 60 s");
+    let child_info = s.key_named("acme", "Child of deploy bot").await;
+    assert_eq!(
+        child_info["rate_limit"],
+        json!({"limit": 10, "period_seconds": 60})
+    );
     b.click("Close").await?;
     b.screenshot("07-scoped", 1440, 900).await?;
 

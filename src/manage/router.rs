@@ -6,7 +6,7 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
-use crate::quota::{Credits, RateLimit, Refill, RefillInterval};
+use crate::quota::{Credits, RateLimit, Refill, RefillInterval, UsageLimits};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -198,6 +198,23 @@ struct CreditsResponse {
     refill: Option<RefillBody>,
 }
 
+fn rate_limit_body(limits: &UsageLimits) -> Option<RateLimitBody> {
+    limits.rate_limit.map(|r| RateLimitBody {
+        limit: r.limit,
+        period_seconds: r.period_seconds,
+    })
+}
+
+fn credits_body(limits: &UsageLimits) -> Option<CreditsResponse> {
+    limits.credits.map(|c| CreditsResponse {
+        remaining: c.remaining,
+        refill: c.refill.map(|r: Refill| RefillBody {
+            interval: r.interval,
+            amount: r.amount,
+        }),
+    })
+}
+
 impl From<RateLimitBody> for RateLimit {
     fn from(b: RateLimitBody) -> Self {
         RateLimit::new(b.limit, b.period_seconds)
@@ -309,6 +326,11 @@ struct CallerResponse {
     /// When the calling key stops working (a rotation grace end counts), if ever: no key it creates
     /// may expire later.
     expires_at: Option<String>,
+    /// The calling key's rate limit, if any: no key it creates or changes may get a looser one.
+    rate_limit: Option<RateLimitBody>,
+    /// The calling key's credits as its record had them when it was loaded, if any: no key it
+    /// creates or changes may get more, or a bigger or more frequent refill.
+    credits: Option<CreditsResponse>,
 }
 
 /// The rules for new keys, as `GET /api-keys/policy` shows them to the calling key.
@@ -431,17 +453,8 @@ impl KeyResponse {
             revoked_at: info.revoked_at.map(timestamp),
             rotated_at: info.rotated_at.map(timestamp),
             created_by: info.created_by.map(|id| id.to_string()),
-            rate_limit: info.limits.rate_limit.map(|r| RateLimitBody {
-                limit: r.limit,
-                period_seconds: r.period_seconds,
-            }),
-            credits: info.limits.credits.map(|c| CreditsResponse {
-                remaining: c.remaining,
-                refill: c.refill.map(|r: Refill| RefillBody {
-                    interval: r.interval,
-                    amount: r.amount,
-                }),
-            }),
+            rate_limit: rate_limit_body(&info.limits),
+            credits: credits_body(&info.limits),
         }
     }
 
@@ -670,6 +683,8 @@ async fn caller_info(principal: Principal) -> Response {
         account_id: principal.account().map(str::to_owned),
         scopes: principal.scopes().to_strings(),
         expires_at: principal.expires_at().map(timestamp),
+        rate_limit: rate_limit_body(principal.limits()),
+        credits: credits_body(principal.limits()),
     };
     no_store(StatusCode::OK, body)
 }

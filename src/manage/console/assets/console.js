@@ -170,6 +170,158 @@
     return `${time.getFullYear()}-${pad(time.getMonth() + 1)}-${pad(time.getDate())}`;
   }
 
+  // ---- Usage limits (rate limit and credits) --------------------------------------------------
+
+  const count = new Intl.NumberFormat(undefined);
+  const RATE_MAX = 1000000000;
+  const PERIOD_MAX = 31622400;
+  const CREDITS_MAX = 1000000000000000;
+
+  /** "60 s", "1 h", "1 d": a period, compact. */
+  function shortPeriod(seconds) {
+    if (seconds % 86400 === 0) return `${seconds / 86400} d`;
+    if (seconds % 3600 === 0) return `${seconds / 3600} h`;
+    return `${seconds} s`;
+  }
+
+  function plural(n, one, many) {
+    return `${count.format(n)} ${n === 1 ? one : many}`;
+  }
+
+  /** The table's compact form: "100 / 60 s", "870 credits", both, or a dash. */
+  function limitsCell(key) {
+    const parts = [];
+    if (key.rate_limit) parts.push(h("span", { class: "limit", text: `${count.format(key.rate_limit.limit)} / ${shortPeriod(key.rate_limit.period_seconds)}` }));
+    if (key.credits) parts.push(h("span", { class: "limit", text: plural(key.credits.remaining, "credit", "credits") }));
+    if (parts.length === 0) return h("span", { class: "muted", title: "No limits", text: "—" });
+    // One limit a line; the comma is for screen readers and copied text.
+    return h("span", { class: "limits" }, ...parts.flatMap((part, i) => (i ? [h("span", { class: "visually-hidden", text: ", " }), part] : [part])));
+  }
+
+  function describeRate(rate) {
+    if (!rate) return "None";
+    return `${plural(rate.limit, "request", "requests")} per ${plural(rate.period_seconds, "second", "seconds")}`;
+  }
+
+  function describeRefill(refill) {
+    return refill.interval === "daily"
+      ? `set to ${count.format(refill.amount)} daily at 00:00 UTC`
+      : `set to ${count.format(refill.amount)} on the 1st of each month (00:00 UTC)`;
+  }
+
+  function describeCredits(credits) {
+    if (!credits) return "Unlimited";
+    const left = `${count.format(credits.remaining)} remaining`;
+    return credits.refill ? `${left}; ${describeRefill(credits.refill)}` : `${left}; no refill`;
+  }
+
+  /** The API's shape, so a form's values and a key's compare as JSON. */
+  function normalLimits(key) {
+    const rate = key.rate_limit ? { limit: key.rate_limit.limit, period_seconds: key.rate_limit.period_seconds } : null;
+    const credits = key.credits ? {
+      remaining: key.credits.remaining,
+      refill: key.credits.refill ? { interval: key.credits.refill.interval, amount: key.credits.refill.amount } : null,
+    } : null;
+    return { rate_limit: rate, credits };
+  }
+
+  class FieldError extends Error {
+    constructor(field, message) {
+      super(message);
+      this.field = field;
+    }
+  }
+
+  function whole(id, label, min, max) {
+    const raw = $(id).value.trim();
+    if (raw === "") return null;
+    if (!/^\d+$/.test(raw)) throw new FieldError(id, `${label} must be a whole number.`);
+    const n = Number(raw);
+    if (n < min || n > max) throw new FieldError(id, `${label} must be from ${count.format(min)} to ${count.format(max)}.`);
+    return n;
+  }
+
+  /** The rate limit and credits a form holds (null: none), or a FieldError saying what is wrong. */
+  function readLimits(prefix) {
+    const limit = whole(`${prefix}-rate`, "Rate limit", 1, RATE_MAX);
+    let rate = null;
+    if (limit !== null) {
+      const period = whole(`${prefix}-period`, "Period (seconds)", 1, PERIOD_MAX);
+      if (period === null) throw new FieldError(`${prefix}-period`, "Give the period of the rate limit, in seconds.");
+      rate = { limit, period_seconds: period };
+    }
+    const remaining = whole(`${prefix}-credits`, "Credits", 0, CREDITS_MAX);
+    const interval = $(`${prefix}-refill`).value;
+    let credits = null;
+    if (remaining !== null) {
+      let refill = null;
+      if (interval) {
+        const amount = whole(`${prefix}-refill-amount`, "Refill amount", 0, CREDITS_MAX);
+        if (amount === null) throw new FieldError(`${prefix}-refill-amount`, "Give the refill amount: the credits set at each refill.");
+        refill = { interval, amount };
+      }
+      credits = { remaining, refill };
+    } else if (interval) {
+      throw new FieldError(`${prefix}-credits`, "A refill needs credits: give the credits to start with.");
+    }
+    // Whether a scoped key may grant these is the API's rule (403 AUTH_SCOPE_ESCALATION, shown as
+    // it says); fillLimits only offers the bounds.
+    return { rate_limit: rate, credits };
+  }
+
+  /** Fills a form's limit fields, and offers a scoped key only what it may grant. */
+  function fillLimits(prefix, limits) {
+    const rate = limits.rate_limit;
+    const credits = limits.credits;
+    $(`${prefix}-rate`).value = rate ? String(rate.limit) : "";
+    $(`${prefix}-period`).value = String(rate ? rate.period_seconds : 60);
+    $(`${prefix}-credits`).value = credits ? String(credits.remaining) : "";
+    $(`${prefix}-refill`).value = credits && credits.refill ? credits.refill.interval : "";
+    $(`${prefix}-refill-amount`).value = credits && credits.refill ? String(credits.refill.amount) : "";
+    const scoped = me.kind !== "master";
+    const ownRate = scoped ? me.rate_limit : null;
+    const ownCredits = scoped ? me.credits : null;
+    $(`${prefix}-rate`).max = String(ownRate ? Math.min(ownRate.limit, RATE_MAX) : RATE_MAX);
+    $(`${prefix}-rate`).placeholder = ownRate ? `At most ${count.format(ownRate.limit)}` : "No limit";
+    $(`${prefix}-credits`).max = String(ownCredits ? ownCredits.remaining : CREDITS_MAX);
+    $(`${prefix}-credits`).placeholder = ownCredits ? `At most ${count.format(ownCredits.remaining)}` : "Unlimited";
+    const ownRefill = ownCredits ? ownCredits.refill : null;
+    for (const option of $(`${prefix}-refill`).options) {
+      // A key with credits may not grant a refill it lacks, nor a more frequent one.
+      option.disabled = ownCredits !== null && option.value !== "" &&
+        (ownRefill === null || (ownRefill.interval === "monthly" && option.value === "daily"));
+    }
+    $(`${prefix}-refill-amount`).max = String(ownRefill ? ownRefill.amount : CREDITS_MAX);
+    syncRefill(prefix);
+    const own = $(`${prefix}-own`);
+    if (ownRate || ownCredits) {
+      const bounds = [];
+      if (ownRate) bounds.push(`a rate limit no looser than ${describeRate(ownRate)}`);
+      if (ownCredits) bounds.push(`no more than ${plural(ownCredits.remaining, "credit", "credits")}${ownRefill ? `, refilled no more often or more than yours (${describeRefill(ownRefill)})` : " and no refill"}`);
+      own.textContent = `Your key can grant ${bounds.join(", and ")}.`;
+      own.hidden = false;
+    } else {
+      own.hidden = true;
+      own.textContent = "";
+    }
+  }
+
+  function syncRefill(prefix) {
+    const none = $(`${prefix}-refill`).value === "";
+    const amount = $(`${prefix}-refill-amount`);
+    amount.disabled = none;
+    if (!none && amount.value === "") amount.value = $(`${prefix}-credits`).value;
+  }
+
+  function limitsError(target, error) {
+    if (error instanceof FieldError) {
+      showError(target, new ApiError(0, "", error.message));
+      $(error.field).focus();
+      return true;
+    }
+    return false;
+  }
+
   // ---- Scopes (the grammar and delegation, as the API applies them) --------------------------
 
   function parts(scope) {
@@ -441,6 +593,7 @@
         h("td", { class: "when", "data-label": "Created" }, when(key.created_at)),
         h("td", { class: "when", "data-label": "Expires" }, when(key.expires_at, { never: "Never" })),
         h("td", { class: "when", "data-label": "Last used" }, when(key.last_used_at, { never: "Never used", relativeTime: true })),
+        h("td", { class: "limits-cell", "data-label": "Limits" }, limitsCell(key)),
         h("td", { class: "status-cell", "data-label": "Status" }, statusBadge(key)),
       );
     });
@@ -520,6 +673,8 @@
     expires.value = preset ? localDate(preset) : "";
     expires.disabled = never.checked;
     describeExpiry();
+    $("create-limits").open = false;
+    fillLimits("create", { rate_limit: null, credits: null });
     open("create-dialog");
     $("create-name").focus();
   }
@@ -562,8 +717,18 @@
       showError("create-error", new ApiError(0, "", `Your key cannot grant ${wider.join(", ")}: it can only delegate scopes it holds.`));
       return;
     }
+    let limits;
+    try {
+      limits = readLimits("create");
+    } catch (error) {
+      $("create-limits").open = true;
+      if (limitsError("create-error", error)) return;
+      throw error;
+    }
     const body = { scopes };
     if (name) body.name = name;
+    if (limits.rate_limit) body.rate_limit = limits.rate_limit;
+    if (limits.credits) body.credits = limits.credits;
     if (me.kind === "master") body.owner = owner;
     if (!$("create-never").checked || !policy.never_expires_allowed) {
       const value = $("create-expires").value;
@@ -649,6 +814,8 @@
       ["Created by", key.created_by ? h("code", { text: key.created_by }) : "The master key"],
       ["Expires", when(key.expires_at, { never: "Never", withTime: true })],
       ["Last used", lastUsed(key)],
+      ["Rate limit", describeRate(key.rate_limit)],
+      ["Credits", describeCredits(key.credits)],
       ["Rotated", when(key.rotated_at, { never: "Never rotated", withTime: true })],
       ["Revoked", when(key.revoked_at, { never: "Not revoked", withTime: true })],
     ];
@@ -670,6 +837,7 @@
     $("details-status").replaceWith(Object.assign(statusBadge(key), { id: "details-status" }));
     $("details-list").replaceChildren(...detailRows(key));
     const live = statusOf(key) === "Active";
+    $("details-limits").hidden = key.is_revoked || !canWrite();
     $("details-rotate").hidden = !live || !canWrite();
     $("details-revoke").hidden = key.is_revoked || !canWrite();
     $("details-delete").hidden = me.kind !== "master";
@@ -697,6 +865,53 @@
       h("dt", { text: "Key" }), h("dd", {}, h("code", { text: key.masked_key })),
       h("dt", { text: "Last used" }), h("dd", {}, lastUsed(key)),
     );
+  }
+
+  // Edit limits
+
+  function openLimits() {
+    if (!current || !canWrite()) return;
+    clearError("limits-error");
+    $("limits-name").textContent = current.name;
+    fillLimits("limits", normalLimits(current));
+    open("limits-dialog");
+    $("limits-rate").focus();
+  }
+
+  async function saveLimits(event) {
+    event.preventDefault();
+    if (!current) return;
+    clearError("limits-error");
+    let wanted;
+    try {
+      wanted = readLimits("limits");
+    } catch (error) {
+      if (limitsError("limits-error", error)) return;
+      throw error;
+    }
+    // Only what changed: re-sending unchanged credits would reset the count to a stale figure.
+    const before = normalLimits(current);
+    const body = {};
+    if (JSON.stringify(wanted.rate_limit) !== JSON.stringify(before.rate_limit)) body.rate_limit = wanted.rate_limit;
+    if (JSON.stringify(wanted.credits) !== JSON.stringify(before.credits)) body.credits = wanted.credits;
+    if (Object.keys(body).length === 0) {
+      close("limits-dialog");
+      return;
+    }
+    const id = current.api_key_id;
+    const button = $("limits-submit");
+    button.disabled = true;
+    try {
+      const { data } = await api("PATCH", `api-keys/${encodeURIComponent(id)}`, { body });
+      close("limits-dialog");
+      if (current && current.api_key_id === id) fillDetails(data);
+      keys = keys.map((key) => (key.api_key_id === id ? data : key));
+      render();
+    } catch (error) {
+      if (secret !== null) showError("limits-error", error);
+    } finally {
+      button.disabled = false;
+    }
   }
 
   // Rotate
@@ -837,6 +1052,13 @@
     });
     // However else the dialog closes (Escape), the plaintext leaves the page too.
     $("secret-dialog").addEventListener("close", clearSecret);
+    $("details-limits").addEventListener("click", openLimits);
+    $("limits-form").addEventListener("submit", saveLimits);
+    // A fixed value clears the complaint about it.
+    $("limits-form").addEventListener("input", () => clearError("limits-error"));
+    for (const prefix of ["create", "limits"]) {
+      $(`${prefix}-refill`).addEventListener("change", () => syncRefill(prefix));
+    }
     $("details-rotate").addEventListener("click", openRotate);
     $("details-revoke").addEventListener("click", openRevoke);
     $("details-delete").addEventListener("click", openDelete);
