@@ -5,41 +5,24 @@
 //! The PostgreSQL cases use a closed port (no server needed) and, with `TEST_DATABASE_URL`, a TCP
 //! proxy in front of the real server that is taken down and brought back.
 
+mod common;
 mod support_db;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use time::OffsetDateTime;
 use tower_api_keys::error::AuthError;
 use tower_api_keys::key::{ApiKey, KeyDigest, KeyFormat, KeyId};
 use tower_api_keys::resolver::CachedResolver;
-use tower_api_keys::scope::ScopeSet;
-use tower_api_keys::store::{KeyChange, KeyLimits, ListQuery, Rotation, StoreErrorKind};
+use tower_api_keys::store::{KeyLimits, StoreErrorKind};
 use tower_api_keys::store::{KeyRecord, KeyStore, MemoryStore, StoreError};
 
 fn new_record() -> (ApiKey, KeyRecord) {
     let format = KeyFormat::default();
     let key = format.generate();
-    let record = KeyRecord {
-        id: KeyId::generate(),
-        name: "outage".into(),
-        owner: "team".into(),
-        account: "acct".into(),
-        scopes: ScopeSet::parse(["ledgers:read"]).unwrap(),
-        digest: key.digest(),
-        digest_scheme: Default::default(),
-        masked_key: format.mask(&key).unwrap(),
-        created_at: OffsetDateTime::now_utc(),
-        expires_at: None,
-        revoked_at: None,
-        last_used_at: None,
-        created_by: None,
-        rotated_at: None,
-        previous: None,
-        limits: Default::default(),
-    };
+    let record = common::record(&format, &key, "team", "ledgers:read");
     (key, record)
 }
 
@@ -55,64 +38,9 @@ fn unavailable<T: std::fmt::Debug>(result: Result<T, AuthError>) -> StoreError {
     }
 }
 
-/// A memory store whose digest lookups can be made to hang (sleep) until flipped back.
-#[derive(Default)]
-struct HangingStore {
-    inner: MemoryStore,
-    hanging: AtomicBool,
-}
-
-#[async_trait::async_trait]
-impl KeyStore for HangingStore {
-    async fn find_by_digest(&self, digest: &KeyDigest) -> Result<Option<KeyRecord>, StoreError> {
-        if self.hanging.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-        }
-        self.inner.find_by_digest(digest).await
-    }
-    async fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
-        self.inner.get(id).await
-    }
-    async fn list(&self, query: &ListQuery) -> Result<Vec<KeyRecord>, StoreError> {
-        self.inner.list(query).await
-    }
-    async fn insert(
-        &self,
-        record: &KeyRecord,
-        limits: KeyLimits,
-        now: OffsetDateTime,
-    ) -> Result<(), StoreError> {
-        self.inner.insert(record, limits, now).await
-    }
-    async fn revoke(
-        &self,
-        id: &KeyId,
-        at: OffsetDateTime,
-    ) -> Result<Option<KeyChange>, StoreError> {
-        self.inner.revoke(id, at).await
-    }
-    async fn delete(
-        &self,
-        id: &KeyId,
-        at: OffsetDateTime,
-    ) -> Result<Option<KeyChange>, StoreError> {
-        self.inner.delete(id, at).await
-    }
-    async fn replace_secret(
-        &self,
-        id: &KeyId,
-        rotation: &Rotation,
-    ) -> Result<Option<KeyChange>, StoreError> {
-        self.inner.replace_secret(id, rotation).await
-    }
-    async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
-        self.inner.record_last_used(uses).await
-    }
-}
-
 #[tokio::test]
 async fn hanging_store_is_unavailable_cached_keys_work_and_it_recovers() {
-    let store = Arc::new(HangingStore::default());
+    let store = common::TestStore::wrap(Arc::new(MemoryStore::new()));
     let (cached_key, cached) = new_record();
     let (cold_key, cold) = new_record();
     for r in [&cached, &cold] {
