@@ -231,7 +231,7 @@ impl Credits {
 }
 
 /// A key's per-key usage settings; what [`KeyRecord`](crate::store::KeyRecord) stores and the
-/// [`Principal`] carries. The default is no limit at all.
+/// [`Principal`](crate::principal::Principal) carries. The default is no limit at all.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct UsageLimits {
     /// The rate limit, if any.

@@ -1,4 +1,4 @@
-//! [`RateLimitLayer`]: per-key rate limits and usage credits, after [`ApiKeyLayer`].
+//! [`RateLimitLayer`]: per-key rate limits and usage credits, after [`ApiKeyLayer`](crate::layer::ApiKeyLayer).
 //!
 //! ```
 //! use axum::{body::Body, routing::get, Router};

@@ -19,7 +19,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
 /// The Lua script [`RedisRates`] runs: GCRA on Redis's clock, one atomic call per decision. The bucket is the key's theoretical
 /// arrival time (TAT) in microseconds; it expires when the bucket is full again.
 ///
-/// KEYS[1] the bucket; ARGV[1] emission interval (µs, may be fractional); ARGV[2] limit; ARGV[3]
+/// `KEYS[1]` the bucket; `ARGV[1]` emission interval (µs, may be fractional); `ARGV[2]` limit; `ARGV[3]`
 /// cost. Returns {allowed (0/1), remaining, µs until full, µs until this cost would pass}.
 pub const GCRA_SCRIPT: &str = r#"
 local time = redis.call('TIME')
