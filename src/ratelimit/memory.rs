@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use time::OffsetDateTime;
 
-use super::{RateOutcome, Spend};
+use super::{RateOutcome, Spend, front};
 use crate::key::KeyId;
 use crate::quota::{Credits, RateLimit};
 
@@ -22,10 +23,16 @@ pub const DEFAULT_MAX_KEYS: u64 = 1_000_000;
 type Gcra = RateLimiter<NotKeyed, InMemoryState, QuantaClock, StateInformationMiddleware>;
 
 /// One key's bucket: a direct `governor` limiter for the key's own quota.
-struct Bucket {
-    limit: RateLimit,
+pub(super) struct Bucket {
+    pub(super) limit: RateLimit,
     gcra: Gcra,
+    /// Set when the bucket leaves the cache (evicted, or replaced for a changed limit): the
+    /// per-thread fronts stop using it from then on.
+    pub(super) retired: AtomicBool,
 }
+
+/// Ids of `MemoryRates` (for the per-thread fronts), unique in the process.
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 /// Rate-limit state in memory: one `governor` GCRA limiter per key (quotas differ per key) in a
 /// bounded `moka` cache keyed by key id (least recently and frequently used keys go first when
@@ -34,6 +41,7 @@ struct Bucket {
 /// share the state.
 #[derive(Clone)]
 pub struct MemoryRates {
+    id: u64,
     buckets: moka::sync::Cache<KeyId, Arc<Bucket>>,
     clock: QuantaClock,
 }
@@ -61,7 +69,14 @@ impl MemoryRates {
     /// Keeps the state of at most `max_keys` keys (least recently and frequently used go first).
     pub fn with_max_keys(max_keys: u64) -> Self {
         Self {
-            buckets: moka::sync::Cache::builder().max_capacity(max_keys).build(),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            buckets: moka::sync::Cache::builder()
+                .max_capacity(max_keys)
+                // Whatever the cause, a bucket out of the cache is no longer the key's bucket.
+                .eviction_listener(|_, bucket: Arc<Bucket>, _| {
+                    bucket.retired.store(true, Ordering::Release);
+                })
+                .build(),
             clock: QuantaClock::default(),
         }
     }
@@ -81,22 +96,27 @@ impl MemoryRates {
                 limit,
                 gcra: RateLimiter::direct_with_clock(quota, self.clock.clone())
                     .with_middleware::<StateInformationMiddleware>(),
+                retired: AtomicBool::new(false),
             })
         };
         if let Some(bucket) = self.buckets.get(key)
             && bucket.limit == limit
         {
+            front::fill(self.id, key, &bucket);
             return bucket;
         }
         // New, or the key's limit changed: one bucket for the new quota, made under the key's lock
         // (concurrent first requests of a key must not each make their own).
-        self.buckets
+        let bucket = self
+            .buckets
             .entry_by_ref(key)
             .and_upsert_with(|entry| match entry {
                 Some(entry) if entry.value().limit == limit => entry.into_value(),
                 _ => make(),
             })
-            .into_value()
+            .into_value();
+        front::fill(self.id, key, &bucket);
+        bucket
     }
 
     pub(crate) fn check(&self, key: &KeyId, limit: RateLimit, cost: u32) -> RateOutcome {
@@ -110,9 +130,13 @@ impl MemoryRates {
                 retry_after: limit.period(),
             };
         }
-        let bucket = self.bucket(key, limit);
         let cost = NonZeroU32::new(cost).unwrap_or(NonZeroU32::MIN);
-        match bucket.gcra.check_n(cost) {
+        let step = |bucket: &Bucket| bucket.gcra.check_n(cost);
+        let step = match front::with(self.id, key, limit, step) {
+            Some(step) => step,
+            None => step(&self.bucket(key, limit)),
+        };
+        match step {
             Ok(Ok(snapshot)) => {
                 let remaining = snapshot.remaining_burst_capacity();
                 RateOutcome {
@@ -285,6 +309,78 @@ mod tests {
             rates.check(&KeyId::new(format!("key_{i}")), RateLimit::new(10, 60), 1);
         }
         assert!(rates.key_count() <= 100, "{}", rates.key_count());
+    }
+
+    #[test]
+    fn the_front_stops_using_a_bucket_that_left_the_cache() {
+        let rates = MemoryRates::new();
+        let key = KeyId::new("key_front");
+        let limit = RateLimit::new(1, 60);
+        assert!(rates.check(&key, limit, 1).allowed);
+        // Served by this thread's front: the same (now empty) bucket.
+        assert!(!rates.check(&key, limit, 1).allowed);
+        let old = rates.buckets.get(&key).expect("cached");
+        rates.buckets.invalidate(&key);
+        rates.buckets.run_pending_tasks();
+        assert!(old.retired.load(Ordering::Acquire));
+        // A new bucket, as without the front (not the retired one the front still holds).
+        assert!(rates.check(&key, limit, 1).allowed);
+        let new = rates.buckets.get(&key).expect("cached again");
+        assert!(!Arc::ptr_eq(&old, &new));
+        assert!(!rates.check(&key, limit, 1).allowed);
+        // A changed limit replaces the bucket in the cache, which retires the old one.
+        assert!(rates.check(&key, RateLimit::new(2, 60), 1).allowed);
+        rates.buckets.run_pending_tasks();
+        assert!(new.retired.load(Ordering::Acquire));
+        // Another `MemoryRates` never answers from this one's front.
+        assert!(MemoryRates::new().check(&key, limit, 1).allowed);
+    }
+
+    #[test]
+    fn fronts_hold_only_the_cached_bucket_or_a_retired_one() {
+        let rates = MemoryRates::with_max_keys(50);
+        let limit = RateLimit::new(1_000, 60);
+        for round in 0..20 {
+            for i in 0..500 {
+                rates.check(
+                    &KeyId::new(format!("key_{}", (i * 7 + round) % 500)),
+                    limit,
+                    1,
+                );
+            }
+        }
+        rates.buckets.run_pending_tasks();
+        let mut seen = 0;
+        front::each(rates.id, |key, bucket| {
+            seen += 1;
+            let current = rates.buckets.get(key);
+            assert!(
+                bucket.retired.load(Ordering::Acquire)
+                    || current.is_some_and(|current| std::ptr::eq(&*current, bucket)),
+                "a live front bucket that is not the cache's"
+            );
+        });
+        assert!(seen > 0);
+    }
+
+    #[test]
+    fn threads_share_one_bucket_per_key() {
+        let rates = MemoryRates::new();
+        let key = KeyId::new("key_shared");
+        let limit = RateLimit::new(1_000, 86_400);
+        let admitted = std::sync::atomic::AtomicU32::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for _ in 0..1_000 {
+                        if rates.check(&key, limit, 1).allowed {
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(admitted.load(Ordering::Relaxed), 1_000);
     }
 
     #[test]

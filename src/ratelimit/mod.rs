@@ -89,6 +89,7 @@
 //! `AUTH_UNAVAILABLE`, for each request of a limited key; `api_key_rate_limit_backend_errors_total
 //! {backend="rates"|"credits", mode="open"|"closed"}`: backend failures and what was done.
 
+mod front;
 mod future;
 mod layer;
 mod memory;
@@ -197,24 +198,21 @@ impl Decision {
 
     /// Adds `RateLimit-Policy`, `RateLimit` and, on a 429, `Retry-After`.
     pub fn write_headers(&self, headers: &mut HeaderMap) {
-        use std::fmt::Write;
-        // Formatted on the stack: one allocation per header (the value's own).
+        // Formatted on the stack: one allocation per header (the value's own), none for a
+        // rate-only policy this thread wrote last time.
         let mut policy = Line::default();
         let mut state = Line::default();
-        if let Some(limit) = self.rate_policy {
-            let _ = write!(
-                policy,
-                "\"rate\";q={};w={}",
-                limit.limit, limit.period_seconds
-            );
-        }
         if let Some(rate) = self.rate {
-            let _ = write!(
-                state,
-                "\"rate\";r={};t={}",
-                rate.remaining,
-                ceil_secs(rate.reset)
-            );
+            state.push("\"rate\";r=");
+            state.push_u64(rate.remaining.into());
+            state.push(";t=");
+            state.push_u64(ceil_secs(rate.reset));
+        }
+        let mut policy_value = None;
+        match (self.rate_policy, self.credits) {
+            (Some(limit), None) => policy_value = Some(rate_policy(limit)),
+            (Some(limit), Some(_)) => write_rate_policy(&mut policy, limit),
+            (None, _) => {}
         }
         if let Some(credits) = self.credits {
             if let Some(refill) = credits.refill {
@@ -222,36 +220,68 @@ impl Decision {
                     RefillInterval::Daily => 86_400,
                     RefillInterval::Monthly => 30 * 86_400,
                 };
-                let _ = write!(
-                    policy,
-                    "{}\"credits\";q={};w={window}",
-                    policy.separator(),
-                    refill.amount
-                );
+                policy.push(policy.separator());
+                policy.push("\"credits\";q=");
+                policy.push_u64(refill.amount);
+                policy.push(";w=");
+                policy.push_u64(window);
             }
-            let _ = write!(
-                state,
-                "{}\"credits\";r={}",
-                state.separator(),
-                credits.remaining
-            );
+            state.push(state.separator());
+            state.push("\"credits\";r=");
+            state.push_u64(credits.remaining);
             if let Some(reset) = credits.reset {
-                let _ = write!(state, ";t={}", ceil_secs(reset));
+                state.push(";t=");
+                state.push_u64(ceil_secs(reset));
             }
         }
-        for (name, value) in [(RATELIMIT_POLICY, policy), (RATELIMIT, state)] {
-            if value.len > 0 {
-                headers.insert(
-                    name,
-                    HeaderValue::from_bytes(value.as_bytes())
-                        .expect("digits, quotes and separators"),
-                );
-            }
+        if policy_value.is_none() && policy.len > 0 {
+            policy_value = Some(policy.to_value());
+        }
+        if let Some(value) = policy_value {
+            headers.insert(RATELIMIT_POLICY, value);
+        }
+        if state.len > 0 {
+            headers.insert(RATELIMIT, state.to_value());
         }
         if let Some(retry_after) = self.refusal.as_ref().and_then(AuthError::retry_after) {
             headers.insert(http::header::RETRY_AFTER, HeaderValue::from(retry_after));
         }
     }
+}
+
+fn write_rate_policy(line: &mut Line, limit: RateLimit) {
+    line.push("\"rate\";q=");
+    line.push_u64(limit.limit.into());
+    line.push(";w=");
+    line.push_u64(limit.period_seconds.into());
+}
+
+/// `RateLimit-Policy` for a rate limit alone: the value this thread made last time when the limit
+/// is the same (a clone shares its bytes), else a new one.
+fn rate_policy(limit: RateLimit) -> HeaderValue {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(RateLimit, HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let make = || {
+        let mut line = Line::default();
+        write_rate_policy(&mut line, limit);
+        line.to_value()
+    };
+    LAST.try_with(|last| {
+        let Ok(mut last) = last.try_borrow_mut() else {
+            return make();
+        };
+        match &*last {
+            Some((seen, value)) if *seen == limit => value.clone(),
+            _ => {
+                let value = make();
+                *last = Some((limit, value.clone()));
+                value
+            }
+        }
+    })
+    .unwrap_or_else(|_| make())
 }
 
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -273,23 +303,35 @@ impl Default for Line {
 }
 
 impl Line {
-    fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..self.len]
-    }
-
     /// `", "` once something is written.
     fn separator(&self) -> &'static str {
         if self.len == 0 { "" } else { ", " }
     }
-}
 
-impl std::fmt::Write for Line {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        let end = self.len + s.len();
-        let room = self.bytes.get_mut(self.len..end).ok_or(std::fmt::Error)?;
-        room.copy_from_slice(s.as_bytes());
+    /// Appends `s` (the callers' items always fit: at most two of about 60 bytes).
+    fn push(&mut self, s: &str) {
+        let end = (self.len + s.len()).min(self.bytes.len());
+        self.bytes[self.len..end].copy_from_slice(&s.as_bytes()[..end - self.len]);
         self.len = end;
-        Ok(())
+    }
+
+    /// Appends `n` in decimal.
+    fn push_u64(&mut self, mut n: u64) {
+        let mut digits = [0u8; 20];
+        let mut start = digits.len();
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.push(std::str::from_utf8(&digits[start..]).expect("ASCII digits"));
+    }
+
+    fn to_value(&self) -> HeaderValue {
+        HeaderValue::from_bytes(&self.bytes[..self.len]).expect("digits, quotes and separators")
     }
 }
 
@@ -840,5 +882,57 @@ mod tests {
         let mut headers = HeaderMap::new();
         refused.write_headers(&mut headers);
         assert_eq!(headers["retry-after"], "7");
+    }
+
+    #[test]
+    fn rate_only_headers_follow_the_limit_of_each_decision() {
+        let decision = |limit: RateLimit, remaining: u32, reset: Duration| Decision {
+            rate: Some(RateStatus {
+                limit,
+                remaining,
+                reset,
+                retry_after: Duration::ZERO,
+            }),
+            rate_policy: Some(limit),
+            credits: None,
+            refusal: None,
+        };
+        // The same limit twice (the thread's kept policy value), another, then the first again.
+        let cases = [
+            (
+                RateLimit::new(100, 60),
+                0,
+                Duration::ZERO,
+                "q=100;w=60",
+                "r=0;t=0",
+            ),
+            (
+                RateLimit::new(100, 60),
+                99,
+                Duration::from_millis(1),
+                "q=100;w=60",
+                "r=99;t=1",
+            ),
+            (
+                RateLimit::new(4_294_967_295, 1),
+                4_294_967_295,
+                Duration::from_secs(18_446_744_073_709_551_615),
+                "q=4294967295;w=1",
+                "r=4294967295;t=18446744073709551615",
+            ),
+            (
+                RateLimit::new(100, 60),
+                7,
+                Duration::from_secs(3),
+                "q=100;w=60",
+                "r=7;t=3",
+            ),
+        ];
+        for (limit, remaining, reset, policy, state) in cases {
+            let mut headers = HeaderMap::new();
+            decision(limit, remaining, reset).write_headers(&mut headers);
+            assert_eq!(headers["ratelimit-policy"], format!("\"rate\";{policy}"));
+            assert_eq!(headers["ratelimit"], format!("\"rate\";{state}"));
+        }
     }
 }
