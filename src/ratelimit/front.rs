@@ -22,7 +22,7 @@ use std::cell::RefCell;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::memory::Bucket;
+use super::bucket::Bucket;
 use crate::key::KeyId;
 use crate::quota::RateLimit;
 

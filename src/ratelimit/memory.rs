@@ -9,27 +9,16 @@ use std::time::Duration;
 
 use governor::clock::{Clock, QuantaClock};
 use governor::middleware::StateInformationMiddleware;
-use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use time::OffsetDateTime;
 
+use super::bucket::Bucket;
 use super::{RateOutcome, Spend, front};
 use crate::key::KeyId;
 use crate::quota::{Credits, RateLimit};
 
 /// Keys whose rate-limit state [`MemoryRates::new`] keeps: 1,000,000 (about 100 MB at most).
 pub const DEFAULT_MAX_KEYS: u64 = 1_000_000;
-
-type Gcra = RateLimiter<NotKeyed, InMemoryState, QuantaClock, StateInformationMiddleware>;
-
-/// One key's bucket: a direct `governor` limiter for the key's own quota.
-pub(super) struct Bucket {
-    pub(super) limit: RateLimit,
-    gcra: Gcra,
-    /// Set when the bucket leaves the cache (evicted, or replaced for a changed limit): the
-    /// per-thread fronts stop using it from then on.
-    pub(super) retired: AtomicBool,
-}
 
 /// Ids of `MemoryRates` (for the per-thread fronts), unique in the process.
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);

@@ -89,6 +89,7 @@
 //! `AUTH_UNAVAILABLE`, for each request of a limited key; `api_key_rate_limit_backend_errors_total
 //! {backend="rates"|"credits", mode="open"|"closed"}`: backend failures and what was done.
 
+mod bucket;
 mod front;
 mod future;
 mod layer;
