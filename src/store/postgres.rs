@@ -598,6 +598,20 @@ impl PostgresStore {
             .map_err(map_sqlx_error)
     }
 
+    /// The key `id`, its row locked `FOR UPDATE` until `tx` ends. `None`: no such key.
+    async fn lock_row(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        id: &KeyId,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let row = query(&self.sql.get_for_update)
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_sqlx_error)?;
+        decode_opt(row)
+    }
+
     /// Starts a cascade (revoke, delete, rotate ending the descendants) on key `id`: takes the
     /// per-owner cascade lock, so that two cascades over overlapping trees run one after the other
     /// instead of deadlocking on each other's rows, then locks the key's row. `None`: no such key.
@@ -616,12 +630,7 @@ impl PostgresStore {
         };
         // A key's owner never changes, so the lock read above is the lock of the row read below.
         Self::lock(tx, &["cascade", &self.sql.schema, &unlocked.owner]).await?;
-        let row = query(&self.sql.get_for_update)
-            .bind(id.as_str())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(map_sqlx_error)?;
-        decode_opt(row)
+        self.lock_row(tx, id).await
     }
 
     /// Revokes, at `at`, every descendant of `root` not revoked yet; returns those it revoked.
@@ -863,12 +872,7 @@ impl KeyStore for PostgresStore {
         let old = if rotation.revoke_descendants {
             self.begin_cascade(&mut tx, id).await?
         } else {
-            let row = query(&self.sql.get_for_update)
-                .bind(id.as_str())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(map_sqlx_error)?;
-            decode_opt(row)?
+            self.lock_row(&mut tx, id).await?
         };
         let Some(old) = old else {
             return Ok(None);
@@ -1066,12 +1070,7 @@ impl KeyStore for PostgresStore {
     ) -> Result<Option<KeyRecord>, StoreError> {
         self.migrate().await?;
         let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
-        let row = query(&self.sql.get_for_update)
-            .bind(id.as_str())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(map_sqlx_error)?;
-        let Some(mut record) = decode_opt(row)? else {
+        let Some(mut record) = self.lock_row(&mut tx, id).await? else {
             return Ok(None);
         };
         update.apply(&mut record);
@@ -1092,12 +1091,7 @@ impl KeyStore for PostgresStore {
         self.migrate().await?;
         // The row lock serialises every adjustment of this key across every instance.
         let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
-        let row = query(&self.sql.get_for_update)
-            .bind(id.as_str())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(map_sqlx_error)?;
-        let Some(mut record) = decode_opt(row)? else {
+        let Some(mut record) = self.lock_row(&mut tx, id).await? else {
             return Ok(None);
         };
         let Some(credits) = record.limits.credits.as_mut() else {
