@@ -112,12 +112,7 @@ impl MemoryRates {
         let emission = Duration::from_nanos(limit.emission_nanos());
         let full = |remaining: u32| emission * limit.limit.saturating_sub(remaining);
         if limit.limit == 0 {
-            return RateOutcome {
-                allowed: false,
-                remaining: 0,
-                reset: limit.period(),
-                retry_after: limit.period(),
-            };
+            return RateOutcome::never(limit);
         }
         let cost = NonZeroU32::new(cost).unwrap_or(NonZeroU32::MIN);
         let step = |bucket: &Bucket| bucket.gcra.check_n(cost);
@@ -137,22 +132,19 @@ impl MemoryRates {
             }
             Ok(Err(not_until)) => {
                 let wait = not_until.wait_time_from(self.clock.now());
-                // Nothing is left: the next unit arrives within one emission interval.
-                let until_one = wait.saturating_sub(emission * (cost.get() - 1));
+                // `wait` is until the missing units have refilled: what is left now is the cost
+                // less those, and the bucket is full once the rest of the limit has refilled too.
+                let missing = wait.as_nanos().div_ceil(u128::from(limit.emission_nanos()));
+                let missing = u32::try_from(missing).unwrap_or(u32::MAX);
                 RateOutcome {
                     allowed: false,
-                    remaining: 0,
-                    reset: until_one + full(1),
+                    remaining: cost.get().saturating_sub(missing),
+                    reset: wait + emission * (limit.limit - cost.get()),
                     retry_after: wait,
                 }
             }
             // The cost is above the key's whole limit: it can never pass.
-            Err(_) => RateOutcome {
-                allowed: false,
-                remaining: 0,
-                reset: limit.period(),
-                retry_after: limit.period(),
-            },
+            Err(_) => RateOutcome::never(limit),
         }
     }
 }

@@ -99,8 +99,11 @@ mod redis;
 mod service;
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures_util::FutureExt;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use time::OffsetDateTime;
@@ -288,16 +291,17 @@ fn rate_policy(limit: RateLimit) -> HeaderValue {
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
-/// A header value being formatted, on the stack (two items with 20-digit numbers fit).
+/// A header value being formatted, on the stack (the longest, two items with 20-digit numbers,
+/// is about 100 bytes).
 struct Line {
-    bytes: [u8; 160],
+    bytes: [u8; 112],
     len: usize,
 }
 
 impl Default for Line {
     fn default() -> Self {
         Self {
-            bytes: [0; 160],
+            bytes: [0; 112],
             len: 0,
         }
     }
@@ -309,10 +313,14 @@ impl Line {
         if self.len == 0 { "" } else { ", " }
     }
 
-    /// Appends `s` (the callers' items always fit: at most two of about 60 bytes).
+    /// Appends `s` (the callers' items always fit; a longer line would be cut, never overrun).
     fn push(&mut self, s: &str) {
-        let end = (self.len + s.len()).min(self.bytes.len());
-        self.bytes[self.len..end].copy_from_slice(&s.as_bytes()[..end - self.len]);
+        self.push_bytes(s.as_bytes());
+    }
+
+    fn push_bytes(&mut self, bytes: &[u8]) {
+        let end = (self.len + bytes.len()).min(self.bytes.len());
+        self.bytes[self.len..end].copy_from_slice(&bytes[..end - self.len]);
         self.len = end;
     }
 
@@ -328,12 +336,38 @@ impl Line {
                 break;
             }
         }
-        self.push(std::str::from_utf8(&digits[start..]).expect("ASCII digits"));
+        self.push_bytes(&digits[start..]);
     }
 
     fn to_value(&self) -> HeaderValue {
-        HeaderValue::from_bytes(&self.bytes[..self.len]).expect("digits, quotes and separators")
+        header_value(&self.bytes[..self.len])
     }
+}
+
+/// Bytes of the slab each thread cuts header values from.
+const SLAB_BYTES: usize = 1024;
+
+/// `bytes` as a header value, cut from this thread's slab: one allocation per slab (some 20 to
+/// 40 values) instead of one per value. A slab's memory is freed once the last value cut from it
+/// is dropped (servers drop a response's headers when they have written them).
+fn header_value(bytes: &[u8]) -> HeaderValue {
+    thread_local! {
+        static SLAB: std::cell::RefCell<bytes::BytesMut> =
+            std::cell::RefCell::new(bytes::BytesMut::new());
+    }
+    let cut = || {
+        SLAB.try_with(|slab| {
+            let mut slab = slab.try_borrow_mut().ok()?;
+            if slab.capacity() < bytes.len() {
+                slab.reserve(SLAB_BYTES.max(bytes.len()));
+            }
+            slab.extend_from_slice(bytes);
+            HeaderValue::from_maybe_shared(slab.split().freeze()).ok()
+        })
+        .ok()
+        .flatten()
+    };
+    cut().unwrap_or_else(|| HeaderValue::from_bytes(bytes).expect("digits, quotes and separators"))
 }
 
 /// Whole seconds, rounded up.
@@ -348,6 +382,18 @@ pub(crate) struct RateOutcome {
     pub(crate) remaining: u32,
     pub(crate) reset: Duration,
     pub(crate) retry_after: Duration,
+}
+
+impl RateOutcome {
+    /// A cost above the whole `limit` (or a limit of 0): it can never pass.
+    pub(crate) fn never(limit: RateLimit) -> Self {
+        Self {
+            allowed: false,
+            remaining: 0,
+            reset: limit.period(),
+            retry_after: limit.period(),
+        }
+    }
 }
 
 /// The outcome of spending credits.
@@ -386,10 +432,6 @@ impl From<RedisRates> for RateBackend {
 }
 
 impl RateBackend {
-    fn is_sync(&self) -> bool {
-        matches!(self.0, RateKind::Memory(_))
-    }
-
     async fn check(
         &self,
         key: &KeyId,
@@ -459,10 +501,6 @@ impl From<MemoryCredits> for CreditBackend {
 }
 
 impl CreditBackend {
-    fn is_sync(&self) -> bool {
-        matches!(self.0, CreditKind::Memory(_))
-    }
-
     async fn spend(
         &self,
         key: &KeyId,
@@ -505,6 +543,100 @@ impl CreditBackend {
 
 type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
 
+/// The backends one decision asks. [`RateLimiter::decide`] is written once against this; the
+/// configured backends ([`Engine`]) may wait on I/O, [`InMemory`] ones answer at once, so a
+/// decision on them runs to completion in one poll without a boxed or large future.
+trait Backends {
+    fn spend(
+        &self,
+        key: &KeyId,
+        credits: &Credits,
+        cost: u32,
+        now: OffsetDateTime,
+    ) -> impl Future<Output = Result<Spend, StoreError>> + Send;
+
+    fn refund(
+        &self,
+        key: &KeyId,
+        cost: u32,
+        now: OffsetDateTime,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    fn rate(
+        &self,
+        key: &KeyId,
+        limit: RateLimit,
+        cost: u32,
+    ) -> impl Future<Output = Result<RateOutcome, StoreError>> + Send;
+}
+
+impl Backends for Engine {
+    fn spend(
+        &self,
+        key: &KeyId,
+        credits: &Credits,
+        cost: u32,
+        now: OffsetDateTime,
+    ) -> impl Future<Output = Result<Spend, StoreError>> + Send {
+        self.credits.spend(key, credits, cost, now)
+    }
+
+    fn refund(
+        &self,
+        key: &KeyId,
+        cost: u32,
+        now: OffsetDateTime,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.credits.refund(key, cost, now)
+    }
+
+    fn rate(
+        &self,
+        key: &KeyId,
+        limit: RateLimit,
+        cost: u32,
+    ) -> impl Future<Output = Result<RateOutcome, StoreError>> + Send {
+        self.rates.check(key, limit, cost)
+    }
+}
+
+/// Both backends in memory.
+struct InMemory<'a> {
+    rates: &'a MemoryRates,
+    credits: &'a MemoryCredits,
+}
+
+impl Backends for InMemory<'_> {
+    fn spend(
+        &self,
+        key: &KeyId,
+        credits: &Credits,
+        cost: u32,
+        now: OffsetDateTime,
+    ) -> impl Future<Output = Result<Spend, StoreError>> + Send {
+        std::future::ready(Ok(self.credits.spend(key, credits, cost, now)))
+    }
+
+    fn refund(
+        &self,
+        key: &KeyId,
+        cost: u32,
+        now: OffsetDateTime,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.credits.refund(key, cost, now);
+        std::future::ready(Ok(()))
+    }
+
+    fn rate(
+        &self,
+        key: &KeyId,
+        limit: RateLimit,
+        cost: u32,
+    ) -> impl Future<Output = Result<RateOutcome, StoreError>> + Send {
+        std::future::ready(Ok(self.rates.check(key, limit, cost)))
+    }
+}
+
 #[derive(Clone)]
 struct Engine {
     rates: RateBackend,
@@ -513,7 +645,6 @@ struct Engine {
     rate_failure: FailMode,
     credit_failure: FailMode,
     clock: Clock,
-    sync: bool,
 }
 
 /// Decides, per request, whether a key is within its rate limit and credits. Cheap to clone (one
@@ -538,7 +669,6 @@ impl RateLimiter {
     pub fn new(rates: impl Into<RateBackend>, credits: impl Into<CreditBackend>) -> Self {
         let rates = rates.into();
         let credits = credits.into();
-        let sync = rates.is_sync() && credits.is_sync();
         Self(Arc::new(Engine {
             rates,
             credits,
@@ -546,7 +676,6 @@ impl RateLimiter {
             rate_failure: FailMode::Open,
             credit_failure: FailMode::Closed,
             clock: Arc::new(OffsetDateTime::now_utc),
-            sync,
         }))
     }
 
@@ -590,9 +719,17 @@ impl RateLimiter {
         RateLimitLayer::new(self.clone())
     }
 
-    /// Whether every decision is made without I/O (both backends in memory).
-    pub(crate) fn is_sync(&self) -> bool {
-        self.0.sync
+    /// The decision for one request, made now, when both backends are in memory (neither waits);
+    /// `None` when one of them waits on I/O (then [`check`](Self::check) it).
+    pub(crate) fn check_now(&self, principal: &Principal, cost: u32) -> Option<Decision> {
+        let (RateKind::Memory(rates), CreditKind::Memory(credits)) =
+            (&self.0.rates.0, &self.0.credits.0)
+        else {
+            return None;
+        };
+        let backends = InMemory { rates, credits };
+        let decision = self.decide(&backends, principal, cost).now_or_never();
+        Some(decision.expect("in-memory backends answer without waiting"))
     }
 
     /// The limits that apply to `principal`.
@@ -614,6 +751,17 @@ impl RateLimiter {
 
     /// Decides one request of `principal` costing `cost` units, and spends them if admitted.
     pub async fn check(&self, principal: &Principal, cost: u32) -> Decision {
+        self.decide(&*self.0, principal, cost).await
+    }
+
+    /// The one decision, whatever the backends: [`check`](Self::check) awaits it on the configured
+    /// ones, [`check_now`](Self::check_now) runs it to completion on in-memory ones.
+    async fn decide<B: Backends>(
+        &self,
+        backends: &B,
+        principal: &Principal,
+        cost: u32,
+    ) -> Decision {
         let limits = self.limits_of(principal);
         if limits.is_unlimited() {
             return Decision::unlimited();
@@ -634,7 +782,7 @@ impl RateLimiter {
             let reset = credits
                 .refill
                 .map(|r| (r.interval.next_refill(now) - now).unsigned_abs());
-            match engine.credits.spend(key, credits, cost, now).await {
+            match backends.spend(key, credits, cost, now).await {
                 Ok(Spend::Spent { remaining }) => {
                     spent = true;
                     decision.credits = Some(CreditStatus {
@@ -665,7 +813,7 @@ impl RateLimiter {
             }
         }
         if let Some(limit) = limits.rate_limit {
-            match engine.rates.check(key, limit, cost).await {
+            match backends.rate(key, limit, cost).await {
                 Ok(outcome) => {
                     decision.rate = Some(RateStatus {
                         limit,
@@ -688,7 +836,7 @@ impl RateLimiter {
             }
             if decision.refusal.is_some() && spent {
                 // A refused request consumes nothing: give the credits back.
-                match engine.credits.refund(key, cost, now).await {
+                match backends.refund(key, cost, now).await {
                     Ok(()) => {
                         if let Some(credits) = &mut decision.credits {
                             credits.remaining = credits.remaining.saturating_add(cost.into());
@@ -843,6 +991,28 @@ mod tests {
         assert_eq!(count("admitted").as_deref(), Some("3"), "{text}");
         assert_eq!(count("RATE_LIMITED").as_deref(), Some("1"), "{text}");
         assert_eq!(count("USAGE_EXCEEDED").as_deref(), Some("1"), "{text}");
+    }
+
+    /// Values cut from one slab and from the next ones keep their own bytes, however many are cut
+    /// and whichever are dropped first.
+    #[test]
+    fn header_values_from_the_slab_keep_their_bytes() {
+        let mut kept = Vec::new();
+        for i in 0..(3 * SLAB_BYTES as u64) {
+            let mut line = Line::default();
+            line.push("\"rate\";r=");
+            line.push_u64(i);
+            line.push(";t=");
+            line.push_u64(u64::MAX - i);
+            let value = line.to_value();
+            assert_eq!(value, format!("\"rate\";r={i};t={}", u64::MAX - i));
+            if i % 7 == 0 {
+                kept.push((i, value));
+            }
+        }
+        for (i, value) in kept.iter().rev() {
+            assert_eq!(value, &format!("\"rate\";r={i};t={}", u64::MAX - i));
+        }
     }
 
     #[test]

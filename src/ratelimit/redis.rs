@@ -16,31 +16,31 @@ pub const DEFAULT_PREFIX: &str = "tower_api_keys:rl";
 /// How long one decision may take before it counts as a failure, by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
 
-/// The Lua script [`RedisRates`] runs: GCRA on Redis's clock, one atomic call per decision. The bucket is the key's theoretical
-/// arrival time (TAT) in microseconds; it expires when the bucket is full again.
+/// The Lua script [`RedisRates`] runs: GCRA on Redis's clock, one atomic call per decision. The
+/// bucket is the key's theoretical arrival time (TAT) in microseconds; it expires when the bucket
+/// is full again.
 ///
-/// `KEYS[1]` the bucket; `ARGV[1]` emission interval (µs, may be fractional); `ARGV[2]` limit; `ARGV[3]`
-/// cost. Returns {allowed (0/1), remaining, µs until full, µs until this cost would pass}.
+/// `KEYS[1]` the bucket; `ARGV[1]` the emission interval in whole microseconds (the period over
+/// the limit, rounded up); `ARGV[2]` the limit; `ARGV[3]` the cost (at most the limit: a larger cost never reaches
+/// Redis). Returns one integer, `d`: admitted, the microseconds until the bucket is full again
+/// after this request (`d ≥ 0`); refused, `-1 - d` with `d` the same for the bucket as it stays
+/// (nothing is written). The rest of the decision (what is left, when to retry) follows from `d`,
+/// the limit and the cost on the caller's side: the script does only what must be atomic.
+///
+/// Time is counted in whole microseconds (Redis's clock, exact in a Lua number), so all of the
+/// arithmetic is exact. The emission interval is rounded up to a whole microsecond: a limit of a
+/// million units per second per key or more is enforced as at most that, otherwise the refill is
+/// slower than asked by less than a microsecond per unit; never looser.
 pub const GCRA_SCRIPT: &str = r#"
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local now = redis.call('TIME')
+now = now[1] * 1000000 + now[2]
 local emission = tonumber(ARGV[1])
-local limit = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
-local tau = emission * limit
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
 if tat < now then tat = now end
-local function left(at) return math.max(0, math.floor((now + tau - at) / emission + 1e-9)) end
-if cost > limit then
-  return {0, left(tat), math.ceil(tat - now), math.ceil(tau)}
-end
-local new_tat = math.ceil(tat + emission * cost)
-local allow_at = new_tat - tau
-if allow_at > now then
-  return {0, left(tat), math.ceil(tat - now), math.ceil(allow_at - now)}
-end
-redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
-return {1, left(new_tat), new_tat - now, 0}
+local new_tat = tat + emission * ARGV[3]
+if new_tat - emission * ARGV[2] > now then return now - tat - 1 end
+redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', string.format('%d', math.ceil((new_tat - now) / 1000)))
+return new_tat - now
 "#;
 
 /// Rate-limit state in Redis, shared by every instance using the same server and prefix: each
@@ -124,24 +124,95 @@ impl RedisRates {
         limit: RateLimit,
         cost: u32,
     ) -> Result<RateOutcome, StoreError> {
-        let emission_us = limit.emission_nanos() as f64 / 1000.0;
+        if cost > limit.limit {
+            // More than the whole bucket: it can never pass, and Redis need not be asked.
+            return Ok(RateOutcome::never(limit));
+        }
         let mut connection = self.connection.clone();
         let mut invocation = self.script.key(format!("{}:{}", self.prefix, key.as_str()));
         invocation
-            .arg(format!("{emission_us:.3}"))
+            .arg(emission_micros(limit))
             .arg(limit.limit)
             .arg(cost);
-        let call = invocation.invoke_async::<(i64, i64, i64, i64)>(&mut connection);
-        let (allowed, remaining, reset_us, retry_us) = tokio::time::timeout(self.timeout, call)
+        let call = invocation.invoke_async::<i64>(&mut connection);
+        let reply = tokio::time::timeout(self.timeout, call)
             .await
             .map_err(|elapsed| StoreError::new(StoreErrorKind::Timeout, elapsed))?
             .map_err(|e| StoreError::new(StoreErrorKind::Unavailable, e))?;
-        let micros = |us: i64| Duration::from_micros(us.max(0) as u64);
-        Ok(RateOutcome {
-            allowed: allowed == 1,
-            remaining: u32::try_from(remaining.max(0)).unwrap_or(u32::MAX),
-            reset: micros(reset_us),
-            retry_after: micros(retry_us),
-        })
+        Ok(outcome(limit, cost, reply))
+    }
+}
+
+/// The emission interval the script counts with: whole microseconds, rounded up.
+fn emission_micros(limit: RateLimit) -> u64 {
+    limit.emission_nanos().div_ceil(1000)
+}
+
+/// The decision the script's reply stands for (see [`GCRA_SCRIPT`]).
+fn outcome(limit: RateLimit, cost: u32, reply: i64) -> RateOutcome {
+    let allowed = reply >= 0;
+    let until_full_us = if allowed { reply } else { -1 - reply };
+    let until_full = u64::try_from(until_full_us)
+        .unwrap_or(0)
+        .saturating_mul(1000);
+    let emission = emission_micros(limit) * 1000;
+    let tau = emission.saturating_mul(limit.limit.into());
+    let remaining = tau.saturating_sub(until_full) / emission;
+    // Refused: the cost passes once the bucket has drained to `tau - cost × emission`.
+    let retry_after = match allowed {
+        true => 0,
+        false => (until_full + emission.saturating_mul(cost.into())).saturating_sub(tau),
+    };
+    RateOutcome {
+        allowed,
+        remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
+        reset: Duration::from_nanos(until_full),
+        retry_after: Duration::from_nanos(retry_after),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reply decoded for 10 per 60 s (one unit per 6 s): what is left and when to retry.
+    #[test]
+    fn replies_decode_to_the_decision() {
+        let limit = RateLimit::new(10, 60);
+        let secs = Duration::from_secs;
+        // Admitted, first request of a full bucket: one unit in use for 6 s.
+        let first = outcome(limit, 1, 6_000_000);
+        assert_eq!(
+            (
+                first.allowed,
+                first.remaining,
+                first.reset,
+                first.retry_after
+            ),
+            (true, 9, secs(6), Duration::ZERO)
+        );
+        // Admitted, emptied the bucket: 60 s until full, nothing left.
+        let last = outcome(limit, 1, 60_000_000);
+        assert_eq!(
+            (last.allowed, last.remaining, last.reset),
+            (true, 0, secs(60))
+        );
+        // Refused with the bucket 57 s from full: the next unit frees in 3 s.
+        let refused = outcome(limit, 1, -1 - 57_000_000);
+        assert_eq!(
+            (
+                refused.allowed,
+                refused.remaining,
+                refused.reset,
+                refused.retry_after
+            ),
+            (false, 0, secs(57), secs(3))
+        );
+        // Refused at cost 3 with one unit left (54 s from full): two more must free, 12 s.
+        let costly = outcome(limit, 3, -1 - 54_000_000);
+        assert_eq!(
+            (costly.allowed, costly.remaining, costly.retry_after),
+            (false, 1, secs(12))
+        );
     }
 }

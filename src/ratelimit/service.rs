@@ -1,6 +1,5 @@
 use std::task::{Context, Poll};
 
-use futures_util::FutureExt;
 use http::{Request, Response};
 use tower_service::Service;
 
@@ -64,12 +63,7 @@ where
             // Anonymous requests and keys without limits pass untouched.
             _ => return ResponseFuture::plain(self.inner.call(req)),
         };
-        if self.limiter.is_sync() {
-            let decision = self
-                .limiter
-                .check(principal, self.cost)
-                .now_or_never()
-                .expect("in-memory backends decide without waiting");
+        if let Some(decision) = self.limiter.check_now(principal, self.cost) {
             return if decision.is_admitted() {
                 ResponseFuture::limited(self.inner.call(req), decision)
             } else {

@@ -4,7 +4,7 @@
 //! The tests read `TEST_DATABASE_URL` and `TEST_REDIS_URL`. When one is unset or its server cannot
 //! be reached, a test prints `SKIPPED: <test>: <reason>` to stderr and returns, unless the
 //! environment variable `CI` is `true`, in which case it fails.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_imports)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
