@@ -28,7 +28,8 @@ use tower::{Layer, Service};
 use tower_api_keys::key::KeyId;
 use tower_api_keys::principal::Principal;
 use tower_api_keys::quota::{Credits, RateLimit, UsageLimits};
-use tower_api_keys::ratelimit::RateLimiter;
+use tower_api_keys::ratelimit::{MemoryRates, RateLimiter, StoreCredits};
+use tower_api_keys::store::MemoryStore;
 
 /// Answers like a real handler: a body and a content type (so the header map is not empty).
 async fn handler(request: Request<()>) -> Result<Response<Bytes>, Infallible> {
@@ -51,6 +52,22 @@ fn principal(id: &str, limits: UsageLimits) -> Principal {
         None,
     )
     .with_limits(limits)
+}
+
+/// The least any limiter answering with the IETF fields adds: the handler's response with two
+/// fixed header values inserted (no decision, no formatting, no allocation).
+async fn handler_with_fixed_headers(request: Request<()>) -> Result<Response<Bytes>, Infallible> {
+    let mut response = handler(request).await?;
+    let headers = response.headers_mut();
+    headers.insert(
+        http::HeaderName::from_static("ratelimit-policy"),
+        http::HeaderValue::from_static("\"rate\";q=1000000000;w=1"),
+    );
+    headers.insert(
+        http::HeaderName::from_static("ratelimit"),
+        http::HeaderValue::from_static("\"rate\";r=999999999;t=1"),
+    );
+    Ok(response)
 }
 
 /// A rate limit the bench never reaches.
@@ -134,6 +151,13 @@ fn memory(c: &mut Criterion) {
     });
     group.finish();
 
+    let mut fixed_headers = tower::service_fn(handler_with_fixed_headers);
+    // As `examples/server` has it: rates in memory, credits in the key store. A key without
+    // credits never asks the store, so it decides in memory too.
+    let store_credits = StoreCredits::new(std::sync::Arc::new(MemoryStore::new()));
+    let mut limited_store_credits = RateLimiter::new(MemoryRates::new(), store_credits)
+        .layer()
+        .layer(tower::service_fn(handler));
     let mut limited_paid = limited.clone();
     let mut limited_free = limited.clone();
     // The parts of the rate-limited case, each alone.
@@ -171,15 +195,22 @@ fn memory(c: &mut Criterion) {
             &mut || drop(black_box(call(&mut limited, &rated))),
             &mut || drop(black_box(call(&mut limited_paid, &paid))),
             &mut || drop(black_box(call(&mut limited_free, &free))),
+            &mut || drop(black_box(call(&mut fixed_headers, &rated))),
+            &mut || drop(black_box(call(&mut limited_store_credits, &rated))),
         ],
     );
-    let [bare_ns, rated_ns, paid_ns, free_ns] = [0, 1, 2, 3].map(|i| medians[i].as_nanos());
+    let [bare_ns, rated_ns, paid_ns, free_ns, fixed_ns, store_ns] =
+        [0, 1, 2, 3, 4, 5].map(|i| medians[i].as_nanos());
     println!(
         "interleaved medians per request: bare {bare_ns} ns; rate-limited key {rated_ns} ns \
-         (+{} ns); key with credits {paid_ns} ns (+{} ns); key without limits {free_ns} ns (+{} ns)",
+         (+{} ns); key with credits {paid_ns} ns (+{} ns); key without limits {free_ns} ns (+{} ns); \
+         bare + two fixed header values {fixed_ns} ns (+{} ns, the floor of any limiter sending them); \
+         rate-limited key, credits in the store {store_ns} ns (+{} ns)",
         rated_ns.saturating_sub(bare_ns),
         paid_ns.saturating_sub(bare_ns),
         free_ns.saturating_sub(bare_ns),
+        fixed_ns.saturating_sub(bare_ns),
+        store_ns.saturating_sub(bare_ns),
     );
 }
 

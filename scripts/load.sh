@@ -18,6 +18,11 @@
 #    req/s beside a flood of made-up keys / beside a flood of malformed keys, keyed and public formats.
 #    Target for the keyed format ≥ 0.95. LOAD_FLOOD_ROUNDS (4), LOAD_FLOOD_SECONDS (5).
 #
+# 5. `scripts/load.sh ratelimit` runs the rate-limit mode instead (scripts/load/ratelimit.sh): GET
+#    /ledgers with a key without limits against a key with a rate limit it never reaches, paired
+#    rounds, in memory and on Redis; prints the req/s ratio and the server CPU and p50 latency added.
+#    LOAD_RL_ROUNDS (6), LOAD_RL_SECONDS (5), REDIS_URL.
+#
 # Exits non-zero on a missed target, a wrong decision or a socket error; the server is killed on exit.
 # Environment: LOAD_ROUNDS (8), LOAD_SECONDS per run (5), LOAD_CONNECTIONS (32), LOAD_MIXED_SECONDS (8),
 # CARGO_TARGET_DIR. Needs wrk (`apt-get install -y wrk`), curl and python3.
@@ -58,6 +63,10 @@ trap 'exit 130' INT TERM
 if [[ ${1:-} == flood ]]; then
   # shellcheck source=load/flood.sh
   source "$here/load/flood.sh"
+fi
+if [[ ${1:-} == ratelimit ]]; then
+  # shellcheck source=load/ratelimit.sh
+  source "$here/load/ratelimit.sh"
 fi
 
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

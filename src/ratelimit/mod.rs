@@ -202,50 +202,50 @@ impl Decision {
 
     /// Adds `RateLimit-Policy`, `RateLimit` and, on a 429, `Retry-After`.
     pub fn write_headers(&self, headers: &mut HeaderMap) {
-        // Formatted on the stack: one allocation per header (the value's own), none for a
-        // rate-only policy this thread wrote last time.
-        let mut policy = Line::default();
-        let mut state = Line::default();
-        if let Some(rate) = self.rate {
-            state.push("\"rate\";r=");
-            state.push_u64(rate.remaining.into());
-            state.push(";t=");
-            state.push_u64(ceil_secs(rate.reset));
-        }
-        let mut policy_value = None;
-        match (self.rate_policy, self.credits) {
-            (Some(limit), None) => policy_value = Some(rate_policy(limit)),
-            (Some(limit), Some(_)) => write_rate_policy(&mut policy, limit),
-            (None, _) => {}
-        }
-        if let Some(credits) = self.credits {
-            if let Some(refill) = credits.refill {
-                let window = match refill.interval {
-                    RefillInterval::Daily => 86_400,
-                    RefillInterval::Monthly => 30 * 86_400,
-                };
-                policy.push(policy.separator());
-                policy.push("\"credits\";q=");
-                policy.push_u64(refill.amount);
-                policy.push(";w=");
-                policy.push_u64(window);
+        let (policy, state) = Lines::with(|lines| {
+            let policy = match (self.rate_policy, self.credits) {
+                (Some(limit), None) => Some(rate_policy(limit, lines)),
+                (rate, Some(credits)) => {
+                    if let Some(limit) = rate {
+                        write_rate_policy(lines, limit);
+                    }
+                    if let Some(refill) = credits.refill {
+                        let window = match refill.interval {
+                            RefillInterval::Daily => 86_400,
+                            RefillInterval::Monthly => 30 * 86_400,
+                        };
+                        lines.separate();
+                        lines.push("\"credits\";q=");
+                        lines.push_u64(refill.amount);
+                        lines.push(";w=");
+                        lines.push_u64(window);
+                    }
+                    lines.cut()
+                }
+                (None, None) => None,
+            };
+            if let Some(rate) = self.rate {
+                lines.push("\"rate\";r=");
+                lines.push_u64(rate.remaining.into());
+                lines.push(";t=");
+                lines.push_u64(ceil_secs(rate.reset));
             }
-            state.push(state.separator());
-            state.push("\"credits\";r=");
-            state.push_u64(credits.remaining);
-            if let Some(reset) = credits.reset {
-                state.push(";t=");
-                state.push_u64(ceil_secs(reset));
+            if let Some(credits) = self.credits {
+                lines.separate();
+                lines.push("\"credits\";r=");
+                lines.push_u64(credits.remaining);
+                if let Some(reset) = credits.reset {
+                    lines.push(";t=");
+                    lines.push_u64(ceil_secs(reset));
+                }
             }
-        }
-        if policy_value.is_none() && policy.len > 0 {
-            policy_value = Some(policy.to_value());
-        }
-        if let Some(value) = policy_value {
+            (policy, lines.cut())
+        });
+        if let Some(value) = policy {
             headers.insert(RATELIMIT_POLICY, value);
         }
-        if state.len > 0 {
-            headers.insert(RATELIMIT, state.to_value());
+        if let Some(value) = state {
+            headers.insert(RATELIMIT, value);
         }
         if let Some(retry_after) = self.refusal.as_ref().and_then(AuthError::retry_after) {
             headers.insert(http::header::RETRY_AFTER, HeaderValue::from(retry_after));
@@ -253,75 +253,99 @@ impl Decision {
     }
 }
 
-fn write_rate_policy(line: &mut Line, limit: RateLimit) {
-    line.push("\"rate\";q=");
-    line.push_u64(limit.limit.into());
-    line.push(";w=");
-    line.push_u64(limit.period_seconds.into());
+fn write_rate_policy(lines: &mut Lines, limit: RateLimit) {
+    lines.push("\"rate\";q=");
+    lines.push_u64(limit.limit.into());
+    lines.push(";w=");
+    lines.push_u64(limit.period_seconds.into());
 }
 
 /// `RateLimit-Policy` for a rate limit alone: the value this thread made last time when the limit
 /// is the same (a clone shares its bytes), else a new one.
-fn rate_policy(limit: RateLimit) -> HeaderValue {
+fn rate_policy(limit: RateLimit, lines: &mut Lines) -> HeaderValue {
     thread_local! {
         static LAST: std::cell::RefCell<Option<(RateLimit, HeaderValue)>> =
             const { std::cell::RefCell::new(None) };
     }
-    let make = || {
-        let mut line = Line::default();
-        write_rate_policy(&mut line, limit);
-        line.to_value()
-    };
-    LAST.try_with(|last| {
-        let Ok(mut last) = last.try_borrow_mut() else {
-            return make();
-        };
-        match &*last {
-            Some((seen, value)) if *seen == limit => value.clone(),
-            _ => {
-                let value = make();
-                *last = Some((limit, value.clone()));
-                value
-            }
+    let kept = LAST.try_with(|last| match &*last.try_borrow().ok()? {
+        Some((seen, value)) if *seen == limit => Some(value.clone()),
+        _ => None,
+    });
+    if let Ok(Some(value)) = kept {
+        return value;
+    }
+    write_rate_policy(lines, limit);
+    let value = lines.cut().expect("a policy was written");
+    let _ = LAST.try_with(|last| {
+        if let Ok(mut last) = last.try_borrow_mut() {
+            *last = Some((limit, value.clone()));
         }
-    })
-    .unwrap_or_else(|_| make())
+    });
+    value
 }
 
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
-/// A header value being formatted, on the stack (the longest, two items with 20-digit numbers,
-/// is about 100 bytes).
-struct Line {
-    bytes: [u8; 112],
-    len: usize,
+/// Bytes of the slab each thread writes header values into.
+const SLAB_BYTES: usize = 1024;
+
+/// The longest line written (two items with 20-digit numbers are about 100 bytes).
+const LINE_BYTES: usize = 128;
+
+/// Header values being written, straight into this thread's slab, and cut from it once written:
+/// one allocation per slab (some 20 to 40 values) instead of one per value, and no copy. A slab's
+/// memory is freed once the last value cut from it is dropped (servers drop a response's headers
+/// once they have written them).
+struct Lines {
+    slab: bytes::BytesMut,
+    /// Whether something was written since the last cut.
+    started: bool,
 }
 
-impl Default for Line {
-    fn default() -> Self {
-        Self {
-            bytes: [0; 112],
-            len: 0,
+impl Lines {
+    /// Calls `f` with this thread's slab (or a fresh one, during thread teardown or re-entry).
+    fn with<R>(f: impl FnOnce(&mut Lines) -> R) -> R {
+        thread_local! {
+            static SLAB: std::cell::RefCell<Lines> =
+                std::cell::RefCell::new(Lines { slab: bytes::BytesMut::new(), started: false });
+        }
+        let mut f = Some(f);
+        let on_slab = SLAB.try_with(|slab| {
+            let mut lines = slab.try_borrow_mut().ok()?;
+            let f = f.take()?;
+            Some(f(&mut lines))
+        });
+        match (on_slab, f) {
+            (Ok(Some(out)), _) => out,
+            (_, Some(f)) => f(&mut Lines {
+                slab: bytes::BytesMut::new(),
+                started: false,
+            }),
+            (_, None) => unreachable!("`f` runs only when the slab is borrowed, and then returns"),
         }
     }
-}
 
-impl Line {
-    /// `", "` once something is written.
-    fn separator(&self) -> &'static str {
-        if self.len == 0 { "" } else { ", " }
-    }
-
-    /// Appends `s` (the callers' items always fit; a longer line would be cut, never overrun).
+    /// Appends `s`; the first write of a line makes sure the slab holds a whole line.
     fn push(&mut self, s: &str) {
         self.push_bytes(s.as_bytes());
     }
 
     fn push_bytes(&mut self, bytes: &[u8]) {
-        let end = (self.len + bytes.len()).min(self.bytes.len());
-        self.bytes[self.len..end].copy_from_slice(&bytes[..end - self.len]);
-        self.len = end;
+        if !self.started {
+            self.started = true;
+            if self.slab.capacity() - self.slab.len() < LINE_BYTES {
+                self.slab.reserve(SLAB_BYTES);
+            }
+        }
+        self.slab.extend_from_slice(bytes);
+    }
+
+    /// `", "` when something was written since the last cut.
+    fn separate(&mut self) {
+        if self.started {
+            self.push(", ");
+        }
     }
 
     /// Appends `n` in decimal.
@@ -339,35 +363,15 @@ impl Line {
         self.push_bytes(&digits[start..]);
     }
 
-    fn to_value(&self) -> HeaderValue {
-        header_value(&self.bytes[..self.len])
+    /// What was written since the last cut, as a header value (`None`: nothing).
+    fn cut(&mut self) -> Option<HeaderValue> {
+        if !std::mem::take(&mut self.started) {
+            return None;
+        }
+        let line = self.slab.split().freeze();
+        // Only digits, quotes, `;`, `=`, `,` and spaces are ever written.
+        Some(HeaderValue::from_maybe_shared(line).expect("a valid header value"))
     }
-}
-
-/// Bytes of the slab each thread cuts header values from.
-const SLAB_BYTES: usize = 1024;
-
-/// `bytes` as a header value, cut from this thread's slab: one allocation per slab (some 20 to
-/// 40 values) instead of one per value. A slab's memory is freed once the last value cut from it
-/// is dropped (servers drop a response's headers when they have written them).
-fn header_value(bytes: &[u8]) -> HeaderValue {
-    thread_local! {
-        static SLAB: std::cell::RefCell<bytes::BytesMut> =
-            std::cell::RefCell::new(bytes::BytesMut::new());
-    }
-    let cut = || {
-        SLAB.try_with(|slab| {
-            let mut slab = slab.try_borrow_mut().ok()?;
-            if slab.capacity() < bytes.len() {
-                slab.reserve(SLAB_BYTES.max(bytes.len()));
-            }
-            slab.extend_from_slice(bytes);
-            HeaderValue::from_maybe_shared(slab.split().freeze()).ok()
-        })
-        .ok()
-        .flatten()
-    };
-    cut().unwrap_or_else(|| HeaderValue::from_bytes(bytes).expect("digits, quotes and separators"))
 }
 
 /// Whole seconds, rounded up.
@@ -600,10 +604,11 @@ impl Backends for Engine {
     }
 }
 
-/// Both backends in memory.
+/// The backends of a decision that asks only memory: in-memory rates, and in-memory credits or
+/// none (a key without credits never asks the credit backend, wherever it is).
 struct InMemory<'a> {
     rates: &'a MemoryRates,
-    credits: &'a MemoryCredits,
+    credits: Option<&'a MemoryCredits>,
 }
 
 impl Backends for InMemory<'_> {
@@ -614,7 +619,11 @@ impl Backends for InMemory<'_> {
         cost: u32,
         now: OffsetDateTime,
     ) -> impl Future<Output = Result<Spend, StoreError>> + Send {
-        std::future::ready(Ok(self.credits.spend(key, credits, cost, now)))
+        // `None` only for keys without credits, which are never spent for.
+        std::future::ready(Ok(match self.credits {
+            Some(ledger) => ledger.spend(key, credits, cost, now),
+            None => Spend::NotCounted,
+        }))
     }
 
     fn refund(
@@ -623,7 +632,9 @@ impl Backends for InMemory<'_> {
         cost: u32,
         now: OffsetDateTime,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        self.credits.refund(key, cost, now);
+        if let Some(ledger) = self.credits {
+            ledger.refund(key, cost, now);
+        }
         std::future::ready(Ok(()))
     }
 
@@ -719,13 +730,19 @@ impl RateLimiter {
         RateLimitLayer::new(self.clone())
     }
 
-    /// The decision for one request, made now, when both backends are in memory (neither waits);
-    /// `None` when one of them waits on I/O (then [`check`](Self::check) it).
+    /// The decision for one request, made now, when it asks only in-memory backends (rates in
+    /// memory, and credits in memory or a key without credits); `None` when it would wait on I/O
+    /// (then [`check`](Self::check) it).
     pub(crate) fn check_now(&self, principal: &Principal, cost: u32) -> Option<Decision> {
-        let (RateKind::Memory(rates), CreditKind::Memory(credits)) =
-            (&self.0.rates.0, &self.0.credits.0)
-        else {
-            return None;
+        let rates = match &self.0.rates.0 {
+            RateKind::Memory(rates) => rates,
+            #[cfg(feature = "redis")]
+            RateKind::Redis(_) => return None,
+        };
+        let credits = match (&self.0.credits.0, self.limits_of(principal).credits) {
+            (CreditKind::Memory(ledger), _) => Some(ledger),
+            (CreditKind::Store(_), None) => None,
+            (CreditKind::Store(_), Some(_)) => return None,
         };
         let backends = InMemory { rates, credits };
         let decision = self.decide(&backends, principal, cost).now_or_never();
@@ -751,7 +768,10 @@ impl RateLimiter {
 
     /// Decides one request of `principal` costing `cost` units, and spends them if admitted.
     pub async fn check(&self, principal: &Principal, cost: u32) -> Decision {
-        self.decide(&*self.0, principal, cost).await
+        match self.check_now(principal, cost) {
+            Some(decision) => decision,
+            None => self.decide(&*self.0, principal, cost).await,
+        }
     }
 
     /// The one decision, whatever the backends: [`check`](Self::check) awaits it on the configured
@@ -999,12 +1019,13 @@ mod tests {
     fn header_values_from_the_slab_keep_their_bytes() {
         let mut kept = Vec::new();
         for i in 0..(3 * SLAB_BYTES as u64) {
-            let mut line = Line::default();
-            line.push("\"rate\";r=");
-            line.push_u64(i);
-            line.push(";t=");
-            line.push_u64(u64::MAX - i);
-            let value = line.to_value();
+            let value = Lines::with(|lines| {
+                lines.push("\"rate\";r=");
+                lines.push_u64(i);
+                lines.push(";t=");
+                lines.push_u64(u64::MAX - i);
+                lines.cut().unwrap()
+            });
             assert_eq!(value, format!("\"rate\";r={i};t={}", u64::MAX - i));
             if i % 7 == 0 {
                 kept.push((i, value));
@@ -1013,6 +1034,7 @@ mod tests {
         for (i, value) in kept.iter().rev() {
             assert_eq!(value, &format!("\"rate\";r={i};t={}", u64::MAX - i));
         }
+        assert_eq!(Lines::with(|lines| lines.cut()), None);
     }
 
     #[test]
