@@ -6,11 +6,11 @@
 //!
 //! Also: a subscriber whose connection is killed reconnects and clears its cache.
 //!
-//! Needs `TEST_DATABASE_URL` (and `TEST_REDIS_URL` for the Redis tests); see `support_db`. Run with
+//! Needs `TEST_DATABASE_URL` (and `TEST_REDIS_URL` for the Redis tests); see `common::db`. Run with
 //! `--nocapture` to see the measured propagation times.
 #![cfg(feature = "postgres")]
 
-mod support_db;
+mod common;
 
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,7 @@ use tower_api_keys::scope::ScopeSet;
 use tower_api_keys::store::{KeyLimits, PostgresStore};
 use tower_api_keys::store::{KeyRecord, KeyStore};
 
-use support_db::PgSchema;
+use common::db::PgSchema;
 
 /// Generous bound for waits that only guard against hanging (not timing assertions).
 const HANG_GUARD: Duration = Duration::from_secs(30);
@@ -143,10 +143,10 @@ async fn revoke_on_a_is_refused_by_b(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocation_propagates_over_listen_notify() {
-    let Some(schema) = support_db::pg_schema("fleet_pg").await else {
+    let Some(schema) = common::db::pg_schema("fleet_pg").await else {
         return;
     };
-    let channel = support_db::unique("fleet_pg");
+    let channel = common::db::unique("fleet_pg");
     let (a, b) = (instance(&schema).await, instance(&schema).await);
     let control = CachedResolver::new(schema.store().await);
     let a_invalidator = PgInvalidator::from_store(&a.store)
@@ -170,10 +170,10 @@ async fn revocation_propagates_over_listen_notify() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_notify_subscriber_clears_the_cache_after_reconnecting() {
-    let Some(schema) = support_db::pg_schema("fleet_pg_reconnect").await else {
+    let Some(schema) = common::db::pg_schema("fleet_pg_reconnect").await else {
         return;
     };
-    let channel = support_db::unique("fleet_pg_reconnect");
+    let channel = common::db::unique("fleet_pg_reconnect");
     let b = instance(&schema).await;
     let invalidator = PgInvalidator::from_store(&b.store)
         .with_channel(&channel)
@@ -237,10 +237,10 @@ async fn listen_notify_subscriber_clears_the_cache_after_reconnecting() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreadable_notification_clears_the_cache() {
-    let Some(schema) = support_db::pg_schema("fleet_pg_garbage").await else {
+    let Some(schema) = common::db::pg_schema("fleet_pg_garbage").await else {
         return;
     };
-    let channel = support_db::unique("fleet_pg_garbage");
+    let channel = common::db::unique("fleet_pg_garbage");
     let b = instance(&schema).await;
     let subscription = PgInvalidator::from_store(&b.store)
         .with_channel(&channel)
@@ -284,13 +284,13 @@ mod over_redis {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn revocation_propagates_over_redis_pubsub() {
-        let Some(redis_url) = support_db::redis_url("fleet_redis").await else {
+        let Some(redis_url) = common::db::redis_url("fleet_redis").await else {
             return;
         };
-        let Some(schema) = support_db::pg_schema("fleet_redis").await else {
+        let Some(schema) = common::db::pg_schema("fleet_redis").await else {
             return;
         };
-        let channel = support_db::unique("fleet_redis");
+        let channel = common::db::unique("fleet_redis");
         let (a, b) = (instance(&schema).await, instance(&schema).await);
         let control = CachedResolver::new(schema.store().await);
         let a_invalidator = RedisInvalidator::open(&redis_url)
@@ -315,13 +315,13 @@ mod over_redis {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn redis_subscriber_clears_the_cache_after_reconnecting() {
         const DB: i64 = 13;
-        let Some(redis_url) = support_db::redis_url("fleet_redis_reconnect").await else {
+        let Some(redis_url) = common::db::redis_url("fleet_redis_reconnect").await else {
             return;
         };
-        let Some(schema) = support_db::pg_schema("fleet_redis_reconnect").await else {
+        let Some(schema) = common::db::pg_schema("fleet_redis_reconnect").await else {
             return;
         };
-        let channel = support_db::unique("fleet_redis_reconnect");
+        let channel = common::db::unique("fleet_redis_reconnect");
         let b = instance(&schema).await;
         let invalidator = RedisInvalidator::new(client_on_db(&redis_url, DB))
             .with_channel(&channel)
@@ -387,13 +387,13 @@ mod over_redis {
         use redis::{ConnectionAddr, IntoConnectionInfo};
         use std::net::ToSocketAddrs;
 
-        let Some(redis_url) = support_db::redis_url("fleet_redis_outage").await else {
+        let Some(redis_url) = common::db::redis_url("fleet_redis_outage").await else {
             return;
         };
-        let Some(schema) = support_db::pg_schema("fleet_redis_outage").await else {
+        let Some(schema) = common::db::pg_schema("fleet_redis_outage").await else {
             return;
         };
-        let channel = support_db::unique("fleet_redis_outage");
+        let channel = common::db::unique("fleet_redis_outage");
         let (a, b) = (instance(&schema).await, instance(&schema).await);
         let info = redis_url.as_str().into_connection_info().unwrap();
         let ConnectionAddr::Tcp(host, port) = info.addr().clone() else {
@@ -404,7 +404,7 @@ mod over_redis {
             .unwrap()
             .next()
             .unwrap();
-        let proxy = support_db::Proxy::start(target).await;
+        let proxy = common::db::Proxy::start(target).await;
         let through_proxy = info.set_addr(ConnectionAddr::Tcp("127.0.0.1".into(), proxy.port()));
         let b_subscription = RedisInvalidator::new(redis::Client::open(through_proxy).unwrap())
             .with_channel(&channel)
@@ -447,7 +447,7 @@ mod outage {
         pub(super) a: KeyManager,
         pub(super) b: Instance,
         pub(super) b_subscription: Subscription,
-        pub(super) proxy: support_db::Proxy,
+        pub(super) proxy: common::db::Proxy,
     }
 
     pub(super) fn manager(instance: &Instance, invalidator: impl Invalidator) -> KeyManager {
@@ -554,10 +554,10 @@ async fn listen_notify_outage_is_bounded_by_degraded_mode() {
     use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
     use std::net::ToSocketAddrs;
 
-    let Some(schema) = support_db::pg_schema("fleet_pg_outage").await else {
+    let Some(schema) = common::db::pg_schema("fleet_pg_outage").await else {
         return;
     };
-    let channel = support_db::unique("fleet_pg_outage");
+    let channel = common::db::unique("fleet_pg_outage");
     let (a, b) = (instance(&schema).await, instance(&schema).await);
     let options: PgConnectOptions = schema.url.parse().unwrap();
     let target = (options.get_host(), options.get_port())
@@ -565,7 +565,7 @@ async fn listen_notify_outage_is_bounded_by_degraded_mode() {
         .unwrap()
         .next()
         .unwrap();
-    let proxy = support_db::Proxy::start(target).await;
+    let proxy = common::db::Proxy::start(target).await;
     let through_proxy =
         PgPoolOptions::new().connect_lazy_with(options.host("127.0.0.1").port(proxy.port()));
     let b_subscription = PgInvalidator::new(through_proxy)

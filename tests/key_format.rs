@@ -2,10 +2,9 @@
 //! keys and their phase-out, made-up keys refused with no store lookup, and instances starting
 //! together on a new SQLite file or PostgreSQL schema agreeing on one secret.
 //!
-//! The PostgreSQL test needs `TEST_DATABASE_URL` (see `support_db`).
+//! The PostgreSQL test needs `TEST_DATABASE_URL` (see `common::db`).
 
 mod common;
-mod support_db;
 
 use std::sync::Arc;
 
@@ -267,7 +266,7 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn instances_starting_together_on_a_new_sqlite_file_agree_on_one_secret() {
     use tower_api_keys::store::SqliteStore;
-    let dir = std::env::temp_dir().join(support_db::unique("key_format_sqlite"));
+    let dir = std::env::temp_dir().join(common::db::unique("key_format_sqlite"));
     std::fs::create_dir_all(&dir).unwrap();
     for round in 0..5 {
         let url = format!(
@@ -287,7 +286,7 @@ async fn instances_starting_together_on_a_new_sqlite_file_agree_on_one_secret() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn instances_starting_together_on_a_new_postgres_schema_agree_on_one_secret() {
     for round in 0..3 {
-        let Some(schema) = support_db::pg_schema(&format!("key_format_{round}")).await else {
+        let Some(schema) = common::db::pg_schema(&format!("key_format_{round}")).await else {
             return;
         };
         // `pg_schema` created the schema with the tables; drop it so the instances start on nothing.
@@ -302,7 +301,7 @@ async fn instances_starting_together_on_a_new_postgres_schema_agree_on_one_secre
         .unwrap();
         pool.close().await;
         instances_agree(4, || {
-            let schema = support_db::PgSchema {
+            let schema = common::db::PgSchema {
                 url: url.clone(),
                 schema: name.clone(),
             };
@@ -400,7 +399,7 @@ async fn sqlite_store_keeps_format_secrets() {
 #[cfg(feature = "postgres")]
 #[tokio::test]
 async fn postgres_store_keeps_format_secrets() {
-    let Some(schema) = support_db::pg_schema("key_format_conformance").await else {
+    let Some(schema) = common::db::pg_schema("key_format_conformance").await else {
         return;
     };
     format_secrets_conformance(Arc::new(schema.store().await)).await;

@@ -6,7 +6,6 @@
 //! proxy in front of the real server that is taken down and brought back.
 
 mod common;
-mod support_db;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -14,7 +13,7 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 use tower_api_keys::error::AuthError;
-use tower_api_keys::key::{ApiKey, KeyDigest, KeyFormat, KeyId};
+use tower_api_keys::key::{ApiKey, KeyDigest, KeyFormat};
 use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::store::{KeyLimits, StoreErrorKind};
 use tower_api_keys::store::{KeyRecord, KeyStore, MemoryStore, StoreError};
@@ -81,6 +80,7 @@ mod postgres {
     use std::time::Instant;
 
     use sqlx::postgres::PgConnectOptions;
+    use tower_api_keys::key::KeyId;
     use tower_api_keys::store::PostgresStore;
 
     use super::*;
@@ -117,7 +117,7 @@ mod postgres {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn postgres_outage_keeps_cached_keys_and_recovers() {
-        let Some(schema) = support_db::pg_schema("outage_pg").await else {
+        let Some(schema) = common::db::pg_schema("outage_pg").await else {
             return;
         };
         let direct = schema.store().await;
@@ -127,7 +127,7 @@ mod postgres {
             .unwrap()
             .next()
             .expect("the database host resolves");
-        let proxy = support_db::Proxy::start(target).await;
+        let proxy = common::db::Proxy::start(target).await;
         let proxied = PostgresStore::builder()
             .schema(&schema.schema)
             .unwrap()

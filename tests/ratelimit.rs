@@ -3,7 +3,6 @@
 //! key is limited only when configured, and the management API creates, shows and changes limits.
 
 mod common;
-mod ratelimit_support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -12,9 +11,9 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Body;
 use axum::routing::get;
+use common::ratelimit::*;
 use common::*;
 use http::{Request, StatusCode};
-use ratelimit_support::*;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tower::ServiceExt;

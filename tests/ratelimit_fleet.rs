@@ -8,8 +8,7 @@
 //! fault tests start a private `redis-server` on a free port and stop only that one.
 #![cfg(all(feature = "postgres", feature = "redis"))]
 
-mod ratelimit_support;
-mod support_db;
+mod common;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -18,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::routing::get;
+use common::db::PgSchema;
+use common::ratelimit::*;
 use http::StatusCode;
-use ratelimit_support::*;
-use support_db::PgSchema;
 use time::OffsetDateTime;
 use tower_api_keys::key::{ApiKey, KeyFormat, KeyId};
 use tower_api_keys::layer::ApiKeyLayer;
@@ -70,12 +69,12 @@ async fn instance(
 }
 
 async fn fleet(test: &str, redis_url: Option<&str>) -> Option<(PgSchema, String, String)> {
-    let schema = support_db::pg_schema(test).await?;
+    let schema = common::db::pg_schema(test).await?;
     let redis = match redis_url {
         Some(url) => url.to_owned(),
-        None => support_db::redis_url(test).await?,
+        None => common::db::redis_url(test).await?,
     };
-    Some((schema, redis, support_db::unique("rl")))
+    Some((schema, redis, common::db::unique("rl")))
 }
 
 /// A key with `limits`, stored through `store`.
@@ -259,7 +258,7 @@ impl Drop for PrivateRedis {
 fn private_redis(test: &str) -> Option<PrivateRedis> {
     let redis = PrivateRedis::start();
     if redis.is_none() {
-        support_db::skip(test, "cannot start a private redis-server");
+        common::db::skip(test, "cannot start a private redis-server");
     }
     redis
 }

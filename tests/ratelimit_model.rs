@@ -9,7 +9,7 @@
 //! decision; a refused request is told to retry once the missing units have refilled; a cost above
 //! the whole limit never passes (reported as nothing left, retry after a period) and uses nothing.
 
-mod support_db;
+mod common;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -19,7 +19,7 @@ use proptest::prelude::*;
 use tower_api_keys::key::KeyId;
 use tower_api_keys::principal::Principal;
 use tower_api_keys::quota::{RateLimit, UsageLimits};
-use tower_api_keys::ratelimit::{Decision, MemoryCredits, RateLimiter};
+use tower_api_keys::ratelimit::{Decision, RateLimiter};
 
 const PERIOD_SECONDS: u32 = 3600;
 
@@ -170,11 +170,11 @@ fn memory_and_redis_rates_follow_the_model() {
 
 #[cfg(feature = "redis")]
 async fn redis_limiter() -> Option<RateLimiter> {
-    use tower_api_keys::ratelimit::{FailMode, RedisRates};
-    let url = support_db::redis_url("memory_and_redis_rates_follow_the_model").await?;
+    use tower_api_keys::ratelimit::{FailMode, MemoryCredits, RedisRates};
+    let url = common::db::redis_url("memory_and_redis_rates_follow_the_model").await?;
     let rates = RedisRates::open(&url)
         .unwrap()
-        .prefix(support_db::unique("rl_model"))
+        .prefix(common::db::unique("rl_model"))
         .timeout(Duration::from_secs(10))
         .unwrap();
     // A failing Redis must fail the test, not pass the request.

@@ -21,7 +21,6 @@ use tower_api_keys::layer::ApiKeyLayer;
 use tower_api_keys::manage::{CreateKey, KeyManager};
 use tower_api_keys::principal::Principal;
 use tower_api_keys::resolver::CachedResolver;
-use tower_api_keys::store::KeyStore;
 
 async fn ok(_: Request<Body>) -> Result<Response<Body>, Infallible> {
     Ok(Response::new(Body::empty()))
@@ -185,6 +184,7 @@ async fn grace_period_principal_expires_with_the_grace() {
 #[tokio::test]
 async fn degraded_mode_rereads_old_answers() {
     use tower_api_keys::invalidate::RedisInvalidator;
+    use tower_api_keys::store::KeyStore;
 
     let store = common::TestStore::new();
     let format = KeyFormat::default();

@@ -7,7 +7,7 @@
 //! store). Timestamps are whole microseconds except in `timestamps_keep_microseconds`, which checks
 //! the documented precision: exact in memory, floored to the microsecond in the SQL stores.
 
-mod support_db;
+mod common;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -55,7 +55,7 @@ mod backends {
     #[cfg(feature = "sqlite")]
     pub(crate) async fn sqlite(test: &'static str) -> Option<Backend> {
         use tower_api_keys::store::SqliteStore;
-        let path = std::env::temp_dir().join(format!("{}.db", support_db::unique(test)));
+        let path = std::env::temp_dir().join(format!("{}.db", common::db::unique(test)));
         let url = format!("sqlite://{}?mode=rwc", path.display());
         let a = SqliteStore::connect(&url).await.expect("open SQLite file");
         let b = SqliteStore::connect(&url)
@@ -85,7 +85,7 @@ mod backends {
 
     #[cfg(feature = "postgres")]
     pub(crate) async fn postgres(test: &'static str) -> Option<Backend> {
-        let schema = support_db::pg_schema(test).await?;
+        let schema = common::db::pg_schema(test).await?;
         let a = schema.store().await;
         let b = schema.store().await;
         let cleanup = {
@@ -1399,7 +1399,7 @@ mod postgres_only {
     /// migrates it on start-up, and the key works on with no limits.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn keys_from_before_usage_limits_keep_working_with_none() {
-        let Some(schema) = support_db::pg_schema("pg_v2").await else {
+        let Some(schema) = common::db::pg_schema("pg_v2").await else {
             return;
         };
         let old = schema.store().await;
@@ -1425,12 +1425,12 @@ mod postgres_only {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn migrations_run_once_when_instances_start_together() {
-        let Some(probe) = support_db::pg_schema("pg_migrations").await else {
+        let Some(probe) = common::db::pg_schema("pg_migrations").await else {
             return;
         };
-        let fresh = support_db::PgSchema {
+        let fresh = common::db::PgSchema {
             url: probe.url.clone(),
-            schema: support_db::unique("t_pg_migrations_fresh"),
+            schema: common::db::unique("t_pg_migrations_fresh"),
         };
         probe.drop_schema().await;
         let starts: Vec<_> = (0..4)
@@ -1466,7 +1466,7 @@ mod postgres_only {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn unreadable_rows_are_corrupt_and_never_an_invalid_key() {
-        let Some(schema) = support_db::pg_schema("pg_corrupt").await else {
+        let Some(schema) = common::db::pg_schema("pg_corrupt").await else {
             return;
         };
         let store = schema.store().await;
@@ -1519,7 +1519,7 @@ mod postgres_only {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn no_plaintext_secret_is_stored() {
-        let Some(schema) = support_db::pg_schema("pg_plaintext").await else {
+        let Some(schema) = common::db::pg_schema("pg_plaintext").await else {
             return;
         };
         let store = schema.store().await;
@@ -1567,7 +1567,7 @@ mod sqlite_only {
     use super::*;
 
     fn temp_db(test: &str) -> (std::path::PathBuf, String) {
-        let path = std::env::temp_dir().join(format!("{}.db", support_db::unique(test)));
+        let path = std::env::temp_dir().join(format!("{}.db", common::db::unique(test)));
         let url = format!("sqlite://{}?mode=rwc", path.display());
         (path, url)
     }

@@ -1,8 +1,11 @@
 //! Shared helpers for the behaviour tests: a store wrapper that counts and breaks ([`TestStore`],
-//! also used by the benches), key records and their factories, response readers.
+//! also used by the benches), key records and their factories, response readers; [`db`] for the
+//! tests that need PostgreSQL or Redis, [`ratelimit`] for the rate-limit tests' server and client.
 #![allow(dead_code)]
 
+pub mod db;
 pub mod gate;
+pub mod ratelimit;
 mod store;
 
 #[allow(unused_imports)] // not every test uses both
