@@ -21,10 +21,10 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
 /// is full again.
 ///
 /// `KEYS[1]` the bucket; `ARGV[1]` the emission interval in whole microseconds (the period over
-/// the limit, rounded up); `ARGV[2]` the limit; `ARGV[3]` the cost (at most the limit: a larger cost never reaches
-/// Redis). Returns one integer, `d`: admitted, the microseconds until the bucket is full again
-/// after this request (`d ≥ 0`); refused, `-1 - d` with `d` the same for the bucket as it stays
-/// (nothing is written). The rest of the decision (what is left, when to retry) follows from `d`,
+/// the limit, rounded up); `ARGV[2]` the limit; `ARGV[3]` the cost (at most the limit: a larger
+/// cost never reaches Redis). Returns one integer, `d`: admitted, the microseconds until the bucket
+/// is full again after this request (`d ≥ 0`); refused, `-1 - d` with `d` the same for the bucket
+/// as it stays (nothing is written). The rest of the decision (what is left, when to retry) follows from `d`,
 /// the limit and the cost on the caller's side: the script does only what must be atomic.
 ///
 /// Time is counted in whole microseconds (Redis's clock, exact in a Lua number), so all of the
@@ -148,7 +148,8 @@ fn emission_micros(limit: RateLimit) -> u64 {
     limit.emission_nanos().div_ceil(1000)
 }
 
-/// The decision the script's reply stands for (see [`GCRA_SCRIPT`]).
+/// The decision the script's reply stands for (see [`GCRA_SCRIPT`]). Any reply decodes without
+/// overflow, whatever a server sends.
 fn outcome(limit: RateLimit, cost: u32, reply: i64) -> RateOutcome {
     let allowed = reply >= 0;
     let until_full_us = if allowed { reply } else { -1 - reply };
@@ -161,7 +162,9 @@ fn outcome(limit: RateLimit, cost: u32, reply: i64) -> RateOutcome {
     // Refused: the cost passes once the bucket has drained to `tau - cost × emission`.
     let retry_after = match allowed {
         true => 0,
-        false => (until_full + emission.saturating_mul(cost.into())).saturating_sub(tau),
+        false => until_full
+            .saturating_add(emission.saturating_mul(cost.into()))
+            .saturating_sub(tau),
     };
     RateOutcome {
         allowed,
@@ -214,5 +217,12 @@ mod tests {
             (costly.allowed, costly.remaining, costly.retry_after),
             (false, 1, secs(12))
         );
+        // Whatever a server sends decodes: nothing left, never a panic.
+        for reply in [i64::MIN, i64::MIN + 1, -1, 0, i64::MAX] {
+            for limit in [RateLimit::new(1, 1), RateLimit::new(1_000_000_000, 31_622_400)] {
+                let decoded = outcome(limit, limit.limit, reply);
+                assert!(decoded.remaining <= limit.limit, "{reply}: {decoded:?}");
+            }
+        }
     }
 }
