@@ -219,7 +219,10 @@ mod tests {
         );
         // Whatever a server sends decodes: nothing left, never a panic.
         for reply in [i64::MIN, i64::MIN + 1, -1, 0, i64::MAX] {
-            for limit in [RateLimit::new(1, 1), RateLimit::new(1_000_000_000, 31_622_400)] {
+            for limit in [
+                RateLimit::new(1, 1),
+                RateLimit::new(1_000_000_000, 31_622_400),
+            ] {
                 let decoded = outcome(limit, limit.limit, reply);
                 assert!(decoded.remaining <= limit.limit, "{reply}: {decoded:?}");
             }
