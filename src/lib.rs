@@ -19,4 +19,5 @@ pub mod ratelimit;
 pub mod resolver;
 pub mod scope;
 pub mod store;
+mod throttle;
 pub mod usage;

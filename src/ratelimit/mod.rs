@@ -80,9 +80,10 @@
 //!
 //! ## When a backend fails
 //! Configurable per kind with [`FailMode`]: by default rate limits fail **open** (the request is
-//! admitted, logged at `warn`, counted in metrics) and credits fail **closed** (503
-//! `AUTH_UNAVAILABLE`). Nothing is remembered about the failure: the next request asks the backend
-//! again, so the layer recovers by itself.
+//! admitted, counted in metrics) and credits fail **closed** (503 `AUTH_UNAVAILABLE`). Failures
+//! are logged at `warn` at most once a second per backend, with how many were left out since (an
+//! outage under load does not write a line per request). Nothing is remembered about the failure:
+//! the next request asks the backend again, so the layer recovers by itself.
 //!
 //! ## Metrics (feature `metrics`)
 //! `api_key_rate_limit_total{outcome}`: `admitted`, `RATE_LIMITED`, `USAGE_EXCEEDED` or
@@ -124,11 +125,12 @@ use crate::key::KeyId;
 use crate::principal::Principal;
 use crate::quota::{Credits, RateLimit, Refill, RefillInterval, UsageLimits};
 use crate::store::{CreditAdjustment, KeyStore, StoreError};
+use crate::throttle::Throttle;
 
 /// What to do when a backend (Redis, the key store) fails.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FailMode {
-    /// Admit the request without the check (logged at `warn`, counted in metrics).
+    /// Admit the request without the check (counted in metrics, logged at `warn` once a second).
     Open,
     /// Refuse it with 503 `AUTH_UNAVAILABLE`.
     Closed,
@@ -862,11 +864,17 @@ impl RateLimiter {
                             credits.remaining = credits.remaining.saturating_add(cost.into());
                         }
                     }
-                    Err(error) => tracing::warn!(
-                        api_key_id = key.as_str(),
-                        error = %error,
-                        "could not give back the credits of a rate-limited request"
-                    ),
+                    Err(error) => {
+                        static REFUND: Throttle = Throttle::new();
+                        if let Some(left_out) = REFUND.admit() {
+                            tracing::warn!(
+                                api_key_id = key.as_str(),
+                                error = %error,
+                                left_out,
+                                "could not give back the credits of a rate-limited request"
+                            );
+                        }
+                    }
                 }
             }
         }
@@ -879,14 +887,22 @@ impl RateLimiter {
     }
 }
 
+/// A backend failure: counted every time, logged at most once a second per backend (an outage
+/// under load would otherwise write a line per request), with how many were left out.
 fn backend_failed(backend: &'static str, mode: FailMode, error: &StoreError) {
-    tracing::warn!(
-        backend,
-        mode = mode.as_str(),
-        error = %error,
-        "rate-limit backend failed; failing {}",
-        mode.as_str()
-    );
+    static RATES: Throttle = Throttle::new();
+    static CREDITS: Throttle = Throttle::new();
+    let throttle = if backend == "rates" { &RATES } else { &CREDITS };
+    if let Some(left_out) = throttle.admit() {
+        tracing::warn!(
+            backend,
+            mode = mode.as_str(),
+            error = %error,
+            left_out,
+            "rate-limit backend failed; failing {}",
+            mode.as_str()
+        );
+    }
     metrics::backend_error(backend, mode);
 }
 

@@ -91,6 +91,7 @@ use crate::error::{AuthError, ExpiredReason, InvalidKeyReason};
 use crate::key::{KeyDigest, KeyFormat, KeyId};
 use crate::principal::Principal;
 use crate::store::{KeyRecord, KeyStore, StoreError, StoreErrorKind};
+use crate::throttle::Throttle;
 use crate::usage::{UsageMark, Used};
 
 mod cache;
@@ -628,7 +629,13 @@ impl CachedResolver {
                 Ok(_) => {}
                 // Shed lookups are counted, not logged one by one: they come in floods.
                 Err(error) if is_shed(error) => {}
-                Err(error) => tracing::warn!(%error, "API key lookup failed"),
+                Err(error) => {
+                    // Counted every time (`api_key_lookup_seconds{outcome="error"}`); logged once a second.
+                    static FAILED: Throttle = Throttle::new();
+                    if let Some(left_out) = FAILED.admit() {
+                        tracing::warn!(%error, left_out, "API key lookup failed");
+                    }
+                }
             }
             // An invalidation since then already dropped this lookup and may have started another.
             if in_flight.get(&digest).is_some_and(|(e, _)| *e == epoch) {
