@@ -160,6 +160,10 @@ struct Cell {
 /// credits change (an update sets `set_at`). What was spent is not written anywhere: after a
 /// restart every key starts again from its record. Use it for one instance; a fleet needs a shared
 /// counter. Cheap to clone; clones share the state.
+///
+/// It is not bounded: it holds one entry (about 200 bytes) for every key with credits it has seen,
+/// since forgetting one would hand its spent credits back. For many such keys, or a fleet, count
+/// them in the store ([`StoreCredits`](super::StoreCredits)).
 #[derive(Clone, Default)]
 pub struct MemoryCredits {
     cells: Arc<RwLock<HashMap<KeyId, Arc<Mutex<Cell>>>>>,
