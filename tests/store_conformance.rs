@@ -173,6 +173,7 @@ suite!(
     timestamps_keep_microseconds,
     find_returns_revoked_and_expired_records,
     list_filters_by_account,
+    count_active_agrees_with_the_listing,
     revoke_cascades_to_every_descendant_at_once,
     delete_revokes_the_descendants_and_keeps_them_listed,
     insert_needs_an_active_creator,
@@ -704,6 +705,56 @@ mod checks {
             .unwrap();
         assert_eq!(s.a.list(&query("nobody", None, 10)).await.unwrap(), vec![]);
         assert_eq!(s.a.get(&r.id).await.unwrap(), Some(r), "others untouched");
+    }
+
+    /// `count_active` counts what the listing shows active: per owner, per account, at any instant
+    /// (a key that expires later counts until then; revoked and expired keys never).
+    pub(crate) async fn count_active_agrees_with_the_listing(s: Stores) {
+        let now = now();
+        for i in 0..23 {
+            let mut r = record(
+                &format!("key_{i:02}"),
+                ["o", "p"][i % 2],
+                ["a1", "a2"][i % 3 % 2],
+            );
+            match i % 4 {
+                0 => r.revoked_at = Some(now - Duration::minutes(1)),
+                1 => r.expires_at = Some(now + Duration::hours(1)),
+                2 => r.expires_at = Some(now - Duration::seconds(1)),
+                _ => {}
+            }
+            s.a.insert(&r, no_limits(), now).await.unwrap();
+        }
+        for at in [now, now + Duration::hours(2)] {
+            for (owner, account) in [
+                ("o", None),
+                ("o", Some("a1")),
+                ("p", Some("a2")),
+                ("q", None),
+            ] {
+                let listed =
+                    s.b.list(&ListQuery {
+                        account: account.map(str::to_owned),
+                        ..query(owner, None, 100)
+                    })
+                    .await
+                    .unwrap();
+                let expected = listed.iter().filter(|r| r.is_active(at)).count() as u64;
+                let counted = s.b.count_active(owner, account, at).await.unwrap();
+                assert_eq!(counted, expected, "{owner} {account:?} at {at}");
+            }
+        }
+        // And the numbers themselves, from the fixture: owner "o" has the even keys 0..=22 (12),
+        // of which 0, 4, ... are revoked (6) and 2, 6, ... expired (6): none active; "p" has the
+        // odd ones (11), 1, 5, ... expiring in an hour (6) and 3, 7, ... open (5).
+        assert_eq!(s.a.count_active("o", None, now).await.unwrap(), 0);
+        assert_eq!(s.a.count_active("p", None, now).await.unwrap(), 11);
+        assert_eq!(
+            s.a.count_active("p", None, now + Duration::hours(2))
+                .await
+                .unwrap(),
+            5
+        );
     }
 
     pub(crate) async fn list_filters_by_account(s: Stores) {

@@ -702,6 +702,21 @@ impl KeyManager {
         })
     }
 
+    /// How many keys active at `now` the caller would see listed for `owner`: the owner's keys, or
+    /// only its own account's for a scoped caller bound to one. Allowed exactly when
+    /// [`list`](Self::list) is ([`Operation::List`]); counted by the store in one query.
+    pub async fn count_active(
+        &self,
+        caller: &Principal,
+        owner: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<u64, AuthError> {
+        let owner = Self::owner_of(caller, owner)?;
+        let account = caller.account();
+        authorize(caller, Operation::List, &Target::Keys { owner, account })?;
+        Ok(self.store.count_active(owner, account, now).await?)
+    }
+
     /// One key's metadata. A key the caller may not see is [`AuthError::NotFound`].
     pub async fn get(&self, caller: &Principal, id: &KeyId) -> Result<KeyInfo, AuthError> {
         self.get_in(caller, id, None).await

@@ -702,29 +702,11 @@ async fn policy_info(
     let Query(params) =
         params.map_err(|e| AuthError::invalid(format!("invalid query: {}", e.body_text())))?;
     let now = OffsetDateTime::now_utc();
-    // Counted through the listing, so reading the count is allowed exactly when listing is.
-    let mut active_keys = 0;
-    let mut cursor = None;
-    loop {
-        let page = manager
-            .list(
-                &principal,
-                params.owner.as_deref(),
-                cursor,
-                super::MAX_PAGE_SIZE,
-            )
-            .await?;
-        active_keys += page
-            .keys
-            .iter()
-            .filter(|k| k.revoked_at.is_none() && k.expires_at.is_none_or(|at| at > now))
-            .count() as u64;
-        match page.next_cursor {
-            Some(next) => cursor = Some(next),
-            None => break,
-        }
-    }
-    // The listing refused a call without an owner to act for.
+    // Allowed exactly when listing is (the same rule decides).
+    let active_keys = manager
+        .count_active(&principal, params.owner.as_deref(), now)
+        .await?;
+    // The count refused a call without an owner to act for.
     let owner = params
         .owner
         .or_else(|| principal.owner().map(str::to_owned))

@@ -114,6 +114,21 @@ impl KeyStore for MemoryStore {
             .collect())
     }
 
+    async fn count_active(
+        &self,
+        owner: &str,
+        account: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<u64, StoreError> {
+        let inner = self.lock();
+        Ok(inner
+            .by_id
+            .values()
+            .filter(|r| r.owner == owner && account.is_none_or(|a| a == r.account))
+            .filter(|r| r.is_active(now))
+            .count() as u64)
+    }
+
     async fn insert(
         &self,
         record: &KeyRecord,

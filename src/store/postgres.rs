@@ -174,6 +174,7 @@ struct Sql {
     revoke_descendants: Arc<str>,
     count_owner: Arc<str>,
     count_account: Arc<str>,
+    count_active: Arc<str>,
     insert: Arc<str>,
     insert_digests: Arc<str>,
     revoke: Arc<str>,
@@ -227,6 +228,11 @@ impl Sql {
             count_account: sql(format!(
                 "SELECT count(*) FROM {s}.api_keys WHERE account = $1 AND revoked_at IS NULL \
                  AND (expires_at IS NULL OR expires_at > $2)"
+            )),
+            count_active: sql(format!(
+                "SELECT count(*) FROM {s}.api_keys WHERE owner = $1 \
+                 AND ($2::text IS NULL OR account = $2) AND revoked_at IS NULL \
+                 AND (expires_at IS NULL OR expires_at > $3)"
             )),
             insert: sql(format!(
                 "INSERT INTO {s}.api_keys ({COLUMNS}) VALUES \
@@ -701,6 +707,23 @@ impl KeyStore for PostgresStore {
             .await
             .map_err(map_sqlx_error)?;
         rows.iter().map(decode).collect()
+    }
+
+    async fn count_active(
+        &self,
+        owner: &str,
+        account: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<u64, StoreError> {
+        self.migrate().await?;
+        let active: i64 = sqlx::query_scalar(AssertSqlSafe(Arc::clone(&self.sql.count_active)))
+            .bind(owner)
+            .bind(account)
+            .bind(micros(now))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_sqlx_error)?;
+        Ok(active.max(0) as u64)
     }
 
     async fn insert(

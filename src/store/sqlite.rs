@@ -450,6 +450,25 @@ impl KeyStore for SqliteStore {
         rows.iter().map(decode).collect()
     }
 
+    async fn count_active(
+        &self,
+        owner: &str,
+        account: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<u64, StoreError> {
+        let active: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM api_keys WHERE owner = ?1 AND (?2 IS NULL OR account = ?2) \
+             AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?3)",
+        )
+        .bind(owner)
+        .bind(account)
+        .bind(to_unix_micros(now))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_sqlx_error)?;
+        Ok(active.max(0) as u64)
+    }
+
     async fn insert(
         &self,
         record: &KeyRecord,

@@ -80,6 +80,14 @@ impl KeyStore for GateStore {
     async fn list(&self, query: &ListQuery) -> Result<Vec<KeyRecord>, StoreError> {
         self.inner.list(query).await
     }
+    async fn count_active(
+        &self,
+        owner: &str,
+        account: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<u64, StoreError> {
+        self.inner.count_active(owner, account, now).await
+    }
     async fn insert(
         &self,
         record: &KeyRecord,

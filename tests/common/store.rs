@@ -86,6 +86,15 @@ impl KeyStore for TestStore {
         self.check()?;
         self.inner.list(query).await
     }
+    async fn count_active(
+        &self,
+        owner: &str,
+        account: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<u64, StoreError> {
+        self.check()?;
+        self.inner.count_active(owner, account, now).await
+    }
     async fn insert(
         &self,
         record: &KeyRecord,
