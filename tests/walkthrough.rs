@@ -360,6 +360,21 @@ async fn readme_walkthrough() {
     }
 }
 
+/// The console answers at `/console`, and `/console/` sends the browser there (not to a 401).
+#[tokio::test]
+async fn the_console_is_at_console_with_or_without_the_slash() {
+    let app = start().await;
+    let console = app.send(Method::GET, "/console", None, None).await;
+    assert_eq!(console.status, StatusCode::OK);
+    assert!(console.text.contains("<html"), "{}", console.text);
+    let request = Request::get(format!("{}/console/", app.base))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = app.client.request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(response.headers()["location"], "/console");
+}
+
 #[tokio::test]
 async fn master_key_bodies_are_not_stamped() {
     let app = start().await;

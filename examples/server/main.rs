@@ -45,6 +45,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::DefaultBodyLimit;
 use axum::http::Request;
+use axum::response::Redirect;
 use axum::routing::get;
 use axum::{Json, Router};
 use tower_api_keys::guard::RequireScopes;
@@ -110,6 +111,11 @@ fn app(layer: ApiKeyLayer, manager: KeyManager, records: Records, limiter: RateL
         .layer(layer)
         // Added after the authentication layer: no key needed.
         .nest("/console", console::console().router())
+        // `/console/` is the console too (axum's nest matches `/console` only).
+        .route(
+            "/console/",
+            get(|| async { Redirect::permanent("/console") }),
+        )
         .route("/ping", get(ping))
         .route(
             "/health",
