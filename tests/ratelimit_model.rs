@@ -1,7 +1,7 @@
 //! Both rate-limit backends against one small reference model: random sequences of requests of
-//! random cost for a few keys with random limits, each decided by `MemoryRates` and by
-//! `RedisRates` (when `TEST_REDIS_URL` answers; skipped loudly otherwise, required under
-//! `CI=true`), and by the model.
+//! random cost for a few keys with random rate limits and, for some, credits, each decided by
+//! `MemoryRates` and by `RedisRates` (when `TEST_REDIS_URL` answers; skipped loudly otherwise,
+//! required under `CI=true`), with credits in memory, and by the model.
 //!
 //! The periods are an hour long, so the time a test takes (milliseconds) refills far less than a
 //! unit: the model can ignore time. It says: a request passes when its cost fits in what is left,
@@ -16,12 +16,20 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use proptest::prelude::*;
+use tower_api_keys::error::ErrorCode;
 use tower_api_keys::key::KeyId;
 use tower_api_keys::principal::Principal;
-use tower_api_keys::quota::{RateLimit, UsageLimits};
+use tower_api_keys::quota::{Credits, RateLimit, UsageLimits};
 use tower_api_keys::ratelimit::{Decision, RateLimiter};
 
 const PERIOD_SECONDS: u32 = 3600;
+
+/// One key's settings: its rate limit, and the credits it starts with, if any.
+#[derive(Clone, Copy, Debug)]
+struct Spec {
+    limit: u32,
+    credits: Option<u64>,
+}
 
 /// One request: which key, at what cost.
 #[derive(Clone, Debug)]
@@ -30,41 +38,82 @@ struct Request {
     cost: u32,
 }
 
-fn scenario() -> impl Strategy<Value = (Vec<u32>, Vec<Request>)> {
-    proptest::collection::vec(1u32..=12, 1..=3).prop_flat_map(|limits| {
-        let keys = limits.len();
+fn scenario() -> impl Strategy<Value = (Vec<Spec>, Vec<Request>)> {
+    let spec = (1u32..=12, proptest::option::of(0u64..=30))
+        .prop_map(|(limit, credits)| Spec { limit, credits });
+    proptest::collection::vec(spec, 1..=3).prop_flat_map(|specs| {
+        let keys = specs.len();
         let requests = proptest::collection::vec(
             (0..keys, 1u32..=14).prop_map(|(key, cost)| Request { key, cost }),
             1..=40,
         );
-        (Just(limits), requests)
+        (Just(specs), requests)
     })
 }
 
-/// The reference: units used per key.
+/// What the model expects of one decision.
+#[derive(Debug, PartialEq)]
+struct Expected {
+    /// `None`: admitted.
+    refusal: Option<ErrorCode>,
+    /// Units reported left, when the rate limit was checked (`None`: it was not).
+    rate_left: Option<u32>,
+    /// Credits reported left, for a key with credits.
+    credits_left: Option<u64>,
+}
+
+/// The reference: units used and credits left per key.
 #[derive(Default)]
 struct Model {
     used: HashMap<usize, u32>,
+    credits: HashMap<usize, u64>,
 }
 
 impl Model {
-    /// Whether the request passes, and what is reported left after it.
-    fn decide(&mut self, limit: u32, request: &Request) -> (bool, u32) {
+    /// Credits are asked first: too few refuse the request (`USAGE_EXCEEDED`) before the rate
+    /// limit is looked at. Then the rate limit: a cost above the whole limit never passes
+    /// (reported as nothing left for it), a cost above what is left is refused (`RATE_LIMITED`).
+    /// A refused request spends nothing, credits included.
+    fn decide(&mut self, spec: Spec, request: &Request) -> Expected {
+        let cost = request.cost;
+        let credits = spec
+            .credits
+            .map(|start| *self.credits.entry(request.key).or_insert(start));
+        if let Some(credits) = credits
+            && u64::from(cost) > credits
+        {
+            return Expected {
+                refusal: Some(ErrorCode::UsageExceeded),
+                rate_left: None,
+                credits_left: Some(credits),
+            };
+        }
         let used = self.used.entry(request.key).or_default();
-        let left = limit - *used;
-        if request.cost > limit {
-            // A cost above the whole limit never passes; nothing is left *for it*.
-            (false, 0)
-        } else if request.cost <= left {
-            *used += request.cost;
-            (true, left - request.cost)
+        let left = spec.limit - *used;
+        let (refusal, rate_left) = if cost > spec.limit {
+            (Some(ErrorCode::RateLimited), 0)
+        } else if cost <= left {
+            *used += cost;
+            (None, left - cost)
         } else {
-            (false, left)
+            (Some(ErrorCode::RateLimited), left)
+        };
+        let credits_left = credits.map(|c| match refusal {
+            None => c - u64::from(cost),
+            Some(_) => c,
+        });
+        if let Some(left) = credits_left {
+            self.credits.insert(request.key, left);
+        }
+        Expected {
+            refusal,
+            rate_left: Some(rate_left),
+            credits_left,
         }
     }
 }
 
-fn principal(run: &str, key: usize, limit: u32) -> Principal {
+fn principal(run: &str, key: usize, spec: Spec) -> Principal {
     Principal::scoped(
         KeyId::new(format!("key_{run}_{key}")),
         "model",
@@ -74,8 +123,8 @@ fn principal(run: &str, key: usize, limit: u32) -> Principal {
         None,
     )
     .with_limits(UsageLimits {
-        rate_limit: Some(RateLimit::new(limit, PERIOD_SECONDS)),
-        credits: None,
+        rate_limit: Some(RateLimit::new(spec.limit, PERIOD_SECONDS)),
+        credits: spec.credits.map(Credits::new),
     })
 }
 
@@ -83,16 +132,23 @@ fn principal(run: &str, key: usize, limit: u32) -> Principal {
 fn agree(
     backend: &str,
     decision: &Decision,
-    limit: u32,
+    spec: Spec,
     request: &Request,
-    (allowed, left): (bool, u32),
+    expected: Expected,
 ) -> Result<(), TestCaseError> {
-    let context = format!("{backend}: {request:?} at limit {limit}: {decision:?}");
-    prop_assert_eq!(decision.is_admitted(), allowed, "{}", &context);
-    let rate = decision.rate.as_ref().expect("a rate-limited key");
-    prop_assert_eq!(rate.remaining, left, "{}", &context);
+    let context = format!("{backend}: {request:?} with {spec:?}: {decision:?}");
+    let seen = Expected {
+        refusal: decision.refusal.as_ref().map(|e| e.code()),
+        rate_left: decision.rate.as_ref().map(|r| r.remaining),
+        credits_left: decision.credits.as_ref().map(|c| c.remaining),
+    };
+    prop_assert_eq!(&seen, &expected, "{}", &context);
+    let Some(rate) = decision.rate.as_ref() else {
+        return Ok(());
+    };
+    let (limit, left) = (spec.limit, rate.remaining);
     let emission = Duration::from_secs(PERIOD_SECONDS.into()) / limit;
-    if allowed {
+    if decision.is_admitted() {
         prop_assert_eq!(rate.retry_after, Duration::ZERO, "{}", &context);
         // Full again once every used unit has refilled (Redis counts whole microseconds, rounded
         // up: at most one more per request).
@@ -146,23 +202,30 @@ fn memory_and_redis_rates_follow_the_model() {
         cases: cases(),
         ..ProptestConfig::default()
     };
-    proptest!(config, |((limits, requests) in scenario())| {
+    proptest!(config, |((specs, requests) in scenario())| {
         // Fresh keys for every case: nothing carries over from the last one.
         let run = runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let run = format!("{}_{run}", std::process::id());
         let mut memory_model = Model::default();
         let mut redis_model = Model::default();
+        // One principal per key for the whole case, as the resolver hands out (its credits'
+        // `set_at` is what the in-memory ledger was seeded from).
+        let principals: Vec<_> = specs
+            .iter()
+            .enumerate()
+            .map(|(key, spec)| principal(&run, key, *spec))
+            .collect();
         for request in &requests {
-            let limit = limits[request.key];
-            let principal = principal(&run, request.key, limit);
+            let spec = specs[request.key];
+            let principal = &principals[request.key];
             let decision = memory
-                .check(&principal, request.cost)
+                .check(principal, request.cost)
                 .now_or_never()
                 .expect("in memory");
-            agree("memory", &decision, limit, request, memory_model.decide(limit, request))?;
+            agree("memory", &decision, spec, request, memory_model.decide(spec, request))?;
             if let Some(redis) = &redis {
-                let decision = runtime.block_on(redis.check(&principal, request.cost));
-                agree("redis", &decision, limit, request, redis_model.decide(limit, request))?;
+                let decision = runtime.block_on(redis.check(principal, request.cost));
+                agree("redis", &decision, spec, request, redis_model.decide(spec, request))?;
             }
         }
     });
