@@ -741,13 +741,16 @@ impl RateLimiter {
             #[cfg(feature = "redis")]
             RateKind::Redis(_) => return None,
         };
-        let credits = match (&self.0.credits.0, self.limits_of(principal).credits) {
+        let limits = self.limits_of(principal);
+        let credits = match (&self.0.credits.0, limits.credits) {
             (CreditKind::Memory(ledger), _) => Some(ledger),
             (CreditKind::Store(_), None) => None,
             (CreditKind::Store(_), Some(_)) => return None,
         };
         let backends = InMemory { rates, credits };
-        let decision = self.decide(&backends, principal, cost).now_or_never();
+        let decision = self
+            .decide(&backends, principal.key_id(), limits, cost)
+            .now_or_never();
         Some(decision.expect("in-memory backends answer without waiting"))
     }
 
@@ -772,24 +775,28 @@ impl RateLimiter {
     pub async fn check(&self, principal: &Principal, cost: u32) -> Decision {
         match self.check_now(principal, cost) {
             Some(decision) => decision,
-            None => self.decide(&*self.0, principal, cost).await,
+            None => {
+                let limits = self.limits_of(principal);
+                self.decide(&*self.0, principal.key_id(), limits, cost)
+                    .await
+            }
         }
     }
 
-    /// The one decision, whatever the backends: [`check`](Self::check) awaits it on the configured
-    /// ones, [`check_now`](Self::check_now) runs it to completion on in-memory ones.
+    /// The one decision for a request of `key` under `limits` (those of its principal), whatever
+    /// the backends: [`check`](Self::check) awaits it on the configured ones,
+    /// [`check_now`](Self::check_now) runs it to completion on in-memory ones.
     async fn decide<B: Backends>(
         &self,
         backends: &B,
-        principal: &Principal,
+        key: &KeyId,
+        limits: UsageLimits,
         cost: u32,
     ) -> Decision {
-        let limits = self.limits_of(principal);
         if limits.is_unlimited() {
             return Decision::unlimited();
         }
         let engine = &*self.0;
-        let key = principal.key_id();
         let mut decision = Decision {
             rate_policy: limits.rate_limit,
             ..Decision::unlimited()
