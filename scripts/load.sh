@@ -59,6 +59,43 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# Helpers every mode uses. Failures are lines in a file: `fail` also runs in subshells.
+fail() {
+  echo "FAIL: $*" | tee -a "$work/failures" >&2
+}
+median() { sort -g | awk '{ v[NR] = $1 } END { printf "%.3f\n", NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
+# start_server NAME [VAR=VALUE...]: the example server on a free port with a fresh SQLite file
+# ($work/NAME.db, log $work/NAME.log), 2 tokio workers and no per-request log lines (TraceLayer would
+# write one for every route alike), plus the given environment; sets server_pid, base and master.
+start_server() {
+  local port
+  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  base=http://127.0.0.1:$port
+  master=load-master-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+  env "${@:2}" API_KEYS_MASTER_KEY="$master" DATABASE_URL="sqlite://$work/$1.db" BIND="127.0.0.1:$port" \
+    RUST_LOG=warn TOKIO_WORKER_THREADS=2 "$server_bin" >"$work/$1.log" 2>&1 &
+  server_pid=$!
+  for _ in $(seq 150); do
+    curl -fsS "$base/health" >/dev/null 2>&1 && return 0
+    kill -0 "$server_pid" 2>/dev/null || break
+    sleep 0.2
+  done
+  cat "$work/$1.log" >&2
+  echo "load.sh: the server did not start" >&2
+  exit 1
+}
+
+# CPU time the server has used, in clock ticks (utime + stime; the name "server" has no space).
+server_ticks() { awk '{ print $14 + $15 }' "/proc/$server_pid/stat"; }
+tick_us=$((1000000 / $(getconf CLK_TCK)))
+
+stop_server() {
+  kill "$server_pid" 2>/dev/null || true
+  wait "$server_pid" 2>/dev/null || true
+  server_pid=
+}
+
 # ---- flood mode (`scripts/load.sh flood`): made-up keys beside a legitimate client --------------------
 if [[ ${1:-} == flood ]]; then
   # shellcheck source=load/flood.sh
@@ -69,24 +106,7 @@ if [[ ${1:-} == ratelimit ]]; then
   source "$here/load/ratelimit.sh"
 fi
 
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-base=http://127.0.0.1:$port
-master=load-master-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
-# RUST_LOG=warn: no log line per request (TraceLayer would write one for both routes alike).
-API_KEYS_MASTER_KEY=$master DATABASE_URL=sqlite://$work/load.db BIND=127.0.0.1:$port \
-  RUST_LOG=warn TOKIO_WORKER_THREADS=2 "$server_bin" >"$work/server.log" 2>&1 &
-server_pid=$!
-for _ in $(seq 150); do
-  curl -fsS "$base/health" >/dev/null 2>&1 && break
-  kill -0 "$server_pid" 2>/dev/null || { cat "$work/server.log" >&2; echo "load.sh: server exited" >&2; exit 1; }
-  sleep 0.2
-done
-curl -fsS "$base/health" >/dev/null
-
-# Failures are lines in a file: `fail` also runs in subshells.
-fail() {
-  echo "FAIL: $*" | tee -a "$work/failures" >&2
-}
+start_server load
 
 # api METHOD PATH [BODY]: a call with the master key; prints the body, fails on an error status.
 api() {
@@ -108,7 +128,6 @@ decision() {
     "$(grep -o '"code" *: *"[A-Za-z0-9_]*"' "$work/body" | head -1 | sed 's/.*"\([^"]*\)"$/\1/' | grep . || echo -)" \
     "$(grep -o '"reason" *: *"[A-Za-z0-9_]*"' "$work/body" | head -1 | sed 's/.*"\([^"]*\)"$/\1/' | grep . || echo -)"
 }
-median() { sort -g | awk '{ v[NR] = $1 } END { printf "%.3f\n", NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
 read -r _ valid < <(create load-valid ledgers:read balances:read)
 read -r _ wrong_scope < <(create load-wrong-scope transactions:read)
@@ -131,9 +150,6 @@ printf '\nmachine: %s x %s; load average %s; %s\n' "$(nproc)" \
   "$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)" "$(cut -d' ' -f1-3 /proc/loadavg)" "$(wrk -v 2>&1 | head -1)"
 
 # ---- 1. paired rounds ----------------------------------------------------------------------------
-# CPU time the server has used, in clock ticks (utime + stime; the name "server" has no space).
-server_ticks() { awk '{ print $14 + $15 }' "/proc/$server_pid/stat"; }
-tick_us=$((1000000 / $(getconf CLK_TCK)))
 # run PATH SECONDS: one wrk run with the valid key; prints "<req/s> <p99 µs> <server CPU µs per request>".
 run() {
   local out ticks

@@ -8,51 +8,21 @@
 # server's format, and beside a flood of malformed keys, alternating which goes first. The number is
 # the median of the per-round ratios legit req/s beside made-up / beside malformed.
 # Target for the keyed format: ≥ 0.95. Every flood answer is checked (401 and its reason).
-# Uses from load.sh: server_bin, work, here, server_pid (killed by its cleanup).
+# Uses from load.sh: here, work, fail, median, start_server / stop_server (base, master, server_pid).
 
 flood_rounds=${LOAD_FLOOD_ROUNDS:-4}
 flood_seconds=${LOAD_FLOOD_SECONDS:-5}
 flood_target=0.95
 
-fail() {
-  echo "FAIL: $*" | tee -a "$work/failures" >&2
-}
-median() { sort -g | awk '{ v[NR] = $1 } END { printf "%.3f\n", NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-
-# flood_server PUBLIC_CHECKSUM: starts the example server; sets server_pid, flood_base, flood_master.
-flood_server() {
-  local port
-  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  flood_base=http://127.0.0.1:$port
-  flood_master=load-master-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
-  API_KEYS_MASTER_KEY=$flood_master DATABASE_URL=sqlite://$work/flood-$1.db BIND=127.0.0.1:$port \
-    API_KEYS_PUBLIC_CHECKSUM=$1 RUST_LOG=warn TOKIO_WORKER_THREADS=2 "$server_bin" >"$work/server-$1.log" 2>&1 &
-  server_pid=$!
-  for _ in $(seq 150); do
-    curl -fsS "$flood_base/health" >/dev/null 2>&1 && return 0
-    kill -0 "$server_pid" 2>/dev/null || break
-    sleep 0.2
-  done
-  cat "$work/server-$1.log" >&2
-  echo "load.sh flood: the server did not start" >&2
-  exit 1
-}
-
-flood_stop() {
-  kill "$server_pid" 2>/dev/null || true
-  wait "$server_pid" 2>/dev/null || true
-  server_pid=
-}
-
 # flood_round KEY KIND REASON: legit req/s on /auth/ping while flood.lua sends KIND keys.
 flood_round() {
   local flood_pid out
-  wrk -t1 -c16 -d"$((flood_seconds + 2))s" --timeout 2s -s "$here/load/flood.lua" "$flood_base" -- \
+  wrk -t1 -c16 -d"$((flood_seconds + 2))s" --timeout 2s -s "$here/load/flood.lua" "$base" -- \
     "$2" sk_live "$3" >"$work/flood-out" 2>&1 &
   flood_pid=$!
   sleep 1
   out=$(wrk -t1 -c16 -d"${flood_seconds}s" --timeout 2s -s "$here/load/stats.lua" \
-    -H "X-Api-Key: $1" "$flood_base/auth/ping" | grep '^STATS') || fail "legit wrk failed"
+    -H "X-Api-Key: $1" "$base/auth/ping" | grep '^STATS') || fail "legit wrk failed"
   wait "$flood_pid" || fail "flood wrk failed"
   local flood_line
   flood_line=$(grep '^FLOOD' "$work/flood-out") || { cat "$work/flood-out" >&2; fail "$2 flood: no result"; }
@@ -69,11 +39,11 @@ flood_round() {
 printf '\nflood mode: legit wrk -t1 -c16 on /auth/ping beside a flood wrk -t1 -c16, %ss per run, %s rounds\n' \
   "$flood_seconds" "$flood_rounds"
 for public in 0 1; do
-  flood_server "$public"
-  key=$(curl -fsS -X POST -H "X-Api-Key: $flood_master" -H 'Content-Type: application/json' \
-    -d '{"name":"flood-legit","owner":"load","scopes":["ledgers:read"]}' "$flood_base/api-keys" |
+  start_server "flood-$public" API_KEYS_PUBLIC_CHECKSUM="$public"
+  key=$(curl -fsS -X POST -H "X-Api-Key: $master" -H 'Content-Type: application/json' \
+    -d '{"name":"flood-legit","owner":"load","scopes":["ledgers:read"]}' "$base/api-keys" |
     python3 -c 'import json, sys; print(json.load(sys.stdin)["key"])')
-  curl -fsS -o /dev/null -H "X-Api-Key: $key" "$flood_base/auth/ping" || fail "the legit key is refused"
+  curl -fsS -o /dev/null -H "X-Api-Key: $key" "$base/auth/ping" || fail "the legit key is refused"
   if ((public)); then name="public CRC32"; kind=public; reason=unknown; else name="keyed tag"; kind=keyed; reason=checksum; fi
   printf '\n%s (key length %s)\n' "$name" "${#key}"
   printf '%-6s %20s %12s %8s %22s %14s %8s\n' round "legit beside made-up" "made-up r/s" "503 shed" \
@@ -100,7 +70,7 @@ for public in 0 1; do
     awk -v r="$flood_median" -v m=$flood_target 'BEGIN { exit !(r >= m) }' ||
       fail "keyed flood ratio $flood_median < $flood_target"
   fi
-  flood_stop
+  stop_server
 done
 
 if [[ -s $work/failures ]]; then

@@ -12,67 +12,34 @@
 # `--features redis`) when redis-cli can PING it; with Redis, a bare round trip (redis-benchmark -c 1
 # GET, p50) is measured in the same run for comparison. Every answer must be 200 (a 429 would mean
 # the limit was reached and the comparison is void).
-# Uses from load.sh: root, here, work, server_pid (killed by its cleanup).
+# Uses from load.sh: root, here, work, fail, median, start_server / stop_server (base, master,
+# server_pid).
 
 rl_rounds=${LOAD_RL_ROUNDS:-6}
 rl_seconds=${LOAD_RL_SECONDS:-5}
 rl_redis=${REDIS_URL:-redis://127.0.0.1:6379}
 
-fail() {
-  echo "FAIL: $*" | tee -a "$work/failures" >&2
-}
-median() { sort -g | awk '{ v[NR] = $1 } END { printf "%.3f\n", NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-
 (cd "$root" && cargo build --release --features redis --example server)
-
-# rl_server BACKEND: starts the server; sets server_pid, rl_base, rl_master.
-rl_server() {
-  local port redis_env=()
-  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  rl_base=http://127.0.0.1:$port
-  rl_master=load-master-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
-  [[ $1 == redis ]] && redis_env=(REDIS_URL="$rl_redis")
-  env "${redis_env[@]}" API_KEYS_MASTER_KEY="$rl_master" DATABASE_URL="sqlite://$work/rl-$1.db" \
-    BIND="127.0.0.1:$port" RUST_LOG=warn TOKIO_WORKER_THREADS=2 "$server_bin" >"$work/server-rl-$1.log" 2>&1 &
-  server_pid=$!
-  for _ in $(seq 150); do
-    curl -fsS "$rl_base/health" >/dev/null 2>&1 && return 0
-    kill -0 "$server_pid" 2>/dev/null || break
-    sleep 0.2
-  done
-  cat "$work/server-rl-$1.log" >&2
-  echo "load.sh ratelimit: the server did not start" >&2
-  exit 1
-}
-
-rl_stop() {
-  kill "$server_pid" 2>/dev/null || true
-  wait "$server_pid" 2>/dev/null || true
-  server_pid=
-}
 
 # rl_key NAME [LIMITS_JSON]: a new key with ledgers:read; prints it.
 rl_key() {
-  curl -fsS -X POST -H "X-Api-Key: $rl_master" -H 'Content-Type: application/json' \
-    -d "{\"name\":\"$1\",\"owner\":\"load\",\"scopes\":[\"ledgers:read\"]${2:+,$2}}" "$rl_base/api-keys" |
+  curl -fsS -X POST -H "X-Api-Key: $master" -H 'Content-Type: application/json' \
+    -d "{\"name\":\"$1\",\"owner\":\"load\",\"scopes\":[\"ledgers:read\"]${2:+,$2}}" "$base/api-keys" |
     python3 -c 'import json, sys; print(json.load(sys.stdin)["key"])'
 }
-
-rl_ticks() { awk '{ print $14 + $15 }' "/proc/$server_pid/stat"; }
-rl_tick_us=$((1000000 / $(getconf CLK_TCK)))
 
 # rl_run KEY: one wrk run on /ledgers; prints "<req/s> <p50 µs> <server CPU ns per request>".
 rl_run() {
   local out ticks
-  ticks=$(rl_ticks)
+  ticks=$(server_ticks)
   out=$(wrk -t1 -c32 -d"${rl_seconds}s" --timeout 2s -s "$here/load/stats.lua" \
-    -H "X-Api-Key: $1" "$rl_base/ledgers" | grep '^STATS') || { fail "wrk failed"; echo "0 0 0"; return; }
-  ticks=$(($(rl_ticks) - ticks))
+    -H "X-Api-Key: $1" "$base/ledgers" | grep '^STATS') || { fail "wrk failed"; echo "0 0 0"; return; }
+  ticks=$(($(server_ticks) - ticks))
   field() { sed -n "s/.* $1=\([0-9]*\).*/\1/p" <<<"$out"; }
   [[ $(field errors) == 0 && $(field non2xx) == 0 ]] ||
     fail "$(field errors) socket errors, $(field non2xx) answers outside 2xx"
   awk -v n="$(field requests)" -v us="$(field duration_us)" -v p50="$(field p50_us)" \
-    -v cpu=$((ticks * rl_tick_us)) 'BEGIN { printf "%.0f %d %.0f\n", n * 1e6 / us, p50, cpu * 1000 / n }'
+    -v cpu=$((ticks * tick_us)) 'BEGIN { printf "%.0f %d %.0f\n", n * 1e6 / us, p50, cpu * 1000 / n }'
 }
 
 backends=(memory)
@@ -84,10 +51,12 @@ fi
 
 printf '\nrate-limit mode: wrk -t1 -c32 on GET /ledgers, %ss per run, %s rounds\n' "$rl_seconds" "$rl_rounds"
 for backend in "${backends[@]}"; do
-  rl_server "$backend"
+  redis_env=()
+  [[ $backend == redis ]] && redis_env=(REDIS_URL="$rl_redis")
+  start_server "rl-$backend" "${redis_env[@]}"
   free=$(rl_key rl-free)
   limited=$(rl_key rl-limited '"rate_limit":{"limit":1000000000,"period_seconds":1}')
-  headers=$(curl -fsS -D - -o /dev/null -H "X-Api-Key: $limited" "$rl_base/ledgers")
+  headers=$(curl -fsS -D - -o /dev/null -H "X-Api-Key: $limited" "$base/ledgers")
   grep -qi '^ratelimit:' <<<"$headers" || fail "$backend: the limited key's answer has no RateLimit header"
   printf '\n%s backend\n' "$backend"
   printf '%-6s %12s %12s %10s %10s %12s %12s %8s\n' round "free r/s" "limited r/s" "free p50" \
@@ -118,7 +87,7 @@ $(median <"$work/rl-cpu") ns; added p50 latency $(median <"$work/rl-p50") us"
     summary+="; bare Redis round trip (redis-benchmark -c 1 GET, p50) ${rtt} ms"
   fi
   echo "$summary"
-  rl_stop
+  stop_server
 done
 
 if [[ -s $work/failures ]]; then

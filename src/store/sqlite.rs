@@ -357,6 +357,7 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// The record `id`, read on `conn` (inside the caller's transaction). `None`: no such key.
     async fn fetch(
         conn: &mut SqliteConnection,
         id: &KeyId,
@@ -847,7 +848,7 @@ impl KeyStore for SqliteStore {
         update: &KeyUpdate,
     ) -> Result<Option<KeyRecord>, StoreError> {
         let mut tx = self.begin_immediate().await?;
-        let Some(mut record) = Self::get_in(&mut tx, id).await? else {
+        let Some(mut record) = Self::fetch(&mut tx, id).await? else {
             return Ok(None);
         };
         update.apply(&mut record);
@@ -867,7 +868,7 @@ impl KeyStore for SqliteStore {
     ) -> Result<Option<CreditAdjustment>, StoreError> {
         // BEGIN IMMEDIATE serialises every writer of the file: read, apply the rule, write.
         let mut tx = self.begin_immediate().await?;
-        let Some(mut record) = Self::get_in(&mut tx, id).await? else {
+        let Some(mut record) = Self::fetch(&mut tx, id).await? else {
             return Ok(None);
         };
         let Some(credits) = record.limits.credits.as_mut() else {
@@ -884,22 +885,6 @@ impl KeyStore for SqliteStore {
 }
 
 impl SqliteStore {
-    async fn get_in(
-        conn: &mut SqliteConnection,
-        id: &KeyId,
-    ) -> Result<Option<KeyRecord>, StoreError> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            columns!(),
-            " FROM api_keys WHERE id = ?1"
-        ))
-        .bind(id.as_str())
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(map_sqlx_error)?;
-        decode_opt(row)
-    }
-
     /// Writes the name and usage-limit columns of `record`.
     async fn write_limits(
         conn: &mut SqliteConnection,
