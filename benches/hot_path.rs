@@ -108,6 +108,7 @@ fn setup() -> (ApiKey, CachedResolver, CachedResolver) {
         rotated_at: None,
         previous: None,
         limits: Default::default(),
+        allowed_networks: None,
     };
     let store = MemoryStore::new();
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -118,6 +118,7 @@ fn decode(digest: &KeyDigest) -> KeyRecord {
         rotated_at: None,
         previous: None,
         limits: Default::default(),
+        allowed_networks: None,
     }
 }
 

@@ -11,6 +11,7 @@ pub mod key;
 pub mod layer;
 pub mod manage;
 pub mod metrics;
+pub mod network;
 pub mod principal;
 #[cfg(feature = "provenance")]
 pub mod provenance;

@@ -53,7 +53,8 @@ use time::OffsetDateTime;
 
 use crate::error::AuthError;
 use crate::key::{KeyId, MASTER_KEY_ID};
-use crate::quota::UsageLimits;
+use crate::network::Networks;
+use crate::quota::{Budget, UsageLimits};
 use crate::scope::{Scope, ScopeSet};
 
 /// Marker [`ApiKeyLayer`](crate::layer::ApiKeyLayer) leaves on requests it let through without a
@@ -97,6 +98,8 @@ struct Inner {
     kind: PrincipalKind,
     expires_at: Option<OffsetDateTime>,
     limits: UsageLimits,
+    budget: Budget,
+    networks: Option<Networks>,
 }
 
 impl Principal {
@@ -111,6 +114,8 @@ impl Principal {
             kind: PrincipalKind::Master,
             expires_at: None,
             limits: UsageLimits::NONE,
+            budget: Budget::NONE,
+            networks: None,
         }))
     }
 
@@ -132,6 +137,8 @@ impl Principal {
             kind: PrincipalKind::Scoped,
             expires_at,
             limits: UsageLimits::NONE,
+            budget: Budget::NONE,
+            networks: None,
         }))
     }
 
@@ -141,6 +148,32 @@ impl Principal {
     pub fn with_limits(mut self, limits: UsageLimits) -> Self {
         Arc::make_mut(&mut self.0).limits = limits;
         self
+    }
+
+    /// The same principal with the chain of budgets its requests count against (see [`Budget`]):
+    /// the key's own limits, its limited ancestors' and the pools'. What
+    /// [`RateLimitLayer`](crate::ratelimit::RateLimitLayer) enforces.
+    #[must_use]
+    pub fn with_budget(mut self, budget: Budget) -> Self {
+        Arc::make_mut(&mut self.0).budget = budget;
+        self
+    }
+
+    /// The same principal allowed only from `networks`.
+    #[must_use]
+    pub fn with_networks(mut self, networks: Option<Networks>) -> Self {
+        Arc::make_mut(&mut self.0).networks = networks;
+        self
+    }
+
+    /// Every budget a request of this key counts against, in order (empty: no limit anywhere).
+    pub fn budget(&self) -> &Budget {
+        &self.0.budget
+    }
+
+    /// Where the key may be used from (`None`: anywhere).
+    pub fn allowed_networks(&self) -> Option<&Networks> {
+        self.0.networks.as_ref()
     }
 
     /// The key's rate limit and credits, as its record had them when it was loaded (the live credit
@@ -224,6 +257,8 @@ impl fmt::Debug for Principal {
             .field("kind", &self.0.kind)
             .field("expires_at", &self.0.expires_at)
             .field("limits", &self.0.limits)
+            .field("budget", &self.0.budget)
+            .field("allowed_networks", &self.0.networks)
             .finish()
     }
 }
@@ -238,7 +273,9 @@ impl PartialEq for Principal {
                 && self.0.account == other.0.account
                 && self.0.expires_at == other.0.expires_at
                 && self.0.name == other.0.name
-                && self.0.limits == other.0.limits)
+                && self.0.limits == other.0.limits
+                && self.0.budget == other.0.budget
+                && self.0.networks == other.0.networks)
     }
 }
 

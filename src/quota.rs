@@ -4,10 +4,13 @@
 //! delegation order (what is "no looser") the management API checks.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
+
+use crate::key::KeyId;
 
 /// A usage setting out of bounds; the message names the field and the bound.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -266,6 +269,113 @@ impl UsageLimits {
             return Some("credits");
         }
         None
+    }
+}
+
+/// A shared pool of usage: every key of one account, or of one owner, counts against it (what
+/// other platforms call identities or consumer groups: twenty keys cannot route around it).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PoolId {
+    /// The owner.
+    pub owner: Arc<str>,
+    /// The account, for an account pool; `None` for the owner's pool.
+    pub account: Option<Arc<str>>,
+}
+
+impl PoolId {
+    /// The pool of every key of `owner`.
+    pub fn owner(owner: impl Into<Arc<str>>) -> Self {
+        Self {
+            owner: owner.into(),
+            account: None,
+        }
+    }
+
+    /// The pool of every key of `owner` acting in `account`.
+    pub fn account(owner: impl Into<Arc<str>>, account: impl Into<Arc<str>>) -> Self {
+        Self {
+            owner: owner.into(),
+            account: Some(account.into()),
+        }
+    }
+}
+
+/// Whose usage one level of a [`Budget`] counts: a key's (the key itself or an ancestor), or a
+/// pool's.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BudgetId {
+    /// A key's own rate limit and credits.
+    Key(KeyId),
+    /// A shared pool.
+    Pool(PoolId),
+}
+
+impl fmt::Display for BudgetId {
+    /// `key:<id>`, `pool:<owner>` or `pool:<owner>/<account>` (owners and accounts are visible
+    /// ASCII; this form is for logs and backend keys, it is not parsed back).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Key(id) => write!(f, "key:{id}"),
+            Self::Pool(PoolId {
+                owner,
+                account: None,
+            }) => write!(f, "pool:{}:{owner}", owner.len()),
+            Self::Pool(PoolId {
+                owner,
+                account: Some(account),
+            }) => write!(f, "pool:{}:{owner}/{account}", owner.len()),
+        }
+    }
+}
+
+/// One level of a [`Budget`]: whose, and its limits.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BudgetLevel {
+    /// Whose usage this level counts.
+    pub id: BudgetId,
+    /// Its rate limit and credits (at least one is set).
+    pub limits: UsageLimits,
+}
+
+/// Every budget a request of one key counts against, in order: the key's own (when it has
+/// limits), each ancestor's that has limits (nearest first), then the account pool and the owner
+/// pool when set. A request is admitted only if every level admits it, and then spends at every
+/// level (I3: a budget binds its whole subtree). Empty for a key with no limit anywhere in its
+/// chain, which then costs the limiter one branch. Cheap to clone (one `Arc`).
+#[derive(Clone, PartialEq, Eq, Hash, Default)]
+pub struct Budget(Option<Arc<[BudgetLevel]>>);
+
+impl Budget {
+    /// No limit anywhere.
+    pub const NONE: Self = Self(None);
+
+    /// The levels that have a limit, in the order given (levels without one are dropped).
+    pub fn new(levels: impl IntoIterator<Item = BudgetLevel>) -> Self {
+        let levels: Vec<BudgetLevel> = levels
+            .into_iter()
+            .filter(|level| !level.limits.is_unlimited())
+            .collect();
+        if levels.is_empty() {
+            Self(None)
+        } else {
+            Self(Some(levels.into()))
+        }
+    }
+
+    /// The levels, in order.
+    pub fn levels(&self) -> &[BudgetLevel] {
+        self.0.as_deref().unwrap_or(&[])
+    }
+
+    /// Whether no level limits anything.
+    pub fn is_unlimited(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+impl fmt::Debug for Budget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.levels()).finish()
     }
 }
 

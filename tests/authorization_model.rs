@@ -564,6 +564,7 @@ async fn run(seeds: Vec<Seed>, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 valid_until: now - time::Duration::minutes(1),
             }),
             limits: Default::default(),
+            allowed_networks: None,
         };
         sys.store
             .insert(&record, KeyLimits::default(), now)

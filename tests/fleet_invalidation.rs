@@ -65,6 +65,7 @@ async fn new_key(store: &impl KeyStore) -> (ApiKey, KeyRecord) {
         rotated_at: None,
         previous: None,
         limits: Default::default(),
+        allowed_networks: None,
     };
     store
         .insert(&record, KeyLimits::default(), now)

@@ -61,6 +61,7 @@ async fn fixture() -> Fixture {
         rotated_at: None,
         previous: None,
         limits: Default::default(),
+        allowed_networks: None,
     };
     store
         .insert(&record, KeyLimits::default(), now)

@@ -98,6 +98,7 @@ async fn key_with(store: &PostgresStore, limits: UsageLimits) -> (String, KeyId)
         rotated_at: None,
         previous: None,
         limits,
+        allowed_networks: None,
     };
     store
         .insert(&record, KeyLimits::default(), OffsetDateTime::now_utc())

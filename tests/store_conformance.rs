@@ -222,6 +222,7 @@ fn record(id: &str, owner: &str, account: &str) -> KeyRecord {
         rotated_at: None,
         previous: None,
         limits: Default::default(),
+        allowed_networks: None,
     }
 }
 

@@ -80,6 +80,7 @@ fn fixture() -> &'static Fixture {
                 rotated_at: None,
                 previous: None,
                 limits: Default::default(),
+                allowed_networks: None,
             };
             let insert = fixture.store.insert(&record, KeyLimits::default(), now);
             fixture.runtime.block_on(insert).unwrap();

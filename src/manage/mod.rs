@@ -591,6 +591,7 @@ impl KeyManager {
             rotated_at: None,
             previous: None,
             limits,
+            allowed_networks: None,
         };
         if let Err(error) = self.store.insert(&record, self.policy.limits, now).await {
             return Err(match error.kind() {

@@ -90,6 +90,7 @@ use crate::clock::{nanos_of, now_unix_nanos};
 use crate::error::{AuthError, ExpiredReason, InvalidKeyReason};
 use crate::key::{KeyDigest, KeyFormat, KeyId};
 use crate::principal::Principal;
+use crate::quota::{Budget, BudgetId, BudgetLevel};
 use crate::store::{KeyRecord, KeyStore, StoreError, StoreErrorKind};
 use crate::throttle::Throttle;
 use crate::usage::{UsageMark, Used};
@@ -149,6 +150,7 @@ impl ResolvedKey {
     fn from_record(
         record: &KeyRecord,
         digest: &KeyDigest,
+        above: Vec<BudgetLevel>,
         ttl: Duration,
         read_at: i64,
         shared: &intern::Interner,
@@ -171,7 +173,15 @@ impl ResolvedKey {
                 shared.scopes(&record.scopes),
                 effective,
             )
-            .with_limits(record.limits),
+            .with_limits(record.limits)
+            .with_budget(Budget::new(
+                std::iter::once(BudgetLevel {
+                    id: BudgetId::Key(record.id.clone()),
+                    limits: record.limits,
+                })
+                .chain(above),
+            ))
+            .with_networks(record.allowed_networks.clone()),
             expires_at,
             read_at,
             cached_until,
@@ -605,13 +615,30 @@ impl CachedResolver {
             Err(_) => Err(timed_out()),
             Ok(Err(e)) => Err(e),
             Ok(Ok(None)) => Ok(CacheEntry::Unknown { read_at }),
-            Ok(Ok(Some(record))) => Ok(CacheEntry::Known(Arc::new(ResolvedKey::from_record(
-                &record,
-                digest,
-                inner.ttl,
-                read_at,
-                &inner.shared,
-            )))),
+            Ok(Ok(Some(record))) => {
+                // The budgets above the key's own: only for a live key (a revoked or expired one
+                // is refused before any budget is asked).
+                let live = record.revoked_at.is_none()
+                    && effective_expiry(&record, digest).is_none_or(|at| nanos_of(at) > read_at);
+                let above = if live {
+                    let above =
+                        tokio::time::timeout_at(deadline, inner.store.budget_above(&record));
+                    match above.await {
+                        Err(_) => return Err(timed_out()),
+                        Ok(result) => result?,
+                    }
+                } else {
+                    Vec::new()
+                };
+                Ok(CacheEntry::Known(Arc::new(ResolvedKey::from_record(
+                    &record,
+                    digest,
+                    above,
+                    inner.ttl,
+                    read_at,
+                    &inner.shared,
+                ))))
+            }
         }
     }
 
@@ -797,6 +824,7 @@ mod tests {
             rotated_at: None,
             previous: None,
             limits: Default::default(),
+            allowed_networks: None,
         };
         (key, record)
     }

@@ -29,7 +29,8 @@ pub use postgres::{InvalidIdentifier, PostgresStore, PostgresStoreBuilder};
 pub use sqlite::SqliteStore;
 
 use crate::key::{DigestScheme, FormatSecret, KeyDigest, KeyId};
-use crate::quota::{Credits, UsageLimits};
+use crate::network::Networks;
+use crate::quota::{BudgetId, BudgetLevel, Credits, PoolId, UsageLimits};
 use crate::scope::ScopeSet;
 
 /// One stored key: metadata and the digest of its secret.
@@ -68,6 +69,9 @@ pub struct KeyRecord {
     /// The key's rate limit and credits (none: unlimited). Stores keep `credits.remaining` current
     /// when they count credits ([`KeyStore::adjust_credits`]).
     pub limits: UsageLimits,
+    /// Where the key may be used from (`None`: anywhere). Set at creation; a delegated key's lie
+    /// within its creator's.
+    pub allowed_networks: Option<Networks>,
 }
 
 /// A rotated-out secret that keeps working until `valid_until`.
@@ -92,6 +96,31 @@ impl KeyRecord {
     pub fn digests(&self) -> impl Iterator<Item = &KeyDigest> {
         std::iter::once(&self.digest).chain(self.previous.as_ref().map(|p| &p.digest))
     }
+}
+
+/// The deepest delegation: a key created by a master-created key is at depth 1, its own
+/// creations at depth 2, and so on up to this. Bounded so that walking a key's ancestry (the
+/// containment rule, its budget chain) is a bounded read, and a chain's budget decision a bounded
+/// number of levels.
+pub const MAX_DELEGATION_DEPTH: usize = 8;
+
+/// What [`KeyStore::spend_credits`] did, all levels at once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChainSpend {
+    /// Spent at every level that counts credits; what each level has left (`None`: that level
+    /// has no credits in the store, and was not counted), in the order asked.
+    Spent {
+        /// Left per level.
+        remaining: Vec<Option<u64>>,
+    },
+    /// Level `level` had less than the cost: nothing was spent anywhere (due refills were still
+    /// applied).
+    Insufficient {
+        /// Which level (an index into the levels asked).
+        level: usize,
+        /// What it has left.
+        remaining: u64,
+    },
 }
 
 /// Maximum active (unrevoked, unexpired) keys, enforced by [`KeyStore::insert`] atomically.
@@ -474,6 +503,197 @@ pub trait KeyStore: Send + Sync + 'static {
             "this key store cannot count credits",
         ))
     }
+
+    /// The key's ancestors, nearest first: its creator, its creator's creator, and so on, at most
+    /// [`MAX_DELEGATION_DEPTH`] of them. The walk stops at a master-created key or at a creator
+    /// that is gone (deleted). Revoked and expired ancestors are included.
+    ///
+    /// The default walks [`get`](Self::get) one level at a time; a store with a query language
+    /// should answer in one query.
+    async fn ancestors(&self, id: &KeyId) -> Result<Vec<KeyRecord>, StoreError> {
+        ancestors_by_walking(self, id).await
+    }
+
+    /// Every key `id` created, transitively (its subtree without itself), revoked ones included,
+    /// in no order; empty for an unknown key. The default pages through the owner's listing.
+    async fn descendants(&self, id: &KeyId) -> Result<Vec<KeyRecord>, StoreError> {
+        descendants_by_listing(self, id).await
+    }
+
+    /// The levels a request of `record`'s key counts against above its own (see
+    /// [`Budget`](crate::quota::Budget)): each ancestor that has limits, nearest first, then the
+    /// account pool and the owner pool when set. What the resolver attaches to a principal.
+    ///
+    /// The default asks [`ancestors`](Self::ancestors) (only for a delegated key) and
+    /// [`pool`](Self::pool) twice; a store with a query language should answer in one round trip.
+    async fn budget_above(&self, record: &KeyRecord) -> Result<Vec<BudgetLevel>, StoreError> {
+        let mut levels = Vec::new();
+        if record.created_by.is_some() {
+            for ancestor in self.ancestors(&record.id).await? {
+                levels.push(BudgetLevel {
+                    id: BudgetId::Key(ancestor.id),
+                    limits: ancestor.limits,
+                });
+            }
+        }
+        let owner: Arc<str> = record.owner.as_str().into();
+        for pool in [
+            PoolId::account(owner.clone(), record.account.as_str()),
+            PoolId::owner(owner),
+        ] {
+            if let Some(limits) = self.pool(&pool).await? {
+                levels.push(BudgetLevel {
+                    id: BudgetId::Pool(pool),
+                    limits,
+                });
+            }
+        }
+        levels.retain(|level| !level.limits.is_unlimited());
+        Ok(levels)
+    }
+
+    /// The limits of a shared pool (its credits as last written), `None` when none is set.
+    ///
+    /// The default has no pools.
+    async fn pool(&self, pool: &PoolId) -> Result<Option<UsageLimits>, StoreError> {
+        let _ = pool;
+        Ok(None)
+    }
+
+    /// Sets a pool's limits, or removes the pool with `None`. With `if_absent`, writes only when no
+    /// pool is set (an insert-if-absent: instances racing all see the first one). Returns whether it
+    /// wrote.
+    ///
+    /// The default answers [`StoreErrorKind::Unsupported`].
+    async fn set_pool(
+        &self,
+        pool: &PoolId,
+        limits: Option<UsageLimits>,
+        if_absent: bool,
+    ) -> Result<bool, StoreError> {
+        let _ = (pool, limits, if_absent);
+        Err(StoreError::from_kind(StoreErrorKind::Unsupported))
+    }
+
+    /// Spends `cost` credits at every level of `levels` that has credits in the store (a key's own,
+    /// a pool's), applying due refills first, all or nothing in one atomic step: if any level has
+    /// less than `cost`, nothing is spent anywhere ([`ChainSpend::Insufficient`]). Concurrent
+    /// calls never spend more than there is at any level, across every process sharing the store.
+    ///
+    /// The default handles one key level through [`adjust_credits`](Self::adjust_credits), and
+    /// answers [`StoreErrorKind::Unsupported`] for more.
+    async fn spend_credits(
+        &self,
+        levels: &[BudgetId],
+        cost: u64,
+        now: OffsetDateTime,
+    ) -> Result<ChainSpend, StoreError> {
+        match levels {
+            [] => Ok(ChainSpend::Spent {
+                remaining: Vec::new(),
+            }),
+            [BudgetId::Key(id)] => {
+                let delta = -i64::try_from(cost).unwrap_or(i64::MAX);
+                Ok(match self.adjust_credits(id, delta, now).await? {
+                    None => ChainSpend::Spent {
+                        remaining: vec![None],
+                    },
+                    Some(CreditAdjustment::Applied { remaining }) => ChainSpend::Spent {
+                        remaining: vec![Some(remaining)],
+                    },
+                    Some(CreditAdjustment::Insufficient { remaining }) => {
+                        ChainSpend::Insufficient {
+                            level: 0,
+                            remaining,
+                        }
+                    }
+                })
+            }
+            _ => Err(StoreError::from_kind(StoreErrorKind::Unsupported)),
+        }
+    }
+
+    /// Gives `cost` credits back at every level of `levels` that has credits (a refused request
+    /// spends nothing), in one atomic step. The default mirrors
+    /// [`spend_credits`](Self::spend_credits)'s.
+    async fn refund_credits(
+        &self,
+        levels: &[BudgetId],
+        cost: u64,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        match levels {
+            [] => Ok(()),
+            [BudgetId::Key(id)] => {
+                let delta = i64::try_from(cost).unwrap_or(i64::MAX);
+                self.adjust_credits(id, delta, now).await.map(drop)
+            }
+            _ => Err(StoreError::from_kind(StoreErrorKind::Unsupported)),
+        }
+    }
+}
+
+/// [`KeyStore::ancestors`] by walking [`KeyStore::get`] (its default).
+async fn ancestors_by_walking<S: KeyStore + ?Sized>(
+    store: &S,
+    id: &KeyId,
+) -> Result<Vec<KeyRecord>, StoreError> {
+    let mut chain = Vec::new();
+    let Some(record) = store.get(id).await? else {
+        return Ok(chain);
+    };
+    let mut next = record.created_by;
+    while let Some(parent) = next {
+        if chain.len() == MAX_DELEGATION_DEPTH {
+            break;
+        }
+        match store.get(&parent).await? {
+            Some(record) => {
+                next = record.created_by.clone();
+                chain.push(record);
+            }
+            None => break,
+        }
+    }
+    Ok(chain)
+}
+
+/// [`KeyStore::descendants`] by paging through the owner's listing (its default).
+async fn descendants_by_listing<S: KeyStore + ?Sized>(
+    store: &S,
+    id: &KeyId,
+) -> Result<Vec<KeyRecord>, StoreError> {
+    const PAGE: u32 = 500;
+    let Some(root) = store.get(id).await? else {
+        return Ok(Vec::new());
+    };
+    let mut query = ListQuery {
+        owner: root.owner.clone(),
+        account: None,
+        before: None,
+        limit: PAGE,
+    };
+    let mut all = Vec::new();
+    loop {
+        let page = store.list(&query).await?;
+        let full = page.len() == PAGE as usize;
+        query.before = page.last().map(|r| r.id.clone());
+        all.extend(page);
+        if !full {
+            break;
+        }
+    }
+    let mut found = Vec::new();
+    let mut frontier = vec![root.id];
+    while let Some(parent) = frontier.pop() {
+        let (children, rest): (Vec<_>, Vec<_>) = all
+            .into_iter()
+            .partition(|r| r.created_by.as_ref() == Some(&parent));
+        all = rest;
+        frontier.extend(children.iter().map(|c| c.id.clone()));
+        found.extend(children);
+    }
+    Ok(found)
 }
 
 /// [`KeyStore::count_active`] by paging through [`KeyStore::list`] (its default).
@@ -592,6 +812,42 @@ impl<T: KeyStore + ?Sized> KeyStore for Arc<T> {
     ) -> Result<Option<CreditAdjustment>, StoreError> {
         (**self).adjust_credits(id, delta, now).await
     }
+    async fn ancestors(&self, id: &KeyId) -> Result<Vec<KeyRecord>, StoreError> {
+        (**self).ancestors(id).await
+    }
+    async fn descendants(&self, id: &KeyId) -> Result<Vec<KeyRecord>, StoreError> {
+        (**self).descendants(id).await
+    }
+    async fn pool(&self, pool: &PoolId) -> Result<Option<UsageLimits>, StoreError> {
+        (**self).pool(pool).await
+    }
+    async fn budget_above(&self, record: &KeyRecord) -> Result<Vec<BudgetLevel>, StoreError> {
+        (**self).budget_above(record).await
+    }
+    async fn set_pool(
+        &self,
+        pool: &PoolId,
+        limits: Option<UsageLimits>,
+        if_absent: bool,
+    ) -> Result<bool, StoreError> {
+        (**self).set_pool(pool, limits, if_absent).await
+    }
+    async fn spend_credits(
+        &self,
+        levels: &[BudgetId],
+        cost: u64,
+        now: OffsetDateTime,
+    ) -> Result<ChainSpend, StoreError> {
+        (**self).spend_credits(levels, cost, now).await
+    }
+    async fn refund_credits(
+        &self,
+        levels: &[BudgetId],
+        cost: u64,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        (**self).refund_credits(levels, cost, now).await
+    }
 }
 
 #[cfg(test)]
@@ -624,6 +880,7 @@ mod tests {
                 rotated_at: None,
                 previous: None,
                 limits: UsageLimits::default(),
+                allowed_networks: None,
             };
             store
                 .insert(&record, KeyLimits::default(), now)

@@ -187,6 +187,7 @@ impl RawRecord {
             rotated_at: self.rotated_at,
             previous,
             limits: self.limits.into_limits()?,
+            allowed_networks: None,
         })
     }
 }

@@ -170,5 +170,6 @@ pub fn record(format: &KeyFormat, key: &ApiKey, owner: &str, scopes: &str) -> Ke
         rotated_at: None,
         previous: None,
         limits: Default::default(),
+        allowed_networks: None,
     }
 }
