@@ -123,6 +123,11 @@ error_codes! {
     CrossOwnerAccess = "AUTH_CROSS_OWNER_ACCESS", FORBIDDEN, 7;
     /// `AUTH_SCOPE_ESCALATION`: granting scopes or an expiry beyond the caller's own (403).
     ScopeEscalation = "AUTH_SCOPE_ESCALATION", FORBIDDEN, 7;
+    /// `AUTH_OUTSIDE_SUBTREE`: changing, or obtaining the secret of, a key the caller did not
+    /// create (directly or through its delegates): a scoped key governs its own subtree only (403).
+    OutsideSubtree = "AUTH_OUTSIDE_SUBTREE", FORBIDDEN, 7;
+    /// `AUTH_NETWORK_NOT_ALLOWED`: the request comes from outside the key's allowed networks (403).
+    NetworkNotAllowed = "AUTH_NETWORK_NOT_ALLOWED", FORBIDDEN, 7;
     /// `AUTH_MASTER_KEY_REQUIRED`: only the master key may do this (403).
     MasterKeyRequired = "AUTH_MASTER_KEY_REQUIRED", FORBIDDEN, 7;
     /// `APIKEY_OWNER_REQUIRED`: a master-key call that names no owner (400).
@@ -138,6 +143,10 @@ error_codes! {
     /// `REQUEST_INVALID_METADATA`: a JSON body's metadata field is not an object, so provenance
     /// cannot be stamped into it (400).
     InvalidMetadata = "REQUEST_INVALID_METADATA", BAD_REQUEST, 3;
+    /// `REQUEST_AMBIGUOUS_METADATA`: a JSON body that readers could understand in two ways: two
+    /// metadata members equal under ASCII case folding, or a member named like the provenance
+    /// stamp where the layer does not write it (400).
+    AmbiguousMetadata = "REQUEST_AMBIGUOUS_METADATA", BAD_REQUEST, 3;
     /// `REQUEST_UNSUPPORTED_MEDIA_TYPE`: a stamped route got a body it cannot stamp (not a JSON
     /// object by media type or content, an encoding, ambiguous framing headers) from a scoped key (415).
     UnsupportedMediaType = "REQUEST_UNSUPPORTED_MEDIA_TYPE", UNSUPPORTED_MEDIA_TYPE, 3;
@@ -238,6 +247,13 @@ pub enum AuthError {
     /// The caller tried to grant more than it holds.
     #[error("{0}")]
     ScopeEscalation(Cow<'static, str>),
+    /// A power operation on a key outside the caller's subtree (invariant I1); the message names
+    /// the operation.
+    #[error("{0}")]
+    OutsideSubtree(Cow<'static, str>),
+    /// The request comes from outside the key's allowed networks.
+    #[error("API key is not allowed from this network")]
+    NetworkNotAllowed,
     /// The operation needs the master key.
     #[error("this operation requires the master key")]
     MasterKeyRequired,
@@ -267,6 +283,10 @@ pub enum AuthError {
     /// A JSON body's metadata field is not an object (provenance cannot be stamped).
     #[error("{0}")]
     InvalidMetadata(Cow<'static, str>),
+    /// A JSON body with metadata or stamp members that readers could match in two ways; the message
+    /// says which (never echoing the body).
+    #[error("{0}")]
+    AmbiguousMetadata(Cow<'static, str>),
     /// A stamped route got a body it cannot stamp; the message says why (never echoing the body).
     #[error("{0}")]
     UnsupportedMediaType(Cow<'static, str>),
@@ -300,6 +320,8 @@ impl AuthError {
             Self::InsufficientPermissions { .. } => ErrorCode::InsufficientPermissions,
             Self::CrossOwnerAccess => ErrorCode::CrossOwnerAccess,
             Self::ScopeEscalation(_) => ErrorCode::ScopeEscalation,
+            Self::OutsideSubtree(_) => ErrorCode::OutsideSubtree,
+            Self::NetworkNotAllowed => ErrorCode::NetworkNotAllowed,
             Self::MasterKeyRequired => ErrorCode::MasterKeyRequired,
             Self::OwnerRequired => ErrorCode::OwnerRequired,
             Self::InvalidRequest(_) => ErrorCode::InvalidRequest,
@@ -307,6 +329,7 @@ impl AuthError {
             Self::NotFound => ErrorCode::NotFound,
             Self::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
             Self::InvalidMetadata(_) => ErrorCode::InvalidMetadata,
+            Self::AmbiguousMetadata(_) => ErrorCode::AmbiguousMetadata,
             Self::UnsupportedMediaType(_) => ErrorCode::UnsupportedMediaType,
             Self::Unavailable(_) => ErrorCode::Unavailable,
             Self::RateLimited { .. } => ErrorCode::RateLimited,
@@ -571,6 +594,13 @@ impl AuthError {
             ErrorCode::UnsupportedMediaType => {
                 Self::UnsupportedMediaType("the body is not a JSON object".into())
             }
+            ErrorCode::AmbiguousMetadata => {
+                Self::AmbiguousMetadata("meta_data appears twice under ASCII case folding".into())
+            }
+            ErrorCode::OutsideSubtree => {
+                Self::OutsideSubtree("cannot rotate a key outside the calling key's subtree".into())
+            }
+            ErrorCode::NetworkNotAllowed => Self::NetworkNotAllowed,
             ErrorCode::Unavailable => Self::Unavailable(StoreError::unavailable("refused")),
             ErrorCode::RateLimited => Self::RateLimited { retry_after: 3 },
             ErrorCode::UsageExceeded => Self::UsageExceeded {
