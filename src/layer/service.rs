@@ -219,7 +219,10 @@ where
             }
             Verdict::Admit(principal) => {
                 if let Some(principal) = &principal
-                    && let Err(error) = config.client.admit(principal, req.headers(), req.extensions())
+                    && let Err(error) =
+                        config
+                            .client
+                            .admit(principal, req.headers(), req.extensions())
                 {
                     return ResponseFuture::rejected(refuse(&self.rejection, error));
                 }
