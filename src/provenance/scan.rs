@@ -910,7 +910,7 @@ mod tests {
         assert_eq!(meta.kind, Kind::Object);
         assert_eq!(
             &doc[meta.value.0..meta.value.1],
-            r#"{"x":{"BLNK_GENERATED_BY":1},"BLNK_GENERATED_BY":"f","y":2}"#
+            r#"{"x":{"BLNK_GENERATED":1},"BLNK_GENERATED_BY":"f","y":2}"#
         );
         assert_eq!(meta.stamps.len(), 1);
         let s = &meta.stamps[0];
