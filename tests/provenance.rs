@@ -1841,8 +1841,9 @@ fn forged_stamps_are_never_stored() {
     );
     // Both outcomes are exercised, so the property is not vacuous.
     assert!(refused > FRAMING_CASES / 4, "{refused} refused");
-    // About 12% of framings are stampable JSON; a sixteenth leaves room for proptest's randomness.
-    assert!(stored_some > FRAMING_CASES / 16, "{stored_some} stored");
+    // About 5% of framings are stampable, unambiguous JSON (most forgeries are refused); a
+    // thirty-second leaves room for proptest's randomness.
+    assert!(stored_some > FRAMING_CASES / 32, "{stored_some} stored");
 }
 
 // ---------------------------------------------------------------------------------------------
