@@ -174,12 +174,7 @@ async fn a_narrow_key_cannot_rotate_or_revoke_a_broader_sibling() {
     for target in [&broad_id, &peer_id] {
         for body in [None, Some(json!({"grace_period_seconds": 2_592_000}))] {
             let (status, json) = s
-                .send(
-                    "POST",
-                    &format!("/api-keys/{target}/rotate"),
-                    &narrow,
-                    body,
-                )
+                .send("POST", &format!("/api-keys/{target}/rotate"), &narrow, body)
                 .await;
             assert_eq!(status, StatusCode::FORBIDDEN, "{json}");
             assert_eq!(code(&json), "AUTH_OUTSIDE_SUBTREE");
@@ -204,9 +199,7 @@ async fn a_narrow_key_cannot_rotate_or_revoke_a_broader_sibling() {
     }
 
     // What it created, it may rotate and revoke.
-    let (_, child_id) = s
-        .create(&narrow, json!({"scopes": ["ledgers:read"]}))
-        .await;
+    let (_, child_id) = s.create(&narrow, json!({"scopes": ["ledgers:read"]})).await;
     let (status, json) = s
         .send(
             "POST",
@@ -268,7 +261,10 @@ async fn an_expiring_key_cannot_rotate_a_key_that_outlives_it() {
         (StatusCode::FORBIDDEN, "AUTH_SCOPE_ESCALATION")
     );
     let (_, child) = s
-        .create(&short, json!({"scopes": ["ledgers:read"], "expires_at": in_days(5)}))
+        .create(
+            &short,
+            json!({"scopes": ["ledgers:read"], "expires_at": in_days(5)}),
+        )
         .await;
     let (status, json) = s
         .send("POST", &format!("/api-keys/{child}/rotate"), &short, None)
