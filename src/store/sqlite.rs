@@ -13,13 +13,15 @@ use tokio::sync::OnceCell;
 
 use super::sql_common::{
     LimitColumns, RawRecord, from_unix_micros, is_sqlite_busy, map_sqlx_error, micros,
-    to_unix_micros,
+    networks_text, pool_key, to_unix_micros,
 };
 use super::{
-    CreditAdjustment, FormatSecrets, KeyChange, KeyLimits, KeyRecord, KeyStore, KeyUpdate,
-    ListQuery, Rotation, StoreError, StoreErrorKind, StoredSecret,
+    ChainLevels, ChainSpend, CreditAdjustment, FormatSecrets, KeyChange, KeyLimits, KeyRecord,
+    KeyStore, KeyUpdate, ListQuery, MAX_DELEGATION_DEPTH, Rotation, StoreError, StoreErrorKind,
+    StoredSecret,
 };
 use crate::key::{FormatSecret, KeyDigest, KeyId, MAX_SECRET_VERSION};
+use crate::quota::{BudgetId, BudgetLevel, Credits, PoolId, UsageLimits};
 
 /// The columns of `api_keys`, in the order [`decode`] reads them.
 macro_rules! columns {
@@ -27,7 +29,42 @@ macro_rules! columns {
         "id, name, owner, account, scopes, digest, digest_scheme, masked_key, created_at, \
          expires_at, revoked_at, last_used_at, created_by, rotated_at, previous_digest, \
          previous_digest_scheme, previous_valid_until, rate_limit, rate_period_seconds, \
-         credits_remaining, credits_refill_interval, credits_refill_amount, credits_set_at"
+         credits_remaining, credits_refill_interval, credits_refill_amount, credits_set_at, \
+         allowed_networks"
+    };
+}
+
+/// The usage-limit columns of `api_keys` and `api_key_pools`, in the order [`decode_limits`]
+/// reads them.
+macro_rules! limit_columns {
+    () => {
+        "rate_limit, rate_period_seconds, credits_remaining, credits_refill_interval, \
+         credits_refill_amount, credits_set_at"
+    };
+}
+
+/// The recursive CTE `tree(id)`: every descendant of the key `?1` (its subtree without itself).
+/// Shared by the cascades and [`KeyStore::descendants`].
+macro_rules! descendant_tree {
+    () => {
+        "WITH RECURSIVE tree(id) AS ( \
+            SELECT id FROM api_keys WHERE created_by = ?1 \
+            UNION SELECT k.id FROM api_keys AS k JOIN tree ON k.created_by = tree.id) "
+    };
+}
+
+/// The recursive CTE `chain(cid, parent, depth)`: the key `{seed}` at depth 1 and its creators
+/// up to depth `?2` ([`MAX_DELEGATION_DEPTH`]); it stops where a creator is gone. Shared by
+/// [`KeyStore::ancestors`] and [`KeyStore::budget_above`].
+macro_rules! ancestor_chain {
+    ($seed:literal) => {
+        concat!(
+            "WITH RECURSIVE chain(cid, parent, depth) AS ( \
+                SELECT id, created_by, 1 FROM api_keys WHERE id = ",
+            $seed,
+            " UNION ALL SELECT k.id, k.created_by, c.depth + 1 FROM api_keys AS k \
+                JOIN chain AS c ON k.id = c.parent WHERE c.depth < ?2) "
+        )
     };
 }
 
@@ -108,6 +145,28 @@ ALTER TABLE api_keys ADD COLUMN credits_refill_amount INTEGER;
 ALTER TABLE api_keys ADD COLUMN credits_set_at INTEGER;
 "#,
     ),
+    (
+        5,
+        "allowed networks and shared pools (containment)",
+        // Existing keys get NULL: usable from anywhere. A pool is an owner's (`kind` 'owner',
+        // `account` '') or one account's; its limit columns are those of `api_keys`.
+        r#"
+ALTER TABLE api_keys ADD COLUMN allowed_networks TEXT;
+CREATE TABLE api_key_pools (
+    owner TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('owner', 'account')),
+    account TEXT NOT NULL,
+    rate_limit INTEGER,
+    rate_period_seconds INTEGER,
+    credits_remaining INTEGER,
+    credits_refill_interval TEXT,
+    credits_refill_amount INTEGER,
+    credits_set_at INTEGER,
+    CHECK (kind = 'account' OR account = ''),
+    PRIMARY KEY (owner, kind, account)
+) STRICT;
+"#,
+    ),
 ];
 
 fn decode(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
@@ -139,16 +198,23 @@ fn decode(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
         previous_digest: row.try_get(14).map_err(map_sqlx_error)?,
         previous_digest_scheme: row.try_get(15).map_err(map_sqlx_error)?,
         previous_valid_until: time(16)?,
-        limits: LimitColumns {
-            rate_limit: row.try_get(17).map_err(map_sqlx_error)?,
-            rate_period_seconds: row.try_get(18).map_err(map_sqlx_error)?,
-            credits_remaining: row.try_get(19).map_err(map_sqlx_error)?,
-            credits_refill_interval: row.try_get(20).map_err(map_sqlx_error)?,
-            credits_refill_amount: row.try_get(21).map_err(map_sqlx_error)?,
-            credits_set_at: time(22)?,
-        },
+        limits: decode_limits(row, 17)?,
+        allowed_networks: row.try_get(23).map_err(map_sqlx_error)?,
     };
     raw.into_record()
+}
+
+/// The six [`limit_columns`] starting at column `at`.
+fn decode_limits(row: &SqliteRow, at: usize) -> Result<LimitColumns, StoreError> {
+    let get = |i: usize| row.try_get::<Option<i64>, _>(at + i).map_err(map_sqlx_error);
+    Ok(LimitColumns {
+        rate_limit: get(0)?,
+        rate_period_seconds: get(1)?,
+        credits_remaining: get(2)?,
+        credits_refill_interval: row.try_get(at + 3).map_err(map_sqlx_error)?,
+        credits_refill_amount: get(4)?,
+        credits_set_at: get(5)?.map(from_unix_micros).transpose()?,
+    })
 }
 
 fn decode_opt(row: Option<SqliteRow>) -> Result<Option<KeyRecord>, StoreError> {
@@ -382,10 +448,8 @@ impl SqliteStore {
         at: OffsetDateTime,
     ) -> Result<Vec<KeyRecord>, StoreError> {
         let rows = sqlx::query(concat!(
-            "WITH RECURSIVE tree(id) AS ( \
-                SELECT id FROM api_keys WHERE created_by = ?1 \
-                UNION SELECT k.id FROM api_keys AS k JOIN tree ON k.created_by = tree.id) \
-             UPDATE api_keys SET revoked_at = ?2 \
+            descendant_tree!(),
+            "UPDATE api_keys SET revoked_at = ?2 \
              WHERE revoked_at IS NULL AND id IN (SELECT id FROM tree) RETURNING ",
             columns!(),
             ""
@@ -547,7 +611,7 @@ impl KeyStore for SqliteStore {
             columns!(),
             ") VALUES \
              (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
-             ?18, ?19, ?20, ?21, ?22, ?23)"
+             ?18, ?19, ?20, ?21, ?22, ?23, ?24)"
         ))
         .bind(record.id.as_str())
         .bind(record.name.as_str())
@@ -572,6 +636,7 @@ impl KeyStore for SqliteStore {
         .bind(limits_columns.credits_refill_interval)
         .bind(limits_columns.credits_refill_amount)
         .bind(limits_columns.credits_set_at.map(to_unix_micros))
+        .bind(networks_text(record.allowed_networks.as_ref()))
         .execute(&mut *tx)
         .await
         .map_err(map_sqlx_error)?;
@@ -882,9 +947,269 @@ impl KeyStore for SqliteStore {
         tx.commit().await.map_err(map_sqlx_error)?;
         Ok(Some(outcome))
     }
+
+    async fn ancestors(&self, id: &KeyId) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows = sqlx::query(concat!(
+            ancestor_chain!("(SELECT created_by FROM api_keys WHERE id = ?1)"),
+            "SELECT ",
+            columns!(),
+            " FROM chain JOIN api_keys ON api_keys.id = chain.cid ORDER BY chain.depth"
+        ))
+        .bind(id.as_str())
+        .bind(MAX_DELEGATION_DEPTH as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_sqlx_error)?;
+        rows.iter().map(decode).collect()
+    }
+
+    async fn descendants(&self, id: &KeyId) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows = sqlx::query(concat!(
+            descendant_tree!(),
+            "SELECT ",
+            columns!(),
+            " FROM api_keys WHERE id IN (SELECT id FROM tree)"
+        ))
+        .bind(id.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_sqlx_error)?;
+        rows.iter().map(decode).collect()
+    }
+
+    async fn budget_above(&self, record: &KeyRecord) -> Result<Vec<BudgetLevel>, StoreError> {
+        // One statement: the ancestors (depth 1 up), then the account pool, then the owner pool.
+        let rows = sqlx::query(concat!(
+            ancestor_chain!("?1"),
+            "SELECT 'key', cid, depth, ",
+            limit_columns!(),
+            " FROM chain JOIN api_keys ON api_keys.id = chain.cid \
+             UNION ALL SELECT kind, account, CASE kind WHEN 'account' THEN ?2 + 1 ELSE ?2 + 2 END, ",
+            limit_columns!(),
+            " FROM api_key_pools WHERE owner = ?3 AND (kind = 'owner' OR account = ?4) \
+             ORDER BY 3"
+        ))
+        .bind(record.created_by.as_ref().map(KeyId::as_str))
+        .bind(MAX_DELEGATION_DEPTH as i64)
+        .bind(record.owner.as_str())
+        .bind(record.account.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_sqlx_error)?;
+        let owner: Arc<str> = record.owner.as_str().into();
+        let mut levels = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let kind: String = row.try_get(0).map_err(map_sqlx_error)?;
+            let name: String = row.try_get(1).map_err(map_sqlx_error)?;
+            let id = match kind.as_str() {
+                "key" => BudgetId::Key(KeyId::new(name)),
+                "account" => BudgetId::Pool(PoolId::account(owner.clone(), name)),
+                _ => BudgetId::Pool(PoolId::owner(owner.clone())),
+            };
+            let limits = decode_limits(row, 3)?.into_limits()?;
+            if !limits.is_unlimited() {
+                levels.push(BudgetLevel { id, limits });
+            }
+        }
+        Ok(levels)
+    }
+
+    async fn pool(&self, pool: &PoolId) -> Result<Option<UsageLimits>, StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(map_sqlx_error)?;
+        Self::read_pool(&mut conn, pool).await
+    }
+
+    async fn set_pool(
+        &self,
+        pool: &PoolId,
+        limits: Option<UsageLimits>,
+        if_absent: bool,
+    ) -> Result<bool, StoreError> {
+        let (owner, kind, account) = pool_key(pool);
+        let Some(limits) = limits else {
+            if if_absent {
+                // Removing only what is absent removes nothing.
+                return Ok(false);
+            }
+            let done = sqlx::query(
+                "DELETE FROM api_key_pools WHERE owner = ?1 AND kind = ?2 AND account = ?3",
+            )
+            .bind(owner)
+            .bind(kind)
+            .bind(account)
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx_error)?;
+            return Ok(done.rows_affected() == 1);
+        };
+        let columns = LimitColumns::of(&limits);
+        let sql = if if_absent {
+            concat!(
+                "INSERT INTO api_key_pools (owner, kind, account, ",
+                limit_columns!(),
+                ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                 ON CONFLICT (owner, kind, account) DO NOTHING"
+            )
+        } else {
+            concat!(
+                "INSERT INTO api_key_pools (owner, kind, account, ",
+                limit_columns!(),
+                ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                 ON CONFLICT (owner, kind, account) DO UPDATE SET \
+                 rate_limit = excluded.rate_limit, \
+                 rate_period_seconds = excluded.rate_period_seconds, \
+                 credits_remaining = excluded.credits_remaining, \
+                 credits_refill_interval = excluded.credits_refill_interval, \
+                 credits_refill_amount = excluded.credits_refill_amount, \
+                 credits_set_at = excluded.credits_set_at"
+            )
+        };
+        let done = sqlx::query(sql)
+            .bind(owner)
+            .bind(kind)
+            .bind(account)
+            .bind(columns.rate_limit)
+            .bind(columns.rate_period_seconds)
+            .bind(columns.credits_remaining)
+            .bind(columns.credits_refill_interval)
+            .bind(columns.credits_refill_amount)
+            .bind(columns.credits_set_at.map(to_unix_micros))
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx_error)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn spend_credits(
+        &self,
+        levels: &[BudgetId],
+        cost: u64,
+        now: OffsetDateTime,
+    ) -> Result<ChainSpend, StoreError> {
+        let levels = ChainLevels::new(levels);
+        let now = micros(now);
+        // BEGIN IMMEDIATE serialises every writer of the file: read every level, decide, write.
+        let mut tx = self.begin_immediate().await?;
+        let mut credits = Self::read_credits(&mut tx, &levels).await?;
+        let before = credits.clone();
+        let outcome = levels.spend(&mut credits, cost, now);
+        Self::write_credits(&mut tx, &levels, &before, &credits).await?;
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(outcome)
+    }
+
+    async fn refund_credits(
+        &self,
+        levels: &[BudgetId],
+        cost: u64,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let levels = ChainLevels::new(levels);
+        let now = micros(now);
+        let mut tx = self.begin_immediate().await?;
+        let mut credits = Self::read_credits(&mut tx, &levels).await?;
+        let before = credits.clone();
+        levels.refund(&mut credits, cost, now);
+        Self::write_credits(&mut tx, &levels, &before, &credits).await?;
+        tx.commit().await.map_err(map_sqlx_error)
+    }
 }
 
+
 impl SqliteStore {
+    /// The limits of `pool`, read on `conn`; `None` when no pool is set.
+    async fn read_pool(
+        conn: &mut SqliteConnection,
+        pool: &PoolId,
+    ) -> Result<Option<UsageLimits>, StoreError> {
+        let (owner, kind, account) = pool_key(pool);
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            limit_columns!(),
+            " FROM api_key_pools WHERE owner = ?1 AND kind = ?2 AND account = ?3"
+        ))
+        .bind(owner)
+        .bind(kind)
+        .bind(account)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(map_sqlx_error)?;
+        row.map(|row| decode_limits(&row, 0)?.into_limits())
+            .transpose()
+    }
+
+    /// The credits of every level of `levels` (`None`: unknown, or without credits), inside the
+    /// caller's transaction.
+    async fn read_credits(
+        conn: &mut SqliteConnection,
+        levels: &ChainLevels,
+    ) -> Result<Vec<Option<Credits>>, StoreError> {
+        let mut credits = Vec::with_capacity(levels.unique.len());
+        for level in &levels.unique {
+            let limits = match level {
+                BudgetId::Key(id) => {
+                    let row = sqlx::query(concat!(
+                        "SELECT ",
+                        limit_columns!(),
+                        " FROM api_keys WHERE id = ?1"
+                    ))
+                    .bind(id.as_str())
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(map_sqlx_error)?;
+                    row.map(|row| decode_limits(&row, 0)?.into_limits())
+                        .transpose()?
+                }
+                BudgetId::Pool(pool) => Self::read_pool(conn, pool).await?,
+            };
+            credits.push(limits.and_then(|l| l.credits));
+        }
+        Ok(credits)
+    }
+
+    /// Writes `remaining` and `set_at` of every level whose credits changed from `before`.
+    async fn write_credits(
+        conn: &mut SqliteConnection,
+        levels: &ChainLevels,
+        before: &[Option<Credits>],
+        after: &[Option<Credits>],
+    ) -> Result<(), StoreError> {
+        for ((level, old), new) in levels.unique.iter().zip(before).zip(after) {
+            let Some(new) = new.filter(|new| Some(*new) != *old) else {
+                continue;
+            };
+            let remaining = LimitColumns::of(&UsageLimits {
+                rate_limit: None,
+                credits: Some(new),
+            });
+            let query = match level {
+                BudgetId::Key(id) => sqlx::query(
+                    "UPDATE api_keys SET credits_remaining = ?1, credits_set_at = ?2 WHERE id = ?3",
+                )
+                .bind(remaining.credits_remaining)
+                .bind(remaining.credits_set_at.map(to_unix_micros))
+                .bind(id.as_str()),
+                BudgetId::Pool(pool) => {
+                    let (owner, kind, account) = pool_key(pool);
+                    sqlx::query(
+                        "UPDATE api_key_pools SET credits_remaining = ?1, credits_set_at = ?2 \
+                         WHERE owner = ?3 AND kind = ?4 AND account = ?5",
+                    )
+                    .bind(remaining.credits_remaining)
+                    .bind(remaining.credits_set_at.map(to_unix_micros))
+                    .bind(owner)
+                    .bind(kind)
+                    .bind(account)
+                }
+            };
+            query
+                .execute(&mut *conn)
+                .await
+                .map_err(map_sqlx_error)?;
+        }
+        Ok(())
+    }
+
     /// Writes the name and usage-limit columns of `record`.
     async fn write_limits(
         conn: &mut SqliteConnection,
