@@ -433,11 +433,7 @@ impl KeyStore for MemoryStore {
     async fn ancestors(&self, id: &KeyId) -> Result<Vec<KeyRecord>, StoreError> {
         let inner = self.lock();
         let creator = inner.by_id.get(id).and_then(|r| r.created_by.as_ref());
-        Ok(inner
-            .ancestors_from(creator)
-            .into_iter()
-            .cloned()
-            .collect())
+        Ok(inner.ancestors_from(creator).into_iter().cloned().collect())
     }
 
     async fn descendants(&self, id: &KeyId) -> Result<Vec<KeyRecord>, StoreError> {

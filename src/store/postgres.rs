@@ -10,12 +10,16 @@ use sqlx::{AssertSqlSafe, Row};
 use time::OffsetDateTime;
 use tokio::sync::OnceCell;
 
-use super::sql_common::{LimitColumns, RawRecord, map_sqlx_error, micros};
+use super::sql_common::{
+    LimitColumns, RawRecord, is_pg_retryable, map_sqlx_error, micros, networks_text, pool_key,
+};
 use super::{
-    CreditAdjustment, FormatSecrets, KeyChange, KeyLimits, KeyRecord, KeyStore, KeyUpdate,
-    ListQuery, Rotation, StoreError, StoreErrorKind, StoredSecret,
+    ChainLevels, ChainSpend, CreditAdjustment, FormatSecrets, KeyChange, KeyLimits, KeyRecord,
+    KeyStore, KeyUpdate, ListQuery, MAX_DELEGATION_DEPTH, Rotation, StoreError, StoreErrorKind,
+    StoredSecret,
 };
 use crate::key::{FormatSecret, KeyDigest, KeyId, MAX_SECRET_VERSION};
+use crate::quota::{BudgetId, BudgetLevel, Credits, PoolId, UsageLimits};
 
 /// A schema or channel name that is not a plain PostgreSQL identifier: 1 to 63 bytes of ASCII
 /// letters, digits, `_` or `$`, not starting with a digit or `$`.
@@ -71,10 +75,20 @@ fn lock_key(parts: &[&str]) -> i64 {
 const COLUMNS: &str = "id, name, owner, account, scopes, digest, digest_scheme, masked_key, \
     created_at, expires_at, revoked_at, last_used_at, created_by, rotated_at, previous_digest, \
     previous_digest_scheme, previous_valid_until, rate_limit, rate_period_seconds, \
-    credits_remaining, credits_refill_interval, credits_refill_amount, credits_set_at";
+    credits_remaining, credits_refill_interval, credits_refill_amount, credits_set_at, \
+    allowed_networks";
+
+/// The usage-limit columns of `api_keys` and `api_key_pools`, in the order [`decode_limits`]
+/// reads them.
+const LIMIT_COLUMNS: &str = "rate_limit, rate_period_seconds, credits_remaining, \
+    credits_refill_interval, credits_refill_amount, credits_set_at";
+
+/// How many times a chain spend or refund runs again after PostgreSQL chose it as a deadlock
+/// victim (its row locks crossed a cascade's) or failed it for serialization.
+const CHAIN_ATTEMPTS: u32 = 3;
 
 /// The schema's migrations, in order. Versions are never renumbered or edited once released.
-fn migrations(s: &str) -> [(i32, &'static str, String); 4] {
+fn migrations(s: &str) -> [(i32, &'static str, String); 5] {
     [
         (
             1,
@@ -158,6 +172,30 @@ ALTER TABLE {s}.api_keys
 "#
             ),
         ),
+        (
+            5,
+            "allowed networks and shared pools (containment)",
+            // Existing keys get NULL: usable from anywhere. A pool is an owner's (`kind` 'owner',
+            // `account` '') or one account's; its limit columns are those of `api_keys`.
+            format!(
+                r#"
+ALTER TABLE {s}.api_keys ADD COLUMN allowed_networks TEXT;
+CREATE TABLE {s}.api_key_pools (
+    owner TEXT COLLATE "C" NOT NULL,
+    kind TEXT COLLATE "C" NOT NULL CHECK (kind IN ('owner', 'account')),
+    account TEXT COLLATE "C" NOT NULL,
+    rate_limit BIGINT,
+    rate_period_seconds BIGINT,
+    credits_remaining BIGINT,
+    credits_refill_interval TEXT,
+    credits_refill_amount BIGINT,
+    credits_set_at TIMESTAMPTZ,
+    CHECK (kind = 'account' OR account = ''),
+    PRIMARY KEY (owner, kind, account)
+);
+"#
+            ),
+        ),
     ]
 }
 
@@ -183,13 +221,106 @@ struct Sql {
     rotate: Arc<str>,
     last_used: Arc<str>,
     write_limits: Arc<str>,
+    ancestors: Arc<str>,
+    descendants: Arc<str>,
+    budget_above: Arc<str>,
+    pool: Arc<str>,
+    pool_insert: Arc<str>,
+    pool_upsert: Arc<str>,
+    pool_delete: Arc<str>,
+    lock_key_credits: Arc<str>,
+    lock_pool_credits: Arc<str>,
+    write_key_credits: Arc<str>,
+    write_pool_credits: Arc<str>,
 }
 
 impl Sql {
     fn new(schema: &str) -> Self {
         let s = format!("\"{schema}\"");
         let sql = |text: String| -> Arc<str> { text.into() };
+        // Every descendant of the key `$1`: shared by the cascades and `descendants`.
+        let tree = format!(
+            "WITH RECURSIVE tree(id) AS ( \
+                SELECT id FROM {s}.api_keys WHERE created_by = $1 \
+                UNION SELECT k.id FROM {s}.api_keys AS k JOIN tree ON k.created_by = tree.id) "
+        );
+        // The key `seed` at depth 1 and its creators up to depth `$2`; stops at a creator that
+        // is gone. Shared by `ancestors` and `budget_above`.
+        let chain = |seed: &str| {
+            format!(
+                "WITH RECURSIVE chain(cid, parent, depth) AS ( \
+                    SELECT id, created_by, 1 FROM {s}.api_keys WHERE id = {seed} \
+                    UNION ALL SELECT k.id, k.created_by, c.depth + 1 FROM {s}.api_keys AS k \
+                    JOIN chain AS c ON k.id = c.parent WHERE c.depth < $2) "
+            )
+        };
+        let pool_upsert_tail = "DO UPDATE SET rate_limit = excluded.rate_limit, \
+            rate_period_seconds = excluded.rate_period_seconds, \
+            credits_remaining = excluded.credits_remaining, \
+            credits_refill_interval = excluded.credits_refill_interval, \
+            credits_refill_amount = excluded.credits_refill_amount, \
+            credits_set_at = excluded.credits_set_at";
+        let pool_insert = |tail: &str| {
+            format!(
+                "INSERT INTO {s}.api_key_pools (owner, kind, account, {LIMIT_COLUMNS}) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 ON CONFLICT (owner, kind, account) {tail}"
+            )
+        };
         Self {
+            ancestors: sql(format!(
+                "{}SELECT {COLUMNS} FROM chain JOIN {s}.api_keys AS k ON k.id = chain.cid \
+                 ORDER BY chain.depth",
+                chain(&format!(
+                    "(SELECT created_by FROM {s}.api_keys WHERE id = $1)"
+                ))
+            )),
+            descendants: sql(format!(
+                "{tree}SELECT {COLUMNS} FROM {s}.api_keys WHERE id IN (SELECT id FROM tree)"
+            )),
+            // The ancestors (depth 1 up), then the account pool, then the owner pool.
+            budget_above: sql(format!(
+                "{}SELECT 'key', chain.cid, chain.depth, {LIMIT_COLUMNS} \
+                 FROM chain JOIN {s}.api_keys AS k ON k.id = chain.cid \
+                 UNION ALL SELECT kind, account, \
+                   CASE kind WHEN 'account' THEN $2 + 1 ELSE $2 + 2 END, {LIMIT_COLUMNS} \
+                 FROM {s}.api_key_pools WHERE owner = $3 AND (kind = 'owner' OR account = $4) \
+                 ORDER BY 3",
+                chain("$1")
+            )),
+            pool: sql(format!(
+                "SELECT {LIMIT_COLUMNS} FROM {s}.api_key_pools \
+                 WHERE owner = $1 AND kind = $2 AND account = $3"
+            )),
+            pool_insert: sql(pool_insert("DO NOTHING")),
+            pool_upsert: sql(pool_insert(pool_upsert_tail)),
+            pool_delete: sql(format!(
+                "DELETE FROM {s}.api_key_pools WHERE owner = $1 AND kind = $2 AND account = $3"
+            )),
+            // Rows locked in one order (keys by id, then pools by their key), so that concurrent
+            // chains never wait on each other in a cycle. Credits are not key columns: NO KEY
+            // UPDATE leaves digest inserts referencing the key alone.
+            lock_key_credits: sql(format!(
+                "SELECT k.id, {LIMIT_COLUMNS} FROM {s}.api_keys AS k WHERE k.id = ANY($1) \
+                 ORDER BY k.id FOR NO KEY UPDATE OF k"
+            )),
+            lock_pool_credits: sql(format!(
+                "SELECT p.owner, p.kind, p.account, {LIMIT_COLUMNS} FROM {s}.api_key_pools AS p \
+                 JOIN UNNEST($1::text[], $2::text[], $3::text[]) AS u(owner, kind, account) \
+                   ON p.owner = u.owner AND p.kind = u.kind AND p.account = u.account \
+                 ORDER BY p.owner, p.kind, p.account FOR NO KEY UPDATE OF p"
+            )),
+            write_key_credits: sql(format!(
+                "UPDATE {s}.api_keys AS k SET credits_remaining = u.remaining, credits_set_at = u.set_at \
+                 FROM UNNEST($1::text[], $2::bigint[], $3::timestamptz[]) AS u(id, remaining, set_at) \
+                 WHERE k.id = u.id"
+            )),
+            write_pool_credits: sql(format!(
+                "UPDATE {s}.api_key_pools AS p SET credits_remaining = u.remaining, credits_set_at = u.set_at \
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::timestamptz[]) \
+                   AS u(owner, kind, account, remaining, set_at) \
+                 WHERE p.owner = u.owner AND p.kind = u.kind AND p.account = u.account"
+            )),
             find_by_digest: sql(format!(
                 // Two unique-index lookups: an `OR` with `LIMIT 1` may be planned as a sequential
                 // scan (cheap for a hit near the start, slow for every miss) before statistics exist.
@@ -215,10 +346,7 @@ impl Sql {
                  AND (expires_at IS NULL OR expires_at > $2) FOR SHARE"
             )),
             revoke_descendants: sql(format!(
-                "WITH RECURSIVE tree(id) AS ( \
-                    SELECT id FROM {s}.api_keys WHERE created_by = $1 \
-                    UNION SELECT k.id FROM {s}.api_keys AS k JOIN tree ON k.created_by = tree.id) \
-                 UPDATE {s}.api_keys SET revoked_at = $2 \
+                "{tree}UPDATE {s}.api_keys SET revoked_at = $2 \
                  WHERE revoked_at IS NULL AND id IN (SELECT id FROM tree) RETURNING {COLUMNS}"
             )),
             count_owner: sql(format!(
@@ -237,7 +365,7 @@ impl Sql {
             insert: sql(format!(
                 "INSERT INTO {s}.api_keys ({COLUMNS}) VALUES \
                  ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-                 $18, $19, $20, $21, $22, $23)"
+                 $18, $19, $20, $21, $22, $23, $24)"
             )),
             insert_digests: sql(format!(
                 "INSERT INTO {s}.api_key_digests (digest, key_id) SELECT d, $2 FROM UNNEST($1::bytea[]) AS t(d)"
@@ -299,18 +427,31 @@ fn decode(row: &PgRow) -> Result<KeyRecord, StoreError> {
             previous_digest: row.try_get(14)?,
             previous_digest_scheme: row.try_get::<Option<i32>, _>(15)?.map(i64::from),
             previous_valid_until: row.try_get(16)?,
-            limits: LimitColumns {
-                rate_limit: row.try_get(17)?,
-                rate_period_seconds: row.try_get(18)?,
-                credits_remaining: row.try_get(19)?,
-                credits_refill_interval: row.try_get(20)?,
-                credits_refill_amount: row.try_get(21)?,
-                credits_set_at: row.try_get(22)?,
-            },
+            limits: decode_limits(row, 17)?,
+            allowed_networks: row.try_get(23)?,
         })
     })()
     .map_err(map_sqlx_error)?;
     raw.into_record()
+}
+
+/// The [`LIMIT_COLUMNS`] starting at column `at`.
+fn decode_limits(row: &PgRow, at: usize) -> Result<LimitColumns, sqlx::Error> {
+    Ok(LimitColumns {
+        rate_limit: row.try_get(at)?,
+        rate_period_seconds: row.try_get(at + 1)?,
+        credits_remaining: row.try_get(at + 2)?,
+        credits_refill_interval: row.try_get(at + 3)?,
+        credits_refill_amount: row.try_get(at + 4)?,
+        credits_set_at: row.try_get(at + 5)?,
+    })
+}
+
+/// The limits read at column `at` of `row`, validated.
+fn limits_at(row: &PgRow, at: usize) -> Result<UsageLimits, StoreError> {
+    decode_limits(row, at)
+        .map_err(map_sqlx_error)?
+        .into_limits()
 }
 
 fn decode_opt(row: Option<PgRow>) -> Result<Option<KeyRecord>, StoreError> {
@@ -670,6 +811,147 @@ impl PostgresStore {
     }
 }
 
+impl PostgresStore {
+    /// Runs `chain` (a spend or refund of several levels) in its own transaction, again when
+    /// PostgreSQL rolled it back as a deadlock victim or for serialization: nothing of a
+    /// rolled-back attempt was kept, so running it again spends once.
+    async fn chain_transaction<T>(
+        &self,
+        levels: &ChainLevels,
+        rule: impl Fn(&mut [Option<Credits>]) -> T,
+    ) -> Result<T, StoreError> {
+        self.migrate().await?;
+        let mut attempt = 1;
+        loop {
+            match self.chain_attempt(levels, &rule).await {
+                Err(error) if attempt < CHAIN_ATTEMPTS && is_pg_retryable(&error) => {
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// One attempt of [`chain_transaction`](Self::chain_transaction): lock every level's row in
+    /// one order, apply `rule`, write the levels it changed, commit.
+    async fn chain_attempt<T>(
+        &self,
+        levels: &ChainLevels,
+        rule: &impl Fn(&mut [Option<Credits>]) -> T,
+    ) -> Result<T, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
+        let key_ids: Vec<&str> = levels.keys().map(KeyId::as_str).collect();
+        let mut keys = std::collections::HashMap::new();
+        if !key_ids.is_empty() {
+            let rows = query(&self.sql.lock_key_credits)
+                .bind(&key_ids)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(map_sqlx_error)?;
+            for row in &rows {
+                let id: String = row.try_get(0).map_err(map_sqlx_error)?;
+                keys.insert(id, limits_at(row, 1)?.credits);
+            }
+        }
+        let pool_keys: Vec<(&str, &str, &str)> = levels.pools().map(pool_key).collect();
+        let mut pools = std::collections::HashMap::new();
+        if !pool_keys.is_empty() {
+            let rows = query(&self.sql.lock_pool_credits)
+                .bind(pool_keys.iter().map(|k| k.0).collect::<Vec<_>>())
+                .bind(pool_keys.iter().map(|k| k.1).collect::<Vec<_>>())
+                .bind(pool_keys.iter().map(|k| k.2).collect::<Vec<_>>())
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(map_sqlx_error)?;
+            for row in &rows {
+                let key: (String, String, String) = (
+                    row.try_get(0).map_err(map_sqlx_error)?,
+                    row.try_get(1).map_err(map_sqlx_error)?,
+                    row.try_get(2).map_err(map_sqlx_error)?,
+                );
+                pools.insert(key, limits_at(row, 3)?.credits);
+            }
+        }
+        let before: Vec<Option<Credits>> = levels
+            .unique
+            .iter()
+            .map(|level| match level {
+                BudgetId::Key(id) => keys.get(id.as_str()).copied().flatten(),
+                BudgetId::Pool(pool) => {
+                    let (owner, kind, account) = pool_key(pool);
+                    pools
+                        .get(&(owner.to_owned(), kind.to_owned(), account.to_owned()))
+                        .copied()
+                        .flatten()
+                }
+            })
+            .collect();
+        let mut after = before.clone();
+        let outcome = rule(&mut after);
+        let (mut key_writes, mut pool_writes) = (CreditWrites::default(), CreditWrites::default());
+        for ((level, old), new) in levels.unique.iter().zip(&before).zip(&after) {
+            let Some(new) = new.filter(|new| Some(*new) != *old) else {
+                continue;
+            };
+            match level {
+                BudgetId::Key(id) => key_writes.push(id.as_str(), "", "", new),
+                BudgetId::Pool(pool) => {
+                    let (owner, kind, account) = pool_key(pool);
+                    pool_writes.push(owner, kind, account, new);
+                }
+            }
+        }
+        if !key_writes.remaining.is_empty() {
+            query(&self.sql.write_key_credits)
+                .bind(&key_writes.owner)
+                .bind(&key_writes.remaining)
+                .bind(&key_writes.set_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_sqlx_error)?;
+        }
+        if !pool_writes.remaining.is_empty() {
+            query(&self.sql.write_pool_credits)
+                .bind(&pool_writes.owner)
+                .bind(&pool_writes.kind)
+                .bind(&pool_writes.account)
+                .bind(&pool_writes.remaining)
+                .bind(&pool_writes.set_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_sqlx_error)?;
+        }
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(outcome)
+    }
+}
+
+/// The credit columns of the levels one chain changed, as arrays for one `UNNEST` update each
+/// (`owner` holds the key id for keys).
+#[derive(Default)]
+struct CreditWrites<'a> {
+    owner: Vec<&'a str>,
+    kind: Vec<&'a str>,
+    account: Vec<&'a str>,
+    remaining: Vec<i64>,
+    set_at: Vec<OffsetDateTime>,
+}
+
+impl<'a> CreditWrites<'a> {
+    fn push(&mut self, owner: &'a str, kind: &'a str, account: &'a str, credits: Credits) {
+        let columns = LimitColumns::of(&UsageLimits {
+            rate_limit: None,
+            credits: Some(credits),
+        });
+        self.owner.push(owner);
+        self.kind.push(kind);
+        self.account.push(account);
+        self.remaining
+            .push(columns.credits_remaining.unwrap_or_default());
+        self.set_at.push(micros(credits.set_at));
+    }
+}
+
 fn digest_list<'a>(digests: impl Iterator<Item = &'a KeyDigest>) -> Vec<Vec<u8>> {
     digests.map(|d| d.as_bytes().to_vec()).collect()
 }
@@ -819,6 +1101,7 @@ impl KeyStore for PostgresStore {
             .bind(limits_columns.credits_refill_interval)
             .bind(limits_columns.credits_refill_amount)
             .bind(limits_columns.credits_set_at)
+            .bind(networks_text(record.allowed_networks.as_ref()))
             .execute(&mut *tx)
             .await
             .map_err(map_sqlx_error)?;
@@ -1127,6 +1410,138 @@ impl KeyStore for PostgresStore {
         }
         tx.commit().await.map_err(map_sqlx_error)?;
         Ok(Some(outcome))
+    }
+
+    async fn ancestors(&self, id: &KeyId) -> Result<Vec<KeyRecord>, StoreError> {
+        self.migrate().await?;
+        let rows = query(&self.sql.ancestors)
+            .bind(id.as_str())
+            .bind(MAX_DELEGATION_DEPTH as i32)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_sqlx_error)?;
+        rows.iter().map(decode).collect()
+    }
+
+    async fn descendants(&self, id: &KeyId) -> Result<Vec<KeyRecord>, StoreError> {
+        self.migrate().await?;
+        let rows = query(&self.sql.descendants)
+            .bind(id.as_str())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_sqlx_error)?;
+        rows.iter().map(decode).collect()
+    }
+
+    async fn budget_above(&self, record: &KeyRecord) -> Result<Vec<BudgetLevel>, StoreError> {
+        self.migrate().await?;
+        let rows = query(&self.sql.budget_above)
+            .bind(record.created_by.as_ref().map(KeyId::as_str))
+            .bind(MAX_DELEGATION_DEPTH as i32)
+            .bind(record.owner.as_str())
+            .bind(record.account.as_str())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_sqlx_error)?;
+        let owner: Arc<str> = record.owner.as_str().into();
+        let mut levels = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let kind: String = row.try_get(0).map_err(map_sqlx_error)?;
+            let name: String = row.try_get(1).map_err(map_sqlx_error)?;
+            let id = match kind.as_str() {
+                "key" => BudgetId::Key(KeyId::new(name)),
+                "account" => BudgetId::Pool(PoolId::account(owner.clone(), name)),
+                _ => BudgetId::Pool(PoolId::owner(owner.clone())),
+            };
+            let limits = limits_at(row, 3)?;
+            if !limits.is_unlimited() {
+                levels.push(BudgetLevel { id, limits });
+            }
+        }
+        Ok(levels)
+    }
+
+    async fn pool(&self, pool: &PoolId) -> Result<Option<UsageLimits>, StoreError> {
+        self.migrate().await?;
+        let (owner, kind, account) = pool_key(pool);
+        let row = query(&self.sql.pool)
+            .bind(owner)
+            .bind(kind)
+            .bind(account)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_sqlx_error)?;
+        row.map(|row| limits_at(&row, 0)).transpose()
+    }
+
+    async fn set_pool(
+        &self,
+        pool: &PoolId,
+        limits: Option<UsageLimits>,
+        if_absent: bool,
+    ) -> Result<bool, StoreError> {
+        self.migrate().await?;
+        let (owner, kind, account) = pool_key(pool);
+        let Some(limits) = limits else {
+            if if_absent {
+                // Removing only what is absent removes nothing.
+                return Ok(false);
+            }
+            let done = query(&self.sql.pool_delete)
+                .bind(owner)
+                .bind(kind)
+                .bind(account)
+                .execute(&self.pool)
+                .await
+                .map_err(map_sqlx_error)?;
+            return Ok(done.rows_affected() == 1);
+        };
+        let columns = LimitColumns::of(&limits);
+        // Insert-if-absent on the primary key: racing instances wait for the first insert and
+        // then do nothing.
+        let sql = if if_absent {
+            &self.sql.pool_insert
+        } else {
+            &self.sql.pool_upsert
+        };
+        let done = query(sql)
+            .bind(owner)
+            .bind(kind)
+            .bind(account)
+            .bind(columns.rate_limit)
+            .bind(columns.rate_period_seconds)
+            .bind(columns.credits_remaining)
+            .bind(columns.credits_refill_interval)
+            .bind(columns.credits_refill_amount)
+            .bind(columns.credits_set_at)
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx_error)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn spend_credits(
+        &self,
+        levels: &[BudgetId],
+        cost: u64,
+        now: OffsetDateTime,
+    ) -> Result<ChainSpend, StoreError> {
+        let levels = ChainLevels::new(levels);
+        let now = micros(now);
+        self.chain_transaction(&levels, |credits| levels.spend(credits, cost, now))
+            .await
+    }
+
+    async fn refund_credits(
+        &self,
+        levels: &[BudgetId],
+        cost: u64,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let levels = ChainLevels::new(levels);
+        let now = micros(now);
+        self.chain_transaction(&levels, |credits| levels.refund(credits, cost, now))
+            .await
     }
 }
 

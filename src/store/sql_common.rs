@@ -12,9 +12,7 @@ use time::OffsetDateTime;
 use super::{KeyRecord, PreviousSecret, StoreError, StoreErrorKind};
 use crate::key::{DigestScheme, KeyDigest, KeyId};
 use crate::network::Networks;
-use crate::quota::{
-    Credits, MAX_CREDITS, PoolId, RateLimit, Refill, RefillInterval, UsageLimits,
-};
+use crate::quota::{Credits, MAX_CREDITS, PoolId, RateLimit, Refill, RefillInterval, UsageLimits};
 use crate::scope::ScopeSet;
 
 /// `t` floored to the microsecond, in UTC: the precision the SQL stores keep.
@@ -357,7 +355,12 @@ mod tests {
             allowed_networks: Some("10.0.0.0/8 2001:db8::/32".into()),
         };
         assert_eq!(
-            good().into_record().unwrap().allowed_networks.unwrap().to_string(),
+            good()
+                .into_record()
+                .unwrap()
+                .allowed_networks
+                .unwrap()
+                .to_string(),
             "10.0.0.0/8 2001:db8::/32"
         );
         type Spoil = Box<dyn Fn(&mut RawRecord)>;

@@ -206,7 +206,10 @@ fn decode(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
 
 /// The six [`limit_columns`] starting at column `at`.
 fn decode_limits(row: &SqliteRow, at: usize) -> Result<LimitColumns, StoreError> {
-    let get = |i: usize| row.try_get::<Option<i64>, _>(at + i).map_err(map_sqlx_error);
+    let get = |i: usize| {
+        row.try_get::<Option<i64>, _>(at + i)
+            .map_err(map_sqlx_error)
+    };
     Ok(LimitColumns {
         rate_limit: get(0)?,
         rate_period_seconds: get(1)?,
@@ -1115,7 +1118,6 @@ impl KeyStore for SqliteStore {
     }
 }
 
-
 impl SqliteStore {
     /// The limits of `pool`, read on `conn`; `None` when no pool is set.
     async fn read_pool(
@@ -1202,10 +1204,7 @@ impl SqliteStore {
                     .bind(account)
                 }
             };
-            query
-                .execute(&mut *conn)
-                .await
-                .map_err(map_sqlx_error)?;
+            query.execute(&mut *conn).await.map_err(map_sqlx_error)?;
         }
         Ok(())
     }
