@@ -1,228 +1,26 @@
-//! [`SqliteStore`]: keys in an embedded SQLite database file (feature `sqlite`); its docs say how.
+//! [`SqliteStore`] and its [`KeyStore`] implementation.
 
 use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
 
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-};
+use sqlx::sqlite::SqlitePool;
 use sqlx::{Row, SqliteConnection};
 use time::OffsetDateTime;
 use tokio::sync::OnceCell;
 
-use super::sql_common::{
-    LimitColumns, RawRecord, from_unix_micros, is_sqlite_busy, map_sqlx_error, micros,
-    networks_text, pool_key, to_unix_micros,
+use super::sql::{
+    ancestor_chain, columns, decode, decode_limits, decode_opt, descendant_tree, limit_columns,
 };
-use super::{
+use crate::key::{FormatSecret, KeyDigest, KeyId, MAX_SECRET_VERSION};
+use crate::quota::{BudgetId, BudgetLevel, Credits, PoolId, UsageLimits};
+use crate::store::sql_common::{
+    LimitColumns, from_unix_micros, map_sqlx_error, micros, networks_text, pool_key, to_unix_micros,
+};
+use crate::store::{
     ChainLevels, ChainSpend, CreditAdjustment, FormatSecrets, KeyChange, KeyLimits, KeyRecord,
     KeyStore, KeyUpdate, ListQuery, MAX_DELEGATION_DEPTH, Rotation, StoreError, StoreErrorKind,
     StoredSecret,
 };
-use crate::key::{FormatSecret, KeyDigest, KeyId, MAX_SECRET_VERSION};
-use crate::quota::{BudgetId, BudgetLevel, Credits, PoolId, UsageLimits};
-
-/// The columns of `api_keys`, in the order [`decode`] reads them.
-macro_rules! columns {
-    () => {
-        "id, name, owner, account, scopes, digest, digest_scheme, masked_key, created_at, \
-         expires_at, revoked_at, last_used_at, created_by, rotated_at, previous_digest, \
-         previous_digest_scheme, previous_valid_until, rate_limit, rate_period_seconds, \
-         credits_remaining, credits_refill_interval, credits_refill_amount, credits_set_at, \
-         allowed_networks"
-    };
-}
-
-/// The usage-limit columns of `api_keys` and `api_key_pools`, in the order [`decode_limits`]
-/// reads them.
-macro_rules! limit_columns {
-    () => {
-        "rate_limit, rate_period_seconds, credits_remaining, credits_refill_interval, \
-         credits_refill_amount, credits_set_at"
-    };
-}
-
-/// The recursive CTE `tree(id)`: every descendant of the key `?1` (its subtree without itself).
-/// Shared by the cascades and [`KeyStore::descendants`].
-macro_rules! descendant_tree {
-    () => {
-        "WITH RECURSIVE tree(id) AS ( \
-            SELECT id FROM api_keys WHERE created_by = ?1 \
-            UNION SELECT k.id FROM api_keys AS k JOIN tree ON k.created_by = tree.id) "
-    };
-}
-
-/// The recursive CTE `chain(cid, parent, depth)`: the key `{seed}` at depth 1 and its creators
-/// up to depth `?2` ([`MAX_DELEGATION_DEPTH`]); it stops where a creator is gone. Shared by
-/// [`KeyStore::ancestors`] and [`KeyStore::budget_above`].
-macro_rules! ancestor_chain {
-    ($seed:literal) => {
-        concat!(
-            "WITH RECURSIVE chain(cid, parent, depth) AS ( \
-                SELECT id, created_by, 1 FROM api_keys WHERE id = ",
-            $seed,
-            " UNION ALL SELECT k.id, k.created_by, c.depth + 1 FROM api_keys AS k \
-                JOIN chain AS c ON k.id = c.parent WHERE c.depth < ?2) "
-        )
-    };
-}
-
-/// How many times [`SqliteStore::connect_with`] tries a file database that answers "busy".
-const START_ATTEMPTS: u64 = 10;
-
-/// The schema's migrations, in order. Versions are never renumbered or edited once released.
-const MIGRATIONS: &[(i64, &str, &str)] = &[
-    (
-        1,
-        "api_keys and api_key_digests",
-        r#"
-CREATE TABLE api_keys (
-    id TEXT NOT NULL PRIMARY KEY,
-    name TEXT NOT NULL,
-    owner TEXT NOT NULL,
-    account TEXT NOT NULL,
-    scopes TEXT NOT NULL,
-    digest BLOB NOT NULL CHECK (length(digest) = 32),
-    digest_scheme INTEGER NOT NULL,
-    masked_key TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    expires_at INTEGER,
-    revoked_at INTEGER,
-    last_used_at INTEGER,
-    created_by TEXT,
-    rotated_at INTEGER,
-    previous_digest BLOB CHECK (length(previous_digest) = 32),
-    previous_digest_scheme INTEGER,
-    previous_valid_until INTEGER,
-    CHECK ((previous_digest IS NULL) = (previous_digest_scheme IS NULL)
-       AND (previous_digest IS NULL) = (previous_valid_until IS NULL))
-) STRICT;
-CREATE UNIQUE INDEX api_keys_digest_key ON api_keys (digest);
-CREATE UNIQUE INDEX api_keys_previous_digest_key ON api_keys (previous_digest)
-    WHERE previous_digest IS NOT NULL;
-CREATE INDEX api_keys_owner_id_idx ON api_keys (owner, id);
-CREATE INDEX api_keys_account_idx ON api_keys (account);
-CREATE TABLE api_key_digests (
-    digest BLOB NOT NULL PRIMARY KEY,
-    key_id TEXT NOT NULL REFERENCES api_keys (id) ON DELETE CASCADE
-) STRICT;
-CREATE INDEX api_key_digests_key_id_idx ON api_key_digests (key_id);
-"#,
-    ),
-    (
-        2,
-        "api_keys.created_by index (cascading revocation)",
-        "CREATE INDEX api_keys_created_by_idx ON api_keys (created_by) WHERE created_by IS NOT NULL;",
-    ),
-    (
-        3,
-        "api_key_format and api_key_format_secrets (keyed key format)",
-        r#"
-CREATE TABLE api_key_format (
-    id INTEGER NOT NULL PRIMARY KEY CHECK (id = 1),
-    legacy_keys INTEGER NOT NULL CHECK (legacy_keys IN (0, 1)),
-    created_at INTEGER NOT NULL
-) STRICT;
-CREATE TABLE api_key_format_secrets (
-    version INTEGER NOT NULL PRIMARY KEY CHECK (version BETWEEN 1 AND 61),
-    secret BLOB NOT NULL CHECK (length(secret) >= 32),
-    created_at INTEGER NOT NULL,
-    retired_at INTEGER
-) STRICT;
-"#,
-    ),
-    (
-        4,
-        "per-key rate limits and credits",
-        // Existing keys get NULLs: no limit.
-        r#"
-ALTER TABLE api_keys ADD COLUMN rate_limit INTEGER;
-ALTER TABLE api_keys ADD COLUMN rate_period_seconds INTEGER;
-ALTER TABLE api_keys ADD COLUMN credits_remaining INTEGER;
-ALTER TABLE api_keys ADD COLUMN credits_refill_interval TEXT;
-ALTER TABLE api_keys ADD COLUMN credits_refill_amount INTEGER;
-ALTER TABLE api_keys ADD COLUMN credits_set_at INTEGER;
-"#,
-    ),
-    (
-        5,
-        "allowed networks and shared pools (containment)",
-        // Existing keys get NULL: usable from anywhere. A pool is an owner's (`kind` 'owner',
-        // `account` '') or one account's; its limit columns are those of `api_keys`.
-        r#"
-ALTER TABLE api_keys ADD COLUMN allowed_networks TEXT;
-CREATE TABLE api_key_pools (
-    owner TEXT NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('owner', 'account')),
-    account TEXT NOT NULL,
-    rate_limit INTEGER,
-    rate_period_seconds INTEGER,
-    credits_remaining INTEGER,
-    credits_refill_interval TEXT,
-    credits_refill_amount INTEGER,
-    credits_set_at INTEGER,
-    CHECK (kind = 'account' OR account = ''),
-    PRIMARY KEY (owner, kind, account)
-) STRICT;
-"#,
-    ),
-];
-
-fn decode(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
-    let time = |i: usize| -> Result<Option<OffsetDateTime>, StoreError> {
-        row.try_get::<Option<i64>, _>(i)
-            .map_err(map_sqlx_error)?
-            .map(from_unix_micros)
-            .transpose()
-    };
-    let text = |i: usize| row.try_get::<String, _>(i).map_err(map_sqlx_error);
-    let scopes: Vec<String> =
-        serde_json::from_str(&text(4)?).map_err(|e| StoreError::new(StoreErrorKind::Corrupt, e))?;
-    let created_at = time(8)?.ok_or_else(|| StoreError::from_kind(StoreErrorKind::Corrupt))?;
-    let raw = RawRecord {
-        id: text(0)?,
-        name: text(1)?,
-        owner: text(2)?,
-        account: text(3)?,
-        scopes,
-        digest: row.try_get(5).map_err(map_sqlx_error)?,
-        digest_scheme: row.try_get(6).map_err(map_sqlx_error)?,
-        masked_key: text(7)?,
-        created_at,
-        expires_at: time(9)?,
-        revoked_at: time(10)?,
-        last_used_at: time(11)?,
-        created_by: row.try_get(12).map_err(map_sqlx_error)?,
-        rotated_at: time(13)?,
-        previous_digest: row.try_get(14).map_err(map_sqlx_error)?,
-        previous_digest_scheme: row.try_get(15).map_err(map_sqlx_error)?,
-        previous_valid_until: time(16)?,
-        limits: decode_limits(row, 17)?,
-        allowed_networks: row.try_get(23).map_err(map_sqlx_error)?,
-    };
-    raw.into_record()
-}
-
-/// The six [`limit_columns`] starting at column `at`.
-fn decode_limits(row: &SqliteRow, at: usize) -> Result<LimitColumns, StoreError> {
-    let get = |i: usize| {
-        row.try_get::<Option<i64>, _>(at + i)
-            .map_err(map_sqlx_error)
-    };
-    Ok(LimitColumns {
-        rate_limit: get(0)?,
-        rate_period_seconds: get(1)?,
-        credits_remaining: get(2)?,
-        credits_refill_interval: row.try_get(at + 3).map_err(map_sqlx_error)?,
-        credits_refill_amount: get(4)?,
-        credits_set_at: get(5)?.map(from_unix_micros).transpose()?,
-    })
-}
-
-fn decode_opt(row: Option<SqliteRow>) -> Result<Option<KeyRecord>, StoreError> {
-    row.as_ref().map(decode).transpose()
-}
 
 /// A [`KeyStore`] in a SQLite database: persistent, embedded, for one host.
 ///
@@ -248,20 +46,25 @@ fn decode_opt(row: Option<SqliteRow>) -> Result<Option<KeyRecord>, StoreError> {
 ///   array of strings in the set's sorted order; timestamps are `INTEGER` microseconds since the Unix
 ///   epoch (UTC). No plaintext secret is stored.
 /// - `api_key_digests`: every digest currently identifying a key, primary-keyed on the digest.
+/// - `api_key_pools`: the shared pools ([`KeyStore::set_pool`]), keyed by owner, `kind` (`owner`
+///   or `account`) and account (empty for an owner's pool), with the usage-limit columns of
+///   `api_keys`. A key's `allowed_networks` is a nullable `TEXT` of CIDR blocks separated by spaces.
 /// - `api_key_migrations`: the applied schema versions.
 ///
 /// # Guarantees
 /// - Writes that check before they write (limits, conflicts, rotation) run in `BEGIN IMMEDIATE`
 ///   transactions, which SQLite serialises across every connection and process using the file:
 ///   concurrent inserts never overshoot a limit.
+/// - [`KeyStore::spend_credits`] and [`KeyStore::refund_credits`] read and write every level of a
+///   chain in one `BEGIN IMMEDIATE` transaction: all or nothing, never more than there is.
 /// - Timestamps are floored to the microsecond when written and when compared, like
 ///   `PostgresStore`.
 /// - File databases are switched to WAL mode by [`SqliteStore::connect`], so readers do not wait for
 ///   writers. Busy connections wait up to 5 s (sqlx's `busy_timeout`) before failing.
 #[derive(Clone)]
 pub struct SqliteStore {
-    pool: SqlitePool,
-    migrated: Arc<OnceCell<()>>,
+    pub(super) pool: SqlitePool,
+    pub(super) migrated: Arc<OnceCell<()>>,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -273,135 +76,8 @@ impl fmt::Debug for SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens the database at `url` (e.g. `sqlite://keys.db?mode=rwc` to create it if missing),
-    /// switches a file database to WAL mode and runs the migrations.
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let options = SqliteConnectOptions::from_str(url).map_err(map_sqlx_error)?;
-        Self::connect_with(options).await
-    }
-
-    /// Like [`connect`](Self::connect), with parsed options. A `:memory:` database gets a single
-    /// connection that is never closed (see [`in_memory`](Self::in_memory)).
-    pub async fn connect_with(options: SqliteConnectOptions) -> Result<Self, StoreError> {
-        let in_memory = options.get_filename().as_os_str() == ":memory:"
-            || options
-                .get_filename()
-                .to_str()
-                .is_some_and(|f| f.starts_with("file:sqlx-in-memory-"));
-        if in_memory {
-            let pool = Self::memory_pool_options()
-                .connect_with(options)
-                .await
-                .map_err(map_sqlx_error)?;
-            return Self::from_pool(pool).await;
-        }
-        let options = options.journal_mode(SqliteJournalMode::Wal);
-        // Instances starting together on a new file contend for the lock that switches it to WAL,
-        // and SQLite answers some of those contentions "busy" at once, without waiting: retry.
-        let mut attempt = 1;
-        loop {
-            let started = async {
-                let pool = SqlitePoolOptions::new()
-                    .connect_with(options.clone())
-                    .await
-                    .map_err(map_sqlx_error)?;
-                Self::from_pool(pool).await
-            };
-            match started.await {
-                Err(error) if attempt < START_ATTEMPTS && is_sqlite_busy(&error) => {
-                    tokio::time::sleep(std::time::Duration::from_millis(20 * attempt)).await;
-                    attempt += 1;
-                }
-                result => return result,
-            }
-        }
-    }
-
-    /// A private in-memory database, gone when the store (and its clones) are dropped. Handy for
-    /// tests; use [`MemoryStore`](super::MemoryStore) when persistence does not matter at all.
-    pub async fn in_memory() -> Result<Self, StoreError> {
-        let options = SqliteConnectOptions::from_str("sqlite::memory:").map_err(map_sqlx_error)?;
-        let pool = Self::memory_pool_options()
-            .connect_with(options)
-            .await
-            .map_err(map_sqlx_error)?;
-        Self::from_pool(pool).await
-    }
-
-    /// One connection, kept open: an in-memory database lives only as long as a connection to it.
-    fn memory_pool_options() -> SqlitePoolOptions {
-        SqlitePoolOptions::new()
-            .max_connections(1)
-            .min_connections(1)
-            .idle_timeout(None)
-            .max_lifetime(None)
-    }
-
-    /// Uses an existing pool and runs the migrations.
-    pub async fn from_pool(pool: SqlitePool) -> Result<Self, StoreError> {
-        let store = Self {
-            pool,
-            migrated: Arc::new(OnceCell::new()),
-        };
-        store.migrate().await?;
-        Ok(store)
-    }
-
-    /// The connection pool.
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
-    }
-
-    /// Brings the schema up to date (constructors already call it). Idempotent, and safe when
-    /// several processes open the same file at once.
-    pub async fn migrate(&self) -> Result<(), StoreError> {
-        self.migrated
-            .get_or_try_init(|| self.run_migrations())
-            .await
-            .map(|_| ())
-    }
-
-    async fn run_migrations(&self) -> Result<(), StoreError> {
-        let mut tx = self.begin_immediate().await?;
-        sqlx::raw_sql(
-            "CREATE TABLE IF NOT EXISTS api_key_migrations (
-                version INTEGER NOT NULL PRIMARY KEY,
-                description TEXT NOT NULL,
-                applied_at INTEGER NOT NULL
-            ) STRICT",
-        )
-        .execute(&mut *tx)
-        .await
-        .map_err(map_sqlx_error)?;
-        let current: i64 =
-            sqlx::query_scalar("SELECT COALESCE(max(version), 0) FROM api_key_migrations")
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(map_sqlx_error)?;
-        for &(version, description, sql) in MIGRATIONS {
-            if version <= current {
-                continue;
-            }
-            sqlx::raw_sql(sql)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_sqlx_error)?;
-            sqlx::query(
-                "INSERT INTO api_key_migrations (version, description, applied_at) VALUES (?1, ?2, ?3)",
-            )
-            .bind(version)
-            .bind(description)
-            .bind(to_unix_micros(OffsetDateTime::now_utc()))
-            .execute(&mut *tx)
-            .await
-            .map_err(map_sqlx_error)?;
-            tracing::info!(version, "API key store migrated");
-        }
-        tx.commit().await.map_err(map_sqlx_error)
-    }
-
     /// A transaction holding SQLite's write lock from its first statement.
-    async fn begin_immediate(
+    pub(super) async fn begin_immediate(
         &self,
     ) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
         self.pool
@@ -943,7 +619,7 @@ impl KeyStore for SqliteStore {
             return Ok(None);
         };
         let before = *credits;
-        let outcome = super::adjust(credits, delta, micros(now));
+        let outcome = crate::store::adjust(credits, delta, micros(now));
         if *credits != before {
             Self::write_limits(&mut tx, &record).await?;
         }
