@@ -82,6 +82,8 @@
 //! address. **No address known, no admission**: if the server does not put the peer address in
 //! the extensions (axum's `serve(listener, router)` without `into_make_service_with_connect_info`,
 //! a test calling the router directly), every request with a network-restricted key is refused.
+//! A refused request was still made with a valid key: it counts as the key's use (`last_used_at`)
+//! and in the `AUTH_NETWORK_NOT_ALLOWED` metrics, and an operator sees a key used from elsewhere.
 //!
 //! ```
 //! use std::net::SocketAddr;
@@ -284,7 +286,7 @@ impl<R> ApiKeyLayer<R> {
 
     /// How to find the peer address in a request's extensions, for keys with `allowed_networks`.
     ///
-    /// The default reads axum's `ConnectInfo<SocketAddr>` (serve with
+    /// The default reads axum's `ConnectInfo<SocketAddr>` (with feature `axum`; serve with
     /// `into_make_service_with_connect_info::<SocketAddr>()`), else a bare [`SocketAddr`] (what a
     /// hyper server inserts itself from `TcpListener::accept`). tonic puts a `TcpConnectInfo` there:
     ///
