@@ -83,7 +83,7 @@
 //! the extensions (axum's `serve(listener, router)` without `into_make_service_with_connect_info`,
 //! a test calling the router directly), every request with a network-restricted key is refused.
 //! A refused request was still made with a valid key: it counts as the key's use (`last_used_at`)
-//! and in the `AUTH_NETWORK_NOT_ALLOWED` metrics, and an operator sees a key used from elsewhere.
+//! and in `api_key_requests_total` under its code: an operator sees a key used from elsewhere.
 //!
 //! ```
 //! use std::net::SocketAddr;
