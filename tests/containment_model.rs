@@ -492,7 +492,7 @@ fn pick(model: &Model, who: usize) -> Credential {
         .iter()
         .filter(|c| model.authenticate(c).is_ok())
         .collect();
-    if who % 4 == 0 {
+    if who.is_multiple_of(4) {
         model.credentials[who / 4 % model.credentials.len()].clone()
     } else {
         live[who / 4 % live.len()].clone()
