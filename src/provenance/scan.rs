@@ -328,8 +328,9 @@ impl Scanner<'_> {
             }
         }
         // The one place the layer writes the stamp: its exact name in the top-level metadata
-        // object (`role` is only `Stamp` there). Anywhere else, any case, is refused.
-        if role != Role::Stamp && key_folds_to(key, escaped, self.stamp) {
+        // object (`role` is only `Stamp` there). Anywhere else, any case, is refused, except the
+        // metadata member itself should both fields have one name.
+        if !matches!(role, Role::Stamp | Role::Meta) && key_folds_to(key, escaped, self.stamp) {
             return Some(Ambiguity::Stamp(at));
         }
         None
@@ -560,9 +561,10 @@ fn key_is(raw: &[u8], escaped: bool, target: &[u8]) -> bool {
 /// Whether the raw contents of a key are `target` under case folding (see the module docs), once
 /// unescaped.
 fn key_folds_to(raw: &[u8], escaped: bool, target: &[u8]) -> bool {
-    // Every character of a key is at least one byte and, escaped, at most six per byte of the
-    // folded name (`\u212A` for `K`): the length check leaves out almost every key at no cost.
-    if raw.len() < target.len() || raw.len() > target.len().saturating_mul(6) {
+    // A key is at most six raw bytes per byte of the name (`\u212A` for `K`) and, for an ASCII
+    // name, at least one per byte: the length check leaves out almost every key at no cost.
+    if raw.len() > target.len().saturating_mul(6) || (target.is_ascii() && raw.len() < target.len())
+    {
         return false;
     }
     if !escaped && raw.is_ascii() && target.is_ascii() {
@@ -1113,6 +1115,16 @@ mod tests {
             stamp(br#"{"meta_data":{"blnk_generated_by":"f"}}"#, &fields(), ID),
             Err(StampError::Ambiguous(Stamp(14)))
         );
+        // One name for both fields: the metadata member is not a stray stamp, and a stamped body
+        // stamps again unchanged.
+        let same = Fields::new("x", "x");
+        let once = stamp(b"{}", &same, ID).unwrap().unwrap();
+        assert_eq!(once, br#"{"x":{"x":"key_1"}}"#);
+        assert_eq!(stamp(&once, &same, ID).unwrap().unwrap(), once);
+        assert!(matches!(
+            stamp(br#"{"x":{"a":{"X":1}}}"#, &same, ID),
+            Err(StampError::Ambiguous(Stamp(10)))
+        ));
     }
 
     #[test]
