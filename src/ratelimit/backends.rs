@@ -13,7 +13,7 @@ use super::memory::MemoryRates;
 #[cfg(feature = "redis")]
 use super::redis::RedisRates;
 use crate::quota::{BudgetId, BudgetLevel};
-use crate::store::{ChainSpend, KeyStore, StoreError};
+use crate::store::{ChainSpend, CreditAdjustment, KeyStore, StoreError};
 
 /// Where rate-limit state lives: [`MemoryRates`] or `RedisRates`.
 #[derive(Clone, Debug)]
@@ -77,7 +77,9 @@ impl fmt::Debug for CreditKind {
 /// ancestors', the pools'), all or nothing, so instances sharing the store (PostgreSQL, a SQLite
 /// file) never spend more than there is together at any level, `remaining` is always current in
 /// the management API, and it survives restarts of anything but the store. It costs one store
-/// write per request of a key with credits somewhere in its chain (none for keys without).
+/// write per request of a key with credits somewhere in its chain (none for keys without): one
+/// conditional update ([`KeyStore::adjust_credits`]) when a single key level has credits, one
+/// transaction over the chain otherwise.
 #[derive(Clone)]
 pub struct StoreCredits {
     store: Arc<dyn KeyStore>,
@@ -105,12 +107,46 @@ impl StoreCredits {
             .unzip()
     }
 
+    /// The one key level with credits, when that is the whole chain's credits.
+    fn single_key(levels: &[BudgetLevel]) -> Option<(usize, &crate::key::KeyId)> {
+        let mut credited = levels
+            .iter()
+            .enumerate()
+            .filter(|(_, level)| level.limits.credits.is_some());
+        match (credited.next(), credited.next()) {
+            (
+                Some((
+                    at,
+                    BudgetLevel {
+                        id: BudgetId::Key(id),
+                        ..
+                    },
+                )),
+                None,
+            ) => Some((at, id)),
+            _ => None,
+        }
+    }
+
     async fn spend(
         &self,
         levels: &[BudgetLevel],
         cost: u32,
         now: OffsetDateTime,
     ) -> Result<Spend, StoreError> {
+        if let Some((level, id)) = Self::single_key(levels) {
+            return Ok(
+                match self.store.adjust_credits(id, -i64::from(cost), now).await? {
+                    Some(CreditAdjustment::Applied { remaining }) => {
+                        Spend::Spent { level, remaining }
+                    }
+                    Some(CreditAdjustment::Insufficient { remaining }) => {
+                        Spend::Exhausted { level, remaining }
+                    }
+                    None => Spend::NotCounted,
+                },
+            );
+        }
         let (ids, at) = Self::credited(levels);
         Ok(
             match self.store.spend_credits(&ids, cost.into(), now).await? {
@@ -137,6 +173,13 @@ impl StoreCredits {
         cost: u32,
         now: OffsetDateTime,
     ) -> Result<(), StoreError> {
+        if let Some((_, id)) = Self::single_key(levels) {
+            return self
+                .store
+                .adjust_credits(id, cost.into(), now)
+                .await
+                .map(drop);
+        }
         let (ids, _) = Self::credited(levels);
         self.store.refund_credits(&ids, cost.into(), now).await
     }
