@@ -39,8 +39,8 @@
 //! # }
 //! ```
 //!
-//! Layer order: `ApiKeyLayer` outside (it puts the [`Principal`] in the extensions), this layer
-//! inside it; per route with `route_layer(limiter.layer().cost(5))`, where a request costs 5 units.
+//! Layer order: `ApiKeyLayer` outside (it puts the [`Principal`](crate::principal::Principal) in
+//! the extensions), this layer inside it; per route with `route_layer(limiter.layer().cost(5))`, where a request costs 5 units.
 //! Requests without a principal (anonymous ones an optional `ApiKeyLayer` let through) pass
 //! unlimited.
 //!
