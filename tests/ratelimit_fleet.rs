@@ -26,7 +26,9 @@ use tower_api_keys::key::{ApiKey, KeyFormat, KeyId};
 use tower_api_keys::layer::ApiKeyLayer;
 use tower_api_keys::manage::{self, KeyManager};
 use tower_api_keys::quota::{Credits, RateLimit, UsageLimits};
-use tower_api_keys::ratelimit::{FailMode, RateLimiter, RedisRates, StoreCredits};
+use tower_api_keys::ratelimit::{
+    DEFAULT_REDIS_CONNECTIONS, FailMode, RateLimiter, RedisRates, StoreCredits,
+};
 use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::scope::ScopeSet;
 use tower_api_keys::store::{KeyLimits, KeyRecord, KeyStore, PostgresStore};
@@ -438,19 +440,26 @@ async fn redis_stopped_mid_run_fails_rate_limits_open_and_credits_stay_exact() {
     assert_eq!(remaining(&open.store, &id).await, 0);
 
     redis.up().expect("redis-server restarts");
-    // Back by itself: the first request Redis decides again carries the `RateLimit` state (a
-    // request that failed open carries only the policy).
+    // Back by itself: a request Redis decides again carries the `RateLimit` state (a request that
+    // failed open carries only the policy). Each of an instance's pooled connections reconnects on
+    // its first failing decision, so wait until, on both instances, as many decisions in a row as
+    // there are connections (taken in turn) were Redis's.
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let answer = fetch(&client, closed.addr, "/ledgers", &limited).await;
-        if answer.headers.contains_key("ratelimit") {
-            break;
+    for addr in [closed.addr, open.addr] {
+        let mut in_a_row = 0;
+        while in_a_row < DEFAULT_REDIS_CONNECTIONS {
+            let answer = fetch(&client, addr, "/ledgers", &limited).await;
+            if answer.headers.contains_key("ratelimit") {
+                in_a_row += 1;
+                continue;
+            }
+            in_a_row = 0;
+            assert!(
+                Instant::now() < deadline,
+                "Redis was not used again: {answer:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(
-            Instant::now() < deadline,
-            "Redis was not used again: {answer:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     println!(
         "limits decided by Redis again {:?} after it went down",

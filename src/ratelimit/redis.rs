@@ -72,7 +72,8 @@ return out
 /// Decisions are spread over a small pool of multiplexed connections (default
 /// [`DEFAULT_CONNECTIONS`], see [`connections`](Self::connections)) so that many requests in flight
 /// do not queue behind one socket. Each connection is opened on first use and reopened after a
-/// failure; a decision that fails or takes longer than the timeout (default [`DEFAULT_TIMEOUT`])
+/// failure (after an outage, each connection's first decision fails before it reconnects: up to
+/// as many decisions as there are connections fail as the fail mode says); a decision that fails or takes longer than the timeout (default [`DEFAULT_TIMEOUT`])
 /// is handled as the limiter's [`FailMode`](super::FailMode) says. Cheap to clone.
 #[derive(Clone)]
 pub struct RedisRates {
