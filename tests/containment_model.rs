@@ -189,13 +189,16 @@ struct Model {
 }
 
 impl Model {
+    /// Whether `key` is `root` or was created by it, directly or through its delegates. A deleted
+    /// key's record is gone, and with it the lineage through it: the keys below it (all revoked by
+    /// the deletion) are no longer anyone's subtree but their own.
     fn in_subtree(&self, key: usize, root: usize) -> bool {
         let mut next = Some(key);
         while let Some(i) = next {
             if i == root {
                 return true;
             }
-            next = self.keys[i].parent;
+            next = self.keys[i].parent.filter(|&p| !self.keys[p].deleted);
         }
         false
     }
