@@ -450,6 +450,11 @@ impl std::error::Error for StoreError {
 /// - `replace_secret` refuses a revoked key ([`StoreErrorKind::Revoked`]) and, when asked, revokes
 ///   the descendants in the same atomic step;
 /// - `list` filters by owner and, when given, account;
+/// - `ancestors` is nearest first, at most [`MAX_DELEGATION_DEPTH`], and stops at a creator that
+///   is gone; `descendants` is the whole subtree; `budget_above` lists the ancestors that have
+///   limits, then the account pool, then the owner pool;
+/// - `set_pool` with `if_absent` is an insert-if-absent (racing writers all see the first);
+/// - `spend_credits` is all or nothing across its levels, atomically with every other spend;
 /// - methods on an unknown id return `Ok(None)` / `Ok(false)`, never an error.
 #[async_trait::async_trait]
 pub trait KeyStore: Send + Sync + 'static {
