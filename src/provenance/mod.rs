@@ -58,8 +58,8 @@
 //! #         scopes: scopes.parse().unwrap(), digest: key.digest(), digest_scheme: Default::default(),
 //! #         masked_key: format.mask(&key).unwrap(), created_at: now, expires_at: None,
 //! #         revoked_at: None, last_used_at: None, created_by: None, rotated_at: None, previous: None,
-//! #         limits: Default::default(),
-//! #     , allowed_networks: None };
+//! #         limits: Default::default(), allowed_networks: None,
+//! #     };
 //! #     store.insert(&record, KeyLimits::default(), now).await.unwrap();
 //! #     (key, record.id)
 //! # }
