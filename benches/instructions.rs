@@ -151,7 +151,11 @@ fn key_and_resolver(runtime: &tokio::runtime::Runtime) -> (ApiKey, CachedResolve
         .build();
     runtime.block_on(async {
         store
-            .insert(&record, KeyLimits::default(), time::OffsetDateTime::now_utc())
+            .insert(
+                &record,
+                KeyLimits::default(),
+                time::OffsetDateTime::now_utc(),
+            )
             .await
             .unwrap();
         resolver.authenticate(&key.digest()).await.unwrap();
@@ -161,11 +165,17 @@ fn key_and_resolver(runtime: &tokio::runtime::Runtime) -> (ApiKey, CachedResolve
 
 fn case(name: &str, runtime: &tokio::runtime::Runtime) -> Case {
     let route = |scoped_handler: bool| {
-        Router::new().route("/ledgers", if scoped_handler { get(scoped) } else { get(ok) })
+        Router::new().route(
+            "/ledgers",
+            if scoped_handler { get(scoped) } else { get(ok) },
+        )
     };
     let x_api_key = HeaderName::from_static("x-api-key");
     let (key, resolver) = key_and_resolver(runtime);
-    let key_header = (x_api_key, HeaderValue::from_str(key.expose_secret()).unwrap());
+    let key_header = (
+        x_api_key,
+        HeaderValue::from_str(key.expose_secret()).unwrap(),
+    );
     let layer = || ApiKeyLayer::new(resolver.clone());
     let guard = || RequireScopes::all(["ledgers:read"]);
     let limiter = || RateLimiter::in_memory().layer();
@@ -271,7 +281,10 @@ fn cpu(rounds: usize) {
 pub fn print_table(unit: &str, figures: &[f64]) {
     let bare = figures[0];
     let token = figures[1] - bare;
-    println!("{:<22} {:>12} {:>12} {:>16}", "case", unit, "over bare", "÷ static token");
+    println!(
+        "{:<22} {:>12} {:>12} {:>16}",
+        "case", unit, "over bare", "÷ static token"
+    );
     for (name, figure) in CASES.iter().zip(figures) {
         let over = figure - bare;
         let ratio = if *name == "bare" {
@@ -286,7 +299,9 @@ pub fn print_table(unit: &str, figures: &[f64]) {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
-        [name, n] if CASES.contains(&name) || name == "sha256" => count(name, n.parse().expect("a request count")),
+        [name, n] if CASES.contains(&name) || name == "sha256" => {
+            count(name, n.parse().expect("a request count"))
+        }
         ["list"] => println!("{}", CASES.join("\n")),
         // `cargo bench` passes `--bench` (and a filter, if any).
         _ => cpu(std::env::var("ROUNDS").map_or(301, |r| r.parse().expect("ROUNDS: a number"))),

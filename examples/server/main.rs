@@ -48,7 +48,7 @@ use axum::http::Request;
 use axum::response::Redirect;
 use axum::routing::get;
 use axum::{Json, Router};
-use tower_api_keys::guard::RequireScopes;
+use tower_api_keys::guard::{RequireScopes, Scoped};
 use tower_api_keys::key::{ApiKey, KeyFormat};
 use tower_api_keys::layer::{ApiKeyLayer, KeySource};
 use tower_api_keys::manage::{self, KeyManager, KeyPolicy};
@@ -104,10 +104,8 @@ fn app(layer: ApiKeyLayer, manager: KeyManager, records: Records, limiter: RateL
     let router = router
         .merge(manage::router(manager))
         // More routers that need a key merge here, before the layer.
-        .route(
-            "/auth/ping",
-            get(ping).route_layer(RequireScopes::all(["ledgers:read"])),
-        )
+        // The guard is the handler's extractor: no route layer, one box less per request.
+        .route("/auth/ping", get(auth_ping))
         .layer(layer)
         // Added after the authentication layer: no key needed.
         .nest("/console", console::console().router())
@@ -136,6 +134,16 @@ fn app(layer: ApiKeyLayer, manager: KeyManager, records: Records, limiter: RateL
 
 /// `/ping` and `/auth/ping`: the same work with and without authentication (`scripts/load.sh`).
 async fn ping() -> &'static str {
+    "pong"
+}
+
+tower_api_keys::scopes! {
+    /// What `/auth/ping` requires.
+    LedgersRead = all("ledgers:read");
+}
+
+/// `/auth/ping`: [`ping`] for keys holding `ledgers:read`.
+async fn auth_ping(_: Scoped<LedgersRead>) -> &'static str {
     "pong"
 }
 
