@@ -86,12 +86,14 @@
 //! What response times *do* reveal is what the response already says: whether the presented key
 //! itself is valid (a cached hit answers faster than a store lookup). Only its holder can ask.
 
+mod body;
 pub mod future;
 mod service;
 mod source;
 
 use std::sync::Arc;
 
+pub use body::{BoxError, LiveBody};
 pub use service::ApiKeyService;
 pub use source::KeySource;
 
