@@ -201,6 +201,15 @@ impl Principal {
             .is_none_or(|life| life.ended().is_none())
     }
 
+    /// The refusal for a request whose key has ended (counted as a request the end cut short), or
+    /// `None` while it is live.
+    pub(crate) fn cut_if_ended(&self) -> Option<AuthError> {
+        let life = self.0.life.as_ref()?;
+        let reason = life.ended()?;
+        life.count_cut();
+        Some(AuthError::ExpiredKey(reason))
+    }
+
     /// A future that resolves when the key ends, with the refusal a new request would get (401
     /// `AUTH_EXPIRED_API_KEY`, `details.reason` = `revoked` or `expired`): for handlers that run
     /// long, to stop working for a key that no longer exists.

@@ -119,6 +119,14 @@ impl<B> LiveBody<B> {
     }
 }
 
+/// A body made from bytes already in memory (e.g. a stamped request body) has nothing left to
+/// watch.
+impl<B: From<bytes::Bytes>> From<bytes::Bytes> for LiveBody<B> {
+    fn from(bytes: bytes::Bytes) -> Self {
+        Self::plain(B::from(bytes))
+    }
+}
+
 impl<B: Default> Default for LiveBody<B> {
     fn default() -> Self {
         Self::plain(B::default())
