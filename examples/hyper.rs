@@ -28,19 +28,22 @@
 //! responses of the inner service's body type. [`JsonRejection`] can render into any body that is
 //! `From<Bytes>`. hyper's request body, `Incoming`, is not (it can only come from a connection), so the
 //! handlers answer with `http_body_util::Full<Bytes>`, which is `From<Bytes>`, and so are `String`,
-//! `Vec<u8>` and `axum::body::Body`. The request body stays `Incoming`: the layer never reads it.
+//! `Vec<u8>` and `axum::body::Body`. The layer answers with a [`LiveBody`] around it, and hands the
+//! handlers hyper's `Incoming` in a [`LiveBody`] (and a `TimeoutBody`): a request lives no longer
+//! than its key, nor than the timeouts below (`HEAD_TIMEOUT`, `BODY_TIMEOUT`, `REQUEST_DEADLINE`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -49,12 +52,25 @@ use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
 use tower_api_keys::error::{AuthError, JsonRejection, RenderRejection};
 use tower_api_keys::guard::RequireScopes;
 use tower_api_keys::key::{ApiKey, KeyFormat};
-use tower_api_keys::layer::{ApiKeyLayer, KeySource};
+use tower_api_keys::layer::{ApiKeyLayer, KeySource, LiveBody};
+use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutBody, TimeoutLayer};
 use tower_api_keys::manage::KeyManager;
 use tower_api_keys::manage::{CreateKey, KeyInfo};
 use tower_api_keys::principal::Principal;
 use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::store::MemoryStore;
+
+/// How long a client may take to send a request head: a stalled head is cut (the connection
+/// closes) after this.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request body may stall between two frames before reading it fails.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// The deadline of a whole request, until its response head: 408 past it.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The request body the handlers read: hyper's, cut when it stalls ([`BODY_TIMEOUT`]) and when the
+/// key ends ([`LiveBody`]).
+pub type ReqBody = LiveBody<TimeoutBody<Incoming>>;
 
 /// The body of every response, handlers' and refusals' alike (see the module docs).
 pub type Body = Full<Bytes>;
@@ -65,8 +81,8 @@ pub fn app(
     resolver: CachedResolver,
     master_key: ApiKey,
 ) -> impl Service<
-    Request<Incoming>,
-    Response = Response<Body>,
+    Request<ReqBody>,
+    Response = Response<LiveBody<Body>>,
     Error = Infallible,
     Future: Send + 'static,
 > + Clone
@@ -82,7 +98,7 @@ pub fn app(
     let delete =
         RequireScopes::all(["ledgers:delete"]).layer(handler(ledgers.clone(), delete_ledger));
 
-    let router = service_fn(move |req: Request<Incoming>| {
+    let router = service_fn(move |req: Request<ReqBody>| {
         let route = match (req.method(), req.uri().path()) {
             (&Method::GET, "/whoami") => Route::Whoami,
             (&Method::GET, "/ledgers") => Route::List,
@@ -108,6 +124,12 @@ pub fn app(
     // The layer wraps every route: a request without a valid key never reaches the router (so an
     // unknown path answers 401 to a caller without a key, and 404 only to an authenticated one).
     ServiceBuilder::new()
+        // The examples' timeouts, in one place (see the constants above and the README).
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_DEADLINE,
+        ))
+        .layer(RequestBodyTimeoutLayer::new(BODY_TIMEOUT))
         .layer(
             ApiKeyLayer::new(resolver)
                 .sources([KeySource::x_api_key(), KeySource::bearer()])
@@ -119,7 +141,7 @@ pub fn app(
 /// Accepts HTTP/1 connections on `listener` and serves each with `app`, until the task is dropped.
 pub async fn serve<S>(listener: TcpListener, app: S) -> std::io::Result<()>
 where
-    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+    S: Service<Request<Incoming>, Response = Response<LiveBody<Body>>, Error = Infallible>
         + Clone
         + Send
         + 'static,
@@ -129,7 +151,11 @@ where
         let (stream, _) = listener.accept().await?;
         let service = TowerToHyperService::new(app.clone());
         tokio::spawn(async move {
-            let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            // A timer, so that a request head that stalls is cut after `HEAD_TIMEOUT`.
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
             if let Err(error) = connection.await {
                 eprintln!("connection error: {error}");
             }
@@ -166,12 +192,12 @@ struct Ledgers {
 fn handler<F, Fut>(
     ledgers: Ledgers,
     f: F,
-) -> impl Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future: Send>
+) -> impl Service<Request<ReqBody>, Response = Response<Body>, Error = Infallible, Future: Send>
 + Clone
 + Send
 + 'static
 where
-    F: Fn(Ledgers, Request<Incoming>) -> Fut + Clone + Send + 'static,
+    F: Fn(Ledgers, Request<ReqBody>) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
     service_fn(move |req| {
@@ -186,7 +212,7 @@ fn missing_principal() -> Response<Body> {
     JsonRejection::new().render(&AuthError::MissingPrincipal)
 }
 
-fn whoami(req: &Request<Incoming>) -> Response<Body> {
+fn whoami(req: &Request<ReqBody>) -> Response<Body> {
     // The layer put the authenticated principal in the request extensions.
     let Some(principal) = req.extensions().get::<Principal>() else {
         return missing_principal();
@@ -209,7 +235,7 @@ fn visible(principal: &Principal, ledger: &Ledger) -> bool {
     principal.is_master() || ledger.account.as_deref() == principal.account()
 }
 
-async fn list_ledgers(ledgers: Ledgers, req: Request<Incoming>) -> Response<Body> {
+async fn list_ledgers(ledgers: Ledgers, req: Request<ReqBody>) -> Response<Body> {
     let Some(principal) = req.extensions().get::<Principal>() else {
         return missing_principal();
     };
@@ -229,7 +255,7 @@ struct CreateLedger {
     name: String,
 }
 
-async fn create_ledger(ledgers: Ledgers, req: Request<Incoming>) -> Response<Body> {
+async fn create_ledger(ledgers: Ledgers, req: Request<ReqBody>) -> Response<Body> {
     // Cloned (one `Arc`) because reading the body consumes the request.
     let Some(principal) = req.extensions().get::<Principal>().cloned() else {
         return missing_principal();
@@ -265,7 +291,7 @@ async fn create_ledger(ledgers: Ledgers, req: Request<Incoming>) -> Response<Bod
     json_response(StatusCode::CREATED, &ledger)
 }
 
-async fn delete_ledger(ledgers: Ledgers, req: Request<Incoming>) -> Response<Body> {
+async fn delete_ledger(ledgers: Ledgers, req: Request<ReqBody>) -> Response<Body> {
     let Some(principal) = req.extensions().get::<Principal>() else {
         return missing_principal();
     };
