@@ -66,11 +66,12 @@ impl Backend {
 /// Sends `BURST` requests with `key` at once; returns the wall time from release to the last answer
 /// and the store lookups made meanwhile.
 async fn burst(resolver: &CachedResolver, store: &CountingStore, key: &str) -> (Duration, u64) {
-    let service = ApiKeyLayer::new(resolver.clone()).layer(
-        RequireScopes::all(["ledgers:read"]).layer(tower::service_fn(|_: Request<LiveBody<String>>| async {
-            Ok::<_, Infallible>(Response::new(Bytes::new()))
-        })),
-    );
+    let service =
+        ApiKeyLayer::new(resolver.clone()).layer(RequireScopes::all(["ledgers:read"]).layer(
+            tower::service_fn(|_: Request<LiveBody<String>>| async {
+                Ok::<_, Infallible>(Response::new(Bytes::new()))
+            }),
+        ));
     // Every task waits on the gate (a held write lock) until all are spawned and built.
     let gate = Arc::new(RwLock::new(()));
     let closed = gate.write().await;

@@ -57,7 +57,8 @@ impl Rng {
     }
 }
 
-type BoxService = tower::util::BoxCloneService<Request<String>, Response<LiveBody<Bytes>>, Infallible>;
+type BoxService =
+    tower::util::BoxCloneService<Request<String>, Response<LiveBody<Bytes>>, Infallible>;
 
 /// The layer and a guard over a handler that answers 200, for `format` over `store`.
 fn stack(store: Arc<CountingStore>, format: KeyFormat) -> BoxService {

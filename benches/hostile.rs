@@ -239,12 +239,13 @@ fn main() {
         .format(format.clone())
         .negative_ttl(NEGATIVE_TTL)
         .build();
-    let service = ApiKeyLayer::new(resolver.clone()).layer(
-        RequireScopes::all(["ledgers:read"]).layer(tower::service_fn(|request: Request<LiveBody<String>>| {
-            black_box(&request);
-            async { Ok::<_, Infallible>(Response::new(Bytes::new())) }
-        })),
-    );
+    let service =
+        ApiKeyLayer::new(resolver.clone()).layer(RequireScopes::all(["ledgers:read"]).layer(
+            tower::service_fn(|request: Request<LiveBody<String>>| {
+                black_box(&request);
+                async { Ok::<_, Infallible>(Response::new(Bytes::new())) }
+            }),
+        ));
 
     runtime.block_on(async {
         let mut service = service.clone();
@@ -417,11 +418,12 @@ fn flood(runtime: &tokio::runtime::Runtime, format: &KeyFormat, rng: &mut Rng) {
         .max_capacity(FLOOD_CAPACITY)
         .negative_ttl(NEGATIVE_TTL)
         .build();
-    let mut service = ApiKeyLayer::new(resolver.clone()).layer(
-        RequireScopes::all(["ledgers:read"]).layer(tower::service_fn(|_: Request<LiveBody<String>>| async {
-            Ok::<_, Infallible>(Response::new(Bytes::new()))
-        })),
-    );
+    let mut service =
+        ApiKeyLayer::new(resolver.clone()).layer(RequireScopes::all(["ledgers:read"]).layer(
+            tower::service_fn(|_: Request<LiveBody<String>>| async {
+                Ok::<_, Infallible>(Response::new(Bytes::new()))
+            }),
+        ));
     runtime.block_on(async {
         // The hot keys are in use: a few requests each.
         for _ in 0..4 {

@@ -227,17 +227,13 @@ impl Fixture {
     }
 
     /// The layer and guard over the resolver without a per-thread front.
-    fn layer_no_front(
-        &self,
-    ) -> impl Service<Req, Response = Response<Bytes>, Error = Infallible> {
+    fn layer_no_front(&self) -> impl Service<Req, Response = Response<Bytes>, Error = Infallible> {
         ApiKeyLayer::new(self.no_front.clone())
             .layer(RequireScopes::all(["ledgers:read"]).layer(tower::service_fn(handler)))
             .map_response(unwrap_live)
     }
 
-    fn layer_only(
-        &self,
-    ) -> impl Service<Req, Response = Response<Bytes>, Error = Infallible> {
+    fn layer_only(&self) -> impl Service<Req, Response = Response<Bytes>, Error = Infallible> {
         ApiKeyLayer::new(self.resolver.clone())
             .layer(tower::service_fn(handler))
             .map_response(unwrap_live)

@@ -53,12 +53,12 @@ use tower_api_keys::error::{AuthError, JsonRejection, RenderRejection};
 use tower_api_keys::guard::RequireScopes;
 use tower_api_keys::key::{ApiKey, KeyFormat};
 use tower_api_keys::layer::{ApiKeyLayer, KeySource, LiveBody};
-use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutBody, TimeoutLayer};
 use tower_api_keys::manage::KeyManager;
 use tower_api_keys::manage::{CreateKey, KeyInfo};
 use tower_api_keys::principal::Principal;
 use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::store::MemoryStore;
+use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutBody, TimeoutLayer};
 
 /// How long a client may take to send a request head: a stalled head is cut (the connection
 /// closes) after this.
@@ -81,7 +81,7 @@ pub fn app(
     resolver: CachedResolver,
     master_key: ApiKey,
 ) -> impl Service<
-    Request<ReqBody>,
+    Request<Incoming>,
     Response = Response<LiveBody<Body>>,
     Error = Infallible,
     Future: Send + 'static,

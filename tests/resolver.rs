@@ -268,7 +268,10 @@ async fn the_lookup_bound_sheds_and_recovers() {
         .expect("shed at once")
         .unwrap();
     assert_eq!(shed.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(common::error_code(shed).await, "AUTH_UNAVAILABLE");
+    assert_eq!(
+        common::error_code(shed.map(LiveBody::into_inner)).await,
+        "AUTH_UNAVAILABLE"
+    );
     assert_eq!(resolver.shed_lookups(), 1);
     assert_eq!(
         send(&cached).await.unwrap().status(),

@@ -17,8 +17,8 @@ use time::OffsetDateTime;
 use tower::{Layer as _, ServiceExt as _};
 use tower_api_keys::error::{AuthError, ErrorCode};
 use tower_api_keys::key::{ApiKey, KeyFormat, KeyId};
-use tower_api_keys::layer::{LiveBody, MAX_PRESENTED_KEY_LEN};
 use tower_api_keys::layer::{ApiKeyLayer, KeySource};
+use tower_api_keys::layer::{LiveBody, MAX_PRESENTED_KEY_LEN};
 use tower_api_keys::principal::Principal;
 use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::store::KeyLimits;
@@ -387,7 +387,8 @@ fn extract(
 }
 
 /// What the layer did, checking the shape of its answer on the way.
-fn observe<B>(response: Response<B>) -> Outcome {
+fn observe(response: Response<LiveBody<Bytes>>) -> Outcome {
+    let response = response.map(LiveBody::into_inner);
     if let Some(seen) = response.extensions().get::<Seen>() {
         assert!(response.status().is_success());
         // CORS preflights included: a key sent on one is hidden too.

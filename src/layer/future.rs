@@ -130,7 +130,9 @@ where
                 let _entered = span.enter();
                 Poll::Ready(finish(ready!(future.poll(cx)), watch))
             }
-            KindProj::Plain { future, watch } => Poll::Ready(finish(ready!(future.poll(cx)), watch)),
+            KindProj::Plain { future, watch } => {
+                Poll::Ready(finish(ready!(future.poll(cx)), watch))
+            }
             KindProj::Lookup { future } => Poll::Ready(ready!(future.as_mut().poll(cx))),
             KindProj::Rejected { response } => Poll::Ready(Ok(response
                 .take()

@@ -197,7 +197,10 @@ where
                 Some(Watch {
                     principal,
                     cut: Some((cut, _)),
-                }) => LiveBody::guarded(body, Guard::new(principal.clone(), Some(cut.clone()), false)),
+                }) => LiveBody::guarded(
+                    body,
+                    Guard::new(principal.clone(), Some(cut.clone()), false),
+                ),
                 _ => LiveBody::plain(body),
             };
             parts.extensions.insert(principal);
