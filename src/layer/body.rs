@@ -37,8 +37,9 @@ pin_project! {
     /// - **other response** (chunked downloads, SSE): the body ends with the error. The server
     ///   cannot change a status already sent, so the client sees a truncated message: over
     ///   HTTP/1.1 the connection closes before the last chunk (hyper clients report an incomplete
-    ///   message), over HTTP/2 the stream is reset (`RST_STREAM`). A response whose body was
-    ///   complete before the key ended is delivered whole.
+    ///   message), over HTTP/2 the stream is reset (`RST_STREAM`). Frames sent before the key
+    ///   ended were delivered; a refusal (a response carrying an [`AuthError`], such as a handler
+    ///   returning the error of [`Principal::ended`]) is never cut.
     ///
     /// A request with no body, anonymous requests and the master key's are not watched.
     pub struct LiveBody<B> {

@@ -63,6 +63,10 @@ impl<R> Watch<R> {
             }
             shared = Some(cut);
         }
+        // A refusal (e.g. a handler that stopped on `Principal::ended`) is delivered whole.
+        if response.extensions().get::<AuthError>().is_some() {
+            return response.map(LiveBody::plain);
+        }
         let grpc = response
             .headers()
             .get(header::CONTENT_TYPE)
