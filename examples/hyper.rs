@@ -30,7 +30,7 @@
 //! handlers answer with `http_body_util::Full<Bytes>`, which is `From<Bytes>`, and so are `String`,
 //! `Vec<u8>` and `axum::body::Body`. The layer answers with a [`LiveBody`] around it, and hands the
 //! handlers hyper's `Incoming` in a [`LiveBody`] (and a `TimeoutBody`): a request lives no longer
-//! than its key, nor than the timeouts below (`HEAD_TIMEOUT`, `BODY_TIMEOUT`, `REQUEST_DEADLINE`).
+//! than its key, nor than its [`Timeouts`].
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -60,16 +60,31 @@ use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::store::MemoryStore;
 use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutBody, TimeoutLayer};
 
-/// How long a client may take to send a request head: a stalled head is cut (the connection
-/// closes) after this.
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a request body may stall between two frames before reading it fails.
-pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
-/// The deadline of a whole request, until its response head: 408 past it.
-pub const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
+/// The example's timeouts, in one place (the README's deployment notes list them): a slow client
+/// cannot hold a request open for long, whatever its key.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// How long a client may take to send a request head: a stalled head is cut (the connection
+    /// closes) after this.
+    pub head: Duration,
+    /// How long a request body may stall between two frames: reading it then fails and the
+    /// handler answers 400.
+    pub body: Duration,
+    /// The deadline of a whole request, until its response head: 408 past it.
+    pub request: Duration,
+}
 
-/// The request body the handlers read: hyper's, cut when it stalls ([`BODY_TIMEOUT`]) and when the
-/// key ends ([`LiveBody`]).
+impl Timeouts {
+    /// 10 s for a head, 10 s between two body frames, 30 s for a whole request.
+    pub const DEFAULT: Self = Self {
+        head: Duration::from_secs(10),
+        body: Duration::from_secs(10),
+        request: Duration::from_secs(30),
+    };
+}
+
+/// The request body the handlers read: hyper's, cut when it stalls ([`Timeouts::body`]) and when
+/// the key ends ([`LiveBody`]).
 pub type ReqBody = LiveBody<TimeoutBody<Incoming>>;
 
 /// The body of every response, handlers' and refusals' alike (see the module docs).
@@ -80,6 +95,7 @@ pub type Body = Full<Bytes>;
 pub fn app(
     resolver: CachedResolver,
     master_key: ApiKey,
+    timeouts: Timeouts,
 ) -> impl Service<
     Request<Incoming>,
     Response = Response<LiveBody<Body>>,
@@ -127,9 +143,9 @@ pub fn app(
         // The examples' timeouts, in one place (see the constants above and the README).
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
-            REQUEST_DEADLINE,
+            timeouts.request,
         ))
-        .layer(RequestBodyTimeoutLayer::new(BODY_TIMEOUT))
+        .layer(RequestBodyTimeoutLayer::new(timeouts.body))
         .layer(
             ApiKeyLayer::new(resolver)
                 .sources([KeySource::x_api_key(), KeySource::bearer()])
@@ -138,8 +154,9 @@ pub fn app(
         .service(router)
 }
 
-/// Accepts HTTP/1 connections on `listener` and serves each with `app`, until the task is dropped.
-pub async fn serve<S>(listener: TcpListener, app: S) -> std::io::Result<()>
+/// Accepts HTTP/1 connections on `listener` and serves each with `app`, until the task is dropped;
+/// a request head that takes longer than `timeouts.head` closes its connection.
+pub async fn serve<S>(listener: TcpListener, app: S, timeouts: Timeouts) -> std::io::Result<()>
 where
     S: Service<Request<Incoming>, Response = Response<LiveBody<Body>>, Error = Infallible>
         + Clone
@@ -154,7 +171,7 @@ where
             // A timer, so that a request head that stalls is cut after `HEAD_TIMEOUT`.
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEAD_TIMEOUT)
+                .header_read_timeout(timeouts.head)
                 .serve_connection(TokioIo::new(stream), service);
             if let Err(error) = connection.await {
                 eprintln!("connection error: {error}");
@@ -370,6 +387,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         record.id,
         key.expose_secret()
     );
-    serve(listener, app(resolver, master)).await?;
+    serve(
+        listener,
+        app(resolver, master, Timeouts::DEFAULT),
+        Timeouts::DEFAULT,
+    )
+    .await?;
     Ok(())
 }

@@ -39,6 +39,7 @@ mod openapi;
 #[cfg(feature = "metrics")]
 mod prometheus;
 mod records;
+mod timeouts;
 
 use std::time::Duration;
 
@@ -61,6 +62,7 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 pub(crate) use config::Config;
 use config::Database;
 use records::{Records, Resource};
+use timeouts::Timeouts;
 
 /// The demo's resources: (record kind, path and scope resource).
 const RESOURCES: [(&str, &str); 3] = [
@@ -127,7 +129,7 @@ fn app(layer: ApiKeyLayer, manager: KeyManager, records: Records, limiter: RateL
         );
     #[cfg(feature = "metrics")]
     let router = router.route("/metrics", get(prometheus::render));
-    router.layer(
+    Timeouts::DEFAULT.apply(router).layer(
         TraceLayer::new_for_http()
             .make_span_with(request_span)
             .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
@@ -245,9 +247,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let listener = tokio::net::TcpListener::bind(&bind).await?;
     tracing::info!("listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, demo.router)
-        .with_graceful_shutdown(config::shutdown_signal())
-        .await?;
+    timeouts::serve(
+        listener,
+        demo.router,
+        Timeouts::DEFAULT,
+        config::shutdown_signal(),
+    )
+    .await?;
     let flushed = demo.usage.flush().await?;
     tracing::info!(keys = flushed, "usage flushed; bye");
     Ok(())
