@@ -167,42 +167,43 @@ async fn a_narrow_key_cannot_rotate_or_revoke_a_broader_sibling() {
     let (broad, broad_id) = s
         .create(MASTER, json!({"owner": "o", "scopes": ["*:*"]}))
         .await;
-    for body in [None, Some(json!({"grace_period_seconds": 2_592_000}))] {
-        let (status, json) = s
-            .send(
-                "POST",
-                &format!("/api-keys/{broad_id}/rotate"),
-                &narrow,
-                body,
-            )
-            .await;
-        assert_eq!(status, StatusCode::FORBIDDEN, "{json}");
-        assert_eq!(code(&json), "AUTH_SCOPE_ESCALATION");
-        assert!(json.get("key").is_none());
-    }
-    let (status, json) = s
-        .send("DELETE", &format!("/api-keys/{broad_id}"), &narrow, None)
-        .await;
-    assert_eq!(
-        (status, code(&json)),
-        (StatusCode::FORBIDDEN, "AUTH_SCOPE_ESCALATION")
-    );
-    // The sibling is untouched: same secret, still working.
-    assert_eq!(s.ledgers(&broad).await, StatusCode::OK);
-    let (_, json) = s
-        .send("GET", &format!("/api-keys/{broad_id}"), MASTER, None)
-        .await;
-    assert_eq!(json["is_revoked"], false);
-    assert_eq!(json["rotated_at"], Value::Null);
-
-    // What it covers, it may rotate and revoke.
-    let (_, peer_id) = s
+    // A peer it covers, but did not create: outside its subtree (#19 I1), so also refused.
+    let (peer, peer_id) = s
         .create(MASTER, json!({"owner": "o", "scopes": ["ledgers:read"]}))
         .await;
+    for target in [&broad_id, &peer_id] {
+        for body in [None, Some(json!({"grace_period_seconds": 2_592_000}))] {
+            let (status, json) = s
+                .send("POST", &format!("/api-keys/{target}/rotate"), &narrow, body)
+                .await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{json}");
+            assert_eq!(code(&json), "AUTH_OUTSIDE_SUBTREE");
+            assert!(json.get("key").is_none());
+        }
+        let (status, json) = s
+            .send("DELETE", &format!("/api-keys/{target}"), &narrow, None)
+            .await;
+        assert_eq!(
+            (status, code(&json)),
+            (StatusCode::FORBIDDEN, "AUTH_OUTSIDE_SUBTREE")
+        );
+    }
+    // The siblings are untouched: same secrets, still working.
+    for (secret, id) in [(&broad, &broad_id), (&peer, &peer_id)] {
+        assert_eq!(s.ledgers(secret).await, StatusCode::OK);
+        let (_, json) = s
+            .send("GET", &format!("/api-keys/{id}"), MASTER, None)
+            .await;
+        assert_eq!(json["is_revoked"], false);
+        assert_eq!(json["rotated_at"], Value::Null);
+    }
+
+    // What it created, it may rotate and revoke.
+    let (_, child_id) = s.create(&narrow, json!({"scopes": ["ledgers:read"]})).await;
     let (status, json) = s
         .send(
             "POST",
-            &format!("/api-keys/{peer_id}/rotate"),
+            &format!("/api-keys/{child_id}/rotate"),
             &narrow,
             None,
         )
@@ -211,7 +212,7 @@ async fn a_narrow_key_cannot_rotate_or_revoke_a_broader_sibling() {
     let (rotated, _) = secret_and_id(&json);
     assert_eq!(s.ledgers(&rotated).await, StatusCode::OK);
     let (status, _) = s
-        .send("DELETE", &format!("/api-keys/{peer_id}"), &narrow, None)
+        .send("DELETE", &format!("/api-keys/{child_id}"), &narrow, None)
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     assert_eq!(s.ledgers(&rotated).await, StatusCode::UNAUTHORIZED);
@@ -226,22 +227,14 @@ async fn an_expiring_key_cannot_rotate_a_key_that_outlives_it() {
             json!({"owner": "o", "scopes": ["api-keys:write", "ledgers:read"], "expires_at": in_days(10)}),
         )
         .await;
-    let (_, forever) = s
-        .create(MASTER, json!({"owner": "o", "scopes": ["ledgers:read"]}))
-        .await;
-    let (_, later) = s
-        .create(
-            MASTER,
-            json!({"owner": "o", "scopes": ["ledgers:read"], "expires_at": in_days(20)}),
-        )
-        .await;
-    let (_, sooner) = s
-        .create(
-            MASTER,
-            json!({"owner": "o", "scopes": ["ledgers:read"], "expires_at": in_days(5)}),
-        )
-        .await;
-    for target in [&forever, &later] {
+    // Keys it did not create are outside its subtree, whatever their expiry.
+    for expires_at in [None, Some(in_days(20)), Some(in_days(5))] {
+        let (_, target) = s
+            .create(
+                MASTER,
+                json!({"owner": "o", "scopes": ["ledgers:read"], "expires_at": expires_at}),
+            )
+            .await;
         for (method, path) in [
             ("POST", format!("/api-keys/{target}/rotate")),
             ("DELETE", format!("/api-keys/{target}")),
@@ -249,13 +242,32 @@ async fn an_expiring_key_cannot_rotate_a_key_that_outlives_it() {
             let (status, json) = s.send(method, &path, &short, None).await;
             assert_eq!(
                 (status, code(&json)),
-                (StatusCode::FORBIDDEN, "AUTH_SCOPE_ESCALATION"),
+                (StatusCode::FORBIDDEN, "AUTH_OUTSIDE_SUBTREE"),
                 "{method} {path}"
             );
         }
     }
+    // Its own delegates never outlive it: asking for more is refused, the default is capped.
     let (status, json) = s
-        .send("POST", &format!("/api-keys/{sooner}/rotate"), &short, None)
+        .send(
+            "POST",
+            "/api-keys",
+            &short,
+            Some(json!({"scopes": ["ledgers:read"], "expires_at": in_days(20)})),
+        )
+        .await;
+    assert_eq!(
+        (status, code(&json)),
+        (StatusCode::FORBIDDEN, "AUTH_SCOPE_ESCALATION")
+    );
+    let (_, child) = s
+        .create(
+            &short,
+            json!({"scopes": ["ledgers:read"], "expires_at": in_days(5)}),
+        )
+        .await;
+    let (status, json) = s
+        .send("POST", &format!("/api-keys/{child}/rotate"), &short, None)
         .await;
     assert_eq!(status, StatusCode::OK, "{json}");
 }
@@ -576,8 +588,9 @@ async fn blnk_revokes_with_the_owner_in_the_query() {
         )
         .await;
     for caller in [MASTER, scoped.as_str()] {
+        // The key is the caller's own creation (a scoped key revokes only inside its subtree).
         let (key, id) = s
-            .create(MASTER, json!({"owner": "o", "scopes": ["ledgers:read"]}))
+            .create(caller, json!({"owner": "o", "scopes": ["ledgers:read"]}))
             .await;
         let (status, json) = s
             .send("DELETE", &format!("/api-keys/{id}?owner=o"), caller, None)
@@ -596,8 +609,9 @@ async fn owner_must_match_on_every_id_addressed_route() {
             json!({"owner": "o", "scopes": ["api-keys:write", "*:*"]}),
         )
         .await;
+    // The scoped caller's own creation: inside its subtree.
     let (key, id) = s
-        .create(MASTER, json!({"owner": "o", "scopes": ["ledgers:read"]}))
+        .create(&scoped, json!({"owner": "o", "scopes": ["ledgers:read"]}))
         .await;
     let routes = |owner: &str| {
         [

@@ -10,6 +10,10 @@
 //! independently of `manage::authorize` (its own scope matching, its own order of checks).
 //!
 //! After every step, besides "the model's status equals the server's":
+//! - I1, literally: every working secret held by the holder of a key `k` (its seeded secret and
+//!   everything obtained with it or with what it obtained) belongs to `k`'s subtree; and every
+//!   successful rotate, revoke or update by a scoped key targeted its own subtree (so no
+//!   descendant ever changed an ancestor);
 //! - no scoped caller obtained a secret whose scopes it does not cover, or that outlives it;
 //! - no scoped caller saw (get, list) or changed a key outside its owner and account;
 //! - every secret ever issued authenticates exactly when the model says so, and in particular no
@@ -61,6 +65,8 @@ const SCOPES: [&str; 8] = [
 /// during a run, or already past).
 const EXPIRIES: [Option<i64>; 4] = [None, Some(2), Some(5), Some(10)];
 const GRACE_SECONDS: u64 = 3_600;
+/// The delegation depth cap (`store::MAX_DELEGATION_DEPTH`), restated.
+const MAX_DEPTH: usize = 8;
 
 // ---------------------------------------------------------------------------------------------
 // The reference model
@@ -105,10 +111,16 @@ struct Key {
 }
 
 /// A secret ever handed out (or seeded): `key` is `None` for the master key.
+///
+/// `origin` is who holds it, as an adversary would: the key whose seeded secret started the chain
+/// of operations that handed this secret out (`None`: the master key's holder). A secret obtained
+/// with a credential of origin `o` has origin `o` too. I1 says: a working secret of origin `o`
+/// belongs to `o`'s subtree.
 #[derive(Clone, Debug)]
 struct Credential {
     secret: String,
     key: Option<usize>,
+    origin: Option<usize>,
 }
 
 /// Who a credential authenticates as, per the model.
@@ -177,6 +189,7 @@ impl Model {
         target: Option<usize>,
         named_owner: Option<&'static str>,
     ) -> Expect {
+        let target_index = target;
         let target = target.map(|t| &self.keys[t]).filter(|k| !k.deleted);
         let Some(caller) = caller else {
             return match target {
@@ -206,6 +219,10 @@ impl Model {
         else {
             return refuse(StatusCode::NOT_FOUND, "APIKEY_NOT_FOUND");
         };
+        // I1: a scoped key changes (or obtains the secret of) its own subtree only.
+        if power == Power::Write && !self.in_subtree(target_index.unwrap(), caller.key.unwrap()) {
+            return refuse(StatusCode::FORBIDDEN, "AUTH_OUTSIDE_SUBTREE");
+        }
         if power == Power::Write
             && !(covers(&caller.scopes, &key.scopes) && no_later(key.expires_at, caller.expires_at))
         {
@@ -240,6 +257,34 @@ impl Model {
             }
         }
         changed
+    }
+
+    /// Whether `key` is `root` or was created by it, directly or through its delegates: the
+    /// subtree of `root`. Written from `created_by` links alone, independently of the server's
+    /// lineage walk.
+    fn in_subtree(&self, key: usize, root: usize) -> bool {
+        let mut next = Some(key);
+        while let Some(i) = next {
+            if i == root {
+                return true;
+            }
+            next = self.keys[i].created_by;
+        }
+        false
+    }
+
+    /// How many ancestors a key has, up to the first deleted one (whose record is gone).
+    fn depth(&self, key: usize) -> usize {
+        let mut depth = 0;
+        let mut next = self.keys[key].created_by;
+        while let Some(i) = next {
+            if self.keys[i].deleted {
+                break;
+            }
+            depth += 1;
+            next = self.keys[i].created_by;
+        }
+        depth
     }
 
     /// Whether a key or one of its ancestors was revoked or deleted.
@@ -531,6 +576,7 @@ async fn run(seeds: Vec<Seed>, ops: Vec<Op>) -> Result<(), TestCaseError> {
         credentials: vec![Credential {
             secret: MASTER.to_owned(),
             key: None,
+            origin: None,
         }],
         now,
     };
@@ -591,11 +637,13 @@ async fn run(seeds: Vec<Seed>, ops: Vec<Op>) -> Result<(), TestCaseError> {
         model.credentials.push(Credential {
             secret: key.expose_secret().to_owned(),
             key: Some(index),
+            origin: Some(index),
         });
         if let Some(old) = stale {
             model.credentials.push(Credential {
                 secret: old.expose_secret().to_owned(),
                 key: Some(index),
+                origin: Some(index),
             });
         }
     }
@@ -842,6 +890,10 @@ async fn apply(
                 Some(c) if !covers(&c.scopes, &wanted) || !no_later(expires_at, c.expires_at) => {
                     refuse(StatusCode::FORBIDDEN, "AUTH_SCOPE_ESCALATION")
                 }
+                // The delegation depth is capped at 8 ancestors.
+                Some(c) if model.depth(c.key.unwrap()) + 1 > MAX_DEPTH => {
+                    refuse(StatusCode::FORBIDDEN, "AUTH_SCOPE_ESCALATION")
+                }
                 Some(_) => Ok(()),
             };
             if !check(step, expect, status, &json, ok)? {
@@ -894,6 +946,7 @@ async fn apply(
             model.credentials.push(Credential {
                 secret,
                 key: Some(index),
+                origin: caller_credential.origin,
             });
             Ok(false)
         }
@@ -925,6 +978,12 @@ async fn apply(
                     "{}: escalated",
                     step
                 );
+                // I1, literally: a scoped caller obtained the secret of its own subtree only.
+                prop_assert!(
+                    model.in_subtree(t, c.key.unwrap()),
+                    "{}: rotated outside its subtree",
+                    step
+                );
             }
             let secret = json["key"].as_str().unwrap().to_owned();
             prop_assert_eq!(json["api_key_id"].as_str(), Some(model.keys[t].id.as_str()));
@@ -952,6 +1011,7 @@ async fn apply(
             model.credentials.push(Credential {
                 secret,
                 key: Some(t),
+                origin: caller_credential.origin,
             });
             if *revoke_descendants {
                 model.revoke_descendants(t);
@@ -965,6 +1025,13 @@ async fn apply(
                 return Ok(false);
             }
             let t = t.unwrap();
+            if let Some(c) = &caller {
+                prop_assert!(
+                    model.in_subtree(t, c.key.unwrap()),
+                    "{}: revoked outside its subtree",
+                    step
+                );
+            }
             let newly = !model.keys[t].revoked;
             model.keys[t].revoked = true;
             let descendants = model.revoke_descendants(t);
@@ -985,6 +1052,12 @@ async fn apply(
                     (key.owner, key.account),
                     (c.owner, c.account),
                     "{}: changed outside its owner/account",
+                    step
+                );
+                // No descendant changes an ancestor (I2), nor anything else outside (I1).
+                prop_assert!(
+                    model.in_subtree(t.unwrap(), c.key.unwrap()),
+                    "{}: changed outside its subtree",
                     step
                 );
             }
@@ -1121,6 +1194,19 @@ async fn invariants(sys: &System, model: &Model, step: &str) -> Result<(), TestC
                 step,
                 credential.key
             ),
+        }
+        // I1: every working secret an adversary holds (obtained, however indirectly, with the
+        // secret of key `origin`) belongs to `origin`'s subtree; so revoking `origin` ends them all.
+        if status == StatusCode::OK
+            && let (Some(origin), Some(key)) = (credential.origin, credential.key)
+        {
+            prop_assert!(
+                model.in_subtree(key, origin),
+                "{}: the holder of key {} holds a working secret of key {} outside its subtree",
+                step,
+                origin,
+                key
+            );
         }
         if let Some(key) = credential.key
             && model.ancestry_dead(key)

@@ -181,6 +181,16 @@ suite!(
     no_child_outlives_a_concurrent_revocation,
     usage_limits_round_trip_and_update,
     credit_spends_are_exact_across_instances_and_refill,
+    ancestors_are_nearest_first_and_bounded,
+    ancestors_stop_at_a_deleted_creator,
+    descendants_are_the_whole_subtree,
+    budget_above_lists_limited_ancestors_then_pools,
+    pools_set_if_absent_and_remove,
+    racing_pool_inserts_all_see_the_first,
+    chain_spend_is_all_or_nothing,
+    chain_spend_applies_refills_per_level,
+    chain_refund_gives_back_everywhere,
+    concurrent_chain_spends_are_exact,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -291,6 +301,7 @@ async fn insert_tree(store: &dyn KeyStore) {
 // The checks
 
 mod checks {
+    pub(crate) use super::containment::*;
     use super::*;
     use tower_api_keys::quota::{Credits, RateLimit, RefillInterval, UsageLimits};
     use tower_api_keys::store::{CreditAdjustment, KeyUpdate};
@@ -425,6 +436,7 @@ mod checks {
             last_used_at: Some(t(40)),
             created_by: Some(KeyId::new("key_parent")),
             rotated_at: Some(t(30)),
+            allowed_networks: Some("10.1.0.0/16 192.0.2.7 2001:db8::/32".parse().unwrap()),
             previous: Some(PreviousSecret {
                 digest: secret().digest(),
                 digest_scheme: Default::default(),
@@ -1405,6 +1417,556 @@ mod checks {
     }
 }
 
+mod containment {
+    use super::*;
+    use tower_api_keys::quota::{
+        BudgetId, BudgetLevel, Credits, MAX_CREDITS, PoolId, RateLimit, RefillInterval, UsageLimits,
+    };
+    use tower_api_keys::store::{ChainSpend, MAX_DELEGATION_DEPTH};
+
+    fn credits(remaining: u64) -> UsageLimits {
+        UsageLimits {
+            rate_limit: None,
+            credits: Some(Credits::new(remaining).set_at(t(0))),
+        }
+    }
+
+    fn rate(limit: u32) -> UsageLimits {
+        UsageLimits {
+            rate_limit: Some(RateLimit::new(limit, 60)),
+            credits: None,
+        }
+    }
+
+    fn key(id: &str) -> BudgetId {
+        BudgetId::Key(KeyId::new(id))
+    }
+
+    fn limited(id: &str, parent: Option<&str>, limits: UsageLimits) -> KeyRecord {
+        KeyRecord {
+            created_by: parent.map(KeyId::new),
+            limits,
+            ..record(id, "o", "a")
+        }
+    }
+
+    async fn insert(store: &dyn KeyStore, records: &[KeyRecord]) {
+        for r in records {
+            store.insert(r, no_limits(), now()).await.unwrap();
+        }
+    }
+
+    /// What is left at `level` as stored (a key's or a pool's credits).
+    async fn left(store: &dyn KeyStore, level: &BudgetId) -> Option<u64> {
+        let limits = match level {
+            BudgetId::Key(id) => store.get(id).await.unwrap().map(|r| r.limits),
+            BudgetId::Pool(pool) => store.pool(pool).await.unwrap(),
+        };
+        limits.and_then(|l| l.credits).map(|c| c.remaining)
+    }
+
+    pub(crate) async fn ancestors_are_nearest_first_and_bounded(s: Stores) {
+        // key_00 (master-created) -> key_01 -> ... -> key_10.
+        let chain: Vec<KeyRecord> = (0..=10)
+            .map(|i| {
+                let parent = (i > 0).then(|| format!("key_{:02}", i - 1));
+                limited(&format!("key_{i:02}"), parent.as_deref(), UsageLimits::NONE)
+            })
+            .collect();
+        insert(&*s.a, &chain).await;
+        let ancestors = s.b.ancestors(&KeyId::new("key_10")).await.unwrap();
+        assert_eq!(ancestors.len(), MAX_DELEGATION_DEPTH);
+        assert_eq!(
+            ids(&ancestors),
+            [
+                "key_09", "key_08", "key_07", "key_06", "key_05", "key_04", "key_03", "key_02"
+            ],
+            "nearest first, at most MAX_DELEGATION_DEPTH"
+        );
+        assert_eq!(ancestors[0], chain[9], "whole records");
+        assert_eq!(
+            ids(&s.a.ancestors(&KeyId::new("key_03")).await.unwrap()),
+            ["key_02", "key_01", "key_00"]
+        );
+        assert!(
+            s.a.ancestors(&KeyId::new("key_00"))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            s.a.ancestors(&KeyId::new("key_nope"))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // Revoked ancestors are still ancestors.
+        s.a.revoke(&KeyId::new("key_07"), t(5)).await.unwrap();
+        let ancestors = s.b.ancestors(&KeyId::new("key_09")).await.unwrap();
+        assert_eq!(ids(&ancestors)[..3], ["key_08", "key_07", "key_06"]);
+        assert_eq!(ancestors[1].revoked_at, Some(t(5)));
+        assert_eq!(
+            ancestors[0].revoked_at,
+            Some(t(5)),
+            "revoked by the cascade"
+        );
+        assert_eq!(ancestors[2].revoked_at, None);
+    }
+
+    pub(crate) async fn ancestors_stop_at_a_deleted_creator(s: Stores) {
+        insert_tree(&*s.a).await;
+        assert_eq!(
+            ids(&s.b.ancestors(&KeyId::new("gg1")).await.unwrap()),
+            ["g1", "c1", "root"]
+        );
+        s.a.delete(&KeyId::new("c1"), t(5)).await.unwrap().unwrap();
+        assert_eq!(
+            ids(&s.b.ancestors(&KeyId::new("gg1")).await.unwrap()),
+            ["g1"],
+            "the chain breaks where the creator is gone"
+        );
+        assert!(s.b.ancestors(&KeyId::new("g1")).await.unwrap().is_empty());
+        assert_eq!(
+            ids(&s.b.ancestors(&KeyId::new("c2")).await.unwrap()),
+            ["root"]
+        );
+    }
+
+    pub(crate) async fn descendants_are_the_whole_subtree(s: Stores) {
+        insert_tree(&*s.a).await;
+        let all = s.b.descendants(&KeyId::new("root")).await.unwrap();
+        assert_eq!(sorted_ids(&all), ["c1", "c2", "g1", "gg1"]);
+        for r in &all {
+            assert_eq!(s.a.get(&r.id).await.unwrap().as_ref(), Some(r));
+        }
+        assert_eq!(
+            sorted_ids(&s.b.descendants(&KeyId::new("c1")).await.unwrap()),
+            ["g1", "gg1"]
+        );
+        assert_eq!(
+            sorted_ids(&s.b.descendants(&KeyId::new("other")).await.unwrap()),
+            ["other_c"]
+        );
+        assert!(
+            s.b.descendants(&KeyId::new("gg1"))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            s.b.descendants(&KeyId::new("nope"))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // Revoked descendants stay descendants.
+        s.a.revoke(&KeyId::new("g1"), t(9)).await.unwrap();
+        let under_c1 = s.b.descendants(&KeyId::new("c1")).await.unwrap();
+        assert_eq!(sorted_ids(&under_c1), ["g1", "gg1"]);
+        assert!(under_c1.iter().all(|r| r.revoked_at == Some(t(9))));
+    }
+
+    pub(crate) async fn budget_above_lists_limited_ancestors_then_pools(s: Stores) {
+        // root (credits) -> mid (no limits) -> leaf (rate) -> me (its own limits, not above it).
+        let chain = [
+            limited("root", None, credits(100)),
+            limited("mid", Some("root"), UsageLimits::NONE),
+            limited("leaf", Some("mid"), rate(10)),
+            limited("me", Some("leaf"), credits(1)),
+            limited("solo", None, credits(1)),
+        ];
+        insert(&*s.a, &chain).await;
+        let me = &chain[3];
+        assert_eq!(
+            s.b.budget_above(me).await.unwrap(),
+            [
+                BudgetLevel {
+                    id: key("leaf"),
+                    limits: rate(10),
+                },
+                BudgetLevel {
+                    id: key("root"),
+                    limits: credits(100),
+                },
+            ],
+            "no pools yet"
+        );
+        assert!(s.b.budget_above(&chain[4]).await.unwrap().is_empty());
+        let (account_pool, owner_pool) = (PoolId::account("o", "a"), PoolId::owner("o"));
+        assert!(
+            s.a.set_pool(&owner_pool, Some(credits(1_000)), false)
+                .await
+                .unwrap()
+        );
+        assert!(
+            s.a.set_pool(&account_pool, Some(rate(50)), false)
+                .await
+                .unwrap()
+        );
+        // Pools that are not this key's, and one without limits, are left out.
+        for other in [
+            PoolId::account("o", "b"),
+            PoolId::owner("p"),
+            PoolId::account("p", "a"),
+        ] {
+            s.a.set_pool(&other, Some(credits(7)), false).await.unwrap();
+        }
+        assert_eq!(
+            s.b.budget_above(me).await.unwrap(),
+            [
+                BudgetLevel {
+                    id: key("leaf"),
+                    limits: rate(10),
+                },
+                BudgetLevel {
+                    id: key("root"),
+                    limits: credits(100),
+                },
+                BudgetLevel {
+                    id: BudgetId::Pool(account_pool.clone()),
+                    limits: rate(50),
+                },
+                BudgetLevel {
+                    id: BudgetId::Pool(owner_pool.clone()),
+                    limits: credits(1_000),
+                },
+            ]
+        );
+        assert_eq!(
+            s.b.budget_above(&chain[4]).await.unwrap(),
+            [
+                BudgetLevel {
+                    id: BudgetId::Pool(account_pool.clone()),
+                    limits: rate(50),
+                },
+                BudgetLevel {
+                    id: BudgetId::Pool(owner_pool.clone()),
+                    limits: credits(1_000),
+                },
+            ]
+        );
+        s.a.set_pool(&account_pool, Some(UsageLimits::NONE), false)
+            .await
+            .unwrap();
+        let levels = s.b.budget_above(&chain[4]).await.unwrap();
+        assert_eq!(levels.len(), 1, "a pool without limits is no level");
+        assert_eq!(levels[0].id, BudgetId::Pool(owner_pool));
+    }
+
+    pub(crate) async fn pools_set_if_absent_and_remove(s: Stores) {
+        let owner = PoolId::owner("o");
+        let account = PoolId::account("o", "a");
+        // An empty account name is still an account pool, not the owner's.
+        let blank = PoolId::account("o", "");
+        assert_eq!(s.a.pool(&owner).await.unwrap(), None);
+        let first = UsageLimits {
+            rate_limit: Some(RateLimit::new(5, 1)),
+            credits: Some(
+                Credits::new(9)
+                    .refill(RefillInterval::Monthly, 30)
+                    .set_at(t(1)),
+            ),
+        };
+        assert!(s.a.set_pool(&owner, Some(first), true).await.unwrap());
+        assert!(!s.b.set_pool(&owner, Some(rate(1)), true).await.unwrap());
+        assert_eq!(
+            s.b.pool(&owner).await.unwrap(),
+            Some(first),
+            "kept the first"
+        );
+        assert_eq!(s.b.pool(&account).await.unwrap(), None);
+        assert_eq!(s.b.pool(&blank).await.unwrap(), None);
+        assert!(s.b.set_pool(&blank, Some(rate(3)), true).await.unwrap());
+        assert!(s.b.set_pool(&account, Some(rate(2)), false).await.unwrap());
+        assert!(
+            s.a.set_pool(&account, Some(credits(4)), false)
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            s.a.pool(&account).await.unwrap(),
+            Some(credits(4)),
+            "replaced"
+        );
+        assert_eq!(s.a.pool(&blank).await.unwrap(), Some(rate(3)));
+        assert_eq!(s.a.pool(&owner).await.unwrap(), Some(first));
+        // Removal: not with if_absent, then once.
+        assert!(!s.a.set_pool(&owner, None, true).await.unwrap());
+        assert_eq!(s.b.pool(&owner).await.unwrap(), Some(first));
+        assert!(s.a.set_pool(&owner, None, false).await.unwrap());
+        assert!(!s.b.set_pool(&owner, None, false).await.unwrap());
+        assert_eq!(s.b.pool(&owner).await.unwrap(), None);
+        assert_eq!(
+            s.b.pool(&blank).await.unwrap(),
+            Some(rate(3)),
+            "others stay"
+        );
+        assert!(s.b.set_pool(&owner, Some(rate(8)), true).await.unwrap());
+        assert_eq!(s.a.pool(&owner).await.unwrap(), Some(rate(8)));
+    }
+
+    pub(crate) async fn racing_pool_inserts_all_see_the_first(s: Stores) {
+        let pool = PoolId::account("o", "race");
+        let racers: Vec<_> = (1..=12u64)
+            .map(|i| {
+                let store = if i % 2 == 0 { s.a.clone() } else { s.b.clone() };
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    let wrote = store.set_pool(&pool, Some(credits(i)), true).await.unwrap();
+                    (i, wrote, store.pool(&pool).await.unwrap())
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        let mut seen = Vec::new();
+        for racer in racers {
+            let (i, wrote, read) = racer.await.unwrap();
+            if wrote {
+                winners.push(i);
+            }
+            seen.push(read);
+        }
+        assert_eq!(winners.len(), 1, "exactly one insert wins: {winners:?}");
+        let first = Some(credits(winners[0]));
+        assert!(seen.iter().all(|read| *read == first), "{seen:?}");
+        assert_eq!(s.a.pool(&pool).await.unwrap(), first);
+    }
+
+    pub(crate) async fn chain_spend_is_all_or_nothing(s: Stores) {
+        let chain = [
+            limited("root", None, credits(100)),
+            limited("mid", Some("root"), rate(5)),
+            limited("leaf", Some("mid"), credits(5)),
+        ];
+        insert(&*s.a, &chain).await;
+        let account = BudgetId::Pool(PoolId::account("o", "a"));
+        let owner = BudgetId::Pool(PoolId::owner("o"));
+        let BudgetId::Pool(account_pool) = &account else {
+            unreachable!()
+        };
+        s.a.set_pool(account_pool, Some(credits(50)), false)
+            .await
+            .unwrap();
+        // leaf, mid (no credits), root, the account pool, the owner pool (not set), an unknown key.
+        let levels = [
+            key("leaf"),
+            key("mid"),
+            key("root"),
+            account.clone(),
+            owner.clone(),
+            key("nope"),
+        ];
+        assert_eq!(
+            s.a.spend_credits(&levels, 3, t(1)).await.unwrap(),
+            ChainSpend::Spent {
+                remaining: vec![Some(2), None, Some(97), Some(47), None, None],
+            }
+        );
+        // The nearest level is short: nothing is spent anywhere.
+        assert_eq!(
+            s.b.spend_credits(&levels, 3, t(2)).await.unwrap(),
+            ChainSpend::Insufficient {
+                level: 0,
+                remaining: 2,
+            }
+        );
+        for (level, expected) in [(&levels[0], 2), (&levels[2], 97), (&account, 47)] {
+            assert_eq!(left(&*s.a, level).await, Some(expected), "{level}");
+        }
+        // The deepest level is short: nothing is spent at the nearer ones.
+        s.a.set_pool(account_pool, Some(credits(1)), false)
+            .await
+            .unwrap();
+        assert_eq!(
+            s.b.spend_credits(&levels, 2, t(3)).await.unwrap(),
+            ChainSpend::Insufficient {
+                level: 3,
+                remaining: 1,
+            }
+        );
+        for (level, expected) in [(&levels[0], 2), (&levels[2], 97), (&account, 1)] {
+            assert_eq!(left(&*s.b, level).await, Some(expected), "{level}");
+        }
+        // Exactly what is left is enough; a level named twice is spent once.
+        assert_eq!(
+            s.a.spend_credits(&[key("root"), account.clone(), key("root")], 1, t(4))
+                .await
+                .unwrap(),
+            ChainSpend::Spent {
+                remaining: vec![Some(96), Some(0), Some(96)],
+            }
+        );
+        assert_eq!(
+            s.a.spend_credits(&[], 1, t(5)).await.unwrap(),
+            ChainSpend::Spent { remaining: vec![] }
+        );
+        assert_eq!(
+            left(&*s.b, &levels[0]).await,
+            Some(2),
+            "not asked, not spent"
+        );
+    }
+
+    pub(crate) async fn chain_spend_applies_refills_per_level(s: Stores) {
+        let daily = UsageLimits {
+            rate_limit: None,
+            credits: Some(
+                Credits::new(0)
+                    .refill(RefillInterval::Daily, 10)
+                    .set_at(t(0)),
+            ),
+        };
+        let chain = [
+            limited("root", None, credits(5)),
+            limited("leaf", Some("root"), daily),
+        ];
+        insert(&*s.a, &chain).await;
+        let levels = [key("leaf"), key("root")];
+        assert_eq!(
+            s.a.spend_credits(&levels, 1, t(10)).await.unwrap(),
+            ChainSpend::Insufficient {
+                level: 0,
+                remaining: 0,
+            },
+            "no refill due yet"
+        );
+        let day = 86_400;
+        assert_eq!(
+            s.b.spend_credits(&levels, 1, t(day)).await.unwrap(),
+            ChainSpend::Spent {
+                remaining: vec![Some(9), Some(4)],
+            }
+        );
+        let leaf = s.a.get(&KeyId::new("leaf")).await.unwrap().unwrap();
+        let root = s.a.get(&KeyId::new("root")).await.unwrap().unwrap();
+        let (leaf, root) = (leaf.limits.credits.unwrap(), root.limits.credits.unwrap());
+        assert_eq!(
+            (leaf.remaining, leaf.set_at),
+            (9, t(day)),
+            "refilled, then spent"
+        );
+        assert_eq!(
+            (root.remaining, root.set_at),
+            (4, t(0)),
+            "no refill at the root"
+        );
+        // The next day the root is short: the leaf's refill is still applied, nothing spent.
+        assert_eq!(
+            s.a.spend_credits(&levels, 5, t(2 * day)).await.unwrap(),
+            ChainSpend::Insufficient {
+                level: 1,
+                remaining: 4,
+            }
+        );
+        let leaf = s.b.get(&KeyId::new("leaf")).await.unwrap().unwrap();
+        let leaf = leaf.limits.credits.unwrap();
+        assert_eq!((leaf.remaining, leaf.set_at), (10, t(2 * day)));
+        assert_eq!(left(&*s.b, &levels[1]).await, Some(4));
+        // A refill in a pool.
+        let pool = PoolId::owner("o");
+        s.a.set_pool(&pool, Some(daily), false).await.unwrap();
+        assert_eq!(
+            s.b.spend_credits(&[BudgetId::Pool(pool.clone())], 4, t(day))
+                .await
+                .unwrap(),
+            ChainSpend::Spent {
+                remaining: vec![Some(6)],
+            }
+        );
+        let stored = s.a.pool(&pool).await.unwrap().unwrap().credits.unwrap();
+        assert_eq!((stored.remaining, stored.set_at), (6, t(day)));
+    }
+
+    pub(crate) async fn chain_refund_gives_back_everywhere(s: Stores) {
+        let chain = [
+            limited("root", None, credits(MAX_CREDITS - 1)),
+            limited("leaf", Some("root"), credits(3)),
+            limited("free", None, rate(1)),
+        ];
+        insert(&*s.a, &chain).await;
+        let pool = PoolId::account("o", "a");
+        s.a.set_pool(&pool, Some(credits(10)), false).await.unwrap();
+        let levels = [
+            key("leaf"),
+            key("root"),
+            key("free"),
+            key("nope"),
+            BudgetId::Pool(pool.clone()),
+            BudgetId::Pool(PoolId::owner("o")),
+        ];
+        s.b.refund_credits(&levels, 5, t(1)).await.unwrap();
+        assert_eq!(left(&*s.a, &levels[0]).await, Some(8));
+        assert_eq!(
+            left(&*s.a, &levels[1]).await,
+            Some(MAX_CREDITS),
+            "saturates at MAX_CREDITS"
+        );
+        assert_eq!(left(&*s.a, &levels[2]).await, None, "no credits, none made");
+        assert_eq!(left(&*s.a, &levels[4]).await, Some(15));
+        assert_eq!(s.a.pool(&PoolId::owner("o")).await.unwrap(), None);
+        // A spend then its refund leaves every level where it was.
+        let spent = s.a.spend_credits(&levels, 8, t(2)).await.unwrap();
+        assert_eq!(
+            spent,
+            ChainSpend::Spent {
+                remaining: vec![Some(0), Some(MAX_CREDITS - 8), None, None, Some(7), None],
+            }
+        );
+        s.b.refund_credits(&levels, 8, t(3)).await.unwrap();
+        assert_eq!(left(&*s.a, &levels[0]).await, Some(8));
+        assert_eq!(left(&*s.a, &levels[1]).await, Some(MAX_CREDITS));
+        assert_eq!(left(&*s.a, &levels[4]).await, Some(15));
+    }
+
+    pub(crate) async fn concurrent_chain_spends_are_exact(s: Stores) {
+        let chain = [
+            limited("root", None, credits(20)),
+            limited("mid", Some("root"), credits(1_000)),
+            limited("leaf", Some("mid"), credits(1_000)),
+        ];
+        insert(&*s.a, &chain).await;
+        let pool = PoolId::account("o", "a");
+        s.a.set_pool(&pool, Some(credits(1_000)), false)
+            .await
+            .unwrap();
+        let levels = vec![
+            key("leaf"),
+            key("mid"),
+            key("root"),
+            BudgetId::Pool(pool.clone()),
+        ];
+        let spends: Vec<_> = (0..50)
+            .map(|i| {
+                let store = if i % 2 == 0 { s.a.clone() } else { s.b.clone() };
+                let levels = levels.clone();
+                tokio::spawn(async move { store.spend_credits(&levels, 1, t(1)).await.unwrap() })
+            })
+            .collect();
+        let (mut spent, mut refused) = (0, 0);
+        for spend in spends {
+            match spend.await.unwrap() {
+                ChainSpend::Spent { remaining } => {
+                    spent += 1;
+                    assert_eq!(remaining.len(), 4);
+                }
+                ChainSpend::Insufficient { level, remaining } => {
+                    refused += 1;
+                    assert_eq!((level, remaining), (2, 0), "only the root runs out");
+                }
+            }
+        }
+        assert_eq!((spent, refused), (20, 30), "exactly the root's 20");
+        for (level, expected) in [
+            (&levels[0], 980),
+            (&levels[1], 980),
+            (&levels[2], 0),
+            (&levels[3], 980),
+        ] {
+            assert_eq!(left(&*s.b, level).await, Some(expected), "{level}");
+        }
+    }
+}
+
 // Keep the fixture helpers honest: the digest of a generated key is what the store indexes.
 #[test]
 fn fixtures_make_distinct_secrets() {
@@ -1461,16 +2023,24 @@ mod postgres_only {
         execute(
             &old,
             format!(
-                "ALTER TABLE {s}.api_keys DROP COLUMN rate_limit, DROP COLUMN rate_period_seconds, DROP COLUMN credits_remaining, DROP COLUMN credits_refill_interval, DROP COLUMN credits_refill_amount, DROP COLUMN credits_set_at; DELETE FROM {s}.api_key_migrations WHERE version = 4"
+                "ALTER TABLE {s}.api_keys DROP COLUMN rate_limit, DROP COLUMN rate_period_seconds, DROP COLUMN credits_remaining, DROP COLUMN credits_refill_interval, DROP COLUMN credits_refill_amount, DROP COLUMN credits_set_at, DROP COLUMN allowed_networks; DROP TABLE {s}.api_key_pools; DELETE FROM {s}.api_key_migrations WHERE version >= 4"
             ),
         )
         .await;
         old.pool().close().await;
         let store = schema.store().await;
-        assert_eq!(versions(&store).await, [1, 2, 3, 4]);
+        assert_eq!(versions(&store).await, [1, 2, 3, 4, 5]);
         let found = store.find_by_digest(&r.digest).await.unwrap();
         assert_eq!(found, Some(r.clone()));
-        assert!(found.unwrap().limits.is_unlimited());
+        let found = found.unwrap();
+        assert!(found.limits.is_unlimited());
+        assert_eq!(found.allowed_networks, None, "usable from anywhere");
+        assert_eq!(
+            KeyStore::pool(&store, &tower_api_keys::quota::PoolId::owner("o"))
+                .await
+                .unwrap(),
+            None
+        );
         store.pool().close().await;
         schema.drop_schema().await;
     }
@@ -1502,12 +2072,12 @@ mod postgres_only {
         for start in starts {
             stores.push(start.await.unwrap().expect("every instance starts"));
         }
-        assert_eq!(versions(&stores[0]).await, [1, 2, 3, 4]);
+        assert_eq!(versions(&stores[0]).await, [1, 2, 3, 4, 5]);
         let again = fresh.store().await;
         again.migrate().await.unwrap();
         assert_eq!(
             versions(&again).await,
-            [1, 2, 3, 4],
+            [1, 2, 3, 4, 5],
             "a restart applies nothing"
         );
         let r = record("key_1", "o", "a");
@@ -1559,6 +2129,22 @@ mod postgres_only {
         )
         .await;
         assert!(store.get(&r.id).await.unwrap().is_some());
+
+        execute(
+            &store,
+            format!("UPDATE {s}.api_keys SET allowed_networks = 'not a network'"),
+        )
+        .await;
+        corrupt(store.get(&r.id).await.unwrap_err());
+        execute(
+            &store,
+            format!("UPDATE {s}.api_keys SET allowed_networks = '10.0.0.0/8 ::1'"),
+        )
+        .await;
+        assert_eq!(
+            store.get(&r.id).await.unwrap().unwrap().allowed_networks,
+            Some("10.0.0.0/8 ::1/128".parse().unwrap())
+        );
 
         execute(
             &store,
@@ -1652,6 +2238,7 @@ mod sqlite_only {
             "credits_refill_interval",
             "credits_refill_amount",
             "credits_set_at",
+            "allowed_networks",
         ] {
             sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
                 "ALTER TABLE api_keys DROP COLUMN {column}"
@@ -1660,15 +2247,25 @@ mod sqlite_only {
             .await
             .unwrap();
         }
-        sqlx::raw_sql("DELETE FROM api_key_migrations WHERE version = 4")
-            .execute(old.pool())
-            .await
-            .unwrap();
+        sqlx::raw_sql(
+            "DROP TABLE api_key_pools; DELETE FROM api_key_migrations WHERE version >= 4",
+        )
+        .execute(old.pool())
+        .await
+        .unwrap();
         old.pool().close().await;
         let store = SqliteStore::connect(&url).await.unwrap();
         let found = store.find_by_digest(&r.digest).await.unwrap();
         assert_eq!(found, Some(r.clone()));
-        assert!(found.unwrap().limits.is_unlimited());
+        let found = found.unwrap();
+        assert!(found.limits.is_unlimited());
+        assert_eq!(found.allowed_networks, None, "usable from anywhere");
+        assert_eq!(
+            KeyStore::pool(&store, &tower_api_keys::quota::PoolId::owner("o"))
+                .await
+                .unwrap(),
+            None
+        );
         store.pool().close().await;
         remove(&path);
     }
@@ -1692,7 +2289,7 @@ mod sqlite_only {
                 .fetch_all(again.pool())
                 .await
                 .unwrap();
-        assert_eq!(versions, [1, 2, 3, 4]);
+        assert_eq!(versions, [1, 2, 3, 4, 5]);
         let r = record("key_1", "o", "a");
         again.insert(&r, no_limits(), now()).await.unwrap();
         assert_eq!(stores[2].get(&r.id).await.unwrap(), Some(r));
@@ -1723,6 +2320,14 @@ mod sqlite_only {
             (
                 "UPDATE api_keys SET created_at = 9223372036854775807",
                 "UPDATE api_keys SET created_at = 0",
+            ),
+            (
+                "UPDATE api_keys SET allowed_networks = '10.0.0.0/33'",
+                "UPDATE api_keys SET allowed_networks = '10.0.0.0/8'",
+            ),
+            (
+                "UPDATE api_keys SET allowed_networks = ''",
+                "UPDATE api_keys SET allowed_networks = NULL",
             ),
         ] {
             sqlx::query(spoil).execute(store.pool()).await.unwrap();

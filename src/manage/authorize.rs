@@ -12,32 +12,52 @@
 //! use tower_api_keys::principal::Principal;
 //! use tower_api_keys::scope::ScopeSet;
 //!
-//! let caller = Principal::scoped(
-//!     KeyId::new("key_1"), "ci", "payments", "acct_1",
-//!     "api-keys:write ledgers:read".parse::<ScopeSet>().unwrap(), None,
-//! );
-//! let sibling_scopes: ScopeSet = "*:*".parse().unwrap();
-//! let sibling = KeyFacts {
-//!     owner: "payments", account: "acct_1", scopes: &sibling_scopes, expires_at: None,
-//!     limits: Default::default(),
+//! let (parent, caller, child, sibling) =
+//!     (KeyId::new("key_0"), KeyId::new("key_1"), KeyId::new("key_2"), KeyId::new("key_3"));
+//! let scopes: ScopeSet = "api-keys:write ledgers:read".parse().unwrap();
+//! let principal = Principal::scoped(caller.clone(), "ci", "payments", "acct_1", scopes.clone(), None);
+//! let key = |lineage| KeyFacts {
+//!     owner: "payments", account: "acct_1", scopes: &scopes, expires_at: None,
+//!     limits: Default::default(), allowed_networks: None, lineage,
 //! };
 //!
-//! // A narrow key may not rotate (and so obtain) a broader sibling...
-//! let target = Target::Key { named_owner: None, key: Some(sibling) };
-//! let refused = authorize(&caller, Operation::Rotate, &target).unwrap_err();
+//! // The caller created `child`: it governs it.
+//! let mine = [child.clone(), caller.clone(), parent.clone()];
+//! let target = Target::Key { named_owner: None, key: Some(key(&mine)) };
+//! assert!(authorize(&principal, Operation::Rotate, &target).is_ok());
+//!
+//! // An equal sibling (also made by `parent`) is outside the caller's subtree: it may read it,
+//! // but neither rotate it (and so obtain its secret) nor change it.
+//! let theirs = [sibling.clone(), parent.clone()];
+//! let target = Target::Key { named_owner: None, key: Some(key(&theirs)) };
+//! let refused = authorize(&principal, Operation::Rotate, &target).unwrap_err();
+//! assert_eq!(refused.code(), ErrorCode::OutsideSubtree);
+//! assert!(authorize(&principal, Operation::Get, &target).is_ok());
+//!
+//! // Nor its own creator.
+//! let above = [parent.clone()];
+//! let target = Target::Key { named_owner: None, key: Some(key(&above)) };
+//! let refused = authorize(&principal, Operation::Update, &target).unwrap_err();
+//! assert_eq!(refused.code(), ErrorCode::OutsideSubtree);
+//!
+//! // A new key is the caller's child, and gets no scope the caller lacks.
+//! let broad: ScopeSet = "*:*".parse().unwrap();
+//! let new = [KeyId::new("key_4"), caller.clone(), parent.clone()];
+//! let target = Target::NewKey(KeyFacts { scopes: &broad, ..key(&new) });
+//! let refused = authorize(&principal, Operation::Create, &target).unwrap_err();
 //! assert_eq!(refused.code(), ErrorCode::ScopeEscalation);
-//! // ...but it may read it.
-//! assert!(authorize(&caller, Operation::Get, &target).is_ok());
 //! ```
 
 use time::OffsetDateTime;
 
 use crate::error::AuthError;
+use crate::key::KeyId;
+use crate::network::Networks;
 use crate::principal::Principal;
 use crate::quota::UsageLimits;
 use crate::scope::ScopeMatch;
 use crate::scope::{Scope, ScopeSet};
-use crate::store::KeyRecord;
+use crate::store::{KeyRecord, MAX_DELEGATION_DEPTH};
 
 /// Something a caller asks to do with keys. Each has one row in the rule (see [`authorize`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -57,6 +77,11 @@ pub enum Operation {
     Update,
     /// Delete a key's record and revoke its descendants (`DELETE /api-keys/{id}?permanent=true`).
     Delete,
+    /// Read the limits of an owner's or account's shared pool (`GET /api-keys/pools`).
+    GetPool,
+    /// Set or remove a shared pool (`PUT /api-keys/pools`): it binds every key of the owner or
+    /// account, ancestors and strangers included, so it is beyond any scoped key's subtree.
+    SetPool,
 }
 
 /// How the rule judges an [`Operation`]: the `kind` column of the table in [`authorize`].
@@ -76,9 +101,9 @@ impl Operation {
     /// The rule's table, one row per operation.
     pub const fn kind(self) -> OperationKind {
         match self {
-            Self::List | Self::Get => OperationKind::Read,
+            Self::List | Self::Get | Self::GetPool => OperationKind::Read,
             Self::Create | Self::Rotate | Self::Revoke | Self::Update => OperationKind::Power,
-            Self::Delete => OperationKind::Master,
+            Self::Delete | Self::SetPool => OperationKind::Master,
         }
     }
 
@@ -98,11 +123,14 @@ impl Operation {
             Self::Revoke => "revoke",
             Self::Update => "update",
             Self::Delete => "delete",
+            Self::GetPool => "read the pool of",
+            Self::SetPool => "set the pool of",
         }
     }
 }
 
-/// What the rule looks at in a key: where it lives, what it holds, when it ends.
+/// What the rule looks at in a key: where it lives, what it holds, when it ends, where it may be
+/// used from, and whose subtree it belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KeyFacts<'a> {
     /// Its owner.
@@ -116,17 +144,31 @@ pub struct KeyFacts<'a> {
     /// Its rate limit and credits, as the operation leaves them. For an update, a field the
     /// update does not change is not granted by it: pass the caller's own there.
     pub limits: UsageLimits,
+    /// Where it may be used from (`None`: anywhere).
+    pub allowed_networks: Option<&'a Networks>,
+    /// Its lineage: its own id first, then its ancestors' ids, nearest first (its creator, its
+    /// creator's creator, ...; [`KeyStore::ancestors`](crate::store::KeyStore::ancestors)). The
+    /// subtree of a key `k` is every key whose lineage holds `k`.
+    pub lineage: &'a [KeyId],
 }
 
-impl<'a> From<&'a KeyRecord> for KeyFacts<'a> {
-    fn from(record: &'a KeyRecord) -> Self {
+impl<'a> KeyFacts<'a> {
+    /// The facts of a stored key whose lineage (its id, then its ancestors') is `lineage`.
+    pub fn of(record: &'a KeyRecord, lineage: &'a [KeyId]) -> Self {
         Self {
             owner: &record.owner,
             account: &record.account,
             scopes: &record.scopes,
             expires_at: record.expires_at,
             limits: record.limits,
+            allowed_networks: record.allowed_networks.as_ref(),
+            lineage,
         }
+    }
+
+    /// How many ancestors the key has (0 for a key the master key created).
+    pub fn depth(&self) -> usize {
+        self.lineage.len().saturating_sub(1)
     }
 }
 
@@ -154,44 +196,71 @@ pub enum Target<'a> {
 
 /// The rule: may `caller` perform `operation` on `target`?
 ///
+/// It judges what a caller can **end up holding**, not one operation at a time, and holds three
+/// invariants (the model-based test `tests/authorization_model.rs` checks them literally after
+/// every step of random operation sequences):
+///
+/// - **I1, containment.** A scoped key governs its own *subtree* only: itself and the keys it
+///   created, transitively ([`KeyFacts::lineage`]). Every operation that changes a key or hands
+///   out its secret (rotate, revoke, update; every power operation added later) on a key outside
+///   the caller's subtree is refused: 404 `APIKEY_NOT_FOUND` where the caller may not even read
+///   the key (another owner or account), else 403 `AUTH_OUTSIDE_SUBTREE`. So every secret a
+///   scoped key can obtain belongs to its subtree, and revoking a key (which cascades to its
+///   subtree) ends everything it ever obtained. Reading (get, list) stays owner- and
+///   account-wide, as in Blnk.
+/// - **I2, grants only narrow.** A key's grants are one family: scopes, expiry (the end of a
+///   rotation grace included), usage limits and networks. What a power operation leaves a key
+///   holding lies within the caller's own grants: scopes covered, expiry no later, limits no
+///   looser, networks within, and the delegation no deeper than
+///   [`MAX_DELEGATION_DEPTH`](crate::store::MAX_DELEGATION_DEPTH). By I1 no descendant ever
+///   changes an ancestor, and a key changing itself can only tighten (its own grants are the
+///   bound).
+/// - **I3, a budget binds a subtree.** Not decided here but by what the resolver attaches to
+///   every principal ([`Budget`](crate::quota::Budget)): a request of any key of `K`'s subtree
+///   counts against `K`'s rate limit and spends `K`'s credits, all levels at once or none. This
+///   rule keeps the budget honest: a key cannot refill or loosen an ancestor (I1), and what it
+///   gives a descendant is drawn from its own budget anyway.
+///
 /// **The master key may do everything**; an id-addressed key that does not exist, or whose owner
 /// differs from the `owner` the request names, is `404 APIKEY_NOT_FOUND`. A **scoped key** acts
 /// only inside its own owner and its own account, and what it may do is this table (checked in
 /// this order; the first failing check answers):
 ///
-/// | operation | kind | 1. scope needed | 2. outside the caller's owner/account | 3. the target vs the caller |
-/// |---|---|---|---|---|
-/// | list   | read   | `api-keys:read` or `api-keys:write` | naming another owner: 403 `AUTH_CROSS_OWNER_ACCESS`; the listing is limited to the caller's account | — |
-/// | get    | read   | `api-keys:read` or `api-keys:write` | naming another owner (`?owner=`): 403 `AUTH_CROSS_OWNER_ACCESS`; a key of another owner or account: 404 `APIKEY_NOT_FOUND` | — |
-/// | create | power  | `api-keys:write` | naming another owner or account: 403 `AUTH_CROSS_OWNER_ACCESS` | covered and not outliving (below) |
-/// | rotate | power  | `api-keys:write` | as get | covered and not outliving |
-/// | revoke | power  | `api-keys:write` | as get | covered and not outliving |
-/// | update | power  | `api-keys:write` | as get | covered, not outliving, and limits no looser (below) |
-/// | delete | master | the master key: 403 `AUTH_MASTER_KEY_REQUIRED` | — | — |
+/// | operation | kind | 1. scope needed | 2. outside the caller's owner/account | 3. subtree (I1) | 4. grants (I2) |
+/// |---|---|---|---|---|---|
+/// | list   | read   | `api-keys:read` or `api-keys:write` | naming another owner: 403 `AUTH_CROSS_OWNER_ACCESS`; the listing is limited to the caller's account | — | — |
+/// | get    | read   | `api-keys:read` or `api-keys:write` | naming another owner (`?owner=`): 403 `AUTH_CROSS_OWNER_ACCESS`; a key of another owner or account: 404 `APIKEY_NOT_FOUND` | — | — |
+/// | create | power  | `api-keys:write` | naming another owner or account: 403 `AUTH_CROSS_OWNER_ACCESS` | a new child of the caller: always inside | within, and no deeper than the cap |
+/// | rotate | power  | `api-keys:write` | as get | 403 `AUTH_OUTSIDE_SUBTREE` | within |
+/// | revoke | power  | `api-keys:write` | as get | 403 `AUTH_OUTSIDE_SUBTREE` | within |
+/// | update | power  | `api-keys:write` | as get | 403 `AUTH_OUTSIDE_SUBTREE` | within, limits no looser |
+/// | delete | master | the master key: 403 `AUTH_MASTER_KEY_REQUIRED` | — | — | — |
+/// | get pool | read | `api-keys:read` or `api-keys:write` | as list | — | — |
+/// | set pool | master | the master key: 403 `AUTH_MASTER_KEY_REQUIRED` | — | — | — |
 ///
-/// A missing scope is 403 `AUTH_INSUFFICIENT_PERMISSIONS`. For a **power** operation (one that
-/// hands out a secret or grants, or destroys), the caller's scopes must cover every scope of the
-/// target (`ledgers:*` covers `ledgers:read`; `*:read` covers every read), and the target's expiry
-/// must be no later than the caller's *effective* expiry ([`Principal::expires_at`]: the key's
-/// own, or the end of the rotation grace period of the old secret it authenticated with, if
-/// earlier); a target that never expires is later than any expiring caller. Otherwise 403
-/// `AUTH_SCOPE_ESCALATION`. So a key can never obtain a secret it could not have created, nor
-/// destroy a key more powerful than itself. An operation that grants usage limits (create,
-/// update) must also leave the target's no looser than the caller's
-/// ([`UsageLimits::looser_than`]): where the caller has a rate limit, the target has one with no
-/// bigger burst and no faster rate; where the caller has credits, the target has no more than the
-/// caller has left now and no bigger or more frequent refill (403 `AUTH_SCOPE_ESCALATION`).
+/// A missing scope is 403 `AUTH_INSUFFICIENT_PERMISSIONS`. "Within" (403 `AUTH_SCOPE_ESCALATION`
+/// otherwise): the caller's scopes cover every scope of the target (`ledgers:*` covers
+/// `ledgers:read`; `*:read` covers every read); the target's expiry is no later than the
+/// caller's *effective* expiry ([`Principal::expires_at`]: the key's own, or the end of the
+/// rotation grace period of the old secret it authenticated with, if earlier), a target that
+/// never expires being later than any expiring caller; where the caller has allowed networks,
+/// the target's lie within them ([`Networks::within`]). Inside its subtree a caller normally
+/// holds all of this by construction; the checks stay, because the master key may have changed a
+/// descendant since. An operation that grants usage limits (create, update) must also leave the
+/// target's no looser than the caller's ([`UsageLimits::looser_than`]): where the caller has a
+/// rate limit, the target has one with no bigger burst and no faster rate; where the caller has
+/// credits, the target has no more than the caller has left now and no bigger or more frequent
+/// refill.
 ///
-/// Hard deletion erases the audit trail of a key, so it stays with the master key: a leaked
-/// `api-keys:write` key can revoke (what it covers), which is visible and keeps the record, but
-/// cannot make a key disappear.
+/// Hard deletion erases a key's record, so it stays with the master key: a leaked
+/// `api-keys:write` key can revoke (inside its subtree), which is visible and keeps the record,
+/// but cannot make a key disappear.
 ///
 /// What the rule does not decide, because it is not about the caller: input syntax and bounds
 /// (400 `APIKEY_INVALID`, checked before the rule), a master-key call without an owner (400
 /// `APIKEY_OWNER_REQUIRED`), the state of the target (rotating a revoked or expired key is a 400,
 /// checked after the rule), the policy's limits (409). Revoking or deleting a key also revokes its
-/// descendants: each was created by a key the caller covers and outlives, so the caller covers and
-/// outlives them too.
+/// descendants: they are in its subtree.
 pub fn authorize(
     caller: &Principal,
     operation: Operation,
@@ -245,20 +314,36 @@ pub fn authorize(
     if kind != OperationKind::Power {
         return Ok(());
     }
-    // 3. Covered and not outliving.
+    // 3. Inside the caller's subtree (I1). A new key's lineage starts with its creator.
+    let subtree = match target {
+        Target::NewKey(_) => key.lineage.get(1) == Some(caller.key_id()),
+        _ => key.lineage.contains(caller.key_id()),
+    };
+    if !subtree {
+        return Err(AuthError::OutsideSubtree(
+            format!(
+                "cannot {} a key outside the calling key's subtree (only the calling key and the \
+                 keys it created, directly or through its delegates)",
+                operation.verb()
+            )
+            .into(),
+        ));
+    }
+    // 4. Grants only narrow (I2).
+    let escalation = |what: &str| {
+        Err(AuthError::ScopeEscalation(
+            format!("cannot {} a key {what}", operation.verb()).into(),
+        ))
+    };
     if !caller.scopes().covers(key.scopes) {
         let missing: Vec<&str> = caller
             .scopes()
             .uncovered(key.scopes)
             .map(Scope::as_str)
             .collect();
-        return Err(AuthError::ScopeEscalation(
-            format!(
-                "cannot {} a key with scopes the calling key does not hold: {}",
-                operation.verb(),
-                missing.join(", ")
-            )
-            .into(),
+        return escalation(&format!(
+            "with scopes the calling key does not hold: {}",
+            missing.join(", ")
         ));
     }
     if operation.grants_limits()
@@ -266,23 +351,19 @@ pub fn authorize(
             .limits
             .looser_than(caller.limits(), OffsetDateTime::now_utc())
     {
-        return Err(AuthError::ScopeEscalation(
-            format!(
-                "cannot {} a key with a {what} beyond the calling key's",
-                operation.verb()
-            )
-            .into(),
-        ));
+        return escalation(&format!("with a {what} beyond the calling key's"));
     }
     if let Some(limit) = caller.expires_at()
         && key.expires_at.is_none_or(|at| at > limit)
     {
-        return Err(AuthError::ScopeEscalation(
-            format!(
-                "cannot {} a key that expires after the calling key",
-                operation.verb()
-            )
-            .into(),
+        return escalation("that expires after the calling key");
+    }
+    if !crate::network::within(key.allowed_networks, caller.allowed_networks()) {
+        return escalation("usable from networks the calling key is not allowed from");
+    }
+    if matches!(target, Target::NewKey(_)) && key.depth() > MAX_DELEGATION_DEPTH {
+        return escalation(&format!(
+            "more than {MAX_DELEGATION_DEPTH} delegations below a key the master key created"
         ));
     }
     Ok(())
@@ -330,7 +411,17 @@ mod tests {
             scopes,
             expires_at,
             limits: UsageLimits::NONE,
+            allowed_networks: None,
+            lineage: mine(),
         }
+    }
+
+    /// A lineage in the caller's subtree: a child of `key_caller`.
+    fn mine() -> &'static [KeyId] {
+        Box::leak(Box::new([
+            KeyId::new("key_child"),
+            KeyId::new("key_caller"),
+        ]))
     }
 
     fn code(result: Result<(), AuthError>) -> Option<ErrorCode> {
@@ -340,9 +431,11 @@ mod tests {
     #[test]
     fn the_table_has_a_row_for_every_operation() {
         use Operation::*;
-        let kinds: Vec<_> = [List, Get, Create, Rotate, Revoke, Update, Delete]
-            .map(Operation::kind)
-            .into();
+        let kinds: Vec<_> = [
+            List, Get, Create, Rotate, Revoke, Update, Delete, GetPool, SetPool,
+        ]
+        .map(Operation::kind)
+        .into();
         assert_eq!(
             kinds,
             [
@@ -352,7 +445,9 @@ mod tests {
                 OperationKind::Power,
                 OperationKind::Power,
                 OperationKind::Power,
-                OperationKind::Master
+                OperationKind::Master,
+                OperationKind::Read,
+                OperationKind::Master,
             ]
         );
     }
@@ -547,6 +642,157 @@ mod tests {
                 code(authorize(&master, op, &target(Some("o1")))),
                 Some(ErrorCode::NotFound)
             );
+        }
+    }
+
+    #[test]
+    fn power_stays_inside_the_callers_subtree() {
+        let caller = scoped("api-keys:write *:*", "a1", None);
+        let scopes: ScopeSet = "ledgers:read".parse().unwrap();
+        let lineage = |ids: &[&str]| -> &'static [KeyId] {
+            Box::leak(
+                ids.iter()
+                    .map(|id| KeyId::new(*id))
+                    .collect::<Vec<_>>()
+                    .into_boxed_slice(),
+            )
+        };
+        let at = |ids| Target::Key {
+            named_owner: None,
+            key: Some(KeyFacts {
+                lineage: lineage(ids),
+                ..facts(&scopes, "a1", None)
+            }),
+        };
+        let itself = at(&["key_caller", "key_parent"]);
+        let grandchild = at(&["key_g", "key_c", "key_caller", "key_parent"]);
+        let parent = at(&["key_parent"]);
+        let sibling = at(&["key_sibling", "key_parent"]);
+        let nephew = at(&["key_n", "key_sibling", "key_parent"]);
+        let stranger = at(&["key_stranger"]);
+        for op in [Operation::Rotate, Operation::Revoke, Operation::Update] {
+            assert_eq!(code(authorize(&caller, op, &itself)), None, "{op:?}");
+            assert_eq!(code(authorize(&caller, op, &grandchild)), None, "{op:?}");
+            for outside in [parent, sibling, nephew, stranger] {
+                assert_eq!(
+                    code(authorize(&caller, op, &outside)),
+                    Some(ErrorCode::OutsideSubtree),
+                    "{op:?} {outside:?}"
+                );
+                // Reading stays owner- and account-wide.
+                assert_eq!(code(authorize(&caller, Operation::Get, &outside)), None);
+                // The master key governs every subtree.
+                assert_eq!(code(authorize(&Principal::master(), op, &outside)), None);
+            }
+        }
+        // A new key is the caller's own child, and no one else's.
+        let new = |ids| {
+            Target::NewKey(KeyFacts {
+                lineage: lineage(ids),
+                ..facts(&scopes, "a1", None)
+            })
+        };
+        assert_eq!(
+            code(authorize(
+                &caller,
+                Operation::Create,
+                &new(&["key_new", "key_caller"])
+            )),
+            None
+        );
+        assert_eq!(
+            code(authorize(
+                &caller,
+                Operation::Create,
+                &new(&["key_new", "key_other", "key_caller"])
+            )),
+            Some(ErrorCode::OutsideSubtree)
+        );
+    }
+
+    #[test]
+    fn networks_only_narrow() {
+        let office: Networks = "10.1.0.0/16".parse().unwrap();
+        let desk: Networks = "10.1.7.0/24".parse().unwrap();
+        let elsewhere: Networks = "192.0.2.0/24".parse().unwrap();
+        let caller = scoped("api-keys:write *:*", "a1", None).with_networks(Some(office.clone()));
+        let scopes: ScopeSet = "ledgers:read".parse().unwrap();
+        let new = |networks| {
+            Target::NewKey(KeyFacts {
+                allowed_networks: networks,
+                ..facts(&scopes, "a1", None)
+            })
+        };
+        assert_eq!(
+            code(authorize(&caller, Operation::Create, &new(Some(&desk)))),
+            None
+        );
+        assert_eq!(
+            code(authorize(&caller, Operation::Create, &new(Some(&office)))),
+            None
+        );
+        for wider in [Some(&elsewhere), None] {
+            assert_eq!(
+                code(authorize(&caller, Operation::Create, &new(wider))),
+                Some(ErrorCode::ScopeEscalation),
+                "{wider:?}"
+            );
+        }
+        // A caller allowed anywhere may narrow as it likes.
+        let anywhere = scoped("api-keys:write *:*", "a1", None);
+        assert_eq!(
+            code(authorize(
+                &anywhere,
+                Operation::Create,
+                &new(Some(&elsewhere))
+            )),
+            None
+        );
+    }
+
+    #[test]
+    fn delegation_depth_is_capped() {
+        let caller = scoped("api-keys:write *:*", "a1", None);
+        let scopes: ScopeSet = "ledgers:read".parse().unwrap();
+        let chain = |depth: usize| -> &'static [KeyId] {
+            let mut ids = vec![KeyId::new("key_new"), KeyId::new("key_caller")];
+            ids.extend((2..=depth).map(|i| KeyId::new(format!("key_up{i}"))));
+            Box::leak(ids.into_boxed_slice())
+        };
+        let new = |depth| {
+            Target::NewKey(KeyFacts {
+                lineage: chain(depth),
+                ..facts(&scopes, "a1", None)
+            })
+        };
+        assert_eq!(
+            new(MAX_DELEGATION_DEPTH).depth_for_test(),
+            MAX_DELEGATION_DEPTH
+        );
+        assert_eq!(
+            code(authorize(
+                &caller,
+                Operation::Create,
+                &new(MAX_DELEGATION_DEPTH)
+            )),
+            None
+        );
+        assert_eq!(
+            code(authorize(
+                &caller,
+                Operation::Create,
+                &new(MAX_DELEGATION_DEPTH + 1)
+            )),
+            Some(ErrorCode::ScopeEscalation)
+        );
+    }
+
+    impl Target<'_> {
+        fn depth_for_test(&self) -> usize {
+            match self {
+                Target::NewKey(key) => key.depth(),
+                _ => unreachable!(),
+            }
         }
     }
 }

@@ -18,6 +18,7 @@ use super::{
 };
 use crate::error::AuthError;
 use crate::key::KeyId;
+use crate::network::Networks;
 use crate::principal::Principal;
 
 /// `last_used_at` of a key that was never used, as Blnk reports it.
@@ -79,6 +80,7 @@ pub fn router(manager: KeyManager) -> Router {
         )
         .route("/api-keys/self", get(caller_info))
         .route("/api-keys/policy", get(policy_info))
+        .route("/api-keys/pools", get(get_pool).put(set_pool))
         .route(
             "/api-keys/{id}",
             get(get_key).delete(revoke_key).patch(update_key),
@@ -96,9 +98,9 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "tower-api-keys management API", description = "Create, list, revoke, delete and rotate scoped API keys."),
-    paths(create_key, list_keys, get_key, update_key, revoke_key, rotate_key, caller_info, policy_info),
+    paths(create_key, list_keys, get_key, update_key, revoke_key, rotate_key, caller_info, policy_info, get_pool, set_pool),
     components(schemas(CreateKeyBody, UpdateKeyBody, RotateBody, KeyResponse, RateLimitBody,
-        CreditsBody, CreditsResponse, RefillBody, CallerResponse, PolicyResponse, ErrorBody, ErrorDetail)),
+        CreditsBody, CreditsResponse, RefillBody, CallerResponse, PolicyResponse, PoolBody, PoolResponse, ErrorBody, ErrorDetail)),
     modifiers(&Security),
     security(("api_key" = []), ("blnk_key" = []), ("bearer" = []))
 )]
@@ -131,12 +133,13 @@ impl utoipa::Modify for Security {
 #[derive(Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
 struct CreateKeyBody {
-    /// Display name (default: timestamp-based). At most 128 characters, not blank, no control
-    /// characters; surrounding whitespace is trimmed.
+    /// Display name (default: timestamp-based). At most 128 characters, not blank, no control,
+    /// bidirectional-control or invisible (zero-width) characters; surrounding whitespace is
+    /// trimmed.
     #[schema(
         min_length = 1,
         max_length = 128,
-        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]*[^\\s\\u0000-\\u001f\\u007f-\\u009f][^\\u0000-\\u001f\\u007f-\\u009f]*$"
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u00ad\\u034f\\u061c\\u115f\\u1160\\u17b4\\u17b5\\u180b-\\u180f\\u200b-\\u200f\\u202a-\\u202e\\u2060-\\u2064\\u2066-\\u2069\\u3164\\ufe00-\\ufe0f\\ufeff\\uffa0]*[^\\s\\u0000-\\u001f\\u007f-\\u009f\\u00ad\\u034f\\u061c\\u115f\\u1160\\u17b4\\u17b5\\u180b-\\u180f\\u200b-\\u200f\\u202a-\\u202e\\u2060-\\u2064\\u2066-\\u2069\\u3164\\ufe00-\\ufe0f\\ufeff\\uffa0][^\\u0000-\\u001f\\u007f-\\u009f\\u00ad\\u034f\\u061c\\u115f\\u1160\\u17b4\\u17b5\\u180b-\\u180f\\u200b-\\u200f\\u202a-\\u202e\\u2060-\\u2064\\u2066-\\u2069\\u3164\\ufe00-\\ufe0f\\ufeff\\uffa0]*$"
     )]
     name: Option<String>,
     /// Owner (team, service or tenant). Required with the master key; a scoped key may only name
@@ -159,6 +162,12 @@ struct CreateKeyBody {
     /// Usage credits (default: the server's policy; a delegated key never gets more than its
     /// creator has left).
     credits: Option<CreditsBody>,
+    /// Where the key may be used from: 1 to 32 IPv4 or IPv6 networks in CIDR notation (a bare
+    /// address is one host). Default: anywhere, or a delegated key's creator's networks; a
+    /// delegated key's must lie within its creator's. Requests from elsewhere get 403
+    /// `AUTH_NETWORK_NOT_ALLOWED`.
+    #[schema(min_items = 1, max_items = 32, example = json!(["203.0.113.0/24", "2001:db8::/32"]))]
+    allowed_networks: Option<Vec<String>>,
 }
 
 /// A rate limit: `limit` units per `period_seconds` (a bucket of `limit`, refilled evenly).
@@ -236,7 +245,11 @@ impl From<CreditsBody> for Credits {
 #[serde(deny_unknown_fields)]
 struct UpdateKeyBody {
     /// A new name (same rules as on create).
-    #[schema(max_length = 128)]
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u00ad\\u034f\\u061c\\u115f\\u1160\\u17b4\\u17b5\\u180b-\\u180f\\u200b-\\u200f\\u202a-\\u202e\\u2060-\\u2064\\u2066-\\u2069\\u3164\\ufe00-\\ufe0f\\ufeff\\uffa0]*[^\\s\\u0000-\\u001f\\u007f-\\u009f\\u00ad\\u034f\\u061c\\u115f\\u1160\\u17b4\\u17b5\\u180b-\\u180f\\u200b-\\u200f\\u202a-\\u202e\\u2060-\\u2064\\u2066-\\u2069\\u3164\\ufe00-\\ufe0f\\ufeff\\uffa0][^\\u0000-\\u001f\\u007f-\\u009f\\u00ad\\u034f\\u061c\\u115f\\u1160\\u17b4\\u17b5\\u180b-\\u180f\\u200b-\\u200f\\u202a-\\u202e\\u2060-\\u2064\\u2066-\\u2069\\u3164\\ufe00-\\ufe0f\\ufeff\\uffa0]*$"
+    )]
     name: Option<String>,
     /// A new rate limit; `null` removes it.
     #[serde(default, deserialize_with = "present")]
@@ -306,6 +319,8 @@ struct KeyResponse {
     rate_limit: Option<RateLimitBody>,
     /// The key's credits, if any, with what is left now.
     credits: Option<CreditsResponse>,
+    /// Where the key may be used from (`null`: anywhere).
+    allowed_networks: Option<Vec<String>>,
 }
 
 /// The calling key, as `GET /api-keys/self` shows it: what the console needs to offer only what
@@ -455,6 +470,9 @@ impl KeyResponse {
             created_by: info.created_by.map(|id| id.to_string()),
             rate_limit: rate_limit_body(&info.limits),
             credits: credits_body(&info.limits),
+            allowed_networks: info
+                .allowed_networks
+                .map(|n| n.as_slice().iter().map(ToString::to_string).collect()),
         }
     }
 
@@ -483,6 +501,11 @@ fn parse_json<T: for<'de> Deserialize<'de> + Default>(
         } else {
             Err(AuthError::invalid("request body must be a JSON object"))
         };
+    }
+    // serde reads a struct from a JSON array too (`["renamed"]` would rename a key): the API
+    // takes objects only.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(AuthError::invalid("request body must be a JSON object"));
     }
     serde_json::from_slice(body)
         .map_err(|e| AuthError::invalid(format!("invalid request body: {e}")))
@@ -538,6 +561,11 @@ async fn create_key(
         expires_at,
         rate_limit: body.rate_limit.map(Into::into),
         credits: body.credits.map(Into::into),
+        allowed_networks: body
+            .allowed_networks
+            .map(Networks::parse)
+            .transpose()
+            .map_err(|e| AuthError::invalid(e.to_string()))?,
     };
     let created = manager.create(&principal, request).await?;
     Ok(no_store(StatusCode::CREATED, KeyResponse::created(created)))
@@ -732,4 +760,129 @@ async fn policy_info(
         never_expires_allowed: default_expires_at.is_none(),
     };
     Ok(no_store(StatusCode::OK, body))
+}
+
+/// Body of `PUT /api-keys/pools`: the pool's limits, replacing what it had (credits are set now).
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+struct PoolBody {
+    /// The owner whose pool this is. Required.
+    #[schema(min_length = 1, max_length = 128, pattern = "^[!-~]+$")]
+    owner: Option<String>,
+    /// The account, for an account's pool; left out for the owner's pool.
+    #[schema(min_length = 1, max_length = 128, pattern = "^[!-~]+$")]
+    account: Option<String>,
+    /// The pool's rate limit, shared by every key of the owner (account).
+    rate_limit: Option<RateLimitBody>,
+    /// The pool's credits, shared by every key of the owner (account).
+    credits: Option<CreditsBody>,
+}
+
+/// A shared pool as it stands.
+#[derive(Serialize, ToSchema)]
+struct PoolResponse {
+    owner_id: String,
+    /// `null` for the owner's pool.
+    account_id: Option<String>,
+    /// `null` when no pool is set.
+    rate_limit: Option<RateLimitBody>,
+    /// `null` when no pool is set, else with what is left now.
+    credits: Option<CreditsResponse>,
+}
+
+impl PoolResponse {
+    fn new(owner: &str, account: Option<&str>, limits: Option<UsageLimits>) -> Self {
+        let limits = limits.unwrap_or_default();
+        let credits = limits
+            .credits
+            .map(|c| c.refreshed(OffsetDateTime::now_utc()));
+        Self {
+            owner_id: owner.to_owned(),
+            account_id: account.map(str::to_owned),
+            rate_limit: rate_limit_body(&limits),
+            credits: credits_body(&UsageLimits { credits, ..limits }),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PoolParams {
+    owner: Option<String>,
+    account: Option<String>,
+}
+
+/// `?owner=` and `?account=` of `GET /api-keys/pools`, as documented.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct PoolQuery {
+    /// The owner (required with the master key; a scoped key may name only its own).
+    #[param(min_length = 1, max_length = 128, pattern = "^[!-~]+$")]
+    owner: Option<String>,
+    /// The account, for an account's pool; left out for the owner's pool.
+    #[param(min_length = 1, max_length = 128, pattern = "^[!-~]+$")]
+    account: Option<String>,
+}
+
+/// Every key of an owner, or of one of its accounts, counts against the pool's rate limit and
+/// spends its credits, beside its own and its ancestors' (a budget binds a subtree, and a pool
+/// binds them all). Read with `api-keys:read` (a scoped key: its own owner and account).
+#[utoipa::path(get, path = "/api-keys/pools", params(PoolQuery),
+    responses((status = 200, body = PoolResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn get_pool(
+    State(manager): State<KeyManager>,
+    principal: Principal,
+    params: Result<Query<PoolParams>, QueryRejection>,
+) -> Result<Response, AuthError> {
+    let params = query(params)?;
+    let owner = params
+        .owner
+        .as_deref()
+        .or(principal.owner())
+        .map(str::to_owned);
+    let limits = manager
+        .pool(
+            &principal,
+            params.owner.as_deref(),
+            params.account.as_deref(),
+        )
+        .await?;
+    let owner = owner.unwrap_or_default();
+    Ok(no_store(
+        StatusCode::OK,
+        PoolResponse::new(&owner, params.account.as_deref(), limits),
+    ))
+}
+
+/// Sets an owner's or account's shared pool (no `rate_limit` and no `credits`: removes it).
+/// Master key only: a pool binds keys outside any scoped key's subtree.
+#[utoipa::path(put, path = "/api-keys/pools", request_body = PoolBody,
+    responses((status = 200, body = PoolResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn set_pool(
+    State(manager): State<KeyManager>,
+    principal: Principal,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, AuthError> {
+    let body: PoolBody = parse_json(&body.map_err(body_error)?, false)?;
+    let owner = body
+        .owner
+        .as_deref()
+        .or(principal.owner())
+        .ok_or(AuthError::OwnerRequired)?
+        .to_owned();
+    let limits = UsageLimits {
+        rate_limit: body.rate_limit.map(Into::into),
+        credits: body.credits.map(Into::into),
+    };
+    let limits = (!limits.is_unlimited()).then_some(limits);
+    let set = manager
+        .set_pool(&principal, Some(&owner), body.account.as_deref(), limits)
+        .await?;
+    Ok(no_store(
+        StatusCode::OK,
+        PoolResponse::new(&owner, body.account.as_deref(), set),
+    ))
 }

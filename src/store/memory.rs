@@ -4,10 +4,12 @@ use std::sync::{Mutex, MutexGuard};
 use time::OffsetDateTime;
 
 use super::{
-    CreditAdjustment, FormatSecrets, KeyChange, KeyLimits, KeyRecord, KeyStore, KeyUpdate,
-    ListQuery, PreviousSecret, Rotation, StoreError, StoreErrorKind, StoredSecret,
+    ChainLevels, ChainSpend, CreditAdjustment, FormatSecrets, KeyChange, KeyLimits, KeyRecord,
+    KeyStore, KeyUpdate, ListQuery, MAX_DELEGATION_DEPTH, PreviousSecret, Rotation, StoreError,
+    StoreErrorKind, StoredSecret,
 };
 use crate::key::{FormatSecret, KeyDigest, KeyId, MAX_SECRET_VERSION};
+use crate::quota::{BudgetId, BudgetLevel, Credits, PoolId, UsageLimits};
 
 /// An in-memory [`KeyStore`]: for tests, examples and services that can lose keys on restart.
 ///
@@ -24,6 +26,8 @@ struct Inner {
     /// The keyed format's legacy record (`None` until first written) and secrets.
     legacy_keys: Option<bool>,
     format_secrets: Vec<StoredSecret>,
+    /// The shared pools that are set.
+    pools: BTreeMap<PoolId, UsageLimits>,
 }
 
 impl MemoryStore {
@@ -48,8 +52,9 @@ impl Inner {
         }
     }
 
-    /// Revokes every descendant of `root` not revoked yet, at `at`; returns those it revoked.
-    fn revoke_descendants(&mut self, root: &KeyId, at: OffsetDateTime) -> Vec<KeyRecord> {
+    /// The ids of every descendant of `root` (its subtree without itself), in no order: what
+    /// cascades revoke and [`KeyStore::descendants`] answers.
+    fn subtree(&self, root: &KeyId) -> Vec<KeyId> {
         let mut children: HashMap<&KeyId, Vec<&KeyId>> = HashMap::new();
         for record in self.by_id.values() {
             if let Some(parent) = &record.created_by {
@@ -69,7 +74,59 @@ impl Inner {
                 }
             }
         }
-        tree.iter()
+        tree
+    }
+
+    /// The ancestors of a key created by `creator`, nearest first, at most
+    /// [`MAX_DELEGATION_DEPTH`]; the walk stops at a creator that is gone.
+    fn ancestors_from(&self, creator: Option<&KeyId>) -> Vec<&KeyRecord> {
+        let mut chain = Vec::new();
+        let mut next = creator;
+        while let Some(id) = next {
+            if chain.len() == MAX_DELEGATION_DEPTH {
+                break;
+            }
+            let Some(record) = self.by_id.get(id) else {
+                break;
+            };
+            chain.push(record);
+            next = record.created_by.as_ref();
+        }
+        chain
+    }
+
+    /// The credits of one budget level, where they live.
+    fn credits_mut(&mut self, level: &BudgetId) -> Option<&mut Credits> {
+        match level {
+            BudgetId::Key(id) => self.by_id.get_mut(id)?.limits.credits.as_mut(),
+            BudgetId::Pool(pool) => self.pools.get_mut(pool)?.credits.as_mut(),
+        }
+    }
+
+    /// Loads the credits of `levels`, lets `rule` change them, and writes them back.
+    fn with_credits<T>(
+        &mut self,
+        levels: &ChainLevels,
+        rule: impl FnOnce(&mut [Option<Credits>]) -> T,
+    ) -> T {
+        let mut credits: Vec<Option<Credits>> = levels
+            .unique
+            .iter()
+            .map(|level| self.credits_mut(level).copied())
+            .collect();
+        let outcome = rule(&mut credits);
+        for (level, new) in levels.unique.iter().zip(credits) {
+            if let (Some(stored), Some(new)) = (self.credits_mut(level), new) {
+                *stored = new;
+            }
+        }
+        outcome
+    }
+
+    /// Revokes every descendant of `root` not revoked yet, at `at`; returns those it revoked.
+    fn revoke_descendants(&mut self, root: &KeyId, at: OffsetDateTime) -> Vec<KeyRecord> {
+        self.subtree(root)
+            .iter()
             .filter_map(|id| {
                 let record = self.by_id.get_mut(id)?;
                 if record.revoked_at.is_some() {
@@ -371,5 +428,92 @@ impl KeyStore for MemoryStore {
             .get_mut(id)
             .and_then(|record| record.limits.credits.as_mut())
             .map(|credits| super::adjust(credits, delta, now)))
+    }
+
+    async fn ancestors(&self, id: &KeyId) -> Result<Vec<KeyRecord>, StoreError> {
+        let inner = self.lock();
+        let creator = inner.by_id.get(id).and_then(|r| r.created_by.as_ref());
+        Ok(inner.ancestors_from(creator).into_iter().cloned().collect())
+    }
+
+    async fn descendants(&self, id: &KeyId) -> Result<Vec<KeyRecord>, StoreError> {
+        let inner = self.lock();
+        Ok(inner
+            .subtree(id)
+            .iter()
+            .filter_map(|id| inner.by_id.get(id).cloned())
+            .collect())
+    }
+
+    async fn budget_above(&self, record: &KeyRecord) -> Result<Vec<BudgetLevel>, StoreError> {
+        let inner = self.lock();
+        let mut levels: Vec<BudgetLevel> = inner
+            .ancestors_from(record.created_by.as_ref())
+            .into_iter()
+            .map(|ancestor| BudgetLevel {
+                id: BudgetId::Key(ancestor.id.clone()),
+                limits: ancestor.limits,
+            })
+            .collect();
+        let owner: std::sync::Arc<str> = record.owner.as_str().into();
+        for pool in [
+            PoolId::account(owner.clone(), record.account.as_str()),
+            PoolId::owner(owner),
+        ] {
+            if let Some(limits) = inner.pools.get(&pool) {
+                levels.push(BudgetLevel {
+                    id: BudgetId::Pool(pool),
+                    limits: *limits,
+                });
+            }
+        }
+        levels.retain(|level| !level.limits.is_unlimited());
+        Ok(levels)
+    }
+
+    async fn pool(&self, pool: &PoolId) -> Result<Option<UsageLimits>, StoreError> {
+        Ok(self.lock().pools.get(pool).copied())
+    }
+
+    async fn set_pool(
+        &self,
+        pool: &PoolId,
+        limits: Option<UsageLimits>,
+        if_absent: bool,
+    ) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        if if_absent && inner.pools.contains_key(pool) {
+            return Ok(false);
+        }
+        Ok(match limits {
+            Some(limits) => {
+                inner.pools.insert(pool.clone(), limits);
+                true
+            }
+            None => inner.pools.remove(pool).is_some(),
+        })
+    }
+
+    async fn spend_credits(
+        &self,
+        levels: &[BudgetId],
+        cost: u64,
+        now: OffsetDateTime,
+    ) -> Result<ChainSpend, StoreError> {
+        let levels = ChainLevels::new(levels);
+        let mut inner = self.lock();
+        Ok(inner.with_credits(&levels, |credits| levels.spend(credits, cost, now)))
+    }
+
+    async fn refund_credits(
+        &self,
+        levels: &[BudgetId],
+        cost: u64,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let levels = ChainLevels::new(levels);
+        let mut inner = self.lock();
+        inner.with_credits(&levels, |credits| levels.refund(credits, cost, now));
+        Ok(())
     }
 }

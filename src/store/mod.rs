@@ -258,6 +258,88 @@ pub fn adjust(credits: &mut Credits, delta: i64, now: OffsetDateTime) -> CreditA
     }
 }
 
+/// The levels of one [`KeyStore::spend_credits`] or [`KeyStore::refund_credits`] call, each
+/// counted once: `unique` is sorted (the order the SQL stores lock rows in, so that concurrent
+/// chains never wait on each other in a cycle) and deduplicated; `positions` maps every level asked
+/// to its entry in `unique`.
+#[derive(Debug)]
+pub(crate) struct ChainLevels {
+    pub(crate) unique: Vec<BudgetId>,
+    positions: Vec<usize>,
+}
+
+impl ChainLevels {
+    pub(crate) fn new(levels: &[BudgetId]) -> Self {
+        let mut unique = levels.to_vec();
+        unique.sort_unstable();
+        unique.dedup();
+        let positions = levels
+            .iter()
+            .map(|level| unique.binary_search(level).unwrap_or_default())
+            .collect();
+        Self { unique, positions }
+    }
+
+    /// The keys among the levels, in lock order.
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &KeyId> {
+        self.unique.iter().filter_map(|level| match level {
+            BudgetId::Key(id) => Some(id),
+            BudgetId::Pool(_) => None,
+        })
+    }
+
+    /// The pools among the levels, in lock order.
+    pub(crate) fn pools(&self) -> impl Iterator<Item = &PoolId> {
+        self.unique.iter().filter_map(|level| match level {
+            BudgetId::Pool(pool) => Some(pool),
+            BudgetId::Key(_) => None,
+        })
+    }
+
+    /// The all-or-nothing rule of [`KeyStore::spend_credits`] on `credits` (one entry per
+    /// `unique` level, `None` where it has none): due refills are applied everywhere, then `cost`
+    /// is spent at every level that has credits if each has at least `cost`, else nowhere.
+    pub(crate) fn spend(
+        &self,
+        credits: &mut [Option<Credits>],
+        cost: u64,
+        now: OffsetDateTime,
+    ) -> ChainSpend {
+        for c in credits.iter_mut().flatten() {
+            *c = c.refreshed(now);
+        }
+        for (level, &at) in self.positions.iter().enumerate() {
+            if let Some(c) = &credits[at]
+                && c.remaining < cost
+            {
+                return ChainSpend::Insufficient {
+                    level,
+                    remaining: c.remaining,
+                };
+            }
+        }
+        for c in credits.iter_mut().flatten() {
+            c.remaining -= cost;
+        }
+        ChainSpend::Spent {
+            remaining: self
+                .positions
+                .iter()
+                .map(|&at| credits[at].map(|c| c.remaining))
+                .collect(),
+        }
+    }
+
+    /// [`KeyStore::refund_credits`]'s rule on `credits`: due refills applied, then `cost` given
+    /// back at every level that has credits, saturating at [`MAX_CREDITS`](crate::quota::MAX_CREDITS).
+    pub(crate) fn refund(&self, credits: &mut [Option<Credits>], cost: u64, now: OffsetDateTime) {
+        let delta = i64::try_from(cost).unwrap_or(i64::MAX);
+        for c in credits.iter_mut().flatten() {
+            adjust(c, delta, now);
+        }
+    }
+}
+
 /// What went wrong talking to a store. Never contains a key or a digest.
 #[derive(Clone, Debug)]
 pub struct StoreError {
@@ -475,14 +557,18 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Changes a key's name, rate limit or credits and returns the updated record. New credits
     /// are set as given (their `set_at` included).
     ///
-    /// The default answers `Unavailable`: a store that does not implement it cannot update keys.
+    /// The default answers [`StoreErrorKind::Unsupported`]: a store that does not implement it
+    /// cannot update keys.
     async fn update(
         &self,
         id: &KeyId,
         update: &KeyUpdate,
     ) -> Result<Option<KeyRecord>, StoreError> {
         let _ = (id, update);
-        Err(StoreError::unavailable("this key store cannot update keys"))
+        Err(StoreError::new(
+            StoreErrorKind::Unsupported,
+            "this key store cannot update keys",
+        ))
     }
 
     /// Atomically applies a due refill of the key's credits at `now`, then `delta`: a spend
@@ -490,8 +576,9 @@ pub trait KeyStore: Send + Sync + 'static {
     /// one without credits. Concurrent calls never spend more than there is, across every process
     /// sharing the store. See [`adjust`] for the rule.
     ///
-    /// The default answers `Unavailable`: a store that does not implement it cannot count credits,
-    /// and a [`StoreCredits`](crate::ratelimit::StoreCredits) limiter over it fails as configured.
+    /// The default answers [`StoreErrorKind::Unsupported`]: a store that does not implement it
+    /// cannot count credits, and a [`StoreCredits`](crate::ratelimit::StoreCredits) limiter over it
+    /// fails as configured.
     async fn adjust_credits(
         &self,
         id: &KeyId,
@@ -499,7 +586,8 @@ pub trait KeyStore: Send + Sync + 'static {
         now: OffsetDateTime,
     ) -> Result<Option<CreditAdjustment>, StoreError> {
         let _ = (id, delta, now);
-        Err(StoreError::unavailable(
+        Err(StoreError::new(
+            StoreErrorKind::Unsupported,
             "this key store cannot count credits",
         ))
     }
@@ -579,6 +667,8 @@ pub trait KeyStore: Send + Sync + 'static {
     /// a pool's), applying due refills first, all or nothing in one atomic step: if any level has
     /// less than `cost`, nothing is spent anywhere ([`ChainSpend::Insufficient`]). Concurrent
     /// calls never spend more than there is at any level, across every process sharing the store.
+    ///
+    /// A level named twice is counted once. Unknown keys and pools count as levels without credits.
     ///
     /// The default handles one key level through [`adjust_credits`](Self::adjust_credits), and
     /// answers [`StoreErrorKind::Unsupported`] for more.

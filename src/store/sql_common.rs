@@ -11,7 +11,8 @@ use time::OffsetDateTime;
 
 use super::{KeyRecord, PreviousSecret, StoreError, StoreErrorKind};
 use crate::key::{DigestScheme, KeyDigest, KeyId};
-use crate::quota::{Credits, MAX_CREDITS, RateLimit, Refill, RefillInterval, UsageLimits};
+use crate::network::Networks;
+use crate::quota::{Credits, MAX_CREDITS, PoolId, RateLimit, Refill, RefillInterval, UsageLimits};
 use crate::scope::ScopeSet;
 
 /// `t` floored to the microsecond, in UTC: the precision the SQL stores keep.
@@ -57,6 +58,9 @@ pub(crate) struct RawRecord {
     pub(crate) previous_digest_scheme: Option<i64>,
     pub(crate) previous_valid_until: Option<OffsetDateTime>,
     pub(crate) limits: LimitColumns,
+    /// `allowed_networks` (schema version 5): the [`Networks`] Display form (blocks separated by
+    /// spaces), `NULL` for anywhere.
+    pub(crate) allowed_networks: Option<String>,
 }
 
 /// The usage-limit columns (schema version 4), all nullable: `rate_limit`, `rate_period_seconds`,
@@ -86,7 +90,9 @@ impl LimitColumns {
         }
     }
 
-    fn into_limits(self) -> Result<UsageLimits, StoreError> {
+    /// Validates the columns: each group (rate limit, refill, credits) all set or all null, counts
+    /// in range, a known refill interval.
+    pub(crate) fn into_limits(self) -> Result<UsageLimits, StoreError> {
         let count = |v: i64, column| u64::try_from(v).map_err(|_| corrupt(column));
         let rate_limit = match (self.rate_limit, self.rate_period_seconds) {
             (None, None) => None,
@@ -187,7 +193,11 @@ impl RawRecord {
             rotated_at: self.rotated_at,
             previous,
             limits: self.limits.into_limits()?,
-            allowed_networks: None,
+            allowed_networks: self
+                .allowed_networks
+                .map(|text| text.parse::<Networks>())
+                .transpose()
+                .map_err(|_| corrupt("allowed_networks"))?,
         })
     }
 }
@@ -220,6 +230,29 @@ pub(crate) fn is_sqlite_busy(error: &StoreError) -> bool {
         .and_then(|source| source.downcast_ref::<DatabaseFailure>())
         .and_then(|failure| failure.code.as_deref()?.parse::<i32>().ok())
         .is_some_and(|code| matches!(code & 0xff, 5 | 6))
+}
+
+/// Whether `error` is PostgreSQL's deadlock (`40P01`) or serialization failure (`40001`): the
+/// transaction was rolled back as a whole, and running it again is safe.
+#[cfg(feature = "postgres")]
+pub(crate) fn is_pg_retryable(error: &StoreError) -> bool {
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<DatabaseFailure>())
+        .is_some_and(|failure| matches!(failure.code.as_deref(), Some("40P01" | "40001")))
+}
+
+/// A pool's row key in `api_key_pools`: `(owner, kind, account)`, `kind` being `owner` (with
+/// `account` empty) or `account`. An owner's pool and the pool of its account `""` are two rows.
+pub(crate) fn pool_key(pool: &PoolId) -> (&str, &'static str, &str) {
+    match &pool.account {
+        None => (&*pool.owner, "owner", ""),
+        Some(account) => (&*pool.owner, "account", &**account),
+    }
+}
+
+/// The stored form of `networks` (see [`RawRecord::allowed_networks`]).
+pub(crate) fn networks_text(networks: Option<&Networks>) -> Option<String> {
+    networks.map(Networks::to_string)
 }
 
 /// Maps a sqlx error to a [`StoreError`]: unique violations are `Conflict`, undecodable data is
@@ -319,8 +352,17 @@ mod tests {
             previous_digest_scheme: None,
             previous_valid_until: None,
             limits: LimitColumns::default(),
+            allowed_networks: Some("10.0.0.0/8 2001:db8::/32".into()),
         };
-        assert!(good().into_record().is_ok());
+        assert_eq!(
+            good()
+                .into_record()
+                .unwrap()
+                .allowed_networks
+                .unwrap()
+                .to_string(),
+            "10.0.0.0/8 2001:db8::/32"
+        );
         type Spoil = Box<dyn Fn(&mut RawRecord)>;
         let bad: Vec<Spoil> = vec![
             Box::new(|r| r.digest = vec![1; 31]),
@@ -344,6 +386,8 @@ mod tests {
                 r.limits.credits_refill_amount = Some(5);
             }),
             Box::new(|r| r.previous_digest = Some(vec![1; 32])),
+            Box::new(|r| r.allowed_networks = Some("10.0.0.0/33".into())),
+            Box::new(|r| r.allowed_networks = Some(String::new())),
             Box::new(|r| {
                 r.previous_digest = Some(vec![1; 32]);
                 r.previous_digest_scheme = Some(70_000);

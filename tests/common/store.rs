@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 use tower_api_keys::key::{ApiKey, KeyDigest, KeyFormat, KeyId};
+use tower_api_keys::quota::{BudgetId, BudgetLevel, PoolId, UsageLimits};
 use tower_api_keys::scope::ScopeSet;
 use tower_api_keys::store::{
-    CreditAdjustment, KeyChange, KeyLimits, KeyUpdate, ListQuery, Rotation,
+    ChainSpend, CreditAdjustment, KeyChange, KeyLimits, KeyUpdate, ListQuery, Rotation,
 };
 use tower_api_keys::store::{KeyRecord, KeyStore, MemoryStore, StoreError};
 
@@ -148,6 +149,49 @@ impl KeyStore for TestStore {
     ) -> Result<Option<CreditAdjustment>, StoreError> {
         self.check()?;
         self.inner.adjust_credits(id, delta, now).await
+    }
+    async fn ancestors(&self, id: &KeyId) -> Result<Vec<KeyRecord>, StoreError> {
+        self.check()?;
+        self.inner.ancestors(id).await
+    }
+    async fn descendants(&self, id: &KeyId) -> Result<Vec<KeyRecord>, StoreError> {
+        self.check()?;
+        self.inner.descendants(id).await
+    }
+    async fn budget_above(&self, record: &KeyRecord) -> Result<Vec<BudgetLevel>, StoreError> {
+        self.check()?;
+        self.inner.budget_above(record).await
+    }
+    async fn pool(&self, pool: &PoolId) -> Result<Option<UsageLimits>, StoreError> {
+        self.check()?;
+        self.inner.pool(pool).await
+    }
+    async fn set_pool(
+        &self,
+        pool: &PoolId,
+        limits: Option<UsageLimits>,
+        if_absent: bool,
+    ) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.set_pool(pool, limits, if_absent).await
+    }
+    async fn spend_credits(
+        &self,
+        levels: &[BudgetId],
+        cost: u64,
+        now: OffsetDateTime,
+    ) -> Result<ChainSpend, StoreError> {
+        self.check()?;
+        self.inner.spend_credits(levels, cost, now).await
+    }
+    async fn refund_credits(
+        &self,
+        levels: &[BudgetId],
+        cost: u64,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.refund_credits(levels, cost, now).await
     }
 }
 

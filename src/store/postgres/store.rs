@@ -1,409 +1,29 @@
-//! [`PostgresStore`]: keys in PostgreSQL (feature `postgres`); its docs say how.
+//! [`PostgresStore`] and its [`KeyStore`] implementation.
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
 
-use sha2::{Digest as _, Sha256};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, Row};
 use time::OffsetDateTime;
 use tokio::sync::OnceCell;
 
-use super::sql_common::{LimitColumns, RawRecord, map_sqlx_error, micros};
-use super::{
-    CreditAdjustment, FormatSecrets, KeyChange, KeyLimits, KeyRecord, KeyStore, KeyUpdate,
-    ListQuery, Rotation, StoreError, StoreErrorKind, StoredSecret,
-};
+use super::builder::PostgresStoreBuilder;
+use super::sql::{Sql, decode, decode_opt, limits_at, lock_key, migrations, query};
 use crate::key::{FormatSecret, KeyDigest, KeyId, MAX_SECRET_VERSION};
+use crate::quota::{BudgetId, BudgetLevel, Credits, PoolId, UsageLimits};
+use crate::store::sql_common::{
+    LimitColumns, is_pg_retryable, map_sqlx_error, micros, networks_text, pool_key,
+};
+use crate::store::{
+    ChainLevels, ChainSpend, CreditAdjustment, FormatSecrets, KeyChange, KeyLimits, KeyRecord,
+    KeyStore, KeyUpdate, ListQuery, MAX_DELEGATION_DEPTH, Rotation, StoreError, StoreErrorKind,
+    StoredSecret,
+};
 
-/// A schema or channel name that is not a plain PostgreSQL identifier: 1 to 63 bytes of ASCII
-/// letters, digits, `_` or `$`, not starting with a digit or `$`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InvalidIdentifier {
-    what: &'static str,
-}
-
-impl fmt::Display for InvalidIdentifier {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid PostgreSQL {} name: use 1 to 63 ASCII letters, digits, `_` or `$`, \
-             not starting with a digit or `$`",
-            self.what
-        )
-    }
-}
-
-impl std::error::Error for InvalidIdentifier {}
-
-/// Checks a name for use as a (quoted) identifier; `what` names it in the error.
-pub(crate) fn check_identifier(name: &str, what: &'static str) -> Result<(), InvalidIdentifier> {
-    let bytes = name.as_bytes();
-    let ok = !bytes.is_empty()
-        && bytes.len() <= 63
-        && (bytes[0].is_ascii_alphabetic() || bytes[0] == b'_')
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'$');
-    if ok {
-        Ok(())
-    } else {
-        Err(InvalidIdentifier { what })
-    }
-}
-
-/// A stable 64-bit advisory lock key for `parts` (the same in every instance and every version).
-fn lock_key(parts: &[&str]) -> i64 {
-    let mut hasher = Sha256::new();
-    hasher.update(b"tower-api-keys");
-    for part in parts {
-        // Length-prefixed, so ("ab", "c") and ("a", "bc") differ.
-        hasher.update((part.len() as u64).to_be_bytes());
-        hasher.update(part.as_bytes());
-    }
-    let hash = hasher.finalize();
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&hash[..8]);
-    i64::from_be_bytes(first)
-}
-
-const COLUMNS: &str = "id, name, owner, account, scopes, digest, digest_scheme, masked_key, \
-    created_at, expires_at, revoked_at, last_used_at, created_by, rotated_at, previous_digest, \
-    previous_digest_scheme, previous_valid_until, rate_limit, rate_period_seconds, \
-    credits_remaining, credits_refill_interval, credits_refill_amount, credits_set_at";
-
-/// The schema's migrations, in order. Versions are never renumbered or edited once released.
-fn migrations(s: &str) -> [(i32, &'static str, String); 4] {
-    [
-        (
-            1,
-            "api_keys and api_key_digests",
-            format!(
-                r#"
-CREATE TABLE {s}.api_keys (
-    id TEXT COLLATE "C" PRIMARY KEY,
-    name TEXT NOT NULL,
-    owner TEXT NOT NULL,
-    account TEXT NOT NULL,
-    scopes TEXT[] NOT NULL,
-    digest BYTEA NOT NULL CHECK (octet_length(digest) = 32),
-    digest_scheme INTEGER NOT NULL,
-    masked_key TEXT NOT NULL,
-    created_at TIMESTAMPTZ NOT NULL,
-    expires_at TIMESTAMPTZ,
-    revoked_at TIMESTAMPTZ,
-    last_used_at TIMESTAMPTZ,
-    created_by TEXT,
-    rotated_at TIMESTAMPTZ,
-    previous_digest BYTEA CHECK (octet_length(previous_digest) = 32),
-    previous_digest_scheme INTEGER,
-    previous_valid_until TIMESTAMPTZ,
-    CHECK ((previous_digest IS NULL) = (previous_digest_scheme IS NULL)
-       AND (previous_digest IS NULL) = (previous_valid_until IS NULL))
-);
-CREATE UNIQUE INDEX api_keys_digest_key ON {s}.api_keys (digest);
-CREATE UNIQUE INDEX api_keys_previous_digest_key ON {s}.api_keys (previous_digest)
-    WHERE previous_digest IS NOT NULL;
-CREATE INDEX api_keys_owner_id_idx ON {s}.api_keys (owner, id);
-CREATE INDEX api_keys_account_idx ON {s}.api_keys (account);
-CREATE TABLE {s}.api_key_digests (
-    digest BYTEA PRIMARY KEY,
-    key_id TEXT COLLATE "C" NOT NULL REFERENCES {s}.api_keys (id) ON DELETE CASCADE
-);
-CREATE INDEX api_key_digests_key_id_idx ON {s}.api_key_digests (key_id);
-"#
-            ),
-        ),
-        (
-            2,
-            "api_keys.created_by index (cascading revocation)",
-            format!(
-                "CREATE INDEX api_keys_created_by_idx ON {s}.api_keys (created_by) \
-                 WHERE created_by IS NOT NULL;"
-            ),
-        ),
-        (
-            3,
-            "api_key_format and api_key_format_secrets (keyed key format)",
-            format!(
-                r#"
-CREATE TABLE {s}.api_key_format (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    legacy_keys BOOLEAN NOT NULL,
-    created_at TIMESTAMPTZ NOT NULL
-);
-CREATE TABLE {s}.api_key_format_secrets (
-    version INTEGER PRIMARY KEY CHECK (version BETWEEN 1 AND 61),
-    secret BYTEA NOT NULL CHECK (octet_length(secret) >= 32),
-    created_at TIMESTAMPTZ NOT NULL,
-    retired_at TIMESTAMPTZ
-);
-"#
-            ),
-        ),
-        (
-            4,
-            "per-key rate limits and credits",
-            // Existing keys get NULLs: no limit.
-            format!(
-                r#"
-ALTER TABLE {s}.api_keys
-    ADD COLUMN rate_limit BIGINT,
-    ADD COLUMN rate_period_seconds BIGINT,
-    ADD COLUMN credits_remaining BIGINT,
-    ADD COLUMN credits_refill_interval TEXT,
-    ADD COLUMN credits_refill_amount BIGINT,
-    ADD COLUMN credits_set_at TIMESTAMPTZ;
-"#
-            ),
-        ),
-    ]
-}
-
-/// Every statement, with the schema spliced in once (the schema name is a checked identifier).
-struct Sql {
-    schema: String,
-    quoted: String,
-    find_by_digest: Arc<str>,
-    get: Arc<str>,
-    get_for_update: Arc<str>,
-    list: Arc<str>,
-    exists: Arc<str>,
-    creator_active: Arc<str>,
-    revoke_descendants: Arc<str>,
-    count_owner: Arc<str>,
-    count_account: Arc<str>,
-    count_active: Arc<str>,
-    insert: Arc<str>,
-    insert_digests: Arc<str>,
-    revoke: Arc<str>,
-    delete: Arc<str>,
-    drop_digests: Arc<str>,
-    rotate: Arc<str>,
-    last_used: Arc<str>,
-    write_limits: Arc<str>,
-}
-
-impl Sql {
-    fn new(schema: &str) -> Self {
-        let s = format!("\"{schema}\"");
-        let sql = |text: String| -> Arc<str> { text.into() };
-        Self {
-            find_by_digest: sql(format!(
-                // Two unique-index lookups: an `OR` with `LIMIT 1` may be planned as a sequential
-                // scan (cheap for a hit near the start, slow for every miss) before statistics exist.
-                "SELECT {COLUMNS} FROM {s}.api_keys WHERE digest = $1 \
-                 UNION ALL SELECT {COLUMNS} FROM {s}.api_keys WHERE previous_digest = $1 LIMIT 1"
-            )),
-            get: sql(format!("SELECT {COLUMNS} FROM {s}.api_keys WHERE id = $1")),
-            get_for_update: sql(format!(
-                "SELECT {COLUMNS} FROM {s}.api_keys WHERE id = $1 FOR UPDATE"
-            )),
-            list: sql(format!(
-                "SELECT {COLUMNS} FROM {s}.api_keys WHERE owner = $1 AND ($2::text IS NULL OR id < $2) \
-                 AND ($4::text IS NULL OR account = $4) ORDER BY id DESC LIMIT $3"
-            )),
-            exists: sql(format!(
-                "SELECT EXISTS (SELECT 1 FROM {s}.api_keys WHERE id = $1) \
-                 OR EXISTS (SELECT 1 FROM {s}.api_key_digests WHERE digest = ANY($2))"
-            )),
-            // FOR SHARE: a concurrent revocation (an UPDATE) of the creator waits for this insert
-            // to commit, or this insert waits for it and then sees the creator revoked.
-            creator_active: sql(format!(
-                "SELECT 1 FROM {s}.api_keys WHERE id = $1 AND revoked_at IS NULL \
-                 AND (expires_at IS NULL OR expires_at > $2) FOR SHARE"
-            )),
-            revoke_descendants: sql(format!(
-                "WITH RECURSIVE tree(id) AS ( \
-                    SELECT id FROM {s}.api_keys WHERE created_by = $1 \
-                    UNION SELECT k.id FROM {s}.api_keys AS k JOIN tree ON k.created_by = tree.id) \
-                 UPDATE {s}.api_keys SET revoked_at = $2 \
-                 WHERE revoked_at IS NULL AND id IN (SELECT id FROM tree) RETURNING {COLUMNS}"
-            )),
-            count_owner: sql(format!(
-                "SELECT count(*) FROM {s}.api_keys WHERE owner = $1 AND revoked_at IS NULL \
-                 AND (expires_at IS NULL OR expires_at > $2)"
-            )),
-            count_account: sql(format!(
-                "SELECT count(*) FROM {s}.api_keys WHERE account = $1 AND revoked_at IS NULL \
-                 AND (expires_at IS NULL OR expires_at > $2)"
-            )),
-            count_active: sql(format!(
-                "SELECT count(*) FROM {s}.api_keys WHERE owner = $1 \
-                 AND ($2::text IS NULL OR account = $2) AND revoked_at IS NULL \
-                 AND (expires_at IS NULL OR expires_at > $3)"
-            )),
-            insert: sql(format!(
-                "INSERT INTO {s}.api_keys ({COLUMNS}) VALUES \
-                 ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-                 $18, $19, $20, $21, $22, $23)"
-            )),
-            insert_digests: sql(format!(
-                "INSERT INTO {s}.api_key_digests (digest, key_id) SELECT d, $2 FROM UNNEST($1::bytea[]) AS t(d)"
-            )),
-            revoke: sql(format!(
-                "UPDATE {s}.api_keys SET revoked_at = COALESCE(revoked_at, $2) WHERE id = $1 RETURNING {COLUMNS}"
-            )),
-            delete: sql(format!(
-                "DELETE FROM {s}.api_keys WHERE id = $1 RETURNING {COLUMNS}"
-            )),
-            drop_digests: sql(format!(
-                "DELETE FROM {s}.api_key_digests WHERE key_id = $1 AND NOT (digest = ANY($2::bytea[]))"
-            )),
-            rotate: sql(format!(
-                "UPDATE {s}.api_keys SET digest = $2, digest_scheme = $3, masked_key = $4, rotated_at = $5, \
-                 previous_digest = $6, previous_digest_scheme = $7, previous_valid_until = $8 \
-                 WHERE id = $1 RETURNING {COLUMNS}"
-            )),
-            last_used: sql(format!(
-                "UPDATE {s}.api_keys AS k SET last_used_at = u.at \
-                 FROM (SELECT id, max(at) AS at FROM UNNEST($1::text[], $2::timestamptz[]) AS t(id, at) \
-                       GROUP BY id) AS u \
-                 WHERE k.id = u.id AND (k.last_used_at IS NULL OR k.last_used_at < u.at)"
-            )),
-            write_limits: sql(format!(
-                "UPDATE {s}.api_keys SET name = $2, rate_limit = $3, rate_period_seconds = $4, \
-                 credits_remaining = $5, credits_refill_interval = $6, credits_refill_amount = $7, \
-                 credits_set_at = $8 WHERE id = $1"
-            )),
-            schema: schema.to_owned(),
-            quoted: s,
-        }
-    }
-}
-
-fn query(
-    sql: &Arc<str>,
-) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
-    sqlx::query(AssertSqlSafe(Arc::clone(sql)))
-}
-
-fn decode(row: &PgRow) -> Result<KeyRecord, StoreError> {
-    let raw = (|| -> Result<RawRecord, sqlx::Error> {
-        Ok(RawRecord {
-            id: row.try_get(0)?,
-            name: row.try_get(1)?,
-            owner: row.try_get(2)?,
-            account: row.try_get(3)?,
-            scopes: row.try_get(4)?,
-            digest: row.try_get(5)?,
-            digest_scheme: i64::from(row.try_get::<i32, _>(6)?),
-            masked_key: row.try_get(7)?,
-            created_at: row.try_get(8)?,
-            expires_at: row.try_get(9)?,
-            revoked_at: row.try_get(10)?,
-            last_used_at: row.try_get(11)?,
-            created_by: row.try_get(12)?,
-            rotated_at: row.try_get(13)?,
-            previous_digest: row.try_get(14)?,
-            previous_digest_scheme: row.try_get::<Option<i32>, _>(15)?.map(i64::from),
-            previous_valid_until: row.try_get(16)?,
-            limits: LimitColumns {
-                rate_limit: row.try_get(17)?,
-                rate_period_seconds: row.try_get(18)?,
-                credits_remaining: row.try_get(19)?,
-                credits_refill_interval: row.try_get(20)?,
-                credits_refill_amount: row.try_get(21)?,
-                credits_set_at: row.try_get(22)?,
-            },
-        })
-    })()
-    .map_err(map_sqlx_error)?;
-    raw.into_record()
-}
-
-fn decode_opt(row: Option<PgRow>) -> Result<Option<KeyRecord>, StoreError> {
-    row.as_ref().map(decode).transpose()
-}
-
-/// Configures a [`PostgresStore`]; see [`PostgresStore::builder`].
-#[derive(Clone, Debug)]
-#[must_use]
-pub struct PostgresStoreBuilder {
-    schema: String,
-    max_connections: u32,
-    acquire_timeout: Duration,
-}
-
-impl Default for PostgresStoreBuilder {
-    fn default() -> Self {
-        Self {
-            schema: PostgresStore::DEFAULT_SCHEMA.to_owned(),
-            max_connections: 10,
-            acquire_timeout: Duration::from_secs(5),
-        }
-    }
-}
-
-impl PostgresStoreBuilder {
-    /// The schema holding the tables (default [`DEFAULT_SCHEMA`](PostgresStore::DEFAULT_SCHEMA)); created if missing. Several
-    /// independent key sets can share a database by using different schemas.
-    pub fn schema(mut self, schema: &str) -> Result<Self, InvalidIdentifier> {
-        check_identifier(schema, "schema")?;
-        self.schema = schema.to_owned();
-        Ok(self)
-    }
-
-    /// Most connections the pool opens (default 10). Ignored by [`from_pool`](Self::from_pool).
-    pub fn max_connections(mut self, max: u32) -> Self {
-        self.max_connections = max.max(1);
-        self
-    }
-
-    /// How long an operation waits for a connection before failing with
-    /// [`StoreErrorKind::Unavailable`] (default 5 s); a refused connection is retried until then.
-    /// Ignored by [`from_pool`](Self::from_pool).
-    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
-        self.acquire_timeout = timeout;
-        self
-    }
-
-    fn pool_options(&self) -> PgPoolOptions {
-        PgPoolOptions::new()
-            .max_connections(self.max_connections)
-            .acquire_timeout(self.acquire_timeout)
-    }
-
-    fn options(url: &str) -> Result<PgConnectOptions, StoreError> {
-        url.parse::<PgConnectOptions>().map_err(map_sqlx_error)
-    }
-
-    /// Connects to `url` and runs the migrations; fails if the database cannot be reached.
-    pub async fn connect(self, url: &str) -> Result<PostgresStore, StoreError> {
-        self.connect_with(Self::options(url)?).await
-    }
-
-    /// Like [`connect`](Self::connect), with parsed connection options.
-    pub async fn connect_with(
-        self,
-        options: PgConnectOptions,
-    ) -> Result<PostgresStore, StoreError> {
-        let store = self.connect_lazy_with(options);
-        store.migrate().await?;
-        Ok(store)
-    }
-
-    /// A store that connects on first use (no I/O here); the migrations run before the first
-    /// operation. Until the database can be reached, every operation fails with
-    /// [`StoreErrorKind::Unavailable`]: a service can start while its database is down.
-    pub fn connect_lazy(self, url: &str) -> Result<PostgresStore, StoreError> {
-        Ok(self.connect_lazy_with(Self::options(url)?))
-    }
-
-    /// Like [`connect_lazy`](Self::connect_lazy), with parsed connection options.
-    pub fn connect_lazy_with(self, options: PgConnectOptions) -> PostgresStore {
-        let pool = self.pool_options().connect_lazy_with(options);
-        PostgresStore::new(pool, &self.schema)
-    }
-
-    /// Uses an existing pool and runs the migrations.
-    pub async fn from_pool(self, pool: PgPool) -> Result<PostgresStore, StoreError> {
-        let store = PostgresStore::new(pool, &self.schema);
-        store.migrate().await?;
-        Ok(store)
-    }
-}
+/// How many times a chain spend or refund runs again after PostgreSQL chose it as a deadlock
+/// victim (its row locks crossed a cascade's) or failed it for serialization.
+const CHAIN_ATTEMPTS: u32 = 3;
 
 /// A [`KeyStore`] in PostgreSQL: persistent and shared by every instance of a service.
 ///
@@ -436,6 +56,9 @@ impl PostgresStoreBuilder {
 ///   `TEXT[]` in the set's sorted order; timestamps are `TIMESTAMPTZ`. No plaintext secret is stored.
 /// - `api_key_digests`: every digest currently identifying a key (current and grace-period previous),
 ///   primary-keyed on the digest, so that a digest identifies at most one key across both columns.
+/// - `api_key_pools`: the shared pools ([`KeyStore::set_pool`]), keyed by owner, `kind` (`owner`
+///   or `account`) and account (empty for an owner's pool), with the usage-limit columns of
+///   `api_keys`. A key's `allowed_networks` is a nullable `TEXT` of CIDR blocks separated by spaces.
 /// - `api_key_migrations`: the applied schema versions.
 ///
 /// # Guarantees
@@ -443,6 +66,9 @@ impl PostgresStoreBuilder {
 ///   instances starting together apply them once; they are idempotent.
 /// - [`KeyStore::insert`] takes a transaction-level advisory lock per owner (and per account) before
 ///   counting active keys, so concurrent inserts from any number of instances never overshoot a limit.
+/// - [`KeyStore::spend_credits`] locks every level's row (keys by id, then pools) in that one order
+///   in one transaction, so concurrent chains never deadlock on each other and never overspend;
+///   a chain PostgreSQL picks as a deadlock victim against a cascade is run again (it kept nothing).
 /// - Timestamps keep PostgreSQL's microsecond precision: they are floored to the microsecond when
 ///   written and when compared (see [`KeyStore`]'s contract; records read back equal the inserted ones
 ///   when their times are whole microseconds).
@@ -487,7 +113,7 @@ impl PostgresStore {
         PostgresStoreBuilder::default()
     }
 
-    fn new(pool: PgPool, schema: &str) -> Self {
+    pub(super) fn new(pool: PgPool, schema: &str) -> Self {
         Self {
             pool,
             sql: Arc::new(Sql::new(schema)),
@@ -670,6 +296,147 @@ impl PostgresStore {
     }
 }
 
+impl PostgresStore {
+    /// Runs `chain` (a spend or refund of several levels) in its own transaction, again when
+    /// PostgreSQL rolled it back as a deadlock victim or for serialization: nothing of a
+    /// rolled-back attempt was kept, so running it again spends once.
+    async fn chain_transaction<T>(
+        &self,
+        levels: &ChainLevels,
+        rule: impl Fn(&mut [Option<Credits>]) -> T,
+    ) -> Result<T, StoreError> {
+        self.migrate().await?;
+        let mut attempt = 1;
+        loop {
+            match self.chain_attempt(levels, &rule).await {
+                Err(error) if attempt < CHAIN_ATTEMPTS && is_pg_retryable(&error) => {
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// One attempt of [`chain_transaction`](Self::chain_transaction): lock every level's row in
+    /// one order, apply `rule`, write the levels it changed, commit.
+    async fn chain_attempt<T>(
+        &self,
+        levels: &ChainLevels,
+        rule: &impl Fn(&mut [Option<Credits>]) -> T,
+    ) -> Result<T, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
+        let key_ids: Vec<&str> = levels.keys().map(KeyId::as_str).collect();
+        let mut keys = std::collections::HashMap::new();
+        if !key_ids.is_empty() {
+            let rows = query(&self.sql.lock_key_credits)
+                .bind(&key_ids)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(map_sqlx_error)?;
+            for row in &rows {
+                let id: String = row.try_get(0).map_err(map_sqlx_error)?;
+                keys.insert(id, limits_at(row, 1)?.credits);
+            }
+        }
+        let pool_keys: Vec<(&str, &str, &str)> = levels.pools().map(pool_key).collect();
+        let mut pools = std::collections::HashMap::new();
+        if !pool_keys.is_empty() {
+            let rows = query(&self.sql.lock_pool_credits)
+                .bind(pool_keys.iter().map(|k| k.0).collect::<Vec<_>>())
+                .bind(pool_keys.iter().map(|k| k.1).collect::<Vec<_>>())
+                .bind(pool_keys.iter().map(|k| k.2).collect::<Vec<_>>())
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(map_sqlx_error)?;
+            for row in &rows {
+                let key: (String, String, String) = (
+                    row.try_get(0).map_err(map_sqlx_error)?,
+                    row.try_get(1).map_err(map_sqlx_error)?,
+                    row.try_get(2).map_err(map_sqlx_error)?,
+                );
+                pools.insert(key, limits_at(row, 3)?.credits);
+            }
+        }
+        let before: Vec<Option<Credits>> = levels
+            .unique
+            .iter()
+            .map(|level| match level {
+                BudgetId::Key(id) => keys.get(id.as_str()).copied().flatten(),
+                BudgetId::Pool(pool) => {
+                    let (owner, kind, account) = pool_key(pool);
+                    pools
+                        .get(&(owner.to_owned(), kind.to_owned(), account.to_owned()))
+                        .copied()
+                        .flatten()
+                }
+            })
+            .collect();
+        let mut after = before.clone();
+        let outcome = rule(&mut after);
+        let (mut key_writes, mut pool_writes) = (CreditWrites::default(), CreditWrites::default());
+        for ((level, old), new) in levels.unique.iter().zip(&before).zip(&after) {
+            let Some(new) = new.filter(|new| Some(*new) != *old) else {
+                continue;
+            };
+            match level {
+                BudgetId::Key(id) => key_writes.push(id.as_str(), "", "", new),
+                BudgetId::Pool(pool) => {
+                    let (owner, kind, account) = pool_key(pool);
+                    pool_writes.push(owner, kind, account, new);
+                }
+            }
+        }
+        if !key_writes.remaining.is_empty() {
+            query(&self.sql.write_key_credits)
+                .bind(&key_writes.owner)
+                .bind(&key_writes.remaining)
+                .bind(&key_writes.set_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_sqlx_error)?;
+        }
+        if !pool_writes.remaining.is_empty() {
+            query(&self.sql.write_pool_credits)
+                .bind(&pool_writes.owner)
+                .bind(&pool_writes.kind)
+                .bind(&pool_writes.account)
+                .bind(&pool_writes.remaining)
+                .bind(&pool_writes.set_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_sqlx_error)?;
+        }
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(outcome)
+    }
+}
+
+/// The credit columns of the levels one chain changed, as arrays for one `UNNEST` update each
+/// (`owner` holds the key id for keys).
+#[derive(Default)]
+struct CreditWrites<'a> {
+    owner: Vec<&'a str>,
+    kind: Vec<&'a str>,
+    account: Vec<&'a str>,
+    remaining: Vec<i64>,
+    set_at: Vec<OffsetDateTime>,
+}
+
+impl<'a> CreditWrites<'a> {
+    fn push(&mut self, owner: &'a str, kind: &'a str, account: &'a str, credits: Credits) {
+        let columns = LimitColumns::of(&UsageLimits {
+            rate_limit: None,
+            credits: Some(credits),
+        });
+        self.owner.push(owner);
+        self.kind.push(kind);
+        self.account.push(account);
+        self.remaining
+            .push(columns.credits_remaining.unwrap_or_default());
+        self.set_at.push(micros(credits.set_at));
+    }
+}
+
 fn digest_list<'a>(digests: impl Iterator<Item = &'a KeyDigest>) -> Vec<Vec<u8>> {
     digests.map(|d| d.as_bytes().to_vec()).collect()
 }
@@ -819,6 +586,7 @@ impl KeyStore for PostgresStore {
             .bind(limits_columns.credits_refill_interval)
             .bind(limits_columns.credits_refill_amount)
             .bind(limits_columns.credits_set_at)
+            .bind(networks_text(record.allowed_networks.as_ref()))
             .execute(&mut *tx)
             .await
             .map_err(map_sqlx_error)?;
@@ -1121,42 +889,143 @@ impl KeyStore for PostgresStore {
             return Ok(None);
         };
         let before = *credits;
-        let outcome = super::adjust(credits, delta, micros(now));
+        let outcome = crate::store::adjust(credits, delta, micros(now));
         if *credits != before {
             self.write_limits(&mut tx, &record).await?;
         }
         tx.commit().await.map_err(map_sqlx_error)?;
         Ok(Some(outcome))
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn identifiers_are_checked() {
-        for good in ["a", "tower_api_keys", "_x1", "T$1", &"a".repeat(63)] {
-            assert!(check_identifier(good, "schema").is_ok(), "{good}");
-        }
-        for bad in ["", "1a", "$a", "a-b", "a\"b", "a b", "é", &"a".repeat(64)] {
-            assert!(check_identifier(bad, "schema").is_err(), "{bad}");
-        }
+    async fn ancestors(&self, id: &KeyId) -> Result<Vec<KeyRecord>, StoreError> {
+        self.migrate().await?;
+        let rows = query(&self.sql.ancestors)
+            .bind(id.as_str())
+            .bind(MAX_DELEGATION_DEPTH as i32)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_sqlx_error)?;
+        rows.iter().map(decode).collect()
     }
 
-    #[test]
-    fn lock_keys_are_stable_and_unambiguous() {
-        assert_eq!(
-            lock_key(&["owner", "s", "o"]),
-            lock_key(&["owner", "s", "o"])
-        );
-        assert_ne!(
-            lock_key(&["owner", "s", "ab"]),
-            lock_key(&["owner", "sa", "b"])
-        );
-        assert_ne!(
-            lock_key(&["owner", "s", "x"]),
-            lock_key(&["account", "s", "x"])
-        );
+    async fn descendants(&self, id: &KeyId) -> Result<Vec<KeyRecord>, StoreError> {
+        self.migrate().await?;
+        let rows = query(&self.sql.descendants)
+            .bind(id.as_str())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_sqlx_error)?;
+        rows.iter().map(decode).collect()
+    }
+
+    async fn budget_above(&self, record: &KeyRecord) -> Result<Vec<BudgetLevel>, StoreError> {
+        self.migrate().await?;
+        let rows = query(&self.sql.budget_above)
+            .bind(record.created_by.as_ref().map(KeyId::as_str))
+            .bind(MAX_DELEGATION_DEPTH as i32)
+            .bind(record.owner.as_str())
+            .bind(record.account.as_str())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_sqlx_error)?;
+        let owner: Arc<str> = record.owner.as_str().into();
+        let mut levels = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let kind: String = row.try_get(0).map_err(map_sqlx_error)?;
+            let name: String = row.try_get(1).map_err(map_sqlx_error)?;
+            let id = match kind.as_str() {
+                "key" => BudgetId::Key(KeyId::new(name)),
+                "account" => BudgetId::Pool(PoolId::account(owner.clone(), name)),
+                _ => BudgetId::Pool(PoolId::owner(owner.clone())),
+            };
+            let limits = limits_at(row, 3)?;
+            if !limits.is_unlimited() {
+                levels.push(BudgetLevel { id, limits });
+            }
+        }
+        Ok(levels)
+    }
+
+    async fn pool(&self, pool: &PoolId) -> Result<Option<UsageLimits>, StoreError> {
+        self.migrate().await?;
+        let (owner, kind, account) = pool_key(pool);
+        let row = query(&self.sql.pool)
+            .bind(owner)
+            .bind(kind)
+            .bind(account)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_sqlx_error)?;
+        row.map(|row| limits_at(&row, 0)).transpose()
+    }
+
+    async fn set_pool(
+        &self,
+        pool: &PoolId,
+        limits: Option<UsageLimits>,
+        if_absent: bool,
+    ) -> Result<bool, StoreError> {
+        self.migrate().await?;
+        let (owner, kind, account) = pool_key(pool);
+        let Some(limits) = limits else {
+            if if_absent {
+                // Removing only what is absent removes nothing.
+                return Ok(false);
+            }
+            let done = query(&self.sql.pool_delete)
+                .bind(owner)
+                .bind(kind)
+                .bind(account)
+                .execute(&self.pool)
+                .await
+                .map_err(map_sqlx_error)?;
+            return Ok(done.rows_affected() == 1);
+        };
+        let columns = LimitColumns::of(&limits);
+        // Insert-if-absent on the primary key: racing instances wait for the first insert and
+        // then do nothing.
+        let sql = if if_absent {
+            &self.sql.pool_insert
+        } else {
+            &self.sql.pool_upsert
+        };
+        let done = query(sql)
+            .bind(owner)
+            .bind(kind)
+            .bind(account)
+            .bind(columns.rate_limit)
+            .bind(columns.rate_period_seconds)
+            .bind(columns.credits_remaining)
+            .bind(columns.credits_refill_interval)
+            .bind(columns.credits_refill_amount)
+            .bind(columns.credits_set_at)
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx_error)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn spend_credits(
+        &self,
+        levels: &[BudgetId],
+        cost: u64,
+        now: OffsetDateTime,
+    ) -> Result<ChainSpend, StoreError> {
+        let levels = ChainLevels::new(levels);
+        let now = micros(now);
+        self.chain_transaction(&levels, |credits| levels.spend(credits, cost, now))
+            .await
+    }
+
+    async fn refund_credits(
+        &self,
+        levels: &[BudgetId],
+        cost: u64,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let levels = ChainLevels::new(levels);
+        let now = micros(now);
+        self.chain_transaction(&levels, |credits| levels.refund(credits, cost, now))
+            .await
     }
 }
