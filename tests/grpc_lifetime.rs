@@ -155,3 +155,120 @@ fn tokio_stream_from<T: Send + 'static>(
 ) -> impl futures_util::Stream<Item = T> + Send + 'static {
     futures_util::stream::poll_fn(move |cx| receiver.poll_recv(cx))
 }
+
+/// Regression tests for the shapes that held in the review of #26, over a real HTTP/2 connection
+/// (tonic's `Channel`, which sends any path and metadata as given).
+mod held {
+    use super::*;
+    use tower::{Service, ServiceExt};
+
+    /// Sends an empty gRPC call to `path` with `metadata`; the `grpc-status` and `grpc-message`.
+    async fn call(addr: SocketAddr, path: &str, metadata: &[(&str, &str)]) -> (String, String) {
+        let mut channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut request = http::Request::post(format!("http://{addr}{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers");
+        for (name, value) in metadata {
+            request = request.header(*name, *value);
+        }
+        // One empty message (flag 0, length 0), so that a reachable method could answer.
+        let body = tonic::body::Body::new(http_body_util::Full::new(bytes::Bytes::from_static(&[
+            0, 0, 0, 0, 0,
+        ])));
+        let response = channel
+            .ready()
+            .await
+            .unwrap()
+            .call(request.body(body).unwrap())
+            .await
+            .unwrap();
+        let header = |headers: &http::HeaderMap, name: &str| {
+            headers.get(name).map(|v| v.to_str().unwrap().to_owned())
+        };
+        if let (Some(status), message) = (
+            header(response.headers(), "grpc-status"),
+            header(response.headers(), "grpc-message"),
+        ) {
+            return (status, message.unwrap_or_default());
+        }
+        let trailers = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap()
+            .trailers()
+            .cloned()
+            .unwrap_or_default();
+        (
+            header(&trailers, "grpc-status").unwrap_or_default(),
+            header(&trailers, "grpc-message").unwrap_or_default(),
+        )
+    }
+
+    #[tokio::test]
+    async fn method_path_variants_fall_back_to_default_deny() {
+        let resolver = CachedResolver::new(MemoryStore::new());
+        let (key, _) = issue_key(&resolver, "acme", "ledgers:read").await.unwrap();
+        let service = LedgerService::default();
+        let addr = start(resolver, service.clone()).await;
+        let metadata = [("x-api-key", key.expose_secret())];
+        // The read key reaches GetLedger (NOT_FOUND: no such ledger) ...
+        let (status, _) = call(addr, "/ledger.v1.Ledgers/GetLedger", &metadata).await;
+        assert_eq!(status, "5");
+        // ... and no spelling of CreateLedger (which needs `ledgers:write`) gets past the guard.
+        for path in [
+            "/ledger.v1.Ledgers/CreateLedger",
+            "/ledger.v1.Ledgers/createledger",
+            "/ledger.v1.Ledgers/CREATELEDGER",
+            "/ledger.v1.ledgers/CreateLedger",
+            "//ledger.v1.Ledgers/CreateLedger",
+            "/ledger.v1.Ledgers//CreateLedger",
+            "/ledger.v1.Ledgers/CreateLedger/",
+            "/ledger.v1.Ledgers/CreateLedger/extra",
+            "/ledger.v1.Ledgers/%43reateLedger",
+            "/ledger.v1.Ledgers%2FCreateLedger",
+            "/ledger.v1.Ledgers/./CreateLedger",
+            "/x/../ledger.v1.Ledgers/CreateLedger",
+            "/ledger.v1.Ledgers/CreateLedger?scope=ledgers:write",
+            "/ledger.v1.Ledgers/ImportLedgers",
+        ] {
+            let (status, message) = call(addr, path, &metadata).await;
+            assert_eq!(status, "7", "{path}: {message}");
+            assert!(
+                message.starts_with("AUTH_INSUFFICIENT_PERMISSIONS"),
+                "{path}: {message}"
+            );
+        }
+        assert_eq!(service.len(), 0, "nothing created");
+    }
+
+    #[tokio::test]
+    async fn two_different_keys_and_binary_metadata_are_refused_with_stable_messages() {
+        let resolver = CachedResolver::new(MemoryStore::new());
+        let (key, _) = issue_key(&resolver, "acme", "ledgers:read").await.unwrap();
+        let (other, _) = issue_key(&resolver, "acme", "ledgers:read").await.unwrap();
+        let addr = start(resolver, LedgerService::default()).await;
+        let path = "/ledger.v1.Ledgers/GetLedger";
+        let bearer = format!("Bearer {}", other.expose_secret());
+        // Two different keys: ambiguous, refused (never "the first one wins").
+        let (status, message) = call(
+            addr,
+            path,
+            &[
+                ("x-api-key", key.expose_secret()),
+                ("authorization", &bearer),
+            ],
+        )
+        .await;
+        assert_eq!(status, "16", "{message}");
+        assert!(message.starts_with("AUTH_INVALID_API_KEY"), "{message}");
+        // A key in binary metadata is not a key source (whatever its encoding: here the plain
+        // text, which a careless decoder would take as is).
+        let (status, message) = call(addr, path, &[("x-api-key-bin", key.expose_secret())]).await;
+        assert_eq!(status, "16", "{message}");
+        assert!(message.starts_with("AUTH_MISSING_API_KEY"), "{message}");
+        assert!(!message.contains(key.expose_secret()), "never the key");
+    }
+}
