@@ -188,11 +188,15 @@ impl Registry {
         key_id: &KeyId,
         expires_at: i64,
     ) -> Arc<Life> {
+        // A `Life` dropped here could be the last handle: its `Drop` takes the lock, so it is
+        // dropped after the lock is released.
+        let mut replaced = None;
         let life = {
             let mut lives = self.lives.lock().unwrap_or_else(|p| p.into_inner());
             match lives.get(digest).and_then(Weak::upgrade) {
                 Some(life) if life.ended().is_none() && life.key_id == *key_id => life,
-                _ => {
+                other => {
+                    replaced = other;
                     let life = Arc::new(Life {
                         state: AtomicU8::new(LIVE),
                         notify: Notify::new(),
@@ -207,6 +211,7 @@ impl Registry {
                 }
             }
         };
+        drop(replaced);
         life.expire_at(expires_at);
         life
     }
@@ -228,12 +233,9 @@ impl Registry {
 
     /// Ends the registered `Life` of `digest`, if any.
     pub(crate) fn end(&self, digest: &KeyDigest, reason: ExpiredReason) {
-        let life = self
-            .lives
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(digest)
-            .and_then(Weak::upgrade);
+        let lives = self.lives.lock().unwrap_or_else(|p| p.into_inner());
+        let life = lives.get(digest).and_then(Weak::upgrade);
+        drop(lives);
         if let Some(life) = life {
             life.end(reason);
         }
@@ -241,11 +243,16 @@ impl Registry {
 
     /// The registered lives that are still live and match `filter`.
     pub(crate) fn live(&self, filter: impl Fn(&Life) -> bool) -> Vec<Arc<Life>> {
-        self.lives
+        // Upgraded under the lock, filtered (and the others dropped) after it: a dropped `Life`
+        // takes the lock.
+        let all: Vec<Arc<Life>> = self
+            .lives
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .filter_map(Weak::upgrade)
+            .collect();
+        all.into_iter()
             .filter(|life| life.ended().is_none() && filter(life))
             .collect()
     }

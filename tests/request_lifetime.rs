@@ -26,6 +26,7 @@ use tower_api_keys::key::ApiKey;
 use tower_api_keys::layer::ApiKeyLayer;
 use tower_api_keys::manage::{CreateKey, CreatedKey, KeyManager};
 use tower_api_keys::principal::Principal;
+use tower_api_keys::provenance::Provenance;
 use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::store::MemoryStore;
 
@@ -44,8 +45,20 @@ struct Seen {
 
 fn app(resolver: CachedResolver, seen: Seen) -> Router {
     let writes = seen.writes.clone();
+    let stamped_writes = seen.writes.clone();
     let stopped = seen.stopped.clone();
     Router::new()
+        .route(
+            "/stamped",
+            post(move |body: Bytes| {
+                let writes = stamped_writes.clone();
+                async move {
+                    writes.lock().unwrap().push(body);
+                    http::StatusCode::CREATED
+                }
+            })
+            .route_layer(Provenance::new()),
+        )
         .route(
             "/ledgers",
             post(move |body: Bytes| {
@@ -118,10 +131,14 @@ struct HeldPost {
 
 impl HeldPost {
     async fn start(addr: std::net::SocketAddr, key: &ApiKey, seen: &Seen) -> Self {
+        Self::start_at(addr, "/ledgers", key, seen).await
+    }
+
+    async fn start_at(addr: std::net::SocketAddr, path: &str, key: &ApiKey, seen: &Seen) -> Self {
         let before = seen.admitted.load(Ordering::SeqCst);
         let mut stream = TcpStream::connect(addr).await.unwrap();
         let head = format!(
-            "POST /ledgers HTTP/1.1\r\nhost: 127.0.0.1\r\nx-api-key: {}\r\n\
+            "POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nx-api-key: {}\r\n\
              content-type: application/json\r\ncontent-length: {}\r\n\r\n",
             key.expose_secret(),
             BODY.len()
@@ -228,6 +245,37 @@ async fn a_body_sent_after_a_revocation_writes_nothing_and_gets_401() {
     assert_refused_as_ended(status, &text, "revoked", &created.key);
     assert_eq!(seen.writes.lock().unwrap().len(), 1, "nothing written");
     assert_eq!(resolver.requests_ended(&created.info.id), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_to_stamp_sent_after_a_revocation_is_neither_stamped_nor_written() {
+    let store = Arc::new(MemoryStore::new());
+    let resolver = CachedResolver::new(store.clone());
+    let manager = KeyManager::new(store, resolver.clone());
+    let seen = Seen::default();
+    let addr = serve(app(resolver.clone(), seen.clone())).await;
+    let created = create(&manager, &Principal::master(), &["ledgers:write"]).await;
+
+    let (status, text) = HeldPost::start_at(addr, "/stamped", &created.key, &seen)
+        .await
+        .finish()
+        .await;
+    assert_eq!(status, 201, "{text}");
+    let stamped = seen.writes.lock().unwrap()[0].clone();
+    assert!(String::from_utf8_lossy(&stamped).contains(created.info.id.as_str()));
+
+    let held = HeldPost::start_at(addr, "/stamped", &created.key, &seen).await;
+    manager
+        .revoke(&Principal::master(), &created.info.id)
+        .await
+        .unwrap();
+    let (status, text) = held.finish().await;
+    assert_refused_as_ended(status, &text, "revoked", &created.key);
+    assert_eq!(
+        seen.writes.lock().unwrap().len(),
+        1,
+        "nothing stamped nor written"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -55,6 +55,13 @@
 //!    lookup on a miss, 503 `AUTH_UNAVAILABLE` if the store fails or times out);
 //! 5. checks revocation and expiry, then inserts the [`Principal`] into the request extensions and
 //!    calls the inner service inside a `api_key` tracing span carrying the key id (never the key).
+//! 6. watches what comes after the head: a request lives no longer than its key. The inner service
+//!    gets the body in a [`LiveBody`] and the layer answers with one: a frame after the key ended
+//!    (revoked, deleted, expired, past a rotation's grace, under a revoked ancestor) fails the
+//!    request body (the answer is then 401 `AUTH_EXPIRED_API_KEY`, whatever the handler made of
+//!    it) or ends a streaming response. One atomic load per frame; nothing for a request without a
+//!    body beyond a clone of the principal's `Arc`. See [`LiveBody`] for what clients see and
+//!    [`Principal::is_live`] / [`Principal::ended`] for handlers that run long.
 //!
 //! Refusals are rendered by a [`RenderRejection`] ([`JsonRejection`] by default,
 //! [`GrpcRejection`](crate::error::GrpcRejection) for tonic) and carry the [`AuthError`] in their extensions.
