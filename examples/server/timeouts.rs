@@ -43,7 +43,8 @@ impl Timeouts {
 }
 
 /// Serves `router` over HTTP/1.1 on `listener` with the head timeout (which `axum::serve` cannot
-/// set), until `shutdown` resolves; connections then finish their requests.
+/// set) and each request's peer address (`ConnectInfo<SocketAddr>`), until `shutdown` resolves;
+/// connections then finish their requests.
 pub(crate) async fn serve(
     listener: TcpListener,
     router: Router,
@@ -54,11 +55,20 @@ pub(crate) async fn serve(
     let mut shutdown = std::pin::pin!(shutdown);
     let mut connections = tokio::task::JoinSet::new();
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => accepted?,
             () = &mut shutdown => break,
         };
-        let service = TowerToHyperService::new(router.clone());
+        // The peer address, as `into_make_service_with_connect_info` would give it.
+        let service = TowerToHyperService::new(tower::ServiceExt::map_request(
+            router.clone(),
+            move |mut request: http::Request<hyper::body::Incoming>| {
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                request
+            },
+        ));
         let mut closed = closed.clone();
         connections.spawn(async move {
             let connection = hyper::server::conn::http1::Builder::new()

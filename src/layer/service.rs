@@ -253,6 +253,14 @@ where
                 return ResponseFuture::rejected(refuse(&self.rejection, error));
             }
             Verdict::Admit(principal) => {
+                if let Some(principal) = &principal
+                    && let Err(error) =
+                        config
+                            .client
+                            .admit(principal, req.headers(), req.extensions())
+                {
+                    return ResponseFuture::rejected(refuse(&self.rejection, error));
+                }
                 source::hide(&config.sources, held, req.headers_mut());
                 return forward(&mut self.inner, req, principal, &self.rejection);
             }
@@ -271,7 +279,13 @@ where
                     entry.authenticate(now).map(|key| config.admit(key, now))
                 }
                 Err(error) => Err(AuthError::Unavailable(error)),
-            };
+            }
+            .and_then(|principal| {
+                config
+                    .client
+                    .admit(&principal, req.headers(), req.extensions())
+                    .map(|()| principal)
+            });
             match admitted {
                 Ok(principal) => forward(&mut inner, req, Some(principal), &rejection).await,
                 Err(error) => Ok(refuse(&rejection, error).map(LiveBody::plain)),
