@@ -20,7 +20,7 @@
 //! use http::{Request, Response, StatusCode};
 //! use tower::{ServiceBuilder, ServiceExt};
 //! use tower_api_keys::error::{AuthError, ErrorCode};
-//! use tower_api_keys::layer::ApiKeyLayer;
+//! use tower_api_keys::layer::{ApiKeyLayer, LiveBody};
 //! use tower_api_keys::resolver::CachedResolver;
 //! use tower_api_keys::store::MemoryStore;
 //!
@@ -35,11 +35,11 @@
 //! });
 //! let service = ServiceBuilder::new()
 //!     .layer(layer)
-//!     .service_fn(|_: Request<()>| async { Ok::<_, Infallible>(Response::new(String::from("hi"))) });
+//!     .service_fn(|_: Request<LiveBody<String>>| async { Ok::<_, Infallible>(Response::new(String::from("hi"))) });
 //!
-//! let response = service.oneshot(Request::get("/").body(())?).await?;
+//! let response = service.oneshot(Request::get("/").body(String::new())?).await?;
 //! assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
-//! assert_eq!(response.body(), "denied: AUTH_MISSING_API_KEY");
+//! assert_eq!(response.body().get_ref(), "denied: AUTH_MISSING_API_KEY");
 //! // The typed error rides along, and the 401 got its challenge.
 //! let error = response.extensions().get::<AuthError>().unwrap();
 //! assert_eq!(error.code(), ErrorCode::MissingApiKey);

@@ -9,6 +9,7 @@ pub mod guard;
 pub mod invalidate;
 pub mod key;
 pub mod layer;
+mod life;
 pub mod manage;
 pub mod metrics;
 pub mod network;

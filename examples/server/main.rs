@@ -53,8 +53,8 @@ mod openapi;
 #[cfg(feature = "metrics")]
 mod prometheus;
 mod records;
+mod timeouts;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -76,6 +76,7 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 pub(crate) use config::Config;
 use config::Database;
 use records::{Records, Resource};
+use timeouts::Timeouts;
 
 /// The demo's resources: (record kind, path and scope resource).
 const RESOURCES: [(&str, &str); 3] = [
@@ -156,7 +157,7 @@ fn app(layer: ApiKeyLayer, manager: KeyManager, records: Records, limiter: RateL
         );
     #[cfg(feature = "metrics")]
     let router = router.route("/metrics", get(prometheus::render));
-    router.layer(
+    Timeouts::DEFAULT.apply(router).layer(
         TraceLayer::new_for_http()
             .make_span_with(request_span)
             .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
@@ -307,13 +308,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let listener = tokio::net::TcpListener::bind(&bind).await?;
     tracing::info!("listening on http://{}", listener.local_addr()?);
-    // With connect info: `ApiKeyLayer` judges `allowed_networks` by the peer address.
-    axum::serve(
+    // With the peer address in each request (axum's `ConnectInfo`): `ApiKeyLayer` judges
+    // `allowed_networks` by it.
+    timeouts::serve(
         listener,
-        demo.router
-            .into_make_service_with_connect_info::<SocketAddr>(),
+        demo.router,
+        Timeouts::DEFAULT,
+        config::shutdown_signal(),
     )
-    .with_graceful_shutdown(config::shutdown_signal())
     .await?;
     let flushed = demo.usage.flush().await?;
     tracing::info!(keys = flushed, "usage flushed; bye");

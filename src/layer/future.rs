@@ -2,45 +2,97 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
 use futures_util::future::BoxFuture;
-use http::Response;
+use http::{Response, header};
 use pin_project_lite::pin_project;
+
+use super::body::{Guard, LiveBody};
+use crate::error::{AuthError, ExpiredReason, RenderRejection, reject};
+use crate::principal::Principal;
 
 pin_project! {
     /// Response future of [`ApiKeyService`](super::ApiKeyService).
     ///
     /// A cached key or a refusal needs no allocation; only a cache miss boxes the store lookup.
-    pub struct ResponseFuture<F, B, E> {
+    pub struct ResponseFuture<F, B, E, R> {
         #[pin]
-        kind: Kind<F, B, E>,
+        kind: Kind<F, B, E, R>,
     }
 }
 
 pin_project! {
     #[project = KindProj]
-    enum Kind<F, B, E> {
-        Inner { #[pin] future: F, span: tracing::Span },
-        Plain { #[pin] future: F },
-        Lookup { future: BoxFuture<'static, Result<Response<B>, E>> },
+    enum Kind<F, B, E, R> {
+        Inner { #[pin] future: F, span: tracing::Span, watch: Option<Watch<R>> },
+        Plain { #[pin] future: F, watch: Option<Watch<R>> },
+        Lookup { future: BoxFuture<'static, Result<Response<LiveBody<B>>, E>> },
         Rejected { response: Option<Response<B>> },
     }
 }
 
-impl<F, B, E> ResponseFuture<F, B, E> {
+/// What the response of a request admitted with a key that can end needs: the principal (its
+/// key's life) and, for a request with a body, the flag its body sets when the key's end refused
+/// a frame, with the renderer of the refusal that then replaces the inner service's answer.
+pub(crate) struct Watch<R> {
+    pub(crate) principal: Principal,
+    pub(crate) cut: Option<(Arc<AtomicBool>, R)>,
+}
+
+impl<R> Watch<R> {
+    /// The response to send for the inner service's `response`.
+    fn finish<B>(self, response: Response<B>) -> Response<LiveBody<B>>
+    where
+        R: RenderRejection<B>,
+    {
+        let mut shared = None;
+        if let Some((cut, rejection)) = self.cut {
+            if cut.load(Ordering::Acquire) {
+                // The request body was refused: the key's refusal, whatever the handler made of it.
+                let reason = self
+                    .principal
+                    .life()
+                    .and_then(|life| life.ended())
+                    .unwrap_or(ExpiredReason::Revoked);
+                let error = AuthError::ExpiredKey(reason);
+                crate::metrics::rejected(&error);
+                return reject(&rejection, error).map(LiveBody::plain);
+            }
+            shared = Some(cut);
+        }
+        // A refusal (e.g. a handler that stopped on `Principal::ended`) is delivered whole.
+        if response.extensions().get::<AuthError>().is_some() {
+            return response.map(LiveBody::plain);
+        }
+        let grpc = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"));
+        let guard = Guard::new(self.principal, shared, grpc);
+        response.map(|body| LiveBody::guarded(body, guard))
+    }
+}
+
+impl<F, B, E, R> ResponseFuture<F, B, E, R> {
     /// The inner service's future, polled inside `span` (none when it is disabled).
-    pub(crate) fn inner(future: F, span: tracing::Span) -> Self {
+    pub(crate) fn inner(future: F, span: tracing::Span, watch: Option<Watch<R>>) -> Self {
         Self {
             kind: if span.is_none() {
-                Kind::Plain { future }
+                Kind::Plain { future, watch }
             } else {
-                Kind::Inner { future, span }
+                Kind::Inner {
+                    future,
+                    span,
+                    watch,
+                }
             },
         }
     }
 
-    pub(crate) fn lookup(future: BoxFuture<'static, Result<Response<B>, E>>) -> Self {
+    pub(crate) fn lookup(future: BoxFuture<'static, Result<Response<LiveBody<B>>, E>>) -> Self {
         Self {
             kind: Kind::Lookup { future },
         }
@@ -55,23 +107,41 @@ impl<F, B, E> ResponseFuture<F, B, E> {
     }
 }
 
-impl<F, B, E> Future for ResponseFuture<F, B, E>
+fn finish<B, E, R: RenderRejection<B>>(
+    result: Result<Response<B>, E>,
+    watch: &mut Option<Watch<R>>,
+) -> Result<Response<LiveBody<B>>, E> {
+    result.map(|response| match watch.take() {
+        Some(watch) => watch.finish(response),
+        None => response.map(LiveBody::plain),
+    })
+}
+
+impl<F, B, E, R> Future for ResponseFuture<F, B, E, R>
 where
     F: Future<Output = Result<Response<B>, E>>,
+    R: RenderRejection<B>,
 {
-    type Output = Result<Response<B>, E>;
+    type Output = Result<Response<LiveBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Inner { future, span } => {
+            KindProj::Inner {
+                future,
+                span,
+                watch,
+            } => {
                 let _entered = span.enter();
-                future.poll(cx)
+                Poll::Ready(finish(ready!(future.poll(cx)), watch))
             }
-            KindProj::Plain { future } => future.poll(cx),
+            KindProj::Plain { future, watch } => {
+                Poll::Ready(finish(ready!(future.poll(cx)), watch))
+            }
             KindProj::Lookup { future } => Poll::Ready(ready!(future.as_mut().poll(cx))),
             KindProj::Rejected { response } => Poll::Ready(Ok(response
                 .take()
-                .expect("ResponseFuture polled after completion"))),
+                .expect("ResponseFuture polled after completion")
+                .map(LiveBody::plain))),
         }
     }
 }

@@ -710,13 +710,21 @@ impl KeyManager {
         records: impl Iterator<Item = &'a KeyRecord>,
     ) {
         let digests: Vec<KeyDigest> = records.flat_map(KeyRecord::digests).copied().collect();
-        for chunk in digests.chunks(DIGESTS_PER_INVALIDATION) {
-            let invalidation = Invalidation {
+        let invalidations: Vec<Invalidation> = digests
+            .chunks(DIGESTS_PER_INVALIDATION)
+            .map(|chunk| Invalidation {
                 key_id: key_id.clone(),
                 digests: chunk.to_vec(),
-            };
-            invalidation.apply(&self.resolver);
-            if let Err(error) = self.invalidator.publish(&invalidation).await {
+            })
+            .collect();
+        for invalidation in &invalidations {
+            invalidation.forget(&self.resolver);
+        }
+        // Requests in flight under the changed keys end here before the change is broadcast and
+        // the call returns (I4).
+        self.resolver.settle(&digests).await;
+        for invalidation in &invalidations {
+            if let Err(error) = self.invalidator.publish(invalidation).await {
                 tracing::warn!(%error, api_key_id = %key_id, "broadcasting an API key change failed; other instances will catch up when their cache entries expire");
             }
         }
