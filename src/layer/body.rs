@@ -49,6 +49,12 @@ pin_project! {
     }
 }
 
+/// Marks a response whose body is whole and owed to the client even if the key ends while it is
+/// sent: the answer to the very operation that ended the key (a key revoking or rotating itself
+/// must receive the 204, or its new secret). The management router puts it on its responses.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Whole;
+
 /// What a watched body looks at.
 pub(crate) struct Guard {
     principal: Principal,

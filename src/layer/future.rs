@@ -63,8 +63,11 @@ impl<R> Watch<R> {
             }
             shared = Some(cut);
         }
-        // A refusal (e.g. a handler that stopped on `Principal::ended`) is delivered whole.
-        if response.extensions().get::<AuthError>().is_some() {
+        // A refusal (e.g. a handler that stopped on `Principal::ended`) is delivered whole, as is
+        // the answer to an operation that ended the key itself (`Whole`).
+        if response.extensions().get::<AuthError>().is_some()
+            || response.extensions().get::<super::body::Whole>().is_some()
+        {
             return response.map(LiveBody::plain);
         }
         let grpc = response

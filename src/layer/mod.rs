@@ -141,6 +141,7 @@ mod source;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+pub(crate) use body::Whole;
 pub use body::{BoxError, LiveBody};
 pub use service::ApiKeyService;
 pub use source::KeySource;
