@@ -9,6 +9,8 @@ pub mod guard;
 pub mod invalidate;
 pub mod key;
 pub mod layer;
+#[cfg(feature = "leaks")]
+pub mod leaks;
 pub mod manage;
 pub mod metrics;
 pub mod network;

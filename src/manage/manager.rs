@@ -7,7 +7,9 @@ use time::OffsetDateTime;
 
 use super::authorize::{KeyFacts, Operation, OperationKind, Target, authorize};
 use super::policy::KeyPolicy;
-use super::types::{CreateKey, CreatedKey, KeyInfo, KeyPage, RotateOptions, UpdateKey};
+use super::types::{
+    CreateKey, CreatedKey, KeyInfo, KeyPage, RevokeReason, RotateOptions, UpdateKey,
+};
 use super::validate::{
     MAX_GRACE_PERIOD, MAX_PAGE_SIZE, default_name, validate_credits, validate_cursor, validate_id,
     validate_name, validate_rate_limit, validate_scopes,
@@ -398,6 +400,19 @@ impl KeyManager {
         id: &KeyId,
         owner: Option<&str>,
     ) -> Result<KeyInfo, AuthError> {
+        self.revoke_because(caller, id, owner, RevokeReason::Requested)
+            .await
+    }
+
+    /// [`revoke_in`](Self::revoke_in), saying why (a leak report, an idle key): the same rule, the
+    /// same cascade and broadcast; the reason goes to the log.
+    pub async fn revoke_because(
+        &self,
+        caller: &Principal,
+        id: &KeyId,
+        owner: Option<&str>,
+        reason: RevokeReason,
+    ) -> Result<KeyInfo, AuthError> {
         self.target(caller, Operation::Revoke, id, owner).await?;
         let change = self
             .store
@@ -408,7 +423,7 @@ impl KeyManager {
             tracing::debug!(api_key_id = %id, "API key already revoked");
         } else {
             self.invalidate(&change).await;
-            tracing::info!(api_key_id = %id, descendants = change.revoked_descendants.len(), "API key revoked");
+            tracing::info!(api_key_id = %id, descendants = change.revoked_descendants.len(), reason = reason.as_str(), "API key revoked");
         }
         Ok(change.after.unwrap_or(change.before).into())
     }
