@@ -15,6 +15,8 @@ pin_project! {
     pub struct ResponseFuture<F, B, E> {
         #[pin]
         kind: Kind<F, B, E>,
+        // The `Sunset` header to add to the inner service's response (`layer::sunset`).
+        sunset: Option<http::HeaderValue>,
     }
 }
 
@@ -37,12 +39,14 @@ impl<F, B, E> ResponseFuture<F, B, E> {
             } else {
                 Kind::Inner { future, span }
             },
+            sunset: None,
         }
     }
 
     pub(crate) fn lookup(future: BoxFuture<'static, Result<Response<B>, E>>) -> Self {
         Self {
             kind: Kind::Lookup { future },
+            sunset: None,
         }
     }
 
@@ -51,7 +55,14 @@ impl<F, B, E> ResponseFuture<F, B, E> {
             kind: Kind::Rejected {
                 response: Some(response),
             },
+            sunset: None,
         }
+    }
+
+    /// Adds `sunset` (if any) to the inner service's response, unless it set one itself.
+    pub(crate) fn sunset(mut self, sunset: Option<http::HeaderValue>) -> Self {
+        self.sunset = sunset;
+        self
     }
 }
 
@@ -62,12 +73,17 @@ where
     type Output = Result<Response<B>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
+        let this = self.project();
+        match this.kind.project() {
             KindProj::Inner { future, span } => {
                 let _entered = span.enter();
-                future.poll(cx)
+                let result = ready!(future.poll(cx));
+                Poll::Ready(super::sunset::add(this.sunset, result))
             }
-            KindProj::Plain { future } => future.poll(cx),
+            KindProj::Plain { future } => {
+                let result = ready!(future.poll(cx));
+                Poll::Ready(super::sunset::add(this.sunset, result))
+            }
             KindProj::Lookup { future } => Poll::Ready(ready!(future.as_mut().poll(cx))),
             KindProj::Rejected { response } => Poll::Ready(Ok(response
                 .take()

@@ -163,6 +163,7 @@ fn span_for(principal: Option<&Principal>) -> tracing::Span {
 /// Hands an admitted request to `inner`, carrying `principal` (none: the anonymous marker), inside
 /// the `api_key` span.
 fn forward<S, B, ResBody>(
+    config: &Config,
     inner: &mut S,
     mut req: Request<B>,
     principal: Option<Principal>,
@@ -171,6 +172,7 @@ where
     S: Service<Request<B>, Response = Response<ResBody>>,
 {
     crate::metrics::admitted(principal.as_ref());
+    let sunset = super::sunset::header(config.sunset, principal.as_ref());
     let span = span_for(principal.as_ref());
     if let Some(principal) = principal {
         req.extensions_mut().insert(principal);
@@ -178,7 +180,7 @@ where
         req.extensions_mut().insert(Anonymous);
     }
     let future = span.in_scope(|| inner.call(req));
-    ResponseFuture::inner(future, span)
+    ResponseFuture::inner(future, span).sunset(sunset)
 }
 
 /// The refusal of a request, rendered by `rejection`.
@@ -219,7 +221,7 @@ where
             }
             Verdict::Admit(principal) => {
                 source::hide(&config.sources, held, req.headers_mut());
-                return forward(&mut self.inner, req, principal);
+                return forward(config, &mut self.inner, req, principal);
             }
             Verdict::Lookup(digest) => digest,
         };
@@ -238,7 +240,7 @@ where
                 Err(error) => Err(AuthError::Unavailable(error)),
             };
             match admitted {
-                Ok(principal) => forward(&mut inner, req, Some(principal)).await,
+                Ok(principal) => forward(&config, &mut inner, req, Some(principal)).await,
                 Err(error) => Ok(refuse(&rejection, error)),
             }
         }))

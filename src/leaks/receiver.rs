@@ -407,7 +407,12 @@ impl LeakReceiver {
             LeakAction::Notify => {}
             LeakAction::RevokeWithDescendants => {
                 manager
-                    .revoke_because(&master, &record.id, owner, RevokeReason::Leaked)
+                    .revoke_because(
+                        &master,
+                        &record.id,
+                        owner,
+                        Some(RevokeReason::Leaked.as_str()),
+                    )
                     .await?;
             }
             LeakAction::EndSecret => {

@@ -247,7 +247,8 @@ impl From<Duration> for RotateOptions {
     }
 }
 
-/// Why a key was revoked ([`KeyManager::revoke_because`](super::KeyManager::revoke_because)).
+/// The reasons the crate itself revokes keys for, as recorded by
+/// [`KeyManager::revoke_because`](super::KeyManager::revoke_because).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum RevokeReason {
