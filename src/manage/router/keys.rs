@@ -244,4 +244,3 @@ pub(super) async fn policy_info(
     };
     Ok(no_store(StatusCode::OK, body))
 }
-

@@ -119,4 +119,3 @@ impl utoipa::Modify for Security {
         );
     }
 }
-

@@ -73,4 +73,3 @@ pub(super) async fn set_pool(
         PoolResponse::new(&owner, body.account.as_deref(), set),
     ))
 }
-

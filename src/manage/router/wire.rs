@@ -1,9 +1,9 @@
 //! The management API's wire format: request bodies, responses, parameters and the helpers that
 //! read and write them (Blnk's field names), shared by the key and pool handlers.
 
+use axum::extract::Path;
 use axum::extract::Query;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::Path;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -486,4 +486,3 @@ pub(super) struct PoolQuery {
     #[param(min_length = 1, max_length = 128, pattern = "^[!-~]+$")]
     pub(super) account: Option<String>,
 }
-
