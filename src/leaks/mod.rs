@@ -46,15 +46,25 @@
 //! ```
 
 mod keys;
+#[cfg(any(feature = "postgres", feature = "redis"))]
+mod leader;
 mod receiver;
 mod router;
+pub mod sweeper;
 
 pub use keys::{
     FetchKeys, MAX_KEY_DOCUMENT_BYTES, MAX_KEY_IDENTIFIER_LEN, MAX_SIGNATURE_LEN, PublicKeys,
     PublicKeysError, Unverified,
 };
+#[cfg(feature = "postgres")]
+pub use leader::PgLeader;
+#[cfg(feature = "redis")]
+pub use leader::RedisLeader;
 pub use receiver::{
     Feedback, KEY_REFRESH_INTERVAL, Label, LeakAction, LeakPolicy, LeakReceiver,
     LeakReceiverBuilder, LeakedToken, MAX_REPORT_BYTES, MAX_REPORT_TOKENS, Scanner, hex_sha256,
 };
 pub use router::router;
+pub use sweeper::{
+    HygieneEvent, HygieneKind, HygienePolicy, Leadership, Lone, SweepReport, Sweeper,
+};
