@@ -190,7 +190,7 @@ CREATE TABLE {s}.api_key_pools (
             // insert-if-absent, so two sweepers never give the same notice twice.
             format!(
                 r#"
-CREATE TABLE {s}.api_key_notices (
+CREATE TABLE IF NOT EXISTS {s}.api_key_notices (
     key_id TEXT COLLATE "C" NOT NULL,
     notice TEXT COLLATE "C" NOT NULL,
     noticed_at TIMESTAMPTZ NOT NULL,

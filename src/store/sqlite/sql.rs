@@ -160,7 +160,7 @@ CREATE TABLE api_key_pools (
         // One row per notice given about a key: the primary key makes the write insert-if-absent,
         // so two sweepers never give the same notice twice.
         r#"
-CREATE TABLE api_key_notices (
+CREATE TABLE IF NOT EXISTS api_key_notices (
     key_id TEXT NOT NULL,
     notice TEXT NOT NULL,
     noticed_at INTEGER NOT NULL,
