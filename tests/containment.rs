@@ -363,3 +363,34 @@ async fn a_key_never_acts_on_its_creator() {
         3
     );
 }
+
+/// Another angle (not in the report): a key tightening its own rate limit, or a creator
+/// re-limiting its delegate, got a fresh, full window each time (10 + 9 + 8 + ... in one hour).
+/// A changed limit goes on from the window in progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn changing_a_limit_never_buys_a_fresh_window() {
+    let s = start().await;
+    let (key, id) = s
+        .create(
+            MASTER,
+            json!({"owner": "o", "scopes": WRITER,
+                   "rate_limit": {"limit": 10, "period_seconds": 3600}}),
+        )
+        .await;
+    let (child, child_id) = s.create(&key, json!({"scopes": ["ledgers:read"]})).await;
+    assert_eq!(s.admitted(&[&key], 10).await, 10);
+    for limit in (1..10).rev() {
+        for (target, caller) in [(&id, &key), (&child_id, &key)] {
+            let (status, json) = s
+                .send(
+                    "PATCH",
+                    &format!("/api-keys/{target}"),
+                    caller,
+                    Some(json!({"rate_limit": {"limit": limit, "period_seconds": 3600}})),
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK, "{json}");
+        }
+        assert_eq!(s.admitted(&[&key, &child], 4).await, 0, "limit {limit}");
+    }
+}

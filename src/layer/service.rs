@@ -220,6 +220,14 @@ where
                 return ResponseFuture::rejected(refuse(&self.rejection, error));
             }
             Verdict::Admit(principal) => {
+                if let Some(principal) = &principal
+                    && let Err(error) =
+                        config
+                            .client
+                            .admit(principal, req.headers(), req.extensions())
+                {
+                    return ResponseFuture::rejected(refuse(&self.rejection, error));
+                }
                 source::hide(&config.sources, held, req.headers_mut());
                 return forward(config, &mut self.inner, req, principal);
             }
@@ -238,7 +246,13 @@ where
                     entry.authenticate(now).map(|key| config.admit(key, now))
                 }
                 Err(error) => Err(AuthError::Unavailable(error)),
-            };
+            }
+            .and_then(|principal| {
+                config
+                    .client
+                    .admit(&principal, req.headers(), req.extensions())
+                    .map(|()| principal)
+            });
             match admitted {
                 Ok(principal) => forward(&config, &mut inner, req, Some(principal)).await,
                 Err(error) => Ok(refuse(&rejection, error)),

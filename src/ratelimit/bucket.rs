@@ -25,4 +25,14 @@ impl Bucket {
             retired: AtomicBool::new(false),
         }
     }
+
+    /// The bucket of a level whose limit changed to `limit`: it goes on from `previous`'s window
+    /// ([`Gcra::succeeding`]).
+    pub(super) fn succeeding(limit: RateLimit, previous: &Bucket) -> Self {
+        Self {
+            limit,
+            gcra: Gcra::succeeding(limit.emission_nanos(), limit.limit, &previous.gcra),
+            retired: AtomicBool::new(false),
+        }
+    }
 }

@@ -42,6 +42,20 @@ impl Gcra {
         }
     }
 
+    /// A level of `limit` units that goes on from `previous`'s state: the same theoretical arrival
+    /// time, now spent at the new rate. A level whose limit changes (a key tightening its own, a
+    /// creator re-limiting a delegate, the master key re-limiting anything) keeps the window in
+    /// progress instead of starting full: changing a limit never buys a fresh burst (what the
+    /// Redis script does too, keeping one TAT per level whatever its limit).
+    pub(crate) fn succeeding(emission: u64, limit: u32, previous: &Gcra) -> Self {
+        let tat = *previous.tat.lock().unwrap_or_else(PoisonError::into_inner);
+        Self {
+            emission: emission.max(1),
+            limit,
+            tat: Mutex::new(tat),
+        }
+    }
+
     /// The emission interval, in nanoseconds.
     pub(crate) fn emission(&self) -> u64 {
         self.emission
@@ -113,6 +127,33 @@ mod tests {
     use super::*;
 
     const SECOND: u64 = 1_000_000_000;
+
+    #[test]
+    fn a_changed_limit_goes_on_from_the_window_in_progress() {
+        // 10 units an hour, all spent: tightening to 5 (or loosening to 20) an hour gives nothing
+        // more until time refills it.
+        let hour = 3_600 * SECOND;
+        let old = Gcra::new(hour / 10, 10);
+        let mut held = old.lock();
+        let Step::Fits { new_tat, .. } = held.check(0, 10) else {
+            panic!("a full level takes its limit");
+        };
+        held.commit(new_tat);
+        drop(held);
+        for limit in [5, 20] {
+            let new = Gcra::succeeding(hour / u64::from(limit), limit, &old);
+            assert!(
+                matches!(new.lock().check(SECOND, 1), Step::Refused { .. }),
+                "{limit}"
+            );
+            // An emission interval of the new limit later, one unit fits again.
+            let later = hour + hour / u64::from(limit);
+            assert!(
+                matches!(new.lock().check(later, 1), Step::Fits { .. }),
+                "{limit}"
+            );
+        }
+    }
 
     #[test]
     fn a_burst_then_one_per_emission() {

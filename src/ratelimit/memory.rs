@@ -127,7 +127,7 @@ impl MemoryRates {
     }
 
     /// The level's bucket at `limit`: this thread's front, else the cache (one bucket per level,
-    /// made anew when the level's limit changed).
+    /// replaced when the level's limit changed, going on from the old one's window).
     fn bucket(&self, key: &BudgetId, limit: RateLimit) -> Arc<Bucket> {
         if let Some(bucket) = front::get(self.id, key, limit) {
             return bucket;
@@ -145,7 +145,9 @@ impl MemoryRates {
             .entry_by_ref(key)
             .and_upsert_with(|entry| match entry {
                 Some(entry) if entry.value().limit == limit => entry.into_value(),
-                _ => Arc::new(Bucket::new(limit)),
+                // A changed limit goes on from the window in progress: no fresh burst.
+                Some(entry) => Arc::new(Bucket::succeeding(limit, entry.value())),
+                None => Arc::new(Bucket::new(limit)),
             })
             .into_value();
         front::fill(self.id, key, &bucket);
@@ -426,11 +428,18 @@ mod tests {
     }
 
     #[test]
-    fn a_changed_limit_gets_a_new_bucket() {
+    fn a_changed_limit_goes_on_from_the_window_in_progress() {
         let rates = MemoryRates::new();
-        assert!(allowed(&rates, &one("key_a", RateLimit::new(1, 60)), 1));
+        assert!(allowed(&rates, &one("key_a", RateLimit::new(2, 60)), 2));
+        assert!(!allowed(&rates, &one("key_a", RateLimit::new(2, 60)), 1));
+        // Neither tightening nor loosening the limit buys a fresh burst: the window is spent.
         assert!(!allowed(&rates, &one("key_a", RateLimit::new(1, 60)), 1));
-        assert!(allowed(&rates, &one("key_a", RateLimit::new(5, 60)), 1));
+        assert!(!allowed(&rates, &one("key_a", RateLimit::new(5, 60)), 1));
+        // A level that had room keeps the share of its window it had left: half of 4, then half
+        // of 2.
+        assert!(allowed(&rates, &one("key_b", RateLimit::new(4, 60)), 2));
+        assert!(allowed(&rates, &one("key_b", RateLimit::new(2, 60)), 1));
+        assert!(!allowed(&rates, &one("key_b", RateLimit::new(2, 60)), 1));
     }
 
     #[test]
@@ -460,8 +469,13 @@ mod tests {
         let new = rates.buckets.get(&id).expect("cached again");
         assert!(!Arc::ptr_eq(&old, &new));
         assert!(!allowed(&rates, &key, 1));
-        // A changed limit replaces the bucket in the cache, which retires the old one.
-        assert!(allowed(&rates, &one("key_front", RateLimit::new(2, 60)), 1));
+        // A changed limit replaces the bucket in the cache (going on from its window: still
+        // spent), which retires the old one.
+        assert!(!allowed(
+            &rates,
+            &one("key_front", RateLimit::new(2, 60)),
+            1
+        ));
         rates.buckets.run_pending_tasks();
         assert!(new.retired.load(Ordering::Acquire));
         // Another `MemoryRates` never answers from this one's front.

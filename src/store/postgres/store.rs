@@ -1056,6 +1056,12 @@ impl KeyStore for PostgresStore {
         cost: u64,
         now: OffsetDateTime,
     ) -> Result<ChainSpend, StoreError> {
+        if levels.is_empty() {
+            // Nothing to count: no transaction (and, in SQLite, no write lock).
+            return Ok(ChainSpend::Spent {
+                remaining: Vec::new(),
+            });
+        }
         let levels = ChainLevels::new(levels);
         let now = micros(now);
         self.chain_transaction(&levels, |credits| levels.spend(credits, cost, now))
@@ -1068,6 +1074,9 @@ impl KeyStore for PostgresStore {
         cost: u64,
         now: OffsetDateTime,
     ) -> Result<(), StoreError> {
+        if levels.is_empty() {
+            return Ok(());
+        }
         let levels = ChainLevels::new(levels);
         let now = micros(now);
         self.chain_transaction(&levels, |credits| levels.refund(credits, cost, now))
