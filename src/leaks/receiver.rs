@@ -448,3 +448,41 @@ pub fn hex_sha256(bytes: &[u8]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_hashes_are_lowercase_sha256_hex() {
+        assert_eq!(
+            hex_sha256(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn a_leaked_token_never_shows_in_debug() {
+        let token = LeakedToken::new("sk_live_secretsecret", "t", "https://x", "commit");
+        let shown = format!("{token:?}");
+        assert!(!shown.contains("secretsecret"), "{shown}");
+        assert!(shown.contains("https://x"));
+        let parsed: Vec<LeakedToken> =
+            serde_json::from_str(r#"[{"token":"sk_live_secretsecret","type":"t"}]"#).unwrap();
+        assert!(!format!("{parsed:?}").contains("secretsecret"));
+        assert_eq!(parsed[0].url, "", "missing fields default to empty");
+    }
+
+    #[test]
+    fn the_policy_applies_overrides_per_owner() {
+        let policy = LeakPolicy::new()
+            .default_action(LeakAction::Notify)
+            .owner("a", LeakAction::EndSecret);
+        assert_eq!(policy.action_for("a"), LeakAction::EndSecret);
+        assert_eq!(policy.action_for("b"), LeakAction::Notify);
+        assert_eq!(
+            LeakPolicy::new().action_for("b"),
+            LeakAction::RevokeWithDescendants
+        );
+    }
+}
