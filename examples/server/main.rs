@@ -122,7 +122,13 @@ fn resource(kind: &'static str, plural: &str, records: Records, limiter: &RateLi
 
 /// The whole service: the three resources and key management behind [`ApiKeyLayer`]; `/health`,
 /// `/openapi.json` (and `/metrics`) outside it; every request logged by `TraceLayer`.
-fn app(layer: ApiKeyLayer, manager: KeyManager, records: Records, limiter: RateLimiter) -> Router {
+fn app(
+    layer: ApiKeyLayer,
+    manager: KeyManager,
+    records: Records,
+    limiter: RateLimiter,
+    unauthenticated: Router,
+) -> Router {
     let openapi = openapi::openapi();
     let mut router = Router::new();
     for (kind, plural) in RESOURCES {
@@ -139,7 +145,9 @@ fn app(layer: ApiKeyLayer, manager: KeyManager, records: Records, limiter: RateL
                 .route_layer(RequireScopes::all(["ledgers:read"])),
         )
         .layer(layer)
-        // Added after the authentication layer: no key needed.
+        // Added after the authentication layer: no key needed (the leak-report receiver: a
+        // scanner's signature is its credential).
+        .merge(unauthenticated)
         .nest("/console", console::console().router())
         // `/console/` is the console too (axum's nest matches `/console` only).
         .route(
@@ -216,6 +224,37 @@ pub(crate) struct Demo {
     pub(crate) _subscriptions: config::Subscriptions,
 }
 
+/// `POST /api-keys/leaks` when `LEAK_REPORT_PUBLIC_KEYS` names a file of scanners' public keys
+/// (GitHub's JSON shape), with the default policy: leaked keys are revoked with their descendants.
+fn leak_reports(
+    keys: Option<&std::path::Path>,
+    manager: &KeyManager,
+) -> Result<Router, Box<dyn std::error::Error>> {
+    let Some(path) = keys else {
+        return Ok(Router::new());
+    };
+    #[cfg(feature = "leaks")]
+    {
+        use tower_api_keys::leaks::{self, LeakReceiver, PublicKeys, Scanner};
+        let keys = PublicKeys::from_json(&std::fs::read(path)?)?;
+        tracing::info!(keys = keys.len(), path = %path.display(), "receiving leak reports at POST /api-keys/leaks");
+        let receiver = LeakReceiver::builder(manager.clone())
+            .keys(Scanner::GitHub, keys.clone())
+            .keys(Scanner::DepsDev, keys)
+            .build();
+        Ok(leaks::router(receiver))
+    }
+    #[cfg(not(feature = "leaks"))]
+    {
+        let _ = manager;
+        Err(format!(
+            "LEAK_REPORT_PUBLIC_KEYS is set ({}) but the example was built without feature `leaks`",
+            path.display()
+        )
+        .into())
+    }
+}
+
 /// Connects the store, wires resolver, key manager, invalidation and the layer, and builds the router.
 /// Binds no port and reads no environment.
 pub(crate) async fn build(config: Config) -> Result<Demo, Box<dyn std::error::Error>> {
@@ -245,6 +284,7 @@ pub(crate) async fn build(config: Config) -> Result<Demo, Box<dyn std::error::Er
     );
     let (manager, subscriptions) =
         database.broadcast(config.redis_url.as_deref(), &resolver, manager)?;
+    let unauthenticated = leak_reports(config.leak_report_public_keys.as_deref(), &manager)?;
 
     let usage = UsageRecorder::spawn(database.keys.clone(), Duration::from_secs(30));
     let layer = ApiKeyLayer::new(resolver)
@@ -279,7 +319,7 @@ pub(crate) async fn build(config: Config) -> Result<Demo, Box<dyn std::error::Er
     #[cfg(feature = "metrics")]
     prometheus::install();
     Ok(Demo {
-        router: app(layer, manager, database.records, limiter),
+        router: app(layer, manager, database.records, limiter, unauthenticated),
         master,
         usage,
         _subscriptions: subscriptions,

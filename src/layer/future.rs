@@ -21,6 +21,8 @@ pin_project! {
     pub struct ResponseFuture<F, B, E, R> {
         #[pin]
         kind: Kind<F, B, E, R>,
+        // The `Sunset` header to add to the inner service's response (`layer::sunset`).
+        sunset: Option<http::HeaderValue>,
     }
 }
 
@@ -92,12 +94,14 @@ impl<F, B, E, R> ResponseFuture<F, B, E, R> {
                     watch,
                 }
             },
+            sunset: None,
         }
     }
 
     pub(crate) fn lookup(future: BoxFuture<'static, Result<Response<LiveBody<B>>, E>>) -> Self {
         Self {
             kind: Kind::Lookup { future },
+            sunset: None,
         }
     }
 
@@ -106,7 +110,14 @@ impl<F, B, E, R> ResponseFuture<F, B, E, R> {
             kind: Kind::Rejected {
                 response: Some(response),
             },
+            sunset: None,
         }
+    }
+
+    /// Adds `sunset` (if any) to the inner service's response, unless it set one itself.
+    pub(crate) fn sunset(mut self, sunset: Option<http::HeaderValue>) -> Self {
+        self.sunset = sunset;
+        self
     }
 }
 
@@ -128,17 +139,20 @@ where
     type Output = Result<Response<LiveBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
+        let this = self.project();
+        match this.kind.project() {
             KindProj::Inner {
                 future,
                 span,
                 watch,
             } => {
                 let _entered = span.enter();
-                Poll::Ready(finish(ready!(future.poll(cx)), watch))
+                let result = super::sunset::add(this.sunset, ready!(future.poll(cx)));
+                Poll::Ready(finish(result, watch))
             }
             KindProj::Plain { future, watch } => {
-                Poll::Ready(finish(ready!(future.poll(cx)), watch))
+                let result = super::sunset::add(this.sunset, ready!(future.poll(cx)));
+                Poll::Ready(finish(result, watch))
             }
             KindProj::Lookup { future } => Poll::Ready(ready!(future.as_mut().poll(cx))),
             KindProj::Rejected { response } => Poll::Ready(Ok(response

@@ -137,6 +137,7 @@ pub mod future;
 mod network;
 mod service;
 mod source;
+pub mod sunset;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -183,6 +184,7 @@ pub(crate) struct Config {
     pub(crate) optional: bool,
     pub(crate) preflight: bool,
     pub(crate) usage: Option<UsageRecorder>,
+    pub(crate) sunset: Option<std::time::Duration>,
     pub(crate) client: network::ClientAddress,
 }
 
@@ -197,6 +199,7 @@ impl ApiKeyLayer {
                 optional: false,
                 preflight: false,
                 usage: None,
+                sunset: Some(sunset::DEFAULT_SUNSET_WINDOW),
                 client: network::ClientAddress::default(),
             }),
             rejection: JsonRejection::default(),
@@ -259,6 +262,14 @@ impl<R> ApiKeyLayer<R> {
     /// Records each authenticated request's key use with `recorder` (batched `last_used_at`).
     pub fn usage(mut self, recorder: UsageRecorder) -> Self {
         self.config_mut().usage = Some(recorder);
+        self
+    }
+
+    /// Responses to requests made with a key that expires within `window` carry a `Sunset` header
+    /// (RFC 8594) with the key's expiry (default [`sunset::DEFAULT_SUNSET_WINDOW`], one day;
+    /// `None`: never). See [`sunset`].
+    pub fn sunset_window(mut self, window: Option<std::time::Duration>) -> Self {
+        self.config_mut().sunset = window;
         self
     }
 

@@ -163,8 +163,10 @@ fn span_for(principal: Option<&Principal>) -> tracing::Span {
 
 /// Hands an admitted request to `inner`, carrying `principal` (none: the anonymous marker), inside
 /// the `api_key` span. A principal whose key can end has its request body (if it has one) and its
-/// response body watched (see [`LiveBody`]).
+/// response body watched (see [`LiveBody`]); a key in its last warning window gets a `Sunset`
+/// header.
 fn forward<S, B, ResBody, R>(
+    config: &Config,
     inner: &mut S,
     req: Request<B>,
     principal: Option<Principal>,
@@ -176,6 +178,7 @@ where
     R: Clone,
 {
     crate::metrics::admitted(principal.as_ref());
+    let sunset = super::sunset::header(config.sunset, principal.as_ref());
     let span = span_for(principal.as_ref());
     let (mut parts, body) = req.into_parts();
     let (body, watch) = match principal {
@@ -209,7 +212,7 @@ where
     };
     let req = Request::from_parts(parts, body);
     let future = span.in_scope(|| inner.call(req));
-    ResponseFuture::inner(future, span, watch)
+    ResponseFuture::inner(future, span, watch).sunset(sunset)
 }
 
 /// The refusal of a request, rendered by `rejection`.
@@ -258,7 +261,7 @@ where
                 {
                     return ResponseFuture::rejected(refuse(&self.rejection, error));
                 }
-                return forward(&mut self.inner, req, principal, &self.rejection);
+                return forward(config, &mut self.inner, req, principal, &self.rejection);
             }
             Verdict::Lookup(digest) => digest,
         };
@@ -282,7 +285,9 @@ where
                     .map(|()| principal)
             });
             match admitted {
-                Ok(principal) => forward(&mut inner, req, Some(principal), &rejection).await,
+                Ok(principal) => {
+                    forward(&config, &mut inner, req, Some(principal), &rejection).await
+                }
                 Err(error) => Ok(refuse(&rejection, error).map(LiveBody::plain)),
             }
         }))

@@ -7,6 +7,8 @@ use time::OffsetDateTime;
 
 use super::authorize::{KeyFacts, Operation, OperationKind, Target, authorize};
 use super::policy::KeyPolicy;
+#[cfg(doc)]
+use super::types::RevokeReason;
 use super::types::{CreateKey, CreatedKey, KeyInfo, KeyPage, RotateOptions, UpdateKey};
 use super::validate::{
     MAX_GRACE_PERIOD, MAX_PAGE_SIZE, default_name, validate_credits, validate_cursor, validate_id,
@@ -398,6 +400,25 @@ impl KeyManager {
         id: &KeyId,
         owner: Option<&str>,
     ) -> Result<KeyInfo, AuthError> {
+        self.revoke_because(caller, id, owner, None).await
+    }
+
+    /// [`revoke_in`](Self::revoke_in), recording `reason` (at most [`MAX_NAME_LEN`] characters;
+    /// `requested` when none is given; see [`RevokeReason`] for the crate's own).
+    ///
+    /// [`MAX_NAME_LEN`]: super::MAX_NAME_LEN
+    pub async fn revoke_because(
+        &self,
+        caller: &Principal,
+        id: &KeyId,
+        owner: Option<&str>,
+        reason: Option<&str>,
+    ) -> Result<KeyInfo, AuthError> {
+        let reason = match reason {
+            Some(reason) => validate_name(reason.to_owned())
+                .map_err(|_| AuthError::invalid("reason: at most 200 visible characters"))?,
+            None => "requested".to_owned(),
+        };
         self.target(caller, Operation::Revoke, id, owner).await?;
         let change = self
             .store
@@ -408,7 +429,7 @@ impl KeyManager {
             tracing::debug!(api_key_id = %id, "API key already revoked");
         } else {
             self.invalidate(&change).await;
-            tracing::info!(api_key_id = %id, descendants = change.revoked_descendants.len(), "API key revoked");
+            tracing::info!(api_key_id = %id, descendants = change.revoked_descendants.len(), %reason, "API key revoked");
         }
         Ok(change.after.unwrap_or(change.before).into())
     }

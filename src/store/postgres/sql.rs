@@ -75,7 +75,7 @@ pub(super) const LIMIT_COLUMNS: &str = "rate_limit, rate_period_seconds, credits
     credits_refill_interval, credits_refill_amount, credits_set_at";
 
 /// The schema's migrations, in order. Versions are never renumbered or edited once released.
-pub(super) fn migrations(s: &str) -> [(i32, &'static str, String); 5] {
+pub(super) fn migrations(s: &str) -> [(i32, &'static str, String); 6] {
     [
         (
             1,
@@ -179,6 +179,22 @@ CREATE TABLE {s}.api_key_pools (
     credits_set_at TIMESTAMPTZ,
     CHECK (kind = 'account' OR account = ''),
     PRIMARY KEY (owner, kind, account)
+);
+"#
+            ),
+        ),
+        (
+            7,
+            "hygiene notices (the sweeper's memory)",
+            // One row per notice given about a key: the primary key makes the write
+            // insert-if-absent, so two sweepers never give the same notice twice.
+            format!(
+                r#"
+CREATE TABLE IF NOT EXISTS {s}.api_key_notices (
+    key_id TEXT COLLATE "C" NOT NULL,
+    notice TEXT COLLATE "C" NOT NULL,
+    noticed_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (key_id, notice)
 );
 "#
             ),
