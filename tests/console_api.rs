@@ -191,6 +191,29 @@ async fn policy_counts_the_owners_active_keys_against_the_limit() {
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (_, after) = call(&app, "GET", "/api-keys/policy?owner=acme", MASTER, None).await;
     assert_eq!(after["active_keys"], 2);
+    assert_eq!(after["owner_pool"], Value::Null);
+    // A shared pool shows in the policy the console reads (#19).
+    let (status, set) = call(
+        &app,
+        "PUT",
+        "/api-keys/pools",
+        MASTER,
+        Some(
+            json!({"owner": "acme", "rate_limit": {"limit": 100, "period_seconds": 60},
+                    "credits": {"remaining": 500}}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{set}");
+    let (_, pooled) = call(&app, "GET", "/api-keys/policy?owner=acme", MASTER, None).await;
+    assert_eq!(
+        (
+            &pooled["owner_pool"]["rate_limit"],
+            &pooled["owner_pool"]["credits"]["remaining"]
+        ),
+        (&json!({"limit": 100, "period_seconds": 60}), &json!(500)),
+        "{pooled}"
+    );
 }
 
 #[tokio::test]

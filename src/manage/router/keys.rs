@@ -231,7 +231,20 @@ pub(super) async fn policy_info(
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
+    let owner_pool = manager
+        .pool(&principal, Some(&owner), None)
+        .await?
+        .map(|limits| PoolResponse::new(&owner, None, Some(limits)));
+    let account_pool = match principal.account() {
+        Some(account) => manager
+            .pool(&principal, Some(&owner), Some(account))
+            .await?
+            .map(|limits| PoolResponse::new(&owner, Some(account), Some(limits))),
+        None => None,
+    };
     let body = PolicyResponse {
+        owner_pool,
+        account_pool,
         owner_id: owner,
         active_keys,
         max_active_per_owner: policy.limits().per_owner,

@@ -259,6 +259,11 @@ pub(super) struct PolicyResponse {
     pub(super) latest_expires_at: Option<String>,
     /// Whether this caller may create a key that never expires.
     pub(super) never_expires_allowed: bool,
+    /// The owner's shared pool (every key of the owner counts against it), `null` when none.
+    pub(super) owner_pool: Option<PoolResponse>,
+    /// The shared pool of the calling key's account (a scoped key), `null` when none or for the
+    /// master key.
+    pub(super) account_pool: Option<PoolResponse>,
 }
 
 #[derive(Deserialize)]

@@ -543,6 +543,24 @@
     return policy !== null && policy.max_active_per_owner !== null && policy.active_keys >= policy.max_active_per_owner;
   }
 
+  /** The shared pools every key of the owner (or of the caller's account) counts against. */
+  function renderPools() {
+    const text = $("pool-text");
+    const pools = policy === null ? [] : [
+      ["Owner pool", policy.owner_pool],
+      ["Account pool", policy.account_pool],
+    ].filter(([, pool]) => pool && (pool.rate_limit || pool.credits));
+    text.hidden = pools.length === 0;
+    text.textContent = pools
+      .map(([label, pool]) => {
+        const parts = [];
+        if (pool.rate_limit) parts.push(describeRate(pool.rate_limit));
+        if (pool.credits) parts.push(`${describeCredits(pool.credits)} credits`);
+        return `${label}: ${parts.join(", ")}`;
+      })
+      .join(" · ");
+  }
+
   function renderUsage() {
     const text = $("usage-text");
     const meter = $("usage-meter");
@@ -562,6 +580,7 @@
       fill.style.width = `${Math.min(100, Math.round((100 * n) / Math.max(1, max)))}%`;
       meter.classList.toggle("full", n >= max);
     }
+    renderPools();
     const create = $("create-open");
     const reason = $("create-reason");
     if (!canWrite()) {
