@@ -24,6 +24,10 @@
 //! # }
 //! ```
 
+mod counts;
+
+pub use counts::{OUTCOMES, Outcome, UsageBucket, hour_of};
+
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
