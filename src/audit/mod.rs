@@ -37,6 +37,7 @@ use serde::Serialize;
 use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 
+pub(crate) use chain::canonical as canonical_json;
 pub use chain::{ChainHash, ChainLink, ChainState, Verification, verify};
 pub use retention::Retention;
 

@@ -154,6 +154,11 @@ CREATE TABLE api_key_pools (
 ) STRICT;
 "#,
     ),
+    (
+        6,
+        "audit events (hash-chained per owner) and hourly usage counts",
+        super::audit::MIGRATION,
+    ),
 ];
 
 pub(super) fn decode(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
