@@ -26,7 +26,7 @@
 //!
 //! Secrets never enter an event: the details name ids, names, scopes, limits and times.
 
-mod chain;
+pub(crate) mod chain;
 mod retention;
 
 use std::borrow::Cow;
@@ -37,6 +37,7 @@ use serde::Serialize;
 use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub(crate) use chain::canonical as canonical_json;
 pub use chain::{ChainHash, ChainLink, ChainState, Verification, verify};
 pub use retention::Retention;
