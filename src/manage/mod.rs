@@ -58,6 +58,8 @@
 //! # Ok(())
 //! # }
 mod activity;
+#[cfg(feature = "manage")]
+mod activity_routes;
 mod authorize;
 #[cfg(feature = "console")]
 pub mod console;

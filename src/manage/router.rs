@@ -12,6 +12,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use utoipa::{OpenApi, ToSchema};
 
+use super::activity_routes::Acting;
 use super::{
     CreateKey, CreatedKey, DEFAULT_PAGE_SIZE, KeyInfo, KeyManager, MAX_BODY_BYTES, MAX_KEY_ID_LEN,
     RotateOptions, UpdateKey,
@@ -33,14 +34,18 @@ const NEVER: &str = "0001-01-01T00:00:00Z";
 /// | `GET /api-keys?owner=&limit=&before=` | list, newest first | 200 array; `x-next-cursor` header if more |
 /// | `GET /api-keys/{id}` | get | 200 key |
 /// | `PATCH /api-keys/{id}` `{name?, rate_limit?, credits?}` (`null` removes a limit) | update | 200 key |
-/// | `DELETE /api-keys/{id}` | revoke (soft), with every key it created | 204 |
+/// | `DELETE /api-keys/{id}?reason=` | revoke (soft), with every key it created | 204 |
 /// | `DELETE /api-keys/{id}?permanent=true` | delete the record (master key only), revoke every key it created | 204 |
 /// | `POST /api-keys/{id}/rotate` `{grace_period_seconds?, revoke_descendants?}` | new secret, same id | 200 key with plaintext `key` |
 /// | `GET /api-keys/self` | who the calling key is (any valid key) | 200 caller |
 /// | `GET /api-keys/policy?owner=` | lifetime policy, and the owner's active keys against the limit | 200 policy |
+/// | `GET /api-keys/events?owner=&key_id=&type=&since=&until=&cursor=&limit=` | an owner's audit events, newest first (a scoped key: its subtree's only) | 200 `{events, next_cursor}` |
+/// | `GET /api-keys/{id}/events` | one key's audit events, newest first | 200 `{events, next_cursor}` |
+/// | `GET /api-keys/events/verify?owner=` | check the owner's hash chain (master key only) | 200 `{valid, checked, first_invalid?}` |
+/// | `GET /api-keys/{id}/usage?from=&to=&granularity=hour\|day` | requests per period by outcome | 200 `{key_id, granularity, buckets, last_ip}` |
 /// | `GET /api-keys/openapi.json` | this API's OpenAPI 3.1 document | 200 |
 ///
-/// `self`, `policy` and `openapi.json` are not key ids (generated ids start with `key_`).
+/// `self`, `policy`, `pools`, `events` and `openapi.json` are not key ids (generated ids start with `key_`).
 ///
 /// Every id-addressed route accepts `?owner=<owner>` (Blnk revokes with
 /// `DELETE /api-keys/{id}?owner=<owner>`): when given, it must be the key's owner, or the answer is
@@ -86,13 +91,16 @@ pub fn router(manager: KeyManager) -> Router {
             get(get_key).delete(revoke_key).patch(update_key),
         )
         .route("/api-keys/{id}/rotate", post(rotate_key))
+        .merge(super::activity_routes::routes())
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(manager)
 }
 
 /// The OpenAPI document of [`router`]'s endpoints, to serve or merge into your own.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    ApiDoc::openapi()
+    let mut doc = ApiDoc::openapi();
+    doc.merge(super::activity_routes::ActivityDoc::openapi());
+    doc
 }
 
 #[derive(OpenApi)]
@@ -379,7 +387,7 @@ struct PolicyParams {
 
 /// The error body.
 #[derive(Serialize, ToSchema)]
-struct ErrorBody {
+pub(super) struct ErrorBody {
     error: String,
     error_detail: ErrorDetail,
 }
@@ -430,6 +438,7 @@ struct DeleteParams {
     #[serde(default)]
     permanent: bool,
     owner: Option<String>,
+    reason: Option<String>,
 }
 
 /// `?owner=` of the other id-addressed routes.
@@ -538,7 +547,7 @@ fn key_id(path: Result<Path<String>, PathRejection>) -> Result<KeyId, AuthError>
               (status = 403, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
               (status = 503, body = ErrorBody)))]
 async fn create_key(
-    State(manager): State<KeyManager>,
+    Acting(manager): Acting,
     principal: Principal,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, AuthError> {
@@ -629,7 +638,7 @@ async fn get_key(
               (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
               (status = 503, body = ErrorBody)))]
 async fn update_key(
-    State(manager): State<KeyManager>,
+    Acting(manager): Acting,
     principal: Principal,
     id: Result<Path<String>, PathRejection>,
     params: Result<Query<OwnerParam>, QueryRejection>,
@@ -650,11 +659,12 @@ async fn update_key(
 }
 
 #[utoipa::path(delete, path = "/api-keys/{id}",
-    params(KeyIdParam, ("permanent" = Option<bool>, Query, description = "Delete the record instead of revoking (master key only)"), OwnerQuery),
+    params(KeyIdParam, ("permanent" = Option<bool>, Query, description = "Delete the record instead of revoking (master key only)"), OwnerQuery,
+           ("reason" = Option<String>, Query, max_length = 200, description = "Why (recorded in the key.revoked event; default `requested`)")),
     responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
               (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn revoke_key(
-    State(manager): State<KeyManager>,
+    Acting(manager): Acting,
     principal: Principal,
     id: Result<Path<String>, PathRejection>,
     params: Result<Query<DeleteParams>, QueryRejection>,
@@ -665,7 +675,9 @@ async fn revoke_key(
     if params.permanent {
         manager.delete_in(&principal, &id, owner).await?;
     } else {
-        manager.revoke_in(&principal, &id, owner).await?;
+        manager
+            .revoke_because(&principal, &id, owner, params.reason.as_deref())
+            .await?;
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -675,7 +687,7 @@ async fn revoke_key(
               (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
               (status = 503, body = ErrorBody)))]
 async fn rotate_key(
-    State(manager): State<KeyManager>,
+    Acting(manager): Acting,
     principal: Principal,
     id: Result<Path<String>, PathRejection>,
     params: Result<Query<OwnerParam>, QueryRejection>,
@@ -862,7 +874,7 @@ async fn get_pool(
     responses((status = 200, body = PoolResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
               (status = 403, body = ErrorBody), (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn set_pool(
-    State(manager): State<KeyManager>,
+    Acting(manager): Acting,
     principal: Principal,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, AuthError> {
