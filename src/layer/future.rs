@@ -7,6 +7,11 @@ use std::task::{Context, Poll, ready};
 use futures_util::future::BoxFuture;
 use http::Response;
 use pin_project_lite::pin_project;
+use std::sync::Arc;
+
+use crate::error::AuthError;
+use crate::resolver::ResolvedKey;
+use crate::usage::{Outcome, UsageRecorder};
 
 pin_project! {
     /// Response future of [`ApiKeyService`](super::ApiKeyService).
@@ -15,6 +20,26 @@ pin_project! {
     pub struct ResponseFuture<F, B, E> {
         #[pin]
         kind: Kind<F, B, E>,
+        tally: Option<Tally>,
+    }
+}
+
+/// What a [`UsageRecorder`] counts when an admitted request's response head is ready: admitted,
+/// or refused for the reason the typed error in the response extensions gives.
+pub(crate) struct Tally {
+    pub(crate) key: Arc<ResolvedKey>,
+    pub(crate) recorder: UsageRecorder,
+}
+
+impl Tally {
+    fn count<B>(self, response: &Response<B>) {
+        let outcome = match response.extensions().get::<AuthError>() {
+            None => Some(Outcome::Admitted),
+            Some(error) => Outcome::of_refusal(error),
+        };
+        if let Some(outcome) = outcome {
+            self.recorder.count(&self.key, outcome);
+        }
     }
 }
 
@@ -37,12 +62,20 @@ impl<F, B, E> ResponseFuture<F, B, E> {
             } else {
                 Kind::Inner { future, span }
             },
+            tally: None,
         }
+    }
+
+    /// Counts the outcome with `tally` when the response head is ready.
+    pub(crate) fn tally(mut self, tally: Option<Tally>) -> Self {
+        self.tally = tally;
+        self
     }
 
     pub(crate) fn lookup(future: BoxFuture<'static, Result<Response<B>, E>>) -> Self {
         Self {
             kind: Kind::Lookup { future },
+            tally: None,
         }
     }
 
@@ -51,6 +84,7 @@ impl<F, B, E> ResponseFuture<F, B, E> {
             kind: Kind::Rejected {
                 response: Some(response),
             },
+            tally: None,
         }
     }
 }
@@ -62,12 +96,22 @@ where
     type Output = Result<Response<B>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
+        let this = self.project();
+        let tally = this.tally;
+        let mut counted = |poll: Poll<Self::Output>| {
+            if let Poll::Ready(Ok(response)) = &poll
+                && let Some(tally) = tally.take()
+            {
+                tally.count(response);
+            }
+            poll
+        };
+        match this.kind.project() {
             KindProj::Inner { future, span } => {
                 let _entered = span.enter();
-                future.poll(cx)
+                counted(future.poll(cx))
             }
-            KindProj::Plain { future } => future.poll(cx),
+            KindProj::Plain { future } => counted(future.poll(cx)),
             KindProj::Lookup { future } => Poll::Ready(ready!(future.as_mut().poll(cx))),
             KindProj::Rejected { response } => Poll::Ready(Ok(response
                 .take()

@@ -6,12 +6,13 @@ use http::{Method, Request, Response, header};
 use tower_service::Service;
 
 use super::Config;
-use super::future::ResponseFuture;
+use super::future::{ResponseFuture, Tally};
 use super::source::{self, Held};
 use crate::error::{AuthError, InvalidKeyReason, RenderRejection, reject};
 use crate::key::{KeyDigest, KeyFormatError};
 use crate::principal::{Anonymous, Principal};
-use crate::resolver::ResolvedKey;
+use crate::resolver::{CacheEntry, ResolvedKey};
+use crate::usage::{Outcome, Used};
 
 /// Service produced by [`ApiKeyLayer`](super::ApiKeyLayer).
 #[derive(Clone)]
@@ -42,8 +43,9 @@ impl<S, R> ApiKeyService<S, R> {
 
 /// What authenticating the presented key decided without waiting for anything.
 enum Verdict {
-    /// Let the request through with this principal (none: anonymous).
-    Admit(Option<Principal>),
+    /// Let the request through with this principal (none: anonymous), counting its outcome with
+    /// the tally when usage is recorded.
+    Admit(Option<Principal>, Option<Tally>),
     /// A well-formed key the cache does not know: ask the store.
     Lookup(KeyDigest),
     /// Refuse the request.
@@ -60,7 +62,7 @@ impl Config {
             Ok(presented) => {
                 let verdict = match presented.key {
                     Some(key) => self.authenticate(key),
-                    None if self.optional => Verdict::Admit(None),
+                    None if self.optional => Verdict::Admit(None, None),
                     None => Verdict::Refuse(AuthError::MissingKey),
                 };
                 (verdict, presented.held)
@@ -88,7 +90,7 @@ impl Config {
         }
         let digest = KeyDigest::of(key);
         if self.master.is_some_and(|master| master == digest) {
-            return Verdict::Admit(Some(master_principal()));
+            return Verdict::Admit(Some(master_principal()), None);
         }
         if let Err(error) = shape {
             return Verdict::Refuse(error);
@@ -101,22 +103,37 @@ impl Config {
         // The resolver checks the checksum after its per-thread front (a front hit is a stored
         // key's digest) and before its shared cache: refusals name the first thing wrong with the
         // key, and nothing with a bad checksum reaches the cache or the store.
-        match self
-            .resolver
-            .admit_cached(&digest, now, checksum, |key| self.admit(key, now))
-        {
-            Some(Ok(principal)) => Verdict::Admit(Some(principal)),
+        match self.resolver.admit_cached(
+            &digest,
+            now,
+            checksum,
+            |key| self.admit(key, now),
+            |key| self.refused(key),
+        ) {
+            Some(Ok((principal, tally))) => Verdict::Admit(Some(principal), tally),
             Some(Err(error)) => Verdict::Refuse(error),
             None => Verdict::Lookup(digest),
         }
     }
 
-    /// A key that passed the request-time checks at `now`: its use is recorded, its principal taken.
-    fn admit(&self, key: &Arc<ResolvedKey>, now: i64) -> Principal {
-        if let Some(usage) = &self.usage {
+    /// A key that passed the request-time checks at `now`: its use is recorded, its principal
+    /// taken, and (with a recorder) a tally made to count the request's outcome.
+    fn admit(&self, key: &Arc<ResolvedKey>, now: i64) -> (Principal, Option<Tally>) {
+        let tally = self.usage.as_ref().map(|usage| {
             usage.touch(key, now / 1_000_000_000);
+            Tally {
+                key: key.clone(),
+                recorder: usage.clone(),
+            }
+        });
+        (key.principal.clone(), tally)
+    }
+
+    /// A known key refused at the request-time checks (expired or revoked): counted.
+    fn refused(&self, key: &Arc<ResolvedKey>) {
+        if let Some(usage) = &self.usage {
+            usage.count(key, Outcome::ExpiredOrRevoked);
         }
-        key.principal.clone()
     }
 }
 
@@ -166,10 +183,20 @@ fn forward<S, B, ResBody>(
     inner: &mut S,
     mut req: Request<B>,
     principal: Option<Principal>,
+    tally: Option<Tally>,
 ) -> ResponseFuture<S::Future, ResBody, S::Error>
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
 {
+    if let Some(tally) = &tally
+        && tally
+            .key
+            .usage()
+            .ip_due(crate::clock::now_unix_nanos() / 1_000_000_000)
+        && let Some(ip) = peer_ip(req.extensions())
+    {
+        tally.key.usage().set_ip(ip);
+    }
     crate::metrics::admitted(principal.as_ref());
     let span = span_for(principal.as_ref());
     if let Some(principal) = principal {
@@ -178,7 +205,18 @@ where
         req.extensions_mut().insert(Anonymous);
     }
     let future = span.in_scope(|| inner.call(req));
-    ResponseFuture::inner(future, span)
+    ResponseFuture::inner(future, span).tally(tally)
+}
+
+/// The peer address of a request: axum's `ConnectInfo<SocketAddr>`, else a bare `SocketAddr`.
+fn peer_ip(extensions: &http::Extensions) -> Option<std::net::IpAddr> {
+    #[cfg(feature = "manage")]
+    if let Some(info) = extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>() {
+        return Some(info.0.ip());
+    }
+    extensions
+        .get::<std::net::SocketAddr>()
+        .map(std::net::SocketAddr::ip)
 }
 
 /// The refusal of a request, rendered by `rejection`.
@@ -209,7 +247,7 @@ where
         let (verdict, held) = if config.preflight && is_preflight(&req) {
             // Browsers send no key on a preflight; should a client send one anyway, it still
             // reaches the inner service hidden.
-            (Verdict::Admit(None), Held::ALL)
+            (Verdict::Admit(None, None), Held::ALL)
         } else {
             config.judge(req.headers(), req.uri())
         };
@@ -217,9 +255,9 @@ where
             Verdict::Refuse(error) => {
                 return ResponseFuture::rejected(refuse(&self.rejection, error));
             }
-            Verdict::Admit(principal) => {
+            Verdict::Admit(principal, tally) => {
                 source::hide(&config.sources, held, req.headers_mut());
-                return forward(&mut self.inner, req, principal);
+                return forward(&mut self.inner, req, principal, tally);
             }
             Verdict::Lookup(digest) => digest,
         };
@@ -233,12 +271,16 @@ where
             let admitted = match config.resolver.resolve(&digest).await {
                 Ok(entry) => {
                     let now = crate::clock::now_unix_nanos();
-                    entry.authenticate(now).map(|key| config.admit(key, now))
+                    let admitted = entry.authenticate(now).map(|key| config.admit(key, now));
+                    if let (Err(_), CacheEntry::Known(key)) = (&admitted, &entry) {
+                        config.refused(key);
+                    }
+                    admitted
                 }
                 Err(error) => Err(AuthError::Unavailable(error)),
             };
             match admitted {
-                Ok(principal) => forward(&mut inner, req, Some(principal)).await,
+                Ok((principal, tally)) => forward(&mut inner, req, Some(principal), tally).await,
                 Err(error) => Ok(refuse(&rejection, error)),
             }
         }))
