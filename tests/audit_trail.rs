@@ -327,7 +327,7 @@ async fn events_and_chain(store: Arc<dyn KeyStore>, db: Db) {
 
     // One key's events, newest first.
     let child_events = server
-        .get(&format!("/api-keys/{child_id}/events"), MASTER)
+        .get(&format!("/api-keys/{child_id}/events?owner=acme"), MASTER)
         .await;
     let child_types: Vec<&str> = child_events["events"]
         .as_array()

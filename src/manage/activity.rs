@@ -94,7 +94,8 @@ impl KeyManager {
         self.page(owner, key_ids, filter).await
     }
 
-    /// One key's events, newest first (`filter.key_id` is ignored): under the rule's
+    /// One key's events, newest first (`filter.key_id` is ignored; a deleted key's with the master
+    /// key naming its `owner`): under the rule's
     /// [`Operation::ReadActivity`] (a scoped key reads its own subtree's only; 403
     /// `AUTH_OUTSIDE_SUBTREE`, or 404 for another owner's key).
     pub async fn key_events(
@@ -104,11 +105,28 @@ impl KeyManager {
         owner: Option<&str>,
         filter: EventFilter,
     ) -> Result<EventPage, AuthError> {
-        let record = self
+        match self
             .target(caller, Operation::ReadActivity, id, owner)
-            .await?;
-        self.page(&record.owner, Some(vec![record.id]), filter)
             .await
+        {
+            Ok(record) => {
+                self.page(&record.owner, Some(vec![id.clone()]), filter)
+                    .await
+            }
+            // A deleted key's events outlive it: the master key reads them naming the owner (a
+            // key that never had an event there stays unknown).
+            Err(AuthError::NotFound) if caller.is_master() && owner.is_some() => {
+                let first = filter.cursor.is_none();
+                let page = self
+                    .page(owner.unwrap_or_default(), Some(vec![id.clone()]), filter)
+                    .await?;
+                if first && page.events.is_empty() {
+                    return Err(AuthError::NotFound);
+                }
+                Ok(page)
+            }
+            Err(error) => Err(error),
+        }
     }
 
     async fn page(
