@@ -40,6 +40,7 @@ mod openapi;
 mod prometheus;
 mod records;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -48,6 +49,7 @@ use axum::http::Request;
 use axum::response::Redirect;
 use axum::routing::get;
 use axum::{Json, Router};
+use tower_api_keys::audit::Retention;
 use tower_api_keys::guard::RequireScopes;
 use tower_api_keys::key::{ApiKey, KeyFormat};
 use tower_api_keys::layer::{ApiKeyLayer, KeySource};
@@ -191,6 +193,8 @@ pub(crate) async fn build(config: Config) -> Result<Demo, Box<dyn std::error::Er
         database.broadcast(config.redis_url.as_deref(), &resolver, manager)?;
 
     let usage = UsageRecorder::spawn(database.keys.clone(), Duration::from_secs(30));
+    // Audit events and usage counts are kept 90 days, purged hourly (the chains stay checkable).
+    Retention::default().spawn(database.keys.clone());
     let layer = ApiKeyLayer::new(resolver)
         .sources([
             KeySource::blnk(),
@@ -245,9 +249,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let listener = tokio::net::TcpListener::bind(&bind).await?;
     tracing::info!("listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, demo.router)
-        .with_graceful_shutdown(config::shutdown_signal())
-        .await?;
+    // With connect info: `ApiKeyLayer` judges `allowed_networks` by the peer address.
+    axum::serve(
+        listener,
+        demo.router
+            .into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(config::shutdown_signal())
+    .await?;
     let flushed = demo.usage.flush().await?;
     tracing::info!(keys = flushed, "usage flushed; bye");
     Ok(())

@@ -115,7 +115,9 @@ impl KeyManager {
             }
             // A deleted key's events outlive it: the master key reads them naming the owner (a
             // key that never had an event there stays unknown).
-            Err(AuthError::NotFound) if caller.is_master() && owner.is_some() => {
+            Err(AuthError::NotFound)
+                if caller.is_master() && owner.is_some() && self.store.get(id).await?.is_none() =>
+            {
                 let first = filter.cursor.is_none();
                 let page = self
                     .page(owner.unwrap_or_default(), Some(vec![id.clone()]), filter)
