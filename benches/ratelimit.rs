@@ -2,9 +2,16 @@
 //!
 //! In memory (the hot path): a trivial `tower::service_fn` called with a request that carries a
 //! principal, `bare` and behind `RateLimitLayer`, for a key with a rate limit it never reaches
-//! (the key's bucket from the per-thread front over `moka`, one `moka` get in 256, and one
-//! `governor` GCRA step), a key with credits (one locked decrement), and a key without limits (one
-//! branch). Target: `limited - bare` ≤ 100 ns median.
+//! (the level's bucket from the per-thread front over `moka`, one `moka` get in 256, and one GCRA
+//! step under the level's lock), a key with credits (one locked decrement), and a key without
+//! limits (one branch). Target: `limited - bare` ≤ 100 ns median.
+//!
+//! Hierarchical budgets (issue #19): a key with 0, 1 and 3 limited ancestors (1, 2 and 4 levels),
+//! whole requests and the decision alone, in memory and on Redis. Targets: each limited level adds
+//! ≤ 150 ns median in memory; Redis stays one round trip per decision whatever the depth.
+//!
+//! The GCRA step itself: `governor`'s `check_n` (what `MemoryRates` used before) beside this
+//! crate's own (`src/ratelimit/gcra.rs`, included here as is), each on the same clock.
 //!
 //! With Redis (`--features redis`, `TEST_REDIS_URL` or `redis://127.0.0.1:6379`): one decision of
 //! `RedisRates` (an `EVALSHA` of the GCRA script) next to a bare round trip on the same kind of
@@ -27,7 +34,7 @@ use http::{Request, Response};
 use tower::{Layer, Service};
 use tower_api_keys::key::KeyId;
 use tower_api_keys::principal::Principal;
-use tower_api_keys::quota::{Credits, RateLimit, UsageLimits};
+use tower_api_keys::quota::{Budget, BudgetId, BudgetLevel, Credits, RateLimit, UsageLimits};
 use tower_api_keys::ratelimit::{MemoryRates, RateLimiter, StoreCredits};
 use tower_api_keys::store::MemoryStore;
 
@@ -42,7 +49,29 @@ async fn handler(request: Request<()>) -> Result<Response<Bytes>, Infallible> {
     Ok(response)
 }
 
+/// The GCRA of `src/ratelimit/gcra.rs`, the very file the crate compiles.
+#[allow(dead_code, unreachable_pub, unused_imports)]
+#[path = "../src/ratelimit/gcra.rs"]
+mod gcra;
+
+/// A principal as the resolver hands it out: its own limits, and its budget chain.
 fn principal(id: &str, limits: UsageLimits) -> Principal {
+    chained(id, limits, 0)
+}
+
+/// A principal whose key has `limits` and `ancestors` limited ancestors (each `WIDE`).
+fn chained(id: &str, limits: UsageLimits, ancestors: usize) -> Principal {
+    let own = BudgetLevel {
+        id: BudgetId::Key(KeyId::new(id)),
+        limits,
+    };
+    let above = (0..ancestors).map(|i| BudgetLevel {
+        id: BudgetId::Key(KeyId::new(format!("{id}_ancestor_{i}"))),
+        limits: UsageLimits {
+            rate_limit: Some(WIDE),
+            credits: None,
+        },
+    });
     Principal::scoped(
         KeyId::new(id),
         "bench",
@@ -52,7 +81,14 @@ fn principal(id: &str, limits: UsageLimits) -> Principal {
         None,
     )
     .with_limits(limits)
+    .with_budget(Budget::new(std::iter::once(own).chain(above)))
 }
+
+/// Rate-limited only, `WIDE`.
+const RATED: UsageLimits = UsageLimits {
+    rate_limit: Some(WIDE),
+    credits: None,
+};
 
 /// The least any limiter answering with the IETF fields adds: the handler's response with two
 /// fixed header values inserted (no decision, no formatting, no allocation).
@@ -164,16 +200,45 @@ fn memory(c: &mut Criterion) {
     let cache: moka::sync::Cache<KeyId, std::sync::Arc<u64>> = moka::sync::Cache::new(1_000_000);
     let id = KeyId::new("key_rated");
     cache.insert(id.clone(), std::sync::Arc::new(1));
-    let gcra = governor::RateLimiter::direct(
+    // Today's step beside the one before: `governor` as `MemoryRates` had it (a direct limiter with
+    // the state-information middleware, on a quanta clock) and this crate's GCRA on the same
+    // clock, each for a limit never reached, with what the decision reads back (units left).
+    let governor = governor::RateLimiter::direct_with_clock(
         governor::Quota::with_period(Duration::from_nanos(1))
             .unwrap()
             .allow_burst(std::num::NonZeroU32::new(1_000_000_000).unwrap()),
-    );
+        governor::clock::QuantaClock::default(),
+    )
+    .with_middleware::<governor::middleware::StateInformationMiddleware>();
+    let own = gcra::Gcra::new(1, 1_000_000_000);
+    let clock = quanta::Clock::new();
+    let origin = clock.now();
+    let own_step = || {
+        let now = clock.now().saturating_duration_since(origin).as_nanos() as u64;
+        let mut held = own.lock();
+        match held.check(now, 1) {
+            gcra::Step::Fits {
+                new_tat,
+                until_full,
+            } => {
+                held.commit(new_tat);
+                gcra::remaining(1, 1_000_000_000, until_full)
+            }
+            gcra::Step::Refused { .. } => 0,
+        }
+    };
+    let governor_step = || match governor.check_n(std::num::NonZeroU32::MIN) {
+        Ok(Ok(snapshot)) => snapshot.remaining_burst_capacity(),
+        _ => 0,
+    };
     let decided = limiter.check(&rated, 1).now_or_never().unwrap();
     let mut parts = c.benchmark_group("ratelimit/memory parts");
     parts.bench_function("moka get", |b| b.iter(|| black_box(cache.get(&id))));
-    parts.bench_function("governor check_n", |b| {
-        b.iter(|| black_box(gcra.check_n(std::num::NonZeroU32::MIN)))
+    parts.bench_function("GCRA step: governor check_n (before)", |b| {
+        b.iter(|| black_box(governor_step()))
+    });
+    parts.bench_function("GCRA step: own, locked (now)", |b| {
+        b.iter(|| black_box(own_step()))
     });
     parts.bench_function("limiter check (no service)", |b| {
         b.iter(|| black_box(limiter.check(&rated, 1).now_or_never()))
@@ -186,6 +251,27 @@ fn memory(c: &mut Criterion) {
         })
     });
     parts.finish();
+
+    let gcra_medians = interleaved(
+        1001,
+        1000,
+        &mut [
+            &mut || {
+                black_box(governor_step());
+            },
+            &mut || {
+                black_box(own_step());
+            },
+        ],
+    );
+    println!(
+        "interleaved medians per GCRA step: governor {} ns, own {} ns (own / governor {:.2})",
+        gcra_medians[0].as_nanos(),
+        gcra_medians[1].as_nanos(),
+        gcra_medians[1].as_secs_f64() / gcra_medians[0].as_secs_f64()
+    );
+
+    chains(c, &limiter);
 
     let medians = interleaved(
         1001,
@@ -211,6 +297,79 @@ fn memory(c: &mut Criterion) {
         free_ns.saturating_sub(bare_ns),
         fixed_ns.saturating_sub(bare_ns),
         store_ns.saturating_sub(bare_ns),
+    );
+}
+
+/// Keys with 0, 1 and 3 limited ancestors (1, 2 and 4 levels), every level a rate limit never
+/// reached: whole requests and the decision alone.
+fn chains(c: &mut Criterion, limiter: &RateLimiter) {
+    let depths = [0usize, 1, 3];
+    let principals: Vec<Principal> = depths
+        .iter()
+        .map(|&n| chained(&format!("key_chain_{n}"), RATED, n))
+        .collect();
+    let mut bare = tower::service_fn(handler);
+    let layer = limiter.layer();
+    let mut services: Vec<_> = depths
+        .iter()
+        .map(|_| layer.layer(tower::service_fn(handler)))
+        .collect();
+    for (service, principal) in services.iter_mut().zip(&principals) {
+        let response = call(service, principal);
+        assert!(response.headers().contains_key("ratelimit"));
+    }
+    let mut group = c.benchmark_group("ratelimit/memory chain");
+    for ((n, service), principal) in depths.iter().zip(&mut services).zip(&principals) {
+        group.bench_function(format!("request, {n} limited ancestors"), |b| {
+            b.iter(|| call(service, principal))
+        });
+        group.bench_function(format!("decision, {n} limited ancestors"), |b| {
+            b.iter(|| black_box(limiter.check(principal, 1).now_or_never()))
+        });
+    }
+    group.finish();
+
+    let [s0, s1, s3] = &mut services[..] else {
+        unreachable!()
+    };
+    let [p0, p1, p3] = &principals[..] else {
+        unreachable!()
+    };
+    let medians = interleaved(
+        1001,
+        200,
+        &mut [
+            &mut || drop(black_box(call(&mut bare, p0))),
+            &mut || drop(black_box(call(s0, p0))),
+            &mut || drop(black_box(call(s1, p1))),
+            &mut || drop(black_box(call(s3, p3))),
+            &mut || drop(black_box(limiter.check(p0, 1).now_or_never())),
+            &mut || drop(black_box(limiter.check(p1, 1).now_or_never())),
+            &mut || drop(black_box(limiter.check(p3, 1).now_or_never())),
+        ],
+    );
+    let ns: Vec<u128> = medians.iter().map(Duration::as_nanos).collect();
+    println!(
+        "interleaved medians per request: bare {} ns; 0 limited ancestors {} ns (+{}), 1 {} ns \
+         (+{}), 3 {} ns (+{}); per limited ancestor: +{} ns (1), +{} ns (3, average)",
+        ns[0],
+        ns[1],
+        ns[1].saturating_sub(ns[0]),
+        ns[2],
+        ns[2].saturating_sub(ns[0]),
+        ns[3],
+        ns[3].saturating_sub(ns[0]),
+        ns[2].saturating_sub(ns[1]),
+        ns[3].saturating_sub(ns[1]) / 3,
+    );
+    println!(
+        "interleaved medians per decision alone (no headers): 0 limited ancestors {} ns, 1 {} ns, \
+         3 {} ns; per limited ancestor: +{} ns (1), +{} ns (3, average)",
+        ns[4],
+        ns[5],
+        ns[6],
+        ns[5].saturating_sub(ns[4]),
+        ns[6].saturating_sub(ns[4]) / 3,
     );
 }
 
@@ -333,15 +492,169 @@ fn redis(c: &mut Criterion) {
         medians[2],
         medians[2].as_secs_f64() / medians[0].as_secs_f64()
     );
+    // Depth: 1, 2 and 4 levels in one script call each, beside the bare round trip.
+    let chained_principals: Vec<Principal> = [0usize, 1, 3]
+        .iter()
+        .map(|&n| chained(&format!("key_redis_chain_{n}"), RATED, n))
+        .collect();
+    for principal in &chained_principals {
+        let decision = runtime.block_on(limiter.check(principal, 1));
+        assert!(
+            decision.is_admitted() && decision.rate.is_some(),
+            "{decision:?}"
+        );
+    }
+    let mut chain = c.benchmark_group("ratelimit/redis chain");
+    for (n, principal) in [0, 1, 3].iter().zip(&chained_principals) {
+        chain.bench_function(format!("decision, {n} limited ancestors"), |b| {
+            b.to_async(&runtime)
+                .iter(|| async { black_box(limiter.check(principal, 1).await) })
+        });
+    }
+    chain.finish();
+    let mut plain3 = plain.clone();
+    let [p0, p1, p3] = &chained_principals[..] else {
+        unreachable!()
+    };
+    let medians = interleaved(
+        201,
+        20,
+        &mut [
+            &mut || {
+                runtime.block_on(async {
+                    let value: String = plain3.get(&key).await.unwrap();
+                    black_box(value);
+                })
+            },
+            &mut || runtime.block_on(async { drop(black_box(limiter.check(p0, 1).await)) }),
+            &mut || runtime.block_on(async { drop(black_box(limiter.check(p1, 1).await)) }),
+            &mut || runtime.block_on(async { drop(black_box(limiter.check(p3, 1).await)) }),
+        ],
+    );
+    println!(
+        "interleaved medians: bare Redis round trip (GET) {:?}; decision with 0 limited ancestors \
+         {:?} ({:.2}x), 1 {:?} ({:.2}x), 3 {:?} ({:.2}x)",
+        medians[0],
+        medians[1],
+        medians[1].as_secs_f64() / medians[0].as_secs_f64(),
+        medians[2],
+        medians[2].as_secs_f64() / medians[0].as_secs_f64(),
+        medians[3],
+        medians[3].as_secs_f64() / medians[0].as_secs_f64(),
+    );
+
+    in_flight(&url, &prefix);
+
     runtime.block_on(async {
+        let mut keys: Vec<String> = vec![
+            key.clone(),
+            format!("{prefix}:key:key_rated"),
+            format!("{prefix}:direct"),
+        ];
+        for name in [
+            "key_redis_chain_0",
+            "key_redis_chain_1",
+            "key_redis_chain_3",
+        ] {
+            keys.push(format!("{prefix}:key:{name}"));
+            for i in 0..3 {
+                keys.push(format!("{prefix}:key:{name}_ancestor_{i}"));
+            }
+        }
         let _: () = redis::cmd("DEL")
-            .arg(&key)
-            .arg(format!("{prefix}:key_rated"))
-            .arg(format!("{prefix}:direct"))
+            .arg(&keys)
             .query_async(&mut plain)
             .await
             .unwrap();
     });
+}
+
+/// 32 decisions in flight at once (a server under load), on one connection and on a pool of
+/// [`DEFAULT_REDIS_CONNECTIONS`](tower_api_keys::ratelimit::DEFAULT_REDIS_CONNECTIONS), on a
+/// two-worker runtime: the median time one decision takes from start to answer, and decisions
+/// per second, in interleaved rounds.
+#[cfg(feature = "redis")]
+fn in_flight(url: &str, prefix: &str) {
+    use tower_api_keys::ratelimit::{DEFAULT_REDIS_CONNECTIONS, MemoryCredits, RedisRates};
+    const IN_FLIGHT: usize = 32;
+    const PER_TASK: usize = 20;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let limiter = |connections: usize| {
+        runtime.block_on(async {
+            RateLimiter::new(
+                RedisRates::open(url)
+                    .unwrap()
+                    .prefix(format!("{prefix}_flight"))
+                    .timeout(Duration::from_secs(5))
+                    .unwrap()
+                    .connections(connections)
+                    .unwrap(),
+                MemoryCredits::new(),
+            )
+        })
+    };
+    let limiters = [limiter(1), limiter(DEFAULT_REDIS_CONNECTIONS)];
+    let principals: Vec<Principal> = (0..IN_FLIGHT)
+        .map(|i| principal(&format!("key_flight_{i}"), RATED))
+        .collect();
+    // One round: 32 tasks, each making PER_TASK decisions one after the other; the latency of each
+    // decision and the round's wall time.
+    let round = |limiter: &RateLimiter| -> (Vec<Duration>, Duration) {
+        runtime.block_on(async {
+            let started = Instant::now();
+            let tasks: Vec<_> = principals
+                .iter()
+                .map(|principal| {
+                    let (limiter, principal) = (limiter.clone(), principal.clone());
+                    tokio::spawn(async move {
+                        let mut latencies = Vec::with_capacity(PER_TASK);
+                        for _ in 0..PER_TASK {
+                            let start = Instant::now();
+                            let decision = limiter.check(&principal, 1).await;
+                            assert!(decision.rate.is_some(), "{decision:?}");
+                            latencies.push(start.elapsed());
+                        }
+                        latencies
+                    })
+                })
+                .collect();
+            let mut all = Vec::with_capacity(IN_FLIGHT * PER_TASK);
+            for task in tasks {
+                all.extend(task.await.unwrap());
+            }
+            (all, started.elapsed())
+        })
+    };
+    // Warm both (connections open, script loaded).
+    for limiter in &limiters {
+        round(limiter);
+    }
+    let mut latencies = [Vec::new(), Vec::new()];
+    let mut rates = [Vec::new(), Vec::new()];
+    for _ in 0..15 {
+        for (i, limiter) in limiters.iter().enumerate() {
+            let (round_latencies, wall) = round(limiter);
+            latencies[i].extend(round_latencies);
+            rates[i].push(Duration::from_secs_f64(
+                wall.as_secs_f64() / (IN_FLIGHT * PER_TASK) as f64,
+            ));
+        }
+    }
+    let [one, pool] = latencies.map(median);
+    let [one_rate, pool_rate] = rates.map(median);
+    println!(
+        "{IN_FLIGHT} decisions in flight: median latency, one connection {one:?}, \
+         {DEFAULT_REDIS_CONNECTIONS} connections {pool:?} ({:.2}x); throughput {:.0}/s vs {:.0}/s \
+         ({:.2}x)",
+        pool.as_secs_f64() / one.as_secs_f64(),
+        1.0 / one_rate.as_secs_f64(),
+        1.0 / pool_rate.as_secs_f64(),
+        one_rate.as_secs_f64() / pool_rate.as_secs_f64(),
+    );
 }
 
 fn main() {

@@ -273,7 +273,8 @@ impl Model {
             if i == root {
                 return true;
             }
-            next = self.keys[i].created_by;
+            // A deleted key's record is gone, and the lineage through it with it.
+            next = self.keys[i].created_by.filter(|&p| !self.keys[p].deleted);
         }
         false
     }

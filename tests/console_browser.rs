@@ -569,6 +569,7 @@ async fn journey(b: &Browser, s: &Service) -> Outcome {
         assert_eq!(reply.status, StatusCode::OK, "{path}");
         assert_eq!(reply.headers["content-security-policy"], CSP, "{path}");
         assert_eq!(reply.headers["x-content-type-options"], "nosniff", "{path}");
+        assert_eq!(reply.headers["x-frame-options"], "DENY", "{path}");
         assert_eq!(reply.headers["referrer-policy"], "no-referrer", "{path}");
         assert_eq!(reply.headers["cache-control"], "no-store", "{path}");
     }

@@ -893,3 +893,213 @@ fn principal_from_extensions_tells_no_key_from_no_layer() {
     with.insert(Principal::master());
     assert!(Principal::from_extensions(&with).unwrap().is_master());
 }
+
+// ---- allowed_networks: judged by the layer, through real HTTP ----
+
+fn networks(blocks: &str) -> Option<tower_api_keys::network::Networks> {
+    Some(blocks.parse().unwrap())
+}
+
+/// The fixture's app, plus a counter of the requests that got past the layer (to the guards).
+fn counted_app(
+    f: &Fixture,
+    layer: impl FnOnce(ApiKeyLayer) -> ApiKeyLayer,
+) -> (Router, Arc<std::sync::atomic::AtomicUsize>) {
+    let passed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = passed.clone();
+    let inner = Router::new()
+        .route("/whoami", get(whoami))
+        .merge(
+            Router::new()
+                .route("/ledgers", post(whoami))
+                .route_layer(RequireScopes::all(["ledgers:write"])),
+        )
+        .layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                counter.fetch_add(1, Ordering::SeqCst);
+                next.run(req)
+            },
+        ));
+    let app = inner.layer(layer(
+        ApiKeyLayer::new(f.resolver.clone()).master_key(ApiKey::new(MASTER)),
+    ));
+    (app, passed)
+}
+
+#[tokio::test]
+async fn a_network_restricted_key_is_admitted_from_inside_only_before_any_guard_runs() {
+    use common::wire::{call, serve_with_connect_info};
+    let f = fixture();
+    let (inside, _) = issue_with(&*f.store, &f.format, "ledgers:read", |r| {
+        r.allowed_networks = networks("127.0.0.0/8 2001:db8::/32");
+    })
+    .await;
+    let (outside, _) = issue_with(&*f.store, &f.format, "ledgers:read", |r| {
+        r.allowed_networks = networks("192.0.2.0/24 ::1");
+    })
+    .await;
+    let (anywhere, _) = issue(&*f.store, &f.format, "ledgers:read").await;
+    let (app, passed) = counted_app(&f, |l| l);
+    let addr = serve_with_connect_info(app).await;
+
+    for key in [&inside, &anywhere] {
+        call(
+            addr,
+            "GET",
+            "/whoami",
+            &[("x-api-key", key.expose_secret())],
+            "",
+        )
+        .await
+        .expect(StatusCode::OK, None);
+    }
+    assert_eq!(passed.load(Ordering::SeqCst), 2);
+    // Twice: the second answer comes from the cache, judged the same way.
+    for _ in 0..2 {
+        let reply = call(
+            addr,
+            "GET",
+            "/whoami",
+            &[("x-api-key", outside.expose_secret())],
+            "",
+        )
+        .await;
+        reply.expect(StatusCode::FORBIDDEN, Some("AUTH_NETWORK_NOT_ALLOWED"));
+        assert!(!reply.body.contains(outside.expose_secret()));
+    }
+    // A route whose scope the key lacks: the network refusal comes first, and nothing behind the
+    // layer ran.
+    call(
+        addr,
+        "POST",
+        "/ledgers",
+        &[("x-api-key", outside.expose_secret())],
+        "",
+    )
+    .await
+    .expect(StatusCode::FORBIDDEN, Some("AUTH_NETWORK_NOT_ALLOWED"));
+    assert_eq!(
+        passed.load(Ordering::SeqCst),
+        2,
+        "a refused request reached the guards"
+    );
+    call(
+        addr,
+        "POST",
+        "/ledgers",
+        &[("x-api-key", inside.expose_secret())],
+        "",
+    )
+    .await
+    .expect(StatusCode::FORBIDDEN, Some("AUTH_INSUFFICIENT_PERMISSIONS"));
+}
+
+#[tokio::test]
+async fn without_a_peer_address_a_restricted_key_is_refused_and_others_are_not() {
+    let f = fixture();
+    let (restricted, _) = issue_with(&*f.store, &f.format, "ledgers:read", |r| {
+        r.allowed_networks = networks("0.0.0.0/0 ::/0");
+    })
+    .await;
+    let (anywhere, _) = issue(&*f.store, &f.format, "ledgers:read").await;
+    // `oneshot` on the router: no connection, so no `ConnectInfo`.
+    let (app, passed) = counted_app(&f, |l| l);
+    expect_error(
+        &app,
+        req(
+            "GET",
+            "/whoami",
+            &[("x-api-key", restricted.expose_secret())],
+        ),
+        StatusCode::FORBIDDEN,
+        "AUTH_NETWORK_NOT_ALLOWED",
+    )
+    .await;
+    let ok = send(
+        &app,
+        req("GET", "/whoami", &[("x-api-key", anywhere.expose_secret())]),
+    )
+    .await;
+    assert_eq!(ok.status(), StatusCode::OK);
+    let master = send(&app, req("GET", "/whoami", &[("x-api-key", MASTER)])).await;
+    assert_eq!(master.status(), StatusCode::OK);
+    assert_eq!(passed.load(Ordering::SeqCst), 2);
+
+    // A bare `SocketAddr` in the extensions is a peer address too (what a hyper server inserts).
+    let mut request = req(
+        "GET",
+        "/whoami",
+        &[("x-api-key", restricted.expose_secret())],
+    );
+    request
+        .extensions_mut()
+        .insert("192.0.2.1:4711".parse::<std::net::SocketAddr>().unwrap());
+    assert_eq!(send(&app, request).await.status(), StatusCode::OK);
+
+    // A custom reader (tonic's `TcpConnectInfo` is read this way) replaces the default.
+    let (app, _) = counted_app(&f, |l| {
+        l.peer_addr(|_| Some("192.0.2.1:1".parse().unwrap()))
+    });
+    let request = req(
+        "GET",
+        "/whoami",
+        &[("x-api-key", restricted.expose_secret())],
+    );
+    assert_eq!(send(&app, request).await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn x_forwarded_for_counts_only_from_a_trusted_proxy() {
+    use common::wire::{call, serve_with_connect_info};
+    let f = fixture();
+    let (key, _) = issue_with(&*f.store, &f.format, "ledgers:read", |r| {
+        r.allowed_networks = networks("198.51.100.0/24");
+    })
+    .await;
+    let secret = key.expose_secret();
+    let get = |addr, xff: &'static [&'static str]| {
+        let mut headers = vec![("x-api-key", secret)];
+        headers.extend(xff.iter().map(|v| ("x-forwarded-for", *v)));
+        async move { call(addr, "GET", "/whoami", &headers, "").await }
+    };
+
+    // The test client (127.0.0.1) is the trusted proxy, as nginx on the same host would be.
+    let (app, _) = counted_app(&f, |l| {
+        l.trusted_proxies("127.0.0.1/32 10.0.0.0/8".parse().unwrap())
+    });
+    let proxied = serve_with_connect_info(app).await;
+    get(proxied, &["198.51.100.7"])
+        .await
+        .expect(StatusCode::OK, None);
+    // Proxies in between are skipped; addresses a client wrote further left are not believed.
+    get(proxied, &["203.0.113.9, 198.51.100.7, 10.1.2.3"])
+        .await
+        .expect(StatusCode::OK, None);
+    get(proxied, &["198.51.100.7, 203.0.113.9"])
+        .await
+        .expect(StatusCode::FORBIDDEN, Some("AUTH_NETWORK_NOT_ALLOWED"));
+    get(proxied, &["198.51.100.7", "203.0.113.9"])
+        .await
+        .expect(StatusCode::FORBIDDEN, Some("AUTH_NETWORK_NOT_ALLOWED"));
+    // No header: the proxy itself is the client (127.0.0.1, outside the key's networks).
+    get(proxied, &[])
+        .await
+        .expect(StatusCode::FORBIDDEN, Some("AUTH_NETWORK_NOT_ALLOWED"));
+    // An entry that is no address before the client is found: unknown, refused.
+    get(proxied, &["198.51.100.7, unknown"])
+        .await
+        .expect(StatusCode::FORBIDDEN, Some("AUTH_NETWORK_NOT_ALLOWED"));
+
+    // The same header from an untrusted peer is ignored: the client is 127.0.0.1.
+    let (app, _) = counted_app(&f, |l| l.trusted_proxies("10.0.0.0/8".parse().unwrap()));
+    let direct = serve_with_connect_info(app).await;
+    get(direct, &["198.51.100.7"])
+        .await
+        .expect(StatusCode::FORBIDDEN, Some("AUTH_NETWORK_NOT_ALLOWED"));
+    // And without trusted proxies at all.
+    let (app, _) = counted_app(&f, |l| l);
+    let plain = serve_with_connect_info(app).await;
+    get(plain, &["198.51.100.7"])
+        .await
+        .expect(StatusCode::FORBIDDEN, Some("AUTH_NETWORK_NOT_ALLOWED"));
+}

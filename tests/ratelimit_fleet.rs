@@ -1,6 +1,7 @@
 //! Per-key limits across a fleet: two instances (each its own `PostgresStore` pool, resolver and
 //! limiter) sharing one PostgreSQL schema and one Redis, through real HTTP. Together they never
-//! admit more than a key's rate limit or credits; credits survive a Redis restart (they are
+//! admit more than a key's rate limit or credits, nor (I3) more than a parent's rate limit or
+//! credits for all its children together; credits survive a Redis restart (they are
 //! counted in PostgreSQL); with Redis stopped mid-run rate limits fail open (or closed, when so
 //! configured) while credits stay exact, and the limits come back by themselves when Redis does.
 //!
@@ -25,7 +26,9 @@ use tower_api_keys::key::{ApiKey, KeyFormat, KeyId};
 use tower_api_keys::layer::ApiKeyLayer;
 use tower_api_keys::manage::{self, KeyManager};
 use tower_api_keys::quota::{Credits, RateLimit, UsageLimits};
-use tower_api_keys::ratelimit::{FailMode, RateLimiter, RedisRates, StoreCredits};
+use tower_api_keys::ratelimit::{
+    DEFAULT_REDIS_CONNECTIONS, FailMode, RateLimiter, RedisRates, StoreCredits,
+};
 use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::scope::ScopeSet;
 use tower_api_keys::store::{KeyLimits, KeyRecord, KeyStore, PostgresStore};
@@ -79,6 +82,15 @@ async fn fleet(test: &str, redis_url: Option<&str>) -> Option<(PgSchema, String,
 
 /// A key with `limits`, stored through `store`.
 async fn key_with(store: &PostgresStore, limits: UsageLimits) -> (String, KeyId) {
+    key_under(store, None, limits).await
+}
+
+/// A key with `limits` created by `parent` (a master-made key without one), stored through `store`.
+async fn key_under(
+    store: &PostgresStore,
+    parent: Option<&KeyId>,
+    limits: UsageLimits,
+) -> (String, KeyId) {
     let format = KeyFormat::default();
     let key = format.generate();
     let record = KeyRecord {
@@ -94,7 +106,7 @@ async fn key_with(store: &PostgresStore, limits: UsageLimits) -> (String, KeyId)
         expires_at: None,
         revoked_at: None,
         last_used_at: None,
-        created_by: None,
+        created_by: parent.cloned(),
         rotated_at: None,
         previous: None,
         limits,
@@ -173,6 +185,87 @@ async fn two_instances_admit_exactly_the_limit_and_the_credits_together() {
         })
         .collect();
     println!("admitted per instance: {per_instance:?}");
+    schema.drop_schema().await;
+}
+
+/// I3 across a fleet: a parent with 4 children (two with a looser rate limit of their own, two with
+/// none; two with credits of their own, two without), 200 concurrent requests spread over the
+/// children and both instances: never more admitted than the parent's rate limit, never more
+/// spent than the parent's credits, and what a child spent is spent at the parent too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_parent_binds_its_four_children_across_two_instances() {
+    let Some((schema, redis, prefix)) = fleet("rl_fleet_chain", None).await else {
+        return;
+    };
+    let a = instance(&schema, &redis, &prefix, FailMode::Closed).await;
+    let b = instance(&schema, &redis, &prefix, FailMode::Closed).await;
+    let addrs = [a.addr, b.addr];
+
+    // Rates: the parent allows 12 a minute; the children more (or nothing of their own).
+    let (_, parent) = key_with(
+        &a.store,
+        UsageLimits {
+            rate_limit: Some(RateLimit::new(12, 60)),
+            credits: None,
+        },
+    )
+    .await;
+    let mut children = Vec::new();
+    for i in 0..4 {
+        let own = (i % 2 == 0).then_some(RateLimit::new(100, 60));
+        let limits = UsageLimits {
+            rate_limit: own,
+            credits: None,
+        };
+        children.push(key_under(&b.store, Some(&parent), limits).await.0);
+    }
+    let answers = blast_keys(&addrs, "/ledgers", &children, 200).await;
+    check_headers(&answers, "RATE_LIMITED");
+    assert_eq!(count(&answers, StatusCode::OK), 12, "{answers:#?}");
+    assert_eq!(count(&answers, StatusCode::TOO_MANY_REQUESTS), 188);
+
+    // Credits: the parent has 30; two children have 20 of their own, two none.
+    let (_, parent) = key_with(
+        &b.store,
+        UsageLimits {
+            rate_limit: None,
+            credits: Some(Credits::new(30)),
+        },
+    )
+    .await;
+    let mut children = Vec::new();
+    for i in 0..4 {
+        let own = (i % 2 == 0).then(|| Credits::new(20));
+        let limits = UsageLimits {
+            rate_limit: None,
+            credits: own,
+        };
+        children.push(key_under(&a.store, Some(&parent), limits).await);
+    }
+    let secrets: Vec<String> = children.iter().map(|(key, _)| key.clone()).collect();
+    let answers = blast_keys(&addrs, "/ledgers", &secrets, 200).await;
+    check_headers(&answers, "USAGE_EXCEEDED");
+    assert_eq!(count(&answers, StatusCode::OK), 30, "{answers:#?}");
+    assert_eq!(count(&answers, StatusCode::TOO_MANY_REQUESTS), 170);
+    assert_eq!(remaining(&a.store, &parent).await, 0);
+    // Each child with credits spent exactly what it was admitted for, at its level and the parent's.
+    let admitted_per_child: Vec<u64> = (0..4)
+        .map(|c| {
+            answers
+                .iter()
+                .skip(c)
+                .step_by(4)
+                .filter(|a| a.status == StatusCode::OK)
+                .count() as u64
+        })
+        .collect();
+    for (c, (_, id)) in children.iter().enumerate().filter(|(c, _)| c % 2 == 0) {
+        assert_eq!(
+            remaining(&b.store, id).await,
+            20 - admitted_per_child[c],
+            "child {c}: {admitted_per_child:?}"
+        );
+    }
     schema.drop_schema().await;
 }
 
@@ -347,19 +440,26 @@ async fn redis_stopped_mid_run_fails_rate_limits_open_and_credits_stay_exact() {
     assert_eq!(remaining(&open.store, &id).await, 0);
 
     redis.up().expect("redis-server restarts");
-    // Back by itself: the first request Redis decides again carries the `RateLimit` state (a
-    // request that failed open carries only the policy).
+    // Back by itself: a request Redis decides again carries the `RateLimit` state (a request that
+    // failed open carries only the policy). Each of an instance's pooled connections reconnects on
+    // its first failing decision, so wait until, on both instances, as many decisions in a row as
+    // there are connections (taken in turn) were Redis's.
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let answer = fetch(&client, closed.addr, "/ledgers", &limited).await;
-        if answer.headers.contains_key("ratelimit") {
-            break;
+    for addr in [closed.addr, open.addr] {
+        let mut in_a_row = 0;
+        while in_a_row < DEFAULT_REDIS_CONNECTIONS {
+            let answer = fetch(&client, addr, "/ledgers", &limited).await;
+            if answer.headers.contains_key("ratelimit") {
+                in_a_row += 1;
+                continue;
+            }
+            in_a_row = 0;
+            assert!(
+                Instant::now() < deadline,
+                "Redis was not used again: {answer:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(
-            Instant::now() < deadline,
-            "Redis was not used again: {answer:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     println!(
         "limits decided by Redis again {:?} after it went down",

@@ -1,7 +1,19 @@
-//! Both rate-limit backends against one small reference model: random sequences of requests of
-//! random cost for a few keys with random rate limits and, for some, credits, each decided by
-//! `MemoryRates` and by `RedisRates` (when `TEST_REDIS_URL` answers; skipped loudly otherwise,
-//! required under `CI=true`), with credits in memory, and by the model.
+//! Both rate-limit backends against small reference models, each decided by `MemoryRates` and by
+//! `RedisRates` (when `TEST_REDIS_URL` answers; skipped loudly otherwise, required under
+//! `CI=true`), with credits in memory, and by the model.
+//!
+//! **Budget chains** (`chains_follow_the_model_and_no_level_ever_overspends`, invariant I3):
+//! random trees of keys (depth ≤ 4) with rate limits and credits (some refilled daily) at random
+//! levels, an account pool and an owner pool, random requests with costs while a controllable
+//! clock advances (the in-memory limiter's own clock and the wall clock of refills). After every
+//! step it checks literally, from the history of what was admitted: per level, the cost admitted
+//! in any window is within the level's GCRA bound (its limit + elapsed / emission interval); the
+//! credits spent per level since its last refill are within what it had; a refused request changed
+//! nothing (every level's credits, and on Redis every level's bucket, read before and after). And
+//! every decision is the model's: admitted or refused, by which level, with what left.
+//!
+//! **One key at a time** (`memory_and_redis_rates_follow_the_model`): random sequences of requests
+//! of random cost for a few keys with random rate limits and, for some, credits.
 //!
 //! The periods are an hour long, so the time a test takes (milliseconds) refills far less than a
 //! unit: the model can ignore time. It says: a request passes when its cost fits in what is left,
@@ -9,6 +21,8 @@
 //! decision; a refused request is told to retry once the missing units have refilled; a cost above
 //! the whole limit never passes (reported as nothing left, retry after a period) and uses nothing.
 
+#[path = "ratelimit_model/chains.rs"]
+mod chains;
 mod common;
 
 use std::collections::HashMap;

@@ -441,7 +441,7 @@ impl Running {
     async fn stored(&self) -> i64 {
         let url = format!("sqlite://{}", self.db.display());
         let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-        let count = sqlx::query_scalar("SELECT count(*) FROM demo_account_records")
+        let count = sqlx::query_scalar("SELECT count(*) FROM demo_owned_records")
             .fetch_one(&pool)
             .await
             .unwrap();

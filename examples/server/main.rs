@@ -19,12 +19,26 @@
 //! Routes: `/ledgers`, `/balances`, `/transactions` (POST create, GET list, GET `/{id}`), scoped by
 //! method (`ledgers:read` / `ledgers:write`, ...); key management at `/api-keys`. Unauthenticated:
 //! `/health`, `/openapi.json` (the whole API), the key console at `/console` (a web page; it asks
-//! for a key itself) and, with feature `metrics`, `/metrics`. Records are JSON; those created with a
-//! scoped key carry `meta_data.BLNK_GENERATED_BY` and belong to its account: a scoped key sees its
-//! account's records only, the master key all of them (the handlers in `records.rs` scope every
-//! query by `principal.account()`). `/ping` (no key) and `/auth/ping` (scope `ledgers:read`) run the
-//! same trivial handler outside and behind the key layer, so that
-//! `scripts/load.sh` can measure what authentication costs.
+//! for a key itself) and, with feature `metrics`, `/metrics`. Records are JSON objects nested at
+//! most [`MAX_RECORD_DEPTH`] (64) levels deep; those created with a scoped key carry
+//! `meta_data.BLNK_GENERATED_BY` and belong to its owner *and* account: a scoped key sees the
+//! records of its own owner's account only, the master key all of them (the handlers in
+//! `records.rs` scope every query by `principal.owner()` and `principal.account()`). `/ping` (no
+//! key) and `/auth/ping` (scope `ledgers:read`) run the same trivial handler outside and behind the
+//! key layer, so that `scripts/load.sh` can measure what authentication costs.
+//!
+//! **Every route that takes a key goes through the rate limiter** (a key's `rate_limit` and
+//! `credits`, and its ancestors'): the records, `/auth/ping` and key management. Each request costs
+//! 1 unit of rate limit and 1 credit. On record routes and `/auth/ping` the scope guard runs first,
+//! so a request refused for its scope costs nothing; key management checks what a caller may do in
+//! its handlers, after the limiter, so every management call a scoped key makes costs 1, allowed
+//! or not (`GET /api-keys` included). The master key is not limited. At start-up the server logs
+//! what each limit backend does when it fails (rate limits on Redis fail open, credits in the key
+//! store fail closed).
+//!
+//! The server is served with connect info, so keys created with `allowed_networks` are judged by
+//! the peer address. Behind a reverse proxy, add `.trusted_proxies(...)` to the `ApiKeyLayer` in
+//! [`build`], naming the proxy's addresses, so `X-Forwarded-For` names the client.
 //!
 //! This file is the wiring to copy. Beside it: `records.rs` (the demo's records and their handlers),
 //! `openapi.rs` (the `/openapi.json` document), `prometheus.rs` (`/metrics`), `console.rs` (the
@@ -55,7 +69,7 @@ use tower_api_keys::key::{ApiKey, KeyFormat};
 use tower_api_keys::layer::{ApiKeyLayer, KeySource};
 use tower_api_keys::manage::{self, KeyManager, KeyPolicy};
 use tower_api_keys::provenance::Provenance;
-use tower_api_keys::ratelimit::{MemoryRates, RateLimiter, StoreCredits};
+use tower_api_keys::ratelimit::{FailMode, MemoryRates, RateLimiter, StoreCredits};
 use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::usage::UsageRecorder;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
@@ -74,6 +88,17 @@ const RESOURCES: [(&str, &str); 3] = [
 /// Largest record body a client may send: 256 KiB (`Provenance` refuses a larger one from a scoped
 /// key before the handler runs). The handler's own limit is 1 KiB higher: room for the stamp.
 const MAX_RECORD_BYTES: usize = 256 * 1024;
+
+/// Deepest nesting of a record body: 64 levels of objects and arrays (the top-level object is
+/// level 1). A deeper body is refused with 400 `RECORD_TOO_DEEP` before it is stored, so every
+/// stored record stays readable by common JSON parsers (serde_json stops at 128 levels).
+pub(crate) const MAX_RECORD_DEPTH: usize = 64;
+
+/// When the rate-limit backend (Redis) fails: admit (the crate's default), so an outage of the
+/// limiter does not take the API down.
+const RATE_FAILURE: FailMode = FailMode::Open;
+/// When the credit backend (the key store) fails: refuse with 503, so credits are never overspent.
+const CREDIT_FAILURE: FailMode = FailMode::Closed;
 
 /// One resource: create, list, get, scoped by HTTP method, stamped with provenance on create.
 fn resource(kind: &'static str, plural: &str, records: Records, limiter: &RateLimiter) -> Router {
@@ -104,11 +129,14 @@ fn app(layer: ApiKeyLayer, manager: KeyManager, records: Records, limiter: RateL
         router = router.merge(resource(kind, plural, records.clone(), &limiter));
     }
     let router = router
-        .merge(manage::router(manager))
-        // More routers that need a key merge here, before the layer.
+        // Key management costs like any other request (see the module docs).
+        .merge(manage::router(manager).route_layer(limiter.layer()))
+        // More routers that need a key merge here, before the layer, each with the limiter.
         .route(
             "/auth/ping",
-            get(ping).route_layer(RequireScopes::all(["ledgers:read"])),
+            get(ping)
+                .route_layer(limiter.layer())
+                .route_layer(RequireScopes::all(["ledgers:read"])),
         )
         .layer(layer)
         // Added after the authentication layer: no key needed.
@@ -134,6 +162,32 @@ fn app(layer: ApiKeyLayer, manager: KeyManager, records: Records, limiter: RateL
             .make_span_with(request_span)
             .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
     )
+}
+
+/// Says at start-up what each limit backend does when it fails, so an operator knows before an
+/// outage whether limits would be skipped or requests refused. (The Redis URL is not logged: it
+/// may hold a password.)
+fn log_limit_backends(rates_backend: &str) {
+    let what = |mode: FailMode| match mode {
+        FailMode::Open => "fail OPEN: requests are admitted without the check",
+        FailMode::Closed => "fail CLOSED: requests are refused with 503 AUTH_UNAVAILABLE",
+    };
+    match rates_backend {
+        "memory" => tracing::info!(
+            backend = "memory",
+            "rate limits: in this process only (each instance counts alone); cannot fail"
+        ),
+        backend => tracing::warn!(
+            backend,
+            "rate limits: if {backend} is unreachable, rate limits {}",
+            what(RATE_FAILURE)
+        ),
+    }
+    tracing::info!(
+        backend = "key store",
+        "credits: if the key store is unreachable, credits {}",
+        what(CREDIT_FAILURE)
+    );
 }
 
 /// `/ping` and `/auth/ping`: the same work with and without authentication (`scripts/load.sh`).
@@ -208,14 +262,21 @@ pub(crate) async fn build(config: Config) -> Result<Demo, Box<dyn std::error::Er
     // Rate limits in memory (one instance), or on Redis when `REDIS_URL` is set (a fleet);
     // credits are counted in the key store either way, exact across instances.
     let credits = StoreCredits::new(database.keys.clone());
-    let limiter = match config.redis_url.as_deref() {
+    let (limiter, rates_backend) = match config.redis_url.as_deref() {
         #[cfg(feature = "redis")]
-        Some(url) => RateLimiter::new(
-            tower_api_keys::ratelimit::RedisRates::open(url)?.prefix("demo:rl"),
-            credits,
+        Some(url) => (
+            RateLimiter::new(
+                tower_api_keys::ratelimit::RedisRates::open(url)?.prefix("demo:rl"),
+                credits,
+            ),
+            "Redis",
         ),
-        _ => RateLimiter::new(MemoryRates::new(), credits),
+        _ => (RateLimiter::new(MemoryRates::new(), credits), "memory"),
     };
+    let limiter = limiter
+        .on_rate_error(RATE_FAILURE)
+        .on_credit_error(CREDIT_FAILURE);
+    log_limit_backends(rates_backend);
 
     #[cfg(feature = "metrics")]
     prometheus::install();

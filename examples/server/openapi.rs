@@ -79,7 +79,17 @@ pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
             OperationBuilder::new()
                 .tag(plural)
                 .response("401", error("Missing, invalid, expired or revoked key"))
-                .response("403", error("The key lacks the scope"))
+                .response(
+                    "403",
+                    error(
+                        "The key lacks the scope, or the request comes from outside its \
+                         `allowed_networks` (`AUTH_NETWORK_NOT_ALLOWED`)",
+                    ),
+                )
+                .response(
+                    "429",
+                    error("Over the key's rate limit or out of credits (or an ancestor's)"),
+                )
                 .response("503", error("Key store unavailable"))
         };
         let create = denied()
@@ -102,7 +112,9 @@ pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
                 "400",
                 error(&format!(
                     "Not a JSON object, or it sets `{kind}_id` or `created_at` (`RECORD_INVALID`); \
-                     `meta_data` is not an object (`REQUEST_INVALID_METADATA`)"
+                     nested deeper than 64 levels (`RECORD_TOO_DEEP`); `meta_data` is not an \
+                     object (`REQUEST_INVALID_METADATA`); `meta_data` twice or in another case, \
+                     or `BLNK_GENERATED_BY` outside it (`REQUEST_AMBIGUOUS_METADATA`)"
                 )),
             )
             .response("413", error("Body over 256 KiB (`REQUEST_BODY_TOO_LARGE`)"))
@@ -117,7 +129,7 @@ pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
             .operation_id(Some(format!("list_{plural}")))
             .summary(Some(format!(
                 "List {plural}, newest first (scope `{plural}:read`): a scoped key sees its \
-                 account's, the master key all"
+                 owner's account's, the master key all"
             )))
             .response(
                 "200",
@@ -139,7 +151,7 @@ pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
             .response("200", json("The record", stored(kind)))
             .response(
                 "404",
-                error("No such record in the caller's account (`RECORD_NOT_FOUND`)"),
+                error("No such record in the caller's owner and account (`RECORD_NOT_FOUND`)"),
             );
         doc.paths
             .add_path_operation(format!("/{plural}"), vec![HttpMethod::Post], create);
@@ -178,7 +190,11 @@ pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
             .summary(Some("`pong` (scope `ledgers:read`; twin of `/ping`)"))
             .response("200", ok("`pong`"))
             .response("401", error("Missing, invalid, expired or revoked key"))
-            .response("403", error("The key lacks the scope")),
+            .response(
+                "403",
+                error("The key lacks the scope, or is used from outside its networks"),
+            )
+            .response("429", error("Over the key's rate limit or out of credits")),
     );
     #[cfg(feature = "metrics")]
     doc.paths.add_path_operation(

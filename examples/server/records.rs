@@ -7,9 +7,13 @@
 //!   body that `Provenance` could not stamp is never read as JSON here either.
 //! - **The server owns ids and timestamps**: a client-sent `<kind>_id` or `created_at` is a 400, so
 //!   the stored record never holds either twice.
-//! - **Records belong to the caller's account**: a scoped key creates records in its account and
-//!   sees, lists and fetches only those (another account's record is a 404, like a missing one);
-//!   the master key sees every record, and records it creates belong to no account.
+//! - **Records belong to the caller's owner and account**: a scoped key creates records in its
+//!   owner's account and sees, lists and fetches only those (another owner's or account's record
+//!   is a 404, like a missing one). Both count: account names are chosen per owner (an account
+//!   defaults to its owner's name), so owner `acct-1` and owner `team-a`'s account `acct-1` are two
+//!   different places. The master key sees every record; records it creates belong to no one.
+//! - **Bounded depth**: a body nested deeper than [`MAX_RECORD_DEPTH`] levels is a 400
+//!   `RECORD_TOO_DEEP`, so no stored record is too deep for the clients that read listings.
 
 use std::collections::BTreeMap;
 
@@ -25,7 +29,7 @@ use tower_api_keys::error::AuthError;
 use tower_api_keys::key::KeyId;
 use tower_api_keys::principal::Principal;
 
-use super::MAX_RECORD_BYTES;
+use super::{MAX_RECORD_BYTES, MAX_RECORD_DEPTH};
 
 /// Where the demo keeps its ledgers, balances and transactions: the same database as the keys.
 #[derive(Clone)]
@@ -44,9 +48,9 @@ struct Record {
 
 impl Records {
     pub(crate) async fn migrate(&self) -> Result<(), sqlx::Error> {
-        // `account` is NULL for the master key's records.
-        const DDL: &str = "CREATE TABLE IF NOT EXISTS demo_account_records (
-            id TEXT PRIMARY KEY, kind TEXT NOT NULL, account TEXT, body TEXT NOT NULL,
+        // `owner` and `account` are NULL for the master key's records.
+        const DDL: &str = "CREATE TABLE IF NOT EXISTS demo_owned_records (
+            id TEXT PRIMARY KEY, kind TEXT NOT NULL, owner TEXT, account TEXT, body TEXT NOT NULL,
             created_at TEXT NOT NULL)";
         match self {
             Self::Sqlite(pool) => sqlx::query(DDL).execute(pool).await.map(drop),
@@ -58,7 +62,7 @@ impl Records {
     async fn insert(
         &self,
         kind: &str,
-        account: Option<&str>,
+        place: Option<Place<'_>>,
         record: &Record,
     ) -> Result<(), sqlx::Error> {
         macro_rules! insert {
@@ -66,7 +70,8 @@ impl Records {
                 sqlx::query($sql)
                     .bind(&record.id)
                     .bind(kind)
-                    .bind(account)
+                    .bind(place.map(|p| p.owner))
+                    .bind(place.map(|p| p.account))
                     .bind(&record.body)
                     .bind(&record.created_at)
                     .execute($pool)
@@ -77,23 +82,23 @@ impl Records {
         match self {
             Self::Sqlite(pool) => insert!(
                 pool,
-                "INSERT INTO demo_account_records (id, kind, account, body, created_at)
-                 VALUES (?, ?, ?, ?, ?)"
+                "INSERT INTO demo_owned_records (id, kind, owner, account, body, created_at)
+                 VALUES (?, ?, ?, ?, ?, ?)"
             ),
             #[cfg(feature = "postgres")]
             Self::Postgres(pool) => insert!(
                 pool,
-                "INSERT INTO demo_account_records (id, kind, account, body, created_at)
-                 VALUES ($1, $2, $3, $4, $5)"
+                "INSERT INTO demo_owned_records (id, kind, owner, account, body, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)"
             ),
         }
     }
 
-    /// The newest 100 records of `kind` (or the one with `id`), in `account` if it is `Some`.
+    /// The newest 100 records of `kind` (or the one with `id`), in `place` if it is `Some`.
     async fn find(
         &self,
         kind: &str,
-        account: Option<&str>,
+        place: Option<Place<'_>>,
         id: Option<&str>,
     ) -> Result<Vec<Record>, sqlx::Error> {
         use sqlx::Row;
@@ -101,7 +106,8 @@ impl Records {
             ($pool:expr, $sql:literal) => {{
                 let rows = sqlx::query($sql)
                     .bind(kind)
-                    .bind(account)
+                    .bind(place.map(|p| p.owner))
+                    .bind(place.map(|p| p.account))
                     .bind(id)
                     .fetch_all($pool)
                     .await?;
@@ -119,20 +125,69 @@ impl Records {
         match self {
             Self::Sqlite(pool) => find!(
                 pool,
-                "SELECT id, body, created_at FROM demo_account_records
-                 WHERE kind = ?1 AND (?2 IS NULL OR account = ?2) AND (?3 IS NULL OR id = ?3)
+                "SELECT id, body, created_at FROM demo_owned_records
+                 WHERE kind = ?1 AND (?2 IS NULL OR (owner = ?2 AND account = ?3))
+                   AND (?4 IS NULL OR id = ?4)
                  ORDER BY id DESC LIMIT 100"
             ),
             #[cfg(feature = "postgres")]
             Self::Postgres(pool) => find!(
                 pool,
-                "SELECT id, body, created_at FROM demo_account_records
-                 WHERE kind = $1 AND ($2::text IS NULL OR account = $2)
-                   AND ($3::text IS NULL OR id = $3)
+                "SELECT id, body, created_at FROM demo_owned_records
+                 WHERE kind = $1 AND ($2::text IS NULL OR (owner = $2 AND account = $3::text))
+                   AND ($4::text IS NULL OR id = $4)
                  ORDER BY id DESC LIMIT 100"
             ),
         }
     }
+}
+
+/// Where a scoped key's records live: its owner and its account (both: account names are per owner).
+#[derive(Clone, Copy, Debug)]
+struct Place<'a> {
+    owner: &'a str,
+    account: &'a str,
+}
+
+impl<'a> Place<'a> {
+    /// A scoped key's place; `None` for the master key (every record, and its own belong to no one).
+    fn of(principal: &'a Principal) -> Option<Self> {
+        let owner = principal.owner()?;
+        Some(Self {
+            owner,
+            // A scoped key always has an account (it defaults to the owner's name).
+            account: principal.account().unwrap_or(owner),
+        })
+    }
+}
+
+/// Whether `json` (valid JSON text) nests objects and arrays deeper than `max` levels. One pass,
+/// no recursion: brackets inside strings are skipped.
+fn deeper_than(json: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &byte in json {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 impl Record {
@@ -171,6 +226,14 @@ fn invalid(message: String) -> Response {
     demo_error(StatusCode::BAD_REQUEST, "RECORD_INVALID", message)
 }
 
+fn too_deep() -> Response {
+    demo_error(
+        StatusCode::BAD_REQUEST,
+        "RECORD_TOO_DEEP",
+        format!("records nest at most {MAX_RECORD_DEPTH} levels of objects and arrays"),
+    )
+}
+
 fn storage_error(error: sqlx::Error) -> Response {
     tracing::error!(%error, "demo record storage failed");
     AuthError::Unavailable(tower_api_keys::store::StoreError::unavailable(error)).into_response()
@@ -193,6 +256,8 @@ pub(crate) async fn create(
     // axum's `Json` reads only `application/json` and `application/*+json` bodies; `RawValue`
     // keeps the text as sent (numbers, key order, the stamp).
     let Json(body) = body.map_err(|rejection| match rejection {
+        // serde_json gives up past 128 levels, before the depth check below.
+        rejection if rejection.body_text().contains("recursion limit") => too_deep(),
         JsonRejection::MissingJsonContentType(_) => AuthError::UnsupportedMediaType(
             "records are JSON: send Content-Type: application/json".into(),
         )
@@ -205,6 +270,9 @@ pub(crate) async fn create(
         }
         rejection => invalid(format!("invalid JSON body: {}", rejection.body_text())),
     })?;
+    if deeper_than(body.get().as_bytes(), MAX_RECORD_DEPTH) {
+        return Err(too_deep());
+    }
     let fields: BTreeMap<String, &RawValue> = serde_json::from_str(body.get())
         .map_err(|_| invalid("the body must be a JSON object".into()))?;
     // The server owns the record's id and timestamp: never two of either in the stored JSON.
@@ -237,20 +305,21 @@ pub(crate) async fn create(
             .unwrap_or_default(),
     };
     records
-        .insert(kind, principal.account(), &record)
+        .insert(kind, Place::of(&principal), &record)
         .await
         .map_err(storage_error)?;
     tracing::info!(record = %record.id, by = %principal.key_id(), "created");
     Ok(json_response(StatusCode::CREATED, record.to_json(kind)))
 }
 
-/// `GET /<plural>`: the newest 100 the caller may see (its account's; all for the master key).
+/// `GET /<plural>`: the newest 100 the caller may see (its owner's account's; all for the master
+/// key).
 pub(crate) async fn list(
     State(Resource { kind, records }): State<Resource>,
     principal: Principal,
 ) -> Result<Response, Response> {
     let found = records
-        .find(kind, principal.account(), None)
+        .find(kind, Place::of(&principal), None)
         .await
         .map_err(storage_error)?;
     let items: Vec<String> = found.iter().map(|r| r.to_json(kind)).collect();
@@ -260,14 +329,14 @@ pub(crate) async fn list(
     ))
 }
 
-/// `GET /<plural>/{id}`: another account's record is not found, like a missing one.
+/// `GET /<plural>/{id}`: another owner's or account's record is not found, like a missing one.
 pub(crate) async fn get_one(
     State(Resource { kind, records }): State<Resource>,
     principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Response, Response> {
     let found = records
-        .find(kind, principal.account(), Some(&id))
+        .find(kind, Place::of(&principal), Some(&id))
         .await
         .map_err(storage_error)?;
     match found.first() {

@@ -1,6 +1,10 @@
 //! `Provenance::stamp` (what the `Provenance` layer runs on a buffered body) against serde_json.
 //!
 //! - Not UTF-8, not JSON by serde_json's reading, or JSON but not an object: `Ok(None)`, never stamped.
+//! - A JSON object with a top-level member equal to the metadata field under case folding beside
+//!   another one or not spelt exactly, or a member equal to the stamp field under case folding
+//!   anywhere but directly in the (exact) metadata object under its exact name (or as the
+//!   metadata member itself, should both fields have one name): `REQUEST_AMBIGUOUS_METADATA`.
 //! - A JSON object whose metadata member is neither an object nor null: `REQUEST_INVALID_METADATA`.
 //! - Any other JSON object: stamped, and the stamped body, read by serde_json member by member with
 //!   every value as raw text, is the input with exactly the stamp changed: other top-level members
@@ -80,6 +84,11 @@ pub fn check_stamp(provenance: &Provenance, meta: &str, stamp: &str, id: &KeyId,
         }
         return;
     };
+    if ambiguous(&members, meta, stamp) {
+        let error = result.expect_err("an ambiguous body must be refused");
+        assert_eq!(error.code(), ErrorCode::AmbiguousMetadata);
+        return;
+    }
     let metas: Vec<&RawValue> = members
         .iter()
         .filter(|(k, _)| k == meta)
@@ -122,6 +131,73 @@ pub fn check_stamp(provenance: &Provenance, meta: &str, stamp: &str, id: &KeyId,
         Some(&out[..]),
         "stamping twice changed it"
     );
+}
+
+/// A member name as Go's `encoding/json` compares it with a struct field's: upper case, one
+/// character for one, with U+212A KELVIN SIGN and U+017F LONG S folded onto `K` and `S`.
+fn go_fold(name: &str) -> String {
+    name.chars()
+        .map(|c| match c {
+            '\u{212A}' => 'K',
+            '\u{17F}' => 'S',
+            c => {
+                let mut upper = c.to_uppercase();
+                match (upper.next(), upper.next()) {
+                    (Some(one), None) => one,
+                    _ => c,
+                }
+            }
+        })
+        .collect()
+}
+
+/// The ambiguity rule (module docs), read with serde_json. Nesting is walked with a stack, not by
+/// recursion. A nested object with a key serde_json cannot decode counts as not ambiguous (the
+/// stamped-body checks below then skip it too).
+fn ambiguous(members: &[(String, &RawValue)], meta: &str, stamp: &str) -> bool {
+    let (meta_folded, stamp_folded) = (go_fold(meta), go_fold(stamp));
+    let metas: Vec<&String> = members
+        .iter()
+        .map(|(k, _)| k)
+        .filter(|k| go_fold(k) == meta_folded)
+        .collect();
+    if metas.len() > 1 || metas.iter().any(|k| *k != meta) {
+        return true;
+    }
+    let mut pending: Vec<&RawValue> = Vec::new();
+    for (key, value) in members {
+        if key == meta {
+            // Directly inside: only the exact stamp name may be there.
+            if let Ok(Members(inner)) = serde_json::from_str::<Members>(value.get()) {
+                for (k, v) in inner {
+                    if go_fold(&k) == stamp_folded && k != stamp {
+                        return true;
+                    }
+                    pending.push(v);
+                }
+            } else if let Ok(items) = serde_json::from_str::<Vec<&RawValue>>(value.get()) {
+                pending.extend(items);
+            }
+            continue;
+        }
+        if go_fold(key) == stamp_folded {
+            return true;
+        }
+        pending.push(value);
+    }
+    while let Some(value) = pending.pop() {
+        if let Ok(Members(inner)) = serde_json::from_str::<Members>(value.get()) {
+            for (k, v) in inner {
+                if go_fold(&k) == stamp_folded {
+                    return true;
+                }
+                pending.push(v);
+            }
+        } else if let Ok(items) = serde_json::from_str::<Vec<&RawValue>>(value.get()) {
+            pending.extend(items);
+        }
+    }
+    false
 }
 
 /// The metadata object after stamping: the first stamp member set, later ones removed, or one

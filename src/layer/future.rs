@@ -32,6 +32,11 @@ pub(crate) struct Tally {
 }
 
 impl Tally {
+    /// Counts `outcome` (a refusal the layer itself made).
+    pub(crate) fn outcome(self, outcome: Outcome) {
+        self.recorder.count(&self.key, outcome);
+    }
+
     fn count<B>(self, response: &Response<B>) {
         let outcome = match response.extensions().get::<AuthError>() {
             None => Some(Outcome::Admitted),

@@ -53,8 +53,10 @@
 //! 3. checks its prefix, length and checksum: a malformed key is refused with no I/O;
 //! 4. resolves its SHA-256 digest through the [`CachedResolver`] (sync on a hit, one shared store
 //!    lookup on a miss, 503 `AUTH_UNAVAILABLE` if the store fails or times out);
-//! 5. checks revocation and expiry, then inserts the [`Principal`] into the request extensions and
-//!    calls the inner service inside a `api_key` tracing span carrying the key id (never the key).
+//! 5. checks revocation and expiry;
+//! 6. for a key with `allowed_networks`, checks the client address (see [Networks](#networks));
+//! 7. inserts the [`Principal`] into the request extensions and calls the inner service inside a
+//!    `api_key` tracing span carrying the key id (never the key).
 //!
 //! Refusals are rendered by a [`RenderRejection`] ([`JsonRejection`] by default,
 //! [`GrpcRejection`](crate::error::GrpcRejection) for tonic) and carry the [`AuthError`] in their extensions.
@@ -63,6 +65,43 @@
 //!
 //! Put the layer outside the routes it protects (`Router::layer`) and the per-route guards inside
 //! (`route_layer(RequireScopes::all([...]))`).
+//!
+//! ## Networks
+//!
+//! A key created with `allowed_networks` (IPv4/IPv6 CIDR blocks, see [`Networks`]) is admitted
+//! only from inside them; from anywhere else the request is refused with 403
+//! `AUTH_NETWORK_NOT_ALLOWED` ([`AuthError::NetworkNotAllowed`]) by this layer, so no guard, rate
+//! limiter or credit counter behind it runs and no budget is spent. Keys without networks pay one
+//! branch.
+//!
+//! The client address is the peer address found in the request extensions
+//! ([`peer_addr`](ApiKeyLayer::peer_addr): axum's `ConnectInfo<SocketAddr>` or a bare
+//! `SocketAddr` by default), or, only for requests from proxies you name with
+//! [`trusted_proxies`](ApiKeyLayer::trusted_proxies), the client that `X-Forwarded-For` names.
+//! An IPv4-mapped IPv6 peer (`::ffff:192.0.2.1`, from a dual-stack socket) is judged as its IPv4
+//! address. **No address known, no admission**: if the server does not put the peer address in
+//! the extensions (axum's `serve(listener, router)` without `into_make_service_with_connect_info`,
+//! a test calling the router directly), every request with a network-restricted key is refused.
+//! A refused request was still made with a valid key: it counts as the key's use (`last_used_at`)
+//! and in `api_key_requests_total` under its code: an operator sees a key used from elsewhere.
+//!
+//! ```
+//! use std::net::SocketAddr;
+//!
+//! use axum::{Router, routing::get};
+//! use tower_api_keys::layer::ApiKeyLayer;
+//! # use tower_api_keys::{resolver::CachedResolver, store::MemoryStore};
+//!
+//! # async fn serve() -> std::io::Result<()> {
+//! # let resolver = CachedResolver::new(MemoryStore::new());
+//! let app = Router::new()
+//!     .route("/", get(|| async { "hi" }))
+//!     .layer(ApiKeyLayer::new(resolver));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! // The peer address reaches the layer as `ConnectInfo<SocketAddr>`.
+//! axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await
+//! # }
+//! ```
 //!
 //! ## Timing
 //!
@@ -87,9 +126,11 @@
 //! itself is valid (a cached hit answers faster than a store lookup). Only its holder can ask.
 
 pub mod future;
+mod network;
 mod service;
 mod source;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 pub use service::ApiKeyService;
@@ -107,6 +148,7 @@ use crate::error::JsonRejection;
 #[cfg(doc)]
 use crate::error::RenderRejection;
 use crate::key::{ApiKey, KeyDigest};
+use crate::network::Networks;
 use crate::resolver::CachedResolver;
 use crate::usage::UsageRecorder;
 
@@ -131,6 +173,7 @@ pub(crate) struct Config {
     pub(crate) optional: bool,
     pub(crate) preflight: bool,
     pub(crate) usage: Option<UsageRecorder>,
+    pub(crate) client: network::ClientAddress,
 }
 
 impl ApiKeyLayer {
@@ -144,6 +187,7 @@ impl ApiKeyLayer {
                 optional: false,
                 preflight: false,
                 usage: None,
+                client: network::ClientAddress::default(),
             }),
             rejection: JsonRejection::default(),
         }
@@ -205,6 +249,60 @@ impl<R> ApiKeyLayer<R> {
     /// Records each authenticated request's key use with `recorder` (batched `last_used_at`).
     pub fn usage(mut self, recorder: UsageRecorder) -> Self {
         self.config_mut().usage = Some(recorder);
+        self
+    }
+
+    /// Trusts `X-Forwarded-For` from these proxies when judging a key's `allowed_networks`.
+    ///
+    /// Without trusted proxies (the default) the client address is the peer's, and
+    /// `X-Forwarded-For` is ignored. With them, a request whose peer lies in `proxies` is judged by
+    /// the header: its entries (every `X-Forwarded-For` line, in order, as one list) are walked
+    /// from the right, skipping addresses in `proxies`; the first one outside is the client. If
+    /// every entry is a trusted proxy the leftmost one is the client (no header: the peer). An
+    /// entry that is not an address (`unknown`, an obfuscated name) before the client is found
+    /// leaves the client unknown, and a key with networks is refused. A request from a peer
+    /// outside `proxies` is judged by the peer address, whatever it forwards.
+    ///
+    /// List exactly the proxies in front of the service that *append* to `X-Forwarded-For`
+    /// (nginx `$proxy_add_x_forwarded_for`, HAProxy `option forwardfor`, cloud load balancers):
+    /// an address to the left of the last trusted one is whatever the client wrote.
+    ///
+    /// RFC 7239 `Forwarded` is not read: most proxies write `X-Forwarded-For` only, and a header
+    /// the proxy does not write is one the client controls entirely, so reading both would trust
+    /// a forged `Forwarded` behind a proxy that appends only to `X-Forwarded-For`.
+    ///
+    /// ```
+    /// use tower_api_keys::layer::ApiKeyLayer;
+    /// use tower_api_keys::network::Networks;
+    /// # use tower_api_keys::{resolver::CachedResolver, store::MemoryStore};
+    /// # let resolver = CachedResolver::new(MemoryStore::new());
+    /// let proxies: Networks = "10.0.0.0/8 fd00::/8".parse().unwrap();
+    /// let layer = ApiKeyLayer::new(resolver).trusted_proxies(proxies);
+    /// ```
+    pub fn trusted_proxies(mut self, proxies: Networks) -> Self {
+        self.config_mut().client.trusted_proxies = Some(proxies);
+        self
+    }
+
+    /// How to find the peer address in a request's extensions, for keys with `allowed_networks`.
+    ///
+    /// The default reads axum's `ConnectInfo<SocketAddr>` (with feature `axum`; serve with
+    /// `into_make_service_with_connect_info::<SocketAddr>()`), else a bare [`SocketAddr`] (what a
+    /// hyper server inserts itself from `TcpListener::accept`). tonic puts a `TcpConnectInfo` there:
+    ///
+    /// ```
+    /// use tonic::transport::server::TcpConnectInfo;
+    /// use tower_api_keys::layer::ApiKeyLayer;
+    /// # use tower_api_keys::{resolver::CachedResolver, store::MemoryStore};
+    /// # let resolver = CachedResolver::new(MemoryStore::new());
+    /// let layer = ApiKeyLayer::new(resolver)
+    ///     .peer_addr(|extensions| extensions.get::<TcpConnectInfo>()?.remote_addr());
+    /// ```
+    ///
+    /// A request whose peer address is not found is refused for a key with networks (403
+    /// `AUTH_NETWORK_NOT_ALLOWED`): the layer fails closed. Keys without networks never ask.
+    pub fn peer_addr(mut self, peer: fn(&http::Extensions) -> Option<SocketAddr>) -> Self {
+        self.config_mut().client.peer = peer;
         self
     }
 

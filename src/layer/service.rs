@@ -184,6 +184,7 @@ fn forward<S, B, ResBody>(
     mut req: Request<B>,
     principal: Option<Principal>,
     tally: Option<Tally>,
+    client: &super::network::ClientAddress,
 ) -> ResponseFuture<S::Future, ResBody, S::Error>
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
@@ -193,7 +194,7 @@ where
             .key
             .usage()
             .ip_due(crate::clock::now_unix_nanos() / 1_000_000_000)
-        && let Some(ip) = peer_ip(req.extensions())
+        && let Some(ip) = client.client(req.headers(), req.extensions())
     {
         tally.key.usage().set_ip(ip);
     }
@@ -206,17 +207,6 @@ where
     }
     let future = span.in_scope(|| inner.call(req));
     ResponseFuture::inner(future, span).tally(tally)
-}
-
-/// The peer address of a request: axum's `ConnectInfo<SocketAddr>`, else a bare `SocketAddr`.
-fn peer_ip(extensions: &http::Extensions) -> Option<std::net::IpAddr> {
-    #[cfg(feature = "manage")]
-    if let Some(info) = extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>() {
-        return Some(info.0.ip());
-    }
-    extensions
-        .get::<std::net::SocketAddr>()
-        .map(std::net::SocketAddr::ip)
 }
 
 /// The refusal of a request, rendered by `rejection`.
@@ -256,8 +246,19 @@ where
                 return ResponseFuture::rejected(refuse(&self.rejection, error));
             }
             Verdict::Admit(principal, tally) => {
+                if let Some(principal) = &principal
+                    && let Err(error) =
+                        config
+                            .client
+                            .admit(principal, req.headers(), req.extensions())
+                {
+                    if let Some(tally) = tally {
+                        tally.outcome(Outcome::Network);
+                    }
+                    return ResponseFuture::rejected(refuse(&self.rejection, error));
+                }
                 source::hide(&config.sources, held, req.headers_mut());
-                return forward(&mut self.inner, req, principal, tally);
+                return forward(&mut self.inner, req, principal, tally, &config.client);
             }
             Verdict::Lookup(digest) => digest,
         };
@@ -278,9 +279,25 @@ where
                     admitted
                 }
                 Err(error) => Err(AuthError::Unavailable(error)),
-            };
+            }
+            .and_then(|(principal, tally)| {
+                match config
+                    .client
+                    .admit(&principal, req.headers(), req.extensions())
+                {
+                    Ok(()) => Ok((principal, tally)),
+                    Err(error) => {
+                        if let Some(tally) = tally {
+                            tally.outcome(Outcome::Network);
+                        }
+                        Err(error)
+                    }
+                }
+            });
             match admitted {
-                Ok((principal, tally)) => forward(&mut inner, req, Some(principal), tally).await,
+                Ok((principal, tally)) => {
+                    forward(&mut inner, req, Some(principal), tally, &config.client).await
+                }
                 Err(error) => Ok(refuse(&rejection, error)),
             }
         }))

@@ -282,7 +282,7 @@ struct EventQueryDoc {
     params(("owner" = Option<String>, Query, description = "Whose events (required with the master key)"),
            ("key_id" = Option<String>, Query, description = "Only events about this key"), EventQueryDoc),
     responses((status = 200, body = EventsResponse, description = "Newest first. A scoped key (api-keys:read) sees the events of its own subtree only: its key and the keys it created, transitively"),
-              (status = 400, body = super::router::ErrorBody), (status = 401), (status = 403), (status = 503)))]
+              (status = 400, description = "APIKEY_INVALID"), (status = 401), (status = 403), (status = 503)))]
 async fn owner_events(
     State(manager): State<KeyManager>,
     principal: Principal,

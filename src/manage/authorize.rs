@@ -222,7 +222,8 @@ pub enum Target<'a> {
 ///   the key (another owner or account), else 403 `AUTH_OUTSIDE_SUBTREE`. So every secret a
 ///   scoped key can obtain belongs to its subtree, and revoking a key (which cascades to its
 ///   subtree) ends everything it ever obtained. Reading (get, list) stays owner- and
-///   account-wide, as in Blnk.
+///   account-wide, as in Blnk. A hard-deleted key's record is gone and the lineage through it
+///   with it: the keys below it (revoked by the deletion) are nobody's subtree but their own.
 /// - **I2, grants only narrow.** A key's grants are one family: scopes, expiry (the end of a
 ///   rotation grace included), usage limits and networks. What a power operation leaves a key
 ///   holding lies within the caller's own grants: scopes covered, expiry no later, limits no

@@ -58,8 +58,8 @@
 //! #         scopes: scopes.parse().unwrap(), digest: key.digest(), digest_scheme: Default::default(),
 //! #         masked_key: format.mask(&key).unwrap(), created_at: now, expires_at: None,
 //! #         revoked_at: None, last_used_at: None, created_by: None, rotated_at: None, previous: None,
-//! #         limits: Default::default(),
-//! #     , allowed_networks: None };
+//! #         limits: Default::default(), allowed_networks: None,
+//! #     };
 //! #     store.insert(&record, KeyLimits::default(), now).await.unwrap();
 //! #     (key, record.id)
 //! # }
@@ -76,6 +76,8 @@
 //! | `meta_data` missing or `null` | becomes `{"BLNK_GENERATED_BY": "<key id>"}` |
 //! | `meta_data` holds `BLNK_GENERATED_BY` already (once or more) | the first one's value is replaced, the others removed: the client cannot forge it |
 //! | `meta_data` is a string, number, array or boolean | 400 `REQUEST_INVALID_METADATA` ([`AuthError::InvalidMetadata`]) |
+//! | a second `meta_data` member, or one that is `meta_data` only under case folding (`META_DATA`) | 400 `REQUEST_AMBIGUOUS_METADATA` ([`AuthError::AmbiguousMetadata`]), see [below](#ambiguous-bodies) |
+//! | a `BLNK_GENERATED_BY` member in any case anywhere but directly in the top-level `meta_data` object | 400 `REQUEST_AMBIGUOUS_METADATA` |
 //! | body over [`max_body_bytes`](Provenance::max_body_bytes) (2 MiB by default) | 413 `REQUEST_BODY_TOO_LARGE` ([`AuthError::PayloadTooLarge`]) |
 //! | a body the layer cannot stamp (next table) | 415 `REQUEST_UNSUPPORTED_MEDIA_TYPE` ([`AuthError::UnsupportedMediaType`]), unless [`pass_through_unstampable`](Provenance::pass_through_unstampable) |
 //! | an empty body | passed on as it is: it can carry no stamp, forged or not |
@@ -86,8 +88,38 @@
 //! and key order, whitespace, string escapes and the rest of the metadata are unchanged. The body is
 //! checked against the JSON grammar by a small scanner that never builds a tree and never recurses,
 //! so deeply nested input costs linear time and cannot overflow the stack. Keys are compared after
-//! unescaping, as parsers do, so `"meta\u005fdata"` is `meta_data`, and a duplicate `meta_data`
-//! member is stamped too.
+//! unescaping, as parsers do, so `"meta\u005fdata"` is `meta_data`.
+//!
+//! ## Ambiguous bodies
+//!
+//! JSON readers do not agree on which member a name selects. serde_json matches names exactly
+//! (a `Value` keeps the last duplicate, a derived struct refuses duplicates); Go's
+//! `encoding/json`, which Blnk runs, matches struct fields exactly or else case-insensitively and
+//! decodes every matching member in order, so the later one wins. A body stamped for one reader
+//! could then carry a forged stamp for the other: `{"meta_data": {"a": 1}, "META_DATA":
+//! {"BLNK_GENERATED_BY": "forged"}}`. So, for the bodies it stamps, the layer refuses with 400
+//! `REQUEST_AMBIGUOUS_METADATA` ([`AuthError::AmbiguousMetadata`], the message gives the byte
+//! offset of the member):
+//!
+//! - **the metadata field more than once**: the top-level object has two or more members equal to
+//!   the metadata field under case folding (`meta_data` twice, or `meta_data` and `Meta_Data`),
+//!   or its one such member is not spelt exactly (a lone `META_DATA`: the layer would add
+//!   `meta_data` beside it, and the stored record would hold both);
+//! - **the stamp field anywhere the layer does not write it**: any member of any object, at any
+//!   depth, equal to the stamp field under case folding, except members named exactly
+//!   `BLNK_GENERATED_BY` directly inside the top-level `meta_data` object (those the layer
+//!   overwrites: the first gets the key id, the others are removed). "Anywhere" is the whole
+//!   body because handlers store nested objects as records of their own (Blnk's bulk
+//!   transactions, a batch array's elements, an embedded sub-record's `meta_data`), and each of
+//!   those would keep a forged stamp the layer never wrote. Member *values* are not looked at: a
+//!   string `"BLNK_GENERATED_BY"` is data.
+//!
+//! Case folding here is Go's: ASCII letters, plus `K` (U+212A KELVIN SIGN) and `ſ` (U+017F LONG
+//! S), which Go folds onto `K` and `S`; non-ASCII field names fold per character to upper case.
+//! Whatever body passes the layer, an exact reader and a case-insensitive one both find one
+//! metadata object and in it one stamp, the layer's (`tests/provenance.rs` checks this with both
+//! readers over random framings and forgeries). The check runs in the same single pass as the
+//! scan; a key whose length cannot match costs one comparison.
 //!
 //! A stamped request gets a `Content-Length` matching its new body and loses `Transfer-Encoding`.
 //! The body is read through a length limit, so a chunked body is refused as soon as it grows past the
@@ -349,13 +381,27 @@ impl<R> Provenance<R> {
 impl Config {
     pub(crate) fn stamp(&self, body: &[u8], key_id: &KeyId) -> Result<Option<Vec<u8>>, AuthError> {
         let key_id = scan::json_string(key_id.as_str());
-        scan::stamp(body, &self.fields, &key_id).map_err(|scan::NotAnObject(kind)| {
-            AuthError::InvalidMetadata(Cow::Owned(format!(
+        scan::stamp(body, &self.fields, &key_id).map_err(|error| match error {
+            scan::StampError::NotAnObject(kind) => AuthError::InvalidMetadata(Cow::Owned(format!(
                 "`{}` must be a JSON object (or null) to record the key that created this; \
-                 found {}",
+                     found {}",
                 self.fields.meta,
                 kind.with_article()
-            )))
+            ))),
+            scan::StampError::Ambiguous(scan::Ambiguity::Metadata(at)) => {
+                AuthError::AmbiguousMetadata(Cow::Owned(format!(
+                    "the body has a member at byte {at} that matches `{}` only under case \
+                     folding, or a second one: send the metadata once, as `{}`",
+                    self.fields.meta, self.fields.meta
+                )))
+            }
+            scan::StampError::Ambiguous(scan::Ambiguity::Stamp(at)) => {
+                AuthError::AmbiguousMetadata(Cow::Owned(format!(
+                    "the body has a member at byte {at} that matches `{}` under case folding; \
+                     it is written by the server, in `{}` only",
+                    self.fields.stamp, self.fields.meta
+                )))
+            }
         })
     }
 }

@@ -11,6 +11,14 @@
 //!
 //! Keys are compared after unescaping, as JSON parsers do: `"meta\u005fdata"` *is* `meta_data`, and a
 //! client cannot hide a forged stamp behind an escape.
+//!
+//! It also finds what readers could match in two ways ([`Ambiguity`]): more than one top-level
+//! member equal to the metadata field under case folding (or one that is not the field exactly),
+//! and a member equal to the stamp field under case folding anywhere but in the top-level
+//! metadata object under its exact name. Case folding is Go's (`encoding/json` matches struct
+//! fields that way): ASCII letters, plus the two non-ASCII letters that fold onto ASCII ones
+//! (`\u{212A}` KELVIN SIGN ~ `k`, `\u{17F}` LONG S ~ `s`) and, for non-ASCII field names,
+//! per-character upper case.
 
 /// The kind of a JSON value, for error messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +52,19 @@ pub(crate) enum ScanError {
     Syntax(usize),
     /// A JSON value that is not an object (the rest is not validated).
     NotObject,
+    /// A valid JSON object that readers could stamp-read in two ways.
+    Ambiguous(Ambiguity),
+}
+
+/// What makes a valid JSON object ambiguous to stamp (the first one found).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ambiguity {
+    /// A top-level member equal to the metadata field under case folding, beside another one or
+    /// instead of the exact name. At this byte offset (its key's opening quote).
+    Metadata(usize),
+    /// A member equal to the stamp field under case folding where the layer does not write it.
+    /// At this byte offset (its key's opening quote).
+    Stamp(usize),
 }
 
 /// A member of the metadata object whose key is the stamp field.
@@ -149,6 +170,9 @@ impl Scanner<'_> {
         let mut current: Option<MetaMember> = None;
         let mut role = Role::None;
         let mut state = State::ObjectStart;
+        // Top-level members equal to the metadata field under case folding, and the first ambiguity.
+        let mut folded_metas = 0usize;
+        let mut ambiguity = None;
 
         loop {
             self.skip_ws();
@@ -171,6 +195,16 @@ impl Scanner<'_> {
                         2 if current.is_some() && key_is(key, escaped, self.stamp) => Role::Stamp,
                         _ => Role::None,
                     };
+                    if ambiguity.is_none() {
+                        ambiguity = self.ambiguity(
+                            key,
+                            escaped,
+                            start - 1,
+                            stack.len(),
+                            role,
+                            &mut folded_metas,
+                        );
+                    }
                     self.skip_ws();
                     if self.peek() != Some(b':') {
                         return Err(self.error());
@@ -270,7 +304,36 @@ impl Scanner<'_> {
         if self.pos != self.input.len() {
             return Err(self.error());
         }
-        Ok(found)
+        match ambiguity {
+            Some(ambiguity) => Err(ScanError::Ambiguous(ambiguity)),
+            None => Ok(found),
+        }
+    }
+
+    /// Whether the key at `at` (raw contents `key`), directly inside a container at `depth` and
+    /// given `role`, makes the document ambiguous.
+    fn ambiguity(
+        &self,
+        key: &[u8],
+        escaped: bool,
+        at: usize,
+        depth: usize,
+        role: Role,
+        folded_metas: &mut usize,
+    ) -> Option<Ambiguity> {
+        if depth == 1 && key_folds_to(key, escaped, self.meta) {
+            *folded_metas += 1;
+            if *folded_metas > 1 || role != Role::Meta {
+                return Some(Ambiguity::Metadata(at));
+            }
+        }
+        // The one place the layer writes the stamp: its exact name in the top-level metadata
+        // object (`role` is only `Stamp` there). Anywhere else, any case, is refused, except the
+        // metadata member itself should both fields have one name.
+        if !matches!(role, Role::Stamp | Role::Meta) && key_folds_to(key, escaped, self.stamp) {
+            return Some(Ambiguity::Stamp(at));
+        }
+        None
     }
 
     /// Closes the container whose closing bracket is at `self.pos`. Returns whether it was the
@@ -495,6 +558,52 @@ fn key_is(raw: &[u8], escaped: bool, target: &[u8]) -> bool {
     unescape(raw).is_some_and(|key| key.as_bytes() == target)
 }
 
+/// Whether the raw contents of a key are `target` under case folding (see the module docs), once
+/// unescaped.
+fn key_folds_to(raw: &[u8], escaped: bool, target: &[u8]) -> bool {
+    // A key is at most six raw bytes per byte of the name (`\u212A` for `K`) and, for an ASCII
+    // name, at least one per byte: the length check leaves out almost every key at no cost.
+    if raw.len() > target.len().saturating_mul(6) || (target.is_ascii() && raw.len() < target.len())
+    {
+        return false;
+    }
+    if !escaped && raw.is_ascii() && target.is_ascii() {
+        return raw.eq_ignore_ascii_case(target);
+    }
+    let key = match escaped {
+        true => match unescape(raw) {
+            Some(key) => key,
+            None => return false,
+        },
+        false => match std::str::from_utf8(raw) {
+            Ok(key) => key.to_owned(),
+            Err(_) => return false,
+        },
+    };
+    let Ok(target) = std::str::from_utf8(target) else {
+        return false;
+    };
+    key.chars().map(fold).eq(target.chars().map(fold))
+}
+
+/// One character, case-folded the way Go's `encoding/json` matches field names (upper case, one
+/// character for one), plus the KELVIN SIGN as `K`, which older Go versions matched as `k`.
+fn fold(c: char) -> char {
+    match c {
+        'a'..='z' => c.to_ascii_uppercase(),
+        '\u{212A}' => 'K',
+        '\u{17F}' => 'S',
+        c if c.is_ascii() => c,
+        c => {
+            let mut upper = c.to_uppercase();
+            match (upper.next(), upper.next()) {
+                (Some(one), None) => one,
+                _ => c,
+            }
+        }
+    }
+}
+
 /// Unescapes the contents of a JSON string that the scanner validated. `None` for a lone surrogate
 /// (which names no key a configured field could have).
 fn unescape(raw: &[u8]) -> Option<String> {
@@ -547,7 +656,12 @@ fn hex4(chars: &mut std::str::Chars<'_>) -> Option<u32> {
 
 /// Why a JSON object cannot be stamped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct NotAnObject(pub(crate) Kind);
+pub(crate) enum StampError {
+    /// A metadata member holds this kind of value, neither an object nor null.
+    NotAnObject(Kind),
+    /// Readers could match the metadata or the stamp in two ways.
+    Ambiguous(Ambiguity),
+}
 
 /// The field names and the stamp value, JSON-encoded once.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -593,24 +707,26 @@ pub(crate) fn json_string(value: &str) -> String {
 /// Stamps `input` with `key_id` (a JSON string literal, quotes included).
 ///
 /// `Ok(None)`: not a UTF-8 JSON object; leave the body alone. `Err`: a metadata member is neither an
-/// object nor null.
+/// object nor null, or the object is ambiguous.
 pub(crate) fn stamp(
     input: &[u8],
     fields: &Fields,
     key_id_json: &str,
-) -> Result<Option<Vec<u8>>, NotAnObject> {
+) -> Result<Option<Vec<u8>>, StampError> {
     if std::str::from_utf8(input).is_err() {
         return Ok(None);
     }
-    let Ok(found) = scan(input, &fields.meta, &fields.stamp) else {
-        return Ok(None);
+    let found = match scan(input, &fields.meta, &fields.stamp) {
+        Ok(found) => found,
+        Err(ScanError::Ambiguous(ambiguity)) => return Err(StampError::Ambiguous(ambiguity)),
+        Err(ScanError::Syntax(_) | ScanError::NotObject) => return Ok(None),
     };
     if let Some(bad) = found
         .metas
         .iter()
         .find(|m| !matches!(m.kind, Kind::Object | Kind::Null))
     {
-        return Err(NotAnObject(bad.kind));
+        return Err(StampError::NotAnObject(bad.kind));
     }
 
     let stamp_member = || [&*fields.stamp_json, ":", key_id_json].concat();
@@ -789,21 +905,21 @@ mod tests {
 
     #[test]
     fn finds_metadata_and_stamps() {
-        let doc = r#"{"a":1,"meta_data":{"x":{"BLNK_GENERATED_BY":1},"BLNK_GENERATED_BY":"f","y":2},"b":[]}"#;
+        let doc = r#"{"a":1,"meta_data":{"x":{"BLNK_GENERATED":1},"BLNK_GENERATED_BY":"f","y":2},"b":[]}"#;
         let found = scan(doc.as_bytes(), "meta_data", "BLNK_GENERATED_BY").unwrap();
         assert_eq!(found.metas.len(), 1);
         let meta = &found.metas[0];
         assert_eq!(meta.kind, Kind::Object);
         assert_eq!(
             &doc[meta.value.0..meta.value.1],
-            r#"{"x":{"BLNK_GENERATED_BY":1},"BLNK_GENERATED_BY":"f","y":2}"#
+            r#"{"x":{"BLNK_GENERATED":1},"BLNK_GENERATED_BY":"f","y":2}"#
         );
-        assert_eq!(meta.stamps.len(), 1, "nested stamp keys are not the stamp");
+        assert_eq!(meta.stamps.len(), 1);
         let s = &meta.stamps[0];
         assert_eq!(&doc[s.value.0..s.value.1], "\"f\"");
         assert_eq!(
             &doc[..s.prev_value_end.unwrap()],
-            r#"{"a":1,"meta_data":{"x":{"BLNK_GENERATED_BY":1}"#
+            r#"{"a":1,"meta_data":{"x":{"BLNK_GENERATED":1}"#
         );
         assert_eq!(
             &doc[..found.top_last_value_end.unwrap()],
@@ -860,10 +976,6 @@ mod tests {
                 r#"{"meta\u005fdata":{"BLNK_GENERATED\u005FBY":"key_1"}}"#,
             ),
             (
-                r#"{"meta_data":{"a":1},"meta_data":null}"#,
-                r#"{"meta_data":{"a":1,"BLNK_GENERATED_BY":"key_1"},"meta_data":{"BLNK_GENERATED_BY":"key_1"}}"#,
-            ),
-            (
                 r#"{"x":{"meta_data":7},"meta_datum":[]}"#,
                 r#"{"x":{"meta_data":7},"meta_datum":[],"meta_data":{"BLNK_GENERATED_BY":"key_1"}}"#,
             ),
@@ -880,11 +992,10 @@ mod tests {
             (r#"{"meta_data":1}"#, Kind::Number),
             (r#"{"meta_data":[]}"#, Kind::Array),
             (r#"{"meta_data":true}"#, Kind::Bool),
-            (r#"{"meta_data":{},"meta_data":[{}]}"#, Kind::Array),
         ] {
             assert_eq!(
                 stamp(doc.as_bytes(), &fields(), ID),
-                Err(NotAnObject(kind)),
+                Err(StampError::NotAnObject(kind)),
                 "{doc}"
             );
         }
@@ -938,6 +1049,98 @@ mod tests {
         assert!(!key_is(br"\ud83d", true, "\u{fffd}".as_bytes()));
         assert!(!key_is(br"\ud83dx", true, b"x"));
         assert!(key_is(br#"a\"b\\c\/d\n"#, true, b"a\"b\\c/d\n"));
+    }
+
+    fn ambiguity(input: &str) -> Option<Ambiguity> {
+        match scan(input.as_bytes(), "meta_data", "BLNK_GENERATED_BY") {
+            Ok(_) => None,
+            Err(ScanError::Ambiguous(ambiguity)) => Some(ambiguity),
+            Err(other) => panic!("{input}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn case_variant_metadata_members_are_ambiguous() {
+        use Ambiguity::Metadata;
+        for (doc, at) in [
+            (r#"{"meta_data":{"a":1},"META_DATA":{"x":2}}"#, 21),
+            (r#"{"meta_data":{},"meta_data":null}"#, 16),
+            (r#"{"Meta_Data":{}}"#, 1),
+            (r#"{"meta_data":null, "meta\u005FDATA":{}}"#, 19),
+            (r#"{"a":[1],"mEtA_dAtA":7,"b":0}"#, 9),
+        ] {
+            assert_eq!(ambiguity(doc), Some(Metadata(at)), "{doc}");
+        }
+        for doc in [
+            r#"{"meta_data":{"a":1},"meta_datum":{}}"#,
+            r#"{"x":{"META_DATA":{},"meta_data":{}}}"#,
+            r#"{"meta_data":{"meta_data":{}}}"#,
+        ] {
+            assert_eq!(ambiguity(doc), None, "{doc}");
+        }
+        // Only a valid document is ambiguous: an invalid one is a syntax error first.
+        assert!(matches!(
+            scan(br#"{"meta_data":{},"META_DATA":{},}"#, "meta_data", "x"),
+            Err(ScanError::Syntax(_))
+        ));
+    }
+
+    #[test]
+    fn a_stamp_member_anywhere_but_where_the_layer_writes_is_ambiguous() {
+        use Ambiguity::Stamp;
+        for (doc, at) in [
+            (r#"{"meta_data":{"blnk_generated_by":"f"}}"#, 14),
+            (r#"{"BLNK_GENERATED_BY":"f"}"#, 1),
+            (r#"{"x":{"BLNK_GENERATED_BY":"f"}}"#, 6),
+            (r#"{"meta_data":{"a":{"BLNK_GENERATED_BY":1}}}"#, 19),
+            (r#"{"txs":[{"meta_data":{"BLNK_GENERATED_BY":"f"}}]}"#, 22),
+            (r#"{"meta_data":{"BLNK_GENERATED_BY":"f"}}"#, 14),
+            (r#"{"meta_data":{"BLN\u212a_generated_by":"f"}}"#, 14),
+            (
+                r#"{"meta_data":{"BLNK_GENERATED_BY":"ok","Blnk_Generated_By":"f"}}"#,
+                39,
+            ),
+        ] {
+            assert_eq!(ambiguity(doc), Some(Stamp(at)), "{doc}");
+        }
+        for doc in [
+            r#"{"meta_data":{"BLNK_GENERATED_BY":"f","BLNK_GENERATED_BY":"g"}}"#,
+            r#"{"meta_data":{"BLNK_GENERATED\u005FBY":"f"}}"#,
+            r#"{"x":"BLNK_GENERATED_BY","y":["BLNK_GENERATED_BY"]}"#,
+            r#"{"meta_data":{"BLNK_GENERATED_BYE":1,"BLNK_GENERATED":2}}"#,
+        ] {
+            assert_eq!(ambiguity(doc), None, "{doc}");
+        }
+        assert_eq!(
+            stamp(br#"{"meta_data":{"blnk_generated_by":"f"}}"#, &fields(), ID),
+            Err(StampError::Ambiguous(Stamp(14)))
+        );
+        // One name for both fields: the metadata member is not a stray stamp, and a stamped body
+        // stamps again unchanged.
+        let same = Fields::new("x", "x");
+        let once = stamp(b"{}", &same, ID).unwrap().unwrap();
+        assert_eq!(once, br#"{"x":{"x":"key_1"}}"#);
+        assert_eq!(stamp(&once, &same, ID).unwrap().unwrap(), once);
+        assert!(matches!(
+            stamp(br#"{"x":{"a":{"X":1}}}"#, &same, ID),
+            Err(StampError::Ambiguous(Stamp(10)))
+        ));
+    }
+
+    #[test]
+    fn folding_is_gos() {
+        assert!(key_folds_to(b"meta_DATA", false, b"meta_data"));
+        assert!(key_folds_to("\u{17F}a".as_bytes(), false, b"sa"));
+        assert!(key_folds_to("\u{212A}".as_bytes(), false, b"k"));
+        assert!(key_folds_to(br"\u017fA", true, b"sa"));
+        assert!(key_folds_to(
+            "\u{e9}T\u{c9}".as_bytes(),
+            false,
+            "\u{c9}t\u{e9}".as_bytes()
+        ));
+        assert!(!key_folds_to(b"meta-data", false, b"meta_data"));
+        assert!(!key_folds_to(b"meta_dat", false, b"meta_data"));
+        assert!(!key_folds_to(br"\ud800", true, b"x"));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! key). A slot answers only while all of these hold:
 //!
 //! - it belongs to the same `MemoryRates` (by a process-unique id, never an address that could be
-//!   reused) and the same key id;
+//!   reused) and the same budget level ([`BudgetId`]);
 //! - the bucket is not retired: the cache's eviction listener retires a bucket when it leaves the
 //!   cache for any reason (size bound, replaced for a changed limit), and from then on a request
 //!   gets whatever bucket the cache holds now, as it did without the front;
@@ -23,8 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::bucket::Bucket;
-use crate::key::KeyId;
-use crate::quota::RateLimit;
+use crate::quota::{BudgetId, PoolId, RateLimit};
 
 /// Slots per thread (a power of two).
 pub(super) const SLOTS: usize = 64;
@@ -33,7 +32,7 @@ pub(super) const HITS_PER_FILL: u32 = 256;
 
 struct Slot {
     rates: u64,
-    key: KeyId,
+    key: BudgetId,
     bucket: Arc<Bucket>,
     hits_left: u32,
 }
@@ -42,24 +41,27 @@ thread_local! {
     static FRONT: RefCell<[Option<Slot>; SLOTS]> = const { RefCell::new([const { None }; SLOTS]) };
 }
 
-/// FNV-1a over the key id's bytes (ids are random; grinding ids into one slot only makes the
+/// FNV-1a over the level's bytes (key ids are random; grinding ids into one slot only makes the
 /// grinder's own requests read the cache).
-fn index(key: &KeyId) -> usize {
-    let mut hash: u32 = 0x811c_9dc5;
-    for byte in key.as_str().bytes() {
-        hash = (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193);
+fn index(key: &BudgetId) -> usize {
+    fn fnv(hash: u32, bytes: &[u8]) -> u32 {
+        bytes.iter().fold(hash, |hash, byte| {
+            (hash ^ u32::from(*byte)).wrapping_mul(0x0100_0193)
+        })
     }
+    let hash = match key {
+        BudgetId::Key(id) => fnv(0x811c_9dc5, id.as_str().as_bytes()),
+        BudgetId::Pool(PoolId { owner, account }) => {
+            let hash = fnv(0x811c_9dc5 ^ 0xff, owner.as_bytes());
+            fnv(hash, account.as_deref().unwrap_or("").as_bytes())
+        }
+    };
     (hash as usize) & (SLOTS - 1)
 }
 
-/// Calls `f` with this thread's current bucket for `key` at `limit` in the `MemoryRates` with id
-/// `rates`, if there is one.
-pub(super) fn with<R>(
-    rates: u64,
-    key: &KeyId,
-    limit: RateLimit,
-    f: impl FnOnce(&Bucket) -> R,
-) -> Option<R> {
+/// This thread's current bucket for `key` at `limit` in the `MemoryRates` with id `rates`, if
+/// there is one.
+pub(super) fn get(rates: u64, key: &BudgetId, limit: RateLimit) -> Option<Arc<Bucket>> {
     FRONT
         .try_with(|front| {
             let mut front = front.try_borrow_mut().ok()?;
@@ -73,14 +75,14 @@ pub(super) fn with<R>(
                 return None;
             }
             slot.hits_left -= 1;
-            Some(f(&slot.bucket))
+            Some(slot.bucket.clone())
         })
         .ok()
         .flatten()
 }
 
 /// Puts `bucket`, just read from the cache for `key`, in this thread's front.
-pub(super) fn fill(rates: u64, key: &KeyId, bucket: &Arc<Bucket>) {
+pub(super) fn fill(rates: u64, key: &BudgetId, bucket: &Arc<Bucket>) {
     let _ = FRONT.try_with(|front| {
         if let Ok(mut front) = front.try_borrow_mut() {
             front[index(key)] = Some(Slot {
@@ -95,7 +97,7 @@ pub(super) fn fill(rates: u64, key: &KeyId, bucket: &Arc<Bucket>) {
 
 /// Calls `f` with each key and bucket in this thread's front for the `MemoryRates` with id `rates`.
 #[cfg(test)]
-pub(super) fn each(rates: u64, mut f: impl FnMut(&KeyId, &Bucket)) {
+pub(super) fn each(rates: u64, mut f: impl FnMut(&BudgetId, &Bucket)) {
     FRONT.with_borrow(|front| {
         for slot in front.iter().flatten().filter(|slot| slot.rates == rates) {
             f(&slot.key, &slot.bucket);

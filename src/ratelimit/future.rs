@@ -6,7 +6,7 @@ use futures_util::future::BoxFuture;
 use http::Response;
 use pin_project_lite::pin_project;
 
-use super::Decision;
+use super::decision::Decision;
 
 pin_project! {
     /// Response future of [`RateLimitService`](super::RateLimitService).

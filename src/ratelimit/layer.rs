@@ -1,6 +1,6 @@
 use tower_layer::Layer;
 
-use super::RateLimiter;
+use super::limiter::RateLimiter;
 use super::service::RateLimitService;
 use crate::error::JsonRejection;
 

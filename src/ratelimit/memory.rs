@@ -1,44 +1,46 @@
-//! One instance: rate-limit state and credits in memory.
+//! One instance: rate-limit state in memory, a GCRA per budget level, decided over a whole chain
+//! of levels at once.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use governor::clock::{Clock, QuantaClock};
-use governor::middleware::StateInformationMiddleware;
-use governor::{Quota, RateLimiter};
-use time::OffsetDateTime;
-
 use super::bucket::Bucket;
-use super::{RateOutcome, Spend, front};
-use crate::key::KeyId;
-use crate::quota::{Credits, RateLimit};
+use super::decision::{RateChain, RateOutcome};
+use super::front;
+use super::gcra::{self, Held, Step};
+use crate::quota::{BudgetId, BudgetLevel, RateLimit};
 
-/// Keys whose rate-limit state [`MemoryRates::new`] keeps: 1,000,000 (about 100 MB at most).
+/// Budget levels whose rate-limit state [`MemoryRates::new`] keeps: 1,000,000 (about 100 MB at
+/// most).
 pub const DEFAULT_MAX_KEYS: u64 = 1_000_000;
 
 /// Ids of `MemoryRates` (for the per-thread fronts), unique in the process.
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
-/// Rate-limit state in memory: one `governor` GCRA limiter per key (quotas differ per key) in a
-/// bounded `moka` cache keyed by key id (least recently and frequently used keys go first when
-/// it is full). An evicted key starts again with a full bucket, which it has anyway after a period
-/// of no use: the bound only matters under more active keys than it holds. Cheap to clone; clones
-/// share the state.
+/// Rate-limit state in memory: one GCRA bucket (a theoretical arrival time under a lock) per budget
+/// level ([`BudgetId`]: a key, an ancestor, a pool) in a bounded `moka` cache (least recently and
+/// frequently used levels go first when it is full). An evicted level starts again with a full
+/// bucket, which it has anyway after a period of no use: the bound only matters under more active
+/// levels than it holds. Cheap to clone; clones share the state.
+///
+/// A request is decided over every level of its chain at once: the levels are locked in chain
+/// order (the key, its ancestors nearest first, the account pool, the owner pool: one order for
+/// every chain of a tree), every level is checked, and only if all admit is the cost spent at each;
+/// a refused request changes no level.
 #[derive(Clone)]
 pub struct MemoryRates {
     id: u64,
-    buckets: moka::sync::Cache<KeyId, Arc<Bucket>>,
-    clock: QuantaClock,
+    buckets: moka::sync::Cache<BudgetId, Arc<Bucket>>,
+    clock: quanta::Clock,
+    origin: quanta::Instant,
 }
 
 impl fmt::Debug for MemoryRates {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryRates")
-            .field("keys", &self.buckets.entry_count())
+            .field("levels", &self.buckets.entry_count())
             .finish_non_exhaustive()
     }
 }
@@ -49,221 +51,274 @@ impl Default for MemoryRates {
     }
 }
 
+/// A clock for tests that moves only when told to; made by [`MemoryRates::with_manual_clock`].
+#[derive(Clone)]
+pub struct ManualClock(Arc<quanta::Mock>);
+
+impl fmt::Debug for ManualClock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("ManualClock")
+            .field(&Duration::from_nanos(self.0.value()))
+            .finish()
+    }
+}
+
+impl ManualClock {
+    /// Moves the clock forward by `by`.
+    pub fn advance(&self, by: Duration) {
+        self.0.increment(by);
+    }
+}
+
+/// One walk down a chain (see [`MemoryRates::walk`]).
+enum Walk {
+    /// Every level admitted and was spent at; the most constraining level's outcome, if any.
+    Admitted(Option<RateChain>),
+    /// This level refused; nothing was spent anywhere.
+    Refused(RateChain),
+    /// A level was held by another decision (a chain in another order, or a level twice in one
+    /// chain): nothing was spent; try again.
+    Busy,
+}
+
 impl MemoryRates {
-    /// Keeps the state of at most [`DEFAULT_MAX_KEYS`] keys.
+    /// Keeps the state of at most [`DEFAULT_MAX_KEYS`] levels.
     pub fn new() -> Self {
         Self::with_max_keys(DEFAULT_MAX_KEYS)
     }
 
-    /// Keeps the state of at most `max_keys` keys (least recently and frequently used go first).
+    /// Keeps the state of at most `max_keys` levels (least recently and frequently used go first).
     pub fn with_max_keys(max_keys: u64) -> Self {
+        Self::with_clock(max_keys, quanta::Clock::new())
+    }
+
+    /// Like [`with_max_keys`](Self::with_max_keys), on a clock that moves only when the returned
+    /// [`ManualClock`] is advanced: for tests.
+    pub fn with_manual_clock(max_keys: u64) -> (Self, ManualClock) {
+        let (clock, mock) = quanta::Clock::mock();
+        (Self::with_clock(max_keys, clock), ManualClock(mock))
+    }
+
+    fn with_clock(max_keys: u64, clock: quanta::Clock) -> Self {
         Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             buckets: moka::sync::Cache::builder()
                 .max_capacity(max_keys)
-                // Whatever the cause, a bucket out of the cache is no longer the key's bucket.
+                // Whatever the cause, a bucket out of the cache is no longer the level's bucket.
                 .eviction_listener(|_, bucket: Arc<Bucket>, _| {
                     bucket.retired.store(true, Ordering::Release);
                 })
                 .build(),
-            clock: QuantaClock::default(),
+            origin: clock.now(),
+            clock,
         }
     }
 
-    /// Keys with state right now (approximate, as moka counts).
+    /// Levels with state right now (approximate, as moka counts).
     pub fn key_count(&self) -> u64 {
         self.buckets.run_pending_tasks();
         self.buckets.entry_count()
     }
 
-    fn bucket(&self, key: &KeyId, limit: RateLimit) -> Arc<Bucket> {
-        let make = || {
-            let quota = Quota::with_period(Duration::from_nanos(limit.emission_nanos()))
-                .expect("the emission interval is at least 1 ns")
-                .allow_burst(NonZeroU32::new(limit.limit).unwrap_or(NonZeroU32::MIN));
-            Arc::new(Bucket {
-                limit,
-                gcra: RateLimiter::direct_with_clock(quota, self.clock.clone())
-                    .with_middleware::<StateInformationMiddleware>(),
-                retired: AtomicBool::new(false),
-            })
-        };
+    /// Nanoseconds since this state was made.
+    fn now(&self) -> u64 {
+        let elapsed = self.clock.now().saturating_duration_since(self.origin);
+        u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The level's bucket at `limit`: this thread's front, else the cache (one bucket per level,
+    /// replaced when the level's limit changed, going on from the old one's window).
+    fn bucket(&self, key: &BudgetId, limit: RateLimit) -> Arc<Bucket> {
+        if let Some(bucket) = front::get(self.id, key, limit) {
+            return bucket;
+        }
         if let Some(bucket) = self.buckets.get(key)
             && bucket.limit == limit
         {
             front::fill(self.id, key, &bucket);
             return bucket;
         }
-        // New, or the key's limit changed: one bucket for the new quota, made under the key's lock
-        // (concurrent first requests of a key must not each make their own).
+        // New, or the level's limit changed: one bucket for the new limit, made under the level's
+        // lock (concurrent first requests must not each make their own).
         let bucket = self
             .buckets
             .entry_by_ref(key)
             .and_upsert_with(|entry| match entry {
                 Some(entry) if entry.value().limit == limit => entry.into_value(),
-                _ => make(),
+                // A changed limit goes on from the window in progress: no fresh burst.
+                Some(entry) => Arc::new(Bucket::succeeding(limit, entry.value())),
+                None => Arc::new(Bucket::new(limit)),
             })
             .into_value();
         front::fill(self.id, key, &bucket);
         bucket
     }
 
-    pub(crate) fn check(&self, key: &KeyId, limit: RateLimit, cost: u32) -> RateOutcome {
-        let emission = Duration::from_nanos(limit.emission_nanos());
-        let full = |remaining: u32| emission * limit.limit.saturating_sub(remaining);
-        if limit.limit == 0 {
-            return RateOutcome::never(limit);
+    /// Decides `cost` units over every level of `levels` that has a rate limit, all or nothing;
+    /// `None` when none has one. A cost above some level's whole limit never passes: the first
+    /// such level refuses it, whatever the state. Otherwise the first level (in chain order) that
+    /// has too little left refuses it.
+    pub(crate) fn check(&self, levels: &[BudgetLevel], cost: u32) -> Option<RateChain> {
+        let mut rated = false;
+        for (level, budget) in levels.iter().enumerate() {
+            if let Some(limit) = budget.limits.rate_limit {
+                rated = true;
+                if cost > limit.limit {
+                    return Some(RateChain {
+                        level,
+                        outcome: RateOutcome::never(limit),
+                    });
+                }
+            }
         }
-        let cost = NonZeroU32::new(cost).unwrap_or(NonZeroU32::MIN);
-        let step = |bucket: &Bucket| bucket.gcra.check_n(cost);
-        let step = match front::with(self.id, key, limit, step) {
-            Some(step) => step,
-            None => step(&self.bucket(key, limit)),
+        if !rated {
+            return None;
+        }
+        let now = self.now();
+        for attempt in 0u32.. {
+            match self.walk(levels, 0, true, now, cost) {
+                Walk::Admitted(best) => return best,
+                Walk::Refused(refused) => return Some(refused),
+                Walk::Busy if attempt == 16 && has_duplicates(levels) => {
+                    // A level twice in one chain (never from the resolver): count it once.
+                    let mut unique: Vec<BudgetLevel> = Vec::with_capacity(levels.len());
+                    for level in levels {
+                        if !unique.iter().any(|u| u.id == level.id) {
+                            unique.push(level.clone());
+                        }
+                    }
+                    return self.check(&unique, cost);
+                }
+                Walk::Busy if attempt < 4 => std::hint::spin_loop(),
+                Walk::Busy => std::thread::yield_now(),
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
+    /// Locks the rate-limited levels of `levels[from..]` one after the other (the first of the
+    /// chain waits for its lock; the next ones only try theirs briefly, so chains in inconsistent
+    /// orders cannot deadlock), checks each, and if all fit commits each on the way back.
+    /// `first`: no level above in the walk is held.
+    fn walk(&self, levels: &[BudgetLevel], from: usize, first: bool, now: u64, cost: u32) -> Walk {
+        let Some((offset, limit)) = levels[from..]
+            .iter()
+            .enumerate()
+            .find_map(|(i, level)| level.limits.rate_limit.map(|limit| (i, limit)))
+        else {
+            return Walk::Admitted(None);
         };
-        match step {
-            Ok(Ok(snapshot)) => {
-                let remaining = snapshot.remaining_burst_capacity();
-                RateOutcome {
-                    allowed: true,
-                    remaining,
-                    reset: full(remaining),
-                    retry_after: Duration::ZERO,
-                }
+        let level = from + offset;
+        let bucket = self.bucket(&levels[level].id, limit);
+        let mut lock: Held<'_> = if first {
+            bucket.gcra.lock()
+        } else {
+            match try_lock_briefly(&bucket) {
+                Some(lock) => lock,
+                None => return Walk::Busy,
             }
-            Ok(Err(not_until)) => {
-                let wait = not_until.wait_time_from(self.clock.now());
-                // `wait` is until the missing units have refilled: what is left now is the cost
-                // less those, and the bucket is full once the rest of the limit has refilled too.
-                let missing = wait.as_nanos().div_ceil(u128::from(limit.emission_nanos()));
-                let missing = u32::try_from(missing).unwrap_or(u32::MAX);
-                RateOutcome {
+        };
+        let emission = bucket.gcra.emission();
+        match lock.check(now, cost) {
+            Step::Refused { until_full } => Walk::Refused(RateChain {
+                level,
+                outcome: RateOutcome {
                     allowed: false,
-                    remaining: cost.get().saturating_sub(missing),
-                    reset: wait + emission * (limit.limit - cost.get()),
-                    retry_after: wait,
+                    remaining: gcra::remaining(emission, limit.limit, until_full),
+                    reset: Duration::from_nanos(until_full),
+                    retry_after: Duration::from_nanos(gcra::retry_after(
+                        emission,
+                        limit.limit,
+                        cost,
+                        until_full,
+                    )),
+                },
+            }),
+            Step::Fits {
+                new_tat,
+                until_full,
+            } => match self.walk(levels, level + 1, false, now, cost) {
+                Walk::Admitted(below) => {
+                    lock.commit(new_tat);
+                    let mine = RateChain {
+                        level,
+                        outcome: RateOutcome {
+                            allowed: true,
+                            remaining: gcra::remaining(emission, limit.limit, until_full),
+                            reset: Duration::from_nanos(until_full),
+                            retry_after: Duration::ZERO,
+                        },
+                    };
+                    Walk::Admitted(Some(match below {
+                        Some(below) if tighter(&below.outcome, &mine.outcome) => below,
+                        _ => mine,
+                    }))
                 }
-            }
-            // The cost is above the key's whole limit: it can never pass.
-            Err(_) => RateOutcome::never(limit),
-        }
-    }
-}
-
-/// One key's credits: the settings they were seeded from, and what is left.
-struct Cell {
-    seed: Credits,
-    state: Credits,
-}
-
-/// Credits counted in memory: an exact decrement per key under a per-key lock, seeded from the
-/// key's record (via its principal) the first time the key is seen and again whenever the record's
-/// credits change (an update sets `set_at`). What was spent is not written anywhere: after a
-/// restart every key starts again from its record. Use it for one instance; a fleet needs a shared
-/// counter. Cheap to clone; clones share the state.
-///
-/// It is not bounded: it holds one entry (about 200 bytes) for every key with credits it has seen,
-/// since forgetting one would hand its spent credits back. For many such keys, or a fleet, count
-/// them in the store ([`StoreCredits`](super::StoreCredits)).
-#[derive(Clone, Default)]
-pub struct MemoryCredits {
-    cells: Arc<RwLock<HashMap<KeyId, Arc<Mutex<Cell>>>>>,
-}
-
-impl fmt::Debug for MemoryCredits {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MemoryCredits").finish_non_exhaustive()
-    }
-}
-
-impl MemoryCredits {
-    /// An empty ledger.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    fn cell(&self, key: &KeyId, seed: &Credits) -> Arc<Mutex<Cell>> {
-        if let Some(cell) = self
-            .cells
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(key)
-        {
-            return cell.clone();
-        }
-        self.cells
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(key.clone())
-            .or_insert_with(|| {
-                Arc::new(Mutex::new(Cell {
-                    seed: *seed,
-                    state: *seed,
-                }))
-            })
-            .clone()
-    }
-
-    /// What is left for `key` at `now`, if it has been seen.
-    pub fn remaining(&self, key: &KeyId, now: OffsetDateTime) -> Option<u64> {
-        let cells = self.cells.read().unwrap_or_else(PoisonError::into_inner);
-        let cell = cells
-            .get(key)?
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        Some(cell.state.current(now))
-    }
-
-    pub(crate) fn spend(
-        &self,
-        key: &KeyId,
-        seed: &Credits,
-        cost: u32,
-        now: OffsetDateTime,
-    ) -> Spend {
-        let cell = self.cell(key, seed);
-        let mut cell = cell.lock().unwrap_or_else(PoisonError::into_inner);
-        if cell.seed != *seed {
-            // The record's credits were changed (or refilled by the store): start from them.
-            cell.seed = *seed;
-            cell.state = *seed;
-        }
-        cell.state = cell.state.refreshed(now);
-        let cost = u64::from(cost);
-        match cell.state.remaining.checked_sub(cost) {
-            Some(left) => {
-                cell.state.remaining = left;
-                Spend::Spent { remaining: left }
-            }
-            None => Spend::Exhausted {
-                remaining: cell.state.remaining,
+                other => other,
             },
         }
     }
+}
 
-    pub(crate) fn refund(&self, key: &KeyId, cost: u32, now: OffsetDateTime) {
-        let cells = self.cells.read().unwrap_or_else(PoisonError::into_inner);
-        if let Some(cell) = cells.get(key) {
-            let mut cell = cell.lock().unwrap_or_else(PoisonError::into_inner);
-            // A refill since the spend already restored everything.
-            if cell.state.set_at <= now {
-                cell.state.remaining = cell.state.remaining.saturating_add(cost.into());
-            }
+/// The lock of a level below the first of a walk: a few tries, then give up (the walk restarts).
+fn try_lock_briefly(bucket: &Bucket) -> Option<Held<'_>> {
+    for _ in 0..32 {
+        if let Some(lock) = bucket.gcra.try_lock() {
+            return Some(lock);
         }
+        std::hint::spin_loop();
     }
+    None
+}
+
+/// Whether `a` constrains more than `b`: less left, or as little left and longer until full.
+fn tighter(a: &RateOutcome, b: &RateOutcome) -> bool {
+    (a.remaining, std::cmp::Reverse(a.reset)) < (b.remaining, std::cmp::Reverse(b.reset))
+}
+
+/// Whether some level appears twice.
+pub(super) fn has_duplicates(levels: &[BudgetLevel]) -> bool {
+    levels
+        .iter()
+        .enumerate()
+        .any(|(i, level)| levels[..i].iter().any(|l| l.id == level.id))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quota::RefillInterval;
-    use time::macros::datetime;
+    use crate::key::KeyId;
+    use crate::quota::{PoolId, UsageLimits};
+
+    fn level(id: &str, limit: Option<RateLimit>) -> BudgetLevel {
+        BudgetLevel {
+            id: BudgetId::Key(KeyId::new(id)),
+            limits: UsageLimits {
+                rate_limit: limit,
+                credits: None,
+            },
+        }
+    }
+
+    fn one(id: &str, limit: RateLimit) -> Vec<BudgetLevel> {
+        vec![level(id, Some(limit))]
+    }
+
+    fn allowed(rates: &MemoryRates, levels: &[BudgetLevel], cost: u32) -> bool {
+        rates
+            .check(levels, cost)
+            .expect("rate-limited")
+            .outcome
+            .allowed
+    }
 
     #[test]
     fn buckets_burst_then_refuse_with_a_wait() {
         let rates = MemoryRates::new();
-        let key = KeyId::new("key_a");
-        let limit = RateLimit::new(3, 60);
-        let outcomes: Vec<_> = (0..4).map(|_| rates.check(&key, limit, 1)).collect();
+        let key = one("key_a", RateLimit::new(3, 60));
+        let outcomes: Vec<_> = (0..4)
+            .map(|_| rates.check(&key, 1).unwrap().outcome)
+            .collect();
         assert_eq!(
             outcomes.iter().map(|o| o.allowed).collect::<Vec<_>>(),
             [true, true, true, false]
@@ -274,24 +329,124 @@ mod tests {
         assert!(refused.retry_after > Duration::from_secs(19));
         assert!(refused.retry_after <= Duration::from_secs(20));
         // Another key is independent; a cost above the limit never passes.
-        assert!(rates.check(&KeyId::new("key_b"), limit, 3).allowed);
-        assert!(!rates.check(&KeyId::new("key_c"), limit, 4).allowed);
+        assert!(allowed(&rates, &one("key_b", RateLimit::new(3, 60)), 3));
+        assert!(!allowed(&rates, &one("key_c", RateLimit::new(3, 60)), 4));
+        assert!(rates.check(&[level("key_d", None)], 1).is_none());
     }
 
     #[test]
-    fn a_changed_limit_gets_a_new_bucket() {
+    fn time_refills_on_the_manual_clock() {
+        let (rates, clock) = MemoryRates::with_manual_clock(100);
+        let key = one("key_a", RateLimit::new(2, 10));
+        assert!(allowed(&rates, &key, 2));
+        assert!(!allowed(&rates, &key, 1));
+        clock.advance(Duration::from_millis(4_999));
+        assert!(!allowed(&rates, &key, 1));
+        clock.advance(Duration::from_millis(1));
+        assert!(allowed(&rates, &key, 1));
+        assert!(!allowed(&rates, &key, 1));
+    }
+
+    #[test]
+    fn a_chain_admits_only_when_every_level_does_and_a_refusal_spends_nothing() {
         let rates = MemoryRates::new();
-        let key = KeyId::new("key_a");
-        assert!(rates.check(&key, RateLimit::new(1, 60), 1).allowed);
-        assert!(!rates.check(&key, RateLimit::new(1, 60), 1).allowed);
-        assert!(rates.check(&key, RateLimit::new(5, 60), 1).allowed);
+        let parent = level("key_parent", Some(RateLimit::new(3, 3600)));
+        let pool = BudgetLevel {
+            id: BudgetId::Pool(PoolId::owner("team")),
+            limits: UsageLimits {
+                rate_limit: Some(RateLimit::new(100, 3600)),
+                credits: None,
+            },
+        };
+        let child = |name: &str| {
+            vec![
+                level(name, Some(RateLimit::new(2, 3600))),
+                level("key_unlimited_between", None),
+                parent.clone(),
+                pool.clone(),
+            ]
+        };
+        let (a, b) = (child("key_a"), child("key_b"));
+        // The parent's 3 bind both children; the headers describe the parent once it is tightest.
+        let first = rates.check(&a, 1).unwrap();
+        assert!(first.outcome.allowed);
+        assert_eq!((first.level, first.outcome.remaining), (0, 1));
+        // b's level and the parent both have 1 left: the parent is full again later.
+        let second = rates.check(&b, 1).unwrap();
+        assert_eq!((second.level, second.outcome.remaining), (2, 1));
+        let third = rates.check(&b, 1).unwrap();
+        assert!(third.outcome.allowed);
+        assert_eq!(third.outcome.remaining, 0);
+        // The parent refuses a's second request: a's own level, which had room, is not spent.
+        let refused = rates.check(&a, 1).unwrap();
+        assert!(!refused.outcome.allowed);
+        assert_eq!(refused.level, 2);
+        let own = rates.check(&[level("key_a", Some(RateLimit::new(2, 3600)))], 1);
+        assert_eq!(own.unwrap().outcome.remaining, 0, "a's level still had 1");
+        // The pool counted the three admitted requests only.
+        let pool_left = rates.check(std::slice::from_ref(&pool), 1).unwrap();
+        assert_eq!(pool_left.outcome.remaining, 100 - 4);
+        // A cost above a level's whole limit is refused by the first such level, with no state
+        // read or changed.
+        let never = rates.check(&child("key_c"), 4).unwrap();
+        assert_eq!((never.level, never.outcome.allowed), (0, false));
+        assert_eq!(never.outcome.retry_after, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn a_level_twice_in_a_chain_counts_once_and_does_not_hang() {
+        let rates = MemoryRates::new();
+        let same = level("key_same", Some(RateLimit::new(2, 3600)));
+        let chain = vec![same.clone(), same];
+        assert!(allowed(&rates, &chain, 1));
+        assert!(allowed(&rates, &chain, 1));
+        assert!(!allowed(&rates, &chain, 1));
+    }
+
+    #[test]
+    fn chains_in_opposite_orders_do_not_deadlock_and_stay_exact() {
+        let rates = MemoryRates::new();
+        let x = level("key_x", Some(RateLimit::new(3_000, 86_400)));
+        let y = level("key_y", Some(RateLimit::new(1_000_000, 86_400)));
+        let forward = vec![x.clone(), y.clone()];
+        let backward = vec![y, x];
+        let admitted = std::sync::atomic::AtomicU32::new(0);
+        std::thread::scope(|scope| {
+            for t in 0..4 {
+                let chain = if t % 2 == 0 { &forward } else { &backward };
+                let (rates, admitted) = (&rates, &admitted);
+                scope.spawn(move || {
+                    for _ in 0..2_000 {
+                        if allowed(rates, chain, 1) {
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(admitted.load(Ordering::Relaxed), 3_000);
+    }
+
+    #[test]
+    fn a_changed_limit_goes_on_from_the_window_in_progress() {
+        let rates = MemoryRates::new();
+        assert!(allowed(&rates, &one("key_a", RateLimit::new(2, 60)), 2));
+        assert!(!allowed(&rates, &one("key_a", RateLimit::new(2, 60)), 1));
+        // Neither tightening nor loosening the limit buys a fresh burst: the window is spent.
+        assert!(!allowed(&rates, &one("key_a", RateLimit::new(1, 60)), 1));
+        assert!(!allowed(&rates, &one("key_a", RateLimit::new(5, 60)), 1));
+        // A level that had room keeps the share of its window it had left: half of 4, then half
+        // of 2.
+        assert!(allowed(&rates, &one("key_b", RateLimit::new(4, 60)), 2));
+        assert!(allowed(&rates, &one("key_b", RateLimit::new(2, 60)), 1));
+        assert!(!allowed(&rates, &one("key_b", RateLimit::new(2, 60)), 1));
     }
 
     #[test]
     fn the_key_bound_holds() {
         let rates = MemoryRates::with_max_keys(100);
         for i in 0..10_000 {
-            rates.check(&KeyId::new(format!("key_{i}")), RateLimit::new(10, 60), 1);
+            rates.check(&one(&format!("key_{i}"), RateLimit::new(10, 60)), 1);
         }
         assert!(rates.key_count() <= 100, "{}", rates.key_count());
     }
@@ -299,26 +454,32 @@ mod tests {
     #[test]
     fn the_front_stops_using_a_bucket_that_left_the_cache() {
         let rates = MemoryRates::new();
-        let key = KeyId::new("key_front");
+        let id = BudgetId::Key(KeyId::new("key_front"));
         let limit = RateLimit::new(1, 60);
-        assert!(rates.check(&key, limit, 1).allowed);
+        let key = one("key_front", limit);
+        assert!(allowed(&rates, &key, 1));
         // Served by this thread's front: the same (now empty) bucket.
-        assert!(!rates.check(&key, limit, 1).allowed);
-        let old = rates.buckets.get(&key).expect("cached");
-        rates.buckets.invalidate(&key);
+        assert!(!allowed(&rates, &key, 1));
+        let old = rates.buckets.get(&id).expect("cached");
+        rates.buckets.invalidate(&id);
         rates.buckets.run_pending_tasks();
         assert!(old.retired.load(Ordering::Acquire));
         // A new bucket, as without the front (not the retired one the front still holds).
-        assert!(rates.check(&key, limit, 1).allowed);
-        let new = rates.buckets.get(&key).expect("cached again");
+        assert!(allowed(&rates, &key, 1));
+        let new = rates.buckets.get(&id).expect("cached again");
         assert!(!Arc::ptr_eq(&old, &new));
-        assert!(!rates.check(&key, limit, 1).allowed);
-        // A changed limit replaces the bucket in the cache, which retires the old one.
-        assert!(rates.check(&key, RateLimit::new(2, 60), 1).allowed);
+        assert!(!allowed(&rates, &key, 1));
+        // A changed limit replaces the bucket in the cache (going on from its window: still
+        // spent), which retires the old one.
+        assert!(!allowed(
+            &rates,
+            &one("key_front", RateLimit::new(2, 60)),
+            1
+        ));
         rates.buckets.run_pending_tasks();
         assert!(new.retired.load(Ordering::Acquire));
         // Another `MemoryRates` never answers from this one's front.
-        assert!(MemoryRates::new().check(&key, limit, 1).allowed);
+        assert!(allowed(&MemoryRates::new(), &key, 1));
     }
 
     #[test]
@@ -327,11 +488,7 @@ mod tests {
         let limit = RateLimit::new(1_000, 60);
         for round in 0..20 {
             for i in 0..500 {
-                rates.check(
-                    &KeyId::new(format!("key_{}", (i * 7 + round) % 500)),
-                    limit,
-                    1,
-                );
+                rates.check(&one(&format!("key_{}", (i * 7 + round) % 500), limit), 1);
             }
         }
         rates.buckets.run_pending_tasks();
@@ -349,16 +506,15 @@ mod tests {
     }
 
     #[test]
-    fn threads_share_one_bucket_per_key() {
+    fn threads_share_one_bucket_per_level() {
         let rates = MemoryRates::new();
-        let key = KeyId::new("key_shared");
-        let limit = RateLimit::new(1_000, 86_400);
+        let key = one("key_shared", RateLimit::new(1_000, 86_400));
         let admitted = std::sync::atomic::AtomicU32::new(0);
         std::thread::scope(|scope| {
             for _ in 0..4 {
                 scope.spawn(|| {
                     for _ in 0..1_000 {
-                        if rates.check(&key, limit, 1).allowed {
+                        if allowed(&rates, &key, 1) {
                             admitted.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -366,39 +522,5 @@ mod tests {
             }
         });
         assert_eq!(admitted.load(Ordering::Relaxed), 1_000);
-    }
-
-    #[test]
-    fn credits_are_exact_and_refill() {
-        let ledger = MemoryCredits::new();
-        let key = KeyId::new("key_a");
-        let day = datetime!(2026-03-04 10:00 UTC);
-        let seed = Credits::new(5).refill(RefillInterval::Daily, 7).set_at(day);
-        assert_eq!(
-            ledger.spend(&key, &seed, 2, day),
-            Spend::Spent { remaining: 3 }
-        );
-        assert_eq!(
-            ledger.spend(&key, &seed, 4, day),
-            Spend::Exhausted { remaining: 3 }
-        );
-        assert_eq!(
-            ledger.spend(&key, &seed, 3, day),
-            Spend::Spent { remaining: 0 }
-        );
-        ledger.refund(&key, 1, day);
-        assert_eq!(ledger.remaining(&key, day), Some(1));
-        let tomorrow = datetime!(2026-03-05 0:00 UTC);
-        assert_eq!(ledger.remaining(&key, tomorrow), Some(7));
-        assert_eq!(
-            ledger.spend(&key, &seed, 1, tomorrow),
-            Spend::Spent { remaining: 6 }
-        );
-        // An update of the record (new set_at) starts again from it.
-        let updated = Credits::new(100).set_at(tomorrow + time::Duration::HOUR);
-        assert_eq!(
-            ledger.spend(&key, &updated, 1, tomorrow + time::Duration::HOUR),
-            Spend::Spent { remaining: 99 }
-        );
     }
 }

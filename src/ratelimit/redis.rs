@@ -2,59 +2,84 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::{RateLimit, RateOutcome};
-use crate::key::KeyId;
+use super::decision::{RateChain, RateOutcome};
+use crate::quota::{BudgetLevel, RateLimit};
 use crate::store::{StoreError, StoreErrorKind};
 
-/// The prefix of bucket keys when none is configured: `tower_api_keys:rl:<key id>`.
+/// The prefix of bucket keys when none is configured: `tower_api_keys:rl:<budget level>`.
 pub const DEFAULT_PREFIX: &str = "tower_api_keys:rl";
 
 /// How long one decision may take before it counts as a failure, by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
 
-/// The Lua script [`RedisRates`] runs: GCRA on Redis's clock, one atomic call per decision. The
-/// bucket is the key's theoretical arrival time (TAT) in microseconds; it expires when the bucket
+/// Connections [`RedisRates`] spreads its decisions over, by default.
+pub const DEFAULT_CONNECTIONS: usize = 4;
+
+/// The Lua script [`RedisRates`] runs: GCRA on Redis's clock over every rate-limited level of a
+/// request's budget chain, all or nothing, in one atomic call per decision whatever the depth. Each
+/// level's bucket is its theoretical arrival time (TAT) in microseconds; it expires when the bucket
 /// is full again.
 ///
-/// `KEYS[1]` the bucket; `ARGV[1]` the emission interval in whole microseconds (the period over
-/// the limit, rounded up); `ARGV[2]` the limit; `ARGV[3]` the cost (at most the limit: a larger
-/// cost never reaches Redis). Returns one integer, `d`: admitted, the microseconds until the bucket
-/// is full again after this request (`d ≥ 0`); refused, `-1 - d` with `d` the same for the bucket
-/// as it stays (nothing is written). The rest of the decision (what is left, when to retry) follows from `d`,
-/// the limit and the cost on the caller's side: the script does only what must be atomic.
+/// `KEYS[i]` the bucket of level `i` (in chain order); `ARGV[1]` the cost (at most every level's
+/// limit: a larger cost never reaches Redis); `ARGV[2i]` level `i`'s emission interval in whole
+/// microseconds (its period over its limit, rounded up), `ARGV[2i+1]` its limit. Every level is
+/// checked before any is written: the first level the cost does not fit refuses, and then nothing
+/// is written anywhere. Returns an array of integers: admitted, `{-1, d1, d2, ...}` with `di` the
+/// microseconds until level `i` is full again after this request; refused, `{i - 1, d}` with
+/// `i - 1` the refusing level (counted from 0) and `d` the same for its bucket as it stays. The
+/// rest of the decision (what is left, when to retry, which level is the most constraining)
+/// follows from these on the caller's side: the script does only what must be atomic.
 ///
 /// Time is counted in whole microseconds (Redis's clock, exact in a Lua number), so all of the
 /// arithmetic is exact. The emission interval is rounded up to a whole microsecond: a limit of a
-/// million units per second per key or more is enforced as at most that, otherwise the refill is
-/// slower than asked by less than a microsecond per unit; never looser.
+/// million units per second or more is enforced as at most that, otherwise the refill is slower
+/// than asked by less than a microsecond per unit; never looser.
 pub const GCRA_SCRIPT: &str = r#"
 local now = redis.call('TIME')
 now = now[1] * 1000000 + now[2]
-local emission = tonumber(ARGV[1])
-local tat = tonumber(redis.call('GET', KEYS[1])) or now
-if tat < now then tat = now end
-local new_tat = tat + emission * ARGV[3]
-if new_tat - emission * ARGV[2] > now then return now - tat - 1 end
-redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', string.format('%d', math.ceil((new_tat - now) / 1000)))
-return new_tat - now
+local cost = tonumber(ARGV[1])
+local tats = {}
+for i = 1, #KEYS do
+  local emission = tonumber(ARGV[2 * i])
+  local tat = tonumber(redis.call('GET', KEYS[i])) or now
+  if tat < now then tat = now end
+  local new_tat = tat + emission * cost
+  if new_tat - emission * tonumber(ARGV[2 * i + 1]) > now then return {i - 1, tat - now} end
+  tats[i] = new_tat
+end
+local out = {-1}
+for i = 1, #KEYS do
+  redis.call('SET', KEYS[i], string.format('%d', tats[i]), 'PX', string.format('%d', math.ceil((tats[i] - now) / 1000)))
+  out[i + 1] = tats[i] - now
+end
+return out
 "#;
 
 /// Rate-limit state in Redis, shared by every instance using the same server and prefix: each
 /// decision is one `EVALSHA` of a GCRA script (the same algorithm as
-/// [`MemoryRates`](super::MemoryRates)) using Redis's clock, so instances' clocks do not matter
-/// and N instances together never admit more than the limit.
+/// [`MemoryRates`](super::MemoryRates)) over every level of the request's budget chain, using
+/// Redis's clock, so instances' clocks do not matter and N instances together never admit more
+/// than any level's limit. Bucket keys are `<prefix>:<level>` (`key:<key id>`, or `pool:...`):
+/// every level of a chain is one key, all in one script call, so a Redis Cluster would need them
+/// in one hash slot (a prefix with a hash tag, `{rl}`); a single server or a replicated primary
+/// needs nothing.
 ///
-/// The connection is opened on first use and reopened after a failure; a decision that fails or
-/// takes longer than the timeout (default [`DEFAULT_TIMEOUT`]) is handled as the limiter's
-/// [`FailMode`](super::FailMode) says. Cheap to clone.
+/// Decisions are spread over a small pool of multiplexed connections (default
+/// [`DEFAULT_CONNECTIONS`], see [`connections`](Self::connections)) so that many requests in flight
+/// do not queue behind one socket. Each connection is opened on first use and reopened after a
+/// failure (after an outage, each connection's first decision fails before it reconnects: up to
+/// as many decisions as there are connections fail as the fail mode says); a decision that fails or takes longer than the timeout (default [`DEFAULT_TIMEOUT`])
+/// is handled as the limiter's [`FailMode`](super::FailMode) says. Cheap to clone.
 #[derive(Clone)]
 pub struct RedisRates {
     client: ::redis::Client,
-    connection: ConnectionManager,
+    connections: Arc<[ConnectionManager]>,
+    next: Arc<AtomicUsize>,
     prefix: Arc<str>,
     timeout: Duration,
     script: Arc<::redis::Script>,
@@ -65,6 +90,7 @@ impl fmt::Debug for RedisRates {
         f.debug_struct("RedisRates")
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
+            .field("connections", &self.connections.len())
             .finish_non_exhaustive()
     }
 }
@@ -74,7 +100,8 @@ impl RedisRates {
     /// inside a Tokio runtime.
     pub fn new(client: ::redis::Client) -> Result<Self, StoreError> {
         Ok(Self {
-            connection: Self::connect(&client, DEFAULT_TIMEOUT)?,
+            connections: Self::connect(&client, DEFAULT_TIMEOUT, DEFAULT_CONNECTIONS)?,
+            next: Arc::new(AtomicUsize::new(0)),
             client,
             prefix: DEFAULT_PREFIX.into(),
             timeout: DEFAULT_TIMEOUT,
@@ -89,7 +116,7 @@ impl RedisRates {
         Self::new(client)
     }
 
-    /// Bucket keys are `<prefix>:<key id>`. Every instance of a service must use the same prefix.
+    /// Bucket keys are `<prefix>:<level>`. Every instance of a service must use the same prefix.
     #[must_use]
     pub fn prefix(mut self, prefix: impl Into<Arc<str>>) -> Self {
         self.prefix = prefix.into();
@@ -98,48 +125,124 @@ impl RedisRates {
 
     /// How long one decision (and connecting) may take before it counts as a failure.
     pub fn timeout(mut self, timeout: Duration) -> Result<Self, StoreError> {
-        self.connection = Self::connect(&self.client, timeout)?;
+        self.connections = Self::connect(&self.client, timeout, self.connections.len())?;
         self.timeout = timeout;
         Ok(self)
     }
 
-    /// A lazily connecting manager that reconnects after a failure, giving up on an attempt after
+    /// Spreads decisions over `n` multiplexed connections (at least 1; default
+    /// [`DEFAULT_CONNECTIONS`]), taken in turn.
+    pub fn connections(mut self, n: usize) -> Result<Self, StoreError> {
+        self.connections = Self::connect(&self.client, self.timeout, n.max(1))?;
+        Ok(self)
+    }
+
+    /// `n` lazily connecting managers that reconnect after a failure, giving up on an attempt after
     /// `timeout` (the next decision tries again).
     fn connect(
         client: &::redis::Client,
         timeout: Duration,
-    ) -> Result<ConnectionManager, StoreError> {
+        n: usize,
+    ) -> Result<Arc<[ConnectionManager]>, StoreError> {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(1)
             .set_max_delay(timeout);
-        ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|e| StoreError::new(StoreErrorKind::Unavailable, e))
+        (0..n)
+            .map(|_| {
+                ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+                    .map_err(|e| StoreError::new(StoreErrorKind::Unavailable, e))
+            })
+            .collect()
     }
 
+    /// Decides `cost` units over every rate-limited level of `levels` in one script call, all or
+    /// nothing; `None` when no level has a rate limit. A cost above some level's whole limit never
+    /// passes (the first such level refuses it) and never reaches Redis.
     pub(crate) async fn check(
         &self,
-        key: &KeyId,
-        limit: RateLimit,
+        levels: &[BudgetLevel],
         cost: u32,
-    ) -> Result<RateOutcome, StoreError> {
-        if cost > limit.limit {
-            // More than the whole bucket: it can never pass, and Redis need not be asked.
-            return Ok(RateOutcome::never(limit));
+    ) -> Result<Option<RateChain>, StoreError> {
+        let mut invocation = self.script.prepare_invoke();
+        invocation.arg(cost);
+        let mut rated = 0;
+        for (level, budget) in levels.iter().enumerate() {
+            let Some(limit) = budget.limits.rate_limit else {
+                continue;
+            };
+            if cost > limit.limit {
+                return Ok(Some(RateChain {
+                    level,
+                    outcome: RateOutcome::never(limit),
+                }));
+            }
+            rated += 1;
+            invocation
+                .key(format!("{}:{}", self.prefix, budget.id))
+                .arg(emission_micros(limit))
+                .arg(limit.limit);
         }
-        let mut connection = self.connection.clone();
-        let mut invocation = self.script.key(format!("{}:{}", self.prefix, key.as_str()));
-        invocation
-            .arg(emission_micros(limit))
-            .arg(limit.limit)
-            .arg(cost);
-        let call = invocation.invoke_async::<i64>(&mut connection);
+        if rated == 0 {
+            return Ok(None);
+        }
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len();
+        let mut connection = self.connections[turn].clone();
+        let call = invocation.invoke_async::<Vec<i64>>(&mut connection);
         let reply = tokio::time::timeout(self.timeout, call)
             .await
             .map_err(|elapsed| StoreError::new(StoreErrorKind::Timeout, elapsed))?
             .map_err(|e| StoreError::new(StoreErrorKind::Unavailable, e))?;
-        Ok(outcome(limit, cost, reply))
+        chain_outcome(levels, cost, &reply)
+            .map(Some)
+            .ok_or_else(|| StoreError::new(StoreErrorKind::Unavailable, UnexpectedReply))
+    }
+}
+
+/// A script reply of another shape than [`GCRA_SCRIPT`]'s.
+#[derive(Debug)]
+struct UnexpectedReply;
+
+impl fmt::Display for UnexpectedReply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("unexpected reply from the rate-limit script")
+    }
+}
+
+impl std::error::Error for UnexpectedReply {}
+
+/// The decision a reply of [`GCRA_SCRIPT`] stands for over `levels`: the refusing level's, or the
+/// most constraining admitted level's (the least left, then the longest until full). `None` for a
+/// reply of another shape.
+fn chain_outcome(levels: &[BudgetLevel], cost: u32, reply: &[i64]) -> Option<RateChain> {
+    let rated: Vec<(usize, RateLimit)> = levels
+        .iter()
+        .enumerate()
+        .filter_map(|(i, level)| level.limits.rate_limit.map(|limit| (i, limit)))
+        .collect();
+    match *reply {
+        [-1, ref until_full @ ..] if until_full.len() == rated.len() => rated
+            .iter()
+            .zip(until_full)
+            .map(|(&(level, limit), &d)| RateChain {
+                level,
+                outcome: outcome(limit, cost, d.max(0)),
+            })
+            .min_by_key(|chain| {
+                (
+                    chain.outcome.remaining,
+                    std::cmp::Reverse(chain.outcome.reset),
+                )
+            }),
+        [refused, d] => {
+            let &(level, limit) = rated.get(usize::try_from(refused).ok()?)?;
+            Some(RateChain {
+                level,
+                outcome: outcome(limit, cost, -1 - d.max(0)),
+            })
+        }
+        _ => None,
     }
 }
 
@@ -148,8 +251,9 @@ fn emission_micros(limit: RateLimit) -> u64 {
     limit.emission_nanos().div_ceil(1000)
 }
 
-/// The decision the script's reply stands for (see [`GCRA_SCRIPT`]). Any reply decodes without
-/// overflow, whatever a server sends.
+/// The decision for one level: `reply` is `d ≥ 0`, admitted and full again in `d` µs, or `-1 - d`,
+/// refused and full again in `d` µs (see [`GCRA_SCRIPT`]). Any reply decodes without overflow,
+/// whatever a server sends.
 fn outcome(limit: RateLimit, cost: u32, reply: i64) -> RateOutcome {
     let allowed = reply >= 0;
     let until_full_us = if allowed { reply } else { -1 - reply };
@@ -226,6 +330,47 @@ mod tests {
                 let decoded = outcome(limit, limit.limit, reply);
                 assert!(decoded.remaining <= limit.limit, "{reply}: {decoded:?}");
             }
+        }
+    }
+
+    /// A chain's reply: the refusing level by its index among the rate-limited levels, else the
+    /// level with the least left; replies of another shape are errors, never a panic.
+    #[test]
+    fn chain_replies_name_the_level() {
+        use crate::key::KeyId;
+        use crate::quota::{BudgetId, UsageLimits};
+        let level = |id: &str, limit: Option<RateLimit>| BudgetLevel {
+            id: BudgetId::Key(KeyId::new(id)),
+            limits: UsageLimits {
+                rate_limit: limit,
+                credits: None,
+            },
+        };
+        let levels = [
+            level("key_child", Some(RateLimit::new(10, 60))),
+            level("key_unlimited", None),
+            level("key_parent", Some(RateLimit::new(4, 60))),
+        ];
+        // Admitted: the child has 9 left (6 s to full), the parent 2 (30 s): the parent.
+        let admitted = chain_outcome(&levels, 1, &[-1, 6_000_000, 30_000_000]).unwrap();
+        assert_eq!(admitted.level, 2);
+        assert_eq!(admitted.outcome.remaining, 2);
+        assert!(admitted.outcome.allowed);
+        // Refused by the second rate-limited level: the parent, full again in 60 s.
+        let refused = chain_outcome(&levels, 1, &[1, 60_000_000]).unwrap();
+        assert_eq!(refused.level, 2);
+        assert!(!refused.outcome.allowed);
+        assert_eq!(refused.outcome.retry_after, Duration::from_secs(15));
+        for reply in [
+            &[][..],
+            &[-1],
+            &[-1, 1],
+            &[2, 1],
+            &[-5, 1],
+            &[0, 1, 2],
+            &[i64::MIN, 0],
+        ] {
+            assert!(chain_outcome(&levels, 1, reply).is_none(), "{reply:?}");
         }
     }
 }

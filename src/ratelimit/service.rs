@@ -3,8 +3,9 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower_service::Service;
 
+use super::decision::Decision;
 use super::future::ResponseFuture;
-use super::{Decision, RateLimiter};
+use super::limiter::RateLimiter;
 use crate::error::{RenderRejection, reject};
 use crate::principal::Principal;
 

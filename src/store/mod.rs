@@ -452,6 +452,11 @@ impl std::error::Error for StoreError {
 /// - `replace_secret` refuses a revoked key ([`StoreErrorKind::Revoked`]) and, when asked, revokes
 ///   the descendants in the same atomic step;
 /// - `list` filters by owner and, when given, account;
+/// - `ancestors` is nearest first, at most [`MAX_DELEGATION_DEPTH`], and stops at a creator that
+///   is gone; `descendants` is the whole subtree; `budget_above` lists the ancestors that have
+///   limits, then the account pool, then the owner pool;
+/// - `set_pool` with `if_absent` is an insert-if-absent (racing writers all see the first);
+/// - `spend_credits` is all or nothing across its levels, atomically with every other spend;
 /// - methods on an unknown id return `Ok(None)` / `Ok(false)`, never an error.
 #[async_trait::async_trait]
 pub trait KeyStore: Send + Sync + 'static {
@@ -1237,5 +1242,207 @@ mod tests {
         // 1203 keys, one in five revoked (0, 5, ..., 1200: 241).
         assert_eq!(count_by_listing(&store, "o", None, now).await.unwrap(), 962);
         assert_eq!(count_by_listing(&store, "p", None, now).await.unwrap(), 0);
+    }
+
+    /// A store with only the required methods (forwarded to a `MemoryStore`): what a custom store
+    /// gets from the defaults.
+    struct Minimal(MemoryStore);
+
+    #[async_trait::async_trait]
+    impl KeyStore for Minimal {
+        async fn find_by_digest(&self, d: &KeyDigest) -> Result<Option<KeyRecord>, StoreError> {
+            self.0.find_by_digest(d).await
+        }
+        async fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+            self.0.get(id).await
+        }
+        async fn list(&self, query: &ListQuery) -> Result<Vec<KeyRecord>, StoreError> {
+            self.0.list(query).await
+        }
+        async fn insert(
+            &self,
+            record: &KeyRecord,
+            limits: KeyLimits,
+            now: OffsetDateTime,
+        ) -> Result<(), StoreError> {
+            self.0.insert(record, limits, now).await
+        }
+        async fn revoke(
+            &self,
+            id: &KeyId,
+            at: OffsetDateTime,
+        ) -> Result<Option<KeyChange>, StoreError> {
+            self.0.revoke(id, at).await
+        }
+        async fn delete(
+            &self,
+            id: &KeyId,
+            at: OffsetDateTime,
+        ) -> Result<Option<KeyChange>, StoreError> {
+            self.0.delete(id, at).await
+        }
+        async fn replace_secret(
+            &self,
+            id: &KeyId,
+            rotation: &Rotation,
+        ) -> Result<Option<KeyChange>, StoreError> {
+            self.0.replace_secret(id, rotation).await
+        }
+        async fn record_last_used(
+            &self,
+            uses: &[(KeyId, OffsetDateTime)],
+        ) -> Result<(), StoreError> {
+            self.0.record_last_used(uses).await
+        }
+    }
+
+    /// The defaults answer like `MemoryStore`'s own methods for ancestry, and `Unsupported` (not
+    /// `Unavailable`, which would read as an outage) for what a custom store cannot do.
+    #[tokio::test]
+    async fn the_defaults_agree_with_memory_and_refuse_what_they_cannot_do() {
+        let minimal = Minimal(MemoryStore::new());
+        let now = OffsetDateTime::now_utc();
+        let format = crate::key::KeyFormat::default();
+        // key_00 -> key_01 -> ... -> key_11, and key_00 -> key_20.
+        let parents = (0..12)
+            .map(|i| (i, (i > 0).then(|| i - 1)))
+            .chain([(20, Some(0))]);
+        for (i, parent) in parents {
+            let key = format.generate();
+            let record = KeyRecord {
+                id: KeyId::new(format!("key_{i:02}")),
+                name: String::new(),
+                owner: "o".into(),
+                account: "a".into(),
+                scopes: ScopeSet::default(),
+                digest: key.digest(),
+                digest_scheme: DigestScheme::default(),
+                masked_key: format.mask(&key).unwrap(),
+                created_at: now,
+                expires_at: None,
+                revoked_at: None,
+                last_used_at: None,
+                created_by: parent.map(|p: i32| KeyId::new(format!("key_{p:02}"))),
+                rotated_at: None,
+                previous: None,
+                limits: UsageLimits {
+                    rate_limit: None,
+                    credits: Some(Credits::new(10).set_at(now)),
+                },
+                allowed_networks: None,
+            };
+            minimal
+                .insert(&record, KeyLimits::default(), now)
+                .await
+                .unwrap();
+        }
+        let ids = |records: Vec<KeyRecord>| -> Vec<String> {
+            let mut ids: Vec<String> = records.into_iter().map(|r| r.id.to_string()).collect();
+            ids.sort();
+            ids
+        };
+        for id in ["key_11", "key_05", "key_00", "key_20", "key_99"] {
+            let id = KeyId::new(id);
+            let walked = minimal.ancestors(&id).await.unwrap();
+            assert_eq!(walked, minimal.0.ancestors(&id).await.unwrap(), "{id}");
+            assert!(walked.len() <= MAX_DELEGATION_DEPTH);
+            assert_eq!(
+                ids(minimal.descendants(&id).await.unwrap()),
+                ids(minimal.0.descendants(&id).await.unwrap()),
+                "{id}"
+            );
+            if let Some(record) = minimal.get(&id).await.unwrap() {
+                assert_eq!(
+                    minimal.budget_above(&record).await.unwrap(),
+                    minimal.0.budget_above(&record).await.unwrap(),
+                    "{id}"
+                );
+            }
+        }
+        assert_eq!(
+            minimal
+                .ancestors(&KeyId::new("key_11"))
+                .await
+                .unwrap()
+                .len(),
+            MAX_DELEGATION_DEPTH
+        );
+        assert_eq!(
+            minimal
+                .descendants(&KeyId::new("key_00"))
+                .await
+                .unwrap()
+                .len(),
+            12
+        );
+        let unsupported = |e: StoreError| assert_eq!(e.kind(), StoreErrorKind::Unsupported);
+        let id = KeyId::new("key_03");
+        unsupported(
+            minimal
+                .update(&id, &KeyUpdate::default())
+                .await
+                .unwrap_err(),
+        );
+        unsupported(minimal.adjust_credits(&id, -1, now).await.unwrap_err());
+        let pool = PoolId::owner("o");
+        assert_eq!(minimal.pool(&pool).await.unwrap(), None);
+        unsupported(
+            minimal
+                .set_pool(&pool, Some(UsageLimits::NONE), false)
+                .await
+                .unwrap_err(),
+        );
+        let two = [BudgetId::Key(id.clone()), BudgetId::Pool(pool)];
+        unsupported(minimal.spend_credits(&two, 1, now).await.unwrap_err());
+        unsupported(minimal.refund_credits(&two, 1, now).await.unwrap_err());
+        assert_eq!(
+            minimal.spend_credits(&[], 1, now).await.unwrap(),
+            ChainSpend::Spent {
+                remaining: Vec::new()
+            }
+        );
+    }
+
+    /// Levels are counted once each and judged in the order asked.
+    #[test]
+    fn chain_levels_count_each_level_once() {
+        let now = OffsetDateTime::now_utc();
+        let (a, b) = (
+            BudgetId::Key(KeyId::new("b")),
+            BudgetId::Key(KeyId::new("a")),
+        );
+        let pool = BudgetId::Pool(PoolId::owner("o"));
+        let levels = ChainLevels::new(&[pool.clone(), a.clone(), b.clone(), a.clone()]);
+        assert_eq!(
+            levels.unique,
+            [b.clone(), a.clone(), pool.clone()],
+            "lock order"
+        );
+        assert_eq!(levels.keys().count(), 2);
+        assert_eq!(levels.pools().count(), 1);
+        // unique: b (none), a (3), pool (5)
+        let mut credits = [
+            None,
+            Some(Credits::new(3).set_at(now)),
+            Some(Credits::new(5).set_at(now)),
+        ];
+        assert_eq!(
+            levels.spend(&mut credits, 2, now),
+            ChainSpend::Spent {
+                remaining: vec![Some(3), Some(1), None, Some(1)],
+            }
+        );
+        assert_eq!(
+            levels.spend(&mut credits, 2, now),
+            ChainSpend::Insufficient {
+                level: 1,
+                remaining: 1,
+            }
+        );
+        assert_eq!(credits[1].unwrap().remaining, 1, "nothing spent");
+        assert_eq!(credits[2].unwrap().remaining, 3, "nothing spent");
+        levels.refund(&mut credits, u64::MAX, now);
+        assert_eq!(credits[1].unwrap().remaining, crate::quota::MAX_CREDITS);
+        assert_eq!(credits[0], None);
     }
 }

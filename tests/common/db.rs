@@ -1,9 +1,10 @@
 //! Helpers for the tests that need PostgreSQL or Redis: environment lookup with skip-or-fail,
 //! unique names for isolation, a throwaway schema, and a TCP proxy that can simulate an outage.
 //!
-//! The tests read `TEST_DATABASE_URL` and `TEST_REDIS_URL`. When one is unset or its server cannot
-//! be reached, a test prints `SKIPPED: <test>: <reason>` to stderr and returns, unless the
-//! environment variable `CI` is `true`, in which case it fails.
+//! The tests read `TEST_DATABASE_URL` and `TEST_REDIS_URL`, and use the usual local services when
+//! they are unset (`postgres://postgres@127.0.0.1:5432/test`, `redis://127.0.0.1:6379`). When a
+//! server cannot be reached, a test prints `SKIPPED: <test>: <reason>` to stderr and returns, unless
+//! the environment variable `CI` is `true`, in which case it fails.
 #![allow(dead_code, unreachable_pub, unused_imports)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,14 +19,19 @@ pub fn skip(test: &str, reason: &str) {
     let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {reason}");
 }
 
-/// The value of `var`, or `None` after [`skip`] when it is unset or empty.
+/// The value of `var`, or the usual local service's URL when it is unset or empty.
 pub fn env_url(test: &str, var: &str) -> Option<String> {
+    let _ = test;
     match std::env::var(var) {
         Ok(url) if !url.trim().is_empty() => Some(url),
-        _ => {
-            skip(test, &format!("{var} not set"));
-            None
-        }
+        _ => Some(
+            match var {
+                "TEST_DATABASE_URL" => "postgres://postgres@127.0.0.1:5432/test",
+                "TEST_REDIS_URL" => "redis://127.0.0.1:6379",
+                other => panic!("no default for {other}"),
+            }
+            .to_owned(),
+        ),
     }
 }
 

@@ -7,6 +7,7 @@ pub mod db;
 pub mod gate;
 pub mod ratelimit;
 mod store;
+pub mod wire;
 
 #[allow(unused_imports)] // not every test uses both
 pub use store::{TestStore, record};

@@ -62,13 +62,25 @@ pub async fn fetch(
 
 /// `n` concurrent GETs, spread round-robin over `addrs`, all started before any is awaited.
 pub async fn blast(addrs: &[SocketAddr], path: &str, key: &str, n: usize) -> Vec<Answer> {
+    blast_keys(addrs, path, &[key.to_owned()], n).await
+}
+
+/// `n` concurrent GETs, request `i` with `keys[i % keys.len()]` to
+/// `addrs[(i / keys.len()) % addrs.len()]` (every key reaches every address), all started before
+/// any is awaited; the answers in the order of the requests.
+pub async fn blast_keys(
+    addrs: &[SocketAddr],
+    path: &str,
+    keys: &[String],
+    n: usize,
+) -> Vec<Answer> {
     let client = client();
     let tasks: Vec<_> = (0..n)
         .map(|i| {
             let client = client.clone();
-            let addr = addrs[i % addrs.len()];
+            let addr = addrs[(i / keys.len()) % addrs.len()];
             let path = path.to_owned();
-            let key = key.to_owned();
+            let key = keys[i % keys.len()].clone();
             tokio::spawn(async move { fetch(&client, addr, &path, &key).await })
         })
         .collect();

@@ -1121,6 +1121,12 @@ impl KeyStore for PostgresStore {
         cost: u64,
         now: OffsetDateTime,
     ) -> Result<ChainSpend, StoreError> {
+        if levels.is_empty() {
+            // Nothing to count: no transaction (and, in SQLite, no write lock).
+            return Ok(ChainSpend::Spent {
+                remaining: Vec::new(),
+            });
+        }
         let levels = ChainLevels::new(levels);
         let now = micros(now);
         self.chain_transaction(&levels, |credits| levels.spend(credits, cost, now))
@@ -1133,6 +1139,9 @@ impl KeyStore for PostgresStore {
         cost: u64,
         now: OffsetDateTime,
     ) -> Result<(), StoreError> {
+        if levels.is_empty() {
+            return Ok(());
+        }
         let levels = ChainLevels::new(levels);
         let now = micros(now);
         self.chain_transaction(&levels, |credits| levels.refund(credits, cost, now))

@@ -62,7 +62,7 @@ impl SqliteStore {
     }
 
     /// A private in-memory database, gone when the store (and its clones) are dropped. Handy for
-    /// tests; use [`MemoryStore`](super::MemoryStore) when persistence does not matter at all.
+    /// tests; use [`MemoryStore`](crate::store::MemoryStore) when persistence does not matter at all.
     pub async fn in_memory() -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str("sqlite::memory:").map_err(map_sqlx_error)?;
         let pool = Self::memory_pool_options()

@@ -854,6 +854,12 @@ impl KeyStore for SqliteStore {
         cost: u64,
         now: OffsetDateTime,
     ) -> Result<ChainSpend, StoreError> {
+        if levels.is_empty() {
+            // Nothing to count: no transaction (and, in SQLite, no write lock).
+            return Ok(ChainSpend::Spent {
+                remaining: Vec::new(),
+            });
+        }
         let levels = ChainLevels::new(levels);
         let now = micros(now);
         // BEGIN IMMEDIATE serialises every writer of the file: read every level, decide, write.
@@ -872,6 +878,9 @@ impl KeyStore for SqliteStore {
         cost: u64,
         now: OffsetDateTime,
     ) -> Result<(), StoreError> {
+        if levels.is_empty() {
+            return Ok(());
+        }
         let levels = ChainLevels::new(levels);
         let now = micros(now);
         let mut tx = self.begin_immediate().await?;
