@@ -5,7 +5,12 @@
 //! rebuild the body). After the criterion groups, the same pairs are timed interleaved and the
 //! stamp/collect ratios printed.
 //!
-//! `cargo bench --bench provenance -- --warm-up-time 1 --measurement-time 3`
+//! Then the hand-written scanner (`src/provenance/scan.rs`) against the obvious library route, a
+//! `serde_json::value::RawValue` splice ([`raw_splice`], checked to give the same bytes), on small,
+//! large and deep bodies, interleaved.
+//!
+//! `cargo bench --bench provenance -- --warm-up-time 1 --measurement-time 3`; only the scanner
+//! against the library route: `cargo bench --bench provenance -- scanner`.
 
 use std::convert::Infallible;
 use std::hint::black_box;
@@ -21,6 +26,8 @@ use tower_api_keys::key::KeyId;
 use tower_api_keys::principal::Principal;
 use tower_api_keys::provenance::Provenance;
 use tower_api_keys::scope::ScopeSet;
+
+mod fixtures;
 
 const SIZES: [(usize, &str); 2] = [(1024, "1KiB"), (64 * 1024, "64KiB")];
 
@@ -229,13 +236,235 @@ fn check_stamping() {
     run(&mut service, &body, Framing::Frames(100), &principal());
 }
 
+/// A create body of a few hundred bytes, as the example server gets them.
+fn small_body() -> Bytes {
+    Bytes::from_static(
+        br#"{"ledger_id": "ldg_0123456789", "currency": "USD", "precision": 100, "meta_data": {"amount": 12345678901234567890123456789.000000000000000000001, "customer": "cus_42", "tags": ["a", "b"]}}"#,
+    )
+}
+
+/// A body whose `entries` nest `depth` arrays and objects deep (serde_json skips a `RawValue`
+/// without recursing, so its recursion limit of 128 does not apply).
+fn deep_body(depth: usize) -> Bytes {
+    let mut s = String::from(r#"{"meta_data":{"region":"eu"},"entries":"#);
+    for i in 0..depth {
+        s.push_str(if i % 2 == 0 { "[" } else { r#"{"a":"# });
+    }
+    s.push('1');
+    for i in (0..depth).rev() {
+        s.push(if i % 2 == 0 { ']' } else { '}' });
+    }
+    s.push('}');
+    Bytes::from(s)
+}
+
+const META: &str = "meta_data";
+const STAMP: &str = "BLNK_GENERATED_BY";
+
+/// The library route gives the scanner's bytes on every benched body and on the edge cases.
+fn check_raw_splice() {
+    let provenance = Provenance::new();
+    let key_id = KeyId::new("key_01JABCDEFGHJKMNPQRSTVWXYZ0");
+    let id_json = "\"key_01JABCDEFGHJKMNPQRSTVWXYZ0\"";
+    let mut bodies = vec![
+        small_body(),
+        json_body(1024),
+        json_body(64 * 1024),
+        deep_body(100),
+        deep_body(10_000),
+    ];
+    for edge in [
+        "{}",
+        r#"{"a":1}"#,
+        r#"{"meta_data":null}"#,
+        r#"{"meta_data":{}}"#,
+        r#"{ "meta_data" : { "x" : 1 } , "b":2 }"#,
+        r#"{"meta_data":{"BLNK_GENERATED_BY":"forged","x":1,"BLNK_GENERATED_BY":2}}"#,
+        r#"{"meta\u005fdata":{"BLNK_GENERATED\u005fBY":"forged"}}"#,
+    ] {
+        bodies.push(Bytes::from(edge));
+    }
+    for body in &bodies {
+        let scanner = provenance.stamp(body, &key_id).unwrap();
+        let library = raw_splice::stamp(body, META, STAMP, id_json).unwrap();
+        assert_eq!(scanner, library, "{}", String::from_utf8_lossy(body));
+    }
+}
+
+/// The hand-written scanner against the `RawValue` splice, interleaved, on small, large and deep
+/// bodies: median thread CPU time per stamp and the ratio.
+fn scanner_vs_library() {
+    let provenance = Provenance::new();
+    let key_id = KeyId::new("key_01JABCDEFGHJKMNPQRSTVWXYZ0");
+    let id_json = "\"key_01JABCDEFGHJKMNPQRSTVWXYZ0\"";
+    println!(
+        "\nstamp only (no body plumbing): hand-written scanner vs serde_json RawValue splice, thread CPU, median of 101 interleaved batches"
+    );
+    println!(
+        "{:>22} {:>12} {:>12} {:>14}",
+        "body", "scanner", "RawValue", "RawValue ÷ scanner"
+    );
+    let bodies = [
+        ("small (186 B)", small_body()),
+        ("1 KiB", json_body(1024)),
+        ("64 KiB", json_body(64 * 1024)),
+        ("1 MiB", json_body(1024 * 1024)),
+        ("deep (100 levels)", deep_body(100)),
+        ("deep (10,000 levels)", deep_body(10_000)),
+    ];
+    for (name, body) in bodies {
+        let per_batch = (2_000_000 / body.len() as u32).clamp(5, 5_000);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..101 {
+            let start = fixtures::thread_cpu();
+            for _ in 0..per_batch {
+                black_box(provenance.stamp(black_box(&body), &key_id).unwrap());
+            }
+            a.push(fixtures::thread_cpu() - start);
+            let start = fixtures::thread_cpu();
+            for _ in 0..per_batch {
+                black_box(raw_splice::stamp(black_box(&body), META, STAMP, id_json).unwrap());
+            }
+            b.push(fixtures::thread_cpu() - start);
+        }
+        let scanner = median_per_iter(&mut a, per_batch);
+        let library = median_per_iter(&mut b, per_batch);
+        println!(
+            "{name:>22} {scanner:>10.0}ns {library:>10.0}ns {:>17.2}×",
+            library / scanner
+        );
+    }
+}
+
 fn main() {
     check_stamping();
+    check_raw_splice();
+    if std::env::args().any(|a| a == "scanner") {
+        // `cargo bench --bench provenance -- scanner`: only the scanner against the library route.
+        scanner_vs_library();
+        return;
+    }
     let listing = std::env::args().any(|a| a == "--list" || a == "--test");
     let mut criterion = Criterion::default().configure_from_args();
     benches(&mut criterion);
     criterion.final_summary();
     if !listing {
         print_ratios();
+        scanner_vs_library();
+    }
+}
+
+/// The library route, for comparison: the same stamp as a `serde_json::value::RawValue` splice.
+/// serde_json validates the document and hands out each member's raw value (a slice of the body);
+/// only the metadata object is parsed a second time, one level deep. Same output as the scanner on
+/// the bodies benched here (`check_raw_splice`).
+mod raw_splice {
+    use std::borrow::Cow;
+    use std::fmt;
+
+    use serde::de::{Deserializer, MapAccess, Visitor};
+    use serde_json::value::RawValue;
+
+    /// The members of one object: unescaped key and raw value, in order.
+    struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+    impl<'de> serde::Deserialize<'de> for Members<'de> {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Members<'de>;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: MapAccess<'de>>(
+                    self,
+                    mut map: A,
+                ) -> Result<Members<'de>, A::Error> {
+                    let mut members = Vec::new();
+                    while let Some(entry) = map.next_entry::<Cow<'de, str>, &'de RawValue>()? {
+                        members.push(entry);
+                    }
+                    Ok(Members(members))
+                }
+            }
+            deserializer.deserialize_map(V)
+        }
+    }
+
+    /// Offsets of `raw` (a slice of `body`) in `body`.
+    fn span(body: &[u8], raw: &RawValue) -> (usize, usize) {
+        let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
+        (start, start + raw.get().len())
+    }
+
+    /// `Ok(None)`: not a JSON object. `Err(())`: a metadata member neither an object nor null.
+    pub fn stamp(
+        body: &[u8],
+        meta: &str,
+        stamp: &str,
+        key_id_json: &str,
+    ) -> Result<Option<Vec<u8>>, ()> {
+        let Ok(top) = serde_json::from_slice::<Members<'_>>(body) else {
+            return Ok(None);
+        };
+        let member = format!("{}:{key_id_json}", serde_json::to_string(stamp).unwrap());
+        let mut out = Vec::with_capacity(body.len() + meta.len() + member.len() + 8);
+        let mut cursor = 0;
+        let mut splice = |out: &mut Vec<u8>, (start, end): (usize, usize), with: &[&str]| {
+            out.extend_from_slice(&body[cursor..start]);
+            for piece in with {
+                out.extend_from_slice(piece.as_bytes());
+            }
+            cursor = end;
+        };
+        let mut metas = 0;
+        for (key, value) in &top.0 {
+            if key != meta {
+                continue;
+            }
+            metas += 1;
+            let (start, end) = span(body, value);
+            match value.get().as_bytes()[0] {
+                b'n' => splice(&mut out, (start, end), &["{", &member, "}"]),
+                b'{' => {
+                    let inner: Members<'_> = serde_json::from_str(value.get()).map_err(|_| ())?;
+                    let stamps: Vec<usize> = (0..inner.0.len())
+                        .filter(|&i| inner.0[i].0 == stamp)
+                        .collect();
+                    match stamps.split_first() {
+                        None => match inner.0.last() {
+                            Some((_, last)) => {
+                                let at = span(body, last).1;
+                                splice(&mut out, (at, at), &[",", &member]);
+                            }
+                            None => splice(&mut out, (start + 1, start + 1), &[&member]),
+                        },
+                        Some((&first, duplicates)) => {
+                            splice(&mut out, span(body, inner.0[first].1), &[key_id_json]);
+                            for &i in duplicates {
+                                let from = span(body, inner.0[i - 1].1).1;
+                                splice(&mut out, (from, span(body, inner.0[i].1).1), &[]);
+                            }
+                        }
+                    }
+                }
+                _ => return Err(()),
+            }
+        }
+        if metas == 0 {
+            let meta_json = serde_json::to_string(meta).unwrap();
+            match top.0.last() {
+                Some((_, last)) => {
+                    let at = span(body, last).1;
+                    splice(&mut out, (at, at), &[",", &meta_json, ":{", &member, "}"]);
+                }
+                None => {
+                    let at = body.iter().position(|&b| b == b'{').unwrap() + 1;
+                    splice(&mut out, (at, at), &[&meta_json, ":{", &member, "}"]);
+                }
+            }
+        }
+        out.extend_from_slice(&body[cursor..]);
+        Ok(Some(out))
     }
 }

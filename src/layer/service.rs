@@ -7,7 +7,7 @@ use tower_service::Service;
 
 use super::Config;
 use super::future::{ResponseFuture, Tally};
-use super::source::{self, Held};
+use super::source;
 use crate::error::{AuthError, InvalidKeyReason, RenderRejection, reject};
 use crate::key::{KeyDigest, KeyFormatError};
 use crate::principal::{Anonymous, Principal};
@@ -53,20 +53,16 @@ enum Verdict {
 }
 
 impl Config {
-    /// The verdict on a request: preflight, presented key, optional mode.
-    ///
-    /// Also says which sources held a value, to be hidden if the request goes on.
-    fn judge(&self, headers: &http::HeaderMap, uri: &http::Uri) -> (Verdict, Held) {
-        match source::extract(&self.sources, headers, uri) {
-            Err(error) => (Verdict::Refuse(error), Held::default()),
-            Ok(presented) => {
-                let verdict = match presented.key {
-                    Some(key) => self.authenticate(key),
-                    None if self.optional => Verdict::Admit(None, None),
-                    None => Verdict::Refuse(AuthError::MissingKey),
-                };
-                (verdict, presented.held)
-            }
+    /// The verdict on a request: presented key, optional mode. The key headers are marked
+    /// sensitive on the way.
+    fn judge<B>(&self, request: &mut Request<B>) -> Verdict {
+        match source::extract(&self.sources, request) {
+            Err(error) => Verdict::Refuse(error),
+            Ok(presented) => match presented.key() {
+                Some(key) => self.authenticate(key),
+                None if self.optional => Verdict::Admit(None, None),
+                None => Verdict::Refuse(AuthError::MissingKey),
+            },
         }
     }
 
@@ -234,12 +230,13 @@ where
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let config = &*self.config;
-        let (verdict, held) = if config.preflight && is_preflight(&req) {
+        let verdict = if config.preflight && is_preflight(&req) {
             // Browsers send no key on a preflight; should a client send one anyway, it still
             // reaches the inner service hidden.
-            (Verdict::Admit(None, None), Held::ALL)
+            source::hide_all(&config.sources, req.headers_mut());
+            Verdict::Admit(None, None)
         } else {
-            config.judge(req.headers(), req.uri())
+            config.judge(&mut req)
         };
         let digest = match verdict {
             Verdict::Refuse(error) => {
@@ -257,12 +254,10 @@ where
                     }
                     return ResponseFuture::rejected(refuse(&self.rejection, error));
                 }
-                source::hide(&config.sources, held, req.headers_mut());
                 return forward(&mut self.inner, req, principal, tally, &config.client);
             }
             Verdict::Lookup(digest) => digest,
         };
-        source::hide(&config.sources, held, req.headers_mut());
         // The inner service was polled ready: take it, leave a clone for the next request.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);

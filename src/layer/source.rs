@@ -138,44 +138,68 @@ fn trim(b: &[u8]) -> &[u8] {
     &b[..end]
 }
 
-/// Which configured sources held a value: bit `i` for `sources[i]`.
-///
-/// Sources past the 64th count as held whenever they are looked at, so they are always hidden.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Held(u64);
+/// Presented keys up to this length are copied to the stack; longer ones (a long master key) to
+/// the heap.
+const INLINE_KEY: usize = 96;
 
-impl Held {
-    /// Every source, held or not.
-    pub(crate) const ALL: Self = Self(u64::MAX);
-
-    fn insert(&mut self, i: usize) {
-        self.0 |= 1u64.checked_shl(i as u32).unwrap_or(0);
-    }
-
-    fn contains(self, i: usize) -> bool {
-        i >= 64 || self.0 & (1 << i) != 0
-    }
+/// The presented key, copied out of the header map (which is marked sensitive in the same pass).
+enum Found {
+    None,
+    Inline { bytes: [u8; INLINE_KEY], len: u8 },
+    Heap(Box<[u8]>),
 }
 
-/// What [`extract`] found: the presented key, if any, and which sources held a value.
-#[derive(Debug)]
-pub(crate) struct Presented<'a> {
-    pub(crate) key: Option<&'a str>,
-    pub(crate) held: Held,
-}
-
-/// Marks the values of the header sources in `held` as sensitive, so that `Debug` and logging layers
-/// inside ours never print them.
-pub(crate) fn hide(sources: &[KeySource], held: Held, headers: &mut HeaderMap) {
-    if held == Held::default() {
-        return;
-    }
-    for (i, source) in sources.iter().enumerate() {
-        if !held.contains(i) {
-            continue;
+impl Found {
+    fn of(candidate: &[u8]) -> Self {
+        match u8::try_from(candidate.len()) {
+            Ok(len) if candidate.len() <= INLINE_KEY => {
+                let mut bytes = [0; INLINE_KEY];
+                bytes[..candidate.len()].copy_from_slice(candidate);
+                Self::Inline { bytes, len }
+            }
+            _ => Self::Heap(candidate.into()),
         }
+    }
+
+    fn bytes(&self) -> Option<&[u8]> {
+        match self {
+            Self::None => None,
+            Self::Inline { bytes, len } => Some(&bytes[..usize::from(*len)]),
+            Self::Heap(bytes) => Some(bytes),
+        }
+    }
+}
+
+/// What [`extract`] found: the presented key, if any.
+pub(crate) struct Presented(Found);
+
+impl fmt::Debug for Presented {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the key itself.
+        let found = if self.0.bytes().is_some() {
+            "a key"
+        } else {
+            "no key"
+        };
+        f.debug_tuple("Presented").field(&found).finish()
+    }
+}
+
+impl Presented {
+    /// The presented key (`None`: no key at all).
+    pub(crate) fn key(&self) -> Option<&str> {
+        // Every byte was checked to be visible ASCII.
+        self.0
+            .bytes()
+            .map(|b| std::str::from_utf8(b).expect("visible ASCII is UTF-8"))
+    }
+}
+
+/// Marks the values of every header source as sensitive, so that `Debug` and logging layers inside
+/// ours never print them (for requests let through without reading a key: CORS preflights).
+pub(crate) fn hide_all(sources: &[KeySource], headers: &mut HeaderMap) {
+    for source in sources {
         if let Some(name) = source.header_name()
-            && !read_before(sources, i, name)
             && let http::header::Entry::Occupied(mut entry) = headers.entry(name)
         {
             for value in entry.iter_mut() {
@@ -185,23 +209,30 @@ pub(crate) fn hide(sources: &[KeySource], held: Held, headers: &mut HeaderMap) {
     }
 }
 
-/// Whether a source before `sources[i]` reads the header `name` too (it was read, or hidden, then).
+/// Whether a source before `sources[i]` reads the header `name` too (it was read then).
 fn read_before(sources: &[KeySource], i: usize, name: &HeaderName) -> bool {
     sources[..i].iter().any(|s| s.header_name() == Some(name))
 }
 
-/// Finds the presented key (`key: None`: no key at all) and which sources held a value.
+/// Finds the presented key (none: no key at all) and marks the values of the key headers
+/// sensitive, so that `Debug` and logging layers inside ours never print them, in one pass: each
+/// key header is looked up once, read, checked and hidden together (the key is copied out of the
+/// map, so that the map can be changed meanwhile).
 ///
 /// A value that is not visible ASCII or is too long is refused as malformed; two different keys in
 /// one request are refused as ambiguous.
-pub(crate) fn extract<'a>(
+pub(crate) fn extract<B>(
     sources: &[KeySource],
-    headers: &'a HeaderMap,
-    uri: &'a Uri,
-) -> Result<Presented<'a>, AuthError> {
-    let mut held = Held::default();
-    let mut found: Option<&'a [u8]> = None;
-    let mut consider = |candidate: &'a [u8]| -> Result<(), AuthError> {
+    request: &mut http::Request<B>,
+) -> Result<Presented, AuthError> {
+    // A query source needs the URI while the headers are borrowed mutably: only then is it cloned.
+    let uri: Option<Uri> = sources
+        .iter()
+        .any(|s| matches!(s.0, Kind::Query(_)))
+        .then(|| request.uri().clone());
+    let headers = request.headers_mut();
+    let mut found = Found::None;
+    let mut consider = |candidate: &[u8]| -> Result<(), AuthError> {
         let candidate = trim(candidate);
         if candidate.is_empty() {
             return Ok(());
@@ -214,12 +245,13 @@ pub(crate) fn extract<'a>(
         {
             return Err(AuthError::InvalidKey(InvalidKeyReason::Malformed));
         }
-        match found {
+        match found.bytes() {
             Some(previous) if previous != candidate => {
                 Err(AuthError::InvalidKey(InvalidKeyReason::Ambiguous))
             }
-            _ => {
-                found = Some(candidate);
+            Some(_) => Ok(()),
+            None => {
+                found = Found::of(candidate);
                 Ok(())
             }
         }
@@ -227,7 +259,7 @@ pub(crate) fn extract<'a>(
     for (i, source) in sources.iter().enumerate() {
         match &source.0 {
             Kind::Query(name) => {
-                if let Some(query) = uri.query() {
+                if let Some(query) = uri.as_ref().and_then(Uri::query) {
                     for pair in query.split('&') {
                         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
                         if k == name {
@@ -241,26 +273,25 @@ pub(crate) fn extract<'a>(
                 if read_before(sources, i, name) {
                     continue;
                 }
+                let http::header::Entry::Occupied(mut entry) = headers.entry(name) else {
+                    continue;
+                };
                 // One read of the header serves every source that reads it (`bearer` and
                 // `blecon` both read `Authorization`).
-                for value in headers.get_all(name) {
-                    for (j, source) in sources.iter().enumerate().skip(i) {
-                        if source.header_name() == Some(name) {
-                            held.insert(j);
-                            if let Some(candidate) = source.key_in(value.as_bytes())? {
-                                consider(candidate)?;
-                            }
+                for value in entry.iter_mut() {
+                    value.set_sensitive(true);
+                    for source in &sources[i..] {
+                        if source.header_name() == Some(name)
+                            && let Some(candidate) = source.key_in(value.as_bytes())?
+                        {
+                            consider(candidate)?;
                         }
                     }
                 }
             }
         }
     }
-    Ok(Presented {
-        // Every byte was checked to be visible ASCII.
-        key: found.map(|b| std::str::from_utf8(b).expect("visible ASCII is UTF-8")),
-        held,
-    })
+    Ok(Presented(found))
 }
 
 #[cfg(test)]
@@ -289,10 +320,26 @@ mod tests {
         ]
     }
 
+    /// A request with these headers and this URI.
+    fn request(map: &HeaderMap, uri: &str) -> http::Request<()> {
+        let mut request = http::Request::get(uri).body(()).unwrap();
+        *request.headers_mut() = map.clone();
+        request
+    }
+
+    /// The key `sources` find in `map` (and `map` as the request holds it afterwards).
+    fn find(
+        sources: &[KeySource],
+        map: &HeaderMap,
+        uri: &str,
+    ) -> (Result<Option<String>, AuthError>, HeaderMap) {
+        let mut request = request(map, uri);
+        let key = extract(sources, &mut request).map(|p| p.key().map(str::to_owned));
+        (key, request.headers().clone())
+    }
+
     fn run(pairs: &[(&str, &[u8])]) -> Result<Option<String>, AuthError> {
-        let map = headers(pairs);
-        let uri = Uri::from_static("/");
-        extract(&all(), &map, &uri).map(|p| p.key.map(str::to_owned))
+        find(&all(), &headers(pairs), "/").0
     }
 
     #[test]
@@ -364,65 +411,89 @@ mod tests {
     }
 
     #[test]
-    fn sources_sharing_a_header_read_it_once_and_are_held_together() {
+    fn sources_sharing_a_header_read_it_once() {
         let map = headers(&[
             ("authorization", b"APIKEY::k1"),
             ("authorization", b"Bearer k1"),
         ]);
-        let uri = Uri::from_static("/");
         let sources = [
             KeySource::bearer(),
             KeySource::x_api_key(),
             KeySource::blecon(),
         ];
-        let presented = extract(&sources, &map, &uri).unwrap();
-        assert_eq!(presented.key, Some("k1"));
-        assert_eq!(presented.held, Held(0b101));
+        let (key, after) = find(&sources, &map, "/");
+        assert_eq!(key.unwrap().as_deref(), Some("k1"));
+        assert!(
+            after
+                .get_all("authorization")
+                .iter()
+                .all(|v| v.is_sensitive())
+        );
         let map = headers(&[
             ("authorization", b"APIKEY::k1"),
             ("authorization", b"Bearer k2"),
         ]);
         assert!(matches!(
-            extract(&sources, &map, &uri),
+            find(&sources, &map, "/").0,
             Err(AuthError::InvalidKey(InvalidKeyReason::Ambiguous))
         ));
-        let mut map = headers(&[("authorization", b"Bearer k1"), ("x-api-key", b"k1")]);
-        let held = extract(&sources, &map, &uri).unwrap().held;
-        hide(&sources, held, &mut map);
-        assert!(
-            map.get_all("authorization")
-                .iter()
-                .all(|v| v.is_sensitive())
-        );
-        assert!(map["x-api-key"].is_sensitive());
+        let map = headers(&[("authorization", b"Bearer k1"), ("x-api-key", b"k1")]);
+        let (_, after) = find(&sources, &map, "/");
+        assert!(after["authorization"].is_sensitive());
+        assert!(after["x-api-key"].is_sensitive());
     }
 
     #[test]
     fn query_only_when_configured() {
-        let uri: Uri = "/x?a=1&api_key=k9".parse().unwrap();
         let map = HeaderMap::new();
-        assert_eq!(extract(&all(), &map, &uri).unwrap().key, None);
+        assert_eq!(find(&all(), &map, "/x?a=1&api_key=k9").0.unwrap(), None);
         let sources = [KeySource::query("api_key")];
-        assert_eq!(extract(&sources, &map, &uri).unwrap().key, Some("k9"));
+        assert_eq!(
+            find(&sources, &map, "/x?a=1&api_key=k9")
+                .0
+                .unwrap()
+                .as_deref(),
+            Some("k9")
+        );
     }
 
     #[test]
     fn key_headers_are_marked_sensitive() {
-        let mut map = headers(&[
+        let map = headers(&[
             ("x-api-key", b"k1"),
             ("authorization", b"Bearer k1"),
             ("other", b"v"),
         ]);
-        let uri: Uri = "/".parse().unwrap();
-        let held = extract(&all(), &map, &uri).unwrap().held;
-        hide(&all(), held, &mut map);
-        assert!(map["x-api-key"].is_sensitive());
-        assert!(map["authorization"].is_sensitive());
-        assert!(!map["other"].is_sensitive());
-        // Only sources that held a value are flagged.
+        let (_, after) = find(&all(), &map, "/");
+        assert!(after["x-api-key"].is_sensitive());
+        assert!(after["authorization"].is_sensitive());
+        assert!(!after["other"].is_sensitive());
+        // Only the headers of configured sources are flagged.
         let sources = [KeySource::blnk(), KeySource::x_api_key()];
-        let held = extract(&sources, &map, &uri).unwrap().held;
-        assert_eq!(held, Held(0b10));
+        let (_, after) = find(&sources, &map, "/");
+        assert!(after["x-api-key"].is_sensitive());
+        assert!(!after["authorization"].is_sensitive());
+        // A refused request's key headers are flagged too.
+        let map = headers(&[("x-api-key", b"k1"), ("authorization", b"Bearer k2")]);
+        let (key, after) = find(&all(), &map, "/");
+        assert!(key.is_err());
+        assert!(after["x-api-key"].is_sensitive());
+    }
+
+    #[test]
+    fn long_keys_are_copied_whole() {
+        for len in [
+            super::INLINE_KEY - 1,
+            super::INLINE_KEY,
+            super::INLINE_KEY + 1,
+            MAX_CANDIDATE_LEN,
+        ] {
+            let key = "k".repeat(len);
+            assert_eq!(
+                run(&[("x-api-key", key.as_bytes())]).unwrap().as_deref(),
+                Some(key.as_str())
+            );
+        }
     }
 
     proptest! {
@@ -437,8 +508,7 @@ mod tests {
                     map.append(HeaderName::from_static(names[*n]), v);
                 }
             }
-            let uri = Uri::from_static("/");
-            if let Ok(Presented { key: Some(key), .. }) = extract(&all(), &map, &uri) {
+            if let (Ok(Some(key)), _) = find(&all(), &map, "/") {
                 prop_assert!(!key.is_empty());
                 prop_assert!(key.bytes().all(|b| b.is_ascii_graphic()));
             }

@@ -1123,7 +1123,7 @@ mod tests {
         assert_eq!(stamp(&once, &same, ID).unwrap().unwrap(), once);
         assert!(matches!(
             stamp(br#"{"x":{"a":{"X":1}}}"#, &same, ID),
-            Err(StampError::Ambiguous(Stamp(10)))
+            Err(StampError::Ambiguous(Stamp(11)))
         ));
     }
 

@@ -87,8 +87,8 @@
 //!   behind a small per-thread front (a million levels cost bounded memory; an evicted level starts
 //!   again with a full bucket), and [`MemoryCredits`], an exact decrement per level.
 //! - **A fleet** (feature `redis`): `RedisRates`, one Lua script call per decision whatever the
-//!   depth of the chain (GCRA on Redis's clock, every level in one call), over a small pool of
-//!   connections, so N instances together never admit more than any level's limit; credits in
+//!   depth of the chain (GCRA on Redis's clock, every level in one call), pipelined on a
+//!   multiplexed connection (or a small pool of them), so N instances together never admit more than any level's limit; credits in
 //!   the key store ([`StoreCredits`]), every level of the chain in one transaction.
 //!
 //! ## When a backend fails

@@ -17,8 +17,10 @@ pub const DEFAULT_PREFIX: &str = "tower_api_keys:rl";
 /// How long one decision may take before it counts as a failure, by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
 
-/// Connections [`RedisRates`] spreads its decisions over, by default.
-pub const DEFAULT_CONNECTIONS: usize = 4;
+/// Connections [`RedisRates`] spreads its decisions over, by default: one multiplexed connection,
+/// on which decisions in flight are pipelined (on a small shared machine a pool of 4 measured
+/// slower, BENCHMARKS.md; a Redis on its own cores may gain from [`RedisRates::connections`]).
+pub const DEFAULT_CONNECTIONS: usize = 1;
 
 /// The Lua script [`RedisRates`] runs: GCRA on Redis's clock over every rate-limited level of a
 /// request's budget chain, all or nothing, in one atomic call per decision whatever the depth. Each
@@ -69,9 +71,8 @@ return out
 /// in one hash slot (a prefix with a hash tag, `{rl}`); a single server or a replicated primary
 /// needs nothing.
 ///
-/// Decisions are spread over a small pool of multiplexed connections (default
-/// [`DEFAULT_CONNECTIONS`], see [`connections`](Self::connections)) so that many requests in flight
-/// do not queue behind one socket. Each connection is opened on first use and reopened after a
+/// Decisions in flight are pipelined on a multiplexed connection, and can be spread over a small
+/// pool of them ([`connections`](Self::connections); default [`DEFAULT_CONNECTIONS`]). Each connection is opened on first use and reopened after a
 /// failure (after an outage, each connection's first decision fails before it reconnects: up to
 /// as many decisions as there are connections fail as the fail mode says); a decision that fails or takes longer than the timeout (default [`DEFAULT_TIMEOUT`])
 /// is handled as the limiter's [`FailMode`](super::FailMode) says. Cheap to clone.
