@@ -19,6 +19,8 @@ mod grpc_example {
     /// `PROTOC` names.
     pub(super) fn generate() {
         println!("cargo::rerun-if-env-changed=PROTOC");
+        // Regenerate when the proto changes (the builder does not say so itself here).
+        println!("cargo::rerun-if-changed=proto/ledger.proto");
         let protoc = match std::env::var_os("PROTOC") {
             Some(path) => std::path::PathBuf::from(path),
             None => protoc_bin_vendored::protoc_bin_path()

@@ -27,7 +27,7 @@ use tokio::sync::RwLock;
 use tower::{Layer, ServiceExt};
 use tower_api_keys::guard::RequireScopes;
 use tower_api_keys::key::KeyFormat;
-use tower_api_keys::layer::ApiKeyLayer;
+use tower_api_keys::layer::{ApiKeyLayer, LiveBody};
 use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::store::{KeyStore, MemoryStore};
 
@@ -66,11 +66,12 @@ impl Backend {
 /// Sends `BURST` requests with `key` at once; returns the wall time from release to the last answer
 /// and the store lookups made meanwhile.
 async fn burst(resolver: &CachedResolver, store: &CountingStore, key: &str) -> (Duration, u64) {
-    let service = ApiKeyLayer::new(resolver.clone()).layer(
-        RequireScopes::all(["ledgers:read"]).layer(tower::service_fn(|_: Request<()>| async {
-            Ok::<_, Infallible>(Response::new(Bytes::new()))
-        })),
-    );
+    let service =
+        ApiKeyLayer::new(resolver.clone()).layer(RequireScopes::all(["ledgers:read"]).layer(
+            tower::service_fn(|_: Request<LiveBody<String>>| async {
+                Ok::<_, Infallible>(Response::new(Bytes::new()))
+            }),
+        ));
     // Every task waits on the gate (a held write lock) until all are spawned and built.
     let gate = Arc::new(RwLock::new(()));
     let closed = gate.write().await;
@@ -80,7 +81,7 @@ async fn burst(resolver: &CachedResolver, store: &CountingStore, key: &str) -> (
             let service = service.clone();
             let request = Request::get("/ledgers")
                 .header("x-api-key", key)
-                .body(())
+                .body(String::new())
                 .unwrap();
             let (gate, waiting) = (gate.clone(), waiting.clone());
             tokio::spawn(async move {

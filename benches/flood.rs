@@ -25,7 +25,7 @@ use tower::{Layer, Service, ServiceExt};
 use tower_api_keys::error::{AuthError, InvalidKeyReason};
 use tower_api_keys::guard::RequireScopes;
 use tower_api_keys::key::{FormatSecret, KeyFormat};
-use tower_api_keys::layer::ApiKeyLayer;
+use tower_api_keys::layer::{ApiKeyLayer, LiveBody};
 use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::store::{KeyStore, MemoryStore};
 
@@ -57,13 +57,14 @@ impl Rng {
     }
 }
 
-type BoxService = tower::util::BoxCloneService<Request<()>, Response<Bytes>, Infallible>;
+type BoxService =
+    tower::util::BoxCloneService<Request<String>, Response<LiveBody<Bytes>>, Infallible>;
 
 /// The layer and a guard over a handler that answers 200, for `format` over `store`.
 fn stack(store: Arc<CountingStore>, format: KeyFormat) -> BoxService {
     let resolver = CachedResolver::builder(store).format(format).build();
     let service = ApiKeyLayer::new(resolver).layer(RequireScopes::all(["ledgers:read"]).layer(
-        tower::service_fn(|request: Request<()>| {
+        tower::service_fn(|request: Request<LiveBody<String>>| {
             black_box(&request);
             async { Ok::<_, Infallible>(Response::new(Bytes::new())) }
         }),
@@ -71,10 +72,10 @@ fn stack(store: Arc<CountingStore>, format: KeyFormat) -> BoxService {
     tower::util::BoxCloneService::new(service)
 }
 
-fn request(key: &str) -> Request<()> {
+fn request(key: &str) -> Request<String> {
     Request::get("/ledgers")
         .header("x-api-key", key)
-        .body(())
+        .body(String::new())
         .unwrap()
 }
 

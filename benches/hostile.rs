@@ -37,7 +37,7 @@ use tower_api_keys::error::AuthError;
 use tower_api_keys::error::InvalidKeyReason;
 use tower_api_keys::guard::RequireScopes;
 use tower_api_keys::key::{ApiKey, KeyFormat};
-use tower_api_keys::layer::ApiKeyLayer;
+use tower_api_keys::layer::{ApiKeyLayer, LiveBody};
 use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::store::MemoryStore;
 
@@ -150,18 +150,18 @@ impl Malformed {
     }
 }
 
-fn request(key: Option<&str>) -> Request<()> {
+fn request(key: Option<&str>) -> Request<String> {
     let mut request = Request::get("/ledgers");
     if let Some(key) = key {
         request = request.header("x-api-key", key);
     }
-    request.body(()).unwrap()
+    request.body(String::new()).unwrap()
 }
 
 /// The answer: status and, for a refusal, the typed error from the response extensions.
-async fn send<S>(service: &mut S, request: Request<()>) -> (StatusCode, Option<AuthError>)
+async fn send<S>(service: &mut S, request: Request<String>) -> (StatusCode, Option<AuthError>)
 where
-    S: Service<Request<()>, Response = Response<Bytes>, Error = Infallible>,
+    S: Service<Request<String>, Response = Response<LiveBody<Bytes>>, Error = Infallible>,
 {
     let response = service.ready().await.unwrap().call(request).await.unwrap();
     (
@@ -239,12 +239,13 @@ fn main() {
         .format(format.clone())
         .negative_ttl(NEGATIVE_TTL)
         .build();
-    let service = ApiKeyLayer::new(resolver.clone()).layer(
-        RequireScopes::all(["ledgers:read"]).layer(tower::service_fn(|request: Request<()>| {
-            black_box(&request);
-            async { Ok::<_, Infallible>(Response::new(Bytes::new())) }
-        })),
-    );
+    let service =
+        ApiKeyLayer::new(resolver.clone()).layer(RequireScopes::all(["ledgers:read"]).layer(
+            tower::service_fn(|request: Request<LiveBody<String>>| {
+                black_box(&request);
+                async { Ok::<_, Infallible>(Response::new(Bytes::new())) }
+            }),
+        ));
 
     runtime.block_on(async {
         let mut service = service.clone();
@@ -417,11 +418,12 @@ fn flood(runtime: &tokio::runtime::Runtime, format: &KeyFormat, rng: &mut Rng) {
         .max_capacity(FLOOD_CAPACITY)
         .negative_ttl(NEGATIVE_TTL)
         .build();
-    let mut service = ApiKeyLayer::new(resolver.clone()).layer(
-        RequireScopes::all(["ledgers:read"]).layer(tower::service_fn(|_: Request<()>| async {
-            Ok::<_, Infallible>(Response::new(Bytes::new()))
-        })),
-    );
+    let mut service =
+        ApiKeyLayer::new(resolver.clone()).layer(RequireScopes::all(["ledgers:read"]).layer(
+            tower::service_fn(|_: Request<LiveBody<String>>| async {
+                Ok::<_, Infallible>(Response::new(Bytes::new()))
+            }),
+        ));
     runtime.block_on(async {
         // The hot keys are in use: a few requests each.
         for _ in 0..4 {

@@ -34,6 +34,7 @@ use bytes::Bytes;
 use criterion::{BatchSize, Criterion, SamplingMode};
 use futures_util::FutureExt;
 use http::{Request, Response, StatusCode};
+use http_body_util::Empty;
 use time::OffsetDateTime;
 use tower::{Layer, Service, ServiceExt};
 use tower_api_keys::store::KeyLimits;
@@ -41,17 +42,25 @@ use tower_api_keys::store::KeyLimits;
 mod fixtures;
 use tower_api_keys::guard::RequireScopes;
 use tower_api_keys::key::{ApiKey, KeyDigest, KeyFormat, KeyId};
-use tower_api_keys::layer::ApiKeyLayer;
+use tower_api_keys::layer::{ApiKeyLayer, LiveBody};
 use tower_api_keys::principal::Principal;
 use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::store::{KeyRecord, KeyStore, MemoryStore};
+
+/// The requests of these benches: no body.
+type Req = Request<Empty<Bytes>>;
+
+/// The response of a service under `ApiKeyLayer`, unwrapped (its body is not read here).
+fn unwrap_live<B>(response: Response<LiveBody<B>>) -> Response<B> {
+    response.map(LiveBody::into_inner)
+}
 
 const BEARER_TOKEN: &str = "a-static-token-0123456789abcdefghijklmnopqrstuvwxyz";
 const BCRYPT_COST: u32 = 10;
 /// Requests built ahead of one timed batch: few enough to stay in cache.
 const BATCH: u32 = 256;
 
-async fn handler(request: Request<()>) -> Result<Response<Bytes>, Infallible> {
+async fn handler<B>(request: Request<B>) -> Result<Response<Bytes>, Infallible> {
     black_box(&request);
     Ok(Response::new(Bytes::new()))
 }
@@ -63,25 +72,25 @@ fn now<F: Future>(future: F) -> F::Output {
         .expect("in-memory requests complete at once")
 }
 
-fn run<S>(service: &mut S, request: Request<()>) -> StatusCode
+fn run<S>(service: &mut S, request: Req) -> StatusCode
 where
-    S: Service<Request<()>, Response = Response<Bytes>, Error = Infallible>,
+    S: Service<Req, Response = Response<Bytes>, Error = Infallible>,
 {
     let ready = now(service.ready()).unwrap();
     now(ready.call(request)).unwrap().status()
 }
 
-fn api_key_request(key: &str) -> Request<()> {
+fn api_key_request(key: &str) -> Req {
     Request::get("/ledgers")
         .header("x-api-key", key)
-        .body(())
+        .body(Empty::new())
         .unwrap()
 }
 
-fn bearer_request() -> Request<()> {
+fn bearer_request() -> Req {
     Request::get("/ledgers")
         .header("authorization", format!("Bearer {BEARER_TOKEN}"))
-        .body(())
+        .body(Empty::new())
         .unwrap()
 }
 
@@ -207,31 +216,31 @@ impl Fixture {
         }
     }
 
-    fn bare(&self) -> impl Service<Request<()>, Response = Response<Bytes>, Error = Infallible> {
+    fn bare(&self) -> impl Service<Req, Response = Response<Bytes>, Error = Infallible> {
         tower::service_fn(handler)
     }
 
-    fn layer(&self) -> impl Service<Request<()>, Response = Response<Bytes>, Error = Infallible> {
+    fn layer(&self) -> impl Service<Req, Response = Response<Bytes>, Error = Infallible> {
         ApiKeyLayer::new(self.resolver.clone())
             .layer(RequireScopes::all(["ledgers:read"]).layer(tower::service_fn(handler)))
+            .map_response(unwrap_live)
     }
 
     /// The layer and guard over the resolver without a per-thread front.
-    fn layer_no_front(
-        &self,
-    ) -> impl Service<Request<()>, Response = Response<Bytes>, Error = Infallible> {
+    fn layer_no_front(&self) -> impl Service<Req, Response = Response<Bytes>, Error = Infallible> {
         ApiKeyLayer::new(self.no_front.clone())
             .layer(RequireScopes::all(["ledgers:read"]).layer(tower::service_fn(handler)))
+            .map_response(unwrap_live)
     }
 
-    fn layer_only(
-        &self,
-    ) -> impl Service<Request<()>, Response = Response<Bytes>, Error = Infallible> {
-        ApiKeyLayer::new(self.resolver.clone()).layer(tower::service_fn(handler))
+    fn layer_only(&self) -> impl Service<Req, Response = Response<Bytes>, Error = Infallible> {
+        ApiKeyLayer::new(self.resolver.clone())
+            .layer(tower::service_fn(handler))
+            .map_response(unwrap_live)
     }
 
     #[allow(deprecated)]
-    fn bearer(&self) -> impl Service<Request<()>, Response = Response<Bytes>, Error = Infallible> {
+    fn bearer(&self) -> impl Service<Req, Response = Response<Bytes>, Error = Infallible> {
         tower_http::validate_request::ValidateRequestHeaderLayer::bearer(BEARER_TOKEN)
             .layer(tower::service_fn(handler))
     }
@@ -274,9 +283,9 @@ fn bench_stack<S>(
     group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     name: &str,
     mut service: S,
-    request: impl Fn() -> Request<()>,
+    request: impl Fn() -> Req,
 ) where
-    S: Service<Request<()>, Response = Response<Bytes>, Error = Infallible>,
+    S: Service<Req, Response = Response<Bytes>, Error = Infallible>,
 {
     group.bench_function(name, |b| {
         b.iter_batched(
@@ -342,9 +351,9 @@ fn cpu<R>(f: impl FnOnce() -> R) -> Duration {
 }
 
 /// CPU time of `per_round` requests through `service`, requests built beforehand.
-fn time_stack<S>(service: &mut S, per_round: u32, request: &dyn Fn() -> Request<()>) -> Duration
+fn time_stack<S>(service: &mut S, per_round: u32, request: &dyn Fn() -> Req) -> Duration
 where
-    S: Service<Request<()>, Response = Response<Bytes>, Error = Infallible>,
+    S: Service<Req, Response = Response<Bytes>, Error = Infallible>,
 {
     let requests: Vec<_> = (0..per_round).map(|_| request()).collect();
     cpu(|| {

@@ -14,25 +14,26 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput};
 use futures_util::FutureExt;
 use http::{Request, Response, StatusCode};
+use http_body_util::Empty;
 use time::OffsetDateTime;
 use tower::{Layer, Service, ServiceExt};
 use tower_api_keys::guard::RequireScopes;
 use tower_api_keys::key::{ApiKey, KeyFormat, KeyId};
-use tower_api_keys::layer::ApiKeyLayer;
+use tower_api_keys::layer::{ApiKeyLayer, LiveBody};
 use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::store::{KeyLimits, KeyRecord, KeyStore, MemoryStore};
 use tower_api_keys::usage::UsageRecorder;
 
 const BATCH: u32 = 256;
 
-async fn handler(request: Request<()>) -> Result<Response<Bytes>, Infallible> {
+async fn handler<B>(request: Request<B>) -> Result<Response<Bytes>, Infallible> {
     black_box(&request);
     Ok(Response::new(Bytes::new()))
 }
 
-fn run<S>(service: &mut S, request: Request<()>) -> StatusCode
+fn run<S>(service: &mut S, request: Request<Empty<Bytes>>) -> StatusCode
 where
-    S: Service<Request<()>, Response = Response<Bytes>, Error = Infallible>,
+    S: Service<Request<Empty<Bytes>>, Response = Response<LiveBody<Bytes>>, Error = Infallible>,
 {
     let ready = service.ready().now_or_never().unwrap().unwrap();
     ready
@@ -43,10 +44,10 @@ where
         .status()
 }
 
-fn request(key: &str) -> Request<()> {
+fn request(key: &str) -> Request<Empty<Bytes>> {
     Request::get("/ledgers")
         .header("x-api-key", key)
-        .body(())
+        .body(Empty::new())
         .unwrap()
 }
 
@@ -94,7 +95,7 @@ fn setup() -> (ApiKey, CachedResolver, std::sync::Arc<dyn KeyStore>) {
 
 fn time_batch<S>(service: &mut S, key: &str) -> Duration
 where
-    S: Service<Request<()>, Response = Response<Bytes>, Error = Infallible>,
+    S: Service<Request<Empty<Bytes>>, Response = Response<LiveBody<Bytes>>, Error = Infallible>,
 {
     let requests: Vec<_> = (0..BATCH).map(|_| request(key)).collect();
     let start = Instant::now();

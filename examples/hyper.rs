@@ -28,19 +28,22 @@
 //! responses of the inner service's body type. [`JsonRejection`] can render into any body that is
 //! `From<Bytes>`. hyper's request body, `Incoming`, is not (it can only come from a connection), so the
 //! handlers answer with `http_body_util::Full<Bytes>`, which is `From<Bytes>`, and so are `String`,
-//! `Vec<u8>` and `axum::body::Body`. The request body stays `Incoming`: the layer never reads it.
+//! `Vec<u8>` and `axum::body::Body`. The layer answers with a [`LiveBody`] around it, and hands the
+//! handlers hyper's `Incoming` in a [`LiveBody`] (and a `TimeoutBody`): a request lives no longer
+//! than its key, nor than its [`Timeouts`].
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -49,12 +52,40 @@ use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
 use tower_api_keys::error::{AuthError, JsonRejection, RenderRejection};
 use tower_api_keys::guard::RequireScopes;
 use tower_api_keys::key::{ApiKey, KeyFormat};
-use tower_api_keys::layer::{ApiKeyLayer, KeySource};
+use tower_api_keys::layer::{ApiKeyLayer, KeySource, LiveBody};
 use tower_api_keys::manage::KeyManager;
 use tower_api_keys::manage::{CreateKey, KeyInfo};
 use tower_api_keys::principal::Principal;
 use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::store::MemoryStore;
+use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutBody, TimeoutLayer};
+
+/// The example's timeouts, in one place (the README's deployment notes list them): a slow client
+/// cannot hold a request open for long, whatever its key.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// How long a client may take to send a request head: a stalled head is cut (the connection
+    /// closes) after this.
+    pub head: Duration,
+    /// How long a request body may stall between two frames: reading it then fails and the
+    /// handler answers 400.
+    pub body: Duration,
+    /// The deadline of a whole request, until its response head: 408 past it.
+    pub request: Duration,
+}
+
+impl Timeouts {
+    /// 10 s for a head, 10 s between two body frames, 30 s for a whole request.
+    pub const DEFAULT: Self = Self {
+        head: Duration::from_secs(10),
+        body: Duration::from_secs(10),
+        request: Duration::from_secs(30),
+    };
+}
+
+/// The request body the handlers read: hyper's, cut when it stalls ([`Timeouts::body`]) and when
+/// the key ends ([`LiveBody`]).
+pub type ReqBody = LiveBody<TimeoutBody<Incoming>>;
 
 /// The body of every response, handlers' and refusals' alike (see the module docs).
 pub type Body = Full<Bytes>;
@@ -64,9 +95,10 @@ pub type Body = Full<Bytes>;
 pub fn app(
     resolver: CachedResolver,
     master_key: ApiKey,
+    timeouts: Timeouts,
 ) -> impl Service<
     Request<Incoming>,
-    Response = Response<Body>,
+    Response = Response<LiveBody<Body>>,
     Error = Infallible,
     Future: Send + 'static,
 > + Clone
@@ -82,7 +114,7 @@ pub fn app(
     let delete =
         RequireScopes::all(["ledgers:delete"]).layer(handler(ledgers.clone(), delete_ledger));
 
-    let router = service_fn(move |req: Request<Incoming>| {
+    let router = service_fn(move |req: Request<ReqBody>| {
         let route = match (req.method(), req.uri().path()) {
             (&Method::GET, "/whoami") => Route::Whoami,
             (&Method::GET, "/ledgers") => Route::List,
@@ -108,6 +140,12 @@ pub fn app(
     // The layer wraps every route: a request without a valid key never reaches the router (so an
     // unknown path answers 401 to a caller without a key, and 404 only to an authenticated one).
     ServiceBuilder::new()
+        // The examples' timeouts, in one place (see the constants above and the README).
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeouts.request,
+        ))
+        .layer(RequestBodyTimeoutLayer::new(timeouts.body))
         .layer(
             ApiKeyLayer::new(resolver)
                 .sources([KeySource::x_api_key(), KeySource::bearer()])
@@ -116,10 +154,11 @@ pub fn app(
         .service(router)
 }
 
-/// Accepts HTTP/1 connections on `listener` and serves each with `app`, until the task is dropped.
-pub async fn serve<S>(listener: TcpListener, app: S) -> std::io::Result<()>
+/// Accepts HTTP/1 connections on `listener` and serves each with `app`, until the task is dropped;
+/// a request head that takes longer than `timeouts.head` closes its connection.
+pub async fn serve<S>(listener: TcpListener, app: S, timeouts: Timeouts) -> std::io::Result<()>
 where
-    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+    S: Service<Request<Incoming>, Response = Response<LiveBody<Body>>, Error = Infallible>
         + Clone
         + Send
         + 'static,
@@ -129,7 +168,11 @@ where
         let (stream, _) = listener.accept().await?;
         let service = TowerToHyperService::new(app.clone());
         tokio::spawn(async move {
-            let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            // A timer, so that a request head that stalls is cut after `HEAD_TIMEOUT`.
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeouts.head)
+                .serve_connection(TokioIo::new(stream), service);
             if let Err(error) = connection.await {
                 eprintln!("connection error: {error}");
             }
@@ -166,12 +209,12 @@ struct Ledgers {
 fn handler<F, Fut>(
     ledgers: Ledgers,
     f: F,
-) -> impl Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future: Send>
+) -> impl Service<Request<ReqBody>, Response = Response<Body>, Error = Infallible, Future: Send>
 + Clone
 + Send
 + 'static
 where
-    F: Fn(Ledgers, Request<Incoming>) -> Fut + Clone + Send + 'static,
+    F: Fn(Ledgers, Request<ReqBody>) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
     service_fn(move |req| {
@@ -186,7 +229,7 @@ fn missing_principal() -> Response<Body> {
     JsonRejection::new().render(&AuthError::MissingPrincipal)
 }
 
-fn whoami(req: &Request<Incoming>) -> Response<Body> {
+fn whoami(req: &Request<ReqBody>) -> Response<Body> {
     // The layer put the authenticated principal in the request extensions.
     let Some(principal) = req.extensions().get::<Principal>() else {
         return missing_principal();
@@ -209,7 +252,7 @@ fn visible(principal: &Principal, ledger: &Ledger) -> bool {
     principal.is_master() || ledger.account.as_deref() == principal.account()
 }
 
-async fn list_ledgers(ledgers: Ledgers, req: Request<Incoming>) -> Response<Body> {
+async fn list_ledgers(ledgers: Ledgers, req: Request<ReqBody>) -> Response<Body> {
     let Some(principal) = req.extensions().get::<Principal>() else {
         return missing_principal();
     };
@@ -229,7 +272,7 @@ struct CreateLedger {
     name: String,
 }
 
-async fn create_ledger(ledgers: Ledgers, req: Request<Incoming>) -> Response<Body> {
+async fn create_ledger(ledgers: Ledgers, req: Request<ReqBody>) -> Response<Body> {
     // Cloned (one `Arc`) because reading the body consumes the request.
     let Some(principal) = req.extensions().get::<Principal>().cloned() else {
         return missing_principal();
@@ -265,7 +308,7 @@ async fn create_ledger(ledgers: Ledgers, req: Request<Incoming>) -> Response<Bod
     json_response(StatusCode::CREATED, &ledger)
 }
 
-async fn delete_ledger(ledgers: Ledgers, req: Request<Incoming>) -> Response<Body> {
+async fn delete_ledger(ledgers: Ledgers, req: Request<ReqBody>) -> Response<Body> {
     let Some(principal) = req.extensions().get::<Principal>() else {
         return missing_principal();
     };
@@ -344,6 +387,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         record.id,
         key.expose_secret()
     );
-    serve(listener, app(resolver, master)).await?;
+    serve(
+        listener,
+        app(resolver, master, Timeouts::DEFAULT),
+        Timeouts::DEFAULT,
+    )
+    .await?;
     Ok(())
 }

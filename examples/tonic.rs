@@ -42,6 +42,10 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::Stream;
+use futures_util::StreamExt;
 
 use tokio::net::TcpListener;
 use tonic::transport::Server;
@@ -63,7 +67,26 @@ pub mod pb {
 }
 
 use pb::ledgers_server::{Ledgers, LedgersServer};
-use pb::{CreateLedgerRequest, GetLedgerRequest, Ledger};
+use pb::{CreateLedgerRequest, GetLedgerRequest, ImportSummary, Ledger, WatchLedgersRequest};
+
+/// The example's timeouts, in one place (the README's deployment notes list them).
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// A request body (a client stream included) that stalls this long between two frames fails.
+    pub body: Duration,
+    /// The deadline of a call until its response head (tonic's `Server::timeout`): a unary or
+    /// client-streaming call past it ends `CANCELLED`. Server streams run on, until the client
+    /// leaves or the key ends.
+    pub request: Duration,
+}
+
+impl Timeouts {
+    /// 10 s between two body frames, 30 s for a call.
+    pub const DEFAULT: Self = Self {
+        body: Duration::from_secs(10),
+        request: Duration::from_secs(30),
+    };
+}
 
 /// `/ledger.v1.Ledgers/GetLedger`: the request path of a gRPC method.
 fn method_path(method: &str) -> String {
@@ -80,6 +103,14 @@ pub fn ledger_scopes() -> MethodScopes<GrpcRejection> {
         .method(
             &method_path("CreateLedger"),
             RequireScopes::all(["ledgers:write"]),
+        )
+        .method(
+            &method_path("ImportLedgers"),
+            RequireScopes::all(["ledgers:write"]),
+        )
+        .method(
+            &method_path("WatchLedgers"),
+            RequireScopes::all(["ledgers:read"]),
         )
         .rejection(GrpcRejection)
 }
@@ -99,23 +130,74 @@ pub async fn serve(
     resolver: CachedResolver,
     master_key: ApiKey,
 ) -> Result<(), tonic::transport::Error> {
+    serve_with(
+        listener,
+        resolver,
+        master_key,
+        LedgerService::default(),
+        Timeouts::DEFAULT,
+    )
+    .await
+}
+
+/// [`serve`] with a given service and timeouts.
+pub async fn serve_with(
+    listener: TcpListener,
+    resolver: CachedResolver,
+    master_key: ApiKey,
+    service: LedgerService,
+    timeouts: Timeouts,
+) -> Result<(), tonic::transport::Error> {
     // `ServiceBuilder`: the first layer is the outermost, so keys are checked before scopes.
     let auth = ServiceBuilder::new()
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            timeouts.body,
+        ))
         .layer(api_key_layer(resolver, master_key))
         .layer(ledger_scopes())
         .into_inner();
     Server::builder()
+        .timeout(timeouts.request)
         .layer(auth)
-        .add_service(LedgersServer::new(LedgerService::default()))
+        .add_service(LedgersServer::new(service))
         .serve_with_incoming(TcpIncoming::from(listener))
         .await
 }
 
 /// The service: ledgers in memory, each visible only to keys of the account that created it.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct LedgerService {
-    ledgers: Mutex<HashMap<String, Ledger>>,
-    next_id: AtomicU64,
+    ledgers: std::sync::Arc<Mutex<HashMap<String, Ledger>>>,
+    next_id: std::sync::Arc<AtomicU64>,
+}
+
+impl LedgerService {
+    /// How many ledgers exist.
+    pub fn len(&self) -> usize {
+        self.ledgers.lock().expect("ledger map poisoned").len()
+    }
+
+    /// Creates a ledger for `principal`.
+    fn create(&self, principal: &Principal, name: String) -> Result<Ledger, tonic::Status> {
+        if name.trim().is_empty() {
+            return Err(tonic::Status::invalid_argument("a ledger needs a name"));
+        }
+        let ledger = Ledger {
+            ledger_id: format!("ldg_{}", self.next_id.fetch_add(1, Ordering::Relaxed) + 1),
+            name,
+            account: principal.account().unwrap_or_default().to_owned(),
+            // The master key is never stamped as creator.
+            created_by: principal
+                .provenance_id()
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
+        };
+        self.ledgers
+            .lock()
+            .expect("ledger map poisoned")
+            .insert(ledger.ledger_id.clone(), ledger.clone());
+        Ok(ledger)
+    }
 }
 
 /// The principal [`ApiKeyLayer`] attached to the request.
@@ -156,24 +238,56 @@ impl Ledgers for LedgerService {
     ) -> Result<tonic::Response<Ledger>, tonic::Status> {
         let principal = principal(&request)?;
         let name = request.into_inner().name;
-        if name.trim().is_empty() {
-            return Err(tonic::Status::invalid_argument("a ledger needs a name"));
+        Ok(tonic::Response::new(self.create(&principal, name)?))
+    }
+
+    async fn import_ledgers(
+        &self,
+        request: tonic::Request<tonic::Streaming<CreateLedgerRequest>>,
+    ) -> Result<tonic::Response<ImportSummary>, tonic::Status> {
+        let principal = principal(&request)?;
+        let mut messages = request.into_inner();
+        let mut created = 0;
+        // A message that arrives after the key ended is never seen here: the stream fails, and
+        // the layer answers UNAUTHENTICATED.
+        while let Some(message) = messages.message().await? {
+            self.create(&principal, message.name)?;
+            created += 1;
         }
-        let ledger = Ledger {
-            ledger_id: format!("ldg_{}", self.next_id.fetch_add(1, Ordering::Relaxed) + 1),
-            name,
-            account: principal.account().unwrap_or_default().to_owned(),
-            // The master key is never stamped as creator.
-            created_by: principal
-                .provenance_id()
-                .map(|id| id.to_string())
-                .unwrap_or_default(),
+        Ok(tonic::Response::new(ImportSummary { created }))
+    }
+
+    type WatchLedgersStream =
+        std::pin::Pin<Box<dyn Stream<Item = Result<Ledger, tonic::Status>> + Send>>;
+
+    async fn watch_ledgers(
+        &self,
+        request: tonic::Request<WatchLedgersRequest>,
+    ) -> Result<tonic::Response<Self::WatchLedgersStream>, tonic::Status> {
+        let principal = principal(&request)?;
+        let interval = match request.into_inner().interval_ms {
+            0 => Duration::from_secs(1),
+            ms => Duration::from_millis(u64::from(ms)),
         };
-        self.ledgers
+        let visible: Vec<Ledger> = self
+            .ledgers
             .lock()
             .expect("ledger map poisoned")
-            .insert(ledger.ledger_id.clone(), ledger.clone());
-        Ok(tonic::Response::new(ledger))
+            .values()
+            .filter(|ledger| principal.is_master() || principal.account() == Some(&ledger.account))
+            .cloned()
+            .collect();
+        // Runs until the client leaves; the layer ends it with UNAUTHENTICATED once the key ends.
+        let heartbeats = futures_util::stream::unfold(0u64, move |n| async move {
+            tokio::time::sleep(interval).await;
+            let beat = Ledger {
+                ledger_id: format!("heartbeat_{n}"),
+                ..Ledger::default()
+            };
+            Some((Ok(beat), n + 1))
+        });
+        let stream = futures_util::stream::iter(visible.into_iter().map(Ok)).chain(heartbeats);
+        Ok(tonic::Response::new(Box::pin(stream)))
     }
 }
 

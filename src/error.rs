@@ -20,7 +20,7 @@
 //! use http::{Request, Response, StatusCode};
 //! use tower::{ServiceBuilder, ServiceExt};
 //! use tower_api_keys::error::{AuthError, ErrorCode};
-//! use tower_api_keys::layer::ApiKeyLayer;
+//! use tower_api_keys::layer::{ApiKeyLayer, LiveBody};
 //! use tower_api_keys::resolver::CachedResolver;
 //! use tower_api_keys::store::MemoryStore;
 //!
@@ -35,11 +35,11 @@
 //! });
 //! let service = ServiceBuilder::new()
 //!     .layer(layer)
-//!     .service_fn(|_: Request<()>| async { Ok::<_, Infallible>(Response::new(String::from("hi"))) });
+//!     .service_fn(|_: Request<LiveBody<String>>| async { Ok::<_, Infallible>(Response::new(String::from("hi"))) });
 //!
-//! let response = service.oneshot(Request::get("/").body(())?).await?;
+//! let response = service.oneshot(Request::get("/").body(String::new())?).await?;
 //! assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
-//! assert_eq!(response.body(), "denied: AUTH_MISSING_API_KEY");
+//! assert_eq!(response.body().get_ref(), "denied: AUTH_MISSING_API_KEY");
 //! // The typed error rides along, and the 401 got its challenge.
 //! let error = response.extensions().get::<AuthError>().unwrap();
 //! assert_eq!(error.code(), ErrorCode::MissingApiKey);
@@ -115,6 +115,9 @@ error_codes! {
     InvalidApiKey = "AUTH_INVALID_API_KEY", UNAUTHORIZED, 16;
     /// `AUTH_EXPIRED_API_KEY`: expired or revoked key (401).
     ExpiredApiKey = "AUTH_EXPIRED_API_KEY", UNAUTHORIZED, 16;
+    /// `LEAK_REPORT_UNVERIFIED`: a secret scanner's leak report whose signature is missing, malformed,
+    /// made with an unknown key or wrong; it changed nothing (401).
+    LeakReportUnverified = "LEAK_REPORT_UNVERIFIED", UNAUTHORIZED, 16;
     /// `AUTH_MISSING_PRINCIPAL`: a guard or extractor ran but no layer authenticated the request (401).
     MissingPrincipal = "AUTH_MISSING_PRINCIPAL", UNAUTHORIZED, 16;
     /// `AUTH_INSUFFICIENT_PERMISSIONS`: valid key, missing scope (403).
@@ -228,6 +231,10 @@ pub enum AuthError {
     /// The presented key expired or was revoked.
     #[error("API key has expired or was revoked")]
     ExpiredKey(ExpiredReason),
+    /// A leak report's signature was not accepted; `details.reason` says why (a stable name such
+    /// as `bad_signature` or `unknown_key_identifier`).
+    #[error("the leak report's signature could not be verified")]
+    LeakReportUnverified(&'static str),
     /// A guard or extractor found no principal: the authentication layer is not in front of it.
     #[error(
         "no authenticated principal on this request; is ApiKeyLayer installed in front of this route?"
@@ -317,6 +324,7 @@ impl AuthError {
             Self::InvalidKey(_) => ErrorCode::InvalidApiKey,
             Self::ExpiredKey(_) => ErrorCode::ExpiredApiKey,
             Self::MissingPrincipal => ErrorCode::MissingPrincipal,
+            Self::LeakReportUnverified(_) => ErrorCode::LeakReportUnverified,
             Self::InsufficientPermissions { .. } => ErrorCode::InsufficientPermissions,
             Self::CrossOwnerAccess => ErrorCode::CrossOwnerAccess,
             Self::ScopeEscalation(_) => ErrorCode::ScopeEscalation,
@@ -348,6 +356,7 @@ impl AuthError {
         match self {
             Self::InvalidKey(reason) => Some(json!({ "reason": reason.as_str() })),
             Self::ExpiredKey(reason) => Some(json!({ "reason": reason.as_str() })),
+            Self::LeakReportUnverified(reason) => Some(json!({ "reason": reason })),
             Self::InsufficientPermissions { required, mode } => {
                 Some(json!({ "required": required, "match": mode.as_str() }))
             }
@@ -575,6 +584,7 @@ impl AuthError {
             ErrorCode::InvalidApiKey => Self::InvalidKey(InvalidKeyReason::Unknown),
             ErrorCode::ExpiredApiKey => Self::ExpiredKey(ExpiredReason::Revoked),
             ErrorCode::MissingPrincipal => Self::MissingPrincipal,
+            ErrorCode::LeakReportUnverified => Self::LeakReportUnverified("bad_signature"),
             ErrorCode::InsufficientPermissions => Self::InsufficientPermissions {
                 required: ScopeSet::parse(["ledgers:write"]).unwrap(),
                 mode: ScopeMatch::All,

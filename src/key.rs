@@ -230,6 +230,29 @@ impl KeyFormat {
         self.prefix.len() + 1 + self.tail_len()
     }
 
+    /// The regular expression matching every key this format accepts, for registering with secret
+    /// scanners (GitHub's partner program, gitleaks, trufflehog). `\b` on both sides: a key inside
+    /// a longer run of letters and digits is not one of ours.
+    ///
+    /// | format | pattern (prefix `sk_live`) |
+    /// |---|---|
+    /// | public checksum | `\bsk_live_[0-9A-Za-z]{49}\b` |
+    /// | keyed | `\bsk_live_[0-9A-Za-z]{43}[1-9A-Za-z][0-9A-Za-z]{11}\b` |
+    /// | keyed, accepting legacy keys | `\bsk_live_(?:[0-9A-Za-z]{49}\|[0-9A-Za-z]{43}[1-9A-Za-z][0-9A-Za-z]{11})\b` |
+    ///
+    /// A match is a candidate only: the checksum (or, for keyed keys, the service) decides.
+    pub fn scanner_pattern(&self) -> String {
+        const PUBLIC: &str = "[0-9A-Za-z]{49}";
+        const KEYED: &str = "[0-9A-Za-z]{43}[1-9A-Za-z][0-9A-Za-z]{11}";
+        // A prefix is `[a-z0-9_]` only: nothing to escape.
+        let tail = match &self.keyed {
+            None => PUBLIC.to_owned(),
+            Some(keyed) if keyed.legacy() => format!("(?:{PUBLIC}|{KEYED})"),
+            Some(_) => KEYED.to_owned(),
+        };
+        format!("\\b{}_{tail}\\b", self.prefix)
+    }
+
     fn tail_len(&self) -> usize {
         if self.keyed.is_some() {
             KEYED_TAIL_LEN

@@ -10,6 +10,9 @@ pub mod guard;
 pub mod invalidate;
 pub mod key;
 pub mod layer;
+#[cfg(feature = "leaks")]
+pub mod leaks;
+mod life;
 pub mod manage;
 pub mod metrics;
 pub mod network;

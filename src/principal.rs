@@ -53,6 +53,8 @@ use time::OffsetDateTime;
 
 use crate::error::AuthError;
 use crate::key::{KeyId, MASTER_KEY_ID};
+pub use crate::life::KeyEnded;
+use crate::life::Life;
 use crate::network::Networks;
 use crate::quota::{Budget, UsageLimits};
 use crate::scope::{Scope, ScopeSet};
@@ -100,6 +102,9 @@ struct Inner {
     limits: UsageLimits,
     budget: Budget,
     networks: Option<Networks>,
+    /// The liveness of the key this principal was admitted with (`None`: cannot end, e.g. the
+    /// master key).
+    life: Option<Arc<Life>>,
 }
 
 impl Principal {
@@ -116,6 +121,7 @@ impl Principal {
             limits: UsageLimits::NONE,
             budget: Budget::NONE,
             networks: None,
+            life: None,
         }))
     }
 
@@ -139,6 +145,7 @@ impl Principal {
             limits: UsageLimits::NONE,
             budget: Budget::NONE,
             networks: None,
+            life: None,
         }))
     }
 
@@ -164,6 +171,76 @@ impl Principal {
     pub fn with_networks(mut self, networks: Option<Networks>) -> Self {
         Arc::make_mut(&mut self.0).networks = networks;
         self
+    }
+
+    /// The same principal, ending with `life`.
+    #[must_use]
+    pub(crate) fn with_life(mut self, life: Arc<Life>) -> Self {
+        Arc::make_mut(&mut self.0).life = Some(life);
+        self
+    }
+
+    /// The liveness handle, if the key can end.
+    #[inline]
+    pub(crate) fn life(&self) -> Option<&Arc<Life>> {
+        self.0.life.as_ref()
+    }
+
+    /// Whether the key is still live: not revoked, deleted, expired, past a rotation's grace
+    /// period, nor under a revoked ancestor, as far as this instance knows (one atomic load, no I/O).
+    ///
+    /// The layer admitted the request with a live key; this turns `false` when the key ends while the
+    /// request runs: at once on the instance that revoked it, within the invalidation bound on the
+    /// others, and at the expiry instant (a timer) for expiry and grace ends. The master key never
+    /// ends. See [`ended`](Self::ended) to wait for it.
+    #[inline]
+    pub fn is_live(&self) -> bool {
+        self.0
+            .life
+            .as_ref()
+            .is_none_or(|life| life.ended().is_none())
+    }
+
+    /// The refusal for a request whose key has ended (counted as a request the end cut short), or
+    /// `None` while it is live.
+    pub(crate) fn cut_if_ended(&self) -> Option<AuthError> {
+        let life = self.0.life.as_ref()?;
+        let reason = life.ended()?;
+        life.count_cut();
+        Some(AuthError::ExpiredKey(reason))
+    }
+
+    /// A future that resolves when the key ends, with the refusal a new request would get (401
+    /// `AUTH_EXPIRED_API_KEY`, `details.reason` = `revoked` or `expired`): for handlers that run
+    /// long, to stop working for a key that no longer exists.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_api_keys::error::AuthError;
+    /// use tower_api_keys::principal::Principal;
+    ///
+    /// async fn long_report(principal: Principal) -> Result<String, AuthError> {
+    ///     let work = async {
+    ///         tokio::time::sleep(Duration::from_millis(10)).await; // the long part
+    ///         format!("report for {:?}", principal.account())
+    ///     };
+    ///     tokio::select! {
+    ///         report = work => Ok(report),
+    ///         // The key was revoked (or expired) meanwhile: stop, answer 401.
+    ///         ended = principal.ended() => Err(ended),
+    ///     }
+    /// }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// // The master key never ends.
+    /// assert!(long_report(Principal::master()).await.is_ok());
+    /// # }
+    /// ```
+    ///
+    /// Never resolves for the master key. Allocates once per call; waiting costs nothing per
+    /// request otherwise.
+    pub fn ended(&self) -> KeyEnded {
+        KeyEnded::new(self.0.life.as_ref())
     }
 
     /// Every budget a request of this key counts against, in order (empty: no limit anywhere).
@@ -259,6 +336,7 @@ impl fmt::Debug for Principal {
             .field("limits", &self.0.limits)
             .field("budget", &self.0.budget)
             .field("allowed_networks", &self.0.networks)
+            .field("live", &self.is_live())
             .finish()
     }
 }

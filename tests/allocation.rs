@@ -14,11 +14,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use http::{Request, Response, StatusCode};
+use http_body_util::Empty;
 use time::OffsetDateTime;
 use tower::{Layer, Service, ServiceExt};
 use tower_api_keys::guard::RequireScopes;
 use tower_api_keys::key::{ApiKey, KeyFormat};
-use tower_api_keys::layer::ApiKeyLayer;
+use tower_api_keys::layer::{ApiKeyLayer, LiveBody};
 use tower_api_keys::principal::Principal;
 use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::store::{KeyLimits, KeyStore, MemoryStore};
@@ -97,7 +98,7 @@ fn cached_key() -> (ApiKey, CachedResolver) {
 }
 
 /// The handler: answers 200 if a principal is there, without allocating.
-async fn handler(request: Request<()>) -> Result<Response<Bytes>, Infallible> {
+async fn handler<B>(request: Request<B>) -> Result<Response<Bytes>, Infallible> {
     let status = match Principal::from_extensions(request.extensions()) {
         Ok(_) => StatusCode::OK,
         Err(_) => StatusCode::UNAUTHORIZED,
@@ -107,9 +108,9 @@ async fn handler(request: Request<()>) -> Result<Response<Bytes>, Infallible> {
     Ok(response)
 }
 
-fn call<S>(service: &mut S, request: Request<()>) -> StatusCode
+fn call<S>(service: &mut S, request: Request<Empty<Bytes>>) -> StatusCode
 where
-    S: Service<Request<()>, Response = Response<Bytes>, Error = Infallible>,
+    S: Service<Request<Empty<Bytes>>, Response = Response<LiveBody<Bytes>>, Error = Infallible>,
 {
     let ready = service.ready().now_or_never().unwrap().unwrap();
     ready
@@ -120,10 +121,10 @@ where
         .status()
 }
 
-fn request(key: &ApiKey) -> Request<()> {
+fn request(key: &ApiKey) -> Request<Empty<Bytes>> {
     Request::get("/ledgers")
         .header("x-api-key", key.expose_secret())
-        .body(())
+        .body(Empty::new())
         .unwrap()
 }
 

@@ -130,6 +130,7 @@ impl Service {
             database_url: format!("sqlite://{}", db.display()),
             redis_url: None,
             public_checksum: false,
+            leak_report_public_keys: None,
         })
         .await
         .expect("the example builds");

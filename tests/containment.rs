@@ -394,3 +394,49 @@ async fn changing_a_limit_never_buys_a_fresh_window() {
         assert_eq!(s.admitted(&[&key, &child], 4).await, 0, "limit {limit}");
     }
 }
+
+/// The answer to an operation that ends the calling key itself is still delivered whole (I4 ends
+/// streams, not answers already made): a key rotating itself receives its new secret, a key
+/// revoking itself its 204. The model test found these cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_ending_itself_gets_its_answer() {
+    let s = start().await;
+    let (key, id) = s
+        .create(MASTER, json!({"owner": "o", "scopes": WRITER}))
+        .await;
+    let (status, json) = s
+        .send(
+            "POST",
+            &format!("/api-keys/{id}/rotate"),
+            &key,
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    let rotated = json["key"].as_str().expect("the new secret").to_owned();
+    assert_eq!(
+        count(
+            &blast(&[s.addr], "/ledgers", &key, 1).await,
+            StatusCode::UNAUTHORIZED
+        ),
+        1
+    );
+    assert_eq!(
+        count(
+            &blast(&[s.addr], "/ledgers", &rotated, 1).await,
+            StatusCode::OK
+        ),
+        1
+    );
+    let (status, _) = s
+        .send("DELETE", &format!("/api-keys/{id}"), &rotated, None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        count(
+            &blast(&[s.addr], "/ledgers", &rotated, 1).await,
+            StatusCode::UNAUTHORIZED
+        ),
+        1
+    );
+}

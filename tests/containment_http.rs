@@ -46,6 +46,7 @@ async fn start() -> Example {
         database_url: format!("sqlite://{}", db.display()),
         redis_url: None,
         public_checksum: false,
+        leak_report_public_keys: None,
     })
     .await
     .expect("the example builds");

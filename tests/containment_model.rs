@@ -24,7 +24,9 @@
 //!   most what they were set to; the same for both pools over every key of the account. A refused
 //!   request spent nothing: the stored credits equal what was set minus what was admitted.
 //!
-//! `PROPTEST_CASES` sets the number of sequences (default 256, of 1 to 60 steps each: about 7,500 steps).
+//! `PROPTEST_CASES` sets the number of sequences on `MemoryStore` (default 256, of 1 to 60 steps
+//! each: about 7,500 steps); SQLite runs a sixteenth of them (at least 8), PostgreSQL a
+//! thirty-second (at least 6), each sequence on a store of its own.
 
 mod common;
 
@@ -390,11 +392,10 @@ fn op() -> impl Strategy<Value = Op> {
 
 struct System {
     app: Router,
-    store: Arc<MemoryStore>,
+    store: Arc<dyn KeyStore>,
 }
 
-fn system() -> System {
-    let store = Arc::new(MemoryStore::new());
+fn system(store: Arc<dyn KeyStore>) -> System {
     let resolver = CachedResolver::new(store.clone());
     let limiter = RateLimiter::new(MemoryRates::new(), StoreCredits::new(store.clone()));
     let app = Router::new()
@@ -458,8 +459,12 @@ fn rate_body(rate: u64) -> Value {
 /// Address 0 is inside every seeded network choice below; management calls come from it.
 const HOME: usize = 0;
 
-async fn run(seeds: Vec<(Option<u64>, Option<u64>)>, ops: Vec<Op>) -> Result<(), TestCaseError> {
-    let sys = system();
+async fn run(
+    store: Arc<dyn KeyStore>,
+    seeds: Vec<(Option<u64>, Option<u64>)>,
+    ops: Vec<Op>,
+) -> Result<(), TestCaseError> {
+    let sys = system(store);
     let started = Instant::now();
     let mut model = Model {
         keys: Vec::new(),
@@ -982,6 +987,59 @@ proptest! {
         ops in prop::collection::vec(op(), 1..60),
     ) {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        runtime.block_on(run(seeds, ops))?;
+        runtime.block_on(run(Arc::new(MemoryStore::new()), seeds, ops))?;
+    }
+}
+
+// The same on the SQL stores, fewer sequences (each opens and migrates a store of its own).
+
+#[cfg(feature = "sqlite")]
+proptest! {
+    #![proptest_config(ProptestConfig { cases: (cases() / 16).max(8), ..ProptestConfig::default() })]
+
+    #[test]
+    fn on_sqlite(
+        seeds in prop::collection::vec((small(), small()), 1..4),
+        ops in prop::collection::vec(op(), 1..60),
+    ) {
+        use tower_api_keys::store::SqliteStore;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let path = std::env::temp_dir().join(format!("{}.db", common::db::unique("containment")));
+        let result = runtime.block_on(async {
+            let url = format!("sqlite://{}?mode=rwc", path.display());
+            let store = SqliteStore::connect(&url).await.expect("open SQLite file");
+            let result = run(Arc::new(store.clone()), seeds, ops).await;
+            store.pool().close().await;
+            result
+        });
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = path.clone().into_os_string();
+            file.push(suffix);
+            let _ = std::fs::remove_file(file);
+        }
+        result?;
+    }
+}
+
+#[cfg(feature = "postgres")]
+proptest! {
+    #![proptest_config(ProptestConfig { cases: (cases() / 32).max(6), ..ProptestConfig::default() })]
+
+    #[test]
+    fn on_postgres(
+        seeds in prop::collection::vec((small(), small()), 1..4),
+        ops in prop::collection::vec(op(), 1..60),
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let Some(schema) = common::db::pg_schema("containment_model").await else {
+                return Ok(());
+            };
+            let store = schema.store().await;
+            let result = run(Arc::new(store.clone()), seeds, ops).await;
+            store.pool().close().await;
+            schema.drop_schema().await;
+            result
+        })?;
     }
 }

@@ -19,7 +19,7 @@ use tower_api_keys::key::ApiKey;
 use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::store::MemoryStore;
 
-use hyper_example::issue_key;
+use hyper_example::{Timeouts, issue_key};
 
 const MASTER: &str = "master-key-for-hyper-tests-0123456789";
 
@@ -29,10 +29,14 @@ struct Server {
 }
 
 async fn start(resolver: CachedResolver) -> Server {
+    start_with(resolver, Timeouts::DEFAULT).await
+}
+
+async fn start_with(resolver: CachedResolver, timeouts: Timeouts) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = hyper_example::app(resolver, ApiKey::new(MASTER));
-    tokio::spawn(hyper_example::serve(listener, app));
+    let app = hyper_example::app(resolver, ApiKey::new(MASTER), timeouts);
+    tokio::spawn(hyper_example::serve(listener, app, timeouts));
     Server {
         addr,
         client: Client::builder(TokioExecutor::new()).build_http(),
@@ -40,6 +44,15 @@ async fn start(resolver: CachedResolver) -> Server {
 }
 
 impl Server {
+    /// How many ledgers exist (listed with the master key).
+    async fn ledger_count(&self) -> usize {
+        let (status, _, body) = self
+            .send(Method::GET, "/ledgers", &[("x-api-key", MASTER)], None)
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        body["ledgers"].as_array().map_or(0, Vec::len)
+    }
+
     /// Sends a request with `headers` and returns the status, headers and JSON body.
     async fn send(
         &self,
@@ -201,4 +214,104 @@ async fn a_missing_scope_is_403_with_the_required_scopes() {
         .send(Method::DELETE, &path, &[("x-api-key", MASTER)], None)
         .await;
     assert_eq!(status, StatusCode::OK);
+}
+
+/// Short bounds, so that the stall tests stay fast (the example's defaults are 10 s, 10 s, 30 s).
+const SHORT: Timeouts = Timeouts {
+    head: std::time::Duration::from_millis(300),
+    body: std::time::Duration::from_millis(300),
+    request: std::time::Duration::from_secs(5),
+};
+/// Only guards against hanging.
+const HANG_GUARD: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reads until the server closes the connection (or the hang guard), returning what came.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let read = tokio::time::timeout(HANG_GUARD, stream.read(&mut buf))
+            .await
+            .expect("the server closed the connection");
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(n) => text.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&text).into_owned()
+}
+
+#[tokio::test]
+async fn a_stalled_head_is_cut() {
+    use tokio::io::AsyncWriteExt;
+    let server = start_with(CachedResolver::new(MemoryStore::new()), SHORT).await;
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    stream
+        .write_all(b"GET /whoami HTTP/1.1\r\nhost: 127.0.0.1\r\nx-api")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let answer = read_until_closed(&mut stream).await;
+    assert!(started.elapsed() >= SHORT.head, "not before the bound");
+    // hyper answers 408 to a head that timed out, or just closes.
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_body_is_cut() {
+    use tokio::io::AsyncWriteExt;
+    let resolver = CachedResolver::new(MemoryStore::new());
+    let (key, _) = issue_key(&resolver, "acme", "ledgers:write").await.unwrap();
+    let server = start_with(resolver, SHORT).await;
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let head = format!(
+        "POST /ledgers HTTP/1.1\r\nhost: 127.0.0.1\r\nx-api-key: {}\r\n\
+         content-type: application/json\r\ncontent-length: 20\r\nconnection: close\r\n\r\n{{\"na",
+        key.expose_secret()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let answer = read_until_closed(&mut stream).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 400"),
+        "the body timed out: {answer}"
+    );
+    assert_eq!(server.ledger_count().await, 0, "nothing written");
+}
+
+#[tokio::test]
+async fn a_body_sent_after_the_revocation_gets_401() {
+    use tokio::io::AsyncWriteExt;
+    use tower_api_keys::manage::KeyManager;
+    use tower_api_keys::principal::Principal;
+    let resolver = CachedResolver::new(MemoryStore::new());
+    let (key, info) = issue_key(&resolver, "acme", "ledgers:write").await.unwrap();
+    let manager = KeyManager::new(resolver.store().clone(), resolver.clone());
+    let server = start(resolver.clone()).await;
+    let body = r#"{"name":"late"}"#;
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let head = format!(
+        "POST /ledgers HTTP/1.1\r\nhost: 127.0.0.1\r\nx-api-key: {}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        key.expose_secret(),
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // The head is admitted once the key is cached (the only lookup is this request's).
+    while resolver.store_lookups() == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    manager
+        .revoke(&Principal::master(), &info.id)
+        .await
+        .unwrap();
+    stream.write_all(body.as_bytes()).await.unwrap();
+    let answer = read_until_closed(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(answer.contains("AUTH_EXPIRED_API_KEY"), "{answer}");
+    assert_eq!(server.ledger_count().await, 0, "nothing written");
 }

@@ -17,12 +17,12 @@ use tower::{Layer, Service, ServiceExt};
 use tower_api_keys::error::AuthError;
 use tower_api_keys::error::ExpiredReason;
 use tower_api_keys::key::{ApiKey, KeyFormat};
-use tower_api_keys::layer::ApiKeyLayer;
+use tower_api_keys::layer::{ApiKeyLayer, LiveBody};
 use tower_api_keys::manage::{CreateKey, KeyManager};
 use tower_api_keys::principal::Principal;
 use tower_api_keys::resolver::CachedResolver;
 
-async fn ok(_: Request<Body>) -> Result<Response<Body>, Infallible> {
+async fn ok<B>(_: Request<B>) -> Result<Response<Body>, Infallible> {
     Ok(Response::new(Body::empty()))
 }
 
@@ -35,7 +35,7 @@ fn request(key: &ApiKey) -> Request<Body> {
 
 async fn status<S>(service: &mut S, key: &ApiKey) -> StatusCode
 where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+    S: Service<Request<Body>, Response = Response<LiveBody<Body>>, Error = Infallible>,
 {
     service
         .ready()
@@ -268,7 +268,10 @@ async fn the_lookup_bound_sheds_and_recovers() {
         .expect("shed at once")
         .unwrap();
     assert_eq!(shed.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(common::error_code(shed).await, "AUTH_UNAVAILABLE");
+    assert_eq!(
+        common::error_code(shed.map(LiveBody::into_inner)).await,
+        "AUTH_UNAVAILABLE"
+    );
     assert_eq!(resolver.shed_lookups(), 1);
     assert_eq!(
         send(&cached).await.unwrap().status(),

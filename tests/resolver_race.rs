@@ -111,7 +111,7 @@ async fn a_lookup_overtaken_by_an_invalidation_does_not_fill_the_cache() {
     }
 }
 
-async fn ok(_: Request<()>) -> Result<Response<Bytes>, Infallible> {
+async fn ok<B>(_: Request<B>) -> Result<Response<Bytes>, Infallible> {
     Ok(Response::new(Bytes::new()))
 }
 
@@ -157,7 +157,7 @@ fn no_thread_admits_a_key_after_revoke_returned() {
                         let started_after = returned.load(Ordering::SeqCst);
                         let request = Request::get("/")
                             .header("x-api-key", key.as_str())
-                            .body(())
+                            .body(String::new())
                             .unwrap();
                         let status = local.block_on(async {
                             service

@@ -191,7 +191,12 @@ suite!(
     chain_spend_applies_refills_per_level,
     chain_refund_gives_back_everywhere,
     concurrent_chain_spends_are_exact,
+    sweep_finds_expiring_and_idle_keys_in_pages,
+    notices_are_recorded_once_across_instances,
 );
+
+#[path = "store_conformance/hygiene.rs"]
+mod hygiene;
 
 // ---------------------------------------------------------------------------------------------
 // Fixtures
@@ -302,6 +307,7 @@ async fn insert_tree(store: &dyn KeyStore) {
 
 mod checks {
     pub(crate) use super::containment::*;
+    pub(crate) use super::hygiene::*;
     use super::*;
     use tower_api_keys::quota::{Credits, RateLimit, RefillInterval, UsageLimits};
     use tower_api_keys::store::{CreditAdjustment, KeyUpdate};
@@ -2039,7 +2045,7 @@ mod postgres_only {
         .await;
         old.pool().close().await;
         let store = schema.store().await;
-        assert_eq!(versions(&store).await, [1, 2, 3, 4, 5, 6]);
+        assert_eq!(versions(&store).await, [1, 2, 3, 4, 5, 6, 7]);
         let found = store.find_by_digest(&r.digest).await.unwrap();
         assert_eq!(found, Some(r.clone()));
         let found = found.unwrap();
@@ -2082,12 +2088,12 @@ mod postgres_only {
         for start in starts {
             stores.push(start.await.unwrap().expect("every instance starts"));
         }
-        assert_eq!(versions(&stores[0]).await, [1, 2, 3, 4, 5, 6]);
+        assert_eq!(versions(&stores[0]).await, [1, 2, 3, 4, 5, 6, 7]);
         let again = fresh.store().await;
         again.migrate().await.unwrap();
         assert_eq!(
             versions(&again).await,
-            [1, 2, 3, 4, 5, 6],
+            [1, 2, 3, 4, 5, 6, 7],
             "a restart applies nothing"
         );
         let r = record("key_1", "o", "a");
@@ -2299,7 +2305,7 @@ mod sqlite_only {
                 .fetch_all(again.pool())
                 .await
                 .unwrap();
-        assert_eq!(versions, [1, 2, 3, 4, 5, 6]);
+        assert_eq!(versions, [1, 2, 3, 4, 5, 6, 7]);
         let r = record("key_1", "o", "a");
         again.insert(&r, no_limits(), now()).await.unwrap();
         assert_eq!(stores[2].get(&r.id).await.unwrap(), Some(r));

@@ -69,6 +69,7 @@ async fn start() -> Running {
         database_url: format!("sqlite://{}", db.display()),
         redis_url: None,
         public_checksum: false,
+        leak_report_public_keys: None,
     })
     .await
     .expect("the example builds");

@@ -31,6 +31,10 @@ pub(crate) struct Config {
     /// Issue keys with the public CRC32 checksum (offline validation by secret scanners) instead of
     /// the keyed tag (made-up keys refused with no I/O; the secret lives in the key store).
     pub(crate) public_checksum: bool,
+    /// With feature `leaks`: a file of secret scanners' public keys in GitHub's JSON shape
+    /// (`LEAK_REPORT_PUBLIC_KEYS`); when set, `POST /api-keys/leaks` receives signed leak reports
+    /// (GitHub's and deps.dev's headers) and revokes leaked keys with their descendants.
+    pub(crate) leak_report_public_keys: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -44,6 +48,9 @@ impl Config {
                 .unwrap_or_else(|_| "sqlite://tower-api-keys-demo.db".into()),
             redis_url: std::env::var("REDIS_URL").ok(),
             public_checksum: std::env::var("API_KEYS_PUBLIC_CHECKSUM").is_ok_and(|v| v == "1"),
+            leak_report_public_keys: std::env::var_os("LEAK_REPORT_PUBLIC_KEYS")
+                .filter(|path| !path.is_empty())
+                .map(Into::into),
         }
     }
 }

@@ -53,8 +53,8 @@ mod openapi;
 #[cfg(feature = "metrics")]
 mod prometheus;
 mod records;
+mod timeouts;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -77,6 +77,7 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 pub(crate) use config::Config;
 use config::Database;
 use records::{Records, Resource};
+use timeouts::Timeouts;
 
 /// The demo's resources: (record kind, path and scope resource).
 const RESOURCES: [(&str, &str); 3] = [
@@ -122,7 +123,13 @@ fn resource(kind: &'static str, plural: &str, records: Records, limiter: &RateLi
 
 /// The whole service: the three resources and key management behind [`ApiKeyLayer`]; `/health`,
 /// `/openapi.json` (and `/metrics`) outside it; every request logged by `TraceLayer`.
-fn app(layer: ApiKeyLayer, manager: KeyManager, records: Records, limiter: RateLimiter) -> Router {
+fn app(
+    layer: ApiKeyLayer,
+    manager: KeyManager,
+    records: Records,
+    limiter: RateLimiter,
+    unauthenticated: Router,
+) -> Router {
     let openapi = openapi::openapi();
     let mut router = Router::new();
     for (kind, plural) in RESOURCES {
@@ -139,7 +146,9 @@ fn app(layer: ApiKeyLayer, manager: KeyManager, records: Records, limiter: RateL
                 .route_layer(RequireScopes::all(["ledgers:read"])),
         )
         .layer(layer)
-        // Added after the authentication layer: no key needed.
+        // Added after the authentication layer: no key needed (the leak-report receiver: a
+        // scanner's signature is its credential).
+        .merge(unauthenticated)
         .nest("/console", console::console().router())
         // `/console/` is the console too (axum's nest matches `/console` only).
         .route(
@@ -157,7 +166,7 @@ fn app(layer: ApiKeyLayer, manager: KeyManager, records: Records, limiter: RateL
         );
     #[cfg(feature = "metrics")]
     let router = router.route("/metrics", get(prometheus::render));
-    router.layer(
+    Timeouts::DEFAULT.apply(router).layer(
         TraceLayer::new_for_http()
             .make_span_with(request_span)
             .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
@@ -216,6 +225,37 @@ pub(crate) struct Demo {
     pub(crate) _subscriptions: config::Subscriptions,
 }
 
+/// `POST /api-keys/leaks` when `LEAK_REPORT_PUBLIC_KEYS` names a file of scanners' public keys
+/// (GitHub's JSON shape), with the default policy: leaked keys are revoked with their descendants.
+fn leak_reports(
+    keys: Option<&std::path::Path>,
+    manager: &KeyManager,
+) -> Result<Router, Box<dyn std::error::Error>> {
+    let Some(path) = keys else {
+        return Ok(Router::new());
+    };
+    #[cfg(feature = "leaks")]
+    {
+        use tower_api_keys::leaks::{self, LeakReceiver, PublicKeys, Scanner};
+        let keys = PublicKeys::from_json(&std::fs::read(path)?)?;
+        tracing::info!(keys = keys.len(), path = %path.display(), "receiving leak reports at POST /api-keys/leaks");
+        let receiver = LeakReceiver::builder(manager.clone())
+            .keys(Scanner::GitHub, keys.clone())
+            .keys(Scanner::DepsDev, keys)
+            .build();
+        Ok(leaks::router(receiver))
+    }
+    #[cfg(not(feature = "leaks"))]
+    {
+        let _ = manager;
+        Err(format!(
+            "LEAK_REPORT_PUBLIC_KEYS is set ({}) but the example was built without feature `leaks`",
+            path.display()
+        )
+        .into())
+    }
+}
+
 /// Connects the store, wires resolver, key manager, invalidation and the layer, and builds the router.
 /// Binds no port and reads no environment.
 pub(crate) async fn build(config: Config) -> Result<Demo, Box<dyn std::error::Error>> {
@@ -245,6 +285,7 @@ pub(crate) async fn build(config: Config) -> Result<Demo, Box<dyn std::error::Er
     );
     let (manager, subscriptions) =
         database.broadcast(config.redis_url.as_deref(), &resolver, manager)?;
+    let unauthenticated = leak_reports(config.leak_report_public_keys.as_deref(), &manager)?;
 
     let usage = UsageRecorder::spawn(database.keys.clone(), Duration::from_secs(30));
     // Audit events and usage counts are kept 90 days, purged hourly (the chains stay checkable).
@@ -281,7 +322,7 @@ pub(crate) async fn build(config: Config) -> Result<Demo, Box<dyn std::error::Er
     #[cfg(feature = "metrics")]
     prometheus::install();
     Ok(Demo {
-        router: app(layer, manager, database.records, limiter),
+        router: app(layer, manager, database.records, limiter, unauthenticated),
         master,
         usage,
         _subscriptions: subscriptions,
@@ -310,13 +351,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let listener = tokio::net::TcpListener::bind(&bind).await?;
     tracing::info!("listening on http://{}", listener.local_addr()?);
-    // With connect info: `ApiKeyLayer` judges `allowed_networks` by the peer address.
-    axum::serve(
+    // With the peer address in each request (axum's `ConnectInfo`): `ApiKeyLayer` judges
+    // `allowed_networks` by it.
+    timeouts::serve(
         listener,
-        demo.router
-            .into_make_service_with_connect_info::<SocketAddr>(),
+        demo.router,
+        Timeouts::DEFAULT,
+        config::shutdown_signal(),
     )
-    .with_graceful_shutdown(config::shutdown_signal())
     .await?;
     let flushed = demo.usage.flush().await?;
     tracing::info!(keys = flushed, "usage flushed; bye");

@@ -17,8 +17,8 @@ use time::OffsetDateTime;
 use tower::{Layer as _, ServiceExt as _};
 use tower_api_keys::error::{AuthError, ErrorCode};
 use tower_api_keys::key::{ApiKey, KeyFormat, KeyId};
-use tower_api_keys::layer::MAX_PRESENTED_KEY_LEN;
 use tower_api_keys::layer::{ApiKeyLayer, KeySource};
+use tower_api_keys::layer::{LiveBody, MAX_PRESENTED_KEY_LEN};
 use tower_api_keys::principal::Principal;
 use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::store::KeyLimits;
@@ -220,7 +220,7 @@ pub fn check(data: &[u8]) {
         layer = layer.allow_preflight();
     }
     let key_headers: Vec<HeaderName> = sources.iter().filter_map(|s| s.header()).collect();
-    let inner = tower::service_fn(move |request: Request<()>| {
+    let inner = tower::service_fn(move |request: Request<LiveBody<String>>| {
         let sensitive = key_headers.iter().all(|name| {
             request
                 .headers()
@@ -238,7 +238,7 @@ pub fn check(data: &[u8]) {
         });
         async move { Ok::<_, Infallible>(response) }
     });
-    let mut request = Request::new(());
+    let mut request = Request::new(String::new());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.headers_mut() = headers.clone();
@@ -387,7 +387,8 @@ fn extract(
 }
 
 /// What the layer did, checking the shape of its answer on the way.
-fn observe(response: Response<Bytes>) -> Outcome {
+fn observe(response: Response<LiveBody<Bytes>>) -> Outcome {
+    let response = response.map(LiveBody::into_inner);
     if let Some(seen) = response.extensions().get::<Seen>() {
         assert!(response.status().is_success());
         // CORS preflights included: a key sent on one is hidden too.

@@ -51,12 +51,25 @@ impl fmt::Debug for Invalidation {
 impl Invalidation {
     /// Applies the change to a resolver's cache: forgets each digest (key management always lists
     /// them all); only an invalidation that names no digest falls back to forgetting by key id.
+    /// Requests in flight under those digests are judged again against the store, in the
+    /// background, and end if it says their key ended.
     pub fn apply(&self, resolver: &CachedResolver) {
         if self.digests.is_empty() {
             resolver.invalidate_key(&self.key_id);
         }
         for digest in &self.digests {
             resolver.invalidate_digest(digest);
+        }
+    }
+
+    /// [`apply`](Self::apply) for key management on its own instance: the cache only; the caller
+    /// then [settles](CachedResolver::settle) the requests in flight before it returns.
+    pub(crate) fn forget(&self, resolver: &CachedResolver) {
+        if self.digests.is_empty() {
+            resolver.invalidate_key(&self.key_id);
+        }
+        for digest in &self.digests {
+            resolver.forget_digest(digest);
         }
     }
 

@@ -2,14 +2,17 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
 use futures_util::future::BoxFuture;
-use http::Response;
+use http::{Response, header};
 use pin_project_lite::pin_project;
-use std::sync::Arc;
 
-use crate::error::AuthError;
+use super::body::{Guard, LiveBody};
+use crate::error::{AuthError, ExpiredReason, RenderRejection, reject};
+use crate::principal::Principal;
 use crate::resolver::ResolvedKey;
 use crate::usage::{Outcome, UsageRecorder};
 
@@ -17,9 +20,11 @@ pin_project! {
     /// Response future of [`ApiKeyService`](super::ApiKeyService).
     ///
     /// A cached key or a refusal needs no allocation; only a cache miss boxes the store lookup.
-    pub struct ResponseFuture<F, B, E> {
+    pub struct ResponseFuture<F, B, E, R> {
         #[pin]
-        kind: Kind<F, B, E>,
+        kind: Kind<F, B, E, R>,
+        // The `Sunset` header to add to the inner service's response (`layer::sunset`).
+        sunset: Option<http::HeaderValue>,
         tally: Option<Tally>,
     }
 }
@@ -50,23 +55,73 @@ impl Tally {
 
 pin_project! {
     #[project = KindProj]
-    enum Kind<F, B, E> {
-        Inner { #[pin] future: F, span: tracing::Span },
-        Plain { #[pin] future: F },
-        Lookup { future: BoxFuture<'static, Result<Response<B>, E>> },
+    enum Kind<F, B, E, R> {
+        Inner { #[pin] future: F, span: tracing::Span, watch: Option<Watch<R>> },
+        Plain { #[pin] future: F, watch: Option<Watch<R>> },
+        Lookup { future: BoxFuture<'static, Result<Response<LiveBody<B>>, E>> },
         Rejected { response: Option<Response<B>> },
     }
 }
 
-impl<F, B, E> ResponseFuture<F, B, E> {
+/// What the response of a request admitted with a key that can end needs: the principal (its
+/// key's life) and, for a request with a body, the flag its body sets when the key's end refused
+/// a frame, with the renderer of the refusal that then replaces the inner service's answer.
+pub(crate) struct Watch<R> {
+    pub(crate) principal: Principal,
+    pub(crate) cut: Option<(Arc<AtomicBool>, R)>,
+}
+
+impl<R> Watch<R> {
+    /// The response to send for the inner service's `response`.
+    fn finish<B>(self, response: Response<B>) -> Response<LiveBody<B>>
+    where
+        R: RenderRejection<B>,
+    {
+        let mut shared = None;
+        if let Some((cut, rejection)) = self.cut {
+            if cut.load(Ordering::Acquire) {
+                // The request body was refused: the key's refusal, whatever the handler made of it.
+                let reason = self
+                    .principal
+                    .life()
+                    .and_then(|life| life.ended())
+                    .unwrap_or(ExpiredReason::Revoked);
+                let error = AuthError::ExpiredKey(reason);
+                crate::metrics::rejected(&error);
+                return reject(&rejection, error).map(LiveBody::plain);
+            }
+            shared = Some(cut);
+        }
+        // A refusal (e.g. a handler that stopped on `Principal::ended`) is delivered whole, as is
+        // the answer to an operation that ended the key itself (`Whole`).
+        if response.extensions().get::<AuthError>().is_some()
+            || response.extensions().get::<super::body::Whole>().is_some()
+        {
+            return response.map(LiveBody::plain);
+        }
+        let grpc = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"));
+        let guard = Guard::new(self.principal, shared, grpc);
+        response.map(|body| LiveBody::guarded(body, guard))
+    }
+}
+
+impl<F, B, E, R> ResponseFuture<F, B, E, R> {
     /// The inner service's future, polled inside `span` (none when it is disabled).
-    pub(crate) fn inner(future: F, span: tracing::Span) -> Self {
+    pub(crate) fn inner(future: F, span: tracing::Span, watch: Option<Watch<R>>) -> Self {
         Self {
             kind: if span.is_none() {
-                Kind::Plain { future }
+                Kind::Plain { future, watch }
             } else {
-                Kind::Inner { future, span }
+                Kind::Inner {
+                    future,
+                    span,
+                    watch,
+                }
             },
+            sunset: None,
             tally: None,
         }
     }
@@ -77,9 +132,10 @@ impl<F, B, E> ResponseFuture<F, B, E> {
         self
     }
 
-    pub(crate) fn lookup(future: BoxFuture<'static, Result<Response<B>, E>>) -> Self {
+    pub(crate) fn lookup(future: BoxFuture<'static, Result<Response<LiveBody<B>>, E>>) -> Self {
         Self {
             kind: Kind::Lookup { future },
+            sunset: None,
             tally: None,
         }
     }
@@ -89,16 +145,34 @@ impl<F, B, E> ResponseFuture<F, B, E> {
             kind: Kind::Rejected {
                 response: Some(response),
             },
+            sunset: None,
             tally: None,
         }
     }
+
+    /// Adds `sunset` (if any) to the inner service's response, unless it set one itself.
+    pub(crate) fn sunset(mut self, sunset: Option<http::HeaderValue>) -> Self {
+        self.sunset = sunset;
+        self
+    }
 }
 
-impl<F, B, E> Future for ResponseFuture<F, B, E>
+fn finish<B, E, R: RenderRejection<B>>(
+    result: Result<Response<B>, E>,
+    watch: &mut Option<Watch<R>>,
+) -> Result<Response<LiveBody<B>>, E> {
+    result.map(|response| match watch.take() {
+        Some(watch) => watch.finish(response),
+        None => response.map(LiveBody::plain),
+    })
+}
+
+impl<F, B, E, R> Future for ResponseFuture<F, B, E, R>
 where
     F: Future<Output = Result<Response<B>, E>>,
+    R: RenderRejection<B>,
 {
-    type Output = Result<Response<B>, E>;
+    type Output = Result<Response<LiveBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
@@ -112,15 +186,24 @@ where
             poll
         };
         match this.kind.project() {
-            KindProj::Inner { future, span } => {
+            KindProj::Inner {
+                future,
+                span,
+                watch,
+            } => {
                 let _entered = span.enter();
-                counted(future.poll(cx))
+                let result = super::sunset::add(this.sunset, ready!(future.poll(cx)));
+                counted(Poll::Ready(finish(result, watch)))
             }
-            KindProj::Plain { future } => counted(future.poll(cx)),
+            KindProj::Plain { future, watch } => {
+                let result = super::sunset::add(this.sunset, ready!(future.poll(cx)));
+                counted(Poll::Ready(finish(result, watch)))
+            }
             KindProj::Lookup { future } => Poll::Ready(ready!(future.as_mut().poll(cx))),
             KindProj::Rejected { response } => Poll::Ready(Ok(response
                 .take()
-                .expect("ResponseFuture polled after completion"))),
+                .expect("ResponseFuture polled after completion")
+                .map(LiveBody::plain))),
         }
     }
 }

@@ -56,7 +56,14 @@
 //! 5. checks revocation and expiry;
 //! 6. for a key with `allowed_networks`, checks the client address (see [Networks](#networks));
 //! 7. inserts the [`Principal`] into the request extensions and calls the inner service inside a
-//!    `api_key` tracing span carrying the key id (never the key).
+//!    `api_key` tracing span carrying the key id (never the key);
+//! 8. watches what comes after the head: a request lives no longer than its key. The inner service
+//!    gets the body in a [`LiveBody`] and the layer answers with one: a frame after the key ended
+//!    (revoked, deleted, expired, past a rotation's grace, under a revoked ancestor) fails the
+//!    request body (the answer is then 401 `AUTH_EXPIRED_API_KEY`, whatever the handler made of
+//!    it) or ends a streaming response. One atomic load per frame; nothing for a request without a
+//!    body beyond a clone of the principal's `Arc`. See [`LiveBody`] for what clients see and
+//!    [`Principal::is_live`] / [`Principal::ended`] for handlers that run long.
 //!
 //! Refusals are rendered by a [`RenderRejection`] ([`JsonRejection`] by default,
 //! [`GrpcRejection`](crate::error::GrpcRejection) for tonic) and carry the [`AuthError`] in their extensions.
@@ -125,14 +132,18 @@
 //! What response times *do* reveal is what the response already says: whether the presented key
 //! itself is valid (a cached hit answers faster than a store lookup). Only its holder can ask.
 
+mod body;
 pub mod future;
 mod network;
 mod service;
 mod source;
+pub mod sunset;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+pub(crate) use body::Whole;
+pub use body::{BoxError, LiveBody};
 pub use service::ApiKeyService;
 pub use source::KeySource;
 
@@ -173,6 +184,7 @@ pub(crate) struct Config {
     pub(crate) optional: bool,
     pub(crate) preflight: bool,
     pub(crate) usage: Option<UsageRecorder>,
+    pub(crate) sunset: Option<std::time::Duration>,
     pub(crate) client: network::ClientAddress,
 }
 
@@ -187,6 +199,7 @@ impl ApiKeyLayer {
                 optional: false,
                 preflight: false,
                 usage: None,
+                sunset: Some(sunset::DEFAULT_SUNSET_WINDOW),
                 client: network::ClientAddress::default(),
             }),
             rejection: JsonRejection::default(),
@@ -249,6 +262,14 @@ impl<R> ApiKeyLayer<R> {
     /// Records each authenticated request's key use with `recorder` (batched `last_used_at`).
     pub fn usage(mut self, recorder: UsageRecorder) -> Self {
         self.config_mut().usage = Some(recorder);
+        self
+    }
+
+    /// Responses to requests made with a key that expires within `window` carry a `Sunset` header
+    /// (RFC 8594) with the key's expiry (default [`sunset::DEFAULT_SUNSET_WINDOW`], one day;
+    /// `None`: never). See [`sunset`].
+    pub fn sunset_window(mut self, window: Option<std::time::Duration>) -> Self {
+        self.config_mut().sunset = window;
         self
     }
 

@@ -5,8 +5,13 @@ use std::task::{Context, Poll};
 use http::{Method, Request, Response, header};
 use tower_service::Service;
 
+use std::sync::atomic::AtomicBool;
+
+use http_body::Body;
+
 use super::Config;
-use super::future::{ResponseFuture, Tally};
+use super::body::{Guard, LiveBody};
+use super::future::{ResponseFuture, Tally, Watch};
 use super::source;
 use crate::error::{AuthError, InvalidKeyReason, RenderRejection, reject};
 use crate::key::{KeyDigest, KeyFormatError};
@@ -174,35 +179,69 @@ fn span_for(principal: Option<&Principal>) -> tracing::Span {
 }
 
 /// Hands an admitted request to `inner`, carrying `principal` (none: the anonymous marker), inside
-/// the `api_key` span.
-fn forward<S, B, ResBody>(
+/// the `api_key` span. A principal whose key can end has its request body (if it has one) and its
+/// response body watched (see [`LiveBody`]); a key in its last warning window gets a `Sunset`
+/// header.
+fn forward<S, B, ResBody, R>(
+    config: &Config,
     inner: &mut S,
-    mut req: Request<B>,
+    req: Request<B>,
     principal: Option<Principal>,
     tally: Option<Tally>,
-    client: &super::network::ClientAddress,
-) -> ResponseFuture<S::Future, ResBody, S::Error>
+    rejection: &R,
+) -> ResponseFuture<S::Future, ResBody, S::Error, R>
 where
-    S: Service<Request<B>, Response = Response<ResBody>>,
+    S: Service<Request<LiveBody<B>>, Response = Response<ResBody>>,
+    B: Body,
+    R: Clone,
 {
     if let Some(tally) = &tally
         && tally
             .key
             .usage()
             .ip_due(crate::clock::now_unix_nanos() / 1_000_000_000)
-        && let Some(ip) = client.client(req.headers(), req.extensions())
+        && let Some(ip) = config.client.client(req.headers(), req.extensions())
     {
         tally.key.usage().set_ip(ip);
     }
     crate::metrics::admitted(principal.as_ref());
+    let sunset = super::sunset::header(config.sunset, principal.as_ref());
     let span = span_for(principal.as_ref());
-    if let Some(principal) = principal {
-        req.extensions_mut().insert(principal);
-    } else {
-        req.extensions_mut().insert(Anonymous);
-    }
+    let (mut parts, body) = req.into_parts();
+    let (body, watch) = match principal {
+        Some(principal) => {
+            let watch = principal.life().is_some().then(|| {
+                // Only a request with a body pays for the flag its body shares with the response.
+                let cut = (!body.is_end_stream())
+                    .then(|| (Arc::new(AtomicBool::new(false)), rejection.clone()));
+                Watch {
+                    principal: principal.clone(),
+                    cut,
+                }
+            });
+            let body = match &watch {
+                Some(Watch {
+                    principal,
+                    cut: Some((cut, _)),
+                }) => LiveBody::guarded(
+                    body,
+                    Guard::new(principal.clone(), Some(cut.clone()), false),
+                ),
+                _ => LiveBody::plain(body),
+            };
+            parts.extensions.insert(principal);
+            (body, watch)
+        }
+        None => {
+            parts.extensions.insert(Anonymous);
+            (LiveBody::plain(body), None)
+        }
+    };
+    let req = Request::from_parts(parts, body);
     let future = span.in_scope(|| inner.call(req));
-    ResponseFuture::inner(future, span).tally(tally)
+    ResponseFuture::inner(future, span, watch)
+        .sunset(sunset)
+        .tally(tally)
 }
 
 /// The refusal of a request, rendered by `rejection`.
@@ -213,16 +252,16 @@ fn refuse<B, R: RenderRejection<B>>(rejection: &R, error: AuthError) -> Response
 
 impl<S, R, ReqBody, ResBody> Service<Request<ReqBody>> for ApiKeyService<S, R>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S: Service<Request<LiveBody<ReqBody>>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    ReqBody: Send + 'static,
+    ReqBody: Body + Send + 'static,
     ResBody: Send + 'static,
     R: RenderRejection<ResBody>,
 {
-    type Response = Response<ResBody>;
+    type Response = Response<LiveBody<ResBody>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error, R>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -254,7 +293,14 @@ where
                     }
                     return ResponseFuture::rejected(refuse(&self.rejection, error));
                 }
-                return forward(&mut self.inner, req, principal, tally, &config.client);
+                return forward(
+                    config,
+                    &mut self.inner,
+                    req,
+                    principal,
+                    tally,
+                    &self.rejection,
+                );
             }
             Verdict::Lookup(digest) => digest,
         };
@@ -291,9 +337,9 @@ where
             });
             match admitted {
                 Ok((principal, tally)) => {
-                    forward(&mut inner, req, Some(principal), tally, &config.client).await
+                    forward(&config, &mut inner, req, Some(principal), tally, &rejection).await
                 }
-                Err(error) => Ok(refuse(&rejection, error)),
+                Err(error) => Ok(refuse(&rejection, error).map(LiveBody::plain)),
             }
         }))
     }

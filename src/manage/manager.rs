@@ -7,6 +7,8 @@ use time::OffsetDateTime;
 
 use super::authorize::{KeyFacts, Operation, OperationKind, Target, authorize};
 use super::policy::KeyPolicy;
+#[cfg(doc)]
+use super::types::RevokeReason;
 use super::types::{CreateKey, CreatedKey, KeyInfo, KeyPage, RotateOptions, UpdateKey};
 use super::validate::{
     MAX_GRACE_PERIOD, MAX_PAGE_SIZE, default_name, validate_credits, validate_cursor, validate_id,
@@ -475,7 +477,8 @@ impl KeyManager {
     }
 
     /// [`revoke_in`](Self::revoke_in), recording `reason` (at most [`MAX_NAME_LEN`] characters;
-    /// `requested` when none is given) in the `key.revoked` event.
+    /// `requested` when none is given; see [`RevokeReason`] for the crate's own) in the
+    /// `key.revoked` event.
     ///
     /// [`MAX_NAME_LEN`]: super::MAX_NAME_LEN
     pub async fn revoke_because(
@@ -494,7 +497,7 @@ impl KeyManager {
         let journal = Journal::of(
             self.draft(caller, EventType::KEY_REVOKED, &record.owner)
                 .about(&record)
-                .detail("reason", reason),
+                .detail("reason", reason.clone()),
         )
         .with_cascade();
         let change = self
@@ -506,7 +509,7 @@ impl KeyManager {
             tracing::debug!(api_key_id = %id, "API key already revoked");
         } else {
             self.invalidate(&change).await;
-            tracing::info!(api_key_id = %id, descendants = change.revoked_descendants.len(), "API key revoked");
+            tracing::info!(api_key_id = %id, descendants = change.revoked_descendants.len(), %reason, "API key revoked");
         }
         Ok(change.after.unwrap_or(change.before).into())
     }
@@ -892,13 +895,21 @@ impl KeyManager {
         records: impl Iterator<Item = &'a KeyRecord>,
     ) {
         let digests: Vec<KeyDigest> = records.flat_map(KeyRecord::digests).copied().collect();
-        for chunk in digests.chunks(DIGESTS_PER_INVALIDATION) {
-            let invalidation = Invalidation {
+        let invalidations: Vec<Invalidation> = digests
+            .chunks(DIGESTS_PER_INVALIDATION)
+            .map(|chunk| Invalidation {
                 key_id: key_id.clone(),
                 digests: chunk.to_vec(),
-            };
-            invalidation.apply(&self.resolver);
-            if let Err(error) = self.invalidator.publish(&invalidation).await {
+            })
+            .collect();
+        for invalidation in &invalidations {
+            invalidation.forget(&self.resolver);
+        }
+        // Requests in flight under the changed keys end here before the change is broadcast and
+        // the call returns (I4).
+        self.resolver.settle(&digests).await;
+        for invalidation in &invalidations {
+            if let Err(error) = self.invalidator.publish(invalidation).await {
                 tracing::warn!(%error, api_key_id = %key_id, "broadcasting an API key change failed; other instances will catch up when their cache entries expire");
             }
         }

@@ -77,7 +77,7 @@ pub use activity::{EventFilter, EventPage, Granularity, MAX_USAGE_SPAN};
 pub use authorize::{KeyFacts, Operation, OperationKind, Target, authorize};
 pub use manager::KeyManager;
 pub use policy::KeyPolicy;
-pub use types::{CreateKey, CreatedKey, KeyInfo, KeyPage, RotateOptions, UpdateKey};
+pub use types::{CreateKey, CreatedKey, KeyInfo, KeyPage, RevokeReason, RotateOptions, UpdateKey};
 pub use validate::{
     DEFAULT_PAGE_SIZE, MAX_BODY_BYTES, MAX_GRACE_PERIOD, MAX_KEY_ID_LEN, MAX_NAME_LEN,
     MAX_OWNER_LEN, MAX_PAGE_SIZE, MAX_SCOPES,

@@ -246,3 +246,27 @@ impl From<Duration> for RotateOptions {
         Self::from(Some(grace))
     }
 }
+
+/// The reasons the crate itself revokes keys for, as recorded by
+/// [`KeyManager::revoke_because`](super::KeyManager::revoke_because).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RevokeReason {
+    /// Someone asked (the management API, the console, the library).
+    Requested,
+    /// A secret scanner reported the key's secret as leaked.
+    Leaked,
+    /// The hygiene sweeper found the key unused for too long.
+    Idle,
+}
+
+impl RevokeReason {
+    /// The stable name: `requested`, `leaked`, `idle`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Requested => "requested",
+            Self::Leaked => "leaked",
+            Self::Idle => "idle",
+        }
+    }
+}

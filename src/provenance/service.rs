@@ -236,6 +236,9 @@ where
                 Err(error) => {
                     let error = if error.is::<LengthLimitError>() {
                         AuthError::PayloadTooLarge { limit }
+                    } else if let Some(ended) = error.downcast_ref::<AuthError>() {
+                        // The key ended while the body came (the API key layer's `LiveBody`).
+                        ended.clone()
                     } else {
                         tracing::debug!(%error, "failed to read the request body to stamp it");
                         AuthError::invalid("the request body could not be read")
@@ -243,6 +246,15 @@ where
                     return Ok(reject(&rejection, error));
                 }
             };
+            // The key may have ended while the body was read: nothing is stamped or forwarded
+            // for a key that no longer exists (I4).
+            if let Some(ended) = parts
+                .extensions
+                .get::<Principal>()
+                .and_then(Principal::cut_if_ended)
+            {
+                return Ok(reject(&rejection, ended));
+            }
             let unstampable = |why| {
                 Ok(reject(
                     &rejection,

@@ -89,6 +89,7 @@ use time::OffsetDateTime;
 use crate::clock::{nanos_of, now_unix_nanos};
 use crate::error::{AuthError, ExpiredReason, InvalidKeyReason};
 use crate::key::{KeyDigest, KeyFormat, KeyId};
+use crate::life::{Life, Registry};
 use crate::principal::Principal;
 use crate::quota::{Budget, BudgetId, BudgetLevel};
 use crate::store::{KeyRecord, KeyStore, StoreError, StoreErrorKind};
@@ -154,10 +155,22 @@ impl ResolvedKey {
         ttl: Duration,
         read_at: i64,
         shared: &intern::Interner,
+        lives: &Arc<Registry>,
     ) -> Self {
         let effective = effective_expiry(record, digest);
         let expires_at = effective.map_or(i64::MAX, nanos_of);
         let revoked = record.revoked_at.is_some();
+        // A live key shares the life of the requests already admitted with it; a re-read that
+        // finds it ended ends them too.
+        let life = if revoked {
+            lives.end(digest, ExpiredReason::Revoked);
+            Registry::ended(digest, &record.id, ExpiredReason::Revoked)
+        } else if expires_at <= read_at {
+            lives.end(digest, ExpiredReason::Expired);
+            Registry::ended(digest, &record.id, ExpiredReason::Expired)
+        } else {
+            lives.life(digest, &record.id, expires_at)
+        };
         let mut cached_until = read_at.saturating_add(saturating_nanos(ttl));
         // A live key is dropped from the cache when it expires; an already expired or revoked key
         // stays cached as such for the TTL: it cannot come back.
@@ -181,7 +194,8 @@ impl ResolvedKey {
                 })
                 .chain(above),
             ))
-            .with_networks(record.allowed_networks.clone()),
+            .with_networks(record.allowed_networks.clone())
+            .with_life(life),
             expires_at,
             read_at,
             cached_until,
@@ -303,6 +317,8 @@ struct Inner {
     front: bool,
     /// Process-unique id: tells this resolver's entries apart in the per-thread front.
     id: u64,
+    /// The life of every digest a cache entry or a request in flight holds (I4).
+    lives: Arc<Registry>,
 }
 
 impl Inner {
@@ -438,6 +454,7 @@ impl CachedResolverBuilder {
                     static NEXT_ID: AtomicU64 = AtomicU64::new(0);
                     NEXT_ID.fetch_add(1, Ordering::Relaxed)
                 },
+                lives: Arc::default(),
             }),
         }
     }
@@ -649,6 +666,7 @@ impl CachedResolver {
                     inner.ttl,
                     read_at,
                     &inner.shared,
+                    &inner.lives,
                 ))))
             }
         }
@@ -685,10 +703,86 @@ impl CachedResolver {
     }
 
     /// Forgets what the cache knows about one digest.
+    ///
+    /// Requests in flight under the digest are then judged again: their key's record is read from
+    /// the store in the background, and they end if it says the key ended (see
+    /// [`Principal::is_live`]).
     pub fn invalidate_digest(&self, digest: &KeyDigest) {
+        self.forget_digest(digest);
+        self.recheck(self.inner.lives.live(|life| life.digest() == digest));
+    }
+
+    /// [`invalidate_digest`](Self::invalidate_digest) without judging the requests in flight again
+    /// (key management does that itself, before it returns: [`settle`](Self::settle)).
+    pub(crate) fn forget_digest(&self, digest: &KeyDigest) {
         self.bump();
         self.inner.cache.remove(digest);
         self.retire_front();
+    }
+
+    /// Judges the requests in flight under `digests` again, against the store: a key the store
+    /// says ended (revoked, deleted, a previous secret past its grace, expired) ends them; a
+    /// rotation's new grace end arms its timer. A store failure is retried a few times, then the
+    /// requests keep running (as cached keys keep working while the store is down).
+    pub(crate) async fn settle(&self, digests: &[KeyDigest]) {
+        let lives = self
+            .inner
+            .lives
+            .live(|life| digests.contains(life.digest()));
+        self.settle_lives(lives).await;
+    }
+
+    async fn settle_lives(&self, lives: Vec<Arc<Life>>) {
+        const ATTEMPTS: u32 = 5;
+        for life in lives {
+            for attempt in 1..=ATTEMPTS {
+                if life.ended().is_some() {
+                    break;
+                }
+                match self.inner.store.find_by_digest(life.digest()).await {
+                    // Deleted, or a previous secret whose rotation kept no grace.
+                    Ok(None) => life.end(ExpiredReason::Revoked),
+                    Ok(Some(record)) if record.revoked_at.is_some() => {
+                        life.end(ExpiredReason::Revoked);
+                    }
+                    Ok(Some(record)) => life.expire_at(
+                        effective_expiry(&record, life.digest()).map_or(i64::MAX, nanos_of),
+                    ),
+                    Err(error) if attempt < ATTEMPTS => {
+                        tracing::debug!(%error, attempt, "re-reading an API key for requests in flight failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+                        continue;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, api_key_id = %life.key_id(), "re-reading an API key for requests in flight failed; they keep running");
+                    }
+                }
+                break;
+            }
+        }
+    }
+
+    /// [`settle_lives`](Self::settle_lives) in the background (nothing to do: no task).
+    fn recheck(&self, lives: Vec<Arc<Life>>) {
+        if lives.is_empty() {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let resolver = self.clone();
+                runtime.spawn(async move { resolver.settle_lives(lives).await });
+            }
+            Err(_) => tracing::warn!(
+                "an API key invalidation outside a tokio runtime: requests in flight are not judged again"
+            ),
+        }
+    }
+
+    /// How many requests in flight under the key `id` its end (revocation, deletion, expiry, …)
+    /// has cut short on this instance so far: bodies refused and streams ended (each request
+    /// counted once).
+    pub fn requests_ended(&self, id: &KeyId) -> u64 {
+        self.inner.lives.requests_ended(id)
     }
 
     /// Forgets every cached digest of one key (current and previous secrets). Effective at once;
@@ -699,13 +793,18 @@ impl CachedResolver {
         self.bump();
         self.inner.cache.remove_key(id);
         self.retire_front();
+        self.recheck(self.inner.lives.live(|life| life.key_id() == id));
     }
 
     /// Forgets everything (e.g. after a broadcast subscription reconnects and may have missed messages).
+    ///
+    /// Requests in flight are judged again against the store (in the background): only those whose
+    /// key the store says ended are ended, never a live key's.
     pub fn invalidate_all(&self) {
         self.bump();
         self.inner.cache.clear();
         self.retire_front();
+        self.recheck(self.inner.lives.live(|_| true));
     }
 
     /// Starts a new invalidation epoch: lookups in flight may have read the store before the change,

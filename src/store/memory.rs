@@ -6,7 +6,7 @@ use time::OffsetDateTime;
 use super::{
     ChainLevels, ChainSpend, CreditAdjustment, FormatSecrets, KeyChange, KeyLimits, KeyRecord,
     KeyStore, KeyUpdate, ListQuery, MAX_DELEGATION_DEPTH, PreviousSecret, Rotation, StoreError,
-    StoreErrorKind, StoredSecret,
+    StoreErrorKind, StoredSecret, SweepQuery,
 };
 use crate::audit::{AuditEvent, ChainLink, ChainState, EventDraft, EventQuery, Journal};
 use crate::key::{FormatSecret, KeyDigest, KeyId, MAX_SECRET_VERSION};
@@ -35,6 +35,8 @@ struct Inner {
     chains: BTreeMap<String, ChainState>,
     /// Hourly usage counts by key and hour (Unix seconds).
     usage: BTreeMap<(KeyId, i64), UsageBucket>,
+    /// The hygiene notices given, per key.
+    notices: std::collections::HashSet<(KeyId, String)>,
 }
 
 impl MemoryStore {
@@ -386,6 +388,32 @@ impl KeyStore for MemoryStore {
         };
         inner.append(journal.for_change(&change));
         Ok(Some(change))
+    }
+
+    async fn sweep(&self, query: &SweepQuery) -> Result<Vec<KeyRecord>, StoreError> {
+        let inner = self.lock();
+        let range = match &query.after {
+            Some(after) => inner.by_id.range((
+                std::ops::Bound::Excluded(after.clone()),
+                std::ops::Bound::Unbounded,
+            )),
+            None => inner.by_id.range(..),
+        };
+        Ok(range
+            .map(|(_, record)| record)
+            .filter(|record| query.matches(record))
+            .take(query.limit as usize)
+            .cloned()
+            .collect())
+    }
+
+    async fn record_notice(
+        &self,
+        id: &KeyId,
+        notice: &str,
+        _at: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        Ok(self.lock().notices.insert((id.clone(), notice.to_owned())))
     }
 
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {

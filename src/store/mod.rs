@@ -194,6 +194,34 @@ impl KeyChange {
     }
 }
 
+/// Which keys the hygiene sweeper reads ([`KeyStore::sweep`]): unrevoked keys not yet expired at
+/// `now` that expire by `expiring_before` or were last used (never used: created) by
+/// `idle_before`, in id order after `after`, at most `limit`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SweepQuery {
+    /// The time of the sweep.
+    pub now: OffsetDateTime,
+    /// Keys expiring at or before this (and after `now`).
+    pub expiring_before: OffsetDateTime,
+    /// Keys last used (or, never used, created) at or before this.
+    pub idle_before: OffsetDateTime,
+    /// The last id of the previous page.
+    pub after: Option<KeyId>,
+    /// Page size.
+    pub limit: u32,
+}
+
+impl SweepQuery {
+    /// Whether `record` is one the query asks for (ignoring `after` and `limit`).
+    pub fn matches(&self, record: &KeyRecord) -> bool {
+        record.is_active(self.now)
+            && (record
+                .expires_at
+                .is_some_and(|at| at <= self.expiring_before)
+                || record.last_used_at.unwrap_or(record.created_at) <= self.idle_before)
+    }
+}
+
 /// What [`KeyStore::adjust_credits`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CreditAdjustment {
@@ -465,6 +493,26 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// The record with this id.
     async fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// The keys the hygiene sweeper warns about ([`SweepQuery`]), across every owner. The default
+    /// answers [`StoreErrorKind::Unsupported`].
+    async fn sweep(&self, query: &SweepQuery) -> Result<Vec<KeyRecord>, StoreError> {
+        let _ = query;
+        Err(StoreError::from_kind(StoreErrorKind::Unsupported))
+    }
+
+    /// Remembers that `notice` (such as `expiring:604800:<expiry>`) was given about key `id`, with
+    /// an insert-if-absent write: `true` for the one call that recorded it, `false` for every
+    /// later one, on every instance. The default answers [`StoreErrorKind::Unsupported`].
+    async fn record_notice(
+        &self,
+        id: &KeyId,
+        notice: &str,
+        at: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let _ = (id, notice, at);
+        Err(StoreError::from_kind(StoreErrorKind::Unsupported))
+    }
 
     /// One owner's keys, newest first.
     async fn list(&self, query: &ListQuery) -> Result<Vec<KeyRecord>, StoreError>;
@@ -989,6 +1037,17 @@ impl<T: KeyStore + ?Sized> KeyStore for Arc<T> {
     }
     async fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
         (**self).get(id).await
+    }
+    async fn sweep(&self, query: &SweepQuery) -> Result<Vec<KeyRecord>, StoreError> {
+        (**self).sweep(query).await
+    }
+    async fn record_notice(
+        &self,
+        id: &KeyId,
+        notice: &str,
+        at: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        (**self).record_notice(id, notice, at).await
     }
     async fn list(&self, query: &ListQuery) -> Result<Vec<KeyRecord>, StoreError> {
         (**self).list(query).await

@@ -82,6 +82,15 @@ pub fn router(manager: KeyManager) -> Router {
         .route("/api-keys/{id}/rotate", post(rotate_key))
         .merge(super::activity_routes::routes())
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // Its answers are whole and owed even when the operation ended the calling key itself
+        // (a key revoking or rotating itself gets its 204, or its new secret): `ApiKeyLayer` does
+        // not cut them (I4 ends streams, not answers already made).
+        .layer(axum::middleware::map_response(
+            |mut response: axum::response::Response| async move {
+                response.extensions_mut().insert(crate::layer::Whole);
+                response
+            },
+        ))
         .with_state(manager)
 }
 

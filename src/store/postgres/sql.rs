@@ -75,7 +75,7 @@ pub(super) const LIMIT_COLUMNS: &str = "rate_limit, rate_period_seconds, credits
     credits_refill_interval, credits_refill_amount, credits_set_at";
 
 /// The schema's migrations, in order. Versions are never renumbered or edited once released.
-pub(super) fn migrations(s: &str) -> [(i32, &'static str, String); 6] {
+pub(super) fn migrations(s: &str) -> [(i32, &'static str, String); 7] {
     [
         (
             1,
@@ -187,6 +187,22 @@ CREATE TABLE {s}.api_key_pools (
             6,
             "audit events (hash-chained per owner) and hourly usage counts",
             super::audit::migration(s),
+        ),
+        (
+            7,
+            "hygiene notices (the sweeper's memory)",
+            // One row per notice given about a key: the primary key makes the write
+            // insert-if-absent, so two sweepers never give the same notice twice.
+            format!(
+                r#"
+CREATE TABLE IF NOT EXISTS {s}.api_key_notices (
+    key_id TEXT COLLATE "C" NOT NULL,
+    notice TEXT COLLATE "C" NOT NULL,
+    noticed_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (key_id, notice)
+);
+"#
+            ),
         ),
     ]
 }

@@ -10,7 +10,7 @@ use tokio::sync::OnceCell;
 
 use super::audit;
 use super::builder::PostgresStoreBuilder;
-use super::sql::{Sql, decode, decode_opt, limits_at, lock_key, migrations, query};
+use super::sql::{COLUMNS, Sql, decode, decode_opt, limits_at, lock_key, migrations, query};
 use crate::audit::{AuditEvent, ChainState, EventDraft, EventQuery, Journal};
 use crate::key::{FormatSecret, KeyDigest, KeyId, MAX_SECRET_VERSION};
 use crate::quota::{BudgetId, BudgetLevel, Credits, PoolId, UsageLimits};
@@ -20,7 +20,7 @@ use crate::store::sql_common::{
 use crate::store::{
     ChainLevels, ChainSpend, CreditAdjustment, FormatSecrets, KeyChange, KeyLimits, KeyRecord,
     KeyStore, KeyUpdate, ListQuery, MAX_DELEGATION_DEPTH, Rotation, StoreError, StoreErrorKind,
-    StoredSecret,
+    StoredSecret, SweepQuery,
 };
 use crate::usage::UsageBucket;
 
@@ -454,6 +454,51 @@ impl KeyStore for PostgresStore {
             .await
             .map_err(map_sqlx_error)?;
         decode_opt(row)
+    }
+
+    async fn sweep(&self, q: &SweepQuery) -> Result<Vec<KeyRecord>, StoreError> {
+        self.migrate().await?;
+        let s = &self.sql.quoted;
+        let sql: Arc<str> = format!(
+            "SELECT {COLUMNS} FROM {s}.api_keys WHERE revoked_at IS NULL \
+               AND (expires_at IS NULL OR expires_at > $1) \
+               AND (expires_at <= $2 OR coalesce(last_used_at, created_at) <= $3) \
+               AND ($4::text IS NULL OR id > $4) ORDER BY id LIMIT $5"
+        )
+        .into();
+        let rows = query(&sql)
+            .bind(micros(q.now))
+            .bind(micros(q.expiring_before))
+            .bind(micros(q.idle_before))
+            .bind(q.after.as_ref().map(KeyId::as_str))
+            .bind(i64::from(q.limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_sqlx_error)?;
+        rows.iter().map(decode).collect()
+    }
+
+    async fn record_notice(
+        &self,
+        id: &KeyId,
+        notice: &str,
+        at: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        self.migrate().await?;
+        let s = &self.sql.quoted;
+        let sql: Arc<str> = format!(
+            "INSERT INTO {s}.api_key_notices (key_id, notice, noticed_at) VALUES ($1, $2, $3) \
+             ON CONFLICT DO NOTHING"
+        )
+        .into();
+        let done = query(&sql)
+            .bind(id.as_str())
+            .bind(notice)
+            .bind(micros(at))
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx_error)?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {

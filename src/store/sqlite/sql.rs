@@ -159,6 +159,20 @@ CREATE TABLE api_key_pools (
         "audit events (hash-chained per owner) and hourly usage counts",
         super::audit::MIGRATION,
     ),
+    (
+        7,
+        "hygiene notices (the sweeper's memory)",
+        // One row per notice given about a key: the primary key makes the write insert-if-absent,
+        // so two sweepers never give the same notice twice.
+        r#"
+CREATE TABLE IF NOT EXISTS api_key_notices (
+    key_id TEXT NOT NULL,
+    notice TEXT NOT NULL,
+    noticed_at INTEGER NOT NULL,
+    PRIMARY KEY (key_id, notice)
+) STRICT;
+"#,
+    ),
 ];
 
 pub(super) fn decode(row: &SqliteRow) -> Result<KeyRecord, StoreError> {

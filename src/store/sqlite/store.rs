@@ -21,7 +21,7 @@ use crate::store::sql_common::{
 use crate::store::{
     ChainLevels, ChainSpend, CreditAdjustment, FormatSecrets, KeyChange, KeyLimits, KeyRecord,
     KeyStore, KeyUpdate, ListQuery, MAX_DELEGATION_DEPTH, Rotation, StoreError, StoreErrorKind,
-    StoredSecret,
+    StoredSecret, SweepQuery,
 };
 use crate::usage::UsageBucket;
 
@@ -165,6 +165,44 @@ impl KeyStore for SqliteStore {
         .await
         .map_err(map_sqlx_error)?;
         decode_opt(row)
+    }
+
+    async fn sweep(&self, q: &SweepQuery) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM api_keys WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?1) \
+              AND (expires_at <= ?2 OR coalesce(last_used_at, created_at) <= ?3) \
+              AND (?4 IS NULL OR id > ?4) ORDER BY id LIMIT ?5"
+        ))
+        .bind(to_unix_micros(q.now))
+        .bind(to_unix_micros(q.expiring_before))
+        .bind(to_unix_micros(q.idle_before))
+        .bind(q.after.as_ref().map(KeyId::as_str))
+        .bind(i64::from(q.limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_sqlx_error)?;
+        rows.iter().map(decode).collect()
+    }
+
+    async fn record_notice(
+        &self,
+        id: &KeyId,
+        notice: &str,
+        at: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO api_key_notices (key_id, notice, noticed_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(id.as_str())
+        .bind(notice)
+        .bind(to_unix_micros(at))
+        .execute(&self.pool)
+        .await
+        .map_err(map_sqlx_error)?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
