@@ -1,7 +1,8 @@
 //! The authorization rule of key management, held against a reference model.
 //!
 //! Random sequences of create / rotate (with and without a grace period, with and without ending
-//! the descendants) / revoke / update (`PATCH`, a new name) / delete / get / list, by random callers: the master key, keys of two
+//! the descendants) / revoke / update (`PATCH`, a new name) / delete / get / list / events (`GET
+//! /api-keys/{id}/events`), by random callers: the master key, keys of two
 //! owners and two accounts (the same account names in both owners) with random scope sets, expired
 //! keys, revoked and deleted keys, replaced secrets, old secrets in their grace period and old
 //! secrets whose grace is over. Each step goes through the real management router behind
@@ -16,6 +17,8 @@
 //!   descendant ever changed an ancestor);
 //! - no scoped caller obtained a secret whose scopes it does not cover, or that outlives it;
 //! - no scoped caller saw (get, list) or changed a key outside its owner and account;
+//! - no scoped caller read the events of a key outside its own subtree, and every event a read
+//!   returned is about the key asked for;
 //! - every secret ever issued authenticates exactly when the model says so, and in particular no
 //!   key whose ancestor (through `created_by`) was revoked or deleted authenticates;
 //! - a change broadcasts exactly when something changed (a no-op revoke broadcasts nothing).
@@ -201,7 +204,7 @@ impl Model {
             Power::MasterOnly => {
                 return refuse(StatusCode::FORBIDDEN, "AUTH_MASTER_KEY_REQUIRED");
             }
-            Power::Read
+            Power::Read | Power::ReadSubtree
                 if !holds(&caller.scopes, "api-keys:read")
                     && !holds(&caller.scopes, "api-keys:write") =>
             {
@@ -220,7 +223,9 @@ impl Model {
             return refuse(StatusCode::NOT_FOUND, "APIKEY_NOT_FOUND");
         };
         // I1: a scoped key changes (or obtains the secret of) its own subtree only.
-        if power == Power::Write && !self.in_subtree(target_index.unwrap(), caller.key.unwrap()) {
+        if matches!(power, Power::Write | Power::ReadSubtree)
+            && !self.in_subtree(target_index.unwrap(), caller.key.unwrap())
+        {
             return refuse(StatusCode::FORBIDDEN, "AUTH_OUTSIDE_SUBTREE");
         }
         if power == Power::Write
@@ -305,6 +310,8 @@ impl Model {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Power {
     Read,
+    /// Reading a key's activity: like `Read`, inside the caller's subtree only (I1).
+    ReadSubtree,
     Write,
     MasterOnly,
 }
@@ -356,6 +363,11 @@ enum Op {
         n: u32,
     },
     Delete {
+        caller: usize,
+        target: usize,
+        owner: Option<usize>,
+    },
+    Events {
         caller: usize,
         target: usize,
         owner: Option<usize>,
@@ -422,6 +434,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (caller.clone(), target.clone(), named_owner(), any::<u32>()).prop_map(|(caller, target, owner, n)| Op::Update { caller, target, owner, n }),
         1 => (caller.clone(), target.clone(), named_owner()).prop_map(|(caller, target, owner)| Op::Delete { caller, target, owner }),
         2 => (caller.clone(), target.clone(), named_owner()).prop_map(|(caller, target, owner)| Op::Get { caller, target, owner }),
+        2 => (caller.clone(), target.clone(), named_owner()).prop_map(|(caller, target, owner)| Op::Events { caller, target, owner }),
         1 => (caller, named_owner()).prop_map(|(caller, owner)| Op::List { caller, owner }),
     ]
 }
@@ -700,6 +713,7 @@ async fn apply(
         | Op::Update { caller, .. }
         | Op::Delete { caller, .. }
         | Op::Get { caller, .. }
+        | Op::Events { caller, .. }
         | Op::List { caller, .. } => {
             let c = credential(*caller);
             let auth = model.authenticate(&c);
@@ -806,6 +820,16 @@ async fn apply(
             "GET",
             format!(
                 "/api-keys/{}{}",
+                id_of(target_of(*target)),
+                owner_query(owner)
+            ),
+            None,
+            StatusCode::OK,
+        ),
+        Op::Events { target, owner, .. } => (
+            "GET",
+            format!(
+                "/api-keys/{}/events{}",
                 id_of(target_of(*target)),
                 owner_query(owner)
             ),
@@ -1082,6 +1106,39 @@ async fn apply(
             model.keys[t].deleted = true;
             model.revoke_descendants(t);
             Ok(true)
+        }
+        Op::Events { target, owner, .. } => {
+            let t = target_of(*target);
+            let named = owner.map(|o| OWNERS[o]);
+            // The master key also reads a deleted key's events, naming its owner.
+            let deleted_for_master = caller.is_none()
+                && t.is_some_and(|t| model.keys[t].deleted && named == Some(model.keys[t].owner));
+            let expect = if deleted_for_master {
+                Ok(())
+            } else {
+                model.judge_key(&caller, Power::ReadSubtree, t, named)
+            };
+            if !check(step, expect, status, &json, ok)? {
+                return Ok(false);
+            }
+            let t = t.unwrap();
+            if let Some(c) = &caller {
+                prop_assert!(
+                    model.in_subtree(t, c.key.unwrap()),
+                    "{}: read the events of a key outside its subtree",
+                    step
+                );
+            }
+            let events = json["events"].as_array().cloned().unwrap_or_default();
+            for event in &events {
+                prop_assert_eq!(
+                    event["key_id"].as_str(),
+                    Some(model.keys[t].id.as_str()),
+                    "{}: an event about another key",
+                    step
+                );
+            }
+            Ok(false)
         }
         Op::Get { target, owner, .. } => {
             let t = target_of(*target);

@@ -2039,13 +2039,13 @@ mod postgres_only {
         execute(
             &old,
             format!(
-                "ALTER TABLE {s}.api_keys DROP COLUMN rate_limit, DROP COLUMN rate_period_seconds, DROP COLUMN credits_remaining, DROP COLUMN credits_refill_interval, DROP COLUMN credits_refill_amount, DROP COLUMN credits_set_at, DROP COLUMN allowed_networks; DROP TABLE {s}.api_key_pools; DELETE FROM {s}.api_key_migrations WHERE version >= 4"
+                "ALTER TABLE {s}.api_keys DROP COLUMN rate_limit, DROP COLUMN rate_period_seconds, DROP COLUMN credits_remaining, DROP COLUMN credits_refill_interval, DROP COLUMN credits_refill_amount, DROP COLUMN credits_set_at, DROP COLUMN allowed_networks; DROP TABLE {s}.api_key_pools; DROP TABLE {s}.api_key_events, {s}.api_key_event_chains, {s}.api_key_usage; DELETE FROM {s}.api_key_migrations WHERE version >= 4"
             ),
         )
         .await;
         old.pool().close().await;
         let store = schema.store().await;
-        assert_eq!(versions(&store).await, [1, 2, 3, 4, 5, 7]);
+        assert_eq!(versions(&store).await, [1, 2, 3, 4, 5, 6, 7]);
         let found = store.find_by_digest(&r.digest).await.unwrap();
         assert_eq!(found, Some(r.clone()));
         let found = found.unwrap();
@@ -2088,12 +2088,12 @@ mod postgres_only {
         for start in starts {
             stores.push(start.await.unwrap().expect("every instance starts"));
         }
-        assert_eq!(versions(&stores[0]).await, [1, 2, 3, 4, 5, 7]);
+        assert_eq!(versions(&stores[0]).await, [1, 2, 3, 4, 5, 6, 7]);
         let again = fresh.store().await;
         again.migrate().await.unwrap();
         assert_eq!(
             versions(&again).await,
-            [1, 2, 3, 4, 5, 7],
+            [1, 2, 3, 4, 5, 6, 7],
             "a restart applies nothing"
         );
         let r = record("key_1", "o", "a");
@@ -2264,7 +2264,7 @@ mod sqlite_only {
             .unwrap();
         }
         sqlx::raw_sql(
-            "DROP TABLE api_key_pools; DELETE FROM api_key_migrations WHERE version >= 4",
+            "DROP TABLE api_key_pools; DROP TABLE api_key_events; DROP TABLE api_key_event_chains; DROP TABLE api_key_usage; DELETE FROM api_key_migrations WHERE version >= 4",
         )
         .execute(old.pool())
         .await
@@ -2305,7 +2305,7 @@ mod sqlite_only {
                 .fetch_all(again.pool())
                 .await
                 .unwrap();
-        assert_eq!(versions, [1, 2, 3, 4, 5, 7]);
+        assert_eq!(versions, [1, 2, 3, 4, 5, 6, 7]);
         let r = record("key_1", "o", "a");
         again.insert(&r, no_limits(), now()).await.unwrap();
         assert_eq!(stores[2].get(&r.id).await.unwrap(), Some(r));

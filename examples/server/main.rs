@@ -63,6 +63,7 @@ use axum::http::Request;
 use axum::response::Redirect;
 use axum::routing::get;
 use axum::{Json, Router};
+use tower_api_keys::audit::Retention;
 use tower_api_keys::guard::RequireScopes;
 use tower_api_keys::key::{ApiKey, KeyFormat};
 use tower_api_keys::layer::{ApiKeyLayer, KeySource};
@@ -287,6 +288,8 @@ pub(crate) async fn build(config: Config) -> Result<Demo, Box<dyn std::error::Er
     let unauthenticated = leak_reports(config.leak_report_public_keys.as_deref(), &manager)?;
 
     let usage = UsageRecorder::spawn(database.keys.clone(), Duration::from_secs(30));
+    // Audit events and usage counts are kept 90 days, purged hourly (the chains stay checkable).
+    Retention::default().spawn(database.keys.clone());
     let layer = ApiKeyLayer::new(resolver)
         .sources([
             KeySource::blnk(),

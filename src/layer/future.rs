@@ -13,6 +13,8 @@ use pin_project_lite::pin_project;
 use super::body::{Guard, LiveBody};
 use crate::error::{AuthError, ExpiredReason, RenderRejection, reject};
 use crate::principal::Principal;
+use crate::resolver::ResolvedKey;
+use crate::usage::{Outcome, UsageRecorder};
 
 pin_project! {
     /// Response future of [`ApiKeyService`](super::ApiKeyService).
@@ -23,6 +25,31 @@ pin_project! {
         kind: Kind<F, B, E, R>,
         // The `Sunset` header to add to the inner service's response (`layer::sunset`).
         sunset: Option<http::HeaderValue>,
+        tally: Option<Tally>,
+    }
+}
+
+/// What a [`UsageRecorder`] counts when an admitted request's response head is ready: admitted,
+/// or refused for the reason the typed error in the response extensions gives.
+pub(crate) struct Tally {
+    pub(crate) key: Arc<ResolvedKey>,
+    pub(crate) recorder: UsageRecorder,
+}
+
+impl Tally {
+    /// Counts `outcome` (a refusal the layer itself made).
+    pub(crate) fn outcome(self, outcome: Outcome) {
+        self.recorder.count(&self.key, outcome);
+    }
+
+    fn count<B>(self, response: &Response<B>) {
+        let outcome = match response.extensions().get::<AuthError>() {
+            None => Some(Outcome::Admitted),
+            Some(error) => Outcome::of_refusal(error),
+        };
+        if let Some(outcome) = outcome {
+            self.recorder.count(&self.key, outcome);
+        }
     }
 }
 
@@ -95,13 +122,21 @@ impl<F, B, E, R> ResponseFuture<F, B, E, R> {
                 }
             },
             sunset: None,
+            tally: None,
         }
+    }
+
+    /// Counts the outcome with `tally` when the response head is ready.
+    pub(crate) fn tally(mut self, tally: Option<Tally>) -> Self {
+        self.tally = tally;
+        self
     }
 
     pub(crate) fn lookup(future: BoxFuture<'static, Result<Response<LiveBody<B>>, E>>) -> Self {
         Self {
             kind: Kind::Lookup { future },
             sunset: None,
+            tally: None,
         }
     }
 
@@ -111,6 +146,7 @@ impl<F, B, E, R> ResponseFuture<F, B, E, R> {
                 response: Some(response),
             },
             sunset: None,
+            tally: None,
         }
     }
 
@@ -140,6 +176,15 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
+        let tally = this.tally;
+        let mut counted = |poll: Poll<Self::Output>| {
+            if let Poll::Ready(Ok(response)) = &poll
+                && let Some(tally) = tally.take()
+            {
+                tally.count(response);
+            }
+            poll
+        };
         match this.kind.project() {
             KindProj::Inner {
                 future,
@@ -148,11 +193,11 @@ where
             } => {
                 let _entered = span.enter();
                 let result = super::sunset::add(this.sunset, ready!(future.poll(cx)));
-                Poll::Ready(finish(result, watch))
+                counted(Poll::Ready(finish(result, watch)))
             }
             KindProj::Plain { future, watch } => {
                 let result = super::sunset::add(this.sunset, ready!(future.poll(cx)));
-                Poll::Ready(finish(result, watch))
+                counted(Poll::Ready(finish(result, watch)))
             }
             KindProj::Lookup { future } => Poll::Ready(ready!(future.as_mut().poll(cx))),
             KindProj::Rejected { response } => Poll::Ready(Ok(response

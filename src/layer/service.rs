@@ -11,12 +11,13 @@ use http_body::Body;
 
 use super::Config;
 use super::body::{Guard, LiveBody};
-use super::future::{ResponseFuture, Watch};
+use super::future::{ResponseFuture, Tally, Watch};
 use super::source;
 use crate::error::{AuthError, InvalidKeyReason, RenderRejection, reject};
 use crate::key::{KeyDigest, KeyFormatError};
 use crate::principal::{Anonymous, Principal};
-use crate::resolver::ResolvedKey;
+use crate::resolver::{CacheEntry, ResolvedKey};
+use crate::usage::{Outcome, Used};
 
 /// Service produced by [`ApiKeyLayer`](super::ApiKeyLayer).
 #[derive(Clone)]
@@ -47,8 +48,9 @@ impl<S, R> ApiKeyService<S, R> {
 
 /// What authenticating the presented key decided without waiting for anything.
 enum Verdict {
-    /// Let the request through with this principal (none: anonymous).
-    Admit(Option<Principal>),
+    /// Let the request through with this principal (none: anonymous), counting its outcome with
+    /// the tally when usage is recorded.
+    Admit(Option<Principal>, Option<Tally>),
     /// A well-formed key the cache does not know: ask the store.
     Lookup(KeyDigest),
     /// Refuse the request.
@@ -63,7 +65,7 @@ impl Config {
             Err(error) => Verdict::Refuse(error),
             Ok(presented) => match presented.key() {
                 Some(key) => self.authenticate(key),
-                None if self.optional => Verdict::Admit(None),
+                None if self.optional => Verdict::Admit(None, None),
                 None => Verdict::Refuse(AuthError::MissingKey),
             },
         }
@@ -89,7 +91,7 @@ impl Config {
         }
         let digest = KeyDigest::of(key);
         if self.master.is_some_and(|master| master == digest) {
-            return Verdict::Admit(Some(master_principal()));
+            return Verdict::Admit(Some(master_principal()), None);
         }
         if let Err(error) = shape {
             return Verdict::Refuse(error);
@@ -102,22 +104,37 @@ impl Config {
         // The resolver checks the checksum after its per-thread front (a front hit is a stored
         // key's digest) and before its shared cache: refusals name the first thing wrong with the
         // key, and nothing with a bad checksum reaches the cache or the store.
-        match self
-            .resolver
-            .admit_cached(&digest, now, checksum, |key| self.admit(key, now))
-        {
-            Some(Ok(principal)) => Verdict::Admit(Some(principal)),
+        match self.resolver.admit_cached(
+            &digest,
+            now,
+            checksum,
+            |key| self.admit(key, now),
+            |key| self.refused(key),
+        ) {
+            Some(Ok((principal, tally))) => Verdict::Admit(Some(principal), tally),
             Some(Err(error)) => Verdict::Refuse(error),
             None => Verdict::Lookup(digest),
         }
     }
 
-    /// A key that passed the request-time checks at `now`: its use is recorded, its principal taken.
-    fn admit(&self, key: &Arc<ResolvedKey>, now: i64) -> Principal {
-        if let Some(usage) = &self.usage {
+    /// A key that passed the request-time checks at `now`: its use is recorded, its principal
+    /// taken, and (with a recorder) a tally made to count the request's outcome.
+    fn admit(&self, key: &Arc<ResolvedKey>, now: i64) -> (Principal, Option<Tally>) {
+        let tally = self.usage.as_ref().map(|usage| {
             usage.touch(key, now / 1_000_000_000);
+            Tally {
+                key: key.clone(),
+                recorder: usage.clone(),
+            }
+        });
+        (key.principal.clone(), tally)
+    }
+
+    /// A known key refused at the request-time checks (expired or revoked): counted.
+    fn refused(&self, key: &Arc<ResolvedKey>) {
+        if let Some(usage) = &self.usage {
+            usage.count(key, Outcome::ExpiredOrRevoked);
         }
-        key.principal.clone()
     }
 }
 
@@ -170,6 +187,7 @@ fn forward<S, B, ResBody, R>(
     inner: &mut S,
     req: Request<B>,
     principal: Option<Principal>,
+    tally: Option<Tally>,
     rejection: &R,
 ) -> ResponseFuture<S::Future, ResBody, S::Error, R>
 where
@@ -177,6 +195,15 @@ where
     B: Body,
     R: Clone,
 {
+    if let Some(tally) = &tally
+        && tally
+            .key
+            .usage()
+            .ip_due(crate::clock::now_unix_nanos() / 1_000_000_000)
+        && let Some(ip) = config.client.client(req.headers(), req.extensions())
+    {
+        tally.key.usage().set_ip(ip);
+    }
     crate::metrics::admitted(principal.as_ref());
     let sunset = super::sunset::header(config.sunset, principal.as_ref());
     let span = span_for(principal.as_ref());
@@ -212,7 +239,9 @@ where
     };
     let req = Request::from_parts(parts, body);
     let future = span.in_scope(|| inner.call(req));
-    ResponseFuture::inner(future, span, watch).sunset(sunset)
+    ResponseFuture::inner(future, span, watch)
+        .sunset(sunset)
+        .tally(tally)
 }
 
 /// The refusal of a request, rendered by `rejection`.
@@ -244,7 +273,7 @@ where
             // Browsers send no key on a preflight; should a client send one anyway, it still
             // reaches the inner service hidden.
             source::hide_all(&config.sources, req.headers_mut());
-            Verdict::Admit(None)
+            Verdict::Admit(None, None)
         } else {
             config.judge(&mut req)
         };
@@ -252,16 +281,26 @@ where
             Verdict::Refuse(error) => {
                 return ResponseFuture::rejected(refuse(&self.rejection, error));
             }
-            Verdict::Admit(principal) => {
+            Verdict::Admit(principal, tally) => {
                 if let Some(principal) = &principal
                     && let Err(error) =
                         config
                             .client
                             .admit(principal, req.headers(), req.extensions())
                 {
+                    if let Some(tally) = tally {
+                        tally.outcome(Outcome::Network);
+                    }
                     return ResponseFuture::rejected(refuse(&self.rejection, error));
                 }
-                return forward(config, &mut self.inner, req, principal, &self.rejection);
+                return forward(
+                    config,
+                    &mut self.inner,
+                    req,
+                    principal,
+                    tally,
+                    &self.rejection,
+                );
             }
             Verdict::Lookup(digest) => digest,
         };
@@ -274,19 +313,31 @@ where
             let admitted = match config.resolver.resolve(&digest).await {
                 Ok(entry) => {
                     let now = crate::clock::now_unix_nanos();
-                    entry.authenticate(now).map(|key| config.admit(key, now))
+                    let admitted = entry.authenticate(now).map(|key| config.admit(key, now));
+                    if let (Err(_), CacheEntry::Known(key)) = (&admitted, &entry) {
+                        config.refused(key);
+                    }
+                    admitted
                 }
                 Err(error) => Err(AuthError::Unavailable(error)),
             }
-            .and_then(|principal| {
-                config
+            .and_then(|(principal, tally)| {
+                match config
                     .client
                     .admit(&principal, req.headers(), req.extensions())
-                    .map(|()| principal)
+                {
+                    Ok(()) => Ok((principal, tally)),
+                    Err(error) => {
+                        if let Some(tally) = tally {
+                            tally.outcome(Outcome::Network);
+                        }
+                        Err(error)
+                    }
+                }
             });
             match admitted {
-                Ok(principal) => {
-                    forward(&config, &mut inner, req, Some(principal), &rejection).await
+                Ok((principal, tally)) => {
+                    forward(&config, &mut inner, req, Some(principal), tally, &rejection).await
                 }
                 Err(error) => Ok(refuse(&rejection, error).map(LiveBody::plain)),
             }

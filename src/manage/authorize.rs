@@ -82,6 +82,13 @@ pub enum Operation {
     /// Set or remove a shared pool (`PUT /api-keys/pools`): it binds every key of the owner or
     /// account, ancestors and strangers included, so it is beyond any scoped key's subtree.
     SetPool,
+    /// Read the audit events and usage counts of a key (`GET /api-keys/{id}/events`,
+    /// `GET /api-keys/{id}/usage`) or of an owner (`GET /api-keys/events`): a scoped key reads
+    /// those of its own subtree only (I1: what it governs is what it may watch).
+    ReadActivity,
+    /// Check an owner's whole audit chain (`GET /api-keys/events/verify`): it covers keys
+    /// outside any scoped key's subtree.
+    VerifyEvents,
 }
 
 /// How the rule judges an [`Operation`]: the `kind` column of the table in [`authorize`].
@@ -101,10 +108,16 @@ impl Operation {
     /// The rule's table, one row per operation.
     pub const fn kind(self) -> OperationKind {
         match self {
-            Self::List | Self::Get | Self::GetPool => OperationKind::Read,
+            Self::List | Self::Get | Self::GetPool | Self::ReadActivity => OperationKind::Read,
             Self::Create | Self::Rotate | Self::Revoke | Self::Update => OperationKind::Power,
-            Self::Delete | Self::SetPool => OperationKind::Master,
+            Self::Delete | Self::SetPool | Self::VerifyEvents => OperationKind::Master,
         }
+    }
+
+    /// Whether a scoped caller may do it only inside its own subtree (I1): every power operation,
+    /// and reading a key's activity. The rule needs the target's whole lineage for these.
+    pub const fn in_subtree(self) -> bool {
+        matches!(self.kind(), OperationKind::Power) || matches!(self, Self::ReadActivity)
     }
 
     /// Whether the operation grants usage limits (rate limit, credits) to the target: those may be
@@ -114,7 +127,7 @@ impl Operation {
     }
 
     /// The verb used in refusals ("cannot rotate a key ...").
-    const fn verb(self) -> &'static str {
+    pub(crate) const fn verb(self) -> &'static str {
         match self {
             Self::List => "list",
             Self::Get => "read",
@@ -125,6 +138,8 @@ impl Operation {
             Self::Delete => "delete",
             Self::GetPool => "read the pool of",
             Self::SetPool => "set the pool of",
+            Self::ReadActivity => "read the activity of",
+            Self::VerifyEvents => "verify the events of",
         }
     }
 }
@@ -238,6 +253,9 @@ pub enum Target<'a> {
 /// | delete | master | the master key: 403 `AUTH_MASTER_KEY_REQUIRED` | — | — | — |
 /// | get pool | read | `api-keys:read` or `api-keys:write` | as list | — | — |
 /// | set pool | master | the master key: 403 `AUTH_MASTER_KEY_REQUIRED` | — | — | — |
+/// | read activity (a key's) | read | `api-keys:read` or `api-keys:write` | as get | 403 `AUTH_OUTSIDE_SUBTREE` | — |
+/// | read activity (an owner's) | read | `api-keys:read` or `api-keys:write` | as list; the manager then shows only the events of the caller's subtree | — | — |
+/// | verify events | master | the master key: 403 `AUTH_MASTER_KEY_REQUIRED` | — | — | — |
 ///
 /// A missing scope is 403 `AUTH_INSUFFICIENT_PERMISSIONS`. "Within" (403 `AUTH_SCOPE_ESCALATION`
 /// otherwise): the caller's scopes cover every scope of the target (`ledgers:*` covers
@@ -312,7 +330,7 @@ pub fn authorize(
         }
         Target::Key { key: Some(key), .. } => key,
     };
-    if kind != OperationKind::Power {
+    if !operation.in_subtree() {
         return Ok(());
     }
     // 3. Inside the caller's subtree (I1). A new key's lineage starts with its creator.
@@ -329,6 +347,9 @@ pub fn authorize(
             )
             .into(),
         ));
+    }
+    if kind != OperationKind::Power {
+        return Ok(());
     }
     // 4. Grants only narrow (I2).
     let escalation = |what: &str| {

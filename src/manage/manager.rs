@@ -14,6 +14,7 @@ use super::validate::{
     MAX_GRACE_PERIOD, MAX_PAGE_SIZE, default_name, validate_credits, validate_cursor, validate_id,
     validate_name, validate_rate_limit, validate_scopes,
 };
+use crate::audit::{Actor, EventDraft, EventType, Journal, Origin, grants, timestamp};
 use crate::error::{AuthError, ExpiredReason, InvalidKeyReason};
 use crate::invalidate::{Invalidation, Invalidator, NoBroadcast};
 use crate::key::{DigestScheme, KeyDigest, KeyId};
@@ -26,12 +27,17 @@ use crate::store::{
 
 /// Creates, lists, revokes, deletes and rotates keys under a [`KeyPolicy`], enforcing owner context
 /// and delegation rules. Cheap to clone.
+///
+/// Every change is written with its audit event in one store transaction ([`crate::audit`]); a
+/// power operation the rule refuses is recorded as `key.refused`. [`at`](Self::at) says where a
+/// call comes from (the actor's address, the request id).
 #[derive(Clone)]
 pub struct KeyManager {
-    store: Arc<dyn KeyStore>,
+    pub(super) store: Arc<dyn KeyStore>,
     resolver: CachedResolver,
     invalidator: Arc<dyn Invalidator>,
     policy: Arc<KeyPolicy>,
+    pub(super) origin: Arc<Origin>,
 }
 
 impl fmt::Debug for KeyManager {
@@ -55,7 +61,64 @@ impl KeyManager {
             resolver,
             invalidator: Arc::new(NoBroadcast),
             policy: Arc::new(KeyPolicy::default()),
+            origin: Arc::new(Origin::default()),
         }
+    }
+
+    /// This manager acting for calls from `origin`: the events it writes carry its address and
+    /// request id. Cheap (what the router does per request).
+    #[must_use]
+    pub fn at(&self, origin: Origin) -> Self {
+        Self {
+            origin: Arc::new(origin),
+            ..self.clone()
+        }
+    }
+
+    /// A draft event by `caller`, from this manager's origin, in `owner`'s chain.
+    pub(super) fn draft(
+        &self,
+        caller: &Principal,
+        event_type: EventType,
+        owner: &str,
+    ) -> EventDraft {
+        EventDraft::new(event_type, Actor::of(caller), &self.origin, owner)
+    }
+
+    /// [`authorize`], recording a refused power operation as `key.refused` in the caller's
+    /// owner's chain (a read refused, or a key not found, is not recorded). A failure to record
+    /// is logged; the refusal stands either way.
+    pub(super) async fn authorize_recorded(
+        &self,
+        caller: &Principal,
+        operation: Operation,
+        target: &Target<'_>,
+        key_id: Option<&KeyId>,
+    ) -> Result<(), AuthError> {
+        let Err(refusal) = authorize(caller, operation, target) else {
+            return Ok(());
+        };
+        let owner = caller.owner().map(str::to_owned);
+        if operation.kind() == OperationKind::Read
+            || matches!(refusal, AuthError::NotFound)
+            || owner.is_none()
+        {
+            return Err(refusal);
+        }
+        let mut draft = self
+            .draft(
+                caller,
+                EventType::KEY_REFUSED,
+                owner.as_deref().unwrap_or_default(),
+            )
+            .detail("operation", operation.verb())
+            .detail("code", refusal.code().as_str());
+        draft.key_id = key_id.cloned();
+        draft.account_id = caller.account().map(str::to_owned);
+        if let Err(error) = self.store.append_events(&[draft]).await {
+            tracing::warn!(%error, "recording a refused API key operation failed");
+        }
+        Err(refusal)
     }
 
     /// Sets the policy.
@@ -93,7 +156,7 @@ impl KeyManager {
 
     /// The key `id`, once [`authorize`] allows `operation` on it; `named_owner` is the `owner` the
     /// request names, if any.
-    async fn target(
+    pub(super) async fn target(
         &self,
         caller: &Principal,
         operation: Operation,
@@ -109,7 +172,8 @@ impl KeyManager {
             named_owner,
             key: record.as_ref().map(|r| KeyFacts::of(r, &lineage)),
         };
-        authorize(caller, operation, &target)?;
+        self.authorize_recorded(caller, operation, &target, Some(id))
+            .await?;
         record.ok_or(AuthError::NotFound)
     }
 
@@ -126,10 +190,7 @@ impl KeyManager {
             return Ok(Vec::new());
         };
         let mut lineage = vec![record.id.clone()];
-        if !caller.is_master()
-            && operation.kind() == OperationKind::Power
-            && record.created_by.is_some()
-        {
+        if !caller.is_master() && operation.in_subtree() && record.created_by.is_some() {
             lineage.extend(
                 self.store
                     .ancestors(&record.id)
@@ -210,7 +271,7 @@ impl KeyManager {
             let ancestors = self.store.ancestors(creator).await?;
             lineage.extend(ancestors.into_iter().map(|a| a.id));
         }
-        authorize(
+        self.authorize_recorded(
             caller,
             Operation::Create,
             &Target::NewKey(KeyFacts {
@@ -222,8 +283,10 @@ impl KeyManager {
                 allowed_networks: allowed_networks.as_ref(),
                 lineage: &lineage,
             }),
-        )?;
-        self.open_pools(&owner, &account).await?;
+            None,
+        )
+        .await?;
+        self.open_pools(caller, &owner, &account).await?;
         let format = self.resolver.format();
         let key = format.generate();
         let record = KeyRecord {
@@ -245,7 +308,17 @@ impl KeyManager {
             limits,
             allowed_networks,
         };
-        if let Err(error) = self.store.insert(&record, self.policy.limits, now).await {
+        let mut event = self
+            .draft(caller, EventType::KEY_CREATED, &record.owner)
+            .about(&record)
+            .detail("created_by", record.created_by.as_ref().map(KeyId::as_str));
+        event.details.extend(grants(&record));
+        let journal = Journal::of(event);
+        if let Err(error) = self
+            .store
+            .insert_with(&record, self.policy.limits, now, &journal)
+            .await
+        {
             return Err(match error.kind() {
                 StoreErrorKind::LimitReached { limit, scope } => {
                     AuthError::LimitReached { limit, scope }
@@ -404,7 +477,8 @@ impl KeyManager {
     }
 
     /// [`revoke_in`](Self::revoke_in), recording `reason` (at most [`MAX_NAME_LEN`] characters;
-    /// `requested` when none is given; see [`RevokeReason`] for the crate's own).
+    /// `requested` when none is given; see [`RevokeReason`] for the crate's own) in the
+    /// `key.revoked` event.
     ///
     /// [`MAX_NAME_LEN`]: super::MAX_NAME_LEN
     pub async fn revoke_because(
@@ -419,10 +493,16 @@ impl KeyManager {
                 .map_err(|_| AuthError::invalid("reason: at most 200 visible characters"))?,
             None => "requested".to_owned(),
         };
-        self.target(caller, Operation::Revoke, id, owner).await?;
+        let record = self.target(caller, Operation::Revoke, id, owner).await?;
+        let journal = Journal::of(
+            self.draft(caller, EventType::KEY_REVOKED, &record.owner)
+                .about(&record)
+                .detail("reason", reason.clone()),
+        )
+        .with_cascade();
         let change = self
             .store
-            .revoke(id, OffsetDateTime::now_utc())
+            .revoke_with(id, OffsetDateTime::now_utc(), &journal)
             .await?
             .ok_or(AuthError::NotFound)?;
         if change.is_noop() {
@@ -447,10 +527,16 @@ impl KeyManager {
         id: &KeyId,
         owner: Option<&str>,
     ) -> Result<(), AuthError> {
-        self.target(caller, Operation::Delete, id, owner).await?;
+        let record = self.target(caller, Operation::Delete, id, owner).await?;
+        let journal = Journal::of(
+            self.draft(caller, EventType::KEY_DELETED, &record.owner)
+                .about(&record)
+                .detail("name", record.name.as_str()),
+        )
+        .with_cascade();
         let change = self
             .store
-            .delete(id, OffsetDateTime::now_utc())
+            .delete_with(id, OffsetDateTime::now_utc(), &journal)
             .await?
             .ok_or(AuthError::NotFound)?;
         self.invalidate(&change).await;
@@ -505,7 +591,18 @@ impl KeyManager {
             previous_valid_until: options.grace.filter(|g| !g.is_zero()).map(|g| now + g),
             revoke_descendants: options.revoke_descendants,
         };
-        let change = match self.store.replace_secret(id, &rotation).await {
+        let journal = Journal::of(
+            self.draft(caller, EventType::KEY_ROTATED, &old.owner)
+                .about(&old)
+                .detail("grace_until", timestamp(rotation.previous_valid_until))
+                .detail("revoke_descendants", rotation.revoke_descendants),
+        )
+        .with_cascade();
+        let change = match self
+            .store
+            .replace_secret_with(id, &rotation, &journal)
+            .await
+        {
             Ok(change) => change.ok_or(AuthError::NotFound)?,
             Err(error) if error.kind() == StoreErrorKind::Revoked => return Err(revoked()),
             Err(error) => return Err(error.into()),
@@ -587,16 +684,22 @@ impl KeyManager {
                 ..KeyFacts::of(old, &lineage)
             }),
         };
-        authorize(&caller, Operation::Update, &target)?;
+        self.authorize_recorded(&caller, Operation::Update, &target, Some(id))
+            .await?;
         let (old, limits) = old.zip(limits).ok_or(AuthError::NotFound)?;
         let update = KeyUpdate {
             name,
             rate_limit: rate_limit.map(|_| limits.rate_limit),
             credits: credits.map(|_| limits.credits),
         };
+        let journal = Journal::of(
+            self.draft(&caller, EventType::KEY_UPDATED, &old.owner)
+                .about(&old),
+        )
+        .with_diff();
         let record = self
             .store
-            .update(id, &update)
+            .update_with(id, &update, &journal)
             .await?
             .ok_or(AuthError::NotFound)?;
         if record.limits == old.limits {
@@ -619,13 +722,26 @@ impl KeyManager {
 
     /// Writes the policy's pools for a new key's account and owner where none is set yet (an
     /// insert-if-absent), and forgets the cached keys a new pool now binds.
-    async fn open_pools(&self, owner: &str, account: &str) -> Result<(), AuthError> {
+    async fn open_pools(
+        &self,
+        caller: &Principal,
+        owner: &str,
+        account: &str,
+    ) -> Result<(), AuthError> {
         for pool in [PoolId::account(owner, account), PoolId::owner(owner)] {
             let Some(limits) = self.policy.pool_default(&pool) else {
                 continue;
             };
             let limits = start_now(limits, OffsetDateTime::now_utc());
-            if self.store.set_pool(&pool, Some(limits), true).await? {
+            let journal = Journal::of(
+                self.pool_event(caller, &pool, Some(&limits))
+                    .detail("source", "policy default"),
+            );
+            if self
+                .store
+                .set_pool_with(&pool, Some(limits), true, &journal)
+                .await?
+            {
                 self.invalidate_pool_members(&pool).await?;
             }
         }
@@ -675,7 +791,13 @@ impl KeyManager {
             validate_rate_limit(limits.rate_limit)?;
             validate_credits(limits.credits)?;
         }
-        authorize(caller, Operation::SetPool, &Target::Keys { owner, account })?;
+        self.authorize_recorded(
+            caller,
+            Operation::SetPool,
+            &Target::Keys { owner, account },
+            None,
+        )
+        .await?;
         let pool = match account {
             Some(account) => PoolId::account(owner, account),
             None => PoolId::owner(owner),
@@ -683,7 +805,12 @@ impl KeyManager {
         let limits = limits
             .filter(|l| !l.is_unlimited())
             .map(|l| start_now(l, OffsetDateTime::now_utc()));
-        match self.store.set_pool(&pool, limits, false).await {
+        let journal = Journal::of(self.pool_event(caller, &pool, limits.as_ref()));
+        match self
+            .store
+            .set_pool_with(&pool, limits, false, &journal)
+            .await
+        {
             Ok(_) => {}
             Err(error) if error.kind() == StoreErrorKind::Unsupported => {
                 return Err(AuthError::invalid("this key store has no shared pools"));
@@ -693,6 +820,43 @@ impl KeyManager {
         self.invalidate_pool_members(&pool).await?;
         tracing::info!(owner = %pool.owner, account = ?pool.account, "API key pool set");
         Ok(limits)
+    }
+
+    /// The `pool.set` event of `pool` getting `limits` (`None`: removed).
+    fn pool_event(
+        &self,
+        caller: &Principal,
+        pool: &PoolId,
+        limits: Option<&UsageLimits>,
+    ) -> EventDraft {
+        let mut draft = self
+            .draft(caller, EventType::POOL_SET, &pool.owner)
+            .detail(
+                "pool",
+                if pool.account.is_some() {
+                    "account"
+                } else {
+                    "owner"
+                },
+            )
+            .detail("removed", limits.is_none());
+        draft.account_id = pool.account.as_deref().map(str::to_owned);
+        if let Some(limits) = limits {
+            draft.details.insert(
+                "rate_limit".into(),
+                limits.rate_limit.map_or(
+                    serde_json::Value::Null,
+                    |r| serde_json::json!({"limit": r.limit, "period_seconds": r.period_seconds}),
+                ),
+            );
+            draft.details.insert(
+                "credits".into(),
+                limits
+                    .credits
+                    .map_or(serde_json::Value::Null, |c| c.remaining.into()),
+            );
+        }
+        draft
     }
 
     /// Forgets every cached key of the pool's owner (and account): their budgets changed.

@@ -57,6 +57,9 @@
 //! assert!(resolver.authenticate(&child.key.digest()).await.is_err());
 //! # Ok(())
 //! # }
+mod activity;
+#[cfg(feature = "manage")]
+mod activity_routes;
 mod authorize;
 #[cfg(feature = "console")]
 pub mod console;
@@ -70,6 +73,7 @@ mod validate;
 #[cfg(feature = "manage")]
 pub use router::{openapi, router};
 
+pub use activity::{EventFilter, EventPage, Granularity, MAX_USAGE_SPAN};
 pub use authorize::{KeyFacts, Operation, OperationKind, Target, authorize};
 pub use manager::KeyManager;
 pub use policy::KeyPolicy;

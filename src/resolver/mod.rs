@@ -257,6 +257,14 @@ pub(crate) enum CacheEntry {
     },
 }
 
+/// The request-time check of a known key (unknown keys pass: nothing to count them against).
+fn key_check(entry: &CacheEntry, now: i64) -> Result<(), AuthError> {
+    match entry {
+        CacheEntry::Known(key) => key.check(now),
+        CacheEntry::Unknown { .. } => Ok(()),
+    }
+}
+
 impl CacheEntry {
     /// The request-time checks at `now` (Unix nanoseconds, see [`crate::clock`]).
     pub(crate) fn authenticate(&self, now: i64) -> Result<&Arc<ResolvedKey>, AuthError> {
@@ -534,6 +542,7 @@ impl CachedResolver {
         now: i64,
         precheck: impl FnOnce() -> Result<(), AuthError>,
         admit: impl Fn(&Arc<ResolvedKey>) -> R,
+        refused: impl Fn(&Arc<ResolvedKey>),
     ) -> Option<Result<R, AuthError>> {
         let inner = &*self.inner;
         // Read before the cache: an invalidation that the cache's answer predates has not moved it
@@ -543,7 +552,7 @@ impl CachedResolver {
         if inner.front
             && let Some(decided) = front::with(inner.id, epoch, digest, |key| {
                 key.servable(now, floor).then(|| {
-                    key.check(now)?;
+                    key.check(now).inspect_err(|_| refused(key))?;
                     Ok(admit(key))
                 })
             })
@@ -554,6 +563,9 @@ impl CachedResolver {
             return Some(Err(error));
         }
         let entry = self.cached(digest, now, floor)?;
+        if let (CacheEntry::Known(key), Err(_)) = (&entry, key_check(&entry, now)) {
+            refused(key);
+        }
         Some(entry.authenticate(now).map(|key| {
             if inner.front {
                 front::fill(inner.id, epoch, digest, key);
@@ -943,6 +955,7 @@ mod tests {
             now_unix_nanos(),
             || Ok(()),
             |key| key.principal.key_id().clone(),
+            |_| {},
         )
     }
 

@@ -8,8 +8,10 @@ use super::{
     KeyStore, KeyUpdate, ListQuery, MAX_DELEGATION_DEPTH, PreviousSecret, Rotation, StoreError,
     StoreErrorKind, StoredSecret, SweepQuery,
 };
+use crate::audit::{AuditEvent, ChainLink, ChainState, EventDraft, EventQuery, Journal};
 use crate::key::{FormatSecret, KeyDigest, KeyId, MAX_SECRET_VERSION};
 use crate::quota::{BudgetId, BudgetLevel, Credits, PoolId, UsageLimits};
+use crate::usage::UsageBucket;
 
 /// An in-memory [`KeyStore`]: for tests, examples and services that can lose keys on restart.
 ///
@@ -28,6 +30,11 @@ struct Inner {
     format_secrets: Vec<StoredSecret>,
     /// The shared pools that are set.
     pools: BTreeMap<PoolId, UsageLimits>,
+    /// Every owner's audit events, in the order written, and each owner's chain.
+    events: Vec<AuditEvent>,
+    chains: BTreeMap<String, ChainState>,
+    /// Hourly usage counts by key and hour (Unix seconds).
+    usage: BTreeMap<(KeyId, i64), UsageBucket>,
     /// The hygiene notices given, per key.
     notices: std::collections::HashSet<(KeyId, String)>,
 }
@@ -48,6 +55,22 @@ impl MemoryStore {
 }
 
 impl Inner {
+    /// Seals `drafts` onto their owners' chains and keeps them: the one place events are written.
+    fn append(&mut self, drafts: Vec<EventDraft>) -> Vec<AuditEvent> {
+        let mut sealed = Vec::with_capacity(drafts.len());
+        for draft in drafts {
+            let chain = self.chains.entry(draft.owner_id.clone()).or_default();
+            let event = draft.seal(chain.head);
+            chain.head = ChainLink {
+                seq: event.seq,
+                hash: event.hash,
+            };
+            self.events.push(event.clone());
+            sealed.push(event);
+        }
+        sealed
+    }
+
     fn unindex(&mut self, record: &KeyRecord) {
         for digest in record.digests() {
             self.by_digest.remove(digest.as_bytes());
@@ -194,6 +217,17 @@ impl KeyStore for MemoryStore {
         limits: KeyLimits,
         now: OffsetDateTime,
     ) -> Result<(), StoreError> {
+        self.insert_with(record, limits, now, &Journal::none())
+            .await
+    }
+
+    async fn insert_with(
+        &self,
+        record: &KeyRecord,
+        limits: KeyLimits,
+        now: OffsetDateTime,
+        journal: &Journal,
+    ) -> Result<(), StoreError> {
         let mut inner = self.lock();
         if inner.by_id.contains_key(&record.id)
             || record
@@ -236,6 +270,7 @@ impl KeyStore for MemoryStore {
                 .insert(*digest.as_bytes(), record.id.clone());
         }
         inner.by_id.insert(record.id.clone(), record.clone());
+        inner.append(journal.events().to_vec());
         Ok(())
     }
 
@@ -243,6 +278,15 @@ impl KeyStore for MemoryStore {
         &self,
         id: &KeyId,
         at: OffsetDateTime,
+    ) -> Result<Option<KeyChange>, StoreError> {
+        self.revoke_with(id, at, &Journal::none()).await
+    }
+
+    async fn revoke_with(
+        &self,
+        id: &KeyId,
+        at: OffsetDateTime,
+        journal: &Journal,
     ) -> Result<Option<KeyChange>, StoreError> {
         let mut inner = self.lock();
         let Some(record) = inner.by_id.get_mut(id) else {
@@ -252,11 +296,13 @@ impl KeyStore for MemoryStore {
         record.revoked_at.get_or_insert(at);
         let after = record.clone();
         let revoked_descendants = inner.revoke_descendants(id, at);
-        Ok(Some(KeyChange {
+        let change = KeyChange {
             before,
             after: Some(after),
             revoked_descendants,
-        }))
+        };
+        inner.append(journal.for_change(&change));
+        Ok(Some(change))
     }
 
     async fn delete(
@@ -264,23 +310,44 @@ impl KeyStore for MemoryStore {
         id: &KeyId,
         at: OffsetDateTime,
     ) -> Result<Option<KeyChange>, StoreError> {
+        self.delete_with(id, at, &Journal::none()).await
+    }
+
+    async fn delete_with(
+        &self,
+        id: &KeyId,
+        at: OffsetDateTime,
+        journal: &Journal,
+    ) -> Result<Option<KeyChange>, StoreError> {
         let mut inner = self.lock();
         let Some(before) = inner.by_id.remove(id) else {
             return Ok(None);
         };
         inner.unindex(&before);
         let revoked_descendants = inner.revoke_descendants(id, at);
-        Ok(Some(KeyChange {
+        let change = KeyChange {
             before,
             after: None,
             revoked_descendants,
-        }))
+        };
+        inner.append(journal.for_change(&change));
+        Ok(Some(change))
     }
 
     async fn replace_secret(
         &self,
         id: &KeyId,
         rotation: &Rotation,
+    ) -> Result<Option<KeyChange>, StoreError> {
+        self.replace_secret_with(id, rotation, &Journal::none())
+            .await
+    }
+
+    async fn replace_secret_with(
+        &self,
+        id: &KeyId,
+        rotation: &Rotation,
+        journal: &Journal,
     ) -> Result<Option<KeyChange>, StoreError> {
         let mut inner = self.lock();
         let Some(old) = inner.by_id.get(id).cloned() else {
@@ -314,11 +381,13 @@ impl KeyStore for MemoryStore {
         } else {
             Vec::new()
         };
-        Ok(Some(KeyChange {
+        let change = KeyChange {
             before: old,
             after: Some(record),
             revoked_descendants,
-        }))
+        };
+        inner.append(journal.for_change(&change));
+        Ok(Some(change))
     }
 
     async fn sweep(&self, query: &SweepQuery) -> Result<Vec<KeyRecord>, StoreError> {
@@ -437,11 +506,28 @@ impl KeyStore for MemoryStore {
         id: &KeyId,
         update: &KeyUpdate,
     ) -> Result<Option<KeyRecord>, StoreError> {
+        self.update_with(id, update, &Journal::none()).await
+    }
+
+    async fn update_with(
+        &self,
+        id: &KeyId,
+        update: &KeyUpdate,
+        journal: &Journal,
+    ) -> Result<Option<KeyRecord>, StoreError> {
         let mut inner = self.lock();
-        Ok(inner.by_id.get_mut(id).map(|record| {
-            update.apply(record);
-            record.clone()
-        }))
+        let Some(record) = inner.by_id.get_mut(id) else {
+            return Ok(None);
+        };
+        let before = record.clone();
+        update.apply(record);
+        let change = KeyChange {
+            before,
+            after: Some(record.clone()),
+            revoked_descendants: Vec::new(),
+        };
+        inner.append(journal.for_change(&change));
+        Ok(change.after)
     }
 
     async fn adjust_credits(
@@ -509,17 +595,133 @@ impl KeyStore for MemoryStore {
         limits: Option<UsageLimits>,
         if_absent: bool,
     ) -> Result<bool, StoreError> {
+        self.set_pool_with(pool, limits, if_absent, &Journal::none())
+            .await
+    }
+
+    async fn set_pool_with(
+        &self,
+        pool: &PoolId,
+        limits: Option<UsageLimits>,
+        if_absent: bool,
+        journal: &Journal,
+    ) -> Result<bool, StoreError> {
         let mut inner = self.lock();
         if if_absent && inner.pools.contains_key(pool) {
             return Ok(false);
         }
-        Ok(match limits {
+        let wrote = match limits {
             Some(limits) => {
                 inner.pools.insert(pool.clone(), limits);
                 true
             }
             None => inner.pools.remove(pool).is_some(),
-        })
+        };
+        if wrote {
+            inner.append(journal.events().to_vec());
+        }
+        Ok(wrote)
+    }
+
+    async fn append_events(&self, events: &[EventDraft]) -> Result<Vec<AuditEvent>, StoreError> {
+        Ok(self.lock().append(events.to_vec()))
+    }
+
+    async fn events(&self, query: &EventQuery) -> Result<Vec<AuditEvent>, StoreError> {
+        let inner = self.lock();
+        Ok(inner
+            .events
+            .iter()
+            .rev()
+            .filter(|e| query.matches(e))
+            .take(query.limit as usize)
+            .cloned()
+            .collect())
+    }
+
+    async fn chain_state(&self, owner: &str) -> Result<ChainState, StoreError> {
+        Ok(self.lock().chains.get(owner).copied().unwrap_or_default())
+    }
+
+    async fn chain_events(
+        &self,
+        owner: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        let inner = self.lock();
+        Ok(inner
+            .events
+            .iter()
+            .filter(|e| e.owner_id == owner && e.seq > after_seq)
+            .take(limit as usize)
+            .cloned()
+            .collect())
+    }
+
+    async fn purge_events(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
+        let mut inner = self.lock();
+        let Inner { events, chains, .. } = &mut *inner;
+        // Per owner, the events before the first kept one go; the last of them is the anchor.
+        let mut kept_from: BTreeMap<&str, bool> = BTreeMap::new();
+        let mut anchors: BTreeMap<String, ChainLink> = BTreeMap::new();
+        let mut keep = Vec::with_capacity(events.len());
+        for event in events.iter() {
+            let kept = kept_from.entry(event.owner_id.as_str()).or_insert(false);
+            *kept |= event.at >= before;
+            if *kept {
+                keep.push(true);
+            } else {
+                anchors.insert(
+                    event.owner_id.clone(),
+                    ChainLink {
+                        seq: event.seq,
+                        hash: event.hash,
+                    },
+                );
+                keep.push(false);
+            }
+        }
+        let removed = keep.iter().filter(|k| !**k).count() as u64;
+        let mut flags = keep.into_iter();
+        events.retain(|_| flags.next().unwrap_or(true));
+        for (owner, anchor) in anchors {
+            chains.entry(owner).or_default().anchor = anchor;
+        }
+        Ok(removed)
+    }
+
+    async fn record_usage(&self, buckets: &[UsageBucket]) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        for bucket in buckets {
+            let slot = (bucket.key_id.clone(), bucket.hour.unix_timestamp());
+            match inner.usage.get_mut(&slot) {
+                Some(stored) => stored.merge(bucket),
+                None => {
+                    inner.usage.insert(slot, bucket.clone());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn usage(
+        &self,
+        key_id: &KeyId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<UsageBucket>, StoreError> {
+        let inner = self.lock();
+        let range = (key_id.clone(), from.unix_timestamp())..(key_id.clone(), to.unix_timestamp());
+        Ok(inner.usage.range(range).map(|(_, b)| b.clone()).collect())
+    }
+
+    async fn purge_usage(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
+        let mut inner = self.lock();
+        let cut = before.unix_timestamp();
+        let len = inner.usage.len();
+        inner.usage.retain(|(_, hour), _| *hour >= cut);
+        Ok((len - inner.usage.len()) as u64)
     }
 
     async fn spend_credits(

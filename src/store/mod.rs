@@ -28,10 +28,12 @@ pub use postgres::{InvalidIdentifier, PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 
+use crate::audit::{AuditEvent, ChainState, EventDraft, EventQuery, Journal};
 use crate::key::{DigestScheme, FormatSecret, KeyDigest, KeyId};
 use crate::network::Networks;
 use crate::quota::{BudgetId, BudgetLevel, Credits, PoolId, UsageLimits};
 use crate::scope::ScopeSet;
+use crate::usage::UsageBucket;
 
 /// One stored key: metadata and the digest of its secret.
 #[derive(Clone, Debug, PartialEq)]
@@ -559,6 +561,154 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Records last use times in one batch; later times win, unknown ids are ignored.
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError>;
 
+    /// [`insert`](Self::insert), writing `journal`'s events ([`Journal::events`]) in the same
+    /// atomic step: both or neither. What [`KeyManager`](crate::manage::KeyManager) calls.
+    ///
+    /// The defaults of the `*_with` methods write the change alone when the journal is empty and
+    /// answer [`StoreErrorKind::Unsupported`] otherwise: a store without an audit trail cannot be
+    /// managed with one.
+    async fn insert_with(
+        &self,
+        record: &KeyRecord,
+        limits: KeyLimits,
+        now: OffsetDateTime,
+        journal: &Journal,
+    ) -> Result<(), StoreError> {
+        unaudited(journal)?;
+        self.insert(record, limits, now).await
+    }
+
+    /// [`revoke`](Self::revoke), writing [`Journal::for_change`] in the same atomic step.
+    async fn revoke_with(
+        &self,
+        id: &KeyId,
+        at: OffsetDateTime,
+        journal: &Journal,
+    ) -> Result<Option<KeyChange>, StoreError> {
+        unaudited(journal)?;
+        self.revoke(id, at).await
+    }
+
+    /// [`delete`](Self::delete), writing [`Journal::for_change`] in the same atomic step.
+    async fn delete_with(
+        &self,
+        id: &KeyId,
+        at: OffsetDateTime,
+        journal: &Journal,
+    ) -> Result<Option<KeyChange>, StoreError> {
+        unaudited(journal)?;
+        self.delete(id, at).await
+    }
+
+    /// [`replace_secret`](Self::replace_secret), writing [`Journal::for_change`] in the same
+    /// atomic step.
+    async fn replace_secret_with(
+        &self,
+        id: &KeyId,
+        rotation: &Rotation,
+        journal: &Journal,
+    ) -> Result<Option<KeyChange>, StoreError> {
+        unaudited(journal)?;
+        self.replace_secret(id, rotation).await
+    }
+
+    /// [`update`](Self::update), writing [`Journal::for_change`] (the change's `before` and
+    /// `after`, no descendants) in the same atomic step.
+    async fn update_with(
+        &self,
+        id: &KeyId,
+        update: &KeyUpdate,
+        journal: &Journal,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        unaudited(journal)?;
+        self.update(id, update).await
+    }
+
+    /// [`set_pool`](Self::set_pool), writing `journal`'s events in the same atomic step when it
+    /// writes (none when an `if_absent` write found a pool set).
+    async fn set_pool_with(
+        &self,
+        pool: &PoolId,
+        limits: Option<UsageLimits>,
+        if_absent: bool,
+        journal: &Journal,
+    ) -> Result<bool, StoreError> {
+        unaudited(journal)?;
+        self.set_pool(pool, limits, if_absent).await
+    }
+
+    /// Seals `events` onto their owners' chains and writes them, in one atomic step: for events
+    /// that come with no change (`key.refused`). Returns them sealed.
+    async fn append_events(&self, events: &[EventDraft]) -> Result<Vec<AuditEvent>, StoreError> {
+        let _ = events;
+        Err(no_audit())
+    }
+
+    /// One owner's events matching `query`, newest first (highest sequence number first), at
+    /// most `query.limit`.
+    async fn events(&self, query: &EventQuery) -> Result<Vec<AuditEvent>, StoreError> {
+        let _ = query;
+        Err(no_audit())
+    }
+
+    /// The anchor and head of `owner`'s chain (zeros for an owner with no events).
+    async fn chain_state(&self, owner: &str) -> Result<ChainState, StoreError> {
+        let _ = owner;
+        Err(no_audit())
+    }
+
+    /// `owner`'s events with a sequence number above `after_seq`, oldest first, at most `limit`:
+    /// what [`verify`](crate::audit::verify) reads, page by page.
+    async fn chain_events(
+        &self,
+        owner: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        let _ = (owner, after_seq, limit);
+        Err(no_audit())
+    }
+
+    /// Removes every event older than `before`, oldest first per owner (a chain is cut at its
+    /// first event not older than `before`: nothing after a kept event is removed), and records
+    /// each chain's last removed event as its anchor, in one atomic step. Returns how many it
+    /// removed. The default keeps everything.
+    async fn purge_events(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
+        let _ = before;
+        Ok(0)
+    }
+
+    /// Adds a batch of hourly usage counts: a bucket of a key and hour already stored is summed
+    /// ([`UsageBucket::merge`]). One atomic step.
+    async fn record_usage(&self, buckets: &[UsageBucket]) -> Result<(), StoreError> {
+        let _ = buckets;
+        Err(StoreError::new(
+            StoreErrorKind::Unsupported,
+            "this key store cannot keep usage counts",
+        ))
+    }
+
+    /// A key's hourly buckets with `from <= hour < to`, oldest first.
+    async fn usage(
+        &self,
+        key_id: &KeyId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<UsageBucket>, StoreError> {
+        let _ = (key_id, from, to);
+        Err(StoreError::new(
+            StoreErrorKind::Unsupported,
+            "this key store cannot keep usage counts",
+        ))
+    }
+
+    /// Removes the usage buckets of hours before `before`; returns how many. The default keeps
+    /// everything.
+    async fn purge_usage(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
+        let _ = before;
+        Ok(0)
+    }
+
     /// The keyed key format's secrets ([`FormatSecrets`]). A store holding none yet first stores
     /// `initial` as version 1, and records whether it already holds keys (legacy keys then stay
     /// accepted), both with insert-if-absent writes: instances starting together on a new store all
@@ -776,6 +926,22 @@ pub trait KeyStore: Send + Sync + 'static {
     }
 }
 
+/// The default `*_with` methods: only an empty journal can be honoured.
+fn unaudited(journal: &Journal) -> Result<(), StoreError> {
+    if journal.is_empty() {
+        Ok(())
+    } else {
+        Err(no_audit())
+    }
+}
+
+fn no_audit() -> StoreError {
+    StoreError::new(
+        StoreErrorKind::Unsupported,
+        "this key store cannot write audit events",
+    )
+}
+
 /// [`KeyStore::ancestors`] by walking [`KeyStore::get`] (its default).
 async fn ancestors_by_walking<S: KeyStore + ?Sized>(
     store: &S,
@@ -925,6 +1091,92 @@ impl<T: KeyStore + ?Sized> KeyStore for Arc<T> {
     }
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
         (**self).record_last_used(uses).await
+    }
+    async fn insert_with(
+        &self,
+        record: &KeyRecord,
+        limits: KeyLimits,
+        now: OffsetDateTime,
+        journal: &Journal,
+    ) -> Result<(), StoreError> {
+        (**self).insert_with(record, limits, now, journal).await
+    }
+    async fn revoke_with(
+        &self,
+        id: &KeyId,
+        at: OffsetDateTime,
+        journal: &Journal,
+    ) -> Result<Option<KeyChange>, StoreError> {
+        (**self).revoke_with(id, at, journal).await
+    }
+    async fn delete_with(
+        &self,
+        id: &KeyId,
+        at: OffsetDateTime,
+        journal: &Journal,
+    ) -> Result<Option<KeyChange>, StoreError> {
+        (**self).delete_with(id, at, journal).await
+    }
+    async fn replace_secret_with(
+        &self,
+        id: &KeyId,
+        rotation: &Rotation,
+        journal: &Journal,
+    ) -> Result<Option<KeyChange>, StoreError> {
+        (**self).replace_secret_with(id, rotation, journal).await
+    }
+    async fn update_with(
+        &self,
+        id: &KeyId,
+        update: &KeyUpdate,
+        journal: &Journal,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        (**self).update_with(id, update, journal).await
+    }
+    async fn set_pool_with(
+        &self,
+        pool: &PoolId,
+        limits: Option<UsageLimits>,
+        if_absent: bool,
+        journal: &Journal,
+    ) -> Result<bool, StoreError> {
+        (**self)
+            .set_pool_with(pool, limits, if_absent, journal)
+            .await
+    }
+    async fn append_events(&self, events: &[EventDraft]) -> Result<Vec<AuditEvent>, StoreError> {
+        (**self).append_events(events).await
+    }
+    async fn events(&self, query: &EventQuery) -> Result<Vec<AuditEvent>, StoreError> {
+        (**self).events(query).await
+    }
+    async fn chain_state(&self, owner: &str) -> Result<ChainState, StoreError> {
+        (**self).chain_state(owner).await
+    }
+    async fn chain_events(
+        &self,
+        owner: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        (**self).chain_events(owner, after_seq, limit).await
+    }
+    async fn purge_events(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
+        (**self).purge_events(before).await
+    }
+    async fn record_usage(&self, buckets: &[UsageBucket]) -> Result<(), StoreError> {
+        (**self).record_usage(buckets).await
+    }
+    async fn usage(
+        &self,
+        key_id: &KeyId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<UsageBucket>, StoreError> {
+        (**self).usage(key_id, from, to).await
+    }
+    async fn purge_usage(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
+        (**self).purge_usage(before).await
     }
     async fn format_secrets(
         &self,

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use time::OffsetDateTime;
+use tower_api_keys::audit::{AuditEvent, ChainState, EventDraft, EventQuery, Journal};
 use tower_api_keys::key::{ApiKey, KeyDigest, KeyFormat, KeyId};
 use tower_api_keys::quota::{BudgetId, BudgetLevel, PoolId, UsageLimits};
 use tower_api_keys::scope::ScopeSet;
@@ -13,6 +14,7 @@ use tower_api_keys::store::{
     ChainSpend, CreditAdjustment, KeyChange, KeyLimits, KeyUpdate, ListQuery, Rotation,
 };
 use tower_api_keys::store::{KeyRecord, KeyStore, MemoryStore, StoreError};
+use tower_api_keys::usage::UsageBucket;
 
 /// A store that forwards every call to another one, counts digest lookups, and can be made slow,
 /// failing or hanging.
@@ -128,6 +130,98 @@ impl KeyStore for TestStore {
     ) -> Result<Option<KeyChange>, StoreError> {
         self.check()?;
         self.inner.replace_secret(id, rotation).await
+    }
+    async fn insert_with(
+        &self,
+        record: &KeyRecord,
+        limits: KeyLimits,
+        now: OffsetDateTime,
+        journal: &Journal,
+    ) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.insert_with(record, limits, now, journal).await
+    }
+    async fn revoke_with(
+        &self,
+        id: &KeyId,
+        at: OffsetDateTime,
+        journal: &Journal,
+    ) -> Result<Option<KeyChange>, StoreError> {
+        self.check()?;
+        self.inner.revoke_with(id, at, journal).await
+    }
+    async fn delete_with(
+        &self,
+        id: &KeyId,
+        at: OffsetDateTime,
+        journal: &Journal,
+    ) -> Result<Option<KeyChange>, StoreError> {
+        self.check()?;
+        self.inner.delete_with(id, at, journal).await
+    }
+    async fn replace_secret_with(
+        &self,
+        id: &KeyId,
+        rotation: &Rotation,
+        journal: &Journal,
+    ) -> Result<Option<KeyChange>, StoreError> {
+        self.check()?;
+        self.inner.replace_secret_with(id, rotation, journal).await
+    }
+    async fn update_with(
+        &self,
+        id: &KeyId,
+        update: &tower_api_keys::store::KeyUpdate,
+        journal: &Journal,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        self.check()?;
+        self.inner.update_with(id, update, journal).await
+    }
+    async fn set_pool_with(
+        &self,
+        pool: &tower_api_keys::quota::PoolId,
+        limits: Option<tower_api_keys::quota::UsageLimits>,
+        if_absent: bool,
+        journal: &Journal,
+    ) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner
+            .set_pool_with(pool, limits, if_absent, journal)
+            .await
+    }
+    async fn append_events(&self, events: &[EventDraft]) -> Result<Vec<AuditEvent>, StoreError> {
+        self.check()?;
+        self.inner.append_events(events).await
+    }
+    async fn events(&self, query: &EventQuery) -> Result<Vec<AuditEvent>, StoreError> {
+        self.check()?;
+        self.inner.events(query).await
+    }
+    async fn chain_state(&self, owner: &str) -> Result<ChainState, StoreError> {
+        self.check()?;
+        self.inner.chain_state(owner).await
+    }
+    async fn chain_events(
+        &self,
+        owner: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        self.check()?;
+        self.inner.chain_events(owner, after_seq, limit).await
+    }
+    async fn record_usage(&self, buckets: &[UsageBucket]) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.record_usage(buckets).await
+    }
+    async fn usage(
+        &self,
+        key_id: &KeyId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<UsageBucket>, StoreError> {
+        self.check()?;
+        self.inner.usage(key_id, from, to).await
     }
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
         self.check()?;

@@ -9,6 +9,7 @@ use axum::response::Response;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use super::super::activity_routes::Acting;
 use super::super::{CreateKey, DEFAULT_PAGE_SIZE, KeyManager, RotateOptions, UpdateKey};
 use super::wire::*;
 use crate::error::AuthError;
@@ -21,7 +22,7 @@ use crate::principal::Principal;
               (status = 403, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
               (status = 503, body = ErrorBody)))]
 pub(super) async fn create_key(
-    State(manager): State<KeyManager>,
+    Acting(manager): Acting,
     principal: Principal,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, AuthError> {
@@ -112,7 +113,7 @@ pub(super) async fn get_key(
               (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
               (status = 503, body = ErrorBody)))]
 pub(super) async fn update_key(
-    State(manager): State<KeyManager>,
+    Acting(manager): Acting,
     principal: Principal,
     id: Result<Path<String>, PathRejection>,
     params: Result<Query<OwnerParam>, QueryRejection>,
@@ -133,11 +134,12 @@ pub(super) async fn update_key(
 }
 
 #[utoipa::path(delete, path = "/api-keys/{id}",
-    params(KeyIdParam, ("permanent" = Option<bool>, Query, description = "Delete the record instead of revoking (master key only)"), OwnerQuery),
+    params(KeyIdParam, ("permanent" = Option<bool>, Query, description = "Delete the record instead of revoking (master key only)"), OwnerQuery,
+           ("reason" = Option<String>, Query, max_length = 200, description = "Why (recorded in the key.revoked event; default `requested`)")),
     responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
               (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(super) async fn revoke_key(
-    State(manager): State<KeyManager>,
+    Acting(manager): Acting,
     principal: Principal,
     id: Result<Path<String>, PathRejection>,
     params: Result<Query<DeleteParams>, QueryRejection>,
@@ -148,7 +150,9 @@ pub(super) async fn revoke_key(
     if params.permanent {
         manager.delete_in(&principal, &id, owner).await?;
     } else {
-        manager.revoke_in(&principal, &id, owner).await?;
+        manager
+            .revoke_because(&principal, &id, owner, params.reason.as_deref())
+            .await?;
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -158,7 +162,7 @@ pub(super) async fn revoke_key(
               (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
               (status = 503, body = ErrorBody)))]
 pub(super) async fn rotate_key(
-    State(manager): State<KeyManager>,
+    Acting(manager): Acting,
     principal: Principal,
     id: Result<Path<String>, PathRejection>,
     params: Result<Query<OwnerParam>, QueryRejection>,

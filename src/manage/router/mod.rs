@@ -23,14 +23,18 @@ use wire::*;
 /// | `GET /api-keys?owner=&limit=&before=` | list, newest first | 200 array; `x-next-cursor` header if more |
 /// | `GET /api-keys/{id}` | get | 200 key |
 /// | `PATCH /api-keys/{id}` `{name?, rate_limit?, credits?}` (`null` removes a limit) | update | 200 key |
-/// | `DELETE /api-keys/{id}` | revoke (soft), with every key it created | 204 |
+/// | `DELETE /api-keys/{id}?reason=` | revoke (soft), with every key it created | 204 |
 /// | `DELETE /api-keys/{id}?permanent=true` | delete the record (master key only), revoke every key it created | 204 |
 /// | `POST /api-keys/{id}/rotate` `{grace_period_seconds?, revoke_descendants?}` | new secret, same id | 200 key with plaintext `key` |
 /// | `GET /api-keys/self` | who the calling key is (any valid key) | 200 caller |
 /// | `GET /api-keys/policy?owner=` | lifetime policy, and the owner's active keys against the limit | 200 policy |
+/// | `GET /api-keys/events?owner=&key_id=&type=&since=&until=&cursor=&limit=` | an owner's audit events, newest first (a scoped key: its subtree's only) | 200 `{events, next_cursor}` |
+/// | `GET /api-keys/{id}/events` | one key's audit events, newest first | 200 `{events, next_cursor}` |
+/// | `GET /api-keys/events/verify?owner=` | check the owner's hash chain (master key only) | 200 `{valid, checked, first_invalid?}` |
+/// | `GET /api-keys/{id}/usage?from=&to=&granularity=hour\|day` | requests per period by outcome | 200 `{key_id, granularity, buckets, last_ip}` |
 /// | `GET /api-keys/openapi.json` | this API's OpenAPI 3.1 document | 200 |
 ///
-/// `self`, `policy` and `openapi.json` are not key ids (generated ids start with `key_`).
+/// `self`, `policy`, `pools`, `events` and `openapi.json` are not key ids (generated ids start with `key_`).
 ///
 /// Every id-addressed route accepts `?owner=<owner>` (Blnk revokes with
 /// `DELETE /api-keys/{id}?owner=<owner>`): when given, it must be the key's owner, or the answer is
@@ -76,6 +80,7 @@ pub fn router(manager: KeyManager) -> Router {
             get(get_key).delete(revoke_key).patch(update_key),
         )
         .route("/api-keys/{id}/rotate", post(rotate_key))
+        .merge(super::activity_routes::routes())
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         // Its answers are whole and owed even when the operation ended the calling key itself
         // (a key revoking or rotating itself gets its 204, or its new secret): `ApiKeyLayer` does
@@ -91,7 +96,9 @@ pub fn router(manager: KeyManager) -> Router {
 
 /// The OpenAPI document of [`router`]'s endpoints, to serve or merge into your own.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    ApiDoc::openapi()
+    let mut doc = ApiDoc::openapi();
+    doc.merge(super::activity_routes::ActivityDoc::openapi());
+    doc
 }
 
 #[derive(OpenApi)]

@@ -7,6 +7,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 
 use super::super::KeyManager;
+use super::super::activity_routes::Acting;
 use super::wire::*;
 use crate::error::AuthError;
 use crate::principal::Principal;
@@ -49,7 +50,7 @@ pub(super) async fn get_pool(
     responses((status = 200, body = PoolResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
               (status = 403, body = ErrorBody), (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(super) async fn set_pool(
-    State(manager): State<KeyManager>,
+    Acting(manager): Acting,
     principal: Principal,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, AuthError> {

@@ -325,6 +325,7 @@ pub(super) struct DeleteParams {
     #[serde(default)]
     pub(super) permanent: bool,
     pub(super) owner: Option<String>,
+    pub(super) reason: Option<String>,
 }
 
 /// `?owner=` of the other id-addressed routes.

@@ -6,6 +6,7 @@
 //! - `store`: [`PostgresStore`], its locks and transactions, and its [`KeyStore`](crate::store::KeyStore)
 //!   implementation.
 
+mod audit;
 mod builder;
 mod sql;
 mod store;

@@ -75,7 +75,7 @@ pub(super) const LIMIT_COLUMNS: &str = "rate_limit, rate_period_seconds, credits
     credits_refill_interval, credits_refill_amount, credits_set_at";
 
 /// The schema's migrations, in order. Versions are never renumbered or edited once released.
-pub(super) fn migrations(s: &str) -> [(i32, &'static str, String); 6] {
+pub(super) fn migrations(s: &str) -> [(i32, &'static str, String); 7] {
     [
         (
             1,
@@ -182,6 +182,11 @@ CREATE TABLE {s}.api_key_pools (
 );
 "#
             ),
+        ),
+        (
+            6,
+            "audit events (hash-chained per owner) and hourly usage counts",
+            super::audit::migration(s),
         ),
         (
             7,

@@ -8,8 +8,10 @@ use sqlx::{AssertSqlSafe, Row};
 use time::OffsetDateTime;
 use tokio::sync::OnceCell;
 
+use super::audit;
 use super::builder::PostgresStoreBuilder;
 use super::sql::{COLUMNS, Sql, decode, decode_opt, limits_at, lock_key, migrations, query};
+use crate::audit::{AuditEvent, ChainState, EventDraft, EventQuery, Journal};
 use crate::key::{FormatSecret, KeyDigest, KeyId, MAX_SECRET_VERSION};
 use crate::quota::{BudgetId, BudgetLevel, Credits, PoolId, UsageLimits};
 use crate::store::sql_common::{
@@ -20,6 +22,7 @@ use crate::store::{
     KeyStore, KeyUpdate, ListQuery, MAX_DELEGATION_DEPTH, Rotation, StoreError, StoreErrorKind,
     StoredSecret, SweepQuery,
 };
+use crate::usage::UsageBucket;
 
 /// How many times a chain spend or refund runs again after PostgreSQL chose it as a deadlock
 /// victim (its row locks crossed a cascade's) or failed it for serialization.
@@ -544,6 +547,17 @@ impl KeyStore for PostgresStore {
         limits: KeyLimits,
         now: OffsetDateTime,
     ) -> Result<(), StoreError> {
+        self.insert_with(record, limits, now, &Journal::none())
+            .await
+    }
+
+    async fn insert_with(
+        &self,
+        record: &KeyRecord,
+        limits: KeyLimits,
+        now: OffsetDateTime,
+        journal: &Journal,
+    ) -> Result<(), StoreError> {
         self.migrate().await?;
         let schema = self.sql.schema.as_str();
         let now = micros(now);
@@ -641,6 +655,7 @@ impl KeyStore for PostgresStore {
             .execute(&mut *tx)
             .await
             .map_err(map_sqlx_error)?;
+        audit::append(&mut tx, &self.sql.quoted, journal.events().to_vec()).await?;
         tx.commit().await.map_err(map_sqlx_error)
     }
 
@@ -648,6 +663,15 @@ impl KeyStore for PostgresStore {
         &self,
         id: &KeyId,
         at: OffsetDateTime,
+    ) -> Result<Option<KeyChange>, StoreError> {
+        self.revoke_with(id, at, &Journal::none()).await
+    }
+
+    async fn revoke_with(
+        &self,
+        id: &KeyId,
+        at: OffsetDateTime,
+        journal: &Journal,
     ) -> Result<Option<KeyChange>, StoreError> {
         self.migrate().await?;
         let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
@@ -662,18 +686,29 @@ impl KeyStore for PostgresStore {
             .map_err(map_sqlx_error)?;
         let after = decode_opt(row)?;
         let revoked_descendants = self.revoke_descendants(&mut tx, id, at).await?;
-        tx.commit().await.map_err(map_sqlx_error)?;
-        Ok(Some(KeyChange {
+        let change = KeyChange {
             before,
             after,
             revoked_descendants,
-        }))
+        };
+        audit::append(&mut tx, &self.sql.quoted, journal.for_change(&change)).await?;
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(Some(change))
     }
 
     async fn delete(
         &self,
         id: &KeyId,
         at: OffsetDateTime,
+    ) -> Result<Option<KeyChange>, StoreError> {
+        self.delete_with(id, at, &Journal::none()).await
+    }
+
+    async fn delete_with(
+        &self,
+        id: &KeyId,
+        at: OffsetDateTime,
+        journal: &Journal,
     ) -> Result<Option<KeyChange>, StoreError> {
         self.migrate().await?;
         let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
@@ -690,18 +725,30 @@ impl KeyStore for PostgresStore {
             return Ok(None);
         };
         let revoked_descendants = self.revoke_descendants(&mut tx, id, at).await?;
-        tx.commit().await.map_err(map_sqlx_error)?;
-        Ok(Some(KeyChange {
+        let change = KeyChange {
             before,
             after: None,
             revoked_descendants,
-        }))
+        };
+        audit::append(&mut tx, &self.sql.quoted, journal.for_change(&change)).await?;
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(Some(change))
     }
 
     async fn replace_secret(
         &self,
         id: &KeyId,
         rotation: &Rotation,
+    ) -> Result<Option<KeyChange>, StoreError> {
+        self.replace_secret_with(id, rotation, &Journal::none())
+            .await
+    }
+
+    async fn replace_secret_with(
+        &self,
+        id: &KeyId,
+        rotation: &Rotation,
+        journal: &Journal,
     ) -> Result<Option<KeyChange>, StoreError> {
         self.migrate().await?;
         let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
@@ -754,12 +801,14 @@ impl KeyStore for PostgresStore {
         } else {
             Vec::new()
         };
-        tx.commit().await.map_err(map_sqlx_error)?;
-        Ok(Some(KeyChange {
+        let change = KeyChange {
             before: old,
             after,
             revoked_descendants,
-        }))
+        };
+        audit::append(&mut tx, &self.sql.quoted, journal.for_change(&change)).await?;
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(Some(change))
     }
 
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
@@ -904,18 +953,34 @@ impl KeyStore for PostgresStore {
         id: &KeyId,
         update: &KeyUpdate,
     ) -> Result<Option<KeyRecord>, StoreError> {
+        self.update_with(id, update, &Journal::none()).await
+    }
+
+    async fn update_with(
+        &self,
+        id: &KeyId,
+        update: &KeyUpdate,
+        journal: &Journal,
+    ) -> Result<Option<KeyRecord>, StoreError> {
         self.migrate().await?;
         let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
         let Some(mut record) = self.lock_row(&mut tx, id).await? else {
             return Ok(None);
         };
+        let before = record.clone();
         update.apply(&mut record);
         if let Some(credits) = record.limits.credits.as_mut() {
             credits.set_at = micros(credits.set_at);
         }
         self.write_limits(&mut tx, &record).await?;
+        let change = KeyChange {
+            before,
+            after: Some(record),
+            revoked_descendants: Vec::new(),
+        };
+        audit::append(&mut tx, &self.sql.quoted, journal.for_change(&change)).await?;
         tx.commit().await.map_err(map_sqlx_error)?;
-        Ok(Some(record))
+        Ok(change.after)
     }
 
     async fn adjust_credits(
@@ -1010,46 +1075,91 @@ impl KeyStore for PostgresStore {
         limits: Option<UsageLimits>,
         if_absent: bool,
     ) -> Result<bool, StoreError> {
-        self.migrate().await?;
-        let (owner, kind, account) = pool_key(pool);
-        let Some(limits) = limits else {
-            if if_absent {
-                // Removing only what is absent removes nothing.
-                return Ok(false);
-            }
-            let done = query(&self.sql.pool_delete)
-                .bind(owner)
-                .bind(kind)
-                .bind(account)
-                .execute(&self.pool)
-                .await
-                .map_err(map_sqlx_error)?;
-            return Ok(done.rows_affected() == 1);
-        };
-        let columns = LimitColumns::of(&limits);
-        // Insert-if-absent on the primary key: racing instances wait for the first insert and
-        // then do nothing.
-        let sql = if if_absent {
-            &self.sql.pool_insert
-        } else {
-            &self.sql.pool_upsert
-        };
-        let done = query(sql)
-            .bind(owner)
-            .bind(kind)
-            .bind(account)
-            .bind(columns.rate_limit)
-            .bind(columns.rate_period_seconds)
-            .bind(columns.credits_remaining)
-            .bind(columns.credits_refill_interval)
-            .bind(columns.credits_refill_amount)
-            .bind(columns.credits_set_at)
-            .execute(&self.pool)
+        self.set_pool_with(pool, limits, if_absent, &Journal::none())
             .await
-            .map_err(map_sqlx_error)?;
-        Ok(done.rows_affected() == 1)
     }
 
+    async fn set_pool_with(
+        &self,
+        pool: &PoolId,
+        limits: Option<UsageLimits>,
+        if_absent: bool,
+        journal: &Journal,
+    ) -> Result<bool, StoreError> {
+        self.migrate().await?;
+        let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
+        let wrote = self.write_pool(&mut tx, pool, limits, if_absent).await?;
+        if wrote {
+            audit::append(&mut tx, &self.sql.quoted, journal.events().to_vec()).await?;
+        }
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(wrote)
+    }
+
+    async fn append_events(&self, events: &[EventDraft]) -> Result<Vec<AuditEvent>, StoreError> {
+        self.migrate().await?;
+        let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
+        let sealed = audit::append(&mut tx, &self.sql.quoted, events.to_vec()).await?;
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(sealed)
+    }
+
+    async fn events(&self, query: &EventQuery) -> Result<Vec<AuditEvent>, StoreError> {
+        self.migrate().await?;
+        let mut conn = self.pool.acquire().await.map_err(map_sqlx_error)?;
+        audit::events(&mut conn, &self.sql.quoted, query).await
+    }
+
+    async fn chain_state(&self, owner: &str) -> Result<ChainState, StoreError> {
+        self.migrate().await?;
+        let mut conn = self.pool.acquire().await.map_err(map_sqlx_error)?;
+        audit::chain_state(&mut conn, &self.sql.quoted, owner).await
+    }
+
+    async fn chain_events(
+        &self,
+        owner: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        self.migrate().await?;
+        let mut conn = self.pool.acquire().await.map_err(map_sqlx_error)?;
+        audit::chain_events(&mut conn, &self.sql.quoted, owner, after_seq, limit).await
+    }
+
+    async fn purge_events(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
+        self.migrate().await?;
+        let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
+        let removed = audit::purge_events(&mut tx, &self.sql.quoted, before).await?;
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(removed)
+    }
+
+    async fn record_usage(&self, buckets: &[UsageBucket]) -> Result<(), StoreError> {
+        if buckets.is_empty() {
+            return Ok(());
+        }
+        self.migrate().await?;
+        let mut conn = self.pool.acquire().await.map_err(map_sqlx_error)?;
+        audit::record_usage(&mut conn, &self.sql.quoted, buckets).await
+    }
+
+    async fn usage(
+        &self,
+        key_id: &KeyId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<UsageBucket>, StoreError> {
+        self.migrate().await?;
+        let mut conn = self.pool.acquire().await.map_err(map_sqlx_error)?;
+        audit::usage(&mut conn, &self.sql.quoted, key_id, from, to).await
+    }
+
+    async fn purge_usage(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
+        self.migrate().await?;
+        let mut conn = self.pool.acquire().await.map_err(map_sqlx_error)?;
+        audit::purge_usage(&mut conn, &self.sql.quoted, before).await
+    }
     async fn spend_credits(
         &self,
         levels: &[BudgetId],
@@ -1081,5 +1191,54 @@ impl KeyStore for PostgresStore {
         let now = micros(now);
         self.chain_transaction(&levels, |credits| levels.refund(credits, cost, now))
             .await
+    }
+}
+
+impl PostgresStore {
+    /// Writes or removes a pool on `conn` (inside the caller's transaction); whether it wrote.
+    async fn write_pool(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        pool: &PoolId,
+        limits: Option<UsageLimits>,
+        if_absent: bool,
+    ) -> Result<bool, StoreError> {
+        let (owner, kind, account) = pool_key(pool);
+        let Some(limits) = limits else {
+            if if_absent {
+                // Removing only what is absent removes nothing.
+                return Ok(false);
+            }
+            let done = query(&self.sql.pool_delete)
+                .bind(owner)
+                .bind(kind)
+                .bind(account)
+                .execute(&mut *conn)
+                .await
+                .map_err(map_sqlx_error)?;
+            return Ok(done.rows_affected() == 1);
+        };
+        let columns = LimitColumns::of(&limits);
+        // Insert-if-absent on the primary key: racing instances wait for the first insert and
+        // then do nothing.
+        let sql = if if_absent {
+            &self.sql.pool_insert
+        } else {
+            &self.sql.pool_upsert
+        };
+        let done = query(sql)
+            .bind(owner)
+            .bind(kind)
+            .bind(account)
+            .bind(columns.rate_limit)
+            .bind(columns.rate_period_seconds)
+            .bind(columns.credits_remaining)
+            .bind(columns.credits_refill_interval)
+            .bind(columns.credits_refill_amount)
+            .bind(columns.credits_set_at)
+            .execute(&mut *conn)
+            .await
+            .map_err(map_sqlx_error)?;
+        Ok(done.rows_affected() == 1)
     }
 }

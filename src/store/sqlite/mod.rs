@@ -5,6 +5,7 @@
 //! - `store`: [`SqliteStore`], its transactions, and its [`KeyStore`](crate::store::KeyStore)
 //!   implementation.
 
+mod audit;
 mod builder;
 mod sql;
 mod store;

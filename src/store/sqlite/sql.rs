@@ -155,6 +155,11 @@ CREATE TABLE api_key_pools (
 "#,
     ),
     (
+        6,
+        "audit events (hash-chained per owner) and hourly usage counts",
+        super::audit::MIGRATION,
+    ),
+    (
         7,
         "hygiene notices (the sweeper's memory)",
         // One row per notice given about a key: the primary key makes the write insert-if-absent,

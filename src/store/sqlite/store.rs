@@ -8,9 +8,11 @@ use sqlx::{Row, SqliteConnection};
 use time::OffsetDateTime;
 use tokio::sync::OnceCell;
 
+use super::audit;
 use super::sql::{
     ancestor_chain, columns, decode, decode_limits, decode_opt, descendant_tree, limit_columns,
 };
+use crate::audit::{AuditEvent, ChainState, EventDraft, EventQuery, Journal};
 use crate::key::{FormatSecret, KeyDigest, KeyId, MAX_SECRET_VERSION};
 use crate::quota::{BudgetId, BudgetLevel, Credits, PoolId, UsageLimits};
 use crate::store::sql_common::{
@@ -21,6 +23,7 @@ use crate::store::{
     KeyStore, KeyUpdate, ListQuery, MAX_DELEGATION_DEPTH, Rotation, StoreError, StoreErrorKind,
     StoredSecret, SweepQuery,
 };
+use crate::usage::UsageBucket;
 
 /// A [`KeyStore`] in a SQLite database: persistent, embedded, for one host.
 ///
@@ -257,6 +260,17 @@ impl KeyStore for SqliteStore {
         limits: KeyLimits,
         now: OffsetDateTime,
     ) -> Result<(), StoreError> {
+        self.insert_with(record, limits, now, &Journal::none())
+            .await
+    }
+
+    async fn insert_with(
+        &self,
+        record: &KeyRecord,
+        limits: KeyLimits,
+        now: OffsetDateTime,
+        journal: &Journal,
+    ) -> Result<(), StoreError> {
         let now = to_unix_micros(now);
         let mut tx = self.begin_immediate().await?;
         let mut conflict: bool =
@@ -358,6 +372,7 @@ impl KeyStore for SqliteStore {
         .await
         .map_err(map_sqlx_error)?;
         Self::register_digests(&mut tx, &record.id, record.digests()).await?;
+        audit::append(&mut tx, journal.events().to_vec()).await?;
         tx.commit().await.map_err(map_sqlx_error)
     }
 
@@ -365,6 +380,15 @@ impl KeyStore for SqliteStore {
         &self,
         id: &KeyId,
         at: OffsetDateTime,
+    ) -> Result<Option<KeyChange>, StoreError> {
+        self.revoke_with(id, at, &Journal::none()).await
+    }
+
+    async fn revoke_with(
+        &self,
+        id: &KeyId,
+        at: OffsetDateTime,
+        journal: &Journal,
     ) -> Result<Option<KeyChange>, StoreError> {
         let mut tx = self.begin_immediate().await?;
         let Some(before) = Self::fetch(&mut tx, id).await? else {
@@ -382,18 +406,29 @@ impl KeyStore for SqliteStore {
         .map_err(map_sqlx_error)?;
         let after = decode_opt(row)?;
         let revoked_descendants = Self::revoke_descendants(&mut tx, id, at).await?;
-        tx.commit().await.map_err(map_sqlx_error)?;
-        Ok(Some(KeyChange {
+        let change = KeyChange {
             before,
             after,
             revoked_descendants,
-        }))
+        };
+        audit::append(&mut tx, journal.for_change(&change)).await?;
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(Some(change))
     }
 
     async fn delete(
         &self,
         id: &KeyId,
         at: OffsetDateTime,
+    ) -> Result<Option<KeyChange>, StoreError> {
+        self.delete_with(id, at, &Journal::none()).await
+    }
+
+    async fn delete_with(
+        &self,
+        id: &KeyId,
+        at: OffsetDateTime,
+        journal: &Journal,
     ) -> Result<Option<KeyChange>, StoreError> {
         let mut tx = self.begin_immediate().await?;
         // Explicitly, rather than through ON DELETE CASCADE: a pool may have foreign keys off.
@@ -415,18 +450,30 @@ impl KeyStore for SqliteStore {
             return Ok(None);
         };
         let revoked_descendants = Self::revoke_descendants(&mut tx, id, at).await?;
-        tx.commit().await.map_err(map_sqlx_error)?;
-        Ok(Some(KeyChange {
+        let change = KeyChange {
             before,
             after: None,
             revoked_descendants,
-        }))
+        };
+        audit::append(&mut tx, journal.for_change(&change)).await?;
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(Some(change))
     }
 
     async fn replace_secret(
         &self,
         id: &KeyId,
         rotation: &Rotation,
+    ) -> Result<Option<KeyChange>, StoreError> {
+        self.replace_secret_with(id, rotation, &Journal::none())
+            .await
+    }
+
+    async fn replace_secret_with(
+        &self,
+        id: &KeyId,
+        rotation: &Rotation,
+        journal: &Journal,
     ) -> Result<Option<KeyChange>, StoreError> {
         let mut tx = self.begin_immediate().await?;
         let Some(old) = Self::fetch(&mut tx, id).await? else {
@@ -471,12 +518,14 @@ impl KeyStore for SqliteStore {
         } else {
             Vec::new()
         };
-        tx.commit().await.map_err(map_sqlx_error)?;
-        Ok(Some(KeyChange {
+        let change = KeyChange {
             before: old,
             after,
             revoked_descendants,
-        }))
+        };
+        audit::append(&mut tx, journal.for_change(&change)).await?;
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(Some(change))
     }
 
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
@@ -629,17 +678,33 @@ impl KeyStore for SqliteStore {
         id: &KeyId,
         update: &KeyUpdate,
     ) -> Result<Option<KeyRecord>, StoreError> {
+        self.update_with(id, update, &Journal::none()).await
+    }
+
+    async fn update_with(
+        &self,
+        id: &KeyId,
+        update: &KeyUpdate,
+        journal: &Journal,
+    ) -> Result<Option<KeyRecord>, StoreError> {
         let mut tx = self.begin_immediate().await?;
         let Some(mut record) = Self::fetch(&mut tx, id).await? else {
             return Ok(None);
         };
+        let before = record.clone();
         update.apply(&mut record);
         if let Some(credits) = record.limits.credits.as_mut() {
             credits.set_at = micros(credits.set_at);
         }
         Self::write_limits(&mut tx, &record).await?;
+        let change = KeyChange {
+            before,
+            after: Some(record),
+            revoked_descendants: Vec::new(),
+        };
+        audit::append(&mut tx, journal.for_change(&change)).await?;
         tx.commit().await.map_err(map_sqlx_error)?;
-        Ok(Some(record))
+        Ok(change.after)
     }
 
     async fn adjust_credits(
@@ -742,59 +807,83 @@ impl KeyStore for SqliteStore {
         limits: Option<UsageLimits>,
         if_absent: bool,
     ) -> Result<bool, StoreError> {
-        let (owner, kind, account) = pool_key(pool);
-        let Some(limits) = limits else {
-            if if_absent {
-                // Removing only what is absent removes nothing.
-                return Ok(false);
-            }
-            let done = sqlx::query(
-                "DELETE FROM api_key_pools WHERE owner = ?1 AND kind = ?2 AND account = ?3",
-            )
-            .bind(owner)
-            .bind(kind)
-            .bind(account)
+        self.set_pool_with(pool, limits, if_absent, &Journal::none())
+            .await
+    }
+
+    async fn set_pool_with(
+        &self,
+        pool: &PoolId,
+        limits: Option<UsageLimits>,
+        if_absent: bool,
+        journal: &Journal,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.begin_immediate().await?;
+        let wrote = write_pool(&mut tx, pool, limits, if_absent).await?;
+        if wrote {
+            audit::append(&mut tx, journal.events().to_vec()).await?;
+        }
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(wrote)
+    }
+
+    async fn append_events(&self, events: &[EventDraft]) -> Result<Vec<AuditEvent>, StoreError> {
+        let mut tx = self.begin_immediate().await?;
+        let sealed = audit::append(&mut tx, events.to_vec()).await?;
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(sealed)
+    }
+
+    async fn events(&self, query: &EventQuery) -> Result<Vec<AuditEvent>, StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(map_sqlx_error)?;
+        audit::events(&mut conn, query).await
+    }
+
+    async fn chain_state(&self, owner: &str) -> Result<ChainState, StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(map_sqlx_error)?;
+        audit::chain_state(&mut conn, owner).await
+    }
+
+    async fn chain_events(
+        &self,
+        owner: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(map_sqlx_error)?;
+        audit::chain_events(&mut conn, owner, after_seq, limit).await
+    }
+
+    async fn purge_events(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
+        let mut tx = self.begin_immediate().await?;
+        let removed = audit::purge_events(&mut tx, before).await?;
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(removed)
+    }
+
+    async fn record_usage(&self, buckets: &[UsageBucket]) -> Result<(), StoreError> {
+        let mut tx = self.begin_immediate().await?;
+        audit::record_usage(&mut tx, buckets).await?;
+        tx.commit().await.map_err(map_sqlx_error)
+    }
+
+    async fn usage(
+        &self,
+        key_id: &KeyId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<UsageBucket>, StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(map_sqlx_error)?;
+        audit::usage(&mut conn, key_id, from, to).await
+    }
+
+    async fn purge_usage(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM api_key_usage WHERE hour < ?1")
+            .bind(before.unix_timestamp())
             .execute(&self.pool)
             .await
             .map_err(map_sqlx_error)?;
-            return Ok(done.rows_affected() == 1);
-        };
-        let columns = LimitColumns::of(&limits);
-        let sql = if if_absent {
-            concat!(
-                "INSERT INTO api_key_pools (owner, kind, account, ",
-                limit_columns!(),
-                ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
-                 ON CONFLICT (owner, kind, account) DO NOTHING"
-            )
-        } else {
-            concat!(
-                "INSERT INTO api_key_pools (owner, kind, account, ",
-                limit_columns!(),
-                ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
-                 ON CONFLICT (owner, kind, account) DO UPDATE SET \
-                 rate_limit = excluded.rate_limit, \
-                 rate_period_seconds = excluded.rate_period_seconds, \
-                 credits_remaining = excluded.credits_remaining, \
-                 credits_refill_interval = excluded.credits_refill_interval, \
-                 credits_refill_amount = excluded.credits_refill_amount, \
-                 credits_set_at = excluded.credits_set_at"
-            )
-        };
-        let done = sqlx::query(sql)
-            .bind(owner)
-            .bind(kind)
-            .bind(account)
-            .bind(columns.rate_limit)
-            .bind(columns.rate_period_seconds)
-            .bind(columns.credits_remaining)
-            .bind(columns.credits_refill_interval)
-            .bind(columns.credits_refill_amount)
-            .bind(columns.credits_set_at.map(to_unix_micros))
-            .execute(&self.pool)
-            .await
-            .map_err(map_sqlx_error)?;
-        Ok(done.rows_affected() == 1)
+        Ok(done.rows_affected())
     }
 
     async fn spend_credits(
@@ -956,4 +1045,66 @@ impl SqliteStore {
         .map_err(map_sqlx_error)?;
         Ok(())
     }
+}
+
+/// Writes or removes a pool on `conn` (inside the caller's transaction); whether it wrote.
+async fn write_pool(
+    conn: &mut SqliteConnection,
+    pool: &PoolId,
+    limits: Option<UsageLimits>,
+    if_absent: bool,
+) -> Result<bool, StoreError> {
+    let (owner, kind, account) = pool_key(pool);
+    let Some(limits) = limits else {
+        if if_absent {
+            // Removing only what is absent removes nothing.
+            return Ok(false);
+        }
+        let done = sqlx::query(
+            "DELETE FROM api_key_pools WHERE owner = ?1 AND kind = ?2 AND account = ?3",
+        )
+        .bind(owner)
+        .bind(kind)
+        .bind(account)
+        .execute(&mut *conn)
+        .await
+        .map_err(map_sqlx_error)?;
+        return Ok(done.rows_affected() == 1);
+    };
+    let columns = LimitColumns::of(&limits);
+    let sql = if if_absent {
+        concat!(
+            "INSERT INTO api_key_pools (owner, kind, account, ",
+            limit_columns!(),
+            ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+             ON CONFLICT (owner, kind, account) DO NOTHING"
+        )
+    } else {
+        concat!(
+            "INSERT INTO api_key_pools (owner, kind, account, ",
+            limit_columns!(),
+            ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+             ON CONFLICT (owner, kind, account) DO UPDATE SET \
+             rate_limit = excluded.rate_limit, \
+             rate_period_seconds = excluded.rate_period_seconds, \
+             credits_remaining = excluded.credits_remaining, \
+             credits_refill_interval = excluded.credits_refill_interval, \
+             credits_refill_amount = excluded.credits_refill_amount, \
+             credits_set_at = excluded.credits_set_at"
+        )
+    };
+    let done = sqlx::query(sql)
+        .bind(owner)
+        .bind(kind)
+        .bind(account)
+        .bind(columns.rate_limit)
+        .bind(columns.rate_period_seconds)
+        .bind(columns.credits_remaining)
+        .bind(columns.credits_refill_interval)
+        .bind(columns.credits_refill_amount)
+        .bind(columns.credits_set_at.map(to_unix_micros))
+        .execute(&mut *conn)
+        .await
+        .map_err(map_sqlx_error)?;
+    Ok(done.rows_affected() == 1)
 }

@@ -1,9 +1,16 @@
-//! [`UsageRecorder`]: `last_used_at` without a database write per request.
+//! [`UsageRecorder`]: `last_used_at` and per-key usage counts without a database write per request.
 //!
 //! Each authenticated request marks its key as used in memory (two relaxed atomic reads on the hot
-//! path, a write at most once per second per key). A background task flushes the marks to the store in
-//! one [`KeyStore::record_last_used`] batch per interval: at most one write per key per interval,
-//! however busy the key. Call [`UsageRecorder::flush`] on shutdown so the last interval is not lost.
+//! path, a write at most once per second per key), and its outcome is counted when its response
+//! head is ready: admitted, or refused by reason ([`Outcome`]: missing scope, rate limited, out of
+//! credits, network, expired or revoked, as the typed [`AuthError`](crate::error::AuthError) in the
+//! response says), one relaxed atomic add. The address the key was last used from is read at most
+//! once per second per key. A background task flushes the marks to the store in one
+//! [`KeyStore::record_last_used`] batch and one [`KeyStore::record_usage`] batch per interval: at
+//! most one write per key per interval, however busy the key. Counts are kept per key and hour
+//! ([`UsageBucket`]); a flush files what it takes under the hour of the key's latest use, so at an
+//! hour boundary up to one interval's counts land in the later hour. Call
+//! [`UsageRecorder::flush`] on shutdown so the last interval is not lost.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -24,8 +31,13 @@
 //! # }
 //! ```
 
+mod counts;
+
+pub use counts::{OUTCOMES, Outcome, UsageBucket, hour_of};
+
 use std::collections::HashMap;
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -44,6 +56,24 @@ pub(crate) struct UsageMark {
     last_used: AtomicI64,
     /// Whether the key is queued for the next flush.
     queued: AtomicBool,
+    /// Requests per [`Outcome`] not yet flushed.
+    counts: [AtomicU64; OUTCOMES],
+    /// Unix seconds when the address was last read, and that address.
+    ip_read: AtomicI64,
+    last_ip: Mutex<Option<IpAddr>>,
+}
+
+impl UsageMark {
+    /// Whether the address is due to be read at `seconds` (at most once a second); claims it.
+    pub(crate) fn ip_due(&self, seconds: i64) -> bool {
+        self.ip_read.load(Ordering::Relaxed) < seconds
+            && self.ip_read.swap(seconds, Ordering::Relaxed) < seconds
+    }
+
+    /// Records the address a request came from.
+    pub(crate) fn set_ip(&self, ip: IpAddr) {
+        *self.last_ip.lock().unwrap_or_else(|p| p.into_inner()) = Some(ip);
+    }
 }
 
 /// Something whose use can be recorded: a cached key (see `resolver::ResolvedKey`).
@@ -66,6 +96,7 @@ struct Inner {
     flush_lock: tokio::sync::Mutex<()>,
     batches: AtomicU64,
     rows: AtomicU64,
+    usage_rows: AtomicU64,
 }
 
 impl fmt::Debug for UsageRecorder {
@@ -87,6 +118,7 @@ impl UsageRecorder {
                 flush_lock: tokio::sync::Mutex::new(()),
                 batches: AtomicU64::new(0),
                 rows: AtomicU64::new(0),
+                usage_rows: AtomicU64::new(0),
             }),
         }
     }
@@ -122,6 +154,12 @@ impl UsageRecorder {
         if mark.last_used.load(Ordering::Relaxed) < seconds {
             mark.last_used.fetch_max(seconds, Ordering::Relaxed);
         }
+        self.queue(key);
+    }
+
+    /// Puts the key in the next flush unless it is there.
+    fn queue<K: Used>(&self, key: &Arc<K>) {
+        let mark = key.usage();
         if !mark.queued.load(Ordering::Relaxed) && !mark.queued.swap(true, Ordering::AcqRel) {
             self.inner
                 .pending
@@ -129,6 +167,13 @@ impl UsageRecorder {
                 .unwrap_or_else(|p| p.into_inner())
                 .push(key.clone());
         }
+    }
+
+    /// Counts one request of the key with `outcome`: one relaxed add (and a queueing if a flush
+    /// ran since the key's last use).
+    pub(crate) fn count<K: Used>(&self, key: &Arc<K>, outcome: Outcome) {
+        key.usage().counts[outcome.index()].fetch_add(1, Ordering::Relaxed);
+        self.queue(key);
     }
 
     /// Writes every pending use in one batch; returns how many keys were written. A failed write
@@ -141,12 +186,63 @@ impl UsageRecorder {
             return Ok(0);
         }
         let mut latest: HashMap<KeyId, i64> = HashMap::with_capacity(taken.len());
+        let mut buckets: HashMap<KeyId, UsageBucket> = HashMap::new();
+        let now = OffsetDateTime::now_utc();
         for key in &taken {
-            key.usage().queued.store(false, Ordering::Release);
-            let seconds = key.usage().last_used.load(Ordering::Relaxed);
+            let mark = key.usage();
+            mark.queued.store(false, Ordering::Release);
+            let seconds = mark.last_used.load(Ordering::Relaxed);
             let slot = latest.entry(key.key_id().clone()).or_default();
             *slot = (*slot).max(seconds);
+            let counts = mark.counts.each_ref().map(|c| c.swap(0, Ordering::Relaxed));
+            if counts.iter().all(|&c| c == 0) {
+                continue;
+            }
+            let hour = hour_of(OffsetDateTime::from_unix_timestamp(seconds).unwrap_or(now));
+            let bucket = UsageBucket {
+                key_id: key.key_id().clone(),
+                hour,
+                counts,
+                last_ip: *mark.last_ip.lock().unwrap_or_else(|p| p.into_inner()),
+            };
+            match buckets.get_mut(key.key_id()) {
+                Some(b) => b.merge(&bucket),
+                None => {
+                    buckets.insert(key.key_id().clone(), bucket);
+                }
+            }
         }
+        let buckets: Vec<UsageBucket> = buckets.into_values().collect();
+        let written = match buckets.is_empty() {
+            true => Ok(()),
+            false => self.inner.store.record_usage(&buckets).await,
+        };
+        let written = match written {
+            // A store that keeps no usage counts: they are dropped, `last_used_at` still written.
+            Err(error) if error.kind() == crate::store::StoreErrorKind::Unsupported => Ok(()),
+            other => other,
+        };
+        if let Err(error) = written {
+            // Put the counts back (added to whatever came since) and keep the keys queued.
+            for key in &taken {
+                if let Some(b) = buckets.iter().find(|b| &b.key_id == key.key_id()) {
+                    for (mark, n) in key.usage().counts.iter().zip(b.counts) {
+                        mark.fetch_add(n, Ordering::Relaxed);
+                    }
+                }
+                if !key.usage().queued.swap(true, Ordering::AcqRel) {
+                    self.inner
+                        .pending
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(key.clone());
+                }
+            }
+            return Err(error);
+        }
+        self.inner
+            .usage_rows
+            .fetch_add(buckets.len() as u64, Ordering::Relaxed);
         let batch: Vec<(KeyId, OffsetDateTime)> = latest
             .into_iter()
             .filter_map(|(id, s)| OffsetDateTime::from_unix_timestamp(s).ok().map(|t| (id, t)))
@@ -182,5 +278,10 @@ impl UsageRecorder {
     /// Key rows written so far (one per key per batch).
     pub fn rows_written(&self) -> u64 {
         self.inner.rows.load(Ordering::Relaxed)
+    }
+
+    /// Usage-count rows written so far (at most one per key per batch).
+    pub fn usage_rows_written(&self) -> u64 {
+        self.inner.usage_rows.load(Ordering::Relaxed)
     }
 }
