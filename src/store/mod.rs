@@ -310,8 +310,8 @@ impl ChainLevels {
         Self { unique, positions }
     }
 
-    /// The keys among the levels, in lock order (what the SQL stores lock first).
-    #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
+    /// The keys among the levels, in lock order (what PostgreSQL locks first).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn keys(&self) -> impl Iterator<Item = &KeyId> {
         self.unique.iter().filter_map(|level| match level {
             BudgetId::Key(id) => Some(id),
@@ -320,7 +320,7 @@ impl ChainLevels {
     }
 
     /// The pools among the levels, in lock order.
-    #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn pools(&self) -> impl Iterator<Item = &PoolId> {
         self.unique.iter().filter_map(|level| match level {
             BudgetId::Pool(pool) => Some(pool),
