@@ -17,6 +17,14 @@ pub struct RateLimitLayer<R = JsonRejection> {
     rejection: R,
 }
 
+// Beside the layer, so that the limiter does not import back up from here.
+impl RateLimiter {
+    /// A layer limiting each request at cost 1 (change with [`RateLimitLayer::cost`]).
+    pub fn layer(&self) -> RateLimitLayer {
+        RateLimitLayer::new(self.clone())
+    }
+}
+
 impl RateLimitLayer {
     /// Requests cost 1 unit; refusals are JSON.
     pub fn new(limiter: RateLimiter) -> Self {

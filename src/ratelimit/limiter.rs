@@ -13,7 +13,6 @@ use super::backends::{
 use super::credits::MemoryCredits;
 use super::decision::{CreditStatus, Decision, FailMode, RateStatus, Spend};
 use super::headers::ceil_secs;
-use super::layer::RateLimitLayer;
 use super::memory::MemoryRates;
 use crate::error::AuthError;
 use crate::key::{KeyId, MASTER_KEY_ID};
@@ -109,11 +108,6 @@ impl RateLimiter {
     #[must_use]
     pub fn clock(self, clock: impl Fn() -> OffsetDateTime + Send + Sync + 'static) -> Self {
         self.edit(|e| e.clock = Arc::new(clock))
-    }
-
-    /// A layer limiting each request at cost 1 (change with [`RateLimitLayer::cost`]).
-    pub fn layer(&self) -> RateLimitLayer {
-        RateLimitLayer::new(self.clone())
     }
 
     /// The levels a request of `principal` counts against: the master key's configured limit, the

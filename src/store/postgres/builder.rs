@@ -18,6 +18,25 @@ pub struct PostgresStoreBuilder {
     acquire_timeout: Duration,
 }
 
+// The constructors that go through the builder live beside it, so that the store does not import
+// back up from here.
+impl PostgresStore {
+    /// Connects to `url` with default settings (schema [`DEFAULT_SCHEMA`](PostgresStore::DEFAULT_SCHEMA)) and runs the migrations.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::builder().connect(url).await
+    }
+
+    /// Uses an existing pool (schema [`DEFAULT_SCHEMA`](PostgresStore::DEFAULT_SCHEMA)) and runs the migrations.
+    pub async fn from_pool(pool: PgPool) -> Result<Self, StoreError> {
+        Self::builder().from_pool(pool).await
+    }
+
+    /// A builder: schema, pool size, timeouts, lazy connection.
+    pub fn builder() -> PostgresStoreBuilder {
+        PostgresStoreBuilder::default()
+    }
+}
+
 impl Default for PostgresStoreBuilder {
     fn default() -> Self {
         Self {

@@ -9,7 +9,6 @@ use time::OffsetDateTime;
 use tokio::sync::OnceCell;
 
 use super::audit;
-use super::builder::PostgresStoreBuilder;
 use super::sql::{COLUMNS, Sql, decode, decode_opt, limits_at, lock_key, migrations, query};
 use crate::audit::{AuditEvent, ChainState, EventDraft, EventQuery, Journal};
 use crate::key::{FormatSecret, KeyDigest, KeyId, MAX_SECRET_VERSION};
@@ -100,21 +99,6 @@ impl fmt::Debug for PostgresStore {
 impl PostgresStore {
     /// The schema used when none is configured.
     pub const DEFAULT_SCHEMA: &str = "tower_api_keys";
-
-    /// Connects to `url` with default settings (schema [`DEFAULT_SCHEMA`](PostgresStore::DEFAULT_SCHEMA)) and runs the migrations.
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        Self::builder().connect(url).await
-    }
-
-    /// Uses an existing pool (schema [`DEFAULT_SCHEMA`](PostgresStore::DEFAULT_SCHEMA)) and runs the migrations.
-    pub async fn from_pool(pool: PgPool) -> Result<Self, StoreError> {
-        Self::builder().from_pool(pool).await
-    }
-
-    /// A builder: schema, pool size, timeouts, lazy connection.
-    pub fn builder() -> PostgresStoreBuilder {
-        PostgresStoreBuilder::default()
-    }
 
     pub(super) fn new(pool: PgPool, schema: &str) -> Self {
         Self {
