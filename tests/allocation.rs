@@ -155,21 +155,41 @@ fn a_cached_request_allocates_only_the_extension() {
         "http::Extensions needs {expected} allocations"
     );
     // Enough requests (two answers each) that a refill of the per-thread front from the shared
-    // cache (one in 256 answers) is counted too; few enough for memcheck in CI.
-    for _ in 0..150 {
+    // cache (one in 256 answers) is counted too; few enough for memcheck in CI. A refill reads
+    // moka, which runs its own maintenance inline when enough time has passed since the last
+    // (300 ms: routine under memcheck); that is moka's bookkeeping, amortised over the 256 answers
+    // of a slot, so only a refill may allocate more. Every other request allocates exactly the
+    // extension.
+    const ROUNDS: u64 = 150;
+    let mut over = Vec::new();
+    for round in 0..ROUNDS {
         let first = request(&key);
         let (n, status) = allocations_of(|| call(&mut service, first));
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(
-            n, expected,
-            "layer + guard: {n} allocations, the extension map needs {expected}"
-        );
+        assert!(n >= expected, "layer + guard: {n} allocations, fewer than the extension map");
+        if n != expected {
+            over.push(("layer + guard", round, n));
+        }
         let second = request(&key);
         let (n, status) = allocations_of(|| call(&mut layer_only, second));
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(n, expected, "layer: {n} allocations, expected {expected}");
+        assert!(n >= expected, "layer: {n} allocations, fewer than the extension map");
+        if n != expected {
+            over.push(("layer", round, n));
+        }
     }
+    // 2 * ROUNDS answers from one front slot: at most this many refills.
+    let refills = (2 * ROUNDS).div_ceil(FRONT_HITS_PER_FILL) as usize;
+    assert!(
+        over.len() <= refills,
+        "only a front refill may allocate beyond the extension map ({expected}); \
+         {} requests did (at most {refills} refills): {over:?}",
+        over.len()
+    );
 }
+
+/// The per-thread front's refill budget (`resolver::front::HITS_PER_FILL`, private).
+const FRONT_HITS_PER_FILL: u64 = 256;
 
 tower_api_keys::scopes! {
     /// What `/ledgers` requires.
