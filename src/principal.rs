@@ -203,6 +203,7 @@ impl Principal {
 
     /// The refusal for a request whose key has ended (counted as a request the end cut short), or
     /// `None` while it is live.
+    #[cfg(feature = "provenance")]
     pub(crate) fn cut_if_ended(&self) -> Option<AuthError> {
         let life = self.0.life.as_ref()?;
         let reason = life.ended()?;
