@@ -46,6 +46,9 @@ use wire::*;
 /// in the [module docs](super)); a body over [`MAX_BODY_BYTES`](super::MAX_BODY_BYTES) is 413
 /// `REQUEST_BODY_TOO_LARGE`.
 ///
+/// The router carries its own state, so it merges into an application's router whatever that
+/// router's state type is (`Router<AppState>` as well as `Router<()>`).
+///
 /// ```
 /// use std::sync::Arc;
 /// use axum::Router;
@@ -64,8 +67,25 @@ use wire::*;
 ///             .sources([KeySource::blnk(), KeySource::x_api_key()])
 ///             .master_key(ApiKey::new("a-long-master-key-from-config")),
 ///     );
+///
+/// // An application with state of its own merges it the same way.
+/// #[derive(Clone)]
+/// struct AppState {
+///     name: &'static str,
+/// }
+/// let store = Arc::new(MemoryStore::new());
+/// let resolver = CachedResolver::new(store.clone());
+/// let app: Router = Router::new()
+///     .route("/name", axum::routing::get(
+///         |axum::extract::State(app): axum::extract::State<AppState>| async move { app.name },
+///     ))
+///     .merge(manage::router(KeyManager::new(store, resolver)))
+///     .with_state(AppState { name: "ledger" });
 /// ```
-pub fn router(manager: KeyManager) -> Router {
+pub fn router<S>(manager: KeyManager) -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
     Router::new()
         .route("/api-keys", post(create_key).get(list_keys))
         .route(
