@@ -43,7 +43,7 @@ pub use chain::{ChainHash, ChainLink, ChainState, Verification, verify};
 pub use retention::Retention;
 
 use crate::key::KeyId;
-use crate::store::{KeyChange, KeyRecord};
+use crate::store::record::{KeyChange, KeyRecord};
 
 /// What happened: `key.created`, `key.rotated`, ... Later features add their own (any
 /// `area.verb` string of at most 64 characters).
