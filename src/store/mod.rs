@@ -9,6 +9,7 @@
 
 mod format;
 mod memory;
+mod overview;
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
@@ -23,6 +24,7 @@ use time::OffsetDateTime;
 
 pub use format::{FormatLoadError, FormatSecrets, StoredSecret};
 pub use memory::MemoryStore;
+pub use overview::{MAX_OWNERS, OwnerSummary};
 #[cfg(feature = "postgres")]
 pub use postgres::{InvalidIdentifier, PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "sqlite")]
@@ -711,6 +713,31 @@ pub trait KeyStore: Send + Sync + 'static {
         Ok(0)
     }
 
+    /// Each of `owner`'s keys' usage summed over the hours `from <= hour < to`: one bucket per key
+    /// that had requests (its `hour` is `from`, its `last_ip` the latest known), in no particular
+    /// order. The default lists the owner's keys and sums [`usage`](Self::usage) key by key; a
+    /// store with a query language answers in one query.
+    async fn usage_by_key(
+        &self,
+        owner: &str,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<UsageBucket>, StoreError> {
+        overview::usage_by_listing(self, owner, from, to).await
+    }
+
+    /// Every owner with at least one key, in owner order, at most `limit` (and at most
+    /// [`MAX_OWNERS`]), with how many of its keys there are and how many are active at `now`. The
+    /// default answers [`StoreErrorKind::Unsupported`].
+    async fn owners(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<OwnerSummary>, StoreError> {
+        let _ = (now, limit);
+        Err(StoreError::from_kind(StoreErrorKind::Unsupported))
+    }
+
     /// The keyed key format's secrets ([`FormatSecrets`]). A store holding none yet first stores
     /// `initial` as version 1, and records whether it already holds keys (legacy keys then stay
     /// accepted), both with insert-if-absent writes: instances starting together on a new store all
@@ -1179,6 +1206,21 @@ impl<T: KeyStore + ?Sized> KeyStore for Arc<T> {
     }
     async fn purge_usage(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
         (**self).purge_usage(before).await
+    }
+    async fn usage_by_key(
+        &self,
+        owner: &str,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<UsageBucket>, StoreError> {
+        (**self).usage_by_key(owner, from, to).await
+    }
+    async fn owners(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<OwnerSummary>, StoreError> {
+        (**self).owners(now, limit).await
     }
     async fn format_secrets(
         &self,
