@@ -743,7 +743,13 @@ impl KeyStore for MemoryStore {
             match totals.get_mut(id) {
                 Some(total) => total.merge(bucket),
                 None => {
-                    totals.insert(id, UsageBucket { hour: from, ..bucket.clone() });
+                    totals.insert(
+                        id,
+                        UsageBucket {
+                            hour: from,
+                            ..bucket.clone()
+                        },
+                    );
                 }
             }
         }

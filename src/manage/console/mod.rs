@@ -506,9 +506,9 @@ mod tests {
             };
             let rest = &line[i + 7..];
             let target = &rest[..rest.find('"').unwrap()];
-            let name = target.strip_prefix("./").unwrap_or_else(|| {
-                panic!("{} imports {target}: only ./ modules", asset.name)
-            });
+            let name = target
+                .strip_prefix("./")
+                .unwrap_or_else(|| panic!("{} imports {target}: only ./ modules", asset.name));
             assert!(
                 ASSETS.iter().any(|a| a.name == name && a.media_type == JS),
                 "{} imports {name}, which the console does not serve",

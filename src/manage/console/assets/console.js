@@ -143,7 +143,7 @@ async function loadOwners() {
     if (view !== session.generation) return;
     const owners = data.owners || [];
     picks.replaceChildren(...owners.map((o) => h("li", {},
-      h("button", { type: "button", class: "owner-pick", "data-owner": o.owner },
+      h("button", { type: "button", class: "owner-pick", "data-owner": o.owner, "aria-label": `${o.owner}, ${plural(o.active_keys, "active key", "active keys")}` },
         h("span", { class: "owner-name", text: o.owner }),
         h("span", { class: "owner-count", text: `${plural(o.active_keys, "active key", "active keys")}` })))));
     $("owner-list").replaceChildren(...owners.map((o) => h("option", { value: o.owner, label: plural(o.active_keys, "active key", "active keys") })));

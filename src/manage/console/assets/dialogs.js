@@ -2,7 +2,7 @@
 // limits, rotate, revoke and delete.
 
 import {
-  $, ApiError, chips, clearError, close, dateFormat, dateTimeFormat, h, localDate, open, parseTime,
+  $, ApiError, chips, clearError, close, dateFormat, h, localDate, open, parseTime,
   showError, showOnce, when,
 } from "./dom.js";
 import { SCOPE_RE, api, canWrite, covered, isMaster, session } from "./api.js";

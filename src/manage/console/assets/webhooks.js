@@ -33,7 +33,7 @@ export function fillEventChoices() {
   if (list.children.length > 0) return;
   list.append(...WEBHOOK_EVENTS.map(([value, text], i) => h("label", { class: "check", for: `webhook-event-${i}` },
     h("input", { type: "checkbox", id: `webhook-event-${i}`, value, checked: ["key.revoked", "key.leaked"].includes(value) }),
-    h("span", { text }), h("code", { class: "muted", text: value }))));
+    h("span", { text }), h("code", { class: "muted", "aria-hidden": "true", text: value }))));
 }
 
 /** Asks for the owner's endpoints; a 404 means the service has no webhooks: the tab goes. */
