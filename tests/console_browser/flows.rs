@@ -84,8 +84,17 @@ pub(super) async fn key_activity_and_usage(b: &Browser, s: &Service, key: &str) 
     )
     .await?;
     assert_chart_matches_table(b).await?;
+    // The table is behind a disclosure: open it from the keyboard.
+    b.client
+        .find(Locator::Css("#details-dialog details summary"))
+        .await?
+        .send_keys("\u{E007}")
+        .await?;
+    b.until("the table", "return document.querySelector('#details-dialog details').open").await?;
     let table_head = b.text_of("#key-usage-table thead").await?;
-    assert!(table_head.contains("Day (UTC)"), "{table_head}");
+    assert!(table_head.contains("DAY (UTC)") || table_head.contains("Day (UTC)"), "{table_head}");
+    b.screenshot("11-key-usage-table", 1366, 768).await?;
+    b.client.set_window_size(1440, 900).await?;
     b.click("Close").await?;
     b.until(
         "the details to close",
