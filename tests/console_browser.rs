@@ -1323,6 +1323,10 @@ async fn journey(b: &Browser, s: &Service) -> Outcome {
             Some(json!({"type": "browser"})),
         )
         .await?;
+    eprintln!(
+        "browser log entries: {}",
+        logs.as_array().map_or(0, Vec::len)
+    );
     let errors: Vec<&Value> = logs
         .as_array()
         .map(|entries| {

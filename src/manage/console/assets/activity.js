@@ -114,11 +114,17 @@ export function moreKeyActivity() {
 let ownerCursor = null;
 let ownerRows = 0;
 
-function eventRow(event) {
+function keyRef(event, nameOf) {
+  if (!event.key_id) return h("span", { class: "muted", text: "—" });
+  const name = nameOf(event.key_id);
+  return h("span", {}, name ? h("span", { class: "key-name", text: name }) : null, h("code", { text: event.key_id }));
+}
+
+function eventRow(event, nameOf) {
   return h("tr", { "data-event-id": event.id },
     h("td", { class: "when", "data-label": "When" }, when(event.at, { withTime: true })),
     h("td", { "data-label": "Event" }, h("span", { class: `event-type type-${event.type.replace(/[^a-z]/g, "-")}`, text: typeName(event.type) })),
-    h("td", { class: "key-ref", "data-label": "Key" }, event.key_id ? h("code", { text: event.key_id }) : h("span", { class: "muted", text: "—" })),
+    h("td", { class: "key-ref", "data-label": "Key" }, keyRef(event, nameOf)),
     h("td", { "data-label": "By" }, actor(event)),
     h("td", { "data-label": "From" }, address(event)),
     h("td", { class: "event-detail", "data-label": "Details", text: describe(event) || "—" }));
@@ -130,7 +136,8 @@ export function fillTypeFilter() {
   select.append(...EVENT_TYPES.map(([value, text]) => h("option", { value, text })));
 }
 
-export async function loadOwnerActivity(owner, { more = false } = {}) {
+/** `nameOf(keyId)`: a key's name where the page knows it. */
+export async function loadOwnerActivity(owner, nameOf, { more = false } = {}) {
   const view = session.generation;
   const body = $("activity-body");
   const type = $("activity-type").value || null;
@@ -144,7 +151,7 @@ export async function loadOwnerActivity(owner, { more = false } = {}) {
   try {
     const { data } = await api("GET", "api-keys/events", { query: { owner, type, limit: 50, cursor: more ? ownerCursor : null } });
     if (view !== session.generation) return;
-    body.append(...data.events.map(eventRow));
+    body.append(...data.events.map((event) => eventRow(event, nameOf)));
     ownerRows += data.events.length;
     ownerCursor = data.next_cursor || null;
     const kind = type ? ` of type ${typeName(type)}` : "";
@@ -159,8 +166,8 @@ export async function loadOwnerActivity(owner, { more = false } = {}) {
   $("activity-more").hidden = ownerCursor === null;
 }
 
-export function moreOwnerActivity(owner) {
-  loadOwnerActivity(owner, { more: true });
+export function moreOwnerActivity(owner, nameOf) {
+  loadOwnerActivity(owner, nameOf, { more: true });
 }
 
 /** Master key: checks the owner's hash chain and says whether it is intact. */

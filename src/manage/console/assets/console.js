@@ -15,6 +15,12 @@ import { forgetUsage, rangeChanged } from "./usage.js";
 import { confirmed, fillEventChoices, loadWebhooks, registerWebhook, resetWebhooks, rowAction, webhooksAvailable } from "./webhooks.js";
 
 const SECTIONS = ["keys", "activity", "webhooks"];
+
+/** A loaded key's name, for the Activity page. */
+const nameOf = (id) => {
+  const key = state.keys.find((k) => k.api_key_id === id);
+  return key ? key.name : null;
+};
 let section = "keys";
 
 // ---- Sign in / out ------------------------------------------------------------------------------
@@ -199,7 +205,7 @@ function showSection(name, { focus = false } = {}) {
   }
   if (name === "activity") {
     fillTypeFilter();
-    loadOwnerActivity(state.owner);
+    loadOwnerActivity(state.owner, nameOf);
   }
   if (name === "webhooks") {
     fillEventChoices();
@@ -293,8 +299,8 @@ function wire() {
     const current = currentKey();
     $("delete-submit").disabled = !current || $("delete-confirm").value !== current.name;
   });
-  $("activity-type").addEventListener("change", () => loadOwnerActivity(state.owner));
-  $("activity-more").addEventListener("click", () => moreOwnerActivity(state.owner));
+  $("activity-type").addEventListener("change", () => loadOwnerActivity(state.owner, nameOf));
+  $("activity-more").addEventListener("click", () => moreOwnerActivity(state.owner, nameOf));
   $("activity-verify").addEventListener("click", () => verifyChain(state.owner));
   $("webhooks-form").addEventListener("submit", registerWebhook);
   $("webhooks-body").addEventListener("click", rowAction);
