@@ -1228,12 +1228,13 @@ async fn journey(b: &Browser, s: &Service) -> Outcome {
             &["ledgers:read", "transactions:write"],
         )
         .await;
-    s.create(
-        "payments",
-        "Staging worker",
-        &["ledgers:read", "balances:read"],
-    )
-    .await;
+    let staging = s
+        .create(
+            "payments",
+            "Staging worker",
+            &["ledgers:read", "balances:read"],
+        )
+        .await;
     let partner = s
         .create("payments", "Partner import job", &["transactions:write"])
         .await;
@@ -1265,7 +1266,7 @@ async fn journey(b: &Browser, s: &Service) -> Outcome {
     b.screenshot("09-overview-dark", 1440, 900).await?;
     b.dark(false).await?;
     b.client.set_window_size(1440, 900).await?;
-    flows::keys_table(b, production["api_key_id"].as_str().unwrap()).await?;
+    flows::keys_table(b, s, &production, &staging).await?;
 
     // Paged with the API's cursor: Load more fetches the next page.
     // (Revoked at once: the demo allows 10 active keys per owner; revoked ones stay listed.)

@@ -90,9 +90,16 @@ pub(super) async fn key_activity_and_usage(b: &Browser, s: &Service, key: &str) 
         .await?
         .send_keys("\u{E007}")
         .await?;
-    b.until("the table", "return document.querySelector('#details-dialog details').open").await?;
+    b.until(
+        "the table",
+        "return document.querySelector('#details-dialog details').open",
+    )
+    .await?;
     let table_head = b.text_of("#key-usage-table thead").await?;
-    assert!(table_head.contains("DAY (UTC)") || table_head.contains("Day (UTC)"), "{table_head}");
+    assert!(
+        table_head.contains("DAY (UTC)") || table_head.contains("Day (UTC)"),
+        "{table_head}"
+    );
     b.screenshot("11-key-usage-table", 1366, 768).await?;
     b.client.set_window_size(1440, 900).await?;
     b.click("Close").await?;
@@ -135,7 +142,40 @@ async fn names(b: &Browser) -> Outcome<Vec<String>> {
 
 /// Search by name or key id, sort by each column, Create within the first screen, the owner's
 /// Activity page filtered by type, and no Webhooks tab where the service has no webhooks.
-pub(super) async fn keys_table(b: &Browser, production_id: &str) -> Outcome {
+pub(super) async fn keys_table(
+    b: &Browser,
+    s: &Service,
+    production: &Value,
+    staging: &Value,
+) -> Outcome {
+    let production_id = production["api_key_id"].as_str().unwrap();
+    // Some traffic: two more admitted for production; one admitted and one refused for staging.
+    for _ in 0..2 {
+        assert_eq!(
+            s.ledgers_status(production["key"].as_str().unwrap()).await,
+            StatusCode::OK
+        );
+    }
+    let staging_key = staging["key"].as_str().unwrap();
+    assert_eq!(s.ledgers_status(staging_key).await, StatusCode::OK);
+    let refused = s
+        .call(
+            Method::POST,
+            "/ledgers",
+            staging_key,
+            Some(json!({"name": "x"})),
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    s.usage.flush().await?;
+    b.click("Refresh").await?;
+    b.until(
+        "the requests column",
+        "const tr = [...document.querySelectorAll('#keys-body tr')].find(tr => tr.querySelector('td.name').textContent === 'Staging worker');
+         return tr !== undefined && tr.cells[6].textContent.startsWith('2')",
+    )
+    .await?;
+
     // Create key is on the first screen at 1366×768, without scrolling.
     b.client.set_window_size(1366, 768).await?;
     let place = b
@@ -211,16 +251,21 @@ pub(super) async fn keys_table(b: &Browser, production_id: &str) -> Outcome {
     sort.select_by_value("created-asc").await?;
     assert_eq!(names(b).await?[0], "Production backend");
     sort.select_by_value("last-used-desc").await?;
+    let used = names(b).await?;
     assert_eq!(
-        names(b).await?[0],
-        "Production backend",
-        "the only key used"
+        used[2..],
+        ["Reporting", "Partner import job"],
+        "never used last: {used:?}"
     );
     sort.select_by_value("expires-asc").await?;
     assert_eq!(names(b).await?.len(), 4);
     sort.select_by_value("requests-desc").await?;
-    assert_eq!(names(b).await?[0], "Production backend");
-    assert_eq!(b.row("Production backend").await?[6], "1");
+    assert_eq!(
+        names(b).await?[..2],
+        ["Production backend", "Staging worker"]
+    );
+    assert_eq!(b.row("Production backend").await?[6], "3");
+    assert_eq!(b.row("Staging worker").await?[6], "2 (1 refused)");
     assert_eq!(b.row("Reporting").await?[6], "0");
     sort.select_by_value("created-desc").await?;
 
