@@ -8,6 +8,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
 use fantoccini::Locator;
+use fantoccini::actions::{InputSource, MouseActions, PointerAction};
 use http::Method;
 use serde_json::{Value, json};
 
@@ -175,6 +176,16 @@ pub(super) async fn keys_table(
          return tr !== undefined && tr.cells[6].textContent.startsWith('2')",
     )
     .await?;
+
+    // For the README: no focus ring, the pointer off every control.
+    b.js("document.activeElement.blur(); return true").await?;
+    let away = MouseActions::new("mouse".into()).then(PointerAction::MoveTo {
+        duration: None,
+        x: 1.0,
+        y: 1.0,
+    });
+    b.client.perform_actions(away).await?;
+    b.screenshot("15-readme", 1440, 900).await?;
 
     // Create key is on the first screen at 1366×768, without scrolling.
     b.client.set_window_size(1366, 768).await?;
