@@ -1397,6 +1397,17 @@ mod tests {
         ) -> Result<(), StoreError> {
             self.0.record_last_used(uses).await
         }
+        async fn record_usage(&self, buckets: &[UsageBucket]) -> Result<(), StoreError> {
+            self.0.record_usage(buckets).await
+        }
+        async fn usage(
+            &self,
+            key_id: &KeyId,
+            from: OffsetDateTime,
+            to: OffsetDateTime,
+        ) -> Result<Vec<UsageBucket>, StoreError> {
+            self.0.usage(key_id, from, to).await
+        }
     }
 
     /// The defaults answer like `MemoryStore`'s own methods for ancestry, and `Unsupported` (not
@@ -1503,6 +1514,43 @@ mod tests {
             ChainSpend::Spent {
                 remaining: Vec::new()
             }
+        );
+        unsupported(minimal.owners(now, 10).await.unwrap_err());
+        // Usage per key by listing: the same sums as the memory store's own.
+        let hour = crate::usage::hour_of(now);
+        let bucket = |id: &str, hours_ago: i64, n: u64| UsageBucket {
+            key_id: KeyId::new(id),
+            hour: hour - time::Duration::hours(hours_ago),
+            counts: [n, 1, 0, 0, 0, 0, 0],
+            last_ip: None,
+        };
+        minimal
+            .record_usage(&[
+                bucket("key_00", 1, 2),
+                bucket("key_00", 2, 3),
+                bucket("key_05", 1, 4),
+                bucket("key_05", 200, 9),
+            ])
+            .await
+            .unwrap();
+        let from = now - time::Duration::days(7);
+        let mut by_listing = minimal.usage_by_key("o", from, now).await.unwrap();
+        let mut own = minimal.0.usage_by_key("o", from, now).await.unwrap();
+        by_listing.sort_by(|a, b| a.key_id.cmp(&b.key_id));
+        own.sort_by(|a, b| a.key_id.cmp(&b.key_id));
+        assert_eq!(by_listing, own);
+        assert_eq!(
+            own.iter()
+                .map(|b| (b.key_id.to_string(), b.counts[0], b.counts[1]))
+                .collect::<Vec<_>>(),
+            [("key_00".to_owned(), 5, 2), ("key_05".to_owned(), 4, 1)]
+        );
+        assert!(
+            minimal
+                .usage_by_key("nobody", from, now)
+                .await
+                .unwrap()
+                .is_empty()
         );
     }
 
