@@ -1003,6 +1003,26 @@ async fn journey(b: &Browser, s: &Service) -> Outcome {
     assert_eq!(owner.prop("readOnly").await?.as_deref(), Some("true"));
     b.row("Deploy bot").await?;
     b.row(XSS).await?;
+    // Usage is shown for its own subtree only: itself, not a key the master key made.
+    b.until(
+        "its own requests",
+        "const tr = [...document.querySelectorAll('#keys-body tr')].find(tr => tr.querySelector('td.name').textContent === 'Deploy bot');
+         return tr !== undefined && /^\\d/.test(tr.cells[6].textContent)",
+    )
+    .await?;
+    assert_eq!(b.row(XSS).await?[6], "—");
+    b.open_details(XSS).await?;
+    b.until(
+        "the subtree note",
+        "return /Only your key and the keys it created/.test(document.getElementById('key-activity-status').textContent)",
+    )
+    .await?;
+    assert_eq!(
+        b.js("return document.getElementById('key-activity-error').hidden")
+            .await?,
+        json!(true)
+    );
+    b.click("Close").await?;
     let names = b
         .js("return [...document.querySelectorAll('#keys-body td.name')].map(td => td.textContent)")
         .await?;

@@ -7,7 +7,7 @@ import {
 } from "./dom.js";
 import { SCOPE_RE, api, canWrite, covered, isMaster, session } from "./api.js";
 import { describeCredits, describeRate, fillLimits, limitsError, normalLimits, readLimits } from "./limits.js";
-import { atLimit, lastUsed, reload, replaceKey, state, statusBadge, statusOf } from "./keys.js";
+import { atLimit, inSubtree, lastUsed, reload, replaceKey, state, statusBadge, statusOf } from "./keys.js";
 import { loadKeyActivity } from "./activity.js";
 import { showKeyUsage } from "./usage.js";
 
@@ -212,8 +212,12 @@ export async function openDetails(id) {
   clearError("details-error");
   fillDetails(known);
   open("details-dialog");
-  loadKeyActivity(id);
-  showKeyUsage(id);
+  if (inSubtree(known)) {
+    loadKeyActivity(id);
+    showKeyUsage(id);
+  } else {
+    outsideSubtree();
+  }
   try {
     const { data } = await api("GET", `api-keys/${encodeURIComponent(id)}`);
     if (current && current.api_key_id === id) fillDetails(data);
@@ -221,6 +225,16 @@ export async function openDetails(id) {
   } catch (error) {
     if (session.secret !== null) showError("details-error", error);
   }
+}
+
+/** A scoped key sees the usage and activity of its own subtree only: say so instead of asking. */
+function outsideSubtree() {
+  const note = "Only your key and the keys it created show their usage and activity here.";
+  for (const id of ["key-activity", "key-usage-chart", "key-usage-table"]) $(id).replaceChildren();
+  for (const id of ["key-activity-error", "key-usage-error"]) clearError(id);
+  $("key-usage-summary").textContent = note;
+  $("key-activity-status").textContent = note;
+  $("key-activity-more").hidden = true;
 }
 
 function summary(target, key) {

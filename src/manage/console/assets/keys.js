@@ -2,7 +2,7 @@
 // active-key count against the policy's limit.
 
 import { $, clearError, count, h, parseTime, plural, showError, when, chips, dateTimeFormat } from "./dom.js";
-import { api, canWrite, session } from "./api.js";
+import { api, canWrite, isMaster, session } from "./api.js";
 import { describeCredits, describeRate, limitsCell } from "./limits.js";
 
 const PAGE_SIZE = 25;
@@ -180,6 +180,22 @@ function renderUsage() {
   }
 }
 
+/**
+ * Whether the signed-in key may read this key's usage and activity: the master key reads every
+ * key's; a scoped key its own and those it created, transitively (as far as the loaded keys say).
+ */
+export function inSubtree(key) {
+  if (isMaster()) return true;
+  const mine = session.me.api_key_id;
+  const byId = new Map(state.keys.map((k) => [k.api_key_id, k]));
+  let at = key;
+  for (let depth = 0; at && depth < 32; depth += 1) {
+    if (at.api_key_id === mine) return true;
+    at = at.created_by ? byId.get(at.created_by) : null;
+  }
+  return false;
+}
+
 // ---- Search and sort --------------------------------------------------------------------------
 
 function requestsOf(key) {
@@ -228,6 +244,7 @@ function shownKeys() {
 
 function requestsCell(key) {
   if (state.requests === null) return h("span", { class: "muted", title: "Not known", text: "—" });
+  if (!inSubtree(key)) return h("span", { class: "muted", title: "Only for your key and the keys it created", text: "—" });
   const entry = state.requests.get(key.api_key_id);
   if (!entry) return h("span", { class: "muted", text: "0" });
   const refused = entry.requests - entry.admitted;
