@@ -51,9 +51,19 @@
 //! # }
 //! ```
 //!
-//! What the page needs from the API beyond the key operations comes from two read-only endpoints of
-//! [`router`](super::router): `GET /api-keys/self` (who the signed-in key is) and
-//! `GET /api-keys/policy?owner=` (the lifetime policy and the owner's active keys against the limit).
+//! What the page needs from the API beyond the key operations comes from read-only endpoints of
+//! [`router`](super::router): `GET /api-keys/self` (who the signed-in key is),
+//! `GET /api-keys/policy?owner=` (the lifetime policy and the owner's active keys against the
+//! limit), `GET /api-keys/owners` (the owners the master key picks from), `GET /api-keys/usage`
+//! (each key's requests over 7 days, the table's "Requests (7 d)" column), and a key's or an
+//! owner's events and usage (`GET /api-keys/{id}/events`, `GET /api-keys/{id}/usage`,
+//! `GET /api-keys/events`). Where the service has webhook routes (`/api-keys/webhooks`), the
+//! page has a Webhooks panel; where they answer 404, it has none.
+//!
+//! The page is plain HTML, CSS and JavaScript modules (`console.js` imports the others: `api.js`,
+//! `dom.js`, `keys.js`, `dialogs.js`, `limits.js`, `activity.js`, `usage.js`, `chart.js`,
+//! `webhooks.js`); the usage chart is SVG the page draws itself, with a table of the same numbers
+//! beside it. Every string from the API is rendered as text.
 
 use axum::Router;
 use axum::extract::{OriginalUri, Request};
