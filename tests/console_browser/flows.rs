@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use axum::routing::{delete, get, post};
 use fantoccini::Locator;
 use fantoccini::actions::{InputSource, MouseActions, PointerAction};
@@ -416,8 +417,11 @@ fn fake_webhooks() -> Router {
 }
 
 /// The Webhooks panel: register an endpoint (its secret shown once), list, deliveries, rotate,
-/// delete; against the service's own routes when it has them, else against the fake.
+/// delete; against the wire contract, served by a fake in front of the management API (whose own
+/// webhook routes, where it has them, need a configured outbox and resolvable URLs).
 pub(super) async fn webhooks(b: &Browser) -> Outcome {
+    use axum::extract::Request;
+    use axum::middleware::Next;
     use tower::ServiceExt;
     use tower_api_keys::key::ApiKey;
     use tower_api_keys::layer::ApiKeyLayer;
@@ -427,21 +431,21 @@ pub(super) async fn webhooks(b: &Browser) -> Outcome {
 
     let store = Arc::new(MemoryStore::new());
     let resolver = CachedResolver::new(store.clone());
-    let mut api = manage::router(KeyManager::new(store, resolver.clone()));
-    let probe = api
-        .clone()
-        .layer(ApiKeyLayer::new(resolver.clone()).master_key(ApiKey::new(super::common::MASTER)))
-        .oneshot(
-            http::Request::get("/api-keys/webhooks?owner=acme")
-                .header("x-api-key", super::common::MASTER)
-                .body(axum::body::Body::empty())?,
-        )
-        .await?;
-    if probe.status() == StatusCode::NOT_FOUND {
-        api = api.merge(fake_webhooks());
-    }
-    let app = api
+    let fake = fake_webhooks();
+    let app = manage::router(KeyManager::new(store, resolver.clone()))
         .layer(ApiKeyLayer::new(resolver).master_key(ApiKey::new(super::common::MASTER)))
+        .layer(axum::middleware::from_fn(
+            move |request: Request, next: Next| {
+                let fake = fake.clone();
+                async move {
+                    if request.uri().path().starts_with("/api-keys/webhooks") {
+                        fake.oneshot(request).await.into_response()
+                    } else {
+                        next.run(request).await
+                    }
+                }
+            },
+        ))
         .nest("/keys", Console::new().router());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
