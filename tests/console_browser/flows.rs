@@ -103,6 +103,9 @@ pub(super) async fn key_activity_and_usage(b: &Browser, s: &Service, key: &str) 
         "{table_head}"
     );
     b.screenshot("11-key-usage-table", 1366, 768).await?;
+    b.dark(true).await?;
+    b.screenshot("11-key-usage-table-dark", 1366, 768).await?;
+    b.dark(false).await?;
     b.client.set_window_size(1440, 900).await?;
     b.click("Close").await?;
     b.until(
