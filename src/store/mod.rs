@@ -10,6 +10,7 @@
 pub(crate) mod error;
 mod format;
 mod memory;
+mod overview;
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
@@ -25,6 +26,7 @@ use time::OffsetDateTime;
 pub use error::{StoreError, StoreErrorKind};
 pub use format::{FormatLoadError, FormatSecrets, StoredSecret};
 pub use memory::MemoryStore;
+pub use overview::{MAX_OWNERS, OwnerSummary};
 #[cfg(feature = "postgres")]
 pub use postgres::{InvalidIdentifier, PostgresStore, PostgresStoreBuilder};
 pub use record::{KeyChange, KeyRecord, PreviousSecret};
@@ -523,6 +525,31 @@ pub trait KeyStore: Send + Sync + 'static {
         Ok(0)
     }
 
+    /// Each of `owner`'s keys' usage summed over the hours `from <= hour < to`: one bucket per key
+    /// that had requests (its `hour` is `from`, its `last_ip` the latest known), in no particular
+    /// order. The default lists the owner's keys and sums [`usage`](Self::usage) key by key; a
+    /// store with a query language answers in one query.
+    async fn usage_by_key(
+        &self,
+        owner: &str,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<UsageBucket>, StoreError> {
+        overview::usage_by_listing(self, owner, from, to).await
+    }
+
+    /// Every owner with at least one key, in owner order, at most `limit` (and at most
+    /// [`MAX_OWNERS`]), with how many of its keys there are and how many are active at `now`. The
+    /// default answers [`StoreErrorKind::Unsupported`].
+    async fn owners(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<OwnerSummary>, StoreError> {
+        let _ = (now, limit);
+        Err(StoreError::from_kind(StoreErrorKind::Unsupported))
+    }
+
     /// The keyed key format's secrets ([`FormatSecrets`]). A store holding none yet first stores
     /// `initial` as version 1, and records whether it already holds keys (legacy keys then stay
     /// accepted), both with insert-if-absent writes: instances starting together on a new store all
@@ -992,6 +1019,21 @@ impl<T: KeyStore + ?Sized> KeyStore for Arc<T> {
     async fn purge_usage(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
         (**self).purge_usage(before).await
     }
+    async fn usage_by_key(
+        &self,
+        owner: &str,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<UsageBucket>, StoreError> {
+        (**self).usage_by_key(owner, from, to).await
+    }
+    async fn owners(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<OwnerSummary>, StoreError> {
+        (**self).owners(now, limit).await
+    }
     async fn format_secrets(
         &self,
         initial: &FormatSecret,
@@ -1168,6 +1210,17 @@ mod tests {
         ) -> Result<(), StoreError> {
             self.0.record_last_used(uses).await
         }
+        async fn record_usage(&self, buckets: &[UsageBucket]) -> Result<(), StoreError> {
+            self.0.record_usage(buckets).await
+        }
+        async fn usage(
+            &self,
+            key_id: &KeyId,
+            from: OffsetDateTime,
+            to: OffsetDateTime,
+        ) -> Result<Vec<UsageBucket>, StoreError> {
+            self.0.usage(key_id, from, to).await
+        }
     }
 
     /// The defaults answer like `MemoryStore`'s own methods for ancestry, and `Unsupported` (not
@@ -1274,6 +1327,43 @@ mod tests {
             ChainSpend::Spent {
                 remaining: Vec::new()
             }
+        );
+        unsupported(minimal.owners(now, 10).await.unwrap_err());
+        // Usage per key by listing: the same sums as the memory store's own.
+        let hour = crate::usage::hour_of(now);
+        let bucket = |id: &str, hours_ago: i64, n: u64| UsageBucket {
+            key_id: KeyId::new(id),
+            hour: hour - time::Duration::hours(hours_ago),
+            counts: [n, 1, 0, 0, 0, 0, 0],
+            last_ip: None,
+        };
+        minimal
+            .record_usage(&[
+                bucket("key_00", 1, 2),
+                bucket("key_00", 2, 3),
+                bucket("key_05", 1, 4),
+                bucket("key_05", 200, 9),
+            ])
+            .await
+            .unwrap();
+        let from = now - time::Duration::days(7);
+        let mut by_listing = minimal.usage_by_key("o", from, now).await.unwrap();
+        let mut own = minimal.0.usage_by_key("o", from, now).await.unwrap();
+        by_listing.sort_by(|a, b| a.key_id.cmp(&b.key_id));
+        own.sort_by(|a, b| a.key_id.cmp(&b.key_id));
+        assert_eq!(by_listing, own);
+        assert_eq!(
+            own.iter()
+                .map(|b| (b.key_id.to_string(), b.counts[0], b.counts[1]))
+                .collect::<Vec<_>>(),
+            [("key_00".to_owned(), 5, 2), ("key_05".to_owned(), 4, 1)]
+        );
+        assert!(
+            minimal
+                .usage_by_key("nobody", from, now)
+                .await
+                .unwrap()
+                .is_empty()
         );
     }
 
