@@ -1,4 +1,4 @@
-#![doc = include_str!("../README.md")]
+#![doc = include_str!("docs/crate.md")]
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -27,3 +27,9 @@ pub mod scope;
 pub mod store;
 mod throttle;
 pub mod usage;
+
+/// The README's Rust examples, compiled and run as doctests (the README is the repository's front
+/// page; the crate's is `src/docs/crate.md`).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
