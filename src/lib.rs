@@ -3,6 +3,29 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+/// `get_ref`, `get_mut` and `into_inner` for a middleware service whose wrapped service is its
+/// `inner` field: the same three on every service of the crate, as in tower-http.
+macro_rules! inner_service_accessors {
+    ($service:ident < $($param:ident),+ >) => {
+        impl<$($param),+> $service<$($param),+> {
+            /// The wrapped service.
+            pub fn get_ref(&self) -> &S {
+                &self.inner
+            }
+
+            /// The wrapped service, mutably.
+            pub fn get_mut(&mut self) -> &mut S {
+                &mut self.inner
+            }
+
+            /// The wrapped service, unwrapped.
+            pub fn into_inner(self) -> S {
+                self.inner
+            }
+        }
+    };
+}
+
 pub mod audit;
 mod clock;
 pub mod error;
