@@ -26,3 +26,5 @@ pub mod scope;
 pub mod store;
 mod throttle;
 pub mod usage;
+#[cfg(feature = "webhooks")]
+pub mod webhooks;

@@ -2,6 +2,8 @@
 
 mod keys;
 mod pools;
+#[cfg(feature = "webhooks")]
+mod webhooks;
 mod wire;
 
 use axum::Router;
@@ -33,6 +35,11 @@ use wire::*;
 /// | `GET /api-keys/events/verify?owner=` | check the owner's hash chain (master key only) | 200 `{valid, checked, first_invalid?}` |
 /// | `GET /api-keys/{id}/usage?from=&to=&granularity=hour\|day` | requests per period by outcome | 200 `{key_id, granularity, buckets, last_ip}` |
 /// | `GET /api-keys/openapi.json` | this API's OpenAPI 3.1 document | 200 |
+/// | `POST /api-keys/webhooks` `{owner?, url, events}` | register a webhook endpoint (feature `webhooks`) | 201 endpoint with its `secret` |
+/// | `GET /api-keys/webhooks?owner=` | list endpoints | 200 `{webhooks}` |
+/// | `DELETE /api-keys/webhooks/{id}` | delete an endpoint | 204 |
+/// | `POST /api-keys/webhooks/{id}/rotate` | new signing secret | 200 endpoint with its `secret` |
+/// | `GET /api-keys/webhooks/{id}/deliveries?cursor=&limit=` | its delivery log | 200 `{deliveries, next_cursor}` |
 ///
 /// `self`, `policy`, `pools`, `events` and `openapi.json` are not key ids (generated ids start with `key_`).
 ///
@@ -81,6 +88,7 @@ pub fn router(manager: KeyManager) -> Router {
         )
         .route("/api-keys/{id}/rotate", post(rotate_key))
         .merge(super::activity_routes::routes())
+        .merge(webhook_routes())
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         // Its answers are whole and owed even when the operation ended the calling key itself
         // (a key revoking or rotating itself gets its 204, or its new secret): `ApiKeyLayer` does
@@ -92,6 +100,14 @@ pub fn router(manager: KeyManager) -> Router {
             },
         ))
         .with_state(manager)
+}
+
+/// `/api-keys/webhooks` (feature `webhooks`; see [`KeyManager::webhooks`]).
+fn webhook_routes() -> Router<KeyManager> {
+    #[cfg(feature = "webhooks")]
+    return webhooks::routes();
+    #[cfg(not(feature = "webhooks"))]
+    Router::new()
 }
 
 /// The OpenAPI document of [`router`]'s endpoints, to serve or merge into your own.

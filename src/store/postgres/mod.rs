@@ -10,6 +10,8 @@ mod audit;
 mod builder;
 mod sql;
 mod store;
+#[cfg(feature = "webhooks")]
+mod webhooks;
 
 pub use builder::PostgresStoreBuilder;
 pub use sql::InvalidIdentifier;

@@ -9,5 +9,7 @@ mod audit;
 mod builder;
 mod sql;
 mod store;
+#[cfg(feature = "webhooks")]
+mod webhooks;
 
 pub use store::SqliteStore;

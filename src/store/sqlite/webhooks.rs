@@ -1,0 +1,326 @@
+//! Webhook endpoints and their outbox in SQLite: `api_key_webhooks`,
+//! `api_key_webhook_deliveries` (migration 8, in `sql`). [`enqueue`] is called by `audit::append` for every
+//! event it writes, on the same transaction: a delivery row per subscribed endpoint.
+
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, SqliteConnection};
+use time::OffsetDateTime;
+
+use super::store::SqliteStore;
+use crate::audit::{AuditEvent, EventType};
+use crate::key::KeyId;
+use crate::store::sql_common::{from_unix_micros, map_sqlx_error, to_unix_micros};
+use crate::store::{MAX_DELEGATION_DEPTH, StoreError, StoreErrorKind};
+use crate::webhooks::types::{self, AttemptOutcome, Claimed, Delivery, DeliveryStatus, Webhook};
+use crate::webhooks::{WebhookSecret, WebhookStore};
+
+
+fn corrupt(what: &'static str) -> StoreError {
+    StoreError::new(StoreErrorKind::Corrupt, what)
+}
+
+/// Whether `key` is active at `at` and `root`'s subtree holds `key_id`.
+async fn in_live_subtree(
+    conn: &mut SqliteConnection,
+    root: &str,
+    key_id: &str,
+    at: OffsetDateTime,
+) -> Result<bool, StoreError> {
+    let live: Option<(Option<i64>, Option<i64>)> =
+        sqlx::query_as("SELECT revoked_at, expires_at FROM api_keys WHERE id = ?1")
+            .bind(root)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(map_sqlx_error)?;
+    let now = to_unix_micros(at);
+    match live {
+        Some((None, expires)) if expires.is_none_or(|e| e > now) => {}
+        _ => return Ok(false),
+    }
+    let mut id = key_id.to_owned();
+    for _ in 0..=MAX_DELEGATION_DEPTH + 1 {
+        if id == root {
+            return Ok(true);
+        }
+        let parent: Option<Option<String>> =
+            sqlx::query_scalar("SELECT created_by FROM api_keys WHERE id = ?1")
+                .bind(&id)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(map_sqlx_error)?;
+        match parent.flatten() {
+            Some(parent) => id = parent,
+            None => return Ok(false),
+        }
+    }
+    Ok(false)
+}
+
+/// Writes a pending delivery of `event` to each endpoint of its owner subscribed to its type, on
+/// the caller's transaction. An endpoint a scoped key registered gets only events about keys of
+/// that key's subtree, and only while that key is active.
+pub(super) async fn enqueue(
+    conn: &mut SqliteConnection,
+    event: &AuditEvent,
+) -> Result<(), StoreError> {
+    let endpoints: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "SELECT id, events, registered_by FROM api_key_webhooks WHERE owner_id = ?1 ORDER BY id",
+    )
+    .bind(&event.owner_id)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(map_sqlx_error)?;
+    let mut payload = None;
+    for (webhook_id, events, registered_by) in endpoints {
+        let events: Vec<String> = serde_json::from_str(&events).unwrap_or_default();
+        if !types::subscribed(&events, &event.event_type) {
+            continue;
+        }
+        if let Some(root) = registered_by {
+            let Some(key) = event.key_id.as_ref() else {
+                continue;
+            };
+            if !in_live_subtree(conn, &root, key.as_str(), event.at).await? {
+                continue;
+            }
+        }
+        let body = payload.get_or_insert_with(|| types::payload(event));
+        sqlx::query(
+            "INSERT INTO api_key_webhook_deliveries (id, webhook_id, event_id, event_type, \
+             payload, status, next_attempt_at, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6)",
+        )
+        .bind(types::message_id())
+        .bind(&webhook_id)
+        .bind(&event.id)
+        .bind(event.event_type.as_str())
+        .bind(&*body)
+        .bind(to_unix_micros(event.at))
+        .execute(&mut *conn)
+        .await
+        .map_err(map_sqlx_error)?;
+    }
+    Ok(())
+}
+
+const WEBHOOK_COLUMNS: &str = "id, owner_id, url, events, registered_by, created_at";
+
+fn decode_webhook(row: &SqliteRow) -> Result<Webhook, StoreError> {
+    let events: String = row.get(3);
+    let events: Vec<String> =
+        serde_json::from_str(&events).map_err(|_| corrupt("bad webhook events"))?;
+    Ok(Webhook {
+        id: row.get(0),
+        owner: row.get(1),
+        url: row.get(2),
+        events: events
+            .into_iter()
+            .map(|e| EventType::new(e).ok_or_else(|| corrupt("bad webhook event type")))
+            .collect::<Result<_, _>>()?,
+        registered_by: row.get::<Option<String>, _>(4).map(KeyId::new),
+        created_at: from_unix_micros(row.get(5))?,
+    })
+}
+
+const DELIVERY_COLUMNS: &str = "id, webhook_id, event_type, status, attempts, last_status, \
+    last_error, last_attempt_at, next_attempt_at, delivered_at, created_at";
+
+fn decode_delivery(row: &SqliteRow) -> Result<Delivery, StoreError> {
+    let time = |i: usize| row.get::<Option<i64>, _>(i).map(from_unix_micros).transpose();
+    let status: String = row.get(3);
+    Ok(Delivery {
+        id: row.get(0),
+        webhook_id: row.get(1),
+        event_type: row.get(2),
+        status: DeliveryStatus::parse(&status).ok_or_else(|| corrupt("bad delivery status"))?,
+        attempts: u32::try_from(row.get::<i64, _>(4)).unwrap_or(u32::MAX),
+        last_status: row.get::<Option<i64>, _>(5).and_then(|s| u16::try_from(s).ok()),
+        last_error: row.get(6),
+        last_attempt_at: time(7)?,
+        next_attempt_at: time(8)?,
+        delivered_at: time(9)?,
+        created_at: from_unix_micros(row.get(10))?,
+    })
+}
+
+fn events_json(webhook: &Webhook) -> String {
+    serde_json::Value::from(
+        webhook
+            .events
+            .iter()
+            .map(EventType::as_str)
+            .collect::<Vec<_>>(),
+    )
+    .to_string()
+}
+
+#[async_trait::async_trait]
+impl WebhookStore for SqliteStore {
+    async fn insert_webhook(
+        &self,
+        webhook: &Webhook,
+        secret: &WebhookSecret,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO api_key_webhooks (id, owner_id, url, events, secret, registered_by, \
+             created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )
+        .bind(&webhook.id)
+        .bind(&webhook.owner)
+        .bind(&webhook.url)
+        .bind(events_json(webhook))
+        .bind(secret.expose_secret().as_str())
+        .bind(webhook.registered_by.as_ref().map(KeyId::as_str))
+        .bind(to_unix_micros(webhook.created_at))
+        .execute(&self.pool)
+        .await
+        .map_err(map_sqlx_error)?;
+        Ok(())
+    }
+
+    async fn webhook(&self, id: &str) -> Result<Option<Webhook>, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {WEBHOOK_COLUMNS} FROM api_key_webhooks WHERE id = ?1"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_sqlx_error)?;
+        row.as_ref().map(decode_webhook).transpose()
+    }
+
+    async fn webhooks(&self, owner: &str) -> Result<Vec<Webhook>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {WEBHOOK_COLUMNS} FROM api_key_webhooks WHERE owner_id = ?1 ORDER BY id"
+        )))
+        .bind(owner)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_sqlx_error)?;
+        rows.iter().map(decode_webhook).collect()
+    }
+
+    async fn delete_webhook(&self, id: &str) -> Result<bool, StoreError> {
+        let mut tx = self.begin_immediate().await?;
+        sqlx::query("DELETE FROM api_key_webhook_deliveries WHERE webhook_id = ?1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx_error)?;
+        let done = sqlx::query("DELETE FROM api_key_webhooks WHERE id = ?1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx_error)?;
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn set_webhook_secret(
+        &self,
+        id: &str,
+        secret: &WebhookSecret,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query("UPDATE api_key_webhooks SET secret = ?2 WHERE id = ?1")
+            .bind(id)
+            .bind(secret.expose_secret().as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx_error)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn deliveries(
+        &self,
+        webhook_id: &str,
+        before: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {DELIVERY_COLUMNS} FROM api_key_webhook_deliveries WHERE webhook_id = ?1 \
+             AND (?2 IS NULL OR id < ?2) ORDER BY id DESC LIMIT ?3"
+        )))
+        .bind(webhook_id)
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_sqlx_error)?;
+        rows.iter().map(decode_delivery).collect()
+    }
+
+    async fn claim(
+        &self,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+        token: &str,
+        limit: u32,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        // One statement under SQLite's write lock: no two callers lease the same row.
+        let rows = sqlx::query(
+            "UPDATE api_key_webhook_deliveries SET lease_until = ?2, lease_token = ?3 \
+             WHERE id IN (SELECT id FROM api_key_webhook_deliveries WHERE status = 'pending' \
+             AND next_attempt_at <= ?1 AND lease_until <= ?1 ORDER BY next_attempt_at, id \
+             LIMIT ?4) RETURNING id, webhook_id, payload, attempts, created_at",
+        )
+        .bind(to_unix_micros(now))
+        .bind(to_unix_micros(lease_until))
+        .bind(token)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_sqlx_error)?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in rows {
+            let webhook_id: String = row.get(1);
+            let endpoint: Option<(String, String)> =
+                sqlx::query_as("SELECT url, secret FROM api_key_webhooks WHERE id = ?1")
+                    .bind(&webhook_id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(map_sqlx_error)?;
+            // Deleted meanwhile: its deliveries went with it.
+            let Some((url, secret)) = endpoint else {
+                continue;
+            };
+            claimed.push(Claimed {
+                id: row.get(0),
+                webhook_id,
+                url,
+                secret: WebhookSecret::parse(&secret)
+                    .ok_or_else(|| corrupt("bad webhook secret"))?,
+                payload: row.get(2),
+                attempts: u32::try_from(row.get::<i64, _>(3)).unwrap_or(u32::MAX),
+                created_at: from_unix_micros(row.get(4))?,
+            });
+        }
+        Ok(claimed)
+    }
+
+    async fn finish(
+        &self,
+        id: &str,
+        token: &str,
+        outcome: &AttemptOutcome,
+    ) -> Result<(), StoreError> {
+        let delivered = outcome.status == DeliveryStatus::Delivered;
+        sqlx::query(
+            "UPDATE api_key_webhook_deliveries SET status = ?3, attempts = attempts + 1, \
+             last_status = ?4, last_error = ?5, last_attempt_at = ?6, next_attempt_at = ?7, \
+             delivered_at = ?8, lease_until = 0, lease_token = NULL \
+             WHERE id = ?1 AND lease_token = ?2",
+        )
+        .bind(id)
+        .bind(token)
+        .bind(outcome.status.as_str())
+        .bind(outcome.http_status.map(i64::from))
+        .bind(outcome.error.as_deref())
+        .bind(to_unix_micros(outcome.at))
+        .bind(outcome.next_attempt_at.map(to_unix_micros))
+        .bind(delivered.then(|| to_unix_micros(outcome.at)))
+        .execute(&self.pool)
+        .await
+        .map_err(map_sqlx_error)?;
+        Ok(())
+    }
+}
