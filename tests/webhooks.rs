@@ -52,6 +52,11 @@ macro_rules! on_both {
     };
 }
 
+/// `t` floored to the microsecond: what the stores keep.
+fn micros(t: OffsetDateTime) -> OffsetDateTime {
+    t.replace_nanosecond(t.nanosecond() / 1_000 * 1_000).unwrap()
+}
+
 /// Delivers until nothing is due (at most `rounds` passes).
 async fn drain(instance: &Instance, rounds: usize) {
     let deliverer = instance.webhooks.deliverer();
@@ -85,7 +90,7 @@ async fn every_key_event_arrives_signed(backend: &Backend) {
         .await
         .unwrap();
     m.rotate(&master, &key.info.id, RotateOptions::new()).await.unwrap();
-    // The sweeper: expiring (inside the 7-day window) and idle (never used, 100 days on).
+    // The sweeper: expiring (inside the 7-day window), then idle (never used, two days on).
     let sweeper = Sweeper::new(m.clone()).policy(HygienePolicy::new().idle_after(90 * DAY));
     sweeper.sweep_at(OffsetDateTime::now_utc()).await.unwrap();
     let other = m
@@ -93,8 +98,8 @@ async fn every_key_event_arrives_signed(backend: &Backend) {
         .await
         .unwrap();
     Sweeper::new(m.clone())
-        .policy(HygienePolicy::new().windows([]))
-        .sweep_at(OffsetDateTime::now_utc() + 100 * DAY)
+        .policy(HygienePolicy::new().windows([]).idle_after(DAY))
+        .sweep_at(OffsetDateTime::now_utc() + 2 * DAY)
         .await
         .unwrap();
     m.revoke(&master, &key.info.id).await.unwrap();
@@ -219,7 +224,7 @@ async fn a_failing_receiver_gets_retries_with_backoff(backend: &Backend) {
         .deliverer()
         .backoff(Duration::from_secs(10), Duration::from_secs(40))
         .retry_horizon(Duration::from_secs(600));
-    let t0 = OffsetDateTime::now_utc() + Duration::from_millis(10);
+    let t0 = micros(OffsetDateTime::now_utc() + Duration::from_millis(10));
     let at = |s: u64| t0 + Duration::from_secs(s);
     let log = || async {
         server
@@ -261,7 +266,7 @@ async fn a_failing_receiver_gets_retries_with_backoff(backend: &Backend) {
         .await
         .unwrap();
     let short = deliverer.retry_horizon(Duration::from_secs(15));
-    let t1 = OffsetDateTime::now_utc() + Duration::from_millis(10);
+    let t1 = micros(OffsetDateTime::now_utc() + Duration::from_millis(10));
     assert_eq!(short.deliver_due_at(t1).await.unwrap().retrying, 1);
     let report = short.deliver_due_at(t1 + Duration::from_secs(10)).await.unwrap();
     assert_eq!(report.failed, 1, "{report:?}");
