@@ -258,6 +258,7 @@ fn leak_reports(
 
 /// Connects the store, wires resolver, key manager, invalidation and the layer, and builds the router.
 /// Binds no port and reads no environment. Webhook URLs must be `https` to public addresses.
+#[allow(dead_code)] // `main` calls `build_with`; the tests that include this file call this
 pub(crate) async fn build(config: Config) -> Result<Demo, Box<dyn std::error::Error>> {
     build_with(config, false).await
 }

@@ -219,7 +219,7 @@ CREATE TABLE IF NOT EXISTS {s}.api_key_notices (
 fn webhooks_migration(s: &str) -> String {
     format!(
         r#"
-CREATE TABLE {s}.api_key_webhooks (
+CREATE TABLE IF NOT EXISTS {s}.api_key_webhooks (
     id TEXT COLLATE "C" PRIMARY KEY,
     owner_id TEXT NOT NULL,
     url TEXT NOT NULL,
@@ -228,8 +228,8 @@ CREATE TABLE {s}.api_key_webhooks (
     registered_by TEXT,
     created_at TIMESTAMPTZ NOT NULL
 );
-CREATE INDEX api_key_webhooks_owner ON {s}.api_key_webhooks (owner_id, id);
-CREATE TABLE {s}.api_key_webhook_deliveries (
+CREATE INDEX IF NOT EXISTS api_key_webhooks_owner ON {s}.api_key_webhooks (owner_id, id);
+CREATE TABLE IF NOT EXISTS {s}.api_key_webhook_deliveries (
     id TEXT COLLATE "C" PRIMARY KEY,
     webhook_id TEXT COLLATE "C" NOT NULL,
     event_id TEXT NOT NULL,
@@ -246,8 +246,8 @@ CREATE TABLE {s}.api_key_webhook_deliveries (
     lease_until TIMESTAMPTZ NOT NULL DEFAULT 'epoch',
     lease_token TEXT
 );
-CREATE INDEX api_key_webhook_deliveries_due ON {s}.api_key_webhook_deliveries (status, next_attempt_at);
-CREATE INDEX api_key_webhook_deliveries_webhook ON {s}.api_key_webhook_deliveries (webhook_id, id);
+CREATE INDEX IF NOT EXISTS api_key_webhook_deliveries_due ON {s}.api_key_webhook_deliveries (status, next_attempt_at);
+CREATE INDEX IF NOT EXISTS api_key_webhook_deliveries_webhook ON {s}.api_key_webhook_deliveries (webhook_id, id);
 "#
     )
 }

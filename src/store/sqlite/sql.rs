@@ -179,7 +179,7 @@ CREATE TABLE IF NOT EXISTS api_key_notices (
         // Written by every build (the tables are the outbox even where the `webhooks` feature is
         // off); filled by `webhooks::enqueue` in the transaction of each audit event.
         r#"
-CREATE TABLE api_key_webhooks (
+CREATE TABLE IF NOT EXISTS api_key_webhooks (
     id TEXT NOT NULL PRIMARY KEY,
     owner_id TEXT NOT NULL,
     url TEXT NOT NULL,
@@ -188,8 +188,8 @@ CREATE TABLE api_key_webhooks (
     registered_by TEXT,
     created_at INTEGER NOT NULL
 ) STRICT;
-CREATE INDEX api_key_webhooks_owner ON api_key_webhooks (owner_id, id);
-CREATE TABLE api_key_webhook_deliveries (
+CREATE INDEX IF NOT EXISTS api_key_webhooks_owner ON api_key_webhooks (owner_id, id);
+CREATE TABLE IF NOT EXISTS api_key_webhook_deliveries (
     id TEXT NOT NULL PRIMARY KEY,
     webhook_id TEXT NOT NULL,
     event_id TEXT NOT NULL,
@@ -206,8 +206,8 @@ CREATE TABLE api_key_webhook_deliveries (
     lease_until INTEGER NOT NULL DEFAULT 0,
     lease_token TEXT
 ) STRICT;
-CREATE INDEX api_key_webhook_deliveries_due ON api_key_webhook_deliveries (status, next_attempt_at);
-CREATE INDEX api_key_webhook_deliveries_webhook ON api_key_webhook_deliveries (webhook_id, id);
+CREATE INDEX IF NOT EXISTS api_key_webhook_deliveries_due ON api_key_webhook_deliveries (status, next_attempt_at);
+CREATE INDEX IF NOT EXISTS api_key_webhook_deliveries_webhook ON api_key_webhook_deliveries (webhook_id, id);
 "#,
     ),
 ];
