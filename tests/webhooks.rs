@@ -54,7 +54,8 @@ macro_rules! on_both {
 
 /// `t` floored to the microsecond: what the stores keep.
 fn micros(t: OffsetDateTime) -> OffsetDateTime {
-    t.replace_nanosecond(t.nanosecond() / 1_000 * 1_000).unwrap()
+    t.replace_nanosecond(t.nanosecond() / 1_000 * 1_000)
+        .unwrap()
 }
 
 /// Delivers until nothing is due (at most `rounds` passes).
@@ -79,17 +80,22 @@ async fn every_key_event_arrives_signed(backend: &Backend) {
     let m = &server.manager;
     let soon = OffsetDateTime::now_utc() + 5 * DAY;
     let key = m
-        .create(&master, CreateKey::new(["ledgers:read"]).owner("team").expires_at(soon))
+        .create(
+            &master,
+            CreateKey::new(["ledgers:read"])
+                .owner("team")
+                .expires_at(soon),
+        )
         .await
         .unwrap();
     let rename = UpdateKey {
         name: Some("renamed".into()),
         ..UpdateKey::default()
     };
-    m.update(&master, &key.info.id, rename)
+    m.update(&master, &key.info.id, rename).await.unwrap();
+    m.rotate(&master, &key.info.id, RotateOptions::new())
         .await
         .unwrap();
-    m.rotate(&master, &key.info.id, RotateOptions::new()).await.unwrap();
     // The sweeper: expiring (inside the 7-day window), then idle (never used, two days on).
     let sweeper = Sweeper::new(m.clone()).policy(HygienePolicy::new().idle_after(90 * DAY));
     sweeper.sweep_at(OffsetDateTime::now_utc()).await.unwrap();
@@ -119,8 +125,14 @@ async fn every_key_event_arrives_signed(backend: &Backend) {
         .build();
     let body = scanner::report(&[leaked.key.expose_secret()]);
     let mut headers = http::HeaderMap::new();
-    headers.insert("Github-Public-Key-Identifier", github.identifier.parse().unwrap());
-    headers.insert("Github-Public-Key-Signature", github.sign(body.as_bytes()).parse().unwrap());
+    headers.insert(
+        "Github-Public-Key-Identifier",
+        github.identifier.parse().unwrap(),
+    );
+    headers.insert(
+        "Github-Public-Key-Signature",
+        github.sign(body.as_bytes()).parse().unwrap(),
+    );
     leaks.receive(&headers, body.as_bytes()).await.unwrap();
     leaks.receive(&headers, body.as_bytes()).await.unwrap();
     // Another owner's events go elsewhere.
@@ -135,7 +147,11 @@ async fn every_key_event_arrives_signed(backend: &Backend) {
         .iter()
         .map(|g| g.json()["type"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(types.iter().filter(|t| *t == "key.leaked").count(), 1, "{types:?}");
+    assert_eq!(
+        types.iter().filter(|t| *t == "key.leaked").count(),
+        1,
+        "{types:?}"
+    );
     types.sort();
     types.dedup();
     let mut expected: Vec<String> = all_events();
@@ -147,7 +163,10 @@ async fn every_key_event_arrives_signed(backend: &Backend) {
         assert_eq!(body["data"]["type"], body["type"]);
         assert!(body["timestamp"].is_string());
         assert!(g.id.starts_with("msg_"));
-        assert!(!String::from_utf8_lossy(&g.body).contains("sk_"), "no secret in a body");
+        assert!(
+            !String::from_utf8_lossy(&g.body).contains("sk_"),
+            "no secret in a body"
+        );
     }
     // The log says delivered, once each, with the message ids the receiver saw.
     let log = server
@@ -196,7 +215,10 @@ async fn a_crash_before_delivery_loses_nothing(backend: &Backend) {
     let types: Vec<_> = got.iter().map(|g| g.json()["type"].clone()).collect();
     assert_eq!(types.len(), 2, "{types:?}");
     assert!(types.contains(&"key.created".into()) && types.contains(&"key.revoked".into()));
-    assert!(got.iter().all(|g| g.json()["data"]["key_id"] == key_id.as_str()));
+    assert!(
+        got.iter()
+            .all(|g| g.json()["data"]["key_id"] == key_id.as_str())
+    );
 }
 on_both!(
     a_crash_before_delivery_loses_nothing,
@@ -211,7 +233,12 @@ async fn a_failing_receiver_gets_retries_with_backoff(backend: &Backend) {
     let master = Principal::master();
     let endpoint = server
         .webhooks
-        .register(&master, Some("team"), &receiver.url(), &["key.created".into()])
+        .register(
+            &master,
+            Some("team"),
+            &receiver.url(),
+            &["key.created".into()],
+        )
         .await
         .unwrap();
     server
@@ -244,7 +271,10 @@ async fn a_failing_receiver_gets_retries_with_backoff(backend: &Backend) {
     }
     assert_eq!(attempts_at, [0, 10, 30]);
     let d = log().await;
-    assert_eq!((d.status, d.attempts, d.last_status), (DeliveryStatus::Pending, 3, Some(500)));
+    assert_eq!(
+        (d.status, d.attempts, d.last_status),
+        (DeliveryStatus::Pending, 3, Some(500))
+    );
     assert_eq!(d.next_attempt_at, Some(at(30) + Duration::from_secs(40)));
     assert_eq!(d.last_error.as_deref(), Some("the endpoint answered 500"));
     // The receiver recovers: the next attempt (the same message id) delivers it.
@@ -252,10 +282,16 @@ async fn a_failing_receiver_gets_retries_with_backoff(backend: &Backend) {
     assert_eq!(deliverer.deliver_due_at(at(70)).await.unwrap().delivered, 1);
     let got = receiver.got();
     assert_eq!(got.len(), 4);
-    assert!(got.iter().all(|g| g.id == got[0].id), "one webhook-id across retries");
+    assert!(
+        got.iter().all(|g| g.id == got[0].id),
+        "one webhook-id across retries"
+    );
     receiver.assert_all_signed(&endpoint.secret);
     let d = log().await;
-    assert_eq!((d.status, d.attempts, d.last_status), (DeliveryStatus::Delivered, 4, Some(204)));
+    assert_eq!(
+        (d.status, d.attempts, d.last_status),
+        (DeliveryStatus::Delivered, 4, Some(204))
+    );
     assert!(d.delivered_at.is_some() && d.next_attempt_at.is_none());
 
     // Past the retry horizon it is given up.
@@ -268,7 +304,10 @@ async fn a_failing_receiver_gets_retries_with_backoff(backend: &Backend) {
     let short = deliverer.retry_horizon(Duration::from_secs(15));
     let t1 = micros(OffsetDateTime::now_utc() + Duration::from_millis(10));
     assert_eq!(short.deliver_due_at(t1).await.unwrap().retrying, 1);
-    let report = short.deliver_due_at(t1 + Duration::from_secs(10)).await.unwrap();
+    let report = short
+        .deliver_due_at(t1 + Duration::from_secs(10))
+        .await
+        .unwrap();
     assert_eq!(report.failed, 1, "{report:?}");
     assert_eq!(log().await.status, DeliveryStatus::Failed);
     assert_eq!(short.deliver_due_at(t1 + DAY).await.unwrap().claimed, 0);
@@ -285,7 +324,10 @@ async fn private_urls_are_refused_unless_allowed(backend: &Backend) {
     let strict = backend.open(UrlPolicy::new()).await;
     let refused = |r: Result<_, AuthError>| match r {
         Err(AuthError::WebhookUrlRefused(reason)) => reason,
-        other => panic!("{:?}", other.map(|_: tower_api_keys::webhooks::CreatedWebhook| ())),
+        other => panic!(
+            "{:?}",
+            other.map(|_: tower_api_keys::webhooks::CreatedWebhook| ())
+        ),
     };
     let events = ["key.created".to_owned()];
     let port = receiver.addr.port();
@@ -293,21 +335,37 @@ async fn private_urls_are_refused_unless_allowed(backend: &Backend) {
         (receiver.url(), "not_https"),
         (format!("https://127.0.0.1:{port}/hook"), "private_address"),
         (format!("https://[::1]:{port}/hook"), "private_address"),
-        (format!("https://[::ffff:127.0.0.1]:{port}/hook"), "private_address"),
-        ("https://169.254.169.254/latest/meta-data".to_owned(), "private_address"),
+        (
+            format!("https://[::ffff:127.0.0.1]:{port}/hook"),
+            "private_address",
+        ),
+        (
+            "https://169.254.169.254/latest/meta-data".to_owned(),
+            "private_address",
+        ),
         ("https://10.0.0.8/hook".to_owned(), "private_address"),
         ("https://localhost/hook".to_owned(), "private_address"),
     ] {
-        let r = strict.webhooks.register(&master, Some("team"), &url, &events).await;
+        let r = strict
+            .webhooks
+            .register(&master, Some("team"), &url, &events)
+            .await;
         assert_eq!(refused(r), reason, "{url}");
     }
     // https alone is not enough for a private address; allowing private is.
     let https_only = backend.open(UrlPolicy::new().allow_private(true)).await;
-    assert!(https_only
-        .webhooks
-        .register(&master, Some("team"), &format!("https://127.0.0.1:{port}/hook"), &events)
-        .await
-        .is_ok());
+    assert!(
+        https_only
+            .webhooks
+            .register(
+                &master,
+                Some("team"),
+                &format!("https://127.0.0.1:{port}/hook"),
+                &events
+            )
+            .await
+            .is_ok()
+    );
     // Registered while allowed, delivered by a strict deliverer: refused at the attempt, the
     // receiver never called.
     let allowed = backend.open(local()).await;
@@ -375,7 +433,10 @@ async fn two_deliverers_deliver_each_message_once(backend: &Backend) {
         *per_id.entry(g.id.clone()).or_default() += 1;
     }
     assert_eq!(per_id.len(), 30);
-    assert!(per_id.values().all(|n| *n == 1), "a message delivered twice");
+    assert!(
+        per_id.values().all(|n| *n == 1),
+        "a message delivered twice"
+    );
     receiver.assert_all_signed(&endpoint.secret);
 }
 on_both!(

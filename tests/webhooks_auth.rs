@@ -22,11 +22,13 @@ use common::wire::{Reply, call, serve_with_connect_info};
 use support::{Backend, Instance, Receiver, local};
 
 async fn serve(server: &Instance) -> std::net::SocketAddr {
-    let app = Router::new().merge(manage::router(server.manager.clone())).layer(
-        ApiKeyLayer::new(server.manager.resolver().clone())
-            .sources([KeySource::x_api_key()])
-            .master_key(ApiKey::new(MASTER)),
-    );
+    let app = Router::new()
+        .merge(manage::router(server.manager.clone()))
+        .layer(
+            ApiKeyLayer::new(server.manager.resolver().clone())
+                .sources([KeySource::x_api_key()])
+                .master_key(ApiKey::new(MASTER)),
+        );
     serve_with_connect_info(app).await
 }
 
@@ -70,16 +72,28 @@ fn secret_of(key: &CreatedKey) -> &str {
 async fn the_wire_contract() {
     let backend = Backend::sqlite();
     let server = backend.open(local()).await;
-    let api = Api { addr: serve(&server).await };
+    let api = Api {
+        addr: serve(&server).await,
+    };
     let receiver = Receiver::start().await;
 
     let created = api
-        .send(MASTER, "POST", "/api-keys/webhooks", Some(json!({
-            "owner": "team", "url": receiver.url(), "events": ["key.created", "key.revoked"]})))
+        .send(
+            MASTER,
+            "POST",
+            "/api-keys/webhooks",
+            Some(json!({
+            "owner": "team", "url": receiver.url(), "events": ["key.created", "key.revoked"]})),
+        )
         .await;
     created.expect(StatusCode::CREATED, None);
     let body = created.json();
-    let fields: Vec<&str> = body.as_object().unwrap().keys().map(String::as_str).collect();
+    let fields: Vec<&str> = body
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
     assert_eq!(fields.len(), 6, "{body}");
     for field in ["id", "owner", "url", "events", "created_at", "secret"] {
         assert!(fields.contains(&field), "{field} in {body}");
@@ -90,63 +104,115 @@ async fn the_wire_contract() {
     assert_eq!(created.headers["cache-control"], "no-store");
     let id = body["id"].as_str().unwrap().to_owned();
 
-    let list = api.send(MASTER, "GET", "/api-keys/webhooks?owner=team", None).await;
+    let list = api
+        .send(MASTER, "GET", "/api-keys/webhooks?owner=team", None)
+        .await;
     list.expect(StatusCode::OK, None);
     let listed = &list.json()["webhooks"];
     assert_eq!(listed.as_array().unwrap().len(), 1);
-    assert!(listed[0].get("secret").is_none(), "listing never shows the secret");
+    assert!(
+        listed[0].get("secret").is_none(),
+        "listing never shows the secret"
+    );
     assert_eq!(listed[0]["id"], id.as_str());
 
     // A change: its delivery is in the log, pending, then delivered.
     server
         .manager
-        .create(&Principal::master(), CreateKey::new(["ledgers:read"]).owner("team"))
+        .create(
+            &Principal::master(),
+            CreateKey::new(["ledgers:read"]).owner("team"),
+        )
         .await
         .unwrap();
     let log = api
-        .send(MASTER, "GET", &format!("/api-keys/webhooks/{id}/deliveries?limit=10"), None)
+        .send(
+            MASTER,
+            "GET",
+            &format!("/api-keys/webhooks/{id}/deliveries?limit=10"),
+            None,
+        )
         .await;
     log.expect(StatusCode::OK, None);
     let d = &log.json()["deliveries"][0];
     let expected = [
-        "id", "event_type", "status", "attempts", "last_status", "last_error", "last_attempt_at",
-        "next_attempt_at", "delivered_at", "created_at",
+        "id",
+        "event_type",
+        "status",
+        "attempts",
+        "last_status",
+        "last_error",
+        "last_attempt_at",
+        "next_attempt_at",
+        "delivered_at",
+        "created_at",
     ];
     assert_eq!(d.as_object().unwrap().len(), expected.len(), "{d}");
     for field in expected {
         assert!(d.get(field).is_some(), "{field} in {d}");
     }
-    assert_eq!((d["status"].as_str(), d["attempts"].as_u64()), (Some("pending"), Some(0)));
+    assert_eq!(
+        (d["status"].as_str(), d["attempts"].as_u64()),
+        (Some("pending"), Some(0))
+    );
     assert!(log.json()["next_cursor"].is_null());
     server.webhooks.deliverer().deliver_due().await.unwrap();
     let log = api
-        .send(MASTER, "GET", &format!("/api-keys/webhooks/{id}/deliveries"), None)
+        .send(
+            MASTER,
+            "GET",
+            &format!("/api-keys/webhooks/{id}/deliveries"),
+            None,
+        )
         .await;
     let d = &log.json()["deliveries"][0];
-    assert_eq!((d["status"].as_str(), d["last_status"].as_u64()), (Some("delivered"), Some(200)));
+    assert_eq!(
+        (d["status"].as_str(), d["last_status"].as_u64()),
+        (Some("delivered"), Some(200))
+    );
     assert_eq!(receiver.got()[0].id, d["id"].as_str().unwrap());
 
     // Paging: a cursor from a full page.
     for _ in 0..2 {
         server
             .manager
-            .create(&Principal::master(), CreateKey::new(["ledgers:read"]).owner("team"))
+            .create(
+                &Principal::master(),
+                CreateKey::new(["ledgers:read"]).owner("team"),
+            )
             .await
             .unwrap();
     }
     let page = api
-        .send(MASTER, "GET", &format!("/api-keys/webhooks/{id}/deliveries?limit=2"), None)
+        .send(
+            MASTER,
+            "GET",
+            &format!("/api-keys/webhooks/{id}/deliveries?limit=2"),
+            None,
+        )
         .await
         .json();
     let cursor = page["next_cursor"].as_str().unwrap().to_owned();
     let next = api
-        .send(MASTER, "GET", &format!("/api-keys/webhooks/{id}/deliveries?limit=2&cursor={cursor}"), None)
+        .send(
+            MASTER,
+            "GET",
+            &format!("/api-keys/webhooks/{id}/deliveries?limit=2&cursor={cursor}"),
+            None,
+        )
         .await
         .json();
     assert_eq!(next["deliveries"].as_array().unwrap().len(), 1);
 
     // Rotate: a new secret, which signs what is delivered from now on.
-    let rotated = api.send(MASTER, "POST", &format!("/api-keys/webhooks/{id}/rotate"), None).await;
+    let rotated = api
+        .send(
+            MASTER,
+            "POST",
+            &format!("/api-keys/webhooks/{id}/rotate"),
+            None,
+        )
+        .await;
     rotated.expect(StatusCode::OK, None);
     let new_secret = rotated.json()["secret"].as_str().unwrap().to_owned();
     assert_ne!(new_secret, body["secret"].as_str().unwrap());
@@ -157,11 +223,21 @@ async fn the_wire_contract() {
 
     // Bad input and unknown ids, with stable codes.
     let bad = api
-        .send(MASTER, "POST", "/api-keys/webhooks", Some(json!({"owner": "team", "url": receiver.url(), "events": ["key.nope"]})))
+        .send(
+            MASTER,
+            "POST",
+            "/api-keys/webhooks",
+            Some(json!({"owner": "team", "url": receiver.url(), "events": ["key.nope"]})),
+        )
         .await;
     bad.expect(StatusCode::BAD_REQUEST, Some("APIKEY_INVALID"));
     let no_owner = api
-        .send(MASTER, "POST", "/api-keys/webhooks", Some(json!({"url": receiver.url(), "events": ["key.created"]})))
+        .send(
+            MASTER,
+            "POST",
+            "/api-keys/webhooks",
+            Some(json!({"url": receiver.url(), "events": ["key.created"]})),
+        )
         .await;
     no_owner.expect(StatusCode::BAD_REQUEST, Some("APIKEY_OWNER_REQUIRED"));
     for (method, path) in [
@@ -178,7 +254,9 @@ async fn the_wire_contract() {
     api.send(MASTER, "DELETE", &format!("/api-keys/webhooks/{id}"), None)
         .await
         .expect(StatusCode::NO_CONTENT, None);
-    let list = api.send(MASTER, "GET", "/api-keys/webhooks?owner=team", None).await;
+    let list = api
+        .send(MASTER, "GET", "/api-keys/webhooks?owner=team", None)
+        .await;
     assert_eq!(list.json(), json!({"webhooks": []}));
     backend.cleanup().await;
 }
@@ -187,7 +265,9 @@ async fn the_wire_contract() {
 async fn scoped_keys_hold_webhooks_of_their_own_subtree_only() {
     let backend = Backend::sqlite();
     let server = backend.open(local()).await;
-    let api = Api { addr: serve(&server).await };
+    let api = Api {
+        addr: serve(&server).await,
+    };
     let receiver = Receiver::start().await;
     let master = Principal::master();
     let scopes = ["ledgers:read", "api-keys:write"];
@@ -199,7 +279,8 @@ async fn scoped_keys_hold_webhooks_of_their_own_subtree_only() {
     let reader = key(&server, &master, "team", &["api-keys:read"]).await;
     let stranger = key(&server, &master, "other", &scopes).await;
     let hook = |owner: Option<&str>| {
-        let mut body = json!({"url": receiver.url(), "events": ["key.created", "key.revoked", "key.updated"]});
+        let mut body =
+            json!({"url": receiver.url(), "events": ["key.created", "key.revoked", "key.updated"]});
         if let Some(owner) = owner {
             body["owner"] = owner.into();
         }
@@ -207,24 +288,50 @@ async fn scoped_keys_hold_webhooks_of_their_own_subtree_only() {
     };
 
     // Registering: api-keys:write in one's own owner.
-    api.send(secret_of(&reader), "POST", "/api-keys/webhooks", Some(hook(None)))
-        .await
-        .expect(StatusCode::FORBIDDEN, Some("AUTH_INSUFFICIENT_PERMISSIONS"));
-    api.send(secret_of(&a), "POST", "/api-keys/webhooks", Some(hook(Some("other"))))
-        .await
-        .expect(StatusCode::FORBIDDEN, Some("AUTH_CROSS_OWNER_ACCESS"));
-    let mine = api.send(secret_of(&a), "POST", "/api-keys/webhooks", Some(hook(None))).await;
+    api.send(
+        secret_of(&reader),
+        "POST",
+        "/api-keys/webhooks",
+        Some(hook(None)),
+    )
+    .await
+    .expect(StatusCode::FORBIDDEN, Some("AUTH_INSUFFICIENT_PERMISSIONS"));
+    api.send(
+        secret_of(&a),
+        "POST",
+        "/api-keys/webhooks",
+        Some(hook(Some("other"))),
+    )
+    .await
+    .expect(StatusCode::FORBIDDEN, Some("AUTH_CROSS_OWNER_ACCESS"));
+    let mine = api
+        .send(
+            secret_of(&a),
+            "POST",
+            "/api-keys/webhooks",
+            Some(hook(None)),
+        )
+        .await;
     mine.expect(StatusCode::CREATED, None);
     let mine = mine.json();
     assert_eq!(mine["owner"], "team");
     let mine_id = mine["id"].as_str().unwrap().to_owned();
-    let owner_wide = api.send(MASTER, "POST", "/api-keys/webhooks", Some(hook(Some("team")))).await;
+    let owner_wide = api
+        .send(
+            MASTER,
+            "POST",
+            "/api-keys/webhooks",
+            Some(hook(Some("team"))),
+        )
+        .await;
     let owner_wide_id = owner_wide.json()["id"].as_str().unwrap().to_owned();
 
     // Listing and managing: A sees its own, not the master's; C (A's child: A is above it, not
     // inside its subtree) and B (a sibling) see none.
     for (who, visible) in [(&a, vec![&mine_id]), (&c, vec![]), (&b, vec![])] {
-        let list = api.send(secret_of(who), "GET", "/api-keys/webhooks", None).await;
+        let list = api
+            .send(secret_of(who), "GET", "/api-keys/webhooks", None)
+            .await;
         list.expect(StatusCode::OK, None);
         let ids: Vec<String> = list.json()["webhooks"]
             .as_array()
@@ -234,14 +341,26 @@ async fn scoped_keys_hold_webhooks_of_their_own_subtree_only() {
             .collect();
         assert_eq!(ids.iter().collect::<Vec<_>>(), visible);
     }
-    let master_list = api.send(MASTER, "GET", "/api-keys/webhooks?owner=team", None).await;
+    let master_list = api
+        .send(MASTER, "GET", "/api-keys/webhooks?owner=team", None)
+        .await;
     assert_eq!(master_list.json()["webhooks"].as_array().unwrap().len(), 2);
-    api.send(secret_of(&b), "GET", &format!("/api-keys/webhooks/{mine_id}/deliveries"), None)
-        .await
-        .expect(StatusCode::FORBIDDEN, Some("AUTH_OUTSIDE_SUBTREE"));
-    api.send(secret_of(&b), "POST", &format!("/api-keys/webhooks/{mine_id}/rotate"), None)
-        .await
-        .expect(StatusCode::FORBIDDEN, Some("AUTH_OUTSIDE_SUBTREE"));
+    api.send(
+        secret_of(&b),
+        "GET",
+        &format!("/api-keys/webhooks/{mine_id}/deliveries"),
+        None,
+    )
+    .await
+    .expect(StatusCode::FORBIDDEN, Some("AUTH_OUTSIDE_SUBTREE"));
+    api.send(
+        secret_of(&b),
+        "POST",
+        &format!("/api-keys/webhooks/{mine_id}/rotate"),
+        None,
+    )
+    .await
+    .expect(StatusCode::FORBIDDEN, Some("AUTH_OUTSIDE_SUBTREE"));
     for path in [
         format!("/api-keys/webhooks/{mine_id}/deliveries"),
         format!("/api-keys/webhooks/{owner_wide_id}/deliveries"),
@@ -250,12 +369,22 @@ async fn scoped_keys_hold_webhooks_of_their_own_subtree_only() {
             .await
             .expect(StatusCode::NOT_FOUND, Some("WEBHOOK_NOT_FOUND"));
     }
-    api.send(secret_of(&a), "DELETE", &format!("/api-keys/webhooks/{owner_wide_id}"), None)
-        .await
-        .expect(StatusCode::NOT_FOUND, Some("WEBHOOK_NOT_FOUND"));
-    api.send(secret_of(&a), "GET", &format!("/api-keys/webhooks/{mine_id}/deliveries"), None)
-        .await
-        .expect(StatusCode::OK, None);
+    api.send(
+        secret_of(&a),
+        "DELETE",
+        &format!("/api-keys/webhooks/{owner_wide_id}"),
+        None,
+    )
+    .await
+    .expect(StatusCode::NOT_FOUND, Some("WEBHOOK_NOT_FOUND"));
+    api.send(
+        secret_of(&a),
+        "GET",
+        &format!("/api-keys/webhooks/{mine_id}/deliveries"),
+        None,
+    )
+    .await
+    .expect(StatusCode::OK, None);
 
     // What A's endpoint receives: events about its subtree, nothing about B or other keys.
     let acting_a = principal(&server, &a).await;
@@ -268,7 +397,12 @@ async fn scoped_keys_hold_webhooks_of_their_own_subtree_only() {
         let api = &api;
         async move {
             let r = api
-                .send(MASTER, "GET", &format!("/api-keys/webhooks/{id}/deliveries"), None)
+                .send(
+                    MASTER,
+                    "GET",
+                    &format!("/api-keys/webhooks/{id}/deliveries"),
+                    None,
+                )
                 .await;
             r.json()["deliveries"]
                 .as_array()
@@ -280,7 +414,8 @@ async fn scoped_keys_hold_webhooks_of_their_own_subtree_only() {
     };
     assert_eq!(log(mine_id.clone()).await, ["key.revoked", "key.created"]);
     server.webhooks.deliverer().deliver_due().await.unwrap();
-    let secret = tower_api_keys::webhooks::WebhookSecret::parse(mine["secret"].as_str().unwrap()).unwrap();
+    let secret =
+        tower_api_keys::webhooks::WebhookSecret::parse(mine["secret"].as_str().unwrap()).unwrap();
     let about: Vec<String> = receiver
         .got()
         .iter()
@@ -293,16 +428,30 @@ async fn scoped_keys_hold_webhooks_of_their_own_subtree_only() {
     server.manager.revoke(&master, &a.info.id).await.unwrap();
     server
         .manager
-        .update(&master, &c.info.id, tower_api_keys::manage::UpdateKey {
-            name: Some("after".into()),
-            ..Default::default()
-        })
+        .update(
+            &master,
+            &c.info.id,
+            tower_api_keys::manage::UpdateKey {
+                name: Some("after".into()),
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
     assert_eq!(log(mine_id).await.len(), 2);
     // The master key's endpoint heard everything of the owner since it was registered.
     let mut all = log(owner_wide_id).await;
     all.sort();
-    assert_eq!(all, ["key.created", "key.created", "key.revoked", "key.revoked", "key.revoked", "key.updated"]);
+    assert_eq!(
+        all,
+        [
+            "key.created",
+            "key.created",
+            "key.revoked",
+            "key.revoked",
+            "key.revoked",
+            "key.updated"
+        ]
+    );
     backend.cleanup().await;
 }

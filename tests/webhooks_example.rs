@@ -26,7 +26,10 @@ async fn call(app: &axum::Router, key: &str, uri: &str, body: Value) -> (StatusC
     let response = app.clone().oneshot(request).await.unwrap();
     let status = response.status();
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
 
 fn config(db: &std::path::Path) -> server::Config {
@@ -52,7 +55,9 @@ async fn the_example_server_sends_webhooks_to_private_targets_only_when_allowed(
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(body["error_detail"]["code"], "WEBHOOK_URL_REFUSED");
 
-    let open = server::build_with(config(&dir.join("open.db")), true).await.unwrap();
+    let open = server::build_with(config(&dir.join("open.db")), true)
+        .await
+        .unwrap();
     let master = open.master.expose_secret().to_owned();
     let (status, body) = call(&open.router, &master, "/api-keys/webhooks", hook).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");

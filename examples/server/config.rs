@@ -86,7 +86,9 @@ impl Database {
                 let pg = tower_api_keys::store::PostgresStore::connect(url).await?;
                 let pg = Arc::new(pg);
                 Self {
-                    records: Records::Postgres(tower_api_keys::store::PostgresStore::pool(&pg).clone()),
+                    records: Records::Postgres(
+                        tower_api_keys::store::PostgresStore::pool(&pg).clone(),
+                    ),
                     postgres: Some((*pg).clone()),
                     #[cfg(feature = "webhooks")]
                     webhooks: tower_api_keys::webhooks::Webhooks::new(pg.clone()),

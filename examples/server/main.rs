@@ -304,9 +304,7 @@ pub(crate) async fn build_with(
             .allow_private(webhooks_allow_private)
             .allow_http(webhooks_allow_private);
         let webhooks = database.webhooks.clone().urls(urls);
-        subscriptions.push(Box::new(
-            webhooks.deliverer().spawn(Duration::from_secs(1)),
-        ));
+        subscriptions.push(Box::new(webhooks.deliverer().spawn(Duration::from_secs(1))));
         manager.webhooks(webhooks)
     };
     #[cfg(not(feature = "webhooks"))]

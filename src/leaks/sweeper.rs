@@ -165,9 +165,14 @@ impl HygieneEvent {
 /// The audit event of a notice, written with it (and so its webhooks): by the master key, on
 /// behalf of the system, when it is written; `as_of` is the sweep's `now`.
 fn notice_event(record: &KeyRecord, event_type: EventType, now: OffsetDateTime) -> EventDraft {
-    EventDraft::new(event_type, Actor::master(), &Origin::default(), &record.owner)
-        .about(record)
-        .detail("as_of", crate::audit::timestamp(Some(now)))
+    EventDraft::new(
+        event_type,
+        Actor::master(),
+        &Origin::default(),
+        &record.owner,
+    )
+    .about(record)
+    .detail("as_of", crate::audit::timestamp(Some(now)))
 }
 
 /// Whether this instance sweeps now: one leader per fleet.

@@ -86,7 +86,9 @@ impl Deliverer {
             timeout: Duration::from_secs(10),
             lease: Duration::from_secs(60),
             batch: 32,
-            token: super::types::message_id().replacen("msg_", "dlv_", 1).into(),
+            token: super::types::message_id()
+                .replacen("msg_", "dlv_", 1)
+                .into(),
         }
     }
 
@@ -131,7 +133,9 @@ impl Deliverer {
 
     /// The delay after the `attempts`-th failed attempt.
     fn delay(&self, attempts: u32) -> Duration {
-        let factor = 1u32.checked_shl(attempts.saturating_sub(1)).unwrap_or(u32::MAX);
+        let factor = 1u32
+            .checked_shl(attempts.saturating_sub(1))
+            .unwrap_or(u32::MAX);
         self.first_retry
             .checked_mul(factor)
             .unwrap_or(self.max_retry)
@@ -164,7 +168,9 @@ impl Deliverer {
                 DeliveryStatus::Pending => report.retrying += 1,
                 DeliveryStatus::Failed => report.failed += 1,
             }
-            self.store.finish(&claimed.id, &self.token, &outcome).await?;
+            self.store
+                .finish(&claimed.id, &self.token, &outcome)
+                .await?;
         }
         Ok(report)
     }
@@ -221,14 +227,10 @@ impl Deliverer {
 
     /// Sends one attempt; the answer's status, or why there was none (never a secret).
     async fn send(&self, claimed: &Claimed, now: OffsetDateTime) -> Result<u16, String> {
-        let dest = self
-            .urls
-            .resolve(&claimed.url)
-            .await
-            .map_err(|e| match e {
-                crate::error::AuthError::WebhookUrlRefused(reason) => format!("refused: {reason}"),
-                other => other.to_string(),
-            })?;
+        let dest = self.urls.resolve(&claimed.url).await.map_err(|e| match e {
+            crate::error::AuthError::WebhookUrlRefused(reason) => format!("refused: {reason}"),
+            other => other.to_string(),
+        })?;
         let timestamp = now.unix_timestamp();
         let body = Bytes::from(claimed.payload.clone());
         let signature = claimed.secret.sign(&claimed.id, timestamp, &body);
@@ -310,14 +312,49 @@ mod tests {
 
     #[async_trait::async_trait]
     impl WebhookStore for NoStore {
-        async fn insert_webhook(&self, _: &super::super::Webhook, _: &super::super::WebhookSecret) -> Result<(), StoreError> { unimplemented!() }
-        async fn webhook(&self, _: &str) -> Result<Option<super::super::Webhook>, StoreError> { unimplemented!() }
-        async fn webhooks(&self, _: &str) -> Result<Vec<super::super::Webhook>, StoreError> { unimplemented!() }
-        async fn delete_webhook(&self, _: &str) -> Result<bool, StoreError> { unimplemented!() }
-        async fn set_webhook_secret(&self, _: &str, _: &super::super::WebhookSecret) -> Result<bool, StoreError> { unimplemented!() }
-        async fn deliveries(&self, _: &str, _: Option<&str>, _: u32) -> Result<Vec<super::super::Delivery>, StoreError> { unimplemented!() }
-        async fn claim(&self, _: OffsetDateTime, _: OffsetDateTime, _: &str, _: u32) -> Result<Vec<Claimed>, StoreError> { unimplemented!() }
-        async fn finish(&self, _: &str, _: &str, _: &AttemptOutcome) -> Result<(), StoreError> { unimplemented!() }
+        async fn insert_webhook(
+            &self,
+            _: &super::super::Webhook,
+            _: &super::super::WebhookSecret,
+        ) -> Result<(), StoreError> {
+            unimplemented!()
+        }
+        async fn webhook(&self, _: &str) -> Result<Option<super::super::Webhook>, StoreError> {
+            unimplemented!()
+        }
+        async fn webhooks(&self, _: &str) -> Result<Vec<super::super::Webhook>, StoreError> {
+            unimplemented!()
+        }
+        async fn delete_webhook(&self, _: &str) -> Result<bool, StoreError> {
+            unimplemented!()
+        }
+        async fn set_webhook_secret(
+            &self,
+            _: &str,
+            _: &super::super::WebhookSecret,
+        ) -> Result<bool, StoreError> {
+            unimplemented!()
+        }
+        async fn deliveries(
+            &self,
+            _: &str,
+            _: Option<&str>,
+            _: u32,
+        ) -> Result<Vec<super::super::Delivery>, StoreError> {
+            unimplemented!()
+        }
+        async fn claim(
+            &self,
+            _: OffsetDateTime,
+            _: OffsetDateTime,
+            _: &str,
+            _: u32,
+        ) -> Result<Vec<Claimed>, StoreError> {
+            unimplemented!()
+        }
+        async fn finish(&self, _: &str, _: &str, _: &AttemptOutcome) -> Result<(), StoreError> {
+            unimplemented!()
+        }
     }
 
     #[test]

@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use time::OffsetDateTime;
 
+use super::Deliverer;
 use super::store::WebhookStore;
 use super::types::{self, Delivery, EVENT_TYPES, Webhook, WebhookSecret};
 use super::url::UrlPolicy;
-use super::Deliverer;
 use crate::audit::EventType;
 use crate::error::AuthError;
 use crate::key::KeyId;
@@ -246,7 +246,13 @@ impl Webhooks {
         };
         let lineage: Vec<KeyId> = match &registrar {
             Some(record) => std::iter::once(record.id.clone())
-                .chain(self.keys.ancestors(&record.id).await?.into_iter().map(|r| r.id))
+                .chain(
+                    self.keys
+                        .ancestors(&record.id)
+                        .await?
+                        .into_iter()
+                        .map(|r| r.id),
+                )
                 .collect(),
             None => Vec::new(),
         };
@@ -280,7 +286,9 @@ fn owner_of<'a>(caller: &'a Principal, owner: Option<&'a str>) -> Result<&'a str
         None => caller.owner().ok_or(AuthError::OwnerRequired)?,
     };
     if owner.is_empty() || owner.len() > 128 || !owner.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(AuthError::invalid("owner: 1 to 128 visible ASCII characters"));
+        return Err(AuthError::invalid(
+            "owner: 1 to 128 visible ASCII characters",
+        ));
     }
     Ok(owner)
 }

@@ -37,8 +37,11 @@ pub trait WebhookStore: Send + Sync + 'static {
 
     /// Replaces an endpoint's secret (pending deliveries are signed with the new one); `false` if
     /// there was no such endpoint.
-    async fn set_webhook_secret(&self, id: &str, secret: &WebhookSecret)
-    -> Result<bool, StoreError>;
+    async fn set_webhook_secret(
+        &self,
+        id: &str,
+        secret: &WebhookSecret,
+    ) -> Result<bool, StoreError>;
 
     /// An endpoint's deliveries, newest first, with a message id below `before` when given.
     async fn deliveries(

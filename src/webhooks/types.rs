@@ -276,7 +276,10 @@ mod tests {
         let text = secret.expose_secret();
         assert!(text.starts_with("whsec_"));
         let again = WebhookSecret::parse(&text).unwrap();
-        assert_eq!(again.sign("msg_1", 1, b"{}"), secret.sign("msg_1", 1, b"{}"));
+        assert_eq!(
+            again.sign("msg_1", 1, b"{}"),
+            secret.sign("msg_1", 1, b"{}")
+        );
         assert_eq!(format!("{secret:?}"), "WebhookSecret(..)");
         assert!(WebhookSecret::parse("whsec_c2hvcnQ=").is_none());
         assert!(WebhookSecret::parse("sk_nope").is_none());
@@ -286,7 +289,11 @@ mod tests {
     fn signatures_reproduce_the_published_test_vector() {
         // The Standard Webhooks test vector (the reference libraries' tests).
         let secret = WebhookSecret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
-        let (id, ts, body) = ("msg_p5jXN8AQM9LWM0D4loKWxJek", 1_614_265_330, br#"{"test": 2432232314}"#);
+        let (id, ts, body) = (
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1_614_265_330,
+            br#"{"test": 2432232314}"#,
+        );
         let signature = secret.sign(id, ts, body);
         assert_eq!(signature, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
         assert!(secret.verify(id, ts, body, &format!("v1,bm9wZQ== {signature}")));

@@ -100,10 +100,7 @@ impl UrlPolicy {
             https,
             host: host.to_owned(),
             authority: authority.as_str().to_owned(),
-            path_and_query: uri
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_owned(),
+            path_and_query: uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
             addr: first,
         })
     }
@@ -169,14 +166,36 @@ mod tests {
     #[test]
     fn only_public_unicast_addresses_pass() {
         for private in [
-            "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "0.0.0.0",
-            "100.64.0.1", "224.0.0.1", "255.255.255.255", "192.0.2.1", "::", "::1",
-            "::ffff:127.0.0.1", "::ffff:169.254.169.254", "::127.0.0.1", "64:ff9b::a00:1",
-            "2002:c0a8:101::1", "fd00:ec2::254", "fe80::1", "ff02::1", "2001:db8::1",
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "224.0.0.1",
+            "255.255.255.255",
+            "192.0.2.1",
+            "::",
+            "::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "::127.0.0.1",
+            "64:ff9b::a00:1",
+            "2002:c0a8:101::1",
+            "fd00:ec2::254",
+            "fe80::1",
+            "ff02::1",
+            "2001:db8::1",
         ] {
             assert!(!is_public(private.parse().unwrap()), "{private}");
         }
-        for public in ["1.1.1.1", "93.184.216.34", "2606:4700:4700::1111", "::ffff:8.8.8.8"] {
+        for public in [
+            "1.1.1.1",
+            "93.184.216.34",
+            "2606:4700:4700::1111",
+            "::ffff:8.8.8.8",
+        ] {
             assert!(is_public(public.parse().unwrap()), "{public}");
         }
     }
@@ -188,14 +207,32 @@ mod tests {
             Err(AuthError::WebhookUrlRefused(reason)) => reason,
             other => panic!("{other:?}"),
         };
-        assert_eq!(reason(strict.resolve("http://1.1.1.1/hook").await), "not_https");
-        assert_eq!(reason(strict.resolve("https://127.0.0.1/hook").await), "private_address");
-        assert_eq!(reason(strict.resolve("https://[::ffff:10.0.0.1]/").await), "private_address");
-        assert_eq!(reason(strict.resolve("https://u:p@1.1.1.1/").await), "credentials");
+        assert_eq!(
+            reason(strict.resolve("http://1.1.1.1/hook").await),
+            "not_https"
+        );
+        assert_eq!(
+            reason(strict.resolve("https://127.0.0.1/hook").await),
+            "private_address"
+        );
+        assert_eq!(
+            reason(strict.resolve("https://[::ffff:10.0.0.1]/").await),
+            "private_address"
+        );
+        assert_eq!(
+            reason(strict.resolve("https://u:p@1.1.1.1/").await),
+            "credentials"
+        );
         assert_eq!(reason(strict.resolve("ftp://1.1.1.1/").await), "malformed");
         assert_eq!(reason(strict.resolve("not a url").await), "malformed");
-        let ok = strict.resolve("https://1.1.1.1:8443/hook?x=1").await.unwrap();
-        assert_eq!((ok.https, ok.addr.port(), ok.path_and_query.as_str()), (true, 8443, "/hook?x=1"));
+        let ok = strict
+            .resolve("https://1.1.1.1:8443/hook?x=1")
+            .await
+            .unwrap();
+        assert_eq!(
+            (ok.https, ok.addr.port(), ok.path_and_query.as_str()),
+            (true, 8443, "/hook?x=1")
+        );
         let local = UrlPolicy::new().allow_private(true).allow_http(true);
         let ok = local.resolve("http://127.0.0.1:9/hook").await.unwrap();
         assert_eq!((ok.https, ok.authority.as_str()), (false, "127.0.0.1:9"));

@@ -176,7 +176,7 @@ pub(super) async fn append(
         .await
         .map_err(map_sqlx_error)?;
         #[cfg(feature = "webhooks")]
-        super::webhooks::enqueue(conn, s, &event).await?;
+        super::outbox::enqueue(conn, s, &event).await?;
         sqlx::query(AssertSqlSafe(format!(
             "UPDATE {s}.api_key_event_chains SET head_seq = $2, head_hash = $3 WHERE owner_id = $1"
         )))

@@ -8,6 +8,8 @@
 
 mod audit;
 mod builder;
+#[cfg(feature = "webhooks")]
+mod outbox;
 mod sql;
 mod store;
 #[cfg(feature = "webhooks")]

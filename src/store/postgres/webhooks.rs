@@ -1,20 +1,20 @@
 //! Webhook endpoints and their outbox in PostgreSQL: `api_key_webhooks`,
 //! `api_key_webhook_deliveries` (migration 8, in `sql`), in the store's schema. `s` is the quoted
 //! schema name (a checked identifier): the only thing formatted into these statements.
-//! [`enqueue`] is called by `audit::append` for every event it writes, on the same transaction.
+//! The [`WebhookStore`] of [`PostgresStore`]; the deliveries are written by `outbox::enqueue`,
+//! with each event.
 
 use sqlx::postgres::PgRow;
-use sqlx::{AssertSqlSafe, PgConnection, Row};
+use sqlx::{AssertSqlSafe, Row};
 use time::OffsetDateTime;
 
 use super::store::PostgresStore;
-use crate::audit::{AuditEvent, EventType};
+use crate::audit::EventType;
 use crate::key::KeyId;
 use crate::store::sql_common::{map_sqlx_error, micros};
-use crate::store::{MAX_DELEGATION_DEPTH, StoreError, StoreErrorKind};
-use crate::webhooks::types::{self, AttemptOutcome, Claimed, Delivery, DeliveryStatus, Webhook};
+use crate::store::{StoreError, StoreErrorKind};
+use crate::webhooks::types::{AttemptOutcome, Claimed, Delivery, DeliveryStatus, Webhook};
 use crate::webhooks::{WebhookSecret, WebhookStore};
-
 
 fn corrupt(what: &'static str) -> StoreError {
     StoreError::new(StoreErrorKind::Corrupt, what)
@@ -25,92 +25,6 @@ fn get<'r, T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>>(
     at: usize,
 ) -> Result<T, StoreError> {
     row.try_get(at).map_err(map_sqlx_error)
-}
-
-/// Whether `root` is active at `at` and its subtree holds `key_id`.
-async fn in_live_subtree(
-    conn: &mut PgConnection,
-    s: &str,
-    root: &str,
-    key_id: &str,
-    at: OffsetDateTime,
-) -> Result<bool, StoreError> {
-    let live: Option<(Option<OffsetDateTime>, Option<OffsetDateTime>)> =
-        sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT revoked_at, expires_at FROM {s}.api_keys WHERE id = $1"
-        )))
-        .bind(root)
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(map_sqlx_error)?;
-    match live {
-        Some((None, expires)) if expires.is_none_or(|e| e > at) => {}
-        _ => return Ok(false),
-    }
-    let mut id = key_id.to_owned();
-    for _ in 0..=MAX_DELEGATION_DEPTH + 1 {
-        if id == root {
-            return Ok(true);
-        }
-        let parent: Option<Option<String>> = sqlx::query_scalar(AssertSqlSafe(format!(
-            "SELECT created_by FROM {s}.api_keys WHERE id = $1"
-        )))
-        .bind(&id)
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(map_sqlx_error)?;
-        match parent.flatten() {
-            Some(parent) => id = parent,
-            None => return Ok(false),
-        }
-    }
-    Ok(false)
-}
-
-/// Writes a pending delivery of `event` to each endpoint of its owner subscribed to its type, on
-/// the caller's transaction. An endpoint a scoped key registered gets only events about keys of
-/// that key's subtree, and only while that key is active.
-pub(super) async fn enqueue(
-    conn: &mut PgConnection,
-    s: &str,
-    event: &AuditEvent,
-) -> Result<(), StoreError> {
-    let endpoints: Vec<(String, Option<String>)> = sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT id, registered_by FROM {s}.api_key_webhooks \
-         WHERE owner_id = $1 AND $2 = ANY(events) ORDER BY id"
-    )))
-    .bind(&event.owner_id)
-    .bind(event.event_type.as_str())
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(map_sqlx_error)?;
-    let mut payload = None;
-    for (webhook_id, registered_by) in endpoints {
-        if let Some(root) = registered_by {
-            let Some(key) = event.key_id.as_ref() else {
-                continue;
-            };
-            if !in_live_subtree(conn, s, &root, key.as_str(), event.at).await? {
-                continue;
-            }
-        }
-        let body = payload.get_or_insert_with(|| types::payload(event));
-        sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO {s}.api_key_webhook_deliveries (id, webhook_id, event_id, event_type, \
-             payload, status, next_attempt_at, created_at) \
-             VALUES ($1, $2, $3, $4, $5, 'pending', $6, $6)"
-        )))
-        .bind(types::message_id())
-        .bind(&webhook_id)
-        .bind(&event.id)
-        .bind(event.event_type.as_str())
-        .bind(&*body)
-        .bind(micros(event.at))
-        .execute(&mut *conn)
-        .await
-        .map_err(map_sqlx_error)?;
-    }
-    Ok(())
 }
 
 const WEBHOOK_COLUMNS: &str = "id, owner_id, url, events, registered_by, created_at";
@@ -166,7 +80,13 @@ impl WebhookStore for PostgresStore {
         .bind(&webhook.id)
         .bind(&webhook.owner)
         .bind(&webhook.url)
-        .bind(webhook.events.iter().map(EventType::as_str).collect::<Vec<_>>())
+        .bind(
+            webhook
+                .events
+                .iter()
+                .map(EventType::as_str)
+                .collect::<Vec<_>>(),
+        )
         .bind(secret.expose_secret().as_str())
         .bind(webhook.registered_by.as_ref().map(KeyId::as_str))
         .bind(micros(webhook.created_at))
@@ -292,9 +212,10 @@ impl WebhookStore for PostgresStore {
         .map_err(map_sqlx_error)?;
         let mut claimed = Vec::with_capacity(rows.len());
         for row in &rows {
-            let (Some(url), Some(secret)) =
-                (get::<Option<String>>(row, 5)?, get::<Option<String>>(row, 6)?)
-            else {
+            let (Some(url), Some(secret)) = (
+                get::<Option<String>>(row, 5)?,
+                get::<Option<String>>(row, 6)?,
+            ) else {
                 continue; // the endpoint was deleted meanwhile
             };
             claimed.push(Claimed {

@@ -150,7 +150,7 @@ pub(super) async fn append(
         .await
         .map_err(map_sqlx_error)?;
         #[cfg(feature = "webhooks")]
-        super::webhooks::enqueue(conn, &event).await?;
+        super::outbox::enqueue(conn, &event).await?;
         sealed.push(event);
     }
     Ok(sealed)
