@@ -252,6 +252,7 @@ pub(crate) fn webhook_id() -> String {
 
 /// The body of the message for `event`: `{"type", "timestamp", "data"}`, `data` being the event
 /// as the management API shows it.
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 pub(crate) fn payload(event: &AuditEvent) -> String {
     json!({
         "type": event.event_type,
@@ -261,10 +262,6 @@ pub(crate) fn payload(event: &AuditEvent) -> String {
     .to_string()
 }
 
-/// Whether an endpoint subscribed to `events` (a JSON array of names) wants `event_type`.
-pub(crate) fn subscribed(events: &[String], event_type: &EventType) -> bool {
-    events.iter().any(|e| e == event_type.as_str())
-}
 
 #[cfg(test)]
 mod tests {

@@ -64,7 +64,7 @@ pub(super) async fn enqueue(
     let mut payload = None;
     for (webhook_id, events, registered_by) in endpoints {
         let events: Vec<String> = serde_json::from_str(&events).unwrap_or_default();
-        if !types::subscribed(&events, &event.event_type) {
+        if !events.iter().any(|e| e == event.event_type.as_str()) {
             continue;
         }
         if let Some(root) = registered_by {
