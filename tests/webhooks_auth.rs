@@ -64,6 +64,26 @@ async fn principal(server: &Instance, key: &CreatedKey) -> Principal {
         .unwrap()
 }
 
+/// The types of `owner`'s audit events, newest first.
+async fn events_of(server: &Instance, owner: &str) -> Vec<String> {
+    let query = tower_api_keys::audit::EventQuery {
+        owner: owner.into(),
+        limit: 500,
+        ..Default::default()
+    };
+    let events = server.store.events(&query).await.unwrap();
+    for event in &events {
+        assert!(
+            !event.to_json().to_string().contains("whsec_"),
+            "a secret in {event:?}"
+        );
+    }
+    events
+        .iter()
+        .map(|e| e.event_type.as_str().to_owned())
+        .collect()
+}
+
 fn secret_of(key: &CreatedKey) -> &str {
     key.key.expose_secret()
 }
@@ -258,6 +278,15 @@ async fn the_wire_contract() {
         .send(MASTER, "GET", "/api-keys/webhooks?owner=team", None)
         .await;
     assert_eq!(list.json(), json!({"webhooks": []}));
+    // Each change is an audit event of the owner, written with it (never a secret in it).
+    let types = events_of(&server, "team").await;
+    for t in ["webhook.registered", "webhook.rotated", "webhook.deleted"] {
+        assert_eq!(
+            types.iter().filter(|e| *e == t).count(),
+            1,
+            "{t} in {types:?}"
+        );
+    }
     backend.cleanup().await;
 }
 
@@ -353,6 +382,11 @@ async fn scoped_keys_hold_webhooks_of_their_own_subtree_only() {
     )
     .await
     .expect(StatusCode::FORBIDDEN, Some("AUTH_OUTSIDE_SUBTREE"));
+    let refused_before = events_of(&server, "team")
+        .await
+        .iter()
+        .filter(|t| *t == "key.refused")
+        .count();
     api.send(
         secret_of(&b),
         "POST",
@@ -361,6 +395,13 @@ async fn scoped_keys_hold_webhooks_of_their_own_subtree_only() {
     )
     .await
     .expect(StatusCode::FORBIDDEN, Some("AUTH_OUTSIDE_SUBTREE"));
+    // A refused power operation is recorded, as for keys.
+    let refused = events_of(&server, "team")
+        .await
+        .iter()
+        .filter(|t| *t == "key.refused")
+        .count();
+    assert_eq!(refused, refused_before + 1);
     for path in [
         format!("/api-keys/webhooks/{mine_id}/deliveries"),
         format!("/api-keys/webhooks/{owner_wide_id}/deliveries"),

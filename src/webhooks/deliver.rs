@@ -308,6 +308,8 @@ fn tls_config() -> Result<Arc<ClientConfig>, String> {
 mod tests {
     use super::*;
 
+    use crate::audit::EventDraft;
+
     struct NoStore;
 
     #[async_trait::async_trait]
@@ -316,6 +318,7 @@ mod tests {
             &self,
             _: &super::super::Webhook,
             _: &super::super::WebhookSecret,
+            _: &[EventDraft],
         ) -> Result<(), StoreError> {
             unimplemented!()
         }
@@ -325,13 +328,14 @@ mod tests {
         async fn webhooks(&self, _: &str) -> Result<Vec<super::super::Webhook>, StoreError> {
             unimplemented!()
         }
-        async fn delete_webhook(&self, _: &str) -> Result<bool, StoreError> {
+        async fn delete_webhook(&self, _: &str, _: &[EventDraft]) -> Result<bool, StoreError> {
             unimplemented!()
         }
         async fn set_webhook_secret(
             &self,
             _: &str,
             _: &super::super::WebhookSecret,
+            _: &[EventDraft],
         ) -> Result<bool, StoreError> {
             unimplemented!()
         }

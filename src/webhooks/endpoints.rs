@@ -10,7 +10,7 @@ use super::Deliverer;
 use super::store::WebhookStore;
 use super::types::{self, Delivery, EVENT_TYPES, Webhook, WebhookSecret};
 use super::url::UrlPolicy;
-use crate::audit::EventType;
+use crate::audit::{Actor, EventDraft, EventType, Origin};
 use crate::error::AuthError;
 use crate::key::KeyId;
 use crate::manage::{KeyFacts, Operation, Target, authorize};
@@ -56,6 +56,7 @@ pub struct Webhooks {
     store: Arc<dyn WebhookStore>,
     keys: Arc<dyn KeyStore>,
     urls: UrlPolicy,
+    origin: Arc<Origin>,
 }
 
 impl fmt::Debug for Webhooks {
@@ -73,7 +74,59 @@ impl Webhooks {
             store: store.clone(),
             keys: store,
             urls: UrlPolicy::default(),
+            origin: Arc::default(),
         }
+    }
+
+    /// These endpoints acting for calls from `origin`: the audit events of their changes carry
+    /// its address and request id (what the router does per request).
+    #[must_use]
+    pub fn at(&self, origin: Origin) -> Self {
+        Self {
+            origin: Arc::new(origin),
+            ..self.clone()
+        }
+    }
+
+    /// An audit event of a change to `webhook`: `webhook.registered`, `.deleted` or `.rotated`
+    /// (never delivered as webhooks: they are not key events).
+    fn event(&self, caller: &Principal, name: &'static str, webhook: &Webhook) -> EventDraft {
+        let event_type = EventType::new(name).expect("a valid event type");
+        EventDraft::new(event_type, Actor::of(caller), &self.origin, &webhook.owner)
+            .detail("webhook_id", webhook.id.as_str())
+            .detail("url", webhook.url.as_str())
+    }
+
+    /// [`authorize`], recording a refusal (but for an unknown or invisible endpoint) as
+    /// `key.refused` in the caller's owner's chain, as the key manager does.
+    async fn authorize_recorded(
+        &self,
+        caller: &Principal,
+        operation: Operation,
+        target: &Target<'_>,
+    ) -> Result<(), AuthError> {
+        let Err(refusal) = authorize(caller, operation, target) else {
+            return Ok(());
+        };
+        let refusal = match refusal {
+            AuthError::NotFound => return Err(AuthError::WebhookNotFound),
+            other => other,
+        };
+        if let Some(owner) = caller.owner() {
+            let mut draft = EventDraft::new(
+                EventType::KEY_REFUSED,
+                Actor::of(caller),
+                &self.origin,
+                owner,
+            )
+            .detail("operation", operation.verb())
+            .detail("code", refusal.code().as_str());
+            draft.account_id = caller.account().map(str::to_owned);
+            if let Err(error) = self.keys.append_events(&[draft]).await {
+                tracing::warn!(%error, "recording a refused webhook operation failed");
+            }
+        }
+        Err(refusal)
     }
 
     /// Which URLs may be registered (and, for [`deliverer`](Self::deliverer), called).
@@ -98,14 +151,15 @@ impl Webhooks {
         events: &[String],
     ) -> Result<CreatedWebhook, AuthError> {
         let owner = owner_of(caller, owner)?;
-        authorize(
+        self.authorize_recorded(
             caller,
             Operation::RegisterWebhook,
             &Target::Keys {
                 owner,
                 account: caller.account(),
             },
-        )?;
+        )
+        .await?;
         let events = validate_events(events)?;
         self.urls.resolve(url).await?;
         let count = self.store.webhooks(owner).await?.len();
@@ -123,7 +177,17 @@ impl Webhooks {
             created_at: crate::audit::floor_micros(OffsetDateTime::now_utc()),
         };
         let secret = WebhookSecret::generate();
-        self.store.insert_webhook(&webhook, &secret).await?;
+        let event = self.event(caller, "webhook.registered", &webhook).detail(
+            "events",
+            webhook
+                .events
+                .iter()
+                .map(EventType::as_str)
+                .collect::<Vec<_>>(),
+        );
+        self.store
+            .insert_webhook(&webhook, &secret, &[event])
+            .await?;
         tracing::info!(webhook_id = %webhook.id, owner = %webhook.owner, "webhook registered");
         Ok(CreatedWebhook { webhook, secret })
     }
@@ -145,7 +209,7 @@ impl Webhooks {
         )?;
         let mut visible = Vec::new();
         for webhook in self.store.webhooks(owner).await? {
-            if self.check(caller, &webhook, None).await.is_ok() {
+            if self.check(caller, &webhook, None, false).await.is_ok() {
                 visible.push(webhook);
             }
         }
@@ -160,7 +224,8 @@ impl Webhooks {
         owner: Option<&str>,
     ) -> Result<(), AuthError> {
         let webhook = self.target(caller, id, owner).await?;
-        if !self.store.delete_webhook(&webhook.id).await? {
+        let event = self.event(caller, "webhook.deleted", &webhook);
+        if !self.store.delete_webhook(&webhook.id, &[event]).await? {
             return Err(AuthError::WebhookNotFound);
         }
         tracing::info!(webhook_id = %webhook.id, owner = %webhook.owner, "webhook deleted");
@@ -177,7 +242,12 @@ impl Webhooks {
     ) -> Result<CreatedWebhook, AuthError> {
         let webhook = self.target(caller, id, owner).await?;
         let secret = WebhookSecret::generate();
-        if !self.store.set_webhook_secret(&webhook.id, &secret).await? {
+        let event = self.event(caller, "webhook.rotated", &webhook);
+        if !self
+            .store
+            .set_webhook_secret(&webhook.id, &secret, &[event])
+            .await?
+        {
             return Err(AuthError::WebhookNotFound);
         }
         tracing::info!(webhook_id = %webhook.id, owner = %webhook.owner, "webhook secret rotated");
@@ -227,7 +297,7 @@ impl Webhooks {
             .webhook(id)
             .await?
             .ok_or(AuthError::WebhookNotFound)?;
-        self.check(caller, &webhook, owner).await?;
+        self.check(caller, &webhook, owner, true).await?;
         Ok(webhook)
     }
 
@@ -239,6 +309,7 @@ impl Webhooks {
         caller: &Principal,
         webhook: &Webhook,
         named_owner: Option<&str>,
+        record: bool,
     ) -> Result<(), AuthError> {
         let registrar = match &webhook.registered_by {
             Some(id) => self.keys.get(id).await?,
@@ -273,6 +344,11 @@ impl Webhooks {
             named_owner,
             key: Some(facts),
         };
+        if record {
+            return self
+                .authorize_recorded(caller, Operation::ManageWebhook, &target)
+                .await;
+        }
         authorize(caller, Operation::ManageWebhook, &target).map_err(|e| match e {
             AuthError::NotFound => AuthError::WebhookNotFound,
             other => other,

@@ -93,6 +93,10 @@
 //! key's alone (404 to scoped keys). Events about a key whose record was deleted go to the master
 //! key's endpoints only (the lineage went with the record).
 //!
+//! Registering, rotating and deleting an endpoint are audit events of the owner, written with the
+//! change (`webhook.registered`, `webhook.rotated`, `webhook.deleted`: the id and URL, never the
+//! secret; not key events, so never delivered), and a refused one is `key.refused`, as for keys.
+//!
 //! The `webhooks` feature must be on in every instance writing to a shared store: the outbox is
 //! written by the build that writes the event.
 

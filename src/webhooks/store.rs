@@ -3,6 +3,7 @@
 use time::OffsetDateTime;
 
 use super::types::{AttemptOutcome, Claimed, Delivery, Webhook, WebhookSecret};
+use crate::audit::EventDraft;
 use crate::store::StoreError;
 
 /// Endpoints and their outbox. [`SqliteStore`](crate::store::SqliteStore) and
@@ -16,7 +17,10 @@ use crate::store::StoreError;
 ///   delivery at once; a deliverer that dies leaves its lease to expire and the delivery to
 ///   another;
 /// - `finish` records an attempt only if the lease `token` still holds it;
-/// - deleting an endpoint deletes its deliveries.
+/// - deleting an endpoint deletes its deliveries;
+/// - `events` (the change's audit events: `webhook.registered`, `webhook.deleted`,
+///   `webhook.rotated`) are written in the same atomic step as the change, and only if it changed
+///   something.
 #[async_trait::async_trait]
 pub trait WebhookStore: Send + Sync + 'static {
     /// Stores a new endpoint with its secret.
@@ -24,6 +28,7 @@ pub trait WebhookStore: Send + Sync + 'static {
         &self,
         webhook: &Webhook,
         secret: &WebhookSecret,
+        events: &[EventDraft],
     ) -> Result<(), StoreError>;
 
     /// The endpoint with this id.
@@ -33,7 +38,7 @@ pub trait WebhookStore: Send + Sync + 'static {
     async fn webhooks(&self, owner: &str) -> Result<Vec<Webhook>, StoreError>;
 
     /// Removes an endpoint and its deliveries; `false` if there was none.
-    async fn delete_webhook(&self, id: &str) -> Result<bool, StoreError>;
+    async fn delete_webhook(&self, id: &str, events: &[EventDraft]) -> Result<bool, StoreError>;
 
     /// Replaces an endpoint's secret (pending deliveries are signed with the new one); `false` if
     /// there was no such endpoint.
@@ -41,6 +46,7 @@ pub trait WebhookStore: Send + Sync + 'static {
         &self,
         id: &str,
         secret: &WebhookSecret,
+        events: &[EventDraft],
     ) -> Result<bool, StoreError>;
 
     /// An endpoint's deliveries, newest first, with a message id below `before` when given.

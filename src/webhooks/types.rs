@@ -262,7 +262,6 @@ pub(crate) fn payload(event: &AuditEvent) -> String {
     .to_string()
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

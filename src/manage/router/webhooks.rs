@@ -12,7 +12,7 @@
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query};
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::{delete, get, post};
@@ -20,6 +20,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::super::KeyManager;
+use super::super::activity_routes::Acting;
 use super::wire::{body_error, no_store, parse_json, query};
 use crate::error::AuthError;
 use crate::principal::Principal;
@@ -56,10 +57,12 @@ struct DeliveryParams {
     limit: Option<u32>,
 }
 
-fn webhooks(manager: &KeyManager) -> Result<&Webhooks, AuthError> {
-    manager
+/// The manager's endpoints, acting for this request's origin (as the key routes do).
+fn webhooks(manager: &KeyManager) -> Result<Webhooks, AuthError> {
+    let webhooks = manager
         .webhook_endpoints()
-        .ok_or(AuthError::WebhookNotFound)
+        .ok_or(AuthError::WebhookNotFound)?;
+    Ok(webhooks.at((*manager.origin).clone()))
 }
 
 fn id(path: Result<Path<String>, PathRejection>) -> Result<String, AuthError> {
@@ -74,7 +77,7 @@ fn with_secret(created: &CreatedWebhook) -> Value {
 }
 
 async fn register(
-    State(manager): State<KeyManager>,
+    Acting(manager): Acting,
     principal: Principal,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, AuthError> {
@@ -86,7 +89,7 @@ async fn register(
 }
 
 async fn list(
-    State(manager): State<KeyManager>,
+    Acting(manager): Acting,
     principal: Principal,
     params: Result<Query<OwnerParams>, QueryRejection>,
 ) -> Result<Response, AuthError> {
@@ -99,7 +102,7 @@ async fn list(
 }
 
 async fn remove(
-    State(manager): State<KeyManager>,
+    Acting(manager): Acting,
     principal: Principal,
     path: Result<Path<String>, PathRejection>,
     params: Result<Query<OwnerParams>, QueryRejection>,
@@ -112,7 +115,7 @@ async fn remove(
 }
 
 async fn rotate(
-    State(manager): State<KeyManager>,
+    Acting(manager): Acting,
     principal: Principal,
     path: Result<Path<String>, PathRejection>,
     params: Result<Query<OwnerParams>, QueryRejection>,
@@ -125,7 +128,7 @@ async fn rotate(
 }
 
 async fn deliveries(
-    State(manager): State<KeyManager>,
+    Acting(manager): Acting,
     principal: Principal,
     path: Result<Path<String>, PathRejection>,
     params: Result<Query<DeliveryParams>, QueryRejection>,

@@ -9,7 +9,7 @@ use sqlx::{AssertSqlSafe, Row};
 use time::OffsetDateTime;
 
 use super::store::PostgresStore;
-use crate::audit::EventType;
+use crate::audit::{EventDraft, EventType};
 use crate::key::KeyId;
 use crate::store::sql_common::{map_sqlx_error, micros};
 use crate::store::{StoreError, StoreErrorKind};
@@ -70,9 +70,11 @@ impl WebhookStore for PostgresStore {
         &self,
         webhook: &Webhook,
         secret: &WebhookSecret,
+        events: &[EventDraft],
     ) -> Result<(), StoreError> {
         self.migrate().await?;
         let s = &self.sql.quoted;
+        let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
         sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO {s}.api_key_webhooks (id, owner_id, url, events, secret, registered_by, \
              created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)"
@@ -90,10 +92,11 @@ impl WebhookStore for PostgresStore {
         .bind(secret.expose_secret().as_str())
         .bind(webhook.registered_by.as_ref().map(KeyId::as_str))
         .bind(micros(webhook.created_at))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(map_sqlx_error)?;
-        Ok(())
+        super::audit::append(&mut tx, s, events.to_vec()).await?;
+        tx.commit().await.map_err(map_sqlx_error)
     }
 
     async fn webhook(&self, id: &str) -> Result<Option<Webhook>, StoreError> {
@@ -122,7 +125,7 @@ impl WebhookStore for PostgresStore {
         rows.iter().map(decode_webhook).collect()
     }
 
-    async fn delete_webhook(&self, id: &str) -> Result<bool, StoreError> {
+    async fn delete_webhook(&self, id: &str, events: &[EventDraft]) -> Result<bool, StoreError> {
         self.migrate().await?;
         let s = &self.sql.quoted;
         let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
@@ -140,26 +143,37 @@ impl WebhookStore for PostgresStore {
         .execute(&mut *tx)
         .await
         .map_err(map_sqlx_error)?;
+        let deleted = done.rows_affected() == 1;
+        if deleted {
+            super::audit::append(&mut tx, s, events.to_vec()).await?;
+        }
         tx.commit().await.map_err(map_sqlx_error)?;
-        Ok(done.rows_affected() == 1)
+        Ok(deleted)
     }
 
     async fn set_webhook_secret(
         &self,
         id: &str,
         secret: &WebhookSecret,
+        events: &[EventDraft],
     ) -> Result<bool, StoreError> {
         self.migrate().await?;
         let s = &self.sql.quoted;
+        let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
         let done = sqlx::query(AssertSqlSafe(format!(
             "UPDATE {s}.api_key_webhooks SET secret = $2 WHERE id = $1"
         )))
         .bind(id)
         .bind(secret.expose_secret().as_str())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(map_sqlx_error)?;
-        Ok(done.rows_affected() == 1)
+        let updated = done.rows_affected() == 1;
+        if updated {
+            super::audit::append(&mut tx, s, events.to_vec()).await?;
+        }
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(updated)
     }
 
     async fn deliveries(

@@ -7,7 +7,7 @@ use sqlx::sqlite::SqliteRow;
 use time::OffsetDateTime;
 
 use super::store::SqliteStore;
-use crate::audit::EventType;
+use crate::audit::{EventDraft, EventType};
 use crate::key::KeyId;
 use crate::store::sql_common::{from_unix_micros, map_sqlx_error, to_unix_micros};
 use crate::store::{StoreError, StoreErrorKind};
@@ -81,7 +81,9 @@ impl WebhookStore for SqliteStore {
         &self,
         webhook: &Webhook,
         secret: &WebhookSecret,
+        events: &[EventDraft],
     ) -> Result<(), StoreError> {
+        let mut tx = self.begin_immediate().await?;
         sqlx::query(
             "INSERT INTO api_key_webhooks (id, owner_id, url, events, secret, registered_by, \
              created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -93,10 +95,11 @@ impl WebhookStore for SqliteStore {
         .bind(secret.expose_secret().as_str())
         .bind(webhook.registered_by.as_ref().map(KeyId::as_str))
         .bind(to_unix_micros(webhook.created_at))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(map_sqlx_error)?;
-        Ok(())
+        super::audit::append(&mut tx, events.to_vec()).await?;
+        tx.commit().await.map_err(map_sqlx_error)
     }
 
     async fn webhook(&self, id: &str) -> Result<Option<Webhook>, StoreError> {
@@ -121,7 +124,7 @@ impl WebhookStore for SqliteStore {
         rows.iter().map(decode_webhook).collect()
     }
 
-    async fn delete_webhook(&self, id: &str) -> Result<bool, StoreError> {
+    async fn delete_webhook(&self, id: &str, events: &[EventDraft]) -> Result<bool, StoreError> {
         let mut tx = self.begin_immediate().await?;
         sqlx::query("DELETE FROM api_key_webhook_deliveries WHERE webhook_id = ?1")
             .bind(id)
@@ -133,22 +136,33 @@ impl WebhookStore for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(map_sqlx_error)?;
+        let deleted = done.rows_affected() == 1;
+        if deleted {
+            super::audit::append(&mut tx, events.to_vec()).await?;
+        }
         tx.commit().await.map_err(map_sqlx_error)?;
-        Ok(done.rows_affected() == 1)
+        Ok(deleted)
     }
 
     async fn set_webhook_secret(
         &self,
         id: &str,
         secret: &WebhookSecret,
+        events: &[EventDraft],
     ) -> Result<bool, StoreError> {
+        let mut tx = self.begin_immediate().await?;
         let done = sqlx::query("UPDATE api_key_webhooks SET secret = ?2 WHERE id = ?1")
             .bind(id)
             .bind(secret.expose_secret().as_str())
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(map_sqlx_error)?;
-        Ok(done.rows_affected() == 1)
+        let updated = done.rows_affected() == 1;
+        if updated {
+            super::audit::append(&mut tx, events.to_vec()).await?;
+        }
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(updated)
     }
 
     async fn deliveries(
