@@ -88,6 +88,20 @@ fn secret_of(key: &CreatedKey) -> &str {
     key.key.expose_secret()
 }
 
+#[test]
+fn the_openapi_document_has_the_webhook_routes() {
+    let doc = serde_json::to_value(manage::openapi()).unwrap();
+    for (path, method) in [
+        ("/api-keys/webhooks", "post"),
+        ("/api-keys/webhooks", "get"),
+        ("/api-keys/webhooks/{id}", "delete"),
+        ("/api-keys/webhooks/{id}/rotate", "post"),
+        ("/api-keys/webhooks/{id}/deliveries", "get"),
+    ] {
+        assert!(doc["paths"][path][method].is_object(), "{method} {path}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wire_contract() {
     let backend = Backend::sqlite();

@@ -114,6 +114,8 @@ fn webhook_routes() -> Router<KeyManager> {
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = ApiDoc::openapi();
     doc.merge(super::activity_routes::ActivityDoc::openapi());
+    #[cfg(feature = "webhooks")]
+    doc.merge(webhooks::WebhookDoc::openapi());
     doc
 }
 

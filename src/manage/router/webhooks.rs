@@ -16,8 +16,9 @@ use axum::extract::{Path, Query};
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::{delete, get, post};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use utoipa::{OpenApi, ToSchema};
 
 use super::super::KeyManager;
 use super::super::activity_routes::Acting;
@@ -35,14 +36,75 @@ pub(super) fn routes() -> Router<KeyManager> {
         .route("/api-keys/webhooks/{id}/deliveries", get(deliveries))
 }
 
-#[derive(Default, Deserialize)]
+/// The webhook routes' OpenAPI paths, merged into [`openapi`](super::openapi).
+#[derive(OpenApi)]
+#[openapi(
+    paths(register, list, remove, rotate, deliveries),
+    components(schemas(RegisterBody, WebhookBody, WebhookList, DeliveryBody, DeliveryList))
+)]
+pub(super) struct WebhookDoc;
+
+/// A new endpoint of an owner.
+#[derive(Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RegisterBody {
+    /// The owner (required with the master key; a scoped key: its own).
     owner: Option<String>,
+    /// `https` to a public address, unless the application allows more.
     #[serde(default)]
     url: String,
+    /// Key event types: `key.created`, `key.rotated`, `key.revoked`, `key.deleted`,
+    /// `key.updated`, `key.leaked`, `key.expiring`, `key.idle`.
     #[serde(default)]
     events: Vec<String>,
+}
+
+/// An endpoint (with its `secret` only when registered or rotated).
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)] // the schema of what `Webhook::to_json` writes
+struct WebhookBody {
+    id: String,
+    owner: String,
+    url: String,
+    events: Vec<String>,
+    created_at: String,
+    /// `whsec_...`: shown once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secret: Option<String>,
+}
+
+/// An owner's endpoints.
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+struct WebhookList {
+    webhooks: Vec<WebhookBody>,
+}
+
+/// One message to one endpoint, and what became of it.
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)] // the schema of what `Delivery::to_json` writes
+struct DeliveryBody {
+    /// The message id: the `webhook-id` header, the same on every attempt.
+    id: String,
+    event_type: String,
+    /// `pending`, `delivered` or `failed`.
+    status: String,
+    attempts: u32,
+    last_status: Option<u16>,
+    last_error: Option<String>,
+    last_attempt_at: Option<String>,
+    next_attempt_at: Option<String>,
+    delivered_at: Option<String>,
+    created_at: String,
+}
+
+/// A page of an endpoint's delivery log, newest first.
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+struct DeliveryList {
+    deliveries: Vec<DeliveryBody>,
+    /// Pass as `cursor` for the next page; null on the last.
+    next_cursor: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -76,6 +138,12 @@ fn with_secret(created: &CreatedWebhook) -> Value {
     body
 }
 
+/// Registers an owner's endpoint (master key, or `api-keys:write` in that owner: a scoped key's
+/// endpoint receives the events of its own subtree only).
+#[utoipa::path(post, path = "/api-keys/webhooks", request_body = RegisterBody,
+    responses((status = 201, body = WebhookBody, description = "The endpoint and its secret, shown once"),
+              (status = 400, description = "APIKEY_INVALID, APIKEY_OWNER_REQUIRED, WEBHOOK_URL_REFUSED"), (status = 401),
+              (status = 403), (status = 409, description = "WEBHOOK_LIMIT_REACHED"), (status = 503)))]
 async fn register(
     Acting(manager): Acting,
     principal: Principal,
@@ -88,6 +156,10 @@ async fn register(
     Ok(no_store(StatusCode::CREATED, with_secret(&created)))
 }
 
+/// An owner's endpoints the caller may manage, oldest first.
+#[utoipa::path(get, path = "/api-keys/webhooks",
+    params(("owner" = Option<String>, Query, description = "Whose endpoints (required with the master key)")),
+    responses((status = 200, body = WebhookList), (status = 400), (status = 401), (status = 403), (status = 503)))]
 async fn list(
     Acting(manager): Acting,
     principal: Principal,
@@ -101,6 +173,10 @@ async fn list(
     Ok(no_store(StatusCode::OK, json!({ "webhooks": list })))
 }
 
+/// Deletes an endpoint and its delivery log.
+#[utoipa::path(delete, path = "/api-keys/webhooks/{id}",
+    params(("id" = String, Path, description = "The endpoint's id"), ("owner" = Option<String>, Query, description = "When given, the endpoint's owner")),
+    responses((status = 204), (status = 401), (status = 403), (status = 404, description = "WEBHOOK_NOT_FOUND"), (status = 503)))]
 async fn remove(
     Acting(manager): Acting,
     principal: Principal,
@@ -114,6 +190,10 @@ async fn remove(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Gives an endpoint a new signing secret, shown once.
+#[utoipa::path(post, path = "/api-keys/webhooks/{id}/rotate",
+    params(("id" = String, Path, description = "The endpoint's id"), ("owner" = Option<String>, Query, description = "When given, the endpoint's owner")),
+    responses((status = 200, body = WebhookBody), (status = 401), (status = 403), (status = 404, description = "WEBHOOK_NOT_FOUND"), (status = 503)))]
 async fn rotate(
     Acting(manager): Acting,
     principal: Principal,
@@ -127,6 +207,11 @@ async fn rotate(
     Ok(no_store(StatusCode::OK, with_secret(&rotated)))
 }
 
+/// An endpoint's delivery log, newest first.
+#[utoipa::path(get, path = "/api-keys/webhooks/{id}/deliveries",
+    params(("id" = String, Path, description = "The endpoint's id"), ("owner" = Option<String>, Query, description = "When given, the endpoint's owner"),
+           ("cursor" = Option<String>, Query, description = "A previous page's next_cursor"), ("limit" = Option<u32>, Query, description = "1 to 100, default 50")),
+    responses((status = 200, body = DeliveryList), (status = 400), (status = 401), (status = 403), (status = 404, description = "WEBHOOK_NOT_FOUND"), (status = 503)))]
 async fn deliveries(
     Acting(manager): Acting,
     principal: Principal,
