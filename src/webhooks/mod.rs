@@ -85,13 +85,16 @@
 //!
 //! Under the one rule ([`authorize`](crate::manage::authorize)): the master key, or a key with
 //! `api-keys:write` in that owner (and account). A scoped key's endpoint receives only events about
-//! keys of **its own subtree** (itself and the keys it created), and only while it is active: a
+//! keys of **its own subtree** (itself and the keys it created), written while it is active: a
 //! webhook is a standing read of events, and a scoped key reads the activity of its subtree only,
 //! so registering one gives it nothing it could not read already; revoking the key stops it.
 //! A scoped key lists, deletes, rotates and reads the log of the endpoints registered inside its
 //! subtree; the master key's endpoints (which receive the whole owner's events) are the master
 //! key's alone (404 to scoped keys). Events about a key whose record was deleted go to the master
 //! key's endpoints only (the lineage went with the record).
+//!
+//! The store keeps each endpoint's secret as it is (the deliverer signs with it), unlike API keys,
+//! which it keeps as digests only; it never appears in a listing, a log line or an event.
 //!
 //! Registering, rotating and deleting an endpoint are audit events of the owner, written with the
 //! change (`webhook.registered`, `webhook.rotated`, `webhook.deleted`: the id and URL, never the

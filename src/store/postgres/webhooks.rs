@@ -236,7 +236,7 @@ impl WebhookStore for PostgresStore {
                 id: get(row, 0)?,
                 webhook_id: get(row, 1)?,
                 url,
-                secret: WebhookSecret::parse(&secret)
+                secret: WebhookSecret::parse(&zeroize::Zeroizing::new(secret))
                     .ok_or_else(|| corrupt("bad webhook secret"))?,
                 payload: get(row, 2)?,
                 attempts: u32::try_from(get::<i32>(row, 3)?).unwrap_or(0),

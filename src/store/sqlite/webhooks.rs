@@ -222,7 +222,7 @@ impl WebhookStore for SqliteStore {
                 id: row.get(0),
                 webhook_id,
                 url,
-                secret: WebhookSecret::parse(&secret)
+                secret: WebhookSecret::parse(&zeroize::Zeroizing::new(secret))
                     .ok_or_else(|| corrupt("bad webhook secret"))?,
                 payload: row.get(2),
                 attempts: u32::try_from(row.get::<i64, _>(3)).unwrap_or(u32::MAX),
