@@ -478,7 +478,18 @@ mod tests {
     fn the_table_has_a_row_for_every_operation() {
         use Operation::*;
         let kinds: Vec<_> = [
-            List, Get, Create, Rotate, Revoke, Update, Delete, GetPool, SetPool,
+            List,
+            Get,
+            Create,
+            Rotate,
+            Revoke,
+            Update,
+            Delete,
+            GetPool,
+            SetPool,
+            RegisterWebhook,
+            ListWebhooks,
+            ManageWebhook,
         ]
         .map(Operation::kind)
         .into();
@@ -494,6 +505,9 @@ mod tests {
                 OperationKind::Master,
                 OperationKind::Read,
                 OperationKind::Master,
+                OperationKind::Power,
+                OperationKind::Power,
+                OperationKind::Power,
             ]
         );
     }
