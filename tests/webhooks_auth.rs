@@ -479,7 +479,10 @@ async fn scoped_keys_hold_webhooks_of_their_own_subtree_only() {
         .collect();
     assert_eq!(about, [d.info.id.as_str(), d.info.id.as_str()]);
 
-    // A revoked: its endpoint hears nothing more (not even about its former subtree).
+    // A revoked: what was queued for its endpoint is failed, not sent, and it hears nothing
+    // more (not even about its former subtree).
+    let queued = key(&server, &acting_a, "team", &["ledgers:read"]).await;
+    let queued_id = queued.info.id.as_str().to_owned();
     server.manager.revoke(&master, &a.info.id).await.unwrap();
     server
         .manager
@@ -493,13 +496,39 @@ async fn scoped_keys_hold_webhooks_of_their_own_subtree_only() {
         )
         .await
         .unwrap();
-    assert_eq!(log(mine_id).await.len(), 2);
+    assert_eq!(log(mine_id.clone()).await.len(), 3);
+    server.webhooks.deliverer().deliver_due().await.unwrap();
+    let latest = api
+        .send(
+            MASTER,
+            "GET",
+            &format!("/api-keys/webhooks/{mine_id}/deliveries?limit=1"),
+            None,
+        )
+        .await
+        .json();
+    let d = &latest["deliveries"][0];
+    assert_eq!(d["event_type"], "key.created");
+    assert_eq!(d["status"], "failed");
+    assert_eq!(
+        d["last_error"],
+        "the key that registered the endpoint is no longer active"
+    );
+    assert!(
+        receiver
+            .got()
+            .iter()
+            .filter(|g| secret.verify(&g.id, g.timestamp, &g.body, &g.signature))
+            .all(|g| g.json()["data"]["key_id"] != queued_id.as_str()),
+        "nothing about the queued key was sent to A's endpoint"
+    );
     // The master key's endpoint heard everything of the owner since it was registered.
     let mut all = log(owner_wide_id).await;
     all.sort();
     assert_eq!(
         all,
         [
+            "key.created",
             "key.created",
             "key.created",
             "key.revoked",

@@ -191,6 +191,16 @@ impl Deliverer {
     }
 
     async fn attempt(&self, claimed: &Claimed, now: OffsetDateTime) -> AttemptOutcome {
+        if claimed.registrar_ended {
+            // What a key obtained ends with it: its endpoint gets nothing more, queued or not.
+            return AttemptOutcome {
+                status: DeliveryStatus::Failed,
+                http_status: None,
+                error: Some("the key that registered the endpoint is no longer active".into()),
+                at: now,
+                next_attempt_at: None,
+            };
+        }
         let result = tokio::time::timeout(self.timeout, self.send(claimed, now))
             .await
             .unwrap_or_else(|_| Err("timed out".to_owned()));

@@ -85,8 +85,9 @@
 //!
 //! Under the one rule ([`authorize`](crate::manage::authorize)): the master key, or a key with
 //! `api-keys:write` in that owner (and account). A scoped key's endpoint receives only events about
-//! keys of **its own subtree** (itself and the keys it created), written while it is active: a
-//! webhook is a standing read of events, and a scoped key reads the activity of its subtree only,
+//! keys of **its own subtree** (itself and the keys it created), and only while it is active
+//! (written while it is active, and sent while it still is: what was queued is failed when it
+//! ends): a webhook is a standing read of events, and a scoped key reads the activity of its subtree only,
 //! so registering one gives it nothing it could not read already; revoking the key stops it.
 //! A scoped key lists, deletes, rotates and reads the log of the endpoints registered inside its
 //! subtree; the master key's endpoints (which receive the whole owner's events) are the master

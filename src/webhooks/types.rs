@@ -211,6 +211,9 @@ pub struct Claimed {
     pub attempts: u32,
     /// When the event was written.
     pub created_at: OffsetDateTime,
+    /// Whether the scoped key that registered the endpoint is no longer active (revoked, expired
+    /// or deleted): the delivery is then failed, not sent.
+    pub registrar_ended: bool,
 }
 
 impl fmt::Debug for Claimed {

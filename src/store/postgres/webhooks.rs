@@ -215,7 +215,10 @@ impl WebhookStore for PostgresStore {
              WHERE d.id = due.id \
              RETURNING d.id, d.webhook_id, d.payload, d.attempts, d.created_at, \
              (SELECT url FROM {s}.api_key_webhooks w WHERE w.id = d.webhook_id), \
-             (SELECT secret FROM {s}.api_key_webhooks w WHERE w.id = d.webhook_id)"
+             (SELECT secret FROM {s}.api_key_webhooks w WHERE w.id = d.webhook_id), \
+             (SELECT w.registered_by IS NOT NULL AND (k.id IS NULL OR k.revoked_at IS NOT NULL \
+              OR COALESCE(k.expires_at <= $1, false)) FROM {s}.api_key_webhooks w \
+              LEFT JOIN {s}.api_keys k ON k.id = w.registered_by WHERE w.id = d.webhook_id)"
         )))
         .bind(micros(now))
         .bind(micros(lease_until))
@@ -241,6 +244,7 @@ impl WebhookStore for PostgresStore {
                 payload: get(row, 2)?,
                 attempts: u32::try_from(get::<i32>(row, 3)?).unwrap_or(0),
                 created_at: get(row, 4)?,
+                registrar_ended: get::<Option<bool>>(row, 7)?.unwrap_or(false),
             });
         }
         Ok(claimed)

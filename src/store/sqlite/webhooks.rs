@@ -208,14 +208,19 @@ impl WebhookStore for SqliteStore {
         let mut claimed = Vec::with_capacity(rows.len());
         for row in rows {
             let webhook_id: String = row.get(1);
-            let endpoint: Option<(String, String)> =
-                sqlx::query_as("SELECT url, secret FROM api_key_webhooks WHERE id = ?1")
-                    .bind(&webhook_id)
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(map_sqlx_error)?;
+            let endpoint: Option<(String, String, bool)> = sqlx::query_as(
+                "SELECT w.url, w.secret, w.registered_by IS NOT NULL AND (k.id IS NULL \
+                 OR k.revoked_at IS NOT NULL OR COALESCE(k.expires_at <= ?2, 0)) \
+                 FROM api_key_webhooks AS w LEFT JOIN api_keys AS k ON k.id = w.registered_by \
+                 WHERE w.id = ?1",
+            )
+            .bind(&webhook_id)
+            .bind(to_unix_micros(now))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_sqlx_error)?;
             // Deleted meanwhile: its deliveries went with it.
-            let Some((url, secret)) = endpoint else {
+            let Some((url, secret, registrar_ended)) = endpoint else {
                 continue;
             };
             claimed.push(Claimed {
@@ -227,6 +232,7 @@ impl WebhookStore for SqliteStore {
                 payload: row.get(2),
                 attempts: u32::try_from(row.get::<i64, _>(3)).unwrap_or(u32::MAX),
                 created_at: from_unix_micros(row.get(4))?,
+                registrar_ended,
             });
         }
         Ok(claimed)
