@@ -89,6 +89,8 @@ pub enum Operation {
     /// Check an owner's whole audit chain (`GET /api-keys/events/verify`): it covers keys
     /// outside any scoped key's subtree.
     VerifyEvents,
+    /// List every owner with its key counts (`GET /api-keys/owners`): it spans every owner.
+    ListOwners,
     /// Register a webhook endpoint for an owner (`POST /api-keys/webhooks`), receiving its
     /// signing secret. An endpoint a scoped key registers receives events about that key's
     /// subtree only, and only while the key is active: what it can watch is what it governs (I1).
@@ -128,7 +130,9 @@ impl Operation {
             | Self::RegisterWebhook
             | Self::ListWebhooks
             | Self::ManageWebhook => OperationKind::Power,
-            Self::Delete | Self::SetPool | Self::VerifyEvents => OperationKind::Master,
+            Self::Delete | Self::SetPool | Self::VerifyEvents | Self::ListOwners => {
+                OperationKind::Master
+            }
         }
     }
 
@@ -158,6 +162,7 @@ impl Operation {
             Self::SetPool => "set the pool of",
             Self::ReadActivity => "read the activity of",
             Self::VerifyEvents => "verify the events of",
+            Self::ListOwners => "list the owners of",
             Self::RegisterWebhook => "register a webhook for",
             Self::ListWebhooks => "list the webhooks of",
             Self::ManageWebhook => "manage a webhook registered by",
@@ -277,6 +282,7 @@ pub enum Target<'a> {
 /// | read activity (a key's) | read | `api-keys:read` or `api-keys:write` | as get | 403 `AUTH_OUTSIDE_SUBTREE` | — |
 /// | read activity (an owner's) | read | `api-keys:read` or `api-keys:write` | as list; the manager then shows only the events of the caller's subtree | — | — |
 /// | verify events | master | the master key: 403 `AUTH_MASTER_KEY_REQUIRED` | — | — | — |
+/// | list owners | master | the master key: 403 `AUTH_MASTER_KEY_REQUIRED` | — | — | — |
 /// | register webhook | power | `api-keys:write` | naming another owner: 403 `AUTH_CROSS_OWNER_ACCESS` | the endpoint receives events of the caller's subtree only | — |
 /// | list webhooks | power | `api-keys:write` | as list; the listing shows only endpoints the caller may manage | — | — |
 /// | manage webhook (delete, rotate its secret, read deliveries); the target is the registering key | power | `api-keys:write` | as get (an endpoint of another owner, or one the master key registered: 404) | 403 `AUTH_OUTSIDE_SUBTREE` | within |
@@ -487,6 +493,7 @@ mod tests {
             Delete,
             GetPool,
             SetPool,
+            ListOwners,
             RegisterWebhook,
             ListWebhooks,
             ManageWebhook,
@@ -504,6 +511,7 @@ mod tests {
                 OperationKind::Power,
                 OperationKind::Master,
                 OperationKind::Read,
+                OperationKind::Master,
                 OperationKind::Master,
                 OperationKind::Power,
                 OperationKind::Power,

@@ -10,6 +10,7 @@ mod audit;
 mod builder;
 #[cfg(feature = "webhooks")]
 mod outbox;
+mod overview;
 mod sql;
 mod store;
 #[cfg(feature = "webhooks")]
