@@ -141,6 +141,14 @@ error_codes! {
     LimitReached = "APIKEY_LIMIT_REACHED", CONFLICT, 8;
     /// `APIKEY_NOT_FOUND`: unknown key id, or another owner's (404).
     NotFound = "APIKEY_NOT_FOUND", NOT_FOUND, 5;
+    /// `WEBHOOK_URL_REFUSED`: a webhook URL that is malformed, not https, or resolves to a
+    /// loopback, private, link-local, metadata or otherwise non-public address, unless the
+    /// application allows those (400; `details.reason` says which).
+    WebhookUrlRefused = "WEBHOOK_URL_REFUSED", BAD_REQUEST, 3;
+    /// `WEBHOOK_NOT_FOUND`: unknown webhook endpoint id, or one the caller may not see (404).
+    WebhookNotFound = "WEBHOOK_NOT_FOUND", NOT_FOUND, 5;
+    /// `WEBHOOK_LIMIT_REACHED`: the owner has as many webhook endpoints as allowed (409).
+    WebhookLimitReached = "WEBHOOK_LIMIT_REACHED", CONFLICT, 8;
     /// `REQUEST_BODY_TOO_LARGE`: a body the middleware must read is over its limit (413).
     PayloadTooLarge = "REQUEST_BODY_TOO_LARGE", PAYLOAD_TOO_LARGE, 8;
     /// `REQUEST_INVALID_METADATA`: a JSON body's metadata field is not an object, so provenance
@@ -281,6 +289,20 @@ pub enum AuthError {
     /// No such key (or it belongs to another owner).
     #[error("API key not found")]
     NotFound,
+    /// A webhook URL the [`UrlPolicy`](crate::webhooks::UrlPolicy) refuses; `details.reason`
+    /// says why (a stable name: `malformed`, `not_https`, `credentials`, `private_address`,
+    /// `unresolvable`).
+    #[error("the webhook URL is not allowed")]
+    WebhookUrlRefused(&'static str),
+    /// No such webhook endpoint (or the caller may not see it).
+    #[error("webhook not found")]
+    WebhookNotFound,
+    /// The owner's webhook endpoint limit is reached.
+    #[error("webhook limit of {limit} reached for this owner")]
+    WebhookLimitReached {
+        /// The maximum.
+        limit: u32,
+    },
     /// A body the middleware had to read exceeded its limit.
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge {
@@ -335,6 +357,9 @@ impl AuthError {
             Self::InvalidRequest(_) => ErrorCode::InvalidRequest,
             Self::LimitReached { .. } => ErrorCode::LimitReached,
             Self::NotFound => ErrorCode::NotFound,
+            Self::WebhookUrlRefused(_) => ErrorCode::WebhookUrlRefused,
+            Self::WebhookNotFound => ErrorCode::WebhookNotFound,
+            Self::WebhookLimitReached { .. } => ErrorCode::WebhookLimitReached,
             Self::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
             Self::InvalidMetadata(_) => ErrorCode::InvalidMetadata,
             Self::AmbiguousMetadata(_) => ErrorCode::AmbiguousMetadata,
@@ -361,6 +386,8 @@ impl AuthError {
                 Some(json!({ "required": required, "match": mode.as_str() }))
             }
             Self::LimitReached { limit, scope } => Some(json!({ "limit": limit, "per": scope })),
+            Self::WebhookUrlRefused(reason) => Some(json!({ "reason": reason })),
+            Self::WebhookLimitReached { limit } => Some(json!({ "limit": limit, "per": "owner" })),
             Self::PayloadTooLarge { limit } => Some(json!({ "limit": limit })),
             Self::RateLimited { retry_after } => Some(json!({ "retry_after": retry_after })),
             Self::UsageExceeded {
@@ -599,6 +626,9 @@ impl AuthError {
                 scope: "owner",
             },
             ErrorCode::NotFound => Self::NotFound,
+            ErrorCode::WebhookUrlRefused => Self::WebhookUrlRefused("private_address"),
+            ErrorCode::WebhookNotFound => Self::WebhookNotFound,
+            ErrorCode::WebhookLimitReached => Self::WebhookLimitReached { limit: 16 },
             ErrorCode::PayloadTooLarge => Self::PayloadTooLarge { limit: 1024 },
             ErrorCode::InvalidMetadata => Self::InvalidMetadata("meta_data: not an object".into()),
             ErrorCode::UnsupportedMediaType => {

@@ -50,6 +50,8 @@ pub mod scope;
 pub mod store;
 mod throttle;
 pub mod usage;
+#[cfg(feature = "webhooks")]
+pub mod webhooks;
 
 /// The README's Rust examples, compiled and run as doctests (the README is the repository's front
 /// page; the crate's is `src/docs/crate.md`).

@@ -2045,7 +2045,7 @@ mod postgres_only {
         .await;
         old.pool().close().await;
         let store = schema.store().await;
-        assert_eq!(versions(&store).await, [1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(versions(&store).await, [1, 2, 3, 4, 5, 6, 7, 8]);
         let found = store.find_by_digest(&r.digest).await.unwrap();
         assert_eq!(found, Some(r.clone()));
         let found = found.unwrap();
@@ -2088,12 +2088,12 @@ mod postgres_only {
         for start in starts {
             stores.push(start.await.unwrap().expect("every instance starts"));
         }
-        assert_eq!(versions(&stores[0]).await, [1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(versions(&stores[0]).await, [1, 2, 3, 4, 5, 6, 7, 8]);
         let again = fresh.store().await;
         again.migrate().await.unwrap();
         assert_eq!(
             versions(&again).await,
-            [1, 2, 3, 4, 5, 6, 7],
+            [1, 2, 3, 4, 5, 6, 7, 8],
             "a restart applies nothing"
         );
         let r = record("key_1", "o", "a");
@@ -2305,7 +2305,7 @@ mod sqlite_only {
                 .fetch_all(again.pool())
                 .await
                 .unwrap();
-        assert_eq!(versions, [1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(versions, [1, 2, 3, 4, 5, 6, 7, 8]);
         let r = record("key_1", "o", "a");
         again.insert(&r, no_limits(), now()).await.unwrap();
         assert_eq!(stores[2].get(&r.id).await.unwrap(), Some(r));

@@ -7,6 +7,9 @@
 //! - `DATABASE_URL`: `sqlite://path.db` (default `sqlite://tower-api-keys-demo.db`) or, with feature
 //!   `postgres`, a `postgres://` URL (revocations then reach every instance through LISTEN/NOTIFY).
 //! - `REDIS_URL`: with feature `redis`, broadcast revocations over Redis pub/sub instead.
+//! - `WEBHOOKS_ALLOW_PRIVATE=1`: with feature `webhooks`, allow webhook URLs on private, loopback
+//!   and link-local addresses, over plain `http` too (a receiver on your machine); otherwise only
+//!   `https` to public addresses.
 //! - `RUST_LOG`: log filter (default `info,sqlx=warn`); one line per request, with the caller's
 //!   `api_key_id` (never the key).
 
@@ -64,6 +67,14 @@ pub(crate) struct Database {
     pub(crate) records: Records,
     #[cfg(feature = "postgres")]
     postgres: Option<tower_api_keys::store::PostgresStore>,
+    /// Webhook endpoints and their outbox, in the key store.
+    #[cfg(feature = "webhooks")]
+    pub(crate) webhooks: tower_api_keys::webhooks::Webhooks,
+}
+
+/// `WEBHOOKS_ALLOW_PRIVATE=1`: private targets (and plain http) allowed.
+pub(crate) fn webhooks_allow_private_from_env() -> bool {
+    std::env::var("WEBHOOKS_ALLOW_PRIVATE").is_ok_and(|v| v == "1")
 }
 
 impl Database {
@@ -73,10 +84,15 @@ impl Database {
             #[cfg(feature = "postgres")]
             {
                 let pg = tower_api_keys::store::PostgresStore::connect(url).await?;
+                let pg = Arc::new(pg);
                 Self {
-                    records: Records::Postgres(pg.pool().clone()),
-                    postgres: Some(pg.clone()),
-                    keys: Arc::new(pg),
+                    records: Records::Postgres(
+                        tower_api_keys::store::PostgresStore::pool(&pg).clone(),
+                    ),
+                    postgres: Some((*pg).clone()),
+                    #[cfg(feature = "webhooks")]
+                    webhooks: tower_api_keys::webhooks::Webhooks::new(pg.clone()),
+                    keys: pg,
                 }
             }
             #[cfg(not(feature = "postgres"))]
@@ -87,10 +103,12 @@ impl Database {
             } else {
                 format!("{url}?mode=rwc")
             };
-            let sqlite = SqliteStore::connect(&url).await?;
+            let sqlite = Arc::new(SqliteStore::connect(&url).await?);
             Self {
-                records: Records::Sqlite(sqlite.pool().clone()),
-                keys: Arc::new(sqlite),
+                records: Records::Sqlite(SqliteStore::pool(&sqlite).clone()),
+                #[cfg(feature = "webhooks")]
+                webhooks: tower_api_keys::webhooks::Webhooks::new(sqlite.clone()),
+                keys: sqlite,
                 #[cfg(feature = "postgres")]
                 postgres: None,
             }

@@ -257,8 +257,18 @@ fn leak_reports(
 }
 
 /// Connects the store, wires resolver, key manager, invalidation and the layer, and builds the router.
-/// Binds no port and reads no environment.
+/// Binds no port and reads no environment. Webhook URLs must be `https` to public addresses.
+#[allow(dead_code)] // `main` calls `build_with`; the tests that include this file call this
 pub(crate) async fn build(config: Config) -> Result<Demo, Box<dyn std::error::Error>> {
+    build_with(config, false).await
+}
+
+/// [`build`], allowing webhook URLs on private addresses and over plain `http` when
+/// `webhooks_allow_private` (`WEBHOOKS_ALLOW_PRIVATE=1`).
+pub(crate) async fn build_with(
+    config: Config,
+    webhooks_allow_private: bool,
+) -> Result<Demo, Box<dyn std::error::Error>> {
     let master = match config.master_key {
         Some(key) => key,
         None => KeyFormat::new("sk_master")?.generate(),
@@ -283,8 +293,22 @@ pub(crate) async fn build(config: Config) -> Result<Demo, Box<dyn std::error::Er
             .max_active_per_owner(10)
             .max_lifetime(Duration::from_secs(365 * 86_400)),
     );
-    let (manager, subscriptions) =
+    let (manager, mut subscriptions) =
         database.broadcast(config.redis_url.as_deref(), &resolver, manager)?;
+    // Signed webhooks for every key event (`/api-keys/webhooks`), delivered from the store's
+    // outbox by a deliverer on every instance (each delivery goes out once, whoever claims it).
+    #[cfg(feature = "webhooks")]
+    let manager = {
+        use tower_api_keys::webhooks::UrlPolicy;
+        let urls = UrlPolicy::new()
+            .allow_private(webhooks_allow_private)
+            .allow_http(webhooks_allow_private);
+        let webhooks = database.webhooks.clone().urls(urls);
+        subscriptions.push(Box::new(webhooks.deliverer().spawn(Duration::from_secs(1))));
+        manager.webhooks(webhooks)
+    };
+    #[cfg(not(feature = "webhooks"))]
+    let _ = (webhooks_allow_private, &mut subscriptions);
     let unauthenticated = leak_reports(config.leak_report_public_keys.as_deref(), &manager)?;
 
     let usage = UsageRecorder::spawn(database.keys.clone(), Duration::from_secs(30));
@@ -341,7 +365,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = Config::from_env();
     let generated = config.master_key.is_none();
     let bind = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1:5001".into());
-    let demo = build(config).await?;
+    let demo = build_with(config, config::webhooks_allow_private_from_env()).await?;
     if generated {
         eprintln!(
             "WARNING: API_KEYS_MASTER_KEY is not set; generated a master key for this run only (not persisted):\n\n    {}\n",

@@ -67,9 +67,18 @@ impl EventType {
     pub const KEY_REFUSED: Self = Self(Cow::Borrowed("key.refused"));
     /// A shared pool was set or removed (details: the pool and its limits).
     pub const POOL_SET: Self = Self(Cow::Borrowed("pool.set"));
+    /// A secret scanner reported a key as leaked (details: the report's `url` and `source`, the
+    /// action taken). Once per key and report location.
+    pub const KEY_LEAKED: Self = Self(Cow::Borrowed("key.leaked"));
+    /// The hygiene sweeper warned that a key expires soon (details: the warning window, the
+    /// expiry). Once per key, window and expiry.
+    pub const KEY_EXPIRING: Self = Self(Cow::Borrowed("key.expiring"));
+    /// The hygiene sweeper found a key unused for its idle time (details: the last use, whether
+    /// it was revoked). Once per idle spell.
+    pub const KEY_IDLE: Self = Self(Cow::Borrowed("key.idle"));
 
     /// The types this crate writes today.
-    pub const KNOWN: [Self; 7] = [
+    pub const KNOWN: [Self; 10] = [
         Self::KEY_CREATED,
         Self::KEY_ROTATED,
         Self::KEY_REVOKED,
@@ -77,6 +86,9 @@ impl EventType {
         Self::KEY_UPDATED,
         Self::KEY_REFUSED,
         Self::POOL_SET,
+        Self::KEY_LEAKED,
+        Self::KEY_EXPIRING,
+        Self::KEY_IDLE,
     ];
 
     /// A type named `name`: `[a-z0-9_]+` parts joined by dots, at most 64 characters. `None`

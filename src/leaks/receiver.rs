@@ -15,6 +15,7 @@ use super::keys::{
     FetchKeys, FetchedKeys, HttpFetcher, KeySet, MAX_KEY_IDENTIFIER_LEN, MAX_SIGNATURE_LEN,
     PublicKeys, Unverified,
 };
+use crate::audit::{Actor, EventDraft, EventType, Journal, Origin};
 use crate::error::AuthError;
 use crate::key::{KeyDigest, MAX_KEY_LEN};
 use crate::manage::{KeyManager, RevokeReason, RotateOptions};
@@ -403,6 +404,40 @@ impl LeakReceiver {
             action = ?action,
             "a secret scanner reported an API key as leaked"
         );
+        // `key.leaked`, once per key and report location, in the audit trail (and so to
+        // webhooks) before the action's own event.
+        let event = EventDraft::new(
+            EventType::KEY_LEAKED,
+            Actor::master(),
+            &Origin::default(),
+            &record.owner,
+        )
+        .about(record)
+        .detail("url", leaked.url.as_str())
+        .detail("source", leaked.source.as_str())
+        .detail(
+            "action",
+            match action {
+                LeakAction::Notify => "notify",
+                LeakAction::EndSecret => "end_secret",
+                LeakAction::RevokeWithDescendants => "revoke_with_descendants",
+            },
+        );
+        let notice = format!(
+            "leaked:{}",
+            &hex_sha256(format!("{}\n{}", leaked.url, leaked.source).as_bytes())[..32]
+        );
+        let at = event.at;
+        match manager
+            .resolver()
+            .store()
+            .record_notice_with(&record.id, &notice, at, &Journal::of(event))
+            .await
+        {
+            // A store that keeps no notices: the action's own event still tells.
+            Err(e) if e.kind() == crate::store::StoreErrorKind::Unsupported => {}
+            other => drop(other?),
+        }
         match action {
             LeakAction::Notify => {}
             LeakAction::RevokeWithDescendants => {

@@ -3,7 +3,9 @@
 //! and can revoke idle keys.
 //!
 //! **Once, fleet-wide.** Each notice is remembered in the key store with an insert-if-absent write
-//! ([`KeyStore::record_notice`]) before it is emitted, so two sweepers never emit the same one,
+//! ([`KeyStore::record_notice_with`], which writes its `key.expiring` or `key.idle` audit event,
+//! and so its webhooks, in the same transaction) before it is emitted, so two sweepers never emit
+//! the same one,
 //! whatever happens; a [`Leadership`] (a PostgreSQL advisory lock, a Redis lock, or [`Lone`] for
 //! a single instance) spares the other instances the work. A notice is recorded, then emitted: a
 //! crash between the two loses that one notice rather than repeating it.
@@ -21,6 +23,7 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
+use crate::audit::{Actor, EventDraft, EventType, Journal, Origin};
 use crate::error::AuthError;
 use crate::key::KeyId;
 use crate::manage::{KeyManager, RevokeReason};
@@ -157,6 +160,19 @@ impl HygieneEvent {
             at,
         }
     }
+}
+
+/// The audit event of a notice, written with it (and so its webhooks): by the master key, on
+/// behalf of the system, when it is written; `as_of` is the sweep's `now`.
+fn notice_event(record: &KeyRecord, event_type: EventType, now: OffsetDateTime) -> EventDraft {
+    EventDraft::new(
+        event_type,
+        Actor::master(),
+        &Origin::default(),
+        &record.owner,
+    )
+    .about(record)
+    .detail("as_of", crate::audit::timestamp(Some(now)))
 }
 
 /// Whether this instance sweeps now: one leader per fleet.
@@ -309,7 +325,14 @@ impl Sweeper {
             window.as_secs(),
             expires_at.unix_timestamp()
         );
-        if self.store.record_notice(&record.id, &notice, now).await? {
+        let journal = notice_event(record, EventType::KEY_EXPIRING, now)
+            .detail("window_seconds", window.as_secs())
+            .detail("expires_at", crate::audit::timestamp(Some(expires_at)));
+        if self
+            .store
+            .record_notice_with(&record.id, &notice, now, &Journal::of(journal))
+            .await?
+        {
             self.emit(HygieneEvent::of(
                 record,
                 HygieneKind::Expiring { window },
@@ -331,9 +354,12 @@ impl Sweeper {
             return Ok(());
         }
         let notice = format!("idle:{}", last.unix_timestamp());
+        let journal = notice_event(record, EventType::KEY_IDLE, query.now)
+            .detail("last_used_at", crate::audit::timestamp(record.last_used_at))
+            .detail("revoke", self.policy.revoke_idle);
         if !self
             .store
-            .record_notice(&record.id, &notice, query.now)
+            .record_notice_with(&record.id, &notice, query.now, &Journal::of(journal))
             .await?
         {
             return Ok(());

@@ -91,6 +91,18 @@ pub enum Operation {
     VerifyEvents,
     /// List every owner with its key counts (`GET /api-keys/owners`): it spans every owner.
     ListOwners,
+    /// Register a webhook endpoint for an owner (`POST /api-keys/webhooks`), receiving its
+    /// signing secret. An endpoint a scoped key registers receives events about that key's
+    /// subtree only, and only while the key is active: what it can watch is what it governs (I1).
+    RegisterWebhook,
+    /// List an owner's webhook endpoints (`GET /api-keys/webhooks`): a scoped key sees those it
+    /// may manage only.
+    ListWebhooks,
+    /// Delete an endpoint, rotate its secret (receiving it), or read its delivery log
+    /// (`/api-keys/webhooks/{id}/...`). The target is the key that registered the endpoint: a
+    /// scoped key manages endpoints registered inside its subtree only; an endpoint the master
+    /// key registered (it receives the whole owner's events) is the master key's alone.
+    ManageWebhook,
 }
 
 /// How the rule judges an [`Operation`]: the `kind` column of the table in [`authorize`].
@@ -111,7 +123,13 @@ impl Operation {
     pub const fn kind(self) -> OperationKind {
         match self {
             Self::List | Self::Get | Self::GetPool | Self::ReadActivity => OperationKind::Read,
-            Self::Create | Self::Rotate | Self::Revoke | Self::Update => OperationKind::Power,
+            Self::Create
+            | Self::Rotate
+            | Self::Revoke
+            | Self::Update
+            | Self::RegisterWebhook
+            | Self::ListWebhooks
+            | Self::ManageWebhook => OperationKind::Power,
             Self::Delete | Self::SetPool | Self::VerifyEvents | Self::ListOwners => {
                 OperationKind::Master
             }
@@ -145,6 +163,9 @@ impl Operation {
             Self::ReadActivity => "read the activity of",
             Self::VerifyEvents => "verify the events of",
             Self::ListOwners => "list the owners of",
+            Self::RegisterWebhook => "register a webhook for",
+            Self::ListWebhooks => "list the webhooks of",
+            Self::ManageWebhook => "manage a webhook registered by",
         }
     }
 }
@@ -262,6 +283,9 @@ pub enum Target<'a> {
 /// | read activity (an owner's) | read | `api-keys:read` or `api-keys:write` | as list; the manager then shows only the events of the caller's subtree | — | — |
 /// | verify events | master | the master key: 403 `AUTH_MASTER_KEY_REQUIRED` | — | — | — |
 /// | list owners | master | the master key: 403 `AUTH_MASTER_KEY_REQUIRED` | — | — | — |
+/// | register webhook | power | `api-keys:write` | naming another owner: 403 `AUTH_CROSS_OWNER_ACCESS` | the endpoint receives events of the caller's subtree only | — |
+/// | list webhooks | power | `api-keys:write` | as list; the listing shows only endpoints the caller may manage | — | — |
+/// | manage webhook (delete, rotate its secret, read deliveries); the target is the registering key | power | `api-keys:write` | as get (an endpoint of another owner, or one the master key registered: 404) | 403 `AUTH_OUTSIDE_SUBTREE` | within |
 ///
 /// A missing scope is 403 `AUTH_INSUFFICIENT_PERMISSIONS`. "Within" (403 `AUTH_SCOPE_ESCALATION`
 /// otherwise): the caller's scopes cover every scope of the target (`ledgers:*` covers
@@ -460,7 +484,19 @@ mod tests {
     fn the_table_has_a_row_for_every_operation() {
         use Operation::*;
         let kinds: Vec<_> = [
-            List, Get, Create, Rotate, Revoke, Update, Delete, GetPool, SetPool, ListOwners,
+            List,
+            Get,
+            Create,
+            Rotate,
+            Revoke,
+            Update,
+            Delete,
+            GetPool,
+            SetPool,
+            ListOwners,
+            RegisterWebhook,
+            ListWebhooks,
+            ManageWebhook,
         ]
         .map(Operation::kind)
         .into();
@@ -477,6 +513,9 @@ mod tests {
                 OperationKind::Read,
                 OperationKind::Master,
                 OperationKind::Master,
+                OperationKind::Power,
+                OperationKind::Power,
+                OperationKind::Power,
             ]
         );
     }

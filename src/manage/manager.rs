@@ -38,6 +38,8 @@ pub struct KeyManager {
     invalidator: Arc<dyn Invalidator>,
     policy: Arc<KeyPolicy>,
     pub(super) origin: Arc<Origin>,
+    #[cfg(feature = "webhooks")]
+    webhooks: Option<crate::webhooks::Webhooks>,
 }
 
 impl fmt::Debug for KeyManager {
@@ -62,6 +64,8 @@ impl KeyManager {
             invalidator: Arc::new(NoBroadcast),
             policy: Arc::new(KeyPolicy::default()),
             origin: Arc::new(Origin::default()),
+            #[cfg(feature = "webhooks")]
+            webhooks: None,
         }
     }
 
@@ -145,6 +149,22 @@ impl KeyManager {
     pub fn invalidator(mut self, invalidator: impl Invalidator) -> Self {
         self.invalidator = Arc::new(invalidator);
         self
+    }
+
+    /// Serves webhook endpoints (`/api-keys/webhooks` in the [router](super::router)) from
+    /// `webhooks`, normally of the same store. Without it those routes answer 404
+    /// `WEBHOOK_NOT_FOUND`.
+    #[cfg(feature = "webhooks")]
+    #[must_use]
+    pub fn webhooks(mut self, webhooks: crate::webhooks::Webhooks) -> Self {
+        self.webhooks = Some(webhooks);
+        self
+    }
+
+    /// The webhook endpoints this manager serves, if any.
+    #[cfg(feature = "webhooks")]
+    pub fn webhook_endpoints(&self) -> Option<&crate::webhooks::Webhooks> {
+        self.webhooks.as_ref()
     }
 
     /// The policy new keys are created under.

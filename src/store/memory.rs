@@ -416,6 +416,21 @@ impl KeyStore for MemoryStore {
         Ok(self.lock().notices.insert((id.clone(), notice.to_owned())))
     }
 
+    async fn record_notice_with(
+        &self,
+        id: &KeyId,
+        notice: &str,
+        _at: OffsetDateTime,
+        journal: &Journal,
+    ) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        let fresh = inner.notices.insert((id.clone(), notice.to_owned()));
+        if fresh {
+            inner.append(journal.events().to_vec());
+        }
+        Ok(fresh)
+    }
+
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
         let mut inner = self.lock();
         for (id, at) in uses {

@@ -330,6 +330,28 @@ pub trait KeyStore: Send + Sync + 'static {
         Err(StoreError::from_kind(StoreErrorKind::Unsupported))
     }
 
+    /// [`record_notice`](Self::record_notice), writing `journal`'s events in the same atomic
+    /// step when (and only when) the notice is new: the sweeper's `key.expiring` and `key.idle`
+    /// events, a leak report's `key.leaked`, and so their webhooks. The default records the
+    /// notice, then appends the events ([`append_events`](Self::append_events); a store without
+    /// an audit trail skips them).
+    async fn record_notice_with(
+        &self,
+        id: &KeyId,
+        notice: &str,
+        at: OffsetDateTime,
+        journal: &Journal,
+    ) -> Result<bool, StoreError> {
+        let fresh = self.record_notice(id, notice, at).await?;
+        if fresh && !journal.is_empty() {
+            match self.append_events(journal.events()).await {
+                Err(e) if e.kind() == StoreErrorKind::Unsupported => {}
+                other => drop(other?),
+            }
+        }
+        Ok(fresh)
+    }
+
     /// One owner's keys, newest first.
     async fn list(&self, query: &ListQuery) -> Result<Vec<KeyRecord>, StoreError>;
 
@@ -889,6 +911,15 @@ impl<T: KeyStore + ?Sized> KeyStore for Arc<T> {
         at: OffsetDateTime,
     ) -> Result<bool, StoreError> {
         (**self).record_notice(id, notice, at).await
+    }
+    async fn record_notice_with(
+        &self,
+        id: &KeyId,
+        notice: &str,
+        at: OffsetDateTime,
+        journal: &Journal,
+    ) -> Result<bool, StoreError> {
+        (**self).record_notice_with(id, notice, at, journal).await
     }
     async fn list(&self, query: &ListQuery) -> Result<Vec<KeyRecord>, StoreError> {
         (**self).list(query).await

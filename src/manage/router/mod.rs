@@ -3,6 +3,8 @@
 mod keys;
 mod overview;
 mod pools;
+#[cfg(feature = "webhooks")]
+mod webhooks;
 mod wire;
 
 use axum::Router;
@@ -36,6 +38,11 @@ use wire::*;
 /// | `GET /api-keys/usage?owner=&from=&to=` | each key's requests over a period (default 7 days) | 200 `{owner, from, to, keys: [{key_id, requests, admitted, refused, last_ip}]}` |
 /// | `GET /api-keys/owners` | every owner with its key counts (master key only) | 200 `{owners: [{owner, keys, active_keys}]}` |
 /// | `GET /api-keys/openapi.json` | this API's OpenAPI 3.1 document | 200 |
+/// | `POST /api-keys/webhooks` `{owner?, url, events}` | register a webhook endpoint (feature `webhooks`) | 201 endpoint with its `secret` |
+/// | `GET /api-keys/webhooks?owner=` | list endpoints | 200 `{webhooks}` |
+/// | `DELETE /api-keys/webhooks/{id}` | delete an endpoint | 204 |
+/// | `POST /api-keys/webhooks/{id}/rotate` | new signing secret | 200 endpoint with its `secret` |
+/// | `GET /api-keys/webhooks/{id}/deliveries?cursor=&limit=` | its delivery log | 200 `{deliveries, next_cursor}` |
 ///
 /// `self`, `policy`, `pools`, `events`, `owners`, `usage` and `openapi.json` are not key ids (generated ids start with `key_`).
 ///
@@ -106,6 +113,7 @@ where
         )
         .route("/api-keys/{id}/rotate", post(rotate_key))
         .merge(super::activity_routes::routes())
+        .merge(webhook_routes())
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         // Its answers are whole and owed even when the operation ended the calling key itself
         // (a key revoking or rotating itself gets its 204, or its new secret): `ApiKeyLayer` does
@@ -119,10 +127,20 @@ where
         .with_state(manager)
 }
 
+/// `/api-keys/webhooks` (feature `webhooks`; see [`KeyManager::webhooks`]).
+fn webhook_routes() -> Router<KeyManager> {
+    #[cfg(feature = "webhooks")]
+    return webhooks::routes();
+    #[cfg(not(feature = "webhooks"))]
+    Router::new()
+}
+
 /// The OpenAPI document of [`router`]'s endpoints, to serve or merge into your own.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = ApiDoc::openapi();
     doc.merge(super::activity_routes::ActivityDoc::openapi());
+    #[cfg(feature = "webhooks")]
+    doc.merge(webhooks::WebhookDoc::openapi());
     doc
 }
 

@@ -175,6 +175,8 @@ pub(super) async fn append(
         .execute(&mut *conn)
         .await
         .map_err(map_sqlx_error)?;
+        #[cfg(feature = "webhooks")]
+        super::outbox::enqueue(conn, s, &event).await?;
         sqlx::query(AssertSqlSafe(format!(
             "UPDATE {s}.api_key_event_chains SET head_seq = $2, head_hash = $3 WHERE owner_id = $1"
         )))

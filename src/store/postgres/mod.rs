@@ -8,9 +8,13 @@
 
 mod audit;
 mod builder;
+#[cfg(feature = "webhooks")]
+mod outbox;
 mod overview;
 mod sql;
 mod store;
+#[cfg(feature = "webhooks")]
+mod webhooks;
 
 pub use builder::PostgresStoreBuilder;
 pub use sql::InvalidIdentifier;

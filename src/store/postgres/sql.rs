@@ -75,7 +75,7 @@ pub(super) const LIMIT_COLUMNS: &str = "rate_limit, rate_period_seconds, credits
     credits_refill_interval, credits_refill_amount, credits_set_at";
 
 /// The schema's migrations, in order. Versions are never renumbered or edited once released.
-pub(super) fn migrations(s: &str) -> [(i32, &'static str, String); 7] {
+pub(super) fn migrations(s: &str) -> [(i32, &'static str, String); 8] {
     [
         (
             1,
@@ -204,7 +204,52 @@ CREATE TABLE IF NOT EXISTS {s}.api_key_notices (
 "#
             ),
         ),
+        (
+            8,
+            "webhook endpoints and their outbox",
+            // Written by every build; filled by `webhooks::enqueue` in the transaction of each
+            // audit event.
+            webhooks_migration(s),
+        ),
     ]
+}
+
+/// Migration 8: webhook endpoints (`events` the subscribed types) and their deliveries, leased
+/// to one deliverer at a time (`lease_until`, `lease_token`).
+fn webhooks_migration(s: &str) -> String {
+    format!(
+        r#"
+CREATE TABLE IF NOT EXISTS {s}.api_key_webhooks (
+    id TEXT COLLATE "C" PRIMARY KEY,
+    owner_id TEXT NOT NULL,
+    url TEXT NOT NULL,
+    events TEXT[] NOT NULL,
+    secret TEXT NOT NULL,
+    registered_by TEXT,
+    created_at TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX IF NOT EXISTS api_key_webhooks_owner ON {s}.api_key_webhooks (owner_id, id);
+CREATE TABLE IF NOT EXISTS {s}.api_key_webhook_deliveries (
+    id TEXT COLLATE "C" PRIMARY KEY,
+    webhook_id TEXT COLLATE "C" NOT NULL,
+    event_id TEXT NOT NULL,
+    event_type TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_status INTEGER,
+    last_error TEXT,
+    last_attempt_at TIMESTAMPTZ,
+    next_attempt_at TIMESTAMPTZ,
+    delivered_at TIMESTAMPTZ,
+    created_at TIMESTAMPTZ NOT NULL,
+    lease_until TIMESTAMPTZ NOT NULL DEFAULT 'epoch',
+    lease_token TEXT
+);
+CREATE INDEX IF NOT EXISTS api_key_webhook_deliveries_due ON {s}.api_key_webhook_deliveries (status, next_attempt_at);
+CREATE INDEX IF NOT EXISTS api_key_webhook_deliveries_webhook ON {s}.api_key_webhook_deliveries (webhook_id, id);
+"#
+    )
 }
 
 /// Every statement, with the schema spliced in once (the schema name is a checked identifier).

@@ -82,8 +82,8 @@ const CHAIN_ATTEMPTS: u32 = 3;
 /// ["tls-rustls"] }`) in your own `Cargo.toml`; feature unification applies it here.
 #[derive(Clone)]
 pub struct PostgresStore {
-    pool: PgPool,
-    sql: Arc<Sql>,
+    pub(super) pool: PgPool,
+    pub(super) sql: Arc<Sql>,
     migrated: Arc<OnceCell<()>>,
 }
 
@@ -483,6 +483,34 @@ impl KeyStore for PostgresStore {
             .await
             .map_err(map_sqlx_error)?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn record_notice_with(
+        &self,
+        id: &KeyId,
+        notice: &str,
+        at: OffsetDateTime,
+        journal: &Journal,
+    ) -> Result<bool, StoreError> {
+        self.migrate().await?;
+        let s = &self.sql.quoted;
+        let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
+        let done = sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {s}.api_key_notices (key_id, notice, noticed_at) VALUES ($1, $2, $3) \
+             ON CONFLICT DO NOTHING"
+        )))
+        .bind(id.as_str())
+        .bind(notice)
+        .bind(micros(at))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_sqlx_error)?;
+        let fresh = done.rows_affected() == 1;
+        if fresh {
+            audit::append(&mut tx, s, journal.events().to_vec()).await?;
+        }
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(fresh)
     }
 
     async fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {

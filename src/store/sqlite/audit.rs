@@ -149,6 +149,8 @@ pub(super) async fn append(
         .execute(&mut *conn)
         .await
         .map_err(map_sqlx_error)?;
+        #[cfg(feature = "webhooks")]
+        super::outbox::enqueue(conn, &event).await?;
         sealed.push(event);
     }
     Ok(sealed)

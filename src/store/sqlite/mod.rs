@@ -7,8 +7,12 @@
 
 mod audit;
 mod builder;
+#[cfg(feature = "webhooks")]
+mod outbox;
 mod overview;
 mod sql;
 mod store;
+#[cfg(feature = "webhooks")]
+mod webhooks;
 
 pub use store::SqliteStore;

@@ -173,6 +173,43 @@ CREATE TABLE IF NOT EXISTS api_key_notices (
 ) STRICT;
 "#,
     ),
+    (
+        8,
+        "webhook endpoints and their outbox",
+        // Written by every build (the tables are the outbox even where the `webhooks` feature is
+        // off); filled by `webhooks::enqueue` in the transaction of each audit event.
+        r#"
+CREATE TABLE IF NOT EXISTS api_key_webhooks (
+    id TEXT NOT NULL PRIMARY KEY,
+    owner_id TEXT NOT NULL,
+    url TEXT NOT NULL,
+    events TEXT NOT NULL,
+    secret TEXT NOT NULL,
+    registered_by TEXT,
+    created_at INTEGER NOT NULL
+) STRICT;
+CREATE INDEX IF NOT EXISTS api_key_webhooks_owner ON api_key_webhooks (owner_id, id);
+CREATE TABLE IF NOT EXISTS api_key_webhook_deliveries (
+    id TEXT NOT NULL PRIMARY KEY,
+    webhook_id TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    event_type TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_status INTEGER,
+    last_error TEXT,
+    last_attempt_at INTEGER,
+    next_attempt_at INTEGER,
+    delivered_at INTEGER,
+    created_at INTEGER NOT NULL,
+    lease_until INTEGER NOT NULL DEFAULT 0,
+    lease_token TEXT
+) STRICT;
+CREATE INDEX IF NOT EXISTS api_key_webhook_deliveries_due ON api_key_webhook_deliveries (status, next_attempt_at);
+CREATE INDEX IF NOT EXISTS api_key_webhook_deliveries_webhook ON api_key_webhook_deliveries (webhook_id, id);
+"#,
+    ),
 ];
 
 pub(super) fn decode(row: &SqliteRow) -> Result<KeyRecord, StoreError> {

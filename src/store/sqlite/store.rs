@@ -205,6 +205,32 @@ impl KeyStore for SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn record_notice_with(
+        &self,
+        id: &KeyId,
+        notice: &str,
+        at: OffsetDateTime,
+        journal: &Journal,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.begin_immediate().await?;
+        let done = sqlx::query(
+            "INSERT INTO api_key_notices (key_id, notice, noticed_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(id.as_str())
+        .bind(notice)
+        .bind(to_unix_micros(at))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_sqlx_error)?;
+        let fresh = done.rows_affected() == 1;
+        if fresh {
+            audit::append(&mut tx, journal.events().to_vec()).await?;
+        }
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(fresh)
+    }
+
     async fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
         let row = sqlx::query(concat!(
             "SELECT ",
