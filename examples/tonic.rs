@@ -301,7 +301,7 @@ pub async fn issue_key(
     account: &str,
     scopes: &str,
 ) -> Result<(ApiKey, KeyInfo), AuthError> {
-    let manager = KeyManager::new(resolver.store().clone(), resolver.clone());
+    let manager = KeyManager::new(resolver.clone());
     let request = CreateKey::new(scopes.split_whitespace())
         .name(format!("{account} example key"))
         .owner("examples")

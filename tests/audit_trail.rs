@@ -92,7 +92,7 @@ struct Server {
 impl Server {
     async fn start(store: Arc<dyn KeyStore>, policy: KeyPolicy) -> Self {
         let resolver = CachedResolver::new(store.clone());
-        let app: Router = manage::router(KeyManager::new(store, resolver.clone()).policy(policy))
+        let app: Router = manage::router(KeyManager::new(resolver.clone()).policy(policy))
             .layer(ApiKeyLayer::new(resolver).master_key(ApiKey::new(MASTER)));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -62,7 +62,7 @@ async fn start() -> Server {
         .format(KeyFormat::new("sk_live").unwrap())
         .build();
     let broadcasts = Recorder::default();
-    let manager = KeyManager::new(store.clone(), resolver.clone()).invalidator(broadcasts.clone());
+    let manager = KeyManager::new(resolver.clone()).invalidator(broadcasts.clone());
     let app = Router::new()
         .route(
             "/ledgers",

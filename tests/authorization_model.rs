@@ -473,7 +473,7 @@ fn system() -> System {
         .format(format.clone())
         .build();
     let broadcasts = Broadcasts::default();
-    let manager = KeyManager::new(store.clone(), resolver.clone()).invalidator(broadcasts.clone());
+    let manager = KeyManager::new(resolver.clone()).invalidator(broadcasts.clone());
     let app = Router::new()
         .route(
             "/whoami",

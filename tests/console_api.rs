@@ -25,7 +25,7 @@ fn app(policy: KeyPolicy) -> Router {
     let resolver = CachedResolver::builder(store.clone())
         .format(KeyFormat::new("sk_live").unwrap())
         .build();
-    let manager = KeyManager::new(store, resolver.clone()).policy(policy);
+    let manager = KeyManager::new(resolver.clone()).policy(policy);
     Router::new()
         .merge(manage::router(manager))
         .layer(ApiKeyLayer::new(resolver).master_key(ApiKey::new(MASTER)))

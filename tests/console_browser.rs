@@ -1383,10 +1383,7 @@ async fn outage(b: &Browser) -> Outcome {
     let store = common::TestStore::new();
     let resolver = CachedResolver::new(store.clone());
     let app = axum::Router::new()
-        .merge(manage::router(KeyManager::new(
-            store.clone(),
-            resolver.clone(),
-        )))
+        .merge(manage::router(KeyManager::new(resolver.clone())))
         .layer(ApiKeyLayer::new(resolver).master_key(ApiKey::new(common::MASTER)))
         .nest("/keys", Console::new().router());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

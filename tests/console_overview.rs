@@ -23,7 +23,7 @@ use tower_api_keys::usage::{OUTCOMES, Outcome, UsageBucket, hour_of};
 fn app(store: Arc<dyn KeyStore>) -> Router {
     let resolver = CachedResolver::new(store.clone());
     Router::new()
-        .merge(manage::router(KeyManager::new(store, resolver.clone())))
+        .merge(manage::router(KeyManager::new(resolver.clone())))
         .layer(ApiKeyLayer::new(resolver).master_key(ApiKey::new(MASTER)))
 }
 

@@ -40,7 +40,7 @@ async fn start() -> Server {
             "/ledgers",
             get(|| async { "ledgers" }).route_layer(limiter.layer()),
         )
-        .merge(manage::router(KeyManager::new(store, resolver.clone())))
+        .merge(manage::router(KeyManager::new(resolver.clone())))
         .layer(ApiKeyLayer::new(resolver).master_key(ApiKey::new(MASTER)));
     Server {
         addr: serve(app).await,

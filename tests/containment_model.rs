@@ -407,10 +407,7 @@ fn system(store: Arc<dyn KeyStore>) -> System {
             "/work3",
             get(|| async { "done" }).route_layer(limiter.layer().cost(3)),
         )
-        .merge(manage::router(KeyManager::new(
-            store.clone(),
-            resolver.clone(),
-        )))
+        .merge(manage::router(KeyManager::new(resolver.clone())))
         .layer(ApiKeyLayer::new(resolver).master_key(ApiKey::new(MASTER)));
     System { app, store }
 }

@@ -433,8 +433,6 @@ mod over_redis {
 /// ~1.5 s (degraded lifetime 1 s). The proxy comes back; B reconnects within ~1.5 s (backoff capped
 /// at 1 s), leaves degraded mode, and a second revocation reaches it as before.
 mod outage {
-    use std::sync::Arc;
-
     use tower_api_keys::invalidate::Subscription;
     use tower_api_keys::manage::{CreateKey, KeyManager};
     use tower_api_keys::principal::Principal;
@@ -452,7 +450,7 @@ mod outage {
     }
 
     pub(super) fn manager(instance: &Instance, invalidator: impl Invalidator) -> KeyManager {
-        KeyManager::new(Arc::new(instance.store.clone()), instance.resolver.clone())
+        KeyManager::new(instance.resolver.clone())
             .invalidator(invalidator)
     }
 

@@ -59,7 +59,7 @@ fn assert_ended(status: &tonic::Status) {
 async fn a_client_stream_after_the_revocation_is_not_handled() {
     let resolver = CachedResolver::new(MemoryStore::new());
     let (key, info) = issue_key(&resolver, "acme", "ledgers:write").await.unwrap();
-    let manager = KeyManager::new(resolver.store().clone(), resolver.clone());
+    let manager = KeyManager::new(resolver.clone());
     let service = LedgerService::default();
     let addr = start(resolver.clone(), service.clone()).await;
     let mut client = LedgersClient::connect(format!("http://{addr}"))
@@ -112,7 +112,7 @@ async fn a_client_stream_after_the_revocation_is_not_handled() {
 async fn a_server_stream_ends_with_status_16_after_the_revocation() {
     let resolver = CachedResolver::new(MemoryStore::new());
     let (key, info) = issue_key(&resolver, "acme", "ledgers:read").await.unwrap();
-    let manager = KeyManager::new(resolver.store().clone(), resolver.clone());
+    let manager = KeyManager::new(resolver.clone());
     let addr = start(resolver.clone(), LedgerService::default()).await;
     let mut client = LedgersClient::connect(format!("http://{addr}"))
         .await

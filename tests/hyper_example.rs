@@ -289,7 +289,7 @@ async fn a_body_sent_after_the_revocation_gets_401() {
     use tower_api_keys::principal::Principal;
     let resolver = CachedResolver::new(MemoryStore::new());
     let (key, info) = issue_key(&resolver, "acme", "ledgers:write").await.unwrap();
-    let manager = KeyManager::new(resolver.store().clone(), resolver.clone());
+    let manager = KeyManager::new(resolver.clone());
     let server = start(resolver.clone()).await;
     let body = r#"{"name":"late"}"#;
     let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();

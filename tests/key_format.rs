@@ -38,7 +38,7 @@ impl Instance {
                 get(|p: Principal| async move { p.key_id().to_string() }),
             )
             .layer(ApiKeyLayer::new(resolver.clone()));
-        let manager = KeyManager::new(store, resolver);
+        let manager = KeyManager::new(resolver);
         Self { app, manager }
     }
 

@@ -44,7 +44,7 @@ fn service(format: KeyFormat, keys: PublicKeys, policy: LeakPolicy) -> Service {
     let resolver = CachedResolver::builder(store.clone())
         .format(format)
         .build();
-    let manager = KeyManager::new(store.clone(), resolver);
+    let manager = KeyManager::new(resolver);
     let receiver = LeakReceiver::builder(manager.clone())
         .keys(Origin::GitHub, keys.clone())
         .keys(Origin::DepsDev, keys)
@@ -441,7 +441,7 @@ async fn keys_from_a_url_are_cached_and_refreshed_on_an_unknown_identifier() {
     let addr = key_server(document.clone(), fetches.clone()).await;
 
     let store = Arc::new(MemoryStore::new());
-    let manager = KeyManager::new(store.clone(), CachedResolver::new(store.clone()));
+    let manager = KeyManager::new(CachedResolver::new(store.clone()));
     let receiver = LeakReceiver::builder(manager.clone())
         .refresh_interval(Duration::ZERO)
         .keys_url(Origin::GitHub, format!("http://{addr}/keys"))
@@ -485,7 +485,7 @@ async fn unknown_identifiers_cannot_make_the_receiver_fetch_in_a_loop() {
     let fetches = Arc::new(AtomicUsize::new(0));
     let addr = key_server(document, fetches.clone()).await;
     let store = Arc::new(MemoryStore::new());
-    let manager = KeyManager::new(store.clone(), CachedResolver::new(store));
+    let manager = KeyManager::new(CachedResolver::new(store));
     let receiver = LeakReceiver::builder(manager)
         .keys_url(Origin::GitHub, format!("http://{addr}/keys"))
         .build();

@@ -43,7 +43,7 @@ fn fixture() -> Fixture {
     let resolver = CachedResolver::builder(store.clone())
         .format(KeyFormat::new("sk_live").unwrap())
         .build();
-    let manager = KeyManager::new(store.clone(), resolver.clone());
+    let manager = KeyManager::new(resolver.clone());
     let app = Router::new()
         .route(
             "/whoami",

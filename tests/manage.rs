@@ -37,7 +37,7 @@ fn fixture(policy: KeyPolicy) -> Fixture {
     let resolver = CachedResolver::builder(store.clone())
         .format(KeyFormat::new("sk_live").unwrap())
         .build();
-    let manager = KeyManager::new(store.clone(), resolver.clone()).policy(policy);
+    let manager = KeyManager::new(resolver.clone()).policy(policy);
     let usage = UsageRecorder::new(store.clone());
     let app = Router::new()
         .route(

@@ -51,7 +51,7 @@ async fn a_full_lifecycle_logs_no_key_and_no_digest() {
 
     let store = Arc::new(MemoryStore::new());
     let resolver = CachedResolver::new(store.clone());
-    let manager = KeyManager::new(store.clone(), resolver.clone());
+    let manager = KeyManager::new(resolver.clone());
     let usage = UsageRecorder::new(store.clone());
     let app = Router::new()
         .route(
@@ -203,7 +203,7 @@ async fn the_key_format_secret_never_appears_in_logs() {
     let resolver = CachedResolver::builder(Arc::new(store.clone()))
         .format(format.clone())
         .build();
-    let manager = KeyManager::new(Arc::new(store.clone()), resolver.clone());
+    let manager = KeyManager::new(resolver.clone());
     let app = Router::new()
         .route(
             "/whoami",

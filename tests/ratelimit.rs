@@ -39,7 +39,7 @@ fn app(store: Arc<dyn KeyStore>, limiter: &RateLimiter) -> Router {
             "/reports",
             get(|| async { "reports" }).route_layer(limiter.layer().cost(5)),
         )
-        .merge(manage::router(KeyManager::new(store, resolver.clone())))
+        .merge(manage::router(KeyManager::new(resolver.clone())))
         .layer(ApiKeyLayer::new(resolver).master_key(ApiKey::new(MASTER)))
 }
 
@@ -592,7 +592,7 @@ async fn a_delegated_key_never_gets_more_than_its_creator() {
 async fn a_policy_default_applies_to_keys_created_without_limits() {
     let store = Arc::new(MemoryStore::new());
     let resolver = CachedResolver::new(store.clone());
-    let manager = KeyManager::new(store.clone(), resolver).policy(
+    let manager = KeyManager::new(resolver).policy(
         manage::KeyPolicy::default()
             .default_rate_limit(RateLimit::new(60, 60))
             .default_credits(Credits::new(1000).refill(RefillInterval::Daily, 1000)),

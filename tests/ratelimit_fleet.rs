@@ -63,7 +63,7 @@ async fn instance(
             "/ledgers",
             get(|| async { "ledgers" }).route_layer(limiter.layer()),
         )
-        .merge(manage::router(KeyManager::new(shared, resolver.clone())))
+        .merge(manage::router(KeyManager::new(resolver.clone())))
         .layer(ApiKeyLayer::new(resolver).master_key(ApiKey::new(MASTER)));
     Instance {
         addr: serve(app).await,

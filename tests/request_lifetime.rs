@@ -223,7 +223,7 @@ fn assert_refused_as_ended(status: u16, text: &str, reason: &str, key: &ApiKey) 
 async fn a_body_sent_after_a_revocation_writes_nothing_and_gets_401() {
     let store = Arc::new(MemoryStore::new());
     let resolver = CachedResolver::new(store.clone());
-    let manager = KeyManager::new(store, resolver.clone());
+    let manager = KeyManager::new(resolver.clone());
     let seen = Seen::default();
     let addr = serve(app(resolver.clone(), seen.clone())).await;
     let created = create(&manager, &Principal::master(), &["ledgers:write"]).await;
@@ -251,7 +251,7 @@ async fn a_body_sent_after_a_revocation_writes_nothing_and_gets_401() {
 async fn a_body_to_stamp_sent_after_a_revocation_is_neither_stamped_nor_written() {
     let store = Arc::new(MemoryStore::new());
     let resolver = CachedResolver::new(store.clone());
-    let manager = KeyManager::new(store, resolver.clone());
+    let manager = KeyManager::new(resolver.clone());
     let seen = Seen::default();
     let addr = serve(app(resolver.clone(), seen.clone())).await;
     let created = create(&manager, &Principal::master(), &["ledgers:write"]).await;
@@ -282,7 +282,7 @@ async fn a_body_to_stamp_sent_after_a_revocation_is_neither_stamped_nor_written(
 async fn a_revoked_ancestor_ends_the_requests_of_its_descendants() {
     let store = Arc::new(MemoryStore::new());
     let resolver = CachedResolver::new(store.clone());
-    let manager = KeyManager::new(store, resolver.clone());
+    let manager = KeyManager::new(resolver.clone());
     let seen = Seen::default();
     let addr = serve(app(resolver.clone(), seen.clone())).await;
     let parent = create(
@@ -308,7 +308,7 @@ async fn a_revoked_ancestor_ends_the_requests_of_its_descendants() {
 async fn a_body_held_back_past_the_expiry_gets_401() {
     let store = Arc::new(MemoryStore::new());
     let resolver = CachedResolver::new(store.clone());
-    let manager = KeyManager::new(store, resolver.clone());
+    let manager = KeyManager::new(resolver.clone());
     let seen = Seen::default();
     let addr = serve(app(resolver.clone(), seen.clone())).await;
     let expires_at = OffsetDateTime::now_utc() + Duration::from_millis(1500);
@@ -337,7 +337,7 @@ async fn a_body_held_back_past_the_expiry_gets_401() {
 async fn a_chunked_response_stops_at_its_next_chunk_after_a_revocation() {
     let store = Arc::new(MemoryStore::new());
     let resolver = CachedResolver::new(store.clone());
-    let manager = KeyManager::new(store, resolver.clone());
+    let manager = KeyManager::new(resolver.clone());
     let addr = serve(app(resolver.clone(), Seen::default())).await;
     let created = create(&manager, &Principal::master(), &["ledgers:read"]).await;
 
@@ -388,7 +388,7 @@ async fn a_chunked_response_stops_at_its_next_chunk_after_a_revocation() {
 async fn a_handler_selecting_on_the_end_future_stops() {
     let store = Arc::new(MemoryStore::new());
     let resolver = CachedResolver::new(store.clone());
-    let manager = KeyManager::new(store, resolver.clone());
+    let manager = KeyManager::new(resolver.clone());
     let seen = Seen::default();
     let addr = serve(app(resolver.clone(), seen.clone())).await;
     let created = create(&manager, &Principal::master(), &["ledgers:read"]).await;
@@ -428,7 +428,7 @@ mod fleet {
         b_resolver: CachedResolver,
     ) {
         let a_resolver = CachedResolver::new(a_store.clone());
-        let a = KeyManager::new(Arc::new(a_store), a_resolver).invalidator(a_invalidator);
+        let a = KeyManager::new(a_resolver).invalidator(a_invalidator);
         let seen = Seen::default();
         let addr = serve(app(b_resolver.clone(), seen.clone())).await;
         let created = create(&a, &Principal::master(), &["ledgers:write"]).await;

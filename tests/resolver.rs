@@ -140,7 +140,7 @@ async fn a_cached_key_expires_on_time() {
 async fn grace_period_principal_expires_with_the_grace() {
     let store = common::TestStore::new();
     let resolver = CachedResolver::new(store.clone());
-    let manager = KeyManager::new(store.clone(), resolver.clone());
+    let manager = KeyManager::new(resolver.clone());
     let own_expiry = OffsetDateTime::now_utc() + time::Duration::days(30);
     let created = manager
         .create(

@@ -50,7 +50,7 @@ async fn a_lookup_overtaken_by_an_invalidation_does_not_fill_the_cache() {
         let resolver = CachedResolver::builder(store.clone())
             .ttl(Duration::from_secs(3600))
             .build();
-        let manager = KeyManager::new(store.clone(), resolver.clone());
+        let manager = KeyManager::new(resolver.clone());
         let digest = key.digest();
 
         store.hold_next(1);
@@ -129,7 +129,7 @@ fn no_thread_admits_a_key_after_revoke_returned() {
     let resolver = CachedResolver::builder(store.clone())
         .ttl(Duration::from_secs(3600))
         .build();
-    let manager = KeyManager::new(store, resolver.clone());
+    let manager = KeyManager::new(resolver.clone());
     for round in 0..3 {
         let created = runtime
             .block_on(manager.create(

@@ -24,7 +24,7 @@ const DAY: Duration = Duration::from_secs(86_400);
 type Events = Arc<Mutex<Vec<HygieneEvent>>>;
 
 fn manager(store: Arc<dyn KeyStore>) -> KeyManager {
-    KeyManager::new(store.clone(), CachedResolver::new(store))
+    KeyManager::new(CachedResolver::new(store))
 }
 
 fn sweeper(manager: &KeyManager, events: &Events) -> Sweeper {

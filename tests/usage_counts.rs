@@ -38,7 +38,7 @@ fn app(store: Arc<dyn KeyStore>, usage: UsageRecorder) -> Router {
             get(|p: Principal| async move { p.key_id().to_string() }),
         )
         .route_layer(RequireScopes::all(["ledgers:read"]))
-        .merge(manage::router(KeyManager::new(store, resolver.clone())))
+        .merge(manage::router(KeyManager::new(resolver.clone())))
         .layer(
             ApiKeyLayer::new(resolver)
                 .master_key(ApiKey::new(MASTER))
@@ -219,7 +219,7 @@ async fn store_writes_stay_bounded_under_load() {
     let usage = UsageRecorder::spawn(store.clone(), Duration::from_millis(20));
     let app = app(store.clone(), usage.clone());
     let resolver_keys = {
-        let manager = KeyManager::new(store.clone(), CachedResolver::new(store.clone()));
+        let manager = KeyManager::new(CachedResolver::new(store.clone()));
         let mut keys = Vec::new();
         for _ in 0..3 {
             let created = manager

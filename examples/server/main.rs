@@ -288,7 +288,7 @@ pub(crate) async fn build_with(
         .format(format)
         .ttl(Duration::from_secs(60))
         .build();
-    let manager = KeyManager::new(database.keys.clone(), resolver.clone()).policy(
+    let manager = KeyManager::new(resolver.clone()).policy(
         KeyPolicy::default()
             .max_active_per_owner(10)
             .max_lifetime(Duration::from_secs(365 * 86_400)),

@@ -24,7 +24,7 @@
 //!     .route_layer(RequireScopes::any(["balances:read", "ledgers:read"]))
 //!     .layer(ApiKeyLayer::new(resolver.clone()));
 //!
-//! let manager = KeyManager::new(store, resolver);
+//! let manager = KeyManager::new(resolver);
 //! let reader = manager
 //!     .create(&Principal::master(), CreateKey::new(["ledgers:read"]).owner("billing"))
 //!     .await?;

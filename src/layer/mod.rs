@@ -28,7 +28,7 @@
 //! );
 //!
 //! // A key as the management API would issue it.
-//! let manager = KeyManager::new(store, resolver);
+//! let manager = KeyManager::new(resolver);
 //! let created = manager
 //!     .create(&Principal::master(), CreateKey::new(["ledgers:read"]).owner("billing"))
 //!     .await?;

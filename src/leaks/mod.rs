@@ -31,7 +31,7 @@
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let store = Arc::new(MemoryStore::new());
-//! let manager = KeyManager::new(store.clone(), CachedResolver::new(store));
+//! let manager = KeyManager::new(CachedResolver::new(store));
 //! let receiver = LeakReceiver::builder(manager)
 //!     // GitHub's keys, from a file in its published JSON shape...
 //!     .keys(Scanner::GitHub, PublicKeys::from_json(br#"{"public_keys": []}"#)?)

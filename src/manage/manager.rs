@@ -55,11 +55,13 @@ impl fmt::Debug for KeyManager {
 const DIGESTS_PER_INVALIDATION: usize = 96;
 
 impl KeyManager {
-    /// A manager over `store` that keeps `resolver`'s cache in step with every change. Keys are
-    /// generated in the resolver's [`KeyFormat`](crate::key::KeyFormat).
-    pub fn new(store: Arc<dyn KeyStore>, resolver: CachedResolver) -> Self {
+    /// A manager over `resolver`'s store that keeps its cache in step with every change. Keys are
+    /// generated in the resolver's [`KeyFormat`](crate::key::KeyFormat). The store is the one the
+    /// resolver was built over: a manager writing to one store while its resolver reads another
+    /// cannot be written.
+    pub fn new(resolver: CachedResolver) -> Self {
         Self {
-            store,
+            store: resolver.store().clone(),
             resolver,
             invalidator: Arc::new(NoBroadcast),
             policy: Arc::new(KeyPolicy::default()),

@@ -35,7 +35,7 @@
 //!
 //! let store = Arc::new(MemoryStore::new());
 //! let resolver = CachedResolver::new(store.clone());
-//! let manager = KeyManager::new(store, resolver.clone())
+//! let manager = KeyManager::new(resolver.clone())
 //!     .policy(KeyPolicy::default().max_active_per_owner(5));
 //!
 //! // Bootstrap with the master key: it must name the owner.

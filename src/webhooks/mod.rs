@@ -16,7 +16,7 @@
 //! // `UrlPolicy::new().allow_private(true)`.
 //! let webhooks = Webhooks::new(store.clone()).urls(UrlPolicy::new());
 //! // `manage::router(manager)` now serves /api-keys/webhooks too.
-//! let manager = KeyManager::new(store.clone(), CachedResolver::new(store.clone()))
+//! let manager = KeyManager::new(CachedResolver::new(store.clone()))
 //!     .webhooks(webhooks.clone());
 //!
 //! // An owner's endpoint, for some key events; its secret is shown this once.

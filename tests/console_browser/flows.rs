@@ -435,7 +435,7 @@ pub(super) async fn webhooks(b: &Browser) -> Outcome {
     let store = Arc::new(MemoryStore::new());
     let resolver = CachedResolver::new(store.clone());
     let fake = fake_webhooks();
-    let app = manage::router(KeyManager::new(store, resolver.clone()))
+    let app = manage::router(KeyManager::new(resolver.clone()))
         .layer(ApiKeyLayer::new(resolver).master_key(ApiKey::new(super::common::MASTER)))
         .layer(axum::middleware::from_fn(
             move |request: Request, next: Next| {

@@ -34,7 +34,7 @@
 //!     .scope("ledgers:read".parse()?, "View ledgers")
 //!     .scope("ledgers:write".parse()?, "Create ledgers");
 //! let app: Router = Router::new()
-//!     .merge(manage::router(KeyManager::new(store, resolver.clone())))
+//!     .merge(manage::router(KeyManager::new(resolver.clone())))
 //!     .layer(ApiKeyLayer::new(resolver).master_key(ApiKey::new("a-long-master-key-from-config")))
 //!     // Outside the key layer: the page loads without a key.
 //!     .nest("/console", console.router());

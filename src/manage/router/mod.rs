@@ -71,7 +71,7 @@ use wire::*;
 /// let store = Arc::new(MemoryStore::new());
 /// let resolver = CachedResolver::new(store.clone());
 /// let app: Router = Router::new()
-///     .merge(manage::router(KeyManager::new(store, resolver.clone())))
+///     .merge(manage::router(KeyManager::new(resolver.clone())))
 ///     .layer(
 ///         ApiKeyLayer::new(resolver)
 ///             .sources([KeySource::blnk(), KeySource::x_api_key()])
@@ -89,7 +89,7 @@ use wire::*;
 ///     .route("/name", axum::routing::get(
 ///         |axum::extract::State(app): axum::extract::State<AppState>| async move { app.name },
 ///     ))
-///     .merge(manage::router(KeyManager::new(store, resolver)))
+///     .merge(manage::router(KeyManager::new(resolver)))
 ///     .with_state(AppState { name: "ledger" });
 /// ```
 pub fn router<S>(manager: KeyManager) -> Router<S>
