@@ -9,12 +9,14 @@
 //! Without a broadcaster ([`NoBroadcast`]), other instances keep a revoked key for at most the
 //! resolver's TTL.
 
+mod fleet;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
 
 use std::fmt;
+use std::time::Duration;
 
 use crate::key::{KeyDigest, KeyId};
 use crate::resolver::CachedResolver;
@@ -29,6 +31,12 @@ pub use self::postgres::PgInvalidator;
 pub use self::redis::RedisInvalidator;
 #[cfg(any(feature = "postgres", feature = "redis"))]
 pub use self::subscription::{Subscription, SubscriptionStatus};
+pub use self::fleet::{
+    ACKNOWLEDGED_HEADER, ACKNOWLEDGEMENT_SECONDS, APPLIED_SEQUENCE, ELAPSED_HEADER,
+    FLEET_INSTANCES, INSTANCES_HEADER, LAGGARDS_TOTAL, OLDEST_UNACKNOWLEDGED_SECONDS, Receipt,
+    SEQUENCE_HEADER, Sequenced,
+};
+pub(crate) use self::fleet::report;
 
 /// A key changed: forget its id and these digests.
 #[derive(Clone, PartialEq, Eq)]
@@ -117,6 +125,29 @@ impl Invalidation {
 pub trait Invalidator: Send + Sync + 'static {
     /// Broadcasts one change. An error is logged by the caller; the local cache is already clean.
     async fn publish(&self, invalidation: &Invalidation) -> Result<(), StoreError>;
+
+    /// Broadcasts one change with a sequence number from the fleet's revocation log, and returns
+    /// it with the roster of that moment; `None` from an invalidator without a roster (the
+    /// default: [`publish`](Self::publish)).
+    async fn publish_sequenced(
+        &self,
+        invalidation: &Invalidation,
+    ) -> Result<Option<Sequenced>, StoreError> {
+        self.publish(invalidation).await.map(|()| None)
+    }
+
+    /// Waits until every instance of `published.live` has applied `published.sequence`, at most
+    /// `deadline` after it was published, and says who did. The default knows nobody's answer:
+    /// every instance is a laggard.
+    async fn receipt(&self, published: &Sequenced, deadline: Duration) -> Receipt {
+        Receipt {
+            sequence: Some(published.sequence),
+            instances: published.live.len(),
+            acknowledged: 0,
+            laggards: published.live.clone(),
+            elapsed: deadline,
+        }
+    }
 }
 
 /// No broadcast: other instances learn of changes when their cache entries expire.

@@ -1,12 +1,15 @@
-//! What the broadcasting invalidators share: the subscribe / reconnect-with-backoff / clear-cache
+//! What the broadcasting invalidators share: the subscribe / catch-up / beat / reconnect-with-backoff
 //! loop ([`spawn`]), the subscription handle, its status and the reconnection backoff. A backend
-//! ([`Backend`]: PostgreSQL `LISTEN`, Redis `SUBSCRIBE`) supplies only how to connect and how to
-//! receive the next message.
+//! ([`Backend`]: PostgreSQL `LISTEN`, Redis `SUBSCRIBE`) supplies how to connect, receive, beat,
+//! acknowledge and read the revocation log.
 //!
 //! The loop keeps the resolver's degraded mode (its invariant 8) in step with the connection: the
 //! resolver is degraded from the moment the subscription is requested until the first connection is
-//! up, and again from a loss until the next connection is up; each time a connection comes up, the
-//! cache is cleared once (messages may have been missed) before degraded mode ends.
+//! up, and again from a loss until the next connection is up. The first connection starts from the
+//! log's head with an empty cache; each later one first catches up from the revocation log (and
+//! clears the cache only when the log no longer reaches back). While connected, the fleet vouches
+//! for the cache until one bound after the sending time of the last own heartbeat heard back
+//! (everything published before it has been received by then); see the module docs above.
 
 use std::fmt;
 use std::future::Future;
@@ -17,6 +20,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::Invalidation;
+use super::fleet::{Board, Message};
+use crate::clock::now_unix_nanos;
 use crate::resolver::CachedResolver;
 
 /// The state of a subscription, as reported by [`Subscription::status`].
@@ -121,9 +126,31 @@ impl Backoff {
     }
 }
 
-/// One broadcast backend: how to connect (and subscribe), and how to receive.
+/// What the log holds after a sequence number.
+#[derive(Debug, Default)]
+pub(crate) struct LogTail {
+    /// The highest sequence number given out so far (0: none).
+    pub(crate) head: u64,
+    /// The invalidations after the one asked for, in order (wire form of [`Invalidation`]).
+    pub(crate) entries: Vec<(u64, String)>,
+    /// Whether the log still reaches back to the one right after the one asked for (else entries
+    /// were pruned, and the cache must be cleared).
+    pub(crate) complete: bool,
+}
+
+/// One heartbeat, as the backend writes it to the roster and sends it on the fleet channel.
+pub(crate) struct Beat<'a> {
+    pub(crate) instance: &'a str,
+    /// When this instance started (Unix seconds).
+    pub(crate) started_at: i64,
+    /// The message without its `head` ([`Message::beat_prefix`]).
+    pub(crate) prefix: String,
+    pub(crate) applied: u64,
+}
+
+/// One broadcast backend: how to connect (and subscribe), receive, and speak the fleet protocol.
 pub(crate) trait Backend: Send + Sync + 'static {
-    /// A connection that is subscribed.
+    /// A connection that is subscribed (to the invalidation and the fleet channel).
     type Connection: Send;
     /// Why connecting failed or a connection ended (logged; never holds a payload).
     type Error: fmt::Display + Send;
@@ -132,11 +159,41 @@ pub(crate) trait Backend: Send + Sync + 'static {
     fn connect(&self) -> impl Future<Output = Result<Self::Connection, Self::Error>> + Send;
 
     /// The next message: `Ok(Some(payload))`, `Ok(None)` for one that is not text, `Err` when the
-    /// connection is lost.
+    /// connection is lost. Dropped when a heartbeat is due: it must lose nothing then.
     fn receive(
         &self,
         connection: &mut Self::Connection,
     ) -> impl Future<Output = Result<Option<String>, Self::Error>> + Send;
+
+    /// Writes this instance into the roster and sends the heartbeat, with the log's head as of
+    /// the same moment, on the fleet channel.
+    fn beat(
+        &self,
+        connection: &mut Self::Connection,
+        beat: &Beat<'_>,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// Sends an acknowledgement (its wire form) on the fleet channel.
+    fn ack(
+        &self,
+        connection: &mut Self::Connection,
+        text: &str,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// The log after `after` (`None`: only the head).
+    fn log_after(
+        &self,
+        connection: &mut Self::Connection,
+        after: Option<u64>,
+    ) -> impl Future<Output = Result<LogTail, Self::Error>> + Send;
+}
+
+/// The fleet side of a subscription: who it is, where it records what it hears, how often it beats.
+pub(crate) struct FleetParams {
+    pub(crate) board: Arc<Board>,
+    pub(crate) instance: String,
+    pub(crate) heartbeat: Duration,
+    pub(crate) roster_ttl: Duration,
 }
 
 /// Starts the subscriber task for `backend` on the current tokio runtime; the resolver is degraded
@@ -146,15 +203,16 @@ pub(crate) fn spawn<B: Backend>(
     channel: Arc<str>,
     resolver: CachedResolver,
     backoff: Backoff,
+    fleet: FleetParams,
 ) -> Subscription {
     let (status, watcher) = watch::channel(SubscriptionStatus::default());
     let health = Health::new(resolver);
-    let task = tokio::spawn(run(backend, channel, health, backoff, status));
+    let task = tokio::spawn(run(backend, channel, health, backoff, status, fleet));
     Subscription::new(task, watcher)
 }
 
 /// The resolver's view of one subscription: degraded while down. Dropped with the task (shutdown,
-/// abort), it gives the degraded mark back.
+/// abort), it gives the degraded mark back and leaves the fleet.
 struct Health {
     resolver: CachedResolver,
     down: bool,
@@ -169,11 +227,11 @@ impl Health {
         }
     }
 
-    /// A connection is up: what was cached meanwhile may have missed messages, so it goes, then
-    /// degraded mode ends.
+    /// A connection is up and has caught up (or cleared the cache): degraded mode ends, and the
+    /// fleet vouches for the cache for one bound from now.
     fn up(&mut self) {
         if self.down {
-            self.resolver.invalidate_all();
+            self.resolver.join_fleet(now_unix_nanos());
             self.resolver.subscription_up();
             self.down = false;
         }
@@ -192,24 +250,254 @@ impl Drop for Health {
         if self.down {
             self.resolver.subscription_up();
         }
+        self.resolver.leave_fleet();
     }
 }
 
-/// The subscriber task: connect, apply, and on any loss reconnect (with backoff) and clear the cache.
+/// Why a connection was given up.
+enum Ended<E> {
+    Backend(E),
+    /// A call to the backend did not answer in time.
+    TimedOut,
+    /// This instance's own heartbeats stopped coming back.
+    Silent,
+}
+
+impl<E: fmt::Display> fmt::Display for Ended<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Backend(error) => fmt::Display::fmt(error, f),
+            Self::TimedOut => f.write_str("the broadcaster did not answer in time"),
+            Self::Silent => f.write_str("this instance's heartbeats stopped coming back"),
+        }
+    }
+}
+
+/// A subscription's fleet state across connections.
+struct Local<'a, B: Backend> {
+    backend: &'a B,
+    health: &'a mut Health,
+    fleet: &'a FleetParams,
+    channel: &'a str,
+    /// Everything up to this sequence number has been applied (0: nothing known yet).
+    applied: u64,
+    started_at: i64,
+    /// How long a call to the backend may take.
+    patience: Duration,
+}
+
+impl<B: Backend> Local<'_, B> {
+    fn resolver(&self) -> &CachedResolver {
+        &self.health.resolver
+    }
+
+    async fn call<T>(
+        &self,
+        call: impl Future<Output = Result<T, B::Error>>,
+    ) -> Result<T, Ended<B::Error>> {
+        match tokio::time::timeout(self.patience, call).await {
+            Ok(result) => result.map_err(Ended::Backend),
+            Err(_) => Err(Ended::TimedOut),
+        }
+    }
+
+    /// Applies what the log holds after `applied` (clears the cache if it no longer reaches back),
+    /// up to at least `head`.
+    async fn catch_up(&mut self, connection: &mut B::Connection) -> Result<(), Ended<B::Error>> {
+        let tail = self
+            .call(self.backend.log_after(connection, Some(self.applied)))
+            .await?;
+        if tail.head < self.applied {
+            // The log was reset (its tables recreated): start again from its head.
+            self.resolver().invalidate_all();
+            self.applied = tail.head;
+            return Ok(());
+        }
+        if tail.complete {
+            for (_, text) in &tail.entries {
+                apply(Invalidation::from_json(text), self.resolver(), self.channel);
+            }
+            if !tail.entries.is_empty() {
+                tracing::info!(
+                    channel = self.channel,
+                    from = self.applied,
+                    to = tail.head,
+                    "API key invalidation subscriber caught up from the revocation log"
+                );
+            }
+        } else {
+            self.resolver().invalidate_all();
+            tracing::warn!(
+                channel = self.channel,
+                applied = self.applied,
+                "the revocation log no longer reaches back to the last applied invalidation; cleared the key cache"
+            );
+        }
+        self.applied = self.applied.max(tail.head);
+        Ok(())
+    }
+
+    fn applied_now(&self) {
+        self.fleet.board.record(&self.fleet.instance, self.applied);
+        #[cfg(feature = "metrics")]
+        ::metrics::gauge!(super::fleet::APPLIED_SEQUENCE, "instance" => self.fleet.instance.clone())
+            .set(self.applied as f64);
+    }
+
+    async fn beat(&self, connection: &mut B::Connection) -> Result<(), Ended<B::Error>> {
+        let beat = Beat {
+            instance: &self.fleet.instance,
+            started_at: self.started_at,
+            prefix: Message::beat_prefix(&self.fleet.instance, now_unix_nanos(), self.applied),
+            applied: self.applied,
+        };
+        self.call(self.backend.beat(connection, &beat)).await
+    }
+
+    /// The first connection starts from the log's head with an empty cache; a later one catches up
+    /// from the log.
+    async fn start(&mut self, connection: &mut B::Connection) -> Result<(), Ended<B::Error>> {
+        if self.applied == 0 {
+            let tail = self.call(self.backend.log_after(connection, None)).await?;
+            self.resolver().invalidate_all();
+            self.applied = tail.head;
+        } else {
+            self.catch_up(connection).await?;
+        }
+        Ok(())
+    }
+
+    /// Serves one connection until it is lost.
+    async fn serve(&mut self, connection: &mut B::Connection) -> Ended<B::Error> {
+        let bound = self.resolver().bound();
+        // Own heartbeats not heard back for this long: the connection is given up.
+        let silent_after = (bound * 2)
+            .max(self.fleet.heartbeat * 4)
+            .max(Duration::from_secs(2));
+        let mut last_heard = Instant::now();
+        let mut ticks = tokio::time::interval(self.fleet.heartbeat);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let message = tokio::select! {
+                biased;
+                received = self.backend.receive(connection) => match received {
+                    Ok(message) => message,
+                    Err(error) => return Ended::Backend(error),
+                },
+                _ = ticks.tick() => {
+                    if last_heard.elapsed() > silent_after {
+                        return Ended::Silent;
+                    }
+                    if let Err(ended) = self.beat(connection).await {
+                        return ended;
+                    }
+                    let (_live, _oldest) = self.fleet.board.survey(self.fleet.roster_ttl);
+                    #[cfg(feature = "metrics")]
+                    {
+                        ::metrics::gauge!(super::fleet::FLEET_INSTANCES).set(_live as f64);
+                        ::metrics::gauge!(super::fleet::OLDEST_UNACKNOWLEDGED_SECONDS)
+                            .set(_oldest.as_secs_f64());
+                    }
+                    continue;
+                }
+            };
+            let handled = match message.as_deref().map(Message::parse) {
+                Some(Some(Message::Invalidate { seq, invalidation })) => {
+                    invalidation.apply(self.resolver());
+                    match seq {
+                        Some(seq) => self.invalidated(connection, seq).await,
+                        None => Ok(()),
+                    }
+                }
+                Some(Some(Message::Beat {
+                    instance,
+                    at,
+                    head,
+                    applied,
+                })) => {
+                    self.fleet.board.record(&instance, applied);
+                    let mut caught_up = Ok(());
+                    if head > self.applied {
+                        caught_up = self.catch_up(connection).await;
+                        self.applied_now();
+                    }
+                    if caught_up.is_ok() && instance == self.fleet.instance {
+                        // Everything published before this beat was sent has been applied.
+                        last_heard = Instant::now();
+                        self.resolver()
+                            .vouch_until(at.saturating_add(saturating_nanos(bound)));
+                    }
+                    caught_up
+                }
+                Some(Some(Message::Ack { instance, seq })) => {
+                    self.fleet.board.record(&instance, seq);
+                    Ok(())
+                }
+                Some(None) | None => {
+                    apply(None, self.resolver(), self.channel);
+                    Ok(())
+                }
+            };
+            if let Err(ended) = handled {
+                return ended;
+            }
+        }
+    }
+
+    /// A sequenced invalidation was applied: fill a gap from the log, then acknowledge.
+    async fn invalidated(
+        &mut self,
+        connection: &mut B::Connection,
+        seq: u64,
+    ) -> Result<(), Ended<B::Error>> {
+        if seq > self.applied.saturating_add(1) {
+            self.catch_up(connection).await?;
+        }
+        self.applied = self.applied.max(seq);
+        self.applied_now();
+        let ack = Message::ack(&self.fleet.instance, self.applied);
+        self.call(self.backend.ack(connection, &ack)).await
+    }
+}
+
+fn saturating_nanos(duration: Duration) -> i64 {
+    i64::try_from(duration.as_nanos()).unwrap_or(i64::MAX)
+}
+
+/// The subscriber task: connect, catch up, apply and acknowledge, beat; on any loss reconnect (with
+/// backoff) and catch up from the log.
 async fn run<B: Backend>(
     backend: B,
     channel: Arc<str>,
     mut health: Health,
     backoff: Backoff,
     status: watch::Sender<SubscriptionStatus>,
+    fleet: FleetParams,
 ) {
     let channel = &*channel;
+    let patience = health.resolver.bound().max(Duration::from_millis(500));
+    let mut local = Local {
+        backend: &backend,
+        health: &mut health,
+        fleet: &fleet,
+        channel,
+        applied: 0,
+        started_at: now_unix_nanos() / 1_000_000_000,
+        patience,
+    };
     let mut delay = backoff.initial;
     // Failed attempts since the last connection: the first is logged at `warn`, the rest at `debug`.
     let mut failures = 0u64;
     let mut connections = 0u64;
     loop {
-        let mut connection = match backend.connect().await {
+        let connected = match local.backend.connect().await {
+            Ok(mut connection) => match local.start(&mut connection).await {
+                Ok(()) => Ok(connection),
+                Err(error) => Err(error.to_string()),
+            },
+            Err(error) => Err(error.to_string()),
+        };
+        let mut connection = match connected {
             Ok(connection) => connection,
             Err(error) => {
                 if failures == 0 {
@@ -223,12 +511,14 @@ async fn run<B: Backend>(
                 continue;
             }
         };
-        health.up();
+        local.health.up();
+        local.applied_now();
         connections += 1;
         if connections > 1 || failures > 0 {
             tracing::info!(
                 channel,
-                "API key invalidation subscriber connected after a failure; cleared the key cache"
+                applied = local.applied,
+                "API key invalidation subscriber connected after a failure and caught up"
             );
         }
         failures = 0;
@@ -237,17 +527,9 @@ async fn run<B: Backend>(
             s.connections += 1;
         });
         let connected_at = Instant::now();
-        let lost = loop {
-            match backend.receive(&mut connection).await {
-                Ok(Some(payload)) => {
-                    apply(Invalidation::from_json(&payload), &health.resolver, channel)
-                }
-                Ok(None) => apply(None, &health.resolver, channel),
-                Err(error) => break error,
-            }
-        };
+        let lost = local.serve(&mut connection).await;
         drop(connection);
-        health.down();
+        local.health.down();
         status.send_modify(|s| s.connected = false);
         tracing::warn!(error = %lost, channel, "API key invalidation subscriber lost its connection; reconnecting");
         // A connection that dies at once must not turn into a busy loop.
@@ -306,6 +588,32 @@ mod tests {
         ) -> Result<Option<String>, Self::Error> {
             connection.recv().await.map(Some).ok_or("closed")
         }
+
+        async fn beat(&self, _: &mut Self::Connection, _: &Beat<'_>) -> Result<(), Self::Error> {
+            Ok(())
+        }
+
+        async fn ack(&self, _: &mut Self::Connection, _: &str) -> Result<(), Self::Error> {
+            Ok(())
+        }
+
+        /// An empty log that never reaches back: every connection clears the cache.
+        async fn log_after(
+            &self,
+            _: &mut Self::Connection,
+            _: Option<u64>,
+        ) -> Result<LogTail, Self::Error> {
+            Ok(LogTail::default())
+        }
+    }
+
+    fn params() -> FleetParams {
+        FleetParams {
+            board: Arc::default(),
+            instance: "test".into(),
+            heartbeat: Duration::from_millis(250),
+            roster_ttl: Duration::from_secs(3),
+        }
     }
 
     async fn until(what: impl Fn() -> bool) {
@@ -331,7 +639,7 @@ mod tests {
             connects: AtomicUsize::new(0),
         };
         let backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(2));
-        let subscription = spawn(backend, "test".into(), resolver.clone(), backoff);
+        let subscription = spawn(backend, "test".into(), resolver.clone(), backoff, params());
         assert!(
             resolver.is_degraded(),
             "degraded before the first connection"

@@ -915,7 +915,6 @@ impl CachedResolver {
     }
 
     /// The freshness bound (the degraded lifetime).
-    #[cfg(any(feature = "postgres", feature = "redis"))]
     pub(crate) fn bound(&self) -> Duration {
         Duration::from_nanos(u64::try_from(self.inner.degraded_ttl).unwrap_or(0))
     }
