@@ -252,6 +252,28 @@ impl fmt::Display for Receipt {
 pub(crate) struct Board {
     state: Mutex<BoardState>,
     changed: watch::Sender<u64>,
+    /// Subscriptions of this invalidator running now: without one, nobody hears acknowledgements.
+    listening: std::sync::atomic::AtomicUsize,
+}
+
+/// A running subscription's mark on its board (given back when dropped).
+pub(crate) struct Listening(std::sync::Arc<Board>);
+
+impl Listening {
+    pub(crate) fn new(board: std::sync::Arc<Board>) -> Self {
+        board
+            .listening
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(board)
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.0
+            .listening
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 #[derive(Default)]
@@ -295,8 +317,12 @@ impl Board {
     }
 
     /// Waits until every instance of `published.live` has applied its sequence, or `deadline`
-    /// (from publication) has passed.
+    /// (from publication) has passed. Without a running subscription of this invalidator nothing
+    /// can be heard: an empty receipt at once.
     pub(crate) async fn wait(&self, published: &Sequenced, deadline: Duration) -> Receipt {
+        if self.listening.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return Receipt::default();
+        }
         let mut changed = self.changed.subscribe();
         let until = published.published_at + deadline;
         let mut missing = self.missing(published.sequence, &published.live);
@@ -421,7 +447,18 @@ mod tests {
 
     #[tokio::test]
     async fn a_receipt_waits_for_every_live_instance_up_to_the_deadline() {
-        let board = Board::default();
+        let board = std::sync::Arc::new(Board::default());
+        let published = Sequenced {
+            sequence: 5,
+            live: vec!["a".into()],
+            published_at: Instant::now(),
+        };
+        assert_eq!(
+            board.wait(&published, Duration::from_secs(5)).await,
+            Receipt::default(),
+            "nobody listens"
+        );
+        let _listening = Listening::new(board.clone());
         let published = Sequenced {
             sequence: 5,
             live: vec!["a".into(), "b".into()],

@@ -23,8 +23,8 @@
 //! a lock, so sequence numbers commit in order), the log row, `SELECT pg_notify(channel, payload)`
 //! with the sequenced wire form, and the roster's live instances (see [`Sequenced`]). The tables
 //! (`api_key_fleet_log`, `api_key_fleet_roster`) are created on first use in the schema the pool
-//! uses. The subscriber holds one dedicated connection (opened with the pool's connection options)
-//! that `LISTEN`s on the channel and on its fleet channel (name + `_fleet`), and on that same
+//! uses. The subscriber holds one dedicated connection (opened with the pool's connection options,
+//! `application_name` set to the channel) that `LISTEN`s on the channel and on its fleet channel (name + `_fleet`), and on that same
 //! connection writes its heartbeat (default every 250 ms: roster row + `NOTIFY`), its
 //! acknowledgements and its log reads; so a connection that stops forwarding silently is noticed
 //! by its heartbeats (a call not answered within the bound, or its own heartbeats not heard back),
@@ -153,7 +153,10 @@ impl PgInvalidator {
     /// # Panics
     /// Outside a tokio runtime.
     pub fn subscribe(&self, resolver: CachedResolver) -> Subscription {
-        let options = (*self.pool.connect_options()).clone();
+        // Named after the channel in `pg_stat_activity`, so operators can find the listener.
+        let options = (*self.pool.connect_options())
+            .clone()
+            .application_name(&self.channel);
         // One dedicated connection; connecting waits at most 2 s before counting as a failure, so
         // that retries stay about a second apart even when the network drops packets.
         let pool = PgPoolOptions::new()

@@ -279,8 +279,10 @@ struct Local<'a, B: Backend> {
     health: &'a mut Health,
     fleet: &'a FleetParams,
     channel: &'a str,
-    /// Everything up to this sequence number has been applied (0: nothing known yet).
+    /// Everything up to this sequence number has been applied.
     applied: u64,
+    /// Whether a connection was up before (then `applied` is known).
+    caught_up_before: bool,
     started_at: i64,
     /// How long a call to the backend may take.
     patience: Duration,
@@ -357,12 +359,13 @@ impl<B: Backend> Local<'_, B> {
     /// The first connection starts from the log's head with an empty cache; a later one catches up
     /// from the log.
     async fn start(&mut self, connection: &mut B::Connection) -> Result<(), Ended<B::Error>> {
-        if self.applied == 0 {
+        if self.caught_up_before {
+            self.catch_up(connection).await?;
+        } else {
             let tail = self.call(self.backend.log_after(connection, None)).await?;
             self.resolver().invalidate_all();
             self.applied = tail.head;
-        } else {
-            self.catch_up(connection).await?;
+            self.caught_up_before = true;
         }
         Ok(())
     }
@@ -476,12 +479,14 @@ async fn run<B: Backend>(
 ) {
     let channel = &*channel;
     let patience = health.resolver.bound().max(Duration::from_millis(500));
+    let _listening = super::fleet::Listening::new(fleet.board.clone());
     let mut local = Local {
         backend: &backend,
         health: &mut health,
         fleet: &fleet,
         channel,
         applied: 0,
+        caught_up_before: false,
         started_at: now_unix_nanos() / 1_000_000_000,
         patience,
     };

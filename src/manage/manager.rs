@@ -513,7 +513,8 @@ impl KeyManager {
 
     /// [`revoke_because`](Self::revoke_because), with what the fleet said: how many live instances
     /// acknowledged the revocation within the [deadline](Self::acknowledgement_deadline) (an empty
-    /// receipt when nothing was broadcast: a key already revoked, or no roster).
+    /// receipt when nothing was broadcast or nobody could answer: a key already revoked, a failed
+    /// broadcast, an invalidator without a roster, or none of its subscriptions running here).
     pub async fn revoke_with_receipt(
         &self,
         caller: &Principal,
