@@ -417,6 +417,7 @@ where
     }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_ansi(false)
         .with_writer(std::io::stderr)
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -498,4 +499,45 @@ pub async fn watch_refused(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     (late_admissions, seen)
+}
+
+/// Rounds until one is acknowledged by all three servers (the fleet recovered): how long that took.
+/// Failed calls (the store still reconnecting) are retried.
+pub async fn recovered(
+    client: &HttpClient,
+    addrs: &[SocketAddr],
+    master: &str,
+    within: Duration,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        assert!(start.elapsed() < within, "the fleet did not recover");
+        let body = serde_json::json!({"name": "fleet", "owner": "fleet", "scopes": ["ledgers:read"]});
+        let created = call(
+            client,
+            addrs[0],
+            Method::POST,
+            "/api-keys",
+            master,
+            Some(body),
+            Duration::from_secs(5),
+        )
+        .await;
+        let Some(created) = created.filter(|r| r.status == StatusCode::CREATED) else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let (key, id) = (
+            created.body["key"].as_str().unwrap().to_owned(),
+            created.body["api_key_id"].as_str().unwrap().to_owned(),
+        );
+        for &addr in addrs {
+            admitted(client, addr, &key, within).await;
+        }
+        let (reply, _) = revoke(client, addrs[1], master, &id).await;
+        if reply.number("revocation-acknowledged") == Some(addrs.len() as f64) {
+            return start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
