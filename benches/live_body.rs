@@ -8,7 +8,10 @@
 //! body is `scoped 1 - master 1` (admission of the two kinds differs a little too). A request
 //! without a body pays neither: see `benches/hot_path.rs`, whose `layer` case is unchanged.
 //!
-//! `cargo bench --bench live_body`
+//! `cargo bench --bench live_body` times the four cases with criterion. For a figure the machine's
+//! noise cannot move, `live_body-<hash> count <scoped|master> <frames> <n>` sends `n` requests of one
+//! case after the same setup and exits: `scripts/callgrind_body.sh` runs it under callgrind with two
+//! `n`s per case and prints instructions per request and per watched frame.
 
 use std::convert::Infallible;
 use std::hint::black_box;
@@ -57,12 +60,10 @@ fn now<F: Future>(future: F) -> F::Output {
     future.now_or_never().expect("in memory")
 }
 
-fn main() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let _guard = runtime.enter();
+type BoxedLayer = tower::util::BoxService<Request<Frames>, Response<LiveBody<Bytes>>, Infallible>;
+
+/// A stored, cached key with `ledgers:write` and the layer (with a master key) over [`drain`].
+fn setup(runtime: &tokio::runtime::Runtime) -> (ApiKey, BoxedLayer) {
     let format = KeyFormat::default();
     let key = format.generate();
     let store = MemoryStore::new();
@@ -93,10 +94,57 @@ fn main() {
     runtime
         .block_on(resolver.authenticate(&key.digest()))
         .unwrap();
-    let mut service = ApiKeyLayer::new(resolver)
+    let service = ApiKeyLayer::new(resolver)
         .master_key(ApiKey::new(MASTER))
         .layer(tower::service_fn(drain));
+    (key, tower::util::BoxService::new(service))
 
+}
+
+/// One request to completion.
+fn send(service: &mut BoxedLayer, request: Request<Frames>) {
+    let ready = now(service.ready()).unwrap();
+    let response = now(ready.call(request)).unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    black_box(response);
+}
+
+/// `n` requests of one case after 64 warm-up requests (for callgrind).
+fn count(kind: &str, frames: usize, n: u32) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = runtime.enter();
+    let (key, mut service) = setup(&runtime);
+    let secret = match kind {
+        "scoped" => key.expose_secret().to_owned(),
+        "master" => MASTER.to_owned(),
+        other => panic!("unknown case {other:?}: scoped or master"),
+    };
+    for _ in 0..64 {
+        send(&mut service, request(&secret, frames));
+    }
+    for _ in 0..n {
+        send(&mut service, request(&secret, frames));
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("count") {
+        let [_, kind, frames, n] = &args[..] else {
+            panic!("usage: live_body count <scoped|master> <frames> <n>");
+        };
+        count(kind, frames.parse().unwrap(), n.parse().unwrap());
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = runtime.enter();
+    let (key, mut service) = setup(&runtime);
     let mut criterion = Criterion::default()
         .configure_from_args()
         .warm_up_time(Duration::from_millis(500))
@@ -110,12 +158,7 @@ fn main() {
             group.bench_function(format!("{name}, {frames} frames"), |b| {
                 b.iter_batched(
                     || request(secret, frames),
-                    |request| {
-                        let ready = now(service.ready()).unwrap();
-                        let response = now(ready.call(request)).unwrap();
-                        assert_eq!(response.status(), StatusCode::OK);
-                        response
-                    },
+                    |request| send(&mut service, request),
                     BatchSize::SmallInput,
                 )
             });
