@@ -9,6 +9,11 @@
 //! | `api_key_lookup_seconds` | histogram | `outcome`: `found`, `unknown`, `error` or `timeout` | latency of key-store lookups (cache misses only) |
 //! | `api_key_lookups_shed_total` | counter | | cache misses the resolver's lookup bound answered 503 without asking the store ([`resolver::LOOKUPS_SHED_TOTAL`](crate::resolver::LOOKUPS_SHED_TOTAL)) |
 //! | `api_key_cache_degraded` | gauge | | 1 while a resolver is in degraded mode (an invalidation subscription is down or not yet up), else 0 ([`resolver::DEGRADED`](crate::resolver::DEGRADED)) |
+//! | `api_key_fleet_instances` | gauge | | live instances a fleet subscription hears heartbeats from, itself included ([`invalidate::FLEET_INSTANCES`](crate::invalidate::FLEET_INSTANCES)) |
+//! | `api_key_fleet_oldest_unacknowledged_seconds` | gauge | | age of the oldest invalidation published here that a live instance has not acknowledged, 0 when none ([`invalidate::OLDEST_UNACKNOWLEDGED_SECONDS`](crate::invalidate::OLDEST_UNACKNOWLEDGED_SECONDS)) |
+//! | `api_key_fleet_applied_sequence` | gauge | `instance` | the last sequence number of the revocation log this instance applied ([`invalidate::APPLIED_SEQUENCE`](crate::invalidate::APPLIED_SEQUENCE)) |
+//! | `api_key_fleet_acknowledgement_seconds` | histogram | | time from publishing an invalidation to its acknowledgement by every live instance (complete receipts) ([`invalidate::ACKNOWLEDGEMENT_SECONDS`](crate::invalidate::ACKNOWLEDGEMENT_SECONDS)) |
+//! | `api_key_fleet_laggards_total` | counter | `instance` | instances that had not acknowledged an invalidation by the deadline ([`invalidate::LAGGARDS_TOTAL`](crate::invalidate::LAGGARDS_TOTAL)) |
 //!
 //! `api_key_requests_total` records the authentication decision: a request admitted by the layer and
 //! then refused by a [`RequireScopes`](crate::guard::RequireScopes) guard counts as `ok` there, and once in
@@ -17,7 +22,8 @@
 //! Anonymous requests are CORS preflights and, with an optional layer, requests without a key.
 //!
 //! Install any `metrics` recorder (for example `metrics-exporter-prometheus`) and these appear;
-//! `describe()` adds their help texts. Every label is a static string: recording allocates nothing.
+//! `describe()` adds their help texts. Every label on the request path is a static string: recording
+//! allocates nothing there (the fleet's `instance` labels are recorded off it).
 //! Without the feature every helper is an empty inline function: nothing is compiled in.
 
 /// Name of the request counter.
@@ -83,6 +89,29 @@ mod enabled {
             LOOKUP_SECONDS,
             ::metrics::Unit::Seconds,
             "Latency of key-store lookups on cache misses"
+        );
+        use crate::invalidate as fleet;
+        ::metrics::describe_gauge!(
+            fleet::FLEET_INSTANCES,
+            "Live instances this fleet subscription hears heartbeats from, itself included"
+        );
+        ::metrics::describe_gauge!(
+            fleet::OLDEST_UNACKNOWLEDGED_SECONDS,
+            ::metrics::Unit::Seconds,
+            "Age of the oldest invalidation published here that a live instance has not acknowledged"
+        );
+        ::metrics::describe_gauge!(
+            fleet::APPLIED_SEQUENCE,
+            "Last revocation-log sequence number this instance applied"
+        );
+        ::metrics::describe_histogram!(
+            fleet::ACKNOWLEDGEMENT_SECONDS,
+            ::metrics::Unit::Seconds,
+            "Time from publishing an invalidation to its acknowledgement by every live instance"
+        );
+        ::metrics::describe_counter!(
+            fleet::LAGGARDS_TOTAL,
+            "Instances that had not acknowledged an invalidation by the deadline"
         );
     }
 

@@ -10,15 +10,19 @@
 //!   `{"ack":"<instance>","seq":N}`. Keeping them apart lets instances of an earlier version, which
 //!   only listen on the invalidation channel, run beside these ones during a rolling upgrade.
 
-use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::sync::Mutex;
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio::time::Instant;
 
+#[cfg(any(feature = "postgres", feature = "redis"))]
 use super::Invalidation;
+#[cfg(any(feature = "postgres", feature = "redis"))]
+use std::collections::{BTreeMap, HashMap};
+#[cfg(any(feature = "postgres", feature = "redis"))]
+use std::sync::Mutex;
+#[cfg(any(feature = "postgres", feature = "redis"))]
+use tokio::sync::watch;
 
 /// Name of the gauge of live instances this instance hears heartbeats from (itself included).
 pub const FLEET_INSTANCES: &str = "api_key_fleet_instances";
@@ -45,6 +49,7 @@ pub const ELAPSED_HEADER: &str = "revocation-elapsed-ms";
 /// Response header: the sequence number of the (last) invalidation in the fleet's revocation log.
 pub const SEQUENCE_HEADER: &str = "revocation-sequence";
 
+#[cfg(any(feature = "postgres", feature = "redis"))]
 /// A message of the fleet protocol, as received.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Message {
@@ -65,6 +70,7 @@ pub(crate) enum Message {
     Ack { instance: String, seq: u64 },
 }
 
+#[cfg(any(feature = "postgres", feature = "redis"))]
 impl Message {
     /// Parses any of the wire forms; `None` if the text is none of them.
     pub(crate) fn parse(text: &str) -> Option<Self> {
@@ -124,6 +130,7 @@ impl Message {
     }
 }
 
+#[cfg(any(feature = "postgres", feature = "redis"))]
 /// The fleet settings an invalidator gives each of its subscriptions, and the board they share.
 #[derive(Clone)]
 pub(crate) struct FleetConfig {
@@ -133,6 +140,7 @@ pub(crate) struct FleetConfig {
     pub(crate) roster_ttl: Duration,
 }
 
+#[cfg(any(feature = "postgres", feature = "redis"))]
 impl Default for FleetConfig {
     /// A heartbeat every 250 ms; an instance leaves the roster 3 s after its last one.
     fn default() -> Self {
@@ -145,6 +153,7 @@ impl Default for FleetConfig {
     }
 }
 
+#[cfg(any(feature = "postgres", feature = "redis"))]
 impl FleetConfig {
     /// The parameters of one new subscription (a new instance id).
     pub(crate) fn params(&self) -> super::subscription::FleetParams {
@@ -157,6 +166,7 @@ impl FleetConfig {
     }
 }
 
+#[cfg(any(feature = "postgres", feature = "redis"))]
 /// A new instance id: `name` if given, else `<pid>-<8 random hex digits>`.
 pub(crate) fn instance_id(name: Option<&str>) -> String {
     if let Some(name) = name {
@@ -167,6 +177,7 @@ pub(crate) fn instance_id(name: Option<&str>) -> String {
     format!("{}-{:08x}", std::process::id(), u32::from_le_bytes(bytes))
 }
 
+#[cfg(any(feature = "postgres", feature = "redis"))]
 /// The fleet channel beside an invalidation channel (at most 63 bytes: a PostgreSQL identifier).
 pub(crate) fn fleet_channel(channel: &str) -> String {
     let mut end = channel.len().min(57);
@@ -245,6 +256,7 @@ impl fmt::Display for Receipt {
     }
 }
 
+#[cfg(any(feature = "postgres", feature = "redis"))]
 /// Where one invalidator's subscriptions record what they heard: each instance's applied sequence
 /// (from acknowledgements and heartbeats) and when it was last heard; and the publications still
 /// waiting for acknowledgements. Shared by an invalidator and its subscriptions.
@@ -256,9 +268,11 @@ pub(crate) struct Board {
     listening: std::sync::atomic::AtomicUsize,
 }
 
+#[cfg(any(feature = "postgres", feature = "redis"))]
 /// A running subscription's mark on its board (given back when dropped).
 pub(crate) struct Listening(std::sync::Arc<Board>);
 
+#[cfg(any(feature = "postgres", feature = "redis"))]
 impl Listening {
     pub(crate) fn new(board: std::sync::Arc<Board>) -> Self {
         board
@@ -268,6 +282,7 @@ impl Listening {
     }
 }
 
+#[cfg(any(feature = "postgres", feature = "redis"))]
 impl Drop for Listening {
     fn drop(&mut self) {
         self.0
@@ -276,6 +291,7 @@ impl Drop for Listening {
     }
 }
 
+#[cfg(any(feature = "postgres", feature = "redis"))]
 #[derive(Default)]
 struct BoardState {
     /// Instance → (applied sequence, last heard).
@@ -284,6 +300,7 @@ struct BoardState {
     pending: BTreeMap<u64, (Instant, Vec<String>)>,
 }
 
+#[cfg(any(feature = "postgres", feature = "redis"))]
 impl Board {
     /// `instance` has applied everything up to `seq`.
     pub(crate) fn record(&self, instance: &str, seq: u64) {
@@ -394,7 +411,7 @@ pub(crate) fn report(receipt: &Receipt) {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, any(feature = "postgres", feature = "redis")))]
 mod tests {
     use super::*;
     use crate::key::{KeyDigest, KeyId};

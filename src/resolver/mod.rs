@@ -31,7 +31,8 @@
 //!   semaphore and a short queue.
 //! - An invalidation epoch: every invalidation moves it, and a lookup only fills the cache if the
 //!   epoch has not moved since it started. moka alone would insert an answer read before the
-//!   invalidation.
+//!   invalidation. The requests waiting for a lookup whose digest was invalidated meanwhile ask
+//!   again rather than use its answer.
 //!
 //! # Invariants
 //!
@@ -62,11 +63,15 @@
 //!    `revoke` has returned, no thread admits the key again (`tests/resolver_race.rs`:
 //!    `no_thread_admits_a_key_after_revoke_returned`).
 //! 8. **Degraded mode bounds staleness when broadcasts fail**: while an invalidation subscription of
-//!    this resolver is down or not yet up, no cached answer read from the store more than the
-//!    degraded lifetime ago (default 1 s) is used; it is read again. When a subscription comes (back)
-//!    up, the cache is cleared once. So a revocation on another instance is refused here within about
-//!    the degraded lifetime whatever fails, as long as the store answers (`tests/resolver.rs`:
-//!    `degraded_mode_rereads_old_answers`; `tests/fleet_invalidation.rs`: the outage cases).
+//!    this resolver is down or not yet up, or (in a fleet, [`crate::invalidate`]) has not heard its
+//!    own heartbeat come back within the freshness bound, no cached answer read from the store more
+//!    than the degraded lifetime ago (default 1 s, the bound) is used; it is read again, and a store
+//!    failure then is answered 503 (unless [`serve_stale`](CachedResolverBuilder::serve_stale)). When
+//!    a subscription comes back up it catches up from the revocation log (the cache is cleared when
+//!    the log no longer reaches back, and on the first connection). So a revocation on another
+//!    instance is refused here within about the degraded lifetime whatever fails (`tests/resolver.rs`:
+//!    `degraded_mode_rereads_old_answers`; `tests/fleet_invalidation.rs`: the outage cases;
+//!    `tests/fleet_receipt_faults.rs`).
 //! 9. **Store lookups are bounded**: at most `in_flight` lookups run at once and `queue` more wait;
 //!    a miss beyond that is answered 503 `AUTH_UNAVAILABLE` at once and counted, while cached keys
 //!    keep being answered (`tests/resolver.rs`: `the_lookup_bound_sheds_and_recovers`).
@@ -75,6 +80,12 @@
 //!     (`benches/hostile.rs`, case "flood"; `benches/memory.rs` for the cost per entry).
 //! 11. **Resolvers are apart**: two resolvers never answer with each other's entries, even on one
 //!     thread (unit test `front_keeps_resolvers_apart`).
+//! 12. **No request is answered from an overtaken lookup**: a request waiting for a lookup of a
+//!     digest that an invalidation of that digest (or of every digest) overtook asks again (a new
+//!     lookup, which reads the store after the change; after a few overtaken tries in a row, 503).
+//!     With 6, once an invalidation has been applied, no request is admitted on anything read
+//!     before it: what a fleet's acknowledgement promises (`tests/resolver_race.rs`:
+//!     `a_lookup_overtaken_by_an_invalidation_does_not_fill_the_cache`).
 
 use std::collections::HashMap;
 use std::fmt;
