@@ -23,7 +23,7 @@ use std::time::Duration;
 use fleet::{FleetSpec, Load, Server};
 
 /// Serializes the fleets of this binary: each is three servers and a load generator.
-static ONE_FLEET_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static ONE_FLEET_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[test]
 #[ignore = "a server of the fleet tests, which start it in a child process"]
@@ -32,7 +32,10 @@ fn fleet_child() {
         let demo = server::build(server::Config::from_env())
             .await
             .expect("the example server builds");
-        (demo.router, Box::new((demo._subscriptions, demo.usage)) as _)
+        (
+            demo.router,
+            Box::new((demo._subscriptions, demo.usage)) as _,
+        )
     });
 }
 
@@ -104,7 +107,10 @@ async fn three_servers_under_load(test: &str, redis_url: Option<String>) {
          (200/s, other answers): {rates:?}",
         3 * n
     );
-    assert_eq!(admissions, 0, "a revoked key was admitted after the receipt");
+    assert_eq!(
+        admissions, 0,
+        "a revoked key was admitted after the receipt"
+    );
     assert!(
         incomplete <= n / 20,
         "{incomplete} of {n} revocations were not acknowledged by every instance within 1 s"
@@ -119,14 +125,14 @@ async fn three_servers_under_load(test: &str, redis_url: Option<String>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_servers_over_listen_notify_admit_no_revoked_key() {
-    let _fleet = ONE_FLEET_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _fleet = ONE_FLEET_AT_A_TIME.lock().await;
     three_servers_under_load("receipt_pg", None).await;
 }
 
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_servers_over_redis_admit_no_revoked_key() {
-    let _fleet = ONE_FLEET_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _fleet = ONE_FLEET_AT_A_TIME.lock().await;
     let Some(redis_url) = common::db::redis_url("receipt_redis").await else {
         return;
     };

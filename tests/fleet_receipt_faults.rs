@@ -32,7 +32,7 @@ use sqlx::postgres::PgConnectOptions;
 
 use fleet::{FleetSpec, Server, SilentProxy};
 
-static ONE_FLEET_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static ONE_FLEET_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The freshness bound, and what the coarse clock and scheduling may add to it.
 const BOUND: Duration = Duration::from_millis(1050);
@@ -47,7 +47,10 @@ fn fleet_child() {
         let demo = server::build(server::Config::from_env())
             .await
             .expect("the example server builds");
-        (demo.router, Box::new((demo._subscriptions, demo.usage)) as _)
+        (
+            demo.router,
+            Box::new((demo._subscriptions, demo.usage)) as _,
+        )
     });
 }
 
@@ -60,7 +63,12 @@ struct Fleet {
 }
 
 impl Fleet {
-    async fn start(test: &str, schema: &str, database: [&str; 3], redis: [Option<&str>; 3]) -> Self {
+    async fn start(
+        test: &str,
+        schema: &str,
+        database: [&str; 3],
+        redis: [Option<&str>; 3],
+    ) -> Self {
         let spec = FleetSpec {
             master: format!("fleet-master-{}", common::db::unique("m")),
             schema: schema.to_owned(),
@@ -103,9 +111,10 @@ impl Fleet {
 
     /// Probes every server for `during` from now: the admissions after the bound.
     async fn late_admissions(&self, key: &str, during: Duration) -> Vec<usize> {
-        let probes = self.addrs.iter().map(|&addr| {
-            fleet::watch_refused(&self.client, addr, key, BOUND, during)
-        });
+        let probes = self
+            .addrs
+            .iter()
+            .map(|&addr| fleet::watch_refused(&self.client, addr, key, BOUND, during));
         futures_util::future::join_all(probes)
             .await
             .into_iter()
@@ -126,7 +135,9 @@ impl Fleet {
             );
             admissions += round.admissions;
         }
-        println!("{test}: recovered (a revoke acknowledged by all three) {took:?} after the fault ended");
+        println!(
+            "{test}: recovered (a revoke acknowledged by all three) {took:?} after the fault ended"
+        );
         assert_eq!(admissions, 0, "{test}: admitted after recovery");
     }
 }
@@ -151,7 +162,7 @@ fn through(url: &str, port: u16) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_cut_of_one_server() {
-    let _fleet = ONE_FLEET_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _fleet = ONE_FLEET_AT_A_TIME.lock().await;
     let Some(schema) = common::db::pg_schema("receipt_cut").await else {
         return;
     };
@@ -194,7 +205,7 @@ async fn silent_cut_of_one_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_server_paused_for_two_seconds() {
-    let _fleet = ONE_FLEET_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _fleet = ONE_FLEET_AT_A_TIME.lock().await;
     let Some(schema) = common::db::pg_schema("receipt_pause").await else {
         return;
     };
@@ -207,9 +218,10 @@ async fn one_server_paused_for_two_seconds() {
     let (reply, took) = fleet.revoke(&id).await;
     // Asked while paused: answered once it runs again, more than the bound after the revoke.
     let (client, c, probe_key) = (fleet.client.clone(), fleet.addrs[2], key.clone());
-    let asked_while_paused = tokio::spawn(async move {
-        fleet::ping(&client, c, &probe_key, Duration::from_secs(15)).await
-    });
+    let asked_while_paused =
+        tokio::spawn(
+            async move { fleet::ping(&client, c, &probe_key, Duration::from_secs(15)).await },
+        );
     tokio::time::sleep(Duration::from_secs(2).saturating_sub(paused_at.elapsed())).await;
     fleet.servers[2].resume();
     let while_paused = asked_while_paused.await.unwrap();
@@ -221,7 +233,11 @@ async fn one_server_paused_for_two_seconds() {
         reply.number("revocation-instances")
     );
     assert_eq!(reply.number("revocation-acknowledged"), Some(2.0));
-    assert_ne!(while_paused, Some(StatusCode::OK), "admitted when it resumed");
+    assert_ne!(
+        while_paused,
+        Some(StatusCode::OK),
+        "admitted when it resumed"
+    );
     assert_eq!(late, [0, 0, 0], "admitted after the bound");
     fleet.recovers("paused").await;
     drop(fleet);
@@ -230,7 +246,7 @@ async fn one_server_paused_for_two_seconds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restart_through_a_proxy() {
-    let _fleet = ONE_FLEET_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _fleet = ONE_FLEET_AT_A_TIME.lock().await;
     let Some(schema) = common::db::pg_schema("receipt_restart").await else {
         return;
     };
@@ -248,16 +264,27 @@ async fn postgres_restart_through_a_proxy() {
     let went_down = Instant::now();
     // While the database is down, a cached key is served for the bound, then 503: no instance
     // vouches for its cache (the revoked key stays refused).
-    let (late, seen) =
-        fleet::watch_refused(&fleet.client, fleet.addrs[0], &live, BOUND, Duration::from_millis(1500)).await;
+    let (late, seen) = fleet::watch_refused(
+        &fleet.client,
+        fleet.addrs[0],
+        &live,
+        BOUND,
+        Duration::from_millis(1500),
+    )
+    .await;
     let revoked_late = fleet.late_admissions(&revoked, Duration::ZERO).await;
     tokio::time::sleep(Duration::from_millis(1500).saturating_sub(went_down.elapsed())).await;
     proxy.up().await;
     println!(
         "PostgreSQL down: a live cached key answered {:?} during the outage",
-        seen.iter().map(|s| s.map_or(0, |s| s.as_u16())).collect::<Vec<_>>()
+        seen.iter()
+            .map(|s| s.map_or(0, |s| s.as_u16()))
+            .collect::<Vec<_>>()
     );
-    assert_eq!(late, 0, "a cached key was vouched for after the bound without the fleet");
+    assert_eq!(
+        late, 0,
+        "a cached key was vouched for after the bound without the fleet"
+    );
     assert!(seen.contains(&Some(StatusCode::SERVICE_UNAVAILABLE)));
     assert_eq!(revoked_late, [0, 0, 0]);
     fleet.recovers("PostgreSQL restart").await;
@@ -273,7 +300,7 @@ async fn postgres_restart_through_a_proxy() {
 async fn redis_stopped() {
     use redis::{ConnectionAddr, IntoConnectionInfo};
 
-    let _fleet = ONE_FLEET_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _fleet = ONE_FLEET_AT_A_TIME.lock().await;
     let Some(redis_url) = common::db::redis_url("receipt_redis_down").await else {
         return;
     };
@@ -284,16 +311,28 @@ async fn redis_stopped() {
     let ConnectionAddr::Tcp(host, port) = info.addr().clone() else {
         panic!("TEST_REDIS_URL is not a TCP address");
     };
-    let target = (host.as_str(), port).to_socket_addrs().unwrap().next().unwrap();
+    let target = (host.as_str(), port)
+        .to_socket_addrs()
+        .unwrap()
+        .next()
+        .unwrap();
     let proxy = common::db::Proxy::start(target).await;
     let redis = through(&redis_url, proxy.port());
     let url = schema.url.as_str();
-    let fleet = Fleet::start("receipt_redis_down", &schema.schema, [url; 3], [Some(redis.as_str()); 3]).await;
+    let fleet = Fleet::start(
+        "receipt_redis_down",
+        &schema.schema,
+        [url; 3],
+        [Some(redis.as_str()); 3],
+    )
+    .await;
     let (key, id) = fleet.cached_key().await;
     proxy.down().await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let (reply, took) = fleet.revoke(&id).await;
-    let late = fleet.late_admissions(&key, Duration::from_millis(2500)).await;
+    let late = fleet
+        .late_admissions(&key, Duration::from_millis(2500))
+        .await;
     println!(
         "Redis stopped: revoke answered in {took:?} (acknowledged: {:?}); admissions after the bound: {late:?}",
         reply.number("revocation-acknowledged")

@@ -307,10 +307,7 @@ impl Board {
         {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
-            let entry = state
-                .heard
-                .entry(instance.to_owned())
-                .or_insert((0, now));
+            let entry = state.heard.entry(instance.to_owned()).or_insert((0, now));
             entry.0 = entry.0.max(seq);
             entry.1 = now;
             let applied = entry.0;
@@ -328,7 +325,12 @@ impl Board {
     fn missing(&self, seq: u64, live: &[String]) -> Vec<String> {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         live.iter()
-            .filter(|id| state.heard.get(*id).is_none_or(|(applied, _)| *applied < seq))
+            .filter(|id| {
+                state
+                    .heard
+                    .get(*id)
+                    .is_none_or(|(applied, _)| *applied < seq)
+            })
             .cloned()
             .collect()
     }
@@ -345,9 +347,10 @@ impl Board {
         let mut missing = self.missing(published.sequence, &published.live);
         if !missing.is_empty() {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            state
-                .pending
-                .insert(published.sequence, (published.published_at, missing.clone()));
+            state.pending.insert(
+                published.sequence,
+                (published.published_at, missing.clone()),
+            );
         }
         while !missing.is_empty() {
             match tokio::time::timeout_at(until, changed.changed()).await {
@@ -370,7 +373,9 @@ impl Board {
     pub(crate) fn survey(&self, within: Duration) -> (usize, Duration) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        state.heard.retain(|_, (_, at)| now.duration_since(*at) <= within * 10);
+        state
+            .heard
+            .retain(|_, (_, at)| now.duration_since(*at) <= within * 10);
         let live: Vec<String> = state
             .heard
             .iter()
@@ -456,7 +461,12 @@ mod tests {
                 seq: 3
             })
         );
-        for bad in ["", "{}", r#"{"ack":"a"}"#, r#"{"beat":"a","ack":"b","seq":1}"#] {
+        for bad in [
+            "",
+            "{}",
+            r#"{"ack":"a"}"#,
+            r#"{"beat":"a","ack":"b","seq":1}"#,
+        ] {
             assert_eq!(Message::parse(bad), None, "{bad}");
         }
         assert_eq!(fleet_channel(&"c".repeat(63)).len(), 63);

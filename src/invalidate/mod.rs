@@ -89,18 +89,18 @@ use crate::store::StoreError;
 #[cfg(any(feature = "postgres", feature = "redis"))]
 mod subscription;
 
+pub(crate) use self::fleet::report;
+pub use self::fleet::{
+    ACKNOWLEDGED_HEADER, ACKNOWLEDGEMENT_SECONDS, APPLIED_SEQUENCE, ELAPSED_HEADER,
+    FLEET_INSTANCES, INSTANCES_HEADER, LAGGARDS_TOTAL, OLDEST_UNACKNOWLEDGED_SECONDS, Receipt,
+    SEQUENCE_HEADER, Sequenced,
+};
 #[cfg(feature = "postgres")]
 pub use self::postgres::PgInvalidator;
 #[cfg(feature = "redis")]
 pub use self::redis::RedisInvalidator;
 #[cfg(any(feature = "postgres", feature = "redis"))]
 pub use self::subscription::{Subscription, SubscriptionStatus};
-pub use self::fleet::{
-    ACKNOWLEDGED_HEADER, ACKNOWLEDGEMENT_SECONDS, APPLIED_SEQUENCE, ELAPSED_HEADER,
-    FLEET_INSTANCES, INSTANCES_HEADER, LAGGARDS_TOTAL, OLDEST_UNACKNOWLEDGED_SECONDS, Receipt,
-    SEQUENCE_HEADER, Sequenced,
-};
-pub(crate) use self::fleet::report;
 
 /// A key changed: forget its id and these digests.
 #[derive(Clone, PartialEq, Eq)]

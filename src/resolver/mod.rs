@@ -914,9 +914,10 @@ impl CachedResolver {
     /// heard (until then, for the bound from `now`).
     #[cfg(any(feature = "postgres", feature = "redis"))]
     pub(crate) fn join_fleet(&self, now: i64) {
-        self.inner
-            .vouched_until
-            .store(now.saturating_add(self.inner.degraded_ttl), Ordering::Release);
+        self.inner.vouched_until.store(
+            now.saturating_add(self.inner.degraded_ttl),
+            Ordering::Release,
+        );
     }
 
     /// Leaves the fleet: the cache no longer waits for heartbeats (the subscription ended).

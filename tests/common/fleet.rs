@@ -206,7 +206,12 @@ pub async fn create_key(
     )
     .await
     .expect("create answers");
-    assert_eq!(reply.status, StatusCode::CREATED, "create: {:?}", reply.body);
+    assert_eq!(
+        reply.status,
+        StatusCode::CREATED,
+        "create: {:?}",
+        reply.body
+    );
     (
         reply.body["key"].as_str().unwrap().to_owned(),
         reply.body["api_key_id"].as_str().unwrap().to_owned(),
@@ -400,7 +405,8 @@ pub fn percentiles(values: &mut [f64]) -> (f64, f64, f64) {
         return (0.0, 0.0, 0.0);
     }
     values.sort_by(f64::total_cmp);
-    let at = |q: f64| values[((values.len() as f64 * q).ceil() as usize).clamp(1, values.len()) - 1];
+    let at =
+        |q: f64| values[((values.len() as f64 * q).ceil() as usize).clamp(1, values.len()) - 1];
     (at(0.5), at(0.99), values[values.len() - 1])
 }
 
@@ -458,7 +464,12 @@ pub async fn round(client: &HttpClient, addrs: &[SocketAddr], master: &str, i: u
         admitted(client, addr, &key, Duration::from_secs(10)).await;
     }
     let (reply, answered_in) = revoke(client, addrs[(i + 1) % addrs.len()], master, &id).await;
-    assert_eq!(reply.status, StatusCode::NO_CONTENT, "revoke: {:?}", reply.body);
+    assert_eq!(
+        reply.status,
+        StatusCode::NO_CONTENT,
+        "revoke: {:?}",
+        reply.body
+    );
     let probes = futures_util::future::join_all(
         addrs
             .iter()
@@ -512,7 +523,8 @@ pub async fn recovered(
     let start = Instant::now();
     loop {
         assert!(start.elapsed() < within, "the fleet did not recover");
-        let body = serde_json::json!({"name": "fleet", "owner": "fleet", "scopes": ["ledgers:read"]});
+        let body =
+            serde_json::json!({"name": "fleet", "owner": "fleet", "scopes": ["ledgers:read"]});
         let created = call(
             client,
             addrs[0],
