@@ -62,6 +62,9 @@ pub(crate) enum Message {
     /// log up to `head` and has applied everything up to `applied`.
     Beat {
         instance: String,
+        /// Random per subscription: tells a subscription's own heartbeats from those of another
+        /// instance given the same name.
+        token: u64,
         at: i64,
         head: u64,
         applied: u64,
@@ -79,6 +82,8 @@ impl Message {
             beat: Option<String>,
             ack: Option<String>,
             #[serde(default)]
+            token: u64,
+            #[serde(default)]
             at: i64,
             #[serde(default)]
             head: u64,
@@ -91,6 +96,7 @@ impl Message {
         match (fleet.beat, fleet.ack) {
             (Some(instance), None) => Some(Self::Beat {
                 instance,
+                token: fleet.token,
                 at: fleet.at,
                 head: fleet.head,
                 applied: fleet.applied,
@@ -117,9 +123,11 @@ impl Message {
 
     /// The wire form of a heartbeat, without its `head` (the backend adds it from the log, in the
     /// same statement): the JSON text up to, not including, the closing brace.
-    pub(crate) fn beat_prefix(instance: &str, at: i64, applied: u64) -> String {
-        let mut text =
-            serde_json::json!({ "beat": instance, "at": at, "applied": applied }).to_string();
+    pub(crate) fn beat_prefix(instance: &str, token: u64, at: i64, applied: u64) -> String {
+        let mut text = serde_json::json!({
+            "beat": instance, "token": token, "at": at, "applied": applied
+        })
+        .to_string();
         text.pop();
         text
     }
@@ -160,6 +168,11 @@ impl FleetConfig {
         super::subscription::FleetParams {
             board: self.board.clone(),
             instance: instance_id(self.name.as_deref()),
+            token: {
+                let mut bytes = [0u8; 8];
+                let _ = getrandom::fill(&mut bytes);
+                u64::from_le_bytes(bytes)
+            },
             heartbeat: self.heartbeat,
             roster_ttl: self.roster_ttl,
         }
@@ -444,11 +457,12 @@ mod tests {
                 invalidation
             })
         );
-        let beat = format!("{},\"head\":9}}", Message::beat_prefix("a-1", 5, 8));
+        let beat = format!("{},\"head\":9}}", Message::beat_prefix("a-1", 77, 5, 8));
         assert_eq!(
             Message::parse(&beat),
             Some(Message::Beat {
                 instance: "a-1".into(),
+                token: 77,
                 at: 5,
                 head: 9,
                 applied: 8

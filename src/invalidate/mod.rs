@@ -87,6 +87,8 @@ use crate::resolver::CachedResolver;
 use crate::store::StoreError;
 
 #[cfg(any(feature = "postgres", feature = "redis"))]
+mod member;
+#[cfg(any(feature = "postgres", feature = "redis"))]
 mod subscription;
 
 pub(crate) use self::fleet::report;
