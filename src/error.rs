@@ -57,7 +57,7 @@ use http::header::{CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{HeaderValue, Response, StatusCode};
 
 use crate::scope::{ScopeMatch, ScopeSet};
-use crate::store::StoreError;
+use crate::store::error::StoreError;
 
 /// Declares [`ErrorCode`] from its table: each row is a variant, its string, HTTP status and gRPC
 /// code.

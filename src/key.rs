@@ -268,14 +268,16 @@ impl KeyFormat {
     /// If the operating system cannot provide random bytes, which on supported platforms means the
     /// process cannot do anything safely anyway.
     pub fn generate(&self) -> ApiKey {
-        let mut key = String::with_capacity(self.key_len());
+        // Sized for the whole key, so that no reallocation leaves a copy behind; both buffers are
+        // zeroed when dropped.
+        let mut key = zeroize::Zeroizing::new(String::with_capacity(self.key_len()));
         key.push_str(&self.prefix);
         key.push('_');
         let mut filled = 0;
-        let mut buf = [0u8; 64];
+        let mut buf = zeroize::Zeroizing::new([0u8; 64]);
         while filled < BODY_LEN {
-            getrandom::fill(&mut buf).expect("the operating system's CSPRNG is unavailable");
-            for &b in &buf {
+            getrandom::fill(&mut *buf).expect("the operating system's CSPRNG is unavailable");
+            for &b in buf.iter() {
                 // Rejection sampling keeps every character uniform: 248 = 4 × 62.
                 if b < 248 && filled < BODY_LEN {
                     key.push(BASE62[usize::from(b % 62)] as char);
@@ -296,6 +298,7 @@ impl KeyFormat {
                 key.push_str(std::str::from_utf8(&tag).expect("base62"));
             }
         }
+        debug_assert_eq!(key.len(), self.key_len());
         ApiKey(key)
     }
 
@@ -426,14 +429,15 @@ fn encode_base62<const N: usize>(mut value: u64) -> [u8; N] {
     out
 }
 
-/// A plaintext key. It is shown to its holder once and never stored; `Debug` and `Display` redact it.
+/// A plaintext key. It is shown to its holder once and never stored; `Debug` and `Display` redact it,
+/// and its memory is zeroed when it is dropped.
 #[derive(Clone)]
-pub struct ApiKey(String);
+pub struct ApiKey(zeroize::Zeroizing<String>);
 
 impl ApiKey {
     /// Wraps a plaintext key (for example the master key read from configuration).
     pub fn new(secret: impl Into<String>) -> Self {
-        Self(secret.into())
+        Self(zeroize::Zeroizing::new(secret.into()))
     }
 
     /// The plaintext. Call it only to hand the key to its holder.

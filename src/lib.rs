@@ -20,6 +20,7 @@ pub mod principal;
 #[cfg(feature = "provenance")]
 pub mod provenance;
 pub mod quota;
+#[cfg(feature = "ratelimit")]
 pub mod ratelimit;
 pub mod resolver;
 pub mod scope;

@@ -107,6 +107,21 @@ struct Inner {
     life: Option<Arc<Life>>,
 }
 
+/// Emits a constructor or setter public with the `test-util` feature (and in the crate's own
+/// tests), crate-private otherwise: the layer makes principals; other code should not forge them.
+macro_rules! test_util_pub {
+    ($(#[$meta:meta])* fn $($rest:tt)*) => {
+        $(#[$meta])*
+        #[cfg(any(test, feature = "test-util"))]
+        pub fn $($rest)*
+
+        $(#[$meta])*
+        #[cfg(not(any(test, feature = "test-util")))]
+        #[allow(dead_code)]
+        pub(crate) fn $($rest)*
+    };
+}
+
 impl Principal {
     /// The principal of the master key: every scope, no owner, no account, never expires.
     pub fn master() -> Self {
@@ -125,52 +140,61 @@ impl Principal {
         }))
     }
 
-    /// The principal of a scoped key.
-    pub fn scoped(
-        key_id: KeyId,
-        name: impl Into<Arc<str>>,
-        owner: impl Into<Arc<str>>,
-        account: impl Into<Arc<str>>,
-        scopes: ScopeSet,
-        expires_at: Option<OffsetDateTime>,
-    ) -> Self {
-        Self(Arc::new(Inner {
-            key_id,
-            name: name.into(),
-            owner: Some(owner.into()),
-            account: Some(account.into()),
-            scopes,
-            kind: PrincipalKind::Scoped,
-            expires_at,
-            limits: UsageLimits::NONE,
-            budget: Budget::NONE,
-            networks: None,
-            life: None,
-        }))
+    test_util_pub! {
+        /// The principal of a scoped key, made by hand (feature `test-util`: for tests and benches;
+        /// the layer makes the real ones).
+        fn scoped(
+            key_id: KeyId,
+            name: impl Into<Arc<str>>,
+            owner: impl Into<Arc<str>>,
+            account: impl Into<Arc<str>>,
+            scopes: ScopeSet,
+            expires_at: Option<OffsetDateTime>,
+        ) -> Self {
+            Self(Arc::new(Inner {
+                key_id,
+                name: name.into(),
+                owner: Some(owner.into()),
+                account: Some(account.into()),
+                scopes,
+                kind: PrincipalKind::Scoped,
+                expires_at,
+                limits: UsageLimits::NONE,
+                budget: Budget::NONE,
+                networks: None,
+                life: None,
+            }))
+        }
     }
 
-    /// The same principal carrying the key's rate limit and credits (what
-    /// [`RateLimitLayer`](crate::ratelimit::RateLimitLayer) enforces).
-    #[must_use]
-    pub fn with_limits(mut self, limits: UsageLimits) -> Self {
-        Arc::make_mut(&mut self.0).limits = limits;
-        self
+    test_util_pub! {
+        /// The same principal carrying the key's rate limit and credits (what
+        /// [`RateLimitLayer`](crate::ratelimit::RateLimitLayer) enforces).
+        #[must_use]
+        fn with_limits(mut self, limits: UsageLimits) -> Self {
+            Arc::make_mut(&mut self.0).limits = limits;
+            self
+        }
     }
 
-    /// The same principal with the chain of budgets its requests count against (see [`Budget`]):
-    /// the key's own limits, its limited ancestors' and the pools'. What
-    /// [`RateLimitLayer`](crate::ratelimit::RateLimitLayer) enforces.
-    #[must_use]
-    pub fn with_budget(mut self, budget: Budget) -> Self {
-        Arc::make_mut(&mut self.0).budget = budget;
-        self
+    test_util_pub! {
+        /// The same principal with the chain of budgets its requests count against (see [`Budget`]):
+        /// the key's own limits, its limited ancestors' and the pools'. What
+        /// [`RateLimitLayer`](crate::ratelimit::RateLimitLayer) enforces.
+        #[must_use]
+        fn with_budget(mut self, budget: Budget) -> Self {
+            Arc::make_mut(&mut self.0).budget = budget;
+            self
+        }
     }
 
-    /// The same principal allowed only from `networks`.
-    #[must_use]
-    pub fn with_networks(mut self, networks: Option<Networks>) -> Self {
-        Arc::make_mut(&mut self.0).networks = networks;
-        self
+    test_util_pub! {
+        /// The same principal allowed only from `networks`.
+        #[must_use]
+        fn with_networks(mut self, networks: Option<Networks>) -> Self {
+            Arc::make_mut(&mut self.0).networks = networks;
+            self
+        }
     }
 
     /// The same principal, ending with `life`.
@@ -203,6 +227,7 @@ impl Principal {
 
     /// The refusal for a request whose key has ended (counted as a request the end cut short), or
     /// `None` while it is live.
+    #[cfg(feature = "provenance")]
     pub(crate) fn cut_if_ended(&self) -> Option<AuthError> {
         let life = self.0.life.as_ref()?;
         let reason = life.ended()?;

@@ -79,6 +79,7 @@ impl RateLimit {
     }
 
     /// The GCRA emission interval (period / limit), at least one nanosecond.
+    #[cfg(feature = "ratelimit")]
     pub(crate) fn emission_nanos(&self) -> u64 {
         let period = u64::from(self.period_seconds) * 1_000_000_000;
         (period / u64::from(self.limit.max(1))).max(1)

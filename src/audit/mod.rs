@@ -43,7 +43,7 @@ pub use chain::{ChainHash, ChainLink, ChainState, Verification, verify};
 pub use retention::Retention;
 
 use crate::key::KeyId;
-use crate::store::{KeyChange, KeyRecord};
+use crate::store::record::{KeyChange, KeyRecord};
 
 /// What happened: `key.created`, `key.rotated`, ... Later features add their own (any
 /// `area.verb` string of at most 64 characters).
@@ -61,7 +61,9 @@ impl EventType {
     pub const KEY_DELETED: Self = Self(Cow::Borrowed("key.deleted"));
     /// A key's name or limits changed (details: `before` and `after` of each changed field).
     pub const KEY_UPDATED: Self = Self(Cow::Borrowed("key.updated"));
-    /// A power operation the rule refused (details: the operation and the error code).
+    /// A power operation the rule refused (details: the operation and the error code). Its
+    /// `key_id` is the targeted key when that is one of the chain owner's keys; an attempt on an
+    /// unknown id or another owner's key names it in `target_key_id` instead.
     pub const KEY_REFUSED: Self = Self(Cow::Borrowed("key.refused"));
     /// A shared pool was set or removed (details: the pool and its limits).
     pub const POOL_SET: Self = Self(Cow::Borrowed("pool.set"));

@@ -142,6 +142,7 @@ pub mod sunset;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+#[cfg(feature = "manage")]
 pub(crate) use body::Whole;
 pub use body::{BoxError, LiveBody};
 pub use service::ApiKeyService;

@@ -18,7 +18,10 @@ use crate::error::AuthError;
 /// `LEAK_REPORT_UNVERIFIED`, a body over [`MAX_REPORT_BYTES`] is 413, a body that is not a JSON
 /// array of tokens (or holds too many) is 400, a store failure 503 (scanners retry; a retry changes
 /// nothing more).
-pub fn router(receiver: LeakReceiver) -> Router {
+pub fn router<S>(receiver: LeakReceiver) -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
     Router::new()
         .route("/api-keys/leaks", post(report))
         .layer(DefaultBodyLimit::max(MAX_REPORT_BYTES))

@@ -199,7 +199,10 @@ fn query<T>(params: Result<Query<T>, QueryRejection>) -> Result<T, AuthError> {
         .map_err(|e| AuthError::invalid(format!("invalid query: {}", e.body_text())))
 }
 
-fn time_param(name: &str, value: Option<String>) -> Result<Option<OffsetDateTime>, AuthError> {
+pub(super) fn time_param(
+    name: &str,
+    value: Option<String>,
+) -> Result<Option<OffsetDateTime>, AuthError> {
     value
         .map(|v| {
             OffsetDateTime::parse(&v, &Rfc3339).map_err(|_| {

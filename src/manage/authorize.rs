@@ -89,6 +89,8 @@ pub enum Operation {
     /// Check an owner's whole audit chain (`GET /api-keys/events/verify`): it covers keys
     /// outside any scoped key's subtree.
     VerifyEvents,
+    /// List every owner with its key counts (`GET /api-keys/owners`): it spans every owner.
+    ListOwners,
 }
 
 /// How the rule judges an [`Operation`]: the `kind` column of the table in [`authorize`].
@@ -110,7 +112,9 @@ impl Operation {
         match self {
             Self::List | Self::Get | Self::GetPool | Self::ReadActivity => OperationKind::Read,
             Self::Create | Self::Rotate | Self::Revoke | Self::Update => OperationKind::Power,
-            Self::Delete | Self::SetPool | Self::VerifyEvents => OperationKind::Master,
+            Self::Delete | Self::SetPool | Self::VerifyEvents | Self::ListOwners => {
+                OperationKind::Master
+            }
         }
     }
 
@@ -140,6 +144,7 @@ impl Operation {
             Self::SetPool => "set the pool of",
             Self::ReadActivity => "read the activity of",
             Self::VerifyEvents => "verify the events of",
+            Self::ListOwners => "list the owners of",
         }
     }
 }
@@ -256,6 +261,7 @@ pub enum Target<'a> {
 /// | read activity (a key's) | read | `api-keys:read` or `api-keys:write` | as get | 403 `AUTH_OUTSIDE_SUBTREE` | — |
 /// | read activity (an owner's) | read | `api-keys:read` or `api-keys:write` | as list; the manager then shows only the events of the caller's subtree | — | — |
 /// | verify events | master | the master key: 403 `AUTH_MASTER_KEY_REQUIRED` | — | — | — |
+/// | list owners | master | the master key: 403 `AUTH_MASTER_KEY_REQUIRED` | — | — | — |
 ///
 /// A missing scope is 403 `AUTH_INSUFFICIENT_PERMISSIONS`. "Within" (403 `AUTH_SCOPE_ESCALATION`
 /// otherwise): the caller's scopes cover every scope of the target (`ledgers:*` covers
@@ -454,7 +460,7 @@ mod tests {
     fn the_table_has_a_row_for_every_operation() {
         use Operation::*;
         let kinds: Vec<_> = [
-            List, Get, Create, Rotate, Revoke, Update, Delete, GetPool, SetPool,
+            List, Get, Create, Rotate, Revoke, Update, Delete, GetPool, SetPool, ListOwners,
         ]
         .map(Operation::kind)
         .into();
@@ -469,6 +475,7 @@ mod tests {
                 OperationKind::Power,
                 OperationKind::Master,
                 OperationKind::Read,
+                OperationKind::Master,
                 OperationKind::Master,
             ]
         );

@@ -118,7 +118,19 @@ impl KeyManager {
             )
             .detail("operation", operation.verb())
             .detail("code", refusal.code().as_str());
-        draft.key_id = key_id.cloned();
+        // The event joins the key's own history only when the key is one of the chain's owner's:
+        // an attempt on an unknown id or on another owner's key names the id in its details, so
+        // that no key id gains a history where it has no key (a never-created id stays unknown
+        // to `GET /api-keys/{id}/events`).
+        let owners_key = matches!(
+            target,
+            Target::Key { key: Some(facts), .. } if Some(facts.owner) == owner.as_deref()
+        );
+        match key_id {
+            Some(id) if owners_key => draft.key_id = Some(id.clone()),
+            Some(id) => draft = draft.detail("target_key_id", id.as_str()),
+            None => {}
+        }
         draft.account_id = caller.account().map(str::to_owned);
         if let Err(error) = self.store.append_events(&[draft]).await {
             tracing::warn!(%error, "recording a refused API key operation failed");

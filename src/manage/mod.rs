@@ -64,6 +64,7 @@ mod authorize;
 #[cfg(feature = "console")]
 pub mod console;
 mod manager;
+mod overview;
 mod policy;
 #[cfg(feature = "manage")]
 mod router;

@@ -383,12 +383,12 @@ fn backend_failed(backend: &'static str, mode: FailMode, error: &StoreError) {
     }
     metrics::backend_error(backend, mode);
 }
-#[cfg(test)]
+
+#[cfg(all(test, feature = "metrics"))]
 mod tests {
     use super::*;
     use crate::quota::Credits;
 
-    #[cfg(feature = "metrics")]
     #[test]
     fn metrics_count_admitted_and_refused_by_reason() {
         use futures_util::FutureExt;

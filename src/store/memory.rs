@@ -5,8 +5,8 @@ use time::OffsetDateTime;
 
 use super::{
     ChainLevels, ChainSpend, CreditAdjustment, FormatSecrets, KeyChange, KeyLimits, KeyRecord,
-    KeyStore, KeyUpdate, ListQuery, MAX_DELEGATION_DEPTH, PreviousSecret, Rotation, StoreError,
-    StoreErrorKind, StoredSecret, SweepQuery,
+    KeyStore, KeyUpdate, ListQuery, MAX_DELEGATION_DEPTH, MAX_OWNERS, OwnerSummary, PreviousSecret,
+    Rotation, StoreError, StoreErrorKind, StoredSecret, SweepQuery,
 };
 use crate::audit::{AuditEvent, ChainLink, ChainState, EventDraft, EventQuery, Journal};
 use crate::key::{FormatSecret, KeyDigest, KeyId, MAX_SECRET_VERSION};
@@ -722,6 +722,60 @@ impl KeyStore for MemoryStore {
         let len = inner.usage.len();
         inner.usage.retain(|(_, hour), _| *hour >= cut);
         Ok((len - inner.usage.len()) as u64)
+    }
+
+    async fn usage_by_key(
+        &self,
+        owner: &str,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<UsageBucket>, StoreError> {
+        let inner = self.lock();
+        let (from_hour, to_hour) = (from.unix_timestamp(), to.unix_timestamp());
+        let mut totals: BTreeMap<&KeyId, UsageBucket> = BTreeMap::new();
+        for ((id, hour), bucket) in &inner.usage {
+            if *hour < from_hour || *hour >= to_hour {
+                continue;
+            }
+            if inner.by_id.get(id).is_none_or(|r| r.owner != owner) {
+                continue;
+            }
+            match totals.get_mut(id) {
+                Some(total) => total.merge(bucket),
+                None => {
+                    totals.insert(
+                        id,
+                        UsageBucket {
+                            hour: from,
+                            ..bucket.clone()
+                        },
+                    );
+                }
+            }
+        }
+        Ok(totals.into_values().collect())
+    }
+
+    async fn owners(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<OwnerSummary>, StoreError> {
+        let inner = self.lock();
+        let mut owners: BTreeMap<&str, OwnerSummary> = BTreeMap::new();
+        for record in inner.by_id.values() {
+            let summary = owners.entry(&record.owner).or_insert_with(|| OwnerSummary {
+                owner: record.owner.clone(),
+                keys: 0,
+                active_keys: 0,
+            });
+            summary.keys += 1;
+            summary.active_keys += u64::from(record.is_active(now));
+        }
+        Ok(owners
+            .into_values()
+            .take(limit.min(MAX_OWNERS) as usize)
+            .collect())
     }
 
     async fn spend_credits(

@@ -7,98 +7,36 @@
 //! [`MemoryStore`] is the default, for tests and single-process services that may lose their keys on
 //! restart.
 
+pub(crate) mod error;
 mod format;
 mod memory;
+mod overview;
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub(crate) mod sql_common;
+pub(crate) mod record;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
-use std::fmt;
 use std::sync::Arc;
 
 use time::OffsetDateTime;
 
+pub use error::{StoreError, StoreErrorKind};
 pub use format::{FormatLoadError, FormatSecrets, StoredSecret};
 pub use memory::MemoryStore;
+pub use overview::{MAX_OWNERS, OwnerSummary};
 #[cfg(feature = "postgres")]
 pub use postgres::{InvalidIdentifier, PostgresStore, PostgresStoreBuilder};
+pub use record::{KeyChange, KeyRecord, PreviousSecret};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 
 use crate::audit::{AuditEvent, ChainState, EventDraft, EventQuery, Journal};
 use crate::key::{DigestScheme, FormatSecret, KeyDigest, KeyId};
-use crate::network::Networks;
 use crate::quota::{BudgetId, BudgetLevel, Credits, PoolId, UsageLimits};
-use crate::scope::ScopeSet;
-use crate::usage::UsageBucket;
-
-/// One stored key: metadata and the digest of its secret.
-#[derive(Clone, Debug, PartialEq)]
-pub struct KeyRecord {
-    /// Stable public id.
-    pub id: KeyId,
-    /// Human-readable name.
-    pub name: String,
-    /// The team, service or tenant managing the key.
-    pub owner: String,
-    /// The tenancy boundary the key acts inside.
-    pub account: String,
-    /// What the key may do.
-    pub scopes: ScopeSet,
-    /// Digest of the current secret.
-    pub digest: KeyDigest,
-    /// How `digest` was computed.
-    pub digest_scheme: DigestScheme,
-    /// The masked form of the current secret, for listings (`sk_live_Ab3d…x9Qz`).
-    pub masked_key: String,
-    /// When the key was created.
-    pub created_at: OffsetDateTime,
-    /// When the key stops working, if ever.
-    pub expires_at: Option<OffsetDateTime>,
-    /// When the key was revoked, if it was.
-    pub revoked_at: Option<OffsetDateTime>,
-    /// Last time the key authenticated a request (flushed in batches, so it lags a little).
-    pub last_used_at: Option<OffsetDateTime>,
-    /// The key that created this one, when it was delegated by a scoped key.
-    pub created_by: Option<KeyId>,
-    /// When the secret was last rotated.
-    pub rotated_at: Option<OffsetDateTime>,
-    /// The secret replaced by the last rotation, still valid during its grace period.
-    pub previous: Option<PreviousSecret>,
-    /// The key's rate limit and credits (none: unlimited). Stores keep `credits.remaining` current
-    /// when they count credits ([`KeyStore::adjust_credits`]).
-    pub limits: UsageLimits,
-    /// Where the key may be used from (`None`: anywhere). Set at creation; a delegated key's lie
-    /// within its creator's.
-    pub allowed_networks: Option<Networks>,
-}
-
-/// A rotated-out secret that keeps working until `valid_until`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct PreviousSecret {
-    /// Digest of the old secret.
-    pub digest: KeyDigest,
-    /// How `digest` was computed.
-    pub digest_scheme: DigestScheme,
-    /// End of the grace period.
-    pub valid_until: OffsetDateTime,
-}
-
-impl KeyRecord {
-    /// Whether the key counts against active-key limits at `now`: not revoked and not expired.
-    pub fn is_active(&self, now: OffsetDateTime) -> bool {
-        self.revoked_at.is_none() && self.expires_at.is_none_or(|at| at > now)
-    }
-
-    /// Every digest that currently identifies this key (the current one, and a previous one during a
-    /// rotation grace period): what a cache must forget when the key changes.
-    pub fn digests(&self) -> impl Iterator<Item = &KeyDigest> {
-        std::iter::once(&self.digest).chain(self.previous.as_ref().map(|p| &p.digest))
-    }
-}
+use crate::usage::counts::UsageBucket;
 
 /// The deepest delegation: a key created by a master-created key is at depth 1, its own
 /// creations at depth 2, and so on up to this. Bounded so that walking a key's ancestry (the
@@ -163,35 +101,6 @@ pub struct Rotation {
     /// Also revoke, at `rotated_at`, every key this one created (transitively): for a secret that
     /// may have leaked and minted keys.
     pub revoke_descendants: bool,
-}
-
-/// What [`KeyStore::revoke`], [`KeyStore::delete`] and [`KeyStore::replace_secret`] changed, all in
-/// one atomic step: what a cache must forget.
-///
-/// The *descendants* of a key are the keys it created (their [`KeyRecord::created_by`] is its id),
-/// the keys those created, and so on.
-#[derive(Clone, Debug, PartialEq)]
-pub struct KeyChange {
-    /// The addressed key before the change.
-    pub before: KeyRecord,
-    /// The addressed key after the change; `None` when it was deleted.
-    pub after: Option<KeyRecord>,
-    /// The descendants this call revoked (those already revoked are left out), in no order.
-    pub revoked_descendants: Vec<KeyRecord>,
-}
-
-impl KeyChange {
-    /// Whether anything changed: `false` only for a revocation of a key that was already revoked
-    /// and had no active descendant left (a no-op, which needs no cache invalidation).
-    pub fn is_noop(&self) -> bool {
-        self.revoked_descendants.is_empty() && self.after.as_ref() == Some(&self.before)
-    }
-
-    /// Every record whose cached answers are stale: the addressed key (as it was) and the revoked
-    /// descendants.
-    pub fn affected(&self) -> impl Iterator<Item = &KeyRecord> {
-        std::iter::once(&self.before).chain(&self.revoked_descendants)
-    }
 }
 
 /// Which keys the hygiene sweeper reads ([`KeyStore::sweep`]): unrevoked keys not yet expired at
@@ -369,101 +278,6 @@ impl ChainLevels {
         for c in credits.iter_mut().flatten() {
             adjust(c, delta, now);
         }
-    }
-}
-
-/// What went wrong talking to a store. Never contains a key or a digest.
-#[derive(Clone, Debug)]
-pub struct StoreError {
-    kind: StoreErrorKind,
-    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
-}
-
-/// The kind of a [`StoreError`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum StoreErrorKind {
-    /// The store could not be reached or failed (connection refused, I/O error, ...).
-    Unavailable,
-    /// The store did not answer within the configured timeout.
-    Timeout,
-    /// [`KeyStore::insert`] would exceed a [`KeyLimits`] bound.
-    LimitReached {
-        /// The bound that was hit.
-        limit: u32,
-        /// `owner` or `account`.
-        scope: &'static str,
-    },
-    /// An id or digest that must be unique already exists.
-    Conflict,
-    /// [`KeyStore::insert`] of a delegated key whose creator ([`KeyRecord::created_by`]) is gone,
-    /// revoked or expired at the insert's `now`: checked atomically with the insert, so a key
-    /// revoked while one of its creations was in flight never gains a child.
-    CreatorInactive,
-    /// [`KeyStore::replace_secret`] of a revoked key: a revoked key gets no new secret.
-    Revoked,
-    /// Data in the store could not be understood (an unknown digest scheme, a bad scope).
-    Corrupt,
-    /// The store does not implement this operation (a custom store without keyed-format secrets).
-    Unsupported,
-}
-
-impl StoreError {
-    /// An error of `kind` caused by `source`.
-    pub fn new(
-        kind: StoreErrorKind,
-        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
-    ) -> Self {
-        Self {
-            kind,
-            source: Some(Arc::from(source.into())),
-        }
-    }
-
-    /// An error of `kind` with no underlying cause.
-    pub fn from_kind(kind: StoreErrorKind) -> Self {
-        Self { kind, source: None }
-    }
-
-    /// The store could not be reached.
-    pub fn unavailable(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
-        Self::new(StoreErrorKind::Unavailable, source)
-    }
-
-    /// The kind of failure.
-    pub fn kind(&self) -> StoreErrorKind {
-        self.kind
-    }
-}
-
-impl fmt::Display for StoreError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.kind {
-            StoreErrorKind::Unavailable => f.write_str("key store unavailable"),
-            StoreErrorKind::Timeout => f.write_str("key store timed out"),
-            StoreErrorKind::LimitReached { limit, scope } => {
-                write!(f, "active key limit of {limit} per {scope} reached")
-            }
-            StoreErrorKind::Conflict => f.write_str("key id or digest already exists"),
-            StoreErrorKind::CreatorInactive => {
-                f.write_str("the creating key is revoked, expired or gone")
-            }
-            StoreErrorKind::Revoked => f.write_str("the key is revoked"),
-            StoreErrorKind::Corrupt => f.write_str("key store returned data that cannot be read"),
-            StoreErrorKind::Unsupported => {
-                f.write_str("the key store does not support this operation")
-            }
-        }?;
-        if let Some(source) = &self.source {
-            write!(f, ": {source}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for StoreError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source.as_deref().map(|e| e as _)
     }
 }
 
@@ -709,6 +523,31 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn purge_usage(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
         let _ = before;
         Ok(0)
+    }
+
+    /// Each of `owner`'s keys' usage summed over the hours `from <= hour < to`: one bucket per key
+    /// that had requests (its `hour` is `from`, its `last_ip` the latest known), in no particular
+    /// order. The default lists the owner's keys and sums [`usage`](Self::usage) key by key; a
+    /// store with a query language answers in one query.
+    async fn usage_by_key(
+        &self,
+        owner: &str,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<UsageBucket>, StoreError> {
+        overview::usage_by_listing(self, owner, from, to).await
+    }
+
+    /// Every owner with at least one key, in owner order, at most `limit` (and at most
+    /// [`MAX_OWNERS`]), with how many of its keys there are and how many are active at `now`. The
+    /// default answers [`StoreErrorKind::Unsupported`].
+    async fn owners(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<OwnerSummary>, StoreError> {
+        let _ = (now, limit);
+        Err(StoreError::from_kind(StoreErrorKind::Unsupported))
     }
 
     /// The keyed key format's secrets ([`FormatSecrets`]). A store holding none yet first stores
@@ -1180,6 +1019,21 @@ impl<T: KeyStore + ?Sized> KeyStore for Arc<T> {
     async fn purge_usage(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
         (**self).purge_usage(before).await
     }
+    async fn usage_by_key(
+        &self,
+        owner: &str,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<UsageBucket>, StoreError> {
+        (**self).usage_by_key(owner, from, to).await
+    }
+    async fn owners(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<OwnerSummary>, StoreError> {
+        (**self).owners(now, limit).await
+    }
     async fn format_secrets(
         &self,
         initial: &FormatSecret,
@@ -1260,6 +1114,7 @@ impl<T: KeyStore + ?Sized> KeyStore for Arc<T> {
 
 #[cfg(test)]
 mod tests {
+    use crate::scope::ScopeSet;
     use super::*;
 
     /// The default pages through `list` (pages of 500): it counts across pages, per account, and
@@ -1354,6 +1209,17 @@ mod tests {
             uses: &[(KeyId, OffsetDateTime)],
         ) -> Result<(), StoreError> {
             self.0.record_last_used(uses).await
+        }
+        async fn record_usage(&self, buckets: &[UsageBucket]) -> Result<(), StoreError> {
+            self.0.record_usage(buckets).await
+        }
+        async fn usage(
+            &self,
+            key_id: &KeyId,
+            from: OffsetDateTime,
+            to: OffsetDateTime,
+        ) -> Result<Vec<UsageBucket>, StoreError> {
+            self.0.usage(key_id, from, to).await
         }
     }
 
@@ -1461,6 +1327,43 @@ mod tests {
             ChainSpend::Spent {
                 remaining: Vec::new()
             }
+        );
+        unsupported(minimal.owners(now, 10).await.unwrap_err());
+        // Usage per key by listing: the same sums as the memory store's own.
+        let hour = crate::usage::hour_of(now);
+        let bucket = |id: &str, hours_ago: i64, n: u64| UsageBucket {
+            key_id: KeyId::new(id),
+            hour: hour - time::Duration::hours(hours_ago),
+            counts: [n, 1, 0, 0, 0, 0, 0],
+            last_ip: None,
+        };
+        minimal
+            .record_usage(&[
+                bucket("key_00", 1, 2),
+                bucket("key_00", 2, 3),
+                bucket("key_05", 1, 4),
+                bucket("key_05", 200, 9),
+            ])
+            .await
+            .unwrap();
+        let from = now - time::Duration::days(7);
+        let mut by_listing = minimal.usage_by_key("o", from, now).await.unwrap();
+        let mut own = minimal.0.usage_by_key("o", from, now).await.unwrap();
+        by_listing.sort_by(|a, b| a.key_id.cmp(&b.key_id));
+        own.sort_by(|a, b| a.key_id.cmp(&b.key_id));
+        assert_eq!(by_listing, own);
+        assert_eq!(
+            own.iter()
+                .map(|b| (b.key_id.to_string(), b.counts[0], b.counts[1]))
+                .collect::<Vec<_>>(),
+            [("key_00".to_owned(), 5, 2), ("key_05".to_owned(), 4, 1)]
+        );
+        assert!(
+            minimal
+                .usage_by_key("nobody", from, now)
+                .await
+                .unwrap()
+                .is_empty()
         );
     }
 

@@ -223,6 +223,23 @@ impl KeyStore for TestStore {
         self.check()?;
         self.inner.usage(key_id, from, to).await
     }
+    async fn usage_by_key(
+        &self,
+        owner: &str,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<UsageBucket>, StoreError> {
+        self.check()?;
+        self.inner.usage_by_key(owner, from, to).await
+    }
+    async fn owners(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<tower_api_keys::store::OwnerSummary>, StoreError> {
+        self.check()?;
+        self.inner.owners(now, limit).await
+    }
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
         self.check()?;
         self.inner.record_last_used(uses).await

@@ -1,6 +1,7 @@
 //! The management API as an axum router ([`router`]) and its OpenAPI document ([`openapi`]).
 
 mod keys;
+mod overview;
 mod pools;
 mod wire;
 
@@ -32,9 +33,11 @@ use wire::*;
 /// | `GET /api-keys/{id}/events` | one key's audit events, newest first | 200 `{events, next_cursor}` |
 /// | `GET /api-keys/events/verify?owner=` | check the owner's hash chain (master key only) | 200 `{valid, checked, first_invalid?}` |
 /// | `GET /api-keys/{id}/usage?from=&to=&granularity=hour\|day` | requests per period by outcome | 200 `{key_id, granularity, buckets, last_ip}` |
+/// | `GET /api-keys/usage?owner=&from=&to=` | each key's requests over a period (default 7 days) | 200 `{owner, from, to, keys: [{key_id, requests, admitted, refused, last_ip}]}` |
+/// | `GET /api-keys/owners` | every owner with its key counts (master key only) | 200 `{owners: [{owner, keys, active_keys}]}` |
 /// | `GET /api-keys/openapi.json` | this API's OpenAPI 3.1 document | 200 |
 ///
-/// `self`, `policy`, `pools`, `events` and `openapi.json` are not key ids (generated ids start with `key_`).
+/// `self`, `policy`, `pools`, `events`, `owners`, `usage` and `openapi.json` are not key ids (generated ids start with `key_`).
 ///
 /// Every id-addressed route accepts `?owner=<owner>` (Blnk revokes with
 /// `DELETE /api-keys/{id}?owner=<owner>`): when given, it must be the key's owner, or the answer is
@@ -45,6 +48,9 @@ use wire::*;
 /// `APIKEY_INVALID`, never a 500 or a plain-text rejection. Every input is bounded (see the limits
 /// in the [module docs](super)); a body over [`MAX_BODY_BYTES`](super::MAX_BODY_BYTES) is 413
 /// `REQUEST_BODY_TOO_LARGE`.
+///
+/// The router carries its own state, so it merges into an application's router whatever that
+/// router's state type is (`Router<AppState>` as well as `Router<()>`).
 ///
 /// ```
 /// use std::sync::Arc;
@@ -64,8 +70,25 @@ use wire::*;
 ///             .sources([KeySource::blnk(), KeySource::x_api_key()])
 ///             .master_key(ApiKey::new("a-long-master-key-from-config")),
 ///     );
+///
+/// // An application with state of its own merges it the same way.
+/// #[derive(Clone)]
+/// struct AppState {
+///     name: &'static str,
+/// }
+/// let store = Arc::new(MemoryStore::new());
+/// let resolver = CachedResolver::new(store.clone());
+/// let app: Router = Router::new()
+///     .route("/name", axum::routing::get(
+///         |axum::extract::State(app): axum::extract::State<AppState>| async move { app.name },
+///     ))
+///     .merge(manage::router(KeyManager::new(store, resolver)))
+///     .with_state(AppState { name: "ledger" });
 /// ```
-pub fn router(manager: KeyManager) -> Router {
+pub fn router<S>(manager: KeyManager) -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
     Router::new()
         .route("/api-keys", post(create_key).get(list_keys))
         .route(
@@ -75,6 +98,8 @@ pub fn router(manager: KeyManager) -> Router {
         .route("/api-keys/self", get(caller_info))
         .route("/api-keys/policy", get(policy_info))
         .route("/api-keys/pools", get(get_pool).put(set_pool))
+        .route("/api-keys/owners", get(overview::list_owners))
+        .route("/api-keys/usage", get(overview::usage_summary))
         .route(
             "/api-keys/{id}",
             get(get_key).delete(revoke_key).patch(update_key),
@@ -105,9 +130,11 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 #[openapi(
     info(title = "tower-api-keys management API", description = "Create, list, revoke, delete and rotate scoped API keys."),
     paths(keys::create_key, keys::list_keys, keys::get_key, keys::update_key, keys::revoke_key,
-        keys::rotate_key, keys::caller_info, keys::policy_info, pools::get_pool, pools::set_pool),
+        keys::rotate_key, keys::caller_info, keys::policy_info, pools::get_pool, pools::set_pool,
+        overview::list_owners, overview::usage_summary),
     components(schemas(CreateKeyBody, UpdateKeyBody, RotateBody, KeyResponse, RateLimitBody,
-        CreditsBody, CreditsResponse, RefillBody, CallerResponse, PolicyResponse, PoolBody, PoolResponse, ErrorBody, ErrorDetail)),
+        CreditsBody, CreditsResponse, RefillBody, CallerResponse, PolicyResponse, PoolBody, PoolResponse, ErrorBody, ErrorDetail,
+        overview::OwnersResponse, overview::OwnerBody, overview::UsageSummaryResponse, overview::KeyUsageBody)),
     modifiers(&Security),
     security(("api_key" = []), ("blnk_key" = []), ("bearer" = []))
 )]

@@ -8,6 +8,7 @@
 
 mod audit;
 mod builder;
+mod overview;
 mod sql;
 mod store;
 

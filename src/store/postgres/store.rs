@@ -1144,6 +1144,25 @@ impl KeyStore for PostgresStore {
         let mut conn = self.pool.acquire().await.map_err(map_sqlx_error)?;
         audit::purge_usage(&mut conn, &self.sql.quoted, before).await
     }
+
+    async fn usage_by_key(
+        &self,
+        owner: &str,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<UsageBucket>, StoreError> {
+        self.migrate().await?;
+        super::overview::usage_by_key(&self.pool, &self.sql.quoted, owner, from, to).await
+    }
+
+    async fn owners(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<crate::store::OwnerSummary>, StoreError> {
+        self.migrate().await?;
+        super::overview::owners(&self.pool, &self.sql.quoted, now, limit).await
+    }
     async fn spend_credits(
         &self,
         levels: &[BudgetId],

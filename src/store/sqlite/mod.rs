@@ -7,6 +7,7 @@
 
 mod audit;
 mod builder;
+mod overview;
 mod sql;
 mod store;
 

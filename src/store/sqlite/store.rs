@@ -886,6 +886,23 @@ impl KeyStore for SqliteStore {
         Ok(done.rows_affected())
     }
 
+    async fn usage_by_key(
+        &self,
+        owner: &str,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<UsageBucket>, StoreError> {
+        super::overview::usage_by_key(&self.pool, owner, from, to).await
+    }
+
+    async fn owners(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<crate::store::OwnerSummary>, StoreError> {
+        super::overview::owners(&self.pool, now, limit).await
+    }
+
     async fn spend_credits(
         &self,
         levels: &[BudgetId],
