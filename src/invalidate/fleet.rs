@@ -24,19 +24,10 @@ use std::sync::Mutex;
 #[cfg(any(feature = "postgres", feature = "redis"))]
 use tokio::sync::watch;
 
-/// Name of the gauge of live instances this instance hears heartbeats from (itself included).
-pub const FLEET_INSTANCES: &str = "api_key_fleet_instances";
-/// Name of the gauge of the age, in seconds, of the oldest invalidation published here that some
-/// live instance has not acknowledged yet (0 when none).
-pub const OLDEST_UNACKNOWLEDGED_SECONDS: &str = "api_key_fleet_oldest_unacknowledged_seconds";
-/// Name of the gauge of the last sequence number an instance applied (label `instance`).
-pub const APPLIED_SEQUENCE: &str = "api_key_fleet_applied_sequence";
-/// Name of the histogram of the time from publishing an invalidation to its acknowledgement by
-/// every live instance, in seconds (only complete receipts are recorded).
-pub const ACKNOWLEDGEMENT_SECONDS: &str = "api_key_fleet_acknowledgement_seconds";
-/// Name of the counter of instances that had not acknowledged an invalidation by the deadline
-/// (label `instance`: the laggard).
-pub const LAGGARDS_TOTAL: &str = "api_key_fleet_laggards_total";
+pub use crate::metrics::{
+    ACKNOWLEDGEMENT_SECONDS, APPLIED_SEQUENCE, FLEET_INSTANCES, LAGGARDS_TOTAL,
+    OLDEST_UNACKNOWLEDGED_SECONDS,
+};
 
 /// Response header of an acknowledged revocation (`DELETE /api-keys/{id}`, 204): how many of the
 /// live instances acknowledged it before the answer.
@@ -164,8 +155,8 @@ impl Default for FleetConfig {
 #[cfg(any(feature = "postgres", feature = "redis"))]
 impl FleetConfig {
     /// The parameters of one new subscription (a new instance id).
-    pub(crate) fn params(&self) -> super::subscription::FleetParams {
-        super::subscription::FleetParams {
+    pub(crate) fn params(&self) -> FleetParams {
+        FleetParams {
             board: self.board.clone(),
             instance: instance_id(self.name.as_deref()),
             token: {
@@ -177,6 +168,17 @@ impl FleetConfig {
             roster_ttl: self.roster_ttl,
         }
     }
+}
+
+/// The fleet side of a subscription: who it is, where it records what it hears, how often it beats.
+#[cfg(any(feature = "postgres", feature = "redis"))]
+pub(crate) struct FleetParams {
+    pub(crate) board: std::sync::Arc<Board>,
+    pub(crate) instance: String,
+    /// Random: marks this subscription's own heartbeats.
+    pub(crate) token: u64,
+    pub(crate) heartbeat: Duration,
+    pub(crate) roster_ttl: Duration,
 }
 
 #[cfg(any(feature = "postgres", feature = "redis"))]

@@ -11,20 +11,35 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::Invalidation;
-use super::fleet::Message;
-use super::subscription::{Backend, Backoff, Beat, FleetParams, SubscriptionStatus};
+use super::fleet::{FleetParams, Message};
+use super::subscription::{Backend, Backoff, Beat, Subscription, SubscriptionStatus};
 use crate::clock::now_unix_nanos;
 use crate::resolver::CachedResolver;
 
+/// Starts the subscriber task for `backend` on the current tokio runtime; the resolver is degraded
+/// until it is connected.
+pub(crate) fn spawn<B: Backend>(
+    backend: B,
+    channel: Arc<str>,
+    resolver: CachedResolver,
+    backoff: Backoff,
+    fleet: FleetParams,
+) -> Subscription {
+    let (status, watcher) = watch::channel(SubscriptionStatus::default());
+    let health = Health::new(resolver);
+    let task = tokio::spawn(run(backend, channel, health, backoff, status, fleet));
+    Subscription::new(task, watcher)
+}
+
 /// The resolver's view of one subscription: degraded while down. Dropped with the task (shutdown,
 /// abort), it gives the degraded mark back and leaves the fleet.
-pub(super) struct Health {
+struct Health {
     resolver: CachedResolver,
     down: bool,
 }
 
 impl Health {
-    pub(super) fn new(resolver: CachedResolver) -> Self {
+    fn new(resolver: CachedResolver) -> Self {
         resolver.subscription_down();
         Self {
             resolver,
@@ -147,7 +162,7 @@ impl<B: Backend> Local<'_, B> {
     fn applied_now(&self) {
         self.fleet.board.record(&self.fleet.instance, self.applied);
         #[cfg(feature = "metrics")]
-        ::metrics::gauge!(super::fleet::APPLIED_SEQUENCE, "instance" => self.fleet.instance.clone())
+        ::metrics::gauge!(crate::metrics::APPLIED_SEQUENCE, "instance" => self.fleet.instance.clone())
             .set(self.applied as f64);
     }
 
@@ -206,8 +221,8 @@ impl<B: Backend> Local<'_, B> {
                     let (_live, _oldest) = self.fleet.board.survey(self.fleet.roster_ttl);
                     #[cfg(feature = "metrics")]
                     {
-                        ::metrics::gauge!(super::fleet::FLEET_INSTANCES).set(_live as f64);
-                        ::metrics::gauge!(super::fleet::OLDEST_UNACKNOWLEDGED_SECONDS)
+                        ::metrics::gauge!(crate::metrics::FLEET_INSTANCES).set(_live as f64);
+                        ::metrics::gauge!(crate::metrics::OLDEST_UNACKNOWLEDGED_SECONDS)
                             .set(_oldest.as_secs_f64());
                     }
                     continue;
@@ -230,7 +245,8 @@ impl<B: Backend> Local<'_, B> {
                 })) => {
                     let own = instance == self.fleet.instance;
                     if own && token != self.fleet.token {
-                        static SHARED_NAME: crate::throttle::Throttle = crate::throttle::Throttle::new();
+                        static SHARED_NAME: crate::throttle::Throttle =
+                            crate::throttle::Throttle::new();
                         if SHARED_NAME.admit().is_some() {
                             tracing::warn!(
                                 channel = self.channel,
@@ -296,7 +312,7 @@ fn saturating_nanos(duration: Duration) -> i64 {
 
 /// The subscriber task: connect, catch up, apply and acknowledge, beat; on any loss reconnect (with
 /// backoff) and catch up from the log.
-pub(super) async fn run<B: Backend>(
+async fn run<B: Backend>(
     backend: B,
     channel: Arc<str>,
     mut health: Health,
@@ -395,3 +411,118 @@ fn apply(invalidation: Option<Invalidation>, resolver: &CachedResolver, channel:
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::invalidate::subscription::LogTail;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::sync::mpsc;
+
+    /// A backend driven by the test: each `connect` takes the next outcome from a channel, and a
+    /// connection yields the messages sent to it until its sender is dropped.
+    struct Scripted {
+        attempts:
+            tokio::sync::Mutex<mpsc::UnboundedReceiver<Option<mpsc::UnboundedReceiver<String>>>>,
+        connects: AtomicUsize,
+    }
+
+    impl Backend for Scripted {
+        type Connection = mpsc::UnboundedReceiver<String>;
+        type Error = &'static str;
+
+        async fn connect(&self) -> Result<Self::Connection, Self::Error> {
+            self.connects.fetch_add(1, Ordering::SeqCst);
+            match self.attempts.lock().await.recv().await {
+                Some(Some(connection)) => Ok(connection),
+                _ => Err("refused"),
+            }
+        }
+
+        async fn receive(
+            &self,
+            connection: &mut Self::Connection,
+        ) -> Result<Option<String>, Self::Error> {
+            connection.recv().await.map(Some).ok_or("closed")
+        }
+
+        async fn beat(&self, _: &mut Self::Connection, _: &Beat<'_>) -> Result<(), Self::Error> {
+            Ok(())
+        }
+
+        async fn ack(&self, _: &mut Self::Connection, _: &str) -> Result<(), Self::Error> {
+            Ok(())
+        }
+
+        /// An empty log that never reaches back: every connection clears the cache.
+        async fn log_after(
+            &self,
+            _: &mut Self::Connection,
+            _: Option<u64>,
+        ) -> Result<LogTail, Self::Error> {
+            Ok(LogTail::default())
+        }
+    }
+
+    fn params() -> FleetParams {
+        FleetParams {
+            board: Arc::default(),
+            instance: "test".into(),
+            token: 1,
+            heartbeat: Duration::from_millis(250),
+            roster_ttl: Duration::from_secs(3),
+        }
+    }
+
+    async fn until(what: impl Fn() -> bool) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !what() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("condition reached");
+    }
+
+    /// Degraded before the first connection and after a loss; each connection clears the cache
+    /// once; a failed attempt is retried; dropping the subscription ends degraded mode.
+    #[tokio::test]
+    async fn the_loop_keeps_degraded_mode_in_step() {
+        let store = crate::store::MemoryStore::new();
+        let resolver = CachedResolver::new(store);
+        let digest = crate::key::KeyDigest::of("unknown");
+        let (attempts, script) = mpsc::unbounded_channel();
+        let backend = Scripted {
+            attempts: tokio::sync::Mutex::new(script),
+            connects: AtomicUsize::new(0),
+        };
+        let backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(2));
+        let subscription = spawn(backend, "test".into(), resolver.clone(), backoff, params());
+        assert!(
+            resolver.is_degraded(),
+            "degraded before the first connection"
+        );
+        attempts.send(None).unwrap();
+        let (first, messages) = mpsc::unbounded_channel();
+        attempts.send(Some(messages)).unwrap();
+        subscription.wait_connected().await;
+        assert!(!resolver.is_degraded());
+        // A message is applied; an unreadable one clears the cache.
+        resolver.authenticate(&digest).await.unwrap_err();
+        assert_eq!(resolver.cached_entries(), 1);
+        first.send("not json".into()).unwrap();
+        until(|| resolver.cached_entries() == 0).await;
+        resolver.authenticate(&digest).await.unwrap_err();
+        // The connection is lost: degraded until the next one, which clears the cache.
+        drop(first);
+        until(|| resolver.is_degraded()).await;
+        assert_eq!(resolver.cached_entries(), 1, "a loss alone clears nothing");
+        let (_second, messages) = mpsc::unbounded_channel();
+        attempts.send(Some(messages)).unwrap();
+        subscription.wait_for_connections(2).await;
+        assert!(!resolver.is_degraded());
+        assert_eq!(resolver.cached_entries(), 0, "cleared on reconnect");
+        drop(attempts);
+        subscription.shutdown().await;
+        assert!(!resolver.is_degraded());
+    }
+}

@@ -43,7 +43,8 @@ use std::time::Duration;
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 
 use super::fleet::{FleetConfig, Message, fleet_channel};
-use super::subscription::{self, Backend, Backoff, Beat, LogTail, Subscription};
+use super::member;
+use super::subscription::{Backend, Backoff, Beat, LogTail, Subscription};
 use super::{Invalidation, Invalidator, Receipt, Sequenced};
 use crate::resolver::CachedResolver;
 use crate::store::StoreError;
@@ -170,7 +171,7 @@ impl PgInvalidator {
             channel: self.channel.clone(),
             fleet_channel: fleet_channel(&self.channel).into(),
         };
-        subscription::spawn(
+        member::spawn(
             backend,
             self.channel.clone(),
             resolver,

@@ -43,7 +43,8 @@ use futures_util::future::{self, Either};
 use tokio::time::{Instant, timeout};
 
 use super::fleet::{FleetConfig, fleet_channel};
-use super::subscription::{self, Backend, Backoff, Beat, LogTail, Subscription};
+use super::member;
+use super::subscription::{Backend, Backoff, Beat, LogTail, Subscription};
 use super::{Invalidation, Invalidator, Receipt, Sequenced};
 use crate::resolver::CachedResolver;
 use crate::store::{StoreError, StoreErrorKind};
@@ -160,7 +161,7 @@ impl RedisInvalidator {
             keys: Keys::of(&self.channel),
             ping_interval: self.ping_interval,
         };
-        subscription::spawn(
+        member::spawn(
             backend,
             self.channel.clone(),
             resolver,

@@ -1,6 +1,6 @@
-//! What the broadcasting invalidators share: [`spawn`] (the subscribe / catch-up / beat /
-//! reconnect-with-backoff loop is in `member.rs`), the subscription handle, its status and the
-//! reconnection backoff. A backend ([`Backend`]: PostgreSQL `LISTEN`, Redis `SUBSCRIBE`) supplies
+//! What the broadcasting invalidators share: the subscription handle, its status and the
+//! reconnection backoff (the subscribe / catch-up / beat / reconnect-with-backoff loop itself is in
+//! `member.rs`). A backend ([`Backend`]: PostgreSQL `LISTEN`, Redis `SUBSCRIBE`) supplies
 //! how to connect, receive, beat, acknowledge and read the revocation log.
 //!
 //! The loop keeps the resolver's degraded mode (its invariant 8) in step with the connection: the
@@ -13,16 +13,12 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::fleet::Board;
 #[cfg(doc)]
 use super::{Invalidation, fleet::Message};
-use super::member;
-use crate::resolver::CachedResolver;
 
 /// The state of a subscription, as reported by [`Subscription::status`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -186,144 +182,4 @@ pub(crate) trait Backend: Send + Sync + 'static {
         connection: &mut Self::Connection,
         after: Option<u64>,
     ) -> impl Future<Output = Result<LogTail, Self::Error>> + Send;
-}
-
-/// The fleet side of a subscription: who it is, where it records what it hears, how often it beats.
-pub(crate) struct FleetParams {
-    pub(crate) board: Arc<Board>,
-    pub(crate) instance: String,
-    /// Random: marks this subscription's own heartbeats.
-    pub(crate) token: u64,
-    pub(crate) heartbeat: Duration,
-    pub(crate) roster_ttl: Duration,
-}
-
-/// Starts the subscriber task for `backend` on the current tokio runtime; the resolver is degraded
-/// until it is connected.
-pub(crate) fn spawn<B: Backend>(
-    backend: B,
-    channel: Arc<str>,
-    resolver: CachedResolver,
-    backoff: Backoff,
-    fleet: FleetParams,
-) -> Subscription {
-    let (status, watcher) = watch::channel(SubscriptionStatus::default());
-    let health = member::Health::new(resolver);
-    let task = tokio::spawn(member::run(backend, channel, health, backoff, status, fleet));
-    Subscription::new(task, watcher)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::sync::mpsc;
-
-    /// A backend driven by the test: each `connect` takes the next outcome from a channel, and a
-    /// connection yields the messages sent to it until its sender is dropped.
-    struct Scripted {
-        attempts:
-            tokio::sync::Mutex<mpsc::UnboundedReceiver<Option<mpsc::UnboundedReceiver<String>>>>,
-        connects: AtomicUsize,
-    }
-
-    impl Backend for Scripted {
-        type Connection = mpsc::UnboundedReceiver<String>;
-        type Error = &'static str;
-
-        async fn connect(&self) -> Result<Self::Connection, Self::Error> {
-            self.connects.fetch_add(1, Ordering::SeqCst);
-            match self.attempts.lock().await.recv().await {
-                Some(Some(connection)) => Ok(connection),
-                _ => Err("refused"),
-            }
-        }
-
-        async fn receive(
-            &self,
-            connection: &mut Self::Connection,
-        ) -> Result<Option<String>, Self::Error> {
-            connection.recv().await.map(Some).ok_or("closed")
-        }
-
-        async fn beat(&self, _: &mut Self::Connection, _: &Beat<'_>) -> Result<(), Self::Error> {
-            Ok(())
-        }
-
-        async fn ack(&self, _: &mut Self::Connection, _: &str) -> Result<(), Self::Error> {
-            Ok(())
-        }
-
-        /// An empty log that never reaches back: every connection clears the cache.
-        async fn log_after(
-            &self,
-            _: &mut Self::Connection,
-            _: Option<u64>,
-        ) -> Result<LogTail, Self::Error> {
-            Ok(LogTail::default())
-        }
-    }
-
-    fn params() -> FleetParams {
-        FleetParams {
-            board: Arc::default(),
-            instance: "test".into(),
-            token: 1,
-            heartbeat: Duration::from_millis(250),
-            roster_ttl: Duration::from_secs(3),
-        }
-    }
-
-    async fn until(what: impl Fn() -> bool) {
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while !what() {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        })
-        .await
-        .expect("condition reached");
-    }
-
-    /// Degraded before the first connection and after a loss; each connection clears the cache
-    /// once; a failed attempt is retried; dropping the subscription ends degraded mode.
-    #[tokio::test]
-    async fn the_loop_keeps_degraded_mode_in_step() {
-        let store = crate::store::MemoryStore::new();
-        let resolver = CachedResolver::new(store);
-        let digest = crate::key::KeyDigest::of("unknown");
-        let (attempts, script) = mpsc::unbounded_channel();
-        let backend = Scripted {
-            attempts: tokio::sync::Mutex::new(script),
-            connects: AtomicUsize::new(0),
-        };
-        let backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(2));
-        let subscription = spawn(backend, "test".into(), resolver.clone(), backoff, params());
-        assert!(
-            resolver.is_degraded(),
-            "degraded before the first connection"
-        );
-        attempts.send(None).unwrap();
-        let (first, messages) = mpsc::unbounded_channel();
-        attempts.send(Some(messages)).unwrap();
-        subscription.wait_connected().await;
-        assert!(!resolver.is_degraded());
-        // A message is applied; an unreadable one clears the cache.
-        resolver.authenticate(&digest).await.unwrap_err();
-        assert_eq!(resolver.cached_entries(), 1);
-        first.send("not json".into()).unwrap();
-        until(|| resolver.cached_entries() == 0).await;
-        resolver.authenticate(&digest).await.unwrap_err();
-        // The connection is lost: degraded until the next one, which clears the cache.
-        drop(first);
-        until(|| resolver.is_degraded()).await;
-        assert_eq!(resolver.cached_entries(), 1, "a loss alone clears nothing");
-        let (_second, messages) = mpsc::unbounded_channel();
-        attempts.send(Some(messages)).unwrap();
-        subscription.wait_for_connections(2).await;
-        assert!(!resolver.is_degraded());
-        assert_eq!(resolver.cached_entries(), 0, "cleared on reconnect");
-        drop(attempts);
-        subscription.shutdown().await;
-        assert!(!resolver.is_degraded());
-    }
 }
