@@ -232,9 +232,10 @@ pub struct Receipt {
 }
 
 impl Receipt {
-    /// Every live instance acknowledged (and there was a sequenced publication).
+    /// Every live instance acknowledged (and there was a sequenced publication, and a roster: an
+    /// empty one, before any instance has beaten, vouches for nobody).
     pub fn is_complete(&self) -> bool {
-        self.sequence.is_some() && self.laggards.is_empty()
+        self.sequence.is_some() && self.instances > 0 && self.laggards.is_empty()
     }
 
     /// The response headers that report it (none when nothing was sequenced): see
