@@ -1,7 +1,30 @@
-#![doc = include_str!("../README.md")]
+#![doc = include_str!("docs/crate.md")]
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
+
+/// `get_ref`, `get_mut` and `into_inner` for a middleware service whose wrapped service is its
+/// `inner` field: the same three on every service of the crate, as in tower-http.
+macro_rules! inner_service_accessors {
+    ($service:ident < $($param:ident),+ >) => {
+        impl<$($param),+> $service<$($param),+> {
+            /// The wrapped service.
+            pub fn get_ref(&self) -> &S {
+                &self.inner
+            }
+
+            /// The wrapped service, mutably.
+            pub fn get_mut(&mut self) -> &mut S {
+                &mut self.inner
+            }
+
+            /// The wrapped service, unwrapped.
+            pub fn into_inner(self) -> S {
+                self.inner
+            }
+        }
+    };
+}
 
 pub mod audit;
 mod clock;
@@ -27,3 +50,9 @@ pub mod scope;
 pub mod store;
 mod throttle;
 pub mod usage;
+
+/// The README's Rust examples, compiled and run as doctests (the README is the repository's front
+/// page; the crate's is `src/docs/crate.md`).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -146,6 +146,8 @@ pub struct MethodScopesService<S, R> {
     guards: Arc<Guards<R>>,
 }
 
+inner_service_accessors!(MethodScopesService<S, R>);
+
 impl<S: Clone, R> Clone for MethodScopesService<S, R> {
     fn clone(&self) -> Self {
         Self {

@@ -300,6 +300,8 @@ pub struct RequireScopesService<S, R = JsonRejection> {
     guard: RequireScopes<R>,
 }
 
+inner_service_accessors!(RequireScopesService<S, R>);
+
 impl<S, R, ReqBody, ResBody> Service<Request<ReqBody>> for RequireScopesService<S, R>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,

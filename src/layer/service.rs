@@ -27,6 +27,8 @@ pub struct ApiKeyService<S, R> {
     rejection: R,
 }
 
+inner_service_accessors!(ApiKeyService<S, R>);
+
 impl<S: fmt::Debug, R> fmt::Debug for ApiKeyService<S, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ApiKeyService")

@@ -26,6 +26,8 @@ pub struct ProvenanceService<S, R> {
     rejection: R,
 }
 
+inner_service_accessors!(ProvenanceService<S, R>);
+
 impl<S: fmt::Debug, R> fmt::Debug for ProvenanceService<S, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ProvenanceService")

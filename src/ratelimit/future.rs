@@ -1,3 +1,5 @@
+//! The response future of [`RateLimitService`](super::RateLimitService).
+
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};

@@ -18,6 +18,8 @@ pub struct RateLimitService<S, R> {
     rejection: R,
 }
 
+inner_service_accessors!(RateLimitService<S, R>);
+
 impl<S, R> RateLimitService<S, R> {
     pub(super) fn new(inner: S, limiter: RateLimiter, cost: u32, rejection: R) -> Self {
         Self {

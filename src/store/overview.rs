@@ -5,7 +5,7 @@
 use time::OffsetDateTime;
 
 use super::{KeyStore, ListQuery, StoreError};
-use crate::usage::UsageBucket;
+use crate::usage::counts::UsageBucket;
 
 /// The most owners [`KeyStore::owners`] answers.
 pub const MAX_OWNERS: u32 = 1_000;
