@@ -584,7 +584,7 @@ mod outage {
 /// The LISTEN/NOTIFY outage: B's listener connection goes through the proxy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_notify_outage_is_bounded_by_degraded_mode() {
-    use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+    use sqlx::postgres::PgConnectOptions;
     use std::net::ToSocketAddrs;
 
     let Some(schema) = common::db::pg_schema("fleet_pg_outage").await else {
@@ -599,9 +599,12 @@ async fn listen_notify_outage_is_bounded_by_degraded_mode() {
         .next()
         .unwrap();
     let proxy = common::db::Proxy::start(target).await;
-    let through_proxy =
-        PgPoolOptions::new().connect_lazy_with(options.host("127.0.0.1").port(proxy.port()));
-    let b_subscription = PgInvalidator::new(through_proxy)
+    // B's store (its pool, its schema) through the proxy: the revocation log is the schema's.
+    let through_proxy = PostgresStore::builder()
+        .schema(&schema.schema)
+        .unwrap()
+        .connect_lazy_with(options.host("127.0.0.1").port(proxy.port()));
+    let b_subscription = PgInvalidator::from_store(&through_proxy)
         .with_channel(&channel)
         .unwrap()
         .subscribe(b.resolver.clone());

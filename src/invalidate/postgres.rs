@@ -22,8 +22,8 @@
 //! Publishing is one transaction: the next sequence number of the channel's revocation log (under
 //! a lock, so sequence numbers commit in order), the log row, `SELECT pg_notify(channel, payload)`
 //! with the sequenced wire form, and the roster's live instances (see [`Sequenced`]). The tables
-//! (`api_key_fleet_log`, `api_key_fleet_roster`) are created on first use in the schema the pool
-//! uses. The subscriber holds one dedicated connection (opened with the pool's connection options,
+//! (`api_key_fleet_log`, `api_key_fleet_roster`) are created on first use, in the store's schema
+//! ([`PgInvalidator::from_store`]) or the pool's search path ([`PgInvalidator::new`]). The subscriber holds one dedicated connection (opened with the pool's connection options,
 //! `application_name` set to the channel) that `LISTEN`s on the channel and on its fleet channel (name + `_fleet`), and on that same
 //! connection writes its heartbeat (default every 250 ms: roster row + `NOTIFY`), its
 //! acknowledgements and its log reads; so a connection that stops forwarding silently is noticed
@@ -60,6 +60,8 @@ pub struct PgInvalidator {
     channel: Arc<str>,
     backoff: Backoff,
     fleet: FleetConfig,
+    /// `"<schema>".` when the fleet's tables live in a store's schema; empty: the search path's.
+    tables: Arc<str>,
     /// The fleet's tables exist (created on first use).
     ready: Arc<tokio::sync::OnceCell<()>>,
 }
@@ -83,13 +85,17 @@ impl PgInvalidator {
             channel: Self::DEFAULT_CHANNEL.into(),
             backoff: Backoff::default(),
             fleet: FleetConfig::default(),
+            tables: "".into(),
             ready: Arc::default(),
         }
     }
 
-    /// An invalidator on the store's database, publishing through its pool.
+    /// An invalidator on the store's database, publishing through its pool; the fleet's tables
+    /// (revocation log, roster) live in the store's schema.
     pub fn from_store(store: &PostgresStore) -> Self {
-        Self::new(store.pool().clone())
+        let mut invalidator = Self::new(store.pool().clone());
+        invalidator.tables = format!("\"{}\".", store.schema()).into();
+        invalidator
     }
 
     /// Uses another channel: 1 to 63 ASCII letters, digits, `_` or `$`, not starting with a digit
@@ -137,7 +143,7 @@ impl PgInvalidator {
     async fn ensure_tables(&self) -> Result<(), StoreError> {
         self.ready
             .get_or_try_init(|| async {
-                sqlx::raw_sql(CREATE_TABLES)
+                sqlx::raw_sql(sql(&self.tables, CREATE_TABLES))
                     .execute(&self.pool)
                     .await
                     .map(|_| ())
@@ -170,6 +176,7 @@ impl PgInvalidator {
             pool,
             channel: self.channel.clone(),
             fleet_channel: fleet_channel(&self.channel).into(),
+            tables: self.tables.clone(),
         };
         member::spawn(
             backend,
@@ -201,20 +208,24 @@ impl Invalidator for PgInvalidator {
             .execute(&mut *tx)
             .await
             .map_err(map_sqlx_error)?;
-        let seq: i64 = sqlx::query_scalar(
+        let seq: i64 = sqlx::query_scalar(sql(
+            &self.tables,
             "SELECT coalesce(max(seq), 0) + 1 FROM api_key_fleet_log WHERE channel = $1",
-        )
+        ))
         .bind(channel)
         .fetch_one(&mut *tx)
         .await
         .map_err(map_sqlx_error)?;
-        sqlx::query("INSERT INTO api_key_fleet_log (channel, seq, payload) VALUES ($1, $2, $3)")
-            .bind(channel)
-            .bind(seq)
-            .bind(invalidation.to_json())
-            .execute(&mut *tx)
-            .await
-            .map_err(map_sqlx_error)?;
+        sqlx::query(sql(
+            &self.tables,
+            "INSERT INTO api_key_fleet_log (channel, seq, payload) VALUES ($1, $2, $3)",
+        ))
+        .bind(channel)
+        .bind(seq)
+        .bind(invalidation.to_json())
+        .execute(&mut *tx)
+        .await
+        .map_err(map_sqlx_error)?;
         let sequence = u64::try_from(seq).unwrap_or_default();
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(channel)
@@ -224,30 +235,33 @@ impl Invalidator for PgInvalidator {
             .map_err(map_sqlx_error)?;
         if sequence % 64 == 0 {
             // The newest row always stays: it carries the sequence on.
-            sqlx::query(
+            sqlx::query(sql(
+                &self.tables,
                 "DELETE FROM api_key_fleet_log WHERE channel = $1 AND seq < $2 \
                  AND published_at < now() - make_interval(secs => $3)",
-            )
+            ))
             .bind(channel)
             .bind(seq)
             .bind(LOG_RETENTION.as_secs_f64())
             .execute(&mut *tx)
             .await
             .map_err(map_sqlx_error)?;
-            sqlx::query(
+            sqlx::query(sql(
+                &self.tables,
                 "DELETE FROM api_key_fleet_roster WHERE channel = $1 \
                  AND beat_at < now() - make_interval(secs => $2)",
-            )
+            ))
             .bind(channel)
             .bind(LOG_RETENTION.as_secs_f64())
             .execute(&mut *tx)
             .await
             .map_err(map_sqlx_error)?;
         }
-        let live: Vec<String> = sqlx::query_scalar(
+        let live: Vec<String> = sqlx::query_scalar(sql(
+            &self.tables,
             "SELECT instance FROM api_key_fleet_roster WHERE channel = $1 \
              AND beat_at > now() - make_interval(secs => $2) ORDER BY instance",
-        )
+        ))
         .bind(channel)
         .bind(self.fleet.roster_ttl.as_secs_f64())
         .fetch_all(&mut *tx)
@@ -264,6 +278,12 @@ impl Invalidator for PgInvalidator {
     async fn receipt(&self, published: &Sequenced, deadline: Duration) -> Receipt {
         self.fleet.board.wait(published, deadline).await
     }
+}
+
+/// `text` with the fleet's tables in `tables` (`"<schema>".`, or empty for the search path's).
+/// The schema name is an identifier the store checked.
+fn sql(tables: &str, text: &str) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(text.replace("api_key_fleet_", &format!("{tables}api_key_fleet_")))
 }
 
 /// How long the revocation log keeps an invalidation (a subscriber disconnected for longer clears
@@ -298,6 +318,7 @@ struct PgBackend {
     pool: PgPool,
     channel: Arc<str>,
     fleet_channel: Arc<str>,
+    tables: Arc<str>,
 }
 
 /// Why listening failed or stopped (for the logs).
@@ -326,7 +347,7 @@ impl Backend for PgBackend {
         // Report a lost connection instead of silently reconnecting: the loop must clear the cache.
         listener.eager_reconnect(false);
         listener.ignore_pool_close_event(true);
-        sqlx::raw_sql(CREATE_TABLES)
+        sqlx::raw_sql(sql(&self.tables, CREATE_TABLES))
             .execute(&mut listener)
             .await
             .map_err(Lost::Sql)?;
@@ -346,7 +367,8 @@ impl Backend for PgBackend {
     }
 
     async fn beat(&self, listener: &mut PgListener, beat: &Beat<'_>) -> Result<(), Lost> {
-        sqlx::query(
+        sqlx::query(sql(
+            &self.tables,
             "WITH up AS (
                  INSERT INTO api_key_fleet_roster (channel, instance, started_at, applied, beat_at)
                  VALUES ($1, $2, $3, $4, now())
@@ -355,7 +377,7 @@ impl Backend for PgBackend {
                  RETURNING 1)
              SELECT pg_notify($5, $6 || ',\"head\":' || (SELECT coalesce(max(seq), 0)
                  FROM api_key_fleet_log WHERE channel = $1) || '}') FROM up",
-        )
+        ))
         .bind(&*self.channel)
         .bind(beat.instance)
         .bind(beat.started_at)
@@ -383,10 +405,11 @@ impl Backend for PgBackend {
         listener: &mut PgListener,
         after: Option<u64>,
     ) -> Result<LogTail, Lost> {
-        let (head, first): (i64, i64) = sqlx::query_as(
+        let (head, first): (i64, i64) = sqlx::query_as(sql(
+            &self.tables,
             "SELECT coalesce(max(seq), 0), coalesce(min(seq), 0) FROM api_key_fleet_log \
              WHERE channel = $1",
-        )
+        ))
         .bind(&*self.channel)
         .fetch_one(&mut *listener)
         .await
@@ -407,10 +430,11 @@ impl Backend for PgBackend {
                 complete: false,
             });
         }
-        let rows: Vec<(i64, String)> = sqlx::query_as(
+        let rows: Vec<(i64, String)> = sqlx::query_as(sql(
+            &self.tables,
             "SELECT seq, payload FROM api_key_fleet_log WHERE channel = $1 AND seq > $2 \
              ORDER BY seq",
-        )
+        ))
         .bind(&*self.channel)
         .bind(i64::try_from(after).unwrap_or(i64::MAX))
         .fetch_all(&mut *listener)
