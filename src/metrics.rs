@@ -9,6 +9,11 @@
 //! | `api_key_lookup_seconds` | histogram | `outcome`: `found`, `unknown`, `error` or `timeout` | latency of key-store lookups (cache misses only) |
 //! | `api_key_lookups_shed_total` | counter | | cache misses the resolver's lookup bound answered 503 without asking the store ([`resolver::LOOKUPS_SHED_TOTAL`](crate::resolver::LOOKUPS_SHED_TOTAL)) |
 //! | `api_key_cache_degraded` | gauge | | 1 while a resolver is in degraded mode (an invalidation subscription is down or not yet up), else 0 ([`resolver::DEGRADED`](crate::resolver::DEGRADED)) |
+//! | `api_key_fleet_instances` | gauge | | live instances a fleet subscription hears heartbeats from, itself included ([`FLEET_INSTANCES`]) |
+//! | `api_key_fleet_oldest_unacknowledged_seconds` | gauge | | age of the oldest invalidation published here that a live instance has not acknowledged, 0 when none ([`OLDEST_UNACKNOWLEDGED_SECONDS`]) |
+//! | `api_key_fleet_applied_sequence` | gauge | `instance` | the last sequence number of the revocation log this instance applied ([`APPLIED_SEQUENCE`]) |
+//! | `api_key_fleet_acknowledgement_seconds` | histogram | | time from publishing an invalidation to its acknowledgement by every live instance (complete receipts) ([`ACKNOWLEDGEMENT_SECONDS`]) |
+//! | `api_key_fleet_laggards_total` | counter | `instance` | instances that had not acknowledged an invalidation by the deadline ([`LAGGARDS_TOTAL`]) |
 //!
 //! `api_key_requests_total` records the authentication decision: a request admitted by the layer and
 //! then refused by a [`RequireScopes`](crate::guard::RequireScopes) guard counts as `ok` there, and once in
@@ -17,7 +22,8 @@
 //! Anonymous requests are CORS preflights and, with an optional layer, requests without a key.
 //!
 //! Install any `metrics` recorder (for example `metrics-exporter-prometheus`) and these appear;
-//! `describe()` adds their help texts. Every label is a static string: recording allocates nothing.
+//! `describe()` adds their help texts. Every label on the request path is a static string: recording
+//! allocates nothing there (the fleet's `instance` labels are recorded off it).
 //! Without the feature every helper is an empty inline function: nothing is compiled in.
 
 /// Name of the request counter.
@@ -30,6 +36,19 @@ pub const RATE_LIMIT_TOTAL: &str = "api_key_rate_limit_total";
 pub const RATE_LIMIT_BACKEND_ERRORS_TOTAL: &str = "api_key_rate_limit_backend_errors_total";
 /// Name of the store lookup latency histogram, in seconds.
 pub const LOOKUP_SECONDS: &str = "api_key_lookup_seconds";
+/// Name of the gauge of live instances this instance hears heartbeats from (itself included).
+pub const FLEET_INSTANCES: &str = "api_key_fleet_instances";
+/// Name of the gauge of the age, in seconds, of the oldest invalidation published here that some
+/// live instance has not acknowledged yet (0 when none).
+pub const OLDEST_UNACKNOWLEDGED_SECONDS: &str = "api_key_fleet_oldest_unacknowledged_seconds";
+/// Name of the gauge of the last sequence number an instance applied (label `instance`).
+pub const APPLIED_SEQUENCE: &str = "api_key_fleet_applied_sequence";
+/// Name of the histogram of the time from publishing an invalidation to its acknowledgement by
+/// every live instance, in seconds (only complete receipts are recorded).
+pub const ACKNOWLEDGEMENT_SECONDS: &str = "api_key_fleet_acknowledgement_seconds";
+/// Name of the counter of instances that had not acknowledged an invalidation by the deadline
+/// (label `instance`: the laggard).
+pub const LAGGARDS_TOTAL: &str = "api_key_fleet_laggards_total";
 
 #[cfg(feature = "metrics")]
 pub use enabled::describe;
@@ -83,6 +102,28 @@ mod enabled {
             LOOKUP_SECONDS,
             ::metrics::Unit::Seconds,
             "Latency of key-store lookups on cache misses"
+        );
+        ::metrics::describe_gauge!(
+            super::FLEET_INSTANCES,
+            "Live instances this fleet subscription hears heartbeats from, itself included"
+        );
+        ::metrics::describe_gauge!(
+            super::OLDEST_UNACKNOWLEDGED_SECONDS,
+            ::metrics::Unit::Seconds,
+            "Age of the oldest invalidation published here that a live instance has not acknowledged"
+        );
+        ::metrics::describe_gauge!(
+            super::APPLIED_SEQUENCE,
+            "Last revocation-log sequence number this instance applied"
+        );
+        ::metrics::describe_histogram!(
+            super::ACKNOWLEDGEMENT_SECONDS,
+            ::metrics::Unit::Seconds,
+            "Time from publishing an invalidation to its acknowledgement by every live instance"
+        );
+        ::metrics::describe_counter!(
+            super::LAGGARDS_TOTAL,
+            "Instances that had not acknowledged an invalidation by the deadline"
         );
     }
 

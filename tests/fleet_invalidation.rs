@@ -4,7 +4,7 @@
 //! resolver without a subscriber keeps accepting the key from its cache, which shows that the
 //! broadcast, not a cache expiry, made B refuse it.
 //!
-//! Also: a subscriber whose connection is killed reconnects and clears its cache.
+//! Also: a subscriber whose connection is killed reconnects and catches up from the revocation log.
 //!
 //! Needs `TEST_DATABASE_URL` (and `TEST_REDIS_URL` for the Redis tests); see `common::db`. Run with
 //! `--nocapture` to see the measured propagation times.
@@ -169,8 +169,10 @@ async fn revocation_propagates_over_listen_notify() {
     schema.drop_schema().await;
 }
 
+/// A reconnecting subscriber catches up from the revocation log: the key invalidated while it was
+/// away is looked up again, a key nobody changed stays cached (no clearing).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn listen_notify_subscriber_clears_the_cache_after_reconnecting() {
+async fn listen_notify_subscriber_catches_up_after_reconnecting() {
     let Some(schema) = common::db::pg_schema("fleet_pg_reconnect").await else {
         return;
     };
@@ -186,16 +188,19 @@ async fn listen_notify_subscriber_clears_the_cache_after_reconnecting() {
         .expect("subscriber connects");
     assert_eq!(subscription.status().connections, 1);
 
-    let (key, _) = new_key(&b.store).await;
-    b.resolver.authenticate(&key.digest()).await.unwrap();
-    b.resolver.authenticate(&key.digest()).await.unwrap();
-    assert_eq!(b.resolver.store_lookups(), 1, "cached");
+    let (changed, _) = new_key(&b.store).await;
+    let (unchanged, _) = new_key(&b.store).await;
+    for key in [&changed, &unchanged] {
+        b.resolver.authenticate(&key.digest()).await.unwrap();
+        b.resolver.authenticate(&key.digest()).await.unwrap();
+    }
+    assert_eq!(b.resolver.store_lookups(), 2, "cached");
 
-    // Kill the subscriber's backend, as a failover or a network cut would.
+    // Kill the subscriber's backend (its `application_name` is the channel), as a failover or a
+    // network cut would, and publish a change meanwhile.
     let killed: Vec<bool> = sqlx::query_scalar(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE pid <> pg_backend_pid() AND datname = current_database() \
-           AND query LIKE '%LISTEN%' AND query LIKE '%' || $1 || '%'",
+         WHERE pid <> pg_backend_pid() AND application_name = $1",
     )
     .bind(&channel)
     .fetch_all(b.store.pool())
@@ -206,26 +211,33 @@ async fn listen_notify_subscriber_clears_the_cache_after_reconnecting() {
         [true],
         "exactly the subscriber's connection was killed"
     );
+    let invalidation = Invalidation {
+        key_id: KeyId::new("key_unrelated"),
+        digests: vec![changed.digest()],
+    };
+    invalidator.publish(&invalidation).await.unwrap();
 
     tokio::time::timeout(HANG_GUARD, subscription.wait_for_connections(2))
         .await
         .expect("subscriber reconnects");
-    b.resolver.authenticate(&key.digest()).await.unwrap();
+    let start = Instant::now();
+    while b.resolver.store_lookups() == 2 {
+        b.resolver.authenticate(&changed.digest()).await.unwrap();
+        assert!(start.elapsed() < HANG_GUARD, "the change never reached B");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    b.resolver.authenticate(&unchanged.digest()).await.unwrap();
     assert_eq!(
         b.resolver.store_lookups(),
-        2,
-        "the cache was cleared on reconnect: the key was looked up again"
+        3,
+        "caught up from the log: only the changed key was looked up again"
     );
 
     // It still delivers after the reconnect.
-    let invalidation = Invalidation {
-        key_id: KeyId::new("key_unrelated"),
-        digests: vec![key.digest()],
-    };
     invalidator.publish(&invalidation).await.unwrap();
     let start = Instant::now();
-    while b.resolver.store_lookups() == 2 {
-        b.resolver.authenticate(&key.digest()).await.unwrap();
+    while b.resolver.store_lookups() == 3 {
+        b.resolver.authenticate(&changed.digest()).await.unwrap();
         assert!(
             start.elapsed() < HANG_GUARD,
             "invalidation not applied after reconnect"
@@ -313,8 +325,10 @@ mod over_redis {
         schema.drop_schema().await;
     }
 
+    /// As over LISTEN/NOTIFY: a reconnecting subscriber catches up from the log instead of
+    /// clearing its cache.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn redis_subscriber_clears_the_cache_after_reconnecting() {
+    async fn redis_subscriber_catches_up_after_reconnecting() {
         const DB: i64 = 13;
         let Some(redis_url) = common::db::redis_url("fleet_redis_reconnect").await else {
             return;
@@ -334,9 +348,12 @@ mod over_redis {
         assert_eq!(subscription.status().connections, 1);
 
         let (key, _) = new_key(&b.store).await;
-        b.resolver.authenticate(&key.digest()).await.unwrap();
-        b.resolver.authenticate(&key.digest()).await.unwrap();
-        assert_eq!(b.resolver.store_lookups(), 1, "cached");
+        let (unchanged, _) = new_key(&b.store).await;
+        for key in [&key, &unchanged] {
+            b.resolver.authenticate(&key.digest()).await.unwrap();
+            b.resolver.authenticate(&key.digest()).await.unwrap();
+        }
+        assert_eq!(b.resolver.store_lookups(), 2, "cached");
 
         // Kill the subscriber's pub/sub connection (found by its selected database).
         let admin = redis::Client::open(redis_url.as_str()).unwrap();
@@ -368,14 +385,29 @@ mod over_redis {
                 .unwrap();
         }
 
+        // The fleet shares one database: the revocation log lives there.
+        let publisher = RedisInvalidator::new(client_on_db(&redis_url, DB)).with_channel(&channel);
+        publisher
+            .publish(&Invalidation {
+                key_id: KeyId::new("key_unrelated"),
+                digests: vec![key.digest()],
+            })
+            .await
+            .unwrap();
         tokio::time::timeout(HANG_GUARD, subscription.wait_for_connections(2))
             .await
             .expect("subscriber reconnects");
-        b.resolver.authenticate(&key.digest()).await.unwrap();
+        let start = Instant::now();
+        while b.resolver.store_lookups() == 2 {
+            b.resolver.authenticate(&key.digest()).await.unwrap();
+            assert!(start.elapsed() < HANG_GUARD, "the change never reached B");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        b.resolver.authenticate(&unchanged.digest()).await.unwrap();
         assert_eq!(
             b.resolver.store_lookups(),
-            2,
-            "the cache was cleared on reconnect: the key was looked up again"
+            3,
+            "caught up from the log: only the changed key was looked up again"
         );
         subscription.shutdown().await;
         schema.drop_schema().await;
@@ -550,7 +582,7 @@ mod outage {
 /// The LISTEN/NOTIFY outage: B's listener connection goes through the proxy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_notify_outage_is_bounded_by_degraded_mode() {
-    use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+    use sqlx::postgres::PgConnectOptions;
     use std::net::ToSocketAddrs;
 
     let Some(schema) = common::db::pg_schema("fleet_pg_outage").await else {
@@ -565,9 +597,12 @@ async fn listen_notify_outage_is_bounded_by_degraded_mode() {
         .next()
         .unwrap();
     let proxy = common::db::Proxy::start(target).await;
-    let through_proxy =
-        PgPoolOptions::new().connect_lazy_with(options.host("127.0.0.1").port(proxy.port()));
-    let b_subscription = PgInvalidator::new(through_proxy)
+    // B's store (its pool, its schema) through the proxy: the revocation log is the schema's.
+    let through_proxy = PostgresStore::builder()
+        .schema(&schema.schema)
+        .unwrap()
+        .connect_lazy_with(options.host("127.0.0.1").port(proxy.port()));
+    let b_subscription = PgInvalidator::from_store(&through_proxy)
         .with_channel(&channel)
         .unwrap()
         .subscribe(b.resolver.clone());

@@ -10,6 +10,11 @@
 //! - `WEBHOOKS_ALLOW_PRIVATE=1`: with feature `webhooks`, allow webhook URLs on private, loopback
 //!   and link-local addresses, over plain `http` too (a receiver on your machine); otherwise only
 //!   `https` to public addresses.
+//! - A fleet (several instances on one PostgreSQL, or one Redis): `API_KEYS_INSTANCE` names this
+//!   instance in the roster, logs and metrics (default `<pid>-<random>`); `API_KEYS_CHANNEL` the
+//!   broadcast channel (default the crate's); `API_KEYS_SCHEMA` the PostgreSQL schema of the keys
+//!   (default `tower_api_keys`). A revoke (`DELETE /api-keys/{id}`) waits up to 1 s for every live
+//!   instance and reports it in its `Revocation-*` headers.
 //! - `RUST_LOG`: log filter (default `info,sqlx=warn`); one line per request, with the caller's
 //!   `api_key_id` (never the key).
 
@@ -83,7 +88,11 @@ impl Database {
         let database = if url.starts_with("postgres") {
             #[cfg(feature = "postgres")]
             {
-                let pg = tower_api_keys::store::PostgresStore::connect(url).await?;
+                let mut builder = tower_api_keys::store::PostgresStore::builder();
+                if let Some(schema) = fleet_setting("API_KEYS_SCHEMA") {
+                    builder = builder.schema(&schema)?;
+                }
+                let pg = builder.connect(url).await?;
                 let pg = Arc::new(pg);
                 Self {
                     records: Records::Postgres(
@@ -129,7 +138,14 @@ impl Database {
         if let Some(redis_url) = redis_url {
             #[cfg(feature = "redis")]
             {
-                let invalidator = tower_api_keys::invalidate::RedisInvalidator::open(redis_url)?;
+                let mut invalidator =
+                    tower_api_keys::invalidate::RedisInvalidator::open(redis_url)?;
+                if let Some(channel) = fleet_setting("API_KEYS_CHANNEL") {
+                    invalidator = invalidator.with_channel(channel);
+                }
+                if let Some(name) = fleet_setting("API_KEYS_INSTANCE") {
+                    invalidator = invalidator.instance_name(&name);
+                }
                 let subscription: Box<dyn Any + Send> =
                     Box::new(invalidator.subscribe(resolver.clone()));
                 tracing::info!("revocations broadcast over Redis");
@@ -143,7 +159,13 @@ impl Database {
         }
         #[cfg(feature = "postgres")]
         if let Some(pg) = &self.postgres {
-            let invalidator = tower_api_keys::invalidate::PgInvalidator::from_store(pg);
+            let mut invalidator = tower_api_keys::invalidate::PgInvalidator::from_store(pg);
+            if let Some(channel) = fleet_setting("API_KEYS_CHANNEL") {
+                invalidator = invalidator.with_channel(&channel)?;
+            }
+            if let Some(name) = fleet_setting("API_KEYS_INSTANCE") {
+                invalidator = invalidator.instance_name(&name);
+            }
             let subscription: Box<dyn Any + Send> =
                 Box::new(invalidator.subscribe(resolver.clone()));
             tracing::info!("revocations broadcast over PostgreSQL LISTEN/NOTIFY");
@@ -152,6 +174,11 @@ impl Database {
         let _ = resolver;
         Ok((manager, Vec::new()))
     }
+}
+
+/// A fleet setting from the environment (see the module docs), if set and not empty.
+fn fleet_setting(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|value| !value.is_empty())
 }
 
 /// Ctrl-C or SIGTERM.

@@ -13,6 +13,7 @@
 //! - `DATABASE_URL`: `sqlite://path.db` (default `sqlite://tower-api-keys-demo.db`) or, with feature
 //!   `postgres`, a `postgres://` URL (revocations then reach every instance through LISTEN/NOTIFY).
 //! - `REDIS_URL`: with feature `redis`, broadcast revocations over Redis pub/sub instead.
+//! - `API_KEYS_INSTANCE`, `API_KEYS_CHANNEL`, `API_KEYS_SCHEMA`: a fleet's settings (`config.rs`).
 //! - `RUST_LOG`: log filter (default `info,sqlx=warn`); one line per request, with the caller's
 //!   `api_key_id` (never the key).
 //!
@@ -257,7 +258,8 @@ fn leak_reports(
 }
 
 /// Connects the store, wires resolver, key manager, invalidation and the layer, and builds the router.
-/// Binds no port and reads no environment. Webhook URLs must be `https` to public addresses.
+/// Binds no port and reads no environment but the optional fleet settings (`config.rs`). Webhook
+/// URLs must be `https` to public addresses.
 #[allow(dead_code)] // `main` calls `build_with`; the tests that include this file call this
 pub(crate) async fn build(config: Config) -> Result<Demo, Box<dyn std::error::Error>> {
     build_with(config, false).await

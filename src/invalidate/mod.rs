@@ -1,28 +1,102 @@
-//! Telling every instance of a service that a key changed.
+//! Telling every instance of a service that a key changed, and knowing that they all heard.
 //!
-//! Key management calls [`Invalidator::publish`] after every revoke, delete and rotation; the local
-//! [`CachedResolver`] is invalidated directly before that. Broadcasting implementations deliver the
-//! [`Invalidation`] to every other instance, whose subscriber calls [`Invalidation::apply`] on its own
-//! resolver; a subscriber that lost its connection clears its whole cache once reconnected, since it
-//! may have missed messages.
+//! Key management calls [`Invalidator::publish_sequenced`] after every revoke, delete and rotation
+//! (and the other changes that end a key); the local [`CachedResolver`] is invalidated directly
+//! before that. Broadcasting implementations ([`PgInvalidator`], [`RedisInvalidator`]) deliver the
+//! [`Invalidation`] to every other instance, whose subscriber calls [`Invalidation::apply`] on its
+//! own resolver.
 //!
 //! Without a broadcaster ([`NoBroadcast`]), other instances keep a revoked key for at most the
-//! resolver's TTL.
+//! resolver's TTL; a single instance needs nothing, and its hot path pays nothing for any of this.
+//!
+//! # Revocation with a receipt
+//!
+//! With a broadcaster, the instances form a fleet (each instance is one resolver with its
+//! subscription):
+//!
+//! - **A roster.** Each subscription beats (default every 250 ms, `heartbeat`): it writes its id,
+//!   start time and last applied sequence number to the roster (a table in PostgreSQL, a sorted set
+//!   in Redis) and sends a heartbeat on the fleet channel (the channel's name + `_fleet`). An
+//!   instance that has not beaten for `roster_ttl` (default 3 s) is no longer live. Ids default to
+//!   `<pid>-<random>`; name them with `instance_name` (unique per instance).
+//! - **Sequenced invalidations.** Publishing takes the next sequence number from the shared store
+//!   and appends the invalidation to the channel's revocation log in the same step, in commit order
+//!   (PostgreSQL: one transaction under an advisory lock; Redis: one script). A subscriber that
+//!   sees a gap (a sequence number it skipped, or a heartbeat reporting a later head) or that
+//!   reconnects catches up from the log; it clears its cache only when the log no longer reaches
+//!   back (kept 10 minutes in PostgreSQL, the last 10,000 in Redis). Each applied invalidation is
+//!   acknowledged on the fleet channel.
+//! - **Acknowledged revocation.** [`KeyManager`](crate::manage::KeyManager) waits, after
+//!   publishing, until every instance that was live when it published has acknowledged, up to a
+//!   deadline (default the freshness bound, 1 s;
+//!   [`acknowledgement_deadline`](crate::manage::KeyManager::acknowledgement_deadline)), and gets a
+//!   [`Receipt`]: how many acknowledged, which did not (the laggards, logged at `warn` and counted
+//!   in [`LAGGARDS_TOTAL`]), how long it took. `DELETE /api-keys/{id}` still answers 204 with no
+//!   body, and says it in headers: [`ACKNOWLEDGED_HEADER`] (`Revocation-Acknowledged: 3`),
+//!   [`INSTANCES_HEADER`] (`Revocation-Instances: 3`), [`ELAPSED_HEADER`]
+//!   (`Revocation-Elapsed-Ms: 2.417`) and [`SEQUENCE_HEADER`]; they are absent when nothing could
+//!   be acknowledged (the key was already revoked, the broadcast failed, or no subscription of the
+//!   invalidator runs on the instance that revoked). The revoke never fails for want of
+//!   acknowledgements.
+//! - **The freshness bound.** A subscription vouches for its resolver's cache until one bound
+//!   (the resolver's [`degraded_ttl`](crate::resolver::CachedResolverBuilder::degraded_ttl),
+//!   default 1 s) after the sending time of the last heartbeat of its own that came back to it:
+//!   everything published before that heartbeat was sent has been received and applied by then
+//!   (one ordered channel). Past that, the resolver is degraded: cached answers read from the store
+//!   more than the bound ago are read again, and if the store cannot answer either, the request gets
+//!   503 `AUTH_UNAVAILABLE` (or, with [`serve_stale`](crate::resolver::CachedResolverBuilder::serve_stale),
+//!   the stale answer: weaker, documented there). A silent cut (a connection that stops forwarding
+//!   without a reset), a paused process and a broadcaster outage are all noticed this way, by the
+//!   heartbeats not coming back, not by TCP errors; the connection is given up after twice the
+//!   bound (at least 2 s) without them, and everything recovers by itself.
+//!
+//! What this guarantees, judged as a whole:
+//!
+//! 1. **Once a revoke has answered with every live instance acknowledged, no instance in that
+//!    roster admits the key, not even once**: an instance acknowledges only after
+//!    [`Invalidation::apply`] returned, after which neither its cache, nor any thread's per-thread
+//!    front, nor a lookup that was in flight (it does not fill the cache, and the requests waiting
+//!    for it ask again) answers from what was read before (the resolver's invariants 6 and 12).
+//! 2. **Any other instance** (a laggard, one cut off or paused, one not in the roster yet or any
+//!    more) admits the key at most until the bound has passed since the revoke answered: it no
+//!    longer vouches for answers read before that.
+//!
+//! `tests/fleet_receipt.rs` (three example servers under load, 0 admissions in 600 probes) and
+//! `tests/fleet_receipt_faults.rs` (Redis stopped, a silent cut, SIGSTOP, PostgreSQL restarted)
+//! hold these; BENCHMARKS.md ("Revocation with a receipt") has the figures, `scripts/fleet.sh`
+//! reruns them.
+//!
+//! Metrics (feature `metrics`): [`FLEET_INSTANCES`], [`OLDEST_UNACKNOWLEDGED_SECONDS`],
+//! [`APPLIED_SEQUENCE`] (label `instance`), [`ACKNOWLEDGEMENT_SECONDS`] (a histogram),
+//! [`LAGGARDS_TOTAL`] (label `instance`).
+//!
+//! Not (yet) on this path: adding or retiring a keyed-format secret still reaches an instance only
+//! when it restarts.
 
+mod fleet;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
 
 use std::fmt;
+use std::time::Duration;
 
 use crate::key::{KeyDigest, KeyId};
 use crate::resolver::CachedResolver;
 use crate::store::StoreError;
 
 #[cfg(any(feature = "postgres", feature = "redis"))]
+mod member;
+#[cfg(any(feature = "postgres", feature = "redis"))]
 mod subscription;
 
+pub(crate) use self::fleet::report;
+pub use self::fleet::{
+    ACKNOWLEDGED_HEADER, ACKNOWLEDGEMENT_SECONDS, APPLIED_SEQUENCE, ELAPSED_HEADER,
+    FLEET_INSTANCES, INSTANCES_HEADER, LAGGARDS_TOTAL, OLDEST_UNACKNOWLEDGED_SECONDS, Receipt,
+    SEQUENCE_HEADER, Sequenced,
+};
 #[cfg(feature = "postgres")]
 pub use self::postgres::PgInvalidator;
 #[cfg(feature = "redis")]
@@ -117,6 +191,29 @@ impl Invalidation {
 pub trait Invalidator: Send + Sync + 'static {
     /// Broadcasts one change. An error is logged by the caller; the local cache is already clean.
     async fn publish(&self, invalidation: &Invalidation) -> Result<(), StoreError>;
+
+    /// Broadcasts one change with a sequence number from the fleet's revocation log, and returns
+    /// it with the roster of that moment; `None` from an invalidator without a roster (the
+    /// default: [`publish`](Self::publish)).
+    async fn publish_sequenced(
+        &self,
+        invalidation: &Invalidation,
+    ) -> Result<Option<Sequenced>, StoreError> {
+        self.publish(invalidation).await.map(|()| None)
+    }
+
+    /// Waits until every instance of `published.live` has applied `published.sequence`, at most
+    /// `deadline` after it was published, and says who did. The default knows nobody's answer:
+    /// every instance is a laggard.
+    async fn receipt(&self, published: &Sequenced, deadline: Duration) -> Receipt {
+        Receipt {
+            sequence: Some(published.sequence),
+            instances: published.live.len(),
+            acknowledged: 0,
+            laggards: published.live.clone(),
+            elapsed: deadline,
+        }
+    }
 }
 
 /// No broadcast: other instances learn of changes when their cache entries expire.

@@ -19,16 +19,22 @@
 //! # }
 //! ```
 //!
-//! Publishing is `SELECT pg_notify(channel, payload)` on the given pool, with the
-//! [`Invalidation::to_json`] wire form as payload. The subscriber holds one dedicated connection
-//! (opened with the pool's connection options) that `LISTEN`s on the channel. The subscribe /
-//! reconnect / clear-cache loop is the one both broadcasters share ([`Subscription`]): while the
-//! connection is down or not yet up the resolver is in degraded mode (cached answers older than its
-//! degraded lifetime, default 1 s, are read again); it reconnects with exponential backoff (100 ms
-//! doubling to 1 s, with jitter) and, once listening again, clears the whole resolver cache, since
-//! notifications sent in between are lost. A loss is noticed when the connection reports it (a
-//! closed socket, a terminated backend); a silent network cut only once TCP gives up. The loss is logged at `warn`,
-//! the recovery at `info`; keys, digests and payloads are never logged.
+//! Publishing is one transaction: the next sequence number of the channel's revocation log (under
+//! a lock, so sequence numbers commit in order), the log row, `SELECT pg_notify(channel, payload)`
+//! with the sequenced wire form, and the roster's live instances (see [`Sequenced`]). The tables
+//! (`api_key_fleet_log`, `api_key_fleet_roster`) are created on first use, in the store's schema
+//! ([`PgInvalidator::from_store`]) or the pool's search path ([`PgInvalidator::new`]). The subscriber holds one dedicated connection (opened with the pool's connection options,
+//! `application_name` set to the channel) that `LISTEN`s on the channel and on its fleet channel (name + `_fleet`), and on that same
+//! connection writes its heartbeat (default every 250 ms: roster row + `NOTIFY`), its
+//! acknowledgements and its log reads; so a connection that stops forwarding silently is noticed
+//! by its heartbeats (a call not answered within the bound, or its own heartbeats not heard back),
+//! not only when TCP gives up. The subscribe / catch-up / reconnect loop is the one both
+//! broadcasters share ([`Subscription`]): while the connection is down or not yet up the resolver is
+//! in degraded mode (cached answers older than its degraded lifetime, default 1 s, are read again);
+//! it reconnects with exponential backoff (100 ms doubling to 1 s, with jitter) and, once listening
+//! again, catches up from the revocation log (clearing the cache only when the log, kept 10 minutes,
+//! no longer reaches back). The loss is logged at `warn`, the recovery at `info`; keys, digests and
+//! payloads are never logged.
 
 use std::fmt;
 use std::sync::Arc;
@@ -36,9 +42,10 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 
-use super::subscription::{self, Backend, Backoff, Subscription};
-
-use super::{Invalidation, Invalidator};
+use super::fleet::{FleetConfig, Message, fleet_channel};
+use super::member;
+use super::subscription::{Backend, Backoff, Beat, LogTail, Subscription};
+use super::{Invalidation, Invalidator, Receipt, Sequenced};
 use crate::resolver::CachedResolver;
 use crate::store::StoreError;
 use crate::store::postgres::{InvalidIdentifier, PostgresStore, check_identifier};
@@ -52,6 +59,11 @@ pub struct PgInvalidator {
     pool: PgPool,
     channel: Arc<str>,
     backoff: Backoff,
+    fleet: FleetConfig,
+    /// `"<schema>".` when the fleet's tables live in a store's schema; empty: the search path's.
+    tables: Arc<str>,
+    /// The fleet's tables exist (created on first use).
+    ready: Arc<tokio::sync::OnceCell<()>>,
 }
 
 impl fmt::Debug for PgInvalidator {
@@ -72,12 +84,18 @@ impl PgInvalidator {
             pool,
             channel: Self::DEFAULT_CHANNEL.into(),
             backoff: Backoff::default(),
+            fleet: FleetConfig::default(),
+            tables: "".into(),
+            ready: Arc::default(),
         }
     }
 
-    /// An invalidator on the store's database, publishing through its pool.
+    /// An invalidator on the store's database, publishing through its pool; the fleet's tables
+    /// (revocation log, roster) live in the store's schema.
     pub fn from_store(store: &PostgresStore) -> Self {
-        Self::new(store.pool().clone())
+        let mut invalidator = Self::new(store.pool().clone());
+        invalidator.tables = format!("\"{}\".", store.schema()).into();
+        invalidator
     }
 
     /// Uses another channel: 1 to 63 ASCII letters, digits, `_` or `$`, not starting with a digit
@@ -101,6 +119,40 @@ impl PgInvalidator {
         &self.channel
     }
 
+    /// How often each subscription beats (default 250 ms): writes its row in the roster and sends
+    /// a heartbeat on the fleet channel. Keep it well under the resolver's freshness bound.
+    pub fn heartbeat(mut self, interval: Duration) -> Self {
+        self.fleet.heartbeat = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// How long an instance stays in the roster after its last heartbeat (default 3 s): a revoke
+    /// waits for the acknowledgement of every instance in the roster.
+    pub fn roster_ttl(mut self, ttl: Duration) -> Self {
+        self.fleet.roster_ttl = ttl.max(Duration::from_millis(10));
+        self
+    }
+
+    /// The name subscriptions give themselves in the roster, in logs and metrics (default
+    /// `<pid>-<random>`). Give each instance its own (e.g. the host name).
+    pub fn instance_name(mut self, name: &str) -> Self {
+        self.fleet.name = Some(name.into());
+        self
+    }
+
+    async fn ensure_tables(&self) -> Result<(), StoreError> {
+        self.ready
+            .get_or_try_init(|| async {
+                sqlx::raw_sql(sql(&self.tables, CREATE_TABLES))
+                    .execute(&self.pool)
+                    .await
+                    .map(|_| ())
+                    .map_err(map_sqlx_error)
+            })
+            .await
+            .map(|_| ())
+    }
+
     /// Starts a task (on the current tokio runtime) that applies every received [`Invalidation`]
     /// to `resolver`, reconnecting and clearing the cache after a lost connection. The task stops
     /// when the returned handle is dropped or [shut down](Subscription::shutdown).
@@ -108,7 +160,10 @@ impl PgInvalidator {
     /// # Panics
     /// Outside a tokio runtime.
     pub fn subscribe(&self, resolver: CachedResolver) -> Subscription {
-        let options = (*self.pool.connect_options()).clone();
+        // Named after the channel in `pg_stat_activity`, so operators can find the listener.
+        let options = (*self.pool.connect_options())
+            .clone()
+            .application_name(&self.channel);
         // One dedicated connection; connecting waits at most 2 s before counting as a failure, so
         // that retries stay about a second apart even when the network drops packets.
         let pool = PgPoolOptions::new()
@@ -120,28 +175,150 @@ impl PgInvalidator {
         let backend = PgBackend {
             pool,
             channel: self.channel.clone(),
+            fleet_channel: fleet_channel(&self.channel).into(),
+            tables: self.tables.clone(),
         };
-        subscription::spawn(backend, self.channel.clone(), resolver, self.backoff)
+        member::spawn(
+            backend,
+            self.channel.clone(),
+            resolver,
+            self.backoff,
+            self.fleet.params(),
+        )
     }
 }
 
 #[async_trait::async_trait]
 impl Invalidator for PgInvalidator {
     async fn publish(&self, invalidation: &Invalidation) -> Result<(), StoreError> {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(&*self.channel)
-            .bind(invalidation.to_json())
-            .execute(&self.pool)
+        self.publish_sequenced(invalidation).await.map(|_| ())
+    }
+
+    /// In one transaction, under a lock that keeps sequence numbers in commit order: the next
+    /// sequence number, the log row, the `NOTIFY`, and the roster's live instances.
+    async fn publish_sequenced(
+        &self,
+        invalidation: &Invalidation,
+    ) -> Result<Option<Sequenced>, StoreError> {
+        self.ensure_tables().await?;
+        let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
+        let channel = &*self.channel;
+        sqlx::query("SELECT pg_advisory_xact_lock(7305, hashtext($1))")
+            .bind(channel)
+            .execute(&mut *tx)
             .await
-            .map(|_| ())
-            .map_err(map_sqlx_error)
+            .map_err(map_sqlx_error)?;
+        let seq: i64 = sqlx::query_scalar(sql(
+            &self.tables,
+            "SELECT coalesce(max(seq), 0) + 1 FROM api_key_fleet_log WHERE channel = $1",
+        ))
+        .bind(channel)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(map_sqlx_error)?;
+        sqlx::query(sql(
+            &self.tables,
+            "INSERT INTO api_key_fleet_log (channel, seq, payload) VALUES ($1, $2, $3)",
+        ))
+        .bind(channel)
+        .bind(seq)
+        .bind(invalidation.to_json())
+        .execute(&mut *tx)
+        .await
+        .map_err(map_sqlx_error)?;
+        let sequence = u64::try_from(seq).unwrap_or_default();
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(channel)
+            .bind(Message::invalidation(sequence, invalidation))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx_error)?;
+        if sequence % 64 == 0 {
+            // The newest row always stays: it carries the sequence on.
+            sqlx::query(sql(
+                &self.tables,
+                "DELETE FROM api_key_fleet_log WHERE channel = $1 AND seq < $2 \
+                 AND published_at < now() - make_interval(secs => $3)",
+            ))
+            .bind(channel)
+            .bind(seq)
+            .bind(LOG_RETENTION.as_secs_f64())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx_error)?;
+            sqlx::query(sql(
+                &self.tables,
+                "DELETE FROM api_key_fleet_roster WHERE channel = $1 \
+                 AND beat_at < now() - make_interval(secs => $2)",
+            ))
+            .bind(channel)
+            .bind(LOG_RETENTION.as_secs_f64())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx_error)?;
+        }
+        let live: Vec<String> = sqlx::query_scalar(sql(
+            &self.tables,
+            "SELECT instance FROM api_key_fleet_roster WHERE channel = $1 \
+             AND beat_at > now() - make_interval(secs => $2) ORDER BY instance",
+        ))
+        .bind(channel)
+        .bind(self.fleet.roster_ttl.as_secs_f64())
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_sqlx_error)?;
+        tx.commit().await.map_err(map_sqlx_error)?;
+        Ok(Some(Sequenced {
+            sequence,
+            live,
+            published_at: tokio::time::Instant::now(),
+        }))
+    }
+
+    async fn receipt(&self, published: &Sequenced, deadline: Duration) -> Receipt {
+        self.fleet.board.wait(published, deadline).await
     }
 }
 
-/// The PostgreSQL side of the shared subscription loop: `LISTEN` on one dedicated connection.
+/// `text` with the fleet's tables in `tables` (`"<schema>".`, or empty for the search path's).
+/// The schema name is an identifier the store checked.
+fn sql(tables: &str, text: &str) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(text.replace("api_key_fleet_", &format!("{tables}api_key_fleet_")))
+}
+
+/// How long the revocation log keeps an invalidation (a subscriber disconnected for longer clears
+/// its cache when it comes back), and a silent instance's roster row.
+const LOG_RETENTION: Duration = Duration::from_secs(600);
+
+/// The fleet's tables, in the schema the pool uses (created under a lock: instances may start
+/// together). The log keeps invalidations by sequence number per channel; the roster one row per
+/// instance and channel.
+const CREATE_TABLES: &str = "BEGIN;
+SELECT pg_advisory_xact_lock(7305, 0);
+CREATE TABLE IF NOT EXISTS api_key_fleet_log (
+    channel TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    payload TEXT NOT NULL,
+    published_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (channel, seq)
+);
+CREATE TABLE IF NOT EXISTS api_key_fleet_roster (
+    channel TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    started_at BIGINT NOT NULL,
+    applied BIGINT NOT NULL,
+    beat_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (channel, instance)
+);
+COMMIT;";
+
+/// The PostgreSQL side of the shared subscription loop: `LISTEN` on one dedicated connection, which
+/// also carries the heartbeats, acknowledgements and log reads (so a cut connection cannot beat).
 struct PgBackend {
     pool: PgPool,
     channel: Arc<str>,
+    fleet_channel: Arc<str>,
+    tables: Arc<str>,
 }
 
 /// Why listening failed or stopped (for the logs).
@@ -170,7 +347,14 @@ impl Backend for PgBackend {
         // Report a lost connection instead of silently reconnecting: the loop must clear the cache.
         listener.eager_reconnect(false);
         listener.ignore_pool_close_event(true);
-        listener.listen(&self.channel).await.map_err(Lost::Sql)?;
+        sqlx::raw_sql(sql(&self.tables, CREATE_TABLES))
+            .execute(&mut listener)
+            .await
+            .map_err(Lost::Sql)?;
+        listener
+            .listen_all([&*self.channel, &*self.fleet_channel])
+            .await
+            .map_err(Lost::Sql)?;
         Ok(listener)
     }
 
@@ -181,7 +365,96 @@ impl Backend for PgBackend {
             Err(error) => Err(Lost::Sql(error)),
         }
     }
+
+    async fn beat(&self, listener: &mut PgListener, beat: &Beat<'_>) -> Result<(), Lost> {
+        sqlx::query(sql(
+            &self.tables,
+            "WITH up AS (
+                 INSERT INTO api_key_fleet_roster (channel, instance, started_at, applied, beat_at)
+                 VALUES ($1, $2, $3, $4, now())
+                 ON CONFLICT (channel, instance)
+                 DO UPDATE SET applied = EXCLUDED.applied, beat_at = EXCLUDED.beat_at
+                 RETURNING 1)
+             SELECT pg_notify($5, $6 || ',\"head\":' || (SELECT coalesce(max(seq), 0)
+                 FROM api_key_fleet_log WHERE channel = $1) || '}') FROM up",
+        ))
+        .bind(&*self.channel)
+        .bind(beat.instance)
+        .bind(beat.started_at)
+        .bind(i64::try_from(beat.applied).unwrap_or(i64::MAX))
+        .bind(&*self.fleet_channel)
+        .bind(&beat.prefix)
+        .execute(listener)
+        .await
+        .map(|_| ())
+        .map_err(Lost::Sql)
+    }
+
+    async fn ack(&self, listener: &mut PgListener, text: &str) -> Result<(), Lost> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(&*self.fleet_channel)
+            .bind(text)
+            .execute(listener)
+            .await
+            .map(|_| ())
+            .map_err(Lost::Sql)
+    }
+
+    async fn log_after(
+        &self,
+        listener: &mut PgListener,
+        after: Option<u64>,
+    ) -> Result<LogTail, Lost> {
+        let (head, first): (i64, i64) = sqlx::query_as(sql(
+            &self.tables,
+            "SELECT coalesce(max(seq), 0), coalesce(min(seq), 0) FROM api_key_fleet_log \
+             WHERE channel = $1",
+        ))
+        .bind(&*self.channel)
+        .fetch_one(&mut *listener)
+        .await
+        .map_err(Lost::Sql)?;
+        let head = u64::try_from(head).unwrap_or_default();
+        let Some(after) = after else {
+            return Ok(LogTail {
+                head,
+                entries: Vec::new(),
+                complete: true,
+            });
+        };
+        let reaches_back = head <= after || u64::try_from(first).unwrap_or_default() <= after + 1;
+        if !reaches_back || head - after > MAX_CATCH_UP {
+            return Ok(LogTail {
+                head,
+                entries: Vec::new(),
+                complete: false,
+            });
+        }
+        let rows: Vec<(i64, String)> = sqlx::query_as(sql(
+            &self.tables,
+            "SELECT seq, payload FROM api_key_fleet_log WHERE channel = $1 AND seq > $2 \
+             ORDER BY seq",
+        ))
+        .bind(&*self.channel)
+        .bind(i64::try_from(after).unwrap_or(i64::MAX))
+        .fetch_all(&mut *listener)
+        .await
+        .map_err(Lost::Sql)?;
+        let entries: Vec<(u64, String)> = rows
+            .into_iter()
+            .map(|(seq, payload)| (u64::try_from(seq).unwrap_or_default(), payload))
+            .collect();
+        Ok(LogTail {
+            head: head.max(entries.last().map_or(0, |(seq, _)| *seq)),
+            entries,
+            complete: true,
+        })
+    }
 }
+
+/// Most invalidations a subscriber applies one by one when it catches up; beyond, it clears its
+/// cache (cheaper).
+const MAX_CATCH_UP: u64 = 10_000;
 
 #[cfg(test)]
 mod tests {

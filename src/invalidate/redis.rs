@@ -42,9 +42,10 @@ use futures_util::StreamExt;
 use futures_util::future::{self, Either};
 use tokio::time::{Instant, timeout};
 
-use super::subscription::{self, Backend, Backoff, Subscription};
-
-use super::{Invalidation, Invalidator};
+use super::fleet::{FleetConfig, fleet_channel};
+use super::member;
+use super::subscription::{Backend, Backoff, Beat, LogTail, Subscription};
+use super::{Invalidation, Invalidator, Receipt, Sequenced};
 use crate::resolver::CachedResolver;
 use crate::store::{StoreError, StoreErrorKind};
 
@@ -65,6 +66,7 @@ pub struct RedisInvalidator {
     backoff: Backoff,
     ping_interval: Duration,
     publisher: Arc<tokio::sync::Mutex<Option<MultiplexedConnection>>>,
+    fleet: FleetConfig,
 }
 
 impl fmt::Debug for RedisInvalidator {
@@ -87,6 +89,7 @@ impl RedisInvalidator {
             backoff: Backoff::default(),
             ping_interval: Duration::from_millis(500),
             publisher: Arc::default(),
+            fleet: FleetConfig::default(),
         }
     }
 
@@ -123,6 +126,27 @@ impl RedisInvalidator {
         &self.channel
     }
 
+    /// How often each subscription beats (default 250 ms): refreshes its place in the roster and
+    /// sends a heartbeat on the fleet channel. Keep it well under the resolver's freshness bound.
+    pub fn heartbeat(mut self, interval: Duration) -> Self {
+        self.fleet.heartbeat = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// How long an instance stays in the roster after its last heartbeat (default 3 s): a revoke
+    /// waits for the acknowledgement of every instance in the roster.
+    pub fn roster_ttl(mut self, ttl: Duration) -> Self {
+        self.fleet.roster_ttl = ttl.max(Duration::from_millis(10));
+        self
+    }
+
+    /// The name subscriptions give themselves in the roster, in logs and metrics (default
+    /// `<pid>-<random>`). Give each instance its own (e.g. the host name).
+    pub fn instance_name(mut self, name: &str) -> Self {
+        self.fleet.name = Some(name.into());
+        self
+    }
+
     /// Starts a task (on the current tokio runtime) that applies every received [`Invalidation`]
     /// to `resolver`, reconnecting and clearing the cache after a lost connection. The task stops
     /// when the returned handle is dropped or [shut down](Subscription::shutdown).
@@ -133,9 +157,17 @@ impl RedisInvalidator {
         let backend = RedisBackend {
             client: self.client.clone(),
             channel: self.channel.clone(),
+            fleet_channel: fleet_channel(&self.channel).into(),
+            keys: Keys::of(&self.channel),
             ping_interval: self.ping_interval,
         };
-        subscription::spawn(backend, self.channel.clone(), resolver, self.backoff)
+        member::spawn(
+            backend,
+            self.channel.clone(),
+            resolver,
+            self.backoff,
+            self.fleet.params(),
+        )
     }
 
     async fn publisher(&self) -> Result<MultiplexedConnection, StoreError> {
@@ -155,21 +187,43 @@ impl RedisInvalidator {
 #[async_trait::async_trait]
 impl Invalidator for RedisInvalidator {
     async fn publish(&self, invalidation: &Invalidation) -> Result<(), StoreError> {
+        self.publish_sequenced(invalidation).await.map(|_| ())
+    }
+
+    /// One script (atomic, so sequence numbers are published in order): the next sequence number,
+    /// the log entry, the `PUBLISH`, and the roster's live instances.
+    async fn publish_sequenced(
+        &self,
+        invalidation: &Invalidation,
+    ) -> Result<Option<Sequenced>, StoreError> {
         let payload = invalidation.to_json();
+        let keys = Keys::of(&self.channel);
         let mut last = None;
         // A connection that broke since the last publish is replaced once.
         for _ in 0..2 {
             let mut conn = self.publisher().await?;
             let sent = timeout(
                 IO_TIMEOUT,
-                ::redis::cmd("PUBLISH")
+                PUBLISH
+                    .key(&keys.seq)
+                    .key(&keys.log)
+                    .key(&keys.roster)
                     .arg(&*self.channel)
                     .arg(&payload)
-                    .query_async::<i64>(&mut conn),
+                    .arg(millis(self.fleet.roster_ttl))
+                    .arg(LOG_ENTRIES)
+                    .invoke_async::<(u64, Vec<String>)>(&mut conn),
             )
             .await;
             match sent {
-                Ok(Ok(_receivers)) => return Ok(()),
+                Ok(Ok((sequence, mut live))) => {
+                    live.sort();
+                    return Ok(Some(Sequenced {
+                        sequence,
+                        live,
+                        published_at: Instant::now(),
+                    }));
+                }
                 Ok(Err(error)) => {
                     let retry = error.is_io_error() || error.is_connection_dropped();
                     *self.publisher.lock().await = None;
@@ -187,7 +241,80 @@ impl Invalidator for RedisInvalidator {
         }
         Err(last.unwrap_or_else(|| StoreError::from_kind(StoreErrorKind::Unavailable)))
     }
+
+    async fn receipt(&self, published: &Sequenced, deadline: Duration) -> Receipt {
+        self.fleet.board.wait(published, deadline).await
+    }
 }
+
+/// The keys of a channel's fleet state (one hash tag: one cluster slot).
+struct Keys {
+    seq: String,
+    log: String,
+    roster: String,
+}
+
+impl Keys {
+    fn of(channel: &str) -> Self {
+        Self {
+            seq: format!("{{{channel}}}:seq"),
+            log: format!("{{{channel}}}:log"),
+            roster: format!("{{{channel}}}:roster"),
+        }
+    }
+}
+
+/// Invalidations the log keeps (a subscriber further behind clears its cache when it comes back).
+const LOG_ENTRIES: u64 = 10_000;
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// KEYS: seq, log, roster. ARGV: channel, invalidation JSON, roster lifetime (ms), log length.
+/// Returns the sequence number and the live instances.
+static PUBLISH: std::sync::LazyLock<::redis::Script> = std::sync::LazyLock::new(|| {
+    ::redis::Script::new(
+        r#"
+local seq = redis.call('INCR', KEYS[1])
+redis.call('ZADD', KEYS[2], seq, seq .. '|' .. ARGV[2])
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -tonumber(ARGV[4]) - 1)
+redis.call('PUBLISH', ARGV[1], string.sub(ARGV[2], 1, -2) .. ',"seq":' .. seq .. '}')
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return {seq, redis.call('ZRANGEBYSCORE', KEYS[3], now - tonumber(ARGV[3]), '+inf')}
+"#,
+    )
+});
+
+/// KEYS: seq, roster. ARGV: fleet channel, heartbeat prefix, instance. Returns the head.
+static BEAT: std::sync::LazyLock<::redis::Script> = std::sync::LazyLock::new(|| {
+    ::redis::Script::new(
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[2], now, ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 600000)
+local head = redis.call('GET', KEYS[1]) or '0'
+redis.call('PUBLISH', ARGV[1], ARGV[2] .. ',"head":' .. head .. '}')
+return tonumber(head)
+"#,
+    )
+});
+
+/// KEYS: seq, log. ARGV: after, most entries. Returns the head, the oldest sequence number kept,
+/// and the entries after `after` (`<seq>|<payload>`).
+static LOG_AFTER: std::sync::LazyLock<::redis::Script> = std::sync::LazyLock::new(|| {
+    ::redis::Script::new(
+        r#"
+local head = tonumber(redis.call('GET', KEYS[1]) or '0')
+local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+local oldest = tonumber(first[2] or '0')
+local entries = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf', 'LIMIT', 0, tonumber(ARGV[2]))
+return {head, oldest, entries}
+"#,
+    )
+});
 
 /// Why a subscription attempt or connection ended (for the logs; never contains a payload).
 enum Lost {
@@ -206,19 +333,24 @@ impl fmt::Display for Lost {
     }
 }
 
-/// The Redis side of the shared subscription loop: `SUBSCRIBE` on a dedicated pub/sub connection,
-/// pinged every `ping_interval` so that a silently dead connection is noticed too.
+/// The Redis side of the shared subscription loop: `SUBSCRIBE` on a dedicated pub/sub connection
+/// (the channel and its fleet channel), and a command connection of its own for heartbeats,
+/// acknowledgements and log reads. The pub/sub connection is pinged every `ping_interval`; the
+/// heartbeats coming back prove it delivers.
 struct RedisBackend {
     client: ::redis::Client,
     channel: Arc<str>,
+    fleet_channel: Arc<str>,
+    keys: Keys,
     ping_interval: Duration,
 }
 
-/// A subscribed connection and its ping timer.
+/// A subscribed connection, its ping timer, and the command connection.
 struct RedisConnection {
     sink: PubSubSink,
     messages: PubSubStream,
     ping: tokio::time::Interval,
+    commands: MultiplexedConnection,
 }
 
 impl Backend for RedisBackend {
@@ -229,10 +361,12 @@ impl Backend for RedisBackend {
         let attempt = async {
             let mut pubsub = self.client.get_async_pubsub().await?;
             pubsub.subscribe(&*self.channel).await?;
-            Ok::<_, ::redis::RedisError>(pubsub)
+            pubsub.subscribe(&*self.fleet_channel).await?;
+            let commands = self.client.get_multiplexed_async_connection().await?;
+            Ok::<_, ::redis::RedisError>((pubsub, commands))
         };
-        let pubsub = match timeout(SUBSCRIBE_TIMEOUT, attempt).await {
-            Ok(Ok(pubsub)) => pubsub,
+        let (pubsub, commands) = match timeout(SUBSCRIBE_TIMEOUT, attempt).await {
+            Ok(Ok(connected)) => connected,
             Ok(Err(error)) => return Err(Lost::Redis(error)),
             Err(_) => return Err(Lost::TimedOut),
         };
@@ -242,6 +376,7 @@ impl Backend for RedisBackend {
             sink,
             messages,
             ping: tokio::time::interval_at(first, self.ping_interval),
+            commands,
         })
     }
 
@@ -265,6 +400,63 @@ impl Backend for RedisBackend {
                 }
             }
         }
+    }
+
+    async fn beat(&self, connection: &mut RedisConnection, beat: &Beat<'_>) -> Result<(), Lost> {
+        BEAT.key(&self.keys.seq)
+            .key(&self.keys.roster)
+            .arg(&*self.fleet_channel)
+            .arg(&beat.prefix)
+            .arg(beat.instance)
+            .invoke_async::<u64>(&mut connection.commands)
+            .await
+            .map(|_| ())
+            .map_err(Lost::Redis)
+    }
+
+    async fn ack(&self, connection: &mut RedisConnection, text: &str) -> Result<(), Lost> {
+        ::redis::cmd("PUBLISH")
+            .arg(&*self.fleet_channel)
+            .arg(text)
+            .query_async::<i64>(&mut connection.commands)
+            .await
+            .map(|_| ())
+            .map_err(Lost::Redis)
+    }
+
+    async fn log_after(
+        &self,
+        connection: &mut RedisConnection,
+        after: Option<u64>,
+    ) -> Result<LogTail, Lost> {
+        let (head, oldest, entries): (u64, u64, Vec<String>) = LOG_AFTER
+            .key(&self.keys.seq)
+            .key(&self.keys.log)
+            .arg(after.unwrap_or(u64::MAX >> 11))
+            .arg(LOG_ENTRIES)
+            .invoke_async(&mut connection.commands)
+            .await
+            .map_err(Lost::Redis)?;
+        let Some(after) = after else {
+            return Ok(LogTail {
+                head,
+                entries: Vec::new(),
+                complete: true,
+            });
+        };
+        let entries: Vec<(u64, String)> = entries
+            .into_iter()
+            .filter_map(|entry| {
+                let (seq, payload) = entry.split_once('|')?;
+                Some((seq.parse().ok()?, payload.to_owned()))
+            })
+            .collect();
+        let complete = head <= after || (oldest != 0 && oldest <= after + 1);
+        Ok(LogTail {
+            head,
+            entries: if complete { entries } else { Vec::new() },
+            complete,
+        })
     }
 }
 

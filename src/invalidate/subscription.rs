@@ -1,23 +1,24 @@
-//! What the broadcasting invalidators share: the subscribe / reconnect-with-backoff / clear-cache
-//! loop ([`spawn`]), the subscription handle, its status and the reconnection backoff. A backend
-//! ([`Backend`]: PostgreSQL `LISTEN`, Redis `SUBSCRIBE`) supplies only how to connect and how to
-//! receive the next message.
+//! What the broadcasting invalidators share: the subscription handle, its status and the
+//! reconnection backoff (the subscribe / catch-up / beat / reconnect-with-backoff loop itself is in
+//! `member.rs`). A backend ([`Backend`]: PostgreSQL `LISTEN`, Redis `SUBSCRIBE`) supplies
+//! how to connect, receive, beat, acknowledge and read the revocation log.
 //!
 //! The loop keeps the resolver's degraded mode (its invariant 8) in step with the connection: the
 //! resolver is degraded from the moment the subscription is requested until the first connection is
-//! up, and again from a loss until the next connection is up; each time a connection comes up, the
-//! cache is cleared once (messages may have been missed) before degraded mode ends.
+//! up, and again from a loss until the next connection is up. The first connection starts from the
+//! log's head with an empty cache; each later one first catches up from the revocation log (and
+//! clears the cache only when the log no longer reaches back). While connected, the fleet vouches
+//! for the cache until one bound after the sending time of the last own heartbeat heard back
+//! (everything published before it has been received by then); see the module docs above.
 
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tokio::time::Instant;
 
-use super::Invalidation;
-use crate::resolver::CachedResolver;
+#[cfg(doc)]
+use super::{Invalidation, fleet::Message};
 
 /// The state of a subscription, as reported by [`Subscription::status`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -121,9 +122,34 @@ impl Backoff {
     }
 }
 
-/// One broadcast backend: how to connect (and subscribe), and how to receive.
+/// What the log holds after a sequence number.
+#[derive(Debug, Default)]
+pub(crate) struct LogTail {
+    /// The highest sequence number given out so far (0: none).
+    pub(crate) head: u64,
+    /// The invalidations after the one asked for, in order (wire form of [`Invalidation`]).
+    pub(crate) entries: Vec<(u64, String)>,
+    /// Whether the log still reaches back to the one right after the one asked for (else entries
+    /// were pruned, and the cache must be cleared).
+    pub(crate) complete: bool,
+}
+
+/// One heartbeat, as the backend writes it to the roster and sends it on the fleet channel.
+pub(crate) struct Beat<'a> {
+    pub(crate) instance: &'a str,
+    /// When this instance started (Unix seconds; the PostgreSQL roster's column, Redis carries it
+    /// in the prefix).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) started_at: i64,
+    /// The message without its `head` ([`Message::beat_prefix`]).
+    pub(crate) prefix: String,
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) applied: u64,
+}
+
+/// One broadcast backend: how to connect (and subscribe), receive, and speak the fleet protocol.
 pub(crate) trait Backend: Send + Sync + 'static {
-    /// A connection that is subscribed.
+    /// A connection that is subscribed (to the invalidation and the fleet channel).
     type Connection: Send;
     /// Why connecting failed or a connection ended (logged; never holds a payload).
     type Error: fmt::Display + Send;
@@ -132,232 +158,31 @@ pub(crate) trait Backend: Send + Sync + 'static {
     fn connect(&self) -> impl Future<Output = Result<Self::Connection, Self::Error>> + Send;
 
     /// The next message: `Ok(Some(payload))`, `Ok(None)` for one that is not text, `Err` when the
-    /// connection is lost.
+    /// connection is lost. Dropped when a heartbeat is due: it must lose nothing then.
     fn receive(
         &self,
         connection: &mut Self::Connection,
     ) -> impl Future<Output = Result<Option<String>, Self::Error>> + Send;
-}
 
-/// Starts the subscriber task for `backend` on the current tokio runtime; the resolver is degraded
-/// until it is connected.
-pub(crate) fn spawn<B: Backend>(
-    backend: B,
-    channel: Arc<str>,
-    resolver: CachedResolver,
-    backoff: Backoff,
-) -> Subscription {
-    let (status, watcher) = watch::channel(SubscriptionStatus::default());
-    let health = Health::new(resolver);
-    let task = tokio::spawn(run(backend, channel, health, backoff, status));
-    Subscription::new(task, watcher)
-}
+    /// Writes this instance into the roster and sends the heartbeat, with the log's head as of
+    /// the same moment, on the fleet channel.
+    fn beat(
+        &self,
+        connection: &mut Self::Connection,
+        beat: &Beat<'_>,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
 
-/// The resolver's view of one subscription: degraded while down. Dropped with the task (shutdown,
-/// abort), it gives the degraded mark back.
-struct Health {
-    resolver: CachedResolver,
-    down: bool,
-}
+    /// Sends an acknowledgement (its wire form) on the fleet channel.
+    fn ack(
+        &self,
+        connection: &mut Self::Connection,
+        text: &str,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
 
-impl Health {
-    fn new(resolver: CachedResolver) -> Self {
-        resolver.subscription_down();
-        Self {
-            resolver,
-            down: true,
-        }
-    }
-
-    /// A connection is up: what was cached meanwhile may have missed messages, so it goes, then
-    /// degraded mode ends.
-    fn up(&mut self) {
-        if self.down {
-            self.resolver.invalidate_all();
-            self.resolver.subscription_up();
-            self.down = false;
-        }
-    }
-
-    fn down(&mut self) {
-        if !self.down {
-            self.resolver.subscription_down();
-            self.down = true;
-        }
-    }
-}
-
-impl Drop for Health {
-    fn drop(&mut self) {
-        if self.down {
-            self.resolver.subscription_up();
-        }
-    }
-}
-
-/// The subscriber task: connect, apply, and on any loss reconnect (with backoff) and clear the cache.
-async fn run<B: Backend>(
-    backend: B,
-    channel: Arc<str>,
-    mut health: Health,
-    backoff: Backoff,
-    status: watch::Sender<SubscriptionStatus>,
-) {
-    let channel = &*channel;
-    let mut delay = backoff.initial;
-    // Failed attempts since the last connection: the first is logged at `warn`, the rest at `debug`.
-    let mut failures = 0u64;
-    let mut connections = 0u64;
-    loop {
-        let mut connection = match backend.connect().await {
-            Ok(connection) => connection,
-            Err(error) => {
-                if failures == 0 {
-                    tracing::warn!(%error, channel, "API key invalidation subscriber cannot connect; retrying");
-                } else {
-                    tracing::debug!(%error, channel, "API key invalidation subscriber still cannot connect");
-                }
-                failures += 1;
-                tokio::time::sleep(Backoff::jittered(delay)).await;
-                delay = (delay * 2).min(backoff.max);
-                continue;
-            }
-        };
-        health.up();
-        connections += 1;
-        if connections > 1 || failures > 0 {
-            tracing::info!(
-                channel,
-                "API key invalidation subscriber connected after a failure; cleared the key cache"
-            );
-        }
-        failures = 0;
-        status.send_modify(|s| {
-            s.connected = true;
-            s.connections += 1;
-        });
-        let connected_at = Instant::now();
-        let lost = loop {
-            match backend.receive(&mut connection).await {
-                Ok(Some(payload)) => {
-                    apply(Invalidation::from_json(&payload), &health.resolver, channel)
-                }
-                Ok(None) => apply(None, &health.resolver, channel),
-                Err(error) => break error,
-            }
-        };
-        drop(connection);
-        health.down();
-        status.send_modify(|s| s.connected = false);
-        tracing::warn!(error = %lost, channel, "API key invalidation subscriber lost its connection; reconnecting");
-        // A connection that dies at once must not turn into a busy loop.
-        if connected_at.elapsed() < Duration::from_secs(1) {
-            tokio::time::sleep(Backoff::jittered(delay)).await;
-            delay = (delay * 2).min(backoff.max);
-        } else {
-            delay = backoff.initial;
-        }
-    }
-}
-
-fn apply(invalidation: Option<Invalidation>, resolver: &CachedResolver, channel: &str) {
-    match invalidation {
-        Some(invalidation) => invalidation.apply(resolver),
-        None => {
-            // Unreadable (another version, another user of the channel): be safe, forget everything.
-            resolver.invalidate_all();
-            tracing::warn!(
-                channel,
-                "unreadable API key invalidation message; cleared the key cache"
-            );
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::sync::mpsc;
-
-    /// A backend driven by the test: each `connect` takes the next outcome from a channel, and a
-    /// connection yields the messages sent to it until its sender is dropped.
-    struct Scripted {
-        attempts:
-            tokio::sync::Mutex<mpsc::UnboundedReceiver<Option<mpsc::UnboundedReceiver<String>>>>,
-        connects: AtomicUsize,
-    }
-
-    impl Backend for Scripted {
-        type Connection = mpsc::UnboundedReceiver<String>;
-        type Error = &'static str;
-
-        async fn connect(&self) -> Result<Self::Connection, Self::Error> {
-            self.connects.fetch_add(1, Ordering::SeqCst);
-            match self.attempts.lock().await.recv().await {
-                Some(Some(connection)) => Ok(connection),
-                _ => Err("refused"),
-            }
-        }
-
-        async fn receive(
-            &self,
-            connection: &mut Self::Connection,
-        ) -> Result<Option<String>, Self::Error> {
-            connection.recv().await.map(Some).ok_or("closed")
-        }
-    }
-
-    async fn until(what: impl Fn() -> bool) {
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while !what() {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        })
-        .await
-        .expect("condition reached");
-    }
-
-    /// Degraded before the first connection and after a loss; each connection clears the cache
-    /// once; a failed attempt is retried; dropping the subscription ends degraded mode.
-    #[tokio::test]
-    async fn the_loop_keeps_degraded_mode_in_step() {
-        let store = crate::store::MemoryStore::new();
-        let resolver = CachedResolver::new(store);
-        let digest = crate::key::KeyDigest::of("unknown");
-        let (attempts, script) = mpsc::unbounded_channel();
-        let backend = Scripted {
-            attempts: tokio::sync::Mutex::new(script),
-            connects: AtomicUsize::new(0),
-        };
-        let backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(2));
-        let subscription = spawn(backend, "test".into(), resolver.clone(), backoff);
-        assert!(
-            resolver.is_degraded(),
-            "degraded before the first connection"
-        );
-        attempts.send(None).unwrap();
-        let (first, messages) = mpsc::unbounded_channel();
-        attempts.send(Some(messages)).unwrap();
-        subscription.wait_connected().await;
-        assert!(!resolver.is_degraded());
-        // A message is applied; an unreadable one clears the cache.
-        resolver.authenticate(&digest).await.unwrap_err();
-        assert_eq!(resolver.cached_entries(), 1);
-        first.send("not json".into()).unwrap();
-        until(|| resolver.cached_entries() == 0).await;
-        resolver.authenticate(&digest).await.unwrap_err();
-        // The connection is lost: degraded until the next one, which clears the cache.
-        drop(first);
-        until(|| resolver.is_degraded()).await;
-        assert_eq!(resolver.cached_entries(), 1, "a loss alone clears nothing");
-        let (_second, messages) = mpsc::unbounded_channel();
-        attempts.send(Some(messages)).unwrap();
-        subscription.wait_for_connections(2).await;
-        assert!(!resolver.is_degraded());
-        assert_eq!(resolver.cached_entries(), 0, "cleared on reconnect");
-        drop(attempts);
-        subscription.shutdown().await;
-        assert!(!resolver.is_degraded());
-    }
+    /// The log after `after` (`None`: only the head).
+    fn log_after(
+        &self,
+        connection: &mut Self::Connection,
+        after: Option<u64>,
+    ) -> impl Future<Output = Result<LogTail, Self::Error>> + Send;
 }

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use time::OffsetDateTime;
 
@@ -16,7 +17,7 @@ use super::validate::{
 };
 use crate::audit::{Actor, EventDraft, EventType, Journal, Origin, grants, timestamp};
 use crate::error::{AuthError, ExpiredReason, InvalidKeyReason};
-use crate::invalidate::{Invalidation, Invalidator, NoBroadcast};
+use crate::invalidate::{Invalidation, Invalidator, NoBroadcast, Receipt};
 use crate::key::{DigestScheme, KeyDigest, KeyId};
 use crate::principal::Principal;
 use crate::quota::{Credits, PoolId, RateLimit, UsageLimits};
@@ -36,6 +37,9 @@ pub struct KeyManager {
     pub(super) store: Arc<dyn KeyStore>,
     resolver: CachedResolver,
     invalidator: Arc<dyn Invalidator>,
+    /// How long an invalidating operation waits for every live instance to acknowledge it
+    /// (`None`: it does not wait).
+    acknowledgement: Option<Duration>,
     policy: Arc<KeyPolicy>,
     pub(super) origin: Arc<Origin>,
     #[cfg(feature = "webhooks")]
@@ -62,6 +66,7 @@ impl KeyManager {
     pub fn new(resolver: CachedResolver) -> Self {
         Self {
             store: resolver.store().clone(),
+            acknowledgement: Some(resolver.bound()),
             resolver,
             invalidator: Arc::new(NoBroadcast),
             policy: Arc::new(KeyPolicy::default()),
@@ -167,6 +172,19 @@ impl KeyManager {
     #[cfg(feature = "webhooks")]
     pub fn webhook_endpoints(&self) -> Option<&crate::webhooks::Webhooks> {
         self.webhooks.as_ref()
+    }
+
+    /// How long revoke, delete, rotate and the other invalidating operations wait, after
+    /// broadcasting, for every live instance of the fleet to acknowledge that it applied the change
+    /// (default: the resolver's freshness bound, its [`degraded_ttl`](crate::resolver::CachedResolverBuilder::degraded_ttl),
+    /// 1 s); `None` does not wait. Only invalidators with a roster answer
+    /// ([`PgInvalidator`](crate::invalidate::PgInvalidator), [`RedisInvalidator`](crate::invalidate::RedisInvalidator));
+    /// an operation never fails for want of acknowledgements: the laggards are logged and counted
+    /// (see [`Receipt`]), and they stop vouching for their caches within the bound.
+    #[must_use]
+    pub fn acknowledgement_deadline(mut self, deadline: Option<Duration>) -> Self {
+        self.acknowledgement = deadline;
+        self
     }
 
     /// The policy new keys are created under.
@@ -522,6 +540,22 @@ impl KeyManager {
         owner: Option<&str>,
         reason: Option<&str>,
     ) -> Result<KeyInfo, AuthError> {
+        self.revoke_with_receipt(caller, id, owner, reason)
+            .await
+            .map(|(info, _)| info)
+    }
+
+    /// [`revoke_because`](Self::revoke_because), with what the fleet said: how many live instances
+    /// acknowledged the revocation within the [deadline](Self::acknowledgement_deadline) (an empty
+    /// receipt when nothing was broadcast or nobody could answer: a key already revoked, a failed
+    /// broadcast, an invalidator without a roster, or none of its subscriptions running here).
+    pub async fn revoke_with_receipt(
+        &self,
+        caller: &Principal,
+        id: &KeyId,
+        owner: Option<&str>,
+        reason: Option<&str>,
+    ) -> Result<(KeyInfo, Receipt), AuthError> {
         let reason = match reason {
             Some(reason) => validate_name(reason.to_owned())
                 .map_err(|_| AuthError::invalid("reason: at most 200 visible characters"))?,
@@ -539,13 +573,14 @@ impl KeyManager {
             .revoke_with(id, OffsetDateTime::now_utc(), &journal)
             .await?
             .ok_or(AuthError::NotFound)?;
+        let mut receipt = Receipt::default();
         if change.is_noop() {
             tracing::debug!(api_key_id = %id, "API key already revoked");
         } else {
-            self.invalidate(&change).await;
+            receipt = self.invalidate(&change).await;
             tracing::info!(api_key_id = %id, descendants = change.revoked_descendants.len(), %reason, "API key revoked");
         }
-        Ok(change.after.unwrap_or(change.before).into())
+        Ok((change.after.unwrap_or(change.before).into(), receipt))
     }
 
     /// Deletes a key's record for good and revokes every key it created (transitively). Needs the
@@ -561,6 +596,19 @@ impl KeyManager {
         id: &KeyId,
         owner: Option<&str>,
     ) -> Result<(), AuthError> {
+        self.delete_with_receipt(caller, id, owner)
+            .await
+            .map(|_| ())
+    }
+
+    /// [`delete_in`](Self::delete_in), with what the fleet said (see
+    /// [`revoke_with_receipt`](Self::revoke_with_receipt)).
+    pub async fn delete_with_receipt(
+        &self,
+        caller: &Principal,
+        id: &KeyId,
+        owner: Option<&str>,
+    ) -> Result<Receipt, AuthError> {
         let record = self.target(caller, Operation::Delete, id, owner).await?;
         let journal = Journal::of(
             self.draft(caller, EventType::KEY_DELETED, &record.owner)
@@ -573,9 +621,9 @@ impl KeyManager {
             .delete_with(id, OffsetDateTime::now_utc(), &journal)
             .await?
             .ok_or(AuthError::NotFound)?;
-        self.invalidate(&change).await;
+        let receipt = self.invalidate(&change).await;
         tracing::info!(api_key_id = %id, descendants = change.revoked_descendants.len(), "API key deleted");
-        Ok(())
+        Ok(receipt)
     }
 
     /// Gives a key a new secret under the same id. The old secret stops working at once, or after
@@ -916,18 +964,20 @@ impl KeyManager {
 
     /// Forgets every affected key here and tells the other instances, in one broadcast (several
     /// for a cascade over more than [`DIGESTS_PER_INVALIDATION`] digests).
-    async fn invalidate(&self, change: &KeyChange) {
+    async fn invalidate(&self, change: &KeyChange) -> Receipt {
         self.invalidate_records(&change.before.id, change.affected())
-            .await;
+            .await
     }
 
     /// Forgets every digest of `records` here and tells the other instances (in broadcasts of at
-    /// most [`DIGESTS_PER_INVALIDATION`] digests, each naming `key_id`).
+    /// most [`DIGESTS_PER_INVALIDATION`] digests, each naming `key_id`), then waits for every live
+    /// instance to acknowledge the last one (sequence numbers apply in order), up to the
+    /// [deadline](Self::acknowledgement_deadline).
     async fn invalidate_records<'a>(
         &self,
         key_id: &KeyId,
         records: impl Iterator<Item = &'a KeyRecord>,
-    ) {
+    ) -> Receipt {
         let digests: Vec<KeyDigest> = records.flat_map(KeyRecord::digests).copied().collect();
         let invalidations: Vec<Invalidation> = digests
             .chunks(DIGESTS_PER_INVALIDATION)
@@ -942,11 +992,21 @@ impl KeyManager {
         // Requests in flight under the changed keys end here before the change is broadcast and
         // the call returns (I4).
         self.resolver.settle(&digests).await;
+        let mut last = None;
         for invalidation in &invalidations {
-            if let Err(error) = self.invalidator.publish(invalidation).await {
-                tracing::warn!(%error, api_key_id = %key_id, "broadcasting an API key change failed; other instances will catch up when their cache entries expire");
+            match self.invalidator.publish_sequenced(invalidation).await {
+                Ok(published) => last = published.or(last),
+                Err(error) => {
+                    tracing::warn!(%error, api_key_id = %key_id, "broadcasting an API key change failed; other instances will catch up when their cache entries expire");
+                }
             }
         }
+        let (Some(published), Some(deadline)) = (last, self.acknowledgement) else {
+            return Receipt::default();
+        };
+        let receipt = self.invalidator.receipt(&published, deadline).await;
+        crate::invalidate::report(&receipt);
+        receipt
     }
 }
 

@@ -31,7 +31,8 @@
 //!   semaphore and a short queue.
 //! - An invalidation epoch: every invalidation moves it, and a lookup only fills the cache if the
 //!   epoch has not moved since it started. moka alone would insert an answer read before the
-//!   invalidation.
+//!   invalidation. The requests waiting for a lookup whose digest was invalidated meanwhile ask
+//!   again rather than use its answer.
 //!
 //! # Invariants
 //!
@@ -62,11 +63,15 @@
 //!    `revoke` has returned, no thread admits the key again (`tests/resolver_race.rs`:
 //!    `no_thread_admits_a_key_after_revoke_returned`).
 //! 8. **Degraded mode bounds staleness when broadcasts fail**: while an invalidation subscription of
-//!    this resolver is down or not yet up, no cached answer read from the store more than the
-//!    degraded lifetime ago (default 1 s) is used; it is read again. When a subscription comes (back)
-//!    up, the cache is cleared once. So a revocation on another instance is refused here within about
-//!    the degraded lifetime whatever fails, as long as the store answers (`tests/resolver.rs`:
-//!    `degraded_mode_rereads_old_answers`; `tests/fleet_invalidation.rs`: the outage cases).
+//!    this resolver is down or not yet up, or (in a fleet, [`crate::invalidate`]) has not heard its
+//!    own heartbeat come back within the freshness bound, no cached answer read from the store more
+//!    than the degraded lifetime ago (default 1 s, the bound) is used; it is read again, and a store
+//!    failure then is answered 503 (unless [`serve_stale`](CachedResolverBuilder::serve_stale)). When
+//!    a subscription comes back up it catches up from the revocation log (the cache is cleared when
+//!    the log no longer reaches back, and on the first connection). So a revocation on another
+//!    instance is refused here within about the degraded lifetime whatever fails (`tests/resolver.rs`:
+//!    `degraded_mode_rereads_old_answers`; `tests/fleet_invalidation.rs`: the outage cases;
+//!    `tests/fleet_receipt_faults.rs`).
 //! 9. **Store lookups are bounded**: at most `in_flight` lookups run at once and `queue` more wait;
 //!    a miss beyond that is answered 503 `AUTH_UNAVAILABLE` at once and counted, while cached keys
 //!    keep being answered (`tests/resolver.rs`: `the_lookup_bound_sheds_and_recovers`).
@@ -75,10 +80,16 @@
 //!     (`benches/hostile.rs`, case "flood"; `benches/memory.rs` for the cost per entry).
 //! 11. **Resolvers are apart**: two resolvers never answer with each other's entries, even on one
 //!     thread (unit test `front_keeps_resolvers_apart`).
+//! 12. **No request is answered from an overtaken lookup**: a request waiting for a lookup of a
+//!     digest that an invalidation of that digest (or of every digest) overtook asks again (a new
+//!     lookup, which reads the store after the change; after a few overtaken tries in a row, 503).
+//!     With 6, once an invalidation has been applied, no request is admitted on anything read
+//!     before it: what a fleet's acknowledgement promises (`tests/resolver_race.rs`:
+//!     `a_lookup_overtaken_by_an_invalidation_does_not_fill_the_cache`).
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -284,6 +295,24 @@ impl CacheEntry {
 
 type Lookup = Shared<BoxFuture<'static, Result<CacheEntry, StoreError>>>;
 
+/// A lookup in flight: the epoch it started in, the shared future, and whether an invalidation
+/// naming its digest (or every digest) has overtaken it since: then its answer may predate the
+/// change, and no waiter uses it.
+struct InFlight {
+    epoch: u64,
+    lookup: Lookup,
+    overtaken: Arc<AtomicBool>,
+}
+
+/// How many times a request asks again when invalidations of its digest keep overtaking its lookup,
+/// before it is answered 503 (fail closed).
+const OVERTAKEN_RETRIES: u32 = 4;
+
+/// Why a request was not answered: its digest was invalidated during every lookup it waited for.
+#[derive(Debug, thiserror::Error)]
+#[error("the key changed during every lookup; not answered")]
+struct Overtaken;
+
 /// Why a lookup was not sent to the store: the bound on lookups in flight and queued was reached.
 #[derive(Debug, thiserror::Error)]
 #[error("too many key lookups in flight; this one was shed")]
@@ -299,7 +328,7 @@ struct Inner {
     cache: cache::Cache,
     /// Owner, account and scope-set values shared by the cached principals.
     shared: intern::Interner,
-    in_flight: Mutex<HashMap<KeyDigest, (u64, Lookup)>>,
+    in_flight: Mutex<HashMap<KeyDigest, InFlight>>,
     /// Bumped by every invalidation; a lookup that started before a bump does not fill the cache.
     epoch: AtomicU64,
     lookup_timeout: Duration,
@@ -314,6 +343,13 @@ struct Inner {
     /// Subscriptions of this resolver that are down (or not yet up): degraded while not 0.
     degraded: AtomicUsize,
     degraded_ttl: i64,
+    /// Until when (Unix nanoseconds) the fleet vouches for this cache: a fleet subscription moves it
+    /// to `t + degraded_ttl` each time it hears its own heartbeat sent at `t`. `i64::MAX` without
+    /// one (nothing to hear): the single-instance path never reads past it.
+    vouched_until: AtomicI64,
+    /// Serve a cached answer the fleet no longer vouches for when the store cannot be read either
+    /// (weaker: see [`CachedResolverBuilder::serve_stale`]).
+    serve_stale: bool,
     front: bool,
     /// Process-unique id: tells this resolver's entries apart in the per-thread front.
     id: u64,
@@ -322,11 +358,14 @@ struct Inner {
 }
 
 impl Inner {
-    /// The oldest store read still trusted at `now`: `i64::MIN` normally; in degraded mode, `now`
-    /// minus the degraded lifetime.
+    /// The oldest store read still trusted at `now`: `i64::MIN` normally; in degraded mode (a
+    /// subscription down, or the fleet not heard within the bound), `now` minus the degraded
+    /// lifetime.
     #[inline]
     fn floor(&self, now: i64) -> i64 {
-        if self.degraded.load(Ordering::Acquire) == 0 {
+        if self.degraded.load(Ordering::Acquire) == 0
+            && now <= self.vouched_until.load(Ordering::Acquire)
+        {
             i64::MIN
         } else {
             now.saturating_sub(self.degraded_ttl)
@@ -365,6 +404,7 @@ pub struct CachedResolverBuilder {
     lookup_timeout: Duration,
     lookup_limit: (usize, usize),
     degraded_ttl: Duration,
+    serve_stale: bool,
     front: bool,
 }
 
@@ -415,8 +455,23 @@ impl CachedResolverBuilder {
     /// While an invalidation subscription of this resolver is down or not yet connected, cached
     /// answers read from the store longer ago than this are read again (default 1 s). This bounds
     /// how long a key revoked on another instance is still accepted here when the broadcast fails.
+    ///
+    /// It is also the fleet's *freshness bound* ([`crate::invalidate`], "Revocation with a
+    /// receipt"): an instance whose subscription has not heard its own heartbeat come back for
+    /// longer than this stops vouching for its cache in the same way.
     pub fn degraded_ttl(mut self, ttl: Duration) -> Self {
         self.degraded_ttl = ttl;
+        self
+    }
+
+    /// When the fleet no longer vouches for a cached answer (degraded mode) *and* the store cannot
+    /// be read, serve the cached answer anyway instead of 503 `AUTH_UNAVAILABLE` (default `false`).
+    ///
+    /// **Weaker**: a key revoked on another instance meanwhile may then be admitted here for as
+    /// long as both the broadcast and the store are out of reach (up to the TTL). Revocations made
+    /// on this instance, and those it heard, are still refused at once.
+    pub fn serve_stale(mut self, enabled: bool) -> Self {
+        self.serve_stale = enabled;
         self
     }
 
@@ -449,6 +504,8 @@ impl CachedResolverBuilder {
                 lookups: AtomicU64::new(0),
                 degraded: AtomicUsize::new(0),
                 degraded_ttl: saturating_nanos(self.degraded_ttl),
+                vouched_until: AtomicI64::new(i64::MAX),
+                serve_stale: self.serve_stale,
                 front: self.front,
                 id: {
                     static NEXT_ID: AtomicU64 = AtomicU64::new(0);
@@ -486,6 +543,7 @@ impl CachedResolver {
             lookup_timeout: Duration::from_secs(2),
             lookup_limit: (32, 64),
             degraded_ttl: Duration::from_secs(1),
+            serve_stale: false,
             front: true,
         }
     }
@@ -518,9 +576,10 @@ impl CachedResolver {
     }
 
     /// Whether the resolver is in degraded mode: one of its invalidation subscriptions is down or not
-    /// yet connected, so cached answers are trusted for the degraded lifetime only.
+    /// yet connected, or (in a fleet) it has not heard its own heartbeat come back within the
+    /// freshness bound, so cached answers are trusted for the degraded lifetime only.
     pub fn is_degraded(&self) -> bool {
-        self.inner.degraded.load(Ordering::Acquire) != 0
+        self.inner.degraded.load(Ordering::Acquire) != 0 || !self.is_vouched()
     }
 
     /// Authenticates a digest: cache, then store. Does the request-time revocation and expiry checks.
@@ -583,30 +642,50 @@ impl CachedResolver {
     }
 
     /// The answer for a digest, looking it up in the store on a miss (one lookup per digest at a time).
+    ///
+    /// A lookup that an invalidation of its digest overtook is not answered from: the request asks
+    /// again (a new lookup, which reads the store after the change), so that once an invalidation
+    /// has been applied no request is admitted on an answer read before it.
     pub(crate) async fn resolve(&self, digest: &KeyDigest) -> Result<CacheEntry, StoreError> {
-        let now = now_unix_nanos();
-        if let Some(entry) = self.cached(digest, now, self.inner.floor(now)) {
-            return Ok(entry);
-        }
-        let lookup = {
-            let mut in_flight = self
-                .inner
-                .in_flight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            // A lookup that finished between our miss and taking the lock filled the cache first.
+        for _ in 0..OVERTAKEN_RETRIES {
             let now = now_unix_nanos();
-            if let Some(entry) = self.cached(digest, now, self.inner.floor(now)) {
+            let floor = self.inner.floor(now);
+            if let Some(entry) = self.cached(digest, now, floor) {
                 return Ok(entry);
             }
-            let epoch = self.inner.epoch.load(Ordering::Acquire);
-            in_flight
-                .entry(*digest)
-                .or_insert_with(|| (epoch, self.clone().lookup(*digest, epoch).boxed().shared()))
-                .1
-                .clone()
-        };
-        lookup.await
+            let (lookup, overtaken) = {
+                let mut in_flight = self
+                    .inner
+                    .in_flight
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                // A lookup that finished between our miss and taking the lock filled the cache first.
+                let now = now_unix_nanos();
+                if let Some(entry) = self.cached(digest, now, self.inner.floor(now)) {
+                    return Ok(entry);
+                }
+                let epoch = self.inner.epoch.load(Ordering::Acquire);
+                let entry = in_flight.entry(*digest).or_insert_with(|| InFlight {
+                    epoch,
+                    lookup: self.clone().lookup(*digest, epoch).boxed().shared(),
+                    overtaken: Arc::default(),
+                });
+                (entry.lookup.clone(), entry.overtaken.clone())
+            };
+            let result = lookup.await;
+            if overtaken.load(Ordering::Acquire) {
+                continue;
+            }
+            return match result {
+                Err(error) if self.inner.serve_stale && !is_shed(&error) => {
+                    // Degraded, and the store is out of reach: the application chose stale answers.
+                    let now = now_unix_nanos();
+                    self.cached(digest, now, i64::MIN).ok_or(error)
+                }
+                other => other,
+            };
+        }
+        Err(StoreError::new(StoreErrorKind::Unavailable, Overtaken))
     }
 
     /// Waits for a lookup slot, or sheds the lookup when the queue is full too.
@@ -695,7 +774,7 @@ impl CachedResolver {
                 }
             }
             // An invalidation since then already dropped this lookup and may have started another.
-            if in_flight.get(&digest).is_some_and(|(e, _)| *e == epoch) {
+            if in_flight.get(&digest).is_some_and(|f| f.epoch == epoch) {
                 in_flight.remove(&digest);
             }
         }
@@ -715,7 +794,7 @@ impl CachedResolver {
     /// [`invalidate_digest`](Self::invalidate_digest) without judging the requests in flight again
     /// (key management does that itself, before it returns: [`settle`](Self::settle)).
     pub(crate) fn forget_digest(&self, digest: &KeyDigest) {
-        self.bump();
+        self.bump(Some(digest));
         self.inner.cache.remove(digest);
         self.retire_front();
     }
@@ -790,7 +869,7 @@ impl CachedResolver {
     /// digests are known, [`invalidate_digest`](Self::invalidate_digest) each is cheaper: that is
     /// what [`Invalidation::apply`](crate::invalidate::Invalidation::apply) does.
     pub fn invalidate_key(&self, id: &KeyId) {
-        self.bump();
+        self.bump(None);
         self.inner.cache.remove_key(id);
         self.retire_front();
         self.recheck(self.inner.lives.live(|life| life.key_id() == id));
@@ -801,22 +880,60 @@ impl CachedResolver {
     /// Requests in flight are judged again against the store (in the background): only those whose
     /// key the store says ended are ended, never a live key's.
     pub fn invalidate_all(&self) {
-        self.bump();
+        self.bump(None);
         self.inner.cache.clear();
         self.retire_front();
         self.recheck(self.inner.lives.live(|_| true));
     }
 
     /// Starts a new invalidation epoch: lookups in flight may have read the store before the change,
-    /// so they will not fill the cache and new requests do not join them.
-    fn bump(&self) {
+    /// so they will not fill the cache and new requests do not join them. Those for `digest` (every
+    /// one when `None`) are marked overtaken: their waiters ask again.
+    fn bump(&self, digest: Option<&KeyDigest>) {
         let mut in_flight = self
             .inner
             .in_flight
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         self.inner.epoch.fetch_add(1, Ordering::AcqRel);
-        in_flight.clear();
+        for (d, f) in in_flight.drain() {
+            if digest.is_none_or(|digest| *digest == d) {
+                f.overtaken.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// The fleet vouches for this cache until `until` (Unix nanoseconds): a fleet subscription heard
+    /// its own heartbeat sent at `until - degraded_ttl`. Only moves forward.
+    #[cfg(any(feature = "postgres", feature = "redis"))]
+    pub(crate) fn vouch_until(&self, until: i64) {
+        self.inner.vouched_until.fetch_max(until, Ordering::AcqRel);
+    }
+
+    /// A fleet subscription starts: from now on the cache is vouched for only while heartbeats are
+    /// heard (until then, for the bound from `now`).
+    #[cfg(any(feature = "postgres", feature = "redis"))]
+    pub(crate) fn join_fleet(&self, now: i64) {
+        self.inner.vouched_until.store(
+            now.saturating_add(self.inner.degraded_ttl),
+            Ordering::Release,
+        );
+    }
+
+    /// Leaves the fleet: the cache no longer waits for heartbeats (the subscription ended).
+    #[cfg(any(feature = "postgres", feature = "redis"))]
+    pub(crate) fn leave_fleet(&self) {
+        self.inner.vouched_until.store(i64::MAX, Ordering::Release);
+    }
+
+    /// The freshness bound (the degraded lifetime).
+    pub(crate) fn bound(&self) -> Duration {
+        Duration::from_nanos(u64::try_from(self.inner.degraded_ttl).unwrap_or(0))
+    }
+
+    /// Whether the fleet vouches for this cache at `now` (always, outside a fleet).
+    pub fn is_vouched(&self) -> bool {
+        now_unix_nanos() <= self.inner.vouched_until.load(Ordering::Acquire)
     }
 
     /// Moves the epoch again once the cache has forgotten the entries: every thread's front slot

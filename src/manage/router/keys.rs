@@ -5,7 +5,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -136,25 +136,30 @@ pub(super) async fn update_key(
 #[utoipa::path(delete, path = "/api-keys/{id}",
     params(KeyIdParam, ("permanent" = Option<bool>, Query, description = "Delete the record instead of revoking (master key only)"), OwnerQuery,
            ("reason" = Option<String>, Query, max_length = 200, description = "Why (recorded in the key.revoked event; default `requested`)")),
-    responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+    responses((status = 204, description = "Revoked (or deleted). With a fleet roster, the headers `Revocation-Acknowledged` (instances that applied it), `Revocation-Instances` (live instances), `Revocation-Elapsed-Ms` and `Revocation-Sequence` say how far it got before the answer",
+                headers(("Revocation-Acknowledged" = u32), ("Revocation-Instances" = u32), ("Revocation-Elapsed-Ms" = String), ("Revocation-Sequence" = u64))),
+              (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
               (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(super) async fn revoke_key(
     Acting(manager): Acting,
     principal: Principal,
     id: Result<Path<String>, PathRejection>,
     params: Result<Query<DeleteParams>, QueryRejection>,
-) -> Result<StatusCode, AuthError> {
+) -> Result<Response, AuthError> {
     let id = key_id(id)?;
     let params = query(params)?;
     let owner = params.owner.as_deref();
-    if params.permanent {
-        manager.delete_in(&principal, &id, owner).await?;
+    let receipt = if params.permanent {
+        manager.delete_with_receipt(&principal, &id, owner).await?
     } else {
         manager
-            .revoke_because(&principal, &id, owner, params.reason.as_deref())
-            .await?;
-    }
-    Ok(StatusCode::NO_CONTENT)
+            .revoke_with_receipt(&principal, &id, owner, params.reason.as_deref())
+            .await?
+            .1
+    };
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    response.headers_mut().extend(receipt.headers());
+    Ok(response)
 }
 
 #[utoipa::path(post, path = "/api-keys/{id}/rotate", params(KeyIdParam, OwnerQuery), request_body(content = Option<RotateBody>),
