@@ -98,7 +98,6 @@ fn setup(runtime: &tokio::runtime::Runtime) -> (ApiKey, BoxedLayer) {
         .master_key(ApiKey::new(MASTER))
         .layer(tower::service_fn(drain));
     (key, tower::util::BoxService::new(service))
-
 }
 
 /// One request to completion.

@@ -177,6 +177,11 @@ impl LedgerService {
         self.ledgers.lock().expect("ledger map poisoned").len()
     }
 
+    /// Whether no ledger exists.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Creates a ledger for `principal`.
     fn create(&self, principal: &Principal, name: String) -> Result<Ledger, tonic::Status> {
         if name.trim().is_empty() {

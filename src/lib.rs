@@ -30,6 +30,8 @@ pub mod audit;
 mod clock;
 pub mod error;
 pub mod guard;
+#[cfg(any(feature = "leaks", feature = "webhooks"))]
+mod https;
 pub mod invalidate;
 pub mod key;
 pub mod layer;

@@ -166,14 +166,20 @@ fn a_cached_request_allocates_only_the_extension() {
         let first = request(&key);
         let (n, status) = allocations_of(|| call(&mut service, first));
         assert_eq!(status, StatusCode::OK);
-        assert!(n >= expected, "layer + guard: {n} allocations, fewer than the extension map");
+        assert!(
+            n >= expected,
+            "layer + guard: {n} allocations, fewer than the extension map"
+        );
         if n != expected {
             over.push(("layer + guard", round, n));
         }
         let second = request(&key);
         let (n, status) = allocations_of(|| call(&mut layer_only, second));
         assert_eq!(status, StatusCode::OK);
-        assert!(n >= expected, "layer: {n} allocations, fewer than the extension map");
+        assert!(
+            n >= expected,
+            "layer: {n} allocations, fewer than the extension map"
+        );
         if n != expected {
             over.push(("layer", round, n));
         }

@@ -819,6 +819,11 @@ async fn journey(b: &Browser, s: &Service) -> Outcome {
     )
     .await?;
     assert_eq!(s.ledgers_status(&xss_key).await, StatusCode::UNAUTHORIZED);
+    // The receipt: a lone instance (no fleet) says only that the key is revoked, as text.
+    let receipt = b
+        .js("const p = document.getElementById('revoke-receipt'); return [p.hidden, p.textContent, p.children.length]")
+        .await?;
+    assert_eq!(receipt, json!([false, format!("{XSS} revoked."), 0]));
     assert_eq!(b.usage_text().await?, "1 of 10 active keys");
     let inert = b.js("return window.__xss").await?;
     assert_eq!(inert, json!(0));

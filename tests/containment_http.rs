@@ -249,7 +249,7 @@ async fn records_are_scoped_by_owner_and_account() {
     reply.expect(StatusCode::CREATED, None);
     let id = reply.json()["ledger_id"].as_str().unwrap().to_owned();
 
-    assert_eq!(app.ledgers(&team_a_too).await, [id.clone()]);
+    assert_eq!(app.ledgers(&team_a_too).await, std::slice::from_ref(&id));
     assert!(app.ledgers(&acct_1).await.is_empty());
     app.send("GET", &format!("/ledgers/{id}"), &acct_1, None)
         .await

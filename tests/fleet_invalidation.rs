@@ -482,8 +482,7 @@ mod outage {
     }
 
     pub(super) fn manager(instance: &Instance, invalidator: impl Invalidator) -> KeyManager {
-        KeyManager::new(instance.resolver.clone())
-            .invalidator(invalidator)
+        KeyManager::new(instance.resolver.clone()).invalidator(invalidator)
     }
 
     async fn create(a: &KeyManager) -> (ApiKey, KeyId) {

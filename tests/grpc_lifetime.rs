@@ -82,7 +82,7 @@ async fn a_client_stream_after_the_revocation_is_not_handled() {
         .unwrap();
     // The first message is handled while the key lives.
     let deadline = tokio::time::Instant::now() + HANG_GUARD;
-    while service.len() < 1 {
+    while service.is_empty() {
         assert!(tokio::time::Instant::now() < deadline, "never handled");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

@@ -187,7 +187,9 @@ async fn unverified_reports_change_nothing() {
     let impostor_signature = impostor.sign(body.as_bytes());
     let unknown_signature = unknown.sign(body.as_bytes());
     let id = github.identifier.as_str();
-    let cases: Vec<(&str, Vec<(&str, &str)>, &str, &str)> = vec![
+    // (case, headers, body, the reason refused)
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str, &'a str);
+    let cases: Vec<Case<'_>> = vec![
         ("no headers", vec![], &body, "missing_signature"),
         (
             "identifier only",

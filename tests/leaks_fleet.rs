@@ -43,8 +43,7 @@ async fn report_on_a_revokes_on_b(
     let a_resolver = resolver(schema.store().await);
     let b_resolver = resolver(schema.store().await);
     let control = resolver(schema.store().await);
-    let a_manager = KeyManager::new(a_resolver.clone())
-    .invalidator(a_invalidator);
+    let a_manager = KeyManager::new(a_resolver.clone()).invalidator(a_invalidator);
     let b_subscription = b_invalidator_subscribe(b_resolver.clone());
     tokio::time::timeout(HANG_GUARD, b_subscription.wait_connected())
         .await

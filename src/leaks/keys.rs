@@ -279,9 +279,10 @@ impl FetchedKeys {
     }
 }
 
-/// Fetches a public-key document. The built-in fetcher speaks plain HTTP/1.1 (`http://` URLs: a
-/// mirror inside your network, or tests); for GitHub's `https://` URL give the receiver a fetcher
-/// over your HTTPS client (any `Fn(String) -> Future<Output = Result<Bytes, String>>`).
+/// Fetches a public-key document. The built-in fetcher speaks HTTP/1.1 over TLS for `https://`
+/// URLs (GitHub's, with Mozilla's roots) and over plain TCP for `http://` (a mirror inside your
+/// network, or tests); give the receiver your own (any `Fn(String) -> Future<Output =
+/// Result<Bytes, String>>`) for a proxy or other roots.
 #[async_trait::async_trait]
 pub trait FetchKeys: Send + Sync + 'static {
     /// The document at `url` (at most [`MAX_KEY_DOCUMENT_BYTES`]).
@@ -303,7 +304,8 @@ where
     }
 }
 
-/// The built-in fetcher: HTTP/1.1 `GET` over plain TCP, 5 s timeout, body bounded.
+/// The built-in fetcher: HTTP/1.1 `GET` over TLS (`https://`) or plain TCP (`http://`), 5 s for
+/// the answer's head and 5 s for its body, body bounded.
 pub(crate) struct HttpFetcher;
 
 #[async_trait::async_trait]
@@ -311,23 +313,47 @@ impl FetchKeys for HttpFetcher {
     async fn fetch(&self, url: &str) -> Result<Bytes, PublicKeysError> {
         let fail = |what: String| PublicKeysError::Fetch(what);
         let uri: http::Uri = url.parse().map_err(|_| fail("not a URL".into()))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(fail(
-                "the built-in fetcher speaks http:// only; give the receiver an HTTPS fetcher"
-                    .into(),
-            ));
-        }
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http::<Empty<Bytes>>();
-        let request = http::Request::get(uri)
-            .header(http::header::ACCEPT, "application/json")
-            .body(Empty::new())
-            .map_err(|e| fail(e.to_string()))?;
-        let response = tokio::time::timeout(Duration::from_secs(5), client.request(request))
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(fail("not an http:// or https:// URL".into())),
+        };
+        let host = uri.host().ok_or_else(|| fail("no host".into()))?.to_owned();
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let request = http::Request::get(
+            uri.path_and_query()
+                .map_or("/", http::uri::PathAndQuery::as_str),
+        )
+        .header(
+            http::header::HOST,
+            uri.authority().map_or(host.as_str(), |a| a.as_str()),
+        )
+        .header(http::header::ACCEPT, "application/json")
+        .header(http::header::USER_AGENT, "tower-api-keys-leaks")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| fail(e.to_string()))?;
+        let answer = async {
+            // `[::1]` is written with brackets in a URL, without them in a socket address.
+            let name = host.trim_start_matches('[').trim_end_matches(']');
+            let addr = tokio::net::lookup_host((name, port))
+                .await
+                .map_err(|e| format!("resolve: {}", e.kind()))?
+                .next()
+                .ok_or_else(|| "resolve: no address".to_owned())?;
+            if https {
+                let tls = crate::https::connect(name, addr).await?;
+                get(tls, request).await
+            } else {
+                let tcp = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| format!("connect: {}", e.kind()))?;
+                get(tcp, request).await
+            }
+        };
+        let response = tokio::time::timeout(Duration::from_secs(5), answer)
             .await
             .map_err(|_| fail("timed out".into()))?
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(fail)?;
         if !response.status().is_success() {
             return Err(fail(format!("status {}", response.status())));
         }
@@ -337,5 +363,89 @@ impl FetchKeys for HttpFetcher {
             .map_err(|_| fail("timed out".into()))?
             .map_err(|e| fail(e.to_string()))?;
         Ok(collected.to_bytes())
+    }
+}
+
+/// Sends `request` over `io` (HTTP/1.1) and returns the answer's head and streaming body.
+async fn get<IO>(
+    io: IO,
+    request: http::Request<Empty<Bytes>>,
+) -> Result<http::Response<hyper::body::Incoming>, String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+            .await
+            .map_err(|e| format!("http: {e}"))?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "public-key fetch connection ended");
+        }
+    });
+    sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("http: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A local server that answers every connection with a plain-HTTP key document.
+    async fn plain_server() -> std::net::SocketAddr {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 2048];
+                    let _ = stream.read(&mut buf).await;
+                    let body = r#"{"public_keys":[]}"#;
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn the_built_in_fetcher_speaks_http() {
+        let addr = plain_server().await;
+        let body = HttpFetcher
+            .fetch(&format!("http://{addr}/meta/public_keys"))
+            .await
+            .unwrap();
+        assert_eq!(&body[..], br#"{"public_keys":[]}"#);
+    }
+
+    /// An `https://` URL goes through TLS: a server speaking plain HTTP fails the handshake, and
+    /// nothing it sent is taken for a document.
+    #[tokio::test]
+    async fn an_https_url_is_fetched_over_tls() {
+        let addr = plain_server().await;
+        let error = HttpFetcher
+            .fetch(&format!("https://{addr}/meta/public_keys"))
+            .await
+            .unwrap_err();
+        let PublicKeysError::Fetch(why) = error else {
+            panic!("{error:?}")
+        };
+        assert!(why.starts_with("tls:"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn other_schemes_are_refused() {
+        let error = HttpFetcher
+            .fetch("ftp://example.com/keys")
+            .await
+            .unwrap_err();
+        assert!(matches!(error, PublicKeysError::Fetch(_)), "{error:?}");
     }
 }

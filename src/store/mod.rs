@@ -13,9 +13,9 @@ mod memory;
 mod overview;
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
+pub(crate) mod record;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub(crate) mod sql_common;
-pub(crate) mod record;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
@@ -1145,8 +1145,8 @@ impl<T: KeyStore + ?Sized> KeyStore for Arc<T> {
 
 #[cfg(test)]
 mod tests {
-    use crate::scope::ScopeSet;
     use super::*;
+    use crate::scope::ScopeSet;
 
     /// The default pages through `list` (pages of 500): it counts across pages, per account, and
     /// agrees with `MemoryStore`'s own count.

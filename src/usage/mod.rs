@@ -45,8 +45,8 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 use crate::key::KeyId;
-use crate::store::error::StoreError;
 use crate::store::KeyStore;
+use crate::store::error::StoreError;
 
 /// The usage state of one cached key: the latest use not yet flushed, and whether the key waits in
 /// a recorder's queue. The resolver keeps one inside each cached key (so marking a use is two

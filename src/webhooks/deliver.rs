@@ -2,7 +2,7 @@
 //! attempt.
 
 use std::fmt;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,8 +11,6 @@ use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use time::OffsetDateTime;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_rustls::TlsConnector;
-use tokio_rustls::rustls::{self, ClientConfig, RootCertStore, pki_types::ServerName};
 
 use super::store::WebhookStore;
 use super::types::{AttemptOutcome, Claimed, DeliveryStatus};
@@ -253,18 +251,13 @@ impl Deliverer {
             .header("webhook-signature", signature)
             .body(Full::new(body))
             .map_err(|_| "bad request".to_owned())?;
-        let tcp = tokio::net::TcpStream::connect(dest.addr)
-            .await
-            .map_err(|e| format!("connect: {}", e.kind()))?;
         if dest.https {
-            let name = ServerName::try_from(dest.host.clone())
-                .map_err(|_| "bad TLS server name".to_owned())?;
-            let tls = TlsConnector::from(tls_config()?)
-                .connect(name, tcp)
-                .await
-                .map_err(|e| format!("tls: {e}"))?;
+            let tls = crate::https::connect(&dest.host, dest.addr).await?;
             exchange(tls, request, &dest).await
         } else {
+            let tcp = tokio::net::TcpStream::connect(dest.addr)
+                .await
+                .map_err(|e| format!("connect: {}", e.kind()))?;
             exchange(tcp, request, &dest).await
         }
     }
@@ -292,26 +285,6 @@ where
         .await
         .map_err(|e| format!("http: {e}"))?;
     Ok(response.status().as_u16())
-}
-
-/// The TLS client configuration: rustls with ring, Mozilla's roots (webpki-roots).
-fn tls_config() -> Result<Arc<ClientConfig>, String> {
-    static CONFIG: OnceLock<Result<Arc<ClientConfig>, String>> = OnceLock::new();
-    CONFIG
-        .get_or_init(|| {
-            let roots = RootCertStore {
-                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-            };
-            // ring rather than aws-lc-rs: no C toolchain beyond `cc`. rustls 0.23.48 deprecates
-            // it for lacking post-quantum key exchange (fine for webhooks; revisit with aws-lc).
-            #[allow(deprecated)]
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .map(|b| Arc::new(b.with_root_certificates(roots).with_no_client_auth()))
-                .map_err(|e| format!("tls: {e}"))
-        })
-        .clone()
 }
 
 #[cfg(test)]

@@ -40,8 +40,7 @@ pub fn local() -> UrlPolicy {
 
 fn instance<S: WebhookStore + KeyStore>(store: Arc<S>, urls: UrlPolicy) -> Instance {
     let webhooks = Webhooks::new(store.clone()).urls(urls);
-    let manager = KeyManager::new(CachedResolver::new(store.clone()))
-        .webhooks(webhooks.clone());
+    let manager = KeyManager::new(CachedResolver::new(store.clone())).webhooks(webhooks.clone());
     Instance {
         manager,
         webhooks,

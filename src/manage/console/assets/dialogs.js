@@ -327,6 +327,30 @@ export async function rotate(event) {
 
 // Revoke
 
+/**
+ * Shows what a revoke or delete answered: on how many of the fleet's live instances the key was
+ * dropped before the answer (the `Revocation-*` headers), or just that it ended where the service
+ * runs alone.
+ */
+function showReceipt(key, verb, headers) {
+  const node = $("revoke-receipt");
+  const acknowledged = Number.parseInt(headers.get("revocation-acknowledged") ?? "", 10);
+  const instances = Number.parseInt(headers.get("revocation-instances") ?? "", 10);
+  const elapsed = Number.parseInt(headers.get("revocation-elapsed-ms") ?? "", 10);
+  let message = `${key.name || key.api_key_id} ${verb}.`;
+  node.classList.remove("warning");
+  if (Number.isFinite(acknowledged) && Number.isFinite(instances) && instances > 0) {
+    const took = Number.isFinite(elapsed) ? ` in ${elapsed} ms` : "";
+    message = `${key.name || key.api_key_id} ${verb} on ${acknowledged} of ${instances} instances${took}.`;
+    if (acknowledged < instances) {
+      node.classList.add("warning");
+      message += " The others did not answer in time: they stop trusting their caches within the fleet's bound.";
+    }
+  }
+  node.textContent = message;
+  node.hidden = false;
+}
+
 export function openRevoke() {
   if (!current) return;
   clearError("revoke-error");
@@ -342,9 +366,11 @@ export async function revoke(event) {
   const button = $("revoke-submit");
   button.disabled = true;
   try {
-    await api("DELETE", `api-keys/${encodeURIComponent(current.api_key_id)}`);
+    const revoked = current;
+    const { headers } = await api("DELETE", `api-keys/${encodeURIComponent(current.api_key_id)}`);
     close("revoke-dialog");
     close("details-dialog");
+    showReceipt(revoked, "revoked", headers);
     await reload();
   } catch (error) {
     if (session.secret !== null) showError("revoke-error", error);
@@ -372,9 +398,11 @@ export async function remove(event) {
   const button = $("delete-submit");
   button.disabled = true;
   try {
-    await api("DELETE", `api-keys/${encodeURIComponent(current.api_key_id)}`, { query: { permanent: "true" } });
+    const deleted = current;
+    const { headers } = await api("DELETE", `api-keys/${encodeURIComponent(current.api_key_id)}`, { query: { permanent: "true" } });
     close("delete-dialog");
     close("details-dialog");
+    showReceipt(deleted, "deleted", headers);
     await reload();
   } catch (error) {
     if (session.secret !== null) showError("delete-error", error);

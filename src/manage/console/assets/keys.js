@@ -24,6 +24,8 @@ export function resetKeys() {
   state.requests = null;
   $("keys-body").replaceChildren();
   $("key-search").value = "";
+  // A revoke's receipt belongs to the owner it was shown for.
+  $("revoke-receipt").hidden = true;
 }
 
 export function statusOf(key) {
