@@ -145,6 +145,8 @@ use std::sync::Arc;
 #[cfg(feature = "manage")]
 pub(crate) use body::Whole;
 pub use body::{BoxError, LiveBody};
+#[cfg(feature = "manage")]
+pub(crate) use network::ForwardedClient;
 pub use service::ApiKeyService;
 pub use source::KeySource;
 

@@ -30,6 +30,12 @@ pub(crate) fn default_peer_addr(extensions: &Extensions) -> Option<SocketAddr> {
     extensions.get::<SocketAddr>().copied()
 }
 
+/// The client's address as the layer worked it out behind trusted proxies (`X-Forwarded-For`), in
+/// the request's extensions when [`trusted_proxies`](super::ApiKeyLayer::trusted_proxies) is set:
+/// the address the management router records in audit events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ForwardedClient(pub(crate) IpAddr);
+
 /// Where the client address comes from; part of the layer's configuration.
 #[derive(Clone)]
 pub(crate) struct ClientAddress {

@@ -209,7 +209,17 @@ where
     crate::metrics::admitted(principal.as_ref());
     let sunset = super::sunset::header(config.sunset, principal.as_ref());
     let span = span_for(principal.as_ref());
+    // Behind trusted proxies, the client's address for whoever records it (audit events); the
+    // peer's is in the request already.
+    let forwarded = config
+        .client
+        .trusted_proxies
+        .as_ref()
+        .and_then(|_| config.client.client(req.headers(), req.extensions()));
     let (mut parts, body) = req.into_parts();
+    if let Some(ip) = forwarded {
+        parts.extensions.insert(super::network::ForwardedClient(ip));
+    }
     let (body, watch) = match principal {
         Some(principal) => {
             let watch = principal.life().is_some().then(|| {

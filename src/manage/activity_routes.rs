@@ -23,9 +23,12 @@ use crate::key::KeyId;
 use crate::principal::Principal;
 use crate::usage::Outcome;
 
-/// The manager acting for one request: [`KeyManager::at`] the request's [`Origin`] (the peer
-/// address from axum's `ConnectInfo<SocketAddr>` or a bare `SocketAddr` extension, and a valid
-/// `x-request-id`). Forwarded-for headers are not read here: behind a proxy, the peer is the proxy.
+/// The manager acting for one request: [`KeyManager::at`] the request's [`Origin`] (the client's
+/// address, and a valid `x-request-id`). The address is the one
+/// [`ApiKeyLayer`](crate::layer::ApiKeyLayer) worked out from `X-Forwarded-For` when the peer is
+/// one of its [`trusted_proxies`](crate::layer::ApiKeyLayer::trusted_proxies), else the peer's
+/// (axum's `ConnectInfo<SocketAddr>` or a bare `SocketAddr` extension); a forwarded-for header
+/// is never believed here on its own.
 pub(super) struct Acting(pub(super) KeyManager);
 
 impl FromRequestParts<KeyManager> for Acting {
@@ -41,11 +44,15 @@ impl FromRequestParts<KeyManager> for Acting {
 
 /// Where a request came from, as far as the request itself says.
 pub(super) fn origin(parts: &Parts) -> Origin {
+    let forwarded = parts
+        .extensions
+        .get::<crate::layer::ForwardedClient>()
+        .map(|client| client.0);
     let peer = parts
         .extensions
         .get::<axum::extract::ConnectInfo<SocketAddr>>()
-        .map(|info| info.0)
-        .or_else(|| parts.extensions.get::<SocketAddr>().copied());
+        .map(|info| info.0.ip())
+        .or_else(|| parts.extensions.get::<SocketAddr>().map(SocketAddr::ip));
     let request_id = parts
         .headers
         .get("x-request-id")
@@ -53,7 +60,7 @@ pub(super) fn origin(parts: &Parts) -> Origin {
         .filter(|id| !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_owned);
     Origin {
-        ip: peer.map(|p| p.ip()),
+        ip: forwarded.or(peer),
         request_id,
     }
 }
