@@ -7,8 +7,8 @@
 //! | `api_key_rate_limit_total` | counter | `outcome`: `admitted`, `RATE_LIMITED`, `USAGE_EXCEEDED` or `AUTH_UNAVAILABLE` | every request of a limited key a [`RateLimitLayer`](crate::ratelimit::RateLimitLayer) decided |
 //! | `api_key_rate_limit_backend_errors_total` | counter | `backend`: `rates` or `credits`; `mode`: `open` or `closed` | every failed limiter backend call (Redis, the key store) and how it was handled |
 //! | `api_key_lookup_seconds` | histogram | `outcome`: `found`, `unknown`, `error` or `timeout` | latency of key-store lookups (cache misses only) |
-//! | `api_key_lookups_shed_total` | counter | | cache misses the resolver's lookup bound answered 503 without asking the store ([`resolver::LOOKUPS_SHED_TOTAL`](crate::resolver::LOOKUPS_SHED_TOTAL)) |
-//! | `api_key_cache_degraded` | gauge | | 1 while a resolver is in degraded mode (an invalidation subscription is down or not yet up), else 0 ([`resolver::DEGRADED`](crate::resolver::DEGRADED)) |
+//! | `api_key_lookups_shed_total` | counter | | cache misses the resolver's lookup bound answered 503 without asking the store ([`LOOKUPS_SHED_TOTAL`]) |
+//! | `api_key_cache_degraded` | gauge | | 1 while a resolver is in degraded mode (an invalidation subscription is down or not yet up), else 0 ([`CACHE_DEGRADED`]) |
 //! | `api_key_fleet_instances` | gauge | | live instances a fleet subscription hears heartbeats from, itself included ([`FLEET_INSTANCES`]) |
 //! | `api_key_fleet_oldest_unacknowledged_seconds` | gauge | | age of the oldest invalidation published here that a live instance has not acknowledged, 0 when none ([`OLDEST_UNACKNOWLEDGED_SECONDS`]) |
 //! | `api_key_fleet_applied_sequence` | gauge | `instance` | the last sequence number of the revocation log this instance applied ([`APPLIED_SEQUENCE`]) |
@@ -36,6 +36,10 @@ pub const RATE_LIMIT_TOTAL: &str = "api_key_rate_limit_total";
 pub const RATE_LIMIT_BACKEND_ERRORS_TOTAL: &str = "api_key_rate_limit_backend_errors_total";
 /// Name of the store lookup latency histogram, in seconds.
 pub const LOOKUP_SECONDS: &str = "api_key_lookup_seconds";
+/// Name of the counter of store lookups refused by the resolver's lookup bound.
+pub const LOOKUPS_SHED_TOTAL: &str = "api_key_lookups_shed_total";
+/// Name of the gauge that is 1 while a resolver is in degraded mode, 0 otherwise.
+pub const CACHE_DEGRADED: &str = "api_key_cache_degraded";
 /// Name of the gauge of live instances this instance hears heartbeats from (itself included).
 pub const FLEET_INSTANCES: &str = "api_key_fleet_instances";
 /// Name of the gauge of the age, in seconds, of the oldest invalidation published here that some
@@ -49,6 +53,22 @@ pub const ACKNOWLEDGEMENT_SECONDS: &str = "api_key_fleet_acknowledgement_seconds
 /// Name of the counter of instances that had not acknowledged an invalidation by the deadline
 /// (label `instance`: the laggard).
 pub const LAGGARDS_TOTAL: &str = "api_key_fleet_laggards_total";
+
+/// Every metric the crate records, once: the list [`describe`] describes and the tests check.
+pub const ALL: &[&str] = &[
+    REQUESTS_TOTAL,
+    GUARD_REFUSALS_TOTAL,
+    RATE_LIMIT_TOTAL,
+    RATE_LIMIT_BACKEND_ERRORS_TOTAL,
+    LOOKUP_SECONDS,
+    LOOKUPS_SHED_TOTAL,
+    CACHE_DEGRADED,
+    FLEET_INSTANCES,
+    OLDEST_UNACKNOWLEDGED_SECONDS,
+    APPLIED_SEQUENCE,
+    ACKNOWLEDGEMENT_SECONDS,
+    LAGGARDS_TOTAL,
+];
 
 #[cfg(feature = "metrics")]
 pub use enabled::describe;
@@ -102,6 +122,14 @@ mod enabled {
             LOOKUP_SECONDS,
             ::metrics::Unit::Seconds,
             "Latency of key-store lookups on cache misses"
+        );
+        ::metrics::describe_counter!(
+            super::LOOKUPS_SHED_TOTAL,
+            "Cache misses the resolver's lookup bound answered 503 without asking the store"
+        );
+        ::metrics::describe_gauge!(
+            super::CACHE_DEGRADED,
+            "1 while a resolver is in degraded mode (not vouched for by its fleet), else 0"
         );
         ::metrics::describe_gauge!(
             super::FLEET_INSTANCES,
@@ -240,14 +268,20 @@ mod tests {
     use crate::error::{AuthError, ErrorCode};
     use crate::principal::Principal;
 
-    /// Keeps the key of every counter registered through it.
+    /// Keeps the key of every counter registered through it, and every name described.
     #[derive(Default)]
-    struct Keys(Arc<Mutex<Vec<Key>>>);
+    struct Keys(Arc<Mutex<Vec<Key>>>, Arc<Mutex<Vec<String>>>);
 
     impl Recorder for Keys {
-        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_counter(&self, name: KeyName, _: Option<Unit>, _: SharedString) {
+            self.1.lock().unwrap().push(name.as_str().to_owned());
+        }
+        fn describe_gauge(&self, name: KeyName, _: Option<Unit>, _: SharedString) {
+            self.1.lock().unwrap().push(name.as_str().to_owned());
+        }
+        fn describe_histogram(&self, name: KeyName, _: Option<Unit>, _: SharedString) {
+            self.1.lock().unwrap().push(name.as_str().to_owned());
+        }
         fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
             self.0.lock().unwrap().push(key.clone());
             Counter::noop()
@@ -276,6 +310,20 @@ mod tests {
 
     fn outcome(code: &str) -> Vec<(String, String)> {
         vec![("outcome".to_owned(), code.to_owned())]
+    }
+
+    /// `describe` describes every metric of [`super::ALL`], each once, and nothing else.
+    #[test]
+    fn every_metric_is_described_once() {
+        let recorder = Keys::default();
+        ::metrics::with_local_recorder(&recorder, super::describe);
+        let mut described = recorder.1.lock().unwrap().clone();
+        described.sort();
+        let mut all: Vec<String> = super::ALL.iter().map(|&n| n.to_owned()).collect();
+        all.sort();
+        assert_eq!(described, all);
+        all.dedup();
+        assert_eq!(all.len(), super::ALL.len(), "a name twice in ALL");
     }
 
     #[test]

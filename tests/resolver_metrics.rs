@@ -13,8 +13,8 @@ use metrics_exporter_prometheus::PrometheusBuilder;
 use tower_api_keys::error::AuthError;
 use tower_api_keys::invalidate::RedisInvalidator;
 use tower_api_keys::key::KeyFormat;
+use tower_api_keys::metrics::{CACHE_DEGRADED as DEGRADED, LOOKUPS_SHED_TOTAL};
 use tower_api_keys::resolver::CachedResolver;
-use tower_api_keys::resolver::{DEGRADED, LOOKUPS_SHED_TOTAL};
 
 /// A log sink for one test.
 #[derive(Clone, Default)]

@@ -24,7 +24,8 @@ use std::sync::Mutex;
 #[cfg(any(feature = "postgres", feature = "redis"))]
 use tokio::sync::watch;
 
-pub use crate::metrics::{
+#[allow(unused_imports)] // used with `metrics` and a fleet backend
+use crate::metrics::{
     ACKNOWLEDGEMENT_SECONDS, APPLIED_SEQUENCE, FLEET_INSTANCES, LAGGARDS_TOTAL,
     OLDEST_UNACKNOWLEDGED_SECONDS,
 };

@@ -31,7 +31,7 @@
 //!   deadline (default the freshness bound, 1 s;
 //!   [`acknowledgement_deadline`](crate::manage::KeyManager::acknowledgement_deadline)), and gets a
 //!   [`Receipt`]: how many acknowledged, which did not (the laggards, logged at `warn` and counted
-//!   in [`LAGGARDS_TOTAL`]), how long it took. `DELETE /api-keys/{id}` still answers 204 with no
+//!   in [`LAGGARDS_TOTAL`](crate::metrics::LAGGARDS_TOTAL)), how long it took. `DELETE /api-keys/{id}` still answers 204 with no
 //!   body, and says it in headers: [`ACKNOWLEDGED_HEADER`] (`Revocation-Acknowledged: 3`),
 //!   [`INSTANCES_HEADER`] (`Revocation-Instances: 3`), [`ELAPSED_HEADER`]
 //!   (`Revocation-Elapsed-Ms: 2.417`) and [`SEQUENCE_HEADER`]; they are absent when nothing could
@@ -66,9 +66,12 @@
 //! hold these; BENCHMARKS.md ("Revocation with a receipt") has the figures, `scripts/fleet.sh`
 //! reruns them.
 //!
-//! Metrics (feature `metrics`): [`FLEET_INSTANCES`], [`OLDEST_UNACKNOWLEDGED_SECONDS`],
-//! [`APPLIED_SEQUENCE`] (label `instance`), [`ACKNOWLEDGEMENT_SECONDS`] (a histogram),
-//! [`LAGGARDS_TOTAL`] (label `instance`).
+//! Metrics (feature `metrics`, listed in [`metrics`](crate::metrics)):
+//! [`FLEET_INSTANCES`](crate::metrics::FLEET_INSTANCES),
+//! [`OLDEST_UNACKNOWLEDGED_SECONDS`](crate::metrics::OLDEST_UNACKNOWLEDGED_SECONDS),
+//! [`APPLIED_SEQUENCE`](crate::metrics::APPLIED_SEQUENCE) (label `instance`),
+//! [`ACKNOWLEDGEMENT_SECONDS`](crate::metrics::ACKNOWLEDGEMENT_SECONDS) (a histogram),
+//! [`LAGGARDS_TOTAL`](crate::metrics::LAGGARDS_TOTAL) (label `instance`).
 //!
 //! Not (yet) on this path: adding or retiring a keyed-format secret still reaches an instance only
 //! when it restarts.
@@ -93,9 +96,7 @@ mod subscription;
 
 pub(crate) use self::fleet::report;
 pub use self::fleet::{
-    ACKNOWLEDGED_HEADER, ACKNOWLEDGEMENT_SECONDS, APPLIED_SEQUENCE, ELAPSED_HEADER,
-    FLEET_INSTANCES, INSTANCES_HEADER, LAGGARDS_TOTAL, OLDEST_UNACKNOWLEDGED_SECONDS, Receipt,
-    SEQUENCE_HEADER, Sequenced,
+    ACKNOWLEDGED_HEADER, ELAPSED_HEADER, INSTANCES_HEADER, Receipt, SEQUENCE_HEADER, Sequenced,
 };
 #[cfg(feature = "postgres")]
 pub use self::postgres::PgInvalidator;

@@ -111,11 +111,6 @@ mod cache;
 mod front;
 mod intern;
 
-/// Name of the counter of store lookups refused by the lookup bound (feature `metrics`).
-pub const LOOKUPS_SHED_TOTAL: &str = "api_key_lookups_shed_total";
-/// Name of the gauge that is 1 while a resolver is in degraded mode, 0 otherwise (feature `metrics`).
-pub const DEGRADED: &str = "api_key_cache_degraded";
-
 /// A key as the cache holds it: the ready-made principal and what must be checked per request.
 pub(crate) struct ResolvedKey {
     pub(crate) principal: Principal,
@@ -445,7 +440,7 @@ impl CachedResolverBuilder {
     /// At most `in_flight` store lookups at once, and `queue` more waiting for one (defaults 32 and
     /// 64); a miss beyond that is answered 503 `AUTH_UNAVAILABLE` at once, without reaching the
     /// store, and counted ([`shed_lookups`](CachedResolver::shed_lookups), metric
-    /// [`LOOKUPS_SHED_TOTAL`]). Concurrent misses for one digest share one lookup and one place.
+    /// [`LOOKUPS_SHED_TOTAL`](crate::metrics::LOOKUPS_SHED_TOTAL)). Concurrent misses for one digest share one lookup and one place.
     /// Cached keys are answered whatever the load. `in_flight` is at least 1.
     pub fn lookup_limit(mut self, in_flight: usize, queue: usize) -> Self {
         self.lookup_limit = (in_flight.max(1), queue);
@@ -698,7 +693,7 @@ impl CachedResolver {
             inner.queued.fetch_sub(1, Ordering::AcqRel);
             inner.shed.fetch_add(1, Ordering::Relaxed);
             #[cfg(feature = "metrics")]
-            ::metrics::counter!(LOOKUPS_SHED_TOTAL).increment(1);
+            ::metrics::counter!(crate::metrics::LOOKUPS_SHED_TOTAL).increment(1);
             return Err(StoreError::new(StoreErrorKind::Unavailable, LookupShed));
         }
         let _place = QueuePlace(&inner.queued);
@@ -952,7 +947,7 @@ impl CachedResolver {
                  re-read from the store when older than the degraded lifetime"
             );
             #[cfg(feature = "metrics")]
-            ::metrics::gauge!(DEGRADED).set(1.0);
+            ::metrics::gauge!(crate::metrics::CACHE_DEGRADED).set(1.0);
         }
     }
 
@@ -966,7 +961,7 @@ impl CachedResolver {
             self.retire_front();
             tracing::info!("API key cache no longer degraded: invalidation subscription connected");
             #[cfg(feature = "metrics")]
-            ::metrics::gauge!(DEGRADED).set(0.0);
+            ::metrics::gauge!(crate::metrics::CACHE_DEGRADED).set(0.0);
         }
     }
 }
