@@ -37,7 +37,7 @@ async fn backend(name: &'static str, store: Arc<dyn KeyStore>) -> Backend {
         known.get_or_insert(key.digest());
     }
     let resolver = CachedResolver::builder(store.clone())
-        .ttl(Duration::from_secs(300))
+        .time_to_live(Duration::from_secs(300))
         .build();
     Backend {
         name,

@@ -49,7 +49,7 @@ struct Backend {
 impl Backend {
     fn new(name: &'static str, store: Arc<CountingStore>) -> Self {
         let resolver = CachedResolver::builder(store.clone())
-            .ttl(Duration::from_secs(300))
+            .time_to_live(Duration::from_secs(300))
             .build();
         Self {
             name,

@@ -237,7 +237,7 @@ fn main() {
     let valid = runtime.block_on(fixtures::issue(&*store, &format, 0, "ledgers:read"));
     let resolver = CachedResolver::builder(store.clone())
         .format(format.clone())
-        .negative_ttl(NEGATIVE_TTL)
+        .negative_time_to_live(NEGATIVE_TTL)
         .build();
     let service =
         ApiKeyLayer::new(resolver.clone()).layer(RequireScopes::all(["ledgers:read"]).layer(
@@ -416,7 +416,7 @@ fn flood(runtime: &tokio::runtime::Runtime, format: &KeyFormat, rng: &mut Rng) {
     let resolver = CachedResolver::builder(store.clone())
         .format(format.clone())
         .max_capacity(FLOOD_CAPACITY)
-        .negative_ttl(NEGATIVE_TTL)
+        .negative_time_to_live(NEGATIVE_TTL)
         .build();
     let mut service =
         ApiKeyLayer::new(resolver.clone()).layer(RequireScopes::all(["ledgers:read"]).layer(

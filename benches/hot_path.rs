@@ -134,7 +134,7 @@ fn setup() -> (ApiKey, CachedResolver, CachedResolver) {
     let resolver = |front: bool| {
         // Long enough for the whole run: every timed request must be a cache hit.
         let resolver = CachedResolver::builder(store.clone())
-            .ttl(Duration::from_secs(24 * 3600))
+            .time_to_live(Duration::from_secs(24 * 3600))
             .per_thread_front(front)
             .build();
         // Warm the cache.

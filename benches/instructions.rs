@@ -147,7 +147,7 @@ fn key_and_resolver(runtime: &tokio::runtime::Runtime) -> (ApiKey, CachedResolve
     };
     let store = Arc::new(MemoryStore::new());
     let resolver = CachedResolver::builder(store.clone() as Arc<dyn KeyStore>)
-        .ttl(Duration::from_secs(24 * 3600))
+        .time_to_live(Duration::from_secs(24 * 3600))
         .build();
     runtime.block_on(async {
         store

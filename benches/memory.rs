@@ -193,7 +193,7 @@ fn main() {
 
     let resolver = CachedResolver::builder(DecodingStore)
         .max_capacity(u64::from(keys) * 2)
-        .ttl(Duration::from_secs(3600))
+        .time_to_live(Duration::from_secs(3600))
         .build();
     let (heap_before, rss_before) = (live(), resident());
     let started = Instant::now();

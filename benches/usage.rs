@@ -81,7 +81,7 @@ fn setup() -> (ApiKey, CachedResolver, std::sync::Arc<dyn KeyStore>) {
         .build()
         .unwrap();
     let resolver = CachedResolver::builder(store.clone())
-        .ttl(Duration::from_secs(24 * 3600))
+        .time_to_live(Duration::from_secs(24 * 3600))
         .build();
     runtime.block_on(async {
         store

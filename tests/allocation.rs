@@ -81,7 +81,7 @@ fn cached_key() -> (ApiKey, CachedResolver) {
     let record = common::record(&format, &key, "team-a", "ledgers:read");
     let store = Arc::new(MemoryStore::new());
     let resolver = CachedResolver::builder(store.clone() as Arc<dyn KeyStore>)
-        .ttl(Duration::from_secs(3600))
+        .time_to_live(Duration::from_secs(3600))
         .build();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -38,7 +38,7 @@ struct Instance {
 async fn instance(schema: &PgSchema) -> Instance {
     let store = schema.store().await;
     let resolver = CachedResolver::builder(store.clone())
-        .ttl(Duration::from_secs(300))
+        .time_to_live(Duration::from_secs(300))
         .build();
     Instance { store, resolver }
 }

@@ -28,7 +28,7 @@ const HANG_GUARD: Duration = Duration::from_secs(30);
 
 fn resolver(store: tower_api_keys::store::PostgresStore) -> CachedResolver {
     CachedResolver::builder(store)
-        .ttl(Duration::from_secs(300))
+        .time_to_live(Duration::from_secs(300))
         .build()
 }
 

@@ -49,7 +49,7 @@ async fn hanging_store_is_unavailable_cached_keys_work_and_it_recovers() {
             .unwrap();
     }
     let resolver = CachedResolver::builder(store.clone())
-        .ttl(Duration::from_secs(300))
+        .time_to_live(Duration::from_secs(300))
         .lookup_timeout(Duration::from_millis(100))
         .build();
     resolver.authenticate(&cached_key.digest()).await.unwrap();
@@ -136,7 +136,7 @@ mod postgres {
             .await
             .unwrap();
         let resolver = CachedResolver::builder(proxied.clone())
-            .ttl(Duration::from_secs(300))
+            .time_to_live(Duration::from_secs(300))
             .lookup_timeout(Duration::from_secs(10))
             .build();
 

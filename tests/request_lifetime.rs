@@ -461,7 +461,7 @@ mod fleet {
         let channel = common::db::unique("lifetime_pg");
         let (a_store, b_store) = (schema.store().await, schema.store().await);
         let b_resolver = CachedResolver::builder(b_store.clone())
-            .ttl(Duration::from_secs(300))
+            .time_to_live(Duration::from_secs(300))
             .build();
         let a_invalidator = PgInvalidator::from_store(&a_store)
             .with_channel(&channel)
@@ -491,7 +491,7 @@ mod fleet {
         let channel = common::db::unique("lifetime_redis");
         let (a_store, b_store) = (schema.store().await, schema.store().await);
         let b_resolver = CachedResolver::builder(b_store.clone())
-            .ttl(Duration::from_secs(300))
+            .time_to_live(Duration::from_secs(300))
             .build();
         let a_invalidator = RedisInvalidator::open(&redis_url)
             .unwrap()

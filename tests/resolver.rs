@@ -97,7 +97,7 @@ async fn concurrent_misses_share_one_lookup() {
 async fn unknown_digests_are_cached_for_the_negative_ttl() {
     let store = common::TestStore::new();
     let resolver = CachedResolver::builder(store.clone())
-        .negative_ttl(Duration::from_millis(200))
+        .negative_time_to_live(Duration::from_millis(200))
         .build();
     let digest = KeyFormat::default().generate().digest();
     for _ in 0..3 {
@@ -121,7 +121,7 @@ async fn a_cached_key_expires_on_time() {
     })
     .await;
     let resolver = CachedResolver::builder(store.clone())
-        .ttl(Duration::from_secs(3600))
+        .time_to_live(Duration::from_secs(3600))
         .build();
     let mut service = ApiKeyLayer::new(resolver.clone()).layer(tower::service_fn(ok));
     assert_eq!(status(&mut service, &key).await, StatusCode::OK);
@@ -190,8 +190,8 @@ async fn degraded_mode_rereads_old_answers() {
     let format = KeyFormat::default();
     let (key, record) = common::issue(&*store, &format, "ledgers:read").await;
     let resolver = CachedResolver::builder(store.clone())
-        .ttl(Duration::from_secs(3600))
-        .degraded_ttl(Duration::from_millis(200))
+        .time_to_live(Duration::from_secs(3600))
+        .degraded_time_to_live(Duration::from_millis(200))
         .build();
     assert!(!resolver.is_degraded(), "no subscription, no degraded mode");
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -48,7 +48,7 @@ async fn a_lookup_overtaken_by_an_invalidation_does_not_fill_the_cache() {
         let store = Arc::new(GateStore::default());
         let (key, record) = common::issue(&*store, &format, "ledgers:read").await;
         let resolver = CachedResolver::builder(store.clone())
-            .ttl(Duration::from_secs(3600))
+            .time_to_live(Duration::from_secs(3600))
             .build();
         let manager = KeyManager::new(resolver.clone());
         let digest = key.digest();
@@ -119,7 +119,7 @@ fn no_thread_admits_a_key_after_revoke_returned() {
         .unwrap();
     let store = Arc::new(MemoryStore::new());
     let resolver = CachedResolver::builder(store.clone())
-        .ttl(Duration::from_secs(3600))
+        .time_to_live(Duration::from_secs(3600))
         .build();
     let manager = KeyManager::new(resolver.clone());
     for round in 0..3 {

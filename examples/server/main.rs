@@ -288,7 +288,7 @@ pub(crate) async fn build_with(
     };
     let resolver = CachedResolver::builder(database.keys.clone())
         .format(format)
-        .ttl(Duration::from_secs(60))
+        .time_to_live(Duration::from_secs(60))
         .build();
     let manager = KeyManager::new(resolver.clone()).policy(
         KeyPolicy::default()

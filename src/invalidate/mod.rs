@@ -39,7 +39,7 @@
 //!   invalidator runs on the instance that revoked). The revoke never fails for want of
 //!   acknowledgements.
 //! - **The freshness bound.** A subscription vouches for its resolver's cache until one bound
-//!   (the resolver's [`degraded_ttl`](crate::resolver::CachedResolverBuilder::degraded_ttl),
+//!   (the resolver's [`degraded_time_to_live`](crate::resolver::CachedResolverBuilder::degraded_time_to_live),
 //!   default 1 s) after the sending time of the last heartbeat of its own that came back to it:
 //!   everything published before that heartbeat was sent has been received and applied by then
 //!   (one ordered channel). Past that, the resolver is degraded: cached answers read from the store

@@ -24,7 +24,7 @@ use crate::key::{KeyDigest, KeyId};
 
 /// Per-entry lifetimes for moka.
 struct Lifetimes {
-    negative_ttl: Duration,
+    negative_time_to_live: Duration,
 }
 
 impl Lifetimes {
@@ -34,7 +34,7 @@ impl Lifetimes {
                 let left = key.cached_until.saturating_sub(now_unix_nanos());
                 Duration::from_nanos(u64::try_from(left).unwrap_or(0))
             }
-            CacheEntry::Unknown { .. } => self.negative_ttl,
+            CacheEntry::Unknown { .. } => self.negative_time_to_live,
         }
     }
 }
@@ -66,10 +66,12 @@ pub(super) struct Cache {
 }
 
 impl Cache {
-    pub(super) fn new(max_capacity: u64, negative_ttl: Duration) -> Self {
+    pub(super) fn new(max_capacity: u64, negative_time_to_live: Duration) -> Self {
         let entries = moka::sync::Cache::builder()
             .max_capacity(max_capacity)
-            .expire_after(Lifetimes { negative_ttl })
+            .expire_after(Lifetimes {
+                negative_time_to_live,
+            })
             .support_invalidation_closures()
             .build();
         Self { entries }

@@ -9,12 +9,12 @@
 //!
 //! let resolver = CachedResolver::builder(MemoryStore::new())
 //!     .format(KeyFormat::new("sk_live").unwrap())
-//!     .ttl(Duration::from_secs(30))
-//!     .negative_ttl(Duration::from_secs(5))
+//!     .time_to_live(Duration::from_secs(30))
+//!     .negative_time_to_live(Duration::from_secs(5))
 //!     .max_capacity(100_000)
 //!     .lookup_timeout(Duration::from_secs(2))
 //!     .lookup_limit(32, 64)
-//!     .degraded_ttl(Duration::from_secs(1))
+//!     .degraded_time_to_live(Duration::from_secs(1))
 //!     .build();
 //! # let _ = resolver;
 //! ```
@@ -337,9 +337,9 @@ struct Inner {
     lookups: AtomicU64,
     /// Subscriptions of this resolver that are down (or not yet up): degraded while not 0.
     degraded: AtomicUsize,
-    degraded_ttl: i64,
+    degraded_time_to_live: i64,
     /// Until when (Unix nanoseconds) the fleet vouches for this cache: a fleet subscription moves it
-    /// to `t + degraded_ttl` each time it hears its own heartbeat sent at `t`. `i64::MAX` without
+    /// to `t + degraded_time_to_live` each time it hears its own heartbeat sent at `t`. `i64::MAX` without
     /// one (nothing to hear): the single-instance path never reads past it.
     vouched_until: AtomicI64,
     /// Serve a cached answer the fleet no longer vouches for when the store cannot be read either
@@ -363,7 +363,7 @@ impl Inner {
         {
             i64::MIN
         } else {
-            now.saturating_sub(self.degraded_ttl)
+            now.saturating_sub(self.degraded_time_to_live)
         }
     }
 }
@@ -394,11 +394,11 @@ pub struct CachedResolverBuilder {
     store: Arc<dyn KeyStore>,
     format: KeyFormat,
     ttl: Duration,
-    negative_ttl: Duration,
+    negative_time_to_live: Duration,
     max_capacity: u64,
     lookup_timeout: Duration,
     lookup_limit: (usize, usize),
-    degraded_ttl: Duration,
+    degraded_time_to_live: Duration,
     serve_stale: bool,
     front: bool,
 }
@@ -412,14 +412,14 @@ impl CachedResolverBuilder {
 
     /// How long a known key is cached (default 60 s). Without a broadcast invalidator this bounds how
     /// long another instance may keep accepting a revoked key.
-    pub fn ttl(mut self, ttl: Duration) -> Self {
+    pub fn time_to_live(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
         self
     }
 
     /// How long an unknown digest is cached (default 5 s).
-    pub fn negative_ttl(mut self, ttl: Duration) -> Self {
-        self.negative_ttl = ttl;
+    pub fn negative_time_to_live(mut self, ttl: Duration) -> Self {
+        self.negative_time_to_live = ttl;
         self
     }
 
@@ -454,8 +454,8 @@ impl CachedResolverBuilder {
     /// It is also the fleet's *freshness bound* ([`crate::invalidate`], "Revocation with a
     /// receipt"): an instance whose subscription has not heard its own heartbeat come back for
     /// longer than this stops vouching for its cache in the same way.
-    pub fn degraded_ttl(mut self, ttl: Duration) -> Self {
-        self.degraded_ttl = ttl;
+    pub fn degraded_time_to_live(mut self, ttl: Duration) -> Self {
+        self.degraded_time_to_live = ttl;
         self
     }
 
@@ -484,7 +484,7 @@ impl CachedResolverBuilder {
             inner: Arc::new(Inner {
                 store: self.store,
                 format: self.format,
-                cache: cache::Cache::new(self.max_capacity, self.negative_ttl),
+                cache: cache::Cache::new(self.max_capacity, self.negative_time_to_live),
                 shared: intern::Interner::default(),
                 in_flight: Mutex::default(),
                 epoch: AtomicU64::new(0),
@@ -498,7 +498,7 @@ impl CachedResolverBuilder {
                 shed: AtomicU64::new(0),
                 lookups: AtomicU64::new(0),
                 degraded: AtomicUsize::new(0),
-                degraded_ttl: saturating_nanos(self.degraded_ttl),
+                degraded_time_to_live: saturating_nanos(self.degraded_time_to_live),
                 vouched_until: AtomicI64::new(i64::MAX),
                 serve_stale: self.serve_stale,
                 front: self.front,
@@ -533,11 +533,11 @@ impl CachedResolver {
             store: Arc::new(store),
             format: KeyFormat::default(),
             ttl: Duration::from_secs(60),
-            negative_ttl: Duration::from_secs(5),
+            negative_time_to_live: Duration::from_secs(5),
             max_capacity: 100_000,
             lookup_timeout: Duration::from_secs(2),
             lookup_limit: (32, 64),
-            degraded_ttl: Duration::from_secs(1),
+            degraded_time_to_live: Duration::from_secs(1),
             serve_stale: false,
             front: true,
         }
@@ -899,7 +899,7 @@ impl CachedResolver {
     }
 
     /// The fleet vouches for this cache until `until` (Unix nanoseconds): a fleet subscription heard
-    /// its own heartbeat sent at `until - degraded_ttl`. Only moves forward.
+    /// its own heartbeat sent at `until - degraded_time_to_live`. Only moves forward.
     #[cfg(any(feature = "postgres", feature = "redis"))]
     pub(crate) fn vouch_until(&self, until: i64) {
         self.inner.vouched_until.fetch_max(until, Ordering::AcqRel);
@@ -910,7 +910,7 @@ impl CachedResolver {
     #[cfg(any(feature = "postgres", feature = "redis"))]
     pub(crate) fn join_fleet(&self, now: i64) {
         self.inner.vouched_until.store(
-            now.saturating_add(self.inner.degraded_ttl),
+            now.saturating_add(self.inner.degraded_time_to_live),
             Ordering::Release,
         );
     }
@@ -923,7 +923,7 @@ impl CachedResolver {
 
     /// The freshness bound (the degraded lifetime).
     pub(crate) fn bound(&self) -> Duration {
-        Duration::from_nanos(u64::try_from(self.inner.degraded_ttl).unwrap_or(0))
+        Duration::from_nanos(u64::try_from(self.inner.degraded_time_to_live).unwrap_or(0))
     }
 
     /// Whether the fleet vouches for this cache at `now` (always, outside a fleet).
@@ -942,7 +942,7 @@ impl CachedResolver {
     pub(crate) fn subscription_down(&self) {
         if self.inner.degraded.fetch_add(1, Ordering::AcqRel) == 0 {
             tracing::warn!(
-                degraded_ttl_ms = self.inner.degraded_ttl / 1_000_000,
+                degraded_ttl_ms = self.inner.degraded_time_to_live / 1_000_000,
                 "API key cache degraded: invalidation subscription not connected; cached keys are \
                  re-read from the store when older than the degraded lifetime"
             );
@@ -1074,7 +1074,7 @@ mod tests {
     fn resolver_with(record: &KeyRecord, ttl: Duration) -> CachedResolver {
         let store = crate::store::MemoryStore::new();
         block_on(store.insert(record, Default::default(), record.created_at)).unwrap();
-        CachedResolver::builder(store).ttl(ttl).build()
+        CachedResolver::builder(store).time_to_live(ttl).build()
     }
 
     /// A revocation reaches the hot path of a thread whose front already holds the key.
