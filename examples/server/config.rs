@@ -177,6 +177,7 @@ impl Database {
 }
 
 /// A fleet setting from the environment (see the module docs), if set and not empty.
+#[cfg(any(feature = "postgres", feature = "redis"))]
 fn fleet_setting(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|value| !value.is_empty())
 }
