@@ -131,13 +131,7 @@ impl Deliverer {
 
     /// The delay after the `attempts`-th failed attempt.
     fn delay(&self, attempts: u32) -> Duration {
-        let factor = 1u32
-            .checked_shl(attempts.saturating_sub(1))
-            .unwrap_or(u32::MAX);
-        self.first_retry
-            .checked_mul(factor)
-            .unwrap_or(self.max_retry)
-            .min(self.max_retry)
+        backoff(self.first_retry, self.max_retry, attempts)
     }
 
     /// One pass with the wall clock: every due delivery it can claim, attempted once.
@@ -287,69 +281,23 @@ where
     Ok(response.status().as_u16())
 }
 
+/// Exponential backoff: `first` after the first failed attempt, doubling each time, at most `max`.
+fn backoff(first: Duration, max: Duration, attempts: u32) -> Duration {
+    let factor = 1u32
+        .checked_shl(attempts.saturating_sub(1))
+        .unwrap_or(u32::MAX);
+    first.checked_mul(factor).unwrap_or(max).min(max)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    use crate::audit::EventDraft;
-
-    struct NoStore;
-
-    #[async_trait::async_trait]
-    impl WebhookStore for NoStore {
-        async fn insert_webhook(
-            &self,
-            _: &super::super::Webhook,
-            _: &super::super::WebhookSecret,
-            _: &[EventDraft],
-        ) -> Result<(), StoreError> {
-            unimplemented!()
-        }
-        async fn webhook(&self, _: &str) -> Result<Option<super::super::Webhook>, StoreError> {
-            unimplemented!()
-        }
-        async fn webhooks(&self, _: &str) -> Result<Vec<super::super::Webhook>, StoreError> {
-            unimplemented!()
-        }
-        async fn delete_webhook(&self, _: &str, _: &[EventDraft]) -> Result<bool, StoreError> {
-            unimplemented!()
-        }
-        async fn set_webhook_secret(
-            &self,
-            _: &str,
-            _: &super::super::WebhookSecret,
-            _: &[EventDraft],
-        ) -> Result<bool, StoreError> {
-            unimplemented!()
-        }
-        async fn deliveries(
-            &self,
-            _: &str,
-            _: Option<&str>,
-            _: u32,
-        ) -> Result<Vec<super::super::Delivery>, StoreError> {
-            unimplemented!()
-        }
-        async fn claim(
-            &self,
-            _: OffsetDateTime,
-            _: OffsetDateTime,
-            _: &str,
-            _: u32,
-        ) -> Result<Vec<Claimed>, StoreError> {
-            unimplemented!()
-        }
-        async fn finish(&self, _: &str, _: &str, _: &AttemptOutcome) -> Result<(), StoreError> {
-            unimplemented!()
-        }
-    }
-
     #[test]
     fn backoff_doubles_up_to_its_cap() {
-        let d = Deliverer::new(Arc::new(NoStore))
-            .backoff(Duration::from_secs(5), Duration::from_secs(60));
-        let delays: Vec<u64> = (1..=6).map(|a| d.delay(a).as_secs()).collect();
+        let (first, max) = (Duration::from_secs(5), Duration::from_secs(60));
+        let delays: Vec<u64> = (1..=6).map(|a| backoff(first, max, a).as_secs()).collect();
         assert_eq!(delays, [5, 10, 20, 40, 60, 60]);
-        assert_eq!(d.delay(200).as_secs(), 60);
+        assert_eq!(backoff(first, max, 200).as_secs(), 60);
     }
 }
