@@ -197,25 +197,26 @@ where
     B: Body,
     R: Clone,
 {
+    // Behind trusted proxies, the client's address, worked out once: for whoever records it
+    // (audit events) and for the key's last-used address. Without, the peer's is in the request.
+    let forwarded = config
+        .client
+        .trusted_proxies
+        .as_ref()
+        .and_then(|_| config.client.client(req.headers(), req.extensions()));
     if let Some(tally) = &tally
         && tally
             .key
             .usage()
             .ip_due(crate::clock::now_unix_nanos() / 1_000_000_000)
-        && let Some(ip) = config.client.client(req.headers(), req.extensions())
+        && let Some(ip) =
+            forwarded.or_else(|| config.client.client(req.headers(), req.extensions()))
     {
         tally.key.usage().set_ip(ip);
     }
     crate::metrics::admitted(principal.as_ref());
     let sunset = super::sunset::header(config.sunset, principal.as_ref());
     let span = span_for(principal.as_ref());
-    // Behind trusted proxies, the client's address for whoever records it (audit events); the
-    // peer's is in the request already.
-    let forwarded = config
-        .client
-        .trusted_proxies
-        .as_ref()
-        .and_then(|_| config.client.client(req.headers(), req.extensions()));
     let (mut parts, body) = req.into_parts();
     if let Some(ip) = forwarded {
         parts.extensions.insert(super::network::ForwardedClient(ip));
