@@ -1,10 +1,14 @@
-//! The crate's HTTPS client connections (leak reports' public keys, webhook deliveries): rustls
-//! with ring and Mozilla's roots (webpki-roots), to an address the caller has already chosen (a
-//! webhook's checked address; no second DNS look-up between the check and the connection).
+//! The crate's HTTP client connections (leak reports' public keys, webhook deliveries): TLS with
+//! rustls, ring and Mozilla's roots (webpki-roots), to an address the caller has already chosen (a
+//! webhook's checked address; no second DNS look-up between the check and the connection), and one
+//! HTTP/1.1 request over a connection.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
+use bytes::Bytes;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -41,4 +45,29 @@ pub(crate) async fn connect(host: &str, addr: SocketAddr) -> Result<TlsStream<Tc
         .connect(name, tcp)
         .await
         .map_err(|e| format!("tls: {e}"))
+}
+
+/// Sends `request` over `io` (HTTP/1.1, one request) and returns the answer's head and streaming
+/// body; the connection is driven in its own task until it ends.
+pub(crate) async fn send<IO, B>(
+    io: IO,
+    request: http::Request<B>,
+) -> Result<http::Response<hyper::body::Incoming>, String>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| format!("http: {e}"))?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "client connection ended");
+        }
+    });
+    sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("http: {e}"))
 }

@@ -342,12 +342,12 @@ impl FetchKeys for HttpFetcher {
                 .ok_or_else(|| "resolve: no address".to_owned())?;
             if https {
                 let tls = crate::https::connect(name, addr).await?;
-                get(tls, request).await
+                crate::https::send(tls, request).await
             } else {
                 let tcp = tokio::net::TcpStream::connect(addr)
                     .await
                     .map_err(|e| format!("connect: {}", e.kind()))?;
-                get(tcp, request).await
+                crate::https::send(tcp, request).await
             }
         };
         let response = tokio::time::timeout(Duration::from_secs(5), answer)
@@ -364,29 +364,6 @@ impl FetchKeys for HttpFetcher {
             .map_err(|e| fail(e.to_string()))?;
         Ok(collected.to_bytes())
     }
-}
-
-/// Sends `request` over `io` (HTTP/1.1) and returns the answer's head and streaming body.
-async fn get<IO>(
-    io: IO,
-    request: http::Request<Empty<Bytes>>,
-) -> Result<http::Response<hyper::body::Incoming>, String>
-where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
-            .await
-            .map_err(|e| format!("http: {e}"))?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%error, "public-key fetch connection ended");
-        }
-    });
-    sender
-        .send_request(request)
-        .await
-        .map_err(|e| format!("http: {e}"))
 }
 
 #[cfg(test)]

@@ -8,13 +8,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, header};
 use http_body_util::Full;
-use hyper_util::rt::TokioIo;
 use time::OffsetDateTime;
-use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::store::WebhookStore;
 use super::types::{AttemptOutcome, Claimed, DeliveryStatus};
-use super::url::{Destination, UrlPolicy};
+use super::url::UrlPolicy;
 use crate::store::StoreError;
 
 /// Default first retry delay; each further one doubles.
@@ -247,38 +245,19 @@ impl Deliverer {
             .map_err(|_| "bad request".to_owned())?;
         if dest.https {
             let tls = crate::https::connect(&dest.host, dest.addr).await?;
-            exchange(tls, request, &dest).await
+            status(crate::https::send(tls, request).await)
         } else {
             let tcp = tokio::net::TcpStream::connect(dest.addr)
                 .await
                 .map_err(|e| format!("connect: {}", e.kind()))?;
-            exchange(tcp, request, &dest).await
+            status(crate::https::send(tcp, request).await)
         }
     }
 }
 
-async fn exchange<IO>(
-    io: IO,
-    request: Request<Full<Bytes>>,
-    dest: &Destination,
-) -> Result<u16, String>
-where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| format!("http: {e}"))?;
-    let host = dest.host.clone();
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%error, %host, "webhook connection ended");
-        }
-    });
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| format!("http: {e}"))?;
-    Ok(response.status().as_u16())
+/// The status of an answer, or why there was none.
+fn status(answer: Result<http::Response<hyper::body::Incoming>, String>) -> Result<u16, String> {
+    answer.map(|response| response.status().as_u16())
 }
 
 /// Exponential backoff: `first` after the first failed attempt, doubling each time, at most `max`.
