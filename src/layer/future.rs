@@ -120,8 +120,17 @@ impl<R> Watch<R> {
 }
 
 impl<F, B, E, R, M: BodyMode<B>> ResponseFuture<F, B, E, R, M> {
-    /// The inner service's future, polled inside `span` (none when it is disabled).
-    pub(crate) fn inner(future: F, span: tracing::Span, watch: Option<Watch<R>>) -> Self {
+    /// The inner service's future, polled inside `span` (none when it is disabled); its response
+    /// gets `sunset` (the `Sunset` header, unless it set one itself) and its outcome is counted
+    /// with `tally` when the head is ready. Built in one go: the future is large, and every
+    /// by-value step would move it.
+    pub(crate) fn inner(
+        future: F,
+        span: tracing::Span,
+        watch: Option<Watch<R>>,
+        sunset: Option<http::HeaderValue>,
+        tally: Option<Tally>,
+    ) -> Self {
         Self {
             kind: if span.is_none() {
                 Kind::Plain { future, watch }
@@ -132,15 +141,9 @@ impl<F, B, E, R, M: BodyMode<B>> ResponseFuture<F, B, E, R, M> {
                     watch,
                 }
             },
-            sunset: None,
-            tally: None,
+            sunset,
+            tally,
         }
-    }
-
-    /// Counts the outcome with `tally` when the response head is ready.
-    pub(crate) fn tally(mut self, tally: Option<Tally>) -> Self {
-        self.tally = tally;
-        self
     }
 
     pub(crate) fn lookup(future: BoxFuture<'static, Result<Response<M::Body>, E>>) -> Self {
@@ -159,12 +162,6 @@ impl<F, B, E, R, M: BodyMode<B>> ResponseFuture<F, B, E, R, M> {
             sunset: None,
             tally: None,
         }
-    }
-
-    /// Adds `sunset` (if any) to the inner service's response, unless it set one itself.
-    pub(crate) fn sunset(mut self, sunset: Option<http::HeaderValue>) -> Self {
-        self.sunset = sunset;
-        self
     }
 }
 

@@ -264,9 +264,7 @@ where
     };
     let req = Request::from_parts(parts, body);
     let future = span.in_scope(|| inner.call(req));
-    ResponseFuture::inner(future, span, watch)
-        .sunset(sunset)
-        .tally(tally)
+    ResponseFuture::inner(future, span, watch, sunset, tally)
 }
 
 /// The refusal of a request, rendered by `rejection`.
