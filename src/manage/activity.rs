@@ -26,7 +26,7 @@ pub struct EventFilter {
     pub until: Option<OffsetDateTime>,
     /// The previous page's [`EventPage::next_cursor`].
     pub cursor: Option<String>,
-    /// At most this many (1 to [`MAX_PAGE_SIZE`]; default [`DEFAULT_PAGE_SIZE`](super::DEFAULT_PAGE_SIZE)).
+    /// At most this many (1 to [`MAX_PAGE_SIZE`]; default [`DEFAULT_PAGE_SIZE`](super::validate::DEFAULT_PAGE_SIZE)).
     pub limit: Option<u32>,
 }
 
@@ -137,7 +137,7 @@ impl KeyManager {
         key_ids: Option<Vec<KeyId>>,
         filter: EventFilter,
     ) -> Result<EventPage, AuthError> {
-        let limit = filter.limit.unwrap_or(super::DEFAULT_PAGE_SIZE);
+        let limit = filter.limit.unwrap_or(super::validate::DEFAULT_PAGE_SIZE);
         if !(1..=MAX_PAGE_SIZE).contains(&limit) {
             return Err(AuthError::invalid(format!(
                 "limit must be between 1 and {MAX_PAGE_SIZE}"

@@ -16,7 +16,8 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use utoipa::{OpenApi, ToSchema};
 
-use super::{EventFilter, EventPage, Granularity, KeyManager};
+use super::activity::{EventFilter, EventPage, Granularity};
+use super::manager::KeyManager;
 use crate::audit::{EventType, Origin, Verification};
 use crate::error::AuthError;
 use crate::key::KeyId;
@@ -223,7 +224,7 @@ pub(super) fn time_param(
 
 fn key_id(path: Result<Path<String>, PathRejection>) -> Result<KeyId, AuthError> {
     let Path(id) = path.map_err(|_| AuthError::NotFound)?;
-    if id.is_empty() || id.len() > super::MAX_KEY_ID_LEN {
+    if id.is_empty() || id.len() > super::validate::MAX_KEY_ID_LEN {
         return Err(AuthError::NotFound);
     }
     Ok(KeyId::new(id))
