@@ -10,7 +10,9 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::super::activity_routes::Acting;
-use super::super::{CreateKey, DEFAULT_PAGE_SIZE, KeyManager, RotateOptions, UpdateKey};
+use super::super::manager::KeyManager;
+use super::super::types::{CreateKey, RotateOptions, UpdateKey};
+use super::super::validate::DEFAULT_PAGE_SIZE;
 use super::wire::*;
 use crate::error::AuthError;
 use crate::key::KeyId;

@@ -12,7 +12,8 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use utoipa::OpenApi;
 
-use super::{KeyManager, MAX_BODY_BYTES};
+use super::manager::KeyManager;
+use super::validate::MAX_BODY_BYTES;
 use keys::*;
 use pools::*;
 use wire::*;

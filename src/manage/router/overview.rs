@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use utoipa::ToSchema;
 
-use super::super::KeyManager;
+use super::super::manager::KeyManager;
 use super::super::activity_routes::{Acting, time_param};
 use super::wire::{ErrorBody, no_store, query};
 use crate::error::AuthError;

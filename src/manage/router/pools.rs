@@ -6,7 +6,7 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 
-use super::super::KeyManager;
+use super::super::manager::KeyManager;
 use super::super::activity_routes::Acting;
 use super::wire::*;
 use crate::error::AuthError;

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::{OpenApi, ToSchema};
 
-use super::super::KeyManager;
+use super::super::manager::KeyManager;
 use super::super::activity_routes::Acting;
 use super::wire::{body_error, no_store, parse_json, query};
 use crate::error::AuthError;

@@ -11,7 +11,8 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use utoipa::ToSchema;
 
-use super::super::{CreatedKey, KeyInfo, MAX_BODY_BYTES, MAX_KEY_ID_LEN};
+use super::super::types::{CreatedKey, KeyInfo};
+use super::super::validate::{MAX_BODY_BYTES, MAX_KEY_ID_LEN, MAX_SCOPES};
 use crate::error::AuthError;
 use crate::key::KeyId;
 use crate::quota::{Credits, RateLimit, Refill, RefillInterval, UsageLimits};
@@ -168,7 +169,7 @@ pub(super) fn scopes_schema() -> utoipa::openapi::Array {
                 .max_length(Some(crate::scope::MAX_SCOPE_LEN)),
         )
         .min_items(Some(1))
-        .max_items(Some(super::super::MAX_SCOPES))
+        .max_items(Some(MAX_SCOPES))
         .examples([serde_json::json!(["ledgers:read", "balances:write"])])
         .build()
 }
