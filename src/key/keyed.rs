@@ -9,7 +9,7 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
-use super::format::KeyFormat;
+use super::KeyFormat;
 use super::shape::{InvalidPrefix, TAG_LEN, encode_base62, is_valid_prefix};
 
 /// Highest secret version: versions are one base62 character, `1` to `z` (`0` is never issued).
