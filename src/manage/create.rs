@@ -99,7 +99,7 @@ impl KeyManager {
         let journal = Journal::of(event);
         if let Err(error) = self
             .store
-            .insert_with(&record, self.policy.limits, now, &journal)
+            .insert_with(&record, self.policy.key_limits(), now, &journal)
             .await
         {
             return Err(match error.kind() {
@@ -177,7 +177,7 @@ impl KeyManager {
         credits: Option<Credits>,
         now: OffsetDateTime,
     ) -> Result<UsageLimits, AuthError> {
-        let defaults = self.policy.usage;
+        let defaults = self.policy.default_usage();
         let caller = self.current(caller).await?;
         Ok(inherit(
             &caller,

@@ -137,7 +137,9 @@ impl KeyManager {
         Err(refusal)
     }
 
-    /// Sets the policy.
+    /// The policy new keys are created under (default: [`KeyPolicy::default`], no limits). The
+    /// manager's settings are not read back from it: keep the values you give (the router shows
+    /// the policy to clients at `GET /api-keys/policy`).
     #[must_use]
     pub fn policy(mut self, policy: KeyPolicy) -> Self {
         self.policy = Arc::new(policy);
@@ -161,12 +163,6 @@ impl KeyManager {
         self
     }
 
-    /// The webhook endpoints this manager serves, if any.
-    #[cfg(feature = "webhooks")]
-    pub fn webhook_endpoints(&self) -> Option<&crate::webhooks::Webhooks> {
-        self.webhooks.as_ref()
-    }
-
     /// How long revoke, delete, rotate and the other invalidating operations wait, after
     /// broadcasting, for every live instance of the fleet to acknowledge that it applied the change
     /// (default: the resolver's freshness bound, its [`degraded_time_to_live`](crate::resolver::CachedResolverBuilder::degraded_time_to_live),
@@ -178,11 +174,6 @@ impl KeyManager {
     pub fn acknowledgement_deadline(mut self, deadline: Option<Duration>) -> Self {
         self.acknowledgement = deadline;
         self
-    }
-
-    /// The policy new keys are created under.
-    pub fn key_policy(&self) -> &KeyPolicy {
-        &self.policy
     }
 
     /// The resolver whose cache this manager keeps fresh.

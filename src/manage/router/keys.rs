@@ -233,10 +233,10 @@ pub(super) async fn policy_info(
         .owner
         .or_else(|| principal.owner().map(str::to_owned))
         .ok_or(AuthError::OwnerRequired)?;
-    let policy = manager.key_policy();
+    let policy = &manager.policy;
     let default_expires_at = manager.expiry(&principal, None, now)?;
     let latest_expires_at = match (
-        policy.lifetime_max().map(|max| now + max),
+        policy.max_lifetime.map(|max| now + max),
         principal.expires_at(),
     ) {
         (Some(a), Some(b)) => Some(a.min(b)),
@@ -258,10 +258,10 @@ pub(super) async fn policy_info(
         account_pool,
         owner_id: owner,
         active_keys,
-        max_active_per_owner: policy.limits().per_owner,
-        max_active_per_account: policy.limits().per_account,
-        default_lifetime_seconds: policy.lifetime_default().map(|d| d.as_secs()),
-        max_lifetime_seconds: policy.lifetime_max().map(|d| d.as_secs()),
+        max_active_per_owner: policy.max_active_per_owner,
+        max_active_per_account: policy.max_active_per_account,
+        default_lifetime_seconds: policy.default_lifetime.map(|d| d.as_secs()),
+        max_lifetime_seconds: policy.max_lifetime.map(|d| d.as_secs()),
         default_expires_at: default_expires_at.map(timestamp),
         latest_expires_at: latest_expires_at.map(timestamp),
         never_expires_allowed: default_expires_at.is_none(),

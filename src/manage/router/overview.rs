@@ -11,8 +11,8 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use utoipa::ToSchema;
 
-use super::super::manager::KeyManager;
 use super::super::activity_routes::{Acting, time_param};
+use super::super::manager::KeyManager;
 use super::wire::{ErrorBody, no_store, query};
 use crate::error::AuthError;
 use crate::principal::Principal;
