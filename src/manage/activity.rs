@@ -5,7 +5,7 @@ use time::OffsetDateTime;
 
 use super::authorize::{Operation, Target, authorize};
 use super::manager::KeyManager;
-use super::validate::{MAX_PAGE_SIZE, validate_cursor};
+use super::validate::MAX_PAGE_SIZE;
 use crate::audit::{AuditEvent, EventQuery, EventType, Verification, chain::Checker};
 use crate::error::AuthError;
 use crate::key::KeyId;
@@ -144,14 +144,13 @@ impl KeyManager {
             )));
         }
         let before_seq = match &filter.cursor {
-            Some(cursor) => {
-                validate_cursor(cursor)?;
-                Some(
-                    cursor
-                        .parse::<u64>()
-                        .map_err(|_| AuthError::invalid("cursor: not one this API gave"))?,
-                )
-            }
+            // 1 to 20 digits, as documented (`u64::from_str` alone would take a `+` too).
+            Some(cursor) => Some(
+                (cursor.len() <= 20 && cursor.bytes().all(|b| b.is_ascii_digit()))
+                    .then(|| cursor.parse::<u64>().ok())
+                    .flatten()
+                    .ok_or_else(|| AuthError::invalid("cursor: not one this API gave"))?,
+            ),
             None => None,
         };
         if key_ids.as_ref().is_some_and(Vec::is_empty) {

@@ -9,7 +9,7 @@ use super::manager::KeyManager;
 #[cfg(doc)]
 use super::types::RevokeReason;
 use super::types::{CreatedKey, KeyInfo, RotateOptions};
-use super::validate::{MAX_GRACE_PERIOD, validate_name};
+use super::validate::{MAX_GRACE_PERIOD, MAX_NAME_LEN, validate_name};
 use crate::audit::{EventType, Journal, timestamp};
 use crate::error::AuthError;
 #[cfg(doc)]
@@ -40,8 +40,6 @@ impl KeyManager {
     /// [`revoke_in`](Self::revoke_in), recording `reason` (at most [`MAX_NAME_LEN`] characters;
     /// `requested` when none is given; see [`RevokeReason`] for the crate's own) in the
     /// `key.revoked` event.
-    ///
-    /// [`MAX_NAME_LEN`]: super::validate::MAX_NAME_LEN
     pub async fn revoke_because(
         &self,
         caller: &Principal,
@@ -66,8 +64,12 @@ impl KeyManager {
         reason: Option<&str>,
     ) -> Result<(KeyInfo, Receipt), AuthError> {
         let reason = match reason {
-            Some(reason) => validate_name(reason.to_owned())
-                .map_err(|_| AuthError::invalid("reason: at most 200 visible characters"))?,
+            Some(reason) => validate_name(reason.to_owned()).map_err(|_| {
+                AuthError::invalid(format!(
+                    "reason: 1 to {MAX_NAME_LEN} characters, not blank, without control, \
+                         bidirectional-control or invisible characters"
+                ))
+            })?,
             None => "requested".to_owned(),
         };
         let record = self.target(caller, Operation::Revoke, id, owner).await?;

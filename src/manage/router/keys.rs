@@ -136,8 +136,7 @@ pub(super) async fn update_key(
 }
 
 #[utoipa::path(delete, path = "/api-keys/{id}",
-    params(KeyIdParam, ("permanent" = Option<bool>, Query, description = "Delete the record instead of revoking (master key only)"), OwnerQuery,
-           ("reason" = Option<String>, Query, max_length = 200, description = "Why (recorded in the key.revoked event; default `requested`)")),
+    params(KeyIdParam, DeleteParams),
     responses((status = 204, description = "Revoked (or deleted). With a fleet roster, the headers `Revocation-Acknowledged` (instances that applied it), `Revocation-Instances` (live instances), `Revocation-Elapsed-Ms` and `Revocation-Sequence` say how far it got before the answer",
                 headers(("Revocation-Acknowledged" = u32), ("Revocation-Instances" = u32), ("Revocation-Elapsed-Ms" = String), ("Revocation-Sequence" = u64))),
               (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
@@ -164,7 +163,7 @@ pub(super) async fn revoke_key(
     Ok(response)
 }
 
-#[utoipa::path(post, path = "/api-keys/{id}/rotate", params(KeyIdParam, OwnerQuery), request_body(content = Option<RotateBody>),
+#[utoipa::path(post, path = "/api-keys/{id}/rotate", params(KeyIdParam, OwnerQuery), request_body(content = RotateBody, description = "Optional: no body rotates at once, keeping descendants"),
     responses((status = 200, body = KeyResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
               (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
               (status = 503, body = ErrorBody)))]

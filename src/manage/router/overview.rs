@@ -66,10 +66,13 @@ pub(super) async fn list_owners(
 #[serde(deny_unknown_fields)]
 pub(super) struct UsageSummaryParams {
     /// Whose keys (required with the master key).
+    #[param(min_length = 1, max_length = 128, pattern = "^[!-~]+$")]
     owner: Option<String>,
     /// RFC 3339 (default: 7 days before `to`).
+    #[param(format = DateTime)]
     from: Option<String>,
     /// RFC 3339 (default: now); at most 92 days after `from`.
+    #[param(format = DateTime)]
     to: Option<String>,
 }
 
