@@ -63,9 +63,13 @@ mod activity_routes;
 mod authorize;
 #[cfg(feature = "console")]
 pub mod console;
+mod create;
+mod limits;
 mod manager;
 mod overview;
 mod policy;
+mod read;
+mod revoke;
 #[cfg(feature = "manage")]
 mod router;
 mod types;
