@@ -3,11 +3,13 @@ use std::sync::{Mutex, MutexGuard};
 
 use time::OffsetDateTime;
 
-use super::{
-    ChainLevels, ChainSpend, CreditAdjustment, FormatSecrets, KeyChange, KeyLimits, KeyRecord,
-    KeyStore, KeyUpdate, ListQuery, MAX_DELEGATION_DEPTH, MAX_OWNERS, OwnerSummary, PreviousSecret,
-    Rotation, StoreError, StoreErrorKind, StoredSecret, SweepQuery,
-};
+use super::credits::{ChainLevels, ChainSpend, CreditAdjustment};
+use super::error::{StoreError, StoreErrorKind};
+use super::format::{FormatSecrets, StoredSecret};
+use super::key_store::KeyStore;
+use super::overview::{MAX_OWNERS, OwnerSummary};
+use super::params::{KeyLimits, KeyUpdate, ListQuery, Rotation, SweepQuery};
+use super::record::{KeyChange, KeyRecord, MAX_DELEGATION_DEPTH, PreviousSecret};
 use crate::audit::{AuditEvent, ChainLink, ChainState, EventDraft, EventQuery, Journal};
 use crate::key::{FormatSecret, KeyDigest, KeyId, MAX_SECRET_VERSION};
 use crate::quota::{BudgetId, BudgetLevel, Credits, PoolId, UsageLimits};
@@ -556,7 +558,7 @@ impl KeyStore for MemoryStore {
             .by_id
             .get_mut(id)
             .and_then(|record| record.limits.credits.as_mut())
-            .map(|credits| super::adjust(credits, delta, now)))
+            .map(|credits| super::credits::adjust(credits, delta, now)))
     }
 
     async fn ancestors(&self, id: &KeyId) -> Result<Vec<KeyRecord>, StoreError> {

@@ -9,7 +9,8 @@ use std::fmt;
 
 use time::OffsetDateTime;
 
-use super::{KeyRecord, PreviousSecret, StoreError, StoreErrorKind};
+use super::error::{StoreError, StoreErrorKind};
+use super::record::{KeyRecord, PreviousSecret};
 use crate::key::{DigestScheme, KeyDigest, KeyId};
 use crate::network::Networks;
 use crate::quota::{Credits, MAX_CREDITS, PoolId, RateLimit, Refill, RefillInterval, UsageLimits};

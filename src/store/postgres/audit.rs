@@ -17,8 +17,8 @@ use crate::audit::{
     EventType,
 };
 use crate::key::KeyId;
+use crate::store::error::{StoreError, StoreErrorKind};
 use crate::store::sql_common::{map_sqlx_error, micros};
-use crate::store::{StoreError, StoreErrorKind};
 use crate::usage::{OUTCOMES, UsageBucket};
 
 /// Migration 6.

@@ -7,8 +7,9 @@ use sqlx::{AssertSqlSafe, PgConnection};
 use time::OffsetDateTime;
 
 use crate::audit::AuditEvent;
+use crate::store::error::StoreError;
+use crate::store::record::MAX_DELEGATION_DEPTH;
 use crate::store::sql_common::{map_sqlx_error, micros};
-use crate::store::{MAX_DELEGATION_DEPTH, StoreError};
 use crate::webhooks::types;
 
 /// Whether `root` is active at `at` and its subtree holds `key_id`.

@@ -13,13 +13,14 @@ use super::sql::{COLUMNS, Sql, decode, decode_opt, limits_at, lock_key, migratio
 use crate::audit::{AuditEvent, ChainState, EventDraft, EventQuery, Journal};
 use crate::key::{FormatSecret, KeyDigest, KeyId, MAX_SECRET_VERSION};
 use crate::quota::{BudgetId, BudgetLevel, Credits, PoolId, UsageLimits};
+use crate::store::credits::{ChainLevels, ChainSpend, CreditAdjustment};
+use crate::store::error::{StoreError, StoreErrorKind};
+use crate::store::format::{FormatSecrets, StoredSecret};
+use crate::store::key_store::KeyStore;
+use crate::store::params::{KeyLimits, KeyUpdate, ListQuery, Rotation, SweepQuery};
+use crate::store::record::{KeyChange, KeyRecord, MAX_DELEGATION_DEPTH};
 use crate::store::sql_common::{
     LimitColumns, is_pg_retryable, map_sqlx_error, micros, networks_text, pool_key,
-};
-use crate::store::{
-    ChainLevels, ChainSpend, CreditAdjustment, FormatSecrets, KeyChange, KeyLimits, KeyRecord,
-    KeyStore, KeyUpdate, ListQuery, MAX_DELEGATION_DEPTH, Rotation, StoreError, StoreErrorKind,
-    StoredSecret, SweepQuery,
 };
 use crate::usage::UsageBucket;
 
@@ -1011,7 +1012,7 @@ impl KeyStore for PostgresStore {
             return Ok(None);
         };
         let before = *credits;
-        let outcome = crate::store::adjust(credits, delta, micros(now));
+        let outcome = crate::store::credits::adjust(credits, delta, micros(now));
         if *credits != before {
             self.write_limits(&mut tx, &record).await?;
         }
@@ -1187,7 +1188,7 @@ impl KeyStore for PostgresStore {
         &self,
         now: OffsetDateTime,
         limit: u32,
-    ) -> Result<Vec<crate::store::OwnerSummary>, StoreError> {
+    ) -> Result<Vec<crate::store::overview::OwnerSummary>, StoreError> {
         self.migrate().await?;
         super::overview::owners(&self.pool, &self.sql.quoted, now, limit).await
     }

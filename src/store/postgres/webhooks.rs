@@ -11,8 +11,8 @@ use time::OffsetDateTime;
 use super::store::PostgresStore;
 use crate::audit::{EventDraft, EventType};
 use crate::key::KeyId;
+use crate::store::error::{StoreError, StoreErrorKind};
 use crate::store::sql_common::{map_sqlx_error, micros};
-use crate::store::{StoreError, StoreErrorKind};
 use crate::webhooks::types::{AttemptOutcome, Claimed, Delivery, DeliveryStatus, Webhook};
 use crate::webhooks::{WebhookSecret, WebhookStore};
 

@@ -14,8 +14,8 @@ use crate::audit::{
     EventType,
 };
 use crate::key::KeyId;
+use crate::store::error::{StoreError, StoreErrorKind};
 use crate::store::sql_common::{from_unix_micros, map_sqlx_error, to_unix_micros};
-use crate::store::{StoreError, StoreErrorKind};
 use crate::usage::{OUTCOMES, UsageBucket};
 
 /// Migration 6.

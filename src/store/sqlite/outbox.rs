@@ -6,8 +6,9 @@ use sqlx::SqliteConnection;
 use time::OffsetDateTime;
 
 use crate::audit::AuditEvent;
+use crate::store::error::StoreError;
+use crate::store::record::MAX_DELEGATION_DEPTH;
 use crate::store::sql_common::{map_sqlx_error, to_unix_micros};
-use crate::store::{MAX_DELEGATION_DEPTH, StoreError};
 use crate::webhooks::types;
 
 /// Whether `key` is active at `at` and `root`'s subtree holds `key_id`.

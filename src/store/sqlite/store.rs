@@ -15,13 +15,14 @@ use super::sql::{
 use crate::audit::{AuditEvent, ChainState, EventDraft, EventQuery, Journal};
 use crate::key::{FormatSecret, KeyDigest, KeyId, MAX_SECRET_VERSION};
 use crate::quota::{BudgetId, BudgetLevel, Credits, PoolId, UsageLimits};
+use crate::store::credits::{ChainLevels, ChainSpend, CreditAdjustment};
+use crate::store::error::{StoreError, StoreErrorKind};
+use crate::store::format::{FormatSecrets, StoredSecret};
+use crate::store::key_store::KeyStore;
+use crate::store::params::{KeyLimits, KeyUpdate, ListQuery, Rotation, SweepQuery};
+use crate::store::record::{KeyChange, KeyRecord, MAX_DELEGATION_DEPTH};
 use crate::store::sql_common::{
     LimitColumns, from_unix_micros, map_sqlx_error, micros, networks_text, pool_key, to_unix_micros,
-};
-use crate::store::{
-    ChainLevels, ChainSpend, CreditAdjustment, FormatSecrets, KeyChange, KeyLimits, KeyRecord,
-    KeyStore, KeyUpdate, ListQuery, MAX_DELEGATION_DEPTH, Rotation, StoreError, StoreErrorKind,
-    StoredSecret, SweepQuery,
 };
 use crate::usage::UsageBucket;
 
@@ -748,7 +749,7 @@ impl KeyStore for SqliteStore {
             return Ok(None);
         };
         let before = *credits;
-        let outcome = crate::store::adjust(credits, delta, micros(now));
+        let outcome = crate::store::credits::adjust(credits, delta, micros(now));
         if *credits != before {
             Self::write_limits(&mut tx, &record).await?;
         }
@@ -925,7 +926,7 @@ impl KeyStore for SqliteStore {
         &self,
         now: OffsetDateTime,
         limit: u32,
-    ) -> Result<Vec<crate::store::OwnerSummary>, StoreError> {
+    ) -> Result<Vec<crate::store::overview::OwnerSummary>, StoreError> {
         super::overview::owners(&self.pool, now, limit).await
     }
 

@@ -9,8 +9,8 @@ use time::OffsetDateTime;
 use super::store::SqliteStore;
 use crate::audit::{EventDraft, EventType};
 use crate::key::KeyId;
+use crate::store::error::{StoreError, StoreErrorKind};
 use crate::store::sql_common::{from_unix_micros, map_sqlx_error, to_unix_micros};
-use crate::store::{StoreError, StoreErrorKind};
 use crate::webhooks::types::{AttemptOutcome, Claimed, Delivery, DeliveryStatus, Webhook};
 use crate::webhooks::{WebhookSecret, WebhookStore};
 
