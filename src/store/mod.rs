@@ -17,6 +17,8 @@
 
 mod credits;
 mod defaults;
+#[cfg(all(feature = "webhooks", any(feature = "sqlite", feature = "postgres")))]
+mod delivery;
 pub(crate) mod error;
 mod format;
 mod key_store;

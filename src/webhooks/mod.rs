@@ -106,8 +106,12 @@
 
 mod deliver;
 mod endpoints;
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(feature = "sqlite")]
+mod sqlite;
 mod store;
-pub(crate) mod types;
+mod types;
 mod url;
 
 pub use deliver::{

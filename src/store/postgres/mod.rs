@@ -13,8 +13,6 @@ mod outbox;
 mod overview;
 mod sql;
 mod store;
-#[cfg(feature = "webhooks")]
-mod webhooks;
 
 pub use builder::PostgresStoreBuilder;
 pub use sql::InvalidIdentifier;

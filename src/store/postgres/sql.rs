@@ -208,7 +208,7 @@ CREATE TABLE IF NOT EXISTS {s}.api_key_notices (
         (
             8,
             "webhook endpoints and their outbox",
-            // Written by every build; filled by `webhooks::enqueue` in the transaction of each
+            // Written by every build; filled by `outbox::enqueue` in the transaction of each
             // audit event.
             webhooks_migration(s),
         ),

@@ -119,6 +119,24 @@ impl PostgresStore {
         &self.sql.schema
     }
 
+    /// The schema's name quoted for SQL (a checked identifier), for the webhooks' statements
+    /// (`webhooks::postgres`), which read and write this store's tables.
+    #[cfg(feature = "webhooks")]
+    pub(crate) fn quoted_schema(&self) -> &str {
+        &self.sql.quoted
+    }
+
+    /// Seals `events` onto their owners' chains and writes them on `conn`, inside the caller's
+    /// transaction, with their outbox rows: how the webhooks' changes write their events.
+    #[cfg(feature = "webhooks")]
+    pub(crate) async fn append_in(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        events: Vec<EventDraft>,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        audit::append(conn, &self.sql.quoted, events).await
+    }
+
     /// Brings the schema up to date. Runs once per store (again only after a failure); constructors
     /// other than the lazy ones already call it. Safe to run from several instances at once.
     pub async fn migrate(&self) -> Result<(), StoreError> {

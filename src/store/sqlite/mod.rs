@@ -12,7 +12,5 @@ mod outbox;
 mod overview;
 mod sql;
 mod store;
-#[cfg(feature = "webhooks")]
-mod webhooks;
 
 pub use store::SqliteStore;

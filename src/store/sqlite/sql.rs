@@ -178,7 +178,7 @@ CREATE TABLE IF NOT EXISTS api_key_notices (
         8,
         "webhook endpoints and their outbox",
         // Written by every build (the tables are the outbox even where the `webhooks` feature is
-        // off); filled by `webhooks::enqueue` in the transaction of each audit event.
+        // off); filled by `outbox::enqueue` in the transaction of each audit event.
         r#"
 CREATE TABLE IF NOT EXISTS api_key_webhooks (
     id TEXT NOT NULL PRIMARY KEY,

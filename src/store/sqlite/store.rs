@@ -80,8 +80,18 @@ impl fmt::Debug for SqliteStore {
 }
 
 impl SqliteStore {
+    /// Seals `events` onto their owners' chains and writes them on `conn`, inside the caller's
+    /// transaction, with their outbox rows: how the webhooks' changes write their events.
+    #[cfg(feature = "webhooks")]
+    pub(crate) async fn append_in(
+        conn: &mut SqliteConnection,
+        events: Vec<EventDraft>,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        audit::append(conn, events).await
+    }
+
     /// A transaction holding SQLite's write lock from its first statement.
-    pub(super) async fn begin_immediate(
+    pub(crate) async fn begin_immediate(
         &self,
     ) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
         self.pool

@@ -1,18 +1,17 @@
 //! Webhook endpoints and their deliveries in SQLite (`api_key_webhooks`,
-//! `api_key_webhook_deliveries`, migration 8 in `sql`): the [`WebhookStore`] of [`SqliteStore`].
-//! The deliveries are written by `outbox::enqueue`, with each event.
+//! `api_key_webhook_deliveries`, the store's migration 8): the [`WebhookStore`] of
+//! [`SqliteStore`]. The store writes the deliveries itself, with each event (its outbox).
 
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 use time::OffsetDateTime;
 
-use super::store::SqliteStore;
+use super::store::WebhookStore;
+use super::types::{AttemptOutcome, Claimed, Delivery, DeliveryStatus, Webhook, WebhookSecret};
 use crate::audit::{EventDraft, EventType};
 use crate::key::KeyId;
-use crate::store::error::{StoreError, StoreErrorKind};
 use crate::store::sql_common::{from_unix_micros, map_sqlx_error, to_unix_micros};
-use crate::webhooks::types::{AttemptOutcome, Claimed, Delivery, DeliveryStatus, Webhook};
-use crate::webhooks::{WebhookSecret, WebhookStore};
+use crate::store::{SqliteStore, StoreError, StoreErrorKind};
 
 fn corrupt(what: &'static str) -> StoreError {
     StoreError::new(StoreErrorKind::Corrupt, what)
@@ -98,7 +97,7 @@ impl WebhookStore for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(map_sqlx_error)?;
-        super::audit::append(&mut tx, events.to_vec()).await?;
+        SqliteStore::append_in(&mut tx, events.to_vec()).await?;
         tx.commit().await.map_err(map_sqlx_error)
     }
 
@@ -107,7 +106,7 @@ impl WebhookStore for SqliteStore {
             "SELECT {WEBHOOK_COLUMNS} FROM api_key_webhooks WHERE id = ?1"
         )))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.pool())
         .await
         .map_err(map_sqlx_error)?;
         row.as_ref().map(decode_webhook).transpose()
@@ -118,7 +117,7 @@ impl WebhookStore for SqliteStore {
             "SELECT {WEBHOOK_COLUMNS} FROM api_key_webhooks WHERE owner_id = ?1 ORDER BY id"
         )))
         .bind(owner)
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await
         .map_err(map_sqlx_error)?;
         rows.iter().map(decode_webhook).collect()
@@ -138,7 +137,7 @@ impl WebhookStore for SqliteStore {
             .map_err(map_sqlx_error)?;
         let deleted = done.rows_affected() == 1;
         if deleted {
-            super::audit::append(&mut tx, events.to_vec()).await?;
+            SqliteStore::append_in(&mut tx, events.to_vec()).await?;
         }
         tx.commit().await.map_err(map_sqlx_error)?;
         Ok(deleted)
@@ -159,7 +158,7 @@ impl WebhookStore for SqliteStore {
             .map_err(map_sqlx_error)?;
         let updated = done.rows_affected() == 1;
         if updated {
-            super::audit::append(&mut tx, events.to_vec()).await?;
+            SqliteStore::append_in(&mut tx, events.to_vec()).await?;
         }
         tx.commit().await.map_err(map_sqlx_error)?;
         Ok(updated)
@@ -178,7 +177,7 @@ impl WebhookStore for SqliteStore {
         .bind(webhook_id)
         .bind(before)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await
         .map_err(map_sqlx_error)?;
         rows.iter().map(decode_delivery).collect()
@@ -202,7 +201,7 @@ impl WebhookStore for SqliteStore {
         .bind(to_unix_micros(lease_until))
         .bind(token)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await
         .map_err(map_sqlx_error)?;
         let mut claimed = Vec::with_capacity(rows.len());
@@ -216,7 +215,7 @@ impl WebhookStore for SqliteStore {
             )
             .bind(&webhook_id)
             .bind(to_unix_micros(now))
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.pool())
             .await
             .map_err(map_sqlx_error)?;
             // Deleted meanwhile: its deliveries went with it.
@@ -259,7 +258,7 @@ impl WebhookStore for SqliteStore {
         .bind(to_unix_micros(outcome.at))
         .bind(outcome.next_attempt_at.map(to_unix_micros))
         .bind(delivered.then(|| to_unix_micros(outcome.at)))
-        .execute(&self.pool)
+        .execute(self.pool())
         .await
         .map_err(map_sqlx_error)?;
         Ok(())
