@@ -6,8 +6,8 @@
 use std::fmt;
 use std::sync::Arc;
 
-use sqlx::sqlite::SqlitePool;
 use sqlx::SqliteConnection;
+use sqlx::sqlite::SqlitePool;
 use time::OffsetDateTime;
 use tokio::sync::OnceCell;
 
