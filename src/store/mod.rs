@@ -30,6 +30,8 @@ pub(crate) mod postgres;
 pub(crate) mod record;
 mod shared;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod sql_audit;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub(crate) mod sql_common;
 #[cfg(feature = "sqlite")]
 mod sqlite;

@@ -7,17 +7,15 @@
 use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, Row};
 use time::OffsetDateTime;
+use zeroize::Zeroizing;
 
+use super::rows::{ClaimedRow, DELIVERY_COLUMNS, DeliveryRow, WEBHOOK_COLUMNS, WebhookRow};
 use super::store::WebhookStore;
 use super::types::{AttemptOutcome, Claimed, Delivery, DeliveryStatus, Webhook, WebhookSecret};
 use crate::audit::{EventDraft, EventType};
 use crate::key::KeyId;
 use crate::store::sql_common::{map_sqlx_error, micros};
-use crate::store::{PostgresStore, StoreError, StoreErrorKind};
-
-fn corrupt(what: &'static str) -> StoreError {
-    StoreError::new(StoreErrorKind::Corrupt, what)
-}
+use crate::store::{PostgresStore, StoreError};
 
 fn get<'r, T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>>(
     row: &'r PgRow,
@@ -26,41 +24,33 @@ fn get<'r, T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>>(
     row.try_get(at).map_err(map_sqlx_error)
 }
 
-const WEBHOOK_COLUMNS: &str = "id, owner_id, url, events, registered_by, created_at";
-
 fn decode_webhook(row: &PgRow) -> Result<Webhook, StoreError> {
-    let events: Vec<String> = get(row, 3)?;
-    Ok(Webhook {
+    WebhookRow {
         id: get(row, 0)?,
         owner: get(row, 1)?,
         url: get(row, 2)?,
-        events: events
-            .into_iter()
-            .map(|e| EventType::new(e).ok_or_else(|| corrupt("bad webhook event type")))
-            .collect::<Result<_, _>>()?,
-        registered_by: get::<Option<String>>(row, 4)?.map(KeyId::new),
+        events: get(row, 3)?,
+        registered_by: get(row, 4)?,
         created_at: get(row, 5)?,
-    })
+    }
+    .into_webhook()
 }
 
-const DELIVERY_COLUMNS: &str = "id, webhook_id, event_type, status, attempts, last_status, \
-    last_error, last_attempt_at, next_attempt_at, delivered_at, created_at";
-
 fn decode_delivery(row: &PgRow) -> Result<Delivery, StoreError> {
-    let status: String = get(row, 3)?;
-    Ok(Delivery {
+    DeliveryRow {
         id: get(row, 0)?,
         webhook_id: get(row, 1)?,
         event_type: get(row, 2)?,
-        status: DeliveryStatus::parse(&status).ok_or_else(|| corrupt("bad delivery status"))?,
-        attempts: u32::try_from(get::<i32>(row, 4)?).unwrap_or(0),
-        last_status: get::<Option<i32>>(row, 5)?.and_then(|s| u16::try_from(s).ok()),
+        status: get(row, 3)?,
+        attempts: i64::from(get::<i32>(row, 4)?),
+        last_status: get::<Option<i32>>(row, 5)?.map(i64::from),
         last_error: get(row, 6)?,
         last_attempt_at: get(row, 7)?,
         next_attempt_at: get(row, 8)?,
         delivered_at: get(row, 9)?,
         created_at: get(row, 10)?,
-    })
+    }
+    .into_delivery()
 }
 
 #[async_trait::async_trait]
@@ -234,17 +224,19 @@ impl WebhookStore for PostgresStore {
             ) else {
                 continue; // the endpoint was deleted meanwhile
             };
-            claimed.push(Claimed {
-                id: get(row, 0)?,
-                webhook_id: get(row, 1)?,
-                url,
-                secret: WebhookSecret::parse(&zeroize::Zeroizing::new(secret))
-                    .ok_or_else(|| corrupt("bad webhook secret"))?,
-                payload: get(row, 2)?,
-                attempts: u32::try_from(get::<i32>(row, 3)?).unwrap_or(0),
-                created_at: get(row, 4)?,
-                registrar_ended: get::<Option<bool>>(row, 7)?.unwrap_or(false),
-            });
+            claimed.push(
+                ClaimedRow {
+                    id: get(row, 0)?,
+                    webhook_id: get(row, 1)?,
+                    url,
+                    secret: Zeroizing::new(secret),
+                    payload: get(row, 2)?,
+                    attempts: i64::from(get::<i32>(row, 3)?),
+                    created_at: get(row, 4)?,
+                    registrar_ended: get::<Option<bool>>(row, 7)?.unwrap_or(false),
+                }
+                .into_claimed()?,
+            );
         }
         Ok(claimed)
     }

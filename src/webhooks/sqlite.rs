@@ -5,39 +5,30 @@
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 use time::OffsetDateTime;
+use zeroize::Zeroizing;
 
+use super::rows::{
+    ClaimedRow, DELIVERY_COLUMNS, DeliveryRow, WEBHOOK_COLUMNS, WebhookRow, corrupt,
+};
 use super::store::WebhookStore;
 use super::types::{AttemptOutcome, Claimed, Delivery, DeliveryStatus, Webhook, WebhookSecret};
 use crate::audit::{EventDraft, EventType};
 use crate::key::KeyId;
 use crate::store::sql_common::{from_unix_micros, map_sqlx_error, to_unix_micros};
-use crate::store::{SqliteStore, StoreError, StoreErrorKind};
-
-fn corrupt(what: &'static str) -> StoreError {
-    StoreError::new(StoreErrorKind::Corrupt, what)
-}
-
-const WEBHOOK_COLUMNS: &str = "id, owner_id, url, events, registered_by, created_at";
+use crate::store::{SqliteStore, StoreError};
 
 fn decode_webhook(row: &SqliteRow) -> Result<Webhook, StoreError> {
     let events: String = row.get(3);
-    let events: Vec<String> =
-        serde_json::from_str(&events).map_err(|_| corrupt("bad webhook events"))?;
-    Ok(Webhook {
+    WebhookRow {
         id: row.get(0),
         owner: row.get(1),
         url: row.get(2),
-        events: events
-            .into_iter()
-            .map(|e| EventType::new(e).ok_or_else(|| corrupt("bad webhook event type")))
-            .collect::<Result<_, _>>()?,
-        registered_by: row.get::<Option<String>, _>(4).map(KeyId::new),
+        events: serde_json::from_str(&events).map_err(|_| corrupt("bad webhook events"))?,
+        registered_by: row.get(4),
         created_at: from_unix_micros(row.get(5))?,
-    })
+    }
+    .into_webhook()
 }
-
-const DELIVERY_COLUMNS: &str = "id, webhook_id, event_type, status, attempts, last_status, \
-    last_error, last_attempt_at, next_attempt_at, delivered_at, created_at";
 
 fn decode_delivery(row: &SqliteRow) -> Result<Delivery, StoreError> {
     let time = |i: usize| {
@@ -45,22 +36,20 @@ fn decode_delivery(row: &SqliteRow) -> Result<Delivery, StoreError> {
             .map(from_unix_micros)
             .transpose()
     };
-    let status: String = row.get(3);
-    Ok(Delivery {
+    DeliveryRow {
         id: row.get(0),
         webhook_id: row.get(1),
         event_type: row.get(2),
-        status: DeliveryStatus::parse(&status).ok_or_else(|| corrupt("bad delivery status"))?,
-        attempts: u32::try_from(row.get::<i64, _>(4)).unwrap_or(u32::MAX),
-        last_status: row
-            .get::<Option<i64>, _>(5)
-            .and_then(|s| u16::try_from(s).ok()),
+        status: row.get(3),
+        attempts: row.get(4),
+        last_status: row.get(5),
         last_error: row.get(6),
         last_attempt_at: time(7)?,
         next_attempt_at: time(8)?,
         delivered_at: time(9)?,
         created_at: from_unix_micros(row.get(10))?,
-    })
+    }
+    .into_delivery()
 }
 
 fn events_json(webhook: &Webhook) -> String {
@@ -222,17 +211,19 @@ impl WebhookStore for SqliteStore {
             let Some((url, secret, registrar_ended)) = endpoint else {
                 continue;
             };
-            claimed.push(Claimed {
-                id: row.get(0),
-                webhook_id,
-                url,
-                secret: WebhookSecret::parse(&zeroize::Zeroizing::new(secret))
-                    .ok_or_else(|| corrupt("bad webhook secret"))?,
-                payload: row.get(2),
-                attempts: u32::try_from(row.get::<i64, _>(3)).unwrap_or(u32::MAX),
-                created_at: from_unix_micros(row.get(4))?,
-                registrar_ended,
-            });
+            claimed.push(
+                ClaimedRow {
+                    id: row.get(0),
+                    webhook_id,
+                    url,
+                    secret: Zeroizing::new(secret),
+                    payload: row.get(2),
+                    attempts: row.get(3),
+                    created_at: from_unix_micros(row.get(4))?,
+                    registrar_ended,
+                }
+                .into_claimed()?,
+            );
         }
         Ok(claimed)
     }
