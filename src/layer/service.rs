@@ -263,7 +263,13 @@ where
         }
     };
     let req = Request::from_parts(parts, body);
-    let future = span.in_scope(|| inner.call(req));
+    // Without a subscriber the span is disabled: the call is made directly (a closure would move
+    // the request once more).
+    let future = if span.is_none() {
+        inner.call(req)
+    } else {
+        span.in_scope(|| inner.call(req))
+    };
     ResponseFuture::inner(future, span, watch, sunset, tally)
 }
 
