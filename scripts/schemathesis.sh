@@ -75,7 +75,8 @@ say "starting the server on $base (log: server.log in the report directory)"
 report_dir=${REPORT_DIR:-${CARGO_TARGET_DIR:-target}/schemathesis}
 mkdir -p "$report_dir"
 report_dir=$(cd "$report_dir" && pwd)
-API_KEYS_MASTER_KEY=$master DATABASE_URL="sqlite://$tmp/schemathesis.db" BIND=127.0.0.1:$port \
+# The demo holds an owner to 10 active keys: a run would spend its second half on 409s.
+API_KEYS_MAX_ACTIVE_PER_OWNER=100000 API_KEYS_MASTER_KEY=$master DATABASE_URL="sqlite://$tmp/schemathesis.db" BIND=127.0.0.1:$port \
   RUST_LOG=${RUST_LOG:-warn} "$server_bin" >"$report_dir/server.log" 2>&1 &
 server_pid=$!
 
