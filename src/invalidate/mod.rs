@@ -203,6 +203,15 @@ pub trait Invalidator: Send + Sync + 'static {
         self.publish(invalidation).await.map(|()| None)
     }
 
+    /// Broadcasts, sequenced like an invalidation, that the keyed format's secrets changed in the
+    /// store (a secret added or retired, the legacy setting changed): every instance reloads its
+    /// format ([`CachedResolver::reload_format`]) before it acknowledges. `None` from an
+    /// invalidator without a roster. The default broadcasts nothing: other instances keep the
+    /// format they have until they restart.
+    async fn publish_format_change(&self) -> Result<Option<Sequenced>, StoreError> {
+        Ok(None)
+    }
+
     /// Waits until every instance of `published.live` has applied `published.sequence`, at most
     /// `deadline` after it was published, and says who did. The default knows nobody's answer:
     /// every instance is a laggard.

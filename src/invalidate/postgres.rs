@@ -42,7 +42,7 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 
-use super::fleet::{FleetConfig, Message, fleet_channel};
+use super::fleet::{FORMAT_PAYLOAD, FleetConfig, Message, fleet_channel};
 use super::member;
 use super::subscription::{Backend, Backoff, Beat, LogTail, Subscription};
 use super::{Invalidation, Invalidator, Receipt, Sequenced};
@@ -200,6 +200,22 @@ impl Invalidator for PgInvalidator {
         &self,
         invalidation: &Invalidation,
     ) -> Result<Option<Sequenced>, StoreError> {
+        self.publish_payload(&invalidation.to_json()).await.map(Some)
+    }
+
+    /// The same transaction with [`FORMAT_PAYLOAD`].
+    async fn publish_format_change(&self) -> Result<Option<Sequenced>, StoreError> {
+        self.publish_payload(FORMAT_PAYLOAD).await.map(Some)
+    }
+
+    async fn receipt(&self, published: &Sequenced, deadline: Duration) -> Receipt {
+        self.fleet.board.wait(published, deadline).await
+    }
+}
+
+impl PgInvalidator {
+    /// Publishes one message of the revocation log (`payload`: its unsequenced wire form).
+    async fn publish_payload(&self, payload: &str) -> Result<Sequenced, StoreError> {
         self.ensure_tables().await?;
         let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
         let channel = &*self.channel;
@@ -222,14 +238,14 @@ impl Invalidator for PgInvalidator {
         ))
         .bind(channel)
         .bind(seq)
-        .bind(invalidation.to_json())
+        .bind(payload)
         .execute(&mut *tx)
         .await
         .map_err(map_sqlx_error)?;
         let sequence = u64::try_from(seq).unwrap_or_default();
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(channel)
-            .bind(Message::invalidation(sequence, invalidation))
+            .bind(Message::sequenced(sequence, payload))
             .execute(&mut *tx)
             .await
             .map_err(map_sqlx_error)?;
@@ -268,15 +284,11 @@ impl Invalidator for PgInvalidator {
         .await
         .map_err(map_sqlx_error)?;
         tx.commit().await.map_err(map_sqlx_error)?;
-        Ok(Some(Sequenced {
+        Ok(Sequenced {
             sequence,
             live,
             published_at: tokio::time::Instant::now(),
-        }))
-    }
-
-    async fn receipt(&self, published: &Sequenced, deadline: Duration) -> Receipt {
-        self.fleet.board.wait(published, deadline).await
+        })
     }
 }
 

@@ -42,7 +42,7 @@ use futures_util::StreamExt;
 use futures_util::future::{self, Either};
 use tokio::time::{Instant, timeout};
 
-use super::fleet::{FleetConfig, fleet_channel};
+use super::fleet::{FORMAT_PAYLOAD, FleetConfig, fleet_channel};
 use super::member;
 use super::subscription::{Backend, Backoff, Beat, LogTail, Subscription};
 use super::{Invalidation, Invalidator, Receipt, Sequenced};
@@ -196,7 +196,22 @@ impl Invalidator for RedisInvalidator {
         &self,
         invalidation: &Invalidation,
     ) -> Result<Option<Sequenced>, StoreError> {
-        let payload = invalidation.to_json();
+        self.publish_payload(&invalidation.to_json()).await.map(Some)
+    }
+
+    /// The same script with [`FORMAT_PAYLOAD`].
+    async fn publish_format_change(&self) -> Result<Option<Sequenced>, StoreError> {
+        self.publish_payload(FORMAT_PAYLOAD).await.map(Some)
+    }
+
+    async fn receipt(&self, published: &Sequenced, deadline: Duration) -> Receipt {
+        self.fleet.board.wait(published, deadline).await
+    }
+}
+
+impl RedisInvalidator {
+    /// Publishes one message of the revocation log (`payload`: its unsequenced wire form).
+    async fn publish_payload(&self, payload: &str) -> Result<Sequenced, StoreError> {
         let keys = Keys::of(&self.channel);
         let mut last = None;
         // A connection that broke since the last publish is replaced once.
@@ -209,7 +224,7 @@ impl Invalidator for RedisInvalidator {
                     .key(&keys.log)
                     .key(&keys.roster)
                     .arg(&*self.channel)
-                    .arg(&payload)
+                    .arg(payload)
                     .arg(millis(self.fleet.roster_ttl))
                     .arg(LOG_ENTRIES)
                     .invoke_async::<(u64, Vec<String>)>(&mut conn),
@@ -218,11 +233,11 @@ impl Invalidator for RedisInvalidator {
             match sent {
                 Ok(Ok((sequence, mut live))) => {
                     live.sort();
-                    return Ok(Some(Sequenced {
+                    return Ok(Sequenced {
                         sequence,
                         live,
                         published_at: Instant::now(),
-                    }));
+                    });
                 }
                 Ok(Err(error)) => {
                     let retry = error.is_io_error() || error.is_connection_dropped();
@@ -240,10 +255,6 @@ impl Invalidator for RedisInvalidator {
             }
         }
         Err(last.unwrap_or_else(|| StoreError::from_kind(StoreErrorKind::Unavailable)))
-    }
-
-    async fn receipt(&self, published: &Sequenced, deadline: Duration) -> Receipt {
-        self.fleet.board.wait(published, deadline).await
     }
 }
 

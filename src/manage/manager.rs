@@ -36,10 +36,10 @@ use crate::store::{
 pub struct KeyManager {
     pub(super) store: Arc<dyn KeyStore>,
     resolver: CachedResolver,
-    invalidator: Arc<dyn Invalidator>,
+    pub(super) invalidator: Arc<dyn Invalidator>,
     /// How long an invalidating operation waits for every live instance to acknowledge it
     /// (`None`: it does not wait).
-    acknowledgement: Option<Duration>,
+    pub(super) acknowledgement: Option<Duration>,
     policy: Arc<KeyPolicy>,
     pub(super) origin: Arc<Origin>,
     #[cfg(feature = "webhooks")]
@@ -1001,12 +1001,7 @@ impl KeyManager {
                 }
             }
         }
-        let (Some(published), Some(deadline)) = (last, self.acknowledgement) else {
-            return Receipt::default();
-        };
-        let receipt = self.invalidator.receipt(&published, deadline).await;
-        crate::invalidate::report(&receipt);
-        receipt
+        self.receipt_for(last).await
     }
 }
 

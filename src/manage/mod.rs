@@ -63,6 +63,7 @@ mod activity_routes;
 mod authorize;
 #[cfg(feature = "console")]
 pub mod console;
+mod format;
 mod manager;
 mod overview;
 mod policy;
@@ -76,6 +77,7 @@ pub use router::{openapi, router};
 
 pub use activity::{EventFilter, EventPage, Granularity, MAX_USAGE_SPAN};
 pub use authorize::{KeyFacts, Operation, OperationKind, Target, authorize};
+pub use format::FormatChangeError;
 pub use manager::KeyManager;
 pub use policy::KeyPolicy;
 pub use types::{CreateKey, CreatedKey, KeyInfo, KeyPage, RevokeReason, RotateOptions, UpdateKey};
