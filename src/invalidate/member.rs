@@ -556,4 +556,42 @@ mod tests {
         subscription.shutdown().await;
         assert!(!resolver.is_degraded());
     }
+
+    /// A format change is applied before it is acknowledged: the resolver's format is read again
+    /// from the store.
+    #[tokio::test]
+    async fn a_format_change_is_reloaded_before_it_is_acknowledged() {
+        use crate::invalidate::fleet::FORMAT_PAYLOAD;
+        let store = Arc::new(crate::store::MemoryStore::new());
+        let format = crate::key::KeyFormat::keyed("sk")
+            .load_secret_from(&*store)
+            .await
+            .unwrap();
+        let resolver = CachedResolver::builder(store.clone()).format(format).build();
+        let (attempts, script) = mpsc::unbounded_channel();
+        let backend = Scripted {
+            attempts: tokio::sync::Mutex::new(script),
+            connects: AtomicUsize::new(0),
+        };
+        let fleet = params();
+        let board = fleet.board.clone();
+        let backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(2));
+        let subscription = spawn(backend, "test".into(), resolver.clone(), backoff, fleet);
+        let (messages, connection) = mpsc::unbounded_channel();
+        attempts.send(Some(connection)).unwrap();
+        subscription.wait_connected().await;
+        let secret = crate::key::FormatSecret::generate();
+        let now = time::OffsetDateTime::now_utc();
+        store.add_format_secret(&secret, now).await.unwrap();
+        messages.send(Message::sequenced(1, FORMAT_PAYLOAD)).unwrap();
+        let published = crate::invalidate::Sequenced {
+            sequence: 1,
+            live: vec!["test".into()],
+            published_at: Instant::now(),
+        };
+        let receipt = board.wait(&published, Duration::from_secs(5)).await;
+        assert!(receipt.is_complete(), "{receipt:?}");
+        assert_eq!(resolver.format().accepted_versions(), [1, 2]);
+        subscription.shutdown().await;
+    }
 }

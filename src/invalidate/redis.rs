@@ -258,11 +258,14 @@ impl RedisInvalidator {
     }
 }
 
-/// The keys of a channel's fleet state (one hash tag: one cluster slot).
+/// The keys of a channel's fleet state (one hash tag: one cluster slot): the sequence number, the
+/// revocation log, the roster (instance → last beat, a sorted set) and each instance's start time
+/// (instance → Unix seconds, a hash pruned with the roster).
 struct Keys {
     seq: String,
     log: String,
     roster: String,
+    started: String,
 }
 
 impl Keys {
@@ -271,6 +274,7 @@ impl Keys {
             seq: format!("{{{channel}}}:seq"),
             log: format!("{{{channel}}}:log"),
             roster: format!("{{{channel}}}:roster"),
+            started: format!("{{{channel}}}:started"),
         }
     }
 }
@@ -298,14 +302,21 @@ return {seq, redis.call('ZRANGEBYSCORE', KEYS[3], now - tonumber(ARGV[3]), '+inf
     )
 });
 
-/// KEYS: seq, roster. ARGV: fleet channel, heartbeat prefix, instance. Returns the head.
+/// KEYS: seq, roster, started. ARGV: fleet channel, heartbeat prefix, instance, its start time
+/// (Unix seconds). Returns the head. Instances silent for 10 minutes leave the roster and the start
+/// times.
 static BEAT: std::sync::LazyLock<::redis::Script> = std::sync::LazyLock::new(|| {
     ::redis::Script::new(
         r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - 600000, 'LIMIT', 0, 100)
+for _, instance in ipairs(gone) do
+  redis.call('ZREM', KEYS[2], instance)
+  redis.call('HDEL', KEYS[3], instance)
+end
 redis.call('ZADD', KEYS[2], now, ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 600000)
+redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
 local head = redis.call('GET', KEYS[1]) or '0'
 redis.call('PUBLISH', ARGV[1], ARGV[2] .. ',"head":' .. head .. '}')
 return tonumber(head)
@@ -416,9 +427,11 @@ impl Backend for RedisBackend {
     async fn beat(&self, connection: &mut RedisConnection, beat: &Beat<'_>) -> Result<(), Lost> {
         BEAT.key(&self.keys.seq)
             .key(&self.keys.roster)
+            .key(&self.keys.started)
             .arg(&*self.fleet_channel)
             .arg(&beat.prefix)
             .arg(beat.instance)
+            .arg(beat.started_at)
             .invoke_async::<u64>(&mut connection.commands)
             .await
             .map(|_| ())

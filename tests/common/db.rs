@@ -107,6 +107,25 @@ mod pg {
         }
     }
 
+    /// A [`Proxy`](super::Proxy) in front of the schema's database, and a store on the schema
+    /// whose (lazy) pool goes through it: a subscription of an invalidator made from it can be
+    /// cut off while everything else keeps the database.
+    pub async fn pg_through_proxy(schema: &PgSchema) -> (super::Proxy, PostgresStore) {
+        use std::net::ToSocketAddrs;
+        let options: sqlx::postgres::PgConnectOptions = schema.url.parse().unwrap();
+        let target = (options.get_host(), options.get_port())
+            .to_socket_addrs()
+            .unwrap()
+            .next()
+            .unwrap();
+        let proxy = super::Proxy::start(target).await;
+        let store = PostgresStore::builder()
+            .schema(&schema.schema)
+            .unwrap()
+            .connect_lazy_with(options.host("127.0.0.1").port(proxy.port()));
+        (proxy, store)
+    }
+
     /// A fresh schema for `test`, or `None` (after [`skip`]) without a reachable database.
     pub async fn pg_schema(test: &str) -> Option<PgSchema> {
         let url = env_url(test, "TEST_DATABASE_URL")?;
@@ -154,6 +173,25 @@ pub async fn redis_url(test: &str) -> Option<String> {
             None
         }
     }
+}
+
+#[cfg(all(feature = "redis", feature = "postgres"))]
+/// A [`Proxy`] in front of the Redis server at `url`, and a client through it.
+pub async fn redis_through_proxy(url: &str) -> (Proxy, redis::Client) {
+    use redis::{ConnectionAddr, IntoConnectionInfo};
+    use std::net::ToSocketAddrs;
+    let info = url.into_connection_info().unwrap();
+    let ConnectionAddr::Tcp(host, port) = info.addr().clone() else {
+        panic!("TEST_REDIS_URL is not a TCP address");
+    };
+    let target = (host.as_str(), port)
+        .to_socket_addrs()
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = Proxy::start(target).await;
+    let through = info.set_addr(ConnectionAddr::Tcp("127.0.0.1".into(), proxy.port()));
+    (proxy, redis::Client::open(through).unwrap())
 }
 
 #[cfg(feature = "postgres")]
