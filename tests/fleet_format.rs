@@ -64,7 +64,10 @@ impl Instance {
             .degraded_time_to_live(BOUND)
             .build();
         let app = Router::new()
-            .route("/", get(|p: Principal| async move { p.key_id().to_string() }))
+            .route(
+                "/",
+                get(|p: Principal| async move { p.key_id().to_string() }),
+            )
             .layer(ApiKeyLayer::new(resolver.clone()));
         let manager = KeyManager::new(resolver.clone()).invalidator(invalidator);
         let subscription = subscribe(resolver.clone());
@@ -142,7 +145,10 @@ async fn scenario(transport: &str, fleet: Fleet) {
         if receipt.is_complete() && receipt.instances == 3 {
             break;
         }
-        assert!(started.elapsed() < HANG_GUARD, "the roster never filled: {receipt:?}");
+        assert!(
+            started.elapsed() < HANG_GUARD,
+            "the roster never filled: {receipt:?}"
+        );
     }
 
     // 1. A new version is admitted everywhere once the addition has answered.
@@ -156,7 +162,11 @@ async fn scenario(transport: &str, fleet: Fleet) {
     assert_eq!(version, 2);
     complete(&receipt, "add");
     let new = a.mint().await;
-    assert_eq!(fleet.answers(&new).await, ["200"; 3], "{transport}: v2 key right after the add");
+    assert_eq!(
+        fleet.answers(&new).await,
+        ["200"; 3],
+        "{transport}: v2 key right after the add"
+    );
     assert_eq!(fleet.answers(&old).await, ["200"; 3], "v1 keys still work");
 
     // 2. A retired version is refused everywhere once the retirement has answered: not once admitted.
@@ -217,16 +227,25 @@ async fn scenario(transport: &str, fleet: Fleet) {
         if answer != "200" {
             break answered.elapsed();
         }
-        assert!(answered.elapsed() < HANG_GUARD, "C never refused the v2 key");
+        assert!(
+            answered.elapsed() < HANG_GUARD,
+            "C never refused the v2 key"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
-    println!("{transport}: C, cut off, refused the retired version {refused_after:?} after the answer");
+    println!(
+        "{transport}: C, cut off, refused the retired version {refused_after:?} after the answer"
+    );
     assert!(
         refused_after <= BOUND + Duration::from_millis(250),
         "{transport}: C refused the retired version only {refused_after:?} after the answer"
     );
     for _ in 0..20 {
-        assert_eq!(c.answer(&new).await, "401 AUTH_INVALID_API_KEY", "never admitted again");
+        assert_eq!(
+            c.answer(&new).await,
+            "401 AUTH_INVALID_API_KEY",
+            "never admitted again"
+        );
     }
     assert_eq!(c.answer(&newest).await, "200", "v3 keys work on C");
     fleet.proxy.up().await;
@@ -303,10 +322,14 @@ async fn format_changes_reach_every_instance_over_redis() {
     let direct = redis::Client::open(redis_url.as_str()).unwrap();
     let (proxy, through) = common::db::redis_through_proxy(&redis_url).await;
     let invalidator = |name: &'static str| {
-        RedisInvalidator::new(if name == "c" { through.clone() } else { direct.clone() })
-            .with_channel(channel.as_str())
-            .instance_name(name)
-            .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200))
+        RedisInvalidator::new(if name == "c" {
+            through.clone()
+        } else {
+            direct.clone()
+        })
+        .with_channel(channel.as_str())
+        .instance_name(name)
+        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200))
     };
     let fleet = start_fleet(&schema, proxy, invalidator, RedisInvalidator::subscribe).await;
     scenario("Redis", fleet).await;

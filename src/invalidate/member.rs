@@ -567,7 +567,9 @@ mod tests {
             .load_secret_from(&*store)
             .await
             .unwrap();
-        let resolver = CachedResolver::builder(store.clone()).format(format).build();
+        let resolver = CachedResolver::builder(store.clone())
+            .format(format)
+            .build();
         let (attempts, script) = mpsc::unbounded_channel();
         let backend = Scripted {
             attempts: tokio::sync::Mutex::new(script),
@@ -582,8 +584,12 @@ mod tests {
         subscription.wait_connected().await;
         let secret = crate::key::FormatSecret::generate();
         let now = time::OffsetDateTime::now_utc();
-        store.add_format_secret(&secret, now).await.unwrap();
-        messages.send(Message::sequenced(1, FORMAT_PAYLOAD)).unwrap();
+        crate::store::KeyStore::add_format_secret(&*store, &secret, now)
+            .await
+            .unwrap();
+        messages
+            .send(Message::sequenced(1, FORMAT_PAYLOAD))
+            .unwrap();
         let published = crate::invalidate::Sequenced {
             sequence: 1,
             live: vec!["test".into()],

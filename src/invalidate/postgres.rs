@@ -200,7 +200,9 @@ impl Invalidator for PgInvalidator {
         &self,
         invalidation: &Invalidation,
     ) -> Result<Option<Sequenced>, StoreError> {
-        self.publish_payload(&invalidation.to_json()).await.map(Some)
+        self.publish_payload(&invalidation.to_json())
+            .await
+            .map(Some)
     }
 
     /// The same transaction with [`FORMAT_PAYLOAD`].

@@ -196,7 +196,9 @@ impl Invalidator for RedisInvalidator {
         &self,
         invalidation: &Invalidation,
     ) -> Result<Option<Sequenced>, StoreError> {
-        self.publish_payload(&invalidation.to_json()).await.map(Some)
+        self.publish_payload(&invalidation.to_json())
+            .await
+            .map(Some)
     }
 
     /// The same script with [`FORMAT_PAYLOAD`].

@@ -65,7 +65,9 @@ use crate::store::{FormatSecrets, StoreError};
 pub enum FormatChangeError {
     /// The resolver's format was not loaded from the key store (the public checksum, or keyed
     /// secrets given in code only): the store's secrets are not the ones it checks keys with.
-    #[error("the key format was not loaded from the key store: its secrets cannot be changed there")]
+    #[error(
+        "the key format was not loaded from the key store: its secrets cannot be changed there"
+    )]
     NotFromStore,
     /// No such secret version in the store.
     #[error("the key store has no format secret version {0}")]
@@ -95,7 +97,10 @@ impl KeyManager {
     ) -> Result<(u8, Receipt), FormatChangeError> {
         let now = OffsetDateTime::now_utc();
         let mut stored = self.format_secrets(now).await?;
-        let next = stored.secrets.last().map_or(1, |s| s.version.saturating_add(1));
+        let next = stored
+            .secrets
+            .last()
+            .map_or(1, |s| s.version.saturating_add(1));
         stored.secrets.push(crate::store::StoredSecret {
             version: next,
             secret: secret.clone(),
@@ -153,7 +158,10 @@ impl KeyManager {
     }
 
     /// The store's secrets, once the resolver's format is known to come from it.
-    async fn format_secrets(&self, now: OffsetDateTime) -> Result<FormatSecrets, FormatChangeError> {
+    async fn format_secrets(
+        &self,
+        now: OffsetDateTime,
+    ) -> Result<FormatSecrets, FormatChangeError> {
         if !self.resolver().format().is_loaded_from_store() {
             return Err(FormatChangeError::NotFromStore);
         }

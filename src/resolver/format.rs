@@ -154,12 +154,9 @@ impl CachedResolver {
         let _one = slot.reloading.lock().await;
         let current = slot.current.load_full();
         let read_at = now_unix_nanos();
-        let loaded = tokio::time::timeout(
-            inner.lookup_timeout,
-            current.reload_from(&*inner.store),
-        )
-        .await
-        .unwrap_or_else(|_| Err(StoreError::from_kind(StoreErrorKind::Timeout).into()));
+        let loaded = tokio::time::timeout(inner.lookup_timeout, current.reload_from(&*inner.store))
+            .await
+            .unwrap_or_else(|_| Err(StoreError::from_kind(StoreErrorKind::Timeout).into()));
         match loaded {
             Ok(None) => Ok(false),
             Ok(Some(format)) => {

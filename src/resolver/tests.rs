@@ -91,7 +91,10 @@ fn block_on<F: Future>(future: F) -> F::Output {
 }
 
 /// What the hot path answers for `digest` on this thread: `None` when nothing is cached.
-pub(super) fn hot(resolver: &CachedResolver, digest: &KeyDigest) -> Option<Result<KeyId, AuthError>> {
+pub(super) fn hot(
+    resolver: &CachedResolver,
+    digest: &KeyDigest,
+) -> Option<Result<KeyId, AuthError>> {
     resolver.admit_cached(
         digest,
         now_unix_nanos(),

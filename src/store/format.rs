@@ -199,16 +199,28 @@ mod tests {
         assert!(given.check(v1_key.expose_secret()).is_ok());
         assert!(reloaded.check(v1_key.expose_secret()).is_err());
         // Reloaded again: the same format (it keeps its recipe).
-        assert_eq!(reloaded.reload_from(&store).await.unwrap().unwrap(), reloaded);
+        assert_eq!(
+            reloaded.reload_from(&store).await.unwrap().unwrap(),
+            reloaded
+        );
         // Without its own settings, the store's legacy record applies.
-        let plain = KeyFormat::keyed("sk").load_secret_from(&store).await.unwrap();
+        let plain = KeyFormat::keyed("sk")
+            .load_secret_from(&store)
+            .await
+            .unwrap();
         assert!(!plain.accepts_legacy());
         assert_eq!(plain.minting_version(), Some(2));
         // A format not loaded from a store has nothing to reload.
         let built = KeyFormat::keyed("sk").secret(1, secret(1)).build().unwrap();
         assert!(!built.is_loaded_from_store());
         assert!(built.reload_from(&store).await.unwrap().is_none());
-        assert!(KeyFormat::default().reload_from(&store).await.unwrap().is_none());
+        assert!(
+            KeyFormat::default()
+                .reload_from(&store)
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
 
     async fn store_secret(store: &crate::store::MemoryStore, version: u8) -> FormatSecret {

@@ -10,7 +10,11 @@ use crate::resolver::CachedResolver;
 use crate::store::{KeyStore, MemoryStore};
 
 async fn manager_with(store: &Arc<MemoryStore>, format: KeyFormat) -> KeyManager {
-    KeyManager::new(CachedResolver::builder(store.clone()).format(format).build())
+    KeyManager::new(
+        CachedResolver::builder(store.clone())
+            .format(format)
+            .build(),
+    )
 }
 
 async fn mint(manager: &KeyManager) -> String {
@@ -36,7 +40,10 @@ async fn versions(store: &MemoryStore) -> Vec<(u8, bool)> {
 #[tokio::test]
 async fn secrets_are_added_and_retired_on_this_instance_at_once() {
     let store = Arc::new(MemoryStore::new());
-    let format = KeyFormat::keyed("sk").load_secret_from(&*store).await.unwrap();
+    let format = KeyFormat::keyed("sk")
+        .load_secret_from(&*store)
+        .await
+        .unwrap();
     let manager = manager_with(&store, format).await;
     let v1 = mint(&manager).await;
     let (version, receipt) = manager
@@ -66,7 +73,11 @@ async fn secrets_are_added_and_retired_on_this_instance_at_once() {
         manager.retire_format_secret(2).await,
         Err(FormatChangeError::Config(KeyFormatConfigError::NoSecret))
     ));
-    assert_eq!(versions(&store).await, [(1, true), (2, false)], "nothing written");
+    assert_eq!(
+        versions(&store).await,
+        [(1, true), (2, false)],
+        "nothing written"
+    );
     assert!(!manager.resolver().format().accepts_legacy());
     manager.set_legacy_keys(true).await.unwrap();
     assert!(manager.resolver().format().accepts_legacy());
@@ -85,11 +96,15 @@ async fn a_change_this_instance_cannot_follow_is_refused_unwritten() {
     let manager = manager_with(&store, format).await;
     assert!(matches!(
         manager.add_format_secret(FormatSecret::generate()).await,
-        Err(FormatChangeError::Config(KeyFormatConfigError::DuplicateVersion(2)))
+        Err(FormatChangeError::Config(
+            KeyFormatConfigError::DuplicateVersion(2)
+        ))
     ));
     assert!(matches!(
         manager.retire_format_secret(1).await,
-        Err(FormatChangeError::Config(KeyFormatConfigError::MintingVersionNotAccepted(1)))
+        Err(FormatChangeError::Config(
+            KeyFormatConfigError::MintingVersionNotAccepted(1)
+        ))
     ));
     assert_eq!(versions(&store).await, [(1, false)]);
     // The public format's secrets are not the store's.

@@ -10,7 +10,10 @@ use crate::key::{FormatSecret, KeyFormat, KeyFormatError};
 use crate::store::{KeyLimits, KeyStore, MemoryStore, StoreErrorKind};
 
 async fn keyed(store: &MemoryStore) -> KeyFormat {
-    KeyFormat::keyed("sk").load_secret_from(store).await.unwrap()
+    KeyFormat::keyed("sk")
+        .load_secret_from(store)
+        .await
+        .unwrap()
 }
 
 /// Stores a key in the resolver's current format and returns it.
@@ -38,11 +41,18 @@ async fn a_reload_swaps_the_format_and_a_guard_keeps_what_it_loaded() {
         .unwrap();
     let before = resolver.format();
     assert!(resolver.reload_format().await.unwrap(), "version 2 added");
-    assert_eq!(before.accepted_versions(), vec![1], "a guard keeps its format");
+    assert_eq!(
+        before.accepted_versions(),
+        vec![1],
+        "a guard keeps its format"
+    );
     assert_eq!(resolver.format().accepted_versions(), vec![1, 2]);
     assert_eq!(resolver.format().minting_version(), Some(2));
     let v2 = resolver.format().generate();
-    assert_eq!(before.check(v2.expose_secret()), Err(KeyFormatError::UnknownSecretVersion));
+    assert_eq!(
+        before.check(v2.expose_secret()),
+        Err(KeyFormatError::UnknownSecretVersion)
+    );
     assert!(store.retire_format_secret(1, now).await.unwrap());
     assert!(resolver.reload_format().await.unwrap(), "version 1 retired");
     assert_eq!(
@@ -85,7 +95,9 @@ async fn a_failed_reload_refuses_every_key() {
         .load_secret_from(&*store)
         .await
         .unwrap();
-    let resolver = CachedResolver::builder(store.clone()).format(pinned).build();
+    let resolver = CachedResolver::builder(store.clone())
+        .format(pinned)
+        .build();
     let key = stored_key(&resolver, &store).await;
     resolver.authenticate(&key.digest()).await.unwrap();
     assert!(store.retire_format_secret(1, now).await.unwrap());
@@ -95,7 +107,10 @@ async fn a_failed_reload_refuses_every_key() {
         Err(AuthError::Unavailable(error)) => {
             assert_eq!(error.kind(), StoreErrorKind::Unavailable);
             let source = std::error::Error::source(&error);
-            assert!(source.is_some_and(|s| s.is::<super::FormatDown>()), "{error:?}");
+            assert!(
+                source.is_some_and(|s| s.is::<super::FormatDown>()),
+                "{error:?}"
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -130,7 +145,10 @@ async fn in_degraded_mode_a_stale_format_is_read_again() {
     match resolver.authenticate(&v1.digest()).await {
         Err(AuthError::Unavailable(error)) => {
             let source = std::error::Error::source(&error);
-            assert!(source.is_some_and(|s| s.is::<super::FormatChanged>()), "{error:?}");
+            assert!(
+                source.is_some_and(|s| s.is::<super::FormatChanged>()),
+                "{error:?}"
+            );
         }
         other => panic!("checked against the earlier format: {other:?}"),
     }
