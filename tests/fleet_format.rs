@@ -307,6 +307,80 @@ async fn format_changes_reach_every_instance_over_listen_notify() {
     schema.drop_schema().await;
 }
 
+/// An instance that cannot read the store when a format change reaches it fails closed: it
+/// acknowledges, refuses every key with 503 until it can read the store again, then recovers by
+/// itself. (LISTEN/NOTIFY; D's subscription is direct, its store behind the proxy.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_cannot_reload_its_format_refuses_every_key_until_it_can() {
+    let Some(schema) = common::db::pg_schema("format_pg_store_down").await else {
+        return;
+    };
+    let channel = common::db::unique("format_pg_store_down");
+    let direct = schema.store().await;
+    let invalidator = |name: &str| {
+        PgInvalidator::from_store(&direct)
+            .with_channel(&channel)
+            .unwrap()
+            .instance_name(name)
+    };
+    let subscriber = invalidator("a");
+    let a = Instance::start("a", schema.store().await, subscriber.clone(), |r| {
+        subscriber.subscribe(r)
+    })
+    .await;
+    let (proxy, through) = common::db::pg_through_proxy(&schema).await;
+    let subscriber = invalidator("d");
+    let d = Instance::start("d", through, subscriber.clone(), |r| {
+        subscriber.subscribe(r)
+    })
+    .await;
+    let started = Instant::now();
+    while !a
+        .manager
+        .set_legacy_keys(false)
+        .await
+        .unwrap()
+        .is_complete()
+    {
+        assert!(started.elapsed() < HANG_GUARD, "the roster never filled");
+    }
+    let key = a.mint().await;
+    assert_eq!(d.answer(&key).await, "200");
+
+    proxy.down().await;
+    let (_, receipt) = a
+        .manager
+        .add_format_secret(FormatSecret::generate())
+        .await
+        .unwrap();
+    assert!(
+        receipt.is_complete() && receipt.instances == 2,
+        "D acknowledged: {receipt:?}"
+    );
+    assert_eq!(
+        d.answer(&key).await,
+        "503 AUTH_UNAVAILABLE",
+        "D refuses even its cached key"
+    );
+    let newer = a.mint().await;
+    assert_eq!(a.answer(&newer).await, "200");
+    assert_ne!(d.answer(&newer).await, "200", "D has not loaded version 2");
+
+    proxy.up().await;
+    let back = Instant::now();
+    while d.answer(&newer).await != "200" {
+        assert!(back.elapsed() < HANG_GUARD, "D never reloaded its format");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!(
+        "D reloaded its format {:?} after its store came back",
+        back.elapsed()
+    );
+    assert_eq!(d.answer(&key).await, "200");
+    drop((a, d, proxy));
+    schema.drop_schema().await;
+}
+
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn format_changes_reach_every_instance_over_redis() {

@@ -138,6 +138,9 @@ impl CachedResolver {
     /// the secrets, or when it cannot know whether it missed a change (its first connection, a
     /// revocation log that no longer reaches back). Call it from an invalidator of your own.
     ///
+    /// The store read is given the resolver's lookup timeout, at most half the freshness bound
+    /// ([`degraded_time_to_live`](super::CachedResolverBuilder::degraded_time_to_live)).
+    ///
     /// **When it fails** (the store cannot be read, or the store's secrets no longer make a format
     /// with this resolver's settings, such as a pinned minting version that was retired), the
     /// resolver fails closed: the format may have lost a secret, so every key is refused with 503
@@ -154,7 +157,13 @@ impl CachedResolver {
         let _one = slot.reloading.lock().await;
         let current = slot.current.load_full();
         let read_at = now_unix_nanos();
-        let loaded = tokio::time::timeout(inner.lookup_timeout, current.reload_from(&*inner.store))
+        // Within half the freshness bound: a fleet subscription acknowledges after the reload (or
+        // its failure), and the acknowledgement is awaited for one bound.
+        let patience = inner
+            .lookup_timeout
+            .min(self.bound() / 2)
+            .max(Duration::from_millis(100));
+        let loaded = tokio::time::timeout(patience, current.reload_from(&*inner.store))
             .await
             .unwrap_or_else(|_| Err(StoreError::from_kind(StoreErrorKind::Timeout).into()));
         match loaded {
