@@ -137,19 +137,7 @@ fn complete(receipt: &Receipt, what: &str) {
 
 async fn scenario(transport: &str, fleet: Fleet) {
     let a = fleet.a();
-    // Every instance in the roster before the first change: a change that changes nothing (legacy
-    // keys are refused already), until all three acknowledge it.
-    let started = Instant::now();
-    loop {
-        let receipt = a.manager.set_legacy_keys(false).await.unwrap();
-        if receipt.is_complete() && receipt.instances == 3 {
-            break;
-        }
-        assert!(
-            started.elapsed() < HANG_GUARD,
-            "the roster never filled: {receipt:?}"
-        );
-    }
+    roster_of(&a.manager, 3).await;
 
     // 1. A new version is admitted everywhere once the addition has answered.
     let old = a.mint().await;
@@ -256,6 +244,22 @@ async fn scenario(transport: &str, fleet: Fleet) {
     assert_eq!(fleet.answers(&newest).await, ["200"; 3]);
 }
 
+/// Every instance in the roster before the first change: a change that changes nothing (legacy
+/// keys are refused already), until `n` instances acknowledge it.
+async fn roster_of(manager: &KeyManager, n: usize) {
+    let started = Instant::now();
+    loop {
+        let receipt = manager.set_legacy_keys(false).await.unwrap();
+        if receipt.is_complete() && receipt.instances == n {
+            return;
+        }
+        assert!(
+            started.elapsed() < HANG_GUARD,
+            "the roster never filled: {receipt:?}"
+        );
+    }
+}
+
 /// Waits (polling) until `what` holds.
 async fn until(what: impl Fn() -> bool) {
     tokio::time::timeout(HANG_GUARD, async {
@@ -334,16 +338,7 @@ async fn an_instance_that_cannot_reload_its_format_refuses_every_key_until_it_ca
         subscriber.subscribe(r)
     })
     .await;
-    let started = Instant::now();
-    while !a
-        .manager
-        .set_legacy_keys(false)
-        .await
-        .unwrap()
-        .is_complete()
-    {
-        assert!(started.elapsed() < HANG_GUARD, "the roster never filled");
-    }
+    roster_of(&a.manager, 2).await;
     let key = a.mint().await;
     assert_eq!(d.answer(&key).await, "200");
 
@@ -393,17 +388,13 @@ async fn format_changes_reach_every_instance_over_redis() {
         return;
     };
     let channel = common::db::unique("format_redis");
-    let direct = redis::Client::open(redis_url.as_str()).unwrap();
     let (proxy, through) = common::db::redis_through_proxy(&redis_url).await;
     let invalidator = |name: &'static str| {
-        RedisInvalidator::new(if name == "c" {
-            through.clone()
-        } else {
-            direct.clone()
-        })
-        .with_channel(channel.as_str())
-        .instance_name(name)
-        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200))
+        RedisInvalidator::open(if name == "c" { &through } else { &redis_url })
+            .unwrap()
+            .with_channel(channel.as_str())
+            .instance_name(name)
+            .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200))
     };
     let fleet = start_fleet(&schema, proxy, invalidator, RedisInvalidator::subscribe).await;
     scenario("Redis", fleet).await;

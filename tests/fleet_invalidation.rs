@@ -426,7 +426,8 @@ mod over_redis {
         let channel = common::db::unique("fleet_redis_outage");
         let (a, b) = (instance(&schema).await, instance(&schema).await);
         let (proxy, through_proxy) = common::db::redis_through_proxy(&redis_url).await;
-        let b_subscription = RedisInvalidator::new(through_proxy)
+        let b_subscription = RedisInvalidator::open(&through_proxy)
+            .unwrap()
             .with_channel(&channel)
             .subscribe(b.resolver.clone());
         let a_manager = outage::manager(

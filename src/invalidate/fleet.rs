@@ -145,6 +145,53 @@ impl Message {
 pub(crate) const FORMAT_PAYLOAD: &str = r#"{"format":"reload"}"#;
 
 #[cfg(any(feature = "postgres", feature = "redis"))]
+/// The [`Invalidator`](super::Invalidator) of a broadcaster with a revocation log (`PgInvalidator`,
+/// `RedisInvalidator`): every message goes through its `publish_payload`, which sequences it and
+/// returns the roster of that moment, and its `fleet.board` collects the acknowledgements.
+macro_rules! sequenced_invalidator {
+    ($broadcaster:ty) => {
+        #[async_trait::async_trait]
+        impl $crate::invalidate::Invalidator for $broadcaster {
+            async fn publish(
+                &self,
+                invalidation: &$crate::invalidate::Invalidation,
+            ) -> Result<(), $crate::store::StoreError> {
+                self.publish_payload(&invalidation.to_json())
+                    .await
+                    .map(|_| ())
+            }
+
+            async fn publish_sequenced(
+                &self,
+                invalidation: &$crate::invalidate::Invalidation,
+            ) -> Result<Option<$crate::invalidate::Sequenced>, $crate::store::StoreError> {
+                self.publish_payload(&invalidation.to_json())
+                    .await
+                    .map(Some)
+            }
+
+            async fn publish_format_change(
+                &self,
+            ) -> Result<Option<$crate::invalidate::Sequenced>, $crate::store::StoreError> {
+                self.publish_payload($crate::invalidate::fleet::FORMAT_PAYLOAD)
+                    .await
+                    .map(Some)
+            }
+
+            async fn receipt(
+                &self,
+                published: &$crate::invalidate::Sequenced,
+                deadline: std::time::Duration,
+            ) -> $crate::invalidate::Receipt {
+                self.fleet.board.wait(published, deadline).await
+            }
+        }
+    };
+}
+#[cfg(any(feature = "postgres", feature = "redis"))]
+pub(super) use sequenced_invalidator;
+
+#[cfg(any(feature = "postgres", feature = "redis"))]
 /// The fleet settings an invalidator gives each of its subscriptions, and the board they share.
 #[derive(Clone)]
 pub(crate) struct FleetConfig {

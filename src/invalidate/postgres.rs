@@ -42,10 +42,12 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 
-use super::fleet::{FORMAT_PAYLOAD, FleetConfig, Message, fleet_channel};
+#[cfg(doc)]
+use super::Invalidation;
+use super::Sequenced;
+use super::fleet::{FleetConfig, Message, fleet_channel};
 use super::member;
 use super::subscription::{Backend, Backoff, Beat, LogTail, Subscription};
-use super::{Invalidation, Invalidator, Receipt, Sequenced};
 use crate::resolver::CachedResolver;
 use crate::store::StoreError;
 use crate::store::postgres::{InvalidIdentifier, PostgresStore, check_identifier};
@@ -188,35 +190,12 @@ impl PgInvalidator {
     }
 }
 
-#[async_trait::async_trait]
-impl Invalidator for PgInvalidator {
-    async fn publish(&self, invalidation: &Invalidation) -> Result<(), StoreError> {
-        self.publish_sequenced(invalidation).await.map(|_| ())
-    }
-
-    /// In one transaction, under a lock that keeps sequence numbers in commit order: the next
-    /// sequence number, the log row, the `NOTIFY`, and the roster's live instances.
-    async fn publish_sequenced(
-        &self,
-        invalidation: &Invalidation,
-    ) -> Result<Option<Sequenced>, StoreError> {
-        self.publish_payload(&invalidation.to_json())
-            .await
-            .map(Some)
-    }
-
-    /// The same transaction with [`FORMAT_PAYLOAD`].
-    async fn publish_format_change(&self) -> Result<Option<Sequenced>, StoreError> {
-        self.publish_payload(FORMAT_PAYLOAD).await.map(Some)
-    }
-
-    async fn receipt(&self, published: &Sequenced, deadline: Duration) -> Receipt {
-        self.fleet.board.wait(published, deadline).await
-    }
-}
+super::fleet::sequenced_invalidator!(PgInvalidator);
 
 impl PgInvalidator {
-    /// Publishes one message of the revocation log (`payload`: its unsequenced wire form).
+    /// Publishes one message of the revocation log (`payload`: its unsequenced wire form): in one
+    /// transaction, under a lock that keeps sequence numbers in commit order, the next sequence
+    /// number, the log row, the `NOTIFY`, and the roster's live instances.
     async fn publish_payload(&self, payload: &str) -> Result<Sequenced, StoreError> {
         self.ensure_tables().await?;
         let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;

@@ -42,10 +42,12 @@ use futures_util::StreamExt;
 use futures_util::future::{self, Either};
 use tokio::time::{Instant, timeout};
 
-use super::fleet::{FORMAT_PAYLOAD, FleetConfig, fleet_channel};
+#[cfg(doc)]
+use super::Invalidation;
+use super::Sequenced;
+use super::fleet::{FleetConfig, fleet_channel};
 use super::member;
 use super::subscription::{Backend, Backoff, Beat, LogTail, Subscription};
-use super::{Invalidation, Invalidator, Receipt, Sequenced};
 use crate::resolver::CachedResolver;
 use crate::store::{StoreError, StoreErrorKind};
 
@@ -184,35 +186,12 @@ impl RedisInvalidator {
     }
 }
 
-#[async_trait::async_trait]
-impl Invalidator for RedisInvalidator {
-    async fn publish(&self, invalidation: &Invalidation) -> Result<(), StoreError> {
-        self.publish_sequenced(invalidation).await.map(|_| ())
-    }
-
-    /// One script (atomic, so sequence numbers are published in order): the next sequence number,
-    /// the log entry, the `PUBLISH`, and the roster's live instances.
-    async fn publish_sequenced(
-        &self,
-        invalidation: &Invalidation,
-    ) -> Result<Option<Sequenced>, StoreError> {
-        self.publish_payload(&invalidation.to_json())
-            .await
-            .map(Some)
-    }
-
-    /// The same script with [`FORMAT_PAYLOAD`].
-    async fn publish_format_change(&self) -> Result<Option<Sequenced>, StoreError> {
-        self.publish_payload(FORMAT_PAYLOAD).await.map(Some)
-    }
-
-    async fn receipt(&self, published: &Sequenced, deadline: Duration) -> Receipt {
-        self.fleet.board.wait(published, deadline).await
-    }
-}
+super::fleet::sequenced_invalidator!(RedisInvalidator);
 
 impl RedisInvalidator {
-    /// Publishes one message of the revocation log (`payload`: its unsequenced wire form).
+    /// Publishes one message of the revocation log (`payload`: its unsequenced wire form): one
+    /// script (atomic, so sequence numbers are published in order), the next sequence number, the
+    /// log entry, the `PUBLISH`, and the roster's live instances.
     async fn publish_payload(&self, payload: &str) -> Result<Sequenced, StoreError> {
         let keys = Keys::of(&self.channel);
         let mut last = None;
@@ -489,6 +468,7 @@ impl Backend for RedisBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::invalidate::{Invalidation, Invalidator};
 
     #[test]
     fn configuration() {

@@ -15,42 +15,10 @@
 //! trusting its format within the freshness bound, as it stops trusting its cache
 //! ([`crate::invalidate`]).
 //!
-//! These are a Rust API only: no route of the [router](super::router) exposes them, and they take
+//! These are a Rust API only: no HTTP route exposes them, and they take
 //! no caller (they act for the service, not for a key): call them from an operator's tool or a
 //! deployment step. The format must have been loaded from the store
 //! ([`KeyedFormatBuilder::load_secret_from`](crate::key::KeyedFormatBuilder::load_secret_from)).
-//!
-//! ```
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! use std::sync::Arc;
-//! use tower_api_keys::key::{FormatSecret, KeyFormat};
-//! use tower_api_keys::manage::{CreateKey, KeyManager};
-//! use tower_api_keys::principal::Principal;
-//! use tower_api_keys::resolver::CachedResolver;
-//! use tower_api_keys::store::MemoryStore;
-//!
-//! let store = Arc::new(MemoryStore::new());
-//! let format = KeyFormat::keyed("sk_live").load_secret_from(&*store).await?;
-//! let resolver = CachedResolver::builder(store.clone()).format(format).build();
-//! let manager = KeyManager::new(resolver.clone());
-//! let old = manager
-//!     .create(&Principal::master(), CreateKey::new(["ledgers:read"]).owner("payments"))
-//!     .await?
-//!     .key;
-//!
-//! // Rotation: version 2 tags new keys from now on, here and on every instance of the fleet.
-//! let (version, _receipt) = manager.add_format_secret(FormatSecret::generate()).await?;
-//! assert_eq!(version, 2);
-//! assert_eq!(resolver.format().minting_version(), Some(2));
-//! assert!(resolver.format().check(old.expose_secret()).is_ok());
-//!
-//! // Once version 1's keys are gone: keys it tagged are refused everywhere.
-//! manager.retire_format_secret(1).await?;
-//! assert!(resolver.format().check(old.expose_secret()).is_err());
-//! # Ok(())
-//! # }
-//! ```
 
 use time::OffsetDateTime;
 
@@ -91,6 +59,42 @@ impl KeyManager {
     ///
     /// Refused, with nothing written, when the version would clash with one this instance's format
     /// was given in code.
+    ///
+    /// A Rust API only (no HTTP route exposes it), taking no caller: it
+    /// acts for the service. The fleet side is described in [`crate::invalidate`] ("Key format
+    /// changes").
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::sync::Arc;
+    /// use tower_api_keys::key::{FormatSecret, KeyFormat};
+    /// use tower_api_keys::manage::{CreateKey, KeyManager};
+    /// use tower_api_keys::principal::Principal;
+    /// use tower_api_keys::resolver::CachedResolver;
+    /// use tower_api_keys::store::MemoryStore;
+    ///
+    /// let store = Arc::new(MemoryStore::new());
+    /// let format = KeyFormat::keyed("sk_live").load_secret_from(&*store).await?;
+    /// let resolver = CachedResolver::builder(store.clone()).format(format).build();
+    /// let manager = KeyManager::new(resolver.clone());
+    /// let old = manager
+    ///     .create(&Principal::master(), CreateKey::new(["ledgers:read"]).owner("payments"))
+    ///     .await?
+    ///     .key;
+    ///
+    /// // Rotation: version 2 tags new keys from now on, here and on every instance of the fleet.
+    /// let (version, _receipt) = manager.add_format_secret(FormatSecret::generate()).await?;
+    /// assert_eq!(version, 2);
+    /// assert_eq!(resolver.format().minting_version(), Some(2));
+    /// assert!(resolver.format().check(old.expose_secret()).is_ok());
+    ///
+    /// // Once version 1's keys are gone: keys it tagged are refused everywhere.
+    /// manager.retire_format_secret(1).await?;
+    /// assert!(resolver.format().check(old.expose_secret()).is_err());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn add_format_secret(
         &self,
         secret: FormatSecret,

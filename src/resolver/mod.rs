@@ -86,6 +86,12 @@
 //!     With 6, once an invalidation has been applied, no request is admitted on anything read
 //!     before it: what a fleet's acknowledgement promises (`tests/resolver_race.rs`:
 //!     `a_lookup_overtaken_by_an_invalidation_does_not_fill_the_cache`).
+//! 13. **The key format follows the store**: [`format`](CachedResolver::format) is one atomic load;
+//!     once [`reload_format`](CachedResolver::reload_format) has returned, every key is checked
+//!     against the store's current secrets (a lookup the swap overtook is answered 503), or, if the
+//!     store could not be read, every key is refused (503) until a reload succeeds. In degraded
+//!     mode the format, like a cached answer, is trusted for the degraded lifetime after its store
+//!     read, then read again (`format.rs`; its unit tests; `tests/fleet_format.rs`).
 
 use std::collections::HashMap;
 use std::fmt;

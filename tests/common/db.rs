@@ -176,22 +176,22 @@ pub async fn redis_url(test: &str) -> Option<String> {
 }
 
 #[cfg(all(feature = "redis", feature = "postgres"))]
-/// A [`Proxy`] in front of the Redis server at `url`, and a client through it.
-pub async fn redis_through_proxy(url: &str) -> (Proxy, redis::Client) {
-    use redis::{ConnectionAddr, IntoConnectionInfo};
+/// A [`Proxy`] in front of the Redis server at `url`, and the URL through it.
+pub async fn redis_through_proxy(url: &str) -> (Proxy, String) {
     use std::net::ToSocketAddrs;
-    let info = url.into_connection_info().unwrap();
-    let ConnectionAddr::Tcp(host, port) = info.addr().clone() else {
-        panic!("TEST_REDIS_URL is not a TCP address");
-    };
-    let target = (host.as_str(), port)
+    let mut through = url::Url::parse(url).expect("TEST_REDIS_URL is a URL");
+    let target = (
+        through.host_str().expect("TEST_REDIS_URL has a host"),
+        through.port().unwrap_or(6379),
+    )
         .to_socket_addrs()
         .unwrap()
         .next()
         .unwrap();
     let proxy = Proxy::start(target).await;
-    let through = info.set_addr(ConnectionAddr::Tcp("127.0.0.1".into(), proxy.port()));
-    (proxy, redis::Client::open(through).unwrap())
+    through.set_host(Some("127.0.0.1")).unwrap();
+    through.set_port(Some(proxy.port())).unwrap();
+    (proxy, through.to_string())
 }
 
 #[cfg(feature = "postgres")]
