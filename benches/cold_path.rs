@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
+use http_body_util::Full;
 use tokio::sync::RwLock;
 use tower::{Layer, ServiceExt};
 use tower_api_keys::guard::RequireScopes;
@@ -69,7 +70,7 @@ async fn burst(resolver: &CachedResolver, store: &CountingStore, key: &str) -> (
     let service =
         ApiKeyLayer::new(resolver.clone()).layer(RequireScopes::all(["ledgers:read"]).layer(
             tower::service_fn(|_: Request<LiveBody<String>>| async {
-                Ok::<_, Infallible>(Response::new(Bytes::new()))
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
             }),
         ));
     // Every task waits on the gate (a held write lock) until all are spawned and built.

@@ -21,6 +21,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
+use http_body_util::Full;
 use tower::{Layer, Service, ServiceExt};
 use tower_api_keys::error::{AuthError, InvalidKeyReason};
 use tower_api_keys::guard::RequireScopes;
@@ -58,7 +59,7 @@ impl Rng {
 }
 
 type BoxService =
-    tower::util::BoxCloneService<Request<String>, Response<LiveBody<Bytes>>, Infallible>;
+    tower::util::BoxCloneService<Request<String>, Response<LiveBody<Full<Bytes>>>, Infallible>;
 
 /// The layer and a guard over a handler that answers 200, for `format` over `store`.
 fn stack(store: Arc<CountingStore>, format: KeyFormat) -> BoxService {
@@ -66,7 +67,7 @@ fn stack(store: Arc<CountingStore>, format: KeyFormat) -> BoxService {
     let service = ApiKeyLayer::new(resolver).layer(RequireScopes::all(["ledgers:read"]).layer(
         tower::service_fn(|request: Request<LiveBody<String>>| {
             black_box(&request);
-            async { Ok::<_, Infallible>(Response::new(Bytes::new())) }
+            async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::new()))) }
         }),
     ));
     tower::util::BoxCloneService::new(service)

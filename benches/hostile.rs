@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
+use http_body_util::Full;
 use tower::{Layer, Service, ServiceExt};
 use tower_api_keys::error::AuthError;
 use tower_api_keys::error::InvalidKeyReason;
@@ -161,7 +162,7 @@ fn request(key: Option<&str>) -> Request<String> {
 /// The answer: status and, for a refusal, the typed error from the response extensions.
 async fn send<S>(service: &mut S, request: Request<String>) -> (StatusCode, Option<AuthError>)
 where
-    S: Service<Request<String>, Response = Response<LiveBody<Bytes>>, Error = Infallible>,
+    S: Service<Request<String>, Response = Response<LiveBody<Full<Bytes>>>, Error = Infallible>,
 {
     let response = service.ready().await.unwrap().call(request).await.unwrap();
     (
@@ -243,7 +244,7 @@ fn main() {
         ApiKeyLayer::new(resolver.clone()).layer(RequireScopes::all(["ledgers:read"]).layer(
             tower::service_fn(|request: Request<LiveBody<String>>| {
                 black_box(&request);
-                async { Ok::<_, Infallible>(Response::new(Bytes::new())) }
+                async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::new()))) }
             }),
         ));
 
@@ -421,7 +422,7 @@ fn flood(runtime: &tokio::runtime::Runtime, format: &KeyFormat, rng: &mut Rng) {
     let mut service =
         ApiKeyLayer::new(resolver.clone()).layer(RequireScopes::all(["ledgers:read"]).layer(
             tower::service_fn(|_: Request<LiveBody<String>>| async {
-                Ok::<_, Infallible>(Response::new(Bytes::new()))
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
             }),
         ));
     runtime.block_on(async {

@@ -35,6 +35,7 @@ use criterion::{BatchSize, Criterion, SamplingMode};
 use futures_util::FutureExt;
 use http::{Request, Response, StatusCode};
 use http_body_util::Empty;
+use http_body_util::Full;
 use time::OffsetDateTime;
 use tower::{Layer, Service, ServiceExt};
 use tower_api_keys::store::KeyLimits;
@@ -60,9 +61,9 @@ const BCRYPT_COST: u32 = 10;
 /// Requests built ahead of one timed batch: few enough to stay in cache.
 const BATCH: u32 = 256;
 
-async fn handler<B>(request: Request<B>) -> Result<Response<Bytes>, Infallible> {
+async fn handler<B>(request: Request<B>) -> Result<Response<Full<Bytes>>, Infallible> {
     black_box(&request);
-    Ok(Response::new(Bytes::new()))
+    Ok(Response::new(Full::new(Bytes::new())))
 }
 
 /// Runs a future that never waits to completion.
@@ -74,7 +75,7 @@ fn now<F: Future>(future: F) -> F::Output {
 
 fn run<S>(service: &mut S, request: Req) -> StatusCode
 where
-    S: Service<Req, Response = Response<Bytes>, Error = Infallible>,
+    S: Service<Req, Response = Response<Full<Bytes>>, Error = Infallible>,
 {
     let ready = now(service.ready()).unwrap();
     now(ready.call(request)).unwrap().status()
@@ -216,31 +217,35 @@ impl Fixture {
         }
     }
 
-    fn bare(&self) -> impl Service<Req, Response = Response<Bytes>, Error = Infallible> {
+    fn bare(&self) -> impl Service<Req, Response = Response<Full<Bytes>>, Error = Infallible> {
         tower::service_fn(handler)
     }
 
-    fn layer(&self) -> impl Service<Req, Response = Response<Bytes>, Error = Infallible> {
+    fn layer(&self) -> impl Service<Req, Response = Response<Full<Bytes>>, Error = Infallible> {
         ApiKeyLayer::new(self.resolver.clone())
             .layer(RequireScopes::all(["ledgers:read"]).layer(tower::service_fn(handler)))
             .map_response(unwrap_live)
     }
 
     /// The layer and guard over the resolver without a per-thread front.
-    fn layer_no_front(&self) -> impl Service<Req, Response = Response<Bytes>, Error = Infallible> {
+    fn layer_no_front(
+        &self,
+    ) -> impl Service<Req, Response = Response<Full<Bytes>>, Error = Infallible> {
         ApiKeyLayer::new(self.no_front.clone())
             .layer(RequireScopes::all(["ledgers:read"]).layer(tower::service_fn(handler)))
             .map_response(unwrap_live)
     }
 
-    fn layer_only(&self) -> impl Service<Req, Response = Response<Bytes>, Error = Infallible> {
+    fn layer_only(
+        &self,
+    ) -> impl Service<Req, Response = Response<Full<Bytes>>, Error = Infallible> {
         ApiKeyLayer::new(self.resolver.clone())
             .layer(tower::service_fn(handler))
             .map_response(unwrap_live)
     }
 
     #[allow(deprecated)]
-    fn bearer(&self) -> impl Service<Req, Response = Response<Bytes>, Error = Infallible> {
+    fn bearer(&self) -> impl Service<Req, Response = Response<Full<Bytes>>, Error = Infallible> {
         tower_http::validate_request::ValidateRequestHeaderLayer::bearer(BEARER_TOKEN)
             .layer(tower::service_fn(handler))
     }
@@ -285,7 +290,7 @@ fn bench_stack<S>(
     mut service: S,
     request: impl Fn() -> Req,
 ) where
-    S: Service<Req, Response = Response<Bytes>, Error = Infallible>,
+    S: Service<Req, Response = Response<Full<Bytes>>, Error = Infallible>,
 {
     group.bench_function(name, |b| {
         b.iter_batched(
@@ -353,7 +358,7 @@ fn cpu<R>(f: impl FnOnce() -> R) -> Duration {
 /// CPU time of `per_round` requests through `service`, requests built beforehand.
 fn time_stack<S>(service: &mut S, per_round: u32, request: &dyn Fn() -> Req) -> Duration
 where
-    S: Service<Req, Response = Response<Bytes>, Error = Infallible>,
+    S: Service<Req, Response = Response<Full<Bytes>>, Error = Infallible>,
 {
     let requests: Vec<_> = (0..per_round).map(|_| request()).collect();
     cpu(|| {

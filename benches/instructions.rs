@@ -9,7 +9,8 @@
 //! | `bare` | the route alone |
 //! | `static-token` | `.layer(ValidateRequestHeaderLayer::bearer(token))` (tower-http, one token) |
 //! | `moka-by-hand` | `.layer(middleware::from_fn_with_state(..))`: SHA-256 of the header, a `moka` get, an extension insert, what people write by hand |
-//! | `layer` | `.layer(ApiKeyLayer)` |
+//! | `layer` | `.layer(ApiKeyLayer::new(..).axum_body())` (as the README wires it; every `layer*` case but the next) |
+//! | `layer(any-body)` | `.layer(ApiKeyLayer::new(..))`: bodies in a `LiveBody` that axum reboxes, the mode for any tower service |
 //! | `layer+require` | `.route_layer(RequireScopes::all(..)).layer(ApiKeyLayer)`: two layers, two boxes |
 //! | `layer+scoped` | `.layer(ApiKeyLayer)`, the handler takes `Scoped<LedgersRead>`: the guard costs no layer |
 //! | `layer+require+limit` | `layer+require` with `.route_layer(RateLimiter::in_memory().layer())` inside the guard, a key with a rate limit it never reaches |
@@ -51,11 +52,12 @@ const TOKEN: &str = "a-static-token-0123456789abcdefghijklmnopqrstuvwxyz";
 const WARM_UP: u32 = 64;
 
 /// The cases, in the order they are printed.
-const CASES: [&str; 8] = [
+const CASES: [&str; 9] = [
     "bare",
     "static-token",
     "moka-by-hand",
     "layer",
+    "layer(any-body)",
     "layer+require",
     "layer+scoped",
     "layer+require+limit",
@@ -176,7 +178,7 @@ fn case(name: &str, runtime: &tokio::runtime::Runtime) -> Case {
         x_api_key,
         HeaderValue::from_str(key.expose_secret()).unwrap(),
     );
-    let layer = || ApiKeyLayer::new(resolver.clone());
+    let layer = || ApiKeyLayer::new(resolver.clone()).axum_body();
     let guard = || RequireScopes::all(["ledgers:read"]);
     let limiter = || RateLimiter::in_memory().layer();
     #[allow(deprecated)] // `bearer` is deprecated in tower-http 0.6.7 and still there
@@ -205,6 +207,10 @@ fn case(name: &str, runtime: &tokio::runtime::Runtime) -> Case {
             (router, key_header)
         }
         "layer" => (route(false).layer(layer()), key_header),
+        "layer(any-body)" => (
+            route(false).layer(ApiKeyLayer::new(resolver.clone())),
+            key_header,
+        ),
         "layer+require" => (route(false).route_layer(guard()).layer(layer()), key_header),
         "layer+scoped" => (route(true).layer(layer()), key_header),
         "layer+require+limit" => (

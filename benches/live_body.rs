@@ -22,6 +22,7 @@ use criterion::{BatchSize, Criterion};
 use futures_util::FutureExt;
 use http::{Request, Response, StatusCode};
 use http_body::Frame;
+use http_body_util::Full;
 use http_body_util::{BodyExt, StreamBody};
 use time::OffsetDateTime;
 use tower::{Layer, Service, ServiceExt};
@@ -35,7 +36,7 @@ type Frames =
 
 const MASTER: &str = "bench-master-key-0123456789abcdef";
 
-async fn drain(request: Request<LiveBody<Frames>>) -> Result<Response<Bytes>, Infallible> {
+async fn drain(request: Request<LiveBody<Frames>>) -> Result<Response<Full<Bytes>>, Infallible> {
     let mut body = request.into_body();
     let mut frames = 0u32;
     while let Some(frame) = body.frame().await {
@@ -43,7 +44,7 @@ async fn drain(request: Request<LiveBody<Frames>>) -> Result<Response<Bytes>, In
         frames += 1;
     }
     black_box(frames);
-    Ok(Response::new(Bytes::new()))
+    Ok(Response::new(Full::new(Bytes::new())))
 }
 
 fn request(key: &str, frames: usize) -> Request<Frames> {
@@ -60,7 +61,8 @@ fn now<F: Future>(future: F) -> F::Output {
     future.now_or_never().expect("in memory")
 }
 
-type BoxedLayer = tower::util::BoxService<Request<Frames>, Response<LiveBody<Bytes>>, Infallible>;
+type BoxedLayer =
+    tower::util::BoxService<Request<Frames>, Response<LiveBody<Full<Bytes>>>, Infallible>;
 
 /// A stored, cached key with `ledgers:write` and the layer (with a master key) over [`drain`].
 fn setup(runtime: &tokio::runtime::Runtime) -> (ApiKey, BoxedLayer) {

@@ -15,6 +15,7 @@ use criterion::{Criterion, Throughput};
 use futures_util::FutureExt;
 use http::{Request, Response, StatusCode};
 use http_body_util::Empty;
+use http_body_util::Full;
 use time::OffsetDateTime;
 use tower::{Layer, Service, ServiceExt};
 use tower_api_keys::guard::RequireScopes;
@@ -26,14 +27,18 @@ use tower_api_keys::usage::UsageRecorder;
 
 const BATCH: u32 = 256;
 
-async fn handler<B>(request: Request<B>) -> Result<Response<Bytes>, Infallible> {
+async fn handler<B>(request: Request<B>) -> Result<Response<Full<Bytes>>, Infallible> {
     black_box(&request);
-    Ok(Response::new(Bytes::new()))
+    Ok(Response::new(Full::new(Bytes::new())))
 }
 
 fn run<S>(service: &mut S, request: Request<Empty<Bytes>>) -> StatusCode
 where
-    S: Service<Request<Empty<Bytes>>, Response = Response<LiveBody<Bytes>>, Error = Infallible>,
+    S: Service<
+            Request<Empty<Bytes>>,
+            Response = Response<LiveBody<Full<Bytes>>>,
+            Error = Infallible,
+        >,
 {
     let ready = service.ready().now_or_never().unwrap().unwrap();
     ready
@@ -95,7 +100,11 @@ fn setup() -> (ApiKey, CachedResolver, std::sync::Arc<dyn KeyStore>) {
 
 fn time_batch<S>(service: &mut S, key: &str) -> Duration
 where
-    S: Service<Request<Empty<Bytes>>, Response = Response<LiveBody<Bytes>>, Error = Infallible>,
+    S: Service<
+            Request<Empty<Bytes>>,
+            Response = Response<LiveBody<Full<Bytes>>>,
+            Error = Infallible,
+        >,
 {
     let requests: Vec<_> = (0..BATCH).map(|_| request(key)).collect();
     let start = Instant::now();

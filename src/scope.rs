@@ -252,6 +252,15 @@ impl ScopeSet {
     /// Allocation-free; used by compile-time scope markers.
     #[cfg(feature = "axum")]
     pub(crate) fn allows_str(&self, required: &str) -> bool {
+        // The set is sorted by text: a scope held as written is one binary search away (the
+        // common case); only then are wildcards looked at.
+        if self
+            .scopes
+            .binary_search_by(|granted| granted.as_str().cmp(required))
+            .is_ok()
+        {
+            return true;
+        }
         let (resource, action) = required.split_once(':').unwrap_or(("*", "*"));
         self.scopes
             .iter()
@@ -490,6 +499,17 @@ mod tests {
             let r = Scope::new(&rr, &ra).unwrap();
             let expected = (gr == "*" || gr == rr) && (ga == "*" || ga == ra);
             prop_assert_eq!(g.allows(&r), expected);
+        }
+
+        #[cfg(feature = "axum")]
+        #[test]
+        fn allows_str_agrees_with_allows(
+            held in prop::collection::vec((part(), part()), 0..5),
+            (rr, ra) in (part(), part()),
+        ) {
+            let set: ScopeSet = held.iter().map(|(r, a)| Scope::new(r, a).unwrap()).collect();
+            let required = Scope::new(&rr, &ra).unwrap();
+            prop_assert_eq!(set.allows_str(required.as_str()), set.allows(&required));
         }
 
         #[test]

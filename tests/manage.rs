@@ -916,4 +916,146 @@ fn openapi_states_the_enforced_constraints() {
             .contains("boolean")
     );
     assert_eq!(rotate["additionalProperties"], false);
+    // The rotate body is optional and, when sent, an object (never `null`).
+    let rotate_body = &doc["paths"]["/api-keys/{id}/rotate"]["post"]["requestBody"];
+    assert_eq!(rotate_body["required"], false);
+    assert_eq!(
+        rotate_body["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/RotateBody"
+    );
+    // A revocation reason follows the rules of a name.
+    let reason = param("/api-keys/{id}", "delete", "reason");
+    assert_eq!(reason["maxLength"], MAX_NAME_LEN);
+    assert_eq!(reason["pattern"], create["name"]["pattern"]);
+    // Networks: at most 32, each shaped like an address or a CIDR block.
+    let networks = &create["allowed_networks"];
+    assert_eq!(networks["maxItems"], tower_api_keys::network::MAX_NETWORKS);
+    assert!(networks["items"]["pattern"].is_string());
+    // The activity routes: owner-like owners, the shapes of types, times, cursors, granularities.
+    for (path, method) in [
+        ("/api-keys/events", "get"),
+        ("/api-keys/events/verify", "get"),
+        ("/api-keys/usage", "get"),
+        ("/api-keys/{id}/events", "get"),
+        ("/api-keys/{id}/usage", "get"),
+    ] {
+        owner_like(
+            &param(path, method, "owner"),
+            &format!("{method} {path} owner"),
+        );
+    }
+    for (path, name) in [
+        ("/api-keys/events", "since"),
+        ("/api-keys/events", "until"),
+        ("/api-keys/{id}/events", "since"),
+        ("/api-keys/usage", "from"),
+        ("/api-keys/usage", "to"),
+        ("/api-keys/{id}/usage", "from"),
+        ("/api-keys/{id}/usage", "to"),
+    ] {
+        assert_eq!(
+            param(path, "get", name)["format"],
+            "date-time",
+            "{path} {name}"
+        );
+    }
+    assert_eq!(
+        param("/api-keys/events", "get", "type")["pattern"],
+        r"^[a-z0-9_]+(\.[a-z0-9_]+)*$"
+    );
+    assert_eq!(
+        param("/api-keys/events", "get", "cursor")["pattern"],
+        "^[0-9]{1,20}$"
+    );
+    assert_eq!(
+        param("/api-keys/{id}/usage", "get", "granularity")["pattern"],
+        "^(hour|day)$"
+    );
+}
+
+/// What the document calls an integer is one however it is written (`5.0`, as Python's `json`
+/// writes a float), and an out-of-range or fractional number is still refused.
+#[tokio::test]
+async fn integers_are_read_as_the_document_states_them() {
+    let f = fixture(KeyPolicy::default());
+    let (status, created) = call(
+        &f.app,
+        "POST",
+        "/api-keys",
+        MASTER,
+        Some(json!({"owner": "acme", "scopes": ["ledgers:read"],
+                    "rate_limit": {"limit": 10.0, "period_seconds": 60},
+                    "credits": {"remaining": 5e2}})),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(
+        created["rate_limit"],
+        json!({"limit": 10, "period_seconds": 60})
+    );
+    assert_eq!(created["credits"]["remaining"], 500);
+    let id = created["api_key_id"].as_str().unwrap();
+    for body in [
+        json!({"rate_limit": {"limit": 10.5, "period_seconds": 60}}),
+        json!({"rate_limit": {"limit": -1, "period_seconds": 60}}),
+        json!({"credits": {"remaining": 1e300}}),
+    ] {
+        let (status, refused) = call(
+            &f.app,
+            "PATCH",
+            &format!("/api-keys/{id}"),
+            MASTER,
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(status, 400, "{body} -> {refused}");
+        assert_eq!(refused["error_detail"]["code"], "APIKEY_INVALID");
+    }
+    let (status, rotated) = call(
+        &f.app,
+        "POST",
+        &format!("/api-keys/{id}/rotate"),
+        MASTER,
+        Some(json!({"grace_period_seconds": 60.0})),
+    )
+    .await;
+    assert_eq!(status, 200, "{rotated}");
+}
+
+/// A revocation reason follows the rules of a name, and the refusal says so.
+#[tokio::test]
+async fn a_revocation_reason_is_held_to_the_rules_of_a_name() {
+    let f = fixture(KeyPolicy::default());
+    let (_, created) = call(
+        &f.app,
+        "POST",
+        "/api-keys",
+        MASTER,
+        Some(json!({"owner": "acme", "scopes": ["ledgers:read"]})),
+    )
+    .await;
+    let id = created["api_key_id"].as_str().unwrap();
+    let long = "r".repeat(129);
+    let (status, refused) = call(
+        &f.app,
+        "DELETE",
+        &format!("/api-keys/{id}?reason={long}"),
+        MASTER,
+        None,
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        refused["error"],
+        "reason: 1 to 128 characters, not blank, without control, bidirectional-control or invisible characters"
+    );
+    let (status, _) = call(
+        &f.app,
+        "DELETE",
+        &format!("/api-keys/{id}?reason={}", "r".repeat(128)),
+        MASTER,
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
 }

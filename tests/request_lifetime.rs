@@ -43,11 +43,46 @@ struct Seen {
     stopped: Arc<Mutex<Option<String>>>,
 }
 
-fn app(resolver: CachedResolver, seen: Seen) -> Router {
+/// How the layer hands bodies on in the test's router: every test runs in both modes.
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    /// `ApiKeyLayer::new(..)`: bodies in a `LiveBody` (any tower service).
+    AnyBody,
+    /// `.axum_body()`: axum's own `Body`, wrapped only when watched.
+    AxumBody,
+}
+
+/// Each `async fn name(mode: Mode)` as two tests, `name::any_body` and `name::axum_body`.
+macro_rules! in_both_modes {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn any_body() {
+                super::$name(super::Mode::AnyBody).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn axum_body() {
+                super::$name(super::Mode::AxumBody).await;
+            }
+        }
+    )+};
+}
+
+in_both_modes!(
+    a_body_sent_after_a_revocation_writes_nothing_and_gets_401,
+    a_body_to_stamp_sent_after_a_revocation_is_neither_stamped_nor_written,
+    a_revoked_ancestor_ends_the_requests_of_its_descendants,
+    a_body_held_back_past_the_expiry_gets_401,
+    a_chunked_response_stops_at_its_next_chunk_after_a_revocation,
+    a_handler_selecting_on_the_end_future_stops,
+);
+
+fn app(resolver: CachedResolver, seen: Seen, mode: Mode) -> Router {
     let writes = seen.writes.clone();
     let stamped_writes = seen.writes.clone();
     let stopped = seen.stopped.clone();
-    Router::new()
+    let router = Router::new()
         .route(
             "/stamped",
             post(move |body: Bytes| {
@@ -102,8 +137,11 @@ fn app(resolver: CachedResolver, seen: Seen) -> Router {
                 seen.admitted.fetch_add(1, Ordering::SeqCst);
                 request
             },
-        ))
-        .layer(ApiKeyLayer::new(resolver))
+        ));
+    match mode {
+        Mode::AnyBody => router.layer(ApiKeyLayer::new(resolver)),
+        Mode::AxumBody => router.layer(ApiKeyLayer::new(resolver).axum_body()),
+    }
 }
 
 impl Seen {
@@ -219,13 +257,12 @@ fn assert_refused_as_ended(status: u16, text: &str, reason: &str, key: &ApiKey) 
     assert!(!text.contains(key.expose_secret()), "never the key: {text}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_body_sent_after_a_revocation_writes_nothing_and_gets_401() {
+async fn a_body_sent_after_a_revocation_writes_nothing_and_gets_401(mode: Mode) {
     let store = Arc::new(MemoryStore::new());
     let resolver = CachedResolver::new(store.clone());
     let manager = KeyManager::new(resolver.clone());
     let seen = Seen::default();
-    let addr = serve(app(resolver.clone(), seen.clone())).await;
+    let addr = serve(app(resolver.clone(), seen.clone(), mode)).await;
     let created = create(&manager, &Principal::master(), &["ledgers:write"]).await;
 
     // The same request shape goes through while the key lives.
@@ -247,13 +284,12 @@ async fn a_body_sent_after_a_revocation_writes_nothing_and_gets_401() {
     assert_eq!(resolver.requests_ended(&created.info.id), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_body_to_stamp_sent_after_a_revocation_is_neither_stamped_nor_written() {
+async fn a_body_to_stamp_sent_after_a_revocation_is_neither_stamped_nor_written(mode: Mode) {
     let store = Arc::new(MemoryStore::new());
     let resolver = CachedResolver::new(store.clone());
     let manager = KeyManager::new(resolver.clone());
     let seen = Seen::default();
-    let addr = serve(app(resolver.clone(), seen.clone())).await;
+    let addr = serve(app(resolver.clone(), seen.clone(), mode)).await;
     let created = create(&manager, &Principal::master(), &["ledgers:write"]).await;
 
     let (status, text) = HeldPost::start_at(addr, "/stamped", &created.key, &seen)
@@ -278,13 +314,12 @@ async fn a_body_to_stamp_sent_after_a_revocation_is_neither_stamped_nor_written(
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revoked_ancestor_ends_the_requests_of_its_descendants() {
+async fn a_revoked_ancestor_ends_the_requests_of_its_descendants(mode: Mode) {
     let store = Arc::new(MemoryStore::new());
     let resolver = CachedResolver::new(store.clone());
     let manager = KeyManager::new(resolver.clone());
     let seen = Seen::default();
-    let addr = serve(app(resolver.clone(), seen.clone())).await;
+    let addr = serve(app(resolver.clone(), seen.clone(), mode)).await;
     let parent = create(
         &manager,
         &Principal::master(),
@@ -304,13 +339,12 @@ async fn a_revoked_ancestor_ends_the_requests_of_its_descendants() {
     assert!(seen.writes.lock().unwrap().is_empty(), "nothing written");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_body_held_back_past_the_expiry_gets_401() {
+async fn a_body_held_back_past_the_expiry_gets_401(mode: Mode) {
     let store = Arc::new(MemoryStore::new());
     let resolver = CachedResolver::new(store.clone());
     let manager = KeyManager::new(resolver.clone());
     let seen = Seen::default();
-    let addr = serve(app(resolver.clone(), seen.clone())).await;
+    let addr = serve(app(resolver.clone(), seen.clone(), mode)).await;
     let expires_at = OffsetDateTime::now_utc() + Duration::from_millis(1500);
     let created = manager
         .create(
@@ -333,12 +367,11 @@ async fn a_body_held_back_past_the_expiry_gets_401() {
     assert!(seen.writes.lock().unwrap().is_empty(), "nothing written");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_chunked_response_stops_at_its_next_chunk_after_a_revocation() {
+async fn a_chunked_response_stops_at_its_next_chunk_after_a_revocation(mode: Mode) {
     let store = Arc::new(MemoryStore::new());
     let resolver = CachedResolver::new(store.clone());
     let manager = KeyManager::new(resolver.clone());
-    let addr = serve(app(resolver.clone(), Seen::default())).await;
+    let addr = serve(app(resolver.clone(), Seen::default(), mode)).await;
     let created = create(&manager, &Principal::master(), &["ledgers:read"]).await;
 
     let mut stream = TcpStream::connect(addr).await.unwrap();
@@ -384,13 +417,12 @@ async fn a_chunked_response_stops_at_its_next_chunk_after_a_revocation() {
     assert_eq!(resolver.requests_ended(&created.info.id), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_handler_selecting_on_the_end_future_stops() {
+async fn a_handler_selecting_on_the_end_future_stops(mode: Mode) {
     let store = Arc::new(MemoryStore::new());
     let resolver = CachedResolver::new(store.clone());
     let manager = KeyManager::new(resolver.clone());
     let seen = Seen::default();
-    let addr = serve(app(resolver.clone(), seen.clone())).await;
+    let addr = serve(app(resolver.clone(), seen.clone(), mode)).await;
     let created = create(&manager, &Principal::master(), &["ledgers:read"]).await;
 
     let key = created.key.clone();
@@ -430,7 +462,7 @@ mod fleet {
         let a_resolver = CachedResolver::new(a_store.clone());
         let a = KeyManager::new(a_resolver).invalidator(a_invalidator);
         let seen = Seen::default();
-        let addr = serve(app(b_resolver.clone(), seen.clone())).await;
+        let addr = serve(app(b_resolver.clone(), seen.clone(), Mode::AxumBody)).await;
         let created = create(&a, &Principal::master(), &["ledgers:write"]).await;
 
         let held = HeldPost::start(addr, &created.key, &seen).await;

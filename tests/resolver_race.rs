@@ -17,6 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::gate::GateStore;
 use http::{Request, Response, StatusCode};
+use http_body_util::Full;
 use time::OffsetDateTime;
 use tower::{Layer, Service, ServiceExt};
 use tower_api_keys::error::AuthError;
@@ -103,8 +104,8 @@ async fn a_lookup_overtaken_by_an_invalidation_does_not_fill_the_cache() {
     }
 }
 
-async fn ok<B>(_: Request<B>) -> Result<Response<Bytes>, Infallible> {
-    Ok(Response::new(Bytes::new()))
+async fn ok<B>(_: Request<B>) -> Result<Response<Full<Bytes>>, Infallible> {
+    Ok(Response::new(Full::new(Bytes::new())))
 }
 
 /// Invariant 7: four threads authenticate one key through the layer in a loop (each with its own

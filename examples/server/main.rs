@@ -65,9 +65,10 @@ use axum::response::Redirect;
 use axum::routing::get;
 use axum::{Json, Router};
 use tower_api_keys::audit::Retention;
+use tower_api_keys::error::JsonRejection;
 use tower_api_keys::guard::RequireScopes;
 use tower_api_keys::key::{ApiKey, KeyFormat};
-use tower_api_keys::layer::{ApiKeyLayer, KeySource};
+use tower_api_keys::layer::{ApiKeyLayer, AxumBody, KeySource};
 use tower_api_keys::manage::{self, KeyManager, KeyPolicy};
 use tower_api_keys::provenance::Provenance;
 use tower_api_keys::ratelimit::{FailMode, MemoryRates, RateLimiter, StoreCredits};
@@ -125,7 +126,7 @@ fn resource(kind: &'static str, plural: &str, records: Records, limiter: &RateLi
 /// The whole service: the three resources and key management behind [`ApiKeyLayer`]; `/health`,
 /// `/openapi.json` (and `/metrics`) outside it; every request logged by `TraceLayer`.
 fn app(
-    layer: ApiKeyLayer,
+    layer: ApiKeyLayer<JsonRejection, AxumBody>,
     manager: KeyManager,
     records: Records,
     limiter: RateLimiter,
@@ -324,7 +325,8 @@ pub(crate) async fn build_with(
             KeySource::blecon(),
         ])
         .master_key(master.clone())
-        .usage(usage.clone());
+        .usage(usage.clone())
+        .axum_body();
 
     // Rate limits in memory (one instance), or on Redis when `REDIS_URL` is set (a fleet);
     // credits are counted in the key store either way, exact across instances.

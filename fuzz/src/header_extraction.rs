@@ -13,6 +13,7 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use http::header::{ACCESS_CONTROL_REQUEST_METHOD, AUTHORIZATION, ORIGIN, WWW_AUTHENTICATE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri};
+use http_body_util::Full;
 use time::OffsetDateTime;
 use tower::{Layer as _, ServiceExt as _};
 use tower_api_keys::error::{AuthError, ErrorCode};
@@ -231,7 +232,7 @@ pub fn check(data: &[u8]) {
         let principal = Principal::from_extensions(request.extensions())
             .cloned()
             .map_err(|e| e.code());
-        let mut response = Response::new(Bytes::new());
+        let mut response = Response::new(Full::new(Bytes::new()));
         response.extensions_mut().insert(Seen {
             sensitive,
             principal,
@@ -386,9 +387,21 @@ fn extract(
     Ok(found)
 }
 
+/// The bytes of a body already whole in memory.
+fn bytes_of(body: Full<Bytes>) -> Bytes {
+    use http_body_util::BodyExt;
+    use std::future::Future;
+    let mut collect = std::pin::pin!(body.collect());
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match collect.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(Ok(collected)) => collected.to_bytes(),
+        _ => unreachable!("a full body is ready at once"),
+    }
+}
+
 /// What the layer did, checking the shape of its answer on the way.
-fn observe(response: Response<LiveBody<Bytes>>) -> Outcome {
-    let response = response.map(LiveBody::into_inner);
+fn observe(response: Response<LiveBody<Full<Bytes>>>) -> Outcome {
+    let response = response.map(|body| bytes_of(body.into_inner()));
     if let Some(seen) = response.extensions().get::<Seen>() {
         assert!(response.status().is_success());
         // CORS preflights included: a key sent on one is hidden too.

@@ -9,7 +9,8 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
-use super::{InvalidPrefix, KeyFormat, TAG_LEN, encode_base62, is_valid_prefix};
+use super::KeyFormat;
+use super::shape::{InvalidPrefix, TAG_LEN, encode_base62, is_valid_prefix};
 
 /// Highest secret version: versions are one base62 character, `1` to `z` (`0` is never issued).
 pub const MAX_SECRET_VERSION: u8 = 61;
@@ -355,7 +356,7 @@ mod tests {
     use proptest::prelude::*;
     use sha2::Digest as _;
 
-    use super::super::{BASE62, BODY_LEN, KEYED_TAIL_LEN, KeyFormatError, PUBLIC_TAIL_LEN};
+    use super::super::shape::{BASE62, BODY_LEN, KEYED_TAIL_LEN, KeyFormatError, PUBLIC_TAIL_LEN};
     use super::*;
 
     /// HMAC-SHA-256 written out from its definition (RFC 2104) with plain SHA-256, truncated to

@@ -41,12 +41,30 @@ pin_project! {
     ///   ended were delivered; a refusal (a response carrying an [`AuthError`], such as a handler
     ///   returning the error of [`Principal::ended`]) is never cut.
     ///
-    /// A request with no body, anonymous requests and the master key's are not watched.
+    /// A request with no body, anonymous requests and the master key's are not watched, and
+    /// neither is a response body that is already whole: its exact length known and at most
+    /// [`WHOLE_BODY_LIMIT`](super::WHOLE_BODY_LIMIT) bytes (a handler's `String`, JSON or
+    /// `Bytes`: what it holds was made while the key was live; it costs nothing to send on).
     pub struct LiveBody<B> {
         #[pin]
         inner: B,
         guard: Option<Guard>,
     }
+}
+
+/// Longest response body (exact length known) that [`ApiKeyLayer`](super::ApiKeyLayer) sends
+/// whole, unwatched: 64 KiB. Such a body is already in the handler's hands; what is longer, or of
+/// unknown length (a stream, a download, SSE, gRPC), is watched.
+pub const WHOLE_BODY_LIMIT: u64 = 64 * 1024;
+
+/// Whether a response `body` is already whole (see [`WHOLE_BODY_LIMIT`]).
+#[inline]
+pub(crate) fn is_whole<B: Body>(body: &B) -> bool {
+    body.is_end_stream()
+        || body
+            .size_hint()
+            .exact()
+            .is_some_and(|len| len <= WHOLE_BODY_LIMIT)
 }
 
 /// Marks a response whose body is whole and owed to the client even if the key ends while it is
@@ -55,8 +73,9 @@ pin_project! {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Whole;
 
-/// What a watched body looks at.
-pub(crate) struct Guard {
+/// What a watched body looks at. (Public in a private module: it appears in
+/// [`BodyMode`](super::BodyMode)'s hidden method, and nothing outside the crate can name or make it.)
+pub struct Guard {
     principal: Principal,
     /// Shared by the request body and the response of one request: set once the key's end cut it
     /// (counted once per request).

@@ -10,7 +10,8 @@ use futures_util::future::BoxFuture;
 use http::{Response, header};
 use pin_project_lite::pin_project;
 
-use super::body::{Guard, LiveBody};
+use super::body::Guard;
+use super::mode::{AnyBody, BodyMode};
 use crate::error::{AuthError, ExpiredReason, RenderRejection, reject};
 use crate::principal::Principal;
 use crate::resolver::ResolvedKey;
@@ -20,9 +21,12 @@ pin_project! {
     /// Response future of [`ApiKeyService`](super::ApiKeyService).
     ///
     /// A cached key or a refusal needs no allocation; only a cache miss boxes the store lookup.
-    pub struct ResponseFuture<F, B, E, R> {
+    pub struct ResponseFuture<F, B, E, R, M = AnyBody>
+    where
+        M: BodyMode<B>,
+    {
         #[pin]
-        kind: Kind<F, B, E, R>,
+        kind: Kind<F, B, E, R, M>,
         // The `Sunset` header to add to the inner service's response (`layer::sunset`).
         sunset: Option<http::HeaderValue>,
         tally: Option<Tally>,
@@ -55,10 +59,13 @@ impl Tally {
 
 pin_project! {
     #[project = KindProj]
-    enum Kind<F, B, E, R> {
+    enum Kind<F, B, E, R, M>
+    where
+        M: BodyMode<B>,
+    {
         Inner { #[pin] future: F, span: tracing::Span, watch: Option<Watch<R>> },
         Plain { #[pin] future: F, watch: Option<Watch<R>> },
-        Lookup { future: BoxFuture<'static, Result<Response<LiveBody<B>>, E>> },
+        Lookup { future: BoxFuture<'static, Result<Response<M::Body>, E>> },
         Rejected { response: Option<Response<B>> },
     }
 }
@@ -73,9 +80,11 @@ pub(crate) struct Watch<R> {
 
 impl<R> Watch<R> {
     /// The response to send for the inner service's `response`.
-    fn finish<B>(self, response: Response<B>) -> Response<LiveBody<B>>
+    fn finish<B, M>(self, response: Response<B>) -> Response<M::Body>
     where
         R: RenderRejection<B>,
+        M: BodyMode<B>,
+        B: http_body::Body,
     {
         let mut shared = None;
         if let Some((cut, rejection)) = self.cut {
@@ -88,29 +97,40 @@ impl<R> Watch<R> {
                     .unwrap_or(ExpiredReason::Revoked);
                 let error = AuthError::ExpiredKey(reason);
                 crate::metrics::rejected(&error);
-                return reject(&rejection, error).map(LiveBody::plain);
+                return reject(&rejection, error).map(|body| M::hand_on(body, None));
             }
             shared = Some(cut);
         }
         // A refusal (e.g. a handler that stopped on `Principal::ended`) is delivered whole, as is
-        // the answer to an operation that ended the key itself (`Whole`).
-        if response.extensions().get::<AuthError>().is_some()
+        // the answer to an operation that ended the key itself (`Whole`), and a body already
+        // whole in memory (`is_whole`): the handler had all of it while the key was live.
+        if super::body::is_whole(response.body())
+            || response.extensions().get::<AuthError>().is_some()
             || response.extensions().get::<super::body::Whole>().is_some()
         {
-            return response.map(LiveBody::plain);
+            return response.map(|body| M::hand_on(body, None));
         }
         let grpc = response
             .headers()
             .get(header::CONTENT_TYPE)
             .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"));
         let guard = Guard::new(self.principal, shared, grpc);
-        response.map(|body| LiveBody::guarded(body, guard))
+        response.map(|body| M::hand_on(body, Some(guard)))
     }
 }
 
-impl<F, B, E, R> ResponseFuture<F, B, E, R> {
-    /// The inner service's future, polled inside `span` (none when it is disabled).
-    pub(crate) fn inner(future: F, span: tracing::Span, watch: Option<Watch<R>>) -> Self {
+impl<F, B, E, R, M: BodyMode<B>> ResponseFuture<F, B, E, R, M> {
+    /// The inner service's future, polled inside `span` (none when it is disabled); its response
+    /// gets `sunset` (the `Sunset` header, unless it set one itself) and its outcome is counted
+    /// with `tally` when the head is ready. Built in one go: the future is large, and every
+    /// by-value step would move it.
+    pub(crate) fn inner(
+        future: F,
+        span: tracing::Span,
+        watch: Option<Watch<R>>,
+        sunset: Option<http::HeaderValue>,
+        tally: Option<Tally>,
+    ) -> Self {
         Self {
             kind: if span.is_none() {
                 Kind::Plain { future, watch }
@@ -121,18 +141,12 @@ impl<F, B, E, R> ResponseFuture<F, B, E, R> {
                     watch,
                 }
             },
-            sunset: None,
-            tally: None,
+            sunset,
+            tally,
         }
     }
 
-    /// Counts the outcome with `tally` when the response head is ready.
-    pub(crate) fn tally(mut self, tally: Option<Tally>) -> Self {
-        self.tally = tally;
-        self
-    }
-
-    pub(crate) fn lookup(future: BoxFuture<'static, Result<Response<LiveBody<B>>, E>>) -> Self {
+    pub(crate) fn lookup(future: BoxFuture<'static, Result<Response<M::Body>, E>>) -> Self {
         Self {
             kind: Kind::Lookup { future },
             sunset: None,
@@ -149,30 +163,26 @@ impl<F, B, E, R> ResponseFuture<F, B, E, R> {
             tally: None,
         }
     }
-
-    /// Adds `sunset` (if any) to the inner service's response, unless it set one itself.
-    pub(crate) fn sunset(mut self, sunset: Option<http::HeaderValue>) -> Self {
-        self.sunset = sunset;
-        self
-    }
 }
 
-fn finish<B, E, R: RenderRejection<B>>(
+fn finish<B: http_body::Body, E, R: RenderRejection<B>, M: BodyMode<B>>(
     result: Result<Response<B>, E>,
     watch: &mut Option<Watch<R>>,
-) -> Result<Response<LiveBody<B>>, E> {
+) -> Result<Response<M::Body>, E> {
     result.map(|response| match watch.take() {
-        Some(watch) => watch.finish(response),
-        None => response.map(LiveBody::plain),
+        Some(watch) => watch.finish::<B, M>(response),
+        None => response.map(|body| M::hand_on(body, None)),
     })
 }
 
-impl<F, B, E, R> Future for ResponseFuture<F, B, E, R>
+impl<F, B, E, R, M> Future for ResponseFuture<F, B, E, R, M>
 where
     F: Future<Output = Result<Response<B>, E>>,
     R: RenderRejection<B>,
+    B: http_body::Body,
+    M: BodyMode<B>,
 {
-    type Output = Result<Response<LiveBody<B>>, E>;
+    type Output = Result<Response<M::Body>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
@@ -193,17 +203,17 @@ where
             } => {
                 let _entered = span.enter();
                 let result = super::sunset::add(this.sunset, ready!(future.poll(cx)));
-                counted(Poll::Ready(finish(result, watch)))
+                counted(Poll::Ready(finish::<B, E, R, M>(result, watch)))
             }
             KindProj::Plain { future, watch } => {
                 let result = super::sunset::add(this.sunset, ready!(future.poll(cx)));
-                counted(Poll::Ready(finish(result, watch)))
+                counted(Poll::Ready(finish::<B, E, R, M>(result, watch)))
             }
             KindProj::Lookup { future } => Poll::Ready(ready!(future.as_mut().poll(cx))),
             KindProj::Rejected { response } => Poll::Ready(Ok(response
                 .take()
                 .expect("ResponseFuture polled after completion")
-                .map(LiveBody::plain))),
+                .map(|body| M::hand_on(body, None)))),
         }
     }
 }

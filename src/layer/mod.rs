@@ -24,7 +24,9 @@
 //! let app = Router::new().route("/hello", get(hello)).layer(
 //!     ApiKeyLayer::new(resolver.clone())
 //!         .sources([KeySource::x_api_key(), KeySource::bearer()])
-//!         .master_key(ApiKey::new("change-me-to-a-long-random-string")),
+//!         .master_key(ApiKey::new("change-me-to-a-long-random-string"))
+//!         // With axum: bodies stay axum's own `Body` (no rebox); see `axum_body`.
+//!         .axum_body(),
 //! );
 //!
 //! // A key as the management API would issue it.
@@ -63,7 +65,9 @@
 //!    request body (the answer is then 401 `AUTH_EXPIRED_API_KEY`, whatever the handler made of
 //!    it) or ends a streaming response. One atomic load per frame; nothing for a request without a
 //!    body beyond a clone of the principal's `Arc`. See [`LiveBody`] for what clients see and
-//!    [`Principal::is_live`] / [`Principal::ended`] for handlers that run long.
+//!    [`Principal::is_live`] / [`Principal::ended`] for handlers that run long. With axum, call
+//!    [`axum_body`](ApiKeyLayer::axum_body): bodies then stay axum's own `Body`, and only a body
+//!    with something to watch is wrapped ([`BodyMode`]).
 //!
 //! Refusals are rendered by a [`RenderRejection`] ([`JsonRejection`] by default,
 //! [`GrpcRejection`](crate::error::GrpcRejection) for tonic) and carry the [`AuthError`] in their extensions.
@@ -134,6 +138,7 @@
 
 mod body;
 pub mod future;
+mod mode;
 mod network;
 mod service;
 mod source;
@@ -144,7 +149,12 @@ use std::sync::Arc;
 
 #[cfg(feature = "manage")]
 pub(crate) use body::Whole;
-pub use body::{BoxError, LiveBody};
+pub use body::{BoxError, LiveBody, WHOLE_BODY_LIMIT};
+#[cfg(feature = "axum")]
+pub use mode::AxumBody;
+#[cfg(feature = "provenance")]
+pub(crate) use mode::key_end;
+pub use mode::{AnyBody, BodyMode};
 #[cfg(feature = "manage")]
 pub(crate) use network::ForwardedClient;
 pub use service::ApiKeyService;
@@ -172,11 +182,31 @@ use crate::{error::AuthError, principal::Principal};
 /// Layer that authenticates requests by API key.
 ///
 /// See the [module docs](self).
-#[derive(Clone, Debug)]
 #[must_use]
-pub struct ApiKeyLayer<R = JsonRejection> {
+pub struct ApiKeyLayer<R = JsonRejection, M = AnyBody> {
     config: Arc<Config>,
     rejection: R,
+    mode: std::marker::PhantomData<fn() -> M>,
+}
+
+impl<R: Clone, M> Clone for ApiKeyLayer<R, M> {
+    fn clone(&self) -> Self {
+        Self {
+            config: self.config.clone(),
+            rejection: self.rejection.clone(),
+            mode: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<R: std::fmt::Debug, M> std::fmt::Debug for ApiKeyLayer<R, M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKeyLayer")
+            .field("config", &self.config)
+            .field("rejection", &self.rejection)
+            .field("mode", &std::any::type_name::<M>())
+            .finish()
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -206,11 +236,12 @@ impl ApiKeyLayer {
                 client: network::ClientAddress::default(),
             }),
             rejection: JsonRejection::default(),
+            mode: std::marker::PhantomData,
         }
     }
 }
 
-impl<R> ApiKeyLayer<R> {
+impl<R, M> ApiKeyLayer<R, M> {
     fn config_mut(&mut self) -> &mut Config {
         Arc::make_mut(&mut self.config)
     }
@@ -333,16 +364,40 @@ impl<R> ApiKeyLayer<R> {
     /// Renders refusals with `rejection` instead of [`JsonRejection`].
     ///
     /// Any `Fn(&AuthError) -> Response<B>` works.
-    pub fn rejection<R2>(self, rejection: R2) -> ApiKeyLayer<R2> {
+    pub fn rejection<R2>(self, rejection: R2) -> ApiKeyLayer<R2, M> {
         ApiKeyLayer {
             config: self.config,
             rejection,
+            mode: std::marker::PhantomData,
+        }
+    }
+
+    /// Hands bodies on as axum's own `Body` ([`AxumBody`]) rather than in a [`LiveBody`] around
+    /// any body type: with axum, the layer then costs no allocation for the body of a request
+    /// that has none, nor for a response that is already whole (axum boxes every other body
+    /// type: two allocations per request). What is watched is the same. For `Router::layer`:
+    ///
+    /// ```
+    /// use axum::{Router, routing::get};
+    /// use tower_api_keys::layer::ApiKeyLayer;
+    /// # use tower_api_keys::{resolver::CachedResolver, store::MemoryStore};
+    /// # let resolver = CachedResolver::new(MemoryStore::new());
+    /// let app: Router = Router::new()
+    ///     .route("/", get(|| async { "hi" }))
+    ///     .layer(ApiKeyLayer::new(resolver).axum_body());
+    /// ```
+    #[cfg(feature = "axum")]
+    pub fn axum_body(self) -> ApiKeyLayer<R, AxumBody> {
+        ApiKeyLayer {
+            config: self.config,
+            rejection: self.rejection,
+            mode: std::marker::PhantomData,
         }
     }
 }
 
-impl<S, R: Clone> tower_layer::Layer<S> for ApiKeyLayer<R> {
-    type Service = ApiKeyService<S, R>;
+impl<S, R: Clone, M> tower_layer::Layer<S> for ApiKeyLayer<R, M> {
+    type Service = ApiKeyService<S, R, M>;
 
     fn layer(&self, inner: S) -> Self::Service {
         ApiKeyService::new(inner, self.config.clone(), self.rejection.clone())

@@ -1,4 +1,5 @@
 use std::fmt;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -10,8 +11,9 @@ use std::sync::atomic::AtomicBool;
 use http_body::Body;
 
 use super::Config;
-use super::body::{Guard, LiveBody};
+use super::body::Guard;
 use super::future::{ResponseFuture, Tally, Watch};
+use super::mode::{AnyBody, BodyMode};
 use super::source;
 use crate::error::{AuthError, InvalidKeyReason, RenderRejection, reject};
 use crate::key::{KeyDigest, KeyFormatError};
@@ -20,16 +22,27 @@ use crate::resolver::{CacheEntry, ResolvedKey};
 use crate::usage::{Outcome, Used};
 
 /// Service produced by [`ApiKeyLayer`](super::ApiKeyLayer).
-#[derive(Clone)]
-pub struct ApiKeyService<S, R> {
+pub struct ApiKeyService<S, R, M = AnyBody> {
     inner: S,
     config: Arc<Config>,
     rejection: R,
+    mode: PhantomData<fn() -> M>,
 }
 
-inner_service_accessors!(ApiKeyService<S, R>);
+impl<S: Clone, R: Clone, M> Clone for ApiKeyService<S, R, M> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            config: self.config.clone(),
+            rejection: self.rejection.clone(),
+            mode: PhantomData,
+        }
+    }
+}
 
-impl<S: fmt::Debug, R> fmt::Debug for ApiKeyService<S, R> {
+inner_service_accessors!(ApiKeyService<S, R, M>);
+
+impl<S: fmt::Debug, R, M> fmt::Debug for ApiKeyService<S, R, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ApiKeyService")
             .field("inner", &self.inner)
@@ -38,12 +51,13 @@ impl<S: fmt::Debug, R> fmt::Debug for ApiKeyService<S, R> {
     }
 }
 
-impl<S, R> ApiKeyService<S, R> {
+impl<S, R, M> ApiKeyService<S, R, M> {
     pub(super) fn new(inner: S, config: Arc<Config>, rejection: R) -> Self {
         Self {
             inner,
             config,
             rejection,
+            mode: PhantomData,
         }
     }
 }
@@ -182,20 +196,21 @@ fn span_for(principal: Option<&Principal>) -> tracing::Span {
 
 /// Hands an admitted request to `inner`, carrying `principal` (none: the anonymous marker), inside
 /// the `api_key` span. A principal whose key can end has its request body (if it has one) and its
-/// response body watched (see [`LiveBody`]); a key in its last warning window gets a `Sunset`
-/// header.
-fn forward<S, B, ResBody, R>(
+/// response body watched (see [`LiveBody`](super::LiveBody)); a key in its last warning window
+/// gets a `Sunset` header. Bodies are handed on the way `M` says.
+fn forward<S, B, ResBody, R, M>(
     config: &Config,
     inner: &mut S,
     req: Request<B>,
     principal: Option<Principal>,
     tally: Option<Tally>,
     rejection: &R,
-) -> ResponseFuture<S::Future, ResBody, S::Error, R>
+) -> ResponseFuture<S::Future, ResBody, S::Error, R, M>
 where
-    S: Service<Request<LiveBody<B>>, Response = Response<ResBody>>,
+    S: Service<Request<<M as BodyMode<B>>::Body>, Response = Response<ResBody>>,
     B: Body,
     R: Clone,
+    M: BodyMode<B> + BodyMode<ResBody>,
 {
     // Behind trusted proxies, the client's address, worked out once: for whoever records it
     // (audit events) and for the key's last-used address. Without, the peer's is in the request.
@@ -232,29 +247,24 @@ where
                     cut,
                 }
             });
-            let body = match &watch {
+            let guard = match &watch {
                 Some(Watch {
                     principal,
                     cut: Some((cut, _)),
-                }) => LiveBody::guarded(
-                    body,
-                    Guard::new(principal.clone(), Some(cut.clone()), false),
-                ),
-                _ => LiveBody::plain(body),
+                }) => Some(Guard::new(principal.clone(), Some(cut.clone()), false)),
+                _ => None,
             };
             parts.extensions.insert(principal);
-            (body, watch)
+            (<M as BodyMode<B>>::hand_on(body, guard), watch)
         }
         None => {
             parts.extensions.insert(Anonymous);
-            (LiveBody::plain(body), None)
+            (<M as BodyMode<B>>::hand_on(body, None), None)
         }
     };
     let req = Request::from_parts(parts, body);
     let future = span.in_scope(|| inner.call(req));
-    ResponseFuture::inner(future, span, watch)
-        .sunset(sunset)
-        .tally(tally)
+    ResponseFuture::inner(future, span, watch, sunset, tally)
 }
 
 /// The refusal of a request, rendered by `rejection`.
@@ -263,18 +273,23 @@ fn refuse<B, R: RenderRejection<B>>(rejection: &R, error: AuthError) -> Response
     reject(rejection, error)
 }
 
-impl<S, R, ReqBody, ResBody> Service<Request<ReqBody>> for ApiKeyService<S, R>
+impl<S, R, M, ReqBody, ResBody> Service<Request<ReqBody>> for ApiKeyService<S, R, M>
 where
-    S: Service<Request<LiveBody<ReqBody>>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S: Service<Request<<M as BodyMode<ReqBody>>::Body>, Response = Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     ReqBody: Body + Send + 'static,
-    ResBody: Send + 'static,
+    ResBody: Body + Send + 'static,
     R: RenderRejection<ResBody>,
+    M: BodyMode<ReqBody> + BodyMode<ResBody> + 'static,
+    <M as BodyMode<ResBody>>::Body: Send + 'static,
 {
-    type Response = Response<LiveBody<ResBody>>;
+    type Response = Response<<M as BodyMode<ResBody>>::Body>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, ResBody, S::Error, R>;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error, R, M>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -306,7 +321,7 @@ where
                     }
                     return ResponseFuture::rejected(refuse(&self.rejection, error));
                 }
-                return forward(
+                return forward::<_, _, _, _, M>(
                     config,
                     &mut self.inner,
                     req,
@@ -350,9 +365,18 @@ where
             });
             match admitted {
                 Ok((principal, tally)) => {
-                    forward(&config, &mut inner, req, Some(principal), tally, &rejection).await
+                    forward::<_, _, _, _, M>(
+                        &config,
+                        &mut inner,
+                        req,
+                        Some(principal),
+                        tally,
+                        &rejection,
+                    )
+                    .await
                 }
-                Err(error) => Ok(refuse(&rejection, error).map(LiveBody::plain)),
+                Err(error) => Ok(refuse(&rejection, error)
+                    .map(|body| <M as BodyMode<ResBody>>::hand_on(body, None))),
             }
         }))
     }

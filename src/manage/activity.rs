@@ -5,7 +5,7 @@ use time::OffsetDateTime;
 
 use super::authorize::{Operation, Target, authorize};
 use super::manager::KeyManager;
-use super::validate::{MAX_PAGE_SIZE, validate_cursor};
+use super::validate::MAX_PAGE_SIZE;
 use crate::audit::{AuditEvent, EventQuery, EventType, Verification, chain::Checker};
 use crate::error::AuthError;
 use crate::key::KeyId;
@@ -26,7 +26,7 @@ pub struct EventFilter {
     pub until: Option<OffsetDateTime>,
     /// The previous page's [`EventPage::next_cursor`].
     pub cursor: Option<String>,
-    /// At most this many (1 to [`MAX_PAGE_SIZE`]; default [`DEFAULT_PAGE_SIZE`](super::DEFAULT_PAGE_SIZE)).
+    /// At most this many (1 to [`MAX_PAGE_SIZE`]; default [`DEFAULT_PAGE_SIZE`](super::validate::DEFAULT_PAGE_SIZE)).
     pub limit: Option<u32>,
 }
 
@@ -137,21 +137,20 @@ impl KeyManager {
         key_ids: Option<Vec<KeyId>>,
         filter: EventFilter,
     ) -> Result<EventPage, AuthError> {
-        let limit = filter.limit.unwrap_or(super::DEFAULT_PAGE_SIZE);
+        let limit = filter.limit.unwrap_or(super::validate::DEFAULT_PAGE_SIZE);
         if !(1..=MAX_PAGE_SIZE).contains(&limit) {
             return Err(AuthError::invalid(format!(
                 "limit must be between 1 and {MAX_PAGE_SIZE}"
             )));
         }
         let before_seq = match &filter.cursor {
-            Some(cursor) => {
-                validate_cursor(cursor)?;
-                Some(
-                    cursor
-                        .parse::<u64>()
-                        .map_err(|_| AuthError::invalid("cursor: not one this API gave"))?,
-                )
-            }
+            // 1 to 20 digits, as documented (`u64::from_str` alone would take a `+` too).
+            Some(cursor) => Some(
+                (cursor.len() <= 20 && cursor.bytes().all(|b| b.is_ascii_digit()))
+                    .then(|| cursor.parse::<u64>().ok())
+                    .flatten()
+                    .ok_or_else(|| AuthError::invalid("cursor: not one this API gave"))?,
+            ),
             None => None,
         };
         if key_ids.as_ref().is_some_and(Vec::is_empty) {

@@ -16,7 +16,8 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use utoipa::{OpenApi, ToSchema};
 
-use super::{EventFilter, EventPage, Granularity, KeyManager};
+use super::activity::{EventFilter, EventPage, Granularity};
+use super::manager::KeyManager;
 use crate::audit::{EventType, Origin, Verification};
 use crate::error::AuthError;
 use crate::key::KeyId;
@@ -223,7 +224,7 @@ pub(super) fn time_param(
 
 fn key_id(path: Result<Path<String>, PathRejection>) -> Result<KeyId, AuthError> {
     let Path(id) = path.map_err(|_| AuthError::NotFound)?;
-    if id.is_empty() || id.len() > super::MAX_KEY_ID_LEN {
+    if id.is_empty() || id.len() > super::validate::MAX_KEY_ID_LEN {
         return Err(AuthError::NotFound);
     }
     Ok(KeyId::new(id))
@@ -274,14 +275,22 @@ impl EventParams {
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)]
 struct EventQueryDoc {
-    /// Only of this type (`key.created`, `key.revoked`, ...).
-    #[param(rename = "type")]
+    /// Only of this type (`key.created`, `key.revoked`, ...): `[a-z0-9_]+` parts joined by dots, at
+    /// most 64 characters.
+    #[param(
+        rename = "type",
+        max_length = 64,
+        pattern = r"^[a-z0-9_]+(\.[a-z0-9_]+)*$"
+    )]
     event_type: Option<String>,
     /// RFC 3339: only at or after.
+    #[param(format = DateTime)]
     since: Option<String>,
     /// RFC 3339: only before.
+    #[param(format = DateTime)]
     until: Option<String>,
-    /// The `next_cursor` of the previous page.
+    /// The `next_cursor` of the previous page (a sequence number).
+    #[param(pattern = "^[0-9]{1,20}$")]
     cursor: Option<String>,
     /// Page size, 1 to 100 (default 50).
     #[param(minimum = 1, maximum = 100)]
@@ -289,7 +298,7 @@ struct EventQueryDoc {
 }
 
 #[utoipa::path(get, path = "/api-keys/events",
-    params(("owner" = Option<String>, Query, description = "Whose events (required with the master key)"),
+    params(("owner" = Option<String>, Query, min_length = 1, max_length = 128, pattern = "^[!-~]+$", description = "Whose events (required with the master key)"),
            ("key_id" = Option<String>, Query, description = "Only events about this key"), EventQueryDoc),
     responses((status = 200, body = EventsResponse, description = "Newest first. A scoped key (api-keys:read) sees the events of its own subtree only: its key and the keys it created, transitively"),
               (status = 400, description = "APIKEY_INVALID"), (status = 401), (status = 403), (status = 503)))]
@@ -319,8 +328,8 @@ struct KeyEventParams {
 }
 
 #[utoipa::path(get, path = "/api-keys/{id}/events",
-    params(("id" = String, Path, description = "The key's id"),
-           ("owner" = Option<String>, Query, description = "When given, the key's owner"), EventQueryDoc),
+    params(("id" = String, Path, min_length = 1, max_length = 128, description = "The key's id (longer than 128 characters: unknown, 404)"),
+           ("owner" = Option<String>, Query, min_length = 1, max_length = 128, pattern = "^[!-~]+$", description = "When given, the key's owner"), EventQueryDoc),
     responses((status = 200, body = EventsResponse, description = "The key's events, newest first"),
               (status = 400), (status = 401), (status = 403, description = "AUTH_OUTSIDE_SUBTREE: a key outside the calling key's subtree"),
               (status = 404), (status = 503)))]
@@ -355,7 +364,7 @@ struct VerifyParams {
 }
 
 #[utoipa::path(get, path = "/api-keys/events/verify",
-    params(("owner" = Option<String>, Query, description = "Whose chain (required with the master key)")),
+    params(("owner" = Option<String>, Query, min_length = 1, max_length = 128, pattern = "^[!-~]+$", description = "Whose chain (required with the master key)")),
     responses((status = 200, body = VerifyResponse, description = "`{\"valid\": true, \"checked\": N}`, or `valid: false` with the first event that does not fit"),
               (status = 400), (status = 401), (status = 403, description = "AUTH_MASTER_KEY_REQUIRED"), (status = 503)))]
 async fn verify_events(
@@ -401,11 +410,11 @@ struct UsageParams {
 }
 
 #[utoipa::path(get, path = "/api-keys/{id}/usage",
-    params(("id" = String, Path, description = "The key's id"),
-           ("owner" = Option<String>, Query, description = "When given, the key's owner"),
-           ("from" = Option<String>, Query, description = "RFC 3339 (default: 24 hours before `to`)"),
-           ("to" = Option<String>, Query, description = "RFC 3339 (default: now); at most 92 days after `from`"),
-           ("granularity" = Option<String>, Query, description = "`hour` (default) or `day`")),
+    params(("id" = String, Path, min_length = 1, max_length = 128, description = "The key's id (longer than 128 characters: unknown, 404)"),
+           ("owner" = Option<String>, Query, min_length = 1, max_length = 128, pattern = "^[!-~]+$", description = "When given, the key's owner"),
+           ("from" = Option<String>, Query, format = DateTime, description = "RFC 3339 (default: 24 hours before `to`)"),
+           ("to" = Option<String>, Query, format = DateTime, description = "RFC 3339 (default: now); at most 92 days after `from`"),
+           ("granularity" = Option<String>, Query, pattern = "^(hour|day)$", description = "`hour` (default) or `day`")),
     responses((status = 200, body = UsageResponse, description = "Requests per period by outcome, as last flushed"),
               (status = 400), (status = 401), (status = 403, description = "AUTH_OUTSIDE_SUBTREE: a key outside the calling key's subtree"),
               (status = 404), (status = 503)))]

@@ -63,10 +63,14 @@ mod activity_routes;
 mod authorize;
 #[cfg(feature = "console")]
 pub mod console;
+mod create;
 mod format;
+mod limits;
 mod manager;
 mod overview;
 mod policy;
+mod read;
+mod revoke;
 #[cfg(feature = "manage")]
 mod router;
 mod types;

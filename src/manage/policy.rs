@@ -5,32 +5,46 @@ use std::time::Duration;
 use crate::quota::{Credits, PoolId, RateLimit, UsageLimits};
 use crate::store::KeyLimits;
 
-/// Rules for new keys: lifetimes and active-key limits (409 `APIKEY_LIMIT_REACHED`, enforced
-/// atomically by the store). The fixed input bounds (name, scopes, page size, ...) are this module's
-/// constants: see [Limits](super#limits).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Rules for new keys: lifetimes, active-key limits (409 `APIKEY_LIMIT_REACHED`, enforced
+/// atomically by the store), default usage limits and shared pools. The fixed input bounds (name,
+/// scopes, page size, ...) are this module's constants: see [Limits](super#limits).
+///
+/// Plain data: each setting is set by the method of its name and read back from the field of the
+/// same name (`KeyPolicy::default().max_lifetime(d)`, then `policy.max_lifetime`).
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_api_keys::manage::KeyPolicy;
+///
+/// let policy = KeyPolicy::default()
+///     .max_lifetime(Duration::from_secs(365 * 86_400))
+///     .max_active_per_owner(5);
+/// assert_eq!(policy.max_lifetime, Some(Duration::from_secs(365 * 86_400)));
+/// assert_eq!(policy.max_active_per_owner, Some(5));
+/// assert_eq!(policy.default_lifetime, None);
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 #[must_use]
 pub struct KeyPolicy {
-    pub(super) default_lifetime: Option<Duration>,
-    pub(super) max_lifetime: Option<Duration>,
-    pub(super) limits: KeyLimits,
-    pub(super) usage: UsageLimits,
-    account_pool: Option<UsageLimits>,
-    owner_pool: Option<UsageLimits>,
-}
-
-impl Default for KeyPolicy {
-    /// Keys never expire unless asked to, no lifetime cap, no limits.
-    fn default() -> Self {
-        Self {
-            default_lifetime: None,
-            max_lifetime: None,
-            limits: KeyLimits::default(),
-            usage: UsageLimits::NONE,
-            account_pool: None,
-            owner_pool: None,
-        }
-    }
+    /// Lifetime of a key created without `expires_at` (`None`: it never expires, unless a maximum
+    /// lifetime is set, which then applies).
+    pub default_lifetime: Option<Duration>,
+    /// Longest lifetime a key may have (`None`: no cap).
+    pub max_lifetime: Option<Duration>,
+    /// Most active (unrevoked, unexpired) keys per owner (`None`: no limit).
+    pub max_active_per_owner: Option<u32>,
+    /// Most active keys per account (`None`: no limit).
+    pub max_active_per_account: Option<u32>,
+    /// The rate limit of keys created without one (`None`: unlimited).
+    pub default_rate_limit: Option<RateLimit>,
+    /// The credits of keys created without any (`None`: unlimited; `set_at` is replaced by the
+    /// creation time).
+    pub default_credits: Option<Credits>,
+    /// The shared pool every account starts with (`None`, or unlimited: none).
+    pub account_pool: Option<UsageLimits>,
+    /// The shared pool every owner starts with (`None`, or unlimited: none).
+    pub owner_pool: Option<UsageLimits>,
 }
 
 impl KeyPolicy {
@@ -50,46 +64,26 @@ impl KeyPolicy {
 
     /// Most active (unrevoked, unexpired) keys per owner (e.g. 5, as Blazelock).
     pub fn max_active_per_owner(mut self, limit: u32) -> Self {
-        self.limits.per_owner = Some(limit);
+        self.max_active_per_owner = Some(limit);
         self
     }
 
     /// Most active keys per account (e.g. 10, as Blecon).
     pub fn max_active_per_account(mut self, limit: u32) -> Self {
-        self.limits.per_account = Some(limit);
+        self.max_active_per_account = Some(limit);
         self
-    }
-
-    /// The active-key limits.
-    pub fn limits(&self) -> KeyLimits {
-        self.limits
-    }
-
-    /// The lifetime of a key created without an expiry, if set.
-    pub fn lifetime_default(&self) -> Option<Duration> {
-        self.default_lifetime
-    }
-
-    /// The longest lifetime a key may have, if set.
-    pub fn lifetime_max(&self) -> Option<Duration> {
-        self.max_lifetime
     }
 
     /// The rate limit of keys created without one.
     pub fn default_rate_limit(mut self, limit: RateLimit) -> Self {
-        self.usage.rate_limit = Some(limit);
+        self.default_rate_limit = Some(limit);
         self
     }
 
     /// The credits of keys created without any (`set_at` is replaced by the creation time).
     pub fn default_credits(mut self, credits: Credits) -> Self {
-        self.usage.credits = Some(credits);
+        self.default_credits = Some(credits);
         self
-    }
-
-    /// The rate limit and credits of keys created without them.
-    pub fn default_usage(&self) -> UsageLimits {
-        self.usage
     }
 
     /// The shared pool every account starts with: all keys of one account together stay within
@@ -107,11 +101,29 @@ impl KeyPolicy {
         self
     }
 
-    /// The pool `pool` starts with under this policy: the account or the owner default.
-    pub fn pool_default(&self, pool: &PoolId) -> Option<UsageLimits> {
+    /// The active-key limits, as the store enforces them.
+    pub(super) fn key_limits(&self) -> KeyLimits {
+        KeyLimits {
+            per_owner: self.max_active_per_owner,
+            per_account: self.max_active_per_account,
+        }
+    }
+
+    /// The rate limit and credits of keys created without them.
+    pub(super) fn default_usage(&self) -> UsageLimits {
+        UsageLimits {
+            rate_limit: self.default_rate_limit,
+            credits: self.default_credits,
+        }
+    }
+
+    /// The pool `pool` starts with under this policy: the account or the owner default (an
+    /// unlimited one is none).
+    pub(super) fn pool_default(&self, pool: &PoolId) -> Option<UsageLimits> {
         match pool.account {
             Some(_) => self.account_pool,
             None => self.owner_pool,
         }
+        .filter(|limits| !limits.is_unlimited())
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 #[cfg(doc)]
-use super::KeyManager;
+use super::manager::KeyManager;
 use crate::key::{ApiKey, KeyId};
 use crate::network::Networks;
 use crate::quota::{Credits, RateLimit, UsageLimits};

@@ -238,7 +238,7 @@ where
                 Err(error) => {
                     let error = if error.is::<LengthLimitError>() {
                         AuthError::PayloadTooLarge { limit }
-                    } else if let Some(ended) = error.downcast_ref::<AuthError>() {
+                    } else if let Some(ended) = crate::layer::key_end(error.as_ref()) {
                         // The key ended while the body came (the API key layer's `LiveBody`).
                         ended.clone()
                     } else {

@@ -3,9 +3,6 @@
 use std::fmt;
 use std::sync::Arc;
 
-#[cfg(doc)]
-use super::{KeyLimits, KeyRecord, KeyStore};
-
 /// What went wrong talking to a store. Never contains a key or a digest.
 #[derive(Clone, Debug)]
 pub struct StoreError {
@@ -21,7 +18,8 @@ pub enum StoreErrorKind {
     Unavailable,
     /// The store did not answer within the configured timeout.
     Timeout,
-    /// [`KeyStore::insert`] would exceed a [`KeyLimits`] bound.
+    /// [`KeyStore::insert`](super::KeyStore::insert) would exceed a [`KeyLimits`](super::KeyLimits)
+    /// bound.
     LimitReached {
         /// The bound that was hit.
         limit: u32,
@@ -30,11 +28,13 @@ pub enum StoreErrorKind {
     },
     /// An id or digest that must be unique already exists.
     Conflict,
-    /// [`KeyStore::insert`] of a delegated key whose creator ([`KeyRecord::created_by`]) is gone,
-    /// revoked or expired at the insert's `now`: checked atomically with the insert, so a key
-    /// revoked while one of its creations was in flight never gains a child.
+    /// [`KeyStore::insert`](super::KeyStore::insert) of a delegated key whose creator
+    /// ([`KeyRecord::created_by`](super::KeyRecord::created_by)) is gone, revoked or expired at the
+    /// insert's `now`: checked atomically with the insert, so a key revoked while one of its
+    /// creations was in flight never gains a child.
     CreatorInactive,
-    /// [`KeyStore::replace_secret`] of a revoked key: a revoked key gets no new secret.
+    /// [`KeyStore::replace_secret`](super::KeyStore::replace_secret) of a revoked key: a revoked
+    /// key gets no new secret.
     Revoked,
     /// Data in the store could not be understood (an unknown digest scheme, a bad scope).
     Corrupt,

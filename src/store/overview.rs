@@ -1,16 +1,15 @@
-//! Whole-owner views for the console: every owner with its key counts ([`KeyStore::owners`]) and
-//! each key's requests over a period ([`KeyStore::usage_by_key`]), with the defaults that page
-//! through [`KeyStore::list`].
+//! Whole-owner views for the console: every owner with its key counts
+//! ([`KeyStore::owners`](super::KeyStore::owners)) and each key's requests over a period
+//! ([`KeyStore::usage_by_key`](super::KeyStore::usage_by_key)), and `sum`, a key's hours added up.
 
 use time::OffsetDateTime;
 
-use super::{KeyStore, ListQuery, StoreError};
 use crate::usage::counts::UsageBucket;
 
-/// The most owners [`KeyStore::owners`] answers.
+/// The most owners [`KeyStore::owners`](super::KeyStore::owners) answers.
 pub const MAX_OWNERS: u32 = 1_000;
 
-/// One owner and how many keys it has ([`KeyStore::owners`]).
+/// One owner and how many keys it has ([`KeyStore::owners`](super::KeyStore::owners)).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OwnerSummary {
     /// The owner.
@@ -19,36 +18,6 @@ pub struct OwnerSummary {
     pub keys: u64,
     /// Its keys active at the time asked ([`KeyRecord::is_active`](super::KeyRecord::is_active)).
     pub active_keys: u64,
-}
-
-/// [`KeyStore::usage_by_key`] by listing `owner`'s keys and summing each one's
-/// [`usage`](KeyStore::usage) (its default: one query per key).
-pub(super) async fn usage_by_listing<S: KeyStore + ?Sized>(
-    store: &S,
-    owner: &str,
-    from: OffsetDateTime,
-    to: OffsetDateTime,
-) -> Result<Vec<UsageBucket>, StoreError> {
-    const PAGE: u32 = 500;
-    let mut query = ListQuery {
-        owner: owner.to_owned(),
-        account: None,
-        before: None,
-        limit: PAGE,
-    };
-    let mut totals = Vec::new();
-    loop {
-        let page = store.list(&query).await?;
-        for record in &page {
-            if let Some(total) = sum(store.usage(&record.id, from, to).await?, from) {
-                totals.push(total);
-            }
-        }
-        match page.last() {
-            Some(last) if page.len() == PAGE as usize => query.before = Some(last.id.clone()),
-            _ => return Ok(totals),
-        }
-    }
 }
 
 /// One key's hourly buckets (oldest first) summed into one starting at `from`, keeping the latest

@@ -8,8 +8,11 @@ use crate::network::Networks;
 use crate::quota::UsageLimits;
 use crate::scope::ScopeSet;
 
-#[cfg(doc)]
-use super::KeyStore;
+/// The deepest delegation: a key created by a master-created key is at depth 1, its own
+/// creations at depth 2, and so on up to this. Bounded so that walking a key's ancestry (the
+/// containment rule, its budget chain) is a bounded read, and a chain's budget decision a bounded
+/// number of levels.
+pub const MAX_DELEGATION_DEPTH: usize = 8;
 
 /// One stored key: metadata and the digest of its secret.
 #[derive(Clone, Debug, PartialEq)]
@@ -45,7 +48,7 @@ pub struct KeyRecord {
     /// The secret replaced by the last rotation, still valid during its grace period.
     pub previous: Option<PreviousSecret>,
     /// The key's rate limit and credits (none: unlimited). Stores keep `credits.remaining` current
-    /// when they count credits ([`KeyStore::adjust_credits`]).
+    /// when they count credits ([`KeyStore::adjust_credits`](super::KeyStore::adjust_credits)).
     pub limits: UsageLimits,
     /// Where the key may be used from (`None`: anywhere). Set at creation; a delegated key's lie
     /// within its creator's.
@@ -69,15 +72,17 @@ impl KeyRecord {
         self.revoked_at.is_none() && self.expires_at.is_none_or(|at| at > now)
     }
 
-    /// Every digest that currently identifies this key (the current one, and a previous one during a
-    /// rotation grace period): what a cache must forget when the key changes.
+    /// Every digest that currently identifies this key (the current one, and a previous one during
+    /// a rotation grace period): what a cache must forget when the key changes.
     pub fn digests(&self) -> impl Iterator<Item = &KeyDigest> {
         std::iter::once(&self.digest).chain(self.previous.as_ref().map(|p| &p.digest))
     }
 }
 
-/// What [`KeyStore::revoke`], [`KeyStore::delete`] and [`KeyStore::replace_secret`] changed, all in
-/// one atomic step: what a cache must forget.
+/// What [`KeyStore::revoke`](super::KeyStore::revoke),
+/// [`KeyStore::delete`](super::KeyStore::delete) and
+/// [`KeyStore::replace_secret`](super::KeyStore::replace_secret) changed, all in one atomic step:
+/// what a cache must forget.
 ///
 /// The *descendants* of a key are the keys it created (their [`KeyRecord::created_by`] is its id),
 /// the keys those created, and so on.

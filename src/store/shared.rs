@@ -2,7 +2,21 @@
 //! `Arc<SqliteStore>`, `Arc<dyn KeyStore>` and the like can be handed to the resolver as they are.
 //! Each default method is forwarded too, so that an implementation's own version is the one used.
 
-use super::*;
+use std::sync::Arc;
+
+use time::OffsetDateTime;
+
+use super::credits::{ChainSpend, CreditAdjustment};
+use super::error::StoreError;
+use super::format::FormatSecrets;
+use super::key_store::KeyStore;
+use super::overview::OwnerSummary;
+use super::params::{KeyLimits, KeyUpdate, ListQuery, Rotation, SweepQuery};
+use super::record::{KeyChange, KeyRecord};
+use crate::audit::{AuditEvent, ChainState, EventDraft, EventQuery, Journal};
+use crate::key::{FormatSecret, KeyDigest, KeyId};
+use crate::quota::{BudgetId, BudgetLevel, PoolId, UsageLimits};
+use crate::usage::counts::UsageBucket;
 
 #[async_trait::async_trait]
 impl<T: KeyStore + ?Sized> KeyStore for Arc<T> {

@@ -6,13 +6,20 @@
 //! the times of a last-used batch), so both sides of every comparison have the same precision.
 
 use std::fmt;
+use std::sync::Arc;
 
 use time::OffsetDateTime;
 
-use super::{KeyRecord, PreviousSecret, StoreError, StoreErrorKind};
+use super::credits::{CreditAdjustment, adjust};
+use super::error::{StoreError, StoreErrorKind};
+use super::params::{KeyUpdate, Rotation};
+use super::record::{KeyChange, KeyRecord, PreviousSecret};
 use crate::key::{DigestScheme, KeyDigest, KeyId};
 use crate::network::Networks;
-use crate::quota::{Credits, MAX_CREDITS, PoolId, RateLimit, Refill, RefillInterval, UsageLimits};
+use crate::quota::{
+    BudgetId, BudgetLevel, Credits, MAX_CREDITS, PoolId, RateLimit, Refill, RefillInterval,
+    UsageLimits,
+};
 use crate::scope::ScopeSet;
 
 /// `t` floored to the microsecond, in UTC: the precision the SQL stores keep.
@@ -36,6 +43,79 @@ pub(crate) fn to_unix_micros(t: OffsetDateTime) -> i64 {
 pub(crate) fn from_unix_micros(micros: i64) -> Result<OffsetDateTime, StoreError> {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000)
         .map_err(|e| StoreError::new(StoreErrorKind::Corrupt, e))
+}
+
+/// Refuses one more active key where `active` already reach `limit`
+/// ([`StoreErrorKind::LimitReached`], naming `scope`).
+pub(crate) fn check_limit(limit: u32, active: i64, scope: &'static str) -> Result<(), StoreError> {
+    if active >= i64::from(limit) {
+        return Err(StoreError::from_kind(StoreErrorKind::LimitReached {
+            limit,
+            scope,
+        }));
+    }
+    Ok(())
+}
+
+/// What a rotation of `old` keeps of its secret for a grace period (`None`: nothing), its end
+/// floored to the microsecond; [`StoreErrorKind::Revoked`] for a revoked key.
+pub(crate) fn rotated_out(
+    old: &KeyRecord,
+    rotation: &Rotation,
+) -> Result<Option<PreviousSecret>, StoreError> {
+    if old.revoked_at.is_some() {
+        return Err(StoreError::from_kind(StoreErrorKind::Revoked));
+    }
+    Ok(rotation.previous_valid_until.map(|until| PreviousSecret {
+        digest: old.digest,
+        digest_scheme: old.digest_scheme,
+        valid_until: micros(until),
+    }))
+}
+
+/// `record` with `update` applied (new credits' `set_at` floored to the microsecond), as a change
+/// whose `after` is what to write.
+pub(crate) fn updated(mut record: KeyRecord, update: &KeyUpdate) -> KeyChange {
+    let before = record.clone();
+    update.apply(&mut record);
+    if let Some(credits) = record.limits.credits.as_mut() {
+        credits.set_at = micros(credits.set_at);
+    }
+    KeyChange {
+        before,
+        after: Some(record),
+        revoked_descendants: Vec::new(),
+    }
+}
+
+/// [`adjust`] on the credits of `record` (read under the caller's lock) at `now` floored to the
+/// microsecond: `None` for a key without credits, else the outcome and whether the credits changed
+/// (and are to be written).
+pub(crate) fn adjusted(
+    record: &mut KeyRecord,
+    delta: i64,
+    now: OffsetDateTime,
+) -> Option<(CreditAdjustment, bool)> {
+    let credits = record.limits.credits.as_mut()?;
+    let before = *credits;
+    let outcome = adjust(credits, delta, micros(now));
+    Some((outcome, *credits != before))
+}
+
+/// One row of a `budget_above` statement: `kind` (`key`, `account` or `owner`), its name (a key id
+/// or an account) and its limits; `None` for a level without limits.
+pub(crate) fn budget_level(
+    owner: &Arc<str>,
+    kind: &str,
+    name: String,
+    limits: UsageLimits,
+) -> Option<BudgetLevel> {
+    let id = match kind {
+        "key" => BudgetId::Key(KeyId::new(name)),
+        "account" => BudgetId::Pool(PoolId::account(owner.clone(), name)),
+        _ => BudgetId::Pool(PoolId::owner(owner.clone())),
+    };
+    (!limits.is_unlimited()).then_some(BudgetLevel { id, limits })
 }
 
 /// A row as read from a SQL store, before validation.

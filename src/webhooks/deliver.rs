@@ -82,9 +82,7 @@ impl Deliverer {
             timeout: Duration::from_secs(10),
             lease: Duration::from_secs(60),
             batch: 32,
-            token: super::types::message_id()
-                .replacen("msg_", "dlv_", 1)
-                .into(),
+            token: super::types::new_id("dlv_").into(),
         }
     }
 

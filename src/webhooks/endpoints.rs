@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use time::OffsetDateTime;
 
-use super::Deliverer;
+use super::deliver::Deliverer;
 use super::store::WebhookStore;
 use super::types::{self, Delivery, EVENT_TYPES, Webhook, WebhookSecret};
 use super::url::UrlPolicy;
@@ -169,7 +169,7 @@ impl Webhooks {
             });
         }
         let webhook = Webhook {
-            id: types::webhook_id(),
+            id: types::new_id("whk_"),
             owner: owner.to_owned(),
             url: url.to_owned(),
             events,

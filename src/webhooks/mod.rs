@@ -106,8 +106,14 @@
 
 mod deliver;
 mod endpoints;
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod rows;
+#[cfg(feature = "sqlite")]
+mod sqlite;
 mod store;
-pub(crate) mod types;
+mod types;
 mod url;
 
 pub use deliver::{

@@ -11,7 +11,7 @@ use sha2::Sha256;
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
-use crate::audit::{AuditEvent, EventType};
+use crate::audit::EventType;
 use crate::key::KeyId;
 
 /// The event types an endpoint may subscribe to: every key event.
@@ -241,28 +241,11 @@ pub struct AttemptOutcome {
     pub next_attempt_at: Option<OffsetDateTime>,
 }
 
-/// A new message id: `msg_` and 26 Crockford base-32 characters.
-pub(crate) fn message_id() -> String {
+/// A new id: `prefix` and 26 Crockford base-32 characters, in time order (`whk_` for an endpoint,
+/// `dlv_` for a deliverer's lease token).
+pub(crate) fn new_id(prefix: &str) -> String {
     let id = KeyId::generate();
-    format!("msg_{}", &id.as_str()["key_".len()..])
-}
-
-/// A new endpoint id: `whk_` and 26 Crockford base-32 characters.
-pub(crate) fn webhook_id() -> String {
-    let id = KeyId::generate();
-    format!("whk_{}", &id.as_str()["key_".len()..])
-}
-
-/// The body of the message for `event`: `{"type", "timestamp", "data"}`, `data` being the event
-/// as the management API shows it.
-#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
-pub(crate) fn payload(event: &AuditEvent) -> String {
-    json!({
-        "type": event.event_type,
-        "timestamp": crate::audit::timestamp(Some(event.at)),
-        "data": event.to_json(),
-    })
-    .to_string()
+    format!("{prefix}{}", &id.as_str()["key_".len()..])
 }
 
 #[cfg(test)]

@@ -10,7 +10,9 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::super::activity_routes::Acting;
-use super::super::{CreateKey, DEFAULT_PAGE_SIZE, KeyManager, RotateOptions, UpdateKey};
+use super::super::manager::KeyManager;
+use super::super::types::{CreateKey, RotateOptions, UpdateKey};
+use super::super::validate::DEFAULT_PAGE_SIZE;
 use super::wire::*;
 use crate::error::AuthError;
 use crate::key::KeyId;
@@ -134,8 +136,7 @@ pub(super) async fn update_key(
 }
 
 #[utoipa::path(delete, path = "/api-keys/{id}",
-    params(KeyIdParam, ("permanent" = Option<bool>, Query, description = "Delete the record instead of revoking (master key only)"), OwnerQuery,
-           ("reason" = Option<String>, Query, max_length = 200, description = "Why (recorded in the key.revoked event; default `requested`)")),
+    params(KeyIdParam, DeleteParams),
     responses((status = 204, description = "Revoked (or deleted). With a fleet roster, the headers `Revocation-Acknowledged` (instances that applied it), `Revocation-Instances` (live instances), `Revocation-Elapsed-Ms` and `Revocation-Sequence` say how far it got before the answer",
                 headers(("Revocation-Acknowledged" = u32), ("Revocation-Instances" = u32), ("Revocation-Elapsed-Ms" = String), ("Revocation-Sequence" = u64))),
               (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
@@ -162,7 +163,7 @@ pub(super) async fn revoke_key(
     Ok(response)
 }
 
-#[utoipa::path(post, path = "/api-keys/{id}/rotate", params(KeyIdParam, OwnerQuery), request_body(content = Option<RotateBody>),
+#[utoipa::path(post, path = "/api-keys/{id}/rotate", params(KeyIdParam, OwnerQuery), request_body(content = RotateBody, description = "Optional: no body rotates at once, keeping descendants"),
     responses((status = 200, body = KeyResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
               (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
               (status = 503, body = ErrorBody)))]
@@ -231,10 +232,10 @@ pub(super) async fn policy_info(
         .owner
         .or_else(|| principal.owner().map(str::to_owned))
         .ok_or(AuthError::OwnerRequired)?;
-    let policy = manager.key_policy();
+    let policy = &manager.policy;
     let default_expires_at = manager.expiry(&principal, None, now)?;
     let latest_expires_at = match (
-        policy.lifetime_max().map(|max| now + max),
+        policy.max_lifetime.map(|max| now + max),
         principal.expires_at(),
     ) {
         (Some(a), Some(b)) => Some(a.min(b)),
@@ -256,10 +257,10 @@ pub(super) async fn policy_info(
         account_pool,
         owner_id: owner,
         active_keys,
-        max_active_per_owner: policy.limits().per_owner,
-        max_active_per_account: policy.limits().per_account,
-        default_lifetime_seconds: policy.lifetime_default().map(|d| d.as_secs()),
-        max_lifetime_seconds: policy.lifetime_max().map(|d| d.as_secs()),
+        max_active_per_owner: policy.max_active_per_owner,
+        max_active_per_account: policy.max_active_per_account,
+        default_lifetime_seconds: policy.default_lifetime.map(|d| d.as_secs()),
+        max_lifetime_seconds: policy.max_lifetime.map(|d| d.as_secs()),
         default_expires_at: default_expires_at.map(timestamp),
         latest_expires_at: latest_expires_at.map(timestamp),
         never_expires_allowed: default_expires_at.is_none(),

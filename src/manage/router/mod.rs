@@ -1,5 +1,6 @@
 //! The management API as an axum router ([`router`]) and its OpenAPI document ([`openapi`]).
 
+mod fields;
 mod keys;
 mod overview;
 mod pools;
@@ -12,7 +13,8 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use utoipa::OpenApi;
 
-use super::{KeyManager, MAX_BODY_BYTES};
+use super::manager::KeyManager;
+use super::validate::MAX_BODY_BYTES;
 use keys::*;
 use pools::*;
 use wire::*;
@@ -141,6 +143,18 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(super::activity_routes::ActivityDoc::openapi());
     #[cfg(feature = "webhooks")]
     doc.merge(webhooks::WebhookDoc::openapi());
+    // The rotate body is optional (none: rotate at once, keeping descendants). utoipa marks a
+    // body required unless its type is an `Option`, which it documents as nullable: the server
+    // takes an object or no body, never `null`.
+    if let Some(body) = doc
+        .paths
+        .paths
+        .get_mut("/api-keys/{id}/rotate")
+        .and_then(|item| item.post.as_mut())
+        .and_then(|operation| operation.request_body.as_mut())
+    {
+        body.required = Some(utoipa::openapi::Required::False);
+    }
     doc
 }
 

@@ -11,8 +11,8 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use utoipa::ToSchema;
 
-use super::super::KeyManager;
 use super::super::activity_routes::{Acting, time_param};
+use super::super::manager::KeyManager;
 use super::wire::{ErrorBody, no_store, query};
 use crate::error::AuthError;
 use crate::principal::Principal;
@@ -66,10 +66,13 @@ pub(super) async fn list_owners(
 #[serde(deny_unknown_fields)]
 pub(super) struct UsageSummaryParams {
     /// Whose keys (required with the master key).
+    #[param(min_length = 1, max_length = 128, pattern = "^[!-~]+$")]
     owner: Option<String>,
     /// RFC 3339 (default: 7 days before `to`).
+    #[param(format = DateTime)]
     from: Option<String>,
     /// RFC 3339 (default: now); at most 92 days after `from`.
+    #[param(format = DateTime)]
     to: Option<String>,
 }
 

@@ -6,8 +6,8 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 
-use super::super::KeyManager;
 use super::super::activity_routes::Acting;
+use super::super::manager::KeyManager;
 use super::wire::*;
 use crate::error::AuthError;
 use crate::principal::Principal;

@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::{OpenApi, ToSchema};
 
-use super::super::KeyManager;
 use super::super::activity_routes::Acting;
+use super::super::manager::KeyManager;
 use super::wire::{body_error, no_store, parse_json, query};
 use crate::error::AuthError;
 use crate::principal::Principal;
@@ -122,7 +122,8 @@ struct DeliveryParams {
 /// The manager's endpoints, acting for this request's origin (as the key routes do).
 fn webhooks(manager: &KeyManager) -> Result<Webhooks, AuthError> {
     let webhooks = manager
-        .webhook_endpoints()
+        .webhooks
+        .as_ref()
         .ok_or(AuthError::WebhookNotFound)?;
     Ok(webhooks.at((*manager.origin).clone()))
 }

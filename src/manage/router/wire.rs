@@ -11,7 +11,12 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use utoipa::ToSchema;
 
-use super::super::{CreatedKey, KeyInfo, MAX_BODY_BYTES, MAX_KEY_ID_LEN};
+use super::super::types::{CreatedKey, KeyInfo};
+use super::super::validate::{MAX_BODY_BYTES, MAX_KEY_ID_LEN};
+use super::fields::{
+    networks_schema, new_name_schema, present, reason_schema, renamed_schema, scopes_schema, whole,
+    whole_or_null,
+};
 use crate::error::AuthError;
 use crate::key::KeyId;
 use crate::quota::{Credits, RateLimit, Refill, RefillInterval, UsageLimits};
@@ -23,14 +28,8 @@ pub(super) const NEVER: &str = "0001-01-01T00:00:00Z";
 #[derive(Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CreateKeyBody {
-    /// Display name (default: timestamp-based). At most 128 characters, not blank, no control,
-    /// bidirectional-control or invisible (zero-width) characters; surrounding whitespace is
-    /// trimmed.
-    #[schema(
-        min_length = 1,
-        max_length = 128,
-        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u00ad\\u034f\\u061c\\u115f\\u1160\\u17b4\\u17b5\\u180b-\\u180f\\u200b-\\u200f\\u202a-\\u202e\\u2060-\\u2064\\u2066-\\u2069\\u3164\\ufe00-\\ufe0f\\ufeff\\uffa0]*[^\\s\\u0000-\\u001f\\u007f-\\u009f\\u00ad\\u034f\\u061c\\u115f\\u1160\\u17b4\\u17b5\\u180b-\\u180f\\u200b-\\u200f\\u202a-\\u202e\\u2060-\\u2064\\u2066-\\u2069\\u3164\\ufe00-\\ufe0f\\ufeff\\uffa0][^\\u0000-\\u001f\\u007f-\\u009f\\u00ad\\u034f\\u061c\\u115f\\u1160\\u17b4\\u17b5\\u180b-\\u180f\\u200b-\\u200f\\u202a-\\u202e\\u2060-\\u2064\\u2066-\\u2069\\u3164\\ufe00-\\ufe0f\\ufeff\\uffa0]*$"
-    )]
+    /// Display name (default: timestamp-based).
+    #[schema(schema_with = new_name_schema)]
     pub(super) name: Option<String>,
     /// Owner (team, service or tenant). Required with the master key; a scoped key may only name
     /// its own.
@@ -43,8 +42,9 @@ pub(super) struct CreateKeyBody {
     /// `*:*`), each at most 128 characters, covered by the caller's own.
     #[schema(schema_with = scopes_schema)]
     pub(super) scopes: Vec<String>,
-    /// RFC 3339 expiry, in the future (and within the server's maximum lifetime, if any).
-    #[schema(format = DateTime, example = "2030-03-11T00:00:00Z")]
+    /// RFC 3339 expiry, in the future (and within the server's maximum lifetime, if any: see
+    /// `GET /api-keys/policy`).
+    #[schema(format = DateTime)]
     pub(super) expires_at: Option<String>,
     /// At most `limit` requests (or cost units) per `period_seconds` (default: the server's
     /// policy; a delegated key's is never looser than its creator's).
@@ -52,11 +52,8 @@ pub(super) struct CreateKeyBody {
     /// Usage credits (default: the server's policy; a delegated key never gets more than its
     /// creator has left).
     pub(super) credits: Option<CreditsBody>,
-    /// Where the key may be used from: 1 to 32 IPv4 or IPv6 networks in CIDR notation (a bare
-    /// address is one host). Default: anywhere, or a delegated key's creator's networks; a
-    /// delegated key's must lie within its creator's. Requests from elsewhere get 403
-    /// `AUTH_NETWORK_NOT_ALLOWED`.
-    #[schema(min_items = 1, max_items = 32, example = json!(["203.0.113.0/24", "2001:db8::/32"]))]
+    /// Where the key may be used from (see the schema's description).
+    #[schema(schema_with = networks_schema)]
     pub(super) allowed_networks: Option<Vec<String>>,
 }
 
@@ -64,8 +61,10 @@ pub(super) struct CreateKeyBody {
 #[derive(Deserialize, Serialize, ToSchema, Clone, Copy)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RateLimitBody {
+    #[serde(deserialize_with = "whole")]
     #[schema(minimum = 1, maximum = 1_000_000_000)]
     pub(super) limit: u32,
+    #[serde(deserialize_with = "whole")]
     #[schema(minimum = 1, maximum = 31_622_400)]
     pub(super) period_seconds: u32,
 }
@@ -76,6 +75,7 @@ pub(super) struct RateLimitBody {
 pub(super) struct RefillBody {
     #[schema(value_type = String, pattern = "^(daily|monthly)$")]
     pub(super) interval: RefillInterval,
+    #[serde(deserialize_with = "whole")]
     #[schema(minimum = 0, maximum = 1_000_000_000_000_000_u64)]
     pub(super) amount: u64,
 }
@@ -84,6 +84,7 @@ pub(super) struct RefillBody {
 #[derive(Deserialize, ToSchema, Clone, Copy)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CreditsBody {
+    #[serde(deserialize_with = "whole")]
     #[schema(minimum = 0, maximum = 1_000_000_000_000_000_u64)]
     pub(super) remaining: u64,
     pub(super) refill: Option<RefillBody>,
@@ -135,11 +136,7 @@ impl From<CreditsBody> for Credits {
 #[serde(deny_unknown_fields)]
 pub(super) struct UpdateKeyBody {
     /// A new name (same rules as on create).
-    #[schema(
-        min_length = 1,
-        max_length = 128,
-        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u00ad\\u034f\\u061c\\u115f\\u1160\\u17b4\\u17b5\\u180b-\\u180f\\u200b-\\u200f\\u202a-\\u202e\\u2060-\\u2064\\u2066-\\u2069\\u3164\\ufe00-\\ufe0f\\ufeff\\uffa0]*[^\\s\\u0000-\\u001f\\u007f-\\u009f\\u00ad\\u034f\\u061c\\u115f\\u1160\\u17b4\\u17b5\\u180b-\\u180f\\u200b-\\u200f\\u202a-\\u202e\\u2060-\\u2064\\u2066-\\u2069\\u3164\\ufe00-\\ufe0f\\ufeff\\uffa0][^\\u0000-\\u001f\\u007f-\\u009f\\u00ad\\u034f\\u061c\\u115f\\u1160\\u17b4\\u17b5\\u180b-\\u180f\\u200b-\\u200f\\u202a-\\u202e\\u2060-\\u2064\\u2066-\\u2069\\u3164\\ufe00-\\ufe0f\\ufeff\\uffa0]*$"
-    )]
+    #[schema(schema_with = renamed_schema)]
     pub(super) name: Option<String>,
     /// A new rate limit; `null` removes it.
     #[serde(default, deserialize_with = "present")]
@@ -151,33 +148,12 @@ pub(super) struct UpdateKeyBody {
     pub(super) credits: Option<Option<CreditsBody>>,
 }
 
-/// A field that is present (possibly `null`), as opposed to left out.
-pub(super) fn present<'de, T: Deserialize<'de>, D: serde::Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<Option<T>>, D::Error> {
-    Option::<T>::deserialize(deserializer).map(Some)
-}
-
-pub(super) fn scopes_schema() -> utoipa::openapi::Array {
-    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
-    ArrayBuilder::new()
-        .items(
-            ObjectBuilder::new()
-                .schema_type(Type::String)
-                .pattern(Some(r"^(\*|(\*|[a-z0-9_-]+):(\*|[a-z0-9_-]+))$"))
-                .max_length(Some(crate::scope::MAX_SCOPE_LEN)),
-        )
-        .min_items(Some(1))
-        .max_items(Some(super::super::MAX_SCOPES))
-        .examples([serde_json::json!(["ledgers:read", "balances:write"])])
-        .build()
-}
-
 /// Body of `POST /api-keys/{id}/rotate` (optional).
 #[derive(Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RotateBody {
     /// Seconds the old secret keeps working (default 0: it stops at once; at most 30 days).
+    #[serde(default, deserialize_with = "whole_or_null")]
     #[schema(minimum = 0, maximum = 2_592_000)]
     pub(super) grace_period_seconds: Option<u64>,
     /// Also revoke every key this key created, transitively (default `false`: a routine rotation
@@ -319,12 +295,20 @@ pub(super) struct ListParams {
     pub(super) before: Option<String>,
 }
 
-#[derive(Deserialize)]
+/// The query of `DELETE /api-keys/{id}`.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(super) struct DeleteParams {
+    /// Delete the record instead of revoking (master key only).
     #[serde(default)]
+    #[param(value_type = Option<bool>)]
     pub(super) permanent: bool,
+    /// The key's owner (see `GET /api-keys/{id}`). 1 to 128 visible ASCII characters.
+    #[param(min_length = 1, max_length = 128, pattern = "^[!-~]+$")]
     pub(super) owner: Option<String>,
+    /// Why (recorded in the `key.revoked` event; default `requested`): the rules of a key name.
+    #[param(schema_with = reason_schema)]
     pub(super) reason: Option<String>,
 }
 

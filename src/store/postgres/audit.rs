@@ -13,12 +13,12 @@ use sqlx::{AssertSqlSafe, PgConnection, Row};
 use time::OffsetDateTime;
 
 use crate::audit::{
-    Actor, ActorKind, AuditEvent, ChainHash, ChainLink, ChainState, EventDraft, EventQuery,
-    EventType,
+    AuditEvent, ChainHash, ChainLink, ChainState, EventDraft, EventQuery, EventType,
 };
 use crate::key::KeyId;
+use crate::store::error::{StoreError, StoreErrorKind};
+use crate::store::sql_audit::{RawEvent, details_text};
 use crate::store::sql_common::{map_sqlx_error, micros};
-use crate::store::{StoreError, StoreErrorKind};
 use crate::usage::{OUTCOMES, UsageBucket};
 
 /// Migration 6.
@@ -148,11 +148,6 @@ pub(super) async fn append(
         .map_err(map_sqlx_error)?;
         let state = read_chain(conn, s, &draft.owner_id, true).await?;
         let event = draft.seal(state.head);
-        let mut details = String::new();
-        crate::audit::canonical_json(
-            &serde_json::Value::Object(event.details.clone()),
-            &mut details,
-        );
         sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO {s}.api_key_events ({EVENT_COLUMNS}) VALUES \
              ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
@@ -169,7 +164,7 @@ pub(super) async fn append(
         .bind(event.request_id.as_deref())
         .bind(event.key_id.as_ref().map(KeyId::as_str))
         .bind(event.account_id.as_deref())
-        .bind(details)
+        .bind(details_text(&event))
         .bind(event.prev_hash.to_hex())
         .bind(event.hash.to_hex())
         .execute(&mut *conn)
@@ -192,36 +187,24 @@ pub(super) async fn append(
 }
 
 fn decode(row: &PgRow) -> Result<AuditEvent, StoreError> {
-    let details: String = get(row, 12)?;
-    // Details that no longer parse (edited by hand) are kept as text: the hash finds the edit.
-    let details = match serde_json::from_str(&details) {
-        Ok(serde_json::Value::Object(map)) => map,
-        _ => serde_json::Map::from_iter([("unreadable".to_owned(), details.into())]),
-    };
-    let event_type: String = get(row, 3)?;
-    let actor_kind: String = get(row, 5)?;
-    let ip: Option<String> = get(row, 8)?;
-    Ok(AuditEvent {
-        draft: EventDraft {
-            id: get(row, 0)?,
-            owner_id: get(row, 1)?,
-            event_type: EventType::new(event_type).ok_or_else(|| corrupt("bad event type"))?,
-            at: get(row, 4)?,
-            actor: Actor {
-                kind: ActorKind::parse(&actor_kind).ok_or_else(|| corrupt("bad actor kind"))?,
-                key_id: get::<Option<String>>(row, 6)?.map(KeyId::new),
-                name: get(row, 7)?,
-            },
-            ip: ip.and_then(|ip| ip.parse().ok()),
-            request_id: get(row, 9)?,
-            key_id: get::<Option<String>>(row, 10)?.map(KeyId::new),
-            account_id: get(row, 11)?,
-            details,
-        },
-        seq: u64::try_from(get::<i64>(row, 2)?).map_err(|_| corrupt("negative sequence"))?,
-        prev_hash: ChainHash::from_hex(get(row, 13)?).unwrap_or_default(),
-        hash: ChainHash::from_hex(get(row, 14)?).unwrap_or_default(),
-    })
+    RawEvent {
+        id: get(row, 0)?,
+        owner_id: get(row, 1)?,
+        seq: get(row, 2)?,
+        event_type: get(row, 3)?,
+        at: get(row, 4)?,
+        actor_kind: get(row, 5)?,
+        actor_key_id: get(row, 6)?,
+        actor_name: get(row, 7)?,
+        ip: get(row, 8)?,
+        request_id: get(row, 9)?,
+        key_id: get(row, 10)?,
+        account_id: get(row, 11)?,
+        details: get(row, 12)?,
+        prev_hash: get(row, 13)?,
+        hash: get(row, 14)?,
+    }
+    .into_event()
 }
 
 /// See `KeyStore::events`.

@@ -2,11 +2,12 @@
 
 use std::time::Duration;
 
+use sqlx::AssertSqlSafe;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
-use super::sql::{InvalidIdentifier, check_identifier};
+use super::sql::{InvalidIdentifier, check_identifier, lock_key, migrations};
 use super::store::PostgresStore;
-use crate::store::StoreError;
+use crate::store::error::StoreError;
 use crate::store::sql_common::map_sqlx_error;
 
 /// Configures a [`PostgresStore`]; see [`PostgresStore::builder`].
@@ -34,6 +35,67 @@ impl PostgresStore {
     /// A builder: schema, pool size, timeouts, lazy connection.
     pub fn builder() -> PostgresStoreBuilder {
         PostgresStoreBuilder::default()
+    }
+
+    /// Brings the schema up to date: versioned migrations in one transaction holding an advisory
+    /// lock, so that instances starting together apply them once.
+    pub(super) async fn run_migrations(&self) -> Result<(), StoreError> {
+        let schema = &self.sql.schema;
+        let s = &self.sql.quoted;
+        let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(lock_key(&["migrate", schema]))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx_error)?;
+        // Check first: CREATE SCHEMA IF NOT EXISTS needs the CREATE privilege even when it exists.
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+                .bind(schema)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(map_sqlx_error)?;
+        if !exists {
+            sqlx::raw_sql(AssertSqlSafe(format!("CREATE SCHEMA {s}")))
+                .execute(&mut *tx)
+                .await
+                .map_err(map_sqlx_error)?;
+        }
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "CREATE TABLE IF NOT EXISTS {s}.api_key_migrations (
+                version INTEGER PRIMARY KEY,
+                description TEXT NOT NULL,
+                applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+            )"
+        )))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_sqlx_error)?;
+        let current: i32 = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT COALESCE(max(version), 0) FROM {s}.api_key_migrations"
+        )))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(map_sqlx_error)?;
+        for (version, description, sql) in migrations(s) {
+            if version <= current {
+                continue;
+            }
+            sqlx::raw_sql(AssertSqlSafe(sql))
+                .execute(&mut *tx)
+                .await
+                .map_err(map_sqlx_error)?;
+            sqlx::query(AssertSqlSafe(format!(
+                "INSERT INTO {s}.api_key_migrations (version, description) VALUES ($1, $2)"
+            )))
+            .bind(version)
+            .bind(description)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx_error)?;
+            tracing::info!(schema = %schema, version, "API key store migrated");
+        }
+        tx.commit().await.map_err(map_sqlx_error)
     }
 }
 

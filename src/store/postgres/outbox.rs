@@ -1,15 +1,17 @@
 //! The outbox half of webhooks in PostgreSQL: [`enqueue`], called by `audit::append` for every
 //! event it writes, on the same transaction: a pending delivery row per subscribed endpoint
-//! (`api_key_webhook_deliveries`, migration 8). `s` is the quoted schema name (a checked
-//! identifier). The endpoints' store is `webhooks`.
+//! (`api_key_webhook_deliveries`, migration 8), its message id and body from `delivery`. `s` is
+//! the quoted schema name (a checked identifier). The endpoints and their reads live in the
+//! `webhooks` module (`webhooks::postgres`).
 
 use sqlx::{AssertSqlSafe, PgConnection};
 use time::OffsetDateTime;
 
 use crate::audit::AuditEvent;
+use crate::store::delivery::{message_id, payload};
+use crate::store::error::StoreError;
+use crate::store::record::MAX_DELEGATION_DEPTH;
 use crate::store::sql_common::{map_sqlx_error, micros};
-use crate::store::{MAX_DELEGATION_DEPTH, StoreError};
-use crate::webhooks::types;
 
 /// Whether `root` is active at `at` and its subtree holds `key_id`.
 async fn in_live_subtree(
@@ -68,7 +70,7 @@ pub(super) async fn enqueue(
     .fetch_all(&mut *conn)
     .await
     .map_err(map_sqlx_error)?;
-    let mut payload = None;
+    let mut body = None;
     for (webhook_id, registered_by) in endpoints {
         if let Some(root) = registered_by {
             let Some(key) = event.key_id.as_ref() else {
@@ -78,13 +80,13 @@ pub(super) async fn enqueue(
                 continue;
             }
         }
-        let body = payload.get_or_insert_with(|| types::payload(event));
+        let body = body.get_or_insert_with(|| payload(event));
         sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO {s}.api_key_webhook_deliveries (id, webhook_id, event_id, event_type, \
              payload, status, next_attempt_at, created_at) \
              VALUES ($1, $2, $3, $4, $5, 'pending', $6, $6)"
         )))
-        .bind(types::message_id())
+        .bind(message_id())
         .bind(&webhook_id)
         .bind(&event.id)
         .bind(event.event_type.as_str())

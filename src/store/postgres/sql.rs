@@ -9,8 +9,9 @@ use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, Row};
 
 use crate::quota::UsageLimits;
+use crate::store::error::StoreError;
+use crate::store::record::KeyRecord;
 use crate::store::sql_common::{LimitColumns, RawRecord, map_sqlx_error};
-use crate::store::{KeyRecord, StoreError};
 
 /// A schema or channel name that is not a plain PostgreSQL identifier: 1 to 63 bytes of ASCII
 /// letters, digits, `_` or `$`, not starting with a digit or `$`.
@@ -207,7 +208,7 @@ CREATE TABLE IF NOT EXISTS {s}.api_key_notices (
         (
             8,
             "webhook endpoints and their outbox",
-            // Written by every build; filled by `webhooks::enqueue` in the transaction of each
+            // Written by every build; filled by `outbox::enqueue` in the transaction of each
             // audit event.
             webhooks_migration(s),
         ),

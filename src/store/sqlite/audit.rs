@@ -10,12 +10,12 @@ use sqlx::{AssertSqlSafe, Row, SqliteConnection};
 use time::OffsetDateTime;
 
 use crate::audit::{
-    Actor, ActorKind, AuditEvent, ChainHash, ChainLink, ChainState, EventDraft, EventQuery,
-    EventType,
+    AuditEvent, ChainHash, ChainLink, ChainState, EventDraft, EventQuery, EventType,
 };
 use crate::key::KeyId;
+use crate::store::error::{StoreError, StoreErrorKind};
+use crate::store::sql_audit::{RawEvent, details_text};
 use crate::store::sql_common::{from_unix_micros, map_sqlx_error, to_unix_micros};
-use crate::store::{StoreError, StoreErrorKind};
 use crate::usage::{OUTCOMES, UsageBucket};
 
 /// Migration 6.
@@ -109,11 +109,6 @@ pub(super) async fn append(
     for draft in drafts {
         let state = chain_state(conn, &draft.owner_id).await?;
         let event = draft.seal(state.head);
-        let mut details = String::new();
-        crate::audit::canonical_json(
-            &serde_json::Value::Object(event.details.clone()),
-            &mut details,
-        );
         // Only constants are formatted into the statements of this module.
         sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO api_key_events ({EVENT_COLUMNS}) VALUES \
@@ -131,7 +126,7 @@ pub(super) async fn append(
         .bind(event.request_id.as_deref())
         .bind(event.key_id.as_ref().map(KeyId::as_str))
         .bind(event.account_id.as_deref())
-        .bind(details)
+        .bind(details_text(&event))
         .bind(event.prev_hash.to_hex())
         .bind(event.hash.to_hex())
         .execute(&mut *conn)
@@ -157,36 +152,24 @@ pub(super) async fn append(
 }
 
 fn decode(row: &SqliteRow) -> Result<AuditEvent, StoreError> {
-    let details: String = row.get(12);
-    // Details that no longer parse (edited by hand) are kept as text: the hash finds the edit.
-    let details = match serde_json::from_str(&details) {
-        Ok(serde_json::Value::Object(map)) => map,
-        _ => serde_json::Map::from_iter([("unreadable".to_owned(), details.into())]),
-    };
-    let event_type: String = row.get(3);
-    let actor_kind: String = row.get(5);
-    let ip: Option<String> = row.get(8);
-    Ok(AuditEvent {
-        draft: EventDraft {
-            id: row.get(0),
-            owner_id: row.get(1),
-            event_type: EventType::new(event_type).ok_or_else(|| corrupt("bad event type"))?,
-            at: from_unix_micros(row.get(4))?,
-            actor: Actor {
-                kind: ActorKind::parse(&actor_kind).ok_or_else(|| corrupt("bad actor kind"))?,
-                key_id: row.get::<Option<String>, _>(6).map(KeyId::new),
-                name: row.get(7),
-            },
-            ip: ip.and_then(|ip| ip.parse().ok()),
-            request_id: row.get(9),
-            key_id: row.get::<Option<String>, _>(10).map(KeyId::new),
-            account_id: row.get(11),
-            details,
-        },
-        seq: u64::try_from(row.get::<i64, _>(2)).map_err(|_| corrupt("negative sequence"))?,
-        prev_hash: ChainHash::from_hex(row.get(13)).unwrap_or_default(),
-        hash: ChainHash::from_hex(row.get(14)).unwrap_or_default(),
-    })
+    RawEvent {
+        id: row.get(0),
+        owner_id: row.get(1),
+        seq: row.get(2),
+        event_type: row.get(3),
+        at: from_unix_micros(row.get(4))?,
+        actor_kind: row.get(5),
+        actor_key_id: row.get(6),
+        actor_name: row.get(7),
+        ip: row.get(8),
+        request_id: row.get(9),
+        key_id: row.get(10),
+        account_id: row.get(11),
+        details: row.get(12),
+        prev_hash: row.get(13),
+        hash: row.get(14),
+    }
+    .into_event()
 }
 
 /// See `KeyStore::events`.

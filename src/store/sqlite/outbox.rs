@@ -1,14 +1,16 @@
 //! The outbox half of webhooks in SQLite: [`enqueue`], called by `audit::append` for every event
 //! it writes, on the same transaction: a pending delivery row per subscribed endpoint
-//! (`api_key_webhook_deliveries`, migration 8). The endpoints' store is `webhooks`.
+//! (`api_key_webhook_deliveries`, migration 8), its message id and body from `delivery`. The
+//! endpoints and their reads live in the `webhooks` module (`webhooks::sqlite`).
 
 use sqlx::SqliteConnection;
 use time::OffsetDateTime;
 
 use crate::audit::AuditEvent;
+use crate::store::delivery::{message_id, payload};
+use crate::store::error::StoreError;
+use crate::store::record::MAX_DELEGATION_DEPTH;
 use crate::store::sql_common::{map_sqlx_error, to_unix_micros};
-use crate::store::{MAX_DELEGATION_DEPTH, StoreError};
-use crate::webhooks::types;
 
 /// Whether `key` is active at `at` and `root`'s subtree holds `key_id`.
 async fn in_live_subtree(
@@ -61,7 +63,7 @@ pub(super) async fn enqueue(
     .fetch_all(&mut *conn)
     .await
     .map_err(map_sqlx_error)?;
-    let mut payload = None;
+    let mut body = None;
     for (webhook_id, events, registered_by) in endpoints {
         let events: Vec<String> = serde_json::from_str(&events).unwrap_or_default();
         if !events.iter().any(|e| e == event.event_type.as_str()) {
@@ -75,13 +77,13 @@ pub(super) async fn enqueue(
                 continue;
             }
         }
-        let body = payload.get_or_insert_with(|| types::payload(event));
+        let body = body.get_or_insert_with(|| payload(event));
         sqlx::query(
             "INSERT INTO api_key_webhook_deliveries (id, webhook_id, event_id, event_type, \
              payload, status, next_attempt_at, created_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6)",
         )
-        .bind(types::message_id())
+        .bind(message_id())
         .bind(&webhook_id)
         .bind(&event.id)
         .bind(event.event_type.as_str())

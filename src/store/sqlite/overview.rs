@@ -5,8 +5,9 @@ use sqlx::sqlite::SqlitePool;
 use time::OffsetDateTime;
 
 use crate::key::KeyId;
+use crate::store::error::{StoreError, StoreErrorKind};
+use crate::store::overview::{MAX_OWNERS, OwnerSummary};
 use crate::store::sql_common::{map_sqlx_error, to_unix_micros};
-use crate::store::{MAX_OWNERS, OwnerSummary, StoreError, StoreErrorKind};
 use crate::usage::{OUTCOMES, UsageBucket};
 
 pub(super) async fn owners(

@@ -5,8 +5,9 @@ use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 use time::OffsetDateTime;
 
+use crate::store::error::{StoreError, StoreErrorKind};
+use crate::store::record::KeyRecord;
 use crate::store::sql_common::{LimitColumns, RawRecord, from_unix_micros, map_sqlx_error};
-use crate::store::{KeyRecord, StoreError, StoreErrorKind};
 
 /// The columns of `api_keys`, in the order [`decode`] reads them.
 macro_rules! columns {
@@ -177,7 +178,7 @@ CREATE TABLE IF NOT EXISTS api_key_notices (
         8,
         "webhook endpoints and their outbox",
         // Written by every build (the tables are the outbox even where the `webhooks` feature is
-        // off); filled by `webhooks::enqueue` in the transaction of each audit event.
+        // off); filled by `outbox::enqueue` in the transaction of each audit event.
         r#"
 CREATE TABLE IF NOT EXISTS api_key_webhooks (
     id TEXT NOT NULL PRIMARY KEY,

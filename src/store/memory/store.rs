@@ -1,16 +1,22 @@
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, MutexGuard};
+//! [`MemoryStore`] and its [`KeyStore`] implementation: each method takes the one lock, reads or
+//! changes the state (`state`), writes the change's events, and lets go.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use time::OffsetDateTime;
 
-use super::{
-    ChainLevels, ChainSpend, CreditAdjustment, FormatSecrets, KeyChange, KeyLimits, KeyRecord,
-    KeyStore, KeyUpdate, ListQuery, MAX_DELEGATION_DEPTH, MAX_OWNERS, OwnerSummary, PreviousSecret,
-    Rotation, StoreError, StoreErrorKind, StoredSecret, SweepQuery,
-};
-use crate::audit::{AuditEvent, ChainLink, ChainState, EventDraft, EventQuery, Journal};
-use crate::key::{FormatSecret, KeyDigest, KeyId, MAX_SECRET_VERSION};
-use crate::quota::{BudgetId, BudgetLevel, Credits, PoolId, UsageLimits};
+use super::state::Inner;
+use crate::audit::{AuditEvent, ChainState, EventDraft, EventQuery, Journal};
+use crate::key::{FormatSecret, KeyDigest, KeyId};
+use crate::quota::{BudgetId, BudgetLevel, PoolId, UsageLimits};
+use crate::store::credits::{ChainLevels, ChainSpend, CreditAdjustment, adjust};
+use crate::store::error::StoreError;
+use crate::store::format::FormatSecrets;
+use crate::store::key_store::KeyStore;
+use crate::store::overview::{MAX_OWNERS, OwnerSummary};
+use crate::store::params::{KeyLimits, KeyUpdate, ListQuery, Rotation, SweepQuery};
+use crate::store::record::{KeyChange, KeyRecord};
 use crate::usage::UsageBucket;
 
 /// An in-memory [`KeyStore`]: for tests, examples and services that can lose keys on restart.
@@ -19,24 +25,6 @@ use crate::usage::UsageBucket;
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
-}
-
-#[derive(Debug, Default)]
-struct Inner {
-    by_id: BTreeMap<KeyId, KeyRecord>,
-    by_digest: HashMap<[u8; 32], KeyId>,
-    /// The keyed format's legacy record (`None` until first written) and secrets.
-    legacy_keys: Option<bool>,
-    format_secrets: Vec<StoredSecret>,
-    /// The shared pools that are set.
-    pools: BTreeMap<PoolId, UsageLimits>,
-    /// Every owner's audit events, in the order written, and each owner's chain.
-    events: Vec<AuditEvent>,
-    chains: BTreeMap<String, ChainState>,
-    /// Hourly usage counts by key and hour (Unix seconds).
-    usage: BTreeMap<(KeyId, i64), UsageBucket>,
-    /// The hygiene notices given, per key.
-    notices: std::collections::HashSet<(KeyId, String)>,
 }
 
 impl MemoryStore {
@@ -51,116 +39,6 @@ impl MemoryStore {
         self.inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
-
-impl Inner {
-    /// Seals `drafts` onto their owners' chains and keeps them: the one place events are written.
-    fn append(&mut self, drafts: Vec<EventDraft>) -> Vec<AuditEvent> {
-        let mut sealed = Vec::with_capacity(drafts.len());
-        for draft in drafts {
-            let chain = self.chains.entry(draft.owner_id.clone()).or_default();
-            let event = draft.seal(chain.head);
-            chain.head = ChainLink {
-                seq: event.seq,
-                hash: event.hash,
-            };
-            self.events.push(event.clone());
-            sealed.push(event);
-        }
-        sealed
-    }
-
-    fn unindex(&mut self, record: &KeyRecord) {
-        for digest in record.digests() {
-            self.by_digest.remove(digest.as_bytes());
-        }
-    }
-
-    /// The ids of every descendant of `root` (its subtree without itself), in no order: what
-    /// cascades revoke and [`KeyStore::descendants`] answers.
-    fn subtree(&self, root: &KeyId) -> Vec<KeyId> {
-        let mut children: HashMap<&KeyId, Vec<&KeyId>> = HashMap::new();
-        for record in self.by_id.values() {
-            if let Some(parent) = &record.created_by {
-                children.entry(parent).or_default().push(&record.id);
-            }
-        }
-        // A key is inserted after its creator, so this is a tree; `seen` guards against a cycle in
-        // data written some other way.
-        let mut seen = std::collections::HashSet::from([root]);
-        let mut tree = Vec::new();
-        let mut pending = vec![root];
-        while let Some(parent) = pending.pop() {
-            for &child in children.get(parent).into_iter().flatten() {
-                if seen.insert(child) {
-                    tree.push(child.clone());
-                    pending.push(child);
-                }
-            }
-        }
-        tree
-    }
-
-    /// The ancestors of a key created by `creator`, nearest first, at most
-    /// [`MAX_DELEGATION_DEPTH`]; the walk stops at a creator that is gone.
-    fn ancestors_from(&self, creator: Option<&KeyId>) -> Vec<&KeyRecord> {
-        let mut chain = Vec::new();
-        let mut next = creator;
-        while let Some(id) = next {
-            if chain.len() == MAX_DELEGATION_DEPTH {
-                break;
-            }
-            let Some(record) = self.by_id.get(id) else {
-                break;
-            };
-            chain.push(record);
-            next = record.created_by.as_ref();
-        }
-        chain
-    }
-
-    /// The credits of one budget level, where they live.
-    fn credits_mut(&mut self, level: &BudgetId) -> Option<&mut Credits> {
-        match level {
-            BudgetId::Key(id) => self.by_id.get_mut(id)?.limits.credits.as_mut(),
-            BudgetId::Pool(pool) => self.pools.get_mut(pool)?.credits.as_mut(),
-        }
-    }
-
-    /// Loads the credits of `levels`, lets `rule` change them, and writes them back.
-    fn with_credits<T>(
-        &mut self,
-        levels: &ChainLevels,
-        rule: impl FnOnce(&mut [Option<Credits>]) -> T,
-    ) -> T {
-        let mut credits: Vec<Option<Credits>> = levels
-            .unique
-            .iter()
-            .map(|level| self.credits_mut(level).copied())
-            .collect();
-        let outcome = rule(&mut credits);
-        for (level, new) in levels.unique.iter().zip(credits) {
-            if let (Some(stored), Some(new)) = (self.credits_mut(level), new) {
-                *stored = new;
-            }
-        }
-        outcome
-    }
-
-    /// Revokes every descendant of `root` not revoked yet, at `at`; returns those it revoked.
-    fn revoke_descendants(&mut self, root: &KeyId, at: OffsetDateTime) -> Vec<KeyRecord> {
-        self.subtree(root)
-            .iter()
-            .filter_map(|id| {
-                let record = self.by_id.get_mut(id)?;
-                if record.revoked_at.is_some() {
-                    return None;
-                }
-                record.revoked_at = Some(at);
-                Some(record.clone())
-            })
-            .collect()
     }
 }
 
@@ -229,47 +107,7 @@ impl KeyStore for MemoryStore {
         journal: &Journal,
     ) -> Result<(), StoreError> {
         let mut inner = self.lock();
-        if inner.by_id.contains_key(&record.id)
-            || record
-                .digests()
-                .any(|d| inner.by_digest.contains_key(d.as_bytes()))
-        {
-            return Err(StoreError::from_kind(StoreErrorKind::Conflict));
-        }
-        if let Some(creator) = &record.created_by
-            && !inner.by_id.get(creator).is_some_and(|c| c.is_active(now))
-        {
-            return Err(StoreError::from_kind(StoreErrorKind::CreatorInactive));
-        }
-        let active = |same: &dyn Fn(&KeyRecord) -> bool| {
-            inner
-                .by_id
-                .values()
-                .filter(|r| same(r) && r.is_active(now))
-                .count()
-        };
-        if let Some(limit) = limits.per_owner
-            && active(&|r| r.owner == record.owner) >= limit as usize
-        {
-            return Err(StoreError::from_kind(StoreErrorKind::LimitReached {
-                limit,
-                scope: "owner",
-            }));
-        }
-        if let Some(limit) = limits.per_account
-            && active(&|r| r.account == record.account) >= limit as usize
-        {
-            return Err(StoreError::from_kind(StoreErrorKind::LimitReached {
-                limit,
-                scope: "account",
-            }));
-        }
-        for digest in record.digests() {
-            inner
-                .by_digest
-                .insert(*digest.as_bytes(), record.id.clone());
-        }
-        inner.by_id.insert(record.id.clone(), record.clone());
+        inner.insert(record, limits, now)?;
         inner.append(journal.events().to_vec());
         Ok(())
     }
@@ -289,20 +127,11 @@ impl KeyStore for MemoryStore {
         journal: &Journal,
     ) -> Result<Option<KeyChange>, StoreError> {
         let mut inner = self.lock();
-        let Some(record) = inner.by_id.get_mut(id) else {
-            return Ok(None);
-        };
-        let before = record.clone();
-        record.revoked_at.get_or_insert(at);
-        let after = record.clone();
-        let revoked_descendants = inner.revoke_descendants(id, at);
-        let change = KeyChange {
-            before,
-            after: Some(after),
-            revoked_descendants,
-        };
-        inner.append(journal.for_change(&change));
-        Ok(Some(change))
+        let change = inner.revoke(id, at);
+        if let Some(change) = &change {
+            inner.append(journal.for_change(change));
+        }
+        Ok(change)
     }
 
     async fn delete(
@@ -320,18 +149,11 @@ impl KeyStore for MemoryStore {
         journal: &Journal,
     ) -> Result<Option<KeyChange>, StoreError> {
         let mut inner = self.lock();
-        let Some(before) = inner.by_id.remove(id) else {
-            return Ok(None);
-        };
-        inner.unindex(&before);
-        let revoked_descendants = inner.revoke_descendants(id, at);
-        let change = KeyChange {
-            before,
-            after: None,
-            revoked_descendants,
-        };
-        inner.append(journal.for_change(&change));
-        Ok(Some(change))
+        let change = inner.delete(id, at);
+        if let Some(change) = &change {
+            inner.append(journal.for_change(change));
+        }
+        Ok(change)
     }
 
     async fn replace_secret(
@@ -350,44 +172,11 @@ impl KeyStore for MemoryStore {
         journal: &Journal,
     ) -> Result<Option<KeyChange>, StoreError> {
         let mut inner = self.lock();
-        let Some(old) = inner.by_id.get(id).cloned() else {
-            return Ok(None);
-        };
-        if old.revoked_at.is_some() {
-            return Err(StoreError::from_kind(StoreErrorKind::Revoked));
+        let change = inner.replace_secret(id, rotation)?;
+        if let Some(change) = &change {
+            inner.append(journal.for_change(change));
         }
-        if inner.by_digest.contains_key(rotation.digest.as_bytes()) {
-            return Err(StoreError::from_kind(StoreErrorKind::Conflict));
-        }
-        inner.unindex(&old);
-        let mut record = old.clone();
-        record.previous = rotation
-            .previous_valid_until
-            .map(|valid_until| PreviousSecret {
-                digest: record.digest,
-                digest_scheme: record.digest_scheme,
-                valid_until,
-            });
-        record.digest = rotation.digest;
-        record.digest_scheme = rotation.digest_scheme;
-        record.masked_key = rotation.masked_key.clone();
-        record.rotated_at = Some(rotation.rotated_at);
-        for digest in record.digests() {
-            inner.by_digest.insert(*digest.as_bytes(), id.clone());
-        }
-        inner.by_id.insert(id.clone(), record.clone());
-        let revoked_descendants = if rotation.revoke_descendants {
-            inner.revoke_descendants(id, rotation.rotated_at)
-        } else {
-            Vec::new()
-        };
-        let change = KeyChange {
-            before: old,
-            after: Some(record),
-            revoked_descendants,
-        };
-        inner.append(journal.for_change(&change));
-        Ok(Some(change))
+        Ok(change)
     }
 
     async fn sweep(&self, query: &SweepQuery) -> Result<Vec<KeyRecord>, StoreError> {
@@ -448,22 +237,7 @@ impl KeyStore for MemoryStore {
         initial: &FormatSecret,
         now: OffsetDateTime,
     ) -> Result<FormatSecrets, StoreError> {
-        let mut inner = self.lock();
-        if inner.legacy_keys.is_none() {
-            inner.legacy_keys = Some(!inner.by_id.is_empty());
-        }
-        if inner.format_secrets.is_empty() {
-            inner.format_secrets.push(StoredSecret {
-                version: 1,
-                secret: initial.clone(),
-                created_at: now,
-                retired_at: None,
-            });
-        }
-        Ok(FormatSecrets {
-            secrets: inner.format_secrets.clone(),
-            legacy_keys: inner.legacy_keys.unwrap_or(false),
-        })
+        Ok(self.lock().format_secrets(initial, now))
     }
 
     async fn add_format_secret(
@@ -471,21 +245,7 @@ impl KeyStore for MemoryStore {
         secret: &FormatSecret,
         now: OffsetDateTime,
     ) -> Result<u8, StoreError> {
-        let mut inner = self.lock();
-        let version = inner.format_secrets.last().map_or(1, |s| s.version + 1);
-        if version > MAX_SECRET_VERSION {
-            return Err(StoreError::new(
-                StoreErrorKind::Conflict,
-                "every secret version is used",
-            ));
-        }
-        inner.format_secrets.push(StoredSecret {
-            version,
-            secret: secret.clone(),
-            created_at: now,
-            retired_at: None,
-        });
-        Ok(version)
+        self.lock().add_format_secret(secret, now)
     }
 
     async fn retire_format_secret(
@@ -493,22 +253,7 @@ impl KeyStore for MemoryStore {
         version: u8,
         now: OffsetDateTime,
     ) -> Result<bool, StoreError> {
-        let mut inner = self.lock();
-        let others_active = inner
-            .format_secrets
-            .iter()
-            .any(|s| s.version != version && s.retired_at.is_none());
-        match inner
-            .format_secrets
-            .iter_mut()
-            .find(|s| s.version == version && s.retired_at.is_none())
-        {
-            Some(secret) if others_active => {
-                secret.retired_at = Some(now);
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
+        Ok(self.lock().retire_format_secret(version, now))
     }
 
     async fn set_legacy_keys(&self, accept: bool, _now: OffsetDateTime) -> Result<(), StoreError> {
@@ -531,18 +276,11 @@ impl KeyStore for MemoryStore {
         journal: &Journal,
     ) -> Result<Option<KeyRecord>, StoreError> {
         let mut inner = self.lock();
-        let Some(record) = inner.by_id.get_mut(id) else {
-            return Ok(None);
-        };
-        let before = record.clone();
-        update.apply(record);
-        let change = KeyChange {
-            before,
-            after: Some(record.clone()),
-            revoked_descendants: Vec::new(),
-        };
-        inner.append(journal.for_change(&change));
-        Ok(change.after)
+        let change = inner.update(id, update);
+        if let Some(change) = &change {
+            inner.append(journal.for_change(change));
+        }
+        Ok(change.and_then(|change| change.after))
     }
 
     async fn adjust_credits(
@@ -556,7 +294,7 @@ impl KeyStore for MemoryStore {
             .by_id
             .get_mut(id)
             .and_then(|record| record.limits.credits.as_mut())
-            .map(|credits| super::adjust(credits, delta, now)))
+            .map(|credits| adjust(credits, delta, now)))
     }
 
     async fn ancestors(&self, id: &KeyId) -> Result<Vec<KeyRecord>, StoreError> {
@@ -584,7 +322,7 @@ impl KeyStore for MemoryStore {
                 limits: ancestor.limits,
             })
             .collect();
-        let owner: std::sync::Arc<str> = record.owner.as_str().into();
+        let owner: Arc<str> = record.owner.as_str().into();
         for pool in [
             PoolId::account(owner.clone(), record.account.as_str()),
             PoolId::owner(owner),
@@ -675,35 +413,7 @@ impl KeyStore for MemoryStore {
     }
 
     async fn purge_events(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
-        let mut inner = self.lock();
-        let Inner { events, chains, .. } = &mut *inner;
-        // Per owner, the events before the first kept one go; the last of them is the anchor.
-        let mut kept_from: BTreeMap<&str, bool> = BTreeMap::new();
-        let mut anchors: BTreeMap<String, ChainLink> = BTreeMap::new();
-        let mut keep = Vec::with_capacity(events.len());
-        for event in events.iter() {
-            let kept = kept_from.entry(event.owner_id.as_str()).or_insert(false);
-            *kept |= event.at >= before;
-            if *kept {
-                keep.push(true);
-            } else {
-                anchors.insert(
-                    event.owner_id.clone(),
-                    ChainLink {
-                        seq: event.seq,
-                        hash: event.hash,
-                    },
-                );
-                keep.push(false);
-            }
-        }
-        let removed = keep.iter().filter(|k| !**k).count() as u64;
-        let mut flags = keep.into_iter();
-        events.retain(|_| flags.next().unwrap_or(true));
-        for (owner, anchor) in anchors {
-            chains.entry(owner).or_default().anchor = anchor;
-        }
-        Ok(removed)
+        Ok(self.lock().purge_events(before))
     }
 
     async fn record_usage(&self, buckets: &[UsageBucket]) -> Result<(), StoreError> {

@@ -1,24 +1,21 @@
 //! Webhook endpoints and their outbox in PostgreSQL: `api_key_webhooks`,
-//! `api_key_webhook_deliveries` (migration 8, in `sql`), in the store's schema. `s` is the quoted
-//! schema name (a checked identifier): the only thing formatted into these statements.
-//! The [`WebhookStore`] of [`PostgresStore`]; the deliveries are written by `outbox::enqueue`,
-//! with each event.
+//! `api_key_webhook_deliveries` (the store's migration 8), in the store's schema. `s` is the
+//! quoted schema name (a checked identifier): the only thing formatted into these statements.
+//! The [`WebhookStore`] of [`PostgresStore`]; the store writes the deliveries itself, with each
+//! event (its outbox).
 
 use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, Row};
 use time::OffsetDateTime;
+use zeroize::Zeroizing;
 
-use super::store::PostgresStore;
+use super::rows::{ClaimedRow, DELIVERY_COLUMNS, DeliveryRow, WEBHOOK_COLUMNS, WebhookRow};
+use super::store::WebhookStore;
+use super::types::{AttemptOutcome, Claimed, Delivery, DeliveryStatus, Webhook, WebhookSecret};
 use crate::audit::{EventDraft, EventType};
 use crate::key::KeyId;
 use crate::store::sql_common::{map_sqlx_error, micros};
-use crate::store::{StoreError, StoreErrorKind};
-use crate::webhooks::types::{AttemptOutcome, Claimed, Delivery, DeliveryStatus, Webhook};
-use crate::webhooks::{WebhookSecret, WebhookStore};
-
-fn corrupt(what: &'static str) -> StoreError {
-    StoreError::new(StoreErrorKind::Corrupt, what)
-}
+use crate::store::{PostgresStore, StoreError};
 
 fn get<'r, T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>>(
     row: &'r PgRow,
@@ -27,41 +24,33 @@ fn get<'r, T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>>(
     row.try_get(at).map_err(map_sqlx_error)
 }
 
-const WEBHOOK_COLUMNS: &str = "id, owner_id, url, events, registered_by, created_at";
-
 fn decode_webhook(row: &PgRow) -> Result<Webhook, StoreError> {
-    let events: Vec<String> = get(row, 3)?;
-    Ok(Webhook {
+    WebhookRow {
         id: get(row, 0)?,
         owner: get(row, 1)?,
         url: get(row, 2)?,
-        events: events
-            .into_iter()
-            .map(|e| EventType::new(e).ok_or_else(|| corrupt("bad webhook event type")))
-            .collect::<Result<_, _>>()?,
-        registered_by: get::<Option<String>>(row, 4)?.map(KeyId::new),
+        events: get(row, 3)?,
+        registered_by: get(row, 4)?,
         created_at: get(row, 5)?,
-    })
+    }
+    .into_webhook()
 }
 
-const DELIVERY_COLUMNS: &str = "id, webhook_id, event_type, status, attempts, last_status, \
-    last_error, last_attempt_at, next_attempt_at, delivered_at, created_at";
-
 fn decode_delivery(row: &PgRow) -> Result<Delivery, StoreError> {
-    let status: String = get(row, 3)?;
-    Ok(Delivery {
+    DeliveryRow {
         id: get(row, 0)?,
         webhook_id: get(row, 1)?,
         event_type: get(row, 2)?,
-        status: DeliveryStatus::parse(&status).ok_or_else(|| corrupt("bad delivery status"))?,
-        attempts: u32::try_from(get::<i32>(row, 4)?).unwrap_or(0),
-        last_status: get::<Option<i32>>(row, 5)?.and_then(|s| u16::try_from(s).ok()),
+        status: get(row, 3)?,
+        attempts: i64::from(get::<i32>(row, 4)?),
+        last_status: get::<Option<i32>>(row, 5)?.map(i64::from),
         last_error: get(row, 6)?,
         last_attempt_at: get(row, 7)?,
         next_attempt_at: get(row, 8)?,
         delivered_at: get(row, 9)?,
         created_at: get(row, 10)?,
-    })
+    }
+    .into_delivery()
 }
 
 #[async_trait::async_trait]
@@ -73,8 +62,8 @@ impl WebhookStore for PostgresStore {
         events: &[EventDraft],
     ) -> Result<(), StoreError> {
         self.migrate().await?;
-        let s = &self.sql.quoted;
-        let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
+        let s = self.quoted_schema();
+        let mut tx = self.pool().begin().await.map_err(map_sqlx_error)?;
         sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO {s}.api_key_webhooks (id, owner_id, url, events, secret, registered_by, \
              created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)"
@@ -95,18 +84,18 @@ impl WebhookStore for PostgresStore {
         .execute(&mut *tx)
         .await
         .map_err(map_sqlx_error)?;
-        super::audit::append(&mut tx, s, events.to_vec()).await?;
+        self.append_in(&mut tx, events.to_vec()).await?;
         tx.commit().await.map_err(map_sqlx_error)
     }
 
     async fn webhook(&self, id: &str) -> Result<Option<Webhook>, StoreError> {
         self.migrate().await?;
-        let s = &self.sql.quoted;
+        let s = self.quoted_schema();
         let row = sqlx::query(AssertSqlSafe(format!(
             "SELECT {WEBHOOK_COLUMNS} FROM {s}.api_key_webhooks WHERE id = $1"
         )))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.pool())
         .await
         .map_err(map_sqlx_error)?;
         row.as_ref().map(decode_webhook).transpose()
@@ -114,12 +103,12 @@ impl WebhookStore for PostgresStore {
 
     async fn webhooks(&self, owner: &str) -> Result<Vec<Webhook>, StoreError> {
         self.migrate().await?;
-        let s = &self.sql.quoted;
+        let s = self.quoted_schema();
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT {WEBHOOK_COLUMNS} FROM {s}.api_key_webhooks WHERE owner_id = $1 ORDER BY id"
         )))
         .bind(owner)
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await
         .map_err(map_sqlx_error)?;
         rows.iter().map(decode_webhook).collect()
@@ -127,8 +116,8 @@ impl WebhookStore for PostgresStore {
 
     async fn delete_webhook(&self, id: &str, events: &[EventDraft]) -> Result<bool, StoreError> {
         self.migrate().await?;
-        let s = &self.sql.quoted;
-        let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
+        let s = self.quoted_schema();
+        let mut tx = self.pool().begin().await.map_err(map_sqlx_error)?;
         sqlx::query(AssertSqlSafe(format!(
             "DELETE FROM {s}.api_key_webhook_deliveries WHERE webhook_id = $1"
         )))
@@ -145,7 +134,7 @@ impl WebhookStore for PostgresStore {
         .map_err(map_sqlx_error)?;
         let deleted = done.rows_affected() == 1;
         if deleted {
-            super::audit::append(&mut tx, s, events.to_vec()).await?;
+            self.append_in(&mut tx, events.to_vec()).await?;
         }
         tx.commit().await.map_err(map_sqlx_error)?;
         Ok(deleted)
@@ -158,8 +147,8 @@ impl WebhookStore for PostgresStore {
         events: &[EventDraft],
     ) -> Result<bool, StoreError> {
         self.migrate().await?;
-        let s = &self.sql.quoted;
-        let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
+        let s = self.quoted_schema();
+        let mut tx = self.pool().begin().await.map_err(map_sqlx_error)?;
         let done = sqlx::query(AssertSqlSafe(format!(
             "UPDATE {s}.api_key_webhooks SET secret = $2 WHERE id = $1"
         )))
@@ -170,7 +159,7 @@ impl WebhookStore for PostgresStore {
         .map_err(map_sqlx_error)?;
         let updated = done.rows_affected() == 1;
         if updated {
-            super::audit::append(&mut tx, s, events.to_vec()).await?;
+            self.append_in(&mut tx, events.to_vec()).await?;
         }
         tx.commit().await.map_err(map_sqlx_error)?;
         Ok(updated)
@@ -183,7 +172,7 @@ impl WebhookStore for PostgresStore {
         limit: u32,
     ) -> Result<Vec<Delivery>, StoreError> {
         self.migrate().await?;
-        let s = &self.sql.quoted;
+        let s = self.quoted_schema();
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT {DELIVERY_COLUMNS} FROM {s}.api_key_webhook_deliveries WHERE webhook_id = $1 \
              AND ($2::text IS NULL OR id < $2) ORDER BY id DESC LIMIT $3"
@@ -191,7 +180,7 @@ impl WebhookStore for PostgresStore {
         .bind(webhook_id)
         .bind(before)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await
         .map_err(map_sqlx_error)?;
         rows.iter().map(decode_delivery).collect()
@@ -205,7 +194,7 @@ impl WebhookStore for PostgresStore {
         limit: u32,
     ) -> Result<Vec<Claimed>, StoreError> {
         self.migrate().await?;
-        let s = &self.sql.quoted;
+        let s = self.quoted_schema();
         // SKIP LOCKED: concurrent claimers take disjoint rows; the lease keeps them apart after.
         let rows = sqlx::query(AssertSqlSafe(format!(
             "UPDATE {s}.api_key_webhook_deliveries AS d SET lease_until = $2, lease_token = $3 \
@@ -224,7 +213,7 @@ impl WebhookStore for PostgresStore {
         .bind(micros(lease_until))
         .bind(token)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await
         .map_err(map_sqlx_error)?;
         let mut claimed = Vec::with_capacity(rows.len());
@@ -235,17 +224,19 @@ impl WebhookStore for PostgresStore {
             ) else {
                 continue; // the endpoint was deleted meanwhile
             };
-            claimed.push(Claimed {
-                id: get(row, 0)?,
-                webhook_id: get(row, 1)?,
-                url,
-                secret: WebhookSecret::parse(&zeroize::Zeroizing::new(secret))
-                    .ok_or_else(|| corrupt("bad webhook secret"))?,
-                payload: get(row, 2)?,
-                attempts: u32::try_from(get::<i32>(row, 3)?).unwrap_or(0),
-                created_at: get(row, 4)?,
-                registrar_ended: get::<Option<bool>>(row, 7)?.unwrap_or(false),
-            });
+            claimed.push(
+                ClaimedRow {
+                    id: get(row, 0)?,
+                    webhook_id: get(row, 1)?,
+                    url,
+                    secret: Zeroizing::new(secret),
+                    payload: get(row, 2)?,
+                    attempts: i64::from(get::<i32>(row, 3)?),
+                    created_at: get(row, 4)?,
+                    registrar_ended: get::<Option<bool>>(row, 7)?.unwrap_or(false),
+                }
+                .into_claimed()?,
+            );
         }
         Ok(claimed)
     }
@@ -257,7 +248,7 @@ impl WebhookStore for PostgresStore {
         outcome: &AttemptOutcome,
     ) -> Result<(), StoreError> {
         self.migrate().await?;
-        let s = &self.sql.quoted;
+        let s = self.quoted_schema();
         let delivered = outcome.status == DeliveryStatus::Delivered;
         sqlx::query(AssertSqlSafe(format!(
             "UPDATE {s}.api_key_webhook_deliveries SET status = $3, attempts = attempts + 1, \
@@ -273,7 +264,7 @@ impl WebhookStore for PostgresStore {
         .bind(micros(outcome.at))
         .bind(outcome.next_attempt_at.map(micros))
         .bind(delivered.then(|| micros(outcome.at)))
-        .execute(&self.pool)
+        .execute(self.pool())
         .await
         .map_err(map_sqlx_error)?;
         Ok(())

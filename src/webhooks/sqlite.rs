@@ -1,44 +1,34 @@
 //! Webhook endpoints and their deliveries in SQLite (`api_key_webhooks`,
-//! `api_key_webhook_deliveries`, migration 8 in `sql`): the [`WebhookStore`] of [`SqliteStore`].
-//! The deliveries are written by `outbox::enqueue`, with each event.
+//! `api_key_webhook_deliveries`, the store's migration 8): the [`WebhookStore`] of
+//! [`SqliteStore`]. The store writes the deliveries itself, with each event (its outbox).
 
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 use time::OffsetDateTime;
+use zeroize::Zeroizing;
 
-use super::store::SqliteStore;
+use super::rows::{
+    ClaimedRow, DELIVERY_COLUMNS, DeliveryRow, WEBHOOK_COLUMNS, WebhookRow, corrupt,
+};
+use super::store::WebhookStore;
+use super::types::{AttemptOutcome, Claimed, Delivery, DeliveryStatus, Webhook, WebhookSecret};
 use crate::audit::{EventDraft, EventType};
 use crate::key::KeyId;
 use crate::store::sql_common::{from_unix_micros, map_sqlx_error, to_unix_micros};
-use crate::store::{StoreError, StoreErrorKind};
-use crate::webhooks::types::{AttemptOutcome, Claimed, Delivery, DeliveryStatus, Webhook};
-use crate::webhooks::{WebhookSecret, WebhookStore};
-
-fn corrupt(what: &'static str) -> StoreError {
-    StoreError::new(StoreErrorKind::Corrupt, what)
-}
-
-const WEBHOOK_COLUMNS: &str = "id, owner_id, url, events, registered_by, created_at";
+use crate::store::{SqliteStore, StoreError};
 
 fn decode_webhook(row: &SqliteRow) -> Result<Webhook, StoreError> {
     let events: String = row.get(3);
-    let events: Vec<String> =
-        serde_json::from_str(&events).map_err(|_| corrupt("bad webhook events"))?;
-    Ok(Webhook {
+    WebhookRow {
         id: row.get(0),
         owner: row.get(1),
         url: row.get(2),
-        events: events
-            .into_iter()
-            .map(|e| EventType::new(e).ok_or_else(|| corrupt("bad webhook event type")))
-            .collect::<Result<_, _>>()?,
-        registered_by: row.get::<Option<String>, _>(4).map(KeyId::new),
+        events: serde_json::from_str(&events).map_err(|_| corrupt("bad webhook events"))?,
+        registered_by: row.get(4),
         created_at: from_unix_micros(row.get(5))?,
-    })
+    }
+    .into_webhook()
 }
-
-const DELIVERY_COLUMNS: &str = "id, webhook_id, event_type, status, attempts, last_status, \
-    last_error, last_attempt_at, next_attempt_at, delivered_at, created_at";
 
 fn decode_delivery(row: &SqliteRow) -> Result<Delivery, StoreError> {
     let time = |i: usize| {
@@ -46,22 +36,20 @@ fn decode_delivery(row: &SqliteRow) -> Result<Delivery, StoreError> {
             .map(from_unix_micros)
             .transpose()
     };
-    let status: String = row.get(3);
-    Ok(Delivery {
+    DeliveryRow {
         id: row.get(0),
         webhook_id: row.get(1),
         event_type: row.get(2),
-        status: DeliveryStatus::parse(&status).ok_or_else(|| corrupt("bad delivery status"))?,
-        attempts: u32::try_from(row.get::<i64, _>(4)).unwrap_or(u32::MAX),
-        last_status: row
-            .get::<Option<i64>, _>(5)
-            .and_then(|s| u16::try_from(s).ok()),
+        status: row.get(3),
+        attempts: row.get(4),
+        last_status: row.get(5),
         last_error: row.get(6),
         last_attempt_at: time(7)?,
         next_attempt_at: time(8)?,
         delivered_at: time(9)?,
         created_at: from_unix_micros(row.get(10))?,
-    })
+    }
+    .into_delivery()
 }
 
 fn events_json(webhook: &Webhook) -> String {
@@ -98,7 +86,7 @@ impl WebhookStore for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(map_sqlx_error)?;
-        super::audit::append(&mut tx, events.to_vec()).await?;
+        SqliteStore::append_in(&mut tx, events.to_vec()).await?;
         tx.commit().await.map_err(map_sqlx_error)
     }
 
@@ -107,7 +95,7 @@ impl WebhookStore for SqliteStore {
             "SELECT {WEBHOOK_COLUMNS} FROM api_key_webhooks WHERE id = ?1"
         )))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.pool())
         .await
         .map_err(map_sqlx_error)?;
         row.as_ref().map(decode_webhook).transpose()
@@ -118,7 +106,7 @@ impl WebhookStore for SqliteStore {
             "SELECT {WEBHOOK_COLUMNS} FROM api_key_webhooks WHERE owner_id = ?1 ORDER BY id"
         )))
         .bind(owner)
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await
         .map_err(map_sqlx_error)?;
         rows.iter().map(decode_webhook).collect()
@@ -138,7 +126,7 @@ impl WebhookStore for SqliteStore {
             .map_err(map_sqlx_error)?;
         let deleted = done.rows_affected() == 1;
         if deleted {
-            super::audit::append(&mut tx, events.to_vec()).await?;
+            SqliteStore::append_in(&mut tx, events.to_vec()).await?;
         }
         tx.commit().await.map_err(map_sqlx_error)?;
         Ok(deleted)
@@ -159,7 +147,7 @@ impl WebhookStore for SqliteStore {
             .map_err(map_sqlx_error)?;
         let updated = done.rows_affected() == 1;
         if updated {
-            super::audit::append(&mut tx, events.to_vec()).await?;
+            SqliteStore::append_in(&mut tx, events.to_vec()).await?;
         }
         tx.commit().await.map_err(map_sqlx_error)?;
         Ok(updated)
@@ -178,7 +166,7 @@ impl WebhookStore for SqliteStore {
         .bind(webhook_id)
         .bind(before)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await
         .map_err(map_sqlx_error)?;
         rows.iter().map(decode_delivery).collect()
@@ -202,7 +190,7 @@ impl WebhookStore for SqliteStore {
         .bind(to_unix_micros(lease_until))
         .bind(token)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await
         .map_err(map_sqlx_error)?;
         let mut claimed = Vec::with_capacity(rows.len());
@@ -216,24 +204,26 @@ impl WebhookStore for SqliteStore {
             )
             .bind(&webhook_id)
             .bind(to_unix_micros(now))
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.pool())
             .await
             .map_err(map_sqlx_error)?;
             // Deleted meanwhile: its deliveries went with it.
             let Some((url, secret, registrar_ended)) = endpoint else {
                 continue;
             };
-            claimed.push(Claimed {
-                id: row.get(0),
-                webhook_id,
-                url,
-                secret: WebhookSecret::parse(&zeroize::Zeroizing::new(secret))
-                    .ok_or_else(|| corrupt("bad webhook secret"))?,
-                payload: row.get(2),
-                attempts: u32::try_from(row.get::<i64, _>(3)).unwrap_or(u32::MAX),
-                created_at: from_unix_micros(row.get(4))?,
-                registrar_ended,
-            });
+            claimed.push(
+                ClaimedRow {
+                    id: row.get(0),
+                    webhook_id,
+                    url,
+                    secret: Zeroizing::new(secret),
+                    payload: row.get(2),
+                    attempts: row.get(3),
+                    created_at: from_unix_micros(row.get(4))?,
+                    registrar_ended,
+                }
+                .into_claimed()?,
+            );
         }
         Ok(claimed)
     }
@@ -259,7 +249,7 @@ impl WebhookStore for SqliteStore {
         .bind(to_unix_micros(outcome.at))
         .bind(outcome.next_attempt_at.map(to_unix_micros))
         .bind(delivered.then(|| to_unix_micros(outcome.at)))
-        .execute(&self.pool)
+        .execute(self.pool())
         .await
         .map_err(map_sqlx_error)?;
         Ok(())
