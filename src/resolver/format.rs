@@ -180,7 +180,11 @@ impl CachedResolver {
                 }
                 slot.read_at.store(read_at, Ordering::Release);
                 if slot.down.swap(false, Ordering::AcqRel) {
-                    inner.degraded.fetch_sub(1, Ordering::AcqRel);
+                    let _last = inner.degraded.fetch_sub(1, Ordering::AcqRel) == 1;
+                    #[cfg(feature = "metrics")]
+                    if _last {
+                        ::metrics::gauge!(crate::metrics::CACHE_DEGRADED).set(0.0);
+                    }
                     self.retire_front();
                     tracing::info!("API key format reloaded: keys are admitted again");
                 }
@@ -189,7 +193,11 @@ impl CachedResolver {
             Err(error) => {
                 if known_change && !slot.down.swap(true, Ordering::AcqRel) {
                     slot.read_at.store(i64::MIN, Ordering::Release);
-                    inner.degraded.fetch_add(1, Ordering::AcqRel);
+                    let _first = inner.degraded.fetch_add(1, Ordering::AcqRel) == 0;
+                    #[cfg(feature = "metrics")]
+                    if _first {
+                        ::metrics::gauge!(crate::metrics::CACHE_DEGRADED).set(1.0);
+                    }
                     tracing::warn!(
                         %error,
                         "the API key format's secrets changed and could not be reloaded: every key \
