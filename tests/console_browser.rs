@@ -134,6 +134,7 @@ impl Service {
             redis_url: None,
             public_checksum: false,
             leak_report_public_keys: None,
+            max_active_per_owner: None,
         })
         .await
         .expect("the example builds");

@@ -39,6 +39,7 @@ async fn the_example_server_receives_signed_leak_reports() {
         redis_url: None,
         public_checksum: false,
         leak_report_public_keys: Some(keys.clone()),
+        max_active_per_owner: None,
     })
     .await
     .expect("the example builds");

@@ -70,6 +70,7 @@ async fn start() -> Running {
         redis_url: None,
         public_checksum: false,
         leak_report_public_keys: None,
+        max_active_per_owner: None,
     })
     .await
     .expect("the example builds");

@@ -39,6 +39,7 @@ fn config(db: &std::path::Path) -> server::Config {
         redis_url: None,
         public_checksum: false,
         leak_report_public_keys: None,
+        max_active_per_owner: None,
     }
 }
 

@@ -15,6 +15,9 @@
 //!   broadcast channel (default the crate's); `API_KEYS_SCHEMA` the PostgreSQL schema of the keys
 //!   (default `tower_api_keys`). A revoke (`DELETE /api-keys/{id}`) waits up to 1 s for every live
 //!   instance and reports it in its `Revocation-*` headers.
+//! - `API_KEYS_MAX_ACTIVE_PER_OWNER`: the most active keys an owner may hold (default 10; 409
+//!   `APIKEY_LIMIT_REACHED` past it). `scripts/schemathesis.sh` raises it, so that a run keeps
+//!   creating keys to the end.
 //! - `RUST_LOG`: log filter (default `info,sqlx=warn`); one line per request, with the caller's
 //!   `api_key_id` (never the key).
 
@@ -43,6 +46,8 @@ pub(crate) struct Config {
     /// (`LEAK_REPORT_PUBLIC_KEYS`); when set, `POST /api-keys/leaks` receives signed leak reports
     /// (GitHub's and deps.dev's headers) and revokes leaked keys with their descendants.
     pub(crate) leak_report_public_keys: Option<std::path::PathBuf>,
+    /// The most active keys an owner may hold (`API_KEYS_MAX_ACTIVE_PER_OWNER`); `None`: 10.
+    pub(crate) max_active_per_owner: Option<u32>,
 }
 
 impl Config {
@@ -59,6 +64,9 @@ impl Config {
             leak_report_public_keys: std::env::var_os("LEAK_REPORT_PUBLIC_KEYS")
                 .filter(|path| !path.is_empty())
                 .map(Into::into),
+            max_active_per_owner: std::env::var("API_KEYS_MAX_ACTIVE_PER_OWNER")
+                .ok()
+                .and_then(|limit| limit.parse().ok()),
         }
     }
 }

@@ -293,7 +293,7 @@ pub(crate) async fn build_with(
         .build();
     let manager = KeyManager::new(resolver.clone()).policy(
         KeyPolicy::default()
-            .max_active_per_owner(10)
+            .max_active_per_owner(config.max_active_per_owner.unwrap_or(10))
             .max_lifetime(Duration::from_secs(365 * 86_400)),
     );
     let (manager, mut subscriptions) =

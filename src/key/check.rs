@@ -12,13 +12,13 @@ use super::shape::{
 impl KeyFormat {
     /// Checks a candidate's prefix, length, alphabet and checksum or tag. Pure computation, no I/O.
     pub fn check(&self, candidate: &str) -> Result<(), KeyFormatError> {
-        self.check_shape(candidate)?;
-        self.check_checksum(candidate)
+        self.check_shape(candidate.as_bytes())?;
+        self.check_checksum(candidate.as_bytes())
     }
 
-    /// Prefix, length and alphabet: what [`check`](Self::check) verifies before the checksum.
-    pub(crate) fn check_shape(&self, candidate: &str) -> Result<(), KeyFormatError> {
-        let bytes = candidate.as_bytes();
+    /// Prefix, length and alphabet: what [`check`](Self::check) verifies before the checksum. On
+    /// bytes: the layer has the presented key as checked visible ASCII, and need not make a `str`.
+    pub(crate) fn check_shape(&self, bytes: &[u8]) -> Result<(), KeyFormatError> {
         let prefix = self.prefix.as_bytes();
         if bytes.len() <= prefix.len()
             || &bytes[..prefix.len()] != prefix
@@ -43,8 +43,7 @@ impl KeyFormat {
     }
 
     /// The checksum or tag of a candidate that passed [`check_shape`](Self::check_shape).
-    pub(crate) fn check_checksum(&self, candidate: &str) -> Result<(), KeyFormatError> {
-        let bytes = candidate.as_bytes();
+    pub(crate) fn check_checksum(&self, bytes: &[u8]) -> Result<(), KeyFormatError> {
         let tail = bytes.len().saturating_sub(self.prefix.len() + 1);
         match &self.keyed {
             Some(keyed) if tail == KEYED_TAIL_LEN => {

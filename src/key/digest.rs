@@ -45,7 +45,12 @@ impl std::hash::Hash for KeyDigest {
 impl KeyDigest {
     /// Digest of a key string under [`DigestScheme::Sha256`].
     pub fn of(key: &str) -> Self {
-        Self(Sha256::digest(key.as_bytes()).into())
+        Self::of_bytes(key.as_bytes())
+    }
+
+    /// [`of`](Self::of) for a key held as bytes (the layer's presented key).
+    pub(crate) fn of_bytes(key: &[u8]) -> Self {
+        Self(Sha256::digest(key).into())
     }
 
     /// Wraps raw digest bytes (as read back from a store).

@@ -165,14 +165,26 @@ impl<F, B, E, R, M: BodyMode<B>> ResponseFuture<F, B, E, R, M> {
     }
 }
 
+/// The response to send for the inner service's `result`: with the `Sunset` header, watched as
+/// `watch` says, its outcome counted with `tally`. In place where it can be: a response is large,
+/// and every by-value step would move it.
 fn finish<B: http_body::Body, E, R: RenderRejection<B>, M: BodyMode<B>>(
-    result: Result<Response<B>, E>,
+    mut result: Result<Response<B>, E>,
+    sunset: &mut Option<http::HeaderValue>,
     watch: &mut Option<Watch<R>>,
+    tally: &mut Option<Tally>,
 ) -> Result<Response<M::Body>, E> {
-    result.map(|response| match watch.take() {
+    if let Ok(response) = &mut result {
+        super::sunset::add(sunset, response);
+    }
+    let output = result.map(|response| match watch.take() {
         Some(watch) => watch.finish::<B, M>(response),
         None => response.map(|body| M::hand_on(body, None)),
-    })
+    });
+    if let (Ok(response), Some(tally)) = (&output, tally.take()) {
+        tally.count(response);
+    }
+    output
 }
 
 impl<F, B, E, R, M> Future for ResponseFuture<F, B, E, R, M>
@@ -186,15 +198,6 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let tally = this.tally;
-        let mut counted = |poll: Poll<Self::Output>| {
-            if let Poll::Ready(Ok(response)) = &poll
-                && let Some(tally) = tally.take()
-            {
-                tally.count(response);
-            }
-            poll
-        };
         match this.kind.project() {
             KindProj::Inner {
                 future,
@@ -202,12 +205,12 @@ where
                 watch,
             } => {
                 let _entered = span.enter();
-                let result = super::sunset::add(this.sunset, ready!(future.poll(cx)));
-                counted(Poll::Ready(finish::<B, E, R, M>(result, watch)))
+                let result = ready!(future.poll(cx));
+                Poll::Ready(finish::<B, E, R, M>(result, this.sunset, watch, this.tally))
             }
             KindProj::Plain { future, watch } => {
-                let result = super::sunset::add(this.sunset, ready!(future.poll(cx)));
-                counted(Poll::Ready(finish::<B, E, R, M>(result, watch)))
+                let result = ready!(future.poll(cx));
+                Poll::Ready(finish::<B, E, R, M>(result, this.sunset, watch, this.tally))
             }
             KindProj::Lookup { future } => Poll::Ready(ready!(future.as_mut().poll(cx))),
             KindProj::Rejected { response } => Poll::Ready(Ok(response

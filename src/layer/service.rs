@@ -88,7 +88,7 @@ impl Config {
     }
 
     /// The verdict on a presented key, from the master key, its format and the cache.
-    fn authenticate(&self, key: &str) -> Verdict {
+    fn authenticate(&self, key: &[u8]) -> Verdict {
         let format = self.resolver.format();
         // A keyed tag is checked with the shape, before any digest or cache probe: a made-up key
         // costs what a malformed one costs. (A public checksum is checked only on a cache miss.)
@@ -105,7 +105,7 @@ impl Config {
         {
             return Verdict::Refuse(error);
         }
-        let digest = KeyDigest::of(key);
+        let digest = KeyDigest::of_bytes(key);
         if self.master.is_some_and(|master| master == digest) {
             return Verdict::Admit(Some(master_principal()), None);
         }
@@ -263,7 +263,13 @@ where
         }
     };
     let req = Request::from_parts(parts, body);
-    let future = span.in_scope(|| inner.call(req));
+    // Without a subscriber the span is disabled: the call is made directly (a closure would move
+    // the request once more).
+    let future = if span.is_none() {
+        inner.call(req)
+    } else {
+        span.in_scope(|| inner.call(req))
+    };
     ResponseFuture::inner(future, span, watch, sunset, tally)
 }
 

@@ -186,12 +186,10 @@ impl fmt::Debug for Presented {
 }
 
 impl Presented {
-    /// The presented key (`None`: no key at all).
-    pub(crate) fn key(&self) -> Option<&str> {
-        // Every byte was checked to be visible ASCII.
-        self.0
-            .bytes()
-            .map(|b| std::str::from_utf8(b).expect("visible ASCII is UTF-8"))
+    /// The presented key (`None`: no key at all): visible ASCII, every byte checked, so it is
+    /// handed on as bytes (making a `str` of it would check it again).
+    pub(crate) fn key(&self) -> Option<&[u8]> {
+        self.0.bytes()
     }
 }
 
@@ -334,7 +332,10 @@ mod tests {
         uri: &str,
     ) -> (Result<Option<String>, AuthError>, HeaderMap) {
         let mut request = request(map, uri);
-        let key = extract(sources, &mut request).map(|p| p.key().map(str::to_owned));
+        let key = extract(sources, &mut request).map(|p| {
+            p.key()
+                .map(|k| String::from_utf8(k.to_vec()).expect("visible ASCII"))
+        });
         (key, request.headers().clone())
     }
 

@@ -34,20 +34,14 @@ pub(crate) fn header(
     HeaderValue::from_str(&http_date(expires_at)).ok()
 }
 
-/// Adds `sunset` (taken: at most once) to a response that has no `Sunset` header.
-pub(crate) fn add<B, E>(
-    sunset: &mut Option<HeaderValue>,
-    result: Result<http::Response<B>, E>,
-) -> Result<http::Response<B>, E> {
-    result.map(|mut response| {
-        if let Some(value) = sunset.take() {
-            response
-                .headers_mut()
-                .entry(http::header::HeaderName::from_static("sunset"))
-                .or_insert(value);
-        }
+/// Adds `sunset` (taken: at most once) to `response` unless it has a `Sunset` header.
+pub(crate) fn add<B>(sunset: &mut Option<HeaderValue>, response: &mut http::Response<B>) {
+    if let Some(value) = sunset.take() {
         response
-    })
+            .headers_mut()
+            .entry(http::header::HeaderName::from_static("sunset"))
+            .or_insert(value);
+    }
 }
 
 /// `expires_at` as an IMF-fixdate (RFC 9110 §5.6.7): `Sun, 06 Nov 1994 08:49:37 GMT`.

@@ -19,8 +19,8 @@ use crate::store::{KeyRecord, StoreErrorKind};
 
 impl KeyManager {
     /// Creates a key and returns its plaintext, once. The key is delegated by `caller` (recorded
-    /// in [`KeyInfo::created_by`], unless it is the master key): it never outlives the caller and
-    /// dies with it.
+    /// in [`KeyInfo::created_by`](super::types::KeyInfo::created_by), unless it is the master
+    /// key): it never outlives the caller and dies with it.
     pub async fn create(
         &self,
         caller: &Principal,

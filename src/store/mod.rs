@@ -10,9 +10,11 @@
 //!
 //! - `key_store`: the [`KeyStore`] trait and its contract; `params`, what its methods take;
 //!   `credits`, the credit rules every store follows; `defaults`, the bodies of its default
-//!   ancestry and counting methods;
+//!   ancestry, counting and usage methods;
 //! - `record`, `error`, `overview`, `format`: what a store holds and answers;
-//! - `memory`, `sqlite`, `postgres`: the stores; `sql_common`, what the SQL ones share;
+//! - `memory`, `sqlite`, `postgres`: the stores; what the SQL ones share: `sql_common` (timestamps,
+//!   key rows, errors, the rules around their statements), `sql_audit` (event rows) and
+//!   `delivery` (what their webhook outbox writes with each event);
 //! - `shared`: a store behind an `Arc` is a store.
 
 mod credits;

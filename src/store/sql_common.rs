@@ -1,4 +1,5 @@
-//! What the SQL stores share: timestamp precision, row decoding, error mapping.
+//! What the SQL stores share: timestamp precision, row decoding, error mapping, and the rules
+//! around their statements (a limit, a rotation, an update, a credit adjustment, a budget level).
 //!
 //! Both SQL stores keep timestamps to the microsecond (PostgreSQL's `TIMESTAMPTZ` precision; SQLite
 //! stores integer microseconds since the Unix epoch). Every timestamp is truncated (floored) to the

@@ -56,7 +56,6 @@ pub(super) fn scopes_schema() -> utoipa::openapi::Array {
         )
         .min_items(Some(1))
         .max_items(Some(MAX_SCOPES))
-        .examples([serde_json::json!(["ledgers:read", "balances:write"])])
         .build()
 }
 
@@ -82,7 +81,6 @@ pub(super) fn networks_schema() -> utoipa::openapi::Array {
         )
         .min_items(Some(1))
         .max_items(Some(MAX_NETWORKS))
-        .examples([serde_json::json!(["203.0.113.0/24", "2001:db8::/32"])])
         .build()
 }
 

@@ -27,6 +27,11 @@ pub(super) const NEVER: &str = "0001-01-01T00:00:00Z";
 /// Body of `POST /api-keys`.
 #[derive(Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(
+    json!({"name": "payments reader", "owner": "payments", "scopes": ["ledgers:read"],
+           "allowed_networks": ["203.0.113.0/24", "2001:db8::/32"]}),
+    json!({"name": "ledger reader", "scopes": ["ledgers:read"]}),
+))]
 pub(super) struct CreateKeyBody {
     /// Display name (default: timestamp-based).
     #[schema(schema_with = new_name_schema)]

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use time::OffsetDateTime;
 
-use crate::audit::{AuditEvent, ChainLink, ChainState, EventDraft};
+use crate::audit::{AuditEvent, ChainLink, ChainState, EventDraft, Journal};
 use crate::key::{FormatSecret, KeyId, MAX_SECRET_VERSION};
 use crate::quota::{BudgetId, Credits, PoolId, UsageLimits};
 use crate::store::credits::ChainLevels;
@@ -49,6 +49,18 @@ impl Inner {
             sealed.push(event);
         }
         sealed
+    }
+
+    /// Writes `journal`'s events for `change`, when there is one, and hands the change back.
+    pub(super) fn journaled(
+        &mut self,
+        change: Option<KeyChange>,
+        journal: &Journal,
+    ) -> Option<KeyChange> {
+        if let Some(change) = &change {
+            self.append(journal.for_change(change));
+        }
+        change
     }
 
     fn unindex(&mut self, record: &KeyRecord) {

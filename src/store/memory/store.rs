@@ -128,10 +128,7 @@ impl KeyStore for MemoryStore {
     ) -> Result<Option<KeyChange>, StoreError> {
         let mut inner = self.lock();
         let change = inner.revoke(id, at);
-        if let Some(change) = &change {
-            inner.append(journal.for_change(change));
-        }
-        Ok(change)
+        Ok(inner.journaled(change, journal))
     }
 
     async fn delete(
@@ -150,10 +147,7 @@ impl KeyStore for MemoryStore {
     ) -> Result<Option<KeyChange>, StoreError> {
         let mut inner = self.lock();
         let change = inner.delete(id, at);
-        if let Some(change) = &change {
-            inner.append(journal.for_change(change));
-        }
-        Ok(change)
+        Ok(inner.journaled(change, journal))
     }
 
     async fn replace_secret(
@@ -173,10 +167,7 @@ impl KeyStore for MemoryStore {
     ) -> Result<Option<KeyChange>, StoreError> {
         let mut inner = self.lock();
         let change = inner.replace_secret(id, rotation)?;
-        if let Some(change) = &change {
-            inner.append(journal.for_change(change));
-        }
-        Ok(change)
+        Ok(inner.journaled(change, journal))
     }
 
     async fn sweep(&self, query: &SweepQuery) -> Result<Vec<KeyRecord>, StoreError> {
@@ -277,10 +268,9 @@ impl KeyStore for MemoryStore {
     ) -> Result<Option<KeyRecord>, StoreError> {
         let mut inner = self.lock();
         let change = inner.update(id, update);
-        if let Some(change) = &change {
-            inner.append(journal.for_change(change));
-        }
-        Ok(change.and_then(|change| change.after))
+        Ok(inner
+            .journaled(change, journal)
+            .and_then(|change| change.after))
     }
 
     async fn adjust_credits(

@@ -77,9 +77,12 @@ const CHAIN_ATTEMPTS: u32 = 3;
 /// - Timestamps keep PostgreSQL's microsecond precision: they are floored to the microsecond when
 ///   written and when compared (see [`KeyStore`]'s contract; records read back equal the inserted ones
 ///   when their times are whole microseconds).
-/// - Connection failures are [`StoreErrorKind::Unavailable`], duplicates
-///   [`StoreErrorKind::Conflict`], unreadable rows (an unknown digest scheme, a bad scope)
-///   [`StoreErrorKind::Corrupt`]. Errors never quote the offending values.
+/// - Connection failures are
+///   [`StoreErrorKind::Unavailable`](crate::store::StoreErrorKind::Unavailable), duplicates
+///   [`StoreErrorKind::Conflict`](crate::store::StoreErrorKind::Conflict), unreadable rows (an
+///   unknown digest scheme, a bad scope)
+///   [`StoreErrorKind::Corrupt`](crate::store::StoreErrorKind::Corrupt). Errors never quote the
+///   offending values.
 ///
 /// TLS: enable one of sqlx's TLS features (e.g. `sqlx = { version = "0.9", features =
 /// ["tls-rustls"] }`) in your own `Cargo.toml`; feature unification applies it here.
