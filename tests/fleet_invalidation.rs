@@ -417,9 +417,6 @@ mod over_redis {
     /// stays up for everyone else).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn redis_outage_is_bounded_by_degraded_mode() {
-        use redis::{ConnectionAddr, IntoConnectionInfo};
-        use std::net::ToSocketAddrs;
-
         let Some(redis_url) = common::db::redis_url("fleet_redis_outage").await else {
             return;
         };
@@ -428,18 +425,9 @@ mod over_redis {
         };
         let channel = common::db::unique("fleet_redis_outage");
         let (a, b) = (instance(&schema).await, instance(&schema).await);
-        let info = redis_url.as_str().into_connection_info().unwrap();
-        let ConnectionAddr::Tcp(host, port) = info.addr().clone() else {
-            panic!("TEST_REDIS_URL is not a TCP address");
-        };
-        let target = (host.as_str(), port)
-            .to_socket_addrs()
+        let (proxy, through_proxy) = common::db::redis_through_proxy(&redis_url).await;
+        let b_subscription = RedisInvalidator::open(&through_proxy)
             .unwrap()
-            .next()
-            .unwrap();
-        let proxy = common::db::Proxy::start(target).await;
-        let through_proxy = info.set_addr(ConnectionAddr::Tcp("127.0.0.1".into(), proxy.port()));
-        let b_subscription = RedisInvalidator::new(redis::Client::open(through_proxy).unwrap())
             .with_channel(&channel)
             .subscribe(b.resolver.clone());
         let a_manager = outage::manager(
@@ -581,26 +569,13 @@ mod outage {
 /// The LISTEN/NOTIFY outage: B's listener connection goes through the proxy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_notify_outage_is_bounded_by_degraded_mode() {
-    use sqlx::postgres::PgConnectOptions;
-    use std::net::ToSocketAddrs;
-
     let Some(schema) = common::db::pg_schema("fleet_pg_outage").await else {
         return;
     };
     let channel = common::db::unique("fleet_pg_outage");
     let (a, b) = (instance(&schema).await, instance(&schema).await);
-    let options: PgConnectOptions = schema.url.parse().unwrap();
-    let target = (options.get_host(), options.get_port())
-        .to_socket_addrs()
-        .unwrap()
-        .next()
-        .unwrap();
-    let proxy = common::db::Proxy::start(target).await;
     // B's store (its pool, its schema) through the proxy: the revocation log is the schema's.
-    let through_proxy = PostgresStore::builder()
-        .schema(&schema.schema)
-        .unwrap()
-        .connect_lazy_with(options.host("127.0.0.1").port(proxy.port()));
+    let (proxy, through_proxy) = common::db::pg_through_proxy(&schema).await;
     let b_subscription = PgInvalidator::from_store(&through_proxy)
         .with_channel(&channel)
         .unwrap()

@@ -298,8 +298,6 @@ async fn postgres_restart_through_a_proxy() {
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_stopped() {
-    use redis::{ConnectionAddr, IntoConnectionInfo};
-
     let _fleet = ONE_FLEET_AT_A_TIME.lock().await;
     let Some(redis_url) = common::db::redis_url("receipt_redis_down").await else {
         return;
@@ -307,17 +305,7 @@ async fn redis_stopped() {
     let Some(schema) = common::db::pg_schema("receipt_redis_down").await else {
         return;
     };
-    let info = redis_url.as_str().into_connection_info().unwrap();
-    let ConnectionAddr::Tcp(host, port) = info.addr().clone() else {
-        panic!("TEST_REDIS_URL is not a TCP address");
-    };
-    let target = (host.as_str(), port)
-        .to_socket_addrs()
-        .unwrap()
-        .next()
-        .unwrap();
-    let proxy = common::db::Proxy::start(target).await;
-    let redis = through(&redis_url, proxy.port());
+    let (proxy, redis) = common::db::redis_through_proxy(&redis_url).await;
     let url = schema.url.as_str();
     let fleet = Fleet::start(
         "receipt_redis_down",

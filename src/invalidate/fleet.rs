@@ -4,7 +4,9 @@
 //!
 //! Wire forms (JSON, one message per `NOTIFY` / `PUBLISH`):
 //! - on the invalidation channel, `{"seq":N,"key_id":…,"digests":[…]}` (an [`Invalidation`] with
-//!   its sequence number; an older reader ignores `seq`);
+//!   its sequence number; an older reader ignores `seq`), and `{"seq":N,"format":"reload"}` (the
+//!   keyed format's secrets changed in the store: reload them; an older reader, which cannot read
+//!   it, clears its cache);
 //! - on the fleet channel (the invalidation channel's name + `_fleet`), heartbeats
 //!   `{"beat":"<instance>","at":<unix ns>,"head":N,"applied":M}` and acknowledgements
 //!   `{"ack":"<instance>","seq":N}`. Keeping them apart lets instances of an earlier version, which
@@ -50,6 +52,9 @@ pub(crate) enum Message {
         seq: Option<u64>,
         invalidation: Invalidation,
     },
+    /// The keyed format's secrets changed in the store: reload them
+    /// ([`CachedResolver::reload_format`](crate::resolver::CachedResolver::reload_format)).
+    Format { seq: Option<u64> },
     /// A heartbeat: `instance` is alive, sent at `at` (its own clock, Unix nanoseconds), saw the
     /// log up to `head` and has applied everything up to `applied`.
     Beat {
@@ -83,6 +88,8 @@ impl Message {
             applied: u64,
             #[serde(default)]
             seq: Option<u64>,
+            #[serde(default)]
+            format: Option<String>,
         }
         let fleet: Fleet = serde_json::from_str(text).ok()?;
         match (fleet.beat, fleet.ack) {
@@ -97,6 +104,7 @@ impl Message {
                 instance,
                 seq: fleet.seq?,
             }),
+            (None, None) if fleet.format.is_some() => Some(Self::Format { seq: fleet.seq }),
             (None, None) => Some(Self::Invalidate {
                 seq: fleet.seq,
                 invalidation: Invalidation::from_json(text)?,
@@ -105,11 +113,11 @@ impl Message {
         }
     }
 
-    /// The wire form of a sequenced invalidation (PostgreSQL's; Redis's script writes its own).
+    /// The wire form of a sequenced message from its unsequenced `payload` (an invalidation's or
+    /// [`FORMAT_PAYLOAD`]; PostgreSQL's: Redis's script writes its own).
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
-    pub(crate) fn invalidation(seq: u64, invalidation: &Invalidation) -> String {
-        let mut value: serde_json::Value =
-            serde_json::from_str(&invalidation.to_json()).expect("our own JSON");
+    pub(crate) fn sequenced(seq: u64, payload: &str) -> String {
+        let mut value: serde_json::Value = serde_json::from_str(payload).expect("our own JSON");
         value["seq"] = seq.into();
         value.to_string()
     }
@@ -130,6 +138,58 @@ impl Message {
         serde_json::json!({ "ack": instance, "seq": seq }).to_string()
     }
 }
+
+#[cfg(any(feature = "postgres", feature = "redis"))]
+/// What the log and the channel carry (with its `seq` on the channel) for a change of the keyed
+/// format's secrets.
+pub(crate) const FORMAT_PAYLOAD: &str = r#"{"format":"reload"}"#;
+
+#[cfg(any(feature = "postgres", feature = "redis"))]
+/// The [`Invalidator`](super::Invalidator) of a broadcaster with a revocation log (`PgInvalidator`,
+/// `RedisInvalidator`): every message goes through its `publish_payload`, which sequences it and
+/// returns the roster of that moment, and its `fleet.board` collects the acknowledgements.
+macro_rules! sequenced_invalidator {
+    ($broadcaster:ty) => {
+        #[async_trait::async_trait]
+        impl $crate::invalidate::Invalidator for $broadcaster {
+            async fn publish(
+                &self,
+                invalidation: &$crate::invalidate::Invalidation,
+            ) -> Result<(), $crate::store::StoreError> {
+                self.publish_payload(&invalidation.to_json())
+                    .await
+                    .map(|_| ())
+            }
+
+            async fn publish_sequenced(
+                &self,
+                invalidation: &$crate::invalidate::Invalidation,
+            ) -> Result<Option<$crate::invalidate::Sequenced>, $crate::store::StoreError> {
+                self.publish_payload(&invalidation.to_json())
+                    .await
+                    .map(Some)
+            }
+
+            async fn publish_format_change(
+                &self,
+            ) -> Result<Option<$crate::invalidate::Sequenced>, $crate::store::StoreError> {
+                self.publish_payload($crate::invalidate::fleet::FORMAT_PAYLOAD)
+                    .await
+                    .map(Some)
+            }
+
+            async fn receipt(
+                &self,
+                published: &$crate::invalidate::Sequenced,
+                deadline: std::time::Duration,
+            ) -> $crate::invalidate::Receipt {
+                self.fleet.board.wait(published, deadline).await
+            }
+        }
+    };
+}
+#[cfg(any(feature = "postgres", feature = "redis"))]
+pub(super) use sequenced_invalidator;
 
 #[cfg(any(feature = "postgres", feature = "redis"))]
 /// The fleet settings an invalidator gives each of its subscriptions, and the board they share.
@@ -445,7 +505,7 @@ mod tests {
             key_id: KeyId::new("key_1"),
             digests: vec![KeyDigest::of("a")],
         };
-        let text = Message::invalidation(7, &invalidation);
+        let text = Message::sequenced(7, &invalidation.to_json());
         assert_eq!(
             Message::parse(&text),
             Some(Message::Invalidate {
@@ -462,6 +522,16 @@ mod tests {
                 invalidation
             })
         );
+        assert_eq!(
+            Message::parse(&Message::sequenced(8, FORMAT_PAYLOAD)),
+            Some(Message::Format { seq: Some(8) })
+        );
+        assert_eq!(
+            Message::parse(FORMAT_PAYLOAD),
+            Some(Message::Format { seq: None })
+        );
+        // What an earlier version reads: nothing (it clears its cache).
+        assert_eq!(Invalidation::from_json(FORMAT_PAYLOAD), None);
         let beat = format!("{},\"head\":9}}", Message::beat_prefix("a-1", 77, 5, 8));
         assert_eq!(
             Message::parse(&beat),

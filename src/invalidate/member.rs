@@ -10,7 +10,6 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::Invalidation;
 use super::fleet::{FleetParams, Message};
 use super::subscription::{Backend, Backoff, Beat, Subscription, SubscriptionStatus};
 use crate::clock::now_unix_nanos;
@@ -133,11 +132,16 @@ impl<B: Backend> Local<'_, B> {
             // The log was reset (its tables recreated): start again from its head.
             self.resolver().invalidate_all();
             self.applied = tail.head;
+            reload_format(self.resolver()).await;
             return Ok(());
         }
         if tail.complete {
+            let mut format = false;
             for (_, text) in &tail.entries {
-                apply(Invalidation::from_json(text), self.resolver(), self.channel);
+                format |= apply(Message::parse(text), self.resolver(), self.channel);
+            }
+            if format {
+                reload_format(self.resolver()).await;
             }
             if !tail.entries.is_empty() {
                 tracing::info!(
@@ -154,6 +158,7 @@ impl<B: Backend> Local<'_, B> {
                 applied = self.applied,
                 "the revocation log no longer reaches back to the last applied invalidation; cleared the key cache"
             );
+            reload_format(self.resolver()).await;
         }
         self.applied = self.applied.max(tail.head);
         Ok(())
@@ -181,14 +186,15 @@ impl<B: Backend> Local<'_, B> {
         self.call(self.backend.beat(connection, &beat)).await
     }
 
-    /// The first connection starts from the log's head with an empty cache; a later one catches up
-    /// from the log.
+    /// The first connection starts from the log's head with an empty cache and the key format
+    /// read again (a change may have come before it); a later one catches up from the log.
     async fn start(&mut self, connection: &mut B::Connection) -> Result<(), Ended<B::Error>> {
         if self.caught_up_before {
             self.catch_up(connection).await?;
         } else {
             let tail = self.call(self.backend.log_after(connection, None)).await?;
             self.resolver().invalidate_all();
+            reload_format(self.resolver()).await;
             self.applied = tail.head;
             self.caught_up_before = true;
         }
@@ -236,6 +242,15 @@ impl<B: Backend> Local<'_, B> {
                         None => Ok(()),
                     }
                 }
+                Some(Some(Message::Format { seq })) => {
+                    // Swapped (or, if the store cannot be read, refusing every key) before the
+                    // acknowledgement.
+                    reload_format(self.resolver()).await;
+                    match seq {
+                        Some(seq) => self.invalidated(connection, seq).await,
+                        None => Ok(()),
+                    }
+                }
                 Some(Some(Message::Beat {
                     instance,
                     token,
@@ -278,6 +293,7 @@ impl<B: Backend> Local<'_, B> {
                 }
                 Some(None) | None => {
                     apply(None, self.resolver(), self.channel);
+                    reload_format(self.resolver()).await;
                     Ok(())
                 }
             };
@@ -397,17 +413,32 @@ async fn run<B: Backend>(
     }
 }
 
-fn apply(invalidation: Option<Invalidation>, resolver: &CachedResolver, channel: &str) {
-    match invalidation {
-        Some(invalidation) => invalidation.apply(resolver),
-        None => {
+/// Applies one entry of the revocation log (or an unreadable message); `true` when the key format
+/// must be read again (a format change, or something unreadable that may have been one).
+fn apply(message: Option<Message>, resolver: &CachedResolver, channel: &str) -> bool {
+    match message {
+        Some(Message::Invalidate { invalidation, .. }) => {
+            invalidation.apply(resolver);
+            false
+        }
+        Some(Message::Format { .. }) => true,
+        _ => {
             // Unreadable (another version, another user of the channel): be safe, forget everything.
             resolver.invalidate_all();
             tracing::warn!(
                 channel,
                 "unreadable API key invalidation message; cleared the key cache"
             );
+            true
         }
+    }
+}
+
+/// Reads the key format again ([`CachedResolver::reload_format`]: it logs a failure, and then
+/// refuses every key until a reload succeeds).
+async fn reload_format(resolver: &CachedResolver) {
+    if let Err(error) = resolver.reload_format().await {
+        tracing::debug!(%error, "reloading the API key format failed");
     }
 }
 
@@ -524,5 +555,49 @@ mod tests {
         drop(attempts);
         subscription.shutdown().await;
         assert!(!resolver.is_degraded());
+    }
+
+    /// A format change is applied before it is acknowledged: the resolver's format is read again
+    /// from the store.
+    #[tokio::test]
+    async fn a_format_change_is_reloaded_before_it_is_acknowledged() {
+        use crate::invalidate::fleet::FORMAT_PAYLOAD;
+        let store = Arc::new(crate::store::MemoryStore::new());
+        let format = crate::key::KeyFormat::keyed("sk")
+            .load_secret_from(&*store)
+            .await
+            .unwrap();
+        let resolver = CachedResolver::builder(store.clone())
+            .format(format)
+            .build();
+        let (attempts, script) = mpsc::unbounded_channel();
+        let backend = Scripted {
+            attempts: tokio::sync::Mutex::new(script),
+            connects: AtomicUsize::new(0),
+        };
+        let fleet = params();
+        let board = fleet.board.clone();
+        let backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(2));
+        let subscription = spawn(backend, "test".into(), resolver.clone(), backoff, fleet);
+        let (messages, connection) = mpsc::unbounded_channel();
+        attempts.send(Some(connection)).unwrap();
+        subscription.wait_connected().await;
+        let secret = crate::key::FormatSecret::generate();
+        let now = time::OffsetDateTime::now_utc();
+        crate::store::KeyStore::add_format_secret(&*store, &secret, now)
+            .await
+            .unwrap();
+        messages
+            .send(Message::sequenced(1, FORMAT_PAYLOAD))
+            .unwrap();
+        let published = crate::invalidate::Sequenced {
+            sequence: 1,
+            live: vec!["test".into()],
+            published_at: Instant::now(),
+        };
+        let receipt = board.wait(&published, Duration::from_secs(5)).await;
+        assert!(receipt.is_complete(), "{receipt:?}");
+        assert_eq!(resolver.format().accepted_versions(), [1, 2]);
+        subscription.shutdown().await;
     }
 }

@@ -1,8 +1,9 @@
 //! Telling every instance of a service that a key changed, and knowing that they all heard.
 //!
 //! Key management calls [`Invalidator::publish_sequenced`] after every revoke, delete and rotation
-//! (and the other changes that end a key); the local [`CachedResolver`] is invalidated directly
-//! before that. Broadcasting implementations ([`PgInvalidator`], [`RedisInvalidator`]) deliver the
+//! (and the other changes that end a key), and [`Invalidator::publish_format_change`] after a
+//! change of the keyed format's secrets; the local [`CachedResolver`] is invalidated (or its format
+//! swapped) directly before that. Broadcasting implementations ([`PgInvalidator`], [`RedisInvalidator`]) deliver the
 //! [`Invalidation`] to every other instance, whose subscriber calls [`Invalidation::apply`] on its
 //! own resolver.
 //!
@@ -15,8 +16,9 @@
 //! subscription):
 //!
 //! - **A roster.** Each subscription beats (default every 250 ms, `heartbeat`): it writes its id,
-//!   start time and last applied sequence number to the roster (a table in PostgreSQL, a sorted set
-//!   in Redis) and sends a heartbeat on the fleet channel (the channel's name + `_fleet`). An
+//!   start time and last applied sequence number to the roster (a table in PostgreSQL; in Redis a
+//!   sorted set of last beats and a hash of start times, the applied sequence travelling in the
+//!   heartbeat) and sends a heartbeat on the fleet channel (the channel's name + `_fleet`). An
 //!   instance that has not beaten for `roster_ttl` (default 3 s) is no longer live. Ids default to
 //!   `<pid>-<random>`; name them with `instance_name` (unique per instance).
 //! - **Sequenced invalidations.** Publishing takes the next sequence number from the shared store
@@ -73,8 +75,36 @@
 //! [`ACKNOWLEDGEMENT_SECONDS`](crate::metrics::ACKNOWLEDGEMENT_SECONDS) (a histogram),
 //! [`LAGGARDS_TOTAL`](crate::metrics::LAGGARDS_TOTAL) (label `instance`).
 //!
-//! Not (yet) on this path: adding or retiring a keyed-format secret still reaches an instance only
-//! when it restarts.
+//! # Key format changes
+//!
+//! Adding or retiring a keyed-format secret, or changing the legacy setting, goes through the same
+//! path ([`KeyManager::add_format_secret`](crate::manage::KeyManager::add_format_secret),
+//! [`retire_format_secret`](crate::manage::KeyManager::retire_format_secret),
+//! [`set_legacy_keys`](crate::manage::KeyManager::set_legacy_keys); a Rust API, not exposed over
+//! HTTP): the manager writes the store, swaps its own resolver's format, publishes a sequenced
+//! format change (`{"seq":N,"format":"reload"}`, kept in the revocation log like an invalidation)
+//! and waits for the same acknowledgements, returning the same [`Receipt`]. Each instance that
+//! receives it, catches up over it from the log, or cannot know whether it missed one (its first
+//! connection, a log that no longer reaches back, an unreadable message) rebuilds its format from
+//! the store's current secrets ([`CachedResolver::reload_format`], with the settings it was built
+//! with) and swaps it in *before* it acknowledges. So:
+//!
+//! 1. **Once such a change has answered with every live instance acknowledged, no instance in that
+//!    roster admits a key tagged by a retired version, not even once, and every one admits keys
+//!    tagged by an added one.**
+//! 2. **An instance that cannot read the store** when the change reaches it (the reload is given at
+//!    most half the bound) fails closed: it acknowledges, refuses every key with 503
+//!    `AUTH_UNAVAILABLE` (keys of a version it has not loaded are refused as unknown, 401), and
+//!    retries the reload by itself until it succeeds.
+//! 3. **Any other instance** trusts its format, in degraded mode, for the bound after it read it,
+//!    as it trusts a cached answer: past that it reads the format again before it admits a key
+//!    (a request checked against a format that turns out to have changed gets 503). So it stops
+//!    admitting a retired version's keys at most the bound after the change answered.
+//!
+//! A single instance without a broadcaster ([`NoBroadcast`]) swaps its own format at once; other
+//! instances sharing its store without a broadcaster keep theirs until they restart. Instances of
+//! an earlier version cannot read the format message: they clear their cache and keep their
+//! format until they restart. `tests/fleet_format.rs` holds these over LISTEN/NOTIFY and Redis.
 
 mod fleet;
 #[cfg(feature = "postgres")]
@@ -201,6 +231,15 @@ pub trait Invalidator: Send + Sync + 'static {
         invalidation: &Invalidation,
     ) -> Result<Option<Sequenced>, StoreError> {
         self.publish(invalidation).await.map(|()| None)
+    }
+
+    /// Broadcasts, sequenced like an invalidation, that the keyed format's secrets changed in the
+    /// store (a secret added or retired, the legacy setting changed): every instance reloads its
+    /// format ([`CachedResolver::reload_format`]) before it acknowledges. `None` from an
+    /// invalidator without a roster. The default broadcasts nothing: other instances keep the
+    /// format they have until they restart.
+    async fn publish_format_change(&self) -> Result<Option<Sequenced>, StoreError> {
+        Ok(None)
     }
 
     /// Waits until every instance of `published.live` has applied `published.sequence`, at most

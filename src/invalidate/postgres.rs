@@ -42,10 +42,12 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 
+#[cfg(doc)]
+use super::Invalidation;
+use super::Sequenced;
 use super::fleet::{FleetConfig, Message, fleet_channel};
 use super::member;
 use super::subscription::{Backend, Backoff, Beat, LogTail, Subscription};
-use super::{Invalidation, Invalidator, Receipt, Sequenced};
 use crate::resolver::CachedResolver;
 use crate::store::StoreError;
 use crate::store::postgres::{InvalidIdentifier, PostgresStore, check_identifier};
@@ -188,18 +190,13 @@ impl PgInvalidator {
     }
 }
 
-#[async_trait::async_trait]
-impl Invalidator for PgInvalidator {
-    async fn publish(&self, invalidation: &Invalidation) -> Result<(), StoreError> {
-        self.publish_sequenced(invalidation).await.map(|_| ())
-    }
+super::fleet::sequenced_invalidator!(PgInvalidator);
 
-    /// In one transaction, under a lock that keeps sequence numbers in commit order: the next
-    /// sequence number, the log row, the `NOTIFY`, and the roster's live instances.
-    async fn publish_sequenced(
-        &self,
-        invalidation: &Invalidation,
-    ) -> Result<Option<Sequenced>, StoreError> {
+impl PgInvalidator {
+    /// Publishes one message of the revocation log (`payload`: its unsequenced wire form): in one
+    /// transaction, under a lock that keeps sequence numbers in commit order, the next sequence
+    /// number, the log row, the `NOTIFY`, and the roster's live instances.
+    async fn publish_payload(&self, payload: &str) -> Result<Sequenced, StoreError> {
         self.ensure_tables().await?;
         let mut tx = self.pool.begin().await.map_err(map_sqlx_error)?;
         let channel = &*self.channel;
@@ -222,14 +219,14 @@ impl Invalidator for PgInvalidator {
         ))
         .bind(channel)
         .bind(seq)
-        .bind(invalidation.to_json())
+        .bind(payload)
         .execute(&mut *tx)
         .await
         .map_err(map_sqlx_error)?;
         let sequence = u64::try_from(seq).unwrap_or_default();
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(channel)
-            .bind(Message::invalidation(sequence, invalidation))
+            .bind(Message::sequenced(sequence, payload))
             .execute(&mut *tx)
             .await
             .map_err(map_sqlx_error)?;
@@ -268,15 +265,11 @@ impl Invalidator for PgInvalidator {
         .await
         .map_err(map_sqlx_error)?;
         tx.commit().await.map_err(map_sqlx_error)?;
-        Ok(Some(Sequenced {
+        Ok(Sequenced {
             sequence,
             live,
             published_at: tokio::time::Instant::now(),
-        }))
-    }
-
-    async fn receipt(&self, published: &Sequenced, deadline: Duration) -> Receipt {
-        self.fleet.board.wait(published, deadline).await
+        })
     }
 }
 

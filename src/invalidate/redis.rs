@@ -42,10 +42,12 @@ use futures_util::StreamExt;
 use futures_util::future::{self, Either};
 use tokio::time::{Instant, timeout};
 
+#[cfg(doc)]
+use super::Invalidation;
+use super::Sequenced;
 use super::fleet::{FleetConfig, fleet_channel};
 use super::member;
 use super::subscription::{Backend, Backoff, Beat, LogTail, Subscription};
-use super::{Invalidation, Invalidator, Receipt, Sequenced};
 use crate::resolver::CachedResolver;
 use crate::store::{StoreError, StoreErrorKind};
 
@@ -184,19 +186,13 @@ impl RedisInvalidator {
     }
 }
 
-#[async_trait::async_trait]
-impl Invalidator for RedisInvalidator {
-    async fn publish(&self, invalidation: &Invalidation) -> Result<(), StoreError> {
-        self.publish_sequenced(invalidation).await.map(|_| ())
-    }
+super::fleet::sequenced_invalidator!(RedisInvalidator);
 
-    /// One script (atomic, so sequence numbers are published in order): the next sequence number,
-    /// the log entry, the `PUBLISH`, and the roster's live instances.
-    async fn publish_sequenced(
-        &self,
-        invalidation: &Invalidation,
-    ) -> Result<Option<Sequenced>, StoreError> {
-        let payload = invalidation.to_json();
+impl RedisInvalidator {
+    /// Publishes one message of the revocation log (`payload`: its unsequenced wire form): one
+    /// script (atomic, so sequence numbers are published in order), the next sequence number, the
+    /// log entry, the `PUBLISH`, and the roster's live instances.
+    async fn publish_payload(&self, payload: &str) -> Result<Sequenced, StoreError> {
         let keys = Keys::of(&self.channel);
         let mut last = None;
         // A connection that broke since the last publish is replaced once.
@@ -209,7 +205,7 @@ impl Invalidator for RedisInvalidator {
                     .key(&keys.log)
                     .key(&keys.roster)
                     .arg(&*self.channel)
-                    .arg(&payload)
+                    .arg(payload)
                     .arg(millis(self.fleet.roster_ttl))
                     .arg(LOG_ENTRIES)
                     .invoke_async::<(u64, Vec<String>)>(&mut conn),
@@ -218,11 +214,11 @@ impl Invalidator for RedisInvalidator {
             match sent {
                 Ok(Ok((sequence, mut live))) => {
                     live.sort();
-                    return Ok(Some(Sequenced {
+                    return Ok(Sequenced {
                         sequence,
                         live,
                         published_at: Instant::now(),
-                    }));
+                    });
                 }
                 Ok(Err(error)) => {
                     let retry = error.is_io_error() || error.is_connection_dropped();
@@ -241,17 +237,16 @@ impl Invalidator for RedisInvalidator {
         }
         Err(last.unwrap_or_else(|| StoreError::from_kind(StoreErrorKind::Unavailable)))
     }
-
-    async fn receipt(&self, published: &Sequenced, deadline: Duration) -> Receipt {
-        self.fleet.board.wait(published, deadline).await
-    }
 }
 
-/// The keys of a channel's fleet state (one hash tag: one cluster slot).
+/// The keys of a channel's fleet state (one hash tag: one cluster slot): the sequence number, the
+/// revocation log, the roster (instance → last beat, a sorted set) and each instance's start time
+/// (instance → Unix seconds, a hash pruned with the roster).
 struct Keys {
     seq: String,
     log: String,
     roster: String,
+    started: String,
 }
 
 impl Keys {
@@ -260,6 +255,7 @@ impl Keys {
             seq: format!("{{{channel}}}:seq"),
             log: format!("{{{channel}}}:log"),
             roster: format!("{{{channel}}}:roster"),
+            started: format!("{{{channel}}}:started"),
         }
     }
 }
@@ -287,14 +283,21 @@ return {seq, redis.call('ZRANGEBYSCORE', KEYS[3], now - tonumber(ARGV[3]), '+inf
     )
 });
 
-/// KEYS: seq, roster. ARGV: fleet channel, heartbeat prefix, instance. Returns the head.
+/// KEYS: seq, roster, started. ARGV: fleet channel, heartbeat prefix, instance, its start time
+/// (Unix seconds). Returns the head. Instances silent for 10 minutes leave the roster and the start
+/// times.
 static BEAT: std::sync::LazyLock<::redis::Script> = std::sync::LazyLock::new(|| {
     ::redis::Script::new(
         r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - 600000, 'LIMIT', 0, 100)
+for _, instance in ipairs(gone) do
+  redis.call('ZREM', KEYS[2], instance)
+  redis.call('HDEL', KEYS[3], instance)
+end
 redis.call('ZADD', KEYS[2], now, ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 600000)
+redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
 local head = redis.call('GET', KEYS[1]) or '0'
 redis.call('PUBLISH', ARGV[1], ARGV[2] .. ',"head":' .. head .. '}')
 return tonumber(head)
@@ -405,9 +408,11 @@ impl Backend for RedisBackend {
     async fn beat(&self, connection: &mut RedisConnection, beat: &Beat<'_>) -> Result<(), Lost> {
         BEAT.key(&self.keys.seq)
             .key(&self.keys.roster)
+            .key(&self.keys.started)
             .arg(&*self.fleet_channel)
             .arg(&beat.prefix)
             .arg(beat.instance)
+            .arg(beat.started_at)
             .invoke_async::<u64>(&mut connection.commands)
             .await
             .map(|_| ())
@@ -463,6 +468,7 @@ impl Backend for RedisBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::invalidate::{Invalidation, Invalidator};
 
     #[test]
     fn configuration() {

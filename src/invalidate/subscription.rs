@@ -137,9 +137,8 @@ pub(crate) struct LogTail {
 /// One heartbeat, as the backend writes it to the roster and sends it on the fleet channel.
 pub(crate) struct Beat<'a> {
     pub(crate) instance: &'a str,
-    /// When this instance started (Unix seconds): a column of the PostgreSQL roster; the Redis
-    /// roster keeps each instance's last beat only (its applied sequence travels in the prefix).
-    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    /// When this instance started (Unix seconds): a column of the PostgreSQL roster, a hash beside
+    /// the Redis roster (whose applied sequence travels in the prefix).
     pub(crate) started_at: i64,
     /// The message without its `head` ([`Message::beat_prefix`]).
     pub(crate) prefix: String,

@@ -85,6 +85,13 @@ impl KeyFormat {
         }
     }
 
+    /// The builder a format loaded from a key store was made with, before the store's secrets
+    /// were added (`None`: not loaded from a store); what
+    /// [`reload_from`](Self::reload_from) rebuilds it from.
+    pub(crate) fn recipe(&self) -> Option<&KeyedFormatBuilder> {
+        self.keyed.as_ref()?.recipe()
+    }
+
     /// The prefix, without the trailing `_`.
     pub fn prefix(&self) -> &str {
         &self.prefix

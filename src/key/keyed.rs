@@ -110,9 +110,18 @@ pub(crate) struct Keyed {
     accepted: Vec<Accepted>,
     minting: u8,
     legacy: bool,
+    /// For a format loaded from a key store: the builder as it was given (prefix, its own secrets
+    /// and retirements, pinned minting version, legacy setting), before the store's secrets were
+    /// added; what [`KeyFormat::reload_from`] rebuilds it from.
+    recipe: Option<KeyedFormatBuilder>,
 }
 
 impl Keyed {
+    /// The builder this format was loaded from a store with (`None`: not loaded from a store).
+    pub(crate) fn recipe(&self) -> Option<&KeyedFormatBuilder> {
+        self.recipe.as_ref()
+    }
+
     pub(crate) fn minting(&self) -> u8 {
         self.minting
     }
@@ -198,6 +207,7 @@ impl fmt::Debug for Keyed {
 /// assert!(without_v1.check(key.expose_secret()).is_err());
 /// ```
 #[must_use]
+#[derive(Clone)]
 pub struct KeyedFormatBuilder {
     prefix: String,
     secrets: Vec<(u8, FormatSecret)>,
@@ -262,7 +272,7 @@ impl KeyedFormatBuilder {
     /// unless [`accept_legacy`](Self::accept_legacy) says otherwise.
     pub fn build(self) -> Result<KeyFormat, KeyFormatConfigError> {
         let legacy = self.legacy.unwrap_or(false);
-        self.finish(legacy)
+        self.finish(legacy, None)
     }
 
     /// Whether the prefix is valid (checked before a store is asked for secrets).
@@ -282,6 +292,7 @@ impl KeyedFormatBuilder {
         stored: impl IntoIterator<Item = (u8, FormatSecret, bool)>,
         stored_legacy: bool,
     ) -> Result<KeyFormat, KeyFormatConfigError> {
+        let recipe = self.clone();
         for (version, secret, retired) in stored {
             if retired {
                 self.retired.insert(version);
@@ -289,10 +300,14 @@ impl KeyedFormatBuilder {
             self.secrets.push((version, secret));
         }
         let legacy = self.legacy.unwrap_or(stored_legacy);
-        self.finish(legacy)
+        self.finish(legacy, Some(recipe))
     }
 
-    fn finish(self, legacy: bool) -> Result<KeyFormat, KeyFormatConfigError> {
+    fn finish(
+        self,
+        legacy: bool,
+        recipe: Option<KeyedFormatBuilder>,
+    ) -> Result<KeyFormat, KeyFormatConfigError> {
         if !is_valid_prefix(&self.prefix) {
             return Err(InvalidPrefix(self.prefix).into());
         }
@@ -330,6 +345,7 @@ impl KeyedFormatBuilder {
                 accepted,
                 minting,
                 legacy,
+                recipe,
             },
         ))
     }

@@ -293,11 +293,6 @@ impl KeyManager {
                 }
             }
         }
-        let (Some(published), Some(deadline)) = (last, self.acknowledgement) else {
-            return Receipt::default();
-        };
-        let receipt = self.invalidator.receipt(&published, deadline).await;
-        crate::invalidate::report(&receipt);
-        receipt
+        self.receipt_for(last).await
     }
 }

@@ -64,6 +64,7 @@ mod authorize;
 #[cfg(feature = "console")]
 pub mod console;
 mod create;
+mod format;
 mod limits;
 mod manager;
 mod overview;
@@ -80,6 +81,7 @@ pub use router::{openapi, router};
 
 pub use activity::{EventFilter, EventPage, Granularity, MAX_USAGE_SPAN};
 pub use authorize::{KeyFacts, Operation, OperationKind, Target, authorize};
+pub use format::FormatChangeError;
 pub use manager::KeyManager;
 pub use policy::KeyPolicy;
 pub use types::{CreateKey, CreatedKey, KeyInfo, KeyPage, RevokeReason, RotateOptions, UpdateKey};

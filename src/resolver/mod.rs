@@ -86,6 +86,12 @@
 //!     With 6, once an invalidation has been applied, no request is admitted on anything read
 //!     before it: what a fleet's acknowledgement promises (`tests/resolver_race.rs`:
 //!     `a_lookup_overtaken_by_an_invalidation_does_not_fill_the_cache`).
+//! 13. **The key format follows the store**: [`format`](CachedResolver::format) is one atomic load;
+//!     once [`reload_format`](CachedResolver::reload_format) has returned, every key is checked
+//!     against the store's current secrets (a lookup the swap overtook is answered 503), or, if the
+//!     store could not be read, every key is refused (503) until a reload succeeds. In degraded
+//!     mode the format, like a cached answer, is trusted for the degraded lifetime after its store
+//!     read, then read again (`format.rs`; its unit tests; `tests/fleet_format.rs`).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -108,8 +114,11 @@ use crate::throttle::Throttle;
 use crate::usage::{UsageMark, Used};
 
 mod cache;
+mod format;
 mod front;
 mod intern;
+
+pub use format::CurrentFormat;
 
 /// A key as the cache holds it: the ready-made principal and what must be checked per request.
 pub(crate) struct ResolvedKey {
@@ -319,7 +328,8 @@ fn is_shed(error: &StoreError) -> bool {
 
 struct Inner {
     store: Arc<dyn KeyStore>,
-    format: KeyFormat,
+    /// The format presented keys are checked against; swapped when the store's secrets change.
+    format: format::FormatSlot,
     cache: cache::Cache,
     /// Owner, account and scope-set values shared by the cached principals.
     shared: intern::Interner,
@@ -356,6 +366,9 @@ impl Inner {
     /// The oldest store read still trusted at `now`: `i64::MIN` normally; in degraded mode (a
     /// subscription down, or the fleet not heard within the bound), `now` minus the degraded
     /// lifetime.
+    ///
+    /// `i64::MAX` (nothing cached may be served) when, in degraded mode, the key format itself is
+    /// older than that (or down): it must be read again first (`format.rs`).
     #[inline]
     fn floor(&self, now: i64) -> i64 {
         if self.degraded.load(Ordering::Acquire) == 0
@@ -363,7 +376,17 @@ impl Inner {
         {
             i64::MIN
         } else {
-            now.saturating_sub(self.degraded_time_to_live)
+            self.degraded_floor(now)
+        }
+    }
+
+    #[cold]
+    fn degraded_floor(&self, now: i64) -> i64 {
+        let floor = now.saturating_sub(self.degraded_time_to_live);
+        if self.format.trusted_after(floor) {
+            floor
+        } else {
+            i64::MAX
         }
     }
 }
@@ -381,7 +404,7 @@ pub struct CachedResolver {
 impl fmt::Debug for CachedResolver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CachedResolver")
-            .field("format", &self.inner.format)
+            .field("format", &self.format())
             .field("lookup_timeout", &self.inner.lookup_timeout)
             .field("degraded", &self.is_degraded())
             .finish_non_exhaustive()
@@ -483,7 +506,7 @@ impl CachedResolverBuilder {
         CachedResolver {
             inner: Arc::new(Inner {
                 store: self.store,
-                format: self.format,
+                format: format::FormatSlot::new(self.format),
                 cache: cache::Cache::new(self.max_capacity, self.negative_time_to_live),
                 shared: intern::Interner::default(),
                 in_flight: Mutex::default(),
@@ -541,11 +564,6 @@ impl CachedResolver {
             serve_stale: false,
             front: true,
         }
-    }
-
-    /// The key format this resolver accepts.
-    pub fn format(&self) -> &KeyFormat {
-        &self.inner.format
     }
 
     /// The store behind the cache.
@@ -643,8 +661,21 @@ impl CachedResolver {
     /// has been applied no request is admitted on an answer read before it.
     pub(crate) async fn resolve(&self, digest: &KeyDigest) -> Result<CacheEntry, StoreError> {
         for _ in 0..OVERTAKEN_RETRIES {
-            let now = now_unix_nanos();
-            let floor = self.inner.floor(now);
+            let mut now = now_unix_nanos();
+            let mut floor = self.inner.floor(now);
+            if floor == i64::MAX {
+                // Degraded, and the key format is older than the bound: read it again first.
+                match self.refresh_format().await {
+                    Ok(()) => {}
+                    Err(error) if self.inner.serve_stale && !self.inner.format.is_down() => {
+                        return self.cached(digest, now, i64::MIN).ok_or(error);
+                    }
+                    Err(error) => return Err(error),
+                }
+                now = now_unix_nanos();
+                floor = now.saturating_sub(self.inner.degraded_time_to_live);
+            }
+            let generation = self.inner.format.generation();
             if let Some(entry) = self.cached(digest, now, floor) {
                 return Ok(entry);
             }
@@ -671,6 +702,8 @@ impl CachedResolver {
             if overtaken.load(Ordering::Acquire) {
                 continue;
             }
+            // The key was checked against a format that a swap has replaced since.
+            self.unchanged_since(generation)?;
             return match result {
                 Err(error) if self.inner.serve_stale && !is_shed(&error) => {
                     // Degraded, and the store is out of reach: the application chose stale answers.

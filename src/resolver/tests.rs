@@ -57,7 +57,7 @@ fn check_agrees_with_calendar_time() {
     }
 }
 
-fn record(format: &KeyFormat, revoked: bool) -> (crate::key::ApiKey, KeyRecord) {
+pub(super) fn record(format: &KeyFormat, revoked: bool) -> (crate::key::ApiKey, KeyRecord) {
     let key = format.generate();
     let now = OffsetDateTime::now_utc();
     let record = KeyRecord {
@@ -91,7 +91,10 @@ fn block_on<F: Future>(future: F) -> F::Output {
 }
 
 /// What the hot path answers for `digest` on this thread: `None` when nothing is cached.
-fn hot(resolver: &CachedResolver, digest: &KeyDigest) -> Option<Result<KeyId, AuthError>> {
+pub(super) fn hot(
+    resolver: &CachedResolver,
+    digest: &KeyDigest,
+) -> Option<Result<KeyId, AuthError>> {
     resolver.admit_cached(
         digest,
         now_unix_nanos(),

@@ -33,11 +33,52 @@ impl KeyedFormatBuilder {
         let stored = store
             .format_secrets(&FormatSecret::generate(), OffsetDateTime::now_utc())
             .await?;
+        Ok(self.build_with(stored)?)
+    }
+
+    /// The format with `stored` (what a store answered) added to the secrets given here.
+    fn build_with(self, stored: FormatSecrets) -> Result<KeyFormat, KeyFormatConfigError> {
         let rows = stored
             .secrets
             .into_iter()
             .map(|row| (row.version, row.secret, row.retired_at.is_some()));
-        Ok(self.build_with_stored(rows, stored.legacy_keys)?)
+        self.build_with_stored(rows, stored.legacy_keys)
+    }
+}
+
+impl KeyFormat {
+    /// Whether this format was loaded from a key store
+    /// ([`load_secret_from`](KeyedFormatBuilder::load_secret_from)): then
+    /// [`reload_from`](Self::reload_from) can rebuild it when the store's secrets change.
+    pub fn is_loaded_from_store(&self) -> bool {
+        self.recipe().is_some()
+    }
+
+    /// This format rebuilt from the secrets `store` holds now, with the settings it was built with
+    /// (prefix, secrets and retirements given in code, pinned minting version, legacy setting):
+    /// what an instance does when a secret was added or retired, or the legacy setting changed
+    /// ([`KeyManager::add_format_secret`](crate::manage::KeyManager::add_format_secret) and its
+    /// siblings; a [`CachedResolver`](crate::resolver::CachedResolver) does it with
+    /// [`reload_format`](crate::resolver::CachedResolver::reload_format)). `Ok(None)` for a format
+    /// not loaded from a store: there is nothing to reload.
+    pub async fn reload_from<S: KeyStore + ?Sized>(
+        &self,
+        store: &S,
+    ) -> Result<Option<KeyFormat>, FormatLoadError> {
+        match self.recipe() {
+            None => Ok(None),
+            Some(recipe) => recipe.clone().load_secret_from(store).await.map(Some),
+        }
+    }
+
+    /// This format as [`reload_from`](Self::reload_from) would build it from a store holding
+    /// `stored` (`None`: not loaded from a store): how key management checks a change before
+    /// writing it.
+    pub(crate) fn rebuilt_with(
+        &self,
+        stored: FormatSecrets,
+    ) -> Option<Result<KeyFormat, KeyFormatConfigError>> {
+        Some(self.recipe()?.clone().build_with(stored))
     }
 }
 
@@ -126,5 +167,71 @@ mod tests {
             .load_secret_from(&store)
             .await;
         assert_eq!(with_own.unwrap().accepted_versions(), vec![1, 5]);
+    }
+
+    /// A reload keeps what the builder was given (its own secret, a retirement, the pinned
+    /// minting version, the legacy setting) and takes the store's secrets as they are now.
+    #[tokio::test]
+    async fn a_reload_keeps_the_builders_settings_and_takes_the_stores_secrets() {
+        let store = crate::store::MemoryStore::new();
+        let given = KeyFormat::keyed("sk")
+            .secret(40, secret(40))
+            .retire(41)
+            .mint_with(40)
+            .accept_legacy(true)
+            .load_secret_from(&store)
+            .await
+            .unwrap();
+        assert!(given.is_loaded_from_store());
+        assert_eq!(given.accepted_versions(), vec![1, 40]);
+        let now = OffsetDateTime::now_utc();
+        assert_eq!(store.add_format_secret(&secret(2), now).await.unwrap(), 2);
+        assert!(store.retire_format_secret(1, now).await.unwrap());
+        store.set_legacy_keys(false, now).await.unwrap();
+        let reloaded = given.reload_from(&store).await.unwrap().unwrap();
+        assert_eq!(reloaded.accepted_versions(), vec![2, 40]);
+        assert_eq!(reloaded.minting_version(), Some(40), "still pinned");
+        assert!(reloaded.accepts_legacy(), "the builder's setting wins");
+        assert_eq!(reloaded.prefix(), "sk");
+        // A key tagged by the retired version 1 is refused, one by version 2 accepted.
+        let by_v1 = KeyFormat::keyed("sk").secret(1, store_secret(&store, 1).await);
+        let v1_key = by_v1.build().unwrap().generate();
+        assert!(given.check(v1_key.expose_secret()).is_ok());
+        assert!(reloaded.check(v1_key.expose_secret()).is_err());
+        // Reloaded again: the same format (it keeps its recipe).
+        assert_eq!(
+            reloaded.reload_from(&store).await.unwrap().unwrap(),
+            reloaded
+        );
+        // Without its own settings, the store's legacy record applies.
+        let plain = KeyFormat::keyed("sk")
+            .load_secret_from(&store)
+            .await
+            .unwrap();
+        assert!(!plain.accepts_legacy());
+        assert_eq!(plain.minting_version(), Some(2));
+        // A format not loaded from a store has nothing to reload.
+        let built = KeyFormat::keyed("sk").secret(1, secret(1)).build().unwrap();
+        assert!(!built.is_loaded_from_store());
+        assert!(built.reload_from(&store).await.unwrap().is_none());
+        assert!(
+            KeyFormat::default()
+                .reload_from(&store)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    async fn store_secret(store: &crate::store::MemoryStore, version: u8) -> FormatSecret {
+        store
+            .format_secrets(&secret(0), OffsetDateTime::now_utc())
+            .await
+            .unwrap()
+            .secrets
+            .into_iter()
+            .find(|s| s.version == version)
+            .unwrap()
+            .secret
     }
 }

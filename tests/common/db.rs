@@ -107,6 +107,25 @@ mod pg {
         }
     }
 
+    /// A [`Proxy`](super::Proxy) in front of the schema's database, and a store on the schema
+    /// whose (lazy) pool goes through it: a subscription of an invalidator made from it can be
+    /// cut off while everything else keeps the database.
+    pub async fn pg_through_proxy(schema: &PgSchema) -> (super::Proxy, PostgresStore) {
+        use std::net::ToSocketAddrs;
+        let options: sqlx::postgres::PgConnectOptions = schema.url.parse().unwrap();
+        let target = (options.get_host(), options.get_port())
+            .to_socket_addrs()
+            .unwrap()
+            .next()
+            .unwrap();
+        let proxy = super::Proxy::start(target).await;
+        let store = PostgresStore::builder()
+            .schema(&schema.schema)
+            .unwrap()
+            .connect_lazy_with(options.host("127.0.0.1").port(proxy.port()));
+        (proxy, store)
+    }
+
     /// A fresh schema for `test`, or `None` (after [`skip`]) without a reachable database.
     pub async fn pg_schema(test: &str) -> Option<PgSchema> {
         let url = env_url(test, "TEST_DATABASE_URL")?;
@@ -154,6 +173,25 @@ pub async fn redis_url(test: &str) -> Option<String> {
             None
         }
     }
+}
+
+#[cfg(all(feature = "redis", feature = "postgres"))]
+/// A [`Proxy`] in front of the Redis server at `url`, and the URL through it.
+pub async fn redis_through_proxy(url: &str) -> (Proxy, String) {
+    use std::net::ToSocketAddrs;
+    let mut through = url::Url::parse(url).expect("TEST_REDIS_URL is a URL");
+    let target = (
+        through.host_str().expect("TEST_REDIS_URL has a host"),
+        through.port().unwrap_or(6379),
+    )
+        .to_socket_addrs()
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = Proxy::start(target).await;
+    through.set_host(Some("127.0.0.1")).unwrap();
+    through.set_port(Some(proxy.port())).unwrap();
+    (proxy, through.to_string())
 }
 
 #[cfg(feature = "postgres")]
