@@ -39,7 +39,7 @@ use tower::Service;
 use tower_api_keys::guard::{RequireScopes, Scoped};
 use tower_api_keys::key::{ApiKey, KeyFormat};
 use tower_api_keys::layer::ApiKeyLayer;
-use tower_api_keys::quota::{RateLimit, UsageLimits};
+use tower_api_keys::limits::{RateLimit, UsageLimits};
 use tower_api_keys::ratelimit::RateLimiter;
 use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::scopes;

@@ -33,8 +33,8 @@ use futures_util::FutureExt;
 use http::{Request, Response};
 use tower::{Layer, Service};
 use tower_api_keys::key::KeyId;
+use tower_api_keys::limits::{Budget, BudgetId, BudgetLevel, Credits, RateLimit, UsageLimits};
 use tower_api_keys::principal::Principal;
-use tower_api_keys::quota::{Budget, BudgetId, BudgetLevel, Credits, RateLimit, UsageLimits};
 use tower_api_keys::ratelimit::{MemoryRates, RateLimiter, StoreCredits};
 use tower_api_keys::store::MemoryStore;
 

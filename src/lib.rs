@@ -38,13 +38,13 @@ pub mod layer;
 #[cfg(feature = "leaks")]
 pub mod leaks;
 mod life;
+pub mod limits;
 pub mod manage;
 pub mod metrics;
 pub mod network;
 pub mod principal;
 #[cfg(feature = "provenance")]
 pub mod provenance;
-pub mod quota;
 #[cfg(feature = "ratelimit")]
 pub mod ratelimit;
 pub mod resolver;

@@ -55,8 +55,8 @@ use crate::error::AuthError;
 use crate::key::{KeyId, MASTER_KEY_ID};
 pub use crate::life::KeyEnded;
 use crate::life::Life;
+use crate::limits::{Budget, UsageLimits};
 use crate::network::Networks;
-use crate::quota::{Budget, UsageLimits};
 use crate::scope::{Scope, ScopeSet};
 
 /// Marker [`ApiKeyLayer`](crate::layer::ApiKeyLayer) leaves on requests it let through without a

@@ -24,7 +24,7 @@ use axum::body::Body;
 use axum::routing::get;
 use http::Request;
 use tower::ServiceExt;
-use tower_api_keys::invalidate::{Invalidator, PgInvalidator, Receipt, Subscription};
+use tower_api_keys::invalidate::{Invalidator, PostgresInvalidator, Receipt, Subscription};
 use tower_api_keys::key::{FormatSecret, KeyFormat};
 use tower_api_keys::layer::ApiKeyLayer;
 use tower_api_keys::manage::{CreateKey, KeyManager};
@@ -300,13 +300,13 @@ async fn format_changes_reach_every_instance_over_listen_notify() {
     let direct = schema.store().await;
     let (proxy, through) = common::db::pg_through_proxy(&schema).await;
     let invalidator = |name: &'static str| {
-        PgInvalidator::from_store(if name == "c" { &through } else { &direct })
+        PostgresInvalidator::from_store(if name == "c" { &through } else { &direct })
             .with_channel(&channel)
             .unwrap()
             .instance_name(name)
             .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200))
     };
-    let fleet = start_fleet(&schema, proxy, invalidator, PgInvalidator::subscribe).await;
+    let fleet = start_fleet(&schema, proxy, invalidator, PostgresInvalidator::subscribe).await;
     scenario("LISTEN/NOTIFY", fleet).await;
     schema.drop_schema().await;
 }
@@ -322,7 +322,7 @@ async fn an_instance_that_cannot_reload_its_format_refuses_every_key_until_it_ca
     let channel = common::db::unique("format_pg_store_down");
     let direct = schema.store().await;
     let invalidator = |name: &str| {
-        PgInvalidator::from_store(&direct)
+        PostgresInvalidator::from_store(&direct)
             .with_channel(&channel)
             .unwrap()
             .instance_name(name)

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 use tower_api_keys::error::AuthError;
 use tower_api_keys::error::ExpiredReason;
-use tower_api_keys::invalidate::{Invalidation, Invalidator, PgInvalidator};
+use tower_api_keys::invalidate::{Invalidation, Invalidator, PostgresInvalidator};
 use tower_api_keys::key::{ApiKey, KeyFormat, KeyId};
 use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::scope::ScopeSet;
@@ -150,10 +150,10 @@ async fn revocation_propagates_over_listen_notify() {
     let channel = common::db::unique("fleet_pg");
     let (a, b) = (instance(&schema).await, instance(&schema).await);
     let control = CachedResolver::new(schema.store().await);
-    let a_invalidator = PgInvalidator::from_store(&a.store)
+    let a_invalidator = PostgresInvalidator::from_store(&a.store)
         .with_channel(&channel)
         .unwrap();
-    let b_invalidator = PgInvalidator::from_store(&b.store)
+    let b_invalidator = PostgresInvalidator::from_store(&b.store)
         .with_channel(&channel)
         .unwrap();
     let a_subscription = a_invalidator.subscribe(a.resolver.clone());
@@ -178,7 +178,7 @@ async fn listen_notify_subscriber_catches_up_after_reconnecting() {
     };
     let channel = common::db::unique("fleet_pg_reconnect");
     let b = instance(&schema).await;
-    let invalidator = PgInvalidator::from_store(&b.store)
+    let invalidator = PostgresInvalidator::from_store(&b.store)
         .with_channel(&channel)
         .unwrap()
         .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200));
@@ -255,7 +255,7 @@ async fn unreadable_notification_clears_the_cache() {
     };
     let channel = common::db::unique("fleet_pg_garbage");
     let b = instance(&schema).await;
-    let subscription = PgInvalidator::from_store(&b.store)
+    let subscription = PostgresInvalidator::from_store(&b.store)
         .with_channel(&channel)
         .unwrap()
         .subscribe(b.resolver.clone());
@@ -576,13 +576,13 @@ async fn listen_notify_outage_is_bounded_by_degraded_mode() {
     let (a, b) = (instance(&schema).await, instance(&schema).await);
     // B's store (its pool, its schema) through the proxy: the revocation log is the schema's.
     let (proxy, through_proxy) = common::db::pg_through_proxy(&schema).await;
-    let b_subscription = PgInvalidator::from_store(&through_proxy)
+    let b_subscription = PostgresInvalidator::from_store(&through_proxy)
         .with_channel(&channel)
         .unwrap()
         .subscribe(b.resolver.clone());
     let a_manager = outage::manager(
         &a,
-        PgInvalidator::from_store(&a.store)
+        PostgresInvalidator::from_store(&a.store)
             .with_channel(&channel)
             .unwrap(),
     );

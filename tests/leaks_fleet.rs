@@ -14,7 +14,7 @@ use axum::body::Body;
 use http::{Request, StatusCode};
 use tower::ServiceExt as _;
 use tower_api_keys::error::{AuthError, ExpiredReason};
-use tower_api_keys::invalidate::{Invalidator, PgInvalidator};
+use tower_api_keys::invalidate::{Invalidator, PostgresInvalidator};
 use tower_api_keys::key::ApiKey;
 use tower_api_keys::leaks::{self, LeakReceiver, PublicKeys, Scanner as Origin};
 use tower_api_keys::manage::{CreateKey, KeyManager};
@@ -121,10 +121,10 @@ async fn a_leak_report_revokes_on_every_instance_over_listen_notify() {
     let channel = common::db::unique("leaks_fleet_pg");
     let a_store = schema.store().await;
     let b_store = schema.store().await;
-    let a = PgInvalidator::from_store(&a_store)
+    let a = PostgresInvalidator::from_store(&a_store)
         .with_channel(&channel)
         .unwrap();
-    let b = PgInvalidator::from_store(&b_store)
+    let b = PostgresInvalidator::from_store(&b_store)
         .with_channel(&channel)
         .unwrap();
     report_on_a_revokes_on_b("LISTEN/NOTIFY", &schema, a, |r| b.subscribe(r)).await;

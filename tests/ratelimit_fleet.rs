@@ -24,8 +24,8 @@ use http::StatusCode;
 use time::OffsetDateTime;
 use tower_api_keys::key::{ApiKey, KeyFormat, KeyId};
 use tower_api_keys::layer::ApiKeyLayer;
+use tower_api_keys::limits::{Credits, RateLimit, UsageLimits};
 use tower_api_keys::manage::{self, KeyManager};
-use tower_api_keys::quota::{Credits, RateLimit, UsageLimits};
 use tower_api_keys::ratelimit::{
     DEFAULT_REDIS_CONNECTIONS, FailMode, RateLimiter, RedisRates, StoreCredits,
 };

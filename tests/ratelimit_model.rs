@@ -32,8 +32,8 @@ use futures_util::FutureExt;
 use proptest::prelude::*;
 use tower_api_keys::error::ErrorCode;
 use tower_api_keys::key::KeyId;
+use tower_api_keys::limits::{Credits, RateLimit, UsageLimits};
 use tower_api_keys::principal::Principal;
-use tower_api_keys::quota::{Credits, RateLimit, UsageLimits};
 use tower_api_keys::ratelimit::{Decision, RateLimiter};
 
 const PERIOD_SECONDS: u32 = 3600;

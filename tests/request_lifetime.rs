@@ -486,7 +486,7 @@ mod fleet {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn over_listen_notify() {
-        use tower_api_keys::invalidate::PgInvalidator;
+        use tower_api_keys::invalidate::PostgresInvalidator;
         let Some(schema) = common::db::pg_schema("lifetime_pg").await else {
             return;
         };
@@ -495,10 +495,10 @@ mod fleet {
         let b_resolver = CachedResolver::builder(b_store.clone())
             .time_to_live(Duration::from_secs(300))
             .build();
-        let a_invalidator = PgInvalidator::from_store(&a_store)
+        let a_invalidator = PostgresInvalidator::from_store(&a_store)
             .with_channel(&channel)
             .unwrap();
-        let b_subscription = PgInvalidator::from_store(&b_store)
+        let b_subscription = PostgresInvalidator::from_store(&b_store)
             .with_channel(&channel)
             .unwrap()
             .subscribe(b_resolver.clone());

@@ -309,7 +309,7 @@ mod checks {
     pub(crate) use super::containment::*;
     pub(crate) use super::hygiene::*;
     use super::*;
-    use tower_api_keys::quota::{Credits, RateLimit, RefillInterval, UsageLimits};
+    use tower_api_keys::limits::{Credits, RateLimit, RefillInterval, UsageLimits};
     use tower_api_keys::store::{CreditAdjustment, KeyUpdate};
 
     pub(crate) async fn usage_limits_round_trip_and_update(s: Stores) {
@@ -1425,7 +1425,7 @@ mod checks {
 
 mod containment {
     use super::*;
-    use tower_api_keys::quota::{
+    use tower_api_keys::limits::{
         BudgetId, BudgetLevel, Credits, MAX_CREDITS, PoolId, RateLimit, RefillInterval, UsageLimits,
     };
     use tower_api_keys::store::{ChainSpend, MAX_DELEGATION_DEPTH};
@@ -2052,7 +2052,7 @@ mod postgres_only {
         assert!(found.limits.is_unlimited());
         assert_eq!(found.allowed_networks, None, "usable from anywhere");
         assert_eq!(
-            KeyStore::pool(&store, &tower_api_keys::quota::PoolId::owner("o"))
+            KeyStore::pool(&store, &tower_api_keys::limits::PoolId::owner("o"))
                 .await
                 .unwrap(),
             None
@@ -2277,7 +2277,7 @@ mod sqlite_only {
         assert!(found.limits.is_unlimited());
         assert_eq!(found.allowed_networks, None, "usable from anywhere");
         assert_eq!(
-            KeyStore::pool(&store, &tower_api_keys::quota::PoolId::owner("o"))
+            KeyStore::pool(&store, &tower_api_keys::limits::PoolId::owner("o"))
                 .await
                 .unwrap(),
             None

@@ -197,7 +197,7 @@ async fn notices_survive_a_restart_on_sqlite() {
 #[cfg(feature = "postgres")]
 mod fleet {
     use super::*;
-    use tower_api_keys::leaks::PgLeader;
+    use tower_api_keys::leaks::PostgresLeader;
 
     /// Two instances (each its own pool and manager) on one schema sweep the same days at the
     /// same time, as lone leaders: the store's notices alone keep each event single.
@@ -245,8 +245,8 @@ mod fleet {
         let b = manager(Arc::new(sb.clone()));
         let lock = common::db::unique("sweeper_leader");
         key(&a, Some(2 * DAY)).await;
-        let first = sweeper(&a, &events).leadership(PgLeader::new(&sa, &lock));
-        let second = sweeper(&b, &events).leadership(PgLeader::new(&sb, &lock));
+        let first = sweeper(&a, &events).leadership(PostgresLeader::new(&sa, &lock));
+        let second = sweeper(&b, &events).leadership(PostgresLeader::new(&sb, &lock));
         let now = OffsetDateTime::now_utc();
         let one = first.sweep_at(now).await.unwrap();
         let two = second.sweep_at(now).await.unwrap();

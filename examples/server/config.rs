@@ -167,7 +167,7 @@ impl Database {
         }
         #[cfg(feature = "postgres")]
         if let Some(pg) = &self.postgres {
-            let mut invalidator = tower_api_keys::invalidate::PgInvalidator::from_store(pg);
+            let mut invalidator = tower_api_keys::invalidate::PostgresInvalidator::from_store(pg);
             if let Some(channel) = fleet_setting("API_KEYS_CHANNEL") {
                 invalidator = invalidator.with_channel(&channel)?;
             }

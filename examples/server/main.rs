@@ -64,6 +64,7 @@ use axum::http::Request;
 use axum::response::Redirect;
 use axum::routing::get;
 use axum::{Json, Router};
+use tower::ServiceBuilder;
 use tower_api_keys::audit::Retention;
 use tower_api_keys::error::JsonRejection;
 use tower_api_keys::guard::RequireScopes;
@@ -74,7 +75,6 @@ use tower_api_keys::provenance::Provenance;
 use tower_api_keys::ratelimit::{FailMode, MemoryRates, RateLimiter, StoreCredits};
 use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::usage::UsageRecorder;
-use tower::ServiceBuilder;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 pub(crate) use config::Config;

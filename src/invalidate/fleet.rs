@@ -145,7 +145,7 @@ impl Message {
 pub(crate) const FORMAT_PAYLOAD: &str = r#"{"format":"reload"}"#;
 
 #[cfg(any(feature = "postgres", feature = "redis"))]
-/// The [`Invalidator`](super::Invalidator) of a broadcaster with a revocation log (`PgInvalidator`,
+/// The [`Invalidator`](super::Invalidator) of a broadcaster with a revocation log (`PostgresInvalidator`,
 /// `RedisInvalidator`): every message goes through its `publish_payload`, which sequences it and
 /// returns the roster of that moment, and its `fleet.board` collects the acknowledgements.
 macro_rules! sequenced_invalidator {

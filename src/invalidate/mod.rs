@@ -3,7 +3,7 @@
 //! Key management calls [`Invalidator::publish_sequenced`] after every revoke, delete and rotation
 //! (and the other changes that end a key), and [`Invalidator::publish_format_change`] after a
 //! change of the keyed format's secrets; the local [`CachedResolver`] is invalidated (or its format
-//! swapped) directly before that. Broadcasting implementations ([`PgInvalidator`], [`RedisInvalidator`]) deliver the
+//! swapped) directly before that. Broadcasting implementations ([`PostgresInvalidator`], [`RedisInvalidator`]) deliver the
 //! [`Invalidation`] to every other instance, whose subscriber calls [`Invalidation::apply`] on its
 //! own resolver.
 //!
@@ -129,7 +129,7 @@ pub use self::fleet::{
     ACKNOWLEDGED_HEADER, ELAPSED_HEADER, INSTANCES_HEADER, Receipt, SEQUENCE_HEADER, Sequenced,
 };
 #[cfg(feature = "postgres")]
-pub use self::postgres::PgInvalidator;
+pub use self::postgres::PostgresInvalidator;
 #[cfg(feature = "redis")]
 pub use self::redis::RedisInvalidator;
 #[cfg(any(feature = "postgres", feature = "redis"))]

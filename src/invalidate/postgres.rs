@@ -1,8 +1,8 @@
-//! [`PgInvalidator`]: broadcast key changes over PostgreSQL `LISTEN`/`NOTIFY` (feature `postgres`).
+//! [`PostgresInvalidator`]: broadcast key changes over PostgreSQL `LISTEN`/`NOTIFY` (feature `postgres`).
 //!
 //! ```no_run
 //! use tower_api_keys::resolver::CachedResolver;
-//! use tower_api_keys::invalidate::PgInvalidator;
+//! use tower_api_keys::invalidate::PostgresInvalidator;
 //! use tower_api_keys::store::PostgresStore;
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -10,7 +10,7 @@
 //! let resolver = CachedResolver::new(store.clone());
 //!
 //! // Every instance publishes its key changes and applies everyone else's.
-//! let invalidator = PgInvalidator::from_store(&store).with_channel("billing_api_keys")?;
+//! let invalidator = PostgresInvalidator::from_store(&store).with_channel("billing_api_keys")?;
 //! let subscription = invalidator.subscribe(resolver.clone());
 //! subscription.wait_connected().await;
 //! // Give `invalidator` to key management; keep `subscription` alive as long as the service.
@@ -23,7 +23,7 @@
 //! a lock, so sequence numbers commit in order), the log row, `SELECT pg_notify(channel, payload)`
 //! with the sequenced wire form, and the roster's live instances (see [`Sequenced`]). The tables
 //! (`api_key_fleet_log`, `api_key_fleet_roster`) are created on first use, in the store's schema
-//! ([`PgInvalidator::from_store`]) or the pool's search path ([`PgInvalidator::new`]). The subscriber holds one dedicated connection (opened with the pool's connection options,
+//! ([`PostgresInvalidator::from_store`]) or the pool's search path ([`PostgresInvalidator::new`]). The subscriber holds one dedicated connection (opened with the pool's connection options,
 //! `application_name` set to the channel) that `LISTEN`s on the channel and on its fleet channel (name + `_fleet`), and on that same
 //! connection writes its heartbeat (default every 250 ms: roster row + `NOTIFY`), its
 //! acknowledgements and its log reads; so a connection that stops forwarding silently is noticed
@@ -57,7 +57,7 @@ use crate::store::sql_common::map_sqlx_error;
 ///
 /// Cheap to clone. Every instance of a service must use the same channel (and database).
 #[derive(Clone)]
-pub struct PgInvalidator {
+pub struct PostgresInvalidator {
     pool: PgPool,
     channel: Arc<str>,
     backoff: Backoff,
@@ -68,15 +68,15 @@ pub struct PgInvalidator {
     ready: Arc<tokio::sync::OnceCell<()>>,
 }
 
-impl fmt::Debug for PgInvalidator {
+impl fmt::Debug for PostgresInvalidator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PgInvalidator")
+        f.debug_struct("PostgresInvalidator")
             .field("channel", &self.channel)
             .finish_non_exhaustive()
     }
 }
 
-impl PgInvalidator {
+impl PostgresInvalidator {
     /// The channel used when none is configured.
     pub const DEFAULT_CHANNEL: &str = "tower_api_keys_invalidation";
 
@@ -190,9 +190,9 @@ impl PgInvalidator {
     }
 }
 
-super::fleet::sequenced_invalidator!(PgInvalidator);
+super::fleet::sequenced_invalidator!(PostgresInvalidator);
 
-impl PgInvalidator {
+impl PostgresInvalidator {
     /// Publishes one message of the revocation log (`payload`: its unsequenced wire form): in one
     /// transaction, under a lock that keeps sequence numbers in commit order, the next sequence
     /// number, the log row, the `NOTIFY`, and the roster's live instances.
@@ -472,8 +472,8 @@ mod tests {
         let pool = PgPoolOptions::new()
             .connect_lazy("postgres://localhost/none")
             .unwrap();
-        let invalidator = PgInvalidator::new(pool);
-        assert_eq!(invalidator.channel(), PgInvalidator::DEFAULT_CHANNEL);
+        let invalidator = PostgresInvalidator::new(pool);
+        assert_eq!(invalidator.channel(), PostgresInvalidator::DEFAULT_CHANNEL);
         assert!(invalidator.clone().with_channel("bad name").is_err());
         assert_eq!(invalidator.with_channel("ok_1").unwrap().channel(), "ok_1");
     }

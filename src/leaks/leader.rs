@@ -5,7 +5,7 @@
 #[cfg(feature = "redis")]
 pub use self::redis::RedisLeader;
 #[cfg(feature = "postgres")]
-pub use pg::PgLeader;
+pub use pg::PostgresLeader;
 
 use sha2::{Digest as _, Sha256};
 
@@ -39,21 +39,21 @@ mod pg {
     /// connection of its own taken out of the store's pool: the lock ends when that connection
     /// does (the instance stops, the network cuts), and another instance takes it at its next
     /// sweep.
-    pub struct PgLeader {
+    pub struct PostgresLeader {
         pool: PgPool,
         lock: i64,
         held: Mutex<Option<PgConnection>>,
     }
 
-    impl std::fmt::Debug for PgLeader {
+    impl std::fmt::Debug for PostgresLeader {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.debug_struct("PgLeader")
+            f.debug_struct("PostgresLeader")
                 .field("lock", &self.lock)
                 .finish_non_exhaustive()
         }
     }
 
-    impl PgLeader {
+    impl PostgresLeader {
         /// Competes for the lock named `name` (every instance of a fleet uses the same name) on
         /// `store`'s database.
         pub fn new(store: &PostgresStore, name: &str) -> Self {
@@ -66,7 +66,7 @@ mod pg {
     }
 
     #[async_trait::async_trait]
-    impl Leadership for PgLeader {
+    impl Leadership for PostgresLeader {
         async fn lead(&self) -> Result<bool, StoreError> {
             let mut held = self.held.lock().await;
             if let Some(connection) = held.as_mut() {

@@ -57,7 +57,7 @@ pub use keys::{
     PublicKeysError, Unverified,
 };
 #[cfg(feature = "postgres")]
-pub use leader::PgLeader;
+pub use leader::PostgresLeader;
 #[cfg(feature = "redis")]
 pub use leader::RedisLeader;
 pub use receiver::{

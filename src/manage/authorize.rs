@@ -52,9 +52,9 @@ use time::OffsetDateTime;
 
 use crate::error::AuthError;
 use crate::key::KeyId;
+use crate::limits::UsageLimits;
 use crate::network::Networks;
 use crate::principal::Principal;
-use crate::quota::UsageLimits;
 use crate::scope::ScopeMatch;
 use crate::scope::{Scope, ScopeSet};
 use crate::store::{KeyRecord, MAX_DELEGATION_DEPTH};
@@ -258,7 +258,7 @@ pub enum Target<'a> {
 ///   changes an ancestor, and a key changing itself can only tighten (its own grants are the
 ///   bound).
 /// - **I3, a budget binds a subtree.** Not decided here but by what the resolver attaches to
-///   every principal ([`Budget`](crate::quota::Budget)): a request of any key of `K`'s subtree
+///   every principal ([`Budget`](crate::limits::Budget)): a request of any key of `K`'s subtree
 ///   counts against `K`'s rate limit and spends `K`'s credits, all levels at once or none. This
 ///   rule keeps the budget honest: a key cannot refill or loosen an ancestor (I1), and what it
 ///   gives a descendant is drawn from its own budget anyway.

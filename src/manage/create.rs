@@ -13,8 +13,8 @@ use super::validate::{
 use crate::audit::{EventType, Journal, grants};
 use crate::error::{AuthError, ExpiredReason, InvalidKeyReason};
 use crate::key::{DigestScheme, KeyId};
+use crate::limits::{Credits, RateLimit, UsageLimits};
 use crate::principal::Principal;
-use crate::quota::{Credits, RateLimit, UsageLimits};
 use crate::store::{KeyRecord, StoreErrorKind};
 
 impl KeyManager {

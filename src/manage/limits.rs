@@ -10,8 +10,8 @@ use super::validate::{validate_credits, validate_id, validate_name, validate_rat
 use crate::audit::{EventDraft, EventType, Journal};
 use crate::error::AuthError;
 use crate::key::KeyId;
+use crate::limits::{Credits, PoolId, RateLimit, UsageLimits};
 use crate::principal::Principal;
-use crate::quota::{Credits, PoolId, RateLimit, UsageLimits};
 use crate::store::{KeyChange, KeyUpdate, ListQuery, StoreErrorKind};
 
 impl KeyManager {

@@ -167,7 +167,7 @@ impl KeyManager {
     /// broadcasting, for every live instance of the fleet to acknowledge that it applied the change
     /// (default: the resolver's freshness bound, its [`degraded_time_to_live`](crate::resolver::CachedResolverBuilder::degraded_time_to_live),
     /// 1 s); `None` does not wait. Only invalidators with a roster answer
-    /// ([`PgInvalidator`](crate::invalidate::PgInvalidator), [`RedisInvalidator`](crate::invalidate::RedisInvalidator));
+    /// ([`PostgresInvalidator`](crate::invalidate::PostgresInvalidator), [`RedisInvalidator`](crate::invalidate::RedisInvalidator));
     /// an operation never fails for want of acknowledgements: the laggards are logged and counted
     /// (see [`Receipt`]), and they stop vouching for their caches within the bound.
     #[must_use]

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::quota::{Credits, PoolId, RateLimit, UsageLimits};
+use crate::limits::{Credits, PoolId, RateLimit, UsageLimits};
 use crate::store::KeyLimits;
 
 /// Rules for new keys: lifetimes, active-key limits (409 `APIKEY_LIMIT_REACHED`, enforced

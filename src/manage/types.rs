@@ -9,8 +9,8 @@ use time::OffsetDateTime;
 #[cfg(doc)]
 use super::manager::KeyManager;
 use crate::key::{ApiKey, KeyId};
+use crate::limits::{Credits, RateLimit, UsageLimits};
 use crate::network::Networks;
-use crate::quota::{Credits, RateLimit, UsageLimits};
 use crate::scope::ScopeSet;
 use crate::store::KeyRecord;
 

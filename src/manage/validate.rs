@@ -6,7 +6,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 use crate::error::AuthError;
-use crate::quota::{Credits, RateLimit};
+use crate::limits::{Credits, RateLimit};
 use crate::scope::ScopeSet;
 
 // Input limits. Each one is refused with 400 `APIKEY_INVALID` and a message naming the limit, never

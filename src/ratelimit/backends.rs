@@ -12,7 +12,7 @@ use super::decision::{RateChain, Spend};
 use super::memory::MemoryRates;
 #[cfg(feature = "redis")]
 use super::redis::RedisRates;
-use crate::quota::{BudgetId, BudgetLevel};
+use crate::limits::{BudgetId, BudgetLevel};
 use crate::store::{ChainSpend, CreditAdjustment, KeyStore, StoreError};
 
 /// Where rate-limit state lives: [`MemoryRates`] or `RedisRates`.

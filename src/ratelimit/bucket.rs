@@ -5,7 +5,7 @@
 use std::sync::atomic::AtomicBool;
 
 use super::gcra::Gcra;
-use crate::quota::RateLimit;
+use crate::limits::RateLimit;
 
 /// One level's bucket: its GCRA at the level's limit.
 pub(super) struct Bucket {

@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 
 use super::decision::Spend;
 use super::memory::has_duplicates;
-use crate::quota::{BudgetId, BudgetLevel, Credits};
+use crate::limits::{BudgetId, BudgetLevel, Credits};
 
 /// One level's credits: the settings they were seeded from, and what is left.
 struct Cell {
@@ -18,7 +18,7 @@ struct Cell {
 
 /// Credits counted in memory: an exact decrement per budget level ([`BudgetId`]: a key, an
 /// ancestor, a pool) under a per-level lock, seeded from the level's settings (carried by the
-/// principal's [`Budget`](crate::quota::Budget)) the first time the level is seen and again
+/// principal's [`Budget`](crate::limits::Budget)) the first time the level is seen and again
 /// whenever they change (an update sets `set_at`). A request spends at every level of its chain
 /// that has credits, all or nothing: the levels are locked in chain order, and if any has less than
 /// the cost nothing is spent anywhere. What was spent is not written anywhere: after a restart
@@ -193,7 +193,7 @@ fn lock(cell: &Mutex<Cell>, wait: bool) -> Option<MutexGuard<'_, Cell>> {
 mod tests {
     use super::*;
     use crate::key::KeyId;
-    use crate::quota::{PoolId, RefillInterval, UsageLimits};
+    use crate::limits::{PoolId, RefillInterval, UsageLimits};
     use time::macros::datetime;
 
     fn level(id: BudgetId, credits: Option<Credits>) -> BudgetLevel {

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::error::AuthError;
-use crate::quota::{BudgetId, RateLimit, Refill};
+use crate::limits::{BudgetId, RateLimit, Refill};
 
 /// What to do when a backend (Redis, the key store) fails.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,7 +51,7 @@ pub struct CreditStatus {
 }
 
 /// What the limiter decided for one request, over every level of the key's
-/// [`Budget`](crate::quota::Budget). The headers describe the level that refused, or else the most
+/// [`Budget`](crate::limits::Budget). The headers describe the level that refused, or else the most
 /// constraining one.
 #[derive(Clone, Debug)]
 pub struct Decision {

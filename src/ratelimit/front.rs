@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::bucket::Bucket;
-use crate::quota::{BudgetId, PoolId, RateLimit};
+use crate::limits::{BudgetId, PoolId, RateLimit};
 
 /// Slots per thread (a power of two).
 pub(super) const SLOTS: usize = 64;

@@ -7,7 +7,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::decision::Decision;
 use crate::error::AuthError;
-use crate::quota::{RateLimit, RefillInterval};
+use crate::limits::{RateLimit, RefillInterval};
 
 impl Decision {
     /// Adds `RateLimit-Policy`, `RateLimit` and, on a 429, `Retry-After`.
@@ -192,7 +192,7 @@ pub(super) fn ceil_secs(duration: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quota::Refill;
+    use crate::limits::Refill;
     use crate::ratelimit::{CreditStatus, RateStatus};
 
     /// Values cut from one slab and from the next ones keep their own bytes, however many are cut

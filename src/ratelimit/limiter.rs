@@ -16,8 +16,8 @@ use super::headers::ceil_secs;
 use super::memory::MemoryRates;
 use crate::error::AuthError;
 use crate::key::{KeyId, MASTER_KEY_ID};
+use crate::limits::{Budget, BudgetId, BudgetLevel, RateLimit, UsageLimits};
 use crate::principal::Principal;
-use crate::quota::{Budget, BudgetId, BudgetLevel, RateLimit, UsageLimits};
 use crate::store::StoreError;
 use crate::throttle::Throttle;
 
@@ -387,7 +387,7 @@ fn backend_failed(backend: &'static str, mode: FailMode, error: &StoreError) {
 #[cfg(all(test, feature = "metrics"))]
 mod tests {
     use super::*;
-    use crate::quota::Credits;
+    use crate::limits::Credits;
 
     #[test]
     fn metrics_count_admitted_and_refused_by_reason() {

@@ -10,7 +10,7 @@ use super::bucket::Bucket;
 use super::decision::{RateChain, RateOutcome};
 use super::front;
 use super::gcra::{self, Held, Step};
-use crate::quota::{BudgetId, BudgetLevel, RateLimit};
+use crate::limits::{BudgetId, BudgetLevel, RateLimit};
 
 /// Budget levels whose rate-limit state [`MemoryRates::new`] keeps: 1,000,000 (about 100 MB at
 /// most).
@@ -288,7 +288,7 @@ pub(super) fn has_duplicates(levels: &[BudgetLevel]) -> bool {
 mod tests {
     use super::*;
     use crate::key::KeyId;
-    use crate::quota::{PoolId, UsageLimits};
+    use crate::limits::{PoolId, UsageLimits};
 
     fn level(id: &str, limit: Option<RateLimit>) -> BudgetLevel {
         BudgetLevel {

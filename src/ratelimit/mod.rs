@@ -6,7 +6,7 @@
 //! use tower::ServiceExt;
 //! use tower_api_keys::layer::ApiKeyLayer;
 //! use tower_api_keys::key::ApiKey;
-//! use tower_api_keys::quota::RateLimit;
+//! use tower_api_keys::limits::RateLimit;
 //! use tower_api_keys::ratelimit::RateLimiter;
 //! use tower_api_keys::resolver::CachedResolver;
 //! use tower_api_keys::store::MemoryStore;
@@ -45,17 +45,17 @@
 //! unlimited.
 //!
 //! ## What is limited
-//! Each stored key carries two optional settings ([`UsageLimits`](crate::quota::UsageLimits),
+//! Each stored key carries two optional settings ([`UsageLimits`](crate::limits::UsageLimits),
 //! filled from its record):
-//! - [`RateLimit`](crate::quota::RateLimit) `{limit, period_seconds}`: a GCRA bucket (as in `governor`) of `limit` units,
+//! - [`RateLimit`](crate::limits::RateLimit) `{limit, period_seconds}`: a GCRA bucket (as in `governor`) of `limit` units,
 //!   refilled evenly over `period_seconds`: a burst of `limit` at once, then `limit` per period
 //!   sustained. A request costs [`RateLimitLayer::cost`] units (default 1); a cost above the key's
 //!   `limit` can never pass.
-//! - [`Credits`](crate::quota::Credits) `{remaining, refill}`: a number of units to spend,
-//!   decremented exactly; with a [`Refill`](crate::quota::Refill), `remaining` is *set* to `amount` at 00:00 UTC each day, or on the 1st of each month.
+//! - [`Credits`](crate::limits::Credits) `{remaining, refill}`: a number of units to spend,
+//!   decremented exactly; with a [`Refill`](crate::limits::Refill), `remaining` is *set* to `amount` at 00:00 UTC each day, or on the 1st of each month.
 //!
 //! ## A budget binds a subtree (invariant I3)
-//! A request counts against every level of its key's [`Budget`](crate::quota::Budget)
+//! A request counts against every level of its key's [`Budget`](crate::limits::Budget)
 //! ([`Principal::budget`](crate::principal::Principal::budget)): the key's own limits, each
 //! limited ancestor's (nearest first), then the account pool's and the owner pool's. It is
 //! admitted only if **every** level admits it (rate limit and credits), and then spends its cost

@@ -8,7 +8,7 @@ use std::time::Duration;
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::decision::{RateChain, RateOutcome};
-use crate::quota::{BudgetLevel, RateLimit};
+use crate::limits::{BudgetLevel, RateLimit};
 use crate::store::{StoreError, StoreErrorKind};
 
 /// The prefix of bucket keys when none is configured: `tower_api_keys:rl:<budget level>`.
@@ -339,7 +339,7 @@ mod tests {
     #[test]
     fn chain_replies_name_the_level() {
         use crate::key::KeyId;
-        use crate::quota::{BudgetId, UsageLimits};
+        use crate::limits::{BudgetId, UsageLimits};
         let level = |id: &str, limit: Option<RateLimit>| BudgetLevel {
             id: BudgetId::Key(KeyId::new(id)),
             limits: UsageLimits {

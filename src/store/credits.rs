@@ -7,7 +7,7 @@
 use time::OffsetDateTime;
 
 use crate::key::KeyId;
-use crate::quota::{BudgetId, Credits, PoolId};
+use crate::limits::{BudgetId, Credits, PoolId};
 
 /// What [`KeyStore::spend_credits`](super::KeyStore::spend_credits) did, all levels at once.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,7 +62,7 @@ pub fn adjust(credits: &mut Credits, delta: i64, now: OffsetDateTime) -> CreditA
         credits.remaining = credits
             .remaining
             .saturating_add(magnitude)
-            .min(crate::quota::MAX_CREDITS);
+            .min(crate::limits::MAX_CREDITS);
     }
     CreditAdjustment::Applied {
         remaining: credits.remaining,
@@ -146,7 +146,7 @@ impl ChainLevels {
 
     /// [`KeyStore::refund_credits`](super::KeyStore::refund_credits)'s rule on `credits`: due
     /// refills applied, then `cost` given back at every level that has credits, saturating at
-    /// [`MAX_CREDITS`](crate::quota::MAX_CREDITS).
+    /// [`MAX_CREDITS`](crate::limits::MAX_CREDITS).
     pub(crate) fn refund(&self, credits: &mut [Option<Credits>], cost: u64, now: OffsetDateTime) {
         let delta = i64::try_from(cost).unwrap_or(i64::MAX);
         for c in credits.iter_mut().flatten() {
@@ -198,7 +198,7 @@ mod tests {
         assert_eq!(credits[1].unwrap().remaining, 1, "nothing spent");
         assert_eq!(credits[2].unwrap().remaining, 3, "nothing spent");
         levels.refund(&mut credits, u64::MAX, now);
-        assert_eq!(credits[1].unwrap().remaining, crate::quota::MAX_CREDITS);
+        assert_eq!(credits[1].unwrap().remaining, crate::limits::MAX_CREDITS);
         assert_eq!(credits[0], None);
     }
 }

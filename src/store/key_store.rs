@@ -15,7 +15,7 @@ use super::params::{KeyLimits, KeyUpdate, ListQuery, Rotation, SweepQuery};
 use super::record::{KeyChange, KeyRecord};
 use crate::audit::{AuditEvent, ChainState, EventDraft, EventQuery, Journal};
 use crate::key::{FormatSecret, KeyDigest, KeyId};
-use crate::quota::{BudgetId, BudgetLevel, PoolId, UsageLimits};
+use crate::limits::{BudgetId, BudgetLevel, PoolId, UsageLimits};
 use crate::usage::counts::UsageBucket;
 
 /// Persistent storage of keys. Implement it to put keys anywhere; the crate ships
@@ -415,7 +415,7 @@ pub trait KeyStore: Send + Sync + 'static {
     }
 
     /// The levels a request of `record`'s key counts against above its own (see
-    /// [`Budget`](crate::quota::Budget)): each ancestor that has limits, nearest first, then the
+    /// [`Budget`](crate::limits::Budget)): each ancestor that has limits, nearest first, then the
     /// account pool and the owner pool when set. What the resolver attaches to a principal.
     ///
     /// The default asks [`ancestors`](Self::ancestors) (only for a delegated key) and

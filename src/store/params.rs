@@ -6,7 +6,7 @@ use time::OffsetDateTime;
 
 use super::record::KeyRecord;
 use crate::key::{DigestScheme, KeyDigest, KeyId};
-use crate::quota::Credits;
+use crate::limits::Credits;
 
 /// Maximum active (unrevoked, unexpired) keys, enforced by
 /// [`KeyStore::insert`](super::KeyStore::insert) atomically.
@@ -84,7 +84,7 @@ pub struct KeyUpdate {
     /// A new name.
     pub name: Option<String>,
     /// A new rate limit; `Some(None)` removes it.
-    pub rate_limit: Option<Option<crate::quota::RateLimit>>,
+    pub rate_limit: Option<Option<crate::limits::RateLimit>>,
     /// New credits; `Some(None)` removes them.
     pub credits: Option<Option<Credits>>,
 }

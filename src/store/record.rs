@@ -4,8 +4,8 @@
 use time::OffsetDateTime;
 
 use crate::key::{DigestScheme, KeyDigest, KeyId};
+use crate::limits::UsageLimits;
 use crate::network::Networks;
-use crate::quota::UsageLimits;
 use crate::scope::ScopeSet;
 
 /// The deepest delegation: a key created by a master-created key is at depth 1, its own

@@ -15,7 +15,7 @@ use super::params::{KeyLimits, KeyUpdate, ListQuery, Rotation, SweepQuery};
 use super::record::{KeyChange, KeyRecord};
 use crate::audit::{AuditEvent, ChainState, EventDraft, EventQuery, Journal};
 use crate::key::{FormatSecret, KeyDigest, KeyId};
-use crate::quota::{BudgetId, BudgetLevel, PoolId, UsageLimits};
+use crate::limits::{BudgetId, BudgetLevel, PoolId, UsageLimits};
 use crate::usage::counts::UsageBucket;
 
 #[async_trait::async_trait]

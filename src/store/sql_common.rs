@@ -16,11 +16,11 @@ use super::error::{StoreError, StoreErrorKind};
 use super::params::{KeyUpdate, Rotation};
 use super::record::{KeyChange, KeyRecord, PreviousSecret};
 use crate::key::{DigestScheme, KeyDigest, KeyId};
-use crate::network::Networks;
-use crate::quota::{
+use crate::limits::{
     BudgetId, BudgetLevel, Credits, MAX_CREDITS, PoolId, RateLimit, Refill, RefillInterval,
     UsageLimits,
 };
+use crate::network::Networks;
 use crate::scope::ScopeSet;
 
 /// `t` floored to the microsecond, in UTC: the precision the SQL stores keep.

@@ -162,8 +162,8 @@ impl KeyStore for GateStore {
     }
     async fn set_pool_with(
         &self,
-        pool: &tower_api_keys::quota::PoolId,
-        limits: Option<tower_api_keys::quota::UsageLimits>,
+        pool: &tower_api_keys::limits::PoolId,
+        limits: Option<tower_api_keys::limits::UsageLimits>,
         if_absent: bool,
         journal: &Journal,
     ) -> Result<bool, StoreError> {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tower_api_keys::audit::{AuditEvent, ChainState, EventDraft, EventQuery, Journal};
 use tower_api_keys::key::{ApiKey, KeyDigest, KeyFormat, KeyId};
-use tower_api_keys::quota::{BudgetId, BudgetLevel, PoolId, UsageLimits};
+use tower_api_keys::limits::{BudgetId, BudgetLevel, PoolId, UsageLimits};
 use tower_api_keys::scope::ScopeSet;
 use tower_api_keys::store::{
     ChainSpend, CreditAdjustment, KeyChange, KeyLimits, KeyUpdate, ListQuery, Rotation,
@@ -179,8 +179,8 @@ impl KeyStore for TestStore {
     }
     async fn set_pool_with(
         &self,
-        pool: &tower_api_keys::quota::PoolId,
-        limits: Option<tower_api_keys::quota::UsageLimits>,
+        pool: &tower_api_keys::limits::PoolId,
+        limits: Option<tower_api_keys::limits::UsageLimits>,
         if_absent: bool,
         journal: &Journal,
     ) -> Result<bool, StoreError> {

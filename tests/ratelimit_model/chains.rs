@@ -10,10 +10,10 @@ use time::OffsetDateTime;
 use time::macros::datetime;
 use tower_api_keys::error::ErrorCode;
 use tower_api_keys::key::KeyId;
-use tower_api_keys::principal::Principal;
-use tower_api_keys::quota::{
+use tower_api_keys::limits::{
     Budget, BudgetId, BudgetLevel, Credits, PoolId, RateLimit, RefillInterval, UsageLimits,
 };
+use tower_api_keys::principal::Principal;
 use tower_api_keys::ratelimit::{Decision, MemoryCredits, MemoryRates, RateLimiter};
 
 /// The deepest chain of keys (a root at depth 1).

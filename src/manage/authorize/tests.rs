@@ -173,7 +173,7 @@ fn a_scoped_key_stays_inside_its_owner_and_account() {
 
 #[test]
 fn granting_operations_hold_limits_to_the_callers() {
-    use crate::quota::{Credits, RateLimit};
+    use crate::limits::{Credits, RateLimit};
     let caller = scoped("api-keys:write ledgers:*", "a1", None).with_limits(UsageLimits {
         rate_limit: Some(RateLimit::new(10, 60)),
         credits: Some(Credits::new(50)),

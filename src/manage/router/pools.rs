@@ -10,8 +10,8 @@ use super::super::activity_routes::Acting;
 use super::super::manager::KeyManager;
 use super::wire::*;
 use crate::error::AuthError;
+use crate::limits::UsageLimits;
 use crate::principal::Principal;
-use crate::quota::UsageLimits;
 
 /// Every key of an owner, or of one of its accounts, counts against the pool's rate limit and
 /// spends its credits, beside its own and its ancestors' (a budget binds a subtree, and a pool

@@ -19,7 +19,7 @@ use super::fields::{
 };
 use crate::error::AuthError;
 use crate::key::KeyId;
-use crate::quota::{Credits, RateLimit, Refill, RefillInterval, UsageLimits};
+use crate::limits::{Credits, RateLimit, Refill, RefillInterval, UsageLimits};
 
 /// `last_used_at` of a key that was never used, as Blnk reports it.
 pub(super) const NEVER: &str = "0001-01-01T00:00:00Z";

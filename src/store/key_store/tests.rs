@@ -3,7 +3,7 @@
 use super::super::defaults::count_by_listing;
 use super::*;
 use crate::key::{DigestScheme, KeyDigest};
-use crate::quota::{BudgetId, Credits, PoolId, UsageLimits};
+use crate::limits::{BudgetId, Credits, PoolId, UsageLimits};
 use crate::scope::ScopeSet;
 use crate::store::{
     ChainSpend, KeyChange, KeyLimits, KeyUpdate, MAX_DELEGATION_DEPTH, MemoryStore, Rotation,

@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 
 use crate::audit::{AuditEvent, ChainLink, ChainState, EventDraft, Journal};
 use crate::key::{FormatSecret, KeyId, MAX_SECRET_VERSION};
-use crate::quota::{BudgetId, Credits, PoolId, UsageLimits};
+use crate::limits::{BudgetId, Credits, PoolId, UsageLimits};
 use crate::store::credits::ChainLevels;
 use crate::store::error::{StoreError, StoreErrorKind};
 use crate::store::format::{FormatSecrets, StoredSecret};

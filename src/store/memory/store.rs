@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 use super::state::Inner;
 use crate::audit::{AuditEvent, ChainState, EventDraft, EventQuery, Journal};
 use crate::key::{FormatSecret, KeyDigest, KeyId};
-use crate::quota::{BudgetId, BudgetLevel, PoolId, UsageLimits};
+use crate::limits::{BudgetId, BudgetLevel, PoolId, UsageLimits};
 use crate::store::credits::{ChainLevels, ChainSpend, CreditAdjustment, adjust};
 use crate::store::error::StoreError;
 use crate::store::format::FormatSecrets;

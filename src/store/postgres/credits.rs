@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use super::keys::{lock_row, write_limits};
 use super::sql::{Sql, limits_at, query};
 use crate::key::KeyId;
-use crate::quota::{BudgetId, Credits, PoolId, UsageLimits};
+use crate::limits::{BudgetId, Credits, PoolId, UsageLimits};
 use crate::store::credits::{ChainLevels, CreditAdjustment};
 use crate::store::error::StoreError;
 use crate::store::sql_common::{LimitColumns, adjusted, map_sqlx_error, micros, pool_key};

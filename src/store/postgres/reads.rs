@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 
 use super::sql::{COLUMNS, Sql, decode, decode_opt, limits_at, query};
 use crate::key::{KeyDigest, KeyId};
-use crate::quota::BudgetLevel;
+use crate::limits::BudgetLevel;
 use crate::store::error::StoreError;
 use crate::store::params::{ListQuery, SweepQuery};
 use crate::store::record::{KeyRecord, MAX_DELEGATION_DEPTH};

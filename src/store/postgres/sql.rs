@@ -8,7 +8,7 @@ use sha2::{Digest as _, Sha256};
 use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, Row};
 
-use crate::quota::UsageLimits;
+use crate::limits::UsageLimits;
 use crate::store::error::StoreError;
 use crate::store::record::KeyRecord;
 use crate::store::sql_common::{LimitColumns, RawRecord, map_sqlx_error};

@@ -15,7 +15,7 @@ use super::sql::{Sql, query};
 use super::{audit, credits, formats, keys, reads};
 use crate::audit::{AuditEvent, ChainState, EventDraft, EventQuery, Journal};
 use crate::key::{FormatSecret, KeyDigest, KeyId};
-use crate::quota::{BudgetId, BudgetLevel, Credits, PoolId, UsageLimits};
+use crate::limits::{BudgetId, BudgetLevel, Credits, PoolId, UsageLimits};
 use crate::store::credits::{ChainLevels, ChainSpend, CreditAdjustment};
 use crate::store::error::StoreError;
 use crate::store::format::FormatSecrets;
@@ -114,7 +114,7 @@ impl PostgresStore {
         }
     }
 
-    /// The connection pool (e.g. to share it with [`PgInvalidator`](crate::invalidate::PgInvalidator)).
+    /// The connection pool (e.g. to share it with [`PostgresInvalidator`](crate::invalidate::PostgresInvalidator)).
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }

@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 use super::keys::{fetch, write_limits};
 use super::sql::{decode_limits, limit_columns};
 use crate::key::KeyId;
-use crate::quota::{BudgetId, Credits, PoolId, UsageLimits};
+use crate::limits::{BudgetId, Credits, PoolId, UsageLimits};
 use crate::store::credits::{ChainLevels, CreditAdjustment};
 use crate::store::error::StoreError;
 use crate::store::sql_common::{LimitColumns, adjusted, map_sqlx_error, pool_key, to_unix_micros};

@@ -11,7 +11,7 @@ use super::sql::{
     ancestor_chain, columns, decode, decode_limits, decode_opt, descendant_tree, limit_columns,
 };
 use crate::key::{KeyDigest, KeyId};
-use crate::quota::BudgetLevel;
+use crate::limits::BudgetLevel;
 use crate::store::error::StoreError;
 use crate::store::params::{ListQuery, SweepQuery};
 use crate::store::record::{KeyRecord, MAX_DELEGATION_DEPTH};

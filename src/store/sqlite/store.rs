@@ -14,7 +14,7 @@ use tokio::sync::OnceCell;
 use super::{audit, credits, formats, keys, reads};
 use crate::audit::{AuditEvent, ChainState, EventDraft, EventQuery, Journal};
 use crate::key::{FormatSecret, KeyDigest, KeyId};
-use crate::quota::{BudgetId, BudgetLevel, PoolId, UsageLimits};
+use crate::limits::{BudgetId, BudgetLevel, PoolId, UsageLimits};
 use crate::store::credits::{ChainLevels, ChainSpend, CreditAdjustment};
 use crate::store::error::StoreError;
 use crate::store::format::FormatSecrets;

@@ -14,15 +14,15 @@ use crate::key::KeyId;
 
 /// A usage setting out of bounds; the message names the field and the bound.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InvalidQuota(String);
+pub struct InvalidLimit(String);
 
-impl fmt::Display for InvalidQuota {
+impl fmt::Display for InvalidLimit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
 }
 
-impl std::error::Error for InvalidQuota {}
+impl std::error::Error for InvalidLimit {}
 
 /// Largest [`RateLimit::limit`].
 pub const MAX_LIMIT: u32 = 1_000_000_000;
@@ -51,14 +51,14 @@ impl RateLimit {
     }
 
     /// An error unless both numbers are in range.
-    pub fn validate(&self) -> Result<(), InvalidQuota> {
+    pub fn validate(&self) -> Result<(), InvalidLimit> {
         if !(1..=MAX_LIMIT).contains(&self.limit) {
-            return Err(InvalidQuota(format!(
+            return Err(InvalidLimit(format!(
                 "rate_limit.limit must be between 1 and {MAX_LIMIT}"
             )));
         }
         if !(1..=MAX_PERIOD_SECONDS).contains(&self.period_seconds) {
-            return Err(InvalidQuota(format!(
+            return Err(InvalidLimit(format!(
                 "rate_limit.period_seconds must be between 1 and {MAX_PERIOD_SECONDS}"
             )));
         }
@@ -182,9 +182,9 @@ impl Credits {
     }
 
     /// An error unless `remaining` and the refill amount are at most [`MAX_CREDITS`].
-    pub fn validate(&self) -> Result<(), InvalidQuota> {
+    pub fn validate(&self) -> Result<(), InvalidLimit> {
         if self.remaining > MAX_CREDITS || self.refill.is_some_and(|r| r.amount > MAX_CREDITS) {
-            return Err(InvalidQuota(format!(
+            return Err(InvalidLimit(format!(
                 "credits must be between 0 and {MAX_CREDITS}"
             )));
         }
