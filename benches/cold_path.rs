@@ -1,5 +1,5 @@
 //! The first request for a key, 1,000 at once: every request of the burst carries the same key that
-//! no cache has seen, and they all go through `ApiKeyLayer` + `RequireScopes` on a 2-worker tokio
+//! no cache has seen, and they all go through `ApiKeyLayer` + `RequireScopesLayer` on a 2-worker tokio
 //! runtime. The resolver must answer the whole burst with ONE store lookup (the others join it or find
 //! its answer cached); the store is wrapped in a counter, so this is counted, not assumed.
 //!
@@ -26,7 +26,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use tokio::sync::RwLock;
 use tower::{Layer, ServiceExt};
-use tower_api_keys::guard::RequireScopes;
+use tower_api_keys::guard::RequireScopesLayer;
 use tower_api_keys::key::KeyFormat;
 use tower_api_keys::layer::{ApiKeyLayer, LiveBody};
 use tower_api_keys::resolver::CachedResolver;
@@ -68,7 +68,7 @@ impl Backend {
 /// and the store lookups made meanwhile.
 async fn burst(resolver: &CachedResolver, store: &CountingStore, key: &str) -> (Duration, u64) {
     let service =
-        ApiKeyLayer::new(resolver.clone()).layer(RequireScopes::all(["ledgers:read"]).layer(
+        ApiKeyLayer::new(resolver.clone()).layer(RequireScopesLayer::all(["ledgers:read"]).layer(
             tower::service_fn(|_: Request<LiveBody<String>>| async {
                 Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
             }),

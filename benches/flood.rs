@@ -1,5 +1,5 @@
 //! A flood of made-up keys: the public CRC32 checksum against the keyed format, in one run, through
-//! `ApiKeyLayer` + `RequireScopes` over stores that count their digest lookups.
+//! `ApiKeyLayer` + `RequireScopesLayer` over stores that count their digest lookups.
 //!
 //! 1. **Store lookups**: 100,000 made-up keys per format, each new. Public format: keys with a valid
 //!    CRC32 that no store knows (anyone can make them), one lookup each. Keyed format: half random
@@ -24,7 +24,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use tower::{Layer, Service, ServiceExt};
 use tower_api_keys::error::{AuthError, InvalidKeyReason};
-use tower_api_keys::guard::RequireScopes;
+use tower_api_keys::guard::RequireScopesLayer;
 use tower_api_keys::key::{FormatSecret, KeyFormat};
 use tower_api_keys::layer::{ApiKeyLayer, LiveBody};
 use tower_api_keys::resolver::CachedResolver;
@@ -64,12 +64,13 @@ type BoxService =
 /// The layer and a guard over a handler that answers 200, for `format` over `store`.
 fn stack(store: Arc<CountingStore>, format: KeyFormat) -> BoxService {
     let resolver = CachedResolver::builder(store).format(format).build();
-    let service = ApiKeyLayer::new(resolver).layer(RequireScopes::all(["ledgers:read"]).layer(
-        tower::service_fn(|request: Request<LiveBody<String>>| {
-            black_box(&request);
-            async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::new()))) }
-        }),
-    ));
+    let service =
+        ApiKeyLayer::new(resolver).layer(RequireScopesLayer::all(["ledgers:read"]).layer(
+            tower::service_fn(|request: Request<LiveBody<String>>| {
+                black_box(&request);
+                async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::new()))) }
+            }),
+        ));
     tower::util::BoxCloneService::new(service)
 }
 

@@ -1,5 +1,5 @@
 //! Hostile traffic: what random keys cost the store and the server, through `ApiKeyLayer` +
-//! `RequireScopes` over a store that counts its digest lookups.
+//! `RequireScopesLayer` over a store that counts its digest lookups.
 //!
 //! 1. 100,000 malformed keys, a quarter of each kind (wrong prefix, bad checksum, wrong length,
 //!    non-base62 characters): every one refused 401 `AUTH_INVALID_API_KEY`, and **0** store lookups.
@@ -36,7 +36,7 @@ use http_body_util::Full;
 use tower::{Layer, Service, ServiceExt};
 use tower_api_keys::error::AuthError;
 use tower_api_keys::error::InvalidKeyReason;
-use tower_api_keys::guard::RequireScopes;
+use tower_api_keys::guard::RequireScopesLayer;
 use tower_api_keys::key::{ApiKey, KeyFormat};
 use tower_api_keys::layer::{ApiKeyLayer, LiveBody};
 use tower_api_keys::resolver::CachedResolver;
@@ -241,7 +241,7 @@ fn main() {
         .negative_time_to_live(NEGATIVE_TTL)
         .build();
     let service =
-        ApiKeyLayer::new(resolver.clone()).layer(RequireScopes::all(["ledgers:read"]).layer(
+        ApiKeyLayer::new(resolver.clone()).layer(RequireScopesLayer::all(["ledgers:read"]).layer(
             tower::service_fn(|request: Request<LiveBody<String>>| {
                 black_box(&request);
                 async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::new()))) }
@@ -420,7 +420,7 @@ fn flood(runtime: &tokio::runtime::Runtime, format: &KeyFormat, rng: &mut Rng) {
         .negative_time_to_live(NEGATIVE_TTL)
         .build();
     let mut service =
-        ApiKeyLayer::new(resolver.clone()).layer(RequireScopes::all(["ledgers:read"]).layer(
+        ApiKeyLayer::new(resolver.clone()).layer(RequireScopesLayer::all(["ledgers:read"]).layer(
             tower::service_fn(|_: Request<LiveBody<String>>| async {
                 Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
             }),

@@ -6,7 +6,7 @@
 //!
 //! - `bare`: the inner service alone;
 //! - `tower-http bearer`: `ValidateRequestHeaderLayer::bearer(token)`, one static token compared;
-//! - `layer`: `ApiKeyLayer` (cached key, cache warmed first) + `RequireScopes`; also the layer alone,
+//! - `layer`: `ApiKeyLayer` (cached key, cache warmed first) + `RequireScopesLayer`; also the layer alone,
 //!   and the layer over a resolver with its per-thread front turned off (every hit a moka `get`),
 //!   which is what decides whether the front stays;
 //! - the parts no key-store auth can avoid: SHA-256 of the key, one `std` `HashMap` lookup of the
@@ -41,7 +41,7 @@ use tower::{Layer, Service, ServiceExt};
 use tower_api_keys::store::KeyLimits;
 
 mod fixtures;
-use tower_api_keys::guard::RequireScopes;
+use tower_api_keys::guard::RequireScopesLayer;
 use tower_api_keys::key::{ApiKey, KeyDigest, KeyFormat, KeyId};
 use tower_api_keys::layer::{ApiKeyLayer, LiveBody};
 use tower_api_keys::principal::Principal;
@@ -223,7 +223,7 @@ impl Fixture {
 
     fn layer(&self) -> impl Service<Req, Response = Response<Full<Bytes>>, Error = Infallible> {
         ApiKeyLayer::new(self.resolver.clone())
-            .layer(RequireScopes::all(["ledgers:read"]).layer(tower::service_fn(handler)))
+            .layer(RequireScopesLayer::all(["ledgers:read"]).layer(tower::service_fn(handler)))
             .map_response(unwrap_live)
     }
 
@@ -232,7 +232,7 @@ impl Fixture {
         &self,
     ) -> impl Service<Req, Response = Response<Full<Bytes>>, Error = Infallible> {
         ApiKeyLayer::new(self.no_front.clone())
-            .layer(RequireScopes::all(["ledgers:read"]).layer(tower::service_fn(handler)))
+            .layer(RequireScopesLayer::all(["ledgers:read"]).layer(tower::service_fn(handler)))
             .map_response(unwrap_live)
     }
 
@@ -397,7 +397,7 @@ fn print_ratios(f: &Fixture) {
             Box::new(|| time_stack(&mut bearer, BATCH, &bearer_request)),
         ),
         (
-            "layer + RequireScopes",
+            "layer + RequireScopesLayer",
             Box::new(|| time_stack(&mut layer, BATCH, &api_key)),
         ),
         (
@@ -405,7 +405,7 @@ fn print_ratios(f: &Fixture) {
             Box::new(|| time_stack(&mut layer_only, BATCH, &api_key)),
         ),
         (
-            "layer + RequireScopes, no front",
+            "layer + RequireScopesLayer, no front",
             Box::new(|| time_stack(&mut layer_no_front, BATCH, &api_key)),
         ),
         (
@@ -448,7 +448,7 @@ fn print_ratios(f: &Fixture) {
     let (bare, bearer, layer, parts) = (
         get("bare service"),
         get("tower-http bearer"),
-        get("layer + RequireScopes"),
+        get("layer + RequireScopesLayer"),
         get("sum of parts (sha+map+extension)"),
     );
     // bcrypt: a few verifications, interleaved with rounds of the layer.
@@ -481,7 +481,7 @@ fn print_ratios(f: &Fixture) {
     );
     println!(
         "  (layer, no front - bare) / parts   {:>10.2}x   (what the per-thread front saves)",
-        (get("layer + RequireScopes, no front") - bare) / parts
+        (get("layer + RequireScopesLayer, no front") - bare) / parts
     );
     println!(
         "  layer / sum of parts               {:>10.2}x",

@@ -11,7 +11,7 @@
 //! | `moka-by-hand` | `.layer(middleware::from_fn_with_state(..))`: SHA-256 of the header, a `moka` get, an extension insert, what people write by hand |
 //! | `layer` | `.layer(ApiKeyLayer::new(..).axum_body())` (as the README wires it; every `layer*` case but the next) |
 //! | `layer(any-body)` | `.layer(ApiKeyLayer::new(..))`: bodies in a `LiveBody` that axum reboxes, the mode for any tower service |
-//! | `layer+require` | `.route_layer(RequireScopes::all(..)).layer(ApiKeyLayer)`: two layers, two boxes |
+//! | `layer+require` | `.route_layer(RequireScopesLayer::all(..)).layer(ApiKeyLayer)`: two layers, two boxes |
 //! | `layer+scoped` | `.layer(ApiKeyLayer)`, the handler takes `Scoped<LedgersRead>`: the guard costs no layer |
 //! | `layer+require+limit` | `layer+require` with `.route_layer(RateLimiter::in_memory().layer())` inside the guard, a key with a rate limit it never reaches |
 //! | `layer+scoped+limit` | `layer+scoped` with the rate-limit layer |
@@ -36,7 +36,7 @@ use futures_util::FutureExt;
 use http::{HeaderName, HeaderValue, StatusCode};
 use sha2::{Digest, Sha256};
 use tower::Service;
-use tower_api_keys::guard::{RequireScopes, Scoped};
+use tower_api_keys::guard::{RequireScopesLayer, Scoped};
 use tower_api_keys::key::{ApiKey, KeyFormat};
 use tower_api_keys::layer::ApiKeyLayer;
 use tower_api_keys::limits::{RateLimit, UsageLimits};
@@ -179,7 +179,7 @@ fn case(name: &str, runtime: &tokio::runtime::Runtime) -> Case {
         HeaderValue::from_str(key.expose_secret()).unwrap(),
     );
     let layer = || ApiKeyLayer::new(resolver.clone()).axum_body();
-    let guard = || RequireScopes::all(["ledgers:read"]);
+    let guard = || RequireScopesLayer::all(["ledgers:read"]);
     let limiter = || RateLimiter::in_memory().layer();
     #[allow(deprecated)] // `bearer` is deprecated in tower-http 0.6.7 and still there
     let static_token = || tower_http::validate_request::ValidateRequestHeaderLayer::bearer(TOKEN);

@@ -1,7 +1,7 @@
 //! What provenance stamping costs on top of reading the body, for 1 KiB and 64 KiB JSON bodies.
 //!
 //! Both cases run the same inner service (which collects the body), once directly ("collect") and
-//! once behind `Provenance` with a scoped principal ("stamp": read through the limit, scan, splice,
+//! once behind `ProvenanceLayer` with a scoped principal ("stamp": read through the limit, scan, splice,
 //! rebuild the body). After the criterion groups, the same pairs are timed interleaved and the
 //! stamp/collect ratios printed.
 //!
@@ -24,7 +24,7 @@ use http_body_util::BodyExt;
 use tower::{Layer, Service, ServiceExt};
 use tower_api_keys::key::KeyId;
 use tower_api_keys::principal::Principal;
-use tower_api_keys::provenance::Provenance;
+use tower_api_keys::provenance::ProvenanceLayer;
 use tower_api_keys::scope::ScopeSet;
 
 mod fixtures;
@@ -122,7 +122,7 @@ where
 fn benches(c: &mut Criterion) {
     let principal = principal();
     let mut plain = tower::service_fn(collect);
-    let mut stamped = Provenance::new().layer(tower::service_fn(collect));
+    let mut stamped = ProvenanceLayer::new().layer(tower::service_fn(collect));
     let mut group = c.benchmark_group("provenance");
     for (len, name) in SIZES {
         let body = json_body(len);
@@ -133,7 +133,7 @@ fn benches(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("stamp", name), &body, |b, body| {
             b.iter(|| run(&mut stamped, body, Framing::Whole, &principal))
         });
-        let provenance = Provenance::new();
+        let provenance = ProvenanceLayer::new();
         let key_id = principal.key_id().clone();
         group.bench_with_input(
             BenchmarkId::new("scan+splice only", name),
@@ -160,7 +160,7 @@ fn median_per_iter(samples: &mut [Duration], per_batch: u32) -> f64 {
 fn print_ratios() {
     let principal = principal();
     let mut plain = tower::service_fn(collect);
-    let mut stamped = Provenance::new().layer(tower::service_fn(collect));
+    let mut stamped = ProvenanceLayer::new().layer(tower::service_fn(collect));
     println!(
         "\nprovenance: stamping vs just collecting the body (median of 31 interleaved batches)"
     );
@@ -224,15 +224,16 @@ fn print_ratios() {
 /// Makes sure the "stamp" case really stamps.
 fn check_stamping() {
     let body = json_body(1024);
-    let mut service = Provenance::new().layer(tower::service_fn(|request: Request<Body>| async {
-        let bytes = request.into_body().collect().await.unwrap().to_bytes();
-        let stamp = br#""BLNK_GENERATED_BY":"key_01JABCDEFGHJKMNPQRSTVWXYZ0""#;
-        assert!(
-            bytes.windows(stamp.len()).any(|w| w == stamp),
-            "the body was stamped"
-        );
-        Ok::<_, Infallible>(Response::new(Body::empty()))
-    }));
+    let mut service =
+        ProvenanceLayer::new().layer(tower::service_fn(|request: Request<Body>| async {
+            let bytes = request.into_body().collect().await.unwrap().to_bytes();
+            let stamp = br#""BLNK_GENERATED_BY":"key_01JABCDEFGHJKMNPQRSTVWXYZ0""#;
+            assert!(
+                bytes.windows(stamp.len()).any(|w| w == stamp),
+                "the body was stamped"
+            );
+            Ok::<_, Infallible>(Response::new(Body::empty()))
+        }));
     run(&mut service, &body, Framing::Frames(100), &principal());
 }
 
@@ -263,7 +264,7 @@ const STAMP: &str = "BLNK_GENERATED_BY";
 
 /// The library route gives the scanner's bytes on every benched body and on the edge cases.
 fn check_raw_splice() {
-    let provenance = Provenance::new();
+    let provenance = ProvenanceLayer::new();
     let key_id = KeyId::new("key_01JABCDEFGHJKMNPQRSTVWXYZ0");
     let id_json = "\"key_01JABCDEFGHJKMNPQRSTVWXYZ0\"";
     let mut bodies = vec![
@@ -294,7 +295,7 @@ fn check_raw_splice() {
 /// The hand-written scanner against the `RawValue` splice, interleaved, on small, large and deep
 /// bodies: median thread CPU time per stamp and the ratio.
 fn scanner_vs_library() {
-    let provenance = Provenance::new();
+    let provenance = ProvenanceLayer::new();
     let key_id = KeyId::new("key_01JABCDEFGHJKMNPQRSTVWXYZ0");
     let id_json = "\"key_01JABCDEFGHJKMNPQRSTVWXYZ0\"";
     println!(

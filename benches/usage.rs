@@ -1,5 +1,5 @@
 //! What counting usage adds to one authenticated request (cached key): `ApiKeyLayer` +
-//! `RequireScopes` around a trivial service, without and with a [`UsageRecorder`] (last use,
+//! `RequireScopesLayer` around a trivial service, without and with a [`UsageRecorder`] (last use,
 //! the outcome counted when the response head is ready, the address read at most once a second).
 //! Target: at most 30 ns median added per request.
 //!
@@ -18,7 +18,7 @@ use http_body_util::Empty;
 use http_body_util::Full;
 use time::OffsetDateTime;
 use tower::{Layer, Service, ServiceExt};
-use tower_api_keys::guard::RequireScopes;
+use tower_api_keys::guard::RequireScopesLayer;
 use tower_api_keys::key::{ApiKey, KeyFormat, KeyId};
 use tower_api_keys::layer::{ApiKeyLayer, LiveBody};
 use tower_api_keys::resolver::CachedResolver;
@@ -118,7 +118,7 @@ fn main() {
     let (key, resolver, store) = setup();
     let key = key.expose_secret().to_owned();
     let recorder = UsageRecorder::new(store);
-    let guarded = || RequireScopes::all(["ledgers:read"]).layer(tower::service_fn(handler));
+    let guarded = || RequireScopesLayer::all(["ledgers:read"]).layer(tower::service_fn(handler));
     let mut plain = ApiKeyLayer::new(resolver.clone()).layer(guarded());
     let mut counted = ApiKeyLayer::new(resolver)
         .usage(recorder.clone())

@@ -1,5 +1,5 @@
 //! A plain hyper 1 server (no axum) protected by `tower-api-keys`: [`ApiKeyLayer`] around a
-//! `tower::service_fn`, per-route scopes with [`RequireScopes`], the [`Principal`] read from the
+//! `tower::service_fn`, per-route scopes with [`RequireScopesLayer`], the [`Principal`] read from the
 //! request extensions.
 //!
 //! ```text
@@ -50,7 +50,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
 use tower_api_keys::error::{AuthError, JsonRejection, RenderRejection};
-use tower_api_keys::guard::RequireScopes;
+use tower_api_keys::guard::RequireScopesLayer;
 use tower_api_keys::key::{ApiKey, KeyFormat};
 use tower_api_keys::layer::{ApiKeyLayer, KeySource, LiveBody};
 use tower_api_keys::manage::KeyManager;
@@ -105,14 +105,15 @@ pub fn app(
 + Send
 + 'static {
     let ledgers = Ledgers::default();
-    // Each guarded route is its handler wrapped in a `RequireScopes` layer. The guard reads the
+    // Each guarded route is its handler wrapped in a `RequireScopesLayer` layer. The guard reads the
     // principal `ApiKeyLayer` put in the extensions and answers 403 `AUTH_INSUFFICIENT_PERMISSIONS`
     // (with `details.required`) when a scope is missing, before the handler runs.
-    let list = RequireScopes::all(["ledgers:read"]).layer(handler(ledgers.clone(), list_ledgers));
+    let list =
+        RequireScopesLayer::all(["ledgers:read"]).layer(handler(ledgers.clone(), list_ledgers));
     let create =
-        RequireScopes::all(["ledgers:write"]).layer(handler(ledgers.clone(), create_ledger));
+        RequireScopesLayer::all(["ledgers:write"]).layer(handler(ledgers.clone(), create_ledger));
     let delete =
-        RequireScopes::all(["ledgers:delete"]).layer(handler(ledgers.clone(), delete_ledger));
+        RequireScopesLayer::all(["ledgers:delete"]).layer(handler(ledgers.clone(), delete_ledger));
 
     let router = service_fn(move |req: Request<ReqBody>| {
         let route = match (req.method(), req.uri().path()) {

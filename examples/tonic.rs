@@ -32,7 +32,7 @@
 //!   response carrying `grpc-status` (UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE) and a
 //!   `grpc-message` that starts with the stable code, e.g. `AUTH_INVALID_API_KEY: ...`. Never an
 //!   HTTP 401 with a JSON body, which gRPC clients would report as a confusing transport error.
-//! - [`MethodScopes`] (from the crate) picks the [`RequireScopes`] guard of each gRPC method from
+//! - [`MethodScopesLayer`] (from the crate) picks the [`RequireScopesLayer`] guard of each gRPC method from
 //!   the request path (`/ledger.v1.Ledgers/CreateLedger`); a method nobody declared needs `*:*`, so
 //!   an RPC added to the proto without its scopes fails closed.
 //! - Handlers read the [`Principal`] from the request extensions (tonic copies the HTTP request's
@@ -52,7 +52,7 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tower::ServiceBuilder;
 use tower_api_keys::error::{AuthError, GrpcRejection};
-use tower_api_keys::guard::{MethodScopes, RequireScopes};
+use tower_api_keys::guard::{MethodScopesLayer, RequireScopesLayer};
 use tower_api_keys::key::{ApiKey, KeyFormat};
 use tower_api_keys::layer::{ApiKeyLayer, KeySource};
 use tower_api_keys::manage::KeyManager;
@@ -94,23 +94,23 @@ fn method_path(method: &str) -> String {
 }
 
 /// The scopes each method of the service needs.
-pub fn ledger_scopes() -> MethodScopes<GrpcRejection> {
-    MethodScopes::new()
+pub fn ledger_scopes() -> MethodScopesLayer<GrpcRejection> {
+    MethodScopesLayer::new()
         .method(
             &method_path("GetLedger"),
-            RequireScopes::all(["ledgers:read"]),
+            RequireScopesLayer::all(["ledgers:read"]),
         )
         .method(
             &method_path("CreateLedger"),
-            RequireScopes::all(["ledgers:write"]),
+            RequireScopesLayer::all(["ledgers:write"]),
         )
         .method(
             &method_path("ImportLedgers"),
-            RequireScopes::all(["ledgers:write"]),
+            RequireScopesLayer::all(["ledgers:write"]),
         )
         .method(
             &method_path("WatchLedgers"),
-            RequireScopes::all(["ledgers:read"]),
+            RequireScopesLayer::all(["ledgers:read"]),
         )
         .rejection(GrpcRejection)
 }

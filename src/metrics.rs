@@ -3,7 +3,7 @@
 //! | metric | type | labels | what |
 //! |---|---|---|---|
 //! | `api_key_requests_total` | counter | `outcome`: `ok` or the error code (e.g. `AUTH_INVALID_API_KEY`); `kind` on `ok`: `master`, `scoped` or `anonymous` | every request [`ApiKeyLayer`](crate::layer::ApiKeyLayer) admitted or refused |
-//! | `api_key_guard_refusals_total` | counter | `outcome`: the error code (`AUTH_INSUFFICIENT_PERMISSIONS`, `AUTH_MISSING_API_KEY`, `AUTH_MISSING_PRINCIPAL`) | every request a [`RequireScopes`](crate::guard::RequireScopes) guard refused |
+//! | `api_key_guard_refusals_total` | counter | `outcome`: the error code (`AUTH_INSUFFICIENT_PERMISSIONS`, `AUTH_MISSING_API_KEY`, `AUTH_MISSING_PRINCIPAL`) | every request a [`RequireScopesLayer`](crate::guard::RequireScopesLayer) guard refused |
 //! | `api_key_rate_limit_total` | counter | `outcome`: `admitted`, `RATE_LIMITED`, `USAGE_EXCEEDED` or `AUTH_UNAVAILABLE` | every request of a limited key a [`RateLimitLayer`](crate::ratelimit::RateLimitLayer) decided |
 //! | `api_key_rate_limit_backend_errors_total` | counter | `backend`: `rates` or `credits`; `mode`: `open` or `closed` | every failed limiter backend call (Redis, the key store) and how it was handled |
 //! | `api_key_lookup_seconds` | histogram | `outcome`: `found`, `unknown`, `error` or `timeout` | latency of key-store lookups (cache misses only) |
@@ -16,7 +16,7 @@
 //! | `api_key_fleet_laggards_total` | counter | `instance` | instances that had not acknowledged an invalidation by the deadline ([`LAGGARDS_TOTAL`]) |
 //!
 //! `api_key_requests_total` records the authentication decision: a request admitted by the layer and
-//! then refused by a [`RequireScopes`](crate::guard::RequireScopes) guard counts as `ok` there, and once in
+//! then refused by a [`RequireScopesLayer`](crate::guard::RequireScopesLayer) guard counts as `ok` there, and once in
 //! `api_key_guard_refusals_total` (the authorization decision), so neither counter counts a request
 //! twice.
 //! Anonymous requests are CORS preflights and, with an optional layer, requests without a key.

@@ -18,7 +18,7 @@ use http_body_util::Empty;
 use http_body_util::Full;
 use time::OffsetDateTime;
 use tower::{Layer, Service, ServiceExt};
-use tower_api_keys::guard::RequireScopes;
+use tower_api_keys::guard::RequireScopesLayer;
 use tower_api_keys::key::{ApiKey, KeyFormat};
 use tower_api_keys::layer::{ApiKeyLayer, LiveBody};
 use tower_api_keys::principal::Principal;
@@ -147,7 +147,7 @@ fn extensions_cost(principal: &Principal) -> u64 {
 fn a_cached_request_allocates_only_the_extension() {
     let (key, resolver) = cached_key();
     let mut service = ApiKeyLayer::new(resolver.clone())
-        .layer(RequireScopes::all(["ledgers:read"]).layer(tower::service_fn(handler)));
+        .layer(RequireScopesLayer::all(["ledgers:read"]).layer(tower::service_fn(handler)));
     let mut layer_only = ApiKeyLayer::new(resolver).layer(tower::service_fn(handler));
     // Warm up: the per-thread front, lazy statics, the tracing callsite cache.
     for _ in 0..50 {

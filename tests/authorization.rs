@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tower_api_keys::error::ErrorCode;
-use tower_api_keys::guard::RequireScopes;
+use tower_api_keys::guard::RequireScopesLayer;
 use tower_api_keys::invalidate::{Invalidation, Invalidator};
 use tower_api_keys::key::{ApiKey, KeyDigest, KeyFormat};
 use tower_api_keys::layer::{ApiKeyLayer, KeySource};
@@ -68,7 +68,7 @@ async fn start() -> Server {
             "/ledgers",
             get(|p: Principal| async move { p.key_id().to_string() }),
         )
-        .route_layer(RequireScopes::all(["ledgers:read"]))
+        .route_layer(RequireScopesLayer::all(["ledgers:read"]))
         .merge(manage::router(manager.clone()))
         .layer(
             ApiKeyLayer::new(resolver.clone())

@@ -18,7 +18,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 use tower::{Layer, ServiceExt, service_fn};
 use tower_api_keys::error::GrpcRejection;
-use tower_api_keys::guard::RequireScopes;
+use tower_api_keys::guard::RequireScopesLayer;
 use tower_api_keys::key::{ApiKey, KeyId};
 use tower_api_keys::principal::Principal;
 use tower_api_keys::resolver::CachedResolver;
@@ -28,7 +28,7 @@ use common::TestStore;
 use tonic_example::issue_key;
 use tonic_example::pb::ledgers_client::LedgersClient;
 use tonic_example::pb::{CreateLedgerRequest, GetLedgerRequest, Ledger};
-use tower_api_keys::guard::MethodScopes;
+use tower_api_keys::guard::MethodScopesLayer;
 
 const MASTER: &str = "master-key-for-grpc-tests-0123456789";
 
@@ -303,18 +303,18 @@ async fn store_outage_is_unavailable_not_a_bad_key() {
         .unwrap();
 }
 
-// --- MethodScopes on its own ---------------------------------------------------------------------
+// --- MethodScopesLayer on its own ---------------------------------------------------------------------
 
-/// A `MethodScopes` service answering 200 behind the guards, over a request carrying `principal`.
+/// A `MethodScopesLayer` service answering 200 behind the guards, over a request carrying `principal`.
 async fn guarded_status(path: &str, principal: Option<Principal>) -> (u16, Option<String>) {
-    let scopes = MethodScopes::new()
+    let scopes = MethodScopesLayer::new()
         .method(
             "/ledger.v1.Ledgers/GetLedger",
-            RequireScopes::all(["ledgers:read"]),
+            RequireScopesLayer::all(["ledgers:read"]),
         )
         .method(
             "/ledger.v1.Ledgers/CreateLedger",
-            RequireScopes::any(["ledgers:write", "ledgers:admin"]),
+            RequireScopesLayer::any(["ledgers:write", "ledgers:admin"]),
         )
         .rejection(GrpcRejection);
     let service = scopes.layer(service_fn(|_: http::Request<()>| async {
@@ -389,13 +389,16 @@ async fn method_scopes_pick_the_guard_by_path_and_fail_closed() {
 #[test]
 #[should_panic(expected = "not a gRPC method path")]
 fn method_scopes_reject_a_malformed_path() {
-    let _ = MethodScopes::new().method("ledger.v1.Ledgers/GetLedger", RequireScopes::all(["a:b"]));
+    let _ = MethodScopesLayer::new().method(
+        "ledger.v1.Ledgers/GetLedger",
+        RequireScopesLayer::all(["a:b"]),
+    );
 }
 
 #[test]
 #[should_panic(expected = "declared twice")]
 fn method_scopes_reject_a_duplicate() {
-    let _ = MethodScopes::new()
-        .method("/a.B/C", RequireScopes::all(["a:b"]))
-        .method("/a.B/C", RequireScopes::all(["a:c"]));
+    let _ = MethodScopesLayer::new()
+        .method("/a.B/C", RequireScopesLayer::all(["a:b"]))
+        .method("/a.B/C", RequireScopesLayer::all(["a:c"]));
 }

@@ -1,4 +1,4 @@
-//! Behaviour of `ApiKeyLayer` and `RequireScopes` through a real axum router: every HTTP row of the
+//! Behaviour of `ApiKeyLayer` and `RequireScopesLayer` through a real axum router: every HTTP row of the
 //! DESIGN error table that authentication produces, the key sources, caching and bad input.
 
 mod common;
@@ -15,7 +15,7 @@ use http::{Request, StatusCode};
 use time::OffsetDateTime;
 use tower::ServiceExt;
 use tower_api_keys::error::{AuthError, ErrorCode};
-use tower_api_keys::guard::{RequireScopes, Scoped};
+use tower_api_keys::guard::{RequireScopesLayer, Scoped};
 use tower_api_keys::key::{ApiKey, KeyFormat};
 use tower_api_keys::layer::{ApiKeyLayer, KeySource};
 use tower_api_keys::principal::{Principal, PrincipalKind};
@@ -53,24 +53,24 @@ async fn whoami(principal: Principal) -> String {
 
 fn app(f: &Fixture, layer: impl FnOnce(ApiKeyLayer) -> ApiKeyLayer) -> Router {
     // `route_layer` covers every route added before it, so each guarded route gets its own router.
-    let guarded = |path: &str, route: axum::routing::MethodRouter, guard: RequireScopes| {
+    let guarded = |path: &str, route: axum::routing::MethodRouter, guard: RequireScopesLayer| {
         Router::new().route(path, route).route_layer(guard)
     };
     Router::new()
         .merge(guarded(
             "/ledgers",
             post(whoami),
-            RequireScopes::all(["ledgers:write"]),
+            RequireScopesLayer::all(["ledgers:write"]),
         ))
         .merge(guarded(
             "/either",
             get(whoami),
-            RequireScopes::any(["ledgers:read", "balances:read"]),
+            RequireScopesLayer::any(["ledgers:read", "balances:read"]),
         ))
         .merge(guarded(
             "/by-method",
             get(whoami).post(whoami).delete(whoami).put(whoami),
-            RequireScopes::by_method("ledgers"),
+            RequireScopesLayer::by_method("ledgers"),
         ))
         .route(
             "/typed",
@@ -522,7 +522,7 @@ async fn typed_scope_extractor() {
 async fn guard_or_extractor_without_a_layer_is_401_missing_principal() {
     let unprotected = Router::new()
         .route("/guarded", get(|| async { "reached" }))
-        .route_layer(RequireScopes::all(["ledgers:read"]))
+        .route_layer(RequireScopesLayer::all(["ledgers:read"]))
         .route("/extract", get(whoami));
     for uri in ["/guarded", "/extract"] {
         expect_error(
@@ -873,7 +873,7 @@ async fn custom_rejection_rendering_keeps_the_typed_error() {
 async fn invalid_route_scopes_fail_when_the_router_is_built() {
     let _ = Router::<()>::new()
         .route("/x", get(|| async { "" }))
-        .route_layer(RequireScopes::all(["Ledgers:Write"]));
+        .route_layer(RequireScopesLayer::all(["Ledgers:Write"]));
 }
 
 #[test]
@@ -912,7 +912,7 @@ fn counted_app(
         .merge(
             Router::new()
                 .route("/ledgers", post(whoami))
-                .route_layer(RequireScopes::all(["ledgers:write"])),
+                .route_layer(RequireScopesLayer::all(["ledgers:write"])),
         )
         .layer(axum::middleware::from_fn(
             move |req: axum::extract::Request, next: axum::middleware::Next| {

@@ -28,7 +28,7 @@ use tower_api_keys::manage::{
 };
 use tower_api_keys::principal::Principal;
 use tower_api_keys::provenance::DEFAULT_MAX_BODY_BYTES;
-use tower_api_keys::provenance::Provenance;
+use tower_api_keys::provenance::ProvenanceLayer;
 use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::scope::MAX_SCOPE_LEN;
 
@@ -52,7 +52,7 @@ fn fixture() -> Fixture {
         .route(
             "/records",
             post(|body: Bytes| async move { body })
-                .route_layer(Provenance::new())
+                .route_layer(ProvenanceLayer::new())
                 // The stamp makes a body at the layer's limit longer than axum's default limit
                 // (also 2 MiB): the handler's own limit must leave room for it.
                 .layer(DefaultBodyLimit::max(DEFAULT_MAX_BODY_BYTES + 1024)),
@@ -204,7 +204,7 @@ fn padded(len: usize) -> String {
 #[tokio::test]
 async fn provenance_reads_at_most_2_mib_by_default() {
     // `tests/provenance.rs` covers a configured limit, streamed bodies and Content-Length; this is
-    // the default every `Provenance::new()` gets.
+    // the default every `ProvenanceLayer::new()` gets.
     assert_eq!(DEFAULT_MAX_BODY_BYTES, 2 * 1024 * 1024);
     let f = fixture();
     let created = f

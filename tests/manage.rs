@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tower::ServiceExt;
 use tower_api_keys::error::AuthError;
-use tower_api_keys::guard::RequireScopes;
+use tower_api_keys::guard::RequireScopesLayer;
 use tower_api_keys::key::{ApiKey, KeyFormat, KeyId};
 use tower_api_keys::layer::{ApiKeyLayer, KeySource};
 use tower_api_keys::manage::{self, CreateKey, KeyManager, KeyPolicy};
@@ -44,7 +44,7 @@ fn fixture(policy: KeyPolicy) -> Fixture {
             "/ledgers",
             get(|p: Principal| async move { p.key_id().to_string() }),
         )
-        .route_layer(RequireScopes::all(["ledgers:read"]))
+        .route_layer(RequireScopesLayer::all(["ledgers:read"]))
         .merge(manage::router(manager.clone()))
         .layer(
             ApiKeyLayer::new(resolver.clone())

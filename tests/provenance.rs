@@ -23,7 +23,7 @@ use tower_api_keys::error::ErrorCode;
 use tower_api_keys::key::{ApiKey, KeyFormat, KeyId};
 use tower_api_keys::layer::ApiKeyLayer;
 use tower_api_keys::principal::Principal;
-use tower_api_keys::provenance::{Provenance, ProvenanceBody};
+use tower_api_keys::provenance::{ProvenanceBody, ProvenanceLayer};
 use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::scope::ScopeSet;
 use tower_api_keys::store::KeyLimits;
@@ -96,7 +96,7 @@ impl Fixture {
     }
 
     /// `/records` (POST, GET, PUT) behind `provenance` as a route layer.
-    fn app(&self, provenance: Provenance) -> Router {
+    fn app(&self, provenance: ProvenanceLayer) -> Router {
         Router::new()
             .route("/records", post(echo).get(echo).put(echo))
             .route_layer(provenance)
@@ -202,7 +202,7 @@ async fn send(app: Router, request: Request<Body>) -> Answer {
 
 async fn post_json(fx: &Fixture, body: &str) -> Answer {
     send(
-        fx.app(Provenance::new()),
+        fx.app(ProvenanceLayer::new()),
         request(Method::POST, Who::Scoped(fx), Some(JSON), body.as_bytes()),
     )
     .await
@@ -313,7 +313,7 @@ async fn ambiguous_metadata_and_stray_stamps_are_400() {
     }
     // Even where unstampable bodies pass through: an ambiguous one is a JSON object it could stamp.
     let answer = send(
-        fx.app(Provenance::new().pass_through_unstampable(true)),
+        fx.app(ProvenanceLayer::new().pass_through_unstampable(true)),
         request(
             Method::POST,
             Who::Scoped(&fx),
@@ -331,7 +331,7 @@ async fn ambiguous_metadata_and_stray_stamps_are_400() {
     .await;
     assert_eq!(answer.status, StatusCode::OK);
     let answer = send(
-        fx.app(Provenance::new()),
+        fx.app(ProvenanceLayer::new()),
         request(
             Method::POST,
             Who::Master,
@@ -449,7 +449,7 @@ async fn unstampable_bodies_are_refused_with_415() {
     let fx = fixture().await;
     for (content_type, body) in UNSTAMPABLE {
         let answer = send(
-            fx.app(Provenance::new()),
+            fx.app(ProvenanceLayer::new()),
             request(Method::POST, Who::Scoped(&fx), content_type, body),
         )
         .await;
@@ -463,7 +463,7 @@ async fn unstampable_bodies_are_refused_with_415() {
 #[tokio::test]
 async fn unstampable_bodies_pass_through_untouched_when_asked() {
     let fx = fixture().await;
-    let passing = || Provenance::new().pass_through_unstampable(true);
+    let passing = || ProvenanceLayer::new().pass_through_unstampable(true);
     for (content_type, body) in UNSTAMPABLE {
         let answer = send(
             fx.app(passing()),
@@ -521,7 +521,7 @@ async fn ambiguous_or_encoded_framing_is_refused_with_415() {
         for (name, value) in headers {
             request.headers_mut().append(*name, value.parse().unwrap());
         }
-        let answer = send(fx.app(Provenance::new()), request).await;
+        let answer = send(fx.app(ProvenanceLayer::new()), request).await;
         answer.assert_unstampable();
     }
 }
@@ -544,7 +544,7 @@ async fn odd_but_plain_json_framing_is_stamped() {
         for (name, value) in headers {
             request.headers_mut().append(*name, value.parse().unwrap());
         }
-        send(fx.app(Provenance::new()), request)
+        send(fx.app(ProvenanceLayer::new()), request)
             .await
             .assert_body(expected.as_bytes());
     }
@@ -555,7 +555,7 @@ async fn empty_bodies_go_on_unread() {
     let fx = fixture().await;
     for content_type in [None, Some(JSON)] {
         let answer = send(
-            fx.app(Provenance::new()),
+            fx.app(ProvenanceLayer::new()),
             request(Method::POST, Who::Scoped(&fx), content_type, b""),
         )
         .await;
@@ -570,7 +570,7 @@ async fn empty_bodies_go_on_unread() {
             Bytes::new(),
         )])))
         .unwrap();
-    let answer = send(fx.app(Provenance::new()), request).await;
+    let answer = send(fx.app(ProvenanceLayer::new()), request).await;
     assert!(answer.handled && answer.body.is_empty());
 }
 
@@ -594,7 +594,7 @@ async fn a_streamed_chunked_body_is_stamped() {
         .header(TRANSFER_ENCODING, "chunked")
         .body(body)
         .unwrap();
-    let answer = send(fx.app(Provenance::new()), request).await;
+    let answer = send(fx.app(ProvenanceLayer::new()), request).await;
     let expected = format!(
         r#"{{"amount": 12345678901234567890123, "meta_data": {{"BLNK_GENERATED_BY": "{}", "note": "\u00e9"}}}}"#,
         fx.id()
@@ -616,7 +616,7 @@ fn padded(len: usize) -> String {
 async fn bodies_up_to_the_limit_are_stamped_and_larger_ones_refused() {
     const LIMIT: usize = 1000;
     let fx = fixture().await;
-    let app = || fx.app(Provenance::new().max_body_bytes(LIMIT));
+    let app = || fx.app(ProvenanceLayer::new().max_body_bytes(LIMIT));
 
     let at_limit = padded(LIMIT);
     let answer = send(
@@ -700,7 +700,7 @@ async fn bodies_up_to_the_limit_are_stamped_and_larger_ones_refused() {
     };
     send(app(), upload()).await.assert_unstampable();
     let passing = fx.app(
-        Provenance::new()
+        ProvenanceLayer::new()
             .max_body_bytes(LIMIT)
             .pass_through_unstampable(true),
     );
@@ -715,7 +715,7 @@ async fn invalid_utf8_is_refused() {
         b"{\"meta_data\": {\"BLNK_GENERATED_BY\": \"\xc3\x28\"}}",
     ] {
         let answer = send(
-            fx.app(Provenance::new()),
+            fx.app(ProvenanceLayer::new()),
             request(Method::POST, Who::Scoped(&fx), Some(JSON), body),
         )
         .await;
@@ -729,7 +729,7 @@ async fn the_master_key_and_anonymous_requests_add_nothing() {
     let body = br#"{"meta_data": {"BLNK_GENERATED_BY": "client"}, "a": 1}"#;
     for who in [Who::Master, Who::Anonymous] {
         let answer = send(
-            fx.app(Provenance::new()),
+            fx.app(ProvenanceLayer::new()),
             request(Method::POST, who, Some(JSON), body),
         )
         .await;
@@ -737,7 +737,7 @@ async fn the_master_key_and_anonymous_requests_add_nothing() {
         // Nor are they refused for bodies the layer could not stamp: it never reads theirs.
         for (content_type, body) in UNSTAMPABLE {
             let answer = send(
-                fx.app(Provenance::new()),
+                fx.app(ProvenanceLayer::new()),
                 request(Method::POST, who, content_type, body),
             )
             .await;
@@ -747,7 +747,7 @@ async fn the_master_key_and_anonymous_requests_add_nothing() {
     // Nor do they hit the body limit: the body is not read.
     let big = padded(100);
     let answer = send(
-        fx.app(Provenance::new().max_body_bytes(10)),
+        fx.app(ProvenanceLayer::new().max_body_bytes(10)),
         request(Method::POST, Who::Master, Some(JSON), big.as_bytes()),
     )
     .await;
@@ -765,14 +765,14 @@ async fn only_the_configured_methods_are_stamped() {
 
     for method in [Method::GET, Method::PUT] {
         let answer = send(
-            fx.app(Provenance::new()),
+            fx.app(ProvenanceLayer::new()),
             request(method, Who::Scoped(&fx), Some(JSON), body),
         )
         .await;
         answer.assert_body(body);
     }
 
-    let put_only = || Provenance::new().methods([Method::PUT]);
+    let put_only = || ProvenanceLayer::new().methods([Method::PUT]);
     let answer = send(
         fx.app(put_only()),
         request(Method::PUT, Who::Scoped(&fx), Some(JSON), body),
@@ -792,7 +792,7 @@ async fn content_length_is_corrected() {
     let fx = fixture().await;
     let body = br#"{"meta_data":{"BLNK_GENERATED_BY":"a-long-forged-value-that-is-longer-than-an-id-0123456789"}}"#;
     let answer = send(
-        fx.app(Provenance::new()),
+        fx.app(ProvenanceLayer::new()),
         request(Method::POST, Who::Scoped(&fx), Some(JSON), body),
     )
     .await;
@@ -805,7 +805,7 @@ async fn content_length_is_corrected() {
 #[tokio::test]
 async fn field_names_are_configurable() {
     let fx = fixture().await;
-    let provenance = Provenance::new()
+    let provenance = ProvenanceLayer::new()
         .metadata_field("metadata")
         .stamp_field("created_by");
     let body = br#"{"meta_data":{},"metadata":{"created_by":"x","BLNK_GENERATED_BY":"y"}}"#;
@@ -821,7 +821,7 @@ async fn field_names_are_configurable() {
     answer.assert_body(expected.as_bytes());
 
     let answer = send(
-        fx.app(Provenance::new().metadata_field("metadata")),
+        fx.app(ProvenanceLayer::new().metadata_field("metadata")),
         request(
             Method::POST,
             Who::Scoped(&fx),
@@ -837,7 +837,7 @@ async fn field_names_are_configurable() {
 #[tokio::test]
 async fn works_as_a_plain_router_layer_with_a_custom_rejection() {
     let fx = fixture().await;
-    let provenance = Provenance::new().rejection(|error: &AuthError| {
+    let provenance = ProvenanceLayer::new().rejection(|error: &AuthError| {
         Response::builder()
             .status(error.http_status())
             .body(Body::from(format!("refused: {}", error.code())))
@@ -888,7 +888,7 @@ async fn a_body_that_fails_to_read_is_a_400() {
         .header(CONTENT_TYPE, JSON)
         .body(Body::from_stream(stream::iter(chunks)))
         .unwrap();
-    let answer = send(fx.app(Provenance::new()), request).await;
+    let answer = send(fx.app(ProvenanceLayer::new()), request).await;
     assert_eq!(answer.status, StatusCode::BAD_REQUEST);
     assert!(!answer.handled);
     assert_eq!(answer.code(), "APIKEY_INVALID");
@@ -899,7 +899,7 @@ async fn a_body_that_fails_to_read_is_a_400() {
 async fn other_body_types_work_through_provenance_body() {
     type Inner =
         StreamBody<stream::Iter<std::vec::IntoIter<Result<http_body::Frame<Bytes>, Infallible>>>>;
-    let service = Provenance::new().layer(tower::service_fn(
+    let service = ProvenanceLayer::new().layer(tower::service_fn(
         |request: Request<ProvenanceBody<Inner>>| async move {
             let bytes = request.into_body().collect().await?.to_bytes();
             Ok::<_, Infallible>(Response::new(Full::new(bytes)))
@@ -1309,7 +1309,7 @@ proptest! {
         Style { seed: &seed, at: 0 }.render(&document, &mut text);
         prop_assert_eq!(Parser::parse(text.as_bytes()), document.clone(), "the renderer is faithful");
 
-        let outcome = Provenance::new().stamp(text.as_bytes(), &KeyId::new(PROP_ID));
+        let outcome = ProvenanceLayer::new().stamp(text.as_bytes(), &KeyId::new(PROP_ID));
         if ambiguous(&document) {
             prop_assert!(matches!(outcome, Err(AuthError::AmbiguousMetadata(_))), "{:?}", outcome);
             return Ok(());
@@ -1394,7 +1394,7 @@ proptest! {
         }
         let accepted = serde_json::from_slice::<serde_json::Value>(&bytes)
             .is_ok_and(|value| value.is_object());
-        let outcome = Provenance::new().stamp(&bytes, &KeyId::new(PROP_ID));
+        let outcome = ProvenanceLayer::new().stamp(&bytes, &KeyId::new(PROP_ID));
         if accepted {
             prop_assert!(
                 matches!(
@@ -1431,7 +1431,7 @@ fn edge_cases_serde_json_accepts_are_stamped() {
     ];
     for doc in docs {
         let accepted = serde_json::from_slice::<serde_json::Value>(doc).is_ok();
-        let outcome = Provenance::new().stamp(doc, &KeyId::new("k")).unwrap();
+        let outcome = ProvenanceLayer::new().stamp(doc, &KeyId::new("k")).unwrap();
         if accepted {
             let stamped = outcome
                 .unwrap_or_else(|| panic!("serde_json accepts {:?}", String::from_utf8_lossy(doc)));
@@ -1805,7 +1805,7 @@ fn forged_stamps_are_never_stored() {
             let stored = Stored::default();
             let app = Router::new()
                 .route("/records", post(credulous))
-                .route_layer(Provenance::new())
+                .route_layer(ProvenanceLayer::new())
                 .with_state(stored.clone())
                 .layer(fx.auth_layer());
             let response = runtime
@@ -1868,7 +1868,7 @@ fn gzip_request(fx: &Fixture, encodings: &[&str], body: Vec<u8>) -> Request<Body
     builder.body(Body::from(body)).unwrap()
 }
 
-/// Decompression outside `Provenance` decodes first and removes `Content-Encoding` (and the stale
+/// Decompression outside `ProvenanceLayer` decodes first and removes `Content-Encoding` (and the stale
 /// `Content-Length`): the layer then sees plain JSON and stamps it.
 #[tokio::test]
 async fn decompression_outside_the_layer_is_stamped() {
@@ -1876,7 +1876,7 @@ async fn decompression_outside_the_layer_is_stamped() {
     let app = || {
         Router::new()
             .route("/records", post(echo))
-            .route_layer(Provenance::new())
+            .route_layer(ProvenanceLayer::new())
             .route_layer(RequestDecompressionLayer::new())
             .layer(fx.auth_layer())
     };
@@ -1901,14 +1901,14 @@ async fn decompression_outside_the_layer_is_stamped() {
     assert!(!answer.handled && answer.error.is_none());
     let passing = Router::new()
         .route("/records", post(echo))
-        .route_layer(Provenance::new())
+        .route_layer(ProvenanceLayer::new())
         .route_layer(RequestDecompressionLayer::new().pass_through_unaccepted(true))
         .layer(fx.auth_layer());
     let answer = send(passing, gzip_request(&fx, &["br"], forged.to_vec())).await;
     answer.assert_unstampable();
 }
 
-/// Decompression inside `Provenance` (or in the handler) comes too late: the layer sees an encoded
+/// Decompression inside `ProvenanceLayer` (or in the handler) comes too late: the layer sees an encoded
 /// body, which it cannot stamp, and refuses it.
 #[tokio::test]
 async fn decompression_inside_the_layer_is_refused() {
@@ -1916,7 +1916,7 @@ async fn decompression_inside_the_layer_is_refused() {
     let app = Router::new()
         .route("/records", post(echo))
         .route_layer(RequestDecompressionLayer::new())
-        .route_layer(Provenance::new())
+        .route_layer(ProvenanceLayer::new())
         .layer(fx.auth_layer());
     let forged = br#"{"meta_data":{"BLNK_GENERATED_BY":"forged"}}"#;
     let answer = send(app, gzip_request(&fx, &["gzip"], gzip(forged))).await;

@@ -26,7 +26,7 @@ use tower_api_keys::key::ApiKey;
 use tower_api_keys::layer::ApiKeyLayer;
 use tower_api_keys::manage::{CreateKey, CreatedKey, KeyManager};
 use tower_api_keys::principal::Principal;
-use tower_api_keys::provenance::Provenance;
+use tower_api_keys::provenance::ProvenanceLayer;
 use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::store::MemoryStore;
 
@@ -92,7 +92,7 @@ fn app(resolver: CachedResolver, seen: Seen, mode: Mode) -> Router {
                     http::StatusCode::CREATED
                 }
             })
-            .route_layer(Provenance::new()),
+            .route_layer(ProvenanceLayer::new()),
         )
         .route(
             "/ledgers",

@@ -19,7 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 use tower::ServiceExt;
-use tower_api_keys::guard::RequireScopes;
+use tower_api_keys::guard::RequireScopesLayer;
 use tower_api_keys::key::ApiKey;
 use tower_api_keys::layer::ApiKeyLayer;
 use tower_api_keys::manage::{self, KeyManager};
@@ -37,7 +37,7 @@ fn app(store: Arc<dyn KeyStore>, usage: UsageRecorder) -> Router {
             "/ledgers",
             get(|p: Principal| async move { p.key_id().to_string() }),
         )
-        .route_layer(RequireScopes::all(["ledgers:read"]))
+        .route_layer(RequireScopesLayer::all(["ledgers:read"]))
         .merge(manage::router(KeyManager::new(resolver.clone())))
         .layer(
             ApiKeyLayer::new(resolver)

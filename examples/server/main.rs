@@ -67,11 +67,11 @@ use axum::{Json, Router};
 use tower::ServiceBuilder;
 use tower_api_keys::audit::Retention;
 use tower_api_keys::error::JsonRejection;
-use tower_api_keys::guard::RequireScopes;
+use tower_api_keys::guard::RequireScopesLayer;
 use tower_api_keys::key::{ApiKey, KeyFormat};
 use tower_api_keys::layer::{ApiKeyLayer, AxumBody, KeySource};
 use tower_api_keys::manage::{self, KeyManager, KeyPolicy};
-use tower_api_keys::provenance::Provenance;
+use tower_api_keys::provenance::ProvenanceLayer;
 use tower_api_keys::ratelimit::{FailMode, MemoryRates, RateLimiter, StoreCredits};
 use tower_api_keys::resolver::CachedResolver;
 use tower_api_keys::usage::UsageRecorder;
@@ -89,7 +89,7 @@ const RESOURCES: [(&str, &str); 3] = [
     ("transaction", "transactions"),
 ];
 
-/// Largest record body a client may send: 256 KiB (`Provenance` refuses a larger one from a scoped
+/// Largest record body a client may send: 256 KiB (`ProvenanceLayer` refuses a larger one from a scoped
 /// key before the handler runs). The handler's own limit is 1 KiB higher: room for the stamp.
 const MAX_RECORD_BYTES: usize = 256 * 1024;
 
@@ -118,11 +118,11 @@ fn resource(kind: &'static str, plural: &str, records: Records, limiter: &RateLi
         // `route_layer` per route and request: composed, they cost one box).
         .route_layer(
             ServiceBuilder::new()
-                .layer(RequireScopes::by_method(plural))
+                .layer(RequireScopesLayer::by_method(plural))
                 .layer(limiter.layer())
-                .layer(Provenance::new().max_body_bytes(MAX_RECORD_BYTES)),
+                .layer(ProvenanceLayer::new().max_body_bytes(MAX_RECORD_BYTES)),
         )
-        // The handler reads master-key bodies, which `Provenance` passes through unread, and
+        // The handler reads master-key bodies, which `ProvenanceLayer` passes through unread, and
         // stamped ones, which the stamp (under 100 bytes) has made longer than the client sent.
         .layer(DefaultBodyLimit::max(MAX_RECORD_BYTES + 1024))
         .with_state(Resource { kind, records })
@@ -152,7 +152,7 @@ fn app(
             // composed, one axum box.
             get(ping).route_layer(
                 ServiceBuilder::new()
-                    .layer(RequireScopes::all(["ledgers:read"]))
+                    .layer(RequireScopesLayer::all(["ledgers:read"]))
                     .layer(limiter.layer()),
             ),
         )

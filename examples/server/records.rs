@@ -4,7 +4,7 @@
 //!
 //! What the handlers enforce, for every caller:
 //! - **JSON only**: a body that is not `application/json` (or `application/*+json`) is a 415, so a
-//!   body that `Provenance` could not stamp is never read as JSON here either.
+//!   body that `ProvenanceLayer` could not stamp is never read as JSON here either.
 //! - **The server owns ids and timestamps**: a client-sent `<kind>_id` or `created_at` is a 400, so
 //!   the stored record never holds either twice.
 //! - **Records belong to the caller's owner and account**: a scoped key creates records in its
@@ -246,7 +246,7 @@ pub(crate) struct Resource {
     pub(crate) records: Records,
 }
 
-/// `POST /<plural>`: stores the JSON object as sent (for a scoped key, as `Provenance` stamped it),
+/// `POST /<plural>`: stores the JSON object as sent (for a scoped key, as `ProvenanceLayer` stamped it),
 /// in the caller's account.
 pub(crate) async fn create(
     State(Resource { kind, records }): State<Resource>,
@@ -281,7 +281,7 @@ pub(crate) async fn create(
             return Err(invalid(format!("`{owned}` is set by the server")));
         }
     }
-    // The same rule as `Provenance` for every caller: the master key's bodies are not stamped,
+    // The same rule as `ProvenanceLayer` for every caller: the master key's bodies are not stamped,
     // and must not store a metadata field that a stamp could not go into.
     if fields
         .get("meta_data")

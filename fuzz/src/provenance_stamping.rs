@@ -1,4 +1,4 @@
-//! `Provenance::stamp` (what the `Provenance` layer runs on a buffered body) against serde_json.
+//! `ProvenanceLayer::stamp` (what the `ProvenanceLayer` layer runs on a buffered body) against serde_json.
 //!
 //! - Not UTF-8, not JSON by serde_json's reading, or JSON but not an object: `Ok(None)`, never stamped.
 //! - A JSON object with a top-level member equal to the metadata field under case folding beside
@@ -16,7 +16,7 @@ use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use tower_api_keys::error::ErrorCode;
 use tower_api_keys::key::KeyId;
-use tower_api_keys::provenance::Provenance;
+use tower_api_keys::provenance::ProvenanceLayer;
 
 use super::input::Input;
 
@@ -46,15 +46,17 @@ pub fn check(data: &[u8]) {
         generate(&mut input, meta, stamp, mode & 8 != 0)
     };
     let provenance = if (meta, stamp) == (META[0], STAMP[0]) {
-        Provenance::new()
+        ProvenanceLayer::new()
     } else {
-        Provenance::new().metadata_field(meta).stamp_field(stamp)
+        ProvenanceLayer::new()
+            .metadata_field(meta)
+            .stamp_field(stamp)
     };
     check_stamp(&provenance, meta, stamp, &KeyId::new(key_id), &body);
 }
 
 /// The invariants above, for one body.
-pub fn check_stamp(provenance: &Provenance, meta: &str, stamp: &str, id: &KeyId, body: &[u8]) {
+pub fn check_stamp(provenance: &ProvenanceLayer, meta: &str, stamp: &str, id: &KeyId, body: &[u8]) {
     let result = provenance.stamp(body, id);
     let unstamped = matches!(result, Ok(None));
     let Ok(text) = std::str::from_utf8(body) else {

@@ -1,5 +1,5 @@
-//! [`MethodScopes`]: the scopes each gRPC method (or any exact request path) needs, for services
-//! without a router to hang [`RequireScopes`] on, such as a tonic server.
+//! [`MethodScopesLayer`]: the scopes each gRPC method (or any exact request path) needs, for services
+//! without a router to hang [`RequireScopesLayer`] on, such as a tonic server.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -10,13 +10,13 @@ use http::{Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::RequireScopes;
+use super::RequireScopesLayer;
 use super::future::ResponseFuture;
 #[cfg(doc)]
 use crate::error::GrpcRejection;
 use crate::error::{JsonRejection, RenderRejection};
 
-/// Scopes per gRPC method: a layer that picks the [`RequireScopes`] guard of the request's method
+/// Scopes per gRPC method: a layer that picks the [`RequireScopesLayer`] guard of the request's method
 /// from its path (`/package.Service/Method`) and runs it.
 ///
 /// Put it inside [`ApiKeyLayer`](crate::layer::ApiKeyLayer).
@@ -24,15 +24,15 @@ use crate::error::{JsonRejection, RenderRejection};
 /// A method without an entry requires `*:*` (the master key, or a key granted everything), unless
 /// [`fallback`](Self::fallback) says otherwise: a new RPC whose scopes nobody declared fails closed.
 /// Refusals, the error in the response extensions and the "no key" / "no layer" distinction are
-/// exactly those of [`RequireScopes`], which does the checking.
+/// exactly those of [`RequireScopesLayer`], which does the checking.
 ///
 /// ```
 /// use tower_api_keys::error::GrpcRejection;
-/// use tower_api_keys::guard::{MethodScopes, RequireScopes};
+/// use tower_api_keys::guard::{MethodScopesLayer, RequireScopesLayer};
 ///
-/// let scopes = MethodScopes::new()
-///     .method("/ledger.v1.Ledgers/GetLedger", RequireScopes::all(["ledgers:read"]))
-///     .method("/ledger.v1.Ledgers/CreateLedger", RequireScopes::all(["ledgers:write"]))
+/// let scopes = MethodScopesLayer::new()
+///     .method("/ledger.v1.Ledgers/GetLedger", RequireScopesLayer::all(["ledgers:read"]))
+///     .method("/ledger.v1.Ledgers/CreateLedger", RequireScopesLayer::all(["ledgers:write"]))
 ///     .rejection(GrpcRejection);
 /// // tonic: Server::builder().layer(ApiKeyLayer::new(resolver).rejection(GrpcRejection))
 /// //            .layer(scopes).add_service(...)
@@ -40,37 +40,37 @@ use crate::error::{JsonRejection, RenderRejection};
 /// ```
 #[derive(Clone)]
 #[must_use]
-pub struct MethodScopes<R = JsonRejection> {
-    methods: HashMap<Box<str>, RequireScopes>,
-    fallback: RequireScopes,
+pub struct MethodScopesLayer<R = JsonRejection> {
+    methods: HashMap<Box<str>, RequireScopesLayer>,
+    fallback: RequireScopesLayer,
     rejection: R,
 }
 
-impl Default for MethodScopes {
+impl Default for MethodScopesLayer {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl MethodScopes {
+impl MethodScopesLayer {
     /// No method declared yet: every method requires `*:*`.
     pub fn new() -> Self {
         Self {
             methods: HashMap::new(),
-            fallback: RequireScopes::all(["*:*"]),
+            fallback: RequireScopesLayer::all(["*:*"]),
             rejection: JsonRejection::default(),
         }
     }
 }
 
-impl<R> MethodScopes<R> {
+impl<R> MethodScopesLayer<R> {
     /// Guards the method whose request path is `path`, e.g. `/ledger.v1.Ledgers/GetLedger`.
     ///
     /// # Panics
     ///
     /// If `path` is not of the form `/<service>/<method>`, or was already declared: both are
     /// wiring mistakes best found at start-up.
-    pub fn method(mut self, path: &str, guard: RequireScopes) -> Self {
+    pub fn method(mut self, path: &str, guard: RequireScopesLayer) -> Self {
         let well_formed = path
             .strip_prefix('/')
             .and_then(|rest| rest.split_once('/'))
@@ -79,25 +79,25 @@ impl<R> MethodScopes<R> {
             });
         assert!(
             well_formed,
-            "MethodScopes::method: {path:?} is not a gRPC method path like \"/package.Service/Method\""
+            "MethodScopesLayer::method: {path:?} is not a gRPC method path like \"/package.Service/Method\""
         );
         let previous = self.methods.insert(path.into(), guard);
         assert!(
             previous.is_none(),
-            "MethodScopes::method: {path:?} is declared twice"
+            "MethodScopesLayer::method: {path:?} is declared twice"
         );
         self
     }
 
-    /// The guard of methods without an entry (default: `RequireScopes::all(["*:*"])`).
-    pub fn fallback(mut self, guard: RequireScopes) -> Self {
+    /// The guard of methods without an entry (default: `RequireScopesLayer::all(["*:*"])`).
+    pub fn fallback(mut self, guard: RequireScopesLayer) -> Self {
         self.fallback = guard;
         self
     }
 
     /// Renders refusals with `rejection` ([`GrpcRejection`] for gRPC) instead of [`JsonRejection`].
-    pub fn rejection<R2>(self, rejection: R2) -> MethodScopes<R2> {
-        MethodScopes {
+    pub fn rejection<R2>(self, rejection: R2) -> MethodScopesLayer<R2> {
+        MethodScopesLayer {
             methods: self.methods,
             fallback: self.fallback,
             rejection,
@@ -105,9 +105,9 @@ impl<R> MethodScopes<R> {
     }
 }
 
-impl<R> fmt::Debug for MethodScopes<R> {
+impl<R> fmt::Debug for MethodScopesLayer<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MethodScopes")
+        f.debug_struct("MethodScopesLayer")
             .field("methods", &self.methods)
             .field("fallback", &self.fallback)
             .finish_non_exhaustive()
@@ -115,16 +115,16 @@ impl<R> fmt::Debug for MethodScopes<R> {
 }
 
 struct Guards<R> {
-    methods: HashMap<Box<str>, RequireScopes<R>>,
-    fallback: RequireScopes<R>,
+    methods: HashMap<Box<str>, RequireScopesLayer<R>>,
+    fallback: RequireScopesLayer<R>,
 }
 
-impl<S, R: Clone> Layer<S> for MethodScopes<R> {
+impl<S, R: Clone> Layer<S> for MethodScopesLayer<R> {
     type Service = MethodScopesService<S, R>;
 
     fn layer(&self, inner: S) -> Self::Service {
         let with_rejection =
-            |guard: &RequireScopes| guard.clone().rejection(self.rejection.clone());
+            |guard: &RequireScopesLayer| guard.clone().rejection(self.rejection.clone());
         let guards = Guards {
             methods: self
                 .methods
@@ -140,7 +140,7 @@ impl<S, R: Clone> Layer<S> for MethodScopes<R> {
     }
 }
 
-/// Service produced by [`MethodScopes`].
+/// Service produced by [`MethodScopesLayer`].
 pub struct MethodScopesService<S, R> {
     inner: S,
     guards: Arc<Guards<R>>,
@@ -190,14 +190,15 @@ mod tests {
     #[test]
     #[should_panic(expected = "is not a gRPC method path")]
     fn a_path_that_is_not_a_method_is_refused_at_start_up() {
-        let _ = MethodScopes::new().method("/ledger.v1.Ledgers", RequireScopes::all(["a:b"]));
+        let _ =
+            MethodScopesLayer::new().method("/ledger.v1.Ledgers", RequireScopesLayer::all(["a:b"]));
     }
 
     #[test]
     #[should_panic(expected = "declared twice")]
     fn a_method_declared_twice_is_refused_at_start_up() {
-        let _ = MethodScopes::new()
-            .method("/s.S/M", RequireScopes::all(["a:read"]))
-            .method("/s.S/M", RequireScopes::all(["a:write"]));
+        let _ = MethodScopesLayer::new()
+            .method("/s.S/M", RequireScopesLayer::all(["a:read"]))
+            .method("/s.S/M", RequireScopesLayer::all(["a:write"]));
     }
 }

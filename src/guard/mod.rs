@@ -1,4 +1,4 @@
-//! Route-level authorization: [`RequireScopes`] (a layer) and [`Scoped`] (a typed extractor).
+//! Route-level authorization: [`RequireScopesLayer`] (a layer) and [`Scoped`] (a typed extractor).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -6,7 +6,7 @@
 //! use axum::{body::Body, routing::{get, post}, Router};
 //! use http::{Request, StatusCode};
 //! use tower::ServiceExt;
-//! use tower_api_keys::guard::RequireScopes;
+//! use tower_api_keys::guard::RequireScopesLayer;
 //! use tower_api_keys::layer::ApiKeyLayer;
 //! use tower_api_keys::manage::{CreateKey, KeyManager};
 //! use tower_api_keys::principal::Principal;
@@ -19,9 +19,9 @@
 //! let resolver = CachedResolver::new(store.clone());
 //! let app = Router::new()
 //!     .route("/ledgers", post(|| async { "created" }))
-//!     .route_layer(RequireScopes::all(["ledgers:write"]))
+//!     .route_layer(RequireScopesLayer::all(["ledgers:write"]))
 //!     .route("/balances", get(|| async { "balances" }))
-//!     .route_layer(RequireScopes::any(["balances:read", "ledgers:read"]))
+//!     .route_layer(RequireScopesLayer::any(["balances:read", "ledgers:read"]))
 //!     .layer(ApiKeyLayer::new(resolver.clone()));
 //!
 //! let manager = KeyManager::new(resolver);
@@ -55,7 +55,7 @@
 //!
 //! ## Scopes by HTTP method
 //!
-//! [`RequireScopes::by_method`]`("ledgers")` requires `ledgers:read` for GET and HEAD, `ledgers:write`
+//! [`RequireScopesLayer::by_method`]`("ledgers")` requires `ledgers:read` for GET and HEAD, `ledgers:write`
 //! for POST, PUT and PATCH, `ledgers:delete` for DELETE, and `ledgers:*` for any other method.
 //!
 //! ## Scopes in the handler signature
@@ -88,7 +88,7 @@
 //!
 //! ## Scopes per gRPC method
 //!
-//! A tonic server has no router to hang guards on: [`MethodScopes`] picks the [`RequireScopes`] of
+//! A tonic server has no router to hang guards on: [`MethodScopesLayer`] picks the [`RequireScopesLayer`] of
 //! each method from the request path, and a method nobody declared fails closed.
 
 use std::fmt;
@@ -105,7 +105,7 @@ use future::ResponseFuture;
 
 pub mod future;
 mod method;
-pub use method::{MethodScopes, MethodScopesService};
+pub use method::{MethodScopesLayer, MethodScopesService};
 
 #[derive(Debug, PartialEq, Eq)]
 enum Requirement {
@@ -145,14 +145,14 @@ impl Requirement {
 /// See the [module docs](self).
 #[derive(Clone)]
 #[must_use]
-pub struct RequireScopes<R = JsonRejection> {
+pub struct RequireScopesLayer<R = JsonRejection> {
     requirement: Arc<Requirement>,
     rejection: R,
 }
 
-impl<R> fmt::Debug for RequireScopes<R> {
+impl<R> fmt::Debug for RequireScopesLayer<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RequireScopes")
+        f.debug_struct("RequireScopesLayer")
             .field("requirement", &self.requirement)
             .finish_non_exhaustive()
     }
@@ -166,7 +166,7 @@ where
     ScopeSet::parse(scopes)
 }
 
-impl RequireScopes {
+impl RequireScopesLayer {
     /// Requires every one of `scopes`.
     ///
     /// # Panics
@@ -177,7 +177,7 @@ impl RequireScopes {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        Self::try_all(scopes).unwrap_or_else(|e| panic!("RequireScopes::all: {e}"))
+        Self::try_all(scopes).unwrap_or_else(|e| panic!("RequireScopesLayer::all: {e}"))
     }
 
     /// Requires at least one of `scopes`.
@@ -190,7 +190,7 @@ impl RequireScopes {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        Self::try_any(scopes).unwrap_or_else(|e| panic!("RequireScopes::any: {e}"))
+        Self::try_any(scopes).unwrap_or_else(|e| panic!("RequireScopesLayer::any: {e}"))
     }
 
     /// Requires `<resource>:read` for GET/HEAD, `:write` for POST/PUT/PATCH, `:delete` for DELETE and
@@ -200,7 +200,8 @@ impl RequireScopes {
     ///
     /// If `resource` is not a valid resource name; see [`try_by_method`](Self::try_by_method).
     pub fn by_method(resource: &str) -> Self {
-        Self::try_by_method(resource).unwrap_or_else(|e| panic!("RequireScopes::by_method: {e}"))
+        Self::try_by_method(resource)
+            .unwrap_or_else(|e| panic!("RequireScopesLayer::by_method: {e}"))
     }
 
     /// Fallible [`all`](Self::all).
@@ -227,7 +228,7 @@ impl RequireScopes {
         if set.is_empty() {
             return Err(ScopeError::new(
                 "",
-                "RequireScopes::any needs at least one scope",
+                "RequireScopesLayer::any needs at least one scope",
             ));
         }
         Ok(Self::from_requirement(Requirement::Scopes(
@@ -255,10 +256,10 @@ impl RequireScopes {
     }
 }
 
-impl<R> RequireScopes<R> {
+impl<R> RequireScopesLayer<R> {
     /// Renders refusals with `rejection` instead of [`JsonRejection`].
-    pub fn rejection<R2>(self, rejection: R2) -> RequireScopes<R2> {
-        RequireScopes {
+    pub fn rejection<R2>(self, rejection: R2) -> RequireScopesLayer<R2> {
+        RequireScopesLayer {
             requirement: self.requirement,
             rejection,
         }
@@ -282,7 +283,7 @@ impl<R> RequireScopes<R> {
     }
 }
 
-impl<S, R: Clone> tower_layer::Layer<S> for RequireScopes<R> {
+impl<S, R: Clone> tower_layer::Layer<S> for RequireScopesLayer<R> {
     type Service = RequireScopesService<S, R>;
 
     fn layer(&self, inner: S) -> Self::Service {
@@ -293,11 +294,11 @@ impl<S, R: Clone> tower_layer::Layer<S> for RequireScopes<R> {
     }
 }
 
-/// Service produced by [`RequireScopes`].
+/// Service produced by [`RequireScopesLayer`].
 #[derive(Clone, Debug)]
 pub struct RequireScopesService<S, R = JsonRejection> {
     inner: S,
-    guard: RequireScopes<R>,
+    guard: RequireScopesLayer<R>,
 }
 
 inner_service_accessors!(RequireScopesService<S, R>);

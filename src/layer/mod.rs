@@ -75,7 +75,7 @@
 //! records the key id there too.
 //!
 //! Put the layer outside the routes it protects (`Router::layer`) and the per-route guards inside
-//! (`route_layer(RequireScopes::all([...]))`).
+//! (`route_layer(RequireScopesLayer::all([...]))`).
 //!
 //! ## Networks
 //!

@@ -1,6 +1,6 @@
 //! Provenance stamping: record which key created a record (`BLNK_GENERATED_BY`).
 //!
-//! [`Provenance`] is a layer for the routes that create records. On a POST made with a scoped key, it
+//! [`ProvenanceLayer`] is a layer for the routes that create records. On a POST made with a scoped key, it
 //! merges the key id into the JSON body's metadata object before the handler sees the body, and
 //! refuses a body it cannot stamp:
 //!
@@ -9,9 +9,9 @@
 //! use http::Request;
 //! use serde_json::Value;
 //! use tower::ServiceExt;
-//! use tower_api_keys::guard::RequireScopes;
+//! use tower_api_keys::guard::RequireScopesLayer;
 //! use tower_api_keys::layer::ApiKeyLayer;
-//! use tower_api_keys::provenance::Provenance;
+//! use tower_api_keys::provenance::ProvenanceLayer;
 //! use tower_api_keys::resolver::CachedResolver;
 //! use tower_api_keys::store::MemoryStore;
 //!
@@ -26,8 +26,8 @@
 //! # let (key, key_id) = issue(&store, "ledgers:write").await;
 //! let app = Router::new()
 //!     .route("/ledgers", post(create_ledger))
-//!     .route_layer(Provenance::new())
-//!     .route_layer(RequireScopes::all(["ledgers:write"]))
+//!     .route_layer(ProvenanceLayer::new())
+//!     .route_layer(RequireScopesLayer::all(["ledgers:write"]))
 //!     .layer(ApiKeyLayer::new(CachedResolver::new(store)));
 //!
 //! let request = Request::post("/ledgers")
@@ -72,14 +72,14 @@
 //!
 //! | request | what happens |
 //! |---|---|
-//! | POST (see [`methods`](Provenance::methods)) with a scoped key, JSON object body | `meta_data.BLNK_GENERATED_BY` set to the key id |
+//! | POST (see [`methods`](ProvenanceLayer::methods)) with a scoped key, JSON object body | `meta_data.BLNK_GENERATED_BY` set to the key id |
 //! | `meta_data` missing or `null` | becomes `{"BLNK_GENERATED_BY": "<key id>"}` |
 //! | `meta_data` holds `BLNK_GENERATED_BY` already (once or more) | the first one's value is replaced, the others removed: the client cannot forge it |
 //! | `meta_data` is a string, number, array or boolean | 400 `REQUEST_INVALID_METADATA` ([`AuthError::InvalidMetadata`]) |
 //! | a second `meta_data` member, or one that is `meta_data` only under case folding (`META_DATA`) | 400 `REQUEST_AMBIGUOUS_METADATA` ([`AuthError::AmbiguousMetadata`]), see [below](#ambiguous-bodies) |
 //! | a `BLNK_GENERATED_BY` member in any case anywhere but directly in the top-level `meta_data` object | 400 `REQUEST_AMBIGUOUS_METADATA` |
-//! | body over [`max_body_bytes`](Provenance::max_body_bytes) (2 MiB by default) | 413 `REQUEST_BODY_TOO_LARGE` ([`AuthError::PayloadTooLarge`]) |
-//! | a body the layer cannot stamp (next table) | 415 `REQUEST_UNSUPPORTED_MEDIA_TYPE` ([`AuthError::UnsupportedMediaType`]), unless [`pass_through_unstampable`](Provenance::pass_through_unstampable) |
+//! | body over [`max_body_bytes`](ProvenanceLayer::max_body_bytes) (2 MiB by default) | 413 `REQUEST_BODY_TOO_LARGE` ([`AuthError::PayloadTooLarge`]) |
+//! | a body the layer cannot stamp (next table) | 415 `REQUEST_UNSUPPORTED_MEDIA_TYPE` ([`AuthError::UnsupportedMediaType`]), unless [`pass_through_unstampable`](ProvenanceLayer::pass_through_unstampable) |
 //! | an empty body | passed on as it is: it can carry no stamp, forged or not |
 //! | master key, no principal, other methods | untouched: the body is not read, nothing is refused |
 //!
@@ -147,19 +147,19 @@
 //! edits of random documents), so no JSON object a `serde_json`-based handler reads is refused. The
 //! master key's requests are never refused here: it is not stamped, so its bodies are not read.
 //!
-//! [`pass_through_unstampable(true)`](Provenance::pass_through_unstampable) turns the refusal off
+//! [`pass_through_unstampable(true)`](ProvenanceLayer::pass_through_unstampable) turns the refusal off
 //! for a route: such bodies then reach the handler untouched (and a JSON object without
 //! `Content-Type` is still stamped). Read its warning first.
 //!
 //! ## Compressed request bodies
 //!
 //! To accept compressed bodies, decompress them *outside* this layer, for example with tower-http's
-//! `RequestDecompressionLayer` as a later `route_layer` (or a `layer`) than `Provenance`:
+//! `RequestDecompressionLayer` as a later `route_layer` (or a `layer`) than `ProvenanceLayer`:
 //!
 //! ```
 //! # use axum::{Router, routing::post};
 //! # use tower_api_keys::layer::ApiKeyLayer;
-//! # use tower_api_keys::provenance::Provenance;
+//! # use tower_api_keys::provenance::ProvenanceLayer;
 //! # use tower_api_keys::resolver::CachedResolver;
 //! # use tower_api_keys::store::MemoryStore;
 //! use tower_http::decompression::RequestDecompressionLayer;
@@ -167,7 +167,7 @@
 //! # async fn create_ledger(body: String) -> String { body }
 //! let app: Router = Router::new()
 //!     .route("/ledgers", post(create_ledger))
-//!     .route_layer(Provenance::new())
+//!     .route_layer(ProvenanceLayer::new())
 //!     .route_layer(RequestDecompressionLayer::new()) // runs first: decodes, then stamping
 //!     .layer(ApiKeyLayer::new(CachedResolver::new(MemoryStore::new())));
 //! ```
@@ -189,7 +189,7 @@
 //! ## Stamping in the handler
 //!
 //! The [`Principal`] is in the request extensions too, so handlers of other formats (forms, protobuf,
-//! multipart) can record the creator themselves, on routes without `Provenance` (which refuses such
+//! multipart) can record the creator themselves, on routes without `ProvenanceLayer` (which refuses such
 //! bodies); [`Principal::provenance_id`] is `None` for the master key, which is never recorded as a
 //! creator:
 //!
@@ -205,7 +205,7 @@
 //! let app: Router = Router::new().route("/uploads", post(upload));
 //! ```
 //!
-//! [`Provenance::stamp`] applies the same rules to a body you already hold.
+//! [`ProvenanceLayer::stamp`] applies the same rules to a body you already hold.
 //!
 //! ## Body types
 //!
@@ -243,7 +243,7 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 /// Layer that stamps the creating key's id into JSON bodies. See the [module docs](self).
 #[derive(Clone)]
 #[must_use]
-pub struct Provenance<R = JsonRejection> {
+pub struct ProvenanceLayer<R = JsonRejection> {
     config: Arc<Config>,
     rejection: R,
 }
@@ -256,9 +256,9 @@ pub(crate) struct Config {
     pub(crate) pass_through_unstampable: bool,
 }
 
-impl<R> fmt::Debug for Provenance<R> {
+impl<R> fmt::Debug for ProvenanceLayer<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Provenance")
+        f.debug_struct("ProvenanceLayer")
             .field("methods", &self.config.methods)
             .field("metadata_field", &self.config.fields.meta)
             .field("stamp_field", &self.config.fields.stamp)
@@ -271,7 +271,7 @@ impl<R> fmt::Debug for Provenance<R> {
     }
 }
 
-impl Default for Provenance {
+impl Default for ProvenanceLayer {
     fn default() -> Self {
         Self {
             config: Arc::new(Config {
@@ -285,14 +285,14 @@ impl Default for Provenance {
     }
 }
 
-impl Provenance {
+impl ProvenanceLayer {
     /// Stamps POST bodies into `meta_data.BLNK_GENERATED_BY`, reading at most 2 MiB.
     pub fn new() -> Self {
         Self::default()
     }
 }
 
-impl<R> Provenance<R> {
+impl<R> ProvenanceLayer<R> {
     fn config_mut(&mut self) -> &mut Config {
         Arc::make_mut(&mut self.config)
     }
@@ -345,8 +345,8 @@ impl<R> Provenance<R> {
 
     /// Renders refusals with `rejection` instead of [`JsonRejection`]. Any
     /// `Fn(&AuthError) -> Response<B>` works.
-    pub fn rejection<R2>(self, rejection: R2) -> Provenance<R2> {
-        Provenance {
+    pub fn rejection<R2>(self, rejection: R2) -> ProvenanceLayer<R2> {
+        ProvenanceLayer {
             config: self.config,
             rejection,
         }
@@ -361,9 +361,9 @@ impl<R> Provenance<R> {
     ///
     /// ```
     /// use tower_api_keys::key::KeyId;
-    /// use tower_api_keys::provenance::Provenance;
+    /// use tower_api_keys::provenance::ProvenanceLayer;
     ///
-    /// let stamped = Provenance::new()
+    /// let stamped = ProvenanceLayer::new()
     ///     .stamp(br#"{"amount": 12345678901234567890123}"#, &KeyId::new("key_1"))
     ///     .unwrap()
     ///     .unwrap();
@@ -371,7 +371,7 @@ impl<R> Provenance<R> {
     ///     stamped,
     ///     br#"{"amount": 12345678901234567890123,"meta_data":{"BLNK_GENERATED_BY":"key_1"}}"#
     /// );
-    /// assert_eq!(Provenance::new().stamp(b"[1, 2]", &KeyId::new("key_1")).unwrap(), None);
+    /// assert_eq!(ProvenanceLayer::new().stamp(b"[1, 2]", &KeyId::new("key_1")).unwrap(), None);
     /// ```
     pub fn stamp(&self, body: &[u8], key_id: &KeyId) -> Result<Option<Vec<u8>>, AuthError> {
         self.config.stamp(body, key_id)
@@ -406,7 +406,7 @@ impl Config {
     }
 }
 
-impl<S, R: Clone> tower_layer::Layer<S> for Provenance<R> {
+impl<S, R: Clone> tower_layer::Layer<S> for ProvenanceLayer<R> {
     type Service = ProvenanceService<S, R>;
 
     fn layer(&self, inner: S) -> Self::Service {
@@ -417,6 +417,6 @@ impl<S, R: Clone> tower_layer::Layer<S> for Provenance<R> {
 #[allow(dead_code)]
 fn assert_send_sync() {
     fn is<T: Send + Sync + Clone>() {}
-    is::<Provenance>();
+    is::<ProvenanceLayer>();
     is::<ProvenanceService<(), JsonRejection>>();
 }

@@ -18,7 +18,7 @@ use crate::principal::Principal;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Service produced by [`Provenance`](crate::provenance::Provenance).
+/// Service produced by [`ProvenanceLayer`](crate::provenance::ProvenanceLayer).
 #[derive(Clone)]
 pub struct ProvenanceService<S, R> {
     inner: S,
