@@ -1059,3 +1059,42 @@ async fn a_revocation_reason_is_held_to_the_rules_of_a_name() {
     .await;
     assert_eq!(status, 204);
 }
+
+/// An application with its own axum state merges the management router before `with_state`, as
+/// any other router of its own (the router is generic over the state), and both answer.
+#[tokio::test]
+async fn an_app_with_state_merges_the_router_before_with_state() {
+    #[derive(Clone)]
+    struct AppState {
+        greeting: &'static str,
+    }
+    let store = Arc::new(tower_api_keys::store::MemoryStore::new());
+    let resolver = CachedResolver::new(store);
+    let master = ApiKey::new("a-master-key-for-the-state-test");
+    let app: Router = Router::new()
+        .route(
+            "/hello",
+            get(
+                |axum::extract::State(state): axum::extract::State<AppState>| async move {
+                    state.greeting
+                },
+            ),
+        )
+        .merge(manage::router(KeyManager::new(resolver.clone())))
+        .layer(
+            ApiKeyLayer::new(resolver)
+                .master_key(master.clone())
+                .axum_body(),
+        )
+        .with_state(AppState { greeting: "hello" });
+    let get = |path: &str| {
+        Request::get(path)
+            .header("x-api-key", master.expose_secret())
+            .body(Body::empty())
+            .unwrap()
+    };
+    let response = app.clone().oneshot(get("/hello")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let response = app.oneshot(get("/api-keys?owner=nobody")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+}
