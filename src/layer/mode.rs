@@ -1,9 +1,12 @@
 //! How [`ApiKeyLayer`](super::ApiKeyLayer) hands bodies on: in a [`LiveBody`] around any body
 //! type ([`AnyBody`], the default), or as axum's own `Body` ([`AxumBody`]).
 
+#[cfg(feature = "axum")]
 use http_body::Body;
 
-use super::body::{BoxError, Guard, LiveBody};
+#[cfg(feature = "axum")]
+use super::body::BoxError;
+use super::body::{Guard, LiveBody};
 
 /// How [`ApiKeyLayer`](super::ApiKeyLayer) hands a body on to the inner service (request) or back
 /// to the client (response): [`AnyBody`] or [`AxumBody`]. Sealed: the crate's two modes are the
@@ -94,6 +97,7 @@ pub(crate) fn key_end<'a>(
 mod tests {
     use super::*;
     use crate::error::{AuthError, ExpiredReason};
+    use crate::layer::BoxError;
 
     #[test]
     fn the_key_end_is_found_through_wrapping_errors() {

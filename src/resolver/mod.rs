@@ -99,203 +99,27 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::FutureExt;
-use futures_util::future::{BoxFuture, Shared};
-use time::OffsetDateTime;
-
 use crate::clock::{nanos_of, now_unix_nanos};
-use crate::error::{AuthError, ExpiredReason, InvalidKeyReason};
+use crate::error::{AuthError, ExpiredReason};
 use crate::key::{KeyDigest, KeyFormat, KeyId};
 use crate::life::{Life, Registry};
-use crate::limits::{Budget, BudgetId, BudgetLevel};
 use crate::principal::Principal;
-use crate::store::{KeyRecord, KeyStore, StoreError, StoreErrorKind};
+use crate::store::{KeyStore, StoreError, StoreErrorKind};
 use crate::throttle::Throttle;
-use crate::usage::{UsageMark, Used};
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
 
+mod builder;
 mod cache;
+mod entry;
 mod format;
 mod front;
 mod intern;
 
+pub use builder::CachedResolverBuilder;
+pub(crate) use entry::{CacheEntry, ResolvedKey};
+use entry::{effective_expiry, key_check};
 pub use format::CurrentFormat;
-
-/// A key as the cache holds it: the ready-made principal and what must be checked per request.
-pub(crate) struct ResolvedKey {
-    pub(crate) principal: Principal,
-    /// Effective expiry in Unix nanoseconds (`i64::MAX`: never): the key's own, or the end of a
-    /// rotation grace period if that is earlier. Compared with the hot path's clock
-    /// ([`crate::clock`]) without a calendar conversion.
-    expires_at: i64,
-    /// When the store lookup that produced this answer started, in Unix nanoseconds: the age that
-    /// degraded mode looks at.
-    read_at: i64,
-    /// When this answer stops being cacheable (read + TTL, or the expiry if sooner), in Unix
-    /// nanoseconds: the cache and the per-thread front never serve it past this.
-    cached_until: i64,
-    revoked: bool,
-    /// Last use not yet flushed; owned by [`crate::usage`].
-    usage: UsageMark,
-}
-
-impl Used for ResolvedKey {
-    fn usage(&self) -> &UsageMark {
-        &self.usage
-    }
-
-    fn key_id(&self) -> &KeyId {
-        self.principal.key_id()
-    }
-}
-
-/// The expiry a request authenticated with `digest` carries: the record's, or the end of the
-/// rotation grace period when `digest` is the previous secret's and that is earlier.
-fn effective_expiry(record: &KeyRecord, digest: &KeyDigest) -> Option<OffsetDateTime> {
-    let grace_end = record
-        .previous
-        .as_ref()
-        .filter(|previous| previous.digest == *digest && record.digest != *digest)
-        .map(|previous| previous.valid_until);
-    match (record.expires_at, grace_end) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
-impl ResolvedKey {
-    fn from_record(
-        record: &KeyRecord,
-        digest: &KeyDigest,
-        above: Vec<BudgetLevel>,
-        ttl: Duration,
-        read_at: i64,
-        shared: &intern::Interner,
-        lives: &Arc<Registry>,
-    ) -> Self {
-        let effective = effective_expiry(record, digest);
-        let expires_at = effective.map_or(i64::MAX, nanos_of);
-        let revoked = record.revoked_at.is_some();
-        // A live key shares the life of the requests already admitted with it; a re-read that
-        // finds it ended ends them too.
-        let life = if revoked {
-            lives.end(digest, ExpiredReason::Revoked);
-            Registry::ended(digest, &record.id, ExpiredReason::Revoked)
-        } else if expires_at <= read_at {
-            lives.end(digest, ExpiredReason::Expired);
-            Registry::ended(digest, &record.id, ExpiredReason::Expired)
-        } else {
-            lives.life(digest, &record.id, expires_at)
-        };
-        let mut cached_until = read_at.saturating_add(saturating_nanos(ttl));
-        // A live key is dropped from the cache when it expires; an already expired or revoked key
-        // stays cached as such for the TTL: it cannot come back.
-        if !revoked && expires_at > read_at {
-            cached_until = cached_until.min(expires_at);
-        }
-        Self {
-            principal: Principal::scoped(
-                record.id.clone(),
-                record.name.as_str(),
-                shared.string(&record.owner),
-                shared.string(&record.account),
-                shared.scopes(&record.scopes),
-                effective,
-            )
-            .with_limits(record.limits)
-            .with_budget(Budget::new(
-                std::iter::once(BudgetLevel {
-                    id: BudgetId::Key(record.id.clone()),
-                    limits: record.limits,
-                })
-                .chain(above),
-            ))
-            .with_networks(record.allowed_networks.clone())
-            .with_life(life),
-            expires_at,
-            read_at,
-            cached_until,
-            revoked,
-            usage: UsageMark::default(),
-        }
-    }
-
-    /// A live key with the given lifetime (cache tests).
-    #[cfg(test)]
-    fn for_test(id: KeyId, cached_until: i64) -> Self {
-        Self {
-            principal: Principal::scoped(
-                id,
-                "t",
-                "o",
-                "a",
-                crate::scope::ScopeSet::default(),
-                None,
-            ),
-            expires_at: i64::MAX,
-            read_at: now_unix_nanos(),
-            cached_until,
-            revoked: false,
-            usage: UsageMark::default(),
-        }
-    }
-
-    /// The request-time check, done on every request, cached or not: revocation, and expiry at
-    /// `now` (Unix nanoseconds).
-    pub(crate) fn check(&self, now: i64) -> Result<(), AuthError> {
-        if self.revoked {
-            return Err(AuthError::ExpiredKey(ExpiredReason::Revoked));
-        }
-        if self.expires_at <= now {
-            return Err(AuthError::ExpiredKey(ExpiredReason::Expired));
-        }
-        Ok(())
-    }
-
-    /// Whether this cached answer may still be served at `now`, given the degraded-mode floor
-    /// (`i64::MIN` outside degraded mode).
-    fn servable(&self, now: i64, floor: i64) -> bool {
-        self.cached_until > now && self.read_at > floor
-    }
-}
-
-fn saturating_nanos(duration: Duration) -> i64 {
-    i64::try_from(duration.as_nanos()).unwrap_or(i64::MAX)
-}
-
-/// What the cache remembers about a digest.
-#[derive(Clone)]
-pub(crate) enum CacheEntry {
-    Known(Arc<ResolvedKey>),
-    /// No such key, as of `read_at` (Unix nanoseconds).
-    Unknown {
-        read_at: i64,
-    },
-}
-
-/// The request-time check of a known key (unknown keys pass: nothing to count them against).
-fn key_check(entry: &CacheEntry, now: i64) -> Result<(), AuthError> {
-    match entry {
-        CacheEntry::Known(key) => key.check(now),
-        CacheEntry::Unknown { .. } => Ok(()),
-    }
-}
-
-impl CacheEntry {
-    /// The request-time checks at `now` (Unix nanoseconds, see [`crate::clock`]).
-    pub(crate) fn authenticate(&self, now: i64) -> Result<&Arc<ResolvedKey>, AuthError> {
-        match self {
-            Self::Known(key) => key.check(now).map(|()| key),
-            Self::Unknown { .. } => Err(AuthError::InvalidKey(InvalidKeyReason::Unknown)),
-        }
-    }
-
-    fn servable(&self, now: i64, floor: i64) -> bool {
-        match self {
-            Self::Known(key) => key.servable(now, floor),
-            Self::Unknown { read_at } => *read_at > floor,
-        }
-    }
-}
 
 type Lookup = Shared<BoxFuture<'static, Result<CacheEntry, StoreError>>>;
 
@@ -408,130 +232,6 @@ impl fmt::Debug for CachedResolver {
             .field("lookup_timeout", &self.inner.lookup_timeout)
             .field("degraded", &self.is_degraded())
             .finish_non_exhaustive()
-    }
-}
-
-/// Builds a [`CachedResolver`]; see [`CachedResolver::builder`].
-#[must_use]
-pub struct CachedResolverBuilder {
-    store: Arc<dyn KeyStore>,
-    format: KeyFormat,
-    ttl: Duration,
-    negative_time_to_live: Duration,
-    max_capacity: u64,
-    lookup_timeout: Duration,
-    lookup_limit: (usize, usize),
-    degraded_time_to_live: Duration,
-    serve_stale: bool,
-    front: bool,
-}
-
-impl CachedResolverBuilder {
-    /// The key format presented keys must match (default: prefix `sk`).
-    pub fn format(mut self, format: KeyFormat) -> Self {
-        self.format = format;
-        self
-    }
-
-    /// How long a known key is cached (default 60 s). Without a broadcast invalidator this bounds how
-    /// long another instance may keep accepting a revoked key.
-    pub fn time_to_live(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl;
-        self
-    }
-
-    /// How long an unknown digest is cached (default 5 s).
-    pub fn negative_time_to_live(mut self, ttl: Duration) -> Self {
-        self.negative_time_to_live = ttl;
-        self
-    }
-
-    /// Most entries held (default 100,000; unknown digests count too). When full, moka's TinyLFU
-    /// policy decides: a newcomer only takes the place of an entry used less often.
-    pub fn max_capacity(mut self, entries: u64) -> Self {
-        self.max_capacity = entries;
-        self
-    }
-
-    /// How long a store lookup may take, waiting for a slot included, before the request is
-    /// answered 503 (default 2 s).
-    pub fn lookup_timeout(mut self, timeout: Duration) -> Self {
-        self.lookup_timeout = timeout;
-        self
-    }
-
-    /// At most `in_flight` store lookups at once, and `queue` more waiting for one (defaults 32 and
-    /// 64); a miss beyond that is answered 503 `AUTH_UNAVAILABLE` at once, without reaching the
-    /// store, and counted ([`shed_lookups`](CachedResolver::shed_lookups), metric
-    /// [`LOOKUPS_SHED_TOTAL`](crate::metrics::LOOKUPS_SHED_TOTAL)). Concurrent misses for one digest share one lookup and one place.
-    /// Cached keys are answered whatever the load. `in_flight` is at least 1.
-    pub fn lookup_limit(mut self, in_flight: usize, queue: usize) -> Self {
-        self.lookup_limit = (in_flight.max(1), queue);
-        self
-    }
-
-    /// While an invalidation subscription of this resolver is down or not yet connected, cached
-    /// answers read from the store longer ago than this are read again (default 1 s). This bounds
-    /// how long a key revoked on another instance is still accepted here when the broadcast fails.
-    ///
-    /// It is also the fleet's *freshness bound* ([`crate::invalidate`], "Revocation with a
-    /// receipt"): an instance whose subscription has not heard its own heartbeat come back for
-    /// longer than this stops vouching for its cache in the same way.
-    pub fn degraded_time_to_live(mut self, ttl: Duration) -> Self {
-        self.degraded_time_to_live = ttl;
-        self
-    }
-
-    /// When the fleet no longer vouches for a cached answer (degraded mode) *and* the store cannot
-    /// be read, serve the cached answer anyway instead of 503 `AUTH_UNAVAILABLE` (default `false`).
-    ///
-    /// **Weaker**: a key revoked on another instance meanwhile may then be admitted here for as
-    /// long as both the broadcast and the store are out of reach (up to the TTL). Revocations made
-    /// on this instance, and those it heard, are still refused at once.
-    pub fn serve_stale(mut self, enabled: bool) -> Self {
-        self.serve_stale = enabled;
-        self
-    }
-
-    /// Benches only: turns the per-thread front off (to measure what it saves).
-    #[doc(hidden)]
-    pub fn per_thread_front(mut self, enabled: bool) -> Self {
-        self.front = enabled;
-        self
-    }
-
-    /// Builds the resolver.
-    pub fn build(self) -> CachedResolver {
-        let (in_flight, queue) = self.lookup_limit;
-        CachedResolver {
-            inner: Arc::new(Inner {
-                store: self.store,
-                format: format::FormatSlot::new(self.format),
-                cache: cache::Cache::new(self.max_capacity, self.negative_time_to_live),
-                shared: intern::Interner::default(),
-                in_flight: Mutex::default(),
-                epoch: AtomicU64::new(0),
-                lookup_timeout: self.lookup_timeout,
-                ttl: self.ttl,
-                lookup_slots: tokio::sync::Semaphore::new(
-                    in_flight.min(tokio::sync::Semaphore::MAX_PERMITS),
-                ),
-                queue_limit: queue,
-                queued: AtomicUsize::new(0),
-                shed: AtomicU64::new(0),
-                lookups: AtomicU64::new(0),
-                degraded: AtomicUsize::new(0),
-                degraded_time_to_live: saturating_nanos(self.degraded_time_to_live),
-                vouched_until: AtomicI64::new(i64::MAX),
-                serve_stale: self.serve_stale,
-                front: self.front,
-                id: {
-                    static NEXT_ID: AtomicU64 = AtomicU64::new(0);
-                    NEXT_ID.fetch_add(1, Ordering::Relaxed)
-                },
-                lives: Arc::default(),
-            }),
-        }
     }
 }
 

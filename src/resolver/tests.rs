@@ -1,6 +1,9 @@
 use super::*;
 use time::OffsetDateTime;
 
+use crate::store::KeyRecord;
+use crate::usage::UsageMark;
+
 fn key(expires_at: Option<OffsetDateTime>, revoked: bool) -> ResolvedKey {
     ResolvedKey {
         principal: Principal::master(),
