@@ -6,6 +6,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+#[cfg(feature = "webhooks")]
 use sqlx::SqliteConnection;
 use sqlx::sqlite::SqlitePool;
 use time::OffsetDateTime;
