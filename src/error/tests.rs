@@ -1,6 +1,13 @@
 use std::collections::HashSet;
 
+use bytes::Bytes;
+use http::Response;
+use http::header::WWW_AUTHENTICATE;
+
+use super::auth::FIXED_BODIES;
+use super::render::{DEFAULT_CHALLENGE, percent_encode_grpc};
 use super::*;
+use crate::store::error::StoreError;
 
 #[test]
 fn json_shape_follows_blnk() {
