@@ -217,6 +217,7 @@ mod body;
 pub mod future;
 mod scan;
 mod service;
+mod stamp;
 
 use std::borrow::Cow;
 use std::fmt;
@@ -231,7 +232,7 @@ use crate::error::{AuthError, JsonRejection};
 use crate::key::KeyId;
 #[cfg(doc)]
 use crate::principal::Principal;
-use scan::Fields;
+use stamp::Fields;
 
 /// The default metadata field: `meta_data`.
 pub const DEFAULT_METADATA_FIELD: &str = "meta_data";
@@ -380,22 +381,24 @@ impl<R> ProvenanceLayer<R> {
 
 impl Config {
     pub(crate) fn stamp(&self, body: &[u8], key_id: &KeyId) -> Result<Option<Vec<u8>>, AuthError> {
-        let key_id = scan::json_string(key_id.as_str());
-        scan::stamp(body, &self.fields, &key_id).map_err(|error| match error {
-            scan::StampError::NotAnObject(kind) => AuthError::InvalidMetadata(Cow::Owned(format!(
-                "`{}` must be a JSON object (or null) to record the key that created this; \
+        let key_id = stamp::json_string(key_id.as_str());
+        stamp::stamp(body, &self.fields, &key_id).map_err(|error| match error {
+            stamp::StampError::NotAnObject(kind) => {
+                AuthError::InvalidMetadata(Cow::Owned(format!(
+                    "`{}` must be a JSON object (or null) to record the key that created this; \
                      found {}",
-                self.fields.meta,
-                kind.with_article()
-            ))),
-            scan::StampError::Ambiguous(scan::Ambiguity::Metadata(at)) => {
+                    self.fields.meta,
+                    kind.with_article()
+                )))
+            }
+            stamp::StampError::Ambiguous(scan::Ambiguity::Metadata(at)) => {
                 AuthError::AmbiguousMetadata(Cow::Owned(format!(
                     "the body has a member at byte {at} that matches `{}` only under case \
                      folding, or a second one: send the metadata once, as `{}`",
                     self.fields.meta, self.fields.meta
                 )))
             }
-            scan::StampError::Ambiguous(scan::Ambiguity::Stamp(at)) => {
+            stamp::StampError::Ambiguous(scan::Ambiguity::Stamp(at)) => {
                 AuthError::AmbiguousMetadata(Cow::Owned(format!(
                     "the body has a member at byte {at} that matches `{}` under case folding; \
                      it is written by the server, in `{}` only",

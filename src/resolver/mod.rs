@@ -95,7 +95,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -107,7 +107,6 @@ use crate::principal::Principal;
 use crate::store::{KeyStore, StoreError, StoreErrorKind};
 use crate::throttle::Throttle;
 use futures_util::FutureExt;
-use futures_util::future::{BoxFuture, Shared};
 
 mod builder;
 mod cache;
@@ -115,40 +114,13 @@ mod entry;
 mod format;
 mod front;
 mod intern;
+mod lookup;
 
 pub use builder::CachedResolverBuilder;
 pub(crate) use entry::{CacheEntry, ResolvedKey};
 use entry::{effective_expiry, key_check};
 pub use format::CurrentFormat;
-
-type Lookup = Shared<BoxFuture<'static, Result<CacheEntry, StoreError>>>;
-
-/// A lookup in flight: the epoch it started in, the shared future, and whether an invalidation
-/// naming its digest (or every digest) has overtaken it since: then its answer may predate the
-/// change, and no waiter uses it.
-struct InFlight {
-    epoch: u64,
-    lookup: Lookup,
-    overtaken: Arc<AtomicBool>,
-}
-
-/// How many times a request asks again when invalidations of its digest keep overtaking its lookup,
-/// before it is answered 503 (fail closed).
-const OVERTAKEN_RETRIES: u32 = 4;
-
-/// Why a request was not answered: its digest was invalidated during every lookup it waited for.
-#[derive(Debug, thiserror::Error)]
-#[error("the key changed during every lookup; not answered")]
-struct Overtaken;
-
-/// Why a lookup was not sent to the store: the bound on lookups in flight and queued was reached.
-#[derive(Debug, thiserror::Error)]
-#[error("too many key lookups in flight; this one was shed")]
-struct LookupShed;
-
-fn is_shed(error: &StoreError) -> bool {
-    std::error::Error::source(error).is_some_and(|source| source.is::<LookupShed>())
-}
+use lookup::{InFlight, LookupShed, OVERTAKEN_RETRIES, Overtaken, QueuePlace, is_shed};
 
 struct Inner {
     store: Arc<dyn KeyStore>,
@@ -232,15 +204,6 @@ impl fmt::Debug for CachedResolver {
             .field("lookup_timeout", &self.inner.lookup_timeout)
             .field("degraded", &self.is_degraded())
             .finish_non_exhaustive()
-    }
-}
-
-/// Takes a waiting place; gives it back when dropped (also when the lookup is cancelled).
-struct QueuePlace<'a>(&'a AtomicUsize);
-
-impl Drop for QueuePlace<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

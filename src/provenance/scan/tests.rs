@@ -1,4 +1,5 @@
 use super::*;
+use crate::provenance::stamp::{Fields, StampError, json_string, stamp};
 
 const ID: &str = "\"key_1\"";
 
