@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -36,6 +36,10 @@ const EXPIRED: u8 = 2;
 pub(crate) struct Life {
     state: AtomicU8,
     notify: Notify,
+    /// Requests admitted with this digest whose response is not yet sent in full.
+    in_flight: AtomicU64,
+    /// How many were in flight when the key ended (set once, by the call that ended it).
+    in_flight_at_end: AtomicU64,
     digest: KeyDigest,
     key_id: KeyId,
     /// The effective expiry (Unix nanoseconds, `i64::MAX`: never) the timer is armed for.
@@ -56,8 +60,9 @@ impl Life {
         }
     }
 
-    /// Ends the key (the first reason wins) and wakes every waiter.
-    pub(crate) fn end(&self, reason: ExpiredReason) {
+    /// Ends the key (the first reason wins) and wakes every waiter. Returns how many requests
+    /// were in flight under it when this call ended it (0 if it had already ended).
+    pub(crate) fn end(&self, reason: ExpiredReason) -> u64 {
         let state = match reason {
             ExpiredReason::Revoked => REVOKED,
             ExpiredReason::Expired => EXPIRED,
@@ -65,13 +70,35 @@ impl Life {
         if self
             .state
             .compare_exchange(LIVE, state, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+            .is_err()
         {
-            self.notify.notify_waiters();
-            // The timer has nothing left to do.
-            self.timer.lock().unwrap_or_else(|p| p.into_inner()).take();
-            tracing::debug!(api_key_id = %self.key_id, reason = reason.as_str(), "API key ended; requests in flight under it end at their next frame");
+            return 0;
         }
+        let in_flight = self.in_flight.load(Ordering::Acquire);
+        self.in_flight_at_end.store(in_flight, Ordering::Release);
+        self.notify.notify_waiters();
+        // The timer has nothing left to do.
+        self.timer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        tracing::debug!(api_key_id = %self.key_id, reason = reason.as_str(), in_flight, "API key ended; requests in flight under it end at their next frame");
+        in_flight
+    }
+
+    /// How many requests were in flight under this key when it ended (0 while it lives).
+    pub(crate) fn in_flight_at_end(&self) -> u64 {
+        self.in_flight_at_end.load(Ordering::Acquire)
+    }
+
+    /// One more request in flight under this key (admitted; see [`leave`](Self::leave)).
+    #[inline]
+    pub(crate) fn enter(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request counted by [`enter`](Self::enter) is over: its response was sent in full, or
+    /// dropped.
+    #[inline]
+    pub(crate) fn leave(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Makes sure the key ends at `at` (Unix nanoseconds) at the latest: arms a timer if `at` is
@@ -200,6 +227,8 @@ impl Registry {
                     let life = Arc::new(Life {
                         state: AtomicU8::new(LIVE),
                         notify: Notify::new(),
+                        in_flight: AtomicU64::new(0),
+                        in_flight_at_end: AtomicU64::new(0),
                         digest: *digest,
                         key_id: key_id.clone(),
                         expires_at: AtomicI64::new(i64::MAX),
@@ -221,6 +250,8 @@ impl Registry {
         let life = Arc::new(Life {
             state: AtomicU8::new(LIVE),
             notify: Notify::new(),
+            in_flight: AtomicU64::new(0),
+            in_flight_at_end: AtomicU64::new(0),
             digest: *digest,
             key_id: key_id.clone(),
             expires_at: AtomicI64::new(i64::MAX),
@@ -231,14 +262,13 @@ impl Registry {
         life
     }
 
-    /// Ends the registered `Life` of `digest`, if any.
-    pub(crate) fn end(&self, digest: &KeyDigest, reason: ExpiredReason) {
+    /// Ends the registered `Life` of `digest`, if any; returns how many requests were in flight
+    /// under it (see [`Life::end`]).
+    pub(crate) fn end(&self, digest: &KeyDigest, reason: ExpiredReason) -> u64 {
         let lives = self.lives.lock().unwrap_or_else(|p| p.into_inner());
         let life = lives.get(digest).and_then(Weak::upgrade);
         drop(lives);
-        if let Some(life) = life {
-            life.end(reason);
-        }
+        life.map_or(0, |life| life.end(reason))
     }
 
     /// The registered lives that are still live and match `filter`.
@@ -338,6 +368,28 @@ mod tests {
         let next = registry.life(&digest, &id, i64::MAX);
         assert!(!Arc::ptr_eq(&life, &next));
         assert_eq!(next.ended(), None);
+    }
+
+    #[tokio::test]
+    async fn ending_reports_the_requests_in_flight_once() {
+        let registry = Arc::new(Registry::default());
+        let (digest, id) = (KeyDigest::of("a"), KeyId::new("key_a"));
+        let life = registry.life(&digest, &id, i64::MAX);
+        life.enter();
+        life.enter();
+        life.enter();
+        life.leave();
+        assert_eq!(life.in_flight_at_end(), 0, "nothing while it lives");
+        assert_eq!(registry.end(&digest, ExpiredReason::Revoked), 2);
+        assert_eq!(life.in_flight_at_end(), 2);
+        // Only the call that ended it reports them.
+        assert_eq!(life.end(ExpiredReason::Expired), 0);
+        assert_eq!(
+            registry.end(&KeyDigest::of("unknown"), ExpiredReason::Revoked),
+            0
+        );
+        life.leave();
+        assert_eq!(life.in_flight_at_end(), 2, "what was in flight then");
     }
 
     #[tokio::test]

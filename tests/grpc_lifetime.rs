@@ -86,10 +86,11 @@ async fn a_client_stream_after_the_revocation_is_not_handled() {
         assert!(tokio::time::Instant::now() < deadline, "never handled");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    manager
-        .revoke(&Principal::master(), &info.id)
+    let (_, receipt) = manager
+        .revoke_with_receipt(&Principal::master(), &info.id, None, None)
         .await
         .unwrap();
+    assert_eq!(receipt.requests_ended_total(), 1, "{receipt}");
     for name in ["after 1", "after 2"] {
         let _ = sender.send(CreateLedgerRequest { name: name.into() }).await;
     }
@@ -129,10 +130,12 @@ async fn a_server_stream_ends_with_status_16_after_the_revocation() {
             .unwrap();
         assert!(beat.is_some(), "the stream runs while the key lives");
     }
-    manager
-        .revoke(&Principal::master(), &info.id)
+    let (_, receipt) = manager
+        .revoke_with_receipt(&Principal::master(), &info.id, None, None)
         .await
         .unwrap();
+    // The stream, already answered with its head, is in flight until its last frame.
+    assert_eq!(receipt.requests_ended_total(), 1, "{receipt}");
     // The stream never ends by itself: only the key's end stops it, at its next message.
     let ended = tokio::time::timeout(HANG_GUARD, async {
         loop {

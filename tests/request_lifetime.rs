@@ -22,6 +22,7 @@ use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tower_api_keys::error::AuthError;
+use tower_api_keys::invalidate::{LOCAL_INSTANCE, REQUESTS_ENDED_HEADER};
 use tower_api_keys::key::ApiKey;
 use tower_api_keys::layer::ApiKeyLayer;
 use tower_api_keys::manage::{CreateKey, CreatedKey, KeyManager};
@@ -274,10 +275,22 @@ async fn a_body_sent_after_a_revocation_writes_nothing_and_gets_401(mode: Mode) 
     assert_eq!(seen.writes.lock().unwrap().len(), 1);
 
     let held = HeldPost::start(addr, &created.key, &seen).await;
-    manager
-        .revoke(&Principal::master(), &created.info.id)
+    let (_, receipt) = manager
+        .revoke_with_receipt(&Principal::master(), &created.info.id, None, None)
         .await
         .unwrap();
+    // The one request in flight (the finished one is not), on this instance (no fleet).
+    assert_eq!(
+        receipt.requests_ended,
+        [(LOCAL_INSTANCE.to_owned(), 1)].into()
+    );
+    assert!(
+        receipt
+            .headers()
+            .contains(&(REQUESTS_ENDED_HEADER.parse().unwrap(), "1".parse().unwrap())),
+        "{:?}",
+        receipt.headers()
+    );
     let (status, text) = held.finish().await;
     assert_refused_as_ended(status, &text, "revoked", &created.key);
     assert_eq!(seen.writes.lock().unwrap().len(), 1, "nothing written");
@@ -330,10 +343,15 @@ async fn a_revoked_ancestor_ends_the_requests_of_its_descendants(mode: Mode) {
     let child = create(&manager, &parent_principal, &["ledgers:write"]).await;
 
     let held = HeldPost::start(addr, &child.key, &seen).await;
-    manager
-        .revoke(&Principal::master(), &parent.info.id)
+    let (_, receipt) = manager
+        .revoke_with_receipt(&Principal::master(), &parent.info.id, None, None)
         .await
         .unwrap();
+    assert_eq!(
+        receipt.requests_ended_total(),
+        1,
+        "the child's request counts in the parent's receipt: {receipt}"
+    );
     let (status, text) = held.finish().await;
     assert_refused_as_ended(status, &text, "revoked", &child.key);
     assert!(seen.writes.lock().unwrap().is_empty(), "nothing written");
@@ -446,8 +464,9 @@ async fn a_handler_selecting_on_the_end_future_stops(mode: Mode) {
 }
 
 /// The fleet: the server runs on instance B; the key is revoked through A's `KeyManager`, which
-/// publishes the change. Once B refuses new requests with the key (polled over the socket), the body
-/// held back on B is refused too.
+/// publishes the change and waits for B's acknowledgement. B ends the requests in flight under the
+/// key before it acknowledges, and says how many: once the receipt is complete, the body held back
+/// on B is refused, with no waiting.
 #[cfg(feature = "postgres")]
 mod fleet {
     use super::*;
@@ -463,25 +482,55 @@ mod fleet {
         let a = KeyManager::new(a_resolver).invalidator(a_invalidator);
         let seen = Seen::default();
         let addr = serve(app(b_resolver.clone(), seen.clone(), Mode::AxumBody)).await;
+        // Until both instances are in the roster (a throwaway key's revocation says so).
+        let deadline = tokio::time::Instant::now() + HANG_GUARD;
+        loop {
+            let probe = create(&a, &Principal::master(), &["ledgers:write"]).await;
+            let (_, receipt) = a
+                .revoke_with_receipt(&Principal::master(), &probe.info.id, None, None)
+                .await
+                .unwrap();
+            if receipt.is_complete() && receipt.instances == 2 {
+                assert_eq!(
+                    receipt.requests_ended,
+                    [("a".to_owned(), 0), ("b".to_owned(), 0)].into(),
+                    "nothing was in flight under the probe: {receipt}"
+                );
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never 2 instances: {receipt}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let created = create(&a, &Principal::master(), &["ledgers:write"]).await;
 
         let held = HeldPost::start(addr, &created.key, &seen).await;
-        a.revoke(&Principal::master(), &created.info.id)
+        let (_, receipt) = a
+            .revoke_with_receipt(&Principal::master(), &created.info.id, None, None)
             .await
             .unwrap();
-        let deadline = tokio::time::Instant::now() + HANG_GUARD;
-        // New requests first (the bound of #22); the re-read that refuses one ends the requests in
-        // flight under the key too.
-        while b_resolver.authenticate(&created.key.digest()).await.is_ok() {
-            assert!(tokio::time::Instant::now() < deadline, "B never refused");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        assert!(receipt.is_complete(), "{receipt}");
+        assert_eq!(
+            receipt.requests_ended,
+            [("a".to_owned(), 0), ("b".to_owned(), 1)].into(),
+            "B ended the request held there before it acknowledged: {receipt}"
+        );
+        // Ended before the acknowledgement: B refuses the body and new requests at once.
+        assert!(
+            b_resolver
+                .authenticate(&created.key.digest())
+                .await
+                .is_err()
+        );
         let (status, text) = held.finish().await;
         assert_refused_as_ended(status, &text, "revoked", &created.key);
         assert!(
             seen.writes.lock().unwrap().is_empty(),
             "nothing written on B"
         );
+        assert_eq!(b_resolver.requests_ended(&created.info.id), 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -497,15 +546,23 @@ mod fleet {
             .build();
         let a_invalidator = PostgresInvalidator::from_store(&a_store)
             .with_channel(&channel)
-            .unwrap();
+            .unwrap()
+            .heartbeat(Duration::from_millis(50))
+            .instance_name("a");
+        let a_subscription = a_invalidator.subscribe(CachedResolver::new(a_store.clone()));
         let b_subscription = PostgresInvalidator::from_store(&b_store)
             .with_channel(&channel)
             .unwrap()
+            .heartbeat(Duration::from_millis(50))
+            .instance_name("b")
             .subscribe(b_resolver.clone());
-        tokio::time::timeout(HANG_GUARD, b_subscription.wait_connected())
-            .await
-            .expect("subscriber connects");
+        for subscription in [&a_subscription, &b_subscription] {
+            tokio::time::timeout(HANG_GUARD, subscription.wait_connected())
+                .await
+                .expect("subscriber connects");
+        }
         body_on_b_after_revoke_on_a(a_store, a_invalidator, b_resolver).await;
+        a_subscription.shutdown().await;
         b_subscription.shutdown().await;
         schema.drop_schema().await;
     }
@@ -527,15 +584,23 @@ mod fleet {
             .build();
         let a_invalidator = RedisInvalidator::open(&redis_url)
             .unwrap()
-            .with_channel(&channel);
+            .with_channel(&channel)
+            .heartbeat(Duration::from_millis(50))
+            .instance_name("a");
+        let a_subscription = a_invalidator.subscribe(CachedResolver::new(a_store.clone()));
         let b_subscription = RedisInvalidator::open(&redis_url)
             .unwrap()
             .with_channel(&channel)
+            .heartbeat(Duration::from_millis(50))
+            .instance_name("b")
             .subscribe(b_resolver.clone());
-        tokio::time::timeout(HANG_GUARD, b_subscription.wait_connected())
-            .await
-            .expect("subscriber connects");
+        for subscription in [&a_subscription, &b_subscription] {
+            tokio::time::timeout(HANG_GUARD, subscription.wait_connected())
+                .await
+                .expect("subscriber connects");
+        }
         body_on_b_after_revoke_on_a(a_store, a_invalidator, b_resolver).await;
+        a_subscription.shutdown().await;
         b_subscription.shutdown().await;
         schema.drop_schema().await;
     }

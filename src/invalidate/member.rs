@@ -235,19 +235,31 @@ impl<B: Backend> Local<'_, B> {
                 }
             };
             let handled = match message.as_deref().map(Message::parse) {
-                Some(Some(Message::Invalidate { seq, invalidation })) => {
+                Some(Some(Message::Invalidate {
+                    seq: Some(seq),
+                    invalidation,
+                })) => {
+                    // The requests in flight under the keys end before the acknowledgement, and
+                    // the receipt learns how many there were.
+                    let ended = settle(self.resolver(), &invalidation).await;
+                    self.fleet
+                        .board
+                        .record_ended(&self.fleet.instance, seq, ended);
+                    self.invalidated(connection, seq, Some((seq, ended))).await
+                }
+                Some(Some(Message::Invalidate {
+                    seq: None,
+                    invalidation,
+                })) => {
                     invalidation.apply(self.resolver());
-                    match seq {
-                        Some(seq) => self.invalidated(connection, seq).await,
-                        None => Ok(()),
-                    }
+                    Ok(())
                 }
                 Some(Some(Message::Format { seq })) => {
                     // Swapped (or, if the store cannot be read, refusing every key) before the
                     // acknowledgement.
                     reload_format(self.resolver()).await;
                     match seq {
-                        Some(seq) => self.invalidated(connection, seq).await,
+                        Some(seq) => self.invalidated(connection, seq, None).await,
                         None => Ok(()),
                     }
                 }
@@ -287,7 +299,16 @@ impl<B: Backend> Local<'_, B> {
                     }
                     caught_up
                 }
-                Some(Some(Message::Ack { instance, seq })) => {
+                Some(Some(Message::Ack {
+                    instance,
+                    seq,
+                    ended,
+                })) => {
+                    if let Some((of, requests)) = ended
+                        && instance != self.fleet.instance
+                    {
+                        self.fleet.board.record_ended(&instance, of, requests);
+                    }
                     self.fleet.board.record(&instance, seq);
                     Ok(())
                 }
@@ -303,18 +324,20 @@ impl<B: Backend> Local<'_, B> {
         }
     }
 
-    /// A sequenced invalidation was applied: fill a gap from the log, then acknowledge.
+    /// A sequenced message was applied: fill a gap from the log, then acknowledge (with the
+    /// requests in flight it ended, for an invalidation).
     async fn invalidated(
         &mut self,
         connection: &mut B::Connection,
         seq: u64,
+        ended: Option<(u64, u64)>,
     ) -> Result<(), Ended<B::Error>> {
         if seq > self.applied.saturating_add(1) {
             self.catch_up(connection).await?;
         }
         self.applied = self.applied.max(seq);
         self.applied_now();
-        let ack = Message::ack(&self.fleet.instance, self.applied);
+        let ack = Message::ack(&self.fleet.instance, self.applied, ended);
         self.call(self.backend.ack(connection, &ack)).await
     }
 }
@@ -338,7 +361,7 @@ async fn run<B: Backend>(
 ) {
     let channel = &*channel;
     let patience = health.resolver.bound().max(Duration::from_millis(500));
-    let _listening = super::fleet::Listening::new(fleet.board.clone());
+    let _listening = super::board::Listening::new(fleet.board.clone(), &fleet.instance);
     let mut local = Local {
         backend: &backend,
         health: &mut health,
@@ -434,6 +457,31 @@ fn apply(message: Option<Message>, resolver: &CachedResolver, channel: &str) -> 
     }
 }
 
+/// Applies a sequenced invalidation here and ends the requests in flight under its keys (those
+/// the store says ended) before it is acknowledged; returns how many requests were in flight under
+/// them. The store is given half the freshness bound (the acknowledgement is awaited for one);
+/// past it the judging goes on in the background, and the count is what was known by then.
+async fn settle(resolver: &CachedResolver, invalidation: &super::Invalidation) -> u64 {
+    let lives = resolver.lives_of(&invalidation.digests);
+    invalidation.forget(resolver);
+    if invalidation.digests.is_empty() {
+        return 0;
+    }
+    let patience = (resolver.bound() / 2).max(Duration::from_millis(100));
+    let judged = {
+        let (resolver, lives) = (resolver.clone(), lives.clone());
+        tokio::spawn(async move { resolver.settle(lives).await })
+    };
+    match tokio::time::timeout(patience, judged).await {
+        Ok(Ok(ended)) => ended,
+        _ => lives
+            .iter()
+            .filter(|life| life.ended().is_some())
+            .map(|life| life.in_flight_at_end())
+            .sum(),
+    }
+}
+
 /// Reads the key format again ([`CachedResolver::reload_format`]: it logs a failure, and then
 /// refuses every key until a reload succeeds).
 async fn reload_format(resolver: &CachedResolver) {
@@ -443,161 +491,4 @@ async fn reload_format(resolver: &CachedResolver) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::invalidate::subscription::LogTail;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::sync::mpsc;
-
-    /// A backend driven by the test: each `connect` takes the next outcome from a channel, and a
-    /// connection yields the messages sent to it until its sender is dropped.
-    struct Scripted {
-        attempts:
-            tokio::sync::Mutex<mpsc::UnboundedReceiver<Option<mpsc::UnboundedReceiver<String>>>>,
-        connects: AtomicUsize,
-    }
-
-    impl Backend for Scripted {
-        type Connection = mpsc::UnboundedReceiver<String>;
-        type Error = &'static str;
-
-        async fn connect(&self) -> Result<Self::Connection, Self::Error> {
-            self.connects.fetch_add(1, Ordering::SeqCst);
-            match self.attempts.lock().await.recv().await {
-                Some(Some(connection)) => Ok(connection),
-                _ => Err("refused"),
-            }
-        }
-
-        async fn receive(
-            &self,
-            connection: &mut Self::Connection,
-        ) -> Result<Option<String>, Self::Error> {
-            connection.recv().await.map(Some).ok_or("closed")
-        }
-
-        async fn beat(&self, _: &mut Self::Connection, _: &Beat<'_>) -> Result<(), Self::Error> {
-            Ok(())
-        }
-
-        async fn ack(&self, _: &mut Self::Connection, _: &str) -> Result<(), Self::Error> {
-            Ok(())
-        }
-
-        /// An empty log that never reaches back: every connection clears the cache.
-        async fn log_after(
-            &self,
-            _: &mut Self::Connection,
-            _: Option<u64>,
-        ) -> Result<LogTail, Self::Error> {
-            Ok(LogTail::default())
-        }
-    }
-
-    fn params() -> FleetParams {
-        FleetParams {
-            board: Arc::default(),
-            instance: "test".into(),
-            token: 1,
-            heartbeat: Duration::from_millis(250),
-            roster_ttl: Duration::from_secs(3),
-        }
-    }
-
-    async fn until(what: impl Fn() -> bool) {
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while !what() {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        })
-        .await
-        .expect("condition reached");
-    }
-
-    /// Degraded before the first connection and after a loss; each connection clears the cache
-    /// once; a failed attempt is retried; dropping the subscription ends degraded mode.
-    #[tokio::test]
-    async fn the_loop_keeps_degraded_mode_in_step() {
-        let store = crate::store::MemoryStore::new();
-        let resolver = CachedResolver::new(store);
-        let digest = crate::key::KeyDigest::of("unknown");
-        let (attempts, script) = mpsc::unbounded_channel();
-        let backend = Scripted {
-            attempts: tokio::sync::Mutex::new(script),
-            connects: AtomicUsize::new(0),
-        };
-        let backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(2));
-        let subscription = spawn(backend, "test".into(), resolver.clone(), backoff, params());
-        assert!(
-            resolver.is_degraded(),
-            "degraded before the first connection"
-        );
-        attempts.send(None).unwrap();
-        let (first, messages) = mpsc::unbounded_channel();
-        attempts.send(Some(messages)).unwrap();
-        subscription.wait_connected().await;
-        assert!(!resolver.is_degraded());
-        // A message is applied; an unreadable one clears the cache.
-        resolver.authenticate(&digest).await.unwrap_err();
-        assert_eq!(resolver.cached_entries(), 1);
-        first.send("not json".into()).unwrap();
-        until(|| resolver.cached_entries() == 0).await;
-        resolver.authenticate(&digest).await.unwrap_err();
-        // The connection is lost: degraded until the next one, which clears the cache.
-        drop(first);
-        until(|| resolver.is_degraded()).await;
-        assert_eq!(resolver.cached_entries(), 1, "a loss alone clears nothing");
-        let (_second, messages) = mpsc::unbounded_channel();
-        attempts.send(Some(messages)).unwrap();
-        subscription.wait_for_connections(2).await;
-        assert!(!resolver.is_degraded());
-        assert_eq!(resolver.cached_entries(), 0, "cleared on reconnect");
-        drop(attempts);
-        subscription.shutdown().await;
-        assert!(!resolver.is_degraded());
-    }
-
-    /// A format change is applied before it is acknowledged: the resolver's format is read again
-    /// from the store.
-    #[tokio::test]
-    async fn a_format_change_is_reloaded_before_it_is_acknowledged() {
-        use crate::invalidate::fleet::FORMAT_PAYLOAD;
-        let store = Arc::new(crate::store::MemoryStore::new());
-        let format = crate::key::KeyFormat::keyed("sk")
-            .load_secret_from(&*store)
-            .await
-            .unwrap();
-        let resolver = CachedResolver::builder(store.clone())
-            .format(format)
-            .build();
-        let (attempts, script) = mpsc::unbounded_channel();
-        let backend = Scripted {
-            attempts: tokio::sync::Mutex::new(script),
-            connects: AtomicUsize::new(0),
-        };
-        let fleet = params();
-        let board = fleet.board.clone();
-        let backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(2));
-        let subscription = spawn(backend, "test".into(), resolver.clone(), backoff, fleet);
-        let (messages, connection) = mpsc::unbounded_channel();
-        attempts.send(Some(connection)).unwrap();
-        subscription.wait_connected().await;
-        let secret = crate::key::FormatSecret::generate();
-        let now = time::OffsetDateTime::now_utc();
-        crate::store::KeyStore::add_format_secret(&*store, &secret, now)
-            .await
-            .unwrap();
-        messages
-            .send(Message::sequenced(1, FORMAT_PAYLOAD))
-            .unwrap();
-        let published = crate::invalidate::Sequenced {
-            sequence: 1,
-            live: vec!["test".into()],
-            published_at: Instant::now(),
-        };
-        let receipt = board.wait(&published, Duration::from_secs(5)).await;
-        assert!(receipt.is_complete(), "{receipt:?}");
-        assert_eq!(resolver.format().accepted_versions(), [1, 2]);
-        subscription.shutdown().await;
-    }
-}
+mod tests;

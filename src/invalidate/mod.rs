@@ -27,16 +27,22 @@
 //!   sees a gap (a sequence number it skipped, or a heartbeat reporting a later head) or that
 //!   reconnects catches up from the log; it clears its cache only when the log no longer reaches
 //!   back (kept 10 minutes in PostgreSQL, the last 10,000 in Redis). Each applied invalidation is
-//!   acknowledged on the fleet channel.
+//!   acknowledged on the fleet channel, after the instance ended the requests in flight under its
+//!   keys (those the store says ended: one store read per key with requests in flight, given half
+//!   the bound), with how many there were.
 //! - **Acknowledged revocation.** [`KeyManager`](crate::manage::KeyManager) waits, after
 //!   publishing, until every instance that was live when it published has acknowledged, up to a
 //!   deadline (default the freshness bound, 1 s;
 //!   [`acknowledgement_deadline`](crate::manage::KeyManager::acknowledgement_deadline)), and gets a
 //!   [`Receipt`]: how many acknowledged, which did not (the laggards, logged at `warn` and counted
-//!   in [`LAGGARDS_TOTAL`](crate::metrics::LAGGARDS_TOTAL)), how long it took. `DELETE /api-keys/{id}` still answers 204 with no
+//!   in [`LAGGARDS_TOTAL`](crate::metrics::LAGGARDS_TOTAL)), how long it took, and how many requests
+//!   in flight under the key and its subtree each instance ended
+//!   ([`Receipt::requests_ended`]). `DELETE /api-keys/{id}` still answers 204 with no
 //!   body, and says it in headers: [`ACKNOWLEDGED_HEADER`] (`Revocation-Acknowledged: 3`),
 //!   [`INSTANCES_HEADER`] (`Revocation-Instances: 3`), [`ELAPSED_HEADER`]
-//!   (`Revocation-Elapsed-Ms: 2.417`) and [`SEQUENCE_HEADER`]; they are absent when nothing could
+//!   (`Revocation-Elapsed-Ms: 2.417`), [`SEQUENCE_HEADER`] and [`REQUESTS_ENDED_HEADER`]
+//!   (`Revocation-Requests-Ended: 2`, the total; also without a fleet, for this instance alone);
+//!   the first four are absent when nothing could
 //!   be acknowledged (the key was already revoked, the broadcast failed, or no subscription of the
 //!   invalidator runs on the instance that revoked). The revoke never fails for want of
 //!   acknowledgements.
@@ -106,9 +112,13 @@
 //! an earlier version cannot read the format message: they clear their cache and keep their
 //! format until they restart. `tests/fleet_format.rs` holds these over LISTEN/NOTIFY and Redis.
 
+#[cfg(any(feature = "postgres", feature = "redis"))]
+mod board;
+#[cfg(any(feature = "postgres", feature = "redis"))]
 mod fleet;
 #[cfg(feature = "postgres")]
 mod postgres;
+mod receipt;
 #[cfg(feature = "redis")]
 mod redis;
 
@@ -124,12 +134,13 @@ mod member;
 #[cfg(any(feature = "postgres", feature = "redis"))]
 mod subscription;
 
-pub(crate) use self::fleet::report;
-pub use self::fleet::{
-    ACKNOWLEDGED_HEADER, ELAPSED_HEADER, INSTANCES_HEADER, Receipt, SEQUENCE_HEADER, Sequenced,
-};
 #[cfg(feature = "postgres")]
 pub use self::postgres::PostgresInvalidator;
+pub(crate) use self::receipt::report;
+pub use self::receipt::{
+    ACKNOWLEDGED_HEADER, ELAPSED_HEADER, INSTANCES_HEADER, REQUESTS_ENDED_HEADER, Receipt,
+    SEQUENCE_HEADER, Sequenced,
+};
 #[cfg(feature = "redis")]
 pub use self::redis::RedisInvalidator;
 #[cfg(any(feature = "postgres", feature = "redis"))]
@@ -167,8 +178,9 @@ impl Invalidation {
         }
     }
 
-    /// [`apply`](Self::apply) for key management on its own instance: the cache only; the caller
-    /// then [settles](CachedResolver::settle) the requests in flight before it returns.
+    /// [`apply`](Self::apply) without judging the requests in flight again: the cache only; the
+    /// caller [settles](CachedResolver::settle) them itself (key management before it returns, a
+    /// fleet subscription before it acknowledges).
     pub(crate) fn forget(&self, resolver: &CachedResolver) {
         if self.digests.is_empty() {
             resolver.invalidate_key(&self.key_id);
@@ -252,9 +264,21 @@ pub trait Invalidator: Send + Sync + 'static {
             acknowledged: 0,
             laggards: published.live.clone(),
             elapsed: deadline,
+            requests_ended: Default::default(),
         }
     }
+
+    /// The id under which this instance appears in the fleet (what its acknowledgements carry),
+    /// for the count of requests it ended itself in a [`Receipt`]. The default is
+    /// [`LOCAL_INSTANCE`].
+    fn instance(&self) -> String {
+        LOCAL_INSTANCE.to_owned()
+    }
 }
+
+/// The instance id of the revoking instance in a [`Receipt`] when its invalidator knows no fleet
+/// id for it ([`Invalidator::instance`]).
+pub const LOCAL_INSTANCE: &str = "local";
 
 /// No broadcast: other instances learn of changes when their cache entries expire.
 #[derive(Clone, Copy, Debug, Default)]

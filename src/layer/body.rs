@@ -76,7 +76,7 @@ pub(crate) struct Whole;
 /// What a watched body looks at. (Public in a private module: it appears in
 /// [`BodyMode`](super::BodyMode)'s hidden method, and nothing outside the crate can name or make it.)
 pub struct Guard {
-    principal: Principal,
+    principal: InFlight,
     /// Shared by the request body and the response of one request: set once the key's end cut it
     /// (counted once per request).
     cut: Option<Arc<AtomicBool>>,
@@ -86,8 +86,56 @@ pub struct Guard {
     done: bool,
 }
 
+/// The principal of a request admitted with a key that can end, and, when `counted`, the request
+/// itself as one in flight under the key (from admission until its response is sent in full or
+/// dropped: what a revocation's receipt reports as ended).
+pub(crate) struct InFlight {
+    principal: Principal,
+    counted: bool,
+}
+
+impl InFlight {
+    /// Counts the request in flight under `principal`'s key (if it can end) while this lives.
+    #[inline]
+    pub(crate) fn counted(principal: Principal) -> Self {
+        let counted = match principal.life() {
+            Some(life) => {
+                life.enter();
+                true
+            }
+            None => false,
+        };
+        Self { principal, counted }
+    }
+
+    /// `principal` without counting (the request body's copy: the response counts the request).
+    #[inline]
+    pub(crate) fn uncounted(principal: Principal) -> Self {
+        Self {
+            principal,
+            counted: false,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn principal(&self) -> &Principal {
+        &self.principal
+    }
+}
+
+impl Drop for InFlight {
+    #[inline]
+    fn drop(&mut self) {
+        if self.counted
+            && let Some(life) = self.principal.life()
+        {
+            life.leave();
+        }
+    }
+}
+
 impl Guard {
-    pub(crate) fn new(principal: Principal, cut: Option<Arc<AtomicBool>>, grpc: bool) -> Self {
+    pub(crate) fn new(principal: InFlight, cut: Option<Arc<AtomicBool>>, grpc: bool) -> Self {
         Self {
             principal,
             cut,
@@ -98,7 +146,10 @@ impl Guard {
 
     #[inline]
     fn ended(&self) -> Option<ExpiredReason> {
-        self.principal.life().and_then(|life| life.ended())
+        self.principal
+            .principal()
+            .life()
+            .and_then(|life| life.ended())
     }
 
     /// Records that the key's end cut this request (once per request).
@@ -108,7 +159,7 @@ impl Guard {
             Some(cut) => !cut.swap(true, Ordering::AcqRel),
             None => true,
         };
-        if let Some(life) = self.principal.life()
+        if let Some(life) = self.principal.principal().life()
             && first
         {
             life.count_cut();

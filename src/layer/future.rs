@@ -10,10 +10,9 @@ use futures_util::future::BoxFuture;
 use http::{Response, header};
 use pin_project_lite::pin_project;
 
-use super::body::Guard;
+use super::body::{Guard, InFlight};
 use super::mode::{AnyBody, BodyMode};
 use crate::error::{AuthError, ExpiredReason, RenderRejection, reject};
-use crate::principal::Principal;
 use crate::resolver::ResolvedKey;
 use crate::usage::{Outcome, UsageRecorder};
 
@@ -71,10 +70,11 @@ pin_project! {
 }
 
 /// What the response of a request admitted with a key that can end needs: the principal (its
-/// key's life) and, for a request with a body, the flag its body sets when the key's end refused
-/// a frame, with the renderer of the refusal that then replaces the inner service's answer.
+/// key's life; the request counted in flight until the response is sent) and, for a request with
+/// a body, the flag its body sets when the key's end refused a frame, with the renderer of the
+/// refusal that then replaces the inner service's answer.
 pub(crate) struct Watch<R> {
-    pub(crate) principal: Principal,
+    pub(crate) principal: InFlight,
     pub(crate) cut: Option<(Arc<AtomicBool>, R)>,
 }
 
@@ -92,6 +92,7 @@ impl<R> Watch<R> {
                 // The request body was refused: the key's refusal, whatever the handler made of it.
                 let reason = self
                     .principal
+                    .principal()
                     .life()
                     .and_then(|life| life.ended())
                     .unwrap_or(ExpiredReason::Revoked);

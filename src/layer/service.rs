@@ -11,7 +11,7 @@ use std::sync::atomic::AtomicBool;
 use http_body::Body;
 
 use super::Config;
-use super::body::Guard;
+use super::body::{Guard, InFlight};
 use super::future::{ResponseFuture, Tally, Watch};
 use super::mode::{AnyBody, BodyMode};
 use super::source;
@@ -243,7 +243,7 @@ where
                 let cut = (!body.is_end_stream())
                     .then(|| (Arc::new(AtomicBool::new(false)), rejection.clone()));
                 Watch {
-                    principal: principal.clone(),
+                    principal: InFlight::counted(principal.clone()),
                     cut,
                 }
             });
@@ -251,7 +251,11 @@ where
                 Some(Watch {
                     principal,
                     cut: Some((cut, _)),
-                }) => Some(Guard::new(principal.clone(), Some(cut.clone()), false)),
+                }) => Some(Guard::new(
+                    InFlight::uncounted(principal.principal().clone()),
+                    Some(cut.clone()),
+                    false,
+                )),
                 _ => None,
             };
             parts.extensions.insert(principal);

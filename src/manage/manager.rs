@@ -278,21 +278,22 @@ impl KeyManager {
                 digests: chunk.to_vec(),
             })
             .collect();
+        // Requests in flight under the changed keys end here before the change is broadcast and
+        // the call returns (I4).
+        let lives = self.resolver.lives_of(&digests);
         for invalidation in &invalidations {
             invalidation.forget(&self.resolver);
         }
-        // Requests in flight under the changed keys end here before the change is broadcast and
-        // the call returns (I4).
-        self.resolver.settle(&digests).await;
-        let mut last = None;
+        let ended_here = self.resolver.settle(lives).await;
+        let mut published = Vec::with_capacity(invalidations.len());
         for invalidation in &invalidations {
             match self.invalidator.publish_sequenced(invalidation).await {
-                Ok(published) => last = published.or(last),
+                Ok(sequenced) => published.extend(sequenced),
                 Err(error) => {
                     tracing::warn!(%error, api_key_id = %key_id, "broadcasting an API key change failed; other instances will catch up when their cache entries expire");
                 }
             }
         }
-        self.receipt_for(last).await
+        self.receipt_for(&published, Some(ended_here)).await
     }
 }

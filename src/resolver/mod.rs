@@ -490,19 +490,31 @@ impl CachedResolver {
         self.retire_front();
     }
 
-    /// Judges the requests in flight under `digests` again, against the store: a key the store
-    /// says ended (revoked, deleted, a previous secret past its grace, expired) ends them; a
-    /// rotation's new grace end arms its timer. A store failure is retried a few times, then the
-    /// requests keep running (as cached keys keep working while the store is down).
-    pub(crate) async fn settle(&self, digests: &[KeyDigest]) {
-        let lives = self
-            .inner
+    /// The requests in flight under `digests` (their lives, while live): taken before the cache
+    /// forgets the digests, so that whoever ends them then (a settle, or a new request's re-read)
+    /// they are counted by [`settle`](Self::settle).
+    pub(crate) fn lives_of(&self, digests: &[KeyDigest]) -> Vec<Arc<Life>> {
+        self.inner
             .lives
-            .live(|life| digests.contains(life.digest()));
-        self.settle_lives(lives).await;
+            .live(|life| digests.contains(life.digest()))
     }
 
-    async fn settle_lives(&self, lives: Vec<Arc<Life>>) {
+    /// Judges the requests in flight under `lives` again, against the store: a key the store
+    /// says ended (revoked, deleted, a previous secret past its grace, expired) ends them; a
+    /// rotation's new grace end arms its timer. A store failure is retried a few times, then the
+    /// requests keep running (as cached keys keep working while the store is down). Returns how
+    /// many requests were in flight under those of `lives` that have ended (by this call or any
+    /// other way).
+    pub(crate) async fn settle(&self, lives: Vec<Arc<Life>>) -> u64 {
+        self.settle_lives(&lives).await;
+        lives
+            .iter()
+            .filter(|life| life.ended().is_some())
+            .map(|life| life.in_flight_at_end())
+            .sum()
+    }
+
+    async fn settle_lives(&self, lives: &[Arc<Life>]) {
         const ATTEMPTS: u32 = 5;
         for life in lives {
             for attempt in 1..=ATTEMPTS {
@@ -511,7 +523,9 @@ impl CachedResolver {
                 }
                 match self.inner.store.find_by_digest(life.digest()).await {
                     // Deleted, or a previous secret whose rotation kept no grace.
-                    Ok(None) => life.end(ExpiredReason::Revoked),
+                    Ok(None) => {
+                        life.end(ExpiredReason::Revoked);
+                    }
                     Ok(Some(record)) if record.revoked_at.is_some() => {
                         life.end(ExpiredReason::Revoked);
                     }
@@ -540,7 +554,7 @@ impl CachedResolver {
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 let resolver = self.clone();
-                runtime.spawn(async move { resolver.settle_lives(lives).await });
+                runtime.spawn(async move { resolver.settle_lives(&lives).await });
             }
             Err(_) => tracing::warn!(
                 "an API key invalidation outside a tokio runtime: requests in flight are not judged again"

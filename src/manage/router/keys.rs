@@ -137,8 +137,8 @@ pub(super) async fn update_key(
 
 #[utoipa::path(delete, path = "/api-keys/{id}",
     params(KeyIdParam, DeleteParams),
-    responses((status = 204, description = "Revoked (or deleted). With a fleet roster, the headers `Revocation-Acknowledged` (instances that applied it), `Revocation-Instances` (live instances), `Revocation-Elapsed-Ms` and `Revocation-Sequence` say how far it got before the answer",
-                headers(("Revocation-Acknowledged" = u32), ("Revocation-Instances" = u32), ("Revocation-Elapsed-Ms" = String), ("Revocation-Sequence" = u64))),
+    responses((status = 204, description = "Revoked (or deleted). With a fleet roster, the headers `Revocation-Acknowledged` (instances that applied it), `Revocation-Instances` (live instances), `Revocation-Elapsed-Ms` and `Revocation-Sequence` say how far it got before the answer; `Revocation-Requests-Ended` how many requests in flight under the key and its subtree were ended (summed over this instance and those that acknowledged)",
+                headers(("Revocation-Acknowledged" = u32), ("Revocation-Instances" = u32), ("Revocation-Elapsed-Ms" = String), ("Revocation-Sequence" = u64), ("Revocation-Requests-Ended" = u64))),
               (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
               (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(super) async fn revoke_key(

@@ -330,7 +330,7 @@ export async function rotate(event) {
 /**
  * Shows what a revoke or delete answered: on how many of the fleet's live instances the key was
  * dropped before the answer (the `Revocation-*` headers), or just that it ended where the service
- * runs alone.
+ * runs alone; and how many requests in flight under it were ended.
  */
 function showReceipt(key, verb, headers) {
   const node = $("revoke-receipt");
@@ -346,6 +346,12 @@ function showReceipt(key, verb, headers) {
       node.classList.add("warning");
       message += " The others did not answer in time: they stop trusting their caches within the fleet's bound.";
     }
+  }
+  const ended = Number.parseInt(headers.get("revocation-requests-ended") ?? "", 10);
+  if (Number.isFinite(ended) && ended > 0) {
+    message += ended === 1
+      ? " 1 request in flight under it was ended."
+      : ` ${ended} requests in flight under it were ended.`;
   }
   node.textContent = message;
   node.hidden = false;
