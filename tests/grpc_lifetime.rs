@@ -27,6 +27,14 @@ const MASTER: &str = "master-key-for-grpc-lifetime-0123456789";
 const HANG_GUARD: Duration = Duration::from_secs(30);
 
 async fn start(resolver: CachedResolver, service: LedgerService) -> SocketAddr {
+    start_with(resolver, service, Timeouts::DEFAULT).await
+}
+
+async fn start_with(
+    resolver: CachedResolver,
+    service: LedgerService,
+    timeouts: Timeouts,
+) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(tonic_example::serve_with(
@@ -34,7 +42,7 @@ async fn start(resolver: CachedResolver, service: LedgerService) -> SocketAddr {
         resolver,
         ApiKey::new(MASTER),
         service,
-        Timeouts::DEFAULT,
+        timeouts,
     ));
     addr
 }
@@ -273,5 +281,76 @@ mod held {
         assert_eq!(status, "16", "{message}");
         assert!(message.starts_with("AUTH_MISSING_API_KEY"), "{message}");
         assert!(!message.contains(key.expose_secret()), "never the key");
+    }
+}
+
+/// The example's timeouts (short values here): a client stream that stalls fails after the body
+/// timeout, with nothing after the stall handled; a call past its deadline ends CANCELLED.
+mod timeouts {
+    use super::*;
+
+    const SHORT: Duration = Duration::from_millis(400);
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_client_stream_is_cut() {
+        let resolver = CachedResolver::new(MemoryStore::new());
+        let (key, _) = issue_key(&resolver, "acme", "ledgers:write").await.unwrap();
+        let service = LedgerService::default();
+        let timeouts = Timeouts {
+            body: SHORT,
+            request: Duration::from_secs(20),
+        };
+        let addr = start_with(resolver, service.clone(), timeouts).await;
+        let mut client = LedgersClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        sender
+            .send(CreateLedgerRequest {
+                name: "before the stall".into(),
+            })
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let status = tokio::time::timeout(
+            HANG_GUARD,
+            client.import_ledgers(with_key(tokio_stream_from(receiver), &key)),
+        )
+        .await
+        .expect("the call ended")
+        .expect_err("the stalled stream fails");
+        assert!(started.elapsed() >= SHORT, "not before the bound");
+        // tonic maps the body's error to UNKNOWN with tower-http's words.
+        assert_eq!(status.code(), Code::Unknown, "{status:?}");
+        assert!(status.message().contains("timeout"), "{status:?}");
+        assert_eq!(service.len(), 1, "the message before the stall only");
+        drop(sender);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_past_its_deadline_is_cancelled() {
+        let resolver = CachedResolver::new(MemoryStore::new());
+        let (key, _) = issue_key(&resolver, "acme", "ledgers:write").await.unwrap();
+        let timeouts = Timeouts {
+            body: Duration::from_secs(20),
+            request: SHORT,
+        };
+        let addr = start_with(resolver, LedgerService::default(), timeouts).await;
+        let mut client = LedgersClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        // A client stream that stays open (sending nothing) has no answer before the deadline.
+        let (sender, receiver) = tokio::sync::mpsc::channel::<CreateLedgerRequest>(4);
+        let started = std::time::Instant::now();
+        let status = tokio::time::timeout(
+            HANG_GUARD,
+            client.import_ledgers(with_key(tokio_stream_from(receiver), &key)),
+        )
+        .await
+        .expect("the call ended")
+        .expect_err("past the deadline");
+        assert!(started.elapsed() >= SHORT, "not before the bound");
+        assert_eq!(status.code(), Code::Cancelled, "{status:?}");
+        drop(sender);
     }
 }

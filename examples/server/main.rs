@@ -54,7 +54,7 @@ mod openapi;
 #[cfg(feature = "metrics")]
 mod prometheus;
 mod records;
-mod timeouts;
+pub(crate) mod timeouts;
 
 use std::time::Duration;
 

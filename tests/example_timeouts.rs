@@ -1,0 +1,127 @@
+//! Issue #26: the example server cuts slow clients, with the timeouts of `examples/server/timeouts.rs`
+//! (its `serve` and `Timeouts::apply`, here with short values): a stalled request head, a stalled
+//! body and a request past its deadline, over real sockets. The defaults stay within the bounds the
+//! README documents.
+
+#[allow(dead_code)]
+#[path = "../examples/server/main.rs"]
+mod server;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::{get, post};
+use server::timeouts::{Timeouts, serve};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Short enough for a test, long enough for a loaded machine to send a head in time.
+const SHORT: Timeouts = Timeouts {
+    head: Duration::from_millis(400),
+    body: Duration::from_millis(400),
+    request: Duration::from_millis(800),
+};
+/// Only guards against hanging; no assertion is about speed.
+const HANG_GUARD: Duration = Duration::from_secs(30);
+
+/// A router like the example's, its timeouts applied by the example's code, served by the
+/// example's `serve`.
+async fn start(timeouts: Timeouts) -> SocketAddr {
+    let router = Router::new()
+        .route("/echo", post(|body: String| async move { body }))
+        .route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                "too late"
+            }),
+        );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(
+        listener,
+        timeouts.apply(router),
+        timeouts,
+        std::future::pending(),
+    ));
+    addr
+}
+
+/// Reads until the server closes the connection, returning what came.
+async fn read_until_closed(stream: &mut TcpStream) -> String {
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let read = tokio::time::timeout(HANG_GUARD, stream.read(&mut buf))
+            .await
+            .expect("the server closed the connection");
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(n) => text.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&text).into_owned()
+}
+
+#[test]
+fn the_defaults_are_within_the_documented_bounds() {
+    let defaults = Timeouts::DEFAULT;
+    assert!(defaults.head <= Duration::from_secs(30));
+    assert!(defaults.body <= Duration::from_secs(30));
+    assert_eq!(defaults.request, Duration::from_secs(30));
+}
+
+#[tokio::test]
+async fn a_stalled_head_is_cut() {
+    let addr = start(SHORT).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /slow HTTP/1.1\r\nhost: 127.0.0.1\r\nx-api")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let answer = read_until_closed(&mut stream).await;
+    assert!(started.elapsed() >= SHORT.head, "not before the bound");
+    // hyper answers 408 to a head that timed out, or just closes.
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_body_is_cut() {
+    let addr = start(SHORT).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /echo HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: text/plain\r\n\
+              content-length: 20\r\nconnection: close\r\n\r\nonly part",
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let answer = read_until_closed(&mut stream).await;
+    assert!(started.elapsed() >= SHORT.body, "not before the bound");
+    assert!(
+        answer.starts_with("HTTP/1.1 400"),
+        "the body timed out: {answer}"
+    );
+    assert!(!answer.contains("only part"), "never handled: {answer}");
+}
+
+#[tokio::test]
+async fn a_request_past_its_deadline_is_answered_408() {
+    let addr = start(SHORT).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /slow HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let answer = read_until_closed(&mut stream).await;
+    assert!(started.elapsed() >= SHORT.request, "not before the bound");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(!answer.contains("too late"), "{answer}");
+}
