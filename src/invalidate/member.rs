@@ -464,7 +464,8 @@ fn apply(message: Option<Message>, resolver: &CachedResolver, channel: &str) -> 
 async fn settle(resolver: &CachedResolver, invalidation: &super::Invalidation) -> u64 {
     let lives = resolver.lives_of(&invalidation.digests);
     invalidation.forget(resolver);
-    if invalidation.digests.is_empty() {
+    if lives.is_empty() {
+        // Nothing in flight under the keys here (the usual case): no store read.
         return 0;
     }
     let patience = (resolver.bound() / 2).max(Duration::from_millis(100));
