@@ -41,6 +41,10 @@ pin_project! {
     ///   ended were delivered; a refusal (a response carrying an [`AuthError`], such as a handler
     ///   returning the error of [`Principal::ended`]) is never cut.
     ///
+    /// A connection upgraded to another protocol (a WebSocket after its `101`) is no longer HTTP:
+    /// no frame of it passes through here, so the task that serves it must select on
+    /// [`Principal::ended`] itself.
+    ///
     /// A request with no body, anonymous requests and the master key's are not watched, and
     /// neither is a response body that is already whole: its exact length known and at most
     /// [`WHOLE_BODY_LIMIT`](super::WHOLE_BODY_LIMIT) bytes (a handler's `String`, JSON or
