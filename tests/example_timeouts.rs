@@ -7,13 +7,15 @@
 #[path = "../examples/server/main.rs"]
 mod server;
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::routing::{get, post};
 use server::timeouts::{Timeouts, serve};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 /// Short enough for a test, long enough for a loaded machine to send a head in time.
@@ -48,22 +50,6 @@ async fn start(timeouts: Timeouts) -> SocketAddr {
     addr
 }
 
-/// Reads until the server closes the connection, returning what came.
-async fn read_until_closed(stream: &mut TcpStream) -> String {
-    let mut text = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let read = tokio::time::timeout(HANG_GUARD, stream.read(&mut buf))
-            .await
-            .expect("the server closed the connection");
-        match read {
-            Ok(0) | Err(_) => break,
-            Ok(n) => text.extend_from_slice(&buf[..n]),
-        }
-    }
-    String::from_utf8_lossy(&text).into_owned()
-}
-
 #[test]
 fn the_defaults_are_within_the_documented_bounds() {
     let defaults = Timeouts::DEFAULT;
@@ -81,7 +67,7 @@ async fn a_stalled_head_is_cut() {
         .await
         .unwrap();
     let started = Instant::now();
-    let answer = read_until_closed(&mut stream).await;
+    let answer = common::wire::read_until_closed(&mut stream, HANG_GUARD).await;
     assert!(started.elapsed() >= SHORT.head, "not before the bound");
     // hyper answers 408 to a head that timed out, or just closes.
     assert!(
@@ -102,7 +88,7 @@ async fn a_stalled_body_is_cut() {
         .await
         .unwrap();
     let started = Instant::now();
-    let answer = read_until_closed(&mut stream).await;
+    let answer = common::wire::read_until_closed(&mut stream, HANG_GUARD).await;
     assert!(started.elapsed() >= SHORT.body, "not before the bound");
     assert!(
         answer.starts_with("HTTP/1.1 400"),
@@ -120,7 +106,7 @@ async fn a_request_past_its_deadline_is_answered_408() {
         .await
         .unwrap();
     let started = Instant::now();
-    let answer = read_until_closed(&mut stream).await;
+    let answer = common::wire::read_until_closed(&mut stream, HANG_GUARD).await;
     assert!(started.elapsed() >= SHORT.request, "not before the bound");
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(!answer.contains("too late"), "{answer}");

@@ -5,6 +5,8 @@
 #[allow(dead_code)]
 mod hyper_example;
 
+mod common;
+
 use std::net::SocketAddr;
 
 use bytes::Bytes;
@@ -225,23 +227,6 @@ const SHORT: Timeouts = Timeouts {
 /// Only guards against hanging.
 const HANG_GUARD: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Reads until the server closes the connection (or the hang guard), returning what came.
-async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> String {
-    use tokio::io::AsyncReadExt;
-    let mut text = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let read = tokio::time::timeout(HANG_GUARD, stream.read(&mut buf))
-            .await
-            .expect("the server closed the connection");
-        match read {
-            Ok(0) | Err(_) => break,
-            Ok(n) => text.extend_from_slice(&buf[..n]),
-        }
-    }
-    String::from_utf8_lossy(&text).into_owned()
-}
-
 #[tokio::test]
 async fn a_stalled_head_is_cut() {
     use tokio::io::AsyncWriteExt;
@@ -252,7 +237,7 @@ async fn a_stalled_head_is_cut() {
         .await
         .unwrap();
     let started = std::time::Instant::now();
-    let answer = read_until_closed(&mut stream).await;
+    let answer = common::wire::read_until_closed(&mut stream, HANG_GUARD).await;
     assert!(started.elapsed() >= SHORT.head, "not before the bound");
     // hyper answers 408 to a head that timed out, or just closes.
     assert!(
@@ -274,7 +259,7 @@ async fn a_stalled_body_is_cut() {
         key.expose_secret()
     );
     stream.write_all(head.as_bytes()).await.unwrap();
-    let answer = read_until_closed(&mut stream).await;
+    let answer = common::wire::read_until_closed(&mut stream, HANG_GUARD).await;
     assert!(
         answer.starts_with("HTTP/1.1 400"),
         "the body timed out: {answer}"
@@ -310,7 +295,7 @@ async fn a_body_sent_after_the_revocation_gets_401() {
         .await
         .unwrap();
     stream.write_all(body.as_bytes()).await.unwrap();
-    let answer = read_until_closed(&mut stream).await;
+    let answer = common::wire::read_until_closed(&mut stream, HANG_GUARD).await;
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
     assert!(answer.contains("AUTH_EXPIRED_API_KEY"), "{answer}");
     assert_eq!(server.ledger_count().await, 0, "nothing written");

@@ -415,18 +415,7 @@ async fn a_chunked_response_stops_at_its_next_chunk_after_a_revocation(mode: Mod
         .await
         .unwrap();
     // The stream is infinite: only the key's end can stop it. It stops without the last chunk.
-    let mut after = Vec::new();
-    let deadline = tokio::time::Instant::now() + HANG_GUARD;
-    loop {
-        let read = tokio::time::timeout_at(deadline, stream.read(&mut buf))
-            .await
-            .expect("the stream was cut");
-        match read {
-            Ok(0) | Err(_) => break,
-            Ok(n) => after.extend_from_slice(&buf[..n]),
-        }
-    }
-    let after = String::from_utf8_lossy(&after);
+    let after = common::wire::read_until_closed(&mut stream, HANG_GUARD).await;
     assert!(!after.contains("\r\n0\r\n\r\n"), "no clean end: {after}");
     assert!(
         after.matches('\n').count() <= 4,

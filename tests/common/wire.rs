@@ -83,3 +83,25 @@ pub async fn call(
         code,
     }
 }
+
+/// Reads until the peer closes the connection (or an error), giving up after `hang_guard` (which
+/// only guards against hanging), and returns what came.
+pub async fn read_until_closed(
+    stream: &mut tokio::net::TcpStream,
+    hang_guard: std::time::Duration,
+) -> String {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + hang_guard;
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let read = tokio::time::timeout_at(deadline, stream.read(&mut buf))
+            .await
+            .expect("the peer closed the connection");
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(n) => text.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&text).into_owned()
+}
