@@ -13,6 +13,7 @@
 //! | `layer(any-body)` | `.layer(ApiKeyLayer::new(..))`: bodies in a `LiveBody` that axum reboxes, the mode for any tower service |
 //! | `layer+require` | `.route_layer(RequireScopesLayer::all(..)).layer(ApiKeyLayer)`: two layers, two boxes |
 //! | `layer+scoped` | `.layer(ApiKeyLayer)`, the handler takes `Scoped<LedgersRead>`: the guard costs no layer |
+//! | `layer+scoped(keyed)` | `layer+scoped` with keys of the keyed format (`KeyFormat::keyed`, the README's): an HMAC-SHA-256 tag checked on every request before the digest |
 //! | `layer+require+limit` | `layer+require` with `.route_layer(RateLimiter::in_memory().layer())` inside the guard, a key with a rate limit it never reaches |
 //! | `layer+scoped+limit` | `layer+scoped` with the rate-limit layer |
 //!
@@ -52,7 +53,7 @@ const TOKEN: &str = "a-static-token-0123456789abcdefghijklmnopqrstuvwxyz";
 const WARM_UP: u32 = 64;
 
 /// The cases, in the order they are printed.
-const CASES: [&str; 9] = [
+const CASES: [&str; 10] = [
     "bare",
     "static-token",
     "moka-by-hand",
@@ -60,6 +61,7 @@ const CASES: [&str; 9] = [
     "layer(any-body)",
     "layer+require",
     "layer+scoped",
+    "layer+scoped(keyed)",
     "layer+require+limit",
     "layer+scoped+limit",
 ];
@@ -139,8 +141,14 @@ impl Case {
 
 /// The stored key (with `ledgers:read` and a rate limit it never reaches) and a resolver that has it
 /// cached.
-fn key_and_resolver(runtime: &tokio::runtime::Runtime) -> (ApiKey, CachedResolver) {
-    let format = KeyFormat::default();
+fn key_and_resolver(runtime: &tokio::runtime::Runtime, keyed: bool) -> (ApiKey, CachedResolver) {
+    let format = match keyed {
+        false => KeyFormat::default(),
+        true => KeyFormat::keyed("sk_live")
+            .secret(1, tower_api_keys::key::FormatSecret::generate())
+            .build()
+            .unwrap(),
+    };
     let key = format.generate();
     let mut record = fixtures::record(&format, &key, 1, "ledgers:read balances:read");
     record.limits = UsageLimits {
@@ -150,6 +158,7 @@ fn key_and_resolver(runtime: &tokio::runtime::Runtime) -> (ApiKey, CachedResolve
     let store = Arc::new(MemoryStore::new());
     let resolver = CachedResolver::builder(store.clone() as Arc<dyn KeyStore>)
         .time_to_live(Duration::from_secs(24 * 3600))
+        .format(format)
         .build();
     runtime.block_on(async {
         store
@@ -173,7 +182,7 @@ fn case(name: &str, runtime: &tokio::runtime::Runtime) -> Case {
         )
     };
     let x_api_key = HeaderName::from_static("x-api-key");
-    let (key, resolver) = key_and_resolver(runtime);
+    let (key, resolver) = key_and_resolver(runtime, name.ends_with("(keyed)"));
     let key_header = (
         x_api_key,
         HeaderValue::from_str(key.expose_secret()).unwrap(),
@@ -212,7 +221,7 @@ fn case(name: &str, runtime: &tokio::runtime::Runtime) -> Case {
             key_header,
         ),
         "layer+require" => (route(false).route_layer(guard()).layer(layer()), key_header),
-        "layer+scoped" => (route(true).layer(layer()), key_header),
+        "layer+scoped" | "layer+scoped(keyed)" => (route(true).layer(layer()), key_header),
         "layer+require+limit" => (
             route(false)
                 .route_layer(limiter())

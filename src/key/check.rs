@@ -42,6 +42,27 @@ impl KeyFormat {
         check_alphabet(tail)
     }
 
+    /// The secret version of a keyed candidate that passed [`check_shape`](Self::check_shape):
+    /// still accepted (not retired, not unknown). No HMAC: what the hot path checks before its
+    /// per-thread front, whose entries are stored keys whose tag [`check_checksum`] verified when
+    /// they entered it. Other candidates pass.
+    ///
+    /// [`check_checksum`]: Self::check_checksum
+    #[inline]
+    pub(crate) fn check_version(&self, bytes: &[u8]) -> Result<(), KeyFormatError> {
+        let tail = bytes.len().saturating_sub(self.prefix.len() + 1);
+        match &self.keyed {
+            Some(keyed) if tail == KEYED_TAIL_LEN => {
+                let version = base62_value(bytes[bytes.len() - TAG_LEN - 1]);
+                match version {
+                    Some(version) if keyed.accepts(version) => Ok(()),
+                    _ => Err(KeyFormatError::UnknownSecretVersion),
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The checksum or tag of a candidate that passed [`check_shape`](Self::check_shape).
     pub(crate) fn check_checksum(&self, bytes: &[u8]) -> Result<(), KeyFormatError> {
         let tail = bytes.len().saturating_sub(self.prefix.len() + 1);

@@ -134,6 +134,12 @@ impl Keyed {
         self.accepted.iter().map(|a| a.version).collect()
     }
 
+    /// Whether keys of secret `version` are accepted.
+    #[inline]
+    pub(crate) fn accepts(&self, version: u8) -> bool {
+        self.accepted.iter().any(|a| a.version == version)
+    }
+
     /// The tag of `signed` (everything before the tag) under secret `version`, if it is accepted.
     pub(crate) fn tag(&self, version: u8, signed: &[u8]) -> Option<[u8; TAG_LEN]> {
         let accepted = self.accepted.iter().find(|a| a.version == version)?;

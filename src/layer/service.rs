@@ -90,15 +90,14 @@ impl Config {
     /// The verdict on a presented key, from the master key, its format and the cache.
     fn authenticate(&self, key: &[u8]) -> Verdict {
         let format = self.resolver.format();
-        // A keyed tag is checked with the shape, before any digest or cache probe: a made-up key
-        // costs what a malformed one costs. (A public checksum is checked only on a cache miss.)
-        let keyed = format.is_keyed();
+        // Shape, and a keyed key's secret version (still accepted), before anything else. The
+        // checksum or HMAC tag is checked after the per-thread front and before the shared cache:
+        // a front entry is a stored key whose checksum or tag was verified when it entered, so a
+        // hit (the same digest: the same bytes) needs neither again; nothing with a bad one
+        // reaches the cache or the store.
         let shape = format
             .check_shape(key)
-            .and_then(|()| match keyed {
-                true => format.check_checksum(key),
-                false => Ok(()),
-            })
+            .and_then(|()| format.check_version(key))
             .map_err(format_error);
         if self.master.is_none()
             && let Err(error) = shape
@@ -112,10 +111,7 @@ impl Config {
         if let Err(error) = shape {
             return Verdict::Refuse(error);
         }
-        let checksum = || match keyed {
-            true => Ok(()),
-            false => format.check_checksum(key).map_err(format_error),
-        };
+        let checksum = || format.check_checksum(key).map_err(format_error);
         let now = crate::clock::now_unix_nanos();
         // The resolver checks the checksum after its per-thread front (a front hit is a stored
         // key's digest) and before its shared cache: refusals name the first thing wrong with the
