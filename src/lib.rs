@@ -27,6 +27,7 @@ macro_rules! inner_service_accessors {
 }
 
 pub mod audit;
+mod authorize;
 mod clock;
 pub mod error;
 pub mod guard;

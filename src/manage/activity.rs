@@ -3,7 +3,7 @@
 
 use time::OffsetDateTime;
 
-use super::authorize::{Operation, Target, authorize};
+use crate::authorize::{Operation, Target, authorize};
 use super::manager::KeyManager;
 use super::validate::MAX_PAGE_SIZE;
 use crate::audit::{AuditEvent, EventQuery, EventType, Verification, chain::Checker};

@@ -2,7 +2,7 @@
 
 use time::OffsetDateTime;
 
-use super::authorize::{KeyFacts, Operation, Target};
+use crate::authorize::{KeyFacts, Operation, Target};
 use super::limits::inherit;
 use super::manager::KeyManager;
 use super::types::{CreateKey, CreatedKey};

@@ -3,7 +3,7 @@
 
 use time::OffsetDateTime;
 
-use super::authorize::{KeyFacts, Operation, Target, authorize};
+use crate::authorize::{KeyFacts, Operation, Target, authorize};
 use super::manager::KeyManager;
 use super::types::{KeyInfo, UpdateKey};
 use super::validate::{validate_credits, validate_id, validate_name, validate_rate_limit};

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use time::OffsetDateTime;
 
 use super::activity::MAX_USAGE_SPAN;
-use super::authorize::{Operation, Target, authorize};
+use crate::authorize::{Operation, Target, authorize};
 use super::manager::KeyManager;
 use crate::error::AuthError;
 use crate::key::KeyId;

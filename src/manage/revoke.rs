@@ -4,7 +4,7 @@
 
 use time::OffsetDateTime;
 
-use super::authorize::Operation;
+use crate::authorize::Operation;
 use super::manager::KeyManager;
 #[cfg(doc)]
 use super::types::RevokeReason;

@@ -13,7 +13,7 @@ use super::url::UrlPolicy;
 use crate::audit::{Actor, EventDraft, EventType, Origin};
 use crate::error::AuthError;
 use crate::key::KeyId;
-use crate::manage::{KeyFacts, Operation, Target, authorize};
+use crate::authorize::{KeyFacts, Operation, Target, authorize};
 use crate::principal::Principal;
 use crate::scope::ScopeSet;
 use crate::store::KeyStore;

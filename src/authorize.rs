@@ -1,7 +1,7 @@
 //! The one authorization rule of key management: [`authorize`].
 //!
-//! Every [`KeyManager`](super::KeyManager) operation, and so every route of the management
-//! [`router`](super::router), asks [`authorize`] before it reads a key's metadata for a caller or
+//! Every [`KeyManager`](crate::manage::KeyManager) operation, and so every route of the management
+//! [`router`](crate::manage::router), asks [`authorize`] before it reads a key's metadata for a caller or
 //! changes anything. A new operation joins the rule with one [`Operation`] variant and one row in
 //! [`Operation::kind`].
 //!
