@@ -55,9 +55,9 @@ use crate::key::KeyId;
 use crate::limits::UsageLimits;
 use crate::network::Networks;
 use crate::principal::Principal;
+use crate::record::{KeyRecord, MAX_DELEGATION_DEPTH};
 use crate::scope::ScopeMatch;
 use crate::scope::{Scope, ScopeSet};
-use crate::store::{KeyRecord, MAX_DELEGATION_DEPTH};
 
 /// Something a caller asks to do with keys. Each has one row in the rule (see [`authorize`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -48,6 +48,7 @@ pub mod principal;
 pub mod provenance;
 #[cfg(feature = "ratelimit")]
 pub mod ratelimit;
+mod record;
 pub mod resolver;
 pub mod scope;
 pub mod store;

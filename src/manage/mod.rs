@@ -78,8 +78,8 @@ mod validate;
 #[cfg(feature = "manage")]
 pub use router::{openapi, router};
 
-pub use activity::{EventFilter, EventPage, Granularity, MAX_USAGE_SPAN};
 pub use crate::authorize::{KeyFacts, Operation, OperationKind, Target, authorize};
+pub use activity::{EventFilter, EventPage, Granularity, MAX_USAGE_SPAN};
 pub use format::FormatChangeError;
 pub use manager::KeyManager;
 pub use policy::KeyPolicy;

@@ -17,14 +17,14 @@ use crate::audit::{AuditEvent, ChainState, EventDraft, EventQuery, Journal};
 use crate::key::{FormatSecret, KeyDigest, KeyId};
 use crate::limits::{BudgetId, BudgetLevel, Credits, PoolId, UsageLimits};
 use crate::store::credits::{ChainLevels, ChainSpend, CreditAdjustment};
-use crate::store::error::StoreError;
+use crate::store::StoreError;
 use crate::store::format::FormatSecrets;
 use crate::store::key_store::KeyStore;
 use crate::store::overview::OwnerSummary;
 use crate::store::params::{KeyLimits, KeyUpdate, ListQuery, Rotation, SweepQuery};
-use crate::store::record::{KeyChange, KeyRecord};
+use crate::record::{KeyChange, KeyRecord};
 use crate::store::sql_common::{is_pg_retryable, map_sqlx_error, micros};
-use crate::usage::UsageBucket;
+use crate::store::usage::UsageBucket;
 
 /// How many times a chain spend or refund runs again after PostgreSQL chose it as a deadlock
 /// victim (its row locks crossed a cascade's) or failed it for serialization.
