@@ -49,6 +49,7 @@ pub mod provenance;
 #[cfg(feature = "ratelimit")]
 pub mod ratelimit;
 mod record;
+mod refusal;
 pub mod resolver;
 pub mod scope;
 pub mod store;
