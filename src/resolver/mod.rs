@@ -1,5 +1,5 @@
 //! [`CachedResolver`]: from a key digest to a principal, through a bounded cache in front of a
-//! [`KeyStore`].
+//! [`KeyStore`](crate::store::KeyStore).
 //!
 //! ```
 //! use std::time::Duration;
@@ -50,7 +50,7 @@
 //! 5. **Every request is checked**: revocation and expiry are checked at request time, even on a
 //!    hit; a known key's entry never outlives the TTL from its store read nor the key's own expiry,
 //!    and a key in its rotation grace period carries the earlier of its expiry and the grace end as
-//!    [`Principal::expires_at`] (`tests/resolver.rs`: `a_cached_key_expires_on_time`,
+//!    [`Principal::expires_at`](crate::principal::Principal::expires_at) (`tests/resolver.rs`: `a_cached_key_expires_on_time`,
 //!    `grace_period_principal_expires_with_the_grace`; unit test `check_agrees_with_calendar_time`).
 //! 6. **An invalidation is immediate and final**: once [`invalidate_digest`](CachedResolver::invalidate_digest),
 //!    [`invalidate_key`](CachedResolver::invalidate_key) or [`invalidate_all`](CachedResolver::invalidate_all)

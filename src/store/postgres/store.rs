@@ -16,6 +16,8 @@ use crate::audit::Journal;
 use crate::audit::{AuditEvent, EventDraft};
 use crate::limits::Credits;
 use crate::record::KeyChange;
+#[cfg(doc)]
+use crate::store::KeyStore;
 use crate::store::StoreError;
 use crate::store::credits::ChainLevels;
 use crate::store::sql_common::{is_pg_retryable, map_sqlx_error};
