@@ -51,6 +51,7 @@
 mod auth;
 mod code;
 mod render;
+pub(crate) mod store;
 
 pub use auth::AuthError;
 pub use code::{ErrorCode, ExpiredReason, InvalidKeyReason};

@@ -27,6 +27,7 @@ macro_rules! inner_service_accessors {
 }
 
 pub mod audit;
+mod authorize;
 mod clock;
 pub mod error;
 pub mod guard;
@@ -47,6 +48,8 @@ pub mod principal;
 pub mod provenance;
 #[cfg(feature = "ratelimit")]
 pub mod ratelimit;
+mod record;
+mod refusal;
 pub mod resolver;
 pub mod scope;
 pub mod store;

@@ -65,7 +65,6 @@ use axum::response::Redirect;
 use axum::routing::get;
 use axum::{Json, Router};
 use tower::ServiceBuilder;
-use tower_api_keys::audit::Retention;
 use tower_api_keys::error::JsonRejection;
 use tower_api_keys::guard::RequireScopesLayer;
 use tower_api_keys::key::{ApiKey, KeyFormat};
@@ -74,6 +73,7 @@ use tower_api_keys::manage::{self, KeyManager, KeyPolicy};
 use tower_api_keys::provenance::ProvenanceLayer;
 use tower_api_keys::ratelimit::{FailMode, MemoryRates, RateLimiter, StoreCredits};
 use tower_api_keys::resolver::CachedResolver;
+use tower_api_keys::store::Retention;
 use tower_api_keys::usage::UsageRecorder;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 

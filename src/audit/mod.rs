@@ -20,14 +20,13 @@
 //! before it ([`AuditEvent::prev_hash`]; zeros for the first) and its own [`AuditEvent::hash`]:
 //! SHA-256 over a canonical, length-prefixed encoding of every field, `prev_hash` included
 //! ([`AuditEvent::compute_hash`]). The store also keeps the chain's head (the last sequence number
-//! and hash), so deleting the newest rows is found too. Purging by retention ([`Retention`])
+//! and hash), so deleting the newest rows is found too. Purging by retention ([`Retention`](crate::store::Retention))
 //! removes the oldest events and records the last removed one as the chain's *anchor*: the chain
 //! stays checkable from the first kept event.
 //!
 //! Secrets never enter an event: the details name ids, names, scopes, limits and times.
 
 pub(crate) mod chain;
-mod retention;
 
 use std::borrow::Cow;
 use std::fmt;
@@ -40,10 +39,9 @@ use time::OffsetDateTime;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub(crate) use chain::canonical as canonical_json;
 pub use chain::{ChainHash, ChainLink, ChainState, Verification, verify};
-pub use retention::Retention;
 
 use crate::key::KeyId;
-use crate::store::record::{KeyChange, KeyRecord};
+use crate::record::{KeyChange, KeyRecord};
 
 /// What happened: `key.created`, `key.rotated`, ... Later features add their own (any
 /// `area.verb` string of at most 64 characters).

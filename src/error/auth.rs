@@ -6,8 +6,8 @@ use std::sync::OnceLock;
 use bytes::Bytes;
 use http::StatusCode;
 
+use super::store::StoreError;
 use crate::scope::{ScopeMatch, ScopeSet};
-use crate::store::error::StoreError;
 
 use super::code::{ErrorCode, ExpiredReason, InvalidKeyReason};
 

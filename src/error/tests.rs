@@ -6,8 +6,8 @@ use http::header::WWW_AUTHENTICATE;
 
 use super::auth::FIXED_BODIES;
 use super::render::{DEFAULT_CHALLENGE, percent_encode_grpc};
+use super::store::StoreError;
 use super::*;
-use crate::store::error::StoreError;
 
 #[test]
 fn json_shape_follows_blnk() {

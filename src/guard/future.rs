@@ -7,6 +7,8 @@ use std::task::{Context, Poll};
 use http::Response;
 use pin_project_lite::pin_project;
 
+use crate::refusal::OrRefused;
+
 pin_project! {
     /// Response future of [`RequireScopesService`](super::RequireScopesService) and
     /// [`MethodScopesService`](super::MethodScopesService).
@@ -15,15 +17,7 @@ pin_project! {
     /// never allocates.
     pub struct ResponseFuture<F, B> {
         #[pin]
-        kind: Kind<F, B>,
-    }
-}
-
-pin_project! {
-    #[project = KindProj]
-    enum Kind<F, B> {
-        Inner { #[pin] future: F },
-        Refused { response: Option<Response<B>> },
+        kind: OrRefused<F, B>,
     }
 }
 
@@ -31,16 +25,14 @@ impl<F, B> ResponseFuture<F, B> {
     /// The scopes were granted: the inner service answers.
     pub(crate) fn inner(future: F) -> Self {
         Self {
-            kind: Kind::Inner { future },
+            kind: OrRefused::inner(future),
         }
     }
 
     /// The scopes were not granted: `response` is the refusal.
     pub(crate) fn refused(response: Response<B>) -> Self {
         Self {
-            kind: Kind::Refused {
-                response: Some(response),
-            },
+            kind: OrRefused::refused(response),
         }
     }
 }
@@ -52,11 +44,6 @@ where
     type Output = Result<Response<B>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
-            KindProj::Inner { future } => future.poll(cx),
-            KindProj::Refused { response } => Poll::Ready(Ok(response
-                .take()
-                .expect("ResponseFuture polled after completion"))),
-        }
+        self.project().kind.poll(cx)
     }
 }

@@ -2,7 +2,6 @@
 
 use time::OffsetDateTime;
 
-use super::authorize::{KeyFacts, Operation, Target};
 use super::limits::inherit;
 use super::manager::KeyManager;
 use super::types::{CreateKey, CreatedKey};
@@ -11,6 +10,7 @@ use super::validate::{
     validate_scopes,
 };
 use crate::audit::{EventType, Journal, grants};
+use crate::authorize::{KeyFacts, Operation, Target};
 use crate::error::{AuthError, ExpiredReason, InvalidKeyReason};
 use crate::key::{DigestScheme, KeyId};
 use crate::limits::{Credits, RateLimit, UsageLimits};

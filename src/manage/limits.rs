@@ -3,11 +3,11 @@
 
 use time::OffsetDateTime;
 
-use super::authorize::{KeyFacts, Operation, Target, authorize};
 use super::manager::KeyManager;
 use super::types::{KeyInfo, UpdateKey};
 use super::validate::{validate_credits, validate_id, validate_name, validate_rate_limit};
 use crate::audit::{EventDraft, EventType, Journal};
+use crate::authorize::{KeyFacts, Operation, Target, authorize};
 use crate::error::AuthError;
 use crate::key::KeyId;
 use crate::limits::{Credits, PoolId, RateLimit, UsageLimits};

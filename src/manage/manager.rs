@@ -8,10 +8,10 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::authorize::{KeyFacts, Operation, OperationKind, Target, authorize};
 use super::policy::KeyPolicy;
 use super::validate::validate_id;
 use crate::audit::{Actor, EventDraft, EventType, Origin};
+use crate::authorize::{KeyFacts, Operation, OperationKind, Target, authorize};
 use crate::error::AuthError;
 use crate::invalidate::{Invalidation, Invalidator, NoBroadcast, Receipt};
 use crate::key::{KeyDigest, KeyId};

@@ -60,7 +60,6 @@
 mod activity;
 #[cfg(feature = "manage")]
 mod activity_routes;
-mod authorize;
 #[cfg(feature = "console")]
 pub mod console;
 mod create;
@@ -79,8 +78,8 @@ mod validate;
 #[cfg(feature = "manage")]
 pub use router::{openapi, router};
 
+pub use crate::authorize::{KeyFacts, Operation, OperationKind, Target, authorize};
 pub use activity::{EventFilter, EventPage, Granularity, MAX_USAGE_SPAN};
-pub use authorize::{KeyFacts, Operation, OperationKind, Target, authorize};
 pub use format::FormatChangeError;
 pub use manager::KeyManager;
 pub use policy::KeyPolicy;

@@ -6,8 +6,8 @@ use std::collections::HashSet;
 use time::OffsetDateTime;
 
 use super::activity::MAX_USAGE_SPAN;
-use super::authorize::{Operation, Target, authorize};
 use super::manager::KeyManager;
+use crate::authorize::{Operation, Target, authorize};
 use crate::error::AuthError;
 use crate::key::KeyId;
 use crate::principal::Principal;

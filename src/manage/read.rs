@@ -3,10 +3,10 @@
 
 use time::OffsetDateTime;
 
-use super::authorize::{Operation, Target, authorize};
 use super::manager::KeyManager;
 use super::types::{KeyInfo, KeyPage};
 use super::validate::{MAX_PAGE_SIZE, validate_cursor};
+use crate::authorize::{Operation, Target, authorize};
 use crate::error::AuthError;
 use crate::key::KeyId;
 use crate::principal::Principal;

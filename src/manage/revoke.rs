@@ -4,13 +4,13 @@
 
 use time::OffsetDateTime;
 
-use super::authorize::Operation;
 use super::manager::KeyManager;
 #[cfg(doc)]
 use super::types::RevokeReason;
 use super::types::{CreatedKey, KeyInfo, RotateOptions};
 use super::validate::{MAX_GRACE_PERIOD, MAX_NAME_LEN, validate_name};
 use crate::audit::{EventType, Journal, timestamp};
+use crate::authorize::Operation;
 use crate::error::AuthError;
 #[cfg(doc)]
 use crate::invalidate::Invalidator;

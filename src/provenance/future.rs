@@ -2,11 +2,13 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use futures_util::future::BoxFuture;
 use http::Response;
 use pin_project_lite::pin_project;
+
+use crate::refusal::OrRefused;
 
 pin_project! {
     /// Response future of [`ProvenanceService`](super::ProvenanceService).
@@ -22,9 +24,8 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     enum Kind<F, B, E> {
-        Inner { #[pin] future: F },
+        Direct { #[pin] future: OrRefused<F, B> },
         Stamping { future: BoxFuture<'static, Result<Response<B>, E>> },
-        Refused { response: Option<Response<B>> },
     }
 }
 
@@ -32,7 +33,9 @@ impl<F, B, E> ResponseFuture<F, B, E> {
     /// Nothing to stamp: the inner service answers.
     pub(crate) fn inner(future: F) -> Self {
         Self {
-            kind: Kind::Inner { future },
+            kind: Kind::Direct {
+                future: OrRefused::inner(future),
+            },
         }
     }
 
@@ -46,8 +49,8 @@ impl<F, B, E> ResponseFuture<F, B, E> {
     /// Refused before the body was read.
     pub(crate) fn refused(response: Response<B>) -> Self {
         Self {
-            kind: Kind::Refused {
-                response: Some(response),
+            kind: Kind::Direct {
+                future: OrRefused::refused(response),
             },
         }
     }
@@ -61,11 +64,8 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Inner { future } => future.poll(cx),
-            KindProj::Stamping { future } => Poll::Ready(ready!(future.as_mut().poll(cx))),
-            KindProj::Refused { response } => Poll::Ready(Ok(response
-                .take()
-                .expect("ResponseFuture polled after completion"))),
+            KindProj::Direct { future } => future.poll(cx),
+            KindProj::Stamping { future } => future.as_mut().poll(cx),
         }
     }
 }

@@ -218,6 +218,7 @@ pub mod future;
 mod scan;
 mod service;
 mod stamp;
+mod strings;
 
 use std::borrow::Cow;
 use std::fmt;

@@ -1,7 +1,13 @@
-use super::*;
+use std::time::Duration;
+
 use time::OffsetDateTime;
 
-use crate::store::KeyRecord;
+use super::*;
+use crate::clock::{nanos_of, now_unix_nanos};
+use crate::error::{AuthError, ExpiredReason};
+use crate::key::{KeyDigest, KeyFormat, KeyId};
+use crate::principal::Principal;
+use crate::store::{KeyRecord, KeyStore};
 use crate::usage::UsageMark;
 
 fn key(expires_at: Option<OffsetDateTime>, revoked: bool) -> ResolvedKey {

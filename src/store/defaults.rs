@@ -6,12 +6,12 @@ use std::future::Future;
 
 use time::OffsetDateTime;
 
-use super::error::StoreError;
+use super::StoreError;
 use super::overview::sum;
 use super::params::ListQuery;
-use super::record::{KeyRecord, MAX_DELEGATION_DEPTH};
 use crate::key::KeyId;
-use crate::usage::counts::UsageBucket;
+use crate::record::{KeyRecord, MAX_DELEGATION_DEPTH};
+use crate::store::usage::UsageBucket;
 
 /// What the defaults read from a store: a key, a page of keys, a key's hours of usage.
 pub(super) trait Reader: Sync {

@@ -8,15 +8,15 @@ use super::credits::{ChainSpend, CreditAdjustment};
 use super::defaults::{
     Reader, ancestors_by_walking, count_by_listing, descendants_by_listing, usage_by_listing,
 };
-use super::error::{StoreError, StoreErrorKind};
 use super::format::FormatSecrets;
 use super::overview::OwnerSummary;
 use super::params::{KeyLimits, KeyUpdate, ListQuery, Rotation, SweepQuery};
-use super::record::{KeyChange, KeyRecord};
+use super::{StoreError, StoreErrorKind};
 use crate::audit::{AuditEvent, ChainState, EventDraft, EventQuery, Journal};
 use crate::key::{FormatSecret, KeyDigest, KeyId};
 use crate::limits::{BudgetId, BudgetLevel, PoolId, UsageLimits};
-use crate::usage::counts::UsageBucket;
+use crate::record::{KeyChange, KeyRecord};
+use crate::store::usage::UsageBucket;
 
 /// Persistent storage of keys. Implement it to put keys anywhere; the crate ships
 /// [`MemoryStore`](super::MemoryStore).

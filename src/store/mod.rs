@@ -11,17 +11,22 @@
 //! - `key_store`: the [`KeyStore`] trait and its contract; `params`, what its methods take;
 //!   `credits`, the credit rules every store follows; `defaults`, the bodies of its default
 //!   ancestry, counting and usage methods;
-//! - `record`, `error`, `overview`, `format`: what a store holds and answers;
+//! - `overview`, `format`: what a store answers; what it holds, [`KeyRecord`] and [`KeyChange`], is
+//!   defined below the store and the audit trail, which both speak of it (`src/record.rs`), and its
+//!   error, [`StoreError`], with the crate's other errors (`error/store.rs`: an
+//!   [`AuthError`](crate::error::AuthError) carries one); both are named here;
 //! - `memory`, `sqlite`, `postgres`: the stores; what the SQL ones share: `sql_common` (timestamps,
 //!   key rows, errors, the rules around their statements), `sql_audit` (event rows) and
 //!   `delivery` (what their webhook outbox writes with each event);
-//! - `shared`: a store behind an `Arc` is a store.
+//! - `usage`: the hourly usage counts a store keeps (public as `usage::UsageBucket` and so on:
+//!   [`UsageRecorder`](crate::usage::UsageRecorder), above the store, flushes them into it);
+//! - `shared`: a store behind an `Arc` is a store; `retention`, purging a store's old audit events
+//!   and usage counts ([`Retention`]).
 
 mod credits;
 mod defaults;
 #[cfg(all(feature = "webhooks", any(feature = "sqlite", feature = "postgres")))]
 mod delivery;
-pub(crate) mod error;
 mod format;
 mod key_store;
 mod memory;
@@ -29,7 +34,7 @@ mod overview;
 mod params;
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
-pub(crate) mod record;
+mod retention;
 mod shared;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 mod sql_audit;
@@ -37,9 +42,11 @@ mod sql_audit;
 pub(crate) mod sql_common;
 #[cfg(feature = "sqlite")]
 mod sqlite;
+pub(crate) mod usage;
 
+pub use crate::error::store::{StoreError, StoreErrorKind};
+pub use crate::record::{KeyChange, KeyRecord, MAX_DELEGATION_DEPTH, PreviousSecret};
 pub use credits::{ChainSpend, CreditAdjustment, adjust};
-pub use error::{StoreError, StoreErrorKind};
 pub use format::{FormatLoadError, FormatSecrets, StoredSecret};
 pub use key_store::KeyStore;
 pub use memory::MemoryStore;
@@ -47,6 +54,6 @@ pub use overview::{MAX_OWNERS, OwnerSummary};
 pub use params::{KeyLimits, KeyUpdate, ListQuery, Rotation, SweepQuery};
 #[cfg(feature = "postgres")]
 pub use postgres::{InvalidIdentifier, PostgresStore, PostgresStoreBuilder};
-pub use record::{KeyChange, KeyRecord, MAX_DELEGATION_DEPTH, PreviousSecret};
+pub use retention::Retention;
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;

@@ -4,7 +4,7 @@
 
 use time::OffsetDateTime;
 
-use crate::usage::counts::UsageBucket;
+use crate::store::usage::UsageBucket;
 
 /// The most owners [`KeyStore::owners`](super::KeyStore::owners) answers.
 pub const MAX_OWNERS: u32 = 1_000;
@@ -36,7 +36,7 @@ pub(crate) fn sum(buckets: Vec<UsageBucket>, from: OffsetDateTime) -> Option<Usa
 mod tests {
     use super::*;
     use crate::key::KeyId;
-    use crate::usage::OUTCOMES;
+    use crate::store::usage::OUTCOMES;
 
     fn bucket(hour: i64, admitted: u64, ip: Option<&str>) -> UsageBucket {
         let mut counts = [0; OUTCOMES];

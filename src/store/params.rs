@@ -4,9 +4,9 @@
 
 use time::OffsetDateTime;
 
-use super::record::KeyRecord;
 use crate::key::{DigestScheme, KeyDigest, KeyId};
 use crate::limits::Credits;
+use crate::record::KeyRecord;
 
 /// Maximum active (unrevoked, unexpired) keys, enforced by
 /// [`KeyStore::insert`](super::KeyStore::insert) atomically.

@@ -6,17 +6,17 @@ use std::sync::Arc;
 
 use time::OffsetDateTime;
 
+use super::StoreError;
 use super::credits::{ChainSpend, CreditAdjustment};
-use super::error::StoreError;
 use super::format::FormatSecrets;
 use super::key_store::KeyStore;
 use super::overview::OwnerSummary;
 use super::params::{KeyLimits, KeyUpdate, ListQuery, Rotation, SweepQuery};
-use super::record::{KeyChange, KeyRecord};
 use crate::audit::{AuditEvent, ChainState, EventDraft, EventQuery, Journal};
 use crate::key::{FormatSecret, KeyDigest, KeyId};
 use crate::limits::{BudgetId, BudgetLevel, PoolId, UsageLimits};
-use crate::usage::counts::UsageBucket;
+use crate::record::{KeyChange, KeyRecord};
+use crate::store::usage::UsageBucket;
 
 #[async_trait::async_trait]
 impl<T: KeyStore + ?Sized> KeyStore for Arc<T> {

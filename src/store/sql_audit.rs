@@ -3,7 +3,7 @@
 
 use time::OffsetDateTime;
 
-use super::error::{StoreError, StoreErrorKind};
+use super::{StoreError, StoreErrorKind};
 use crate::audit::{Actor, ActorKind, AuditEvent, ChainHash, EventDraft, EventType};
 use crate::key::KeyId;
 

@@ -12,15 +12,15 @@ use std::sync::Arc;
 use time::OffsetDateTime;
 
 use super::credits::{CreditAdjustment, adjust};
-use super::error::{StoreError, StoreErrorKind};
 use super::params::{KeyUpdate, Rotation};
-use super::record::{KeyChange, KeyRecord, PreviousSecret};
+use super::{StoreError, StoreErrorKind};
 use crate::key::{DigestScheme, KeyDigest, KeyId};
 use crate::limits::{
     BudgetId, BudgetLevel, Credits, MAX_CREDITS, PoolId, RateLimit, Refill, RefillInterval,
     UsageLimits,
 };
 use crate::network::Networks;
+use crate::record::{KeyChange, KeyRecord, PreviousSecret};
 use crate::scope::ScopeSet;
 
 /// `t` floored to the microsecond, in UTC: the precision the SQL stores keep.

@@ -5,11 +5,11 @@ use super::*;
 use crate::key::{DigestScheme, KeyDigest};
 use crate::limits::{BudgetId, Credits, PoolId, UsageLimits};
 use crate::scope::ScopeSet;
+use crate::store::usage::UsageBucket;
 use crate::store::{
     ChainSpend, KeyChange, KeyLimits, KeyUpdate, MAX_DELEGATION_DEPTH, MemoryStore, Rotation,
     StoreErrorKind,
 };
-use crate::usage::counts::UsageBucket;
 
 /// The default pages through `list` (pages of 500): it counts across pages, per account, and
 /// agrees with `MemoryStore`'s own count.
@@ -221,7 +221,7 @@ async fn the_defaults_agree_with_memory_and_refuse_what_they_cannot_do() {
     );
     unsupported(minimal.owners(now, 10).await.unwrap_err());
     // Usage per key by listing: the same sums as the memory store's own.
-    let hour = crate::usage::hour_of(now);
+    let hour = crate::store::usage::hour_of(now);
     let bucket = |id: &str, hours_ago: i64, n: u64| UsageBucket {
         key_id: KeyId::new(id),
         hour: hour - time::Duration::hours(hours_ago),

@@ -9,12 +9,12 @@ use time::OffsetDateTime;
 use crate::audit::{AuditEvent, ChainLink, ChainState, EventDraft, Journal};
 use crate::key::{FormatSecret, KeyId, MAX_SECRET_VERSION};
 use crate::limits::{BudgetId, Credits, PoolId, UsageLimits};
+use crate::record::{KeyChange, KeyRecord, MAX_DELEGATION_DEPTH, PreviousSecret};
 use crate::store::credits::ChainLevels;
-use crate::store::error::{StoreError, StoreErrorKind};
 use crate::store::format::{FormatSecrets, StoredSecret};
 use crate::store::params::{KeyLimits, KeyUpdate, Rotation};
-use crate::store::record::{KeyChange, KeyRecord, MAX_DELEGATION_DEPTH, PreviousSecret};
-use crate::usage::UsageBucket;
+use crate::store::usage::UsageBucket;
+use crate::store::{StoreError, StoreErrorKind};
 
 #[derive(Debug, Default)]
 pub(super) struct Inner {

@@ -10,14 +10,14 @@ use super::state::Inner;
 use crate::audit::{AuditEvent, ChainState, EventDraft, EventQuery, Journal};
 use crate::key::{FormatSecret, KeyDigest, KeyId};
 use crate::limits::{BudgetId, BudgetLevel, PoolId, UsageLimits};
+use crate::record::{KeyChange, KeyRecord};
+use crate::store::StoreError;
 use crate::store::credits::{ChainLevels, ChainSpend, CreditAdjustment, adjust};
-use crate::store::error::StoreError;
 use crate::store::format::FormatSecrets;
 use crate::store::key_store::KeyStore;
 use crate::store::overview::{MAX_OWNERS, OwnerSummary};
 use crate::store::params::{KeyLimits, KeyUpdate, ListQuery, Rotation, SweepQuery};
-use crate::store::record::{KeyChange, KeyRecord};
-use crate::usage::UsageBucket;
+use crate::store::usage::UsageBucket;
 
 /// An in-memory [`KeyStore`]: for tests, examples and services that can lose keys on restart.
 ///

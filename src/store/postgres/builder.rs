@@ -7,7 +7,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use super::sql::{InvalidIdentifier, check_identifier, lock_key, migrations};
 use super::store::PostgresStore;
-use crate::store::error::StoreError;
+use crate::store::StoreError;
 use crate::store::sql_common::map_sqlx_error;
 
 /// Configures a [`PostgresStore`]; see [`PostgresStore::builder`].

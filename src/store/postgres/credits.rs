@@ -12,8 +12,8 @@ use super::keys::{lock_row, write_limits};
 use super::sql::{Sql, limits_at, query};
 use crate::key::KeyId;
 use crate::limits::{BudgetId, Credits, PoolId, UsageLimits};
+use crate::store::StoreError;
 use crate::store::credits::{ChainLevels, CreditAdjustment};
-use crate::store::error::StoreError;
 use crate::store::sql_common::{LimitColumns, adjusted, map_sqlx_error, micros, pool_key};
 
 /// [`KeyStore::adjust_credits`](crate::store::KeyStore::adjust_credits) on the key `id`, its row

@@ -8,9 +8,9 @@ use time::OffsetDateTime;
 use super::keys::lock;
 use super::sql::Sql;
 use crate::key::{FormatSecret, MAX_SECRET_VERSION};
-use crate::store::error::{StoreError, StoreErrorKind};
 use crate::store::format::{FormatSecrets, StoredSecret};
 use crate::store::sql_common::{map_sqlx_error, micros};
+use crate::store::{StoreError, StoreErrorKind};
 
 /// The secrets, storing `initial` as version 1 in a store holding none.
 pub(super) async fn load(

@@ -10,12 +10,12 @@ use time::OffsetDateTime;
 
 use super::sql::{Sql, decode, decode_opt, lock_key, query};
 use crate::key::{KeyDigest, KeyId};
-use crate::store::error::{StoreError, StoreErrorKind};
+use crate::record::{KeyChange, KeyRecord};
 use crate::store::params::{KeyLimits, KeyUpdate, Rotation};
-use crate::store::record::{KeyChange, KeyRecord};
 use crate::store::sql_common::{
     LimitColumns, check_limit, map_sqlx_error, micros, networks_text, rotated_out, updated,
 };
+use crate::store::{StoreError, StoreErrorKind};
 
 /// Stores `record` unless its id or a digest is taken ([`StoreErrorKind::Conflict`]), its creator
 /// is not active at `now`, or `limits` would be exceeded.

@@ -8,9 +8,9 @@ use sqlx::{AssertSqlSafe, PgConnection};
 use time::OffsetDateTime;
 
 use crate::audit::AuditEvent;
+use crate::record::MAX_DELEGATION_DEPTH;
+use crate::store::StoreError;
 use crate::store::delivery::{message_id, payload};
-use crate::store::error::StoreError;
-use crate::store::record::MAX_DELEGATION_DEPTH;
 use crate::store::sql_common::{map_sqlx_error, micros};
 
 /// Whether `root` is active at `at` and its subtree holds `key_id`.

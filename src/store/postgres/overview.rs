@@ -5,10 +5,10 @@ use sqlx::{AssertSqlSafe, Row};
 use time::OffsetDateTime;
 
 use crate::key::KeyId;
-use crate::store::error::StoreError;
+use crate::store::StoreError;
 use crate::store::overview::{MAX_OWNERS, OwnerSummary};
 use crate::store::sql_common::map_sqlx_error;
-use crate::usage::{OUTCOMES, UsageBucket};
+use crate::store::usage::{OUTCOMES, UsageBucket};
 
 fn get<'r, T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>>(
     row: &'r PgRow,

@@ -9,8 +9,8 @@ use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, Row};
 
 use crate::limits::UsageLimits;
-use crate::store::error::StoreError;
-use crate::store::record::KeyRecord;
+use crate::record::KeyRecord;
+use crate::store::StoreError;
 use crate::store::sql_common::{LimitColumns, RawRecord, map_sqlx_error};
 
 /// A schema or channel name that is not a plain PostgreSQL identifier: 1 to 63 bytes of ASCII

@@ -13,10 +13,10 @@ use crate::audit::{
     AuditEvent, ChainHash, ChainLink, ChainState, EventDraft, EventQuery, EventType,
 };
 use crate::key::KeyId;
-use crate::store::error::{StoreError, StoreErrorKind};
 use crate::store::sql_audit::{RawEvent, details_text};
 use crate::store::sql_common::{from_unix_micros, map_sqlx_error, to_unix_micros};
-use crate::usage::{OUTCOMES, UsageBucket};
+use crate::store::usage::{OUTCOMES, UsageBucket};
+use crate::store::{StoreError, StoreErrorKind};
 
 /// Migration 6.
 pub(super) const MIGRATION: &str = r#"

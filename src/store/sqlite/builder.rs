@@ -10,7 +10,7 @@ use tokio::sync::OnceCell;
 
 use super::sql::MIGRATIONS;
 use super::store::SqliteStore;
-use crate::store::error::StoreError;
+use crate::store::StoreError;
 use crate::store::sql_common::{is_sqlite_busy, map_sqlx_error, to_unix_micros};
 
 /// How many times [`SqliteStore::connect_with`] tries a file database that answers "busy".

@@ -10,8 +10,8 @@ use super::keys::{fetch, write_limits};
 use super::sql::{decode_limits, limit_columns};
 use crate::key::KeyId;
 use crate::limits::{BudgetId, Credits, PoolId, UsageLimits};
+use crate::store::StoreError;
 use crate::store::credits::{ChainLevels, CreditAdjustment};
-use crate::store::error::StoreError;
 use crate::store::sql_common::{LimitColumns, adjusted, map_sqlx_error, pool_key, to_unix_micros};
 
 /// [`KeyStore::adjust_credits`](crate::store::KeyStore::adjust_credits) on the key `id`.

@@ -5,9 +5,9 @@ use sqlx::{Row, SqliteConnection};
 use time::OffsetDateTime;
 
 use crate::key::{FormatSecret, MAX_SECRET_VERSION};
-use crate::store::error::{StoreError, StoreErrorKind};
 use crate::store::format::{FormatSecrets, StoredSecret};
 use crate::store::sql_common::{from_unix_micros, map_sqlx_error, to_unix_micros};
+use crate::store::{StoreError, StoreErrorKind};
 
 /// The secrets, storing `initial` as version 1 in a store holding none: insert-if-absent, then
 /// read, on the connection of the caller's write transaction (SQLite serialises them across

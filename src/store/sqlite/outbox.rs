@@ -7,9 +7,9 @@ use sqlx::SqliteConnection;
 use time::OffsetDateTime;
 
 use crate::audit::AuditEvent;
+use crate::record::MAX_DELEGATION_DEPTH;
+use crate::store::StoreError;
 use crate::store::delivery::{message_id, payload};
-use crate::store::error::StoreError;
-use crate::store::record::MAX_DELEGATION_DEPTH;
 use crate::store::sql_common::{map_sqlx_error, to_unix_micros};
 
 /// Whether `key` is active at `at` and `root`'s subtree holds `key_id`.

@@ -5,10 +5,10 @@ use sqlx::sqlite::SqlitePool;
 use time::OffsetDateTime;
 
 use crate::key::KeyId;
-use crate::store::error::{StoreError, StoreErrorKind};
 use crate::store::overview::{MAX_OWNERS, OwnerSummary};
 use crate::store::sql_common::{map_sqlx_error, to_unix_micros};
-use crate::usage::{OUTCOMES, UsageBucket};
+use crate::store::usage::{OUTCOMES, UsageBucket};
+use crate::store::{StoreError, StoreErrorKind};
 
 pub(super) async fn owners(
     pool: &SqlitePool,

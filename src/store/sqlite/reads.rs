@@ -12,9 +12,9 @@ use super::sql::{
 };
 use crate::key::{KeyDigest, KeyId};
 use crate::limits::BudgetLevel;
-use crate::store::error::StoreError;
+use crate::record::{KeyRecord, MAX_DELEGATION_DEPTH};
+use crate::store::StoreError;
 use crate::store::params::{ListQuery, SweepQuery};
-use crate::store::record::{KeyRecord, MAX_DELEGATION_DEPTH};
 use crate::store::sql_common::{budget_level, map_sqlx_error, to_unix_micros};
 
 /// The record whose current or grace-period previous digest is `digest`.

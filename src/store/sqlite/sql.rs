@@ -5,9 +5,9 @@ use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 use time::OffsetDateTime;
 
-use crate::store::error::{StoreError, StoreErrorKind};
-use crate::store::record::KeyRecord;
+use crate::record::KeyRecord;
 use crate::store::sql_common::{LimitColumns, RawRecord, from_unix_micros, map_sqlx_error};
+use crate::store::{StoreError, StoreErrorKind};
 
 /// The columns of `api_keys`, in the order [`decode`] reads them.
 macro_rules! columns {

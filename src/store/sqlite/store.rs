@@ -16,15 +16,15 @@ use super::{audit, credits, formats, keys, reads};
 use crate::audit::{AuditEvent, ChainState, EventDraft, EventQuery, Journal};
 use crate::key::{FormatSecret, KeyDigest, KeyId};
 use crate::limits::{BudgetId, BudgetLevel, PoolId, UsageLimits};
+use crate::record::{KeyChange, KeyRecord};
+use crate::store::StoreError;
 use crate::store::credits::{ChainLevels, ChainSpend, CreditAdjustment};
-use crate::store::error::StoreError;
 use crate::store::format::FormatSecrets;
 use crate::store::key_store::KeyStore;
 use crate::store::overview::OwnerSummary;
 use crate::store::params::{KeyLimits, KeyUpdate, ListQuery, Rotation, SweepQuery};
-use crate::store::record::{KeyChange, KeyRecord};
 use crate::store::sql_common::{map_sqlx_error, micros, to_unix_micros};
-use crate::usage::UsageBucket;
+use crate::store::usage::UsageBucket;
 
 /// A [`KeyStore`] in a SQLite database: persistent, embedded, for one host.
 ///

@@ -1,4 +1,5 @@
-//! [`StoreError`]: what went wrong talking to a store.
+//! [`StoreError`]: what went wrong talking to a store. Public as `store::StoreError`; defined here,
+//! below the store, because [`AuthError::Unavailable`](super::AuthError::Unavailable) carries one.
 
 use std::fmt;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ pub enum StoreErrorKind {
     Unavailable,
     /// The store did not answer within the configured timeout.
     Timeout,
-    /// [`KeyStore::insert`](super::KeyStore::insert) would exceed a [`KeyLimits`](super::KeyLimits)
+    /// [`KeyStore::insert`](crate::store::KeyStore::insert) would exceed a [`KeyLimits`](crate::store::KeyLimits)
     /// bound.
     LimitReached {
         /// The bound that was hit.
@@ -28,12 +29,12 @@ pub enum StoreErrorKind {
     },
     /// An id or digest that must be unique already exists.
     Conflict,
-    /// [`KeyStore::insert`](super::KeyStore::insert) of a delegated key whose creator
-    /// ([`KeyRecord::created_by`](super::KeyRecord::created_by)) is gone, revoked or expired at the
+    /// [`KeyStore::insert`](crate::store::KeyStore::insert) of a delegated key whose creator
+    /// ([`KeyRecord::created_by`](crate::store::KeyRecord::created_by)) is gone, revoked or expired at the
     /// insert's `now`: checked atomically with the insert, so a key revoked while one of its
     /// creations was in flight never gains a child.
     CreatorInactive,
-    /// [`KeyStore::replace_secret`](super::KeyStore::replace_secret) of a revoked key: a revoked
+    /// [`KeyStore::replace_secret`](crate::store::KeyStore::replace_secret) of a revoked key: a revoked
     /// key gets no new secret.
     Revoked,
     /// Data in the store could not be understood (an unknown digest scheme, a bad scope).

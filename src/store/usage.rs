@@ -1,4 +1,5 @@
-//! Per-key usage counts by hour and outcome: what the recorder flushes and the stores keep.
+//! Per-key usage counts by hour and outcome: what the recorder flushes and the stores keep. Public
+//! as `usage::UsageBucket` and so on; defined here, below the recorder, because the stores keep them.
 
 use std::net::IpAddr;
 

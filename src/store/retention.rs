@@ -1,11 +1,11 @@
-//! [`Retention`]: purging old events and usage counts in the background.
+//! [`Retention`]: purging a store's old audit events and usage counts in the background.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use time::OffsetDateTime;
 
-use crate::store::{KeyStore, StoreError};
+use super::{KeyStore, StoreError};
 
 /// How long audit events and usage counts are kept, and how often the purge runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,7 +1,7 @@
 //! The one authorization rule of key management: [`authorize`].
 //!
-//! Every [`KeyManager`](super::KeyManager) operation, and so every route of the management
-//! [`router`](super::router), asks [`authorize`] before it reads a key's metadata for a caller or
+//! Every [`KeyManager`](crate::manage::KeyManager) operation, and so every route of the management
+//! [`router`](crate::manage::router), asks [`authorize`] before it reads a key's metadata for a caller or
 //! changes anything. A new operation joins the rule with one [`Operation`] variant and one row in
 //! [`Operation::kind`].
 //!
@@ -55,9 +55,9 @@ use crate::key::KeyId;
 use crate::limits::UsageLimits;
 use crate::network::Networks;
 use crate::principal::Principal;
+use crate::record::{KeyRecord, MAX_DELEGATION_DEPTH};
 use crate::scope::ScopeMatch;
 use crate::scope::{Scope, ScopeSet};
-use crate::store::{KeyRecord, MAX_DELEGATION_DEPTH};
 
 /// Something a caller asks to do with keys. Each has one row in the rule (see [`authorize`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

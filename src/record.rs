@@ -1,5 +1,6 @@
 //! What a store holds of a key ([`KeyRecord`]) and what a change did to the keys ([`KeyChange`]):
-//! plain data, shared by the stores, the audit trail and the resolver.
+//! plain data, shared by the stores, the audit trail and the resolver. Public as `store::KeyRecord`
+//! and so on; defined here, below the store and the audit trail, because both speak of it.
 
 use time::OffsetDateTime;
 
@@ -48,7 +49,7 @@ pub struct KeyRecord {
     /// The secret replaced by the last rotation, still valid during its grace period.
     pub previous: Option<PreviousSecret>,
     /// The key's rate limit and credits (none: unlimited). Stores keep `credits.remaining` current
-    /// when they count credits ([`KeyStore::adjust_credits`](super::KeyStore::adjust_credits)).
+    /// when they count credits ([`KeyStore::adjust_credits`](crate::store::KeyStore::adjust_credits)).
     pub limits: UsageLimits,
     /// Where the key may be used from (`None`: anywhere). Set at creation; a delegated key's lie
     /// within its creator's.
@@ -79,9 +80,9 @@ impl KeyRecord {
     }
 }
 
-/// What [`KeyStore::revoke`](super::KeyStore::revoke),
-/// [`KeyStore::delete`](super::KeyStore::delete) and
-/// [`KeyStore::replace_secret`](super::KeyStore::replace_secret) changed, all in one atomic step:
+/// What [`KeyStore::revoke`](crate::store::KeyStore::revoke),
+/// [`KeyStore::delete`](crate::store::KeyStore::delete) and
+/// [`KeyStore::replace_secret`](crate::store::KeyStore::replace_secret) changed, all in one atomic step:
 /// what a cache must forget.
 ///
 /// The *descendants* of a key are the keys it created (their [`KeyRecord::created_by`] is its id),

@@ -31,9 +31,7 @@
 //! # }
 //! ```
 
-pub(crate) mod counts;
-
-pub use counts::{OUTCOMES, Outcome, UsageBucket, hour_of};
+pub use crate::store::usage::{OUTCOMES, Outcome, UsageBucket, hour_of};
 
 use std::collections::HashMap;
 use std::fmt;
@@ -45,8 +43,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 use crate::key::KeyId;
-use crate::store::KeyStore;
-use crate::store::error::StoreError;
+use crate::store::{KeyStore, StoreError, StoreErrorKind};
 
 /// The usage state of one cached key: the latest use not yet flushed, and whether the key waits in
 /// a recorder's queue. The resolver keeps one inside each cached key (so marking a use is two
@@ -220,7 +217,7 @@ impl UsageRecorder {
         };
         let written = match written {
             // A store that keeps no usage counts: they are dropped, `last_used_at` still written.
-            Err(error) if error.kind() == crate::store::StoreErrorKind::Unsupported => Ok(()),
+            Err(error) if error.kind() == StoreErrorKind::Unsupported => Ok(()),
             other => other,
         };
         if let Err(error) = written {
