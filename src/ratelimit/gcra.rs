@@ -310,7 +310,7 @@ mod tests {
             let until_full = match next() % 3 {
                 0 => tau.saturating_sub(next() % (emission.saturating_mul(3))),
                 1 => next() % tau.max(1),
-                _ => (next() % u64::from(limit).max(1)) * emission,
+                _ => (next() % u64::from(limit).max(1)).saturating_mul(emission),
             };
             cases.push((emission, limit, until_full));
         }

@@ -235,8 +235,9 @@ mod tests {
         assert!(batch_sizes.iter().any(|&n| n > 1), "{batch_sizes:?}");
         assert_eq!(lanes.waiting("chain"), None, "the lane closes when idle");
         // Alone, a decision calls at once, by itself.
+        let none = AtomicUsize::new(0);
         let alone = lanes
-            .decide("other".into(), 7, |costs| call(&AtomicUsize::new(0), costs))
+            .decide("other".into(), 7, |costs| call(&none, costs))
             .await
             .unwrap();
         assert_eq!(alone, vec![7, 0, 1]);

@@ -431,7 +431,6 @@ mod tests {
     #[test]
     fn metrics_count_admitted_and_refused_by_reason() {
         use futures_util::FutureExt;
-use futures_util::future::Either;
         let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         let limiter = RateLimiter::in_memory();
