@@ -543,14 +543,19 @@ async fn coalesced_decisions_never_exceed_any_level() {
             let (who, cost) = match n % 4 {
                 0 | 1 => (alone.clone(), 1),
                 // Costs of 2 on the first child.
-                2 => (children[n / 4 % 3].clone(), if n / 4 % 3 == 0 { 2 } else { 1 }),
+                2 => (
+                    children[n / 4 % 3].clone(),
+                    if n / 4 % 3 == 0 { 2 } else { 1 },
+                ),
                 _ => (children[(n / 4 + 1) % 3].clone(), 1),
             };
             tasks.push(tokio::spawn(async move {
                 let decision = limiter.check(&who, cost).await;
                 assert!(
-                    decision.refusal.as_ref().is_none_or(|e| e.code()
-                        == tower_api_keys::error::ErrorCode::RateLimited),
+                    decision
+                        .refusal
+                        .as_ref()
+                        .is_none_or(|e| e.code() == tower_api_keys::error::ErrorCode::RateLimited),
                     "{decision:?}"
                 );
                 (who.key_id().clone(), cost, decision)
@@ -578,7 +583,10 @@ async fn coalesced_decisions_never_exceed_any_level() {
         );
         let total: u32 = spent_by_child.values().sum();
         assert!(total <= 20, "coalesce {coalesce}: {spent_by_child:?}");
-        assert!(total >= 19, "the parent's budget is used up: {spent_by_child:?}");
+        assert!(
+            total >= 19,
+            "the parent's budget is used up: {spent_by_child:?}"
+        );
         assert!(
             spent_by_child.get("key_child_1").copied().unwrap_or(0) <= 5,
             "{spent_by_child:?}"

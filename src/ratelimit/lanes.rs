@@ -258,9 +258,8 @@ mod tests {
         });
         tokio::task::yield_now().await;
         let (l, c) = (lanes.clone(), calls.clone());
-        let waiter = tokio::spawn(async move {
-            l.decide("chain".into(), 2, |costs| call(&c, costs)).await
-        });
+        let waiter =
+            tokio::spawn(async move { l.decide("chain".into(), 2, |costs| call(&c, costs)).await });
         while lanes.waiting("chain") != Some(1) {
             tokio::task::yield_now().await;
         }
