@@ -21,7 +21,8 @@
 //! the same machine load) and the medians and ratios are printed.
 //!
 //! `cargo bench --features redis --bench ratelimit`; only the interleaved ratios:
-//! `cargo bench --features redis --bench ratelimit -- nomatch`.
+//! `cargo bench --features redis --bench ratelimit -- nomatch`; instructions per call under
+//! callgrind (deterministic): `cargo bench --bench ratelimit -- instructions`.
 
 use std::convert::Infallible;
 use std::hint::black_box;
@@ -657,7 +658,129 @@ fn in_flight(url: &str, prefix: &str) {
     );
 }
 
+/// Instruction counts (deterministic, whatever the machine's load): `ratelimit-<hash> <case> <n>`
+/// sets `case` up, warms it with 64 calls, makes `n` more and exits; `cargo bench --bench
+/// ratelimit -- instructions` runs each case under `valgrind --tool=callgrind` twice (`N1`, `N2`
+/// calls, 512 and 2560 by default, so the setup cancels) and prints instructions per call.
+const INSTRUCTION_CASES: [&str; 9] = [
+    "bare",
+    "fixed-headers",
+    "request",
+    "request-1",
+    "request-3",
+    "decision",
+    "decision-1",
+    "decision-3",
+    "headers",
+];
+
+/// One instruction-count case: `n` calls after a warm-up.
+fn instruction_case(case: &str, n: u32) {
+    let limiter = RateLimiter::in_memory();
+    let depth = match case {
+        "request-1" | "decision-1" => 1,
+        "request-3" | "decision-3" => 3,
+        _ => 0,
+    };
+    let rated = chained("key_01JD3M7Q8X9ZB2C4E6G8J0K2M4", RATED, depth);
+    let mut bare = tower::service_fn(handler);
+    let mut fixed = tower::service_fn(handler_with_fixed_headers);
+    let mut limited = limiter.layer().layer(tower::service_fn(handler));
+    let decided = limiter.check(&rated, 1).now_or_never().unwrap();
+    let mut one: Box<dyn FnMut()> = match case {
+        "bare" => Box::new(|| drop(black_box(call(&mut bare, &rated)))),
+        "fixed-headers" => Box::new(|| drop(black_box(call(&mut fixed, &rated)))),
+        "request" | "request-1" | "request-3" => {
+            Box::new(|| drop(black_box(call(&mut limited, &rated))))
+        }
+        "decision" | "decision-1" | "decision-3" => {
+            Box::new(|| drop(black_box(limiter.check(&rated, 1).now_or_never())))
+        }
+        "headers" => Box::new(|| {
+            let mut headers = http::HeaderMap::new();
+            decided.write_headers(&mut headers);
+            drop(black_box(headers))
+        }),
+        other => panic!("no case {other:?}; cases: {INSTRUCTION_CASES:?}"),
+    };
+    for _ in 0..64 {
+        one();
+    }
+    rl_measured_calls(n, &mut *one);
+}
+
+/// The counted calls: callgrind collects inside this function only (`--toggle-collect`), so
+/// setup that depends on time (the clock's calibration) stays out of the counts.
+#[inline(never)]
+fn rl_measured_calls(n: u32, one: &mut dyn FnMut()) {
+    for _ in 0..n {
+        one();
+    }
+}
+
+/// Runs every case under callgrind twice and prints instructions per call.
+fn instructions() {
+    let n1: u64 = std::env::var("N1").map_or(512, |n| n.parse().unwrap());
+    let n2: u64 = std::env::var("N2").map_or(2560, |n| n.parse().unwrap());
+    let me = std::env::current_exe().unwrap();
+    let out = std::env::temp_dir().join(format!("ratelimit-callgrind-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    let count = |case: &str, n: u64| -> u64 {
+        let file = out.join(format!("{case}.{n}"));
+        let status = std::process::Command::new("valgrind")
+            .arg("--tool=callgrind")
+            .arg("--toggle-collect=*rl_measured_calls*")
+            .arg(format!("--callgrind-out-file={}", file.display()))
+            .arg(&me)
+            .arg(case)
+            .arg(n.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("valgrind (apt-get install valgrind)");
+        assert!(status.success(), "{case} {n} under callgrind: {status}");
+        let text = std::fs::read_to_string(&file).unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix("summary: "))
+            .and_then(|total| total.trim().parse().ok())
+            .expect("a callgrind summary line")
+    };
+    let mut per = std::collections::HashMap::new();
+    for case in INSTRUCTION_CASES {
+        let (i1, i2) = (count(case, n1), count(case, n2));
+        let each = (i2 - i1) / (n2 - n1);
+        per.insert(case, each);
+        println!("{case:<14} {each:>6} instructions per call");
+    }
+    let over = |case: &str| per[case] as i64 - per["bare"] as i64;
+    println!(
+        "over bare: request +{}, request with 1 limited ancestor +{}, 3 +{}; two fixed header \
+         values +{}; decision alone {}, 1 ancestor {} (+{}), 3 ancestors {} (+{} each); writing \
+         the headers alone {}",
+        over("request"),
+        over("request-1"),
+        over("request-3"),
+        over("fixed-headers"),
+        per["decision"],
+        per["decision-1"],
+        per["decision-1"] - per["decision"],
+        per["decision-3"],
+        (per["decision-3"] - per["decision"]) / 3,
+        per["headers"],
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [case, n] = &args[..]
+        && let Ok(n) = n.parse()
+    {
+        return instruction_case(case, n);
+    }
+    if args.first().map(String::as_str) == Some("instructions") {
+        return instructions();
+    }
     let mut criterion = Criterion::default()
         .configure_from_args()
         .measurement_time(Duration::from_secs(3))

@@ -479,3 +479,117 @@ async fn redis_stopped_mid_run_fails_rate_limits_open_and_credits_stay_exact() {
     assert_eq!(count(&answers, StatusCode::TOO_MANY_REQUESTS), 7);
     schema.drop_schema().await;
 }
+
+/// Coalesced decisions (`RedisRates::coalesce`, on by default) are exact: two limiters (two
+/// instances) each firing 150 decisions at once over the same chains admit exactly what the
+/// tightest level allows, each admitted decision sees a different number left (as if they had
+/// been made one after the other), a parent's budget binds its children together (each child its
+/// own lane, the parent's level shared), and costs above 1 count in full. Off, the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn coalesced_decisions_never_exceed_any_level() {
+    use tower_api_keys::limits::{Budget, BudgetId, BudgetLevel};
+    use tower_api_keys::principal::Principal;
+    let Some(redis) = common::db::redis_url("rl_fleet_coalesce").await else {
+        return;
+    };
+    let level = |id: &str, limit: u32| BudgetLevel {
+        id: BudgetId::Key(KeyId::new(id)),
+        limits: UsageLimits {
+            rate_limit: Some(RateLimit::new(limit, 3600)),
+            credits: None,
+        },
+    };
+    let principal = |levels: Vec<BudgetLevel>| {
+        let own = levels[0].clone();
+        let BudgetId::Key(id) = own.id.clone() else {
+            unreachable!()
+        };
+        Principal::scoped(id, "n", "o", "a", Default::default(), None)
+            .with_limits(own.limits)
+            .with_budget(Budget::new(levels))
+    };
+    for coalesce in [true, false] {
+        let prefix = common::db::unique("rl_coalesce");
+        let limiter = |prefix: &str| {
+            RateLimiter::new(
+                RedisRates::open(&redis)
+                    .unwrap()
+                    .prefix(prefix.to_owned())
+                    .timeout(Duration::from_secs(10))
+                    .unwrap()
+                    .coalesce(coalesce),
+                tower_api_keys::ratelimit::MemoryCredits::new(),
+            )
+            .on_rate_error(FailMode::Closed)
+        };
+        let limiters = [limiter(&prefix), limiter(&prefix)];
+        // One key alone, 37 an hour: 300 decisions at once, 37 admitted.
+        let alone = principal(vec![level("key_alone", 37)]);
+        // Three children (limits 100, 5, 100) under one parent of 20: 20 admitted in all, the
+        // second child at most 5.
+        let children: Vec<Principal> = [100, 5, 100]
+            .iter()
+            .enumerate()
+            .map(|(i, &own)| {
+                principal(vec![
+                    level(&format!("key_child_{i}"), own),
+                    level("key_parent", 20),
+                ])
+            })
+            .collect();
+        let mut tasks = Vec::new();
+        for n in 0..300usize {
+            let limiter = limiters[n % 2].clone();
+            let (who, cost) = match n % 4 {
+                0 | 1 => (alone.clone(), 1),
+                // Costs of 2 on the first child.
+                2 => (
+                    children[n / 4 % 3].clone(),
+                    if n / 4 % 3 == 0 { 2 } else { 1 },
+                ),
+                _ => (children[(n / 4 + 1) % 3].clone(), 1),
+            };
+            tasks.push(tokio::spawn(async move {
+                let decision = limiter.check(&who, cost).await;
+                assert!(
+                    decision
+                        .refusal
+                        .as_ref()
+                        .is_none_or(|e| e.code() == tower_api_keys::error::ErrorCode::RateLimited),
+                    "{decision:?}"
+                );
+                (who.key_id().clone(), cost, decision)
+            }));
+        }
+        let mut alone_left = Vec::new();
+        let mut spent_by_child = std::collections::HashMap::new();
+        for task in tasks {
+            let (id, cost, decision) = task.await.unwrap();
+            if !decision.is_admitted() {
+                continue;
+            }
+            let rate = decision.rate.expect("a rate status");
+            if id.as_str() == "key_alone" {
+                alone_left.push(rate.remaining);
+            } else {
+                *spent_by_child.entry(id.as_str().to_owned()).or_insert(0u32) += cost;
+            }
+        }
+        alone_left.sort_unstable();
+        assert_eq!(
+            alone_left,
+            (0..37).collect::<Vec<u32>>(),
+            "coalesce {coalesce}: exactly the limit, each seeing one fewer left"
+        );
+        let total: u32 = spent_by_child.values().sum();
+        assert!(total <= 20, "coalesce {coalesce}: {spent_by_child:?}");
+        assert!(
+            total >= 19,
+            "the parent's budget is used up: {spent_by_child:?}"
+        );
+        assert!(
+            spent_by_child.get("key_child_1").copied().unwrap_or(0) <= 5,
+            "{spent_by_child:?}"
+        );
+    }
+}

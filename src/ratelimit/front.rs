@@ -15,7 +15,8 @@
 //! - it has answered fewer than [`HITS_PER_FILL`] times: then it is read from the cache again, which
 //!   keeps moka's frequency counts (its eviction policy) in charge of hot keys too.
 //!
-//! Collisions only cost a cache read. A thread keeps at most [`SLOTS`] retired buckets alive until
+//! A slot is found from the address of the level's id (not its bytes), and answers only for that
+//! very id. Collisions only cost a cache read. A thread keeps at most [`SLOTS`] retired buckets alive until
 //! their slots are overwritten or the thread ends.
 
 use std::cell::RefCell;
@@ -41,22 +42,60 @@ thread_local! {
     static FRONT: RefCell<[Option<Slot>; SLOTS]> = const { RefCell::new([const { None }; SLOTS]) };
 }
 
-/// FNV-1a over the level's bytes (key ids are random; grinding ids into one slot only makes the
-/// grinder's own requests read the cache).
+/// The slot of a level: from the address of its id's shared string (every clone of a principal's
+/// budget shares it, so a key's requests find its slot without reading the id's bytes). The slot
+/// still compares the whole id before it answers: a hash is only where to look. Ids are the
+/// resolver's own allocations, so nobody can grind ids into one slot.
 fn index(key: &BudgetId) -> usize {
-    fn fnv(hash: u32, bytes: &[u8]) -> u32 {
-        bytes.iter().fold(hash, |hash, byte| {
-            (hash ^ u32::from(*byte)).wrapping_mul(0x0100_0193)
-        })
-    }
-    let hash = match key {
-        BudgetId::Key(id) => fnv(0x811c_9dc5, id.as_str().as_bytes()),
+    let address = match key {
+        BudgetId::Key(id) => id.as_str().as_ptr() as usize,
         BudgetId::Pool(PoolId { owner, account }) => {
-            let hash = fnv(0x811c_9dc5 ^ 0xff, owner.as_bytes());
-            fnv(hash, account.as_deref().unwrap_or("").as_bytes())
+            owner.as_ptr() as usize ^ account.as_deref().map_or(0, |a| a.as_ptr() as usize >> 3)
         }
     };
-    (hash as usize) & (SLOTS - 1)
+    // Fibonacci hashing: the top bits of the product.
+    ((address as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - SLOTS.trailing_zeros())) as usize
+}
+
+/// Calls `f` with this thread's current bucket for `key` at `limit` in the `MemoryRates` with id
+/// `rates`, without taking a reference to it (no reference count changes); `Err(f)` when there
+/// is none. `f` must not use the front.
+pub(super) fn with<R, F: FnOnce(&Bucket) -> R>(
+    rates: u64,
+    key: &BudgetId,
+    limit: RateLimit,
+    f: F,
+) -> Result<R, F> {
+    let mut f = Some(f);
+    let answer = FRONT
+        .try_with(|front| {
+            let mut front = front.try_borrow_mut().ok()?;
+            let slot = front[index(key)].as_mut()?;
+            if !slot.answers(rates, key, limit) {
+                return None;
+            }
+            slot.hits_left -= 1;
+            let f = f.take()?;
+            Some(f(&slot.bucket))
+        })
+        .ok()
+        .flatten();
+    match (answer, f) {
+        (Some(answer), _) => Ok(answer),
+        (None, Some(f)) => Err(f),
+        (None, None) => unreachable!("`f` ran, so it answered"),
+    }
+}
+
+impl Slot {
+    /// Whether this slot may answer for `key` at `limit` in the `MemoryRates` with id `rates`.
+    fn answers(&self, rates: u64, key: &BudgetId, limit: RateLimit) -> bool {
+        self.rates == rates
+            && self.hits_left != 0
+            && self.bucket.limit == limit
+            && !self.bucket.retired.load(Ordering::Acquire)
+            && self.key == *key
+    }
 }
 
 /// This thread's current bucket for `key` at `limit` in the `MemoryRates` with id `rates`, if
@@ -66,12 +105,7 @@ pub(super) fn get(rates: u64, key: &BudgetId, limit: RateLimit) -> Option<Arc<Bu
         .try_with(|front| {
             let mut front = front.try_borrow_mut().ok()?;
             let slot = front[index(key)].as_mut()?;
-            if slot.rates != rates
-                || slot.hits_left == 0
-                || slot.bucket.limit != limit
-                || slot.bucket.retired.load(Ordering::Acquire)
-                || slot.key != *key
-            {
+            if !slot.answers(rates, key, limit) {
                 return None;
             }
             slot.hits_left -= 1;

@@ -5,13 +5,14 @@ use std::fmt;
 use std::sync::Arc;
 
 use futures_util::FutureExt;
+use futures_util::future::Either;
 use time::OffsetDateTime;
 
 use super::backends::{
     Backends, Configured, CreditBackend, CreditKind, InMemory, RateBackend, RateKind,
 };
 use super::credits::MemoryCredits;
-use super::decision::{CreditStatus, Decision, FailMode, RateStatus, Spend};
+use super::decision::{CreditStatus, Decision, FailMode, RateChain, RateStatus, Spend};
 use super::headers::ceil_secs;
 use super::memory::MemoryRates;
 use crate::error::AuthError;
@@ -154,17 +155,39 @@ impl RateLimiter {
             }
             CreditKind::Store(_) => None,
         };
+        if credits.is_none() || !levels.iter().any(|l| l.limits.credits.is_some()) {
+            // Rate limits alone (most keys): the rate part of the decision, without the
+            // machinery for credits.
+            let mut decision = Decision {
+                rate_policy: levels.iter().find_map(|level| level.limits.rate_limit),
+                ..Decision::unlimited()
+            };
+            self.apply_rates(&mut decision, &levels, Ok(rates.check(&levels, cost)));
+            return Some(finish(decision));
+        }
         let backends = InMemory { rates, credits };
         let decision = self.decide(&backends, &levels, cost).now_or_never();
         Some(decision.expect("in-memory backends answer without waiting"))
     }
 
     /// Decides one request of `principal` costing `cost` units over every level of its budget,
-    /// and spends them at every level if admitted.
-    pub async fn check(&self, principal: &Principal, cost: u32) -> Decision {
+    /// and spends them at every level if admitted. On in-memory backends the decision is made
+    /// before this returns (the future is ready at once and small); one that waits on a backend
+    /// (Redis, the store) is boxed.
+    pub fn check<'a>(
+        &'a self,
+        principal: &'a Principal,
+        cost: u32,
+    ) -> impl Future<Output = Decision> + Send + 'a {
         if let Some(decision) = self.check_now(principal, cost) {
-            return decision;
+            return Either::Left(std::future::ready(decision));
         }
+        Either::Right(Box::pin(self.check_waiting(principal, cost)))
+    }
+
+    /// The decision on the configured backends, for one that [`check_now`](Self::check_now)
+    /// could not make without waiting.
+    pub(super) async fn check_waiting(&self, principal: &Principal, cost: u32) -> Decision {
         let levels = self.levels_of(principal);
         let backends = Configured {
             rates: &self.0.rates,
@@ -234,35 +257,8 @@ impl RateLimiter {
             }
         }
         if nearest_rate.is_some() {
-            match backends.rate(levels, cost).await {
-                Ok(Some(chain)) => {
-                    let outcome = chain.outcome;
-                    let limit = levels[chain.level]
-                        .limits
-                        .rate_limit
-                        .expect("a rate chain names a rate-limited level");
-                    decision.rate_policy = Some(limit);
-                    decision.rate = Some(RateStatus {
-                        limit,
-                        remaining: outcome.remaining,
-                        reset: outcome.reset,
-                        retry_after: outcome.retry_after,
-                    });
-                    if !outcome.allowed {
-                        decision.refusal = Some(AuthError::RateLimited {
-                            retry_after: ceil_secs(outcome.retry_after).max(1),
-                        });
-                        decision.refused_by = Some(levels[chain.level].id.clone());
-                    }
-                }
-                Ok(None) => {}
-                Err(error) => {
-                    backend_failed("rates", engine.rate_failure, &error);
-                    if engine.rate_failure == FailMode::Closed {
-                        decision.refusal = Some(AuthError::Unavailable(error));
-                    }
-                }
-            }
+            let chain = backends.rate(levels, cost).await;
+            self.apply_rates(&mut decision, levels, chain);
             if decision.refusal.is_some() && spent {
                 // A refused request consumes nothing: give the credits back.
                 match backends.refund(levels, cost, now).await {
@@ -286,6 +282,49 @@ impl RateLimiter {
             }
         }
         finish(decision)
+    }
+}
+
+impl RateLimiter {
+    /// Puts the outcome of the rate limits of `levels` (the levels of one request) in
+    /// `decision`: the most constraining (or refusing) level's state, the refusal, or what the
+    /// fail mode says about a backend failure.
+    fn apply_rates(
+        &self,
+        decision: &mut Decision,
+        levels: &[BudgetLevel],
+        chain: Result<Option<RateChain>, StoreError>,
+    ) {
+        match chain {
+            Ok(Some(chain)) => {
+                let outcome = chain.outcome;
+                let limit = levels[chain.level]
+                    .limits
+                    .rate_limit
+                    .expect("a rate chain names a rate-limited level");
+                decision.rate_policy = Some(limit);
+                decision.rate = Some(RateStatus {
+                    limit,
+                    remaining: outcome.remaining,
+                    reset: outcome.reset,
+                    retry_after: outcome.retry_after,
+                });
+                if !outcome.allowed {
+                    decision.refusal = Some(AuthError::RateLimited {
+                        retry_after: ceil_secs(outcome.retry_after).max(1),
+                    });
+                    decision.refused_by = Some(levels[chain.level].id.clone());
+                }
+            }
+            Ok(None) => {}
+            Err(error) => {
+                let mode = self.0.rate_failure;
+                backend_failed("rates", mode, &error);
+                if mode == FailMode::Closed {
+                    decision.refusal = Some(AuthError::Unavailable(error));
+                }
+            }
+        }
     }
 }
 

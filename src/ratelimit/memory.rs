@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::bucket::Bucket;
 use super::decision::{RateChain, RateOutcome};
 use super::front;
-use super::gcra::{self, Held, Step};
+use super::gcra::{Gcra, Held, Step};
 use crate::limits::{BudgetId, BudgetLevel, RateLimit};
 
 /// Budget levels whose rate-limit state [`MemoryRates::new`] keeps: 1,000,000 (about 100 MB at
@@ -34,7 +34,8 @@ pub struct MemoryRates {
     id: u64,
     buckets: moka::sync::Cache<BudgetId, Arc<Bucket>>,
     clock: quanta::Clock,
-    origin: quanta::Instant,
+    /// The clock's raw reading when this state was made.
+    origin: u64,
 }
 
 impl fmt::Debug for MemoryRates {
@@ -109,7 +110,7 @@ impl MemoryRates {
                     bucket.retired.store(true, Ordering::Release);
                 })
                 .build(),
-            origin: clock.now(),
+            origin: clock.raw(),
             clock,
         }
     }
@@ -122,8 +123,7 @@ impl MemoryRates {
 
     /// Nanoseconds since this state was made.
     fn now(&self) -> u64 {
-        let elapsed = self.clock.now().saturating_duration_since(self.origin);
-        u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX)
+        self.clock.delta_as_nanos(self.origin, self.clock.raw())
     }
 
     /// The level's bucket at `limit`: this thread's front, else the cache (one bucket per level,
@@ -132,6 +132,12 @@ impl MemoryRates {
         if let Some(bucket) = front::get(self.id, key, limit) {
             return bucket;
         }
+        self.cached(key, limit)
+    }
+
+    /// The level's bucket at `limit` from the cache (made, or remade for a changed limit, if
+    /// need be), put in this thread's front.
+    fn cached(&self, key: &BudgetId, limit: RateLimit) -> Arc<Bucket> {
         if let Some(bucket) = self.buckets.get(key)
             && bucket.limit == limit
         {
@@ -159,10 +165,13 @@ impl MemoryRates {
     /// such level refuses it, whatever the state. Otherwise the first level (in chain order) that
     /// has too little left refuses it.
     pub(crate) fn check(&self, levels: &[BudgetLevel], cost: u32) -> Option<RateChain> {
-        let mut rated = false;
+        // The one rate-limited level, if there is only one (most chains).
+        let mut single = None;
+        let mut rated = 0;
         for (level, budget) in levels.iter().enumerate() {
             if let Some(limit) = budget.limits.rate_limit {
-                rated = true;
+                rated += 1;
+                single = Some((level, limit));
                 if cost > limit.limit {
                     return Some(RateChain {
                         level,
@@ -171,8 +180,10 @@ impl MemoryRates {
                 }
             }
         }
-        if !rated {
-            return None;
+        match (rated, single) {
+            (0, _) | (_, None) => return None,
+            (1, Some((level, limit))) => return Some(self.check_one(levels, level, limit, cost)),
+            _ => {}
         }
         let now = self.now();
         for attempt in 0u32.. {
@@ -194,6 +205,27 @@ impl MemoryRates {
             }
         }
         unreachable!("the loop returns")
+    }
+
+    /// Decides `cost` units on the one rate-limited level of a chain: one compare-and-swap on its
+    /// bucket, found in this thread's front without taking a reference to it.
+    fn check_one(
+        &self,
+        levels: &[BudgetLevel],
+        level: usize,
+        limit: RateLimit,
+        cost: u32,
+    ) -> RateChain {
+        let id = &levels[level].id;
+        let decide = |bucket: &Bucket| {
+            let gcra = &bucket.gcra;
+            outcome(gcra, gcra.decide(self.now(), cost), cost)
+        };
+        let outcome = match front::with(self.id, id, limit, decide) {
+            Ok(outcome) => outcome,
+            Err(decide) => decide(&self.cached(id, limit)),
+        };
+        RateChain { level, outcome }
     }
 
     /// Locks the rate-limited levels of `levels[from..]` one after the other (the first of the
@@ -218,45 +250,47 @@ impl MemoryRates {
                 None => return Walk::Busy,
             }
         };
-        let emission = bucket.gcra.emission();
         match lock.check(now, cost) {
-            Step::Refused { until_full } => Walk::Refused(RateChain {
+            step @ Step::Refused { .. } => Walk::Refused(RateChain {
                 level,
-                outcome: RateOutcome {
-                    allowed: false,
-                    remaining: gcra::remaining(emission, limit.limit, until_full),
-                    reset: Duration::from_nanos(until_full),
-                    retry_after: Duration::from_nanos(gcra::retry_after(
-                        emission,
-                        limit.limit,
-                        cost,
-                        until_full,
-                    )),
-                },
+                outcome: outcome(&bucket.gcra, step, cost),
             }),
-            Step::Fits {
-                new_tat,
-                until_full,
-            } => match self.walk(levels, level + 1, false, now, cost) {
-                Walk::Admitted(below) => {
-                    lock.commit(new_tat);
-                    let mine = RateChain {
-                        level,
-                        outcome: RateOutcome {
-                            allowed: true,
-                            remaining: gcra::remaining(emission, limit.limit, until_full),
-                            reset: Duration::from_nanos(until_full),
-                            retry_after: Duration::ZERO,
-                        },
-                    };
-                    Walk::Admitted(Some(match below {
-                        Some(below) if tighter(&below.outcome, &mine.outcome) => below,
-                        _ => mine,
-                    }))
+            step @ Step::Fits { new_tat, .. } => {
+                match self.walk(levels, level + 1, false, now, cost) {
+                    Walk::Admitted(below) => {
+                        lock.commit(new_tat);
+                        let mine = RateChain {
+                            level,
+                            outcome: outcome(&bucket.gcra, step, cost),
+                        };
+                        Walk::Admitted(Some(match below {
+                            Some(below) if tighter(&below.outcome, &mine.outcome) => below,
+                            _ => mine,
+                        }))
+                    }
+                    other => other,
                 }
-                other => other,
-            },
+            }
         }
+    }
+}
+
+/// What a level's step means for the request: what is left, when the level is full again and when
+/// this cost would pass.
+fn outcome(gcra: &Gcra, step: Step, cost: u32) -> RateOutcome {
+    match step {
+        Step::Fits { until_full, .. } => RateOutcome {
+            allowed: true,
+            remaining: gcra.remaining(until_full),
+            reset: Duration::from_nanos(until_full),
+            retry_after: Duration::ZERO,
+        },
+        Step::Refused { until_full } => RateOutcome {
+            allowed: false,
+            remaining: gcra.remaining(until_full),
+            reset: Duration::from_nanos(until_full),
+            retry_after: Duration::from_nanos(gcra.retry_after(cost, until_full)),
+        },
     }
 }
 

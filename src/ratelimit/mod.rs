@@ -111,6 +111,8 @@ mod front;
 pub mod future;
 mod gcra;
 mod headers;
+#[cfg(feature = "redis")]
+mod lanes;
 mod layer;
 mod limiter;
 mod memory;

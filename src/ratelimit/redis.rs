@@ -8,6 +8,7 @@ use std::time::Duration;
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::decision::{RateChain, RateOutcome};
+use super::lanes::Lanes;
 use crate::limits::{BudgetLevel, RateLimit};
 use crate::store::{StoreError, StoreErrorKind};
 
@@ -23,19 +24,23 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
 pub const DEFAULT_CONNECTIONS: usize = 1;
 
 /// The Lua script [`RedisRates`] runs: GCRA on Redis's clock over every rate-limited level of a
-/// request's budget chain, all or nothing, in one atomic call per decision whatever the depth. Each
-/// level's bucket is its theoretical arrival time (TAT) in microseconds; it expires when the bucket
-/// is full again.
+/// request's budget chain, all or nothing, in one atomic call whatever the depth; several
+/// decisions over the same chain (coalesced, see [`RedisRates::coalesce`]) are made one after the
+/// other in the same call. Each level's bucket is its theoretical arrival time (TAT) in
+/// microseconds; it expires when the bucket is full again.
 ///
-/// `KEYS[i]` the bucket of level `i` (in chain order); `ARGV[1]` the cost (at most every level's
-/// limit: a larger cost never reaches Redis); `ARGV[2i]` level `i`'s emission interval in whole
-/// microseconds (its period over its limit, rounded up), `ARGV[2i+1]` its limit. Every level is
-/// checked before any is written: the first level the cost does not fit refuses, and then nothing
-/// is written anywhere. Returns an array of integers: admitted, `{-1, d1, d2, ...}` with `di` the
-/// microseconds until level `i` is full again after this request; refused, `{i - 1, d}` with
-/// `i - 1` the refusing level (counted from 0) and `d` the same for its bucket as it stays. The
-/// rest of the decision (what is left, when to retry, which level is the most constraining)
-/// follows from these on the caller's side: the script does only what must be atomic.
+/// `KEYS[i]` the bucket of level `i` (in chain order); `ARGV[2i - 1]` level `i`'s emission
+/// interval in whole microseconds (its period over its limit, rounded up), `ARGV[2i]` its limit;
+/// after the levels' pairs, the cost of each decision, in order (each at most every level's
+/// limit: a larger cost never reaches Redis). For each decision in turn, every level is checked
+/// before any is spent: the first level the cost does not fit refuses it, and then it spends
+/// nothing anywhere; the next decision sees what the ones before it spent. The levels are written
+/// once at the end, if any decision was admitted. Returns, one decision after the other, a flat
+/// array of integers: admitted, `-1, d1, d2, ...` with `di` the microseconds until level `i` is
+/// full again after that decision; refused, `i - 1, d` with `i - 1` the refusing level (counted
+/// from 0) and `d` the same for its bucket as it stays. The rest of the decision (what is left,
+/// when to retry, which level is the most constraining) follows from these on the caller's side:
+/// the script does only what must be atomic.
 ///
 /// Time is counted in whole microseconds (Redis's clock, exact in a Lua number), so all of the
 /// arithmetic is exact. The emission interval is rounded up to a whole microsecond: a limit of a
@@ -44,20 +49,40 @@ pub const DEFAULT_CONNECTIONS: usize = 1;
 pub const GCRA_SCRIPT: &str = r#"
 local now = redis.call('TIME')
 now = now[1] * 1000000 + now[2]
-local cost = tonumber(ARGV[1])
-local tats = {}
-for i = 1, #KEYS do
-  local emission = tonumber(ARGV[2 * i])
+local levels = #KEYS
+local tats, emissions, taus = {}, {}, {}
+for i = 1, levels do
+  local emission = tonumber(ARGV[2 * i - 1])
+  emissions[i] = emission
+  taus[i] = emission * tonumber(ARGV[2 * i])
   local tat = tonumber(redis.call('GET', KEYS[i])) or now
   if tat < now then tat = now end
-  local new_tat = tat + emission * cost
-  if new_tat - emission * tonumber(ARGV[2 * i + 1]) > now then return {i - 1, tat - now} end
-  tats[i] = new_tat
+  tats[i] = tat
 end
-local out = {-1}
-for i = 1, #KEYS do
-  redis.call('SET', KEYS[i], string.format('%d', tats[i]), 'PX', string.format('%d', math.ceil((tats[i] - now) / 1000)))
-  out[i + 1] = tats[i] - now
+local out = {}
+local spent = false
+for d = 2 * levels + 1, #ARGV do
+  local cost = tonumber(ARGV[d])
+  local refused = nil
+  for i = 1, levels do
+    if tats[i] + emissions[i] * cost - taus[i] > now then refused = i break end
+  end
+  if refused then
+    out[#out + 1] = refused - 1
+    out[#out + 1] = tats[refused] - now
+  else
+    out[#out + 1] = -1
+    for i = 1, levels do
+      tats[i] = tats[i] + emissions[i] * cost
+      out[#out + 1] = tats[i] - now
+    end
+    spent = true
+  end
+end
+if spent then
+  for i = 1, levels do
+    redis.call('SET', KEYS[i], string.format('%d', tats[i]), 'PX', string.format('%d', math.ceil((tats[i] - now) / 1000)))
+  end
 end
 return out
 "#;
@@ -71,8 +96,9 @@ return out
 /// in one hash slot (a prefix with a hash tag, `{rl}`); a single server or a replicated primary
 /// needs nothing.
 ///
-/// Decisions in flight are pipelined on a multiplexed connection, and can be spread over a small
-/// pool of them ([`connections`](Self::connections); default [`DEFAULT_CONNECTIONS`]). Each connection is opened on first use and reopened after a
+/// Decisions in flight are pipelined on a multiplexed connection, those over the same chain
+/// coalesced into one call while another is in flight ([`coalesce`](Self::coalesce), exact), and
+/// calls can be spread over a small pool of connections ([`connections`](Self::connections); default [`DEFAULT_CONNECTIONS`]). Each connection is opened on first use and reopened after a
 /// failure (after an outage, each connection's first decision fails before it reconnects: up to
 /// as many decisions as there are connections fail as the fail mode says); a decision that fails or takes longer than the timeout (default [`DEFAULT_TIMEOUT`])
 /// is handled as the limiter's [`FailMode`](super::FailMode) says. Cheap to clone.
@@ -84,6 +110,8 @@ pub struct RedisRates {
     prefix: Arc<str>,
     timeout: Duration,
     script: Arc<::redis::Script>,
+    /// Decisions over the same chain, coalesced while a call for it is in flight (`None`: off).
+    lanes: Option<Arc<Lanes>>,
 }
 
 impl fmt::Debug for RedisRates {
@@ -92,6 +120,7 @@ impl fmt::Debug for RedisRates {
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
             .field("connections", &self.connections.len())
+            .field("coalesce", &self.lanes.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -107,6 +136,7 @@ impl RedisRates {
             prefix: DEFAULT_PREFIX.into(),
             timeout: DEFAULT_TIMEOUT,
             script: Arc::new(::redis::Script::new(GCRA_SCRIPT)),
+            lanes: Some(Arc::default()),
         })
     }
 
@@ -138,6 +168,21 @@ impl RedisRates {
         Ok(self)
     }
 
+    /// Whether decisions over the same chain of levels that overlap in time go to Redis together
+    /// (default: yes). While a script call for a chain is in flight, the decisions that arrive for
+    /// the same chain (the same key and ancestors, at the same limits) wait for it to be answered,
+    /// and then go as one call, which decides them one after the other in the order they arrived,
+    /// atomically: each outcome is exactly what it would have been with one call each, back to
+    /// back, so exactness across instances is kept. A decision alone on its chain is sent at once.
+    /// Under load on one key, this makes one script call (one Lua run, one write per level) serve
+    /// many requests instead of one each; a waiting decision may wait up to one call longer.
+    /// Off: one call per decision.
+    #[must_use]
+    pub fn coalesce(mut self, coalesce: bool) -> Self {
+        self.lanes = coalesce.then(Arc::default);
+        self
+    }
+
     /// `n` lazily connecting managers that reconnect after a failure, giving up on an attempt after
     /// `timeout` (the next decision tries again).
     fn connect(
@@ -166,9 +211,8 @@ impl RedisRates {
         levels: &[BudgetLevel],
         cost: u32,
     ) -> Result<Option<RateChain>, StoreError> {
-        let mut invocation = self.script.prepare_invoke();
-        invocation.arg(cost);
-        let mut rated = 0;
+        let mut keys = Vec::new();
+        let mut args = Vec::new();
         for (level, budget) in levels.iter().enumerate() {
             let Some(limit) = budget.limits.rate_limit else {
                 continue;
@@ -179,26 +223,92 @@ impl RedisRates {
                     outcome: RateOutcome::never(limit),
                 }));
             }
-            rated += 1;
-            invocation
-                .key(format!("{}:{}", self.prefix, budget.id))
-                .arg(emission_micros(limit))
-                .arg(limit.limit);
+            keys.push(format!("{}:{}", self.prefix, budget.id));
+            args.push(emission_micros(limit));
+            args.push(limit.limit.into());
         }
-        if rated == 0 {
+        if keys.is_empty() {
             return Ok(None);
         }
-        let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len();
-        let mut connection = self.connections[turn].clone();
-        let call = invocation.invoke_async::<Vec<i64>>(&mut connection);
-        let reply = tokio::time::timeout(self.timeout, call)
+        let decide = async {
+            match &self.lanes {
+                Some(lanes) => {
+                    let lane = lane(&keys, &args);
+                    lanes
+                        .decide(lane, cost, |costs| self.call(&keys, &args, costs))
+                        .await
+                }
+                None => self
+                    .call(&keys, &args, vec![cost])
+                    .await?
+                    .pop()
+                    .ok_or_else(|| StoreError::new(StoreErrorKind::Unavailable, UnexpectedReply)),
+            }
+        };
+        let reply = tokio::time::timeout(self.timeout, decide)
             .await
-            .map_err(|elapsed| StoreError::new(StoreErrorKind::Timeout, elapsed))?
-            .map_err(|e| StoreError::new(StoreErrorKind::Unavailable, e))?;
+            .map_err(|elapsed| StoreError::new(StoreErrorKind::Timeout, elapsed))??;
         chain_outcome(levels, cost, &reply)
             .map(Some)
             .ok_or_else(|| StoreError::new(StoreErrorKind::Unavailable, UnexpectedReply))
     }
+
+    /// One script call deciding `costs` in turn over the levels `keys` (with their emission
+    /// intervals and limits, `args`): each decision's part of the reply, in order.
+    async fn call(
+        &self,
+        keys: &[String],
+        args: &[u64],
+        costs: Vec<u32>,
+    ) -> Result<Vec<Vec<i64>>, StoreError> {
+        let mut invocation = self.script.prepare_invoke();
+        for key in keys {
+            invocation.key(key);
+        }
+        for arg in args {
+            invocation.arg(arg);
+        }
+        for cost in &costs {
+            invocation.arg(cost);
+        }
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len();
+        let mut connection = self.connections[turn].clone();
+        let reply = invocation
+            .invoke_async::<Vec<i64>>(&mut connection)
+            .await
+            .map_err(|e| StoreError::new(StoreErrorKind::Unavailable, e))?;
+        split(&reply, keys.len(), costs.len())
+            .ok_or_else(|| StoreError::new(StoreErrorKind::Unavailable, UnexpectedReply))
+    }
+}
+
+/// The name of a chain's lane: its bucket keys and their arguments (decisions coalesce only when
+/// both are the same).
+fn lane(keys: &[String], args: &[u64]) -> String {
+    let mut lane = String::new();
+    for key in keys {
+        lane.push_str(key);
+        lane.push('\n');
+    }
+    for arg in args {
+        lane.push_str(&arg.to_string());
+        lane.push(' ');
+    }
+    lane
+}
+
+/// A reply of [`GCRA_SCRIPT`] for `decisions` decisions over `levels` levels, cut into each
+/// decision's part (`-1, d1, ..., d_levels` or `i, d`); `None` for a reply of another shape.
+fn split(reply: &[i64], levels: usize, decisions: usize) -> Option<Vec<Vec<i64>>> {
+    let mut parts = Vec::with_capacity(decisions);
+    let mut rest = reply;
+    for _ in 0..decisions {
+        let len = if *rest.first()? == -1 { levels + 1 } else { 2 };
+        let (part, after) = rest.split_at_checked(len)?;
+        parts.push(part.to_vec());
+        rest = after;
+    }
+    rest.is_empty().then_some(parts)
 }
 
 /// A script reply of another shape than [`GCRA_SCRIPT`]'s.
@@ -331,6 +441,25 @@ mod tests {
                 let decoded = outcome(limit, limit.limit, reply);
                 assert!(decoded.remaining <= limit.limit, "{reply}: {decoded:?}");
             }
+        }
+    }
+
+    /// A reply for several coalesced decisions cuts into each one's part; any other shape is an
+    /// error, never a panic.
+    #[test]
+    fn batch_replies_split_per_decision() {
+        assert_eq!(
+            split(&[-1, 5, 6, 0, 7, -1, 8, 9], 2, 3),
+            Some(vec![vec![-1, 5, 6], vec![0, 7], vec![-1, 8, 9]])
+        );
+        assert_eq!(split(&[1, 4], 2, 1), Some(vec![vec![1, 4]]));
+        for (reply, decisions) in [
+            (&[-1, 5][..], 1),
+            (&[-1, 5, 6, 1][..], 1),
+            (&[][..], 1),
+            (&[0, 1][..], 2),
+        ] {
+            assert_eq!(split(reply, 2, decisions), None, "{reply:?}");
         }
     }
 

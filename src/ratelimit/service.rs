@@ -81,7 +81,7 @@ where
         let rejection = self.rejection.clone();
         let cost = self.cost;
         ResponseFuture::pending(Box::pin(async move {
-            let decision = limiter.check(&principal, cost).await;
+            let decision = limiter.check_waiting(&principal, cost).await;
             if !decision.is_admitted() {
                 return Ok(refuse(&rejection, decision));
             }
