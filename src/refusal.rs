@@ -1,6 +1,7 @@
 //! [`OrRefused`]: the inner service's future, or a refusal that is ready at once. What a
 //! middleware's response future holds when it adds nothing to the inner service's answer: the scope
-//! guards' is this alone, the provenance layer's this or its stamping.
+//! guards' is this alone, the provenance layer's this or its stamping, the rate limiter's this, its
+//! decision's headers added to the answer, or a decision waiting on a backend.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -9,6 +9,7 @@ use http::Response;
 use pin_project_lite::pin_project;
 
 use super::decision::Decision;
+use crate::refusal::OrRefused;
 
 pin_project! {
     /// Response future of [`RateLimitService`](super::RateLimitService).
@@ -24,17 +25,18 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     enum Kind<F, B, E> {
-        Plain { #[pin] future: F },
+        Direct { #[pin] future: OrRefused<F, B> },
         Limited { #[pin] future: F, decision: Option<Decision> },
         Pending { future: BoxFuture<'static, Result<Response<B>, E>> },
-        Rejected { response: Option<Response<B>> },
     }
 }
 
 impl<F, B, E> ResponseFuture<F, B, E> {
     pub(super) fn plain(future: F) -> Self {
         Self {
-            kind: Kind::Plain { future },
+            kind: Kind::Direct {
+                future: OrRefused::inner(future),
+            },
         }
     }
 
@@ -55,8 +57,8 @@ impl<F, B, E> ResponseFuture<F, B, E> {
 
     pub(super) fn rejected(response: Response<B>) -> Self {
         Self {
-            kind: Kind::Rejected {
-                response: Some(response),
+            kind: Kind::Direct {
+                future: OrRefused::refused(response),
             },
         }
     }
@@ -70,7 +72,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Plain { future } => future.poll(cx),
+            KindProj::Direct { future } => future.poll(cx),
             KindProj::Limited { future, decision } => {
                 let mut response = ready!(future.poll(cx))?;
                 if let Some(decision) = decision.take() {
@@ -79,9 +81,6 @@ where
                 Poll::Ready(Ok(response))
             }
             KindProj::Pending { future } => future.as_mut().poll(cx),
-            KindProj::Rejected { response } => Poll::Ready(Ok(response
-                .take()
-                .expect("ResponseFuture polled after completion"))),
         }
     }
 }
