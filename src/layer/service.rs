@@ -18,7 +18,7 @@ use super::source;
 use crate::error::{AuthError, InvalidKeyReason, RenderRejection, reject};
 use crate::key::{KeyDigest, KeyFormatError};
 use crate::principal::{Anonymous, Principal};
-use crate::resolver::{CacheEntry, ResolvedKey};
+use crate::resolver::{CacheEntry, ResolvedKey, front_hint};
 use crate::usage::{Outcome, Used};
 
 /// Service produced by [`ApiKeyLayer`](super::ApiKeyLayer).
@@ -90,11 +90,7 @@ impl Config {
     /// The verdict on a presented key, from the master key, its format and the cache.
     fn authenticate(&self, key: &[u8]) -> Verdict {
         let format = self.resolver.format();
-        // Shape, and a keyed key's secret version (still accepted), before anything else. The
-        // checksum or HMAC tag is checked after the per-thread front and before the shared cache:
-        // a front entry is a stored key whose checksum or tag was verified when it entered, so a
-        // hit (the same digest: the same bytes) needs neither again; nothing with a bad one
-        // reaches the cache or the store.
+        // Shape, and a keyed key's secret version (still accepted), before anything else.
         let shape = format
             .check_shape(key)
             .and_then(|()| format.check_version(key))
@@ -104,6 +100,21 @@ impl Config {
         {
             return Verdict::Refuse(error);
         }
+        // A keyed key this thread has not admitted lately (by its hint, known before any digest)
+        // has its HMAC tag checked first: a made-up key is refused for the cost of the tag, with no
+        // digest and no cache probe. One it has is looked up by digest in the front, whose entries
+        // passed the tag when they went in: a hit (the same digest, the same bytes) needs no tag.
+        let hint = front_hint(key);
+        let mut tag = None;
+        if format.is_keyed() && shape.is_ok() && !self.resolver.front_knows(hint) {
+            let checked = format.check_checksum(key).map_err(format_error);
+            if self.master.is_none()
+                && let Err(error) = checked
+            {
+                return Verdict::Refuse(error);
+            }
+            tag = Some(checked);
+        }
         let digest = KeyDigest::of_bytes(key);
         if self.master.is_some_and(|master| master == digest) {
             return Verdict::Admit(Some(master_principal()), None);
@@ -111,13 +122,22 @@ impl Config {
         if let Err(error) = shape {
             return Verdict::Refuse(error);
         }
-        let checksum = || format.check_checksum(key).map_err(format_error);
+        let tag_checked = match tag {
+            Some(Err(error)) => return Verdict::Refuse(error),
+            Some(Ok(())) => true,
+            None => false,
+        };
+        // The checksum (or a tag not checked yet) after the per-thread front and before the shared
+        // cache: refusals name the first thing wrong with the key, and nothing with a bad checksum
+        // reaches the cache or the store.
+        let checksum = || match tag_checked {
+            true => Ok(()),
+            false => format.check_checksum(key).map_err(format_error),
+        };
         let now = crate::clock::now_unix_nanos();
-        // The resolver checks the checksum after its per-thread front (a front hit is a stored
-        // key's digest) and before its shared cache: refusals name the first thing wrong with the
-        // key, and nothing with a bad checksum reaches the cache or the store.
         match self.resolver.admit_cached(
             &digest,
+            hint,
             now,
             checksum,
             |key| self.admit(key, now),

@@ -167,6 +167,14 @@ impl CachedResolver {
             .map(|key| key.principal.clone())
     }
 
+    /// Whether this thread's front holds a current entry with `hint` (see [`front::hint`]): the
+    /// key was admitted here lately, probably this very key (the digest decides).
+    #[inline]
+    pub(crate) fn front_knows(&self, hint: u64) -> bool {
+        let inner = &*self.inner;
+        inner.front && front::knows(inner.id, inner.epoch.load(Ordering::Acquire), hint)
+    }
+
     /// The hot path: admits a cached digest at `now` (Unix nanoseconds; revocation and expiry
     /// checked) and calls `admit` with the key, or refuses it. `None` when the digest is not cached.
     /// Synchronous, no allocation: this thread's front answers first (see [`front`]); before moka is
@@ -175,6 +183,7 @@ impl CachedResolver {
     pub(crate) fn admit_cached<R>(
         &self,
         digest: &KeyDigest,
+        hint: u64,
         now: i64,
         precheck: impl FnOnce() -> Result<(), AuthError>,
         admit: impl Fn(&Arc<ResolvedKey>) -> R,
@@ -186,7 +195,7 @@ impl CachedResolver {
         let epoch = inner.epoch.load(Ordering::Acquire);
         let floor = inner.floor(now);
         if inner.front
-            && let Some(decided) = front::with(inner.id, epoch, digest, |key| {
+            && let Some(decided) = front::with(inner.id, epoch, hint, digest, |key| {
                 key.servable(now, floor).then(|| {
                     key.check(now).inspect_err(|_| refused(key))?;
                     Ok(admit(key))
@@ -204,7 +213,7 @@ impl CachedResolver {
         }
         Some(entry.authenticate(now).map(|key| {
             if inner.front {
-                front::fill(inner.id, epoch, digest, key);
+                front::fill(inner.id, epoch, hint, digest, key);
             }
             admit(key)
         }))

@@ -17,6 +17,13 @@
 //!   budget is 256 (about 1 ns per request of moka reads): a key served only by fronts must still
 //!   look used to moka's TinyLFU, or a flood of one-off digests would take its place.
 //!
+//! Slots are found by the key's **hint**: its last 8 bytes as presented (a keyed key's HMAC tag, a
+//! public key's checksum and the end of its random body: spread evenly, and no secret beyond what
+//! the digest stands for). The hint is known before the digest is computed, so the layer can tell
+//! at once whether this thread has admitted the key lately ([`knows`]): a keyed key it does not know
+//! has its tag checked before anything else (a made-up key costs what the tag costs), one it knows
+//! has its digest compared instead (a hit needs no tag: the slot's key passed it when it went in).
+//!
 //! Only known keys enter the front; unknown digests (a hostile flood) stay in the cache. Collisions
 //! only cost a moka read. A thread keeps at most [`SLOTS`] entries alive after they left the cache,
 //! until overwritten or the thread ends.
@@ -35,6 +42,7 @@ pub(super) const HITS_PER_FILL: u32 = 256;
 struct Slot {
     resolver: u64,
     epoch: u64,
+    hint: u64,
     digest: KeyDigest,
     key: Arc<ResolvedKey>,
     hits_left: u32,
@@ -44,28 +52,56 @@ thread_local! {
     static FRONT: RefCell<[Option<Slot>; SLOTS]> = const { RefCell::new([const { None }; SLOTS]) };
 }
 
-fn index(digest: &KeyDigest) -> usize {
-    // The digest is a SHA-256 output: its bytes are already uniformly spread. A caller who grinds
-    // keys into one slot only makes their own requests read the cache.
-    let bytes = digest.as_bytes();
-    usize::from(u16::from_le_bytes([bytes[0], bytes[1]])) & (SLOTS - 1)
+/// The hint of a presented key: its last 8 bytes (fewer: zero-padded), read as one number.
+#[inline]
+pub(crate) fn hint(presented: &[u8]) -> u64 {
+    let tail = &presented[presented.len().saturating_sub(8)..];
+    let mut bytes = [0u8; 8];
+    bytes[..tail.len()].copy_from_slice(tail);
+    u64::from_le_bytes(bytes)
 }
 
-/// Calls `f` with this thread's front entry for `digest` if it is current; a slot counts as used
-/// only when `f` answers (`Some`).
+#[inline]
+fn index(hint: u64) -> usize {
+    // Fibonacci hashing: every byte of the hint moves the slot. A caller who grinds keys into one
+    // slot only makes their own requests read the cache.
+    (hint.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 57) as usize & (SLOTS - 1)
+}
+
+/// Whether this thread's front holds a current entry with this hint (the digest not compared).
+#[inline]
+pub(super) fn knows(resolver: u64, epoch: u64, hint: u64) -> bool {
+    FRONT
+        .try_with(|front| {
+            front.try_borrow().ok().is_some_and(|front| {
+                front[index(hint)].as_ref().is_some_and(|slot| {
+                    slot.resolver == resolver
+                        && slot.epoch == epoch
+                        && slot.hits_left > 0
+                        && slot.hint == hint
+                })
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// Calls `f` with this thread's front entry for `digest` (found by `hint`) if it is current; a
+/// slot counts as used only when `f` answers (`Some`).
 pub(super) fn with<R>(
     resolver: u64,
     epoch: u64,
+    hint: u64,
     digest: &KeyDigest,
     f: impl FnOnce(&Arc<ResolvedKey>) -> Option<R>,
 ) -> Option<R> {
     FRONT
         .try_with(|front| {
             let mut front = front.try_borrow_mut().ok()?;
-            let slot = front[index(digest)].as_mut()?;
+            let slot = front[index(hint)].as_mut()?;
             if slot.resolver != resolver
                 || slot.epoch != epoch
                 || slot.hits_left == 0
+                || slot.hint != hint
                 || slot.digest != *digest
             {
                 return None;
@@ -79,12 +115,19 @@ pub(super) fn with<R>(
 }
 
 /// Puts a key just read from the cache (at `epoch`, read before the cache was) in this thread's front.
-pub(super) fn fill(resolver: u64, epoch: u64, digest: &KeyDigest, key: &Arc<ResolvedKey>) {
+pub(super) fn fill(
+    resolver: u64,
+    epoch: u64,
+    hint: u64,
+    digest: &KeyDigest,
+    key: &Arc<ResolvedKey>,
+) {
     let _ = FRONT.try_with(|front| {
         if let Ok(mut front) = front.try_borrow_mut() {
-            front[index(digest)] = Some(Slot {
+            front[index(hint)] = Some(Slot {
                 resolver,
                 epoch,
+                hint,
                 digest: *digest,
                 key: key.clone(),
                 hits_left: HITS_PER_FILL,

@@ -99,6 +99,7 @@ mod cached;
 mod entry;
 mod format;
 mod front;
+pub(crate) use self::front::hint as front_hint;
 mod intern;
 mod invalidation;
 mod lookup;

@@ -106,6 +106,7 @@ pub(super) fn hot(
 ) -> Option<Result<KeyId, AuthError>> {
     resolver.admit_cached(
         digest,
+        u64::from_le_bytes(digest.as_bytes()[..8].try_into().unwrap()),
         now_unix_nanos(),
         || Ok(()),
         |key| key.principal.key_id().clone(),
