@@ -60,9 +60,9 @@ impl Life {
         }
     }
 
-    /// Ends the key (the first reason wins) and wakes every waiter. Returns how many requests
-    /// were in flight under it when this call ended it (0 if it had already ended).
-    pub(crate) fn end(&self, reason: ExpiredReason) -> u64 {
+    /// Ends the key (the first reason wins), records how many requests were in flight under it
+    /// then ([`in_flight_at_end`](Self::in_flight_at_end)) and wakes every waiter.
+    pub(crate) fn end(&self, reason: ExpiredReason) {
         let state = match reason {
             ExpiredReason::Revoked => REVOKED,
             ExpiredReason::Expired => EXPIRED,
@@ -72,7 +72,7 @@ impl Life {
             .compare_exchange(LIVE, state, Ordering::AcqRel, Ordering::Acquire)
             .is_err()
         {
-            return 0;
+            return;
         }
         let in_flight = self.in_flight.load(Ordering::Acquire);
         self.in_flight_at_end.store(in_flight, Ordering::Release);
@@ -80,7 +80,6 @@ impl Life {
         // The timer has nothing left to do.
         self.timer.lock().unwrap_or_else(|p| p.into_inner()).take();
         tracing::debug!(api_key_id = %self.key_id, reason = reason.as_str(), in_flight, "API key ended; requests in flight under it end at their next frame");
-        in_flight
     }
 
     /// How many requests were in flight under this key when it ended (0 while it lives).
@@ -262,13 +261,14 @@ impl Registry {
         life
     }
 
-    /// Ends the registered `Life` of `digest`, if any; returns how many requests were in flight
-    /// under it (see [`Life::end`]).
-    pub(crate) fn end(&self, digest: &KeyDigest, reason: ExpiredReason) -> u64 {
+    /// Ends the registered `Life` of `digest`, if any.
+    pub(crate) fn end(&self, digest: &KeyDigest, reason: ExpiredReason) {
         let lives = self.lives.lock().unwrap_or_else(|p| p.into_inner());
         let life = lives.get(digest).and_then(Weak::upgrade);
         drop(lives);
-        life.map_or(0, |life| life.end(reason))
+        if let Some(life) = life {
+            life.end(reason);
+        }
     }
 
     /// The registered lives that are still live and match `filter`.
@@ -296,6 +296,16 @@ impl Registry {
             .copied()
             .unwrap_or(0)
     }
+}
+
+/// How many requests were in flight under those of `lives` that have ended, when each ended (what a
+/// revocation's receipt reports for this instance).
+pub(crate) fn in_flight_ended(lives: &[Arc<Life>]) -> u64 {
+    lives
+        .iter()
+        .filter(|life| life.ended().is_some())
+        .map(|life| life.in_flight_at_end())
+        .sum()
 }
 
 /// A future that resolves when the key of a [`Principal`](crate::principal::Principal) ends
@@ -380,14 +390,17 @@ mod tests {
         life.enter();
         life.leave();
         assert_eq!(life.in_flight_at_end(), 0, "nothing while it lives");
-        assert_eq!(registry.end(&digest, ExpiredReason::Revoked), 2);
+        let lives = [life.clone()];
+        assert_eq!(in_flight_ended(&lives), 0, "a live key ended nothing");
+        registry.end(&digest, ExpiredReason::Revoked);
         assert_eq!(life.in_flight_at_end(), 2);
-        // Only the call that ended it reports them.
-        assert_eq!(life.end(ExpiredReason::Expired), 0);
-        assert_eq!(
-            registry.end(&KeyDigest::of("unknown"), ExpiredReason::Revoked),
-            0
-        );
+        assert_eq!(in_flight_ended(&lives), 2);
+        // Only the call that ended it records them: a later end changes nothing.
+        life.enter();
+        life.end(ExpiredReason::Expired);
+        assert_eq!(life.in_flight_at_end(), 2);
+        registry.end(&KeyDigest::of("unknown"), ExpiredReason::Revoked);
+        life.leave();
         life.leave();
         assert_eq!(life.in_flight_at_end(), 2, "what was in flight then");
     }

@@ -30,11 +30,12 @@ impl Listening {
         board
             .listening
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let mut state = board.state.lock().unwrap_or_else(|p| p.into_inner());
-        if !state.local.iter().any(|id| id == instance) {
-            state.local.push(instance.to_owned());
-        }
-        drop(state);
+        board
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .local
+            .get_or_insert_with(|| instance.to_owned());
         Self(board)
     }
 }
@@ -56,8 +57,8 @@ struct BoardState {
     /// Requests in flight each instance ended on applying an invalidation: sequence → instance →
     /// requests (the last [`ENDED_KEPT`] sequences).
     ended: BTreeMap<u64, BTreeMap<String, u64>>,
-    /// The instance ids of this invalidator's own subscriptions (this process).
-    local: Vec<String>,
+    /// The instance id of this invalidator's first subscription (this process).
+    local: Option<String>,
 }
 
 /// How many sequences' ended counts a board keeps: far more than a manager waits for at once.
@@ -67,7 +68,7 @@ impl Board {
     /// The id of this process's instance: its first subscription's, if one ever ran.
     pub(crate) fn local(&self) -> Option<String> {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.local.first().cloned()
+        state.local.clone()
     }
 
     /// `instance` ended `requests` in flight on applying invalidation `seq` (recorded before its

@@ -475,11 +475,7 @@ async fn settle(resolver: &CachedResolver, invalidation: &super::Invalidation) -
     };
     match tokio::time::timeout(patience, judged).await {
         Ok(Ok(ended)) => ended,
-        _ => lives
-            .iter()
-            .filter(|life| life.ended().is_some())
-            .map(|life| life.in_flight_at_end())
-            .sum(),
+        _ => crate::life::in_flight_ended(&lives),
     }
 }
 

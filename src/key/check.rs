@@ -52,13 +52,10 @@ impl KeyFormat {
     pub(crate) fn check_version(&self, bytes: &[u8]) -> Result<(), KeyFormatError> {
         let tail = bytes.len().saturating_sub(self.prefix.len() + 1);
         match &self.keyed {
-            Some(keyed) if tail == KEYED_TAIL_LEN => {
-                let version = base62_value(bytes[bytes.len() - TAG_LEN - 1]);
-                match version {
-                    Some(version) if keyed.accepts(version) => Ok(()),
-                    _ => Err(KeyFormatError::UnknownSecretVersion),
-                }
-            }
+            Some(keyed) if tail == KEYED_TAIL_LEN => match tag_version(bytes) {
+                Some(version) if keyed.accepts(version) => Ok(()),
+                _ => Err(KeyFormatError::UnknownSecretVersion),
+            },
             _ => Ok(()),
         }
     }
@@ -69,8 +66,7 @@ impl KeyFormat {
         match &self.keyed {
             Some(keyed) if tail == KEYED_TAIL_LEN => {
                 let (signed, tag) = bytes.split_at(bytes.len() - TAG_LEN);
-                let version = base62_value(signed[signed.len() - 1]);
-                let expected = version
+                let expected = tag_version(bytes)
                     .and_then(|v| keyed.tag(v, signed))
                     .ok_or(KeyFormatError::UnknownSecretVersion)?;
                 if bool::from(expected[..].ct_eq(tag)) {
@@ -89,6 +85,13 @@ impl KeyFormat {
             }
         }
     }
+}
+
+/// The secret version a keyed key names: the character before its tag (the key is of the keyed
+/// length, checked by the caller).
+#[inline]
+fn tag_version(bytes: &[u8]) -> Option<u8> {
+    base62_value(bytes[bytes.len() - TAG_LEN - 1])
 }
 
 #[cfg(test)]

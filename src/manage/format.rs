@@ -20,12 +20,10 @@
 //! deployment step. The format must have been loaded from the store
 //! ([`KeyedFormatBuilder::load_secret_from`](crate::key::KeyedFormatBuilder::load_secret_from)).
 
-use std::time::Duration;
-
 use time::OffsetDateTime;
 
 use super::KeyManager;
-use crate::invalidate::{Receipt, Sequenced};
+use crate::invalidate::Receipt;
 use crate::key::{FormatSecret, KeyFormatConfigError};
 use crate::store::{FormatSecrets, StoreError};
 
@@ -198,37 +196,6 @@ impl KeyManager {
             }
         };
         self.receipt_for(published.as_slice(), None).await
-    }
-
-    /// Waits for every live instance to acknowledge the last of `published` (sequence numbers
-    /// apply in order), up to the [deadline](Self::acknowledgement_deadline), and reports the
-    /// receipt (empty when nothing was sequenced or the manager does not wait). `ended_here`: the
-    /// requests in flight this instance ended for an invalidation, added to those each
-    /// acknowledging instance reported for any of `published`.
-    pub(super) async fn receipt_for(
-        &self,
-        published: &[Sequenced],
-        ended_here: Option<u64>,
-    ) -> Receipt {
-        let mut receipt = match (published.split_last(), self.acknowledgement) {
-            (Some((last, earlier)), Some(deadline)) => {
-                let mut receipt = self.invalidator.receipt(last, deadline).await;
-                // Acknowledged in order: the earlier ones are answered by now (or never will be).
-                for sequenced in earlier {
-                    let early = self.invalidator.receipt(sequenced, Duration::ZERO).await;
-                    for (instance, requests) in early.requests_ended {
-                        receipt.count_ended(&instance, requests);
-                    }
-                }
-                receipt
-            }
-            _ => Receipt::default(),
-        };
-        if let Some(requests) = ended_here {
-            receipt.count_ended(&self.invalidator.instance(), requests);
-        }
-        crate::invalidate::report(&receipt);
-        receipt
     }
 }
 

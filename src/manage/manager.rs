@@ -13,7 +13,7 @@ use super::validate::validate_id;
 use crate::audit::{Actor, EventDraft, EventType, Origin};
 use crate::authorize::{KeyFacts, Operation, OperationKind, Target, authorize};
 use crate::error::AuthError;
-use crate::invalidate::{Invalidation, Invalidator, NoBroadcast, Receipt};
+use crate::invalidate::{Invalidation, Invalidator, NoBroadcast, Receipt, Sequenced};
 use crate::key::{KeyDigest, KeyId};
 use crate::principal::Principal;
 use crate::resolver::CachedResolver;
@@ -295,5 +295,36 @@ impl KeyManager {
             }
         }
         self.receipt_for(&published, Some(ended_here)).await
+    }
+
+    /// Waits for every live instance to acknowledge the last of `published` (sequence numbers
+    /// apply in order), up to the [deadline](Self::acknowledgement_deadline), and reports the
+    /// receipt (empty when nothing was sequenced or the manager does not wait). `ended_here`: the
+    /// requests in flight this instance ended for an invalidation, added to those each
+    /// acknowledging instance reported for any of `published`.
+    pub(super) async fn receipt_for(
+        &self,
+        published: &[Sequenced],
+        ended_here: Option<u64>,
+    ) -> Receipt {
+        let mut receipt = match (published.split_last(), self.acknowledgement) {
+            (Some((last, earlier)), Some(deadline)) => {
+                let mut receipt = self.invalidator.receipt(last, deadline).await;
+                // Acknowledged in order: the earlier ones are answered by now (or never will be).
+                for sequenced in earlier {
+                    let early = self.invalidator.receipt(sequenced, Duration::ZERO).await;
+                    for (instance, requests) in early.requests_ended {
+                        receipt.count_ended(&instance, requests);
+                    }
+                }
+                receipt
+            }
+            _ => Receipt::default(),
+        };
+        if let Some(requests) = ended_here {
+            receipt.count_ended(&self.invalidator.instance(), requests);
+        }
+        crate::invalidate::report(&receipt);
+        receipt
     }
 }

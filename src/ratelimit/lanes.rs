@@ -109,14 +109,11 @@ impl Lanes {
             let take = waiters.len().min(MAX_BATCH);
             let mut batch: Vec<Waiter> = waiters.drain(..take).collect();
             let next = batch.remove(0);
-            match next.turn.send(Turn::Lead(batch)) {
-                Ok(()) => return,
-                // That decision went away: the next one leads, with the rest.
-                Err(Turn::Lead(rest)) => {
-                    waiters.splice(0..0, rest);
-                }
-                Err(Turn::Done(_)) => unreachable!("sent a lead"),
-            }
+            // That decision went away (its lead comes back): the next one leads, with the rest.
+            let Err(Turn::Lead(rest)) = next.turn.send(Turn::Lead(batch)) else {
+                return;
+            };
+            waiters.splice(0..0, rest);
         }
     }
 
@@ -148,21 +145,20 @@ impl Leading<'_> {
         self.answered = true;
         self.lanes.hand_on(&self.lane);
         let batch = std::mem::take(&mut self.batch);
+        let replies = replies.and_then(|replies| match replies.len() == batch.len() + 1 {
+            true => Ok(replies),
+            false => Err(failed(
+                "the rate-limit script answered another number of decisions",
+            )),
+        });
         match replies {
-            Ok(replies) if replies.len() == batch.len() + 1 => {
+            Ok(replies) => {
                 let mut replies = replies.into_iter();
                 let own = replies.next().expect("one reply per decision");
                 for (waiter, reply) in batch.into_iter().zip(replies) {
                     let _ = waiter.turn.send(Turn::Done(Ok(reply)));
                 }
                 Ok(own)
-            }
-            Ok(_) => {
-                let error = failed("the rate-limit script answered another number of decisions");
-                for waiter in batch {
-                    let _ = waiter.turn.send(Turn::Done(Err(error.clone())));
-                }
-                Err(error)
             }
             Err(error) => {
                 for waiter in batch {

@@ -48,6 +48,15 @@ struct Slot {
     hits_left: u32,
 }
 
+impl Slot {
+    /// Whether the slot may answer for a key with `hint` at `epoch` of `resolver` (its digest
+    /// still to compare).
+    #[inline]
+    fn current(&self, resolver: u64, epoch: u64, hint: u64) -> bool {
+        self.resolver == resolver && self.epoch == epoch && self.hits_left > 0 && self.hint == hint
+    }
+}
+
 thread_local! {
     static FRONT: RefCell<[Option<Slot>; SLOTS]> = const { RefCell::new([const { None }; SLOTS]) };
 }
@@ -74,12 +83,9 @@ pub(super) fn knows(resolver: u64, epoch: u64, hint: u64) -> bool {
     FRONT
         .try_with(|front| {
             front.try_borrow().ok().is_some_and(|front| {
-                front[index(hint)].as_ref().is_some_and(|slot| {
-                    slot.resolver == resolver
-                        && slot.epoch == epoch
-                        && slot.hits_left > 0
-                        && slot.hint == hint
-                })
+                front[index(hint)]
+                    .as_ref()
+                    .is_some_and(|slot| slot.current(resolver, epoch, hint))
             })
         })
         .unwrap_or(false)
@@ -98,12 +104,7 @@ pub(super) fn with<R>(
         .try_with(|front| {
             let mut front = front.try_borrow_mut().ok()?;
             let slot = front[index(hint)].as_mut()?;
-            if slot.resolver != resolver
-                || slot.epoch != epoch
-                || slot.hits_left == 0
-                || slot.hint != hint
-                || slot.digest != *digest
-            {
+            if !slot.current(resolver, epoch, hint) || slot.digest != *digest {
                 return None;
             }
             let answer = f(&slot.key)?;

@@ -50,11 +50,7 @@ impl CachedResolver {
     /// other way).
     pub(crate) async fn settle(&self, lives: Vec<Arc<Life>>) -> u64 {
         self.settle_lives(&lives).await;
-        lives
-            .iter()
-            .filter(|life| life.ended().is_some())
-            .map(|life| life.in_flight_at_end())
-            .sum()
+        crate::life::in_flight_ended(&lives)
     }
 
     async fn settle_lives(&self, lives: &[Arc<Life>]) {
