@@ -99,6 +99,9 @@ struct Inner {
     scopes: ScopeSet,
     kind: PrincipalKind,
     expires_at: Option<OffsetDateTime>,
+    /// `expires_at` in Unix nanoseconds (`i64::MAX`: never), worked out once: the layer compares
+    /// it with the clock on every request (the `Sunset` header).
+    expires_nanos: i64,
     limits: UsageLimits,
     budget: Budget,
     networks: Option<Networks>,
@@ -133,6 +136,7 @@ impl Principal {
             scopes: ScopeSet::from(Scope::everything()),
             kind: PrincipalKind::Master,
             expires_at: None,
+            expires_nanos: i64::MAX,
             limits: UsageLimits::NONE,
             budget: Budget::NONE,
             networks: None,
@@ -159,6 +163,7 @@ impl Principal {
                 scopes,
                 kind: PrincipalKind::Scoped,
                 expires_at,
+                expires_nanos: expires_at.map_or(i64::MAX, crate::clock::nanos_of),
                 limits: UsageLimits::NONE,
                 budget: Budget::NONE,
                 networks: None,
@@ -335,6 +340,11 @@ impl Principal {
     /// When the key stops working, if ever.
     pub fn expires_at(&self) -> Option<OffsetDateTime> {
         self.0.expires_at
+    }
+
+    /// [`expires_at`](Self::expires_at) in Unix nanoseconds; `i64::MAX`: never.
+    pub(crate) fn expires_nanos(&self) -> i64 {
+        self.0.expires_nanos
     }
 
     /// Whether the key holds a scope granting `required`.

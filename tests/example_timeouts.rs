@@ -43,7 +43,7 @@ async fn start(timeouts: Timeouts) -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(serve(
         listener,
-        timeouts.apply(router),
+        timeouts.apply(router, tower::layer::util::Identity::new()),
         timeouts,
         std::future::pending(),
     ));

@@ -177,7 +177,8 @@ fn app(
         );
     #[cfg(feature = "metrics")]
     let router = router.route("/metrics", get(prometheus::render));
-    Timeouts::DEFAULT.apply(router).layer(
+    Timeouts::DEFAULT.apply(
+        router,
         TraceLayer::new_for_http()
             .make_span_with(request_span)
             .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),

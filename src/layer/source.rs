@@ -2,7 +2,7 @@ use std::borrow::Cow;
 use std::fmt;
 
 use http::header::AUTHORIZATION;
-use http::{HeaderMap, HeaderName, Uri};
+use http::{HeaderMap, HeaderName};
 
 use crate::error::{AuthError, InvalidKeyReason};
 
@@ -193,42 +193,34 @@ impl Presented {
     }
 }
 
+/// Whether `name` is the header of some source (`bearer` and `blecon` share `Authorization`).
+fn reads(sources: &[KeySource], name: &HeaderName) -> bool {
+    sources.iter().any(|s| s.header_name() == Some(name))
+}
+
 /// Marks the values of every header source as sensitive, so that `Debug` and logging layers inside
 /// ours never print them (for requests let through without reading a key: CORS preflights).
 pub(crate) fn hide_all(sources: &[KeySource], headers: &mut HeaderMap) {
-    for source in sources {
-        if let Some(name) = source.header_name()
-            && let http::header::Entry::Occupied(mut entry) = headers.entry(name)
-        {
-            for value in entry.iter_mut() {
-                value.set_sensitive(true);
-            }
+    for (name, value) in headers.iter_mut() {
+        if reads(sources, name) {
+            value.set_sensitive(true);
         }
     }
 }
 
-/// Whether a source before `sources[i]` reads the header `name` too (it was read then).
-fn read_before(sources: &[KeySource], i: usize, name: &HeaderName) -> bool {
-    sources[..i].iter().any(|s| s.header_name() == Some(name))
-}
-
 /// Finds the presented key (none: no key at all) and marks the values of the key headers
-/// sensitive, so that `Debug` and logging layers inside ours never print them, in one pass: each
-/// key header is looked up once, read, checked and hidden together (the key is copied out of the
-/// map, so that the map can be changed meanwhile).
+/// sensitive, so that `Debug` and logging layers inside ours never print them, in **one pass over
+/// the request's headers**: each value of a key header is read, checked and hidden together, with
+/// no lookup by name (no hashing, no name cloned; a request carries a handful of headers, and a
+/// name that is not a source's is told apart by its kind or length). The key is copied out, so
+/// that the map can be changed meanwhile.
 ///
 /// A value that is not visible ASCII or is too long is refused as malformed; two different keys in
-/// one request are refused as ambiguous.
+/// one request are refused as ambiguous. Either way every key header is hidden all the same.
 pub(crate) fn extract<B>(
     sources: &[KeySource],
     request: &mut http::Request<B>,
 ) -> Result<Presented, AuthError> {
-    // A query source needs the URI while the headers are borrowed mutably: only then is it cloned.
-    let uri: Option<Uri> = sources
-        .iter()
-        .any(|s| matches!(s.0, Kind::Query(_)))
-        .then(|| request.uri().clone());
-    let headers = request.headers_mut();
     let mut found = Found::None;
     let mut consider = |candidate: &[u8]| -> Result<(), AuthError> {
         let candidate = trim(candidate);
@@ -254,37 +246,37 @@ pub(crate) fn extract<B>(
             }
         }
     };
-    for (i, source) in sources.iter().enumerate() {
-        match &source.0 {
-            Kind::Query(name) => {
-                if let Some(query) = uri.as_ref().and_then(Uri::query) {
-                    for pair in query.split('&') {
-                        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                        if k == name {
-                            consider(v.as_bytes())?;
-                        }
-                    }
-                }
+    let mut refused = None;
+    for (name, value) in request.headers_mut().iter_mut() {
+        let mut hidden = false;
+        for source in sources {
+            if source.header_name() != Some(name) {
+                continue;
             }
-            _ => {
-                let name = source.header_name().expect("header sources have a name");
-                if read_before(sources, i, name) {
-                    continue;
-                }
-                let http::header::Entry::Occupied(mut entry) = headers.entry(name) else {
-                    continue;
-                };
-                // One read of the header serves every source that reads it (`bearer` and
-                // `blecon` both read `Authorization`).
-                for value in entry.iter_mut() {
-                    value.set_sensitive(true);
-                    for source in &sources[i..] {
-                        if source.header_name() == Some(name)
-                            && let Some(candidate) = source.key_in(value.as_bytes())?
-                        {
-                            consider(candidate)?;
-                        }
-                    }
+            if !hidden {
+                value.set_sensitive(true);
+                hidden = true;
+            }
+            if refused.is_none()
+                && let Err(error) = source
+                    .key_in(value.as_bytes())
+                    .and_then(|candidate| candidate.map_or(Ok(()), &mut consider))
+            {
+                refused = Some(error);
+            }
+        }
+    }
+    if let Some(error) = refused {
+        return Err(error);
+    }
+    for source in sources {
+        if let Kind::Query(name) = &source.0
+            && let Some(query) = request.uri().query()
+        {
+            for pair in query.split('&') {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                if k == name {
+                    consider(v.as_bytes())?;
                 }
             }
         }
@@ -479,6 +471,21 @@ mod tests {
         let (key, after) = find(&all(), &map, "/");
         assert!(key.is_err());
         assert!(after["x-api-key"].is_sensitive());
+        // Every key header, also those after the one that was refused.
+        let map = headers(&[
+            ("x-api-key", b"k 1"),
+            ("other", b"v"),
+            ("authorization", b"Bearer k2"),
+            ("x-blnk-key", b"k3"),
+        ]);
+        let (key, after) = find(&all(), &map, "/");
+        assert!(matches!(
+            key,
+            Err(AuthError::InvalidKey(InvalidKeyReason::Malformed))
+        ));
+        assert!(after["authorization"].is_sensitive());
+        assert!(after["x-blnk-key"].is_sensitive());
+        assert!(!after["other"].is_sensitive());
     }
 
     #[test]

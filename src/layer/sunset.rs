@@ -23,15 +23,13 @@ pub(crate) fn header(
     window: Option<Duration>,
     principal: Option<&Principal>,
 ) -> Option<HeaderValue> {
-    let expires_at = principal?.expires_at()?;
-    let window = window?;
-    let now = crate::clock::now_unix_nanos();
-    let expires = crate::clock::nanos_of(expires_at);
-    let window = i64::try_from(window.as_nanos()).unwrap_or(i64::MAX);
-    if expires.saturating_sub(now) > window {
+    let principal = principal?;
+    let expires = principal.expires_nanos();
+    let window = i64::try_from(window?.as_nanos()).unwrap_or(i64::MAX);
+    if expires == i64::MAX || expires.saturating_sub(crate::clock::now_unix_nanos()) > window {
         return None;
     }
-    HeaderValue::from_str(&http_date(expires_at)).ok()
+    HeaderValue::from_str(&http_date(principal.expires_at()?)).ok()
 }
 
 /// Adds `sunset` (taken: at most once) to `response` unless it has a `Sunset` header.
