@@ -133,7 +133,7 @@ impl<F, B, E, R, M: BodyMode<B>> ResponseFuture<F, B, E, R, M> {
         tally: Option<Tally>,
     ) -> Self {
         Self {
-            kind: if span.is_none() {
+            kind: if span.is_disabled() {
                 Kind::Plain { future, watch }
             } else {
                 Kind::Inner {
