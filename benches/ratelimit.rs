@@ -94,14 +94,17 @@ const RATED: UsageLimits = UsageLimits {
 /// The least any limiter answering with the IETF fields adds: the handler's response with two
 /// fixed header values inserted (no decision, no formatting, no allocation).
 async fn handler_with_fixed_headers(request: Request<()>) -> Result<Response<Bytes>, Infallible> {
+    // Names made at compile time, values never validated nor copied: the floor.
+    const POLICY: http::HeaderName = http::HeaderName::from_static("ratelimit-policy");
+    const STATE: http::HeaderName = http::HeaderName::from_static("ratelimit");
     let mut response = handler(request).await?;
     let headers = response.headers_mut();
     headers.insert(
-        http::HeaderName::from_static("ratelimit-policy"),
+        POLICY,
         http::HeaderValue::from_static("\"rate\";q=1000000000;w=1"),
     );
     headers.insert(
-        http::HeaderName::from_static("ratelimit"),
+        STATE,
         http::HeaderValue::from_static("\"rate\";r=999999999;t=1"),
     );
     Ok(response)

@@ -8,7 +8,7 @@ use futures_util::future::BoxFuture;
 use http::Response;
 use pin_project_lite::pin_project;
 
-use super::decision::Decision;
+use super::headers::Fields;
 use crate::refusal::OrRefused;
 
 pin_project! {
@@ -26,7 +26,7 @@ pin_project! {
     #[project = KindProj]
     enum Kind<F, B, E> {
         Direct { #[pin] future: OrRefused<F, B> },
-        Limited { #[pin] future: F, decision: Option<Decision> },
+        Limited { #[pin] future: F, fields: Option<Fields> },
         Pending { future: BoxFuture<'static, Result<Response<B>, E>> },
     }
 }
@@ -40,11 +40,11 @@ impl<F, B, E> ResponseFuture<F, B, E> {
         }
     }
 
-    pub(super) fn limited(future: F, decision: Decision) -> Self {
+    pub(super) fn limited(future: F, fields: Fields) -> Self {
         Self {
             kind: Kind::Limited {
                 future,
-                decision: Some(decision),
+                fields: Some(fields),
             },
         }
     }
@@ -73,10 +73,10 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
             KindProj::Direct { future } => future.poll(cx),
-            KindProj::Limited { future, decision } => {
+            KindProj::Limited { future, fields } => {
                 let mut response = ready!(future.poll(cx))?;
-                if let Some(decision) = decision.take() {
-                    decision.write_headers(response.headers_mut());
+                if let Some(fields) = fields.take() {
+                    fields.write(response.headers_mut());
                 }
                 Poll::Ready(Ok(response))
             }

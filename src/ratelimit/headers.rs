@@ -12,9 +12,33 @@ use crate::limits::{RateLimit, RefillInterval};
 impl Decision {
     /// Adds `RateLimit-Policy`, `RateLimit` and, on a 429, `Retry-After`.
     pub fn write_headers(&self, headers: &mut HeaderMap) {
+        self.fields().write(headers);
+    }
+
+    /// The header values, rendered. A decision with a rate limit alone (most of them) takes the
+    /// values this thread rendered last when they are the same (a clone shares their bytes): a
+    /// key under its limit gets the same two values request after request, so they are written
+    /// like two pre-rendered values.
+    pub(super) fn fields(&self) -> Fields {
+        let retry_after = self
+            .refusal
+            .as_ref()
+            .and_then(AuthError::retry_after)
+            .map(HeaderValue::from);
+        if let (Some(limit), Some(rate), None) = (self.rate_policy, self.rate, self.credits) {
+            let (policy, state) = rate_only(limit, rate.remaining, ceil_secs(rate.reset));
+            return Fields {
+                policy: Some(policy),
+                state: Some(state),
+                retry_after,
+            };
+        }
         let (policy, state) = Lines::with(|lines| {
             let policy = match (self.rate_policy, self.credits) {
-                (Some(limit), None) => Some(rate_policy(limit, lines)),
+                (Some(limit), None) => {
+                    write_rate_policy(lines, limit);
+                    lines.cut()
+                }
                 (rate, Some(credits)) => {
                     if let Some(limit) = rate {
                         write_rate_policy(lines, limit);
@@ -35,10 +59,7 @@ impl Decision {
                 (None, None) => None,
             };
             if let Some(rate) = self.rate {
-                lines.push("\"rate\";r=");
-                lines.push_u64(rate.remaining.into());
-                lines.push(";t=");
-                lines.push_u64(ceil_secs(rate.reset));
+                write_rate_state(lines, rate.remaining, ceil_secs(rate.reset));
             }
             if let Some(credits) = self.credits {
                 lines.separate();
@@ -51,14 +72,32 @@ impl Decision {
             }
             (policy, lines.cut())
         });
-        if let Some(value) = policy {
+        Fields {
+            policy,
+            state,
+            retry_after,
+        }
+    }
+}
+
+/// The rendered header values of a [`Decision`]: what a response future keeps until the response
+/// is there (three values, not the whole decision).
+pub(super) struct Fields {
+    policy: Option<HeaderValue>,
+    state: Option<HeaderValue>,
+    retry_after: Option<HeaderValue>,
+}
+
+impl Fields {
+    pub(super) fn write(self, headers: &mut HeaderMap) {
+        if let Some(value) = self.policy {
             headers.insert(RATELIMIT_POLICY, value);
         }
-        if let Some(value) = state {
+        if let Some(value) = self.state {
             headers.insert(RATELIMIT, value);
         }
-        if let Some(retry_after) = self.refusal.as_ref().and_then(AuthError::retry_after) {
-            headers.insert(http::header::RETRY_AFTER, HeaderValue::from(retry_after));
+        if let Some(value) = self.retry_after {
+            headers.insert(http::header::RETRY_AFTER, value);
         }
     }
 }
@@ -70,28 +109,68 @@ fn write_rate_policy(lines: &mut Lines, limit: RateLimit) {
     lines.push_u64(limit.period_seconds.into());
 }
 
-/// `RateLimit-Policy` for a rate limit alone: the value this thread made last time when the limit
-/// is the same (a clone shares its bytes), else a new one.
-fn rate_policy(limit: RateLimit, lines: &mut Lines) -> HeaderValue {
+fn write_rate_state(lines: &mut Lines, remaining: u32, reset_secs: u64) {
+    lines.push("\"rate\";r=");
+    lines.push_u64(remaining.into());
+    lines.push(";t=");
+    lines.push_u64(reset_secs);
+}
+
+/// What this thread rendered last for a decision with a rate limit alone.
+struct LastRateOnly {
+    limit: RateLimit,
+    policy: HeaderValue,
+    remaining: u32,
+    reset_secs: u64,
+    state: HeaderValue,
+}
+
+/// `RateLimit-Policy` and `RateLimit` for a rate limit alone: the values this thread rendered last
+/// when they are the same, else new ones (which are kept in their place).
+fn rate_only(limit: RateLimit, remaining: u32, reset_secs: u64) -> (HeaderValue, HeaderValue) {
     thread_local! {
-        static LAST: std::cell::RefCell<Option<(RateLimit, HeaderValue)>> =
+        static LAST: std::cell::RefCell<Option<LastRateOnly>> =
             const { std::cell::RefCell::new(None) };
     }
-    let kept = LAST.try_with(|last| match &*last.try_borrow().ok()? {
-        Some((seen, value)) if *seen == limit => Some(value.clone()),
-        _ => None,
-    });
-    if let Ok(Some(value)) = kept {
-        return value;
-    }
-    write_rate_policy(lines, limit);
-    let value = lines.cut().expect("a policy was written");
-    let _ = LAST.try_with(|last| {
-        if let Ok(mut last) = last.try_borrow_mut() {
-            *last = Some((limit, value.clone()));
+    let render = |kept: Option<&LastRateOnly>| {
+        Lines::with(|lines| {
+            let policy = match kept {
+                Some(last) if last.limit == limit => last.policy.clone(),
+                _ => {
+                    write_rate_policy(lines, limit);
+                    lines.cut().expect("a policy was written")
+                }
+            };
+            write_rate_state(lines, remaining, reset_secs);
+            (policy, lines.cut().expect("a state was written"))
+        })
+    };
+    LAST.try_with(|last| {
+        let Ok(mut last) = last.try_borrow_mut() else {
+            return render(None);
+        };
+        match &*last {
+            Some(kept)
+                if kept.remaining == remaining
+                    && kept.reset_secs == reset_secs
+                    && kept.limit == limit =>
+            {
+                (kept.policy.clone(), kept.state.clone())
+            }
+            kept => {
+                let (policy, state) = render(kept.as_ref());
+                *last = Some(LastRateOnly {
+                    limit,
+                    policy: policy.clone(),
+                    remaining,
+                    reset_secs,
+                    state: state.clone(),
+                });
+                (policy, state)
+            }
         }
-    });
-    value
+    })
+    .unwrap_or_else(|_| render(None))
 }
 
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -159,18 +238,8 @@ impl Lines {
     }
 
     /// Appends `n` in decimal.
-    fn push_u64(&mut self, mut n: u64) {
-        let mut digits = [0u8; 20];
-        let mut start = digits.len();
-        loop {
-            start -= 1;
-            digits[start] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        self.push_bytes(&digits[start..]);
+    fn push_u64(&mut self, n: u64) {
+        self.push(itoa::Buffer::new().format(n));
     }
 
     /// What was written since the last cut, as a header value (`None`: nothing).
@@ -274,8 +343,16 @@ mod tests {
             refusal: None,
             refused_by: None,
         };
-        // The same limit twice (the thread's kept policy value), another, then the first again.
+        // The same decision twice (the thread's kept values), the same limit with another state
+        // (the kept policy), another limit with the kept state, then the first limit again.
         let cases = [
+            (
+                RateLimit::new(100, 60),
+                0,
+                Duration::ZERO,
+                "q=100;w=60",
+                "r=0;t=0",
+            ),
             (
                 RateLimit::new(100, 60),
                 0,
@@ -295,6 +372,13 @@ mod tests {
                 4_294_967_295,
                 Duration::from_secs(18_446_744_073_709_551_615),
                 "q=4294967295;w=1",
+                "r=4294967295;t=18446744073709551615",
+            ),
+            (
+                RateLimit::new(5, 1),
+                4_294_967_295,
+                Duration::from_secs(18_446_744_073_709_551_615),
+                "q=5;w=1",
                 "r=4294967295;t=18446744073709551615",
             ),
             (

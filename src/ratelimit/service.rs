@@ -68,7 +68,9 @@ where
         };
         if let Some(decision) = self.limiter.check_now(principal, self.cost) {
             return if decision.is_admitted() {
-                ResponseFuture::limited(self.inner.call(req), decision)
+                // The header values now: the future keeps them, not the whole decision.
+                let fields = decision.fields();
+                ResponseFuture::limited(self.inner.call(req), fields)
             } else {
                 ResponseFuture::rejected(refuse(&self.rejection, decision))
             };
