@@ -30,7 +30,8 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
 instructions() { # case n -> total instructions of the run
-  valgrind --tool=callgrind --callgrind-out-file="$out/$1.$2" "$bin" "$1" "$2" >/dev/null 2>"$out/$1.$2.log" \
+  valgrind --tool=callgrind --toggle-collect='*measured_requests*' --toggle-collect='*measured_digests*' \
+    --callgrind-out-file="$out/$1.$2" "$bin" "$1" "$2" >/dev/null 2>"$out/$1.$2.log" \
     || { cat "$out/$1.$2.log" >&2; return 1; }
   awk '/^summary:/ { print $2 }' "$out/$1.$2"
 }
