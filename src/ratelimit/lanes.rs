@@ -72,12 +72,25 @@ impl Lanes {
         };
         let batch = match waiting {
             None => Vec::new(),
-            Some(told) => match told.await {
-                Ok(Turn::Done(reply)) => return reply,
-                Ok(Turn::Lead(batch)) => batch,
-                // A leader always tells; a sender dropped untold is a bug, not a decision.
-                Err(_) => return Err(failed("the call for this decision was abandoned")),
-            },
+            Some(told) => {
+                let mut waiting = Waiting {
+                    lanes: self,
+                    lane: &lane,
+                    told: Some(told),
+                };
+                let turn = match waiting.told.as_mut() {
+                    Some(told) => told.await,
+                    None => unreachable!("armed just above"),
+                };
+                // Told: from here on the lane (if it was handed over) is `Leading`'s to hand on.
+                waiting.told = None;
+                match turn {
+                    Ok(Turn::Done(reply)) => return reply,
+                    Ok(Turn::Lead(batch)) => batch,
+                    // A leader always tells; a sender dropped untold is a bug, not a decision.
+                    Err(_) => return Err(failed("the call for this decision was abandoned")),
+                }
+            }
         };
         let mut leading = Leading {
             lanes: self,
@@ -97,11 +110,28 @@ impl Lanes {
     /// Gives the lane to the first decision waiting on it (with those after it, up to
     /// [`MAX_BATCH`] in all), or closes it when none is.
     fn hand_on(&self, lane: &str) {
+        self.hand_on_with(lane, Vec::new());
+    }
+
+    /// [`hand_on`](Self::hand_on), with `first` waiting before the decisions on the lane (a
+    /// batch whose leader went away before it could call for it).
+    fn hand_on_with(&self, lane: &str, first: Vec<Waiter>) {
         let mut lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut first = first;
         loop {
             let Some(waiters) = lanes.get_mut(lane) else {
+                // A lane handed on is held until it is handed on again: not reached. Should it
+                // be, those decisions fail rather than wait.
+                for waiter in first {
+                    let _ = waiter.turn.send(Turn::Done(Err(failed(
+                        "the call for this decision was abandoned",
+                    ))));
+                }
                 return;
             };
+            if !first.is_empty() {
+                waiters.splice(0..0, std::mem::take(&mut first));
+            }
             if waiters.is_empty() {
                 lanes.remove(lane);
                 return;
@@ -110,10 +140,12 @@ impl Lanes {
             let mut batch: Vec<Waiter> = waiters.drain(..take).collect();
             let next = batch.remove(0);
             // That decision went away (its lead comes back): the next one leads, with the rest.
+            // Once sent, the lead is the receiver's, even should it go away before reading it
+            // (`Waiting`'s drop hands it on then).
             let Err(Turn::Lead(rest)) = next.turn.send(Turn::Lead(batch)) else {
                 return;
             };
-            waiters.splice(0..0, rest);
+            first = rest;
         }
     }
 
@@ -127,6 +159,31 @@ impl Lanes {
 
 fn failed(why: &'static str) -> StoreError {
     StoreError::new(StoreErrorKind::Unavailable, why)
+}
+
+/// A decision waiting on a lane. Dropped before it was told (its request went away, or timed
+/// out), it makes sure no lead is lost with it: the channel is closed, so that a leader handing
+/// on later sees it gone and tries the next decision, and a lead that arrived just before is
+/// handed on from here. Without this, a lane whose lead went to a decision dropped before it read
+/// it would have no leader again, and every later decision on that chain would wait out its
+/// timeout.
+struct Waiting<'a> {
+    lanes: &'a Lanes,
+    lane: &'a str,
+    /// `None` once told.
+    told: Option<oneshot::Receiver<Turn>>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let Some(mut told) = self.told.take() else {
+            return;
+        };
+        told.close();
+        if let Ok(Turn::Lead(batch)) = told.try_recv() {
+            self.lanes.hand_on_with(self.lane, batch);
+        }
+    }
 }
 
 /// The lane a decision leads, with the decisions of its call: handed on when answered, or when
@@ -237,6 +294,71 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(alone, vec![7, 0, 1]);
+    }
+
+    /// Polls `future` once, with a waker that does nothing.
+    fn poll_once<F: Future + Unpin>(future: &mut F) -> std::task::Poll<F::Output> {
+        let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
+        std::pin::Pin::new(future).poll(&mut cx)
+    }
+
+    /// A reply at once: `[cost, position in its batch, batch size]`.
+    fn at_once(costs: Vec<u32>) -> std::future::Ready<Result<Vec<Vec<i64>>, StoreError>> {
+        let n = costs.len() as i64;
+        std::future::ready(Ok(costs
+            .into_iter()
+            .enumerate()
+            .map(|(i, cost)| vec![i64::from(cost), i as i64, n])
+            .collect()))
+    }
+
+    /// The lead handed to a waiting decision that goes away before it reads it (its request was
+    /// cancelled at that moment, or timed out) is handed on: to the next decision waiting, or the
+    /// lane closes. It used to be lost with it, leaving the lane without a leader for good: every
+    /// later decision on that chain waited out its timeout (seen under load when wrk closed its
+    /// connections between two runs).
+    #[test]
+    fn a_lead_handed_to_a_decision_that_went_away_is_handed_on() {
+        use std::task::Poll;
+        for others in [0, 1, 3] {
+            let lanes = Lanes::default();
+            let (open, gate) = oneshot::channel::<()>();
+            // The leader: its call waits for the gate.
+            let mut leader = Box::pin(lanes.decide("chain".into(), 1, |costs| async move {
+                let _ = gate.await;
+                at_once(costs).await
+            }));
+            assert!(poll_once(&mut leader).is_pending());
+            // The decision that will be handed the lead, and `others` after it.
+            let mut doomed = Box::pin(lanes.decide("chain".into(), 2, at_once));
+            assert!(poll_once(&mut doomed).is_pending());
+            let mut rest: Vec<_> = (0..others)
+                .map(|i| Box::pin(lanes.decide("chain".into(), 10 + i, at_once)))
+                .collect();
+            for waiter in &mut rest {
+                assert!(poll_once(waiter).is_pending());
+            }
+            assert_eq!(lanes.waiting("chain"), Some(1 + others as usize));
+            // The leader is answered and hands the lane to `doomed`, which is dropped unread.
+            open.send(()).unwrap();
+            assert!(matches!(poll_once(&mut leader), Poll::Ready(Ok(r)) if r == [1, 0, 1]));
+            drop(doomed);
+            // The next decision leads, for itself and those after it.
+            for (i, mut waiter) in rest.into_iter().enumerate() {
+                match poll_once(&mut waiter) {
+                    Poll::Ready(Ok(reply)) => {
+                        assert_eq!(reply, vec![10 + i as i64, i as i64, i64::from(others)]);
+                    }
+                    Poll::Ready(Err(error)) => panic!("{others}: waiter {i}: {error}"),
+                    // Told by the leader of its batch, which answered when it was polled.
+                    Poll::Pending => panic!("{others}: waiter {i} still waits"),
+                }
+            }
+            assert_eq!(lanes.waiting("chain"), None, "{others}: the lane closed");
+            // And the chain is not stuck: a new decision calls at once.
+            let mut fresh = Box::pin(lanes.decide("chain".into(), 5, at_once));
+            assert!(matches!(poll_once(&mut fresh), Poll::Ready(Ok(r)) if r == [5, 0, 1]));
+        }
     }
 
     #[tokio::test(flavor = "current_thread")]
