@@ -593,3 +593,68 @@ async fn coalesced_decisions_never_exceed_any_level() {
         );
     }
 }
+
+/// Decisions cancelled at any moment (their requests went away: a client closing its connections)
+/// never leave a chain stuck: after each of 50 waves of 200 decisions on one chain, cancelled at
+/// staggered moments, a fresh decision on that chain is answered by Redis at once, not after the
+/// limiter's timeout. A lead handed to a decision that was cancelled just
+/// then used to be lost, and every later decision on the chain waited out its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancelled_decisions_never_leave_a_chain_stuck() {
+    use tower_api_keys::principal::Principal;
+    let Some(redis) = common::db::redis_url("rl_fleet_cancel").await else {
+        return;
+    };
+    let limiter = RateLimiter::new(
+        RedisRates::open(&redis)
+            .unwrap()
+            .prefix(common::db::unique("rl_cancel"))
+            .timeout(Duration::from_secs(2))
+            .unwrap(),
+        tower_api_keys::ratelimit::MemoryCredits::new(),
+    )
+    .on_rate_error(FailMode::Closed);
+    let who = Principal::scoped(
+        KeyId::new("key_cancelled"),
+        "n",
+        "o",
+        "a",
+        Default::default(),
+        None,
+    )
+    .with_limits(UsageLimits {
+        rate_limit: Some(RateLimit::new(1_000_000_000, 1)),
+        credits: None,
+    });
+    for wave in 0..50u64 {
+        let tasks: Vec<_> = (0..200u64)
+            .map(|_| {
+                let (limiter, who) = (limiter.clone(), who.clone());
+                tokio::spawn(async move { limiter.check(&who, 1).await })
+            })
+            .collect();
+        // Cancelled as a closed connection cancels a request (the future dropped where it
+        // waits, not polled again), at staggered moments: before, during and after their calls.
+        for (n, task) in tasks.iter().enumerate() {
+            for _ in 0..(n as u64 * 7 + wave) % 13 {
+                tokio::task::yield_now().await;
+            }
+            task.abort();
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+        let started = Instant::now();
+        let decision = limiter.check(&who, 1).await;
+        let took = started.elapsed();
+        assert!(
+            decision.is_admitted(),
+            "wave {wave}: {:?} after {took:?}",
+            decision.refusal
+        );
+        assert!(
+            took < Duration::from_secs(1),
+            "wave {wave}: a fresh decision took {took:?}: the chain is stuck"
+        );
+    }
+}
