@@ -2,9 +2,8 @@
 //! cannot hold a request open for long, whatever its key; together with `ApiKeyLayer`'s watch of
 //! bodies and streams (a request lives no longer than its key), a revoked key's requests end.
 
-use std::time::Duration;
-
 use std::convert::Infallible;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::Request;
@@ -40,9 +39,10 @@ impl Timeouts {
     /// around them.
     ///
     /// They wrap the router once, as a whole: `Router::layer` would wrap every route in a box of
-    /// its own, which axum clones on every request, once for each box around it too (on
-    /// `/auth/ping`, ~2,000 instructions of the ~23,000 a request costs the server, by
-    /// `scripts/callgrind_server.sh`). The result is a router again, for `serve` and the tests.
+    /// its own, which axum clones on every request, once for each box around it too
+    /// (`scripts/callgrind_server.sh`: 1,600 instructions a request more on `/ping`, 3,200 on
+    /// `/auth/ping`, whose route is nested deeper). The result is a router again, for `serve` and
+    /// the tests.
     pub(crate) fn apply<L>(&self, router: Router, outer: L) -> Router
     where
         L: Layer<Timeout<RequestBodyTimeout<Router>>>,
@@ -72,9 +72,6 @@ pub(crate) async fn serve(
     timeouts: Timeouts,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    // Every handler made into its route once, here, instead of on every request (what
-    // `axum::serve` does too).
-    let router = router.with_state::<()>(());
     // Every handler made into its route once, here, not on each request (`axum::serve` does the
     // same).
     let router = router.with_state::<()>(());
