@@ -1,5 +1,4 @@
 use std::sync::Arc;
-use std::time::Duration;
 
 use time::OffsetDateTime;
 
@@ -133,7 +132,7 @@ async fn in_degraded_mode_a_stale_format_is_read_again() {
     let store = Arc::new(MemoryStore::new());
     let resolver = CachedResolver::builder(store.clone())
         .format(keyed(&store).await)
-        .degraded_time_to_live(Duration::ZERO)
+        .degraded_time_to_live(std::time::Duration::ZERO)
         .build();
     let v1 = stored_key(&resolver, &store).await;
     resolver.authenticate(&v1.digest()).await.unwrap();
