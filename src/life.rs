@@ -60,6 +60,21 @@ impl Life {
         }
     }
 
+    /// A live key with no expiry armed and nothing in flight, kept in `registry` (if any).
+    fn new(digest: &KeyDigest, key_id: &KeyId, registry: Weak<Registry>) -> Arc<Self> {
+        Arc::new(Self {
+            state: AtomicU8::new(LIVE),
+            notify: Notify::new(),
+            in_flight: AtomicU64::new(0),
+            in_flight_at_end: AtomicU64::new(0),
+            digest: *digest,
+            key_id: key_id.clone(),
+            expires_at: AtomicI64::new(i64::MAX),
+            timer: Mutex::new(None),
+            registry,
+        })
+    }
+
     /// Ends the key (the first reason wins), records how many requests were in flight under it
     /// then ([`in_flight_at_end`](Self::in_flight_at_end)) and wakes every waiter.
     pub(crate) fn end(&self, reason: ExpiredReason) {
@@ -223,17 +238,7 @@ impl Registry {
                 Some(life) if life.ended().is_none() && life.key_id == *key_id => life,
                 other => {
                     replaced = other;
-                    let life = Arc::new(Life {
-                        state: AtomicU8::new(LIVE),
-                        notify: Notify::new(),
-                        in_flight: AtomicU64::new(0),
-                        in_flight_at_end: AtomicU64::new(0),
-                        digest: *digest,
-                        key_id: key_id.clone(),
-                        expires_at: AtomicI64::new(i64::MAX),
-                        timer: Mutex::new(None),
-                        registry: Arc::downgrade(self),
-                    });
+                    let life = Life::new(digest, key_id, Arc::downgrade(self));
                     lives.insert(*digest, Arc::downgrade(&life));
                     life
                 }
@@ -246,17 +251,7 @@ impl Registry {
 
     /// A `Life` that has already ended, for a key refused at request time (never registered).
     pub(crate) fn ended(digest: &KeyDigest, key_id: &KeyId, reason: ExpiredReason) -> Arc<Life> {
-        let life = Arc::new(Life {
-            state: AtomicU8::new(LIVE),
-            notify: Notify::new(),
-            in_flight: AtomicU64::new(0),
-            in_flight_at_end: AtomicU64::new(0),
-            digest: *digest,
-            key_id: key_id.clone(),
-            expires_at: AtomicI64::new(i64::MAX),
-            timer: Mutex::new(None),
-            registry: Weak::new(),
-        });
+        let life = Life::new(digest, key_id, Weak::new());
         life.end(reason);
         life
     }

@@ -291,6 +291,25 @@ mod timeouts {
 
     const SHORT: Duration = Duration::from_millis(400);
 
+    /// `ImportLedgers` fed by `receiver` (which the test keeps open), until the server fails it:
+    /// not before [`SHORT`], the bound under test.
+    async fn import_until_failed(
+        client: &mut LedgersClient<tonic::transport::Channel>,
+        receiver: tokio::sync::mpsc::Receiver<CreateLedgerRequest>,
+        key: &ApiKey,
+    ) -> tonic::Status {
+        let started = std::time::Instant::now();
+        let status = tokio::time::timeout(
+            HANG_GUARD,
+            client.import_ledgers(with_key(tokio_stream_from(receiver), key)),
+        )
+        .await
+        .expect("the call ended")
+        .expect_err("the server fails the call");
+        assert!(started.elapsed() >= SHORT, "not before the bound");
+        status
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stalled_client_stream_is_cut() {
         let resolver = CachedResolver::new(MemoryStore::new());
@@ -311,15 +330,7 @@ mod timeouts {
             })
             .await
             .unwrap();
-        let started = std::time::Instant::now();
-        let status = tokio::time::timeout(
-            HANG_GUARD,
-            client.import_ledgers(with_key(tokio_stream_from(receiver), &key)),
-        )
-        .await
-        .expect("the call ended")
-        .expect_err("the stalled stream fails");
-        assert!(started.elapsed() >= SHORT, "not before the bound");
+        let status = import_until_failed(&mut client, receiver, &key).await;
         // tonic maps the body's error to UNKNOWN with tower-http's words.
         assert_eq!(status.code(), Code::Unknown, "{status:?}");
         assert!(status.message().contains("timeout"), "{status:?}");
@@ -341,15 +352,7 @@ mod timeouts {
             .unwrap();
         // A client stream that stays open (sending nothing) has no answer before the deadline.
         let (sender, receiver) = tokio::sync::mpsc::channel::<CreateLedgerRequest>(4);
-        let started = std::time::Instant::now();
-        let status = tokio::time::timeout(
-            HANG_GUARD,
-            client.import_ledgers(with_key(tokio_stream_from(receiver), &key)),
-        )
-        .await
-        .expect("the call ended")
-        .expect_err("past the deadline");
-        assert!(started.elapsed() >= SHORT, "not before the bound");
+        let status = import_until_failed(&mut client, receiver, &key).await;
         assert_eq!(status.code(), Code::Cancelled, "{status:?}");
         drop(sender);
     }

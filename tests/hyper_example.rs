@@ -229,37 +229,21 @@ const HANG_GUARD: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[tokio::test]
 async fn a_stalled_head_is_cut() {
-    use tokio::io::AsyncWriteExt;
     let server = start_with(CachedResolver::new(MemoryStore::new()), SHORT).await;
-    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    stream
-        .write_all(b"GET /whoami HTTP/1.1\r\nhost: 127.0.0.1\r\nx-api")
-        .await
-        .unwrap();
-    let started = std::time::Instant::now();
-    let answer = common::wire::read_until_closed(&mut stream, HANG_GUARD).await;
-    assert!(started.elapsed() >= SHORT.head, "not before the bound");
-    // hyper answers 408 to a head that timed out, or just closes.
-    assert!(
-        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
-        "{answer}"
-    );
+    common::wire::assert_stalled_head_is_cut(server.addr, SHORT.head).await;
 }
 
 #[tokio::test]
 async fn a_stalled_body_is_cut() {
-    use tokio::io::AsyncWriteExt;
     let resolver = CachedResolver::new(MemoryStore::new());
     let (key, _) = issue_key(&resolver, "acme", "ledgers:write").await.unwrap();
     let server = start_with(resolver, SHORT).await;
-    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     let head = format!(
         "POST /ledgers HTTP/1.1\r\nhost: 127.0.0.1\r\nx-api-key: {}\r\n\
          content-type: application/json\r\ncontent-length: 20\r\nconnection: close\r\n\r\n{{\"na",
         key.expose_secret()
     );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let answer = common::wire::read_until_closed(&mut stream, HANG_GUARD).await;
+    let answer = common::wire::until_closed(server.addr, head.as_bytes(), SHORT.body).await;
     assert!(
         answer.starts_with("HTTP/1.1 400"),
         "the body timed out: {answer}"

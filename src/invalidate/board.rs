@@ -2,7 +2,8 @@
 //! the requests in flight each ended) and where a [`Receipt`] is waited for.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -18,22 +19,18 @@ pub(crate) struct Board {
     state: Mutex<BoardState>,
     changed: watch::Sender<u64>,
     /// Subscriptions of this invalidator running now: without one, nobody hears acknowledgements.
-    listening: std::sync::atomic::AtomicUsize,
+    listening: AtomicUsize,
 }
 
 /// A running subscription's mark on its board (given back when dropped).
-pub(crate) struct Listening(std::sync::Arc<Board>);
+pub(crate) struct Listening(Arc<Board>);
 
 impl Listening {
     /// Marks the subscription of `instance` (this process's) as running.
-    pub(crate) fn new(board: std::sync::Arc<Board>, instance: &str) -> Self {
+    pub(crate) fn new(board: Arc<Board>, instance: &str) -> Self {
+        board.listening.fetch_add(1, Ordering::AcqRel);
         board
-            .listening
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        board
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .state()
             .local
             .get_or_insert_with(|| instance.to_owned());
         Self(board)
@@ -42,9 +39,7 @@ impl Listening {
 
 impl Drop for Listening {
     fn drop(&mut self) {
-        self.0
-            .listening
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.listening.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -65,16 +60,21 @@ struct BoardState {
 const ENDED_KEPT: usize = 4096;
 
 impl Board {
+    /// The board's state, locked (a poisoned lock is taken as it is, as everywhere in the crate).
+    fn state(&self) -> MutexGuard<'_, BoardState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The id of this process's instance: its first subscription's, if one ever ran.
     pub(crate) fn local(&self) -> Option<String> {
-        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let state = self.state();
         state.local.clone()
     }
 
     /// `instance` ended `requests` in flight on applying invalidation `seq` (recorded before its
     /// acknowledgement, so a receipt that waited for it has it).
     pub(crate) fn record_ended(&self, instance: &str, seq: u64, requests: u64) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.state();
         *state
             .ended
             .entry(seq)
@@ -89,7 +89,7 @@ impl Board {
     /// `instance` has applied everything up to `seq`.
     pub(crate) fn record(&self, instance: &str, seq: u64) {
         {
-            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut state = self.state();
             let now = Instant::now();
             let entry = state.heard.entry(instance.to_owned()).or_insert((0, now));
             entry.0 = entry.0.max(seq);
@@ -107,7 +107,7 @@ impl Board {
 
     /// Which of `live` have not applied `seq`.
     fn missing(&self, seq: u64, live: &[String]) -> Vec<String> {
-        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let state = self.state();
         live.iter()
             .filter(|id| {
                 state
@@ -123,14 +123,14 @@ impl Board {
     /// (from publication) has passed. Without a running subscription of this invalidator nothing
     /// can be heard: an empty receipt at once.
     pub(crate) async fn wait(&self, published: &Sequenced, deadline: Duration) -> Receipt {
-        if self.listening.load(std::sync::atomic::Ordering::Acquire) == 0 {
+        if self.listening.load(Ordering::Acquire) == 0 {
             return Receipt::default();
         }
         let mut changed = self.changed.subscribe();
         let until = published.published_at + deadline;
         let mut missing = self.missing(published.sequence, &published.live);
         if !missing.is_empty() {
-            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut state = self.state();
             state.pending.insert(
                 published.sequence,
                 (published.published_at, missing.clone()),
@@ -144,7 +144,7 @@ impl Board {
         }
         missing.sort();
         let requests_ended = {
-            let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let state = self.state();
             state
                 .ended
                 .get(&published.sequence)
@@ -164,7 +164,7 @@ impl Board {
     /// Live instances heard within `within`, and the age of the oldest publication some of them
     /// have not acknowledged (publications waiting only for instances no longer heard are dropped).
     pub(crate) fn survey(&self, within: Duration) -> (usize, Duration) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.state();
         let now = Instant::now();
         state
             .heard
@@ -196,7 +196,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_receipt_waits_for_every_live_instance_up_to_the_deadline() {
-        let board = std::sync::Arc::new(Board::default());
+        let board = Arc::new(Board::default());
         let published = Sequenced {
             sequence: 5,
             live: vec!["a".into()],

@@ -60,7 +60,7 @@ fn index(key: &BudgetId) -> usize {
 /// Calls `f` with this thread's current bucket for `key` at `limit` in the `MemoryRates` with id
 /// `rates`, without taking a reference to it (no reference count changes); `Err(f)` when there
 /// is none. `f` must not use the front.
-pub(super) fn with<R, F: FnOnce(&Bucket) -> R>(
+pub(super) fn with<R, F: FnOnce(&Arc<Bucket>) -> R>(
     rates: u64,
     key: &BudgetId,
     limit: RateLimit,
@@ -101,18 +101,7 @@ impl Slot {
 /// This thread's current bucket for `key` at `limit` in the `MemoryRates` with id `rates`, if
 /// there is one.
 pub(super) fn get(rates: u64, key: &BudgetId, limit: RateLimit) -> Option<Arc<Bucket>> {
-    FRONT
-        .try_with(|front| {
-            let mut front = front.try_borrow_mut().ok()?;
-            let slot = front[index(key)].as_mut()?;
-            if !slot.answers(rates, key, limit) {
-                return None;
-            }
-            slot.hits_left -= 1;
-            Some(slot.bucket.clone())
-        })
-        .ok()
-        .flatten()
+    with(rates, key, limit, Arc::clone).ok()
 }
 
 /// Puts `bucket`, just read from the cache for `key`, in this thread's front.

@@ -76,14 +76,12 @@ impl Lanes {
                 let mut waiting = Waiting {
                     lanes: self,
                     lane: &lane,
-                    told: Some(told),
+                    told,
+                    answered: false,
                 };
-                let turn = match waiting.told.as_mut() {
-                    Some(told) => told.await,
-                    None => unreachable!("armed just above"),
-                };
+                let turn = (&mut waiting.told).await;
                 // Told: from here on the lane (if it was handed over) is `Leading`'s to hand on.
-                waiting.told = None;
+                waiting.answered = true;
                 match turn {
                     Ok(Turn::Done(reply)) => return reply,
                     Ok(Turn::Lead(batch)) => batch,
@@ -170,17 +168,18 @@ fn failed(why: &'static str) -> StoreError {
 struct Waiting<'a> {
     lanes: &'a Lanes,
     lane: &'a str,
-    /// `None` once told.
-    told: Option<oneshot::Receiver<Turn>>,
+    told: oneshot::Receiver<Turn>,
+    /// Whether it read what it was told (then there is nothing to hand on here).
+    answered: bool,
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        let Some(mut told) = self.told.take() else {
+        if self.answered {
             return;
-        };
-        told.close();
-        if let Ok(Turn::Lead(batch)) = told.try_recv() {
+        }
+        self.told.close();
+        if let Ok(Turn::Lead(batch)) = self.told.try_recv() {
             self.lanes.hand_on_with(self.lane, batch);
         }
     }

@@ -217,7 +217,7 @@ impl MemoryRates {
         cost: u32,
     ) -> RateChain {
         let id = &levels[level].id;
-        let decide = |bucket: &Bucket| {
+        let decide = |bucket: &Arc<Bucket>| {
             let gcra = &bucket.gcra;
             outcome(gcra, gcra.decide(self.now(), cost), cost)
         };

@@ -105,3 +105,41 @@ pub async fn read_until_closed(
     }
     String::from_utf8_lossy(&text).into_owned()
 }
+
+/// Writes `bytes` (a request the server should give up on: a stalled head or body, or one past
+/// its deadline) on a new connection to `addr`, then reads until the server closes it, and checks
+/// that it did not close before `not_before` (the timeout under test). Returns what came.
+pub async fn until_closed(
+    addr: SocketAddr,
+    bytes: &[u8],
+    not_before: std::time::Duration,
+) -> String {
+    use tokio::io::AsyncWriteExt;
+    /// Only guards against hanging; no assertion is about speed.
+    const HANG_GUARD: std::time::Duration = std::time::Duration::from_secs(30);
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let started = std::time::Instant::now();
+    let answer = read_until_closed(&mut stream, HANG_GUARD).await;
+    assert!(
+        started.elapsed() >= not_before,
+        "closed after {:?}, before the bound {not_before:?}: {answer}",
+        started.elapsed()
+    );
+    answer
+}
+
+/// Sends half a request head to `addr` and checks that the server cuts it, not before
+/// `head_timeout`: hyper answers 408 to a head that timed out, or just closes.
+pub async fn assert_stalled_head_is_cut(addr: SocketAddr, head_timeout: std::time::Duration) {
+    let answer = until_closed(
+        addr,
+        b"GET / HTTP/1.1\r\nhost: 127.0.0.1\r\nx-api",
+        head_timeout,
+    )
+    .await;
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+}
