@@ -462,8 +462,7 @@ fn apply(message: Option<Message>, resolver: &CachedResolver, channel: &str) -> 
 /// them. The store is given half the freshness bound (the acknowledgement is awaited for one);
 /// past it the judging goes on in the background, and the count is what was known by then.
 async fn settle(resolver: &CachedResolver, invalidation: &super::Invalidation) -> u64 {
-    let lives = resolver.lives_of(&invalidation.digests);
-    invalidation.forget(resolver);
+    let lives = invalidation.forget(resolver);
     if lives.is_empty() {
         // Nothing in flight under the keys here (the usual case): no store read.
         return 0;

@@ -123,9 +123,11 @@ mod receipt;
 mod redis;
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::key::{KeyDigest, KeyId};
+use crate::life::Life;
 use crate::resolver::CachedResolver;
 use crate::store::StoreError;
 
@@ -179,15 +181,20 @@ impl Invalidation {
     }
 
     /// [`apply`](Self::apply) without judging the requests in flight again: the cache only; the
-    /// caller [settles](CachedResolver::settle) them itself (key management before it returns, a
-    /// fleet subscription before it acknowledges).
-    pub(crate) fn forget(&self, resolver: &CachedResolver) {
+    /// caller [settles](CachedResolver::settle) the returned lives itself (key management before
+    /// it returns, a fleet subscription before it acknowledges). The lives of the requests in
+    /// flight under the digests are taken *before* the cache forgets them, so that the settle
+    /// counts them whoever ends them (the settle, or a new request's re-read).
+    #[must_use = "the requests in flight under the keys are settled with these"]
+    pub(crate) fn forget(&self, resolver: &CachedResolver) -> Vec<Arc<Life>> {
+        let lives = resolver.lives_of(&self.digests);
         if self.digests.is_empty() {
             resolver.invalidate_key(&self.key_id);
         }
         for digest in &self.digests {
             resolver.forget_digest(digest);
         }
+        lives
     }
 
     /// The wire form used by the broadcasters: `{"key_id":"key_…","digests":["<64 hex>",…]}`.

@@ -280,10 +280,10 @@ impl KeyManager {
             .collect();
         // Requests in flight under the changed keys end here before the change is broadcast and
         // the call returns (I4).
-        let lives = self.resolver.lives_of(&digests);
-        for invalidation in &invalidations {
-            invalidation.forget(&self.resolver);
-        }
+        let lives = invalidations
+            .iter()
+            .flat_map(|invalidation| invalidation.forget(&self.resolver))
+            .collect();
         let ended_here = self.resolver.settle(lives).await;
         let mut published = Vec::with_capacity(invalidations.len());
         for invalidation in &invalidations {

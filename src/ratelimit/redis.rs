@@ -317,14 +317,15 @@ impl RedisRates {
 /// The name of a chain's lane: its bucket keys and their arguments (decisions coalesce only when
 /// both are the same).
 fn lane(keys: &[String], args: &[u64]) -> String {
-    let mut lane = String::new();
+    use std::fmt::Write;
+    let mut lane =
+        String::with_capacity(keys.iter().map(|k| k.len() + 1).sum::<usize>() + 21 * args.len());
     for key in keys {
         lane.push_str(key);
         lane.push('\n');
     }
     for arg in args {
-        lane.push_str(&arg.to_string());
-        lane.push(' ');
+        let _ = write!(lane, "{arg} ");
     }
     lane
 }
